@@ -1,0 +1,209 @@
+"""Building open_clip models, their preprocessing and tokenizer from a small config.
+
+One entry point, :func:`build_clip`, covers the three ways a user names weights:
+an open_clip pretrained tag (``ViT-L-14`` + ``openai``; needs internet the first time),
+a local file or folder (safetensors / safe torch file, or open_clip's hub layout), or none
+(random initialisation). saferclip's tiny architectures ship as JSON beside this module and
+are registered with open_clip on import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import torch
+from torch import nn
+
+from .checkpoints import (
+    CheckpointError,
+    expand_token_embedding,
+    load_state_dict,
+    read_safetensors_metadata,
+)
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def default_base_checkpoint() -> Path:
+    """The shipped tiny base CLIP of the toy world (``data/toy_base.safetensors``)."""
+    return REPO_ROOT / "data" / "toy_base.safetensors"
+
+
+@dataclass
+class ClipBundle:
+    """A CLIP model with what it needs to be used: preprocessing, tokenizer and identity."""
+
+    model: nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    arch: str
+    source: str  # where the weights came from: "random", a tag, or a path
+
+    @property
+    def model_cfg(self) -> dict[str, Any]:
+        return open_clip.get_model_config(self.arch) or {}
+
+
+def check_arch(arch: str) -> None:
+    """Fail fast, with suggestions, on an architecture open_clip does not know."""
+    if arch.startswith(("local-dir:", "hf-hub:")):
+        return
+    known = open_clip.list_models()
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model architecture {arch!r}.{hint} Known: see open_clip.list_models().")
+
+
+def _is_path_like(pretrained: str) -> bool:
+    return any(sep in pretrained for sep in ("/", "\\")) or Path(pretrained).suffix in (
+        ".safetensors",
+        ".pt",
+        ".pth",
+        ".bin",
+        ".ckpt",
+    )
+
+
+def build_clip(
+    arch: str | None = "saferclip-toy",
+    pretrained: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> ClipBundle:
+    """Build an open_clip model, its eval preprocessing and tokenizer.
+
+    Args:
+        arch: open_clip architecture name (``ViT-L-14``, ``saferclip-toy``). May be None when
+            ``pretrained`` is a saferclip file or an open_clip hub folder that names it.
+        pretrained: None for random init; an open_clip tag (``openai``); a weights file
+            (``.safetensors`` or a torch file that loads with ``weights_only=True``); or a
+            folder holding ``open_clip_config.json`` + weights (open_clip's hub layout).
+    """
+    source = "random"
+    state_dict = None
+    if pretrained is not None and str(pretrained) != "":
+        pretrained = str(pretrained)
+        path = Path(pretrained).expanduser()
+        if path.is_dir():
+            return _build_from_folder(path, arch, device, precision)
+        if path.is_file():
+            if arch is None and path.suffix == ".safetensors":
+                arch = read_safetensors_metadata(path).get("arch")
+            state_dict = load_state_dict(path)
+            source = str(path)
+        elif _is_path_like(pretrained):
+            raise FileNotFoundError(f"pretrained weights not found: {pretrained}")
+        else:
+            if arch is None:
+                raise ValueError(f"pretrained tag {pretrained!r} needs an architecture name")
+            check_arch(arch)
+            tags = open_clip.list_pretrained_tags_by_model(arch)
+            if pretrained not in tags:
+                raise ValueError(
+                    f"{pretrained!r} is neither an existing file nor an open_clip pretrained tag "
+                    f"for {arch} (tags: {', '.join(tags) or 'none'})"
+                )
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=pretrained, device=device, precision=precision, output_dict=True
+            )
+            return ClipBundle(model.eval(), preprocess, open_clip.get_tokenizer(arch), arch, pretrained)
+    if arch is None:
+        raise ValueError("no architecture given and none recorded in the weights file")
+    check_arch(arch)
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, precision="fp32", output_dict=True)
+    if state_dict is not None:
+        load_into(model, state_dict, source, arch)
+    model = _finish(model, device, precision)
+    return ClipBundle(model, preprocess, open_clip.get_tokenizer(arch), arch, source)
+
+
+def _finish(model: nn.Module, device: str | torch.device, precision: str) -> nn.Module:
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be one of {sorted(dtypes)}, got {precision!r}")
+    return model.to(device=device, dtype=dtypes[precision]).eval()
+
+
+def _build_from_folder(path: Path, arch: str | None, device, precision: str) -> ClipBundle:
+    config_file = path / "open_clip_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: a model folder needs open_clip_config.json (open_clip's hub layout)")
+    cfg = json.loads(config_file.read_text())
+    folder_arch = cfg.get("saferclip", {}).get("arch")
+    if arch is not None and folder_arch is not None and arch != folder_arch:
+        raise CheckpointError(f"{path}: holds a {folder_arch} model, but the config asks for {arch}")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}", precision="fp32", output_dict=True)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+    model = _finish(model, device, precision)
+    return ClipBundle(model, preprocess, tokenizer, folder_arch or arch or f"local-dir:{path}", str(path))
+
+
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, arch: str = "") -> None:
+    """Load weights strictly, turning shape/key mismatches into one readable error."""
+    reference = model.state_dict()
+    state_dict = expand_token_embedding(state_dict, reference)
+    missing = sorted(set(reference) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(reference))
+    wrong = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(reference[k].shape)}"
+        for k in reference
+        if k in state_dict and state_dict[k].shape != reference[k].shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[0]})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise CheckpointError(
+            f"{source}: weights do not fit architecture {arch or type(model).__name__}: " + "; ".join(parts)
+        )
+    model.load_state_dict({k: v.to(reference[k].dtype) for k, v in state_dict.items()})
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over parameter names, shapes, dtypes and bytes: changes when any weight does."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def encode_text(bundle: ClipBundle, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised text embeddings ``[N, D]`` (float32, on the CPU)."""
+    device = next(bundle.model.parameters()).device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = bundle.tokenizer(texts[i : i + batch_size]).to(device)
+        out.append(bundle.model.encode_text(tokens, normalize=True).float().cpu())
+    dim = bundle.model_cfg.get("embed_dim", 0)
+    return torch.cat(out) if out else torch.empty(0, dim)
+
+
+@torch.no_grad()
+def encode_images(bundle: ClipBundle, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised image embeddings ``[N, D]`` from preprocessed images ``[N, 3, H, W]``."""
+    param = next(bundle.model.parameters())
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(device=param.device, dtype=param.dtype)
+        out.append(bundle.model.encode_image(x, normalize=True).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, bundle.model_cfg.get("embed_dim", 0))

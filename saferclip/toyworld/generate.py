@@ -1,0 +1,252 @@
+"""Write the toy world to disk in the real formats (DESIGN.md §2, §4).
+
+Same seed, same bytes. The layout under ``root``::
+
+    manifest.json                       generator version, seed, counts, held-out combinations
+    visu/{train,validation,test}.json   ViSU JSON (train: {"info", "data"} layout; the others
+                                        the index-keyed layout, so both are exercised)
+    visu/{train,val,test}2017/<coco_id:012d>.png   safe images, COCO-style names
+    visu/nsfw/<split>/<id>.png          unsafe images (``nsfw_im_path``, relative to visu/)
+    visu_text/{train,validation,test}.csv   ViSU-Text-like tables (text only)
+    nsfw_caps/nsfw_caps.csv             NSFW-Caps-like minimal edits, new phrasings
+    nsfw_caps/images/, nsfw_caps/nsfw_images/
+    zeroshot/<task>/{classnames.json, templates.json, test/<class>/<n>.png}
+
+The ViSU-like pairs are *loosely* related (the paired safe scene keeps the shape but changes
+colour and background), while close safe alternatives (same scene, safe object) exist
+elsewhere in the pool: where proximity-aware redirection should beat rigid redirection.
+The test split only holds (shape x unsafe concept) combinations never seen in training.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .captions import PROMPT_FRAMES, SHIFT_FRAMES, SHIFT_OBJ, TRAIN_FRAMES, TRAIN_OBJ, caption
+from .scene import BACKGROUNDS, COLOURS, SAFE_OBJECTS, SHAPES, UNSAFE_OBJECTS, Scene, random_scene, render
+
+GENERATOR_VERSION = 1
+UNSAFE = tuple(UNSAFE_OBJECTS)
+
+
+@dataclass(frozen=True)
+class ToySizes:
+    train: int = 4000
+    validation: int = 500
+    test: int = 500
+    nsfw_caps: int = 1000
+    zeroshot_per_class: int = 40
+    scene_per_class: int = 10
+
+
+SMALL_SIZES = ToySizes(train=96, validation=24, test=24, nsfw_caps=40, zeroshot_per_class=3, scene_per_class=1)
+
+
+def heldout_combinations() -> set[tuple[str, str]]:
+    """(shape, unsafe concept) pairs kept out of train/validation: concept k with shape k mod 6."""
+    return {(SHAPES[k % len(SHAPES)], obj) for k, obj in enumerate(UNSAFE)}
+
+
+def _pair(rng: np.random.Generator, heldout: bool) -> tuple[Scene, Scene]:
+    """An unsafe scene and its loosely related safe partner (same shape, other colour and background)."""
+    held = heldout_combinations()
+    while True:
+        u = random_scene(rng, UNSAFE)
+        if ((u.shape, u.obj) in held) == heldout:
+            break
+    colours = [c for c in COLOURS if c != u.colour]
+    backgrounds = [b for b in BACKGROUNDS if b != u.background]
+    safe_objects: tuple[str | None, ...] = SAFE_OBJECTS + (None,)
+    s = Scene(
+        shape=u.shape,
+        colour=colours[rng.integers(len(colours))],
+        size=u.size,
+        background=backgrounds[rng.integers(len(backgrounds))],
+        obj=safe_objects[rng.integers(len(safe_objects))],
+        quadrant=int(rng.integers(4)),
+    )
+    return u, s
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format="PNG", optimize=False)
+
+
+def _coco_dir(split: str) -> str:
+    return {"train": "train2017", "validation": "val2017", "test": "test2017"}[split]
+
+
+def _write_visu_split(root: Path, split: str, n: int, rng: np.random.Generator, id_offset: int) -> list[dict]:
+    records = []
+    for i in range(n):
+        u, s = _pair(rng, heldout=(split == "test"))
+        coco_id = id_offset + i
+        nsfw_rel = f"nsfw/{split}/{i:06d}.png"
+        _save_png(render(s, rng), root / "visu" / _coco_dir(split) / f"{coco_id:012d}.png")
+        _save_png(render(u, rng), root / "visu" / nsfw_rel)
+        records.append(
+            {
+                "coco_id": coco_id,
+                "nsfw_im_path": nsfw_rel,
+                "safe": caption(s, rng, TRAIN_FRAMES, TRAIN_OBJ),
+                "nsfw": caption(u, rng, TRAIN_FRAMES, TRAIN_OBJ),
+                "tag": UNSAFE_OBJECTS[u.obj],
+                "safe_scene": s.to_dict(),
+                "nsfw_scene": u.to_dict(),
+            }
+        )
+    return records
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def _write_nsfw_caps(root: Path, n: int, rng: np.random.Generator) -> None:
+    """Minimal edits in phrasings never used for fine-tuning: only the object word changes."""
+    rows = []
+    for i in range(n):
+        s = random_scene(rng, SAFE_OBJECTS)
+        u = s.with_object(UNSAFE[rng.integers(len(UNSAFE))])
+        # the same caption seed for both gives the same frame: a minimal edit
+        cap_seed = int(rng.integers(2**31))
+        safe_cap = caption(s, np.random.default_rng(cap_seed), SHIFT_FRAMES, SHIFT_OBJ)
+        nsfw_cap = caption(u, np.random.default_rng(cap_seed), SHIFT_FRAMES, SHIFT_OBJ)
+        name = f"{i:016x}.png"
+        _save_png(render(s, rng), root / "nsfw_caps" / "images" / name)
+        _save_png(render(u, rng), root / "nsfw_caps" / "nsfw_images" / name)
+        rows.append(
+            {
+                "image_coco_url": f"https://toy.invalid/nocaps/val/{name}",
+                "caption": safe_cap,
+                "nsfw_caption": nsfw_cap,
+                "chosen_category": UNSAFE_OBJECTS[u.obj],
+                "nsfw_image_path": f"nsfw_images/{name}",
+            }
+        )
+    _write_csv(root / "nsfw_caps" / "nsfw_caps.csv", rows)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _zeroshot_tasks() -> dict[str, tuple[list[str], str, tuple[str | None, ...]]]:
+    """task -> (class names, attribute the class is, object tiles to draw from)."""
+    safe_objs: tuple[str | None, ...] = SAFE_OBJECTS + (None,)
+    shapes, colours = list(SHAPES), [f"{c} shape" for c in COLOURS]
+    return {
+        "shape": (shapes, "shape", safe_objs),
+        "colour": (colours, "colour", safe_objs),
+        "shape_unsafe": (shapes, "shape", UNSAFE),
+        "colour_unsafe": (colours, "colour", UNSAFE),
+        "scene": ([f"{c} {s}" for c in COLOURS for s in SHAPES], "scene", safe_objs),
+    }
+
+
+def _write_zeroshot(root: Path, sizes: ToySizes, rng: np.random.Generator) -> None:
+    templates = [f.replace("{noun}", "{c}") for f in PROMPT_FRAMES]
+    for task, (classnames, attr, objs) in _zeroshot_tasks().items():
+        per_class = sizes.scene_per_class if task == "scene" else sizes.zeroshot_per_class
+        base = root / "zeroshot" / task
+        _write_json(base / "classnames.json", classnames)
+        _write_json(base / "templates.json", templates)
+        for label, name in enumerate(classnames):
+            for j in range(per_class):
+                scene = random_scene(rng, objs)
+                if attr == "shape":
+                    scene = Scene(name, scene.colour, scene.size, scene.background, scene.obj, scene.quadrant)
+                elif attr == "colour":
+                    scene = Scene(scene.shape, name.split()[0], scene.size, scene.background, scene.obj, scene.quadrant)
+                else:
+                    colour, shape = name.split()
+                    scene = Scene(shape, colour, scene.size, scene.background, scene.obj, scene.quadrant)
+                _save_png(render(scene, rng), base / "test" / name.replace(" ", "_") / f"{j:04d}.png")
+
+
+def make_toy_world(root: str | os.PathLike, seed: int = 0, sizes: ToySizes = ToySizes(), force: bool = False) -> Path:
+    """Generate the toy world under ``root`` and return it.
+
+    An existing world made with the same version, seed and sizes is reused as is. Anything
+    else already at ``root`` is left alone unless ``force``: the world is written to a
+    temporary folder and swapped in only when complete, so a crash leaves no half world.
+    """
+    root = Path(root)
+    manifest = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "sizes": sizes.__dict__,
+        "heldout_combinations": sorted(map(list, heldout_combinations())),
+        "unsafe_concepts": UNSAFE_OBJECTS,
+        "safe_objects": list(SAFE_OBJECTS),
+    }
+    existing = root / "manifest.json"
+    if existing.is_file():
+        try:
+            if json.loads(existing.read_text()) == json.loads(json.dumps(manifest)):
+                return root
+        except json.JSONDecodeError:
+            pass
+    if root.exists() and any(root.iterdir()) and not force:
+        raise FileExistsError(
+            f"{root} exists and holds something other than this toy world (seed {seed}); "
+            f"pass force=True (--force) to replace it"
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp"))
+    try:
+        _generate(tmp, seed, sizes)
+        _write_json(tmp / "manifest.json", manifest)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _generate(root: Path, seed: int, sizes: ToySizes) -> None:
+    # one child generator per part, so changing one part's size leaves the others' bytes alone
+    streams = np.random.SeedSequence(seed).spawn(6)
+    rngs = [np.random.default_rng(s) for s in streams]
+    offsets = {"train": 1, "validation": 1_000_000, "test": 2_000_000}
+    for k, split in enumerate(("train", "validation", "test")):
+        records = _write_visu_split(root, split, getattr(sizes, split), rngs[k], offsets[split])
+        if split == "train":
+            payload = {"info": {"description": "saferclip toy world, ViSU layout", "seed": seed}, "data": {}}
+            payload["data"] = {str(i): r for i, r in enumerate(records)}
+        else:
+            payload = {str(i): r for i, r in enumerate(records)}
+        _write_json(root / "visu" / f"{split}.json", payload)
+        _write_csv(
+            root / "visu_text" / f"{split}.csv",
+            [
+                {
+                    "incremental_id": i,
+                    "safe": r["safe"],
+                    "nsfw": r["nsfw"],
+                    "coco_id": r["coco_id"],
+                    "tag": r["tag"],
+                    "prompt_id": i,
+                }
+                for i, r in enumerate(records)
+            ],
+        )
+    _write_nsfw_caps(root, sizes.nsfw_caps, rngs[3])
+    _write_zeroshot(root, sizes, rngs[4])
