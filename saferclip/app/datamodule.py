@@ -1,0 +1,168 @@
+"""Lightning DataModule: loads the splits, the frozen-embedding cache and the redirection targets.
+
+``prepare_data`` (rank 0 only) generates the toy world if asked and builds the embedding
+cache and neighbour index with the *original* model; ``setup`` (every rank) loads them. So
+under DDP the frozen encoders run once, not once per rank.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from ..data.records import QuadrupletSet
+from ..data.tables import load_quadruplets
+from ..embedding_cache import build_or_load_cache
+from ..models import build_clip
+from ..redirection import EvalDataset, RedirectionDataset, RedirectionTargets, SafePool
+
+log = logging.getLogger("saferclip.data")
+
+
+def load_split(data_cfg: dict, split: str) -> QuadrupletSet:
+    spec = dict(data_cfg["splits"][split])
+    path = spec.pop("path")
+    return load_quadruplets(path, mode=data_cfg.get("mode", "auto"), on_error=data_cfg.get("on_error", "raise"), **spec)
+
+
+def ensure_toy_world(data_cfg: dict) -> None:
+    if data_cfg.get("make_toy"):
+        from ..toyworld.generate import make_toy_world
+
+        make_toy_world(data_cfg["root"], seed=int(data_cfg.get("toy_seed", 0)))
+
+
+class SaferClipDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        data: dict,
+        model: dict,
+        method: dict,
+        cache_dir: str,
+        live_targets: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.data_cfg, self.model_cfg, self.method_cfg = data, model, method
+        self.cache_dir, self.live_targets, self.seed = cache_dir, live_targets, seed
+        self.train_set: RedirectionDataset | None = None
+        self.val_set: EvalDataset | None = None
+        self.targets: RedirectionTargets | None = None
+        self.neighbour_summary: dict | None = None
+
+    # ---------------------------------------------------------------- frozen side, rank 0
+    def _frozen(self, build: bool):
+        """Load the splits and (build or load) the train cache and targets."""
+        train = load_split(self.data_cfg, "train")
+        if train.skips is not None and train.skips.count:
+            log.warning(train.skips.summary())
+        bundle = build_clip(self.model_cfg["arch"], self.model_cfg.get("pretrained"))
+        extra = None
+        neigh_cfg = self.method_cfg.get("neighbours") or {}
+        if self.method_cfg["targets"] == "neighbours" and neigh_cfg.get("extra_pool"):
+            from ..embedding_cache import load_safe_corpus
+
+            extra = load_safe_corpus(neigh_cfg["extra_pool"])
+        cache = build_or_load_cache(
+            bundle,
+            train,
+            self.cache_dir,
+            batch_size=int(self.data_cfg.get("eval_batch_size", 256)),
+            num_workers=int(self.data_cfg.get("num_workers", 0)),
+            progress=build,
+            extra_safe_captions=extra,
+        )
+        return train, bundle, cache
+
+    def prepare_data(self) -> None:
+        ensure_toy_world(self.data_cfg)
+        train, _, cache = self._frozen(build=True)
+        if self.method_cfg["targets"] == "neighbours":
+            self._neighbours(train, cache)
+
+    def _neighbours(self, train: QuadrupletSet, cache):
+        from ..neighbours import NeighbourConfig, find_safe_neighbours
+
+        cfg = NeighbourConfig(**{k: v for k, v in self.method_cfg["neighbours"].items() if k != "extra_pool"})
+        return find_safe_neighbours(cache, cfg, cache_dir=self.cache_dir)
+
+    # ---------------------------------------------------------------- every rank
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, bundle, cache = self._frozen(build=False)
+        pool_captions = list(train.safe_captions)
+        pool_images: list[Path | None] = [q.safe_image for q in train]
+        pool_text = cache.safe_text
+        if self.method_cfg["targets"] == "neighbours":
+            neighbours = self._neighbours(train, cache)
+            targets = RedirectionTargets(
+                indices=torch.as_tensor(neighbours.indices, dtype=torch.long),
+                weights=torch.as_tensor(neighbours.weights, dtype=torch.float32),
+                pair_weight=torch.as_tensor(neighbours.pair_weight, dtype=torch.float32),
+                bucket=torch.as_tensor(neighbours.bucket) if self.method_cfg.get("curriculum") else None,
+                difficulty=torch.as_tensor(neighbours.difficulty),
+            )
+            if cache.extra_safe_text is not None and len(cache.extra_safe_captions):
+                pool_captions += list(cache.extra_safe_captions)
+                pool_images += [None] * len(cache.extra_safe_captions)
+                pool_text = torch.cat([pool_text, cache.extra_safe_text])
+        else:
+            targets = RedirectionTargets.paired(len(train))
+        pool_image = cache.safe_image
+        if pool_image is not None and len(pool_captions) > len(train):
+            # extra captions have no images: image targets only exist for the train pool
+            pool_image = torch.cat([pool_image, torch.zeros(len(pool_captions) - len(train), pool_image.shape[1])])
+        self.targets = targets
+        frozen = {
+            "t0_safe": cache.safe_text,
+            "t0_unsafe": cache.unsafe_text,
+            "i0_safe": cache.safe_image,
+            "i0_unsafe": cache.unsafe_image,
+        }
+        frozen = {k: (None if v is None else v.float()) for k, v in frozen.items()}
+        memo = bool(self.data_cfg.get("memo_images", self.data_cfg.get("name") == "toy"))
+        self.train_set = RedirectionDataset(
+            train,
+            bundle.tokenizer,
+            bundle.preprocess,
+            frozen,
+            targets,
+            SafePool(pool_captions, pool_images, pool_text.float(), None if pool_image is None else pool_image.float()),
+            live_targets=self.live_targets,
+            memo_images=memo,
+        )
+        validation = load_split(self.data_cfg, "validation")
+        self.val_set = EvalDataset(validation, bundle.tokenizer, bundle.preprocess, memo_images=memo)
+        self.tokenizer, self.preprocess = bundle.tokenizer, bundle.preprocess
+        self.mode = train.mode
+        del bundle
+
+    # ---------------------------------------------------------------- loaders
+    def train_dataloader(self) -> DataLoader:
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        subset = self.targets.curriculum_subset(epoch)
+        if len(subset) < len(self.train_set):
+            log.info("curriculum epoch %d: %d of %d pairs", epoch, len(subset), len(self.train_set))
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return DataLoader(
+            Subset(self.train_set, subset.tolist()),
+            batch_size=int(self.data_cfg["batch_size"]),
+            shuffle=True,
+            drop_last=len(subset) > int(self.data_cfg["batch_size"]),
+            num_workers=int(self.data_cfg.get("num_workers", 0)),
+            generator=generator,
+            persistent_workers=False,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_set,
+            batch_size=int(self.data_cfg.get("eval_batch_size", 256)),
+            shuffle=False,
+            num_workers=int(self.data_cfg.get("num_workers", 0)),
+        )

@@ -1,0 +1,162 @@
+"""Training inputs for redirection: who each unsafe item is redirected to, and the batches.
+
+Both methods share this code; they differ only in the targets:
+- Safe-CLIP (``paired``): unsafe item i goes to its own safe pair i;
+- SafeR-CLIP (``neighbours``): unsafe item i goes to its k closest safe alternatives in the
+  pool, found once by FAISS over the frozen model's embeddings.
+
+Every frozen embedding a loss needs comes from the embedding cache, row by row, so a
+training step runs only the trainable encoders and the targets can never drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset
+
+from .data.images import load_image
+from .data.records import QuadrupletSet
+
+
+@dataclass
+class RedirectionTargets:
+    """Per training item: ``indices [N, k]`` into the safe pool, ``weights [N, k]`` (rows sum
+    to 1), ``pair_weight [N]`` (neighbour-quality guard) and ``bucket [N]`` (curriculum:
+    0 easy, 1 medium, 2 hard; None when there is no curriculum)."""
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    pair_weight: torch.Tensor
+    bucket: torch.Tensor | None = None
+    difficulty: torch.Tensor | None = None
+
+    @classmethod
+    def paired(cls, n: int) -> "RedirectionTargets":
+        """Safe-CLIP's rigid targets: each unsafe item is redirected to its own pair."""
+        return cls(torch.arange(n).unsqueeze(1), torch.ones(n, 1), torch.ones(n))
+
+    def __post_init__(self) -> None:
+        n = len(self.indices)
+        if self.indices.ndim != 2 or self.weights.shape != self.indices.shape or self.pair_weight.shape != (n,):
+            raise ValueError(
+                f"inconsistent targets: indices {tuple(self.indices.shape)}, weights {tuple(self.weights.shape)}, "
+                f"pair_weight {tuple(self.pair_weight.shape)}"
+            )
+
+    def curriculum_subset(self, epoch: int) -> torch.Tensor:
+        """Item indices trained in ``epoch`` (0-based): easy, then easy+medium, then all."""
+        if self.bucket is None:
+            return torch.arange(len(self.indices))
+        return torch.nonzero(self.bucket <= min(epoch, 2)).squeeze(1)
+
+
+@dataclass
+class SafePool:
+    """The safe alternatives redirection can target: captions, images and frozen embeddings.
+
+    ``text [P, D]``, ``image [P, D]`` or None. By default the training set's safe side; an
+    extra safe corpus appends captions without images.
+    """
+
+    captions: list[str]
+    images: list[Path | None]
+    text: torch.Tensor
+    image: torch.Tensor | None
+
+
+class RedirectionDataset(Dataset):
+    """Items of a quadruplet set with their frozen embeddings and redirection targets.
+
+    Each item is a dict of tensors (keys absent when the data has no such input):
+    ``index``, ``s_tokens``, ``u_tokens``, ``v_image``, ``g_image``, ``t0_safe``,
+    ``t0_unsafe``, ``i0_safe``, ``i0_unsafe``, ``t0_target [k, D]``, ``i0_target [k, D]``,
+    ``target_weights [k]``, ``pair_weight``, and for the live terms ``target_tokens`` and
+    ``target_image`` (the top-1 target, encoded by the trainable model).
+    """
+
+    def __init__(
+        self,
+        qset: QuadrupletSet,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        preprocess: Callable,
+        frozen: dict[str, torch.Tensor | None],
+        targets: RedirectionTargets,
+        pool: SafePool,
+        live_targets: bool = False,
+        memo_images: bool = False,
+    ):
+        if len(targets.indices) != len(qset):
+            raise ValueError(f"{len(targets.indices)} targets for {len(qset)} items")
+        self.qset, self.preprocess, self.frozen = qset, preprocess, frozen
+        self.targets, self.pool, self.live_targets = targets, pool, live_targets
+        self.s_tokens = tokenizer(qset.safe_captions)
+        self.u_tokens = tokenizer(qset.unsafe_captions)
+        self.target_tokens = tokenizer(pool.captions) if live_targets else None
+        self.use_safe_images = qset.mode.has_safe_images
+        self.use_unsafe_images = qset.mode.has_unsafe_images
+        self._memo: dict[Path, torch.Tensor] | None = {} if memo_images else None
+
+    def __len__(self) -> int:
+        return len(self.qset)
+
+    def image(self, path: Path) -> torch.Tensor:
+        if self._memo is None:
+            return self.preprocess(load_image(path))
+        if path not in self._memo:
+            self._memo[path] = self.preprocess(load_image(path))
+        return self._memo[path]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        q = self.qset[i]
+        idx = self.targets.indices[i]
+        item = {
+            "index": torch.tensor(i),
+            "s_tokens": self.s_tokens[i],
+            "u_tokens": self.u_tokens[i],
+            "target_weights": self.targets.weights[i],
+            "pair_weight": self.targets.pair_weight[i],
+            "t0_target": self.pool.text[idx],
+        }
+        for key in ("t0_safe", "t0_unsafe", "i0_safe", "i0_unsafe"):
+            if self.frozen.get(key) is not None:
+                item[key] = self.frozen[key][i]
+        if self.pool.image is not None:
+            item["i0_target"] = self.pool.image[idx]
+        if self.use_safe_images:
+            item["v_image"] = self.image(q.safe_image)
+        if self.use_unsafe_images:
+            item["g_image"] = self.image(q.unsafe_image)
+        if self.live_targets:
+            top = int(idx[0])
+            item["target_tokens"] = self.target_tokens[top]
+            target_image = self.pool.images[top]
+            if target_image is not None and self.use_safe_images:
+                item["target_image"] = self.image(target_image)
+        return item
+
+
+class EvalDataset(Dataset):
+    """Captions and images of a split for validation: ``s_tokens``, ``u_tokens``, ``v_image``, ``g_image``."""
+
+    def __init__(self, qset: QuadrupletSet, tokenizer, preprocess, memo_images: bool = False):
+        self.inner = RedirectionDataset(
+            qset,
+            tokenizer,
+            preprocess,
+            frozen={},
+            targets=RedirectionTargets.paired(len(qset)),
+            pool=SafePool([], [], torch.zeros(len(qset), 1), None),
+            memo_images=memo_images,
+        )
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.inner[i]
+        keep = ("index", "s_tokens", "u_tokens", "v_image", "g_image")
+        return {k: v for k, v in item.items() if k in keep}
