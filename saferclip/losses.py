@@ -1,0 +1,497 @@
+"""Loss terms of SafeR-CLIP and Safe-CLIP (DESIGN.md §1), as small pure functions plus one module.
+
+Every term is findable by its DESIGN.md name:
+
+==========================  =====================================================================
+key                         term
+==========================  =====================================================================
+text_preservation           1 − cos(T(S), T0(S))
+text_redirection            1 − cos(T(U), T0(S_target))
+image_preservation          1 − cos(I(V), I0(V))
+image_redirection           1 − cos(I(G), I0(V_target))
+xmodal_text_preservation    InfoNCE(T(S), I0(V))
+xmodal_text_redirection     InfoNCE(T(U), I0(V_target))
+xmodal_image_preservation   InfoNCE(T0(S), I(V))
+xmodal_image_redirection    InfoNCE(T0(S_target), I(G))
+relative_image              softplus(τ(cos(I(G), T0(U)) − cos(I(G), T0(S_n))))
+relative_text               softplus(τ(cos(T(U), I0(G)) − cos(T(U), I0(V_n))))
+live_relative_text          softplus(τ(cos(T(U), I(G)) − cos(T(U), I(V_n))))   I(V_n) encoded live
+live_relative_image         softplus(τ(cos(I(G), T(U)) − cos(I(G), T(S_n))))   T(S_n) encoded live
+==========================  =====================================================================
+
+The module does not know which method runs: for rigid Safe-CLIP the caller passes the item's
+own pair as the target (``t0_target = t0_safe``, ``i0_target = i0_safe``); for SafeR-CLIP the
+neighbour index's targets (``[B, D]`` or top-k ``[B, k, D]`` with ``target_weights [B, k]``).
+
+All embeddings are expected L2-normalised, so cosine similarity is a dot product.
+
+Distributed InfoNCE: pass ``gather`` (``gather_with_grad`` below, or Lightning's
+``lambda x: module.all_gather(x, sync_grads=True)``). Each rank then scores its *local* rows
+against the gathered gallery and returns the mean over its local rows. With DDP's gradient
+averaging (mean over ranks) this gives exactly the single-process gradient of the loss on the
+global batch, provided every rank has the same local batch size (all_gather needs that
+anyway): mean_r (1/B) Σ_{i∈r} ce_i = (1/(W·B)) Σ_i ce_i. Do not sum the per-rank losses or
+scale them by the world size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Gather = Callable[[Tensor], Tensor]
+
+# DESIGN.md §1.1 order first (the 8 Safe-CLIP terms), then SafeR-CLIP's and ours (§1.2, §1.3).
+TERM_NAMES: tuple[str, ...] = (
+    "text_preservation",
+    "text_redirection",
+    "image_preservation",
+    "image_redirection",
+    "xmodal_text_preservation",
+    "xmodal_text_redirection",
+    "xmodal_image_preservation",
+    "xmodal_image_redirection",
+    "relative_image",
+    "relative_text",
+    "live_relative_text",
+    "live_relative_image",
+)
+
+# Published Safe-CLIP default weights for the first 8 terms of TERM_NAMES.
+SAFECLIP_WEIGHTS: tuple[float, ...] = (0.1, 0.1, 0.1, 0.2, 0.25, 0.25, 0.25, 0.5)
+
+# Inputs each term needs; a term whose inputs are missing is inactive.
+# ``target_weights`` and ``pair_weight`` are optional refinements and never gate a term.
+TERM_INPUTS: dict[str, tuple[str, ...]] = {
+    "text_preservation": ("t_safe", "t0_safe"),
+    "text_redirection": ("t_unsafe", "t0_target"),
+    "image_preservation": ("i_safe", "i0_safe"),
+    "image_redirection": ("i_unsafe", "i0_target"),
+    "xmodal_text_preservation": ("t_safe", "i0_safe"),
+    "xmodal_text_redirection": ("t_unsafe", "i0_target"),
+    "xmodal_image_preservation": ("t0_safe", "i_safe"),
+    "xmodal_image_redirection": ("t0_target", "i_unsafe"),
+    "relative_image": ("i_unsafe", "t0_unsafe", "t0_target"),
+    "relative_text": ("t_unsafe", "i0_unsafe", "i0_target"),
+    "live_relative_text": ("t_unsafe", "i_unsafe", "i_target_live"),
+    "live_relative_image": ("i_unsafe", "t_unsafe", "t_target_live"),
+}
+
+# Terms that concern one (unsafe -> safe) pair and so take ``pair_weight`` (the neighbour
+# quality guard). Preservation terms and InfoNCE are not weighted per pair.
+PAIR_WEIGHTED_TERMS = frozenset(
+    {
+        "text_redirection",
+        "image_redirection",
+        "relative_image",
+        "relative_text",
+        "live_relative_text",
+        "live_relative_image",
+    }
+)
+
+TRAINABLE_INPUTS = ("t_safe", "t_unsafe", "i_safe", "i_unsafe", "t_target_live", "i_target_live")
+FROZEN_INPUTS = ("t0_safe", "t0_unsafe", "i0_safe", "i0_unsafe", "t0_target", "i0_target")
+WEIGHT_INPUTS = ("target_weights", "pair_weight")
+INPUT_NAMES = TRAINABLE_INPUTS + FROZEN_INPUTS + WEIGHT_INPUTS
+
+
+# ---------------------------------------------------------------------------------------------
+# pure terms
+
+
+def _target_cosine(anchor: Tensor, target: Tensor, target_weights: Tensor | None) -> Tensor:
+    """cos(anchor, target) per sample ``[B]``; a top-k target ``[B, k, D]`` gives the weighted
+    sum Σ_j w_j cos(anchor, target_j) (uniform 1/k weights when none are given)."""
+    if anchor.dim() != 2:
+        raise ValueError(f"anchor must be [B, D], got shape {tuple(anchor.shape)}")
+    if target.dim() == 2:
+        if target.shape != anchor.shape:
+            raise ValueError(f"target {tuple(target.shape)} does not match anchor {tuple(anchor.shape)}")
+        return (anchor * target).sum(-1)
+    if target.dim() != 3 or target.shape[0] != anchor.shape[0] or target.shape[2] != anchor.shape[1]:
+        raise ValueError(
+            f"target must be [B, D] or [B, k, D] for anchor {tuple(anchor.shape)}, got {tuple(target.shape)}"
+        )
+    cos = torch.einsum("bd,bkd->bk", anchor, target)
+    if target_weights is None:
+        return cos.mean(-1)
+    if target_weights.shape != cos.shape:
+        raise ValueError(f"target_weights must be [B, k] = {tuple(cos.shape)}, got {tuple(target_weights.shape)}")
+    return (cos * target_weights).sum(-1)
+
+
+def _weighted_mean(values: Tensor, weights: Tensor | None) -> Tensor:
+    if weights is None:
+        return values.mean()
+    if weights.shape != values.shape:
+        raise ValueError(f"per-sample weights must be [B] = {tuple(values.shape)}, got {tuple(weights.shape)}")
+    # A batch whose pairs all have weight 0 contributes 0 (not NaN).
+    return (values * weights).sum() / weights.sum().clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def cosine_distance(
+    a: Tensor,
+    b: Tensor,
+    weights: Tensor | None = None,
+    target_weights: Tensor | None = None,
+) -> Tensor:
+    """Mean cosine distance 1 − cos(a_i, b_i) over the batch (scalar).
+
+    Args:
+        a: ``[B, D]`` L2-normalised embeddings (the trainable side).
+        b: ``[B, D]`` targets, or ``[B, k, D]`` top-k targets: the per-sample distance is then
+            Σ_j w_ij (1 − cos(a_i, b_ij)) with ``target_weights`` ``[B, k]`` (uniform 1/k if None;
+            expected to sum to 1 per row, e.g. a similarity softmax).
+        weights: optional per-sample weights ``[B]`` (non-negative): weighted mean
+            Σ w_i d_i / Σ w_i instead of the plain mean.
+    """
+    if b.dim() == 3 and target_weights is not None:
+        # Σ_j w_j (1 − cos_j) = Σ_j w_j − Σ_j w_j cos_j; written out so weights need not sum to 1.
+        distance = target_weights.sum(-1) - _target_cosine(a, b, target_weights)
+    else:
+        distance = 1.0 - _target_cosine(a, b, target_weights)
+    return _weighted_mean(distance, weights)
+
+
+def relative_redirection(
+    anchor: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    tau: float = 1.0,
+    weights: Tensor | None = None,
+    target_weights: Tensor | None = None,
+) -> Tensor:
+    """mean softplus(τ · (cos(anchor, negative) − cos(anchor, positive))) (scalar).
+
+    The anchor must be closer to its safe target (``positive``) than to its own unsafe
+    counterpart (``negative``). Image side: anchor I(G), positive T0(S_n), negative T0(U); the
+    text side mirrors it; the live terms use trainable embeddings on both sides.
+
+    Args:
+        anchor: ``[B, D]``; negative: ``[B, D]``.
+        positive: ``[B, D]`` or top-k ``[B, k, D]`` (weighted by ``target_weights`` ``[B, k]``,
+            uniform if None): cos(anchor, positive) is then Σ_j w_j cos(anchor, positive_j).
+        tau: scale of the difference (DESIGN.md §1.3: ≈10 matters; 1 is the plain form).
+        weights: optional per-sample weights ``[B]``: weighted mean.
+    """
+    if negative.shape != anchor.shape:
+        raise ValueError(f"negative {tuple(negative.shape)} does not match anchor {tuple(anchor.shape)}")
+    margin = (anchor * negative).sum(-1) - _target_cosine(anchor, positive, target_weights)
+    return _weighted_mean(F.softplus(tau * margin), weights)
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """All-gather ``x`` ``[B, ...]`` from every rank into ``[W·B, ...]`` (rank order), keeping the
+    autograd graph so gradients flow back to the rank that owns each row. Identity when
+    torch.distributed is not initialised or has one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def _gathered(x: Tensor, gather: Gather | None) -> Tensor:
+    if gather is None:
+        return x
+    out = gather(x)
+    # Lightning's all_gather stacks ranks as [W, B, D]; ours concatenates as [W·B, D].
+    if out.dim() == x.dim() + 1:
+        out = out.flatten(0, 1)
+    if out.dim() != x.dim() or out.shape[1:] != x.shape[1:] or out.shape[0] % max(x.shape[0], 1):
+        raise ValueError(
+            f"gather returned shape {tuple(out.shape)} for a local tensor {tuple(x.shape)}: expected "
+            f"[W*B, D] or [W, B, D] (every rank must have the same local batch size)"
+        )
+    return out
+
+
+def _default_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def infonce(
+    a: Tensor,
+    b: Tensor,
+    logit_scale: float = 100.0,
+    gather: Gather | None = None,
+    rank: int | None = None,
+) -> Tensor:
+    """Symmetric CLIP loss between paired rows of ``a`` and ``b`` (scalar).
+
+    ``(CE(s·a Bᵀ, y) + CE(s·b Aᵀ, y)) / 2`` where A, B are the gathered galleries (the local
+    batch when ``gather`` is None) and ``y`` the local rows' positions in them
+    (``arange(B) + rank·B``), like open_clip's ``ClipLoss(local_loss=True,
+    gather_with_grad=True)``. The result is the mean over local rows; see the module docstring
+    for why averaging it over ranks (DDP) reproduces the single-process gradient.
+
+    Args:
+        a, b: ``[B, D]`` L2-normalised, row i of ``a`` pairs with row i of ``b``.
+        logit_scale: fixed temperature inverse (100 in Safe-CLIP).
+        gather: callable returning the rows of all ranks, ``[W·B, D]`` or ``[W, B, D]``, with
+            gradients (``gather_with_grad``, or Lightning's ``all_gather(x, sync_grads=True)``).
+        rank: this process's position in the gathered tensor; default torch.distributed's rank
+            (0 when not initialised).
+    """
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(
+            f"infonce needs two [B, D] tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    all_a, all_b = _gathered(a, gather), _gathered(b, gather)
+    local = a.shape[0]
+    world = all_a.shape[0] // max(local, 1)
+    if gather is None:
+        rank = 0  # local loss: the gallery is this rank's batch whatever the process rank
+    elif rank is None:
+        rank = _default_rank()
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside the gathered world of {world} ranks")
+    labels = torch.arange(local, device=a.device) + rank * local
+    loss_a = F.cross_entropy(logit_scale * a @ all_b.T, labels)
+    loss_b = F.cross_entropy(logit_scale * b @ all_a.T, labels)
+    return (loss_a + loss_b) / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class LossWeights:
+    """One weight per term (DESIGN.md §1); 0 switches a term off (it is not computed)."""
+
+    text_preservation: float = 0.0
+    text_redirection: float = 0.0
+    image_preservation: float = 0.0
+    image_redirection: float = 0.0
+    xmodal_text_preservation: float = 0.0
+    xmodal_text_redirection: float = 0.0
+    xmodal_image_preservation: float = 0.0
+    xmodal_image_redirection: float = 0.0
+    relative_image: float = 0.0
+    relative_text: float = 0.0
+    live_relative_text: float = 0.0
+    live_relative_image: float = 0.0
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, float]) -> "LossWeights":
+        unknown = sorted(set(values) - set(TERM_NAMES))
+        if unknown:
+            raise ValueError(f"unknown loss term(s) {unknown}; known terms: {', '.join(TERM_NAMES)}")
+        return cls(**{k: float(v) for k, v in values.items()})
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
+class LossConfig:
+    """Weights and options of :class:`SaferClipLoss`.
+
+    Attributes:
+        weights: one weight per term.
+        tau: scale τ inside the softplus of the relative terms (all four).
+        logit_scale: fixed logit scale of the InfoNCE terms.
+        normalize_weights: the Safe-CLIP reference's combination ``Σ λ_i L_i / n`` after
+            normalising λ to sum to 1, n = number of terms with a non-zero weight (8 for
+            Safe-CLIP). A constant rescaling fixed by the config: terms that drop out for lack
+            of inputs do not change the other terms' effective weights.
+    """
+
+    weights: LossWeights = field(default_factory=LossWeights)
+    tau: float = 1.0
+    logit_scale: float = 100.0
+    normalize_weights: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weights, Mapping):  # e.g. a plain dict from a YAML/Hydra config
+            self.weights = LossWeights.from_mapping(self.weights)
+        bad = {k: v for k, v in self.weights.as_dict().items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            raise ValueError(f"loss weights must be finite and >= 0, got {bad}")
+        if not (self.tau > 0 and math.isfinite(self.tau)):
+            raise ValueError(f"tau must be a positive number, got {self.tau}")
+        if not (self.logit_scale > 0 and math.isfinite(self.logit_scale)):
+            raise ValueError(f"logit_scale must be a positive number, got {self.logit_scale}")
+
+    @classmethod
+    def safeclip(cls) -> "LossConfig":
+        """Safe-CLIP's published recipe: the 8 terms with SAFECLIP_WEIGHTS, normalised, /8."""
+        weights = LossWeights(**dict(zip(TERM_NAMES, SAFECLIP_WEIGHTS)))
+        return cls(weights=weights, tau=1.0, logit_scale=100.0, normalize_weights=True)
+
+    @classmethod
+    def saferclip(cls, tau: float = 10.0, live_weight: float = 0.0) -> "LossConfig":
+        """SafeR-CLIP's terms (DESIGN.md §1.2): preservation 1, 3, 5, 7, unimodal redirection
+        and the two relative terms; optionally the live relative terms (§1.3). The paper's
+        weights are unknown: these unit weights are our starting point, not published values."""
+        weights = LossWeights(
+            text_preservation=1.0,
+            text_redirection=1.0,
+            image_preservation=1.0,
+            image_redirection=1.0,
+            xmodal_text_preservation=1.0,
+            xmodal_image_preservation=1.0,
+            relative_image=1.0,
+            relative_text=1.0,
+            live_relative_text=live_weight,
+            live_relative_image=live_weight,
+        )
+        return cls(weights=weights, tau=tau, logit_scale=100.0, normalize_weights=False)
+
+    def effective_weights(self) -> dict[str, float]:
+        """The factor each non-zero term is multiplied by in the total."""
+        raw = {k: v for k, v in self.weights.as_dict().items() if v > 0}
+        if not self.normalize_weights or not raw:
+            return raw
+        scale = 1.0 / (sum(raw.values()) * len(raw))
+        return {k: v * scale for k, v in raw.items()}
+
+
+@dataclass
+class LossInputs:
+    """The tensors one training step hands to :class:`SaferClipLoss`; any may be None.
+
+    Trainable (with grad), ``[B, D]``: t_safe T(S), t_unsafe T(U), i_safe I(V), i_unsafe I(G),
+    t_target_live T(S_n), i_target_live I(V_n) (``[B, k, D]`` allowed for the live targets).
+    Frozen, from the embedding cache: t0_safe, t0_unsafe, i0_safe, i0_unsafe ``[B, D]``;
+    t0_target T0(S_n), i0_target I0(V_n) ``[B, D]`` or ``[B, k, D]``; target_weights ``[B, k]``;
+    pair_weight ``[B]`` (per-pair weight of the redirection terms).
+    """
+
+    t_safe: Tensor | None = None
+    t_unsafe: Tensor | None = None
+    i_safe: Tensor | None = None
+    i_unsafe: Tensor | None = None
+    t_target_live: Tensor | None = None
+    i_target_live: Tensor | None = None
+    t0_safe: Tensor | None = None
+    t0_unsafe: Tensor | None = None
+    i0_safe: Tensor | None = None
+    i0_unsafe: Tensor | None = None
+    t0_target: Tensor | None = None
+    i0_target: Tensor | None = None
+    target_weights: Tensor | None = None
+    pair_weight: Tensor | None = None
+
+    def available(self) -> set[str]:
+        return {f.name for f in fields(self) if getattr(self, f.name) is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# the module
+
+
+def _centroid(target: Tensor, target_weights: Tensor | None) -> Tensor:
+    """A single unit target ``[B, D]`` for InfoNCE from a top-k target ``[B, k, D]``: the
+    (weighted) mean, renormalised. For cosine terms the weighted cosines are used directly."""
+    if target.dim() == 2:
+        return target
+    mean = target.mean(1) if target_weights is None else torch.einsum("bk,bkd->bd", target_weights, target)
+    return F.normalize(mean, dim=-1)
+
+
+class SaferClipLoss(nn.Module):
+    """Weighted sum of the active terms. ``forward`` returns ``(total, terms)`` where ``terms``
+    holds the unweighted value of every active term by its key (log as ``train/<key>``).
+
+    A term is active when its weight is non-zero and all its inputs are given. Losses are
+    computed in float32 with autocast off: 1 − cos of well-preserved embeddings is far below
+    bf16 resolution (2⁻⁸). Frozen inputs are detached, so targets can never move.
+
+    Args:
+        config: weights and options.
+        gather: all-gather with gradients for the InfoNCE negatives (see :func:`infonce`);
+            None trains on the local batch only.
+        rank: this process's rank in the gathered tensors (default: torch.distributed's).
+    """
+
+    def __init__(self, config: LossConfig | None = None, gather: Gather | None = None, rank: int | None = None):
+        super().__init__()
+        self.config = config or LossConfig()
+        self.gather = gather
+        self.rank = rank
+        self.term_weights = self.config.effective_weights()
+
+    def active_terms(self, available_inputs: set[str]) -> list[str]:
+        """Terms (in TERM_NAMES order) that will be computed given the names of the inputs a
+        run provides; print it before training to see what the data supports."""
+        unknown = sorted(set(available_inputs) - set(INPUT_NAMES))
+        if unknown:
+            raise ValueError(f"unknown loss input(s) {unknown}; known inputs: {', '.join(INPUT_NAMES)}")
+        return [t for t in TERM_NAMES if t in self.term_weights and set(TERM_INPUTS[t]) <= set(available_inputs)]
+
+    def forward(self, inputs: LossInputs | None = None, **tensors: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        if inputs is None:
+            inputs = LossInputs(**tensors)  # unknown names raise TypeError naming them
+        elif tensors:
+            raise TypeError("pass either a LossInputs or keyword tensors, not both")
+        active = self.active_terms(inputs.available())
+        if not active:
+            needs = ", ".join(f"{t}: {TERM_INPUTS[t]}" for t in self.term_weights)
+            raise ValueError(
+                f"no loss term is active: inputs given {sorted(inputs.available())}, terms with non-zero "
+                f"weight {sorted(self.term_weights)} (each needs {needs})"
+            )
+        x = self._prepare(inputs)
+        device = next(v for v in x.values() if v is not None).device
+        with torch.autocast(device_type=device.type, enabled=False):
+            terms = {name: self._term(name, x) for name in active}
+        total = sum(self.term_weights[name] * value for name, value in terms.items())
+        return total, terms
+
+    @staticmethod
+    def _prepare(inputs: LossInputs) -> dict[str, Tensor | None]:
+        out: dict[str, Tensor | None] = {}
+        for name in INPUT_NAMES:
+            value = getattr(inputs, name)
+            if value is not None:
+                value = value.float()
+                if name not in TRAINABLE_INPUTS:
+                    value = value.detach()
+            out[name] = value
+        return out
+
+    def _term(self, name: str, x: dict[str, Tensor | None]) -> Tensor:
+        tau, scale = self.config.tau, self.config.logit_scale
+        tw = x["target_weights"]
+        pw = x["pair_weight"] if name in PAIR_WEIGHTED_TERMS else None
+
+        def nce(a: Tensor, b: Tensor) -> Tensor:
+            return infonce(a, b, logit_scale=scale, gather=self.gather, rank=self.rank)
+
+        if name == "text_preservation":
+            return cosine_distance(x["t_safe"], x["t0_safe"])
+        if name == "text_redirection":
+            return cosine_distance(x["t_unsafe"], x["t0_target"], weights=pw, target_weights=tw)
+        if name == "image_preservation":
+            return cosine_distance(x["i_safe"], x["i0_safe"])
+        if name == "image_redirection":
+            return cosine_distance(x["i_unsafe"], x["i0_target"], weights=pw, target_weights=tw)
+        if name == "xmodal_text_preservation":
+            return nce(x["t_safe"], x["i0_safe"])
+        if name == "xmodal_text_redirection":
+            return nce(x["t_unsafe"], _centroid(x["i0_target"], tw))
+        if name == "xmodal_image_preservation":
+            return nce(x["t0_safe"], x["i_safe"])
+        if name == "xmodal_image_redirection":
+            return nce(_centroid(x["t0_target"], tw), x["i_unsafe"])
+        if name == "relative_image":
+            return relative_redirection(x["i_unsafe"], x["t0_target"], x["t0_unsafe"], tau, pw, tw)
+        if name == "relative_text":
+            return relative_redirection(x["t_unsafe"], x["i0_target"], x["i0_unsafe"], tau, pw, tw)
+        if name == "live_relative_text":
+            return relative_redirection(x["t_unsafe"], x["i_target_live"], x["i_unsafe"], tau, pw, tw)
+        if name == "live_relative_image":
+            return relative_redirection(x["i_unsafe"], x["t_target_live"], x["t_unsafe"], tau, pw, tw)
+        raise KeyError(name)
