@@ -431,7 +431,16 @@ class SaferClipLoss(nn.Module):
             raise ValueError(f"unknown loss input(s) {unknown}; known inputs: {', '.join(INPUT_NAMES)}")
         return [t for t in TERM_NAMES if t in self.term_weights and set(TERM_INPUTS[t]) <= set(available_inputs)]
 
-    def forward(self, inputs: LossInputs | None = None, **tensors: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def required_inputs(self, available_inputs: set[str]) -> set[str]:
+        """The inputs the active terms actually use: encode only these (e.g. skip I(V) when
+        no active term needs it, or the live targets when the live terms are off)."""
+        return {name for term in self.active_terms(available_inputs) for name in TERM_INPUTS[term]}
+
+    def forward(
+        self, inputs: LossInputs | None = None, gather: Gather | None = None, **tensors: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``inputs`` or keyword tensors (names of :class:`LossInputs`); ``gather`` overrides the
+        constructor's for this call (None keeps it)."""
         if inputs is None:
             inputs = LossInputs(**tensors)  # unknown names raise TypeError naming them
         elif tensors:
@@ -444,9 +453,10 @@ class SaferClipLoss(nn.Module):
                 f"weight {sorted(self.term_weights)} (each needs {needs})"
             )
         x = self._prepare(inputs)
+        gather = gather if gather is not None else self.gather
         device = next(v for v in x.values() if v is not None).device
         with torch.autocast(device_type=device.type, enabled=False):
-            terms = {name: self._term(name, x) for name in active}
+            terms = {name: self._term(name, x, gather) for name in active}
         total = sum(self.term_weights[name] * value for name, value in terms.items())
         return total, terms
 
@@ -462,13 +472,13 @@ class SaferClipLoss(nn.Module):
             out[name] = value
         return out
 
-    def _term(self, name: str, x: dict[str, Tensor | None]) -> Tensor:
+    def _term(self, name: str, x: dict[str, Tensor | None], gather: Gather | None) -> Tensor:
         tau, scale = self.config.tau, self.config.logit_scale
         tw = x["target_weights"]
         pw = x["pair_weight"] if name in PAIR_WEIGHTED_TERMS else None
 
         def nce(a: Tensor, b: Tensor) -> Tensor:
-            return infonce(a, b, logit_scale=scale, gather=self.gather, rank=self.rank)
+            return infonce(a, b, logit_scale=scale, gather=gather, rank=self.rank)
 
         if name == "text_preservation":
             return cosine_distance(x["t_safe"], x["t0_safe"])

@@ -141,7 +141,7 @@ def recall_at_k(
         chunk_size: queries scored at once (memory O(chunk_size × G)).
 
     Returns:
-        ``{"recall@k": fraction in [0, 1] (NaN when no query has a positive) for each k,
+        ``{"R@k": fraction in [0, 1] (NaN when no query has a positive) for each k,
         "num_queries": Q, "num_evaluated": queries with a positive, "num_without_positive": …}``
     """
     _check_embeddings(queries, gallery)
@@ -166,7 +166,7 @@ def recall_at_k(
         hits += (rank[:, None] < k_tensor[None, :]).sum(0).cpu()
         evaluated += int(has_positive.sum())
     result: dict[str, float | int] = {
-        f"recall@{k}": (hits[i].item() / evaluated if evaluated else math.nan) for i, k in enumerate(ks)
+        f"R@{k}": (hits[i].item() / evaluated if evaluated else math.nan) for i, k in enumerate(ks)
     }
     result.update(num_queries=num_queries, num_evaluated=evaluated, num_without_positive=num_queries - evaluated)
     return result

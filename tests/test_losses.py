@@ -344,6 +344,13 @@ def test_missing_inputs_drop_terms_cleanly():
     assert list(terms_none) == list(terms)
     with pytest.raises(ValueError, match="unknown loss input"):
         loss.active_terms({"t_safe", "t0_sfe"})
+    # only what the active terms use needs encoding
+    assert loss.required_inputs(text_only) == {"t_safe", "t_unsafe", "t0_safe", "t0_target"}
+    no_live = SaferClipLoss(LossConfig.saferclip(live_weight=0.0))
+    assert "t_target_live" not in no_live.required_inputs(set(INPUT_NAMES))
+    assert {"t_target_live", "i_target_live"} <= SaferClipLoss(LossConfig.saferclip(live_weight=0.5)).required_inputs(
+        set(INPUT_NAMES)
+    )
 
 
 def test_zero_weight_terms_are_not_computed():
@@ -438,5 +445,8 @@ def test_module_forwards_gather_to_infonce():
             return i0_global
 
         total, _ = SaferClipLoss(cfg, gather=gather, rank=rank)(t_safe=t, i0_safe=i0)
+        # the same through a per-call gather
+        per_call, _ = SaferClipLoss(cfg, rank=rank)(t_safe=t, i0_safe=i0, gather=gather)
+        torch.testing.assert_close(per_call, total)
         losses.append(total)
     torch.testing.assert_close(torch.stack(losses).mean(), reference)

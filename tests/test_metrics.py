@@ -46,7 +46,7 @@ def reference_recall(queries, gallery, positive_sets, ks):
         first = next(i for i, g in enumerate(order) if g in pos)
         for k in ks:
             hits[k] += first < k
-    return {f"recall@{k}": (hits[k] / evaluated if evaluated else math.nan) for k in ks}, evaluated
+    return {f"R@{k}": (hits[k] / evaluated if evaluated else math.nan) for k in ks}, evaluated
 
 
 def reference_unsafe_rate(queries, gallery, is_unsafe, k):
@@ -76,16 +76,16 @@ def test_recall_hand_case_with_ties_is_pessimistic():
     gallery = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # items 0 and 1 tie
     # positive = item 1, tied with negative item 0: rank 1 -> miss at 1, hit at 2
     result = recall_at_k(q, gallery, torch.tensor([1]), ks=(1, 2))
-    assert result["recall@1"] == 0.0 and result["recall@2"] == 1.0
+    assert result["R@1"] == 0.0 and result["R@2"] == 1.0
     # a tie between two positives does not hurt
     result = recall_at_k(q, gallery, [[0, 1]], ks=(1,))
-    assert result["recall@1"] == 1.0
+    assert result["R@1"] == 1.0
 
 
 def test_collapsed_embeddings_do_not_look_good():
     same = torch.ones(5, 4) / 2
     result = recall_at_k(same, same, torch.arange(5), ks=(1, 4, 5))
-    assert result["recall@1"] == 0.0 and result["recall@4"] == 0.0 and result["recall@5"] == 1.0
+    assert result["R@1"] == 0.0 and result["R@4"] == 0.0 and result["R@5"] == 1.0
     assert unsafe_rate(same, same, torch.tensor([True, False, False, False, False])) == 1.0
 
 
@@ -101,7 +101,7 @@ def test_recall_one_positive_per_query_matches_reference(seed):
         result = recall_at_k(queries, gallery, positives, ks=ks, chunk_size=chunk)
         assert_recall_equal(result, expected, evaluated)
         assert result["num_queries"] == 13 and result["num_without_positive"] == 2
-    assert result["recall@20"] == 1.0  # k larger than the gallery: every query with a positive
+    assert result["R@20"] == 1.0  # k larger than the gallery: every query with a positive
 
 
 def test_recall_float_embeddings_match_full_matrix_argsort():
@@ -113,7 +113,7 @@ def test_recall_float_embeddings_match_full_matrix_argsort():
     for chunk in (8, 37):
         result = recall_at_k(queries, gallery, positives, ks=(1, 5, 10), chunk_size=chunk)
         for k in (1, 5, 10):
-            assert result[f"recall@{k}"] == pytest.approx((position < k).float().mean().item())
+            assert result[f"R@{k}"] == pytest.approx((position < k).float().mean().item())
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -146,7 +146,7 @@ def test_recall_several_positives_via_owners_both_directions(seed):
 
 def test_recall_no_query_with_positive_is_nan_and_counted():
     result = recall_at_k(int_embeddings(3, 4, 0), int_embeddings(4, 4, 1), [[], [], []], ks=(1,))
-    assert math.isnan(result["recall@1"])
+    assert math.isnan(result["R@1"])
     assert result["num_without_positive"] == 3 and result["num_evaluated"] == 0
 
 
