@@ -26,6 +26,7 @@ from .checkpoints import (
     expand_token_embedding,
     load_state_dict,
     read_safetensors_metadata,
+    sniff_format,
 )
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ def build_clip(
     pretrained: str | Path | None = None,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    *,
+    prefix: str | None = None,
+    init_seed: int = 0,
 ) -> ClipBundle:
     """Build an open_clip model, its eval preprocessing and tokenizer.
 
@@ -90,6 +94,8 @@ def build_clip(
         pretrained: None for random init; an open_clip tag (``openai``); a weights file
             (``.safetensors`` or a torch file that loads with ``weights_only=True``); or a
             folder holding ``open_clip_config.json`` + weights (open_clip's hub layout).
+        prefix: for a weights file holding more than the CLIP (a Lightning ``.ckpt``), the
+            attribute whose weights to take, e.g. ``"model."`` (see ``load_state_dict``).
     """
     source = "random"
     state_dict = None
@@ -99,9 +105,9 @@ def build_clip(
         if path.is_dir():
             return _build_from_folder(path, arch, device, precision)
         if path.is_file():
-            if arch is None and path.suffix == ".safetensors":
+            state_dict = load_state_dict(path, prefix=prefix)  # first: its errors name the problem
+            if arch is None and sniff_format(path) == "safetensors":
                 arch = read_safetensors_metadata(path).get("arch")
-            state_dict = load_state_dict(path)
             source = str(path)
         elif _is_path_like(pretrained):
             raise FileNotFoundError(f"pretrained weights not found: {pretrained}")
@@ -122,7 +128,13 @@ def build_clip(
     if arch is None:
         raise ValueError("no architecture given and none recorded in the weights file")
     check_arch(arch)
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, precision="fp32", output_dict=True)
+    # random init is seeded, so "the same random model" is the same in every process: the
+    # embedding cache, the trainable copy and every DDP rank agree
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=None, precision="fp32", output_dict=True
+        )
     if state_dict is not None:
         load_into(model, state_dict, source, arch)
     model = _finish(model, device, precision)
@@ -136,15 +148,43 @@ def _finish(model: nn.Module, device: str | torch.device, precision: str) -> nn.
     return model.to(device=device, dtype=dtypes[precision]).eval()
 
 
+# open_clip's own preference among the weights files of a hub-layout folder
+# (open_clip.factory._find_checkpoint_in_dir), restricted to the names it prefers.
+FOLDER_WEIGHTS_NAMES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.pth",
+    "model.pth",
+)
+
+
 def _build_from_folder(path: Path, arch: str | None, device, precision: str) -> ClipBundle:
     config_file = path / "open_clip_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: a model folder needs open_clip_config.json (open_clip's hub layout)")
-    cfg = json.loads(config_file.read_text())
-    folder_arch = cfg.get("saferclip", {}).get("arch")
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object with a 'model_cfg' object (open_clip's hub layout)")
+    folder_arch = (cfg.get("saferclip") or {}).get("arch")
     if arch is not None and folder_arch is not None and arch != folder_arch:
         raise CheckpointError(f"{path}: holds a {folder_arch} model, but the config asks for {arch}")
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}", precision="fp32", output_dict=True)
+    weights = next((path / n for n in FOLDER_WEIGHTS_NAMES if (path / n).is_file()), None)
+    if weights is None:
+        # open_clip would only warn and return a randomly initialised model here
+        raise CheckpointError(f"{path}: no weights file in the folder (expected one of {', '.join(FOLDER_WEIGHTS_NAMES)})")
+    # Build the architecture from the folder's config, then load the weights through the safe
+    # loader, so a bad file gets the same readable errors as a bare weights file.
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        f"local-dir:{path}", load_weights=False, pretrained_text=False, precision="fp32", output_dict=True
+    )
+    load_into(model, load_state_dict(weights), str(weights), folder_arch or arch or "")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     model = _finish(model, device, precision)
     return ClipBundle(model, preprocess, tokenizer, folder_arch or arch or f"local-dir:{path}", str(path))

@@ -31,9 +31,13 @@ def load_split(data_cfg: dict, split: str) -> QuadrupletSet:
 
 def ensure_toy_world(data_cfg: dict) -> None:
     if data_cfg.get("make_toy"):
-        from ..toyworld.generate import make_toy_world
+        from ..toyworld.generate import SMALL_SIZES, ToySizes, make_toy_world
 
-        make_toy_world(data_cfg["root"], seed=int(data_cfg.get("toy_seed", 0)))
+        sizes = {"default": ToySizes(), "small": SMALL_SIZES}
+        size = data_cfg.get("toy_size", "default")
+        if size not in sizes:
+            raise ValueError(f"data.toy_size must be one of {sorted(sizes)}, got {size!r}")
+        make_toy_world(data_cfg["root"], seed=int(data_cfg.get("toy_seed", 0)), sizes=sizes[size])
 
 
 class SaferClipDataModule(L.LightningDataModule):
@@ -88,7 +92,7 @@ class SaferClipDataModule(L.LightningDataModule):
         from ..neighbours import NeighbourConfig, find_safe_neighbours
 
         cfg = NeighbourConfig(**{k: v for k, v in self.method_cfg["neighbours"].items() if k != "extra_pool"})
-        return find_safe_neighbours(cache, cfg, cache_dir=self.cache_dir)
+        return find_safe_neighbours(cache, cfg)
 
     # ---------------------------------------------------------------- every rank
     def setup(self, stage: str | None = None) -> None:

@@ -76,7 +76,9 @@ def check_train_config(cfg: DictConfig) -> None:
 
 
 def setup_logging() -> None:
-    logging.getLogger("saferclip").setLevel(logging.INFO)
+    # Lightning has its own console handler; without this every line shows twice
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).propagate = False
     # open_clip logs every model creation at INFO on the root logger
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("saferclip").setLevel(logging.INFO)

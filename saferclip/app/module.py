@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 from ..adapters import TrainableConfig, configure_trainable
-from ..losses import LossConfig, SaferClipLoss, gather_with_grad
+from ..losses import TERM_NAMES, LossConfig, SaferClipLoss, gather_with_grad
 from ..metrics import recall_at_k, unsafe_rate
 from ..models import build_clip
 
@@ -91,7 +91,7 @@ class SaferClipModule(L.LightningModule):
         if loader is not None:
             batch = next(iter(loader))
             active = self.loss.active_terms(self.available_inputs(batch))
-            inactive = sorted(set(self.loss.config.weights) - set(active))
+            inactive = [t for t in TERM_NAMES if t not in active]
             log.info("active loss terms: %s", ", ".join(active))
             if inactive:
                 log.info("inactive (zero weight or inputs missing): %s", ", ".join(inactive))

@@ -101,7 +101,7 @@ def _main(cfg: DictConfig) -> float | None:
     setup_logging()
     try:
         result = train(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         # a readable one-line error, not a traceback, for what the user can fix
         log.error("%s: %s", type(e).__name__, e)
         sys.exit(2)

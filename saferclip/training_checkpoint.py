@@ -1,0 +1,92 @@
+"""Opening what training wrote: a Lightning checkpoint or a run folder, as a plain CLIP.
+
+Lightning is not imported: a training checkpoint is read with ``torch.load(weights_only=True)``
+(the module saves only primitives as hyper-parameters), the LoRA structure is rebuilt from
+them, the weights loaded, and the adapters merged. So evaluation and export need nothing
+but the file.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from .adapters import TrainableConfig, configure_trainable, merge_lora
+from .checkpoints import CheckpointError
+from .models import ClipBundle, build_clip
+
+MODEL_PREFIX = "model."
+
+
+def find_run_checkpoint(run_dir: Path) -> Path:
+    """The best checkpoint of a run folder (``checkpoints/*.ckpt`` other than last.ckpt), else last.ckpt."""
+    folder = run_dir / "checkpoints"
+    best = sorted(p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
+    if best:
+        return best[-1]
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    raise FileNotFoundError(f"{run_dir}: no checkpoints/*.ckpt in this run folder")
+
+
+def read_training_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = find_run_checkpoint(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused, the checkpoint needs pickle to load (it may run arbitrary code): "
+            f"{str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated?): {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise CheckpointError(f"{path}: not a saferclip training checkpoint (no state_dict / hyper_parameters)")
+    ckpt["_path"] = str(path)
+    return ckpt
+
+
+def load_trained_model(path: str | Path, device: str = "cpu") -> ClipBundle:
+    """A saferclip Lightning checkpoint (or run folder) as a plain, merged open_clip model."""
+    ckpt = read_training_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
+    arch, method = hp["arch"], hp["method"]
+    bundle = build_clip(arch, None)
+    trainable = dict(method.get("trainable") or {})
+    trainable["towers"] = tuple(trainable.get("towers", ("text", "image")))
+    configure_trainable(bundle.model, TrainableConfig(**trainable))
+    state = {k[len(MODEL_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+    missing, unexpected = bundle.model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt['_path']}: weights do not fit {arch} with {trainable.get('mode')} adapters "
+            f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[0]})"
+        )
+    merge_lora(bundle.model)
+    bundle.model.requires_grad_(False).eval().to(device)
+    bundle.source = ckpt["_path"]
+    return bundle
+
+
+def is_training_checkpoint(pretrained: str | Path | None) -> bool:
+    if pretrained is None:
+        return False
+    p = Path(str(pretrained))
+    return p.suffix == ".ckpt" or (p.is_dir() and (p / "checkpoints").is_dir())
+
+
+def load_model(arch: str | None, pretrained: str | Path | None, device: str = "cpu") -> ClipBundle:
+    """Any model a user can name: a training checkpoint or run folder, an exported folder, a
+    weights file, an open_clip tag, or random init (``pretrained=None``)."""
+    if is_training_checkpoint(pretrained):
+        bundle = load_trained_model(pretrained, device)
+        if arch is not None and bundle.arch != arch:
+            raise CheckpointError(f"{pretrained}: holds a {bundle.arch} model, but {arch} was asked for")
+        return bundle
+    return build_clip(arch, pretrained, device=device)
