@@ -1,0 +1,402 @@
+"""Export a fine-tuned CLIP as a folder that open_clip loads by itself, with a model card.
+
+The folder uses open_clip's hub layout (``push_to_hf_hub.save_for_hf``)::
+
+    out_dir/
+      open_clip_config.json        {"model_cfg": full architecture config,
+                                    "preprocess_cfg": {...}, "saferclip": {provenance}}
+      open_clip_model.safetensors  full-size weights with exactly open_clip's keys
+      README.md                    model card (Hugging Face front matter)
+      <arch>-saferclip.safetensors optional single file (also_single_file=True)
+      <arch>.json                  with it, for an arch open_clip does not ship
+
+``open_clip.create_model_and_transforms("local-dir:out_dir")`` and
+``open_clip.get_tokenizer("local-dir:out_dir")`` load it without saferclip: the config
+carries the whole ``model_cfg``, so saferclip's own tiny architectures need no registration.
+Uploading the folder to the Hub makes it loadable as ``hf-hub:user/repo``.
+
+Adapters are merged first (:func:`merge_adapters`). A submodule takes part when it is
+  * a peft model (``merge_and_unload()``), or a peft tuner layer (``merge()`` in place,
+    then ``get_base_layer()``);
+  * a :class:`MergeableAdapter`: ``merged()`` returns the plain module that replaces it
+    (``merge()`` / ``merged_linear()`` returning a module are accepted under that name);
+  * parametrized with ``torch.nn.utils.parametrize`` (saferclip's LoRA): every
+    parametrization is folded into its weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import open_clip
+import torch
+from open_clip.model import get_model_preprocess_cfg
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+from open_clip.transformer import CustomResidualAttentionBlock, QuickGELU, ResidualAttentionBlock
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import __version__
+from .checkpoints import CheckpointError, save_state_dict, write_json_atomic, write_text_atomic
+from .model_card import model_card
+from .models import ClipBundle, check_arch
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_STOCK_CONFIGS = Path(open_clip.__file__).parent / "model_configs"
+
+
+@runtime_checkable
+class MergeableAdapter(Protocol):
+    """An adapter module that can hand back the plain module it stands for.
+
+    ``merged()`` returns a module with the adapted weights folded in and the parameter names
+    of the module it wraps (for a LoRA on an ``nn.Linear``: an ``nn.Linear`` whose weight is
+    ``W + scale * B @ A``), without changing what the model computes. It should not modify
+    ``self``. :func:`merge_adapters` puts the result where the adapter was.
+    """
+
+    def merged(self) -> nn.Module: ...
+
+
+# ---------------------------------------------------------------- merging adapters
+
+
+def _adapter_kind(module: nn.Module) -> str | None:
+    def has(name: str) -> bool:
+        return callable(getattr(module, name, None))
+
+    if has("merge_and_unload"):
+        return "peft-model"
+    if has("merged"):  # MergeableAdapter (peft layers have a *bool* property of that name)
+        return "mergeable"
+    if has("get_base_layer") and has("merge"):
+        return "peft-layer"
+    if has("merged_linear") or has("merge"):
+        return "merge-alias"
+    if parametrize.is_parametrized(module):
+        return "parametrized"
+    return None
+
+
+def find_adapters(model: nn.Module) -> list[str]:
+    """Names of the submodules :func:`merge_adapters` would merge (``""`` is the model itself)."""
+    found: list[str] = []
+
+    def walk(module: nn.Module, name: str) -> None:
+        kind = _adapter_kind(module)
+        if kind is not None:
+            found.append(name)
+            if kind != "parametrized":
+                return  # the adapter's insides go away with it
+        for child_name, child in module.named_children():
+            if child_name != "parametrizations":
+                walk(child, f"{name}.{child_name}" if name else child_name)
+
+    walk(model, "")
+    return found
+
+
+def _merge_one(module: nn.Module, kind: str, name: str) -> nn.Module:
+    where = f"{name or '<model>'} ({type(module).__name__})"
+    if kind == "peft-model":
+        out = module.merge_and_unload()
+    elif kind == "mergeable":
+        out = module.merged()
+    elif kind == "peft-layer":
+        module.merge()
+        out = module.get_base_layer()
+    elif kind == "merge-alias":
+        out = module.merged_linear() if callable(getattr(module, "merged_linear", None)) else module.merge()
+    else:  # parametrized: fold every parametrization into the tensor it produces
+        for pname in list(module.parametrizations.keys()):
+            parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
+        return module
+    if not isinstance(out, nn.Module):
+        raise TypeError(
+            f"merging {where} returned {type(out).__name__}, not a module; implement "
+            f"saferclip.export.MergeableAdapter.merged() returning the plain module"
+        )
+    if out is module:
+        raise TypeError(f"merging {where} returned the adapter itself; merged() must return the plain module")
+    return out
+
+
+def merge_adapters(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Fold every adapter in ``model`` into plain weights (see the module doc for the kinds).
+
+    Returns the merged model; ``model`` itself is left as it was unless ``inplace`` (a model
+    without adapters is returned as is, uncopied). What the model computes does not change.
+    """
+    if not find_adapters(model):
+        return model
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    def walk(module: nn.Module, name: str) -> nn.Module:
+        kind = _adapter_kind(module)
+        if kind is not None:
+            module = _merge_one(module, kind, name)
+        for child_name, child in list(module.named_children()):
+            new = walk(child, f"{name}.{child_name}" if name else child_name)
+            if new is not child:
+                setattr(module, child_name, new)
+        return module
+
+    with torch.no_grad():
+        return walk(model, "")
+
+
+# ---------------------------------------------------------------- config and weights
+
+
+def _sync_model_cfg(net: nn.Module, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The architecture config, corrected to what ``net`` really is.
+
+    open_clip may build a model that differs from the named config (``force_quick_gelu``,
+    ``force_image_size``, ``force_context_length``, or QuickGELU weights loaded into a GELU
+    model); the exported config must describe the model as it computes.
+    """
+    cfg = copy.deepcopy(cfg)
+    blocks = (ResidualAttentionBlock, CustomResidualAttentionBlock)
+    acts = {type(m.mlp.gelu) for m in net.modules() if isinstance(m, blocks) and hasattr(m.mlp, "gelu")}
+    quick = cfg.get("quick_gelu", False)
+    if (acts == {QuickGELU} and not quick) or (acts and QuickGELU not in acts and quick):
+        cfg["quick_gelu"] = not quick
+    vision = cfg.get("vision_cfg", {})
+    size = getattr(getattr(net, "visual", None), "image_size", None)
+    if "timm_model_name" not in vision and isinstance(size, (tuple, list, int)):
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        named = vision.get("image_size", 224)
+        if size != (tuple(named) if isinstance(named, (tuple, list)) else (named, named)):
+            vision["image_size"] = size[0] if size[0] == size[1] else list(size)
+    text = cfg.get("text_cfg", {})
+    length = getattr(net, "context_length", None)
+    if "hf_model_name" not in text and isinstance(length, int) and length != text.get("context_length", 77):
+        text["context_length"] = length
+    return cfg
+
+
+def _preprocess_cfg(net: nn.Module, override: Mapping[str, Any] | None) -> dict[str, Any]:
+    """open_clip's preprocessing keys (size, mode, mean, std, interpolation, resize_mode, fill_color)."""
+    cfg = merge_preprocess_dict(PreprocessCfg(), get_model_preprocess_cfg(net) if hasattr(net, "visual") else {})
+    if override:
+        unknown = sorted(set(override) - set(cfg))
+        if unknown:
+            raise ValueError(f"preprocess_cfg: unknown keys {unknown}; open_clip knows {sorted(cfg)}")
+        cfg.update(override)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def _export_tensors(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, floating tensors cast to ``dtype``; tensors sharing storage are copied
+    (safetensors refuses shared storage)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state_dict.items():
+        t = value.detach().to("cpu")
+        if t.is_floating_point():
+            t = t.to(dtype)
+        t = t.contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def _check_keys(tensors: Mapping[str, torch.Tensor], folder: Path, arch: str) -> None:
+    """The weights must be exactly what open_clip builds from the folder's config."""
+    with torch.device("meta"):  # shapes only: no memory, no init cost even for ViT-G
+        ref = open_clip.create_model(
+            f"local-dir:{folder}", device="meta", load_weights=False, pretrained_text=False, pretrained_image=False
+        )
+    expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [f"{k}: {tuple(tensors[k].shape)} vs {expected[k]}" for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    if not (missing or unexpected or wrong):
+        return
+    def some(items: list[str]) -> str:
+        return ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
+
+    parts = []
+    if unexpected:
+        parts.append(
+            f"{len(unexpected)} unexpected keys ({some(unexpected)}; adapter weights that merge_adapters "
+            f"does not know? give the adapter a merged() method, see saferclip.export.MergeableAdapter)"
+        )
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({some(missing)})")
+    if wrong:
+        parts.append(f"{len(wrong)} shape mismatches ({some(wrong)})")
+    raise CheckpointError(f"the model's weights do not match open_clip's {arch}: " + "; ".join(parts))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- the folder swap
+
+
+def _occupied(path: Path) -> bool:
+    """Something the user has is at ``path`` (an empty folder holds nothing to lose)."""
+    if path.is_symlink() or path.is_file():
+        return True
+    return path.is_dir() and any(path.iterdir())
+
+
+def _swap_in(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished ``tmp`` folder to ``out``; with force, the old ``out`` goes only now."""
+    if not _occupied(out):
+        if out.is_dir():
+            out.rmdir()
+        os.rename(tmp, out)
+        return
+    if not force:
+        raise FileExistsError(f"{out}: already exists; pass force=True to replace it")
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)  # put the user's folder back
+        raise
+    shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_open_clip(
+    model: nn.Module | ClipBundle,
+    arch: str | None,
+    out_dir: str | os.PathLike,
+    *,
+    preprocess_cfg: Mapping[str, Any] | None = None,
+    model_card: Mapping[str, Any] | str | None = None,
+    also_single_file: bool = False,
+    force: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+    dtype: str = "fp32",
+) -> Path:
+    """Write ``model`` as a folder open_clip loads with ``local-dir:`` (layout: module doc).
+
+    Args:
+        model: an open_clip CLIP (adapters allowed; they are merged into a copy) or a
+            ``ClipBundle`` (its arch and source are used when not given).
+        arch: open_clip architecture name (``ViT-L-14``, ``saferclip-toy``); may be None for
+            a bundle.
+        out_dir: the folder to write. If it exists and is not empty, it is replaced only with
+            ``force``, and only once the new folder is complete (written beside it, then
+            renamed into place); an interrupted export leaves it as it was.
+        preprocess_cfg: overrides of the model's image preprocessing (``mean``, ``std``,
+            ``size``, ``interpolation``, ``resize_mode``...).
+        model_card: the README: a string (used as is), a dict of :func:`model_card` keyword
+            arguments, or None for a card built from ``metadata``.
+        also_single_file: also write ``<arch>-saferclip.safetensors`` for
+            ``open_clip.create_model_and_transforms(arch, pretrained=file)`` (for an arch
+            open_clip does not ship, register ``<arch>.json`` first with
+            ``open_clip.add_model_config``).
+        metadata: provenance stored under ``"saferclip"`` in the config (``method``,
+            ``source`` = base weights, run ids, ...).
+        dtype: ``fp32`` (default, exact), ``fp16`` or ``bf16`` for the floating tensors.
+
+    Returns:
+        the folder's path.
+    """
+    net, source = (model.model, model.source) if isinstance(model, ClipBundle) else (model, None)
+    arch = arch or (model.arch if isinstance(model, ClipBundle) else None)
+    if not arch:
+        raise ValueError("export_open_clip needs the architecture name (arch)")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    out = Path(out_dir).expanduser().absolute()
+    if _occupied(out) and not force:  # fail before the work, and again at the swap
+        raise FileExistsError(f"{out}: already exists; pass force=True to replace it")
+    base_cfg = open_clip.get_model_config(arch)
+    if base_cfg is None:
+        check_arch(arch)  # raises with suggestions
+        raise ValueError(f"open_clip has no config for architecture {arch!r}")
+
+    merged_names = find_adapters(net)
+    net = merge_adapters(net)
+    model_cfg = _sync_model_cfg(net, base_cfg)
+    info: dict[str, Any] = {"arch": arch, "method": None, "source": source}
+    info.update(metadata or {})
+    info.update(arch=arch, dtype=dtype, saferclip_version=__version__, merged_adapters=len(merged_names))
+    config = {"model_cfg": model_cfg, "preprocess_cfg": _preprocess_cfg(net, preprocess_cfg), "saferclip": info}
+    tensors = _export_tensors(net.state_dict(), DTYPES[dtype])
+    readme = _readme(model_card, arch, info, out.name)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should not be private
+        write_json_atomic(tmp / CONFIG_NAME, config)
+        _check_keys(tensors, tmp, arch)
+        st_meta = {"format": "pt", "arch": arch, "dtype": dtype, "method": str(info.get("method"))}
+        save_state_dict(tensors, tmp / WEIGHTS_NAME, metadata=st_meta)
+        info["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
+        if also_single_file:
+            shutil.copyfile(tmp / WEIGHTS_NAME, tmp / f"{arch}-saferclip.safetensors")
+            if not (_STOCK_CONFIGS / f"{arch}.json").is_file():
+                write_json_atomic(tmp / f"{arch}.json", model_cfg)
+        write_json_atomic(tmp / CONFIG_NAME, config)
+        write_text_atomic(tmp / "README.md", readme)
+        _swap_in(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s (%s, %s, %d adapters merged) to %s", arch, info.get("method"), dtype, len(merged_names), out)
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _readme(card: Mapping[str, Any] | str | None, arch: str, info: Mapping[str, Any], folder: str) -> str:
+    if isinstance(card, str):
+        return card
+    kwargs: dict[str, Any] = {
+        "pretrained": info.get("pretrained") or info.get("source"),
+        "method": info.get("method"),
+        "folder": folder,
+    }
+    kwargs.update(card or {})
+    kwargs.setdefault("arch", arch)
+    allowed = set(inspect.signature(model_card).parameters)
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(f"model_card: unknown fields {unknown}; expected some of {sorted(allowed)}")
+    return model_card(**kwargs)
+
+
+__all__ = [
+    "MergeableAdapter",
+    "export_open_clip",
+    "find_adapters",
+    "merge_adapters",
+    "model_card",
+]

@@ -1,0 +1,241 @@
+"""The model card (README.md) of an exported safety-tuned CLIP.
+
+A safety model needs its limits stated next to its numbers: what it was trained to redirect,
+on which data it was measured, and what the safety costs on safe inputs (over-defensiveness).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any, Mapping, Sequence
+
+from . import __version__
+
+METHODS = {
+    "saferclip": (
+        "SafeR-CLIP (proximity-aware redirection, Yousaf et al., 2025): each unsafe caption or "
+        "image is redirected to its semantically closest safe alternative, found by nearest-"
+        "neighbour search with the frozen original encoders"
+    ),
+    "safeclip": (
+        "Safe-CLIP (rigid redirection, Poppi et al., ECCV 2024): each unsafe caption or image "
+        "is pulled towards its own paired safe item"
+    ),
+}
+
+
+def model_card(
+    arch: str,
+    *,
+    pretrained: str | None = None,
+    method: str | None = None,
+    method_config: Mapping[str, Any] | None = None,
+    training_data: str | None = None,
+    evaluation: str | Mapping[str, Any] | None = None,
+    evaluation_data: str | None = None,
+    over_defensiveness: str | Mapping[str, Any] | None = None,
+    unsafe_categories: Sequence[str] | None = None,
+    name: str | None = None,
+    description: str | None = None,
+    folder: str | None = None,
+    repo_id: str | None = None,
+    license: str = "mit",
+    limitations: Sequence[str] = (),
+) -> str:
+    """Markdown model card with Hugging Face front matter.
+
+    Args:
+        arch: open_clip architecture; ``pretrained``: the base weights (tag or path).
+        method: ``saferclip`` / ``safeclip`` (other names are shown as given);
+            ``method_config``: its settings, dumped as YAML.
+        training_data: what it was fine-tuned on (name, split, size).
+        evaluation: a Markdown table, ``{metric: value}``, or ``{model: {metric: value}}``
+            (one row per model); ``evaluation_data``: the data and split it was measured on.
+        over_defensiveness: the cost on safe inputs (retention of safe recall and zero-shot
+            accuracy vs the original model), in the same forms as ``evaluation``.
+        unsafe_categories: the unsafe concepts the redirection was trained on.
+        folder / repo_id: shown in the usage snippet (``local-dir:`` / ``hf-hub:``).
+        limitations: extra lines for the limitations section.
+    """
+    method_text = METHODS.get((method or "").lower(), method or "not recorded")
+    title = name or f"{arch} made safer with {method or 'saferclip'}"
+    lines = [
+        "---",
+        "tags:",
+        *(f"- {t}" for t in dict.fromkeys(("clip", "open_clip", "safety", "saferclip", *([method] if method else [])))),
+        "library_name: open_clip",
+        "pipeline_tag: zero-shot-image-classification",
+        f"license: {license}",
+        "---",
+        f"# {title}",
+        "",
+    ]
+    if description:
+        lines += [description.strip(), ""]
+    lines += [
+        "A CLIP model fine-tuned so that unsafe (NSFW, violent, hateful...) text and images are "
+        "redirected towards safe meanings while safe inputs keep theirs.",
+        "",
+        "## Model details",
+        "",
+        f"- **Architecture:** `{arch}` (open_clip)",
+        f"- **Base model:** {_base(pretrained)}",
+        f"- **Fine-tuning method:** {method_text}",
+        f"- **Exported by:** saferclip {__version__}",
+    ]
+    if unsafe_categories:
+        lines.append(f"- **Unsafe categories trained on:** {', '.join(unsafe_categories)}")
+    if method_config:
+        lines += ["", "### Method configuration", "", "```yaml", *yaml_lines(method_config), "```"]
+    lines += ["", "## Training data", "", training_data.strip() if training_data else "Not recorded."]
+    lines += ["", "## Evaluation", ""]
+    if evaluation:
+        if evaluation_data:
+            lines += [f"Measured on: {evaluation_data.strip()}", ""]
+        lines += [markdown_table(evaluation)]
+    else:
+        lines.append("No evaluation results were attached to this export: measure safety and utility before use.")
+    lines += ["", "### Over-defensiveness (the cost of safety on safe inputs)", ""]
+    if over_defensiveness:
+        lines.append(markdown_table(over_defensiveness))
+    else:
+        lines.append(
+            "Not reported. Measure the retention of safe-query retrieval (S→V recall) and of "
+            "zero-shot accuracy against the original model before relying on this model."
+        )
+    lines += ["", "## Usage", "", *_usage(folder, repo_id)]
+    lines += ["", *_intended_use(evaluation_data, limitations)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _usage(folder: str | None, repo_id: str | None) -> list[str]:
+    local = f"local-dir:./{folder}" if folder else "local-dir:/path/to/this/folder"
+    hub = f"hf-hub:{repo_id}" if repo_id else "hf-hub:<user>/<repo>"
+    return [
+        "Plain open_clip loads it; saferclip is not needed.",
+        "",
+        "```python",
+        "import open_clip",
+        "import torch",
+        "from PIL import Image",
+        "",
+        f'model, _, preprocess = open_clip.create_model_and_transforms("{local}")',
+        f'tokenizer = open_clip.get_tokenizer("{local}")',
+        f'# from the Hugging Face Hub once uploaded: "{hub}"',
+        "model.eval()",
+        "with torch.no_grad():",
+        '    image = preprocess(Image.open("photo.jpg")).unsqueeze(0)',
+        '    text = tokenizer(["a photo of a dog"])',
+        "    image_features = model.encode_image(image, normalize=True)",
+        "    text_features = model.encode_text(text, normalize=True)",
+        "```",
+    ]
+
+
+def _intended_use(evaluation_data: str | None, extra: Sequence[str]) -> list[str]:
+    measured = f"the data stated above ({evaluation_data.strip()})" if evaluation_data else "the data stated above"
+    lines = [
+        "## Intended use",
+        "",
+        "- A safer CLIP backbone for research on vision-language safety: retrieval over mixed "
+        "galleries, the text encoder of a text-to-image generator, or a captioning model's encoder.",
+        "- A component of a wider safety system (with filters, human review and monitoring), not a "
+        "safety system by itself.",
+        "",
+        "## Out-of-scope use",
+        "",
+        "- Surveillance, identification or profiling of people, and any use that infers sensitive "
+        "attributes of individuals.",
+        "- Content moderation decisions about people without human review.",
+        "- Treating its outputs as a certification that content is safe.",
+        "",
+        "## Limitations and risks",
+        "",
+        "- **Not a guarantee of safety.** Redirection lowers how often unsafe inputs match unsafe "
+        "content; it does not remove unsafe concepts from the model, and adversarial or paraphrased "
+        "prompts may still retrieve or generate unsafe content.",
+        "- **Learned on specific unsafe categories.** The redirection covers the categories and data "
+        "it was trained on; unsafe concepts outside them may pass unchanged.",
+        "- **Over-defensiveness.** The model may treat safe content as unsafe (redirect or degrade "
+        "safe queries); check the over-defensiveness figures above against your use.",
+        f"- **Measured only where stated.** The figures hold for {measured}; results on toy or "
+        "synthetic data do not carry over to real images and text. Evaluate on your own data.",
+        "- **Inherited biases.** The base CLIP's social biases and the biases of the training data "
+        "(including which content was labelled unsafe) remain.",
+    ]
+    lines += [f"- {line.strip()}" for line in extra]
+    return lines
+
+
+def markdown_table(data: str | Mapping[str, Any]) -> str:
+    """A Markdown table from ``{metric: value}`` or ``{row: {metric: value}}`` (a string passes through)."""
+    if isinstance(data, str):
+        return data.strip()
+    if not data:
+        return ""
+    if all(isinstance(v, Mapping) for v in data.values()):
+        columns: list[str] = []
+        for row in data.values():
+            columns += [c for c in row if c not in columns]
+        out = ["| model | " + " | ".join(map(_cell, columns)) + " |", "|---" * (len(columns) + 1) + "|"]
+        for key, row in data.items():
+            out.append(f"| {_cell(key)} | " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
+        return "\n".join(out)
+    out = ["| metric | value |", "|---|---|"]
+    out += [f"| {_cell(k)} | {_cell(v)} |" for k, v in data.items()]
+    return "\n".join(out)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        value = f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _base(pretrained: str | None) -> str:
+    if not pretrained:
+        return "not recorded"
+    if pretrained == "random":
+        return "none (random initialisation)"
+    return f"`{pretrained}`"
+
+
+_PLAIN = re.compile(r"^[A-Za-z_][\w./-]*( [\w./-]+)*$")
+_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "~", "y", "n"}
+
+
+def _scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    if _PLAIN.match(text) and text.lower() not in _YAML_WORDS:
+        return text
+    return json.dumps(text)  # a JSON string is a valid YAML scalar
+
+
+def yaml_lines(obj: Any, indent: int = 0) -> list[str]:
+    """A small YAML dump (block mappings; lists of scalars inline) of config-like data."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    pad = "  " * indent
+    lines: list[str] = []
+    for key, value in obj.items():
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        if isinstance(value, Mapping) and value:
+            lines.append(f"{pad}{_scalar(key)}:")
+            lines += yaml_lines(value, indent + 1)
+        elif isinstance(value, (list, tuple)):
+            items = ", ".join(_scalar(v) if not isinstance(v, (Mapping, list, tuple)) else json.dumps(v, default=str) for v in value)
+            lines.append(f"{pad}{_scalar(key)}: [{items}]")
+        elif isinstance(value, Mapping):
+            lines.append(f"{pad}{_scalar(key)}: {{}}")
+        else:
+            lines.append(f"{pad}{_scalar(key)}: {_scalar(value)}")
+    return lines
