@@ -297,6 +297,7 @@ def export_open_clip(
     force: bool = False,
     metadata: Mapping[str, Any] | None = None,
     dtype: str = "fp32",
+    tokenizer: Any = None,
 ) -> Path:
     """Write ``model`` as a folder open_clip loads with ``local-dir:`` (layout: module doc).
 
@@ -319,14 +320,22 @@ def export_open_clip(
         metadata: provenance stored under ``"saferclip"`` in the config (``method``,
             ``source`` = base weights, run ids, ...).
         dtype: ``fp32`` (default, exact), ``fp16`` or ``bf16`` for the floating tensors.
+        tokenizer: only for architectures with a Hugging Face tokenizer (``hf_tokenizer_name``
+            in the config: SigLIP, multilingual models): its files are saved into the folder,
+            where ``get_tokenizer("local-dir:...")`` looks for them. Defaults to the bundle's,
+            else ``open_clip.get_tokenizer(arch)``.
 
     Returns:
         the folder's path.
     """
     net, source = (model.model, model.source) if isinstance(model, ClipBundle) else (model, None)
-    arch = arch or (model.arch if isinstance(model, ClipBundle) else None)
+    if isinstance(model, ClipBundle):
+        arch = arch or model.arch
+        tokenizer = model.tokenizer if tokenizer is None else tokenizer
     if not arch:
         raise ValueError("export_open_clip needs the architecture name (arch)")
+    if ":" in arch or "/" in arch:
+        raise ValueError(f"arch must be an open_clip architecture name (e.g. ViT-B-32), not a location: {arch!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out = Path(out_dir).expanduser().absolute()
@@ -360,6 +369,7 @@ def export_open_clip(
             shutil.copyfile(tmp / WEIGHTS_NAME, tmp / f"{arch}-saferclip.safetensors")
             if not (_STOCK_CONFIGS / f"{arch}.json").is_file():
                 write_json_atomic(tmp / f"{arch}.json", model_cfg)
+        _save_hf_tokenizer(model_cfg, tokenizer, arch, tmp)
         write_json_atomic(tmp / CONFIG_NAME, config)
         write_text_atomic(tmp / "README.md", readme)
         _swap_in(tmp, out, force)
@@ -368,6 +378,19 @@ def export_open_clip(
         raise
     log.info("exported %s (%s, %s, %d adapters merged) to %s", arch, info.get("method"), dtype, len(merged_names), out)
     return out
+
+
+def _save_hf_tokenizer(model_cfg: Mapping[str, Any], tokenizer: Any, arch: str, folder: Path) -> None:
+    """open_clip reads a Hugging Face tokenizer of a ``local-dir:`` model from the folder itself."""
+    if not model_cfg.get("text_cfg", {}).get("hf_tokenizer_name"):
+        return  # open_clip's built-in CLIP tokenizer: nothing to save
+    tokenizer = tokenizer if tokenizer is not None else open_clip.get_tokenizer(arch)
+    if not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise ValueError(
+            f"{arch} uses a Hugging Face tokenizer, which must be saved into the folder, but the "
+            f"tokenizer given ({type(tokenizer).__name__}) has no save_pretrained()"
+        )
+    tokenizer.save_pretrained(str(folder))
 
 
 def _umask() -> int:

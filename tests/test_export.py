@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -467,3 +468,40 @@ def test_model_card_states_what_a_safety_model_must(bundle, tmp_path):
     assert (out / "README.md").read_text() == "# my own card\n"
     with pytest.raises(ValueError, match="unknown fields.*'evals'"):
         export_open_clip(bundle, ARCH, tmp_path / "o", model_card={"evals": {}})
+
+
+def test_hugging_face_tokenizer_files_go_into_the_folder(bundle, tmp_path, monkeypatch):
+    import saferclip.export as export
+
+    class FakeHFTokenizer:
+        def save_pretrained(self, dest):
+            Path(dest, "tokenizer.json").write_text("{}")
+
+    cfg = {**open_clip.get_model_config(ARCH)}
+    cfg["text_cfg"] = {**cfg["text_cfg"], "hf_tokenizer_name": "someone/tokenizer"}
+    monkeypatch.setattr(export.open_clip, "get_model_config", lambda arch: copy.deepcopy(cfg))
+    out = export_open_clip(bundle.model, ARCH, tmp_path / "hf", tokenizer=FakeHFTokenizer())
+    assert (out / "tokenizer.json").is_file()
+    assert json.loads((out / CONFIG_NAME).read_text())["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == "someone/tokenizer"
+    with pytest.raises(ValueError, match="Hugging Face tokenizer.*SimpleTokenizer.*no save_pretrained"):
+        export_open_clip(bundle, ARCH, tmp_path / "hf2")  # the bundle's CLIP tokenizer cannot be saved
+    with pytest.raises(ValueError, match="not a location"):
+        export_open_clip(bundle.model, f"local-dir:{out}", tmp_path / "hf3")
+
+
+def test_saferclip_lora_from_training_exports(bundle, image_path, tmp_path):
+    from saferclip.adapters import TrainableConfig, configure_trainable
+
+    model = fresh_micro()
+    configure_trainable(model, TrainableConfig(mode="lora", lora_r=2))
+    with torch.no_grad():  # B starts at zero; make the adapters matter
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(0, 0.1)
+    before = outputs(model, bundle, image_path)
+    out = export_open_clip(model, ARCH, tmp_path / "lora", metadata={"method": "saferclip"})
+    assert any("lora_A" in k for k in model.state_dict())  # the trained model keeps its adapters
+    loaded, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    after = outputs(loaded, bundle, image_path)
+    assert_same_outputs(after, before)
+    assert not torch.allclose(after[0], outputs(fresh_micro(), bundle, image_path)[0])  # the LoRA did change it
