@@ -1,0 +1,593 @@
+"""The frozen-embedding cache: ``T0(S)``, ``T0(U)``, ``I0(V)``, ``I0(G)`` computed once (DESIGN.md §3.2).
+
+Training never runs the frozen encoders: every frozen target is read from this cache, so the
+targets cannot drift. The cache lives in ``cache_dir/<key>/`` where ``key`` hashes
+
+- the model: architecture and :func:`model_fingerprint` (every weight byte),
+  plus the dtype the weights run in;
+- the data: captions in order, image paths in order, and each image file's size and
+  modification time (``image_fingerprint="stat"``, the default). Reading the pixels of a
+  100k-image set on every run would cost as much as a good part of the embedding itself;
+  size + mtime catches every ordinary edit, copy or regeneration. What it misses is an
+  in-place rewrite that keeps the byte count and resets the mtime (``cp -p``, ``touch -r``):
+  ``image_fingerprint="content"`` hashes the bytes instead, for users who do that;
+- the preprocessing (``repr`` of the transform) and tokenizer (type and context length);
+- the storage dtype and the cache format version.
+
+Same key, same embeddings: a later call loads the arrays memory-mapped (``was_reused``).
+Any change gives a new key and a new build; nothing is ever read from a stale cache. A build
+writes into a hidden temporary folder and renames it into place only when complete, so a
+crash mid-write leaves every earlier cache as it was.
+
+Layout of one cache folder: ``safe_text.npy``, ``unsafe_text.npy`` and, when the set
+provides them, ``safe_image.npy``, ``unsafe_image.npy`` (all ``[N, D]``), ``extra_safe_text.npy``
+``[E, D]`` + ``extra_safe_captions.json`` for an optional extra safe caption pool, and
+``meta.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checkpoints import write_json_atomic
+from .data.images import load_image
+from .data.records import DataFormatError, QuadrupletSet
+from .models import ClipBundle
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+KEY_LENGTH = 24  # hex characters of the SHA-256 key used as the folder name
+TEXT_FIELDS = ("safe_text", "unsafe_text")
+IMAGE_FIELDS = ("safe_image", "unsafe_image")
+EXTRA_FIELD = "extra_safe_text"
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class EmbeddingError(ValueError):
+    """An embedding that is not finite (NaN / inf): the message names the item and input."""
+
+
+@dataclass
+class EmbeddingCache:
+    """Frozen embeddings of one quadruplet set, memory-mapped from ``path``.
+
+    Tensors are ``[N, D]`` (``[E, D]`` for the extra pool) in the stored dtype (float32, or
+    float16 when built with ``dtype="float16"``), L2-normalised, row ``i`` = item ``i`` of
+    the set. Writing to them changes only this process's copy, never the files.
+    """
+
+    safe_text: torch.Tensor  # T0(S) [N, D]
+    unsafe_text: torch.Tensor  # T0(U) [N, D]
+    safe_image: torch.Tensor | None  # I0(V) [N, D], None when the set has no safe images
+    unsafe_image: torch.Tensor | None  # I0(G) [N, D], None when the set has no unsafe images
+    key: str
+    path: Path
+    meta: dict[str, Any]
+    was_reused: bool
+    extra_safe_text: torch.Tensor | None = None  # T0 of an extra safe caption pool [E, D]
+    extra_safe_captions: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.safe_text.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.safe_text.shape[1]
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over parameter names, shapes, dtypes and bytes: changes when any weight does.
+
+    ``models.weights_fingerprint`` computes the same thing but fails on 0-d tensors (CLIP's
+    ``logit_scale``: ``view(torch.uint8)`` needs at least one dimension); flattening first
+    fixes that. Once that function flattens too, this can call it.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def describe_preprocess(preprocess: Callable) -> str:
+    """``repr`` of the image transform, without memory addresses (they change every run)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(preprocess))
+
+
+def describe_tokenizer(tokenizer: Callable) -> str:
+    parts = [f"{type(tokenizer).__module__}.{type(tokenizer).__name__}"]
+    for attr in ("context_length", "tokenizer_name", "vocab_size"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, (int, str)):
+            parts.append(f"{attr}={value}")
+    return " ".join(parts)
+
+
+def _image_paths(qset: QuadrupletSet) -> dict[str, list[Path]]:
+    """The image files the set's mode provides, per field; a missing path is an error naming the item."""
+    out: dict[str, list[Path]] = {}
+    wanted = [("safe_image", qset.mode.has_safe_images), ("unsafe_image", qset.mode.has_unsafe_images)]
+    for name, present in wanted:
+        if not present:
+            continue
+        paths = []
+        for row, q in enumerate(qset.items):
+            p = getattr(q, name)
+            if p is None:
+                raise DataFormatError(
+                    qset.source,
+                    f"mode {qset.mode.value!r} needs a {name.replace('_', ' ')}, item has none",
+                    row=f"{row} (id {q.id})",
+                    field=name,
+                )
+            paths.append(Path(p))
+        out[name] = paths
+    return out
+
+
+def data_fingerprint(
+    qset: QuadrupletSet, extra_safe_captions: Sequence[str] = (), image_fingerprint: str = "stat"
+) -> str:
+    """SHA-256 over captions, image paths and image file identity (size + mtime, or bytes).
+
+    Item ids and the set's source name are left out: the cache is positional (row ``i`` is
+    item ``i``) and only what is embedded decides its content.
+    """
+    if image_fingerprint not in ("stat", "content"):
+        raise ValueError(f"image_fingerprint must be 'stat' or 'content', got {image_fingerprint!r}")
+    h = hashlib.sha256()
+    h.update(
+        f"mode={qset.mode.value};n={len(qset)};extra={len(extra_safe_captions)};img={image_fingerprint}\n".encode()
+    )
+    for texts in (qset.safe_captions, qset.unsafe_captions, list(extra_safe_captions)):
+        for t in texts:
+            h.update(t.encode("utf-8", "surrogatepass"))
+            h.update(b"\0")  # separator: ("ab", "c") and ("a", "bc") must differ
+        h.update(b"\1")
+    for name, paths in _image_paths(qset).items():
+        for row, p in enumerate(paths):
+            try:
+                st = p.stat()
+            except OSError:
+                q = qset.items[row]
+                raise DataFormatError(p, f"image file not found (item {row}, id {q.id}, {name})") from None
+            h.update(f"{p}\0{st.st_size}\0".encode())
+            if image_fingerprint == "stat":
+                h.update(f"{st.st_mtime_ns}\0".encode())
+            else:
+                h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def cache_identity(
+    bundle: ClipBundle,
+    qset: QuadrupletSet,
+    extra_safe_captions: Sequence[str] = (),
+    dtype: str = "float32",
+    image_fingerprint: str = "stat",
+) -> dict[str, Any]:
+    """Everything that decides the cache's content; its hash is the cache key."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    param = next(bundle.model.parameters())
+    return {
+        "format_version": CACHE_FORMAT_VERSION,
+        "model": {
+            "arch": bundle.arch,
+            "weights_fingerprint": model_fingerprint(bundle.model),
+            "dtype": str(param.dtype),
+        },
+        "data": {
+            "fingerprint": data_fingerprint(qset, extra_safe_captions, image_fingerprint),
+            "image_fingerprint": image_fingerprint,
+        },
+        "preprocess": describe_preprocess(bundle.preprocess),
+        "tokenizer": describe_tokenizer(bundle.tokenizer),
+        "dtype": dtype,
+    }
+
+
+# ----------------------------------------------------------------------------- encoding
+class _ImageFiles(Dataset):
+    """Preprocessed images of a list of paths; a bad file raises DataFormatError naming it and the item."""
+
+    def __init__(self, paths: list[Path], preprocess: Callable, ids: list[str], field_name: str):
+        self.paths, self.preprocess, self.ids, self.field_name = paths, preprocess, ids, field_name
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        try:
+            return self.preprocess(load_image(self.paths[i]))
+        except DataFormatError as e:
+            raise DataFormatError(self.paths[i], f"{e} (item {i}, id {self.ids[i]}, {self.field_name})") from None
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Frozen means deterministic: dropout off while embedding, the caller's mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _check_finite(emb: torch.Tensor, start: int, what: str, ids: Sequence[str]) -> None:
+    bad = ~torch.isfinite(emb).all(dim=1)
+    if bool(bad.any()):
+        rows = (bad.nonzero().flatten() + start).tolist()
+        names = ", ".join(f"item {r} (id {ids[r]})" for r in rows[:5])
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        raise EmbeddingError(
+            f"non-finite (NaN/inf) {what} embedding for {names}{more}; check the model weights and inputs"
+        )
+
+
+def _text_batches(
+    bundle: ClipBundle, texts: Sequence[str], batch_size: int, device
+) -> Iterator[tuple[int, torch.Tensor]]:
+    for start in range(0, len(texts), batch_size):
+        tokens = bundle.tokenizer(list(texts[start : start + batch_size])).to(device)
+        yield start, bundle.model.encode_text(tokens, normalize=True).float().cpu()
+
+
+def _image_batches(
+    bundle: ClipBundle, paths: list[Path], ids: list[str], name: str, batch_size: int, num_workers: int, device, dtype
+) -> Iterator[tuple[int, torch.Tensor]]:
+    loader = DataLoader(
+        _ImageFiles(paths, bundle.preprocess, ids, name),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=False,
+    )
+    start = 0
+    for images in loader:
+        x = images.to(device=device, dtype=dtype, non_blocking=True)
+        yield start, bundle.model.encode_image(x, normalize=True).float().cpu()
+        start += len(images)
+
+
+def _embed_into(
+    folder: Path,
+    bundle: ClipBundle,
+    qset: QuadrupletSet,
+    extra: Sequence[str],
+    dtype: str,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+) -> dict[str, list[int]]:
+    """Run the frozen encoders, writing each field straight into a ``.npy`` memmap under ``folder``."""
+    param = next(bundle.model.parameters())
+    ids = [q.id for q in qset.items]
+    dim = int(bundle.model_cfg.get("embed_dim") or 0) or _probe_dim(bundle, param.device)
+    jobs: list[tuple[str, int, Callable[[], Iterator[tuple[int, torch.Tensor]]], Sequence[str]]] = [
+        ("safe_text", len(qset), lambda: _text_batches(bundle, qset.safe_captions, batch_size, param.device), ids),
+        ("unsafe_text", len(qset), lambda: _text_batches(bundle, qset.unsafe_captions, batch_size, param.device), ids),
+    ]
+    for name, paths in _image_paths(qset).items():
+        jobs.append(
+            (
+                name,
+                len(paths),
+                lambda p=paths, n=name: _image_batches(
+                    bundle, p, ids, n, batch_size, num_workers, param.device, param.dtype
+                ),
+                ids,
+            )
+        )
+    if extra:
+        extra_ids = [f"extra-{i}" for i in range(len(extra))]
+        jobs.append(
+            (EXTRA_FIELD, len(extra), lambda: _text_batches(bundle, extra, batch_size, param.device), extra_ids)
+        )
+    shapes: dict[str, list[int]] = {}
+    total = sum(n for _, n, _, _ in jobs)
+    with (
+        _eval_mode(bundle.model),
+        torch.inference_mode(),
+        tqdm(total=total, disable=not progress, unit="item", desc="frozen embeddings", dynamic_ncols=True) as bar,
+    ):
+        for name, n, batches, names in jobs:
+            bar.set_postfix_str(name)
+            out = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=_DTYPES[dtype], shape=(n, dim))
+            what = name.replace("_", " ")
+            for start, emb in batches():
+                if emb.shape[1] != dim:
+                    raise EmbeddingError(f"{what}: the model returned {emb.shape[1]}-d embeddings, expected {dim}")
+                _check_finite(emb, start, what, names)
+                out[start : start + len(emb)] = emb.numpy()
+                bar.update(len(emb))
+            out.flush()
+            del out  # close the memmap before the folder is renamed
+            shapes[name] = [n, dim]
+    return shapes
+
+
+def _probe_dim(bundle: ClipBundle, device) -> int:
+    with torch.inference_mode():
+        return int(bundle.model.encode_text(bundle.tokenizer(["a"]).to(device)).shape[-1])
+
+
+# ----------------------------------------------------------------------------- build / load
+def build_or_load_cache(
+    bundle: ClipBundle,
+    qset: QuadrupletSet,
+    cache_dir: str | os.PathLike,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = True,
+    dtype: str = "float32",
+    extra_safe_captions: Sequence[str] | None = None,
+    image_fingerprint: str = "stat",
+) -> EmbeddingCache:
+    """Embed ``qset`` with the frozen encoders of ``bundle``, or load the cache that already holds it.
+
+    Args:
+        bundle: the *original* model (its weights are fingerprinted; the model is not changed).
+        qset: the set; captions always, safe / unsafe images where ``qset.mode`` provides them.
+        cache_dir: parent folder; the cache is ``cache_dir/<key>/``.
+        batch_size, num_workers: encoder batch size; image DataLoader workers.
+        dtype: ``"float32"`` or ``"float16"`` (half the disk and memory; ~1e-3 error).
+        extra_safe_captions: an extra safe caption pool (see :func:`load_safe_corpus`),
+            embedded with the same model into ``extra_safe_text [E, D]``.
+        image_fingerprint: ``"stat"`` (size + mtime, cheap) or ``"content"`` (hash the bytes).
+
+    Raises:
+        DataFormatError: an image missing or unreadable (naming the file and item).
+        EmbeddingError: a NaN / inf embedding (naming the item).
+    """
+    if len(qset) == 0:
+        raise ValueError(f"{qset.source}: the quadruplet set is empty, nothing to embed")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    extra = list(extra_safe_captions or [])
+    identity = cache_identity(bundle, qset, extra, dtype, image_fingerprint)
+    key = _sha256_json(identity)[:KEY_LENGTH]
+    cache_dir = Path(cache_dir)
+    final = cache_dir / key
+    if final.is_dir():
+        try:
+            cache = load_cache(final, expected_key=key)
+            log.info("reusing frozen-embedding cache %s", final)
+            return cache
+        except (OSError, ValueError) as e:  # damaged by hand: rebuild rather than trust it
+            log.warning("cache %s is unreadable (%s); rebuilding it", final, e)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}.", suffix=".tmp"))
+    try:
+        t0 = time.perf_counter()
+        shapes = _embed_into(tmp, bundle, qset, extra, dtype, batch_size, num_workers, progress)
+        if extra:
+            (tmp / "extra_safe_captions.json").write_text(json.dumps(extra, ensure_ascii=False) + "\n")
+        meta = {
+            **identity,
+            "key": key,
+            "model": {**identity["model"], "source": bundle.source},
+            "data": {
+                **identity["data"],
+                "source": qset.source,
+                "mode": qset.mode.value,
+                "count": len(qset),
+                "extra_count": len(extra),
+            },
+            "embed_dim": next(iter(shapes.values()))[1],
+            "counts": {name: shape[0] for name, shape in shapes.items()},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "build_seconds": round(time.perf_counter() - t0, 3),
+        }
+        write_json_atomic(tmp / "meta.json", meta)
+        _move_into_place(tmp, final, key)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    cache = load_cache(final, expected_key=key)
+    cache.was_reused = False
+    return cache
+
+
+def _move_into_place(tmp: Path, final: Path, key: str) -> None:
+    """Rename the finished folder to ``final``.
+
+    A valid cache already there (another process built the same key meanwhile) wins and ours
+    is dropped; a damaged one is moved aside and deleted.
+    """
+    if final.exists():
+        try:
+            load_cache(final, expected_key=key)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        except (OSError, ValueError):
+            trash = final.with_name(f".{final.name}.old.{os.getpid()}")
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / "meta.json").is_file():  # lost a race to another builder: theirs is as good
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_cache(path: str | os.PathLike, expected_key: str | None = None) -> EmbeddingCache:
+    """Open a cache folder memory-mapped; raises ValueError when it is incomplete or inconsistent."""
+    try:
+        return _load_cache(Path(path), expected_key)
+    except (KeyError, TypeError, AttributeError) as e:  # a meta.json edited by hand
+        raise ValueError(f"{path}: malformed meta.json ({type(e).__name__}: {e})") from None
+
+
+def _load_cache(path: Path, expected_key: str | None) -> EmbeddingCache:
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise ValueError(f"{path}: not an embedding cache (no meta.json)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != CACHE_FORMAT_VERSION:
+        raise ValueError(f"{path}: cache format {meta.get('format_version')!r}, expected {CACHE_FORMAT_VERSION}")
+    if expected_key is not None and meta.get("key") != expected_key:
+        raise ValueError(f"{path}: holds cache {meta.get('key')!r}, expected {expected_key!r}")
+    arrays: dict[str, torch.Tensor | None] = {}
+    for name, n in meta["counts"].items():
+        # mode "c" (copy-on-write): writable for torch, but writes never reach the file
+        arr = np.load(path / f"{name}.npy", mmap_mode="c")
+        if arr.shape != (n, meta["embed_dim"]) or arr.dtype != _DTYPES[meta["dtype"]]:
+            raise ValueError(
+                f"{path / (name + '.npy')}: shape {arr.shape} {arr.dtype}, meta.json says ({n}, {meta['embed_dim']}) {meta['dtype']}"
+            )
+        arrays[name] = torch.from_numpy(arr)
+    for name in TEXT_FIELDS:
+        if name not in arrays:
+            raise ValueError(f"{path}: {name}.npy missing")
+    extra_captions: list[str] = []
+    if EXTRA_FIELD in arrays:
+        extra_captions = json.loads((path / "extra_safe_captions.json").read_text())
+        if len(extra_captions) != meta["counts"][EXTRA_FIELD]:
+            raise ValueError(f"{path}: extra_safe_captions.json does not match {EXTRA_FIELD}.npy")
+    return EmbeddingCache(
+        safe_text=arrays["safe_text"],
+        unsafe_text=arrays["unsafe_text"],
+        safe_image=arrays.get("safe_image"),
+        unsafe_image=arrays.get("unsafe_image"),
+        key=meta["key"],
+        path=path,
+        meta=meta,
+        was_reused=True,
+        extra_safe_text=arrays.get(EXTRA_FIELD),
+        extra_safe_captions=extra_captions,
+    )
+
+
+# ----------------------------------------------------------------------------- reference path
+@torch.no_grad()
+def embed_plain(bundle: ClipBundle, qset: QuadrupletSet, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """The plain batched open_clip loop: no cache, no DataLoader, no checks.
+
+    The reference the cache builder is compared with (``scripts/bench_embedding_cache.py``)
+    and tested against. Returns float32 ``[N, D]`` tensors keyed like the cache's fields.
+    """
+    from .models import encode_images, encode_text
+
+    out = {
+        "safe_text": encode_text(bundle, qset.safe_captions, batch_size),
+        "unsafe_text": encode_text(bundle, qset.unsafe_captions, batch_size),
+    }
+    for name, paths in _image_paths(qset).items():
+        parts = []
+        for start in range(0, len(paths), batch_size):
+            batch = torch.stack([bundle.preprocess(load_image(p)) for p in paths[start : start + batch_size]])
+            parts.append(encode_images(bundle, batch, batch_size))
+        out[name] = torch.cat(parts)
+    return out
+
+
+# ----------------------------------------------------------------------------- extra safe corpus
+_CAPTION_COLUMNS = ("caption", "safe", "text", "safe_caption")
+
+
+def load_safe_corpus(path: str | os.PathLike, column: str | None = None) -> list[str]:
+    """Read an extra pool of safe captions.
+
+    Formats, by extension: ``.txt`` (one caption per line; blank lines ignored), ``.csv`` /
+    ``.tsv`` (``column``, else the first of caption / safe / text / safe_caption), ``.json``
+    (a list of strings, a list of objects with ``column``, or ``{"captions": [...]}``),
+    ``.jsonl`` (one string or object per line). An empty caption or an empty file is an error
+    naming the file and row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, "safe caption corpus not found")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        captions = [
+            (i + 1, line.strip())
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines())
+            if line.strip()
+        ]
+    elif suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            col = _pick_column(path, reader.fieldnames or [], column)
+            captions = [(reader.line_num, row.get(col)) for row in reader]  # the file's line number
+    elif suffix in (".json", ".jsonl"):
+        try:
+            if suffix == ".json":
+                obj = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(obj, dict):
+                    if not isinstance(obj.get("captions"), list):
+                        raise DataFormatError(path, "a JSON object must hold a 'captions' list")
+                    obj = obj["captions"]
+                if not isinstance(obj, list):
+                    raise DataFormatError(path, f"expected a list of captions, got {type(obj).__name__}")
+                entries = list(enumerate(obj))
+            else:
+                lines = path.read_text(encoding="utf-8").splitlines()
+                entries = [(i + 1, json.loads(line)) for i, line in enumerate(lines) if line.strip()]
+        except json.JSONDecodeError as e:
+            raise DataFormatError(path, f"invalid JSON: {e}") from None
+        captions = [(row, _caption_of(path, row, entry, column)) for row, entry in entries]
+    else:
+        raise DataFormatError(path, f"unknown corpus format {suffix!r}; expected .txt, .csv, .tsv, .json or .jsonl")
+    out = []
+    for row, text in captions:
+        if not isinstance(text, str) or not text.strip():
+            raise DataFormatError(path, "empty or missing caption", row=row, field=column)
+        out.append(text.strip())
+    if not out:
+        raise DataFormatError(path, "the safe caption corpus holds no captions")
+    return out
+
+
+def _pick_column(path: Path, fields: Sequence[str], column: str | None) -> str:
+    if column is not None:
+        if column not in fields:
+            raise DataFormatError(path, f"no column {column!r}; columns are {list(fields)}")
+        return column
+    for name in _CAPTION_COLUMNS:
+        if name in fields:
+            return name
+    raise DataFormatError(
+        path, f"no caption column; expected one of {list(_CAPTION_COLUMNS)} (or pass column=), got {list(fields)}"
+    )
+
+
+def _caption_of(path: Path, row: int, entry: Any, column: str | None) -> Any:
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, dict):
+        names = [column] if column is not None else list(_CAPTION_COLUMNS)
+        for name in names:
+            if name in entry:
+                return entry[name]
+        raise DataFormatError(path, f"no caption field; expected one of {names}, got {list(entry)}", row=row)
+    raise DataFormatError(path, f"expected a string or an object, got {type(entry).__name__}", row=row)

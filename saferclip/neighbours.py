@@ -1,0 +1,570 @@
+"""Safe-neighbour search: each unsafe item's closest safe alternatives (DESIGN.md §1.2, §1.3, §3.2).
+
+Two layers:
+
+- :func:`build_neighbour_index` — top-k inner-product search of ``queries [Q, D]`` in
+  ``pool [P, D]`` with FAISS: ``exact`` (``IndexFlatIP``), ``ivf`` (``IndexIVFFlat``, tuned by
+  ``nlist`` / ``nprobe``) or ``hnsw`` (``IndexHNSWFlat``, tuned by ``hnsw_m`` / ``ef_search``);
+  on a FAISS GPU when one is present and ``device`` allows. Embeddings are L2-normalised, so
+  inner product = cosine. :func:`exact_neighbours_torch` is the plain matmul + topk reference.
+- :func:`find_safe_neighbours` — SafeR-CLIP's targets from an :class:`EmbeddingCache`:
+  neighbour mode, top-k softmax weights, the neighbour-quality guard, per-pair difficulty and
+  curriculum buckets, in a :class:`SafeNeighbours` that saves itself beside the cache.
+
+Reports (``summarize``, the toy world's ``attribute_agreement``) live in
+:mod:`saferclip.neighbour_report`.
+
+Pool positions: ``0 .. n_set-1`` are the set's own safe items (position ``i`` = item ``i``);
+``n_set ..`` are the extra safe captions of the cache (text mode only; they have no image).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _prefer_fast_openblas() -> None:
+    """Pick OpenBLAS's AVX-512 kernels for FAISS on CPUs its bundled OpenBLAS does not know.
+
+    faiss-cpu wheels bundle OpenBLAS 0.3.15, which predates recent Xeons (Sapphire Rapids and
+    later, often reported in VMs as a plain "Intel Xeon Processor") and falls back to a generic
+    sgemm kernel: exact search then ran ~3x slower than torch's matmul on our machine, and
+    with ``OPENBLAS_CORETYPE=SkylakeX`` as fast or faster (scripts/bench_neighbours.py). The
+    variable is read when that library loads, so it is set before ``import faiss``, only on
+    Linux CPUs with AVX-512F, and never over a value the user chose.
+    """
+    if "OPENBLAS_CORETYPE" in os.environ or "faiss" in sys.modules:
+        return
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return
+    if " avx512f" in flags:
+        os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
+
+
+_prefer_fast_openblas()
+import faiss  # noqa: E402
+
+from .checkpoints import write_json_atomic
+from .embedding_cache import EmbeddingCache
+
+log = logging.getLogger(__name__)
+
+INDEX_TYPES = ("exact", "ivf", "hnsw")
+MODES = ("text", "image", "joint")
+NEIGHBOURS_FORMAT_VERSION = 1
+_SAVED_ARRAYS = ("indices", "similarities", "weights", "pair_weight", "difficulty", "bucket", "flagged")
+
+
+class NeighbourError(ValueError):
+    """Bad input to the neighbour search: shapes, sizes, non-finite values, unknown options."""
+
+
+@dataclass
+class NeighbourResult:
+    """Top-k of every query: pool positions ``indices [Q, k]`` (int64) and cosines ``similarities [Q, k]``."""
+
+    indices: torch.Tensor
+    similarities: torch.Tensor
+    build_seconds: float = 0.0  # index construction (IVF training, HNSW graph); 0 for exact
+    search_seconds: float = 0.0
+    index: str = "exact"
+    device: str = "cpu"
+
+
+# ----------------------------------------------------------------------------- low level
+def _as_matrix(x: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
+    """float32, C-contiguous ``[n, d]`` numpy (what FAISS wants), with a finite check naming the row."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().float().numpy()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise NeighbourError(f"{name} must be a 2-d [n, d] matrix, got shape {tuple(x.shape)}")
+    for start in range(0, len(x), 65536):  # in blocks: a [1M, 768] bool mask would be another 768 MB
+        finite = np.isfinite(x[start : start + 65536]).all(axis=1)
+        if not finite.all():
+            rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+            raise NeighbourError(f"{name} has non-finite (NaN/inf) values in {len(rows)} rows, first row {int(rows[0])}")
+    return x
+
+
+def _check_shapes(queries: np.ndarray, pool: np.ndarray, k: int) -> None:
+    if pool.shape[0] == 0:
+        raise NeighbourError("the safe pool is empty: nothing to search")
+    if queries.shape[1] != pool.shape[1]:
+        raise NeighbourError(f"dimension mismatch: queries are {queries.shape[1]}-d, the pool is {pool.shape[1]}-d")
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise NeighbourError(f"k must be a positive integer, got {k!r}")
+    if k > pool.shape[0]:
+        raise NeighbourError(f"k={k} is larger than the pool ({pool.shape[0]} items)")
+
+
+def _use_gpu(device: str) -> bool:
+    n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if device == "cpu":
+        return False
+    if device == "auto":
+        return n_gpus > 0
+    if device in ("cuda", "gpu") or device.startswith("cuda:"):
+        if n_gpus == 0:
+            raise NeighbourError(f"device={device!r} but FAISS sees no GPU (faiss-cpu installed?); use 'cpu' or 'auto'")
+        return True
+    raise NeighbourError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+
+
+def default_nlist(pool_size: int) -> int:
+    """IVF lists: about sqrt(P), and at least 39 training points per list (FAISS's own minimum)."""
+    return int(max(1, min(round(pool_size**0.5), pool_size // 39)))
+
+
+def make_index(
+    pool: torch.Tensor | np.ndarray,
+    index: str = "exact",
+    device: str = "auto",
+    nlist: int | None = None,
+    nprobe: int = 16,
+    hnsw_m: int = 32,
+    ef_construction: int = 80,
+    ef_search: int = 128,
+    seed: int = 0,
+) -> faiss.Index:
+    """A FAISS inner-product index over ``pool [P, D]``, trained, filled and ready to search."""
+    if index not in INDEX_TYPES:
+        raise NeighbourError(f"unknown index type {index!r}; expected one of {INDEX_TYPES}")
+    pool = _as_matrix(pool, "pool")
+    n, d = pool.shape
+    if n == 0:
+        raise NeighbourError("the safe pool is empty: nothing to search")
+    gpu = _use_gpu(device)
+    if index == "exact":
+        idx = faiss.IndexFlatIP(d)
+    elif index == "ivf":
+        nlist = default_nlist(n) if nlist is None else int(nlist)
+        if not 1 <= nlist <= n:
+            raise NeighbourError(f"nlist must be in [1, pool size {n}], got {nlist}")
+        idx = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        idx.cp.seed = seed
+        idx.nprobe = min(int(nprobe), nlist)
+    else:
+        idx = faiss.IndexHNSWFlat(d, int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
+        idx.hnsw.efConstruction = int(ef_construction)
+        idx.hnsw.efSearch = int(ef_search)
+    if gpu and index != "hnsw":  # FAISS has no GPU HNSW; it stays on the CPU
+        idx = _to_gpu(idx)
+    if index == "ivf":
+        # k-means on a sample: 64 points per list is plenty, and the whole of 1M x 768 is slow
+        train = pool
+        if n > 64 * nlist:
+            rows = np.sort(np.random.default_rng(seed).choice(n, size=64 * nlist, replace=False))
+            train = pool[rows]
+        idx.train(train)
+    idx.add(pool)
+    return idx
+
+
+def _to_gpu(idx: faiss.Index) -> faiss.Index:  # pragma: no cover - needs faiss-gpu and a GPU
+    res = faiss.StandardGpuResources()
+    gpu_index = faiss.index_cpu_to_gpu(res, 0, idx)
+    gpu_index.saferclip_resources = res  # keep the resources alive as long as the index
+    return gpu_index
+
+
+def build_neighbour_index(
+    queries: torch.Tensor | np.ndarray,
+    pool: torch.Tensor | np.ndarray,
+    k: int = 1,
+    index: str = "exact",
+    device: str = "auto",
+    nlist: int | None = None,
+    nprobe: int = 16,
+    hnsw_m: int = 32,
+    ef_construction: int = 80,
+    ef_search: int = 128,
+    seed: int = 0,
+) -> NeighbourResult:
+    """Top-``k`` pool items of every query by inner product (cosine for normalised rows).
+
+    Args:
+        queries: ``[Q, D]``; pool: ``[P, D]``; both L2-normalised for cosine similarity.
+        index: ``"exact"``; ``"ivf"`` (``nlist`` lists, default ~sqrt(P); ``nprobe`` searched);
+            ``"hnsw"`` (``hnsw_m`` links per node, ``ef_construction``, ``ef_search``).
+        device: ``"auto"`` (FAISS GPU when present), ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        ``NeighbourResult(indices [Q, k] int64, similarities [Q, k] float32)``, best first.
+    """
+    q = _as_matrix(queries, "queries")
+    p = _as_matrix(pool, "pool")
+    _check_shapes(q, p, k)
+    t0 = time.perf_counter()
+    idx = make_index(p, index, device, nlist, nprobe, hnsw_m, ef_construction, ef_search, seed)
+    t1 = time.perf_counter()
+    sims, ids = idx.search(q, int(k))
+    t2 = time.perf_counter()
+    if (ids < 0).any():
+        missing = int((ids < 0).any(axis=1).sum())
+        raise NeighbourError(
+            f"the {index} index found fewer than k={k} neighbours for {missing} queries; raise nprobe / ef_search or use index='exact'"
+        )
+    return NeighbourResult(
+        indices=torch.from_numpy(ids.astype(np.int64)),
+        similarities=torch.from_numpy(sims),
+        build_seconds=(t1 - t0) if index != "exact" else 0.0,
+        search_seconds=(t2 - t1) + ((t1 - t0) if index == "exact" else 0.0),
+        index=index,
+        device="cuda" if _use_gpu(device) and index != "hnsw" else "cpu",
+    )
+
+
+@torch.no_grad()
+def exact_neighbours_torch(queries: torch.Tensor, pool: torch.Tensor, k: int = 1, chunk: int = 4096) -> NeighbourResult:
+    """Reference: ``queries @ pool.T`` + ``topk``, in query chunks. ``[Q, D]``, ``[P, D]`` -> ``[Q, k]``."""
+    q = torch.as_tensor(_as_matrix(queries, "queries"))
+    p = torch.as_tensor(_as_matrix(pool, "pool"))
+    _check_shapes(q.numpy(), p.numpy(), k)
+    t0 = time.perf_counter()
+    sims, ids = [], []
+    for start in range(0, len(q), chunk):
+        s, i = (q[start : start + chunk] @ p.T).topk(k, dim=1)
+        sims.append(s)
+        ids.append(i)
+    out_s = torch.cat(sims) if sims else torch.empty(0, k)
+    out_i = torch.cat(ids) if ids else torch.empty(0, k, dtype=torch.int64)
+    return NeighbourResult(out_i, out_s, search_seconds=time.perf_counter() - t0, index="torch")
+
+
+def _search_filtered(
+    idx: faiss.Index, queries: np.ndarray, k: int, pool_size: int, exclude_own: bool, ceiling: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k after dropping each query's own pair and candidates above ``ceiling``.
+
+    Searches k plus a margin and widens (x4) for the queries that lost too many candidates,
+    up to the whole pool; a query still short of k valid candidates is an error.
+    """
+    n = len(queries)
+    out_i = np.empty((n, k), dtype=np.int64)
+    out_s = np.empty((n, k), dtype=np.float32)
+    todo = np.arange(n)
+    width = min(pool_size, k + int(exclude_own) + (8 if ceiling is not None else 0))
+    while len(todo):
+        sims, ids = idx.search(queries[todo], width)
+        valid = ids >= 0
+        if exclude_own:
+            valid &= ids != todo[:, None]
+        if ceiling is not None:
+            valid &= sims <= ceiling
+        done = valid.sum(axis=1) >= k
+        first = np.argsort(~valid, axis=1, kind="stable")[:, :k]  # first k valid, order kept
+        rows = todo[done]
+        out_i[rows] = np.take_along_axis(ids, first, axis=1)[done]
+        out_s[rows] = np.take_along_axis(sims, first, axis=1)[done]
+        todo = todo[~done]
+        if len(todo) and width >= pool_size:
+            why = " and ".join(
+                w
+                for w, on in (("its own pair", exclude_own), (f"near-duplicates above {ceiling}", ceiling is not None))
+                if on
+            )
+            raise NeighbourError(
+                f"{len(todo)} items (first: item {int(todo[0])}) have fewer than k={k} safe candidates left "
+                f"after excluding {why or 'nothing'} (pool of {pool_size}); lower k or relax the guard"
+            )
+        width = min(pool_size, width * 4)
+    return out_i, out_s
+
+
+# ----------------------------------------------------------------------------- safe neighbours
+@dataclass
+class NeighbourConfig:
+    """How unsafe items find their safe targets. Defaults are the paper's (text mode, k=1)."""
+
+    mode: str = "text"  # text: T0(U) vs T0(S); image: I0(G) vs I0(V); joint: see joint_text_weight
+    k: int = 1
+    temperature: float = 0.01  # softmax(similarity / temperature) over the top k; CLIP's logit scale 100
+    # joint mode ranks by  w * cos_text + (1 - w) * cos_image : the weighted *sum* of the two
+    # cosines, computed exactly as the inner product of the concatenated vectors
+    # [sqrt(w) T0, sqrt(1 - w) I0], so FAISS searches it like any other space
+    joint_text_weight: float = 0.5
+    use_extra_pool: bool = True  # add the cache's extra safe captions to the pool (text mode)
+    index: str = "exact"
+    device: str = "auto"
+    nlist: int | None = None
+    nprobe: int = 16
+    hnsw_m: int = 32
+    ef_search: int = 128
+    # the neighbour-quality guard (DESIGN.md §1.3)
+    min_similarity: float | None = None  # candidates below get weight 0; items with none left are flagged
+    weight_by_similarity: bool = False  # pair_weight *= clamp(weighted neighbour similarity, 0, 1)
+    exclude_near_duplicates: bool = False  # drop candidates above max_similarity (exact / minimal edits)
+    max_similarity: float = 0.98
+    exclude_own_pair: bool = False  # never choose the item's own paired safe item
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise NeighbourError(f"unknown neighbour mode {self.mode!r}; expected one of {MODES}")
+        if self.index not in INDEX_TYPES:
+            raise NeighbourError(f"unknown index type {self.index!r}; expected one of {INDEX_TYPES}")
+        if not isinstance(self.k, int) or self.k < 1:
+            raise NeighbourError(f"k must be a positive integer, got {self.k!r}")
+        if not self.temperature > 0:
+            raise NeighbourError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.joint_text_weight <= 1.0:
+            raise NeighbourError(f"joint_text_weight must be in [0, 1], got {self.joint_text_weight}")
+        if (
+            self.exclude_near_duplicates
+            and self.min_similarity is not None
+            and self.min_similarity >= self.max_similarity
+        ):
+            raise NeighbourError(
+                f"min_similarity {self.min_similarity} must be below max_similarity {self.max_similarity}"
+            )
+
+    def fingerprint(self) -> str:
+        """Hash of every field that changes the result (``device`` does not)."""
+        fields = {k: v for k, v in asdict(self).items() if k != "device"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class SafeNeighbours:
+    """Each unsafe item's safe targets. ``N`` items, ``k`` neighbours each.
+
+    - ``indices [N, k]`` pool positions, best first (``< n_set``: item of the set; else extra caption)
+    - ``similarities [N, k]`` cosine in the mode's space
+    - ``weights [N, k]`` softmax(similarity / T), zeroed below ``min_similarity`` and renormalised
+      over what is left: each row sums to 1, or is all 0 for a flagged item
+    - ``pair_weight [N]`` multiplies the item's redirection loss: 0 flagged, else 1, or the
+      weighted similarity with ``weight_by_similarity``
+    - ``difficulty [N]`` the paper's difficulty: the (softmax-weighted) similarity to the target —
+      *higher is easier*; ``bucket [N]`` 0 easy / 1 medium / 2 hard thirds of it
+    """
+
+    indices: torch.Tensor
+    similarities: torch.Tensor
+    weights: torch.Tensor
+    pair_weight: torch.Tensor
+    difficulty: torch.Tensor
+    bucket: torch.Tensor
+    flagged: torch.Tensor  # [N] bool: no candidate passed min_similarity
+    config: NeighbourConfig
+    n_set: int
+    pool_size: int
+    cache_key: str
+    seconds: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def from_set(self) -> torch.Tensor:
+        """``[N, k]`` bool: the neighbour is an item of the set (so it has a safe image ``I0(V)``)."""
+        return self.indices < self.n_set
+
+    def curriculum_indices(self, epoch: int, stages: int = 3) -> torch.Tensor:
+        """Items trained in ``epoch`` (1-based): the easiest third, then two thirds, then all."""
+        if epoch < 1:
+            raise ValueError(f"epoch is 1-based, got {epoch}")
+        return torch.nonzero(self.bucket < min(epoch, stages)).flatten()
+
+    def target_text(self, cache: EmbeddingCache) -> torch.Tensor:
+        """``T0`` of the chosen safe captions, ``[N, k, D]`` float32 (from the set or the extra pool)."""
+        return pool_text(cache, self.config.use_extra_pool and self.n_set < self.pool_size)[self.indices].float()
+
+    # -- persistence: cache.path / neighbours / <config hash>/
+    @staticmethod
+    def folder(cache: EmbeddingCache, config: NeighbourConfig) -> Path:
+        return cache.path / "neighbours" / config.fingerprint()
+
+    def save(self, cache: EmbeddingCache) -> Path:
+        """Write beside the cache (npy + JSON), atomically: a temporary folder renamed into place."""
+        if cache.key != self.cache_key:
+            raise NeighbourError(f"these neighbours were found in cache {self.cache_key}, not {cache.key}")
+        final = self.folder(cache, self.config)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+        try:
+            for name in _SAVED_ARRAYS:
+                np.save(tmp / f"{name}.npy", getattr(self, name).numpy())
+            info = {
+                "format_version": NEIGHBOURS_FORMAT_VERSION,
+                "cache_key": self.cache_key,
+                "config": asdict(self.config),
+                "config_hash": self.config.fingerprint(),
+                "n_set": self.n_set,
+                "pool_size": self.pool_size,
+                "seconds": self.seconds,
+                "meta": self.meta,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            write_json_atomic(tmp / "neighbours.json", info)
+            if final.exists():  # same cache + config = same content: replace it
+                trash = final.with_name(f".{final.name}.old.{os.getpid()}")
+                os.replace(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    @classmethod
+    def load(cls, cache: EmbeddingCache, config: NeighbourConfig) -> SafeNeighbours | None:
+        """The saved neighbours of this cache and config, or None when there are none."""
+        folder = cls.folder(cache, config)
+        if not (folder / "neighbours.json").is_file():
+            return None
+        try:
+            info = json.loads((folder / "neighbours.json").read_text())
+            arrays = {n: torch.from_numpy(np.load(folder / f"{n}.npy")) for n in _SAVED_ARRAYS}
+        except (OSError, ValueError) as e:  # damaged by hand: recompute rather than trust it
+            log.warning("saved neighbours in %s are unreadable (%s); ignoring them", folder, e)
+            return None
+        if (
+            info.get("format_version") != NEIGHBOURS_FORMAT_VERSION
+            or info.get("cache_key") != cache.key
+            or info.get("config_hash") != config.fingerprint()
+            or any(len(a) != len(cache) for a in arrays.values())
+        ):
+            return None
+        return cls(
+            **arrays,
+            config=config,
+            n_set=info["n_set"],
+            pool_size=info["pool_size"],
+            cache_key=info["cache_key"],
+            seconds=info["seconds"],
+            meta=info.get("meta", {}),
+        )
+
+
+def pool_text(cache: EmbeddingCache, with_extra: bool = True) -> torch.Tensor:
+    """The safe caption pool ``[P, D]``: the set's ``T0(S)``, then the extra captions."""
+    if with_extra and cache.extra_safe_text is not None:
+        return torch.cat([cache.safe_text, cache.extra_safe_text])
+    return cache.safe_text
+
+
+def _mode_vectors(cache: EmbeddingCache, config: NeighbourConfig) -> tuple[np.ndarray, np.ndarray, int]:
+    """(queries [N, D'], pool [P, D'], n_set) in the mode's space, float32."""
+    n = len(cache)
+    extra = config.use_extra_pool and cache.extra_safe_text is not None
+    if config.mode == "text":
+        return (
+            _as_matrix(cache.unsafe_text, "unsafe captions T0(U)"),
+            _as_matrix(pool_text(cache, extra), "safe caption pool"),
+            n,
+        )
+    if cache.safe_image is None or cache.unsafe_image is None:
+        have = "safe images only" if cache.safe_image is not None else "no images"
+        raise NeighbourError(
+            f"mode {config.mode!r} needs safe and unsafe image embeddings; the cache {cache.key} has {have}"
+        )
+    if extra:
+        raise NeighbourError(
+            f"the extra safe pool holds captions without images; set use_extra_pool=False for mode {config.mode!r}"
+        )
+    g, v = _as_matrix(cache.unsafe_image, "unsafe images I0(G)"), _as_matrix(cache.safe_image, "safe images I0(V)")
+    if config.mode == "image":
+        return g, v, n
+    w = config.joint_text_weight
+    u, s = _as_matrix(cache.unsafe_text, "unsafe captions T0(U)"), _as_matrix(cache.safe_text, "safe captions T0(S)")
+    a, b = np.float32(w**0.5), np.float32((1 - w) ** 0.5)
+    return np.hstack([a * u, b * g]), np.hstack([a * s, b * v]), n
+
+
+def guard_weights(
+    similarities: torch.Tensor, config: NeighbourConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax weights, guard, pair weight and difficulty from ``similarities [N, k]``.
+
+    Returns ``(weights [N, k], pair_weight [N], difficulty [N], flagged [N])``.
+    """
+    soft = torch.softmax(similarities.float() / config.temperature, dim=1)
+    difficulty = (soft * similarities).sum(dim=1)
+    keep = torch.ones_like(similarities, dtype=torch.bool)
+    if config.min_similarity is not None:
+        keep = similarities >= config.min_similarity
+    weights = soft * keep
+    total = weights.sum(dim=1, keepdim=True)
+    flagged = total.squeeze(1) == 0
+    weights = torch.where(total > 0, weights / total.clamp_min(1e-30), torch.zeros_like(weights))
+    pair_weight = (~flagged).float()
+    if config.weight_by_similarity:
+        pair_weight = pair_weight * (weights * similarities).sum(dim=1).clamp(0.0, 1.0)
+    return weights, pair_weight, difficulty, flagged
+
+
+def difficulty_buckets(difficulty: torch.Tensor, n_buckets: int = 3) -> torch.Tensor:
+    """``[N]`` -> bucket ``[N]``: equal parts by descending similarity (0 = easiest); ties by position."""
+    order = np.argsort(-difficulty.numpy(), kind="stable")
+    bucket = np.empty(len(order), dtype=np.int64)
+    for b, part in enumerate(np.array_split(order, n_buckets)):
+        bucket[part] = b
+    return torch.from_numpy(bucket)
+
+
+def find_safe_neighbours(cache: EmbeddingCache, config: NeighbourConfig | None = None) -> SafeNeighbours:
+    """Map every unsafe item of the cache to its ``k`` closest safe alternatives (no file written)."""
+    config = config or NeighbourConfig()
+    t0 = time.perf_counter()
+    queries, pool, n_set = _mode_vectors(cache, config)
+    _check_shapes(queries, pool, config.k)
+    idx = make_index(
+        pool, config.index, config.device, config.nlist, config.nprobe, config.hnsw_m, ef_search=config.ef_search
+    )
+    ceiling = config.max_similarity if config.exclude_near_duplicates else None
+    ids, sims = _search_filtered(idx, queries, config.k, len(pool), config.exclude_own_pair, ceiling)
+    similarities = torch.from_numpy(sims)
+    weights, pair_weight, difficulty, flagged = guard_weights(similarities, config)
+    seconds = time.perf_counter() - t0
+    log.info(
+        "safe neighbours (%s, %s, k=%d) of %d items in a pool of %d: %.2fs",
+        config.mode,
+        config.index,
+        config.k,
+        len(queries),
+        len(pool),
+        seconds,
+    )
+    return SafeNeighbours(
+        indices=torch.from_numpy(ids),
+        similarities=similarities,
+        weights=weights,
+        pair_weight=pair_weight,
+        difficulty=difficulty,
+        bucket=difficulty_buckets(difficulty),
+        flagged=flagged,
+        config=config,
+        n_set=n_set,
+        pool_size=len(pool),
+        cache_key=cache.key,
+        seconds=seconds,
+    )
+
+
+def load_or_find_safe_neighbours(cache: EmbeddingCache, config: NeighbourConfig | None = None) -> SafeNeighbours:
+    """:func:`find_safe_neighbours`, reusing (and otherwise saving) the result beside the cache."""
+    config = config or NeighbourConfig()
+    found = SafeNeighbours.load(cache, config)
+    if found is not None:
+        return found
+    found = find_safe_neighbours(cache, config)
+    found.save(cache)
+    return found

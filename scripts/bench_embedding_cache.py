@@ -1,0 +1,124 @@
+"""Throughput of the frozen-embedding cache builder against a plain batched open_clip loop.
+
+Both embed the same quadruplets with the same model and batch size: the plain loop is
+``saferclip.embedding_cache.embed_plain`` (tokenize / preprocess, encode, concatenate; no
+fingerprints, no files, no checks); the builder adds the model and data fingerprints, the
+NaN check, the DataLoader and the atomic ``.npy`` writes. The ratio printed is
+plain time / builder time (1.0 = no overhead; target >= 0.95).
+
+Cases: the toy world (``make_toy_world``) with ``saferclip-toy`` (the shipped base weights if
+present, else random init), captions and both images; and ViT-B-32 (random init: nothing is
+downloaded) on a few hundred toy captions, text only.
+
+    python scripts/bench_embedding_cache.py
+    python scripts/bench_embedding_cache.py --toy-items 500 --vit-items 64 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from saferclip.data.records import Mode, QuadrupletSet  # noqa: E402
+from saferclip.embedding_cache import build_or_load_cache, embed_plain  # noqa: E402
+from saferclip.models import build_clip, default_base_checkpoint  # noqa: E402
+from saferclip.toyworld.generate import ToySizes, make_toy_world  # noqa: E402
+
+
+def toy_quadruplets(world: Path, mode: Mode, limit: int) -> QuadrupletSet:
+    """The toy world's ViSU training split as quadruplets (paths resolved like the ViSU loader does)."""
+    import json
+
+    from saferclip.data.records import Quadruplet
+
+    records = json.loads((world / "visu" / "train.json").read_text())["data"]
+    items = [
+        Quadruplet(
+            id=key,
+            safe_caption=r["safe"],
+            unsafe_caption=r["nsfw"],
+            safe_image=world / "visu" / "train2017" / f"{r['coco_id']:012d}.png" if mode.has_safe_images else None,
+            unsafe_image=world / "visu" / r["nsfw_im_path"] if mode.has_unsafe_images else None,
+            tag=r["tag"],
+        )
+        for key, r in list(records.items())[:limit]
+    ]
+    return QuadrupletSet(items, mode, str(world / "visu" / "train.json"))
+
+
+def compare(name: str, bundle, qset: QuadrupletSet, batch_size: int, repeats: int, workdir: Path) -> None:
+    n_inputs = 2 * len(qset) + len(qset) * (qset.mode.has_safe_images + qset.mode.has_unsafe_images)
+    plain_s, cache_s = [], []
+    for r in range(repeats):  # interleaved, best of: the machine is shared
+        t0 = time.perf_counter()
+        reference = embed_plain(bundle, qset, batch_size)
+        plain_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        cache = build_or_load_cache(bundle, qset, workdir / f"{name}-{r}", batch_size=batch_size, progress=False)
+        cache_s.append(time.perf_counter() - t0)
+        assert not cache.was_reused
+    t0 = time.perf_counter()
+    reused = build_or_load_cache(bundle, qset, workdir / f"{name}-0", batch_size=batch_size, progress=False)
+    reuse_s = time.perf_counter() - t0
+    assert reused.was_reused
+    diff = max((getattr(cache, k).float() - v).abs().max().item() for k, v in reference.items())
+    plain, built = min(plain_s), min(cache_s)
+    print(
+        f"{name:<28} {len(qset):>6} {n_inputs:>7} {plain:>9.2f} {built:>9.2f} {n_inputs / built:>9.0f}"
+        f" {plain / built:>7.3f} {reuse_s:>8.2f} {diff:>9.1e}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--toy-root", default=os.path.join(tempfile.gettempdir(), "saferclip_bench_toy"))
+    p.add_argument("--toy-items", type=int, default=2000)
+    p.add_argument("--vit-items", type=int, default=128, help="quadruplets for ViT-B-32 (2 captions each); 0 skips it")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights" warnings
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    sizes = ToySizes(train=args.toy_items, validation=8, test=8, nsfw_caps=8, zeroshot_per_class=1, scene_per_class=1)
+    world = make_toy_world(args.toy_root, seed=0, sizes=sizes, force=True)
+    base = default_base_checkpoint()
+    toy = build_clip("saferclip-toy", base if base.is_file() else None)
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, best of {args.repeats}; "
+        f"saferclip-toy weights: {toy.source}"
+    )
+    print(
+        f"{'case':<28} {'items':>6} {'inputs':>7} {'plain s':>9} {'cache s':>9} {'inputs/s':>9} {'ratio':>7} {'reuse s':>8} {'max diff':>9}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        compare(
+            "toy, captions + images",
+            toy,
+            toy_quadruplets(world, Mode.FULL, args.toy_items),
+            args.batch_size,
+            args.repeats,
+            Path(tmp),
+        )
+        if args.vit_items:
+            vit = build_clip("ViT-B-32")
+            qset = toy_quadruplets(world, Mode.TEXT, args.vit_items)
+            compare("ViT-B-32 (random), captions", vit, qset, args.batch_size, args.repeats, Path(tmp))
+    print(
+        "ratio = plain time / cache-builder time (throughput of the builder relative to the plain loop; target >= 0.95)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""Safe-neighbour search: FAISS against a brute-force reference, the top-k weights, the
+neighbour-quality guard, curriculum buckets, persistence, errors, and the toy-world path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saferclip.data.records import Mode, Quadruplet, QuadrupletSet
+from saferclip.embedding_cache import EmbeddingCache, build_or_load_cache
+from saferclip.models import build_clip
+from saferclip.neighbour_report import attribute_agreement, format_summary, summarize
+from saferclip.neighbours import (
+    NeighbourConfig,
+    NeighbourError,
+    SafeNeighbours,
+    build_neighbour_index,
+    exact_neighbours_torch,
+    find_safe_neighbours,
+    load_or_find_safe_neighbours,
+)
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def clustered(n: int, d: int, centres: int, seed: int, spread: float = 0.3) -> torch.Tensor:
+    """Normalised Gaussian-mixture vectors: the neighbour structure real embeddings have."""
+    g = torch.Generator().manual_seed(seed)
+    c = unit(torch.randn(centres, d, generator=torch.Generator().manual_seed(1234)))
+    return unit(c[torch.randint(centres, (n,), generator=g)] + spread * torch.randn(n, d, generator=g) / d**0.5 * 3)
+
+
+def fake_cache(
+    tmp_path: Path, safe: torch.Tensor, unsafe: torch.Tensor, safe_image=None, unsafe_image=None, **kw
+) -> EmbeddingCache:
+    return EmbeddingCache(
+        safe, unsafe, safe_image, unsafe_image, key="k" * 24, path=tmp_path, meta={}, was_reused=False, **kw
+    )
+
+
+# ----------------------------------------------------------------------------- the index
+def test_exact_faiss_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    queries, pool = unit(torch.randn(300, 48, generator=g)), unit(torch.randn(2000, 48, generator=g))
+    faiss_out = build_neighbour_index(queries, pool, k=5, index="exact", device="cpu")
+    torch_out = exact_neighbours_torch(queries, pool, k=5, chunk=128)
+    brute = (queries @ pool.T).topk(5, dim=1)
+    assert faiss_out.indices.dtype == torch.int64 and faiss_out.similarities.dtype == torch.float32
+    assert torch.equal(faiss_out.indices, brute.indices) and torch.equal(torch_out.indices, brute.indices)
+    torch.testing.assert_close(faiss_out.similarities, brute.values, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "index, params", [("ivf", {"nlist": 40, "nprobe": 8}), ("hnsw", {"hnsw_m": 16, "ef_search": 64})]
+)
+def test_approximate_recall_is_high_on_clustered_data(index, params):
+    pool, queries = clustered(6000, 32, 50, seed=1), clustered(500, 32, 50, seed=2)
+    exact = build_neighbour_index(queries, pool, k=1, index="exact", device="cpu")
+    approx = build_neighbour_index(queries, pool, k=1, index=index, device="cpu", **params)
+    recall = (approx.indices[:, 0] == exact.indices[:, 0]).float().mean().item()
+    assert recall >= 0.97, recall
+    assert approx.build_seconds > 0
+
+
+def test_index_errors_are_clear():
+    pool = unit(torch.randn(10, 8))
+    with pytest.raises(NeighbourError, match="dimension mismatch: queries are 7-d, the pool is 8-d"):
+        build_neighbour_index(torch.randn(3, 7), pool)
+    with pytest.raises(NeighbourError, match="pool is empty"):
+        build_neighbour_index(torch.randn(3, 8), torch.empty(0, 8))
+    with pytest.raises(NeighbourError, match="k=11 is larger than the pool"):
+        build_neighbour_index(pool, pool, k=11)
+    bad = pool.clone()
+    bad[4, 2] = float("inf")
+    with pytest.raises(NeighbourError, match="pool has non-finite.*first row 4"):
+        build_neighbour_index(pool, bad)
+    with pytest.raises(NeighbourError, match="queries has non-finite"):
+        build_neighbour_index(torch.full((2, 8), float("nan")), pool)
+    with pytest.raises(NeighbourError, match="unknown index type 'annoy'"):
+        build_neighbour_index(pool, pool, index="annoy")
+    with pytest.raises(NeighbourError, match="2-d"):
+        build_neighbour_index(torch.randn(8), pool)
+    with pytest.raises(NeighbourError, match="device must be"):
+        build_neighbour_index(pool, pool, device="tpu")
+    with pytest.raises(NeighbourError, match="unknown neighbour mode 'audio'"):
+        NeighbourConfig(mode="audio")
+    with pytest.raises(NeighbourError, match="unknown index type"):
+        NeighbourConfig(index="lsh")
+
+
+# ----------------------------------------------------------------------------- safe neighbours
+def test_topk_weights_are_a_softmax_summing_to_one(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    safe, unsafe = unit(torch.randn(50, 16, generator=g)), unit(torch.randn(40, 16, generator=g))
+    cache = fake_cache(
+        tmp_path, safe[:40], unsafe, extra_safe_text=safe[40:], extra_safe_captions=[f"x{i}" for i in range(10)]
+    )
+    nb = find_safe_neighbours(cache, NeighbourConfig(k=4, temperature=0.05))
+    assert nb.indices.shape == (40, 4) and nb.pool_size == 50 and nb.n_set == 40
+    torch.testing.assert_close(nb.weights.sum(dim=1), torch.ones(40))
+    expected = torch.softmax(nb.similarities / 0.05, dim=1)
+    torch.testing.assert_close(nb.weights, expected)
+    assert (nb.weights[:, :-1] >= nb.weights[:, 1:]).all()  # best first
+    brute = (unsafe @ torch.cat([safe[:40], safe[40:]]).T).topk(4, dim=1)
+    assert torch.equal(nb.indices, brute.indices)
+    torch.testing.assert_close(nb.difficulty, (expected * nb.similarities).sum(1))
+    torch.testing.assert_close(nb.target_text(cache)[:, 0], safe[nb.indices[:, 0]])
+    assert nb.from_set.eq(nb.indices < 40).all() and (~nb.from_set).any()
+    assert torch.equal(nb.pair_weight, torch.ones(40))
+
+
+def test_min_similarity_guard_zeroes_and_flags(tmp_path):
+    # query 0 has a close neighbour and a far one; query 1 only far ones
+    safe = unit(torch.tensor([[1.0, 0.1, 0, 0], [0.2, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]))
+    unsafe = unit(torch.tensor([[1.0, 0.0, 0, 0], [-1.0, -1.0, -1.0, -1.0]]))
+    cache = fake_cache(tmp_path, safe[:2], unsafe, extra_safe_text=safe[2:], extra_safe_captions=["a", "b"])
+    cfg = NeighbourConfig(k=2, min_similarity=0.5, temperature=0.1)
+    nb = find_safe_neighbours(cache, cfg)
+    assert nb.indices[0].tolist() == [0, 1]
+    assert nb.similarities[0, 1] < 0.5 and nb.weights[0].tolist() == [1.0, 0.0]  # renormalised over what passed
+    assert nb.flagged.tolist() == [False, True]
+    assert nb.pair_weight.tolist() == [1.0, 0.0] and nb.weights[1].sum() == 0
+    weighted = find_safe_neighbours(cache, NeighbourConfig(k=2, min_similarity=0.5, weight_by_similarity=True))
+    torch.testing.assert_close(weighted.pair_weight, torch.stack([weighted.similarities[0, 0], torch.tensor(0.0)]))
+
+
+def test_own_pair_and_near_duplicate_exclusion(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    safe = unit(torch.randn(30, 16, generator=g))
+    unsafe = unit(safe + 0.05 * torch.randn(30, 16, generator=g))  # each unsafe item's own pair is nearest
+    extra = safe[:10].clone()  # exact duplicates of the first ten safe captions in the extra pool
+    cache = fake_cache(tmp_path, safe, unsafe, extra_safe_text=extra, extra_safe_captions=[f"e{i}" for i in range(10)])
+    plain = find_safe_neighbours(cache, NeighbourConfig(use_extra_pool=False))
+    assert plain.indices[:, 0].tolist() == list(range(30))
+    no_own = find_safe_neighbours(cache, NeighbourConfig(use_extra_pool=False, exclude_own_pair=True, k=2))
+    assert not (no_own.indices == torch.arange(30)[:, None]).any()
+
+    # with the extra pool, items 0..9 find their duplicate (position 30+i); the ceiling removes
+    # both the own pair and the duplicate, which sit above it
+    dup = find_safe_neighbours(cache, NeighbourConfig(exclude_own_pair=True))
+    assert dup.indices[:10, 0].tolist() == [30 + i for i in range(10)]
+    ceiling = find_safe_neighbours(cache, NeighbourConfig(exclude_near_duplicates=True, max_similarity=0.9, k=3))
+    assert (ceiling.similarities <= 0.9).all()
+    assert not (ceiling.indices == torch.arange(30)[:, None]).any()
+    assert not (ceiling.indices[:10] == (30 + torch.arange(10))[:, None]).any()
+    reference = unsafe @ torch.cat([safe, extra]).T
+    reference[reference > 0.9] = -2
+    torch.testing.assert_close(ceiling.similarities, reference.topk(3, dim=1).values)
+
+
+def test_exclusion_widens_the_search_past_many_duplicates(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    base = unit(torch.randn(1, 8, generator=g))
+    pool = torch.cat([base.repeat(40, 1), unit(torch.randn(20, 8, generator=g))])  # 40 copies of the query
+    cache = fake_cache(tmp_path, pool[:1], base, extra_safe_text=pool[1:], extra_safe_captions=["c"] * 59)
+    nb = find_safe_neighbours(cache, NeighbourConfig(k=2, exclude_near_duplicates=True, max_similarity=0.98))
+    assert (nb.indices >= 40).all()
+    torch.testing.assert_close(nb.similarities[0], (base @ pool[40:].T)[0].topk(2).values)
+    with pytest.raises(NeighbourError, match="fewer than k=21 safe candidates.*near-duplicates above 0.98"):
+        find_safe_neighbours(cache, NeighbourConfig(k=21, exclude_near_duplicates=True, max_similarity=0.98))
+
+
+def test_buckets_are_thirds_ordered_by_difficulty(tmp_path):
+    g = torch.Generator().manual_seed(6)
+    safe, unsafe = unit(torch.randn(100, 16, generator=g)), unit(torch.randn(100, 16, generator=g))
+    nb = find_safe_neighbours(fake_cache(tmp_path, safe, unsafe))
+    sizes = torch.bincount(nb.bucket, minlength=3).tolist()
+    assert sorted(sizes) == [33, 33, 34]
+    d = nb.difficulty
+    assert d[nb.bucket == 0].min() >= d[nb.bucket == 1].max()
+    assert d[nb.bucket == 1].min() >= d[nb.bucket == 2].max()
+    torch.testing.assert_close(d, nb.similarities[:, 0])  # k=1: difficulty is the neighbour similarity
+    assert len(nb.curriculum_indices(1)) == sizes[0] and len(nb.curriculum_indices(2)) == sizes[0] + sizes[1]
+    assert len(nb.curriculum_indices(9)) == 100
+
+
+def test_image_and_joint_modes(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    s, u, v, gi = (unit(torch.randn(60, 16, generator=g)) for _ in range(4))
+    cache = fake_cache(tmp_path, s, u, v, gi)
+    image = find_safe_neighbours(cache, NeighbourConfig(mode="image"))
+    assert torch.equal(image.indices[:, 0], (gi @ v.T).argmax(1))
+    joint = find_safe_neighbours(cache, NeighbourConfig(mode="joint", joint_text_weight=0.25, k=2))
+    score = 0.25 * (u @ s.T) + 0.75 * (gi @ v.T)
+    top = score.topk(2, dim=1)
+    assert torch.equal(joint.indices, top.indices)
+    torch.testing.assert_close(joint.similarities, top.values, atol=1e-5, rtol=0)
+
+    text_only = fake_cache(tmp_path, s, u)
+    with pytest.raises(NeighbourError, match="needs safe and unsafe image embeddings.*no images"):
+        find_safe_neighbours(text_only, NeighbourConfig(mode="image"))
+    with_extra = fake_cache(tmp_path, s, u, v, gi, extra_safe_text=s[:2], extra_safe_captions=["a", "b"])
+    with pytest.raises(NeighbourError, match="use_extra_pool=False"):
+        find_safe_neighbours(with_extra, NeighbourConfig(mode="joint"))
+    assert find_safe_neighbours(with_extra, NeighbourConfig(mode="joint", use_extra_pool=False)).pool_size == 60
+    with pytest.raises(NeighbourError, match="k=61 is larger than the pool"):
+        find_safe_neighbours(cache, NeighbourConfig(k=61))
+
+
+def test_saved_beside_the_cache_keyed_by_config(tmp_path):
+    g = torch.Generator().manual_seed(8)
+    cache = fake_cache(tmp_path, unit(torch.randn(20, 8, generator=g)), unit(torch.randn(20, 8, generator=g)))
+    cfg = NeighbourConfig(k=3, min_similarity=0.1)
+    assert SafeNeighbours.load(cache, cfg) is None
+    first = load_or_find_safe_neighbours(cache, cfg)
+    folder = SafeNeighbours.folder(cache, cfg)
+    assert folder.parent == tmp_path / "neighbours"
+    assert json.loads((folder / "neighbours.json").read_text())["cache_key"] == cache.key
+    loaded = SafeNeighbours.load(
+        cache, NeighbourConfig(k=3, min_similarity=0.1, device="cpu")
+    )  # device is not in the key
+    for name in ("indices", "similarities", "weights", "pair_weight", "difficulty", "bucket", "flagged"):
+        assert torch.equal(getattr(loaded, name), getattr(first, name)), name
+    assert SafeNeighbours.load(cache, NeighbourConfig(k=2, min_similarity=0.1)) is None
+    first.save(cache)  # overwriting the same result is fine
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+    (folder / "weights.npy").write_bytes(b"damaged")
+    assert SafeNeighbours.load(cache, cfg) is None
+    assert torch.equal(load_or_find_safe_neighbours(cache, cfg).weights, first.weights)
+    assert SafeNeighbours.load(cache, cfg) is not None  # saved again
+
+
+# ----------------------------------------------------------------------------- the toy world, end to end
+def toy_set(world: Path, limit: int | None = None) -> QuadrupletSet:
+    records = json.loads((world / "visu" / "train.json").read_text())["data"]
+    items = [
+        Quadruplet(
+            id=key,
+            safe_caption=r["safe"],
+            unsafe_caption=r["nsfw"],
+            safe_image=world / "visu" / "train2017" / f"{r['coco_id']:012d}.png",
+            unsafe_image=world / "visu" / r["nsfw_im_path"],
+            tag=r["tag"],
+            meta={"safe_scene": r["safe_scene"], "nsfw_scene": r["nsfw_scene"]},
+        )
+        for key, r in list(records.items())[:limit]
+    ]
+    return QuadrupletSet(items, Mode.FULL, str(world / "visu" / "train.json"))
+
+
+def test_toy_world_whole_path(toy_world, tmp_path):
+    torch.manual_seed(0)
+    bundle = build_clip("saferclip-micro")
+    qset = toy_set(toy_world, limit=60)
+    extra = ["a red circle on a white background", "a small blue square on black with a cup"]
+    cache = build_or_load_cache(bundle, qset, tmp_path, batch_size=32, progress=False, extra_safe_captions=extra)
+    for cfg in (
+        NeighbourConfig(),
+        NeighbourConfig(
+            k=3, exclude_own_pair=True, exclude_near_duplicates=True, min_similarity=0.0, weight_by_similarity=True
+        ),
+        NeighbourConfig(mode="image", use_extra_pool=False, index="hnsw"),
+        NeighbourConfig(mode="joint", use_extra_pool=False, index="ivf", nlist=4, nprobe=4),
+    ):
+        nb = load_or_find_safe_neighbours(cache, cfg)
+        assert nb.indices.shape == (60, cfg.k) and nb.cache_key == cache.key
+        summary = summarize(cache, nb, qset, examples=3)
+        assert summary["pool"] == {"size": nb.pool_size, "set": 60, "extra": nb.pool_size - 60}
+        assert 0.0 <= summary["not_own_pair"] <= 1.0 and len(summary["examples"]) == 3
+        assert sum(summary["text_difficulty"]["histogram"]["counts"]) == 60
+        text = format_summary(summary)
+        assert "top neighbour is not the own paired safe item" in text and "->" in text
+    # the toy pairs keep shape and size and change colour and background (DESIGN.md §4)
+    own = attribute_agreement(qset, nb, own_pair=True)
+    assert (own["shape"], own["size"], own["colour"], own["background"], own["n"]) == (1.0, 1.0, 0.0, 0.0, 60)
+    top = attribute_agreement(qset, nb)
+    agree = [
+        qset[i].meta["nsfw_scene"]["shape"] == qset[int(j)].meta["safe_scene"]["shape"]
+        for i, j in enumerate(nb.indices[:, 0])
+    ]
+    assert top["shape"] == pytest.approx(np.mean(agree))
+    with pytest.raises(NeighbourError, match="a toy-world set is needed"):
+        attribute_agreement(QuadrupletSet([Quadruplet(str(i), "s", "u") for i in range(60)], Mode.TEXT, "plain"), nb)
