@@ -1,20 +1,19 @@
 """Opening what training wrote: a Lightning checkpoint or a run folder, as a plain CLIP.
 
-Lightning is not imported: a training checkpoint is read with ``torch.load(weights_only=True)``
-(the module saves only primitives as hyper-parameters), the LoRA structure is rebuilt from
-them, the weights loaded, and the adapters merged. So evaluation and export need nothing
-but the file.
+Lightning is not imported: a training checkpoint is read with
+:func:`saferclip.checkpoints.load_torch_checkpoint` (``weights_only=True``; the module saves
+only primitives as hyper-parameters), the LoRA structure is rebuilt from them, the weights
+loaded, and the adapters merged. So evaluation and export need nothing but the file.
 """
 
 from __future__ import annotations
 
-import pickle
+from collections.abc import Mapping
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from .adapters import TrainableConfig, configure_trainable, merge_lora
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, load_torch_checkpoint
 from .models import ClipBundle, build_clip
 
 MODEL_PREFIX = "model."
@@ -32,29 +31,36 @@ def find_run_checkpoint(run_dir: Path) -> Path:
 
 
 def read_training_checkpoint(path: str | Path) -> dict:
+    """The whole checkpoint dict of a saferclip training checkpoint (or a run folder's best),
+    with ``"_path"`` set to the file read. Raises FileNotFoundError for a missing path or a
+    folder without checkpoints, :class:`CheckpointError` for a file that is truncated, foreign,
+    needs pickle, or is not a saferclip training checkpoint."""
     path = Path(path)
     if path.is_dir():
         path = find_run_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    ckpt = load_torch_checkpoint(path, map_location="cpu")
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        found = ", ".join(map(str, list(ckpt)[:8])) if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise CheckpointError(
-            f"{path}: refused, the checkpoint needs pickle to load (it may run arbitrary code): "
-            f"{str(e).splitlines()[0]}"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated?): {str(e).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise CheckpointError(f"{path}: not a saferclip training checkpoint (no state_dict / hyper_parameters)")
+            f"{path}: not a saferclip training checkpoint (no state_dict / hyper_parameters; found: {found})"
+        )
+    hp = ckpt["hyper_parameters"]
+    if not isinstance(hp, Mapping) or "arch" not in hp or not isinstance(hp.get("method"), Mapping):
+        raise CheckpointError(f"{path}: not a saferclip training checkpoint (its hyper-parameters lack arch / method)")
+    ckpt = dict(ckpt)
     ckpt["_path"] = str(path)
     return ckpt
 
 
 def load_trained_model(path: str | Path, device: str = "cpu") -> ClipBundle:
     """A saferclip Lightning checkpoint (or run folder) as a plain, merged open_clip model."""
-    ckpt = read_training_checkpoint(path)
+    return trained_model_from_checkpoint(read_training_checkpoint(path), device)
+
+
+def trained_model_from_checkpoint(ckpt: Mapping[str, Any], device: str = "cpu") -> ClipBundle:
+    """:func:`load_trained_model` from a checkpoint dict already read by :func:`read_training_checkpoint`."""
     hp = ckpt["hyper_parameters"]
     arch, method = hp["arch"], hp["method"]
     bundle = build_clip(arch, None)
