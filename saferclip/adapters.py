@@ -59,6 +59,15 @@ def tower_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {"text": text, "image": model.visual}
 
 
+def tower_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """Every parameter of one encoder (``text`` or ``image``), adapters included; for the
+    plain ``CLIP`` class also the text parts that sit on the CLIP object itself."""
+    if name not in TOWERS:
+        raise ValueError(f"unknown tower {name!r}; expected one of {TOWERS}")
+    params = list(tower_modules(model)[name].parameters())
+    return params + (_text_extras(model) if name == "text" else [])
+
+
 def _text_extras(model: nn.Module) -> list[nn.Parameter]:
     """Text-tower parameters that live on the CLIP object itself (the plain ``CLIP`` class)."""
     if hasattr(model, "text"):
