@@ -8,6 +8,7 @@ under DDP the frozen encoders run once, not once per rank.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -16,8 +17,8 @@ from torch.utils.data import DataLoader, Subset
 
 from ..data.records import QuadrupletSet
 from ..data.tables import load_quadruplets
-from ..embedding_cache import build_or_load_cache
-from ..models import build_clip
+from ..embedding_cache import EmbeddingCache, build_or_load_cache
+from ..models import ClipBundle, build_clip
 from ..redirection import EvalDataset, RedirectionDataset, RedirectionTargets, SafePool
 
 log = logging.getLogger("saferclip.data")
@@ -40,6 +41,13 @@ def ensure_toy_world(data_cfg: dict) -> None:
         make_toy_world(data_cfg["root"], seed=int(data_cfg.get("toy_seed", 0)), sizes=sizes[size])
 
 
+def drop_last_for(n_items: int, batch_size: int, world_size: int) -> bool:
+    """Drop the last, partial batch unless it is a rank's only batch. The DistributedSampler
+    gives every rank ceil(n / world) items, so all ranks decide alike and keep equal batch
+    sizes (all_gather in the InfoNCE terms needs that)."""
+    return math.ceil(n_items / max(world_size, 1)) > batch_size
+
+
 class SaferClipDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -56,11 +64,14 @@ class SaferClipDataModule(L.LightningDataModule):
         self.train_set: RedirectionDataset | None = None
         self.val_set: EvalDataset | None = None
         self.targets: RedirectionTargets | None = None
-        self.neighbour_summary: dict | None = None
+        self.mode = None
+        # what prepare_data built, reused by setup in the same process (the model is not
+        # built and fingerprinted twice)
+        self._prepared: tuple[QuadrupletSet, ClipBundle, EmbeddingCache] | None = None
 
     # ---------------------------------------------------------------- frozen side, rank 0
-    def _frozen(self, build: bool):
-        """Load the splits and (build or load) the train cache and targets."""
+    def _frozen(self, build: bool) -> tuple[QuadrupletSet, ClipBundle, EmbeddingCache]:
+        """Load the train split and (build or load) its frozen-embedding cache."""
         train = load_split(self.data_cfg, "train")
         if train.skips is not None and train.skips.count:
             log.warning(train.skips.summary())
@@ -83,51 +94,33 @@ class SaferClipDataModule(L.LightningDataModule):
         return train, bundle, cache
 
     def prepare_data(self) -> None:
+        if self.train_set is not None:  # already set up in this process (e.g. a second fit)
+            return
         ensure_toy_world(self.data_cfg)
-        train, _, cache = self._frozen(build=True)
+        self._prepared = self._frozen(build=True)
         if self.method_cfg["targets"] == "neighbours":
-            self._neighbours(train, cache)
+            self._neighbours(self._prepared[2])  # found once and saved beside the cache
 
-    def _neighbours(self, train: QuadrupletSet, cache):
-        from ..neighbours import NeighbourConfig, find_safe_neighbours
+    def _neighbours(self, cache: EmbeddingCache):
+        from ..neighbours import NeighbourConfig, load_or_find_safe_neighbours
 
         cfg = NeighbourConfig(**{k: v for k, v in self.method_cfg["neighbours"].items() if k != "extra_pool"})
-        return find_safe_neighbours(cache, cfg)
+        return load_or_find_safe_neighbours(cache, cfg)
 
     # ---------------------------------------------------------------- every rank
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train, bundle, cache = self._frozen(build=False)
-        pool_captions = list(train.safe_captions)
-        pool_images: list[Path | None] = [q.safe_image for q in train]
-        pool_text = cache.safe_text
-        if self.method_cfg["targets"] == "neighbours":
-            neighbours = self._neighbours(train, cache)
-            targets = RedirectionTargets(
-                indices=torch.as_tensor(neighbours.indices, dtype=torch.long),
-                weights=torch.as_tensor(neighbours.weights, dtype=torch.float32),
-                pair_weight=torch.as_tensor(neighbours.pair_weight, dtype=torch.float32),
-                bucket=torch.as_tensor(neighbours.bucket) if self.method_cfg.get("curriculum") else None,
-                difficulty=torch.as_tensor(neighbours.difficulty),
-            )
-            if cache.extra_safe_text is not None and len(cache.extra_safe_captions):
-                pool_captions += list(cache.extra_safe_captions)
-                pool_images += [None] * len(cache.extra_safe_captions)
-                pool_text = torch.cat([pool_text, cache.extra_safe_text])
-        else:
-            targets = RedirectionTargets.paired(len(train))
-        pool_image = cache.safe_image
-        if pool_image is not None and len(pool_captions) > len(train):
-            # extra captions have no images: image targets only exist for the train pool
-            pool_image = torch.cat([pool_image, torch.zeros(len(pool_captions) - len(train), pool_image.shape[1])])
-        self.targets = targets
+        train, bundle, cache = self._prepared or self._frozen(build=False)
+        self._prepared = None
+        self.targets, pool = self._targets(train, cache)
         frozen = {
             "t0_safe": cache.safe_text,
             "t0_unsafe": cache.unsafe_text,
             "i0_safe": cache.safe_image,
             "i0_unsafe": cache.unsafe_image,
         }
+        # float32 once here (a no-op view for a float32 cache), not per step
         frozen = {k: (None if v is None else v.float()) for k, v in frozen.items()}
         memo = bool(self.data_cfg.get("memo_images", self.data_cfg.get("name") == "toy"))
         self.train_set = RedirectionDataset(
@@ -135,8 +128,8 @@ class SaferClipDataModule(L.LightningDataModule):
             bundle.tokenizer,
             bundle.preprocess,
             frozen,
-            targets,
-            SafePool(pool_captions, pool_images, pool_text.float(), None if pool_image is None else pool_image.float()),
+            self.targets,
+            pool,
             live_targets=self.live_targets,
             memo_images=memo,
         )
@@ -144,22 +137,49 @@ class SaferClipDataModule(L.LightningDataModule):
         self.val_set = EvalDataset(validation, bundle.tokenizer, bundle.preprocess, memo_images=memo)
         self.tokenizer, self.preprocess = bundle.tokenizer, bundle.preprocess
         self.mode = train.mode
-        del bundle
+
+    def _targets(self, train: QuadrupletSet, cache: EmbeddingCache) -> tuple[RedirectionTargets, SafePool]:
+        """Each unsafe item's safe targets (its pair, or its neighbours) and the pool they index."""
+        captions = list(train.safe_captions)
+        images: list[Path | None] = [q.safe_image for q in train]
+        text, image = cache.safe_text, cache.safe_image
+        if self.method_cfg["targets"] != "neighbours":
+            return RedirectionTargets.paired(len(train)), SafePool(captions, images, text.float(), _float(image))
+        neighbours = self._neighbours(cache)
+        targets = RedirectionTargets(
+            indices=torch.as_tensor(neighbours.indices, dtype=torch.long),
+            weights=torch.as_tensor(neighbours.weights, dtype=torch.float32),
+            pair_weight=torch.as_tensor(neighbours.pair_weight, dtype=torch.float32),
+            bucket=torch.as_tensor(neighbours.bucket) if self.method_cfg.get("curriculum") else None,
+            difficulty=torch.as_tensor(neighbours.difficulty),
+        )
+        n_extra = neighbours.pool_size - len(train)
+        if n_extra > 0:
+            captions += list(cache.extra_safe_captions)
+            images += [None] * n_extra
+            text = torch.cat([text, cache.extra_safe_text])
+            if image is not None:
+                # extra captions have no images: image targets only exist for the train pool
+                image = torch.cat([image, torch.zeros(n_extra, image.shape[1], dtype=image.dtype)])
+        return targets, SafePool(captions, images, text.float(), _float(image))
 
     # ---------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        world = self.trainer.world_size if self.trainer is not None else 1
         subset = self.targets.curriculum_subset(epoch)
         if len(subset) < len(self.train_set):
             log.info("curriculum epoch %d: %d of %d pairs", epoch, len(subset), len(self.train_set))
-        generator = torch.Generator().manual_seed(self.seed + epoch)
+        batch_size = int(self.data_cfg["batch_size"])
+        # under DDP Lightning swaps this sampler for a DistributedSampler (same seed on every
+        # rank, set_epoch each epoch) and keeps batch_size and drop_last
         return DataLoader(
             Subset(self.train_set, subset.tolist()),
-            batch_size=int(self.data_cfg["batch_size"]),
+            batch_size=batch_size,
             shuffle=True,
-            drop_last=len(subset) > int(self.data_cfg["batch_size"]),
+            drop_last=drop_last_for(len(subset), batch_size, world),
             num_workers=int(self.data_cfg.get("num_workers", 0)),
-            generator=generator,
+            generator=torch.Generator().manual_seed(self.seed + epoch),
             persistent_workers=False,
         )
 
@@ -170,3 +190,7 @@ class SaferClipDataModule(L.LightningDataModule):
             shuffle=False,
             num_workers=int(self.data_cfg.get("num_workers", 0)),
         )
+
+
+def _float(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.float()

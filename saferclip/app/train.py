@@ -2,8 +2,14 @@
 
     saferclip-train                              # SafeR-CLIP on the toy world
     saferclip-train method=safeclip              # the Safe-CLIP baseline, same code
-    saferclip-train -m seed=0,1,2                # a sweep
+    saferclip-train -m seed=0,1,2                # a sweep, one run folder per job
     saferclip-train hydra.run.dir=outputs/train/<run> ckpt_path=last   # resume a run
+
+Without Hydra's entry point (e.g. from a script): compose the ``train`` config with
+``hydra.compose``, set ``paths.run_dir`` and call :func:`train`. A run folder holds
+``.hydra/config.yaml`` (Hydra's, unresolved), ``config_resolved.yaml``, ``checkpoints/``,
+the logs and ``export/``. A configuration that cannot work stops in seconds with one line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -14,17 +20,24 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from ..checkpoints import CheckpointError, write_text_atomic
+from ..data.records import DataFormatError
 from .hydra_utils import CONF_DIR, ConfigError, check_train_config, setup_logging, to_container
 
 log = logging.getLogger("saferclip.train")
 
 LIVE_TERMS = ("live_relative_text", "live_relative_image")
+RESOLVED_CONFIG = "config_resolved.yaml"
+# what a user can fix from the command line: reported in one line, exit code 2
+USER_ERRORS = (ConfigError, DataFormatError, CheckpointError, FileNotFoundError, FileExistsError, OmegaConfBaseException)
+USAGE_EXIT_CODE = 2
 
 
 def dry_run(cfg: DictConfig) -> dict:
     """Validate config, paths and data formats without training: load every split (which
-    checks columns, types and that image files exist) and build the model on the meta device."""
+    checks columns, types and that image files exist)."""
     from .datamodule import ensure_toy_world, load_split
 
     data = to_container(cfg.data)
@@ -52,21 +65,38 @@ def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(cfg.ckpt_path)
 
 
-def train(cfg: DictConfig) -> dict:
-    import lightning as L
+def check_run_dir(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> None:
+    """A fresh run never overwrites another run's checkpoints."""
+    existing = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    if existing and ckpt_path is None and not cfg.get("force", False):
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints ({existing[0].name}...); resume it with ckpt_path=last, "
+            f"choose another folder, or pass force=true to train over it"
+        )
 
-    from .datamodule import SaferClipDataModule
+
+def check_toy_size(cfg: DictConfig) -> None:
+    if cfg.data.get("make_toy") and cfg.data.get("toy_size", "default") not in ("default", "small"):
+        raise ConfigError(f"data.toy_size must be 'default' or 'small', got {cfg.data.toy_size!r}")
+
+
+def build_module(cfg: DictConfig, method: dict):
+    """The trainable model; built first, so wrong weights fail before any data work."""
     from .module import SaferClipModule
 
-    run_dir = Path(cfg.paths.get("run_dir") or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    check_train_config(cfg)
-    ckpt_path = resolve_ckpt_path(cfg, run_dir)
-    if cfg.dry_run:
-        return {"dry_run": dry_run(cfg)}
-    L.seed_everything(cfg.seed, workers=True)
-    method = to_container(cfg.method)
+    try:
+        return SaferClipModule(cfg.model.arch, cfg.model.pretrained, method, precision=cfg.model.precision)
+    except CheckpointError as e:
+        raise ConfigError(f"model.pretrained: {e}") from None
+    except (ValueError, TypeError) as e:  # unknown trainable mode, tower, loss option...
+        raise ConfigError(f"model / method config: {e}") from None
+
+
+def build_datamodule(cfg: DictConfig, method: dict):
+    from .datamodule import SaferClipDataModule
+
     live = any(float(method["loss"]["weights"].get(t, 0)) > 0 for t in LIVE_TERMS)
-    datamodule = SaferClipDataModule(
+    return SaferClipDataModule(
         data=to_container(cfg.data),
         model=to_container(cfg.model),
         method=method,
@@ -74,44 +104,103 @@ def train(cfg: DictConfig) -> dict:
         live_targets=live,
         seed=cfg.seed,
     )
-    module = SaferClipModule(cfg.model.arch, cfg.model.pretrained, method, precision=cfg.model.precision)
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: tuple = ()):
+    """The Trainer with the configured callbacks and loggers: ``(trainer, callbacks)``."""
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks += list(extra_callbacks)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False), callbacks
+
+
+def write_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The run's config with every interpolation resolved, beside Hydra's unresolved copy."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit the model a composed ``train`` config describes. Returns the trainer's callback
+    metrics (``train/...``, ``val/...``) plus ``best_checkpoint``, ``best_score`` and ``export``
+    when there are any. Raises :class:`ConfigError` (and the data / checkpoint errors) for
+    what the user can fix, before any long work."""
+    import lightning as L
+    from lightning.pytorch.utilities import rank_zero_only
+
+    run_dir = Path(cfg.paths.run_dir)
+    check_train_config(cfg)
+    check_toy_size(cfg)
+    ckpt_path = resolve_ckpt_path(cfg, run_dir)
+    if cfg.dry_run:
+        return {"dry_run": dry_run(cfg)}
+    is_zero = rank_zero_only.rank == 0  # from the launcher's env: known before the Trainer exists
+    if is_zero:
+        check_run_dir(cfg, run_dir, ckpt_path)
+    L.seed_everything(cfg.seed, workers=True)
+    method = to_container(cfg.method)
+    module = build_module(cfg, method)
+    if is_zero:
+        write_resolved_config(cfg, run_dir)
+    datamodule = build_datamodule(cfg, method)
+    trainer, callbacks = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     result = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    best = None
-    for cb in callbacks:
-        if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint) and cb.best_model_path:
-            best = cb.best_model_path
-            result["best_checkpoint"] = best
-            result["best_score"] = float(cb.best_model_score) if cb.best_model_score is not None else None
+    result.update(best_checkpoint(callbacks))
     if cfg.export and trainer.is_global_zero and not cfg.trainer.get("fast_dev_run"):
         from ..export_lightning import export_checkpoint
 
         out = run_dir / "export"
-        export_checkpoint(best or module, out, force=True, method=method, arch=cfg.model.arch)
+        export_checkpoint(result.get("best_checkpoint") or module, out, force=True, method=method, arch=cfg.model.arch)
         result["export"] = str(out)
         log.info("exported to %s", out)
     return result
 
 
+def best_checkpoint(callbacks: list) -> dict:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.best_model_path:
+            score = cb.best_model_score
+            return {"best_checkpoint": cb.best_model_path, "best_score": None if score is None else float(score)}
+    return {}
+
+
+def report_user_error(error: BaseException) -> None:
+    """One line on stderr (and in the run's log), no traceback: the user fixes the input."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    log.error("%s: %s", type(error).__name__, message)
+    print(f"saferclip-train: error: {message}", file=sys.stderr, flush=True)
+
+
+_task_started = False
+
+
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> float | None:
+    global _task_started
+    _task_started = True
     setup_logging()
     try:
         result = train(cfg)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
-        # a readable one-line error, not a traceback, for what the user can fix
-        log.error("%s: %s", type(e).__name__, e)
-        sys.exit(2)
+    except USER_ERRORS as e:
+        report_user_error(e)
+        sys.exit(USAGE_EXIT_CODE)
     log.info("result: %s", result)
     score = result.get("best_score")
     return float(score) if score is not None else None
 
 
 def main() -> None:
-    _main()
+    try:
+        _main()
+    except SystemExit as e:
+        # Hydra reports a command line it cannot compose (method=nope, a typo in a key) on
+        # stderr and exits 1 before the task starts: that is a usage error too
+        if e.code == 1 and not _task_started:
+            sys.exit(USAGE_EXIT_CODE)
+        raise
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from PIL import Image
 from .captions import PROMPT_FRAMES, SHIFT_FRAMES, SHIFT_OBJ, TRAIN_FRAMES, TRAIN_OBJ, caption
 from .scene import BACKGROUNDS, COLOURS, SAFE_OBJECTS, SHAPES, UNSAFE_OBJECTS, Scene, random_scene, render
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 UNSAFE = tuple(UNSAFE_OBJECTS)
 
 

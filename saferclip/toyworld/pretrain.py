@@ -27,7 +27,7 @@ from ..models import build_clip, default_base_checkpoint
 from .captions import pretrain_caption
 from .scene import COLOURS, OBJECTS, SAFE_OBJECTS, SHAPES, Scene, random_scene, render
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("saferclip.toyworld.pretrain")  # not __name__: it is "__main__" under -m
 
 OPENAI_MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
 OPENAI_STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
@@ -36,7 +36,7 @@ OPENAI_STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
 @dataclass
 class PretrainConfig:
     arch: str = "saferclip-toy"
-    epochs: int = 6
+    epochs: int = 8
     pairs_per_epoch: int = 40_000
     batch_size: int = 256
     lr: float = 1e-3

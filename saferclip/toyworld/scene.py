@@ -118,7 +118,7 @@ def _shape_mask(shape: str, side: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-_SIZE_PIXELS = {"small": 9, "large": 15}
+_SIZE_PIXELS = {"small": 11, "large": 15}  # 9 px shapes were too hard to tell apart at patch 8
 _MASKS = {(s, z): _shape_mask(s, _SIZE_PIXELS[z]) for s in SHAPES for z in SIZES}
 
 

@@ -1,0 +1,150 @@
+"""saferclip-main: the whole pipeline on the built-in toy world, Original vs Safe-CLIP vs SafeR-CLIP.
+
+    saferclip-main                       # make the toy world, fine-tune both methods, evaluate, report
+    saferclip-main seed=1                # another seed
+    saferclip-main force=true            # retrain even when an identical finished run exists
+
+Steps: (1) the toy world (generated once); (2) the embedding cache and the neighbour index
+(inside training, reused across runs); (3) fine-tuning with the `safeclip` and `saferclip`
+presets; (4) evaluation of the original and both fine-tuned models side by side; (5) the
+report (JSON, Markdown, plots) and the exported checkpoints. A run whose resolved config is
+unchanged is not retrained: re-running reuses what is cached.
+
+Every run is composed from the same config tree as `saferclip-train` (conf/main.yaml names the
+overrides), so what the main job does can be reproduced run by run with `saferclip-train`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .hydra_utils import CONF_DIR, ConfigError, setup_logging, to_container
+
+log = logging.getLogger("saferclip.main")
+
+DONE_MARKER = "finished.json"
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+
+    return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def run_key(train_cfg: DictConfig) -> str:
+    """A hash of everything that changes a training run's result (not where it is written)."""
+    cfg = to_container(train_cfg)
+    cfg.get("paths", {}).pop("run_dir", None)
+    cfg.get("paths", {}).pop("output_dir", None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def train_or_reuse(name: str, overrides: list[str], out_dir: Path, force: bool) -> dict[str, Any]:
+    """Train one method unless an identical run already finished; returns its summary."""
+    from .train import train
+
+    cfg = compose("train", overrides)
+    key = run_key(cfg)
+    run_dir = out_dir / "runs" / f"{name}-{key}"
+    done = run_dir / DONE_MARKER
+    if done.is_file() and not force:
+        summary = json.loads(done.read_text())
+        log.info("%s: reusing the finished run %s (same config)", name, run_dir)
+        return summary
+    OmegaConf.update(cfg, "paths.run_dir", str(run_dir), force_add=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    start = time.time()
+    result = train(cfg)
+    summary = {
+        "name": name,
+        "run_dir": str(run_dir),
+        "export": result.get("export"),
+        "best_checkpoint": result.get("best_checkpoint"),
+        "train_seconds": round(time.time() - start, 1),
+        "overrides": overrides,
+    }
+    from ..checkpoints import write_json_atomic
+
+    write_json_atomic(done, summary)
+    return summary
+
+
+MAIN_KEYS = ("seed", "force", "out_dir", "runs", "common", "eval")
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Overrides of conf/main.yaml's own keys, and the rest (passed to every training run)."""
+    own = [o for o in overrides if o.split("=")[0].lstrip("+~").split(".")[0] in MAIN_KEYS]
+    return own, [o for o in overrides if o not in own]
+
+
+def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    from ..evaluation.report import write_report
+    from ..evaluation.runner import evaluate_models
+    from .datamodule import ensure_toy_world
+
+    out_dir = Path(cfg.out_dir).resolve()
+    common = list(cfg.common) + list(overrides) + [f"seed={cfg.seed}"]
+    train_base = compose("train", common)
+    ensure_toy_world(to_container(train_base.data))
+    timings: dict[str, float] = {}
+    models: dict[str, dict[str, Any]] = {
+        "original": {"arch": train_base.model.arch, "pretrained": str(train_base.model.pretrained)}
+    }
+    for name, run_overrides in cfg.runs.items():
+        start = time.time()
+        summary = train_or_reuse(name, common + list(run_overrides), out_dir, bool(cfg.force))
+        timings[name] = round(time.time() - start, 1)
+        models[name] = {"arch": train_base.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
+    start = time.time()
+    results = evaluate_models(
+        models,
+        to_container(train_base.data),
+        suites=list(cfg.eval.suites),
+        reference="original",
+        split=cfg.eval.split,
+        batch_size=int(train_base.data.eval_batch_size),
+        seed=int(cfg.seed),
+        config={"main": to_container(cfg), "train_overrides": {k: list(v) for k, v in cfg.runs.items()}},
+    )
+    timings["evaluation"] = round(time.time() - start, 1)
+    results["meta"]["timings_seconds"] = timings
+    report = write_report(results, out_dir / "report", force=True)
+    return {"results": results, "report": report, "models": models, "timings": timings}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hydra import initialize_config_dir
+
+    setup_logging()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        try:
+            own, rest = split_overrides(overrides)
+            cfg = compose("main", own)
+            start = time.time()
+            out = run(cfg, rest)
+        except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+            log.error("%s: %s", type(e).__name__, e)
+            sys.exit(2)
+    from ..evaluation.report import results_table
+
+    print(results_table(out["results"]))
+    print(f"\nreport: {out['report']}")
+    print(f"total {time.time() - start:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in out['timings'].items())})")
+
+
+
+
+if __name__ == "__main__":
+    main()
