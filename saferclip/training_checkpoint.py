@@ -59,8 +59,11 @@ def load_trained_model(path: str | Path, device: str = "cpu") -> ClipBundle:
     return trained_model_from_checkpoint(read_training_checkpoint(path), device)
 
 
-def trained_model_from_checkpoint(ckpt: Mapping[str, Any], device: str = "cpu") -> ClipBundle:
-    """:func:`load_trained_model` from a checkpoint dict already read by :func:`read_training_checkpoint`."""
+def trained_model_from_checkpoint(ckpt: Mapping[str, Any], device: str = "cpu", *, merge: bool = True) -> ClipBundle:
+    """:func:`load_trained_model` from a checkpoint dict already read by :func:`read_training_checkpoint`.
+
+    ``merge=False`` leaves the LoRA parametrizations in place (the model as it trained), for
+    a caller that merges itself (:func:`saferclip.export.export_open_clip`)."""
     hp = ckpt["hyper_parameters"]
     arch, method = hp["arch"], hp["method"]
     bundle = build_clip(arch, None)
@@ -74,7 +77,8 @@ def trained_model_from_checkpoint(ckpt: Mapping[str, Any], device: str = "cpu") 
             f"{ckpt['_path']}: weights do not fit {arch} with {trainable.get('mode')} adapters "
             f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[0]})"
         )
-    merge_lora(bundle.model)
+    if merge:
+        merge_lora(bundle.model)
     bundle.model.requires_grad_(False).eval().to(device)
     bundle.source = ckpt["_path"]
     return bundle
