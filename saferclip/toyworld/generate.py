@@ -12,10 +12,12 @@ Same seed, same bytes. The layout under ``root``::
     nsfw_caps/images/, nsfw_caps/nsfw_images/
     zeroshot/<task>/{classnames.json, templates.json, test/<class>/<n>.png}
 
-The ViSU-like pairs are *loosely* related (the paired safe scene keeps the shape but changes
-colour and background), while close safe alternatives (same scene, safe object) exist
+The ViSU-like training pairs are *loosely* related (the paired safe scene keeps the shape but
+changes colour and background), while close safe alternatives (same scene, safe object) exist
 elsewhere in the pool: where proximity-aware redirection should beat rigid redirection.
-The test split only holds (shape x unsafe concept) combinations never seen in training.
+Validation and test pair each unsafe item with its minimal edit (the same scene without the
+unsafe object), whose images are shared by items of the same scene. The test split only holds
+(shape x unsafe concept) combinations never seen in training.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ import numpy as np
 from PIL import Image
 
 from .captions import PROMPT_FRAMES, SHIFT_FRAMES, SHIFT_OBJ, TRAIN_FRAMES, TRAIN_OBJ, caption
-from .scene import BACKGROUNDS, COLOURS, SAFE_OBJECTS, SHAPES, UNSAFE_OBJECTS, Scene, random_scene, render
+from .scene import BACKGROUNDS, COLOURS, SAFE_OBJECTS, SHAPES, SIZES, UNSAFE_OBJECTS, Scene, random_scene, render
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 UNSAFE = tuple(UNSAFE_OBJECTS)
 
 
@@ -86,13 +88,34 @@ def _coco_dir(split: str) -> str:
     return {"train": "train2017", "validation": "val2017", "test": "test2017"}[split]
 
 
+def _scene_index(s: Scene) -> int:
+    """Position of (shape, colour, size, background) in their product: one id per safe scene."""
+    keys = (SHAPES, tuple(COLOURS), SIZES, tuple(BACKGROUNDS))
+    values = (s.shape, s.colour, s.size, s.background)
+    index = 0
+    for key, value in zip(keys, values):
+        index = index * len(key) + key.index(value)
+    return index
+
+
 def _write_visu_split(root: Path, split: str, n: int, rng: np.random.Generator, id_offset: int) -> list[dict]:
+    """Training pairs are loose (as in ViSU). Validation and test pair each unsafe item with
+    its *minimal edit*, the same scene without the unsafe object, so that "the right safe
+    scene" is defined: an unsafe caption should retrieve that image. Items of the same scene
+    share one safe image (one coco_id), as COCO images share several captions."""
     records = []
     for i in range(n):
         u, s = _pair(rng, heldout=(split == "test"))
-        coco_id = id_offset + i
+        if split == "train":
+            coco_id = id_offset + i
+            _save_png(render(s, rng), root / "visu" / _coco_dir(split) / f"{coco_id:012d}.png")
+        else:
+            s = Scene(u.shape, u.colour, u.size, u.background, None, quadrant=_scene_index(u) % 4)
+            coco_id = id_offset + _scene_index(s)
+            path = root / "visu" / _coco_dir(split) / f"{coco_id:012d}.png"
+            if not path.exists():
+                _save_png(render(s, np.random.default_rng(coco_id)), path)
         nsfw_rel = f"nsfw/{split}/{i:06d}.png"
-        _save_png(render(s, rng), root / "visu" / _coco_dir(split) / f"{coco_id:012d}.png")
         _save_png(render(u, rng), root / "visu" / nsfw_rel)
         records.append(
             {

@@ -1,0 +1,154 @@
+"""saferclip-study: several seeds per method and ablations of SafeR-CLIP, mean ± std.
+
+    saferclip-study                          # conf/study.yaml: 3 seeds x (Safe-CLIP, SafeR-CLIP, ablations)
+    saferclip-study seeds=[0,1] variants='{saferclip: [experiment=toy_saferclip]}'
+
+Every run is composed from the training config tree exactly as `saferclip-main` composes its
+runs (same presets, same run folders), so the main job's runs are reused here and vice versa.
+Per seed, the original model and every variant are evaluated together; the headline metrics
+are then aggregated over seeds into `study.md` / `study.json` under `out_dir`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig
+
+from .hydra_utils import CONF_DIR, ConfigError, setup_logging, to_container
+from .main_job import compose, train_or_reuse
+
+log = logging.getLogger("saferclip.study")
+
+STUDY_KEYS = ("seeds", "out_dir", "force", "common", "variants", "eval", "reference")
+
+
+def headline(model_results: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers a reader compares first (DESIGN.md §3.3): safety and redirection side by
+    side, in both gallery settings, and what safety costs."""
+    visu = model_results.get("visu") or {}
+    nsfw = model_results.get("nsfw_caps") or {}
+    cost = model_results.get("cost") or {}
+    picks = {
+        "U2V_R@1": visu.get("U2V_R@1"),
+        "unsafe_rate_a": visu.get("U2VG_unsafe@1"),
+        "unsafe_rate_b": visu.get("U2VG_ref_unsafe@1"),
+        "S2V_R@1": visu.get("S2V_R@1"),
+        "nsfw_caps_U2V_R@1": nsfw.get("U2V_R@1"),
+        "nsfw_caps_S2V_R@1": nsfw.get("S2V_R@1"),
+        "zeroshot_safe_acc1": cost.get("zeroshot_safe_acc1"),
+        "zeroshot_retention": cost.get("zeroshot_safe_acc1_retention"),
+        "zeroshot_unsafe_images_acc1": cost.get("zeroshot_unsafe_acc1"),
+    }
+    return {k: float(v) for k, v in picks.items() if isinstance(v, (int, float)) and not math.isnan(float(v))}
+
+
+def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{seed: {model: {metric: v}}}`` -> ``{model: {metric: {"mean", "std", "n"}}}`` (sample std)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    models = sorted({m for by_model in per_seed.values() for m in by_model}, key=list(next(iter(per_seed.values()))).index)
+    for model in models:
+        metrics = {k for by_model in per_seed.values() for k in by_model.get(model, {})}
+        out[model] = {}
+        for metric in sorted(metrics):
+            values = [by_model[model][metric] for by_model in per_seed.values() if metric in by_model.get(model, {})]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            out[model][metric] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+    return out
+
+
+def study_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """Markdown: one row per model/variant, one column per headline metric, mean ± std in %."""
+    metrics = [m for m in headline_order() if any(m in row for row in summary.values())]
+    lines = ["| model | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for model, row in summary.items():
+        cells = []
+        for m in metrics:
+            if m not in row:
+                cells.append("–")
+                continue
+            mean, std = 100 * row[m]["mean"], 100 * row[m]["std"]
+            cells.append(f"{mean:.1f} ± {std:.1f}")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def headline_order() -> list[str]:
+    return [
+        "unsafe_rate_a",
+        "unsafe_rate_b",
+        "U2V_R@1",
+        "S2V_R@1",
+        "nsfw_caps_U2V_R@1",
+        "nsfw_caps_S2V_R@1",
+        "zeroshot_safe_acc1",
+        "zeroshot_retention",
+        "zeroshot_unsafe_images_acc1",
+    ]
+
+
+def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    from ..checkpoints import write_json_atomic, write_text_atomic
+    from ..evaluation.runner import evaluate_models
+    from .datamodule import ensure_toy_world
+
+    out_dir = Path(cfg.out_dir).resolve()
+    per_seed: dict[int, dict[str, dict[str, float]]] = {}
+    runs: dict[str, Any] = {}
+    start = time.time()
+    for seed in cfg.seeds:
+        common = list(cfg.common) + list(overrides) + [f"seed={seed}"]
+        base = compose("train", common)
+        ensure_toy_world(to_container(base.data))
+        models = {"original": {"arch": base.model.arch, "pretrained": str(base.model.pretrained)}}
+        for name, variant in cfg.variants.items():
+            summary = train_or_reuse(name, common + list(variant), out_dir, bool(cfg.force))
+            runs[f"{name}/seed{seed}"] = summary
+            models[name] = {"arch": base.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
+        results = evaluate_models(
+            models,
+            to_container(base.data),
+            suites=list(cfg.eval.suites),
+            reference="original",
+            split=cfg.eval.split,
+            batch_size=int(base.data.eval_batch_size),
+            seed=int(seed),
+        )
+        write_json_atomic(out_dir / "per_seed" / f"seed{seed}.json", results)
+        per_seed[int(seed)] = {m: headline(r) for m, r in results["results"].items()}
+    summary = aggregate(per_seed)
+    table = study_table(summary)
+    seconds = time.time() - start
+    write_json_atomic(out_dir / "study.json", {"summary": summary, "per_seed": per_seed, "runs": runs,
+                                               "config": to_container(cfg), "seconds": round(seconds, 1)})
+    write_text_atomic(out_dir / "study.md", f"# saferclip study ({len(cfg.seeds)} seeds)\n\n{table}\n")
+    return {"table": table, "summary": summary, "out_dir": str(out_dir), "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hydra import initialize_config_dir
+
+    setup_logging()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    own = [o for o in overrides if o.split("=")[0].lstrip("+~").split(".")[0] in STUDY_KEYS]
+    rest = [o for o in overrides if o not in own]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        try:
+            cfg = compose("study", own)
+            out = run(cfg, rest)
+        except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+            log.error("%s: %s", type(e).__name__, e)
+            sys.exit(2)
+    print(out["table"])
+    print(f"\n{out['out_dir']}/study.md ({out['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
