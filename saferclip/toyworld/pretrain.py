@@ -36,7 +36,7 @@ OPENAI_STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
 @dataclass
 class PretrainConfig:
     arch: str = "saferclip-toy"
-    epochs: int = 8
+    epochs: int = 7
     pairs_per_epoch: int = 40_000
     batch_size: int = 256
     lr: float = 1e-3
