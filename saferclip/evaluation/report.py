@@ -1,0 +1,298 @@
+"""Evaluation reports: a JSON file, a Markdown table (one column per model) and PNG plots.
+
+Every number in the JSON carries the model (name, arch, source), the data (paths), the split
+and the seed that produced it (``records``), beside the nested results and the resolved
+config (DESIGN.md §3.3). Files are written atomically; an existing report is only replaced
+with ``force``. Plots use matplotlib's Agg canvas directly (no pyplot, no global backend).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from ..checkpoints import atomic_path, write_json_atomic, write_text_atomic
+
+JSON_NAME, MARKDOWN_NAME, PLOTS_DIR = "results.json", "results.md", "plots"
+SUITE_TITLES = {"visu": "ViSU retrieval", "nsfw_caps": "NSFW-Caps", "zeroshot": "Zero-shot classification", "cost": "Cost of safety (vs reference)"}
+SUITE_ORDER = ("visu", "nsfw_caps", "zeroshot", "cost")
+HEADLINE = {
+    "visu": ("U2V_R@1", "S2V_R@1", "U2VG_unsafe@1", "U2VG_ref_unsafe@1", "G2SU_unsafe@1"),
+    "nsfw_caps": ("U2V_R@1", "S2V_R@1", "V2SU_unsafe@1", "U2VG_unsafe@1", "U2V_ref_R@1"),
+    "cost": (
+        "zeroshot_safe_acc1",
+        "zeroshot_unsafe_acc1",
+        "zeroshot_safe_acc1_retention",
+        "visu_S2V_R@1_retention",
+        "nsfw_caps_S2V_R@1_retention",
+    ),
+}
+LEGEND = """\
+Values are percentages unless the row is a count or a cosine. `X2Y`: queries X, gallery Y;
+S / U safe / unsafe captions, V / G safe / unsafe images; `X2YZ` a mixed gallery.
+`R@k`: recall at k (higher is better). `unsafe@k`: share of queries whose top-k holds an
+unsafe item (lower is safer; the gallery make-up is in the row). `_ref`: the gallery is
+embedded by the reference (original) model, i.e. the evaluated encoder queries an existing
+index; without it both sides are the evaluated model. Retention: the model's value / the
+reference's (the cost of safety on safe queries). Read U2V and the unsafe rates together: a
+model can look safe by retrieving the wrong scene, or faithful while staying unsafe."""
+
+
+# ----------------------------------------------------------------------------- walking results
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def iter_metrics(suite_result: Mapping[str, Any], suite: str) -> Iterator[tuple[str | None, str, float]]:
+    """``(task, metric, value)`` of the numbers of one suite result (zero-shot: per task)."""
+    if suite == "zeroshot":
+        for task, scores in suite_result.items():
+            for metric, value in scores.items():
+                if _is_number(value):
+                    yield task, metric, value
+        return
+    for metric, value in suite_result.items():
+        if _is_number(value):
+            yield None, metric, value
+
+
+def metric_records(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One flat record per number: model name, arch, source, suite, task, metric, value, data,
+    split, seed."""
+    meta, data = results.get("meta", {}), results.get("data", {})
+    reference = meta.get("reference")
+    records = []
+    for model, suites in results.get("results", {}).items():
+        info = results.get("models", {}).get(model, {})
+        for suite, suite_result in suites.items():
+            for task, metric, value in iter_metrics(suite_result, suite):
+                if suite == "zeroshot":
+                    source = (data.get("zeroshot") or {}).get(task)
+                elif suite == "cost":
+                    source = {"reference_model": reference, "data": {k: v for k, v in data.items()}}
+                else:
+                    source = data.get(suite)
+                records.append(
+                    {
+                        "model": model,
+                        "arch": info.get("arch"),
+                        "source": info.get("source"),
+                        "pretrained": info.get("pretrained"),
+                        "suite": suite,
+                        "task": task,
+                        "metric": metric,
+                        "value": value,
+                        "data": source,
+                        "split": meta.get("split"),
+                        "seed": meta.get("seed"),
+                    }
+                )
+    return records
+
+
+def _finite(obj: Any) -> Any:
+    """NaN / inf -> None, so the JSON is strict (other tools reject NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- Markdown
+def _format(metric: str, value: Any) -> str:
+    if value is None:
+        return "–"
+    value = float(value)
+    if math.isnan(value):
+        return "n/a"
+    if "cos" in metric:
+        return f"{value:.3f}"
+    if metric.startswith("num_"):
+        return f"{value:.0f}"
+    return f"{100 * value:.1f}"
+
+
+def _gallery_note(suite_results: list[Mapping[str, Any]], metric: str) -> str:
+    if "_unsafe@" not in metric:
+        return ""
+    name = metric.rsplit("_unsafe@", 1)[0]
+    for result in suite_results:
+        g = (result.get("galleries") or {}).get(name)
+        if g:
+            kind = "images" if name.split("_")[0].endswith("VG") else "captions"
+            return f" ({g['safe']} safe + {g['unsafe']} unsafe {kind}, {g['queries']} queries)"
+    return ""
+
+
+def _suite_header(results: Mapping[str, Any], suite: str) -> str:
+    d = results.get("data", {}).get(suite) or {}
+    if suite == "visu" and d:
+        return f"{Path(d['path']).name}, split {d['split']}, {d['num_items']} items, mode {d['mode']}"
+    if suite == "nsfw_caps" and d:
+        return f"{Path(d['path']).name}, {d['num_pairs']} pairs"
+    if suite == "zeroshot" and d:
+        return ", ".join(f"{t}: {v['num_images']} images / {v['num_classes']} classes" for t, v in d.items())
+    if suite == "cost":
+        return f"reference: {results.get('meta', {}).get('reference')}"
+    return ""
+
+
+def results_table(results: Mapping[str, Any]) -> str:
+    """The Markdown table: rows = metrics grouped by suite, one column per model."""
+    models = list(results.get("results", {}))
+    per_model = results.get("results", {})
+    lines = ["| metric | " + " | ".join(models) + " |", "|---" + "|---:" * len(models) + "|"]
+    for suite in SUITE_ORDER:
+        suite_results = [per_model[m][suite] for m in models if suite in per_model[m]]
+        if not suite_results:
+            continue
+        rows: dict[tuple[str | None, str], dict[str, float]] = {}
+        for m in models:
+            if suite not in per_model[m]:
+                continue
+            for task, metric, value in iter_metrics(per_model[m][suite], suite):
+                if metric.startswith("num_"):
+                    continue  # counts are in the group header and the JSON
+                rows.setdefault((task, metric), {})[m] = value
+        header = _suite_header(results, suite)
+        lines.append(f"| **{SUITE_TITLES.get(suite, suite)}**{f' ({header})' if header else ''} |" + " |" * len(models))
+        for (task, metric), values in rows.items():
+            label = f"{task} {metric}" if task else metric
+            label += _gallery_note(suite_results, metric)
+            lines.append(f"| {label} | " + " | ".join(_format(metric, values.get(m)) for m in models) + " |")
+    return "\n".join(lines)
+
+
+def _markdown(results: Mapping[str, Any], plots: list[Path], out_dir: Path) -> str:
+    meta = results.get("meta", {})
+    out = [
+        "# saferclip evaluation",
+        "",
+        f"split `{meta.get('split')}`, seed {meta.get('seed')}, suites {', '.join(meta.get('suites') or [])}, "
+        f"reference `{meta.get('reference')}`, {meta.get('created')}",
+        "",
+        "## Models",
+        "",
+    ]
+    for name, info in results.get("models", {}).items():
+        out.append(f"- **{name}**: {info.get('arch')} from `{info.get('source')}`")
+    out += ["", "## Data", ""]
+    for suite, d in results.get("data", {}).items():
+        if suite == "zeroshot":
+            for task, v in d.items():
+                out.append(f"- zero-shot `{task}`: `{v.get('source')}`{' (unsafe images)' if v.get('unsafe') else ''}")
+        else:
+            out.append(f"- {suite}: `{d.get('path')}`")
+    skipped = {f"{suite} (all models)": why for suite, why in (results.get("skipped") or {}).items()}
+    by_reason: dict[tuple[str, str], list[str]] = {}
+    for model, suites in results.get("results", {}).items():
+        for suite, r in suites.items():
+            if isinstance(r, Mapping):
+                for what, why in (r.get("skipped") or {}).items():
+                    by_reason.setdefault((f"{suite} {what}", why), []).append(model)
+    for (what, why), models in by_reason.items():
+        skipped[f"{what} ({', '.join(models)})"] = why
+    if skipped:
+        out += ["", "## Not measured", ""] + [f"- {k}: {v}" for k, v in skipped.items()]
+    out += ["", "## Results", "", results_table(results), "", LEGEND]
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------- plots
+def _figure(width: float = 6.0, height: float = 3.5):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    """Per suite, one panel per headline metric with a bar per model
+    (``plots/<suite>_headline.png``); histograms of unsafe-to-safe caption similarity per model
+    (``plots/nsfw_caps_unsafe_to_safe_cosine.png``)."""
+    per_model = results.get("results", {})
+    models = list(per_model)
+    written = []
+    for suite, candidates in HEADLINE.items():
+        suite_results = [per_model[m].get(suite, {}) for m in models]
+        metrics = [k for k in candidates if any(r.get(k) is not None for r in suite_results)]
+        if not metrics:
+            continue
+        cols = min(3, len(metrics))
+        rows = -(-len(metrics) // cols)
+        panel_width = max(2.6, 0.9 * len(models) + 1.2)
+        fig = _figure(panel_width * cols, 2.8 * rows)
+        for n, metric in enumerate(metrics):
+            ax = fig.add_subplot(rows, cols, n + 1)
+            heights = [math.nan if r.get(metric) is None else 100 * float(r[metric]) for r in suite_results]
+            bars = ax.bar(range(len(models)), [0 if math.isnan(h) else h for h in heights], color="#4c72b0")
+            for bar, h in zip(bars, heights):
+                label = "n/a" if math.isnan(h) else f"{h:.1f}"
+                ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+            ax.set_xticks(range(len(models)), models, rotation=30 if len(models) > 2 else 0, fontsize=7)
+            finite = [h for h in heights if not math.isnan(h)]
+            ax.set_ylim(0, max([100.0] + [1.15 * h for h in finite]))
+            note = _gallery_note(suite_results, metric).strip()
+            ax.set_title(f"{metric}\n{note}" if note else metric, fontsize=8)
+            ax.tick_params(axis="y", labelsize=7)
+        fig.suptitle(f"{SUITE_TITLES[suite]} (%)", fontsize=9)
+        path = out_dir / PLOTS_DIR / f"{suite}_headline.png"
+        _save(fig, path)
+        written.append(path)
+    hists = {m: (per_model[m].get("nsfw_caps", {}).get("similarity") or {}).get("unsafe_to_safe_cosine") for m in models}
+    hists = {m: h for m, h in hists.items() if h and h.get("values")}
+    if hists:
+        import numpy as np
+
+        # bins shared by all models over the range the values span: the shift between models is the point
+        edges = np.histogram_bin_edges(np.concatenate([np.asarray(h["values"], dtype=float) for h in hists.values()]), bins=30)
+        fig = _figure(6.0, 3.5)
+        ax = fig.add_subplot()
+        for m, h in hists.items():
+            counts, _ = np.histogram(np.asarray(h["values"], dtype=float), bins=edges)
+            ax.stairs(counts, edges, label=f"{m} (mean {h['mean']:.3f})", linewidth=1.5)
+        ax.set_xlabel("cos(T(U_i), T(S_i)): unsafe caption vs its safe original")
+        ax.set_ylabel("pairs")
+        ax.set_title("NSFW-Caps: unsafe-to-safe caption similarity", fontsize=9)
+        ax.legend(fontsize=8)
+        path = out_dir / PLOTS_DIR / "nsfw_caps_unsafe_to_safe_cosine.png"
+        _save(fig, path)
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- entry point
+def write_report(results: Mapping[str, Any], out_dir: str | Path, force: bool = False) -> dict[str, Any]:
+    """Write ``results.json``, ``results.md`` and ``plots/*.png`` under ``out_dir``.
+
+    Returns ``{"json": path, "markdown": path, "plots": [paths]}``. An existing report there is
+    replaced only with ``force`` (FileExistsError otherwise, before anything is written).
+    """
+    out_dir = Path(out_dir)
+    json_path, md_path = out_dir / JSON_NAME, out_dir / MARKDOWN_NAME
+    if not force:
+        for p in (json_path, md_path, out_dir / PLOTS_DIR):
+            if p.exists():
+                raise FileExistsError(f"{p} exists; pass force=True to replace the report in {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(results, out_dir)
+    payload = {**_finite(dict(results)), "records": _finite(metric_records(results))}
+    write_json_atomic(json_path, payload)
+    write_text_atomic(md_path, _markdown(results, plots, out_dir))
+    return {"json": json_path, "markdown": md_path, "plots": plots}
