@@ -131,12 +131,20 @@ class RedirectionDataset(Dataset):
         if self.use_unsafe_images:
             item["g_image"] = self.image(q.unsafe_image)
         if self.live_targets:
-            top = int(idx[0])
-            item["target_tokens"] = self.target_tokens[top]
-            target_image = self.pool.images[top]
-            if target_image is not None and self.use_safe_images:
-                item["target_image"] = self.image(target_image)
+            item["target_tokens"] = self.target_tokens[int(idx[0])]
+            if self.use_safe_images:
+                item["target_image"] = self.image(self.live_target_image(i))
         return item
+
+    def live_target_image(self, i: int) -> Path:
+        """The safe image the live terms encode for item ``i``: its best-ranked target that has
+        an image. A caption of an extra safe pool has none; if no target of the item has one,
+        its own paired safe image stands in. Every item must yield one, so that batches
+        collate and every DDP rank computes the same loss terms."""
+        for j in self.targets.indices[i].tolist():
+            if self.pool.images[j] is not None:
+                return self.pool.images[j]
+        return self.qset[i].safe_image
 
 
 class EvalDataset(Dataset):

@@ -12,8 +12,8 @@ import logging
 import lightning as L
 import torch
 
-from ..adapters import TrainableConfig, configure_trainable
-from ..losses import TERM_NAMES, LossConfig, SaferClipLoss, gather_with_grad
+from ..adapters import TrainableConfig, configure_trainable, tower_parameters
+from ..losses import TERM_NAMES, Gather, LossConfig, SaferClipLoss, gather_with_grad
 from ..metrics import recall_at_k, unsafe_rate
 from ..models import build_clip
 
@@ -23,6 +23,13 @@ log = logging.getLogger("saferclip.train")
 _TEXT_INPUTS = {"t_safe": "s_tokens", "t_unsafe": "u_tokens", "t_target_live": "target_tokens"}
 _IMAGE_INPUTS = {"i_safe": "v_image", "i_unsafe": "g_image", "i_target_live": "target_image"}
 _FROZEN_INPUTS = ("t0_safe", "t0_unsafe", "i0_safe", "i0_unsafe", "t0_target", "i0_target")
+_WEIGHT_INPUTS = ("target_weights", "pair_weight")
+
+
+def available_inputs(batch: dict[str, torch.Tensor]) -> set[str]:
+    """Names of the loss inputs a batch (or one dataset item) can provide."""
+    have = {n for n, key in {**_TEXT_INPUTS, **_IMAGE_INPUTS}.items() if key in batch}
+    return have | {k for k in _FROZEN_INPUTS + _WEIGHT_INPUTS if k in batch}
 
 
 class SaferClipModule(L.LightningModule):
@@ -30,7 +37,9 @@ class SaferClipModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         bundle = build_clip(arch, pretrained, precision=precision)
-        self.model = bundle.model
+        # build_clip hands out an eval-mode model; the trainable copy trains (CLIP has no
+        # dropout, so this only keeps Lightning's mode bookkeeping honest)
+        self.model = bundle.model.train()
         trainable = dict(method.get("trainable") or {})
         trainable["towers"] = tuple(trainable.get("towers", ("text", "image")))
         self.param_counts = configure_trainable(self.model, TrainableConfig(**trainable))
@@ -47,39 +56,53 @@ class SaferClipModule(L.LightningModule):
         self._val_outputs: list[dict[str, torch.Tensor]] = []
 
     # ---------------------------------------------------------------- encoding
-    def _gather(self, x: torch.Tensor) -> torch.Tensor:
-        return gather_with_grad(x)
-
     def encode(self, batch: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
-        """Run only the trainable encodings the active terms need, one forward per tower."""
+        """Run only the trainable encodings in ``wanted``, one forward per tower (the
+        tower's inputs concatenated), L2-normalised ``[B, D]`` each."""
         out: dict[str, torch.Tensor] = {}
         for inputs, encode in ((_TEXT_INPUTS, self.model.encode_text), (_IMAGE_INPUTS, self.model.encode_image)):
             names = [n for n, key in inputs.items() if n in wanted and key in batch]
             if not names:
                 continue
-            stacked = torch.cat([batch[inputs[n]] for n in names])
-            features = encode(stacked, normalize=True)
-            for n, chunk in zip(names, features.split([len(batch[inputs[n]]) for n in names])):
-                out[n] = chunk
+            parts = [batch[inputs[n]] for n in names]
+            features = encode(torch.cat(parts) if len(parts) > 1 else parts[0], normalize=True)
+            out.update(zip(names, features.split([len(p) for p in parts])))
         return out
 
-    def available_inputs(self, batch: dict[str, torch.Tensor]) -> set[str]:
-        have = {n for n, key in {**_TEXT_INPUTS, **_IMAGE_INPUTS}.items() if key in batch}
-        return have | {k for k in _FROZEN_INPUTS if k in batch}
+    def loss_step(self, batch: dict[str, torch.Tensor], gather: Gather | None = None):
+        """The loss of one batch: ``(total, {term: value})``. Encodes what the active terms
+        need and takes every frozen target from the batch. ``gather`` (all ranks' rows, with
+        gradients) makes the InfoNCE negatives global under DDP."""
+        needed = self.loss.required_inputs(available_inputs(batch))
+        features = self.encode(batch, needed)
+        given = {k: batch[k] for k in _FROZEN_INPUTS + _WEIGHT_INPUTS if k in batch}
+        return self.loss(**features, **given, gather=gather)
 
     # ---------------------------------------------------------------- training
+    def setup(self, stage: str) -> None:
+        self._freeze_unused_towers()
+
+    def _freeze_unused_towers(self) -> None:
+        """A tower the data never feeds (the image tower on text-only data) gets no gradient:
+        freeze it, so the optimizer skips it and DDP finds no unused parameters."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        item = datamodule.train_set[0] if getattr(datamodule, "train_set", None) is not None else None
+        if item is None:
+            return
+        fed = self.encodings_needed(item)
+        for tower, inputs in (("text", _TEXT_INPUTS), ("image", _IMAGE_INPUTS)):
+            params = tower_parameters(self.model, tower)
+            if not fed & set(inputs) and any(p.requires_grad for p in params):
+                for p in params:
+                    p.requires_grad_(False)
+                self._info(f"the {tower} tower is frozen: no active loss term feeds it with this data")
+
+    def encodings_needed(self, item: dict[str, torch.Tensor]) -> set[str]:
+        return self.loss.required_inputs(available_inputs(item)) & (set(_TEXT_INPUTS) | set(_IMAGE_INPUTS))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        available = self.available_inputs(batch)
-        needed = self.loss.required_inputs(available)
-        features = self.encode(batch, needed)
-        frozen = {k: batch[k].float() for k in _FROZEN_INPUTS if k in batch}
-        total, terms = self.loss(
-            **features,
-            **frozen,
-            target_weights=batch["target_weights"],
-            pair_weight=batch["pair_weight"],
-            gather=self._gather if self.trainer.world_size > 1 else None,
-        )
+        gather = gather_with_grad if self.trainer.world_size > 1 else None
+        total, terms = self.loss_step(batch, gather)
         bs = len(batch["index"])
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         for name, value in terms.items():
@@ -87,17 +110,20 @@ class SaferClipModule(L.LightningModule):
         return total
 
     def on_train_start(self) -> None:
-        loader = self.trainer.datamodule.train_dataloader() if self.trainer.datamodule else None
-        if loader is not None:
-            batch = next(iter(loader))
-            active = self.loss.active_terms(self.available_inputs(batch))
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if getattr(datamodule, "train_set", None) is not None:
+            active = self.loss.active_terms(available_inputs(datamodule.train_set[0]))
             inactive = [t for t in TERM_NAMES if t not in active]
-            log.info("active loss terms: %s", ", ".join(active))
+            mode = getattr(datamodule, "mode", None)
+            self._info(f"data inputs: {getattr(mode, 'value', mode)}; active loss terms: {', '.join(active)}")
             if inactive:
-                log.info("inactive (zero weight or inputs missing): %s", ", ".join(inactive))
-        log.info(
-            "trainable parameters: %s of %s", f"{self.param_counts['trainable']:,}", f"{self.param_counts['total']:,}"
-        )
+                self._info(f"inactive loss terms (zero weight or inputs missing): {', '.join(inactive)}")
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self._info(f"trainable parameters: {trainable:,} of {self.param_counts['total']:,}")
+
+    def _info(self, message: str) -> None:
+        if self.trainer.is_global_zero:
+            log.info(message)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -112,8 +138,7 @@ class SaferClipModule(L.LightningModule):
 
     # ---------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        wanted = {"t_safe", "t_unsafe", "i_safe", "i_unsafe"}
-        features = self.encode(batch, wanted)
+        features = self.encode(batch, {"t_safe", "t_unsafe", "i_safe", "i_unsafe"})
         features["index"] = batch["index"]
         self._val_outputs.append({k: v.detach() for k, v in features.items()})
 
@@ -124,10 +149,24 @@ class SaferClipModule(L.LightningModule):
         merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
         if self.trainer.world_size > 1:
             merged = {k: self.all_gather(v).flatten(0, 1) for k, v in merged.items()}
-        order = torch.argsort(merged.pop("index"))
-        merged = {k: v[order].float() for k, v in merged.items()}
-        metrics = validation_metrics(merged)
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=False)
+        metrics = validation_metrics(unique_rows(merged))
+        # every rank computed the same numbers from the gathered set: no further sync
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)
+
+
+def unique_rows(merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sort validation outputs by ``index`` and keep one row per index, as float32.
+
+    Under DDP the DistributedSampler pads the split with repeated items so every rank has as
+    many; gathered, those repeats would count twice and shift the retrieval labels."""
+    merged = dict(merged)
+    index = merged.pop("index")
+    order = torch.argsort(index, stable=True)
+    ordered = index[order]
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    order = order[first]
+    return {k: v[order].float() for k, v in merged.items()}
 
 
 def validation_metrics(f: dict[str, torch.Tensor]) -> dict[str, float]:

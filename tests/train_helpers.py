@@ -1,0 +1,94 @@
+"""Helpers of the training tests: the real ``train`` config, shrunk to the micro model, the
+small toy world, the CPU and a temporary folder; and the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from torch.utils.data import default_collate
+
+from saferclip.app.hydra_utils import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_BASE = REPO / "data" / "toy_base.safetensors"
+
+# a short real run: loggers are live (fast_dev_run switches them off)
+SHORT_RUN = (
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "export=false",
+)
+
+
+def base_overrides(tmp: Path, toy_world: Path, cache_dir: Path | None = None) -> list[str]:
+    return [
+        "model=micro",
+        f"paths.toy_dir={toy_world}",
+        "data.toy_size=small",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        "data.eval_batch_size=64",
+        f"paths.run_dir={tmp / 'run'}",
+        f"paths.cache_dir={cache_dir or tmp / 'cache'}",
+        f"paths.output_dir={tmp / 'out'}",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+    ]
+
+
+def compose_train(tmp: Path, toy_world: Path, *overrides: str, cache_dir: Path | None = None) -> DictConfig:
+    """The ``train`` config as ``hydra.compose`` gives it (no @hydra.main, run_dir set)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=[*base_overrides(tmp, toy_world, cache_dir), *overrides])
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.setdefault("WANDB_MODE", "disabled")
+    env.update(extra)
+    return env
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "saferclip.app.train", *args]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None):
+    """``saferclip-train <args>`` in a subprocess; returns (CompletedProcess, seconds)."""
+    start = time.perf_counter()
+    proc = subprocess.run(cli_command(*args), cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+    return proc, time.perf_counter() - start
+
+
+def cli_overrides(tmp: Path, toy_world: Path, cache_dir: Path | None = None) -> list[str]:
+    """The test overrides for the CLI, where Hydra makes the run folder (no paths.run_dir)."""
+    return [o for o in base_overrides(tmp, toy_world, cache_dir) if not o.startswith("paths.run_dir=")]
+
+
+def collate(dataset, indices) -> dict[str, torch.Tensor]:
+    return default_collate([dataset[i] for i in indices])
+
+
+
+class PauseAtEpoch(L.Callback):
+    """For the resume test: at the start of epoch ``epoch`` (the previous epoch's checkpoint
+    is written by then) touch ``marker`` and sleep until the test kills the process."""
+
+    def __init__(self, epoch: int, marker: str):
+        self.epoch, self.marker = epoch, Path(marker)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            self.marker.write_text(str(os.getpid()))
+            time.sleep(3600)
