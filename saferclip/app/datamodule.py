@@ -13,7 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Sampler, Subset
 
 from ..data.records import QuadrupletSet
 from ..data.tables import load_quadruplets
@@ -46,6 +46,24 @@ def drop_last_for(n_items: int, batch_size: int, world_size: int) -> bool:
     gives every rank ceil(n / world) items, so all ranks decide alike and keep equal batch
     sizes (all_gather in the InfoNCE terms needs that)."""
     return math.ceil(n_items / max(world_size, 1)) > batch_size
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation of ``range(n)`` fixed by ``seed + epoch``, the same however often it is
+    iterated. (A DataLoader with ``shuffle=True`` draws a new order on each ``iter()``, and
+    Lightning iterates a reloaded loader more than once when it resumes a run, so a resumed
+    run would see other batches than an uninterrupted one.) Under DDP Lightning wraps it in
+    a DistributedSamplerWrapper, which shards it the same way on every rank."""
+
+    def __init__(self, n: int, seed: int, epoch: int):
+        self.n, self.seed, self.epoch = n, seed, epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
 class SaferClipDataModule(L.LightningDataModule):
@@ -171,15 +189,12 @@ class SaferClipDataModule(L.LightningDataModule):
         if len(subset) < len(self.train_set):
             log.info("curriculum epoch %d: %d of %d pairs", epoch, len(subset), len(self.train_set))
         batch_size = int(self.data_cfg["batch_size"])
-        # under DDP Lightning swaps this sampler for a DistributedSampler (same seed on every
-        # rank, set_epoch each epoch) and keeps batch_size and drop_last
         return DataLoader(
             Subset(self.train_set, subset.tolist()),
             batch_size=batch_size,
-            shuffle=True,
+            sampler=EpochShuffle(len(subset), self.seed, epoch),
             drop_last=drop_last_for(len(subset), batch_size, world),
             num_workers=int(self.data_cfg.get("num_workers", 0)),
-            generator=torch.Generator().manual_seed(self.seed + epoch),
             persistent_workers=False,
         )
 

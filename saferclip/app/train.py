@@ -160,8 +160,8 @@ def train(cfg: DictConfig) -> dict:
 def best_checkpoint(callbacks: list) -> dict:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    for cb in callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.best_model_path:
+    for cb in callbacks:  # the one that monitors a metric, not the last.ckpt writer
+        if isinstance(cb, ModelCheckpoint) and cb.monitor is not None and cb.best_model_path:
             score = cb.best_model_score
             return {"best_checkpoint": cb.best_model_path, "best_score": None if score is None else float(score)}
     return {}
