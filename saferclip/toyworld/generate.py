@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,6 +38,7 @@ from .captions import PROMPT_FRAMES, SHIFT_FRAMES, SHIFT_OBJ, TRAIN_FRAMES, TRAI
 from .scene import BACKGROUNDS, COLOURS, SAFE_OBJECTS, SHAPES, SIZES, UNSAFE_OBJECTS, Scene, random_scene, render
 
 GENERATOR_VERSION = 3
+log = logging.getLogger("saferclip.toyworld")
 UNSAFE = tuple(UNSAFE_OBJECTS)
 
 
@@ -219,13 +221,24 @@ def make_toy_world(root: str | os.PathLike, seed: int = 0, sizes: ToySizes = Toy
         "safe_objects": list(SAFE_OBJECTS),
     }
     existing = root / "manifest.json"
+    older_toy_world = False
     if existing.is_file():
         try:
-            if json.loads(existing.read_text()) == json.loads(json.dumps(manifest)):
+            found = json.loads(existing.read_text())
+            if found == json.loads(json.dumps(manifest)):
                 return root
+            # an earlier generator version of the same world: ours, reproducible, replaced
+            older_toy_world = (
+                isinstance(found, dict)
+                and found.get("generator_version") != GENERATOR_VERSION
+                and found.get("seed") == seed
+                and found.get("sizes") == manifest["sizes"]
+            )
         except json.JSONDecodeError:
             pass
-    if root.exists() and any(root.iterdir()) and not force:
+    if older_toy_world:
+        log.warning("%s holds toy world version %s; regenerating version %s", root, found.get("generator_version"), GENERATOR_VERSION)
+    elif root.exists() and any(root.iterdir()) and not force:
         raise FileExistsError(
             f"{root} exists and holds something other than this toy world (seed {seed}); "
             f"pass force=True (--force) to replace it"
