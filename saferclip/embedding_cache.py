@@ -36,6 +36,7 @@ import re
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -102,16 +103,24 @@ def _sha256_json(obj: Any) -> str:
 def model_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 over parameter names, shapes, dtypes and bytes: changes when any weight does.
 
-    ``models.weights_fingerprint`` computes the same thing but fails on 0-d tensors (CLIP's
-    ``logit_scale``: ``view(torch.uint8)`` needs at least one dimension); flattening first
-    fixes that. Once that function flattens too, this can call it.
+    Like ``models.weights_fingerprint``, with two differences: tensors are flattened first
+    (that one fails on 0-d tensors such as CLIP's ``logit_scale``), and each tensor is hashed
+    in a thread pool (hashlib releases the GIL on large buffers), then the digests combined,
+    since this runs on every call, reuse included: ~0.9 s for ViT-B-32 on one core.
     """
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    items = sorted(model.state_dict().items())
+
+    def digest(tensor: torch.Tensor) -> bytes:
         t = tensor.detach().cpu().contiguous()
+        return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).digest() if t.numel() else b""
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(digest, (t for _, t in items)))
+    h = hashlib.sha256()
+    for (name, t), d in zip(items, digests):
         h.update(name.encode())
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(d)
     return h.hexdigest()
 
 
