@@ -79,6 +79,7 @@ def setup_logging() -> None:
     # Lightning has its own console handler; without this every line shows twice
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).propagate = False
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every attempt at INFO
     # open_clip logs every model creation at INFO on the root logger
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("saferclip").setLevel(logging.INFO)
