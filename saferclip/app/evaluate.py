@@ -112,16 +112,9 @@ def run(cfg: DictConfig) -> dict:
         sys.exit(2)
 
 
-def _quiet_open_clip_random_init(record: logging.LogRecord) -> bool:
-    # open_clip warns "initialized randomly" on every build without a tag, also when saferclip
-    # loads the weights right after; the report names each model's real source instead
-    return not record.getMessage().startswith("No pretrained weights loaded for model")
-
-
 @hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     setup_logging()
-    logging.getLogger().addFilter(_quiet_open_clip_random_init)
     run(cfg)
 
 

@@ -75,7 +75,15 @@ def check_train_config(cfg: DictConfig) -> None:
                 raise ConfigError(f"data.splits.{split}.path: no such file: {path}")
 
 
+def _quiet_open_clip_random_init(record: logging.LogRecord) -> bool:
+    # open_clip warns "initialized randomly" on every build without a tag, also when saferclip
+    # loads the weights right after; the logs and reports name each model's real source instead
+    return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
 def setup_logging() -> None:
+    if _quiet_open_clip_random_init not in logging.getLogger().filters:
+        logging.getLogger().addFilter(_quiet_open_clip_random_init)
     # Lightning has its own console handler; without this every line shows twice
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).propagate = False
