@@ -160,6 +160,12 @@ class EvalDataset(Dataset):
             pool=SafePool([], [], torch.zeros(len(qset), 1), None),
             memo_images=memo_images,
         )
+        # items sharing a safe image (several captions per image) share an owner: the index of
+        # the first such item, so retrieval counts any of them as the right one
+        first: dict[Path | None, int] = {}
+        self.owner = torch.tensor(
+            [first.setdefault(q.safe_image, i) if q.safe_image is not None else i for i, q in enumerate(qset)]
+        )
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -167,4 +173,6 @@ class EvalDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = self.inner[i]
         keep = ("index", "s_tokens", "u_tokens", "v_image", "g_image")
-        return {k: v for k, v in item.items() if k in keep}
+        out = {k: v for k, v in item.items() if k in keep}
+        out["owner"] = self.owner[i]
+        return out

@@ -105,9 +105,20 @@ class SaferClipModule(L.LightningModule):
         total, terms = self.loss_step(batch, gather)
         bs = len(batch["index"])
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
-        for name, value in terms.items():
-            self.log(f"train/{name}", value, batch_size=bs)
+        if self._logger_writes_this_step():
+            for name, value in terms.items():
+                self.log(f"train/{name}", value.detach(), batch_size=bs)
         return total
+
+    def _logger_writes_this_step(self) -> bool:
+        """Whether the loggers write this step's values (every ``log_every_n_steps``). Each
+        ``self.log`` costs ~0.4 ms of Lightning bookkeeping, several % of a small model's
+        step, so the per-term values are only logged when they are kept."""
+        trainer = self.trainer
+        if trainer.fast_dev_run:
+            return True
+        every = trainer.log_every_n_steps
+        return every > 0 and (self.global_step + 1) % every == 0
 
     def on_train_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -140,6 +151,8 @@ class SaferClipModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         features = self.encode(batch, {"t_safe", "t_unsafe", "i_safe", "i_unsafe"})
         features["index"] = batch["index"]
+        if "owner" in batch:
+            features["owner"] = batch["owner"]
         self._val_outputs.append({k: v.detach() for k, v in features.items()})
 
     def on_validation_epoch_end(self) -> None:
@@ -177,15 +190,19 @@ def validation_metrics(f: dict[str, torch.Tensor]) -> dict[str, float]:
     idx = torch.arange(n)
     ks = (1, 5, 10)
     if "i_safe" in f:
-        s2v = recall_at_k(f["t_safe"], f["i_safe"], idx, ks=ks)
-        u2v = recall_at_k(f["t_unsafe"], f["i_safe"], idx, ks=ks)
+        # the gallery holds each safe image once; captions find it through their owner
+        owner = f["owner"].long() if "owner" in f else idx
+        distinct = owner == idx
+        gallery, gallery_owner = f["i_safe"][distinct], owner[distinct]
+        s2v = recall_at_k(f["t_safe"], gallery, ks=ks, query_owner=owner, gallery_owner=gallery_owner)
+        u2v = recall_at_k(f["t_unsafe"], gallery, ks=ks, query_owner=owner, gallery_owner=gallery_owner)
         for k in ks:
             out[f"s2v_r{k}"] = float(s2v[f"R@{k}"])
             out[f"u2v_r{k}"] = float(u2v[f"R@{k}"])
         out["recall_sum"] = sum(out[f"s2v_r{k}"] + out[f"u2v_r{k}"] for k in ks)
         if "i_unsafe" in f:
-            gallery = torch.cat([f["i_safe"], f["i_unsafe"]])
-            is_unsafe = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
+            gallery = torch.cat([gallery, f["i_unsafe"]])
+            is_unsafe = torch.cat([torch.zeros(len(gallery_owner), dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
             out["unsafe_rate"] = float(unsafe_rate(f["t_unsafe"], gallery, is_unsafe, k=1))
     else:
         # text only: U should land near safe text, S should stay retrievable by itself
