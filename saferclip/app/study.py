@@ -1,7 +1,7 @@
 """saferclip-study: several seeds per method and ablations of SafeR-CLIP, mean ± std.
 
-    saferclip-study                          # conf/study.yaml: 3 seeds x (Safe-CLIP, SafeR-CLIP, ablations)
-    saferclip-study seeds=[0,1] variants='{saferclip: [experiment=toy_saferclip]}'
+    saferclip-study                          # conf/study.yaml: 3 seeds x (Safe-CLIP, SafeR-CLIP) + ablations
+    saferclip-study seeds=[0,1] ablation_seeds=[0,1]
 
 Every run is composed from the training config tree exactly as `saferclip-main` composes its
 runs (same presets, same run folders), so the main job's runs are reused here and vice versa.
@@ -26,7 +26,7 @@ from .main_job import compose, train_or_reuse
 
 log = logging.getLogger("saferclip.study")
 
-STUDY_KEYS = ("seeds", "out_dir", "force", "common", "variants", "eval", "reference")
+STUDY_KEYS = ("seeds", "out_dir", "force", "common", "methods", "ablation_seeds", "ablations", "eval")
 
 
 def headline(model_results: Mapping[str, Any]) -> dict[str, float]:
@@ -64,10 +64,12 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
 
 
 def study_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """Markdown: one row per model/variant, one column per headline metric, mean ± std in %."""
+    """Markdown: one row per model/variant, one column per headline metric, mean ± std in %
+    (sample std over seeds; ± 0.0 with one seed)."""
     metrics = [m for m in headline_order() if any(m in row for row in summary.values())]
-    lines = ["| model | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    lines = ["| model | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for model, row in summary.items():
+        seeds = max((v["n"] for v in row.values()), default=0)
         cells = []
         for m in metrics:
             if m not in row:
@@ -75,7 +77,7 @@ def study_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str
                 continue
             mean, std = 100 * row[m]["mean"], 100 * row[m]["std"]
             cells.append(f"{mean:.1f} ± {std:.1f}")
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines.append(f"| {model} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -107,7 +109,10 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         base = compose("train", common)
         ensure_toy_world(to_container(base.data))
         models = {"original": {"arch": base.model.arch, "pretrained": str(base.model.pretrained)}}
-        for name, variant in cfg.variants.items():
+        variants = dict(cfg.methods)
+        if seed in cfg.ablation_seeds:
+            variants.update(cfg.ablations)
+        for name, variant in variants.items():
             summary = train_or_reuse(name, common + list(variant), out_dir, bool(cfg.force))
             runs[f"{name}/seed{seed}"] = summary
             models[name] = {"arch": base.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
