@@ -78,7 +78,10 @@ def check_train_config(cfg: DictConfig) -> None:
 def _quiet_open_clip_random_init(record: logging.LogRecord) -> bool:
     # open_clip warns "initialized randomly" on every build without a tag, also when saferclip
     # loads the weights right after; the logs and reports name each model's real source instead
-    return not record.getMessage().startswith("No pretrained weights loaded for model")
+    # (and export's key check builds the architecture from a folder before the weights exist)
+    return not record.getMessage().startswith(
+        ("No pretrained weights loaded for model", "Local config loaded, but no CLIP weights")
+    )
 
 
 def setup_logging() -> None:

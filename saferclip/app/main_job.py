@@ -34,9 +34,14 @@ DONE_MARKER = "finished.json"
 
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """A config of the tree, outside @hydra.main: ``paths.run_dir`` (Hydra's run folder) is
+    left empty, to be set by the caller before anything uses it."""
     from hydra import compose as hydra_compose
 
-    return hydra_compose(config_name=config_name, overrides=overrides)
+    cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    if "paths" in cfg:
+        OmegaConf.update(cfg, "paths.run_dir", "", force_add=True)
+    return cfg
 
 
 def run_key(train_cfg: DictConfig) -> str:
@@ -98,7 +103,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     ensure_toy_world(to_container(train_base.data))
     timings: dict[str, float] = {}
     models: dict[str, dict[str, Any]] = {
-        "original": {"arch": train_base.model.arch, "pretrained": str(train_base.model.pretrained)}
+        "original": {"arch": train_base.model.arch, "pretrained": train_base.model.pretrained}
     }
     for name, run_overrides in cfg.runs.items():
         start = time.time()

@@ -108,7 +108,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         common = list(cfg.common) + list(overrides) + [f"seed={seed}"]
         base = compose("train", common)
         ensure_toy_world(to_container(base.data))
-        models = {"original": {"arch": base.model.arch, "pretrained": str(base.model.pretrained)}}
+        models = {"original": {"arch": base.model.arch, "pretrained": base.model.pretrained}}
         variants = dict(cfg.methods)
         if seed in cfg.ablation_seeds:
             variants.update(cfg.ablations)
