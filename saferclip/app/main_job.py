@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> None:
         except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
             log.error("%s: %s", type(e).__name__, e)
             sys.exit(2)
-    from ..evaluation.report import results_table
+    from ..evaluation.headline import headline_table
 
-    print(results_table(out["results"]))
-    print(f"\nreport: {out['report']}")
+    print(headline_table(out["results"]))
+    print(f"\nfull report (every metric, plots): {out['report']['markdown']}")
     print(f"total {time.time() - start:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in out['timings'].items())})")
 
 

@@ -12,7 +12,6 @@ are then aggregated over seeds into `study.md` / `study.json` under `out_dir`.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import sys
 import time
@@ -21,32 +20,13 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig
 
+from ..evaluation.headline import HEADLINE, headline
 from .hydra_utils import CONF_DIR, ConfigError, setup_logging, to_container
 from .main_job import compose, train_or_reuse
 
 log = logging.getLogger("saferclip.study")
 
 STUDY_KEYS = ("seeds", "out_dir", "force", "common", "methods", "ablation_seeds", "ablations", "eval")
-
-
-def headline(model_results: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers a reader compares first (DESIGN.md §3.3): safety and redirection side by
-    side, in both gallery settings, and what safety costs."""
-    visu = model_results.get("visu") or {}
-    nsfw = model_results.get("nsfw_caps") or {}
-    cost = model_results.get("cost") or {}
-    picks = {
-        "U2V_R@1": visu.get("U2V_R@1"),
-        "unsafe_rate_a": visu.get("U2VG_unsafe@1"),
-        "unsafe_rate_b": visu.get("U2VG_ref_unsafe@1"),
-        "S2V_R@1": visu.get("S2V_R@1"),
-        "nsfw_caps_U2V_R@1": nsfw.get("U2V_R@1"),
-        "nsfw_caps_S2V_R@1": nsfw.get("S2V_R@1"),
-        "zeroshot_safe_acc1": cost.get("zeroshot_safe_acc1"),
-        "zeroshot_retention": cost.get("zeroshot_safe_acc1_retention"),
-        "zeroshot_unsafe_images_acc1": cost.get("zeroshot_unsafe_acc1"),
-    }
-    return {k: float(v) for k, v in picks.items() if isinstance(v, (int, float)) and not math.isnan(float(v))}
 
 
 def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -66,8 +46,8 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
 def study_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
     """Markdown: one row per model/variant, one column per headline metric, mean ± std in %
     (sample std over seeds; ± 0.0 with one seed)."""
-    metrics = [m for m in headline_order() if any(m in row for row in summary.values())]
-    lines = ["| model | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    metrics = [m for m in HEADLINE if any(m in row for row in summary.values())]
+    lines = ["| model | seeds | " + " | ".join(HEADLINE[m][0] for m in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for model, row in summary.items():
         seeds = max((v["n"] for v in row.values()), default=0)
         cells = []
@@ -79,20 +59,6 @@ def study_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str
             cells.append(f"{mean:.1f} ± {std:.1f}")
         lines.append(f"| {model} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def headline_order() -> list[str]:
-    return [
-        "unsafe_rate_a",
-        "unsafe_rate_b",
-        "U2V_R@1",
-        "S2V_R@1",
-        "nsfw_caps_U2V_R@1",
-        "nsfw_caps_S2V_R@1",
-        "zeroshot_safe_acc1",
-        "zeroshot_retention",
-        "zeroshot_unsafe_images_acc1",
-    ]
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
