@@ -31,8 +31,7 @@ from train_helpers import (
 )
 
 from saferclip.app.hydra_utils import ConfigError, to_container
-from saferclip.app.module import available_inputs
-from saferclip.app.train import build_datamodule, build_module, build_trainer, train
+from saferclip.app.train import build_datamodule, build_module, train
 from saferclip.checkpoints import save_state_dict
 from saferclip.losses import TERM_NAMES
 from saferclip.metrics import recall_at_k

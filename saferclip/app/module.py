@@ -11,6 +11,7 @@ import logging
 
 import lightning as L
 import torch
+from torch.nn.utils import parametrize
 
 from ..adapters import TrainableConfig, configure_trainable, tower_parameters
 from ..losses import TERM_NAMES, Gather, LossConfig, SaferClipLoss, gather_with_grad
@@ -60,13 +61,16 @@ class SaferClipModule(L.LightningModule):
         """Run only the trainable encodings in ``wanted``, one forward per tower (the
         tower's inputs concatenated), L2-normalised ``[B, D]`` each."""
         out: dict[str, torch.Tensor] = {}
-        for inputs, encode in ((_TEXT_INPUTS, self.model.encode_text), (_IMAGE_INPUTS, self.model.encode_image)):
-            names = [n for n, key in inputs.items() if n in wanted and key in batch]
-            if not names:
-                continue
-            parts = [batch[inputs[n]] for n in names]
-            features = encode(torch.cat(parts) if len(parts) > 1 else parts[0], normalize=True)
-            out.update(zip(names, features.split([len(p) for p in parts])))
+        # LoRA weights are parametrizations, recomputed on every access; attention reads its
+        # weights more than once per forward: compute each adapted weight once per call
+        with parametrize.cached():
+            for inputs, encode in ((_TEXT_INPUTS, self.model.encode_text), (_IMAGE_INPUTS, self.model.encode_image)):
+                names = [n for n, key in inputs.items() if n in wanted and key in batch]
+                if not names:
+                    continue
+                parts = [batch[inputs[n]] for n in names]
+                features = encode(torch.cat(parts) if len(parts) > 1 else parts[0], normalize=True)
+                out.update(zip(names, features.split([len(p) for p in parts])))
         return out
 
     def loss_step(self, batch: dict[str, torch.Tensor], gather: Gather | None = None):
@@ -163,8 +167,10 @@ class SaferClipModule(L.LightningModule):
         if self.trainer.world_size > 1:
             merged = {k: self.all_gather(v).flatten(0, 1) for k, v in merged.items()}
         metrics = validation_metrics(unique_rows(merged))
-        # every rank computed the same numbers from the gathered set: no further sync
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        # every rank computed the same numbers from the gathered set; averaging them over
+        # ranks changes nothing and keeps every rank's callbacks (checkpoint, early stopping)
+        # on exactly the same value
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
 
 
 def unique_rows(merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
