@@ -52,13 +52,13 @@ def run_key(train_cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def train_or_reuse(name: str, overrides: list[str], out_dir: Path, force: bool) -> dict[str, Any]:
+def train_or_reuse(name: str, overrides: list[str], runs_dir: Path, force: bool) -> dict[str, Any]:
     """Train one method unless an identical run already finished; returns its summary."""
     from .train import train
 
     cfg = compose("train", overrides)
     key = run_key(cfg)
-    run_dir = out_dir / "runs" / f"{name}-{key}"
+    run_dir = Path(runs_dir).resolve() / f"{name}-{key}"
     done = run_dir / DONE_MARKER
     if done.is_file() and not force:
         summary = json.loads(done.read_text())
@@ -83,7 +83,7 @@ def train_or_reuse(name: str, overrides: list[str], out_dir: Path, force: bool) 
     return summary
 
 
-MAIN_KEYS = ("seed", "force", "out_dir", "runs", "common", "eval")
+MAIN_KEYS = ("seed", "force", "out_dir", "runs_dir", "runs", "common", "eval")
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -107,7 +107,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     }
     for name, run_overrides in cfg.runs.items():
         start = time.time()
-        summary = train_or_reuse(name, common + list(run_overrides), out_dir, bool(cfg.force))
+        summary = train_or_reuse(name, common + list(run_overrides), Path(cfg.runs_dir), bool(cfg.force))
         timings[name] = round(time.time() - start, 1)
         models[name] = {"arch": train_base.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
     start = time.time()

@@ -26,7 +26,7 @@ from .main_job import compose, train_or_reuse
 
 log = logging.getLogger("saferclip.study")
 
-STUDY_KEYS = ("seeds", "out_dir", "force", "common", "methods", "ablation_seeds", "ablations", "eval")
+STUDY_KEYS = ("seeds", "out_dir", "runs_dir", "force", "common", "methods", "ablation_seeds", "ablations", "eval")
 
 
 def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -79,7 +79,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         if seed in cfg.ablation_seeds:
             variants.update(cfg.ablations)
         for name, variant in variants.items():
-            summary = train_or_reuse(name, common + list(variant), out_dir, bool(cfg.force))
+            summary = train_or_reuse(name, common + list(variant), Path(cfg.runs_dir), bool(cfg.force))
             runs[f"{name}/seed{seed}"] = summary
             models[name] = {"arch": base.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
         results = evaluate_models(

@@ -108,9 +108,13 @@ def build_datamodule(cfg: DictConfig, method: dict):
 
 def build_trainer(cfg: DictConfig, extra_callbacks: tuple = ()):
     """The Trainer with the configured callbacks and loggers: ``(trainer, callbacks)``."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += list(extra_callbacks)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    if not loggers:  # logger=none: Lightning refuses an LR monitor with nothing to write to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False), callbacks
 
 
