@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader, Subset
-from train_helpers import REPO, cli_overrides, collate, compose_train, run_cli
+from train_helpers import REPO, cli_overrides, collate, compose_train, one_thread, run_cli  # noqa: F401
 
 from saferclip.app.datamodule import EpochShuffle, drop_last_for
 from saferclip.app.hydra_utils import to_container

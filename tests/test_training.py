@@ -27,11 +27,12 @@ from train_helpers import (
     cli_overrides,
     collate,
     compose_train,
+    one_thread,  # noqa: F401  (autouse fixture)
     run_cli,
 )
 
 from saferclip.app.hydra_utils import ConfigError, to_container
-from saferclip.app.train import build_datamodule, build_module, train
+from saferclip.app.train import build_datamodule, build_module, build_trainer, train
 from saferclip.checkpoints import save_state_dict
 from saferclip.losses import TERM_NAMES
 from saferclip.metrics import recall_at_k
@@ -180,8 +181,9 @@ def test_targets_stay_frozen_and_no_frozen_encoder_runs_in_a_step(tmp_path, toy_
 
 
 def retrieval(model, dataset, items: list[int]) -> dict[str, float]:
-    """U->V R@1 (each unsafe caption must retrieve its *target* safe image) and S->V R@1, over
-    the items' captions against every safe image of the training set."""
+    """U->V R@1 (each unsafe caption must retrieve its *target* safe image: its pair for
+    Safe-CLIP, its neighbour's for SafeR-CLIP) and S->V R@1, for the items' captions against
+    every safe image of the training set, all encoded by ``model``."""
     everything = collate(dataset, range(len(dataset)))
     batch = collate(dataset, items)
     with torch.no_grad():
@@ -195,34 +197,38 @@ def retrieval(model, dataset, items: list[int]) -> dict[str, float]:
     }
 
 
+def mean_loss(module, dataset, batches: int, batch_size: int) -> float:
+    with torch.no_grad():
+        return sum(float(module.loss_step(collate(dataset, range(b * batch_size, (b + 1) * batch_size)))[0]) for b in range(batches)) / batches
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not TOY_BASE.is_file(), reason="needs the shipped data/toy_base.safetensors")
-@pytest.mark.parametrize("method", ["safeclip", "saferclip"])
-def test_overfitting_a_few_batches_redirects_and_keeps_safe_retrieval(tmp_path, toy_world, method):
-    batches, batch_size = 3, 16
+@pytest.mark.parametrize("method", ["saferclip", "safeclip"])
+def test_overfitting_a_few_batches(tmp_path, toy_world, method):
+    """debug=overfit on the toy base model (full fine-tuning, as the toy presets): the loss
+    on those batches collapses and their unsafe captions move to their targets. SafeR-CLIP
+    keeps S->V; rigid Safe-CLIP is allowed to lose it (DESIGN.md §4: it does)."""
+    batch_size = 16
     cfg = compose_train(
-        tmp_path,
-        toy_world,
-        "model=toy",
-        f"method={method}",
-        "method.curriculum=false",
-        f"data.batch_size={batch_size}",
-        "debug=overfit",
-        f"trainer.overfit_batches={batches}",
-        "trainer.max_epochs=15",
-        "method.optimizer.lr=1e-3",
-    )
-    module, datamodule = prepared(cfg)
-    items = list(range(batches * batch_size))  # overfit_batches turns shuffling off
-    before = retrieval(module.model, datamodule.train_set, items)
-    trainer = L.Trainer(
-        accelerator="cpu", max_epochs=15, overfit_batches=batches, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
+        tmp_path, toy_world, "model=toy", f"method={method}", "debug=overfit", "method.curriculum=false",
+        f"data.batch_size={batch_size}", "method.trainable.mode=full", "method.optimizer.lr=3e-4" if method == "saferclip" else "method.optimizer.lr=1e-4",
+        "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null", "trainer.enable_checkpointing=false", "logger=none",
     )  # fmt: skip
+    module, datamodule = prepared(cfg)
+    batches = int(cfg.trainer.overfit_batches)
+    items = list(range(batches * batch_size))  # overfit_batches turns shuffling off: the first batches
+    loss_before, before = mean_loss(module, datamodule.train_set, batches, batch_size), retrieval(module.model, datamodule.train_set, items)
+    trainer, _ = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule)
-    after = retrieval(module.model.eval(), datamodule.train_set, items)
-    assert after["u2v"] >= before["u2v"] + 0.25, (before, after)
-    assert after["s2v"] >= before["s2v"] - 0.05, (before, after)
+    module.eval()
+    loss_after, after = mean_loss(module, datamodule.train_set, batches, batch_size), retrieval(module.model, datamodule.train_set, items)
+    assert loss_after < 0.1 * loss_before, (loss_before, loss_after)
+    if method == "saferclip":
+        assert after["u2v"] >= before["u2v"] + 0.15, (before, after)
+        assert after["s2v"] >= before["s2v"] - 0.1, (before, after)
+    else:
+        assert after["u2v"] > before["u2v"], (before, after)
 
 
 # ---------------------------------------------------------------- the app, per method and data
