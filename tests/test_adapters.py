@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from train_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from saferclip.adapters import (
     TrainableConfig,

@@ -316,7 +316,6 @@ def test_tensorboard_logger(tmp_path, toy_world, cache_dir):
     assert read_csv_metrics(tmp_path / "run")  # the CSV log comes along
 
 
-@pytest.mark.slow
 def test_wandb_logger_runs_offline_without_a_key(tmp_path, toy_world, cache_dir, monkeypatch):
     pytest.importorskip("wandb")
     for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED"):
@@ -370,13 +369,12 @@ def test_weights_of_another_architecture_fail_fast(tmp_path, toy_world):
     assert not (tmp_path / "cache").exists() and seconds < 60
 
 
-@pytest.mark.slow
 def test_sweep_from_another_directory_gives_one_folder_per_run(tmp_path, toy_world, cache_dir):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     args = ["-m", "seed=0,1", "debug=fast_dev_run", *cli_overrides(tmp_path, toy_world, cache_dir)]
     args = [a for a in args if not a.startswith("paths.output_dir=")]  # default: ./outputs of the cwd
-    proc, _ = run_cli(args, cwd=elsewhere, timeout=300)
+    proc, _ = run_cli(args, cwd=elsewhere, timeout=300, installed=True)  # the console script
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweeps = list((elsewhere / "outputs" / "train_multirun").iterdir())
     assert len(sweeps) == 1

@@ -4,6 +4,7 @@ small toy world, the CPU and a temporary folder; and the CLI in a subprocess."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -72,14 +73,18 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "saferclip.app.train", *args]
+def cli_command(*args: str, installed: bool = False) -> list[str]:
+    """``python -m saferclip.app.train``, or with ``installed`` the ``saferclip-train``
+    console script (when the package is installed in this environment)."""
+    script = shutil.which("saferclip-train") if installed else None
+    return [script, *args] if script else [sys.executable, "-m", "saferclip.app.train", *args]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None):
+def run_cli(args: list[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None, installed: bool = False):
     """``saferclip-train <args>`` in a subprocess; returns (CompletedProcess, seconds)."""
     start = time.perf_counter()
-    proc = subprocess.run(cli_command(*args), cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+    command = cli_command(*args, installed=installed)
+    proc = subprocess.run(command, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
     return proc, time.perf_counter() - start
 
 
