@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader, Subset
@@ -217,3 +218,14 @@ def test_app_fast_dev_run_under_ddp_cpu(tmp_path, toy_world):
     assert "xmodal_text_preservation" in out.split("active loss terms:")[1].splitlines()[0]
     assert (tmp_path / "run" / "config_resolved.yaml").is_file()
     assert "sync_dist=True" not in out
+
+
+def test_ddp_from_a_composing_script_is_refused_before_any_work(tmp_path, toy_world):
+    """Lightning would re-run the calling script for rank 1: refused, with what to do."""
+    from saferclip.app.hydra_utils import ConfigError
+    from saferclip.app.train import train
+
+    cfg = compose_train(tmp_path, toy_world, "trainer=ddp_cpu", "debug=fast_dev_run")
+    with pytest.raises(ConfigError, match="torchrun"):
+        train(cfg)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()

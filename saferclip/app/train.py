@@ -15,6 +15,7 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -120,8 +121,50 @@ def build_trainer(cfg: DictConfig, extra_callbacks: tuple = ()):
 
 def write_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
     """The run's config with every interpolation resolved, beside Hydra's unresolved copy."""
+    try:
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+    except OmegaConfBaseException as e:  # e.g. an unused section pointing at an unset path
+        log.warning("%s: some values stay unresolved (%s)", RESOLVED_CONFIG, str(e).splitlines()[0])
+        text = OmegaConf.to_yaml(cfg, resolve=False)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(run_dir / RESOLVED_CONFIG, text)
+
+
+def check_launch(cfg: DictConfig) -> None:
+    """Lightning's ``ddp`` strategy starts the other ranks by re-running this process's
+    command line. That works for ``saferclip-train``; it does not from a script that
+    composes the config (the script itself would run again) or inside a Hydra sweep (each
+    rank would start the sweep). torchrun / SLURM start the ranks themselves (LOCAL_RANK set)."""
+    strategy = str(cfg.trainer.get("strategy") or "auto")
+    if not strategy.startswith("ddp") or strategy.startswith("ddp_spawn") or "LOCAL_RANK" in os.environ:
+        return
+    if requested_processes(cfg) <= 1:
+        return
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        raise ConfigError(
+            f"trainer.strategy={strategy} re-launches the command line for the other ranks, which only works "
+            "from saferclip-train; from a script, start the ranks with torchrun (it sets LOCAL_RANK)"
+        )
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError(
+            f"trainer.strategy={strategy} cannot run inside a Hydra sweep (-m): Lightning would re-launch "
+            "the whole sweep on every rank; start the runs one by one (or with torchrun / SLURM)"
+        )
+
+
+def requested_processes(cfg: DictConfig) -> int:
+    devices = cfg.trainer.get("devices", 1)
+    nodes = int(cfg.trainer.get("num_nodes", 1) or 1)
+    if devices in (-1, "-1", "auto"):
+        import torch
+
+        devices = torch.cuda.device_count() if cfg.trainer.get("accelerator") in ("gpu", "cuda") else 2
+    elif isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        devices = len(devices)
+    return int(devices) * nodes
 
 
 def train(cfg: DictConfig) -> dict:
@@ -135,6 +178,7 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     check_train_config(cfg)
     check_toy_size(cfg)
+    check_launch(cfg)
     ckpt_path = resolve_ckpt_path(cfg, run_dir)
     if cfg.dry_run:
         return {"dry_run": dry_run(cfg)}
