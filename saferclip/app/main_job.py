@@ -65,6 +65,12 @@ def train_or_reuse(name: str, overrides: list[str], runs_dir: Path, force: bool)
         log.info("%s: reusing the finished run %s (same config)", name, run_dir)
         return summary
     OmegaConf.update(cfg, "paths.run_dir", str(run_dir), force_add=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if force:
+        OmegaConf.update(cfg, "force", True, force_add=True)  # the user asked to retrain over it
+    elif last.is_file():
+        log.info("%s: resuming the interrupted run %s", name, run_dir)
+        OmegaConf.update(cfg, "ckpt_path", str(last), force_add=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     start = time.time()
