@@ -37,7 +37,6 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,7 +50,7 @@ from tqdm.auto import tqdm
 from .checkpoints import write_json_atomic
 from .data.images import load_image
 from .data.records import DataFormatError, QuadrupletSet
-from .models import ClipBundle
+from .models import ClipBundle, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -239,17 +238,6 @@ class _ImageFiles(Dataset):
             raise DataFormatError(self.paths[i], f"{e} (item {i}, id {self.ids[i]}, {self.field_name})") from None
 
 
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Frozen means deterministic: dropout off while embedding, the caller's mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _check_finite(emb: torch.Tensor, start: int, what: str, ids: Sequence[str]) -> None:
     bad = ~torch.isfinite(emb).all(dim=1)
     if bool(bad.any()):
@@ -324,7 +312,7 @@ def _embed_into(
     shapes: dict[str, list[int]] = {}
     total = sum(n for _, n, _, _ in jobs)
     with (
-        _eval_mode(bundle.model),
+        eval_mode(bundle.model),
         torch.inference_mode(),
         tqdm(total=total, disable=not progress, unit="item", desc="frozen embeddings", dynamic_ncols=True) as bar,
     ):

@@ -13,9 +13,10 @@ import difflib
 import hashlib
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import open_clip
 import torch
@@ -247,3 +248,14 @@ def encode_images(bundle: ClipBundle, images: torch.Tensor, batch_size: int = 25
         x = images[i : i + batch_size].to(device=param.device, dtype=param.dtype)
         out.append(bundle.model.encode_image(x, normalize=True).float().cpu())
     return torch.cat(out) if out else torch.empty(0, bundle.model_cfg.get("embed_dim", 0))
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off while encoding (frozen means deterministic); the caller's mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -13,10 +13,9 @@ RuntimeError carrying a worker traceback as its message).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import load_image
 from ..data.records import DataFormatError
-from ..models import ClipBundle
+from ..models import ClipBundle, eval_mode
 
 
 class EvaluationError(ValueError):
@@ -108,17 +107,6 @@ class ImageFiles(Dataset):
 
 
 # ----------------------------------------------------------------------------- encoding
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off while encoding; the caller's mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def embed_dim(bundle: ClipBundle) -> int:
     dim = int(bundle.model_cfg.get("embed_dim") or 0)
     if dim:

@@ -17,8 +17,8 @@ from torch.utils.data import Dataset
 from ..data.records import ZeroShotTask
 from ..data.zeroshot import ZeroShotImages
 from ..metrics import build_zero_shot_classifier, zero_shot_scores
-from ..models import ClipBundle
-from .encode import EvaluationError, encode_image_dataset, encode_texts, eval_mode
+from ..models import ClipBundle, eval_mode
+from .encode import EvaluationError, encode_image_dataset, encode_texts
 
 LOGIT_SCALE = 100.0
 
