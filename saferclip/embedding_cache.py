@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from .checkpoints import write_json_atomic
 from .data.images import load_image
 from .data.records import DataFormatError, QuadrupletSet
-from .models import ClipBundle, eval_mode
+from .models import ClipBundle, encode_tokens, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def _text_batches(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     for start in range(0, len(texts), batch_size):
         tokens = bundle.tokenizer(list(texts[start : start + batch_size])).to(device)
-        yield start, bundle.model.encode_text(tokens, normalize=True).float().cpu()
+        yield start, encode_tokens(bundle.model, tokens).float().cpu()
 
 
 def _image_batches(

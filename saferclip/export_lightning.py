@@ -243,6 +243,43 @@ def training_data_card(data: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- model selection
+
+SELECTION_FILE = "selection.json"  # written by saferclip.app.callbacks.SelectionRecord
+
+
+def exported_epoch_record(run_dir: str | os.PathLike | None, epoch: int | None) -> dict[str, Any] | None:
+    """Which epoch is exported and its validation figures, from the run's ``selection.json``:
+    ``{"epoch", "global_step", "metrics", "monitor", "score", "selected_epoch"}`` (None when the
+    run has no such file or no record of that epoch). ``selected_epoch`` is the epoch the
+    run's checkpoint callback chose; it differs from ``epoch`` when another one is exported."""
+    if run_dir is None:
+        return None
+    path = Path(run_dir) / SELECTION_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        history = {int(h["epoch"]): h for h in record.get("history", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        log.warning("%s: unreadable (%s); the card omits the validation figures", path, e)
+        return None
+    if epoch is None or int(epoch) not in history:
+        return None
+    entry = history[int(epoch)]
+    monitor = record.get("monitor")
+    key = monitor[len("val/") :] if isinstance(monitor, str) and monitor.startswith("val/") else monitor
+    selected = record.get("selected") or {}
+    return {
+        "epoch": int(epoch),
+        "global_step": entry.get("global_step"),
+        "metrics": entry.get("metrics", {}),
+        "monitor": monitor,
+        "score": entry.get("metrics", {}).get(key) if key else None,
+        "selected_epoch": selected.get("epoch"),
+    }
+
+
 # ---------------------------------------------------------------- the evaluation report
 
 
@@ -410,6 +447,9 @@ def export_checkpoint(
             log.warning("%s; the model card carries no evaluation", e)
     card.update(given_eval)
     card["description"] = _provenance_line(trained)
+    selection = exported_epoch_record(trained.run_dir, trained.progress.get("epoch"))
+    if selection is not None:
+        card["selection"] = selection
 
     metadata = {
         "method": method_name,
@@ -420,6 +460,8 @@ def export_checkpoint(
         "precision": hp.get("precision"),
         **trained.progress,
     }
+    if selection is not None:
+        metadata["selection"] = selection
     if trained.checkpoint is None:
         metadata["source"] = f"in-memory {type(source).__name__}"
     return export_open_clip(
@@ -445,6 +487,7 @@ def _provenance_line(trained: TrainedModel) -> str:
 __all__ = [
     "TrainedModel",
     "evaluation_card",
+    "exported_epoch_record",
     "export_checkpoint",
     "find_report",
     "read_run_config",

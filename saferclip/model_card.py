@@ -36,6 +36,7 @@ def model_card(
     evaluation: str | Mapping[str, Any] | None = None,
     evaluation_data: str | None = None,
     over_defensiveness: str | Mapping[str, Any] | None = None,
+    selection: Mapping[str, Any] | None = None,
     unsafe_categories: Sequence[str] | None = None,
     name: str | None = None,
     description: str | None = None,
@@ -55,6 +56,8 @@ def model_card(
             (one row per model); ``evaluation_data``: the data and split it was measured on.
         over_defensiveness: the cost on safe inputs (retention of safe recall and zero-shot
             accuracy vs the original model), in the same forms as ``evaluation``.
+        selection: which training epoch this is and its validation figures
+            (``saferclip.export_lightning.exported_epoch_record``).
         unsafe_categories: the unsafe concepts the redirection was trained on.
         folder / repo_id: shown in the usage snippet (``local-dir:`` / ``hf-hub:``).
         limitations: extra lines for the limitations section.
@@ -90,6 +93,8 @@ def model_card(
     if method_config:
         lines += ["", "### Method configuration", "", "```yaml", *yaml_lines(method_config), "```"]
     lines += ["", "## Training data", "", training_data.strip() if training_data else "Not recorded."]
+    if selection:
+        lines += ["", *_selection_lines(selection)]
     lines += ["", "## Evaluation", ""]
     if evaluation:
         if evaluation_data:
@@ -108,6 +113,27 @@ def model_card(
     lines += ["", "## Usage", "", *_usage(folder, repo_id)]
     lines += ["", *_intended_use(evaluation_data, limitations)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _selection_lines(selection: Mapping[str, Any]) -> list[str]:
+    """The "Model selection" section: the exported epoch and its validation figures."""
+    epoch, step = selection.get("epoch"), selection.get("global_step")
+    monitor, chosen = selection.get("monitor"), selection.get("selected_epoch")
+    lines = ["## Model selection", ""]
+    line = f"Exported: epoch {epoch}" + (f" (step {step})" if step is not None else "")
+    if monitor:
+        line += f", chosen by `{monitor}`"
+        if selection.get("score") is not None:
+            line += f" = {float(selection['score']):.4f}"
+    if chosen is not None and chosen != epoch:
+        line += f"; the run's selected epoch was {chosen}"
+    lines += [line + ".", ""]
+    metrics = selection.get("metrics") or {}
+    if metrics:
+        lines += ["Its validation figures (setting (a): every embedding from this model):", ""]
+        lines += ["| metric | value |", "|---|---:|"]
+        lines += [f"| {k} | {_cell(v)} |" for k, v in metrics.items()]
+    return lines
 
 
 def _usage(folder: str | None, repo_id: str | None) -> list[str]:

@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator
 
 import open_clip
 import torch
+import torch.nn.functional as F
+from open_clip.transformer import text_global_pool
 from torch import nn
 
 from .checkpoints import (
@@ -227,6 +229,44 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def trimmed_length(tokens: torch.Tensor) -> int:
+    """Columns of ``tokens [B, L]`` up to the last non-padding one (open_clip pads with 0)."""
+    nonzero = (tokens != 0).any(dim=0)
+    return int(nonzero.nonzero().max()) + 1 if bool(nonzero.any()) else 1
+
+
+def encode_tokens(model: nn.Module, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """``model.encode_text(tokens)`` without the batch's trailing padding columns.
+
+    A CLIP text tower is causal and pools at the end-of-text token, so the padding after the
+    longest caption of a batch changes nothing but the cost: toy captions fill ~18 of 32
+    positions, ViSU captions ~25 of 77, and attention and MLP time fall in proportion. The
+    shorter sequence only needs the positional embedding and causal mask cut to its length,
+    which open_clip's ``CLIP.encode_text`` does not do, so that one path is spelled out here
+    (checked against the full-length result in the tests). Any other text tower, or a pooling
+    that depends on the length (``last``), runs unchanged at full length.
+    """
+    length = trimmed_length(tokens)
+    trimmable = (
+        isinstance(model, open_clip.CLIP)
+        and getattr(model, "attn_mask", None) is not None
+        and getattr(model, "text_pool_type", "argmax") in ("argmax", "eos")
+        and length < tokens.shape[1]
+    )
+    if not trimmable:
+        return model.encode_text(tokens, normalize=normalize)
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
+    return F.normalize(x, dim=-1) if normalize else x
+
+
 @torch.no_grad()
 def encode_text(bundle: ClipBundle, texts: list[str], batch_size: int = 256) -> torch.Tensor:
     """L2-normalised text embeddings ``[N, D]`` (float32, on the CPU)."""
@@ -234,7 +274,7 @@ def encode_text(bundle: ClipBundle, texts: list[str], batch_size: int = 256) -> 
     out = []
     for i in range(0, len(texts), batch_size):
         tokens = bundle.tokenizer(texts[i : i + batch_size]).to(device)
-        out.append(bundle.model.encode_text(tokens, normalize=True).float().cpu())
+        out.append(encode_tokens(bundle.model, tokens).float().cpu())
     dim = bundle.model_cfg.get("embed_dim", 0)
     return torch.cat(out) if out else torch.empty(0, dim)
 

@@ -145,6 +145,10 @@ def format_summary(s: dict[str, Any], width: int = 40) -> str:
     guard += [f"max_similarity={cfg['max_similarity']}"] if cfg["exclude_near_duplicates"] else []
     guard += ["exclude_own_pair"] if cfg["exclude_own_pair"] else []
     guard += ["weight_by_similarity"] if cfg["weight_by_similarity"] else []
+    if cfg.get("pool_keep_fraction", 1.0) < 1.0:
+        guard.append(f"pool_keep_fraction={cfg['pool_keep_fraction']}")
+    if cfg.get("sparse_share", 0.0) > 0:
+        guard.append(f"sparse_share={cfg['sparse_share']} (by {cfg['sparse_group']})")
     sim, td = s["similarity"], s["text_difficulty"]
     lines = [
         f"safe neighbours: mode={cfg['mode']} k={cfg['k']} index={cfg['index']} guard: {', '.join(guard) or 'none'}",

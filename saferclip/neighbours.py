@@ -62,12 +62,14 @@ _prefer_fast_openblas()
 import faiss  # noqa: E402
 
 from .checkpoints import write_json_atomic
+from .data.records import QuadrupletSet
 from .embedding_cache import EmbeddingCache
 
 log = logging.getLogger(__name__)
 
 INDEX_TYPES = ("exact", "ivf", "hnsw")
 MODES = ("text", "image", "joint")
+SPARSE_GROUPS = ("scene", "image")
 NEIGHBOURS_FORMAT_VERSION = 1
 _SAVED_ARRAYS = ("indices", "similarities", "weights", "pair_weight", "difficulty", "bucket", "flagged")
 
@@ -249,10 +251,53 @@ def exact_neighbours_torch(queries: torch.Tensor, pool: torch.Tensor, k: int = 1
     return NeighbourResult(out_i, out_s, search_seconds=time.perf_counter() - t0, index="torch")
 
 
+@dataclass
+class CandidateFilter:
+    """Which pool items each query may not take (beyond its top-k by similarity).
+
+    ``exclude_own``: query ``i`` never takes pool item ``i`` (its own pair); ``ceiling``: no
+    candidate above this similarity (near-duplicates); ``pool_kept [P]`` bool: only these pool
+    items exist; ``query_group [Q]`` / ``pool_group [P]`` int: a query never takes a pool item
+    of its own group (-1 = no group, blocks nothing).
+    """
+
+    exclude_own: bool = False
+    ceiling: float | None = None
+    pool_kept: np.ndarray | None = None
+    query_group: np.ndarray | None = None
+    pool_group: np.ndarray | None = None
+
+    def valid(self, queries: np.ndarray, ids: np.ndarray, sims: np.ndarray) -> np.ndarray:
+        """``[q, w]`` bool: which candidates ``ids`` (with similarities ``sims``) of ``queries`` are allowed."""
+        valid = ids >= 0
+        safe_ids = np.where(valid, ids, 0)
+        if self.exclude_own:
+            valid &= ids != queries[:, None]
+        if self.ceiling is not None:
+            valid &= sims <= self.ceiling
+        if self.pool_kept is not None:
+            valid &= self.pool_kept[safe_ids]
+        if self.query_group is not None:
+            group = self.query_group[queries][:, None]
+            valid &= (group < 0) | (self.pool_group[safe_ids] != group)
+        return valid
+
+    def describe(self) -> str:
+        parts = [("its own pair", self.exclude_own), (f"near-duplicates above {self.ceiling}", self.ceiling is not None)]
+        parts += [("the dropped part of the pool", self.pool_kept is not None)]
+        parts += [("every safe item of its own group", self.query_group is not None)]
+        return " and ".join(w for w, on in parts if on) or "nothing"
+
+    @property
+    def margin(self) -> int:
+        """Extra candidates to fetch in the first search, before widening."""
+        return int(self.exclude_own) + (8 if self.ceiling is not None else 0) + (32 if self.query_group is not None else 0)
+
+
 def _search_filtered(
-    idx: faiss.Index, queries: np.ndarray, k: int, pool_size: int, exclude_own: bool, ceiling: float | None
+    idx: faiss.Index, queries: np.ndarray, k: int, pool_size: int, keep: CandidateFilter
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k after dropping each query's own pair and candidates above ``ceiling``.
+    """Top-k of every query among the candidates ``keep`` allows.
 
     Searches k plus a margin and widens (x4) for the queries that lost too many candidates,
     up to the whole pool; a query still short of k valid candidates is an error.
@@ -261,14 +306,11 @@ def _search_filtered(
     out_i = np.empty((n, k), dtype=np.int64)
     out_s = np.empty((n, k), dtype=np.float32)
     todo = np.arange(n)
-    width = min(pool_size, k + int(exclude_own) + (8 if ceiling is not None else 0))
+    kept = pool_size if keep.pool_kept is None else max(int(keep.pool_kept.sum()), 1)
+    width = min(pool_size, int(np.ceil((k + keep.margin) * pool_size / kept)))
     while len(todo):
         sims, ids = idx.search(queries[todo], width)
-        valid = ids >= 0
-        if exclude_own:
-            valid &= ids != todo[:, None]
-        if ceiling is not None:
-            valid &= sims <= ceiling
+        valid = keep.valid(todo, ids, sims)
         done = valid.sum(axis=1) >= k
         first = np.argsort(~valid, axis=1, kind="stable")[:, :k]  # first k valid, order kept
         rows = todo[done]
@@ -276,17 +318,100 @@ def _search_filtered(
         out_s[rows] = np.take_along_axis(sims, first, axis=1)[done]
         todo = todo[~done]
         if len(todo) and width >= pool_size:
-            why = " and ".join(
-                w
-                for w, on in (("its own pair", exclude_own), (f"near-duplicates above {ceiling}", ceiling is not None))
-                if on
-            )
             raise NeighbourError(
                 f"{len(todo)} items (first: item {int(todo[0])}) have fewer than k={k} safe candidates left "
-                f"after excluding {why or 'nothing'} (pool of {pool_size}); lower k or relax the guard"
+                f"after excluding {keep.describe()} (pool of {pool_size}); lower k or relax the guard"
             )
         width = min(pool_size, width * 4)
     return out_i, out_s
+
+
+def config_groups(qset: QuadrupletSet, config: "NeighbourConfig", pool_size: int) -> ItemGroups | None:
+    """The groups ``config`` needs (None unless ``sparse_share > 0``)."""
+    if config.sparse_share <= 0:
+        return None
+    return item_groups(qset, config.sparse_group, pool_size, config.sparse_attributes)
+
+
+@dataclass
+class ItemGroups:
+    """Group ids for the sparse-pool option: ``query [N]`` of each unsafe item, ``pool [P]`` of
+    each safe pool item (-1: no group). Built by :func:`item_groups`."""
+
+    query: np.ndarray
+    pool: np.ndarray
+
+
+def item_groups(
+    qset: QuadrupletSet, by: str = "scene", pool_size: int | None = None, attributes: tuple[str, ...] | None = None
+) -> ItemGroups:
+    """Which safe pool items show "the same thing" as each unsafe item.
+
+    ``scene``: the toy world's truth, ``meta["nsfw_scene"]`` of the unsafe item and
+    ``meta["safe_scene"]`` of each safe item, compared on ``attributes`` (default: shape,
+    colour, size and background; a set without scenes is an error). ``image``: the same safe image file (real data: the
+    other captions of the unsafe caption's own COCO image). Extra pool captions (positions
+    ``len(qset) ..< pool_size``) belong to no group.
+    """
+    if by not in SPARSE_GROUPS:
+        raise NeighbourError(f"unknown grouping {by!r}; expected one of {SPARSE_GROUPS}")
+    keys: dict[Any, int] = {}
+
+    def group(key: Any) -> int:
+        return keys.setdefault(key, len(keys)) if key is not None else -1
+
+    queries, pool = [], []
+    for i, q in enumerate(qset):
+        if by == "scene":
+            unsafe, safe = q.meta.get("nsfw_scene"), q.meta.get("safe_scene")
+            if not isinstance(unsafe, dict) or not isinstance(safe, dict):
+                raise NeighbourError(
+                    f"{qset.source}: item {i} has no scene description (meta nsfw_scene / safe_scene); "
+                    "sparse_group=scene needs the toy world; use sparse_group=image for real data"
+                )
+            queries.append(group(_scene_key(unsafe, attributes or SCENE_KEY)))
+            pool.append(group(_scene_key(safe, attributes or SCENE_KEY)))
+        else:
+            image = None if q.safe_image is None else str(q.safe_image)
+            if image is None:
+                raise NeighbourError(f"{qset.source}: item {i} has no safe image; sparse_group=image needs them")
+            queries.append(group(image))
+            pool.append(group(image))
+    extra = max(0, (pool_size or len(qset)) - len(qset))
+    return ItemGroups(np.asarray(queries, dtype=np.int64), np.asarray(pool + [-1] * extra, dtype=np.int64))
+
+
+SCENE_KEY = ("shape", "colour", "size", "background")
+
+
+def _scene_key(scene: dict, attributes: tuple[str, ...]) -> tuple:
+    return tuple(scene.get(a) for a in attributes)
+
+
+def sparse_filter(config: NeighbourConfig, n_queries: int, pool_size: int, groups: ItemGroups | None) -> CandidateFilter:
+    """The candidate filter of ``config``: own pair, near-duplicates, and the sparse pool."""
+    rng = np.random.default_rng(config.pool_seed)
+    keep = CandidateFilter(
+        exclude_own=config.exclude_own_pair,
+        ceiling=config.max_similarity if config.exclude_near_duplicates else None,
+    )
+    if config.pool_keep_fraction < 1.0:
+        kept = np.zeros(pool_size, dtype=bool)
+        kept[rng.permutation(pool_size)[: max(1, round(config.pool_keep_fraction * pool_size))]] = True
+        keep.pool_kept = kept
+    if config.sparse_share > 0:
+        if groups is None:
+            raise NeighbourError("sparse_share > 0 needs the items' groups (item_groups(qset, sparse_group))")
+        if len(groups.query) != n_queries or len(groups.pool) != pool_size:
+            raise NeighbourError(
+                f"groups for {len(groups.query)} items and a pool of {len(groups.pool)}, "
+                f"but there are {n_queries} items and a pool of {pool_size}"
+            )
+        chosen = rng.permutation(n_queries)[: round(config.sparse_share * n_queries)]
+        query_group = np.full(n_queries, -1, dtype=np.int64)
+        query_group[chosen] = groups.query[chosen]
+        keep.query_group, keep.pool_group = query_group, groups.pool
+    return keep
 
 
 # ----------------------------------------------------------------------------- safe neighbours
@@ -314,6 +439,13 @@ class NeighbourConfig:
     exclude_near_duplicates: bool = False  # drop candidates above max_similarity (exact / minimal edits)
     max_similarity: float = 0.98
     exclude_own_pair: bool = False  # never choose the item's own paired safe item
+    # realistic, sparse pools: real safe pools rarely hold a caption of the very same scene
+    pool_keep_fraction: float = 1.0  # keep this random share of the safe pool (seeded by pool_seed)
+    sparse_share: float = 0.0  # for this share of unsafe items, every pool item of the same group is removed
+    sparse_group: str = "scene"  # scene: the same scene (toy-world truth); image: the same safe image
+    # the scene attributes that make two scenes "the same" for sparse_group=scene
+    sparse_attributes: tuple[str, ...] = ("shape", "colour", "size", "background")
+    pool_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -326,6 +458,15 @@ class NeighbourConfig:
             raise NeighbourError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.joint_text_weight <= 1.0:
             raise NeighbourError(f"joint_text_weight must be in [0, 1], got {self.joint_text_weight}")
+        if not 0.0 < self.pool_keep_fraction <= 1.0:
+            raise NeighbourError(f"pool_keep_fraction must be in (0, 1], got {self.pool_keep_fraction}")
+        if not 0.0 <= self.sparse_share <= 1.0:
+            raise NeighbourError(f"sparse_share must be in [0, 1], got {self.sparse_share}")
+        self.sparse_attributes = tuple(self.sparse_attributes)
+        if not self.sparse_attributes or set(self.sparse_attributes) - set(SCENE_KEY):
+            raise NeighbourError(f"sparse_attributes must be a non-empty subset of {SCENE_KEY}, got {list(self.sparse_attributes)}")
+        if self.sparse_group not in SPARSE_GROUPS:
+            raise NeighbourError(f"unknown sparse_group {self.sparse_group!r}; expected one of {SPARSE_GROUPS}")
         if (
             self.exclude_near_duplicates
             and self.min_similarity is not None
@@ -520,8 +661,11 @@ def difficulty_buckets(difficulty: torch.Tensor, n_buckets: int = 3) -> torch.Te
     return torch.from_numpy(bucket)
 
 
-def find_safe_neighbours(cache: EmbeddingCache, config: NeighbourConfig | None = None) -> SafeNeighbours:
-    """Map every unsafe item of the cache to its ``k`` closest safe alternatives (no file written)."""
+def find_safe_neighbours(
+    cache: EmbeddingCache, config: NeighbourConfig | None = None, groups: ItemGroups | None = None
+) -> SafeNeighbours:
+    """Map every unsafe item of the cache to its ``k`` closest safe alternatives (no file written).
+    ``groups`` (:func:`item_groups`) are needed by ``config.sparse_share > 0`` only."""
     config = config or NeighbourConfig()
     t0 = time.perf_counter()
     queries, pool, n_set = _mode_vectors(cache, config)
@@ -529,8 +673,8 @@ def find_safe_neighbours(cache: EmbeddingCache, config: NeighbourConfig | None =
     idx = make_index(
         pool, config.index, config.device, config.nlist, config.nprobe, config.hnsw_m, ef_search=config.ef_search
     )
-    ceiling = config.max_similarity if config.exclude_near_duplicates else None
-    ids, sims = _search_filtered(idx, queries, config.k, len(pool), config.exclude_own_pair, ceiling)
+    keep = sparse_filter(config, len(queries), len(pool), groups)
+    ids, sims = _search_filtered(idx, queries, config.k, len(pool), keep)
     similarities = torch.from_numpy(sims)
     weights, pair_weight, difficulty, flagged = guard_weights(similarities, config)
     seconds = time.perf_counter() - t0
@@ -559,12 +703,14 @@ def find_safe_neighbours(cache: EmbeddingCache, config: NeighbourConfig | None =
     )
 
 
-def load_or_find_safe_neighbours(cache: EmbeddingCache, config: NeighbourConfig | None = None) -> SafeNeighbours:
+def load_or_find_safe_neighbours(
+    cache: EmbeddingCache, config: NeighbourConfig | None = None, groups: ItemGroups | None = None
+) -> SafeNeighbours:
     """:func:`find_safe_neighbours`, reusing (and otherwise saving) the result beside the cache."""
     config = config or NeighbourConfig()
     found = SafeNeighbours.load(cache, config)
     if found is not None:
         return found
-    found = find_safe_neighbours(cache, config)
+    found = find_safe_neighbours(cache, config, groups)
     found.save(cache)
     return found

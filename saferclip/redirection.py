@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from .data.images import load_image
 from .data.records import QuadrupletSet
@@ -111,30 +111,38 @@ class RedirectionDataset(Dataset):
         return self._memo[path]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        q = self.qset[i]
-        idx = self.targets.indices[i]
-        item = {
-            "index": torch.tensor(i),
-            "s_tokens": self.s_tokens[i],
-            "u_tokens": self.u_tokens[i],
-            "target_weights": self.targets.weights[i],
-            "pair_weight": self.targets.pair_weight[i],
-            "t0_target": self.pool.text[idx],
+        batch = self.__getitems__([i])
+        return {k: v[0] for k, v in batch.items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """A whole batch at once, already collated (``[B, ...]`` per key; what
+        ``default_collate`` would make of the items, without building B dicts first). The
+        DataLoader calls this when the loader's ``collate_fn`` is :func:`collate_items`."""
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        targets = self.targets.indices[rows]
+        batch = {
+            "index": rows,
+            "s_tokens": self.s_tokens[rows],
+            "u_tokens": self.u_tokens[rows],
+            "target_weights": self.targets.weights[rows],
+            "pair_weight": self.targets.pair_weight[rows],
+            "t0_target": self.pool.text[targets],
         }
         for key in ("t0_safe", "t0_unsafe", "i0_safe", "i0_unsafe"):
             if self.frozen.get(key) is not None:
-                item[key] = self.frozen[key][i]
+                batch[key] = self.frozen[key][rows]
         if self.pool.image is not None:
-            item["i0_target"] = self.pool.image[idx]
+            batch["i0_target"] = self.pool.image[targets]
+        items = [self.qset[i] for i in indices]
         if self.use_safe_images:
-            item["v_image"] = self.image(q.safe_image)
+            batch["v_image"] = torch.stack([self.image(q.safe_image) for q in items])
         if self.use_unsafe_images:
-            item["g_image"] = self.image(q.unsafe_image)
+            batch["g_image"] = torch.stack([self.image(q.unsafe_image) for q in items])
         if self.live_targets:
-            item["target_tokens"] = self.target_tokens[int(idx[0])]
+            batch["target_tokens"] = self.target_tokens[targets[:, 0]]
             if self.use_safe_images:
-                item["target_image"] = self.image(self.live_target_image(i))
-        return item
+                batch["target_image"] = torch.stack([self.image(self.live_target_image(i)) for i in indices])
+        return batch
 
     def live_target_image(self, i: int) -> Path:
         """The safe image the live terms encode for item ``i``: its best-ranked target that has
@@ -171,8 +179,18 @@ class EvalDataset(Dataset):
         return len(self.inner)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item = self.inner[i]
+        batch = self.__getitems__([i])
+        return {k: v[0] for k, v in batch.items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.inner.__getitems__(indices)
         keep = ("index", "s_tokens", "u_tokens", "v_image", "g_image")
-        out = {k: v for k, v in item.items() if k in keep}
-        out["owner"] = self.owner[i]
+        out = {k: v for k, v in batch.items() if k in keep}
+        out["owner"] = self.owner[torch.as_tensor(indices, dtype=torch.long)]
         return out
+
+
+def collate_items(batch: list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The DataLoader's ``collate_fn`` for these datasets: a batch from ``__getitems__`` is
+    already collated; a list of single items (another sampler or wrapper) is stacked."""
+    return batch if isinstance(batch, dict) else default_collate(batch)

@@ -14,9 +14,10 @@ import pytest
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader, Subset
-from train_helpers import REPO, cli_overrides, collate, compose_train, one_thread, run_cli  # noqa: F401
+from train_helpers import REPO, cli_overrides, collate, compose_train, one_thread, prepared, run_cli  # noqa: F401
 
 from saferclip.app.datamodule import EpochShuffle, drop_last_for
+from saferclip.redirection import collate_items
 from saferclip.app.hydra_utils import to_container
 from saferclip.app.module import unique_rows
 from saferclip.app.train import build_datamodule, build_module
@@ -26,12 +27,6 @@ METHODS = ("safeclip", "saferclip")
 GLOBAL_BATCH = 16
 
 
-def prepared(cfg):
-    method = to_container(cfg.method)
-    module, datamodule = build_module(cfg, method), build_datamodule(cfg, method)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    return module, datamodule
 
 
 def perturb_adapters(module) -> None:
@@ -139,6 +134,7 @@ def rank_loaders(datamodule, epoch: int, world: int) -> list[DataLoader]:
                 batch_size=batch_size,
                 sampler=sampler,
                 drop_last=drop_last_for(len(subset), batch_size, world),
+                collate_fn=collate_items,
             )
         )
     return loaders

@@ -183,15 +183,17 @@ def test_extra_safe_captions_are_embedded_and_keyed(toy_world, micro, tmp_path):
 
 def test_non_finite_embedding_names_the_item(toy_world, micro, tmp_path, monkeypatch):
     qset = toy_set(toy_world, Mode.TEXT, limit=10)
-    real = micro.model.encode_text
+    import saferclip.embedding_cache as cache_module
 
-    def poisoned(tokens, normalize=False):
-        out = real(tokens, normalize=normalize)
+    real = cache_module.encode_tokens
+
+    def poisoned(model, tokens, normalize=True):
+        out = real(model, tokens, normalize=normalize)
         if len(tokens) == 4:  # the last batch of 10 in batches of 6: rows 6..9
             out[1, 0] = float("nan")
         return out
 
-    monkeypatch.setattr(micro.model, "encode_text", poisoned)
+    monkeypatch.setattr(cache_module, "encode_tokens", poisoned)
     with pytest.raises(EmbeddingError, match=rf"safe text embedding for item 7 \(id {qset[7].id}\)"):
         build_or_load_cache(micro, qset, tmp_path, batch_size=6, progress=False)
     assert _subfolders(tmp_path) == []

@@ -28,6 +28,7 @@ from train_helpers import (
     collate,
     compose_train,
     one_thread,  # noqa: F401  (autouse fixture)
+    prepared,
     run_cli,
 )
 
@@ -67,13 +68,6 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("train_cache")
 
 
-def prepared(cfg):
-    """Module and datamodule as train() builds them, the data set up."""
-    method = to_container(cfg.method)
-    module, datamodule = build_module(cfg, method), build_datamodule(cfg, method)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    return module, datamodule
 
 
 def grad_names(model: torch.nn.Module) -> set[str]:
@@ -111,18 +105,36 @@ def test_training_step_gradients_reach_only_trainable_parameters(tmp_path, toy_w
 
 
 class EncoderCalls:
-    """Records (model id, encoder) for every encode_text / encode_image call of any CLIP."""
+    """Records (model id, encoder) for every forward of a CLIP tower, of any CLIP: the text
+    transformer (however the text is encoded: open_clip's ``encode_text`` or saferclip's
+    padding-trimmed path) and the vision tower."""
 
     def __init__(self, monkeypatch, model_class: type):
+        import open_clip.transformer as oct
+
         self.calls: list[tuple[int, str]] = []
-        for name in ("encode_text", "encode_image"):
-            original = getattr(model_class, name)
+        self.owner: dict[int, tuple[int, str]] = {}  # id(tower module) -> (id(model), encoder)
+        self.inner: set[int] = set()  # the transformers inside vision towers
+        recorder = self
 
-            def wrapper(model, *args, _original=original, _name=name, **kwargs):
-                self.calls.append((id(model), _name))
-                return _original(model, *args, **kwargs)
+        def transformer_forward(tower, *args, _original=oct.Transformer.forward, **kwargs):
+            if id(tower) not in recorder.inner:  # a vision tower's transformer: counted as the tower
+                recorder.calls.append(recorder.owner.get(id(tower), (id(tower), "another model's text tower")))
+            return _original(tower, *args, **kwargs)
 
-            monkeypatch.setattr(model_class, name, wrapper)
+        def visual_forward(tower, *args, _original=oct.VisionTransformer.forward, **kwargs):
+            recorder.inner.add(id(tower.transformer))
+            recorder.calls.append(recorder.owner.get(id(tower), (id(tower), "another model's image tower")))
+            return _original(tower, *args, **kwargs)
+
+        monkeypatch.setattr(oct.Transformer, "forward", transformer_forward)
+        monkeypatch.setattr(oct.VisionTransformer, "forward", visual_forward)
+
+    def watch(self, model) -> None:
+        """Name the towers of ``model``; any other tower that runs is recorded as another model's."""
+        self.owner[id(model.transformer)] = (id(model), "encode_text")
+        self.owner[id(model.visual)] = (id(model), "encode_image")
+        self.inner.add(id(model.visual.transformer))
 
 
 class CallsPerStep(L.Callback):
@@ -155,6 +167,7 @@ def test_targets_stay_frozen_and_no_frozen_encoder_runs_in_a_step(tmp_path, toy_
     weights_before = {k: v.clone() for k, v in module.model.state_dict().items()}
 
     recorder = EncoderCalls(monkeypatch, type(module.model))
+    recorder.watch(module.model)
     per_step = CallsPerStep(recorder)
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=1, limit_train_batches=4, limit_val_batches=0, logger=False,
@@ -252,13 +265,13 @@ def test_fast_dev_run_per_method_and_data_mode(tmp_path, toy_world, cache_dir, c
     logged = {k.split("/", 1)[1] for k in result if k.startswith("train/") and k != "train/loss"}
     assert logged == set(terms)
     assert all(math.isfinite(v) for k, v in result.items() if k.startswith(("train/", "val/")))
-    assert "val/recall_sum" in result
+    assert "val/selection_score" in result
     active = next(r.getMessage() for r in caplog.records if "active loss terms:" in r.getMessage())
     assert active.endswith(", ".join(t for t in TERM_NAMES if t in terms))
     if "data.mode=text" in overrides:
         assert "data inputs: text" in active
         assert any("image tower is frozen" in r.getMessage() for r in caplog.records)
-        assert "val/u2s_r1" in result
+        assert "val/U2S_R@1" in result
     assert (tmp_path / "run" / "config_resolved.yaml").is_file()
 
 
@@ -305,7 +318,7 @@ def test_csv_logger_records_every_term_and_the_learning_rate(tmp_path, toy_world
     train(compose_train(tmp_path, toy_world, *SHORT_RUN, "method=safeclip", cache_dir=cache_dir))
     rows = read_csv_metrics(tmp_path / "run")
     columns = set(rows[0])
-    assert {"train/loss", "lr-AdamW", "val/recall_sum", "val/u2v_r1"} <= columns
+    assert {"train/loss", "lr-AdamW", "val/selection_score", "val/U2V_R@1", "val/U2VG_unsafe@1"} <= columns
     assert {f"train/{t}" for t in SAFECLIP_TERMS} <= columns
     assert sum(1 for r in rows if r["train/loss"]) == 2  # one row per step (log_every_n_steps=1)
 

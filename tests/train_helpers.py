@@ -93,6 +93,18 @@ def cli_overrides(tmp: Path, toy_world: Path, cache_dir: Path | None = None) -> 
     return [o for o in base_overrides(tmp, toy_world, cache_dir) if not o.startswith("paths.run_dir=")]
 
 
+def prepared(cfg: DictConfig):
+    """Module and datamodule as train() builds them, the data set up."""
+    from saferclip.app.hydra_utils import to_container
+    from saferclip.app.train import build_datamodule, build_module
+
+    method = to_container(cfg.method)
+    module, datamodule = build_module(cfg, method), build_datamodule(cfg, method)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return module, datamodule
+
+
 def collate(dataset, indices) -> dict[str, torch.Tensor]:
     return default_collate([dataset[i] for i in indices])
 

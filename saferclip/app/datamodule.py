@@ -19,7 +19,7 @@ from ..data.records import QuadrupletSet
 from ..data.tables import load_quadruplets
 from ..embedding_cache import EmbeddingCache, build_or_load_cache
 from ..models import ClipBundle, build_clip
-from ..redirection import EvalDataset, RedirectionDataset, RedirectionTargets, SafePool
+from ..redirection import EvalDataset, RedirectionDataset, RedirectionTargets, SafePool, collate_items
 
 log = logging.getLogger("saferclip.data")
 
@@ -117,13 +117,14 @@ class SaferClipDataModule(L.LightningDataModule):
         ensure_toy_world(self.data_cfg)
         self._prepared = self._frozen(build=True)
         if self.method_cfg["targets"] == "neighbours":
-            self._neighbours(self._prepared[2])  # found once and saved beside the cache
+            self._neighbours(self._prepared[0], self._prepared[2])  # found once and saved beside the cache
 
-    def _neighbours(self, cache: EmbeddingCache):
-        from ..neighbours import NeighbourConfig, load_or_find_safe_neighbours
+    def _neighbours(self, train: QuadrupletSet, cache: EmbeddingCache):
+        from ..neighbours import NeighbourConfig, config_groups, load_or_find_safe_neighbours, pool_text
 
         cfg = NeighbourConfig(**{k: v for k, v in self.method_cfg["neighbours"].items() if k != "extra_pool"})
-        return load_or_find_safe_neighbours(cache, cfg)
+        groups = config_groups(train, cfg, len(pool_text(cache, cfg.use_extra_pool)))
+        return load_or_find_safe_neighbours(cache, cfg, groups)
 
     # ---------------------------------------------------------------- every rank
     def setup(self, stage: str | None = None) -> None:
@@ -163,7 +164,7 @@ class SaferClipDataModule(L.LightningDataModule):
         text, image = cache.safe_text, cache.safe_image
         if self.method_cfg["targets"] != "neighbours":
             return RedirectionTargets.paired(len(train)), SafePool(captions, images, text.float(), _float(image))
-        neighbours = self._neighbours(cache)
+        neighbours = self._neighbours(train, cache)
         targets = RedirectionTargets(
             indices=torch.as_tensor(neighbours.indices, dtype=torch.long),
             weights=torch.as_tensor(neighbours.weights, dtype=torch.float32),
@@ -196,6 +197,7 @@ class SaferClipDataModule(L.LightningDataModule):
             drop_last=drop_last_for(len(subset), batch_size, world),
             num_workers=int(self.data_cfg.get("num_workers", 0)),
             persistent_workers=False,
+            collate_fn=collate_items,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -204,6 +206,7 @@ class SaferClipDataModule(L.LightningDataModule):
             batch_size=int(self.data_cfg.get("eval_batch_size", 256)),
             shuffle=False,
             num_workers=int(self.data_cfg.get("num_workers", 0)),
+            collate_fn=collate_items,
         )
 
 

@@ -28,7 +28,7 @@ def build_index(cfg: DictConfig) -> dict:
     from ..embedding_cache import build_or_load_cache, load_safe_corpus
     from ..models import build_clip
     from ..neighbour_report import summarize
-    from ..neighbours import NeighbourConfig, load_or_find_safe_neighbours
+    from ..neighbours import NeighbourConfig, config_groups, load_or_find_safe_neighbours, pool_text
     from .datamodule import ensure_toy_world, load_split
 
     method = to_container(cfg.method)
@@ -49,7 +49,9 @@ def build_index(cfg: DictConfig) -> dict:
         num_workers=int(data.get("num_workers", 0)),
         extra_safe_captions=load_safe_corpus(extra_pool) if extra_pool else None,
     )
-    neighbours = load_or_find_safe_neighbours(cache, NeighbourConfig(**neigh))
+    config = NeighbourConfig(**neigh)
+    groups = config_groups(train, config, len(pool_text(cache, config.use_extra_pool)))
+    neighbours = load_or_find_safe_neighbours(cache, config, groups)
     summary = summarize(cache, neighbours, train)
     summary["total_seconds"] = round(time.time() - start, 2)
     summary["cache_path"] = str(cache.path)

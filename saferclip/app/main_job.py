@@ -80,6 +80,7 @@ def train_or_reuse(name: str, overrides: list[str], runs_dir: Path, force: bool)
         "run_dir": str(run_dir),
         "export": result.get("export"),
         "best_checkpoint": result.get("best_checkpoint"),
+        "selection": result.get("selection"),
         "train_seconds": round(time.time() - start, 1),
         "overrides": overrides,
     }

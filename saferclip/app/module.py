@@ -15,8 +15,11 @@ from torch.nn.utils import parametrize
 
 from ..adapters import TrainableConfig, configure_trainable, tower_parameters
 from ..losses import TERM_NAMES, Gather, LossConfig, SaferClipLoss, gather_with_grad
-from ..metrics import recall_at_k, unsafe_rate
-from ..models import build_clip
+from ..evaluation.galleries import PairEmbeddings
+from ..evaluation.retrieval import visu_metrics
+from ..evaluation.selection import SELECTION_METRIC, selection_score
+from ..metrics import recall_at_k
+from ..models import build_clip, encode_tokens
 
 log = logging.getLogger("saferclip.train")
 
@@ -64,7 +67,7 @@ class SaferClipModule(L.LightningModule):
         # LoRA weights are parametrizations, recomputed on every access; attention reads its
         # weights more than once per forward: compute each adapted weight once per call
         with parametrize.cached():
-            for inputs, encode in ((_TEXT_INPUTS, self.model.encode_text), (_IMAGE_INPUTS, self.model.encode_image)):
+            for inputs, encode in ((_TEXT_INPUTS, self._encode_text), (_IMAGE_INPUTS, self.model.encode_image)):
                 names = [n for n, key in inputs.items() if n in wanted and key in batch]
                 if not names:
                     continue
@@ -72,6 +75,9 @@ class SaferClipModule(L.LightningModule):
                 features = encode(torch.cat(parts) if len(parts) > 1 else parts[0], normalize=True)
                 out.update(zip(names, features.split([len(p) for p in parts])))
         return out
+
+    def _encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return encode_tokens(self.model, tokens, normalize=normalize)
 
     def loss_step(self, batch: dict[str, torch.Tensor], gather: Gather | None = None):
         """The loss of one batch: ``(total, {term: value})``. Encodes what the active terms
@@ -174,46 +180,45 @@ class SaferClipModule(L.LightningModule):
 
 
 def unique_rows(merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sort validation outputs by ``index`` and keep one row per index, as float32.
+    """Sort validation outputs by ``index`` and keep one row per index, as float32 (``index``
+    and ``owner`` stay integers).
 
     Under DDP the DistributedSampler pads the split with repeated items so every rank has as
     many; gathered, those repeats would count twice and shift the retrieval labels."""
-    merged = dict(merged)
-    index = merged.pop("index")
+    index = merged["index"].long()
     order = torch.argsort(index, stable=True)
     ordered = index[order]
     first = torch.ones_like(ordered, dtype=torch.bool)
     first[1:] = ordered[1:] != ordered[:-1]
     order = order[first]
-    return {k: v[order].float() for k, v in merged.items()}
+    integer = ("index", "owner")
+    return {k: (v[order].long() if k in integer else v[order].float()) for k, v in merged.items()}
+
+
+VALIDATION_KS = (1, 5, 10)
 
 
 def validation_metrics(f: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Retrieval on the validation split: U->V and S->V (the redirection and the utility),
-    the unsafe rate of unsafe captions over a mixed V+G gallery, and their recall sum."""
-    out: dict[str, float] = {}
-    n = len(f["t_safe"])
-    idx = torch.arange(n)
-    ks = (1, 5, 10)
+    """The validation split's retrieval metrics, by the evaluation's own functions and keys
+    (:func:`saferclip.evaluation.visu_metrics`: ``S2V_R@k``, ``U2V_R@k``, ``U2VG_unsafe@1``...,
+    all in setting (a): every embedding from the model being trained), plus
+    ``selection_score`` (:mod:`saferclip.evaluation.selection`), the checkpoint monitor.
+    Text-only data adds ``U2S_R@k``: an unsafe caption finds its paired safe caption."""
+    index = f["index"]
+    emb = PairEmbeddings(safe_text=f["t_safe"], unsafe_text=f["t_unsafe"])
     if "i_safe" in f:
-        # the gallery holds each safe image once; captions find it through their owner
-        owner = f["owner"].long() if "owner" in f else idx
-        distinct = owner == idx
-        gallery, gallery_owner = f["i_safe"][distinct], owner[distinct]
-        s2v = recall_at_k(f["t_safe"], gallery, ks=ks, query_owner=owner, gallery_owner=gallery_owner)
-        u2v = recall_at_k(f["t_unsafe"], gallery, ks=ks, query_owner=owner, gallery_owner=gallery_owner)
-        for k in ks:
-            out[f"s2v_r{k}"] = float(s2v[f"R@{k}"])
-            out[f"u2v_r{k}"] = float(u2v[f"R@{k}"])
-        out["recall_sum"] = sum(out[f"s2v_r{k}"] + out[f"u2v_r{k}"] for k in ks)
-        if "i_unsafe" in f:
-            gallery = torch.cat([gallery, f["i_unsafe"]])
-            is_unsafe = torch.cat([torch.zeros(len(gallery_owner), dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
-            out["unsafe_rate"] = float(unsafe_rate(f["t_unsafe"], gallery, is_unsafe, k=1))
-    else:
-        # text only: U should land near safe text, S should stay retrievable by itself
-        u2s = recall_at_k(f["t_unsafe"], f["t_safe"], idx, ks=ks)
-        for k in ks:
-            out[f"u2s_r{k}"] = float(u2s[f"R@{k}"])
-        out["recall_sum"] = sum(out[f"u2s_r{k}"] for k in ks)
+        # the gallery holds each safe image once: items sharing one point at its first owner
+        owner = f["owner"] if "owner" in f else index
+        distinct = owner == index
+        emb.safe_image = f["i_safe"][distinct]
+        emb.safe_owner = torch.searchsorted(index[distinct], owner)
+    if "i_unsafe" in f:
+        emb.unsafe_image = f["i_unsafe"]
+        emb.unsafe_owner = torch.arange(len(index))
+    metrics = visu_metrics(emb, None, ks=VALIDATION_KS, unsafe_ks=(1,))
+    out = {k: float(v) for k, v in metrics.items() if ("_R@" in k or "_unsafe@" in k) and isinstance(v, (int, float))}
+    if "i_safe" not in f:
+        u2s = recall_at_k(f["t_unsafe"], f["t_safe"], torch.arange(len(index)), ks=VALIDATION_KS)
+        out.update({f"U2S_R@{k}": float(u2s[f"R@{k}"]) for k in VALIDATION_KS})
+    out[SELECTION_METRIC] = selection_score(out)
     return out

@@ -14,6 +14,7 @@ stderr and exit code 2.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -25,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..checkpoints import CheckpointError, write_text_atomic
 from ..data.records import DataFormatError
+from .callbacks import SELECTION_FILE
 from .hydra_utils import CONF_DIR, ConfigError, check_train_config, setup_logging, to_container
 
 log = logging.getLogger("saferclip.train")
@@ -169,8 +171,9 @@ def requested_processes(cfg: DictConfig) -> int:
 
 def train(cfg: DictConfig) -> dict:
     """Fit the model a composed ``train`` config describes. Returns the trainer's callback
-    metrics (``train/...``, ``val/...``) plus ``best_checkpoint``, ``best_score`` and ``export``
-    when there are any. Raises :class:`ConfigError` (and the data / checkpoint errors) for
+    metrics (``train/...``, ``val/...``) plus ``best_checkpoint``, ``best_score``, ``selection``
+    (the kept epoch and its validation metrics, from ``selection.json``) and ``export`` when
+    there are any. Raises :class:`ConfigError` (and the data / checkpoint errors) for
     what the user can fix, before any long work."""
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
@@ -195,6 +198,9 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     result = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result.update(best_checkpoint(callbacks))
+    selection = run_dir / SELECTION_FILE
+    if selection.is_file():
+        result["selection"] = json.loads(selection.read_text())["selected"]
     if cfg.export and trainer.is_global_zero and not cfg.trainer.get("fast_dev_run"):
         from ..export_lightning import export_checkpoint
 

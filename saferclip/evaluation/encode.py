@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import load_image
 from ..data.records import DataFormatError
-from ..models import ClipBundle, eval_mode
+from ..models import ClipBundle, encode_tokens, eval_mode
 
 
 class EvaluationError(ValueError):
@@ -150,7 +150,7 @@ def encode_texts(
     with eval_mode(bundle.model), torch.inference_mode(), _progress(len(texts), desc, progress) as bar:
         for start in range(0, len(texts), batch_size):
             tokens = bundle.tokenizer(list(texts[start : start + batch_size])).to(device)
-            out.append(_finish(bundle.model.encode_text(tokens), start, desc))
+            out.append(_finish(encode_tokens(bundle.model, tokens, normalize=False), start, desc))
             bar.update(len(out[-1]))
     return torch.cat(out) if out else torch.empty(0, embed_dim(bundle))
 

@@ -1,0 +1,87 @@
+"""Lightning callbacks of the training app."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from ..checkpoints import write_json_atomic
+from ..evaluation.selection import SELECTION_METRIC
+
+SELECTION_FILE = "selection.json"
+
+
+class SelectionRecord(Callback):
+    """Keeps every epoch's validation metrics and which epoch the checkpoint callback keeps,
+    in ``<run>/selection.json`` (rewritten atomically after every epoch):
+
+    ``{"monitor", "mode", "selected": {"epoch", "global_step", "checkpoint", "score",
+    "metrics"}, "history": [{"epoch", "global_step", "metrics"}, ...]}``
+
+    Export, the model card, the main job and the study read it to say which epoch was
+    exported and how it scored on the validation split. The history travels in the training
+    checkpoint, so a resumed run keeps the epochs before the interruption.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.history: list[dict[str, Any]] = []
+
+    # -- recording
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        metrics = {k[len("val/") :]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if not metrics:
+            return
+        entry = {"epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step), "metrics": metrics}
+        self.history = [h for h in self.history if h["epoch"] != entry["epoch"]] + [entry]
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer)
+
+    def _write(self, trainer: L.Trainer) -> None:
+        if not trainer.is_global_zero or trainer.fast_dev_run or not self.history:
+            return
+        write_json_atomic(self.path, selection_summary(trainer.checkpoint_callbacks, self.history))
+
+    # -- resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
+
+def selection_summary(checkpoint_callbacks: list, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What :class:`SelectionRecord` writes: the history plus the kept epoch (the first epoch
+    holding the best monitored value, as ``ModelCheckpoint`` keeps the first of equal bests)."""
+    monitoring = next((cb for cb in checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor), None)
+    out: dict[str, Any] = {"monitor": None, "mode": None, "selected": None, "history": history}
+    if monitoring is None:
+        last = history[-1]
+        out["selected"] = {**last, "checkpoint": None, "score": None, "why": "no monitored checkpoint: the last epoch"}
+        return out
+    key = monitoring.monitor[len("val/") :] if monitoring.monitor.startswith("val/") else monitoring.monitor
+    out.update(monitor=monitoring.monitor, mode=monitoring.mode)
+    scored = [h for h in history if isinstance(h["metrics"].get(key), float) and math.isfinite(h["metrics"][key])]
+    if not scored:
+        return out
+    sign = 1 if monitoring.mode == "max" else -1
+    best = max(scored, key=lambda h: (sign * h["metrics"][key], -h["epoch"]))
+    out["selected"] = {
+        **best,
+        "checkpoint": monitoring.best_model_path or None,
+        "score": best["metrics"][key],
+    }
+    return out
+
+
+__all__ = ["SELECTION_FILE", "SELECTION_METRIC", "SelectionRecord", "selection_summary"]

@@ -1,0 +1,53 @@
+"""The training step's fast paths give the same numbers as the plain ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from saferclip.models import build_clip, encode_tokens, trimmed_length
+from train_helpers import compose_train, one_thread, prepared  # noqa: F401  (fixture)
+
+CAPTIONS = [
+    "a red circle on a black background",
+    "cup",
+    "a large blue triangle with a small tree, on white, seen from far away in the evening light",
+    "",
+]
+
+
+@pytest.mark.parametrize("arch", ["saferclip-micro", "saferclip-toy", "ViT-B-32"])
+def test_trimmed_text_encoding_equals_the_full_length_one(arch):
+    bundle = build_clip(arch, None)
+    tokens = bundle.tokenizer(CAPTIONS)
+    assert trimmed_length(tokens) <= tokens.shape[1]
+    with torch.no_grad():
+        full = bundle.model.encode_text(tokens, normalize=True)
+        trimmed = encode_tokens(bundle.model, tokens)
+    torch.testing.assert_close(trimmed, full, atol=1e-6, rtol=0)
+    # and the gradients flow the same way
+    a = bundle.model.encode_text(tokens[:2], normalize=True).sum()
+    grads_full = torch.autograd.grad(a, bundle.model.token_embedding.weight)[0]
+    b = encode_tokens(bundle.model, tokens[:2]).sum()
+    grads_trim = torch.autograd.grad(b, bundle.model.token_embedding.weight)[0]
+    torch.testing.assert_close(grads_trim, grads_full, atol=1e-4, rtol=1e-4)
+
+
+def test_trimmed_length_is_the_last_nonpadding_column():
+    tokens = torch.tensor([[5, 7, 9, 0, 0, 0], [5, 9, 0, 0, 0, 0]])
+    assert trimmed_length(tokens) == 3
+    assert trimmed_length(torch.zeros(2, 4, dtype=torch.long)) == 1
+
+
+@pytest.mark.parametrize("method", ["saferclip", "safeclip"])
+def test_a_batch_fetched_at_once_equals_the_collated_items(tmp_path, toy_world, method):
+    cfg = compose_train(tmp_path, toy_world, f"method={method}", "method.loss.weights.live_relative_text=0.5")
+    _, datamodule = prepared(cfg)
+    for dataset in (datamodule.train_set, datamodule.val_set):
+        rows = [5, 0, 3, 3, 11]
+        batch = dataset.__getitems__(rows)
+        singles = default_collate([dataset[i] for i in rows])
+        assert batch.keys() == singles.keys()
+        for key in batch:
+            assert torch.equal(batch[key], singles[key]), key
