@@ -274,7 +274,7 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     markdown = report["markdown"].read_text()
     assert "| metric | original | tuned |" in markdown and "U2VG_unsafe@1 (24 safe + 24 unsafe images" in markdown
     names = {p.name for p in report["plots"]}
-    assert names == {"visu_headline.png", "nsfw_caps_headline.png", "cost_headline.png", "nsfw_caps_unsafe_to_safe_cosine.png"}
+    assert names == {"visu_headline.png", "nsfw_caps_headline.png", "cost_headline.png", "nsfw_caps_unsafe_to_safe_cosine.png", "tradeoff.png"}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in report["plots"])
     with pytest.raises(FileExistsError, match="force"):
         write_report(results, tmp_path / "report")

@@ -16,18 +16,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from ..data.records import QuadrupletSet
-from ..data.tables import load_quadruplets
+from ..data.splits import load_split
 from ..embedding_cache import EmbeddingCache, build_or_load_cache
 from ..models import ClipBundle, build_clip
 from ..redirection import EvalDataset, RedirectionDataset, RedirectionTargets, SafePool, collate_items
 
 log = logging.getLogger("saferclip.data")
-
-
-def load_split(data_cfg: dict, split: str) -> QuadrupletSet:
-    spec = dict(data_cfg["splits"][split])
-    path = spec.pop("path")
-    return load_quadruplets(path, mode=data_cfg.get("mode", "auto"), on_error=data_cfg.get("on_error", "raise"), **spec)
 
 
 def ensure_toy_world(data_cfg: dict) -> None:

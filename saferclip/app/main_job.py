@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .callbacks import SELECTION_FILE
 from .hydra_utils import CONF_DIR, ConfigError, setup_logging, to_container
 
 log = logging.getLogger("saferclip.main")
@@ -90,6 +91,12 @@ def train_or_reuse(name: str, overrides: list[str], runs_dir: Path, force: bool)
     return summary
 
 
+def read_selection(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run's ``selection.json`` (validation history and exported epoch), None if it has none."""
+    path = Path(run_dir) / SELECTION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 MAIN_KEYS = ("seed", "force", "out_dir", "runs_dir", "runs", "common", "eval")
 
 
@@ -112,11 +119,13 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     models: dict[str, dict[str, Any]] = {
         "original": {"arch": train_base.model.arch, "pretrained": train_base.model.pretrained}
     }
+    training: dict[str, dict[str, Any]] = {}
     for name, run_overrides in cfg.runs.items():
         start = time.time()
         summary = train_or_reuse(name, common + list(run_overrides), Path(cfg.runs_dir), bool(cfg.force))
         timings[name] = round(time.time() - start, 1)
         models[name] = {"arch": train_base.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
+        training[name] = read_selection(summary["run_dir"])
     start = time.time()
     results = evaluate_models(
         models,
@@ -127,10 +136,11 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         batch_size=int(train_base.data.eval_batch_size),
         seed=int(cfg.seed),
         config={"main": to_container(cfg), "train_overrides": {k: list(v) for k, v in cfg.runs.items()}},
+        oracle=cfg.eval.get("oracle"),
     )
     timings["evaluation"] = round(time.time() - start, 1)
     results["meta"]["timings_seconds"] = timings
-    report = write_report(results, out_dir / "report", force=True)
+    report = write_report(results, out_dir / "report", force=True, training={k: v for k, v in training.items() if v})
     return {"results": results, "report": report, "models": models, "timings": timings}
 
 

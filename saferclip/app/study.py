@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from ..evaluation.headline import HEADLINE, headline
 from .hydra_utils import CONF_DIR, ConfigError, setup_logging, to_container
-from .main_job import compose, train_or_reuse
+from .main_job import compose, read_selection, train_or_reuse
 
 log = logging.getLogger("saferclip.study")
 
@@ -66,9 +66,13 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from ..evaluation.runner import evaluate_models
     from .datamodule import ensure_toy_world
 
+    from ..evaluation.figures import plot_tradeoff, plot_training_curves, tradeoff_points
+
     out_dir = Path(cfg.out_dir).resolve()
     per_seed: dict[int, dict[str, dict[str, float]]] = {}
     runs: dict[str, Any] = {}
+    points: list[dict[str, Any]] = []
+    curves: dict[str, dict[str, Any]] = {}
     start = time.time()
     for seed in cfg.seeds:
         common = list(cfg.common) + list(overrides) + [f"seed={seed}"]
@@ -82,6 +86,9 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
             summary = train_or_reuse(name, common + list(variant), Path(cfg.runs_dir), bool(cfg.force))
             runs[f"{name}/seed{seed}"] = summary
             models[name] = {"arch": base.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
+            record = read_selection(summary["run_dir"])
+            if record and seed == cfg.seeds[0]:
+                curves[name] = record
         results = evaluate_models(
             models,
             to_container(base.data),
@@ -90,15 +97,23 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
             split=cfg.eval.split,
             batch_size=int(base.data.eval_batch_size),
             seed=int(seed),
+            oracle=cfg.eval.get("oracle"),
         )
         write_json_atomic(out_dir / "per_seed" / f"seed{seed}.json", results)
         per_seed[int(seed)] = {m: headline(r) for m, r in results["results"].items()}
+        points += tradeoff_points(results)
     summary = aggregate(per_seed)
     table = study_table(summary)
+    plots = [
+        plot_tradeoff(points, out_dir / "plots" / "tradeoff.png", title=f"every run a point ({len(cfg.seeds)} seeds)"),
+        plot_training_curves(curves, out_dir / "plots" / "training_curves.png"),
+    ]
+    figures = "".join(f"\n![{p.stem}](plots/{p.name})\n" for p in plots if p is not None)
     seconds = time.time() - start
     write_json_atomic(out_dir / "study.json", {"summary": summary, "per_seed": per_seed, "runs": runs,
                                                "config": to_container(cfg), "seconds": round(seconds, 1)})
-    write_text_atomic(out_dir / "study.md", f"# saferclip study ({len(cfg.seeds)} seeds)\n\n{table}\n")
+    curve_note = f"\nValidation curves: seed {cfg.seeds[0]}, the exported epoch circled.\n" if curves else ""
+    write_text_atomic(out_dir / "study.md", f"# saferclip study ({len(cfg.seeds)} seeds)\n\n{table}\n{curve_note}{figures}")
     return {"table": table, "summary": summary, "out_dir": str(out_dir), "seconds": seconds}
 
 

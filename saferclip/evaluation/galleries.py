@@ -47,6 +47,9 @@ class PairEmbeddings:
     unsafe_image: Tensor | None = None
     unsafe_owner: Tensor | None = None
     unsafe_paths: list[str] | None = None
+    # extra safe images of a realistic gallery (``[Nd, D]``), when the split names some
+    distractor_image: Tensor | None = None
+    distractor_paths: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.safe_text)
@@ -84,9 +87,11 @@ def embed_pairs(
     progress: bool | None = None,
     fields: tuple[str, str] = ("safe_image", "unsafe_image"),
     label: str = "",
+    distractors: Sequence[Path | str] | None = None,
 ) -> PairEmbeddings:
     """Embed the captions and the distinct images of N pairs (see :class:`PairEmbeddings`).
-    ``fields`` name the image attributes in errors; ``label`` prefixes the progress bars."""
+    ``fields`` name the image attributes in errors; ``label`` prefixes the progress bars.
+    ``distractors``: extra safe image files of a realistic gallery (embedded as given)."""
     n = len(ids)
     if len(safe_captions) != n or len(unsafe_captions) != n:
         raise ValueError(f"{n} ids but {len(safe_captions)} safe and {len(unsafe_captions)} unsafe captions")
@@ -105,6 +110,11 @@ def embed_pairs(
         setattr(emb, f"{kind}_image", features)
         setattr(emb, f"{kind}_owner", owner)
         setattr(emb, f"{kind}_paths", [str(p) for p in unique])
+    if distractors:
+        emb.distractor_image = encode_image_files(
+            bundle, list(distractors), batch_size, num_workers, progress, desc=f"{prefix}distractor images", field="distractor_images"
+        )
+        emb.distractor_paths = [str(p) for p in distractors]
     return emb
 
 
@@ -144,7 +154,8 @@ def reference_problem(emb: PairEmbeddings, ref: PairEmbeddings | None) -> str | 
         return "no reference model given"
     if ref.dim != emb.dim:
         return f"the reference model embeds in {ref.dim} dimensions, the evaluated one in {emb.dim}"
-    if len(ref) != len(emb) or ref.safe_paths != emb.safe_paths or ref.unsafe_paths != emb.unsafe_paths:
+    same_distractors = ref.distractor_paths == emb.distractor_paths or ref.distractor_paths is None or emb.distractor_paths is None
+    if len(ref) != len(emb) or ref.safe_paths != emb.safe_paths or ref.unsafe_paths != emb.unsafe_paths or not same_distractors:
         raise ValueError("the reference embeddings describe other data than the evaluated ones (items or images differ)")
     return None
 

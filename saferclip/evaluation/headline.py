@@ -15,6 +15,8 @@ from typing import Any, Mapping
 HEADLINE: dict[str, tuple[str, tuple[str, str], bool]] = {
     "unsafe_rate_a": ("unsafe rate (a) ↓", ("visu", "U2VG_unsafe@1"), False),
     "unsafe_rate_b": ("unsafe rate (b) ↓", ("visu", "U2VG_ref_unsafe@1"), False),
+    "unsafe_rate_a_realistic": ("unsafe rate (a), realistic gallery ↓", ("visu", "U2VDG_unsafe@1"), False),
+    "unsafe_rate_b_realistic": ("unsafe rate (b), realistic gallery ↓", ("visu", "U2VDG_ref_unsafe@1"), False),
     "U2V_R@1": ("U→V R@1", ("visu", "U2V_R@1"), True),
     "S2V_R@1": ("S→V R@1", ("visu", "S2V_R@1"), True),
     "nsfw_caps_U2V_R@1": ("NSFW-Caps U→V R@1", ("nsfw_caps", "U2V_R@1"), True),

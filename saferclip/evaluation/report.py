@@ -168,7 +168,28 @@ def results_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _markdown(results: Mapping[str, Any], plots: list[Path], out_dir: Path) -> str:
+def _selection_table(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Which epoch of each run was exported, by what rule, and its validation figures."""
+    lines = ["| run | exported epoch | of | monitor | score | val unsafe (a) | val U→V R@1 | val S→V R@1 |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for name, record in training.items():
+        selected = record.get("selected") or {}
+        metrics = selected.get("metrics") or {}
+        epochs = len(record.get("history") or [])
+
+        def pct(key: str) -> str:
+            return f"{100 * metrics[key]:.1f}" if isinstance(metrics.get(key), (int, float)) else "–"
+
+        score = selected.get("score")
+        lines.append(
+            f"| {name} | {selected.get('epoch', '–')} | {epochs} | `{record.get('monitor')}` | "
+            f"{'–' if score is None else f'{score:.3f}'} | {pct('U2VG_unsafe@1')} | {pct('U2V_R@1')} | {pct('S2V_R@1')} |"
+        )
+    return lines
+
+
+def _markdown(
+    results: Mapping[str, Any], plots: list[Path], out_dir: Path, training: Mapping[str, Mapping[str, Any]] | None = None
+) -> str:
     meta = results.get("meta", {})
     out = [
         "# saferclip evaluation",
@@ -199,6 +220,8 @@ def _markdown(results: Mapping[str, Any], plots: list[Path], out_dir: Path) -> s
         skipped[f"{what} ({', '.join(models)})"] = why
     if skipped:
         out += ["", "## Not measured", ""] + [f"- {k}: {v}" for k, v in skipped.items()]
+    if training:
+        out += ["", "## Model selection (validation split)", "", *_selection_table(training)]
     out += ["", "## Results", "", results_table(results), "", LEGEND]
     if plots:
         out += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plots]
@@ -278,8 +301,17 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- entry point
-def write_report(results: Mapping[str, Any], out_dir: str | Path, force: bool = False) -> dict[str, Any]:
+def write_report(
+    results: Mapping[str, Any],
+    out_dir: str | Path,
+    force: bool = False,
+    training: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Write ``results.json``, ``results.md`` and ``plots/*.png`` under ``out_dir``.
+
+    ``training``: run name -> its ``selection.json`` (validation history and exported epoch),
+    for the per-epoch validation curves and the exported-epoch table. Every report with a
+    reference model also gets the safety trade-off plot (one point per model).
 
     Returns ``{"json": path, "markdown": path, "plots": [paths]}``. An existing report there is
     replaced only with ``force`` (FileExistsError otherwise, before anything is written).
@@ -292,7 +324,16 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path, force: bool = 
                 raise FileExistsError(f"{p} exists; pass force=True to replace the report in {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(results, out_dir)
+    from .figures import plot_tradeoff, plot_training_curves, tradeoff_points
+
+    extra = [
+        plot_tradeoff(tradeoff_points(results), out_dir / PLOTS_DIR / "tradeoff.png", original=results.get("meta", {}).get("reference") or "original"),
+        plot_training_curves(training or {}, out_dir / PLOTS_DIR / "training_curves.png"),
+    ]
+    plots += [p for p in extra if p is not None]
     payload = {**_finite(dict(results)), "records": _finite(metric_records(results))}
+    if training:
+        payload["training"] = _finite({n: dict(r) for n, r in training.items()})
     write_json_atomic(json_path, payload)
-    write_text_atomic(md_path, _markdown(results, plots, out_dir))
+    write_text_atomic(md_path, _markdown(results, plots, out_dir, training))
     return {"json": json_path, "markdown": md_path, "plots": plots}

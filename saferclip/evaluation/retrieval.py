@@ -5,6 +5,10 @@ Four single-kind galleries, Recall@k both ways (keys ``S2V_R@k``, ``V2S_R@k``, `
 image), ``V2U_R@k``, ``U2G_R@k``, ``G2U_R@k``), and unsafe rates in mixed galleries (lower is
 safer): ``U2VG_unsafe@k`` unsafe captions over safe + unsafe images, ``G2SU_unsafe@k`` unsafe
 images over safe + unsafe captions, ``V2SU_unsafe@k`` safe images over safe + unsafe captions.
+When the split names ``distractor_images`` (extra safe images), ``U2VDG_unsafe@k`` is the
+unsafe rate of unsafe captions in a *realistic* gallery: the split's safe images V, the
+distractors D (safe scenes of every kind, outnumbering the unsafe images, as in any real
+index) and the unsafe images G.
 
 Two gallery settings (DESIGN.md §3.3): (a) the gallery embedded by the evaluated model itself
 (a whole safe CLIP); (b) ``*_ref_*``: embedded by the reference (original) model — a safe text
@@ -19,7 +23,10 @@ query count and gallery make-up (counts of safe / unsafe items) and who embedded
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
+
+import torch
 
 from ..data.records import QuadrupletSet
 from ..metrics import DEFAULT_KS
@@ -42,8 +49,10 @@ def embed_visu(
     batch_size: int = 256,
     num_workers: int = 0,
     progress: bool | None = None,
+    distractors: Sequence[Path] | None = None,
 ) -> PairEmbeddings:
-    """S, U, and the distinct V and G images of a split (images only where its mode has them)."""
+    """S, U, and the distinct V and G images of a split (images only where its mode has them),
+    and the split's distractor images when given."""
     if len(qset) == 0:
         raise ValueError(f"{qset.source}: the split holds no quadruplets")
     return embed_pairs(
@@ -57,6 +66,7 @@ def embed_visu(
         num_workers,
         progress,
         label="ViSU",
+        distractors=distractors,
     )
 
 
@@ -88,6 +98,11 @@ def visu_metrics(
         c.unsafe("U2VG", U, V, G, unsafe_ks, EVALUATED)
         if ref is not None:
             c.unsafe("U2VG_ref", U, ref.safe_image, ref.unsafe_image, unsafe_ks, REFERENCE)
+        D = emb.distractor_image
+        if D is not None:
+            c.unsafe("U2VDG", U, torch.cat([V, D]), G, unsafe_ks, EVALUATED)
+            if ref is not None and ref.distractor_image is not None:
+                c.unsafe("U2VDG_ref", U, torch.cat([ref.safe_image, ref.distractor_image]), ref.unsafe_image, unsafe_ks, REFERENCE)
     else:
         c.skipped["U2VG"] = no_g if V is not None else no_v
     if G is not None:

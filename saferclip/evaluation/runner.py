@@ -28,12 +28,13 @@ from .. import __version__
 from ..checkpoints import CheckpointError, read_safetensors_metadata, sniff_format
 from ..data.nsfw_caps import CaptionPairSet, load_nsfw_caps
 from ..data.records import QuadrupletSet, ZeroShotTask
-from ..data.tables import load_quadruplets
+from ..data.splits import distractor_images, load_split
 from ..data.zeroshot import load_image_folder_task, load_torchvision_task, load_webdataset_task
 from ..models import ClipBundle, check_arch, default_base_checkpoint
 from ..training_checkpoint import is_training_checkpoint, load_model
 from .cost import cost_of_safety, is_unsafe_task
 from .nsfw_caps import embed_nsfw_caps, nsfw_caps_metrics
+from .oracle import ORACLE_NAME, oracle_redirection
 from .retrieval import embed_visu, visu_metrics
 from .zeroshot import evaluate_zeroshot
 
@@ -70,6 +71,7 @@ class EvalData:
     """The loaded evaluation data, what describes it in reports, and the suites without data."""
 
     visu: QuadrupletSet | None = None
+    visu_distractors: list[Path] | None = None
     nsfw_caps: CaptionPairSet | None = None
     zeroshot: dict[str, ZeroShotTask] = field(default_factory=dict)
     unsafe_tasks: set[str] = field(default_factory=set)
@@ -111,10 +113,13 @@ def load_eval_data(data_cfg: Mapping[str, Any], suites: Sequence[str], split: st
             if _unset(path):
                 data.skipped["visu"] = f"data.splits.{split}.path is not set"
             else:
-                qset = load_quadruplets(path, mode=data_cfg.get("mode", "auto"), on_error=on_error, **spec)
+                qset = load_split(data_cfg, split)
                 _warn_skips(qset)
                 data.visu = qset
+                data.visu_distractors = distractor_images(data_cfg, split)
                 data.describe["visu"] = {"path": str(path), "split": split, "mode": qset.mode.value, "num_items": len(qset), **_plain(spec)}
+                if data.visu_distractors:
+                    data.describe["visu"]["num_distractor_images"] = len(data.visu_distractors)
     if "nsfw_caps" in suites:
         spec = dict(data_cfg.get("nsfw_caps") or {})
         path = spec.pop("path", None)
@@ -258,6 +263,7 @@ def evaluate_models(
     device: str = "cpu",
     progress: bool | None = None,
     config: Mapping[str, Any] | None = None,
+    oracle: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` on ``suites`` and compute the cost of safety against ``reference``.
 
@@ -268,6 +274,11 @@ def evaluate_models(
             galleries and no cost of safety).
         split: the ViSU split (zero-shot tasks use their own ``split``, default test).
         config: the resolved configuration of the run, stored with the results.
+        oracle: ``text`` or ``joint`` adds the row ``"oracle redirection"``
+            (:func:`saferclip.evaluation.oracle.oracle_redirection`): the reference model's
+            test embeddings with every unsafe item replaced by its training target's frozen
+            embeddings, the bound of what redirection alone can do. Needs the reference and
+            the ``train`` split of ``data_cfg``.
 
     Returns:
         ``{"meta", "data", "skipped", "models", "results"}``: ``results[model][suite]`` holds
@@ -280,6 +291,8 @@ def evaluate_models(
     specs = {name: ModelSpec.of(name, spec) for name, spec in models.items()}
     if reference is not None and reference not in specs:
         raise ValueError(f"reference model {reference!r} is not among the models {list(specs)}; add it or set reference=null")
+    if oracle is not None and reference is None:
+        raise ValueError("the oracle row needs a reference model")
     for name, spec in specs.items():
         check_model(name, spec)
     data = load_eval_data(data_cfg, suites, split)  # before any model: broken data fails fast
@@ -300,10 +313,20 @@ def evaluate_models(
         if data.zeroshot:
             out["zeroshot"] = {t: evaluate_zeroshot(bundle, task, name=t, **kw) for t, task in data.zeroshot.items()}
         if data.visu is not None:
-            emb = embed_visu(bundle, data.visu, **kw)
+            emb = embed_visu(bundle, data.visu, distractors=data.visu_distractors, **kw)
             if name == reference:
                 ref_visu = emb
             out["visu"] = visu_metrics(emb, ref_visu)
+            if name == reference and oracle is not None:
+                started_oracle = time.perf_counter()
+                train = load_split(data_cfg, "train")
+                results[ORACLE_NAME] = {"visu": oracle_redirection(bundle, train, emb, mode=oracle, **kw)}
+                described[ORACLE_NAME] = {
+                    "arch": bundle.arch,
+                    "pretrained": f"frozen targets of {name!r} ({oracle} neighbours in {train.source})",
+                    "source": bundle.source,
+                    "seconds": round(time.perf_counter() - started_oracle, 2),
+                }
         if data.nsfw_caps is not None:
             emb = embed_nsfw_caps(bundle, data.nsfw_caps, **kw)
             if name == reference:
@@ -335,6 +358,6 @@ def evaluate_models(
         },
         "data": data.describe,
         "skipped": data.skipped,
-        "models": {n: described[n] for n in specs},
-        "results": {n: results[n] for n in specs},
+        "models": {n: described[n] for n in [*specs, *([ORACLE_NAME] if ORACLE_NAME in results else [])]},
+        "results": {n: results[n] for n in [*specs, *([ORACLE_NAME] if ORACLE_NAME in results else [])]},
     }

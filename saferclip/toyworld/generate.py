@@ -11,6 +11,9 @@ Same seed, same bytes. The layout under ``root``::
     nsfw_caps/nsfw_caps.csv             NSFW-Caps-like minimal edits, new phrasings
     nsfw_caps/images/, nsfw_caps/nsfw_images/
     zeroshot/<task>/{classnames.json, templates.json, test/<class>/<n>.png}
+    visu/distractors/test/<n>.png       extra safe images (scenes with and without safe objects)
+                                        for a realistic test gallery, where safe images
+                                        outnumber unsafe ones
 
 The ViSU-like training pairs are *loosely* related (the paired safe scene keeps the shape but
 changes colour and background), while close safe alternatives (same scene, safe object) exist
@@ -37,7 +40,7 @@ from PIL import Image
 from .captions import PROMPT_FRAMES, SHIFT_FRAMES, SHIFT_OBJ, TRAIN_FRAMES, TRAIN_OBJ, caption
 from .scene import BACKGROUNDS, COLOURS, SAFE_OBJECTS, SHAPES, SIZES, UNSAFE_OBJECTS, Scene, random_scene, render
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 log = logging.getLogger("saferclip.toyworld")
 UNSAFE = tuple(UNSAFE_OBJECTS)
 
@@ -50,9 +53,10 @@ class ToySizes:
     nsfw_caps: int = 1000
     zeroshot_per_class: int = 40
     scene_per_class: int = 10
+    distractors: int = 2000  # extra safe test images of a realistic retrieval gallery
 
 
-SMALL_SIZES = ToySizes(train=96, validation=24, test=24, nsfw_caps=40, zeroshot_per_class=3, scene_per_class=1)
+SMALL_SIZES = ToySizes(train=96, validation=24, test=24, nsfw_caps=40, zeroshot_per_class=3, scene_per_class=1, distractors=24)
 
 
 def heldout_combinations() -> set[tuple[str, str]]:
@@ -171,6 +175,14 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def _write_distractors(root: Path, n: int, rng: np.random.Generator) -> None:
+    """Safe scenes of every kind, most with a safe object tile (like the training targets),
+    some without: what a real index holds besides the test split's own safe images."""
+    safe_objects: tuple[str | None, ...] = SAFE_OBJECTS + (None,)
+    for i in range(n):
+        _save_png(render(random_scene(rng, safe_objects), rng), root / "visu" / "distractors" / "test" / f"{i:06d}.png")
+
+
 def _zeroshot_tasks() -> dict[str, tuple[list[str], str, tuple[str | None, ...]]]:
     """task -> (class names, attribute the class is, object tiles to draw from)."""
     safe_objs: tuple[str | None, ...] = SAFE_OBJECTS + (None,)
@@ -228,11 +240,13 @@ def make_toy_world(root: str | os.PathLike, seed: int = 0, sizes: ToySizes = Toy
             if found == json.loads(json.dumps(manifest)):
                 return root
             # an earlier generator version of the same world: ours, reproducible, replaced
+            # (a newer version may have added parts: compare the sizes both versions know)
             older_toy_world = (
                 isinstance(found, dict)
                 and found.get("generator_version") != GENERATOR_VERSION
                 and found.get("seed") == seed
-                and found.get("sizes") == manifest["sizes"]
+                and isinstance(found.get("sizes"), dict)
+                and all(manifest["sizes"].get(k) == v for k, v in found["sizes"].items())
             )
         except json.JSONDecodeError:
             pass
@@ -286,3 +300,4 @@ def _generate(root: Path, seed: int, sizes: ToySizes) -> None:
         )
     _write_nsfw_caps(root, sizes.nsfw_caps, rngs[3])
     _write_zeroshot(root, sizes, rngs[4])
+    _write_distractors(root, sizes.distractors, rngs[5])

@@ -1,0 +1,119 @@
+"""Figures that put several runs side by side: validation curves and safety trade-offs.
+
+* :func:`plot_training_curves` — per epoch of each run, the validation unsafe rate, U→V and
+  S→V R@1 (from the run's ``selection.json``), the exported epoch marked: safety emerging
+  with steps, and where the selection rule stopped.
+* :func:`plot_tradeoff` — every model as a point: unsafe rate (a) against zero-shot
+  retention, and against U→V R@1; the original model marked. Lower-right is better in the
+  first panel, lower-right in the second (safe and still redirecting to the right scene).
+
+Pure matplotlib on the Agg canvas (no pyplot), written atomically like the report's plots.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .report import _figure, _save
+
+CURVE_METRICS = (
+    ("U2VG_unsafe@1", "unsafe rate (a) ↓"),
+    ("U2V_R@1", "U→V R@1"),
+    ("S2V_R@1", "S→V R@1"),
+)
+
+
+def plot_training_curves(records: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path | None:
+    """``records``: run name -> its ``selection.json`` (``history`` and ``selected``). One panel
+    per metric of :data:`CURVE_METRICS`, one line per run, the exported epoch circled.
+    Returns the file, or None when no run has a history."""
+    records = {n: r for n, r in records.items() if r and r.get("history")}
+    if not records:
+        return None
+    fig = _figure(4.0 * len(CURVE_METRICS), 3.3)
+    colours = _colours(len(records))
+    for col, (key, label) in enumerate(CURVE_METRICS):
+        ax = fig.add_subplot(1, len(CURVE_METRICS), col + 1)
+        for colour, (name, record) in zip(colours, records.items()):
+            history = sorted(record["history"], key=lambda h: h["epoch"])
+            points = [(h["epoch"], 100 * h["metrics"][key]) for h in history if key in h["metrics"]]
+            if not points:
+                continue
+            ax.plot(*zip(*points), marker=".", color=colour, label=name, linewidth=1.5)
+            selected = (record.get("selected") or {}).get("epoch")
+            chosen = [p for p in points if p[0] == selected]
+            if chosen:
+                ax.scatter(*zip(*chosen), s=110, facecolors="none", edgecolors=colour, linewidths=1.8, zorder=3)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_title(f"validation {label} (%)", fontsize=9)
+        ax.set_ylim(-2, 102)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if col == 0:
+            ax.legend(fontsize=7, title="○ exported epoch", title_fontsize=7)
+    path = Path(path)
+    _save(fig, path)
+    return path
+
+
+def tradeoff_points(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``[{name, unsafe_a, retention, u2v}]`` (fractions; NaN where not measured) of every model
+    of an evaluation with an unsafe rate (a) (:func:`saferclip.evaluation.headline.headline`)."""
+    from .headline import headline
+
+    points = []
+    for name, model_results in (results.get("results") or {}).items():
+        h = headline(model_results)
+        if "unsafe_rate_a" in h and ("zeroshot_retention" in h or "U2V_R@1" in h):
+            points.append(
+                {
+                    "name": name,
+                    "unsafe_a": h["unsafe_rate_a"],
+                    "retention": h.get("zeroshot_retention", math.nan),
+                    "u2v": h.get("U2V_R@1", math.nan),
+                }
+            )
+    return points
+
+
+def plot_tradeoff(points: Sequence[Mapping[str, Any]], path: str | Path, original: str = "original", title: str = "") -> Path | None:
+    """Two panels, one point per entry of ``points`` (``name``, ``unsafe_a``, ``retention``,
+    ``u2v``; several entries may share a name, e.g. seeds): unsafe rate (a) against
+    zero-shot retention, and against U→V R@1. The ``original`` model is a black star."""
+    points = [p for p in points if math.isfinite(p.get("unsafe_a", math.nan))]
+    if not points:
+        return None
+    names = list(dict.fromkeys(p["name"] for p in points))
+    colours = dict(zip(names, _colours(len(names))))
+    fig = _figure(9.0, 3.6)
+    for col, (key, label) in enumerate((("retention", "zero-shot retention (%)"), ("u2v", "U→V R@1 (%)"))):
+        ax = fig.add_subplot(1, 2, col + 1)
+        for name in names:
+            own = [p for p in points if p["name"] == name and math.isfinite(p.get(key, math.nan))]
+            if not own:
+                continue
+            xs, ys = [100 * p["unsafe_a"] for p in own], [100 * p[key] for p in own]
+            if name == original:
+                ax.scatter(xs, ys, marker="*", s=180, color="black", label=name, zorder=3)
+            else:
+                ax.scatter(xs, ys, s=36, color=colours[name], label=name, alpha=0.85)
+        ax.set_xlabel("unsafe rate (a) (%) — lower is safer", fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.set_xlim(-3, 103)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if col == 1:
+            ax.legend(fontsize=6, loc="best")
+    fig.suptitle(title or "safety against what it costs (every model a point)", fontsize=9)
+    path = Path(path)
+    _save(fig, path)
+    return path
+
+
+def _colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
