@@ -1,7 +1,7 @@
 """Throughput of the frozen-embedding cache builder against a plain batched open_clip loop.
 
 Both embed the same quadruplets with the same model and batch size: the plain loop is
-``saferclip.embedding_cache.embed_plain`` (tokenize / preprocess, encode, concatenate; no
+``saferclip.redirection.cache.embed_plain`` (tokenize / preprocess, encode, concatenate; no
 fingerprints, no files, no checks); the builder adds the model and data fingerprints, the
 NaN check, the DataLoader and the atomic ``.npy`` writes. The ratio printed is
 plain time / builder time (1.0 = no overhead; target >= 0.95).
@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from saferclip.data.records import Mode, QuadrupletSet  # noqa: E402
-from saferclip.embedding_cache import build_or_load_cache, embed_plain  # noqa: E402
-from saferclip.models import build_clip, default_base_checkpoint  # noqa: E402
+from saferclip.redirection.cache import build_or_load_cache, embed_plain  # noqa: E402
+from saferclip.model.build import build_clip, default_base_checkpoint  # noqa: E402
 from saferclip.toyworld.generate import ToySizes, make_toy_world  # noqa: E402
 
 

@@ -3,7 +3,7 @@ open_clip loop on the same model and data.
 
 The plain loop reads and preprocesses a batch of images in the main process, then runs
 ``model.encode_image(x, normalize=True)`` (captions: tokenise a batch, ``encode_text``): what
-``saferclip.models.encode_images`` / ``encode_text`` do. Ours adds DataLoader workers, a
+``saferclip.model.build.encode_images`` / ``encode_text`` do. Ours adds DataLoader workers, a
 progress bar, eval mode, float32 renormalisation and error checks; the target is a
 throughput ratio ours / plain >= 0.95.
 
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from saferclip.data import load_image, load_quadruplets  # noqa: E402
 from saferclip.evaluation.encode import encode_image_files, encode_texts  # noqa: E402
-from saferclip.models import build_clip, encode_images, encode_text  # noqa: E402
+from saferclip.model.build import build_clip, encode_images, encode_text  # noqa: E402
 from saferclip.toyworld.generate import ToySizes, make_toy_world  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Benchmark the safe-neighbour search (saferclip.neighbours).
+"""Benchmark the safe-neighbour search (saferclip.redirection.index).
 
 (a) FAISS exact (IndexFlatIP) against the plain torch reference (matmul + topk) on the same
     data and the same number of threads: agreement of the top-k and the time ratio.
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# saferclip.neighbours before faiss: it picks faiss's OpenBLAS kernels, which must happen before faiss loads
-from saferclip.neighbours import build_neighbour_index, default_nlist, exact_neighbours_torch, make_index  # noqa: E402, I001
+# saferclip.redirection.index before faiss: it picks faiss's OpenBLAS kernels, which must happen before faiss loads
+from saferclip.redirection.index import build_neighbour_index, default_nlist, exact_neighbours_torch, make_index  # noqa: E402, I001
 
 import faiss  # noqa: E402, I001
 

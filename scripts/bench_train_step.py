@@ -42,7 +42,7 @@ from torch.nn.utils import parametrize
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from saferclip.app.hydra_utils import CONF_DIR, to_container  # noqa: E402
-from saferclip.losses import LossConfig  # noqa: E402
+from saferclip.training.losses import LossConfig  # noqa: E402
 
 MODELS = {"toy": "model=toy", "vit-b-32": "model=vit_b32_random"}
 DEFAULT_STEPS = {"toy": 20, "vit-b-32": 5}

@@ -10,16 +10,16 @@ import torch
 from torch import nn
 from train_helpers import one_thread  # noqa: F401  (autouse fixture)
 
-from saferclip.adapters import (
+from saferclip.model.adapters import (
     TrainableConfig,
     add_lora,
     configure_trainable,
-    has_lora,
-    merge_lora,
+    find_adapters,
+    merge_adapters,
     tower_modules,
     tower_parameters,
 )
-from saferclip.models import build_clip
+from saferclip.model.build import build_clip
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,8 @@ def test_lora_starts_as_the_original_and_merges_exactly(toy_random):
                 p.normal_(std=0.05)  # as if trained
         trained_t, trained_i = model.encode_text(tokens), model.encode_image(images)
     assert not torch.allclose(trained_t, reference.encode_text(tokens).detach())
-    merged = merge_lora(model)
-    assert not has_lora(merged)
+    merged = merge_adapters(model, inplace=True)
+    assert merged is model and find_adapters(merged) == []
     assert set(merged.state_dict()) == set(reference.state_dict())  # open_clip's own keys again
     with torch.no_grad():
         torch.testing.assert_close(merged.encode_text(tokens), trained_t, rtol=1e-5, atol=1e-6)

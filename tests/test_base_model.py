@@ -13,11 +13,10 @@ from saferclip.data.tables import load_quadruplets
 from saferclip.data.zeroshot import load_image_folder_task
 from saferclip.evaluation.retrieval import evaluate_visu
 from saferclip.evaluation.zeroshot import evaluate_zeroshot
-from saferclip.models import build_clip, default_base_checkpoint
+from saferclip.model.build import build_clip, default_base_checkpoint
 from saferclip.toyworld.generate import ToySizes, make_toy_world
 
 BASE = default_base_checkpoint()
-pytestmark = pytest.mark.skipif(not BASE.is_file(), reason="data/toy_base.safetensors is not there")
 
 # enough zero-shot images for a stable accuracy, a small everything else
 SIZES = ToySizes(train=8, validation=8, test=200, nsfw_caps=8, zeroshot_per_class=25, scene_per_class=4)

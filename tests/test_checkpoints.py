@@ -12,18 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
-from saferclip.checkpoints import (
+from saferclip.files import atomic_path
+from saferclip.model.build import build_clip, load_into
+from saferclip.model.checkpoints import (
     CheckpointError,
-    atomic_path,
     compact_token_embedding,
-    load_lightning_weights,
     load_state_dict,
     load_torch_checkpoint,
     read_safetensors_metadata,
     save_state_dict,
     sniff_format,
 )
-from saferclip.models import build_clip, load_into
 
 WEIGHTS = {"layer.weight": torch.arange(12.0).reshape(3, 4), "layer.bias": torch.ones(3)}
 
@@ -79,17 +78,13 @@ def test_lightning_checkpoint_is_unwrapped_and_prefix_selected(tmp_path):
     assert set(load_state_dict(tmp_path / "last.ckpt")) == set(sd)
     assert_same(load_state_dict(tmp_path / "last.ckpt", prefix="model."), WEIGHTS)
     assert_same(load_state_dict(tmp_path / "last.ckpt", prefix="model"), WEIGHTS)
-    assert_same(load_lightning_weights(tmp_path / "last.ckpt", "model."), WEIGHTS)
     with pytest.raises(CheckpointError, match=r"last\.ckpt: no weights under prefix 'student\.'; the prefixes present are model\., teacher\."):
-        load_lightning_weights(tmp_path / "last.ckpt", "student.")
+        load_state_dict(tmp_path / "last.ckpt", prefix="student.")
     ckpt = load_torch_checkpoint(tmp_path / "last.ckpt")  # the whole thing, for its hyper-parameters
     assert ckpt["hyper_parameters"]["method"] == "saferclip" and ckpt["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.999)
     save_state_dict(WEIGHTS, tmp_path / "w.safetensors")
     with pytest.raises(CheckpointError, match=r"w\.safetensors: a safetensors file, not a torch checkpoint"):
         load_torch_checkpoint(tmp_path / "w.safetensors")
-    torch.save(WEIGHTS, tmp_path / "plain.pt")
-    with pytest.raises(CheckpointError, match=r"plain\.pt: not a Lightning checkpoint \(no 'state_dict' entry; found: layer\.weight"):
-        load_lightning_weights(tmp_path / "plain.pt", "model.")
 
 
 def test_build_clip_takes_the_clip_out_of_a_lightning_checkpoint(tmp_path):
@@ -125,7 +120,7 @@ def test_a_real_lightning_checkpoint_loads_weights_only(tmp_path):
     trainer = pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, data)
     trainer.save_checkpoint(tmp_path / "real.ckpt")
-    assert_same(load_lightning_weights(tmp_path / "real.ckpt", "model."), module.model.state_dict())
+    assert_same(load_state_dict(tmp_path / "real.ckpt", prefix="model."), module.model.state_dict())
 
 
 def test_compact_token_table_is_expanded_on_load(tmp_path):

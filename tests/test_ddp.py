@@ -14,13 +14,19 @@ import pytest
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader, Subset
-from train_helpers import REPO, cli_overrides, collate, compose_train, one_thread, prepared, run_cli  # noqa: F401
+from train_helpers import (  # noqa: F401
+    REPO,
+    cli_overrides,
+    collate,
+    compose_train,
+    one_thread,
+    prepared,
+    run_cli,
+)
 
 from saferclip.app.datamodule import EpochShuffle, drop_last_for
-from saferclip.redirection import collate_items
-from saferclip.app.hydra_utils import to_container
 from saferclip.app.module import unique_rows
-from saferclip.app.train import build_datamodule, build_module
+from saferclip.training.datasets import collate_items
 
 TESTS_DIR = Path(__file__).resolve().parent
 METHODS = ("safeclip", "saferclip")
@@ -63,7 +69,7 @@ WORKER = textwrap.dedent(
         torch.set_num_threads(1)
         from test_ddp import METHODS, GLOBAL_BATCH, loss_and_grads, perturb_adapters, prepared
         from train_helpers import collate, compose_train
-        from saferclip.losses import gather_with_grad
+        from saferclip.training.losses import gather_with_grad
         for method in METHODS:
             cfg = compose_train(Path(tmp) / method, Path(toy_world), f"method={method}", cache_dir=Path(cache_dir))
             module, datamodule = prepared(cfg)

@@ -13,10 +13,15 @@ import pytest
 import torch
 from torchvision import transforms
 
-import saferclip.embedding_cache as ec
+import saferclip.redirection.cache as ec
 from saferclip.data.records import DataFormatError, Mode, Quadruplet, QuadrupletSet
-from saferclip.embedding_cache import EmbeddingError, build_or_load_cache, embed_plain, load_safe_corpus
-from saferclip.models import build_clip, encode_text
+from saferclip.model.build import build_clip, encode_text
+from saferclip.redirection.cache import (
+    EmbeddingError,
+    build_or_load_cache,
+    embed_plain,
+    load_safe_corpus,
+)
 
 
 def toy_set(world: Path, mode: Mode = Mode.FULL, split: str = "train", limit: int | None = None) -> QuadrupletSet:
@@ -183,7 +188,7 @@ def test_extra_safe_captions_are_embedded_and_keyed(toy_world, micro, tmp_path):
 
 def test_non_finite_embedding_names_the_item(toy_world, micro, tmp_path, monkeypatch):
     qset = toy_set(toy_world, Mode.TEXT, limit=10)
-    import saferclip.embedding_cache as cache_module
+    import saferclip.redirection.cache as cache_module
 
     real = cache_module.encode_tokens
 
@@ -210,7 +215,7 @@ def test_bad_inputs_have_clear_errors(toy_world, micro, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     bad = [dataclasses.replace(qset[0], safe_image=broken), *qset.items[1:]]
-    with pytest.raises(DataFormatError, match=r"broken\.png.*cannot read image.*item 0"):
+    with pytest.raises(DataFormatError, match=r"broken\.png, row \S+, field 'safe_image': cannot read image"):
         build_or_load_cache(micro, QuadrupletSet(bad, Mode.FULL, "x"), tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match="empty"):
         build_or_load_cache(micro, QuadrupletSet([], Mode.TEXT, "none"), tmp_path / "c", progress=False)

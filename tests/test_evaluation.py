@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saferclip.checkpoints import CheckpointError, save_state_dict
 from saferclip.data import (
     DataFormatError,
     Mode,
@@ -36,7 +35,8 @@ from saferclip.evaluation import (
     evaluate_zeroshot,
     write_report,
 )
-from saferclip.models import build_clip, default_base_checkpoint, encode_images, encode_text
+from saferclip.model.build import build_clip, encode_images, encode_text
+from saferclip.model.checkpoints import CheckpointError, save_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -299,7 +299,8 @@ def test_runner_bad_input_is_named(toy_world, micro_file, tmp_path):
 
 # ----------------------------------------------------------------------------- the app
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from saferclip.app.hydra_utils import CONF_DIR
 
@@ -307,18 +308,11 @@ def compose(overrides: list[str]):
         return hydra_compose("eval", overrides=overrides)
 
 
-def model_overrides() -> list[str]:
-    """The shipped base model when it exists, else a random micro one."""
-    if default_base_checkpoint().is_file():
-        return []
-    return ["models.original.arch=saferclip-micro", "models.original.pretrained=null"]
-
-
 def test_app_end_to_end(tmp_path, micro_file, capsys):
     from saferclip.app.evaluate import run
 
     world = tmp_path / "toy"  # missing: the app generates it (small, for speed)
-    overrides = [f"paths.toy_dir={world}", "data.toy_size=small", f"out_dir={tmp_path / 'out'}", "seed=1", *model_overrides(), f"+models.tuned.pretrained={micro_file}"]
+    overrides = [f"paths.toy_dir={world}", "data.toy_size=small", f"out_dir={tmp_path / 'out'}", "seed=1", f"+models.tuned.pretrained={micro_file}"]
     out = run(compose(overrides))
     assert (world / "manifest.json").is_file()
     payload = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -328,10 +322,8 @@ def test_app_end_to_end(tmp_path, micro_file, capsys):
     assert payload["meta"]["config"]["reference"] == "original"
     assert set(out["results"]["results"]["original"]) == {"zeroshot", "visu", "nsfw_caps", "cost"}
     tuned = out["results"]["results"]["tuned"]
-    if default_base_checkpoint().is_file():  # a 128-d base against a 32-d micro model: no setting (b)
-        assert "dimensions" in tuned["visu"]["skipped"]["_ref"] and "U2V_ref_R@1" not in tuned["visu"]
-    else:
-        assert "U2V_ref_R@1" in tuned["visu"]
+    # the shipped 128-d base against a 32-d micro model: no setting (b), and the report says why
+    assert "dimensions" in tuned["visu"]["skipped"]["_ref"] and "U2V_ref_R@1" not in tuned["visu"]
     assert "| metric | original" in capsys.readouterr().out
     assert (tmp_path / "out" / "results.md").is_file() and list((tmp_path / "out" / "plots").glob("*.png"))
 
@@ -339,7 +331,7 @@ def test_app_end_to_end(tmp_path, micro_file, capsys):
 def test_app_bad_input_one_line_exit_2(toy_world, micro_file, tmp_path, caplog):
     from saferclip.app.evaluate import run
 
-    base = [f"data.root={toy_world}", "data.make_toy=false", f"out_dir={tmp_path / 'out'}", *model_overrides()]
+    base = [f"data.root={toy_world}", "data.make_toy=false", f"out_dir={tmp_path / 'out'}"]
     cases = {
         "model path": (["+models.mine.pretrained=/no/such/run"], "model 'mine': pretrained path does not exist: /no/such/run"),
         "arch mismatch": ([f"models.original.pretrained={micro_file}", "models.original.arch=saferclip-toy"], "holds a saferclip-micro model"),

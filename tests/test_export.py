@@ -18,17 +18,16 @@ from PIL import Image
 from torch import nn
 from torch.nn.utils import parametrize
 
-from saferclip.checkpoints import CheckpointError, load_state_dict, read_safetensors_metadata, save_state_dict
-from saferclip.export import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    MergeableAdapter,
-    export_open_clip,
-    find_adapters,
-    merge_adapters,
-    model_card,
+from saferclip.export.card import model_card
+from saferclip.export.open_clip import CONFIG_NAME, WEIGHTS_NAME, export_open_clip
+from saferclip.model.adapters import MergeableAdapter, find_adapters, merge_adapters
+from saferclip.model.build import build_clip
+from saferclip.model.checkpoints import (
+    CheckpointError,
+    load_state_dict,
+    read_safetensors_metadata,
+    save_state_dict,
 )
-from saferclip.models import build_clip, encode_text
 
 ARCH = "saferclip-micro"
 CAPTIONS = ["a red square on a blue background", "a small green circle"]
@@ -236,7 +235,7 @@ def test_an_empty_folder_holds_nothing_to_protect(bundle, tmp_path):
 
 
 def test_interrupted_export_leaves_the_old_folder(bundle, tmp_path, monkeypatch):
-    import saferclip.export as export
+    import saferclip.export.open_clip as export
 
     target = make_old_folder(tmp_path / "m")
 
@@ -473,7 +472,7 @@ def test_model_card_states_what_a_safety_model_must(bundle, tmp_path):
 
 
 def test_hugging_face_tokenizer_files_go_into_the_folder(bundle, tmp_path, monkeypatch):
-    import saferclip.export as export
+    import saferclip.export.open_clip as export
 
     class FakeHFTokenizer:
         def save_pretrained(self, dest):
@@ -492,7 +491,7 @@ def test_hugging_face_tokenizer_files_go_into_the_folder(bundle, tmp_path, monke
 
 
 def test_saferclip_lora_from_training_exports(bundle, image_path, tmp_path):
-    from saferclip.adapters import TrainableConfig, configure_trainable
+    from saferclip.model.adapters import TrainableConfig, configure_trainable
 
     model = fresh_micro()
     configure_trainable(model, TrainableConfig(mode="lora", lora_r=2))

@@ -19,12 +19,12 @@ from PIL import Image
 from torch import nn
 from torch.nn.utils import parametrize
 
-from saferclip.adapters import LoRADelta
 from saferclip.app.export import main as export_main
-from saferclip.checkpoints import load_state_dict, save_state_dict
-from saferclip.export import CONFIG_NAME, WEIGHTS_NAME
-from saferclip.export_lightning import export_checkpoint, read_run_config
-from saferclip.models import build_clip
+from saferclip.export.open_clip import CONFIG_NAME, WEIGHTS_NAME
+from saferclip.export.run import export_checkpoint, read_run_config
+from saferclip.model.adapters import LoRADelta
+from saferclip.model.build import build_clip
+from saferclip.model.checkpoints import load_state_dict, save_state_dict
 
 ARCH = "saferclip-micro"
 CAPTIONS = ["a red square on a blue background", "a small green circle with a knife"]
@@ -358,7 +358,7 @@ def test_card_takes_the_runs_evaluation_report(trained, tmp_path, capsys):
     assert "no such evaluation report" in capsys.readouterr().err
 
 
-def test_run_config_from_hydra_alone_is_resolved(tmp_path):
+def test_run_config_from_hydra_alone_is_resolved(tmp_path, monkeypatch):
     """A run with only Hydra's unresolved config: references resolve without Hydra."""
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
@@ -366,8 +366,8 @@ def test_run_config_from_hydra_alone_is_resolved(tmp_path):
         textwrap.dedent(
             """
             paths:
-              repo: ${saferclip_repo:}
-              data_dir: ${paths.repo}/data
+              home: ${saferclip_home:}
+              data_dir: ${paths.home}/data
               toy_dir: /worlds/toy
               run_dir: ${hydra:runtime.output_dir}
             data:
@@ -384,10 +384,10 @@ def test_run_config_from_hydra_alone_is_resolved(tmp_path):
         )
     )
     (run / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    output_dir: /runs/r1\n")
+    monkeypatch.setenv("SAFERCLIP_HOME", str(tmp_path / "home"))
     cfg = read_run_config(run)
-    from saferclip.models import REPO_ROOT
 
     assert cfg["data"]["splits"]["train"] == {"path": "/worlds/toy/visu/train.json", "image_root": "/worlds/toy/visu"}
-    assert cfg["data"]["cache"] == f"{REPO_ROOT}/data/cache" and cfg["paths"]["run_dir"] == "/runs/r1"
+    assert cfg["data"]["cache"] == f"{tmp_path / 'home'}/data/cache" and cfg["paths"]["run_dir"] == "/runs/r1"
     assert cfg["data"]["size"] == 128  # a lone reference keeps its type
     assert cfg["data"]["odd"] == "${unknown_resolver:x}/y"  # left as written, not an error

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.data import default_collate
-
-from saferclip.models import build_clip, encode_tokens, trimmed_length
 from train_helpers import compose_train, one_thread, prepared  # noqa: F401  (fixture)
+
+from saferclip.model.build import build_clip, encode_tokens, trimmed_length
 
 CAPTIONS = [
     "a red circle on a black background",

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from saferclip.losses import (
+from saferclip.training.losses import (
     INPUT_NAMES,
-    SAFECLIP_WEIGHTS,
     TERM_INPUTS,
     TERM_NAMES,
     LossConfig,
@@ -346,11 +345,12 @@ def test_missing_inputs_drop_terms_cleanly():
         loss.active_terms({"t_safe", "t0_sfe"})
     # only what the active terms use needs encoding
     assert loss.required_inputs(text_only) == {"t_safe", "t_unsafe", "t0_safe", "t0_target"}
-    no_live = SaferClipLoss(LossConfig.saferclip(live_weight=0.0))
+    saferclip = preset("saferclip")
+    assert {"t_target_live", "i_target_live"} <= SaferClipLoss(LossConfig.from_method(saferclip)).required_inputs(set(INPUT_NAMES))
+    for term in ("live_relative_text", "live_relative_image"):
+        saferclip["loss"]["weights"][term] = 0.0
+    no_live = SaferClipLoss(LossConfig.from_method(saferclip))
     assert "t_target_live" not in no_live.required_inputs(set(INPUT_NAMES))
-    assert {"t_target_live", "i_target_live"} <= SaferClipLoss(LossConfig.saferclip(live_weight=0.5)).required_inputs(
-        set(INPUT_NAMES)
-    )
 
 
 def test_zero_weight_terms_are_not_computed():
@@ -370,8 +370,22 @@ def test_no_active_term_is_a_clear_error():
         loss(t_sfe=rand_unit(2, 4))
 
 
+# Safe-CLIP's published weights of its 8 terms (Poppi et al., ECCV 2024)
+SAFECLIP_WEIGHTS = (0.1, 0.1, 0.1, 0.2, 0.25, 0.25, 0.25, 0.5)
+
+
+def preset(name: str) -> dict:
+    """A method preset as the app hands it to the library: the YAML file as a dict."""
+    import yaml
+
+    from saferclip.locations import CONF_DIR
+
+    return yaml.safe_load((CONF_DIR / "method" / f"{name}.yaml").read_text())
+
+
 def test_safeclip_preset_normalises_weights_and_divides_by_eight():
-    cfg = LossConfig.safeclip()
+    cfg = LossConfig.from_method(preset("safeclip"))
+    assert [cfg.weights.as_dict()[t] for t in TERM_NAMES[:8]] == list(SAFECLIP_WEIGHTS)  # the published recipe
     assert cfg.normalize_weights
     eff = cfg.effective_weights()
     assert list(eff) == list(TERM_NAMES[:8])

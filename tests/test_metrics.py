@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saferclip.metrics import (
+from saferclip.evaluation.metrics import (
     build_zero_shot_classifier,
     recall_at_k,
     retention,
@@ -231,9 +231,11 @@ def test_zero_shot_classifier_needs_class_placeholder():
 
 
 def test_zero_shot_classifier_from_bundle_matches_open_clip():
-    from open_clip.zero_shot_classifier import build_zero_shot_classifier as open_clip_classifier
+    from open_clip.zero_shot_classifier import (
+        build_zero_shot_classifier as open_clip_classifier,
+    )
 
-    from saferclip.models import build_clip
+    from saferclip.model.build import build_clip
 
     torch.manual_seed(0)
     bundle = build_clip("saferclip-micro")

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from saferclip.data.records import Mode, Quadruplet, QuadrupletSet
-from saferclip.embedding_cache import EmbeddingCache, build_or_load_cache
-from saferclip.models import build_clip
-from saferclip.neighbour_report import attribute_agreement, format_summary, summarize
-from saferclip.neighbours import (
+from saferclip.model.build import build_clip
+from saferclip.redirection.cache import EmbeddingCache, build_or_load_cache
+from saferclip.redirection.index import (
     NeighbourConfig,
     NeighbourError,
     SafeNeighbours,
@@ -22,7 +21,10 @@ from saferclip.neighbours import (
     exact_neighbours_torch,
     find_safe_neighbours,
     load_or_find_safe_neighbours,
+    pool_text,
 )
+from saferclip.redirection.report import attribute_agreement, format_summary, summarize
+from saferclip.redirection.targets import neighbour_targets
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -110,8 +112,8 @@ def test_topk_weights_are_a_softmax_summing_to_one(tmp_path):
     brute = (unsafe @ torch.cat([safe[:40], safe[40:]]).T).topk(4, dim=1)
     assert torch.equal(nb.indices, brute.indices)
     torch.testing.assert_close(nb.difficulty, (expected * nb.similarities).sum(1))
-    torch.testing.assert_close(nb.target_text(cache)[:, 0], safe[nb.indices[:, 0]])
-    assert nb.from_set.eq(nb.indices < 40).all() and (~nb.from_set).any()
+    torch.testing.assert_close(pool_text(cache)[nb.indices[:, 0]], safe[nb.indices[:, 0]])
+    assert (nb.indices >= 40).any()  # some neighbours are extra-pool captions
     assert torch.equal(nb.pair_weight, torch.ones(40))
 
 
@@ -176,8 +178,12 @@ def test_buckets_are_thirds_ordered_by_difficulty(tmp_path):
     assert d[nb.bucket == 0].min() >= d[nb.bucket == 1].max()
     assert d[nb.bucket == 1].min() >= d[nb.bucket == 2].max()
     torch.testing.assert_close(d, nb.similarities[:, 0])  # k=1: difficulty is the neighbour similarity
-    assert len(nb.curriculum_indices(1)) == sizes[0] and len(nb.curriculum_indices(2)) == sizes[0] + sizes[1]
-    assert len(nb.curriculum_indices(9)) == 100
+    # the curriculum trains the easy third in epoch 0, two thirds in epoch 1, then all
+    targets = neighbour_targets(nb, curriculum=True)
+    assert len(targets.curriculum_subset(0)) == sizes[0] and len(targets.curriculum_subset(1)) == sizes[0] + sizes[1]
+    assert len(targets.curriculum_subset(9)) == 100
+    assert set(targets.curriculum_subset(0).tolist()) == set(torch.nonzero(nb.bucket == 0).flatten().tolist())
+    assert len(neighbour_targets(nb, curriculum=False).curriculum_subset(0)) == 100
 
 
 def test_image_and_joint_modes(tmp_path):
@@ -266,7 +272,7 @@ def test_toy_world_whole_path(toy_world, tmp_path):
         assert sum(summary["text_difficulty"]["histogram"]["counts"]) == 60
         text = format_summary(summary)
         assert "top neighbour is not the own paired safe item" in text and "->" in text
-    # the toy pairs keep shape and size and change colour and background (DESIGN.md §4)
+    # the toy pairs keep shape and size and change colour and background (docs/METHOD.md, "The toy world")
     own = attribute_agreement(qset, nb, own_pair=True)
     assert (own["shape"], own["size"], own["colour"], own["background"], own["n"]) == (1.0, 1.0, 0.0, 0.0, 60)
     top = attribute_agreement(qset, nb)

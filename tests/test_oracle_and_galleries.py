@@ -13,7 +13,6 @@ from saferclip.data import distractor_images
 from saferclip.evaluation import evaluate_models, visu_metrics, write_report
 from saferclip.evaluation.galleries import PairEmbeddings
 from saferclip.evaluation.oracle import ORACLE_NAME, redirected_embeddings
-from saferclip.models import build_clip
 
 
 def unit(*rows: list[float]) -> torch.Tensor:

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from saferclip.evaluation.selection import selection_parts, selection_score, sees_safety
 from train_helpers import compose_train, one_thread  # noqa: F401  (fixture)
+
+from saferclip.evaluation.selection import sees_safety, selection_parts, selection_score
 
 
 def test_score_is_the_mean_of_safety_and_both_recalls():

@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 from saferclip.data import load_image_folder_task, load_nsfw_caps, load_visu_json
-from saferclip.toyworld.generate import SMALL_SIZES, heldout_combinations, make_toy_world
+from saferclip.toyworld.generate import (
+    SMALL_SIZES,
+    heldout_combinations,
+    make_toy_world,
+)
 from saferclip.toyworld.scene import UNSAFE_OBJECTS
 
 

@@ -21,7 +21,6 @@ import pytest
 import torch
 from train_helpers import (
     SHORT_RUN,
-    TOY_BASE,
     cli_command,
     cli_env,
     cli_overrides,
@@ -32,12 +31,12 @@ from train_helpers import (
     run_cli,
 )
 
-from saferclip.app.hydra_utils import ConfigError, to_container
-from saferclip.app.train import build_datamodule, build_module, build_trainer, train
-from saferclip.checkpoints import save_state_dict
-from saferclip.losses import TERM_NAMES
-from saferclip.metrics import recall_at_k
-from saferclip.models import build_clip
+from saferclip.app.hydra_utils import ConfigError
+from saferclip.app.train import build_trainer, train
+from saferclip.evaluation.metrics import recall_at_k
+from saferclip.model.build import build_clip
+from saferclip.model.checkpoints import save_state_dict
+from saferclip.training.losses import TERM_NAMES
 
 TESTS_DIR = Path(__file__).resolve().parent
 SAFECLIP_TERMS = TERM_NAMES[:8]
@@ -216,12 +215,11 @@ def mean_loss(module, dataset, batches: int, batch_size: int) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TOY_BASE.is_file(), reason="needs the shipped data/toy_base.safetensors")
 @pytest.mark.parametrize("method", ["saferclip", "safeclip"])
 def test_overfitting_a_few_batches(tmp_path, toy_world, method):
     """debug=overfit on the toy base model (full fine-tuning, as the toy presets): the loss
     on those batches collapses and their unsafe captions move to their targets. SafeR-CLIP
-    keeps S->V; rigid Safe-CLIP is allowed to lose it (DESIGN.md §4: it does)."""
+    keeps S->V; rigid Safe-CLIP is allowed to lose it (it does)."""
     batch_size = 16
     cfg = compose_train(
         tmp_path, toy_world, "model=toy", f"method={method}", "debug=overfit", "method.curriculum=false",

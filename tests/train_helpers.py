@@ -18,9 +18,10 @@ from omegaconf import DictConfig
 from torch.utils.data import default_collate
 
 from saferclip.app.hydra_utils import CONF_DIR
+from saferclip.locations import BASE_CHECKPOINT
 
 REPO = Path(__file__).resolve().parents[1]
-TOY_BASE = REPO / "data" / "toy_base.safetensors"
+TOY_BASE = BASE_CHECKPOINT
 
 # a short real run: loggers are live (fast_dev_run switches them off)
 SHORT_RUN = (

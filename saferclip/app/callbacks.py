@@ -9,10 +9,9 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from ..checkpoints import write_json_atomic
 from ..evaluation.selection import SELECTION_METRIC
-
-SELECTION_FILE = "selection.json"
+from ..files import write_json_atomic
+from ..model.trained import SELECTION_FILE
 
 
 class SelectionRecord(Callback):

@@ -9,30 +9,18 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from ..data.records import QuadrupletSet
 from ..data.splits import load_split
-from ..embedding_cache import EmbeddingCache, build_or_load_cache
-from ..models import ClipBundle, build_clip
-from ..redirection import EvalDataset, RedirectionDataset, RedirectionTargets, SafePool, collate_items
+from ..redirection.prepare import Prepared, prepare
+from ..redirection.targets import RedirectionTargets
+from ..toyworld.generate import ensure_toy_world
+from ..training.datasets import RedirectionDataset, ValidationDataset, collate_items
 
 log = logging.getLogger("saferclip.data")
-
-
-def ensure_toy_world(data_cfg: dict) -> None:
-    if data_cfg.get("make_toy"):
-        from ..toyworld.generate import SMALL_SIZES, ToySizes, make_toy_world
-
-        sizes = {"default": ToySizes(), "small": SMALL_SIZES}
-        size = data_cfg.get("toy_size", "default")
-        if size not in sizes:
-            raise ValueError(f"data.toy_size must be one of {sorted(sizes)}, got {size!r}")
-        make_toy_world(data_cfg["root"], seed=int(data_cfg.get("toy_seed", 0)), sizes=sizes[size])
 
 
 def drop_last_for(n_items: int, batch_size: int, world_size: int) -> bool:
@@ -74,59 +62,32 @@ class SaferClipDataModule(L.LightningDataModule):
         self.data_cfg, self.model_cfg, self.method_cfg = data, model, method
         self.cache_dir, self.live_targets, self.seed = cache_dir, live_targets, seed
         self.train_set: RedirectionDataset | None = None
-        self.val_set: EvalDataset | None = None
+        self.val_set: ValidationDataset | None = None
         self.targets: RedirectionTargets | None = None
         self.mode = None
         # what prepare_data built, reused by setup in the same process (the model is not
         # built and fingerprinted twice)
-        self._prepared: tuple[QuadrupletSet, ClipBundle, EmbeddingCache] | None = None
+        self._prepared: Prepared | None = None
 
     # ---------------------------------------------------------------- frozen side, rank 0
-    def _frozen(self, build: bool) -> tuple[QuadrupletSet, ClipBundle, EmbeddingCache]:
-        """Load the train split and (build or load) its frozen-embedding cache."""
-        train = load_split(self.data_cfg, "train")
-        if train.skips is not None and train.skips.count:
-            log.warning(train.skips.summary())
-        bundle = build_clip(self.model_cfg["arch"], self.model_cfg.get("pretrained"))
-        extra = None
-        neigh_cfg = self.method_cfg.get("neighbours") or {}
-        if self.method_cfg["targets"] == "neighbours" and neigh_cfg.get("extra_pool"):
-            from ..embedding_cache import load_safe_corpus
-
-            extra = load_safe_corpus(neigh_cfg["extra_pool"])
-        cache = build_or_load_cache(
-            bundle,
-            train,
-            self.cache_dir,
-            batch_size=int(self.data_cfg.get("eval_batch_size", 256)),
-            num_workers=int(self.data_cfg.get("num_workers", 0)),
-            progress=build,
-            extra_safe_captions=extra,
-        )
-        return train, bundle, cache
-
     def prepare_data(self) -> None:
         if self.train_set is not None:  # already set up in this process (e.g. a second fit)
             return
         ensure_toy_world(self.data_cfg)
-        self._prepared = self._frozen(build=True)
-        if self.method_cfg["targets"] == "neighbours":
-            self._neighbours(self._prepared[0], self._prepared[2])  # found once and saved beside the cache
-
-    def _neighbours(self, train: QuadrupletSet, cache: EmbeddingCache):
-        from ..neighbours import NeighbourConfig, config_groups, load_or_find_safe_neighbours, pool_text
-
-        cfg = NeighbourConfig(**{k: v for k, v in self.method_cfg["neighbours"].items() if k != "extra_pool"})
-        groups = config_groups(train, cfg, len(pool_text(cache, cfg.use_extra_pool)))
-        return load_or_find_safe_neighbours(cache, cfg, groups)
+        # the cache and the neighbours are built once here, on the training device, and saved
+        # beside each other; every rank's setup() then reads them
+        device = str(self.trainer.strategy.root_device) if self.trainer is not None else "cpu"
+        self._prepared = prepare(self.data_cfg, self.model_cfg, self.method_cfg, self.cache_dir, build=True, device=device)
 
     # ---------------------------------------------------------------- every rank
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train, bundle, cache = self._prepared or self._frozen(build=False)
+        prepared = self._prepared or prepare(self.data_cfg, self.model_cfg, self.method_cfg, self.cache_dir, build=False)
         self._prepared = None
-        self.targets, pool = self._targets(train, cache)
+        prepared.bundle.model.to("cpu")  # only its tokenizer and preprocessing are used from here
+        cache, bundle = prepared.cache, prepared.bundle
+        self.targets = prepared.targets
         frozen = {
             "t0_safe": cache.safe_text,
             "t0_unsafe": cache.unsafe_text,
@@ -137,44 +98,19 @@ class SaferClipDataModule(L.LightningDataModule):
         frozen = {k: (None if v is None else v.float()) for k, v in frozen.items()}
         memo = bool(self.data_cfg.get("memo_images", self.data_cfg.get("name") == "toy"))
         self.train_set = RedirectionDataset(
-            train,
+            prepared.train,
             bundle.tokenizer,
             bundle.preprocess,
             frozen,
             self.targets,
-            pool,
+            prepared.pool,
             live_targets=self.live_targets,
             memo_images=memo,
         )
         validation = load_split(self.data_cfg, "validation")
-        self.val_set = EvalDataset(validation, bundle.tokenizer, bundle.preprocess, memo_images=memo)
+        self.val_set = ValidationDataset(validation, bundle.tokenizer, bundle.preprocess, memo_images=memo)
         self.tokenizer, self.preprocess = bundle.tokenizer, bundle.preprocess
-        self.mode = train.mode
-
-    def _targets(self, train: QuadrupletSet, cache: EmbeddingCache) -> tuple[RedirectionTargets, SafePool]:
-        """Each unsafe item's safe targets (its pair, or its neighbours) and the pool they index."""
-        captions = list(train.safe_captions)
-        images: list[Path | None] = [q.safe_image for q in train]
-        text, image = cache.safe_text, cache.safe_image
-        if self.method_cfg["targets"] != "neighbours":
-            return RedirectionTargets.paired(len(train)), SafePool(captions, images, text.float(), _float(image))
-        neighbours = self._neighbours(train, cache)
-        targets = RedirectionTargets(
-            indices=torch.as_tensor(neighbours.indices, dtype=torch.long),
-            weights=torch.as_tensor(neighbours.weights, dtype=torch.float32),
-            pair_weight=torch.as_tensor(neighbours.pair_weight, dtype=torch.float32),
-            bucket=torch.as_tensor(neighbours.bucket) if self.method_cfg.get("curriculum") else None,
-            difficulty=torch.as_tensor(neighbours.difficulty),
-        )
-        n_extra = neighbours.pool_size - len(train)
-        if n_extra > 0:
-            captions += list(cache.extra_safe_captions)
-            images += [None] * n_extra
-            text = torch.cat([text, cache.extra_safe_text])
-            if image is not None:
-                # extra captions have no images: image targets only exist for the train pool
-                image = torch.cat([image, torch.zeros(n_extra, image.shape[1], dtype=image.dtype)])
-        return targets, SafePool(captions, images, text.float(), _float(image))
+        self.mode = prepared.train.mode
 
     # ---------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
@@ -202,7 +138,3 @@ class SaferClipDataModule(L.LightningDataModule):
             num_workers=int(self.data_cfg.get("num_workers", 0)),
             collate_fn=collate_items,
         )
-
-
-def _float(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x.float()

@@ -23,17 +23,17 @@ it and exit code 2.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .hydra_utils import CONF_DIR, ConfigError, setup_logging, to_container
+from .cli import exit_on_user_error, hydra_command
+from .hydra_utils import ConfigError, to_container
 
 log = logging.getLogger("saferclip.eval")
+PROG = "saferclip-eval"
 
 
 def _resolved(cfg: DictConfig, key: str):
@@ -74,7 +74,7 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError("models is empty; add one with +models.<name>.pretrained=<path>")
     data = _resolved(cfg, "data")
     if data.get("make_toy"):
-        from .datamodule import ensure_toy_world  # Lightning is imported only for this
+        from ..toyworld.generate import ensure_toy_world
 
         ensure_toy_world(data)
     out_dir = cfg.get("out_dir") or HydraConfig.get().runtime.output_dir
@@ -101,25 +101,12 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
-    """:func:`evaluate`, turning what the user can fix into one line on the log and exit code 2."""
-    from ..data.records import DataFormatError
-
-    try:
+    """:func:`evaluate`, with what the user can fix as one line on stderr and exit code 2."""
+    with exit_on_user_error(PROG):
         return evaluate(cfg)
-    except (ConfigError, DataFormatError, FileNotFoundError, FileExistsError, ValueError, OmegaConfBaseException) as e:
-        # a readable one-line error, not a traceback
-        log.error("%s: %s", type(e).__name__, " ".join(str(e).split()))
-        sys.exit(2)
 
 
-@hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
-    setup_logging()
-    run(cfg)
-
-
-def main() -> None:
-    _main()
+main = hydra_command(PROG, "eval", evaluate, "Evaluate CLIP models (zero-shot, ViSU retrieval, NSFW-Caps, cost of safety) and write a report.")
 
 
 if __name__ == "__main__":

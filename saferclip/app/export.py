@@ -19,6 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .cli import command
+
 PROG = "saferclip-export"
 
 
@@ -74,7 +76,7 @@ def usage_snippet(out: Path) -> list[str]:
 
 
 def summary(out: Path) -> str:
-    from ..export import CONFIG_NAME
+    from ..export.open_clip import CONFIG_NAME
 
     info = json.loads((out / CONFIG_NAME).read_text()).get("saferclip", {})
     progress = ", ".join(f"{k.replace('_', ' ')} {info[k]}" for k in ("epoch", "global_step") if info.get(k) is not None)
@@ -93,26 +95,23 @@ def summary(out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
-    from ..checkpoints import CheckpointError
-    from ..export_lightning import export_checkpoint
+    return command(PROG, lambda: _export(args))
 
-    try:
-        if not args.source.exists():
-            raise FileNotFoundError(f"{args.source}: no such training checkpoint or run folder")
-        out = export_checkpoint(
-            args.source,
-            args.out_dir,
-            force=args.force,
-            dtype=args.dtype,
-            also_single_file=args.single_file,
-            evaluation=args.eval_report,
-        )
-    except (CheckpointError, ValueError, OSError) as e:
-        # what the user can fix (missing / unreadable / occupied paths, bad files): one line, no traceback
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+
+def _export(args: argparse.Namespace) -> None:
+    from ..export.run import export_checkpoint
+
+    if not args.source.exists():
+        raise FileNotFoundError(f"{args.source}: no such training checkpoint or run folder")
+    out = export_checkpoint(
+        args.source,
+        args.out_dir,
+        force=args.force,
+        dtype=args.dtype,
+        also_single_file=args.single_file,
+        evaluation=args.eval_report,
+    )
     print(summary(out))
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..models import REPO_ROOT, check_arch
+from .. import locations
+from ..errors import ConfigError
+from ..model.build import check_arch
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(locations.CONF_DIR)
 log = logging.getLogger("saferclip")
 
 
@@ -26,17 +28,21 @@ def _wandb_offline() -> bool:
 
 
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("saferclip_repo"):
-        OmegaConf.register_new_resolver("saferclip_repo", lambda: str(REPO_ROOT))
+    # where things live (saferclip.locations): the package's own files, the home for
+    # generated data and outputs, the cache folder
+    resolvers = {
+        "saferclip_package": lambda: str(locations.PACKAGE_DIR),
+        "saferclip_home": lambda: str(locations.home()),
+        "saferclip_cache": lambda: str(locations.cache_dir()),
+    }
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
     if not OmegaConf.has_resolver("saferclip_wandb_offline"):
         OmegaConf.register_new_resolver("saferclip_wandb_offline", _wandb_offline)
 
 
 register_resolvers()
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work, caught before any long work starts."""
 
 
 KNOWN_METHODS = ("saferclip", "safeclip")
@@ -57,7 +63,7 @@ def check_train_config(cfg: DictConfig) -> None:
     pretrained = cfg.model.pretrained
     if pretrained and ("/" in str(pretrained)) and not Path(str(pretrained)).exists():
         raise ConfigError(f"model.pretrained: weights file not found: {pretrained}")
-    from ..losses import TERM_NAMES
+    from ..training.losses import TERM_NAMES
 
     unknown = set(cfg.method.loss.weights) - set(TERM_NAMES)
     if unknown:

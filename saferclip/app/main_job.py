@@ -26,8 +26,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import SELECTION_FILE
-from .hydra_utils import CONF_DIR, ConfigError, setup_logging, to_container
+from ..model.trained import read_selection
+from .cli import command, compose_help, wants_help
+from .hydra_utils import CONF_DIR, setup_logging, to_container
 
 log = logging.getLogger("saferclip.main")
 
@@ -48,8 +49,8 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
 def run_key(train_cfg: DictConfig) -> str:
     """A hash of everything that changes a training run's result (not where it is written)."""
     cfg = to_container(train_cfg)
-    cfg.get("paths", {}).pop("run_dir", None)
-    cfg.get("paths", {}).pop("output_dir", None)
+    for where in ("run_dir", "output_dir", "cache_dir"):  # where things are written or cached
+        cfg.get("paths", {}).pop(where, None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -73,7 +74,6 @@ def train_or_reuse(name: str, overrides: list[str], runs_dir: Path, force: bool)
         log.info("%s: resuming the interrupted run %s", name, run_dir)
         OmegaConf.update(cfg, "ckpt_path", str(last), force_add=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     start = time.time()
     result = train(cfg)
     summary = {
@@ -85,16 +85,10 @@ def train_or_reuse(name: str, overrides: list[str], runs_dir: Path, force: bool)
         "train_seconds": round(time.time() - start, 1),
         "overrides": overrides,
     }
-    from ..checkpoints import write_json_atomic
+    from ..files import write_json_atomic
 
     write_json_atomic(done, summary)
     return summary
-
-
-def read_selection(run_dir: str | Path) -> dict[str, Any] | None:
-    """A run's ``selection.json`` (validation history and exported epoch), None if it has none."""
-    path = Path(run_dir) / SELECTION_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 MAIN_KEYS = ("seed", "force", "out_dir", "runs_dir", "runs", "common", "eval")
@@ -109,7 +103,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from ..evaluation.report import write_report
     from ..evaluation.runner import evaluate_models
-    from .datamodule import ensure_toy_world
+    from ..toyworld.generate import ensure_toy_world
 
     out_dir = Path(cfg.out_dir).resolve()
     common = list(cfg.common) + list(overrides) + [f"seed={cfg.seed}"]
@@ -144,29 +138,40 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     return {"results": results, "report": report, "models": models, "timings": timings}
 
 
-def main(argv: list[str] | None = None) -> None:
+MAIN_HELP = {
+    "seed": "the seed of every run (default 0)",
+    "force": "retrain even when an identical finished run exists",
+    "out_dir": "where the report goes (outputs/main)",
+    "runs_dir": "where training runs go, shared with saferclip-study (outputs/runs)",
+    "runs": "one entry per method: overrides of the training config",
+    "common": "overrides of the training config for every run",
+    "eval": "suites, split and the oracle row of the evaluation",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(overrides):
+        print(compose_help("saferclip-main", __doc__.splitlines()[0], "main", MAIN_HELP))
+        return 0
+    return command("saferclip-main", lambda: _run_and_print(overrides))
+
+
+def _run_and_print(overrides: list[str]) -> None:
     from hydra import initialize_config_dir
+
+    from ..evaluation.headline import headline_table
 
     setup_logging()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    overrides = list(sys.argv[1:] if argv is None else argv)
+    start = time.time()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        try:
-            own, rest = split_overrides(overrides)
-            cfg = compose("main", own)
-            start = time.time()
-            out = run(cfg, rest)
-        except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
-            log.error("%s: %s", type(e).__name__, e)
-            sys.exit(2)
-    from ..evaluation.headline import headline_table
-
+        own, rest = split_overrides(overrides)
+        out = run(compose("main", own), rest)
     print(headline_table(out["results"]))
     print(f"\nfull report (every metric, plots): {out['report']['markdown']}")
     print(f"total {time.time() - start:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in out['timings'].items())})")
 
 
-
-
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,27 +13,33 @@ import lightning as L
 import torch
 from torch.nn.utils import parametrize
 
-from ..adapters import TrainableConfig, configure_trainable, tower_parameters
-from ..losses import TERM_NAMES, Gather, LossConfig, SaferClipLoss, gather_with_grad
 from ..evaluation.galleries import PairEmbeddings
+from ..evaluation.metrics import recall_at_k
 from ..evaluation.retrieval import visu_metrics
 from ..evaluation.selection import SELECTION_METRIC, selection_score
-from ..metrics import recall_at_k
-from ..models import build_clip, encode_tokens
+from ..model.adapters import TrainableConfig, configure_trainable, tower_parameters
+from ..model.build import build_clip, encode_tokens
+from ..training.losses import (
+    FROZEN_INPUTS,
+    TERM_NAMES,
+    WEIGHT_INPUTS,
+    Gather,
+    LossConfig,
+    SaferClipLoss,
+    gather_with_grad,
+)
 
 log = logging.getLogger("saferclip.train")
 
 # which trainable encodings each batch key feeds
 _TEXT_INPUTS = {"t_safe": "s_tokens", "t_unsafe": "u_tokens", "t_target_live": "target_tokens"}
 _IMAGE_INPUTS = {"i_safe": "v_image", "i_unsafe": "g_image", "i_target_live": "target_image"}
-_FROZEN_INPUTS = ("t0_safe", "t0_unsafe", "i0_safe", "i0_unsafe", "t0_target", "i0_target")
-_WEIGHT_INPUTS = ("target_weights", "pair_weight")
 
 
 def available_inputs(batch: dict[str, torch.Tensor]) -> set[str]:
     """Names of the loss inputs a batch (or one dataset item) can provide."""
     have = {n for n, key in {**_TEXT_INPUTS, **_IMAGE_INPUTS}.items() if key in batch}
-    return have | {k for k in _FROZEN_INPUTS + _WEIGHT_INPUTS if k in batch}
+    return have | {k for k in FROZEN_INPUTS + WEIGHT_INPUTS if k in batch}
 
 
 class SaferClipModule(L.LightningModule):
@@ -47,15 +53,7 @@ class SaferClipModule(L.LightningModule):
         trainable = dict(method.get("trainable") or {})
         trainable["towers"] = tuple(trainable.get("towers", ("text", "image")))
         self.param_counts = configure_trainable(self.model, TrainableConfig(**trainable))
-        loss = method["loss"]
-        self.loss = SaferClipLoss(
-            LossConfig(
-                weights=dict(loss["weights"]),
-                tau=float(loss.get("tau", 1.0)),
-                logit_scale=float(loss.get("logit_scale", 100.0)),
-                normalize_weights=bool(loss.get("normalize_weights", False)),
-            )
-        )
+        self.loss = SaferClipLoss(LossConfig.from_method(method))
         self.optim_cfg = dict(method.get("optimizer") or {})
         self._val_outputs: list[dict[str, torch.Tensor]] = []
 
@@ -85,7 +83,7 @@ class SaferClipModule(L.LightningModule):
         gradients) makes the InfoNCE negatives global under DDP."""
         needed = self.loss.required_inputs(available_inputs(batch))
         features = self.encode(batch, needed)
-        given = {k: batch[k] for k in _FROZEN_INPUTS + _WEIGHT_INPUTS if k in batch}
+        given = {k: batch[k] for k in FROZEN_INPUTS + WEIGHT_INPUTS if k in batch}
         return self.loss(**features, **given, gather=gather)
 
     # ---------------------------------------------------------------- training
@@ -139,6 +137,12 @@ class SaferClipModule(L.LightningModule):
             self._info(f"data inputs: {getattr(mode, 'value', mode)}; active loss terms: {', '.join(active)}")
             if inactive:
                 self._info(f"inactive loss terms (zero weight or inputs missing): {', '.join(inactive)}")
+        val_set = getattr(datamodule, "val_set", None)
+        if val_set is not None and not val_set.inner.use_unsafe_images:
+            log.warning(
+                "the validation split has no unsafe images: the selection score that picks the exported "
+                "epoch cannot see safety (it uses the recalls only; docs/METHOD.md, 'Model selection')"
+            )
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self._info(f"trainable parameters: {trainable:,} of {self.param_counts['total']:,}")
 

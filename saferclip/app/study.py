@@ -21,8 +21,10 @@ from typing import Any, Mapping
 from omegaconf import DictConfig
 
 from ..evaluation.headline import HEADLINE, headline
-from .hydra_utils import CONF_DIR, ConfigError, setup_logging, to_container
-from .main_job import compose, read_selection, train_or_reuse
+from ..model.trained import read_selection
+from .cli import command, compose_help, wants_help
+from .hydra_utils import CONF_DIR, setup_logging, to_container
+from .main_job import compose, train_or_reuse
 
 log = logging.getLogger("saferclip.study")
 
@@ -62,11 +64,14 @@ def study_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
-    from ..checkpoints import write_json_atomic, write_text_atomic
+    from ..evaluation.figures import (
+        plot_tradeoff,
+        plot_training_curves,
+        tradeoff_points,
+    )
     from ..evaluation.runner import evaluate_models
-    from .datamodule import ensure_toy_world
-
-    from ..evaluation.figures import plot_tradeoff, plot_training_curves, tradeoff_points
+    from ..files import write_json_atomic, write_text_atomic
+    from ..toyworld.generate import ensure_toy_world
 
     out_dir = Path(cfg.out_dir).resolve()
     per_seed: dict[int, dict[str, dict[str, float]]] = {}
@@ -117,24 +122,39 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     return {"table": table, "summary": summary, "out_dir": str(out_dir), "seconds": seconds}
 
 
-def main(argv: list[str] | None = None) -> None:
+STUDY_HELP = {
+    "seeds": "the seeds of every method (default [0, 1, 2])",
+    "methods": "the methods: overrides of the training config",
+    "ablations": "variants of SafeR-CLIP: overrides of the training config",
+    "ablation_seeds": "the seeds of the ablations",
+    "force": "retrain even when an identical finished run exists",
+    "out_dir": "where study.md / study.json and the plots go (outputs/study)",
+    "runs_dir": "where training runs go, shared with saferclip-main (outputs/runs)",
+    "common": "overrides of the training config for every run",
+    "eval": "suites, split and the oracle row of the evaluation",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(overrides):
+        print(compose_help("saferclip-study", __doc__.splitlines()[0], "study", STUDY_HELP))
+        return 0
+    return command("saferclip-study", lambda: _run_and_print(overrides))
+
+
+def _run_and_print(overrides: list[str]) -> None:
     from hydra import initialize_config_dir
 
     setup_logging()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    overrides = list(sys.argv[1:] if argv is None else argv)
     own = [o for o in overrides if o.split("=")[0].lstrip("+~").split(".")[0] in STUDY_KEYS]
     rest = [o for o in overrides if o not in own]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        try:
-            cfg = compose("study", own)
-            out = run(cfg, rest)
-        except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
-            log.error("%s: %s", type(e).__name__, e)
-            sys.exit(2)
+        out = run(compose("study", own), rest)
     print(out["table"])
     print(f"\n{out['out_dir']}/study.md ({out['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,34 +14,35 @@ stderr and exit code 2.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..checkpoints import CheckpointError, write_text_atomic
-from ..data.records import DataFormatError
-from .callbacks import SELECTION_FILE
-from .hydra_utils import CONF_DIR, ConfigError, check_train_config, setup_logging, to_container
+from ..files import write_text_atomic
+from ..model.checkpoints import CheckpointError
+from ..model.trained import RESOLVED_CONFIG, read_selection
+from .cli import hydra_command
+from .hydra_utils import (
+    ConfigError,
+    check_train_config,
+    to_container,
+)
 
 log = logging.getLogger("saferclip.train")
 
-LIVE_TERMS = ("live_relative_text", "live_relative_image")
-RESOLVED_CONFIG = "config_resolved.yaml"
 # what a user can fix from the command line: reported in one line, exit code 2
-USER_ERRORS = (ConfigError, DataFormatError, CheckpointError, FileNotFoundError, FileExistsError, OmegaConfBaseException)
 USAGE_EXIT_CODE = 2
 
 
 def dry_run(cfg: DictConfig) -> dict:
     """Validate config, paths and data formats without training: load every split (which
     checks columns, types and that image files exist)."""
-    from .datamodule import ensure_toy_world, load_split
+    from ..data.splits import load_split
+    from ..toyworld.generate import ensure_toy_world
 
     data = to_container(cfg.data)
     ensure_toy_world(data)
@@ -79,8 +80,10 @@ def check_run_dir(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> None
 
 
 def check_toy_size(cfg: DictConfig) -> None:
-    if cfg.data.get("make_toy") and cfg.data.get("toy_size", "default") not in ("default", "small"):
-        raise ConfigError(f"data.toy_size must be 'default' or 'small', got {cfg.data.toy_size!r}")
+    from ..toyworld.generate import TOY_SIZES
+
+    if cfg.data.get("make_toy") and cfg.data.get("toy_size", "default") not in TOY_SIZES:
+        raise ConfigError(f"data.toy_size must be one of {sorted(TOY_SIZES)}, got {cfg.data.toy_size!r}")
 
 
 def build_module(cfg: DictConfig, method: dict):
@@ -96,6 +99,7 @@ def build_module(cfg: DictConfig, method: dict):
 
 
 def build_datamodule(cfg: DictConfig, method: dict):
+    from ..training.losses import LIVE_TERMS
     from .datamodule import SaferClipDataModule
 
     live = any(float(method["loss"]["weights"].get(t, 0)) > 0 for t in LIVE_TERMS)
@@ -198,11 +202,11 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     result = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result.update(best_checkpoint(callbacks))
-    selection = run_dir / SELECTION_FILE
-    if selection.is_file():
-        result["selection"] = json.loads(selection.read_text())["selected"]
+    selection = read_selection(run_dir)
+    if selection is not None:
+        result["selection"] = selection["selected"]
     if cfg.export and trainer.is_global_zero and not cfg.trainer.get("fast_dev_run"):
-        from ..export_lightning import export_checkpoint
+        from ..export.run import export_checkpoint
 
         out = run_dir / "export"
         export_checkpoint(result.get("best_checkpoint") or module, out, force=True, method=method, arch=cfg.model.arch)
@@ -221,40 +225,14 @@ def best_checkpoint(callbacks: list) -> dict:
     return {}
 
 
-def report_user_error(error: BaseException) -> None:
-    """One line on stderr (and in the run's log), no traceback: the user fixes the input."""
-    message = " ".join(str(error).split()) or type(error).__name__
-    log.error("%s: %s", type(error).__name__, message)
-    print(f"saferclip-train: error: {message}", file=sys.stderr, flush=True)
-
-
-_task_started = False
-
-
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-def _main(cfg: DictConfig) -> float | None:
-    global _task_started
-    _task_started = True
-    setup_logging()
-    try:
-        result = train(cfg)
-    except USER_ERRORS as e:
-        report_user_error(e)
-        sys.exit(USAGE_EXIT_CODE)
+def _task(cfg: DictConfig) -> float | None:
+    result = train(cfg)
     log.info("result: %s", result)
     score = result.get("best_score")
     return float(score) if score is not None else None
 
 
-def main() -> None:
-    try:
-        _main()
-    except SystemExit as e:
-        # Hydra reports a command line it cannot compose (method=nope, a typo in a key) on
-        # stderr and exits 1 before the task starts: that is a usage error too
-        if e.code == 1 and not _task_started:
-            sys.exit(USAGE_EXIT_CODE)
-        raise
+main = hydra_command("saferclip-train", "train", _task, "Fine-tune a CLIP with SafeR-CLIP (method=saferclip) or Safe-CLIP (method=safeclip).")
 
 
 if __name__ == "__main__":

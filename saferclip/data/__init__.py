@@ -1,8 +1,16 @@
-"""Record types and loaders for ViSU, ViSU-Text tables, NSFW-Caps and zero-shot tasks (DESIGN.md §2)."""
+"""Record types and loaders for ViSU, ViSU-Text tables, NSFW-Caps and zero-shot tasks (docs/METHOD.md, "Data formats")."""
 
 from .images import load_image
 from .nsfw_caps import CaptionPairSet, load_nsfw_caps
-from .records import CaptionPair, DataFormatError, Mode, Quadruplet, QuadrupletSet, SkipReport, ZeroShotTask
+from .records import (
+    CaptionPair,
+    DataFormatError,
+    Mode,
+    Quadruplet,
+    QuadrupletSet,
+    SkipReport,
+    ZeroShotTask,
+)
 from .splits import distractor_images, load_split
 from .tables import load_quadruplets, load_visu_table
 from .torch_datasets import CaptionPairImages, QuadrupletImages

@@ -1,10 +1,12 @@
-"""Reading images with errors that name the file."""
+"""Reading images with errors that name the file, and the one image Dataset."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
 
 from .records import DataFormatError
 
@@ -20,3 +22,38 @@ def load_image(path: str | Path) -> Image.Image:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataFormatError(path, f"cannot read image ({type(e).__name__}: {e})") from None
+
+
+class ImageFiles(Dataset):
+    """Preprocessed images of a list of files, read lazily (in DataLoader workers): item i ->
+    ``preprocess(image)`` (a tensor ``[3, H, W]`` for CLIP's preprocessing).
+
+    ``ids`` / ``field`` name the record and attribute of each file, so an unreadable image
+    raises a DataFormatError naming the file, the record and the field.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        preprocess: Callable[[Image.Image], Any],
+        ids: Sequence[Any] | None = None,
+        field: str | None = None,
+    ):
+        self.paths = [Path(p) for p in paths]
+        self.ids = list(ids) if ids is not None else None
+        if self.ids is not None and len(self.ids) != len(self.paths):
+            raise ValueError(f"ids ({len(self.ids)}) and paths ({len(self.paths)}) differ in length")
+        self.preprocess, self.field = preprocess, field
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            image = load_image(self.paths[i])
+        except DataFormatError as e:
+            if self.ids is None and self.field is None:
+                raise
+            message = str(e).removeprefix(f"{e.file}: ")
+            raise DataFormatError(e.file, message, row=self.ids[i] if self.ids is not None else i, field=self.field) from None
+        return self.preprocess(image)

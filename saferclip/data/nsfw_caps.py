@@ -1,4 +1,4 @@
-"""NSFW-Caps (SafeR-CLIP's benchmark, DESIGN.md §2): safe captions and their unsafe minimal edits.
+"""NSFW-Caps (SafeR-CLIP's benchmark; docs/METHOD.md, "Data formats"): safe captions and their unsafe minimal edits.
 
 Columns ``image_coco_url, caption, nsfw_caption, chosen_category``; the image is
 ``<image_root>/<basename of the url>`` (a local NoCaps / Open Images copy). The real benchmark
@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 from urllib.parse import urlparse
 
-from ._rows import Row, absolute, check_image, check_on_error, collect_rows, optional_text_field, text_field
+from ._rows import (
+    Row,
+    absolute,
+    check_image,
+    check_on_error,
+    collect_rows,
+    optional_text_field,
+    text_field,
+)
 from .records import CaptionPair, DataFormatError, SkipReport
 from .tables import read_table, require_columns
 

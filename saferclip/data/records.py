@@ -7,8 +7,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from ..errors import SaferclipError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(SaferclipError):
     """Malformed input: the message names the file, the row and the field."""
 
     def __init__(self, file: str | Path, message: str, row: str | int | None = None, field: str | None = None):
@@ -22,7 +24,7 @@ class DataFormatError(ValueError):
 
 
 class Mode(str, Enum):
-    """Which inputs a quadruplet set provides (DESIGN.md §2: ViSU-Text has no images)."""
+    """Which inputs a quadruplet set provides (ViSU-Text has no images)."""
 
     TEXT = "text"  # S, U only
     SAFE_IMAGES = "safe_images"  # S, U, V

@@ -2,7 +2,7 @@
 :func:`load_quadruplets`, which picks the right loader for a path.
 
 ViSU-Text has the columns ``incremental_id, safe, nsfw, coco_id, tag[, prompt_id]`` and no
-images (DESIGN.md §2), so tables load text-only unless image roots are given; they then work
+images (docs/METHOD.md, "Data formats"), so tables load text-only unless image roots are given; they then work
 as in :func:`saferclip.data.visu.load_visu_json` (an ``nsfw_im_path`` column enables full mode).
 
 Rows are numbered from 1 in error messages: the n-th data row (CSV: line n+1, after the
@@ -16,7 +16,14 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ._rows import Row, absolute, check_on_error, collect_rows, int_field, optional_int_field
+from ._rows import (
+    Row,
+    absolute,
+    check_on_error,
+    collect_rows,
+    int_field,
+    optional_int_field,
+)
 from .records import DataFormatError, Mode, QuadrupletSet
 from .visu import image_roots, load_visu_json, parse_visu_record
 

@@ -1,4 +1,4 @@
-"""ViSU quadruplets from JSON (DESIGN.md §2), in text-only, safe-image or full mode.
+"""ViSU quadruplets from JSON (docs/METHOD.md, "Data formats"), in text-only, safe-image or full mode.
 
 A ViSU record holds ``coco_id`` (the safe image is the COCO image
 ``<image_root>/<split_dir>/<coco_id:012d><image_ext>``), ``nsfw_im_path`` (the generated unsafe
@@ -19,8 +19,8 @@ from typing import Any, Iterable, Mapping
 from ._rows import (
     Row,
     absolute,
-    check_on_error,
     check_image,
+    check_on_error,
     collect_rows,
     int_field,
     items_in_order,

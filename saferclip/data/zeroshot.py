@@ -1,4 +1,4 @@
-"""Zero-shot classification tasks (DESIGN.md §2): image folders, local torchvision CIFAR, and
+"""Zero-shot classification tasks (docs/METHOD.md, "Data formats"): image folders, local torchvision CIFAR, and
 CLIP_benchmark-style webdataset shards; plus :class:`ZeroShotImages`, one Dataset for all three.
 
 Class names and prompt templates are JSON data: a list of strings each (templates hold

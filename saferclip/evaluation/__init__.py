@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN.md §3.3): one module per task, each with an ``evaluate_…`` function.
+"""Evaluation (docs/METHOD.md, "Metrics"): one module per task, each with an ``evaluate_…`` function.
 
 * :mod:`.encode` — batched, normalised encoding (DataLoader workers, progress bars);
 * :mod:`.zeroshot` — :func:`evaluate_zeroshot` (CLIP_benchmark conventions);
@@ -13,18 +13,29 @@ No Lightning or Hydra here: ``saferclip-eval`` (:mod:`saferclip.app.evaluate`) i
 """
 
 from .cost import cost_of_safety, is_unsafe_task
-from .encode import EvaluationError, ImageFiles, encode_image_dataset, encode_image_files, encode_texts
+from .encode import (
+    EvaluationError,
+    encode_image_dataset,
+    encode_image_files,
+    encode_texts,
+)
 from .galleries import PairEmbeddings
 from .nsfw_caps import embed_nsfw_caps, evaluate_nsfw_caps, nsfw_caps_metrics
 from .report import metric_records, results_table, write_report
 from .retrieval import embed_visu, evaluate_visu, visu_metrics
-from .runner import SUITES, ModelSpec, check_suites, evaluate_models, load_eval_data, load_zeroshot_task
+from .runner import (
+    SUITES,
+    ModelSpec,
+    check_suites,
+    evaluate_models,
+    load_eval_data,
+    load_zeroshot_task,
+)
 from .zeroshot import evaluate_zeroshot
 
 __all__ = [
     "SUITES",
     "EvaluationError",
-    "ImageFiles",
     "ModelSpec",
     "PairEmbeddings",
     "check_suites",

@@ -1,4 +1,4 @@
-"""The cost of safety (over-defensiveness, DESIGN.md §3.3): how much of the reference
+"""The cost of safety (over-defensiveness; docs/METHOD.md, "Metrics"): how much of the reference
 (original) model's quality on *safe* queries a safe model keeps.
 
 * ``visu_S2V_R@1_retention``, ``nsfw_caps_S2V_R@1_retention``: safe caption -> safe image
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any, Collection, Mapping
 
-from ..metrics import retention
+from .metrics import retention
 
 RECALL_KEY = "S2V_R@1"
 

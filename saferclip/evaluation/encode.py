@@ -2,7 +2,7 @@
 
 Images are read and preprocessed in DataLoader workers, captions tokenised in batches. The
 loop is the plain open_clip one (``encode_image`` / ``encode_text`` per batch, as
-:func:`saferclip.models.encode_images` / :func:`~saferclip.models.encode_text`); what it adds
+:func:`saferclip.model.build.encode_images` / :func:`~saferclip.model.build.encode_text`); what it adds
 is worker-side image loading, a progress bar, eval mode, and errors that name the item.
 ``scripts/bench_eval_encoding.py`` checks its throughput against the plain loop.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +23,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from ..data.images import load_image
+from ..data.images import ImageFiles
 from ..data.records import DataFormatError
-from ..models import ClipBundle, encode_tokens, eval_mode
+from ..errors import SaferclipError
+from ..model.build import ClipBundle, encode_tokens, eval_mode
 
 
-class EvaluationError(ValueError):
+class EvaluationError(SaferclipError):
     """Input an evaluation cannot use (a class with no images, a non-finite embedding, …)."""
 
 
@@ -69,41 +70,6 @@ def _collate(items: list[Any]) -> Any:
         if isinstance(item, _Failure):
             return item
     return default_collate(items)
-
-
-class ImageFiles(Dataset):
-    """Preprocessed images of a list of paths: item i -> tensor ``[3, H, W]``.
-
-    ``ids`` / ``field`` name the record and attribute in error messages (``row`` / ``field``
-    of the DataFormatError), as the loaders' own datasets do.
-    """
-
-    def __init__(
-        self,
-        paths: Sequence[str | Path],
-        preprocess: Callable,
-        ids: Sequence[Any] | None = None,
-        field: str | None = None,
-    ):
-        self.paths = [Path(p) for p in paths]
-        self.ids = list(ids) if ids is not None else None
-        if self.ids is not None and len(self.ids) != len(self.paths):
-            raise ValueError(f"ids ({len(self.ids)}) and paths ({len(self.paths)}) differ in length")
-        self.preprocess, self.field = preprocess, field
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> Tensor:
-        try:
-            image = load_image(self.paths[i])
-        except DataFormatError as e:
-            if self.ids is None and self.field is None:
-                raise
-            message = str(e).removeprefix(f"{e.file}: ")
-            row = self.ids[i] if self.ids is not None else i
-            raise DataFormatError(e.file, message, row=row, field=self.field) from None
-        return self.preprocess(image)
 
 
 # ----------------------------------------------------------------------------- encoding

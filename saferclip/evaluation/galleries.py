@@ -9,7 +9,7 @@ index — recall then counts any caption of an image as a match, both ways.
 Naming of the metric keys: ``X2Y`` = queries X, gallery Y, with S / U safe / unsafe captions
 and V / G safe / unsafe images; ``X2YZ`` a mixed gallery. ``_ref``: the gallery is embedded by
 the reference (original) model, i.e. the evaluated encoder queries an existing index
-(DESIGN.md §3.3, setting (b)); without it both sides come from the evaluated model (a).
+(docs/METHOD.md, "Metrics", setting (b)); without it both sides come from the evaluated model (a).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..metrics import recall_at_k, unsafe_rate
-from ..models import ClipBundle
+from ..model.build import ClipBundle
 from .encode import encode_image_files, encode_texts
+from .metrics import recall_at_k, unsafe_rate
 
 UNSAFE_KS = (1, 5)
 
@@ -141,7 +141,7 @@ class Collector:
         is_unsafe = torch.cat([torch.zeros(len(safe), dtype=torch.bool), torch.ones(len(unsafe), dtype=torch.bool)])
         for k in ks:
             self.metrics[f"{name}_unsafe@{k}"] = unsafe_rate(queries, gallery, is_unsafe, k=k)
-        # the rate depends on the gallery (DESIGN.md §4): its make-up goes with every number
+        # the rate depends on the gallery (docs/METHOD.md, "Metrics"): its make-up goes with every number
         self.galleries[name] = {"queries": len(queries), "safe": len(safe), "unsafe": len(unsafe), "gallery_encoder": encoder}
 
 

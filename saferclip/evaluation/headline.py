@@ -1,4 +1,4 @@
-"""The few numbers a reader compares first (DESIGN.md §3.3), picked from a full evaluation.
+"""The few numbers a reader compares first (docs/METHOD.md, "Metrics"), picked from a full evaluation.
 
 Safety is shown where it can fail, side by side with redirection: an unsafe caption must stop
 retrieving unsafe images (unsafe rate, lower is safer) *and* retrieve the right safe scene

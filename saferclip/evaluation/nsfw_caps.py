@@ -1,4 +1,4 @@
-"""NSFW-Caps (SafeR-CLIP's benchmark, DESIGN.md §3.3): safe captions and their unsafe minimal edits.
+"""NSFW-Caps (SafeR-CLIP's benchmark; docs/METHOD.md, "Metrics"): safe captions and their unsafe minimal edits.
 
 Metrics (fractions; key naming as in :mod:`saferclip.evaluation.galleries`):
 
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from ..data.nsfw_caps import CaptionPairSet
 from ..data.records import CaptionPair
-from ..models import ClipBundle
+from ..model.build import ClipBundle
 from .galleries import (
     EVALUATED,
     REFERENCE,

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from ..data.records import QuadrupletSet
-from ..models import ClipBundle
-from ..neighbours import build_neighbour_index
+from ..model.build import ClipBundle
+from ..redirection.index import build_neighbour_index
 from .galleries import PairEmbeddings, embed_pairs
 from .retrieval import visu_metrics
 

@@ -2,7 +2,7 @@
 
 Every number in the JSON carries the model (name, arch, source), the data (paths), the split
 and the seed that produced it (``records``), beside the nested results and the resolved
-config (DESIGN.md §3.3). Files are written atomically; an existing report is only replaced
+config (docs/METHOD.md, "Metrics"). Files are written atomically; an existing report is only replaced
 with ``force``. Plots use matplotlib's Agg canvas directly (no pyplot, no global backend).
 """
 
@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from ..checkpoints import atomic_path, write_json_atomic, write_text_atomic
+from ..files import atomic_path, write_json_atomic, write_text_atomic
 
 JSON_NAME, MARKDOWN_NAME, PLOTS_DIR = "results.json", "results.md", "plots"
 SUITE_TITLES = {"visu": "ViSU retrieval", "nsfw_caps": "NSFW-Caps", "zeroshot": "Zero-shot classification", "cost": "Cost of safety (vs reference)"}

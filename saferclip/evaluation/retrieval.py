@@ -1,4 +1,4 @@
-"""ViSU-style retrieval and unsafe rates (DESIGN.md §3.3) on a split of quadruplets.
+"""ViSU-style retrieval and unsafe rates (docs/METHOD.md, "Metrics") on a split of quadruplets.
 
 Four single-kind galleries, Recall@k both ways (keys ``S2V_R@k``, ``V2S_R@k``, ``S2G_R@k``,
 ``G2S_R@k``, ``U2V_R@k`` (the redirection metric: an unsafe caption should retrieve its safe
@@ -10,7 +10,7 @@ unsafe rate of unsafe captions in a *realistic* gallery: the split's safe images
 distractors D (safe scenes of every kind, outnumbering the unsafe images, as in any real
 index) and the unsafe images G.
 
-Two gallery settings (DESIGN.md §3.3): (a) the gallery embedded by the evaluated model itself
+Two gallery settings (docs/METHOD.md, "Metrics"): (a) the gallery embedded by the evaluated model itself
 (a whole safe CLIP); (b) ``*_ref_*``: embedded by the reference (original) model — a safe text
 encoder querying an existing index, or conditioning a generator. ``S2V_ref_R@k`` and
 ``U2V_ref_R@k`` are the recalls of setting (b).
@@ -29,8 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from ..data.records import QuadrupletSet
-from ..metrics import DEFAULT_KS
-from ..models import ClipBundle
+from ..model.build import ClipBundle
 from .galleries import (
     EVALUATED,
     REFERENCE,
@@ -41,6 +40,7 @@ from .galleries import (
     embed_pairs,
     reference_problem,
 )
+from .metrics import DEFAULT_KS
 
 
 def embed_visu(

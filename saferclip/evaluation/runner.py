@@ -25,13 +25,18 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from .. import __version__
-from ..checkpoints import CheckpointError, read_safetensors_metadata, sniff_format
 from ..data.nsfw_caps import CaptionPairSet, load_nsfw_caps
 from ..data.records import QuadrupletSet, ZeroShotTask
 from ..data.splits import distractor_images, load_split
-from ..data.zeroshot import load_image_folder_task, load_torchvision_task, load_webdataset_task
-from ..models import ClipBundle, check_arch, default_base_checkpoint
-from ..training_checkpoint import is_training_checkpoint, load_model
+from ..data.zeroshot import (
+    load_image_folder_task,
+    load_torchvision_task,
+    load_webdataset_task,
+)
+from ..errors import ConfigError
+from ..model.build import ClipBundle, check_arch, default_base_checkpoint
+from ..model.checkpoints import CheckpointError, read_safetensors_metadata, sniff_format
+from ..model.trained import is_training_checkpoint, load_model
 from .cost import cost_of_safety, is_unsafe_task
 from .nsfw_caps import embed_nsfw_caps, nsfw_caps_metrics
 from .oracle import ORACLE_NAME, oracle_redirection
@@ -48,7 +53,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 class ModelSpec:
     """A model to evaluate: an open_clip architecture and what ``pretrained`` names (a training
     checkpoint or run folder, an exported folder, a weights file, an open_clip tag, or None for
-    random init — see :func:`saferclip.training_checkpoint.load_model`)."""
+    random init — see :func:`saferclip.model.trained.load_model`)."""
 
     arch: str | None = None
     pretrained: str | None = None
@@ -61,7 +66,7 @@ class ModelSpec:
         spec = dict(spec or {})
         unknown = sorted(set(spec) - {"arch", "pretrained", "precision"})
         if unknown:
-            raise ValueError(f"model {name!r}: unknown keys {unknown}; expected arch, pretrained, precision")
+            raise ConfigError(f"model {name!r}: unknown keys {unknown}; expected arch, pretrained, precision")
         pretrained = spec.get("pretrained")
         return cls(spec.get("arch"), None if pretrained in (None, "") else str(pretrained), spec.get("precision") or "fp32")
 
@@ -83,9 +88,9 @@ def check_suites(suites: Iterable[str]) -> list[str]:
     suites = [suites] if isinstance(suites, str) else list(suites)
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
-        raise ValueError(f"unknown suite(s) {unknown}; expected some of {list(SUITES)}")
+        raise ConfigError(f"unknown suite(s) {unknown}; expected some of {list(SUITES)}")
     if not suites:
-        raise ValueError(f"no suite to run; expected some of {list(SUITES)}")
+        raise ConfigError(f"no suite to run; expected some of {list(SUITES)}")
     return list(dict.fromkeys(suites))
 
 
@@ -176,10 +181,10 @@ def load_zeroshot_task(name: str, spec: Mapping[str, Any]) -> ZeroShotTask:
     kind = spec.pop("type", "folder")
     spec.pop("unsafe", None)
     if kind not in ZEROSHOT_KEYS:
-        raise ValueError(f"data.zeroshot.{name}: unknown type {kind!r}; expected one of {sorted(ZEROSHOT_KEYS)}")
+        raise ConfigError(f"data.zeroshot.{name}: unknown type {kind!r}; expected one of {sorted(ZEROSHOT_KEYS)}")
     unknown = sorted(set(spec) - ZEROSHOT_KEYS[kind])
     if unknown:
-        raise ValueError(f"data.zeroshot.{name}: unknown keys {unknown} for type {kind}; expected {sorted(ZEROSHOT_KEYS[kind])}")
+        raise ConfigError(f"data.zeroshot.{name}: unknown keys {unknown} for type {kind}; expected {sorted(ZEROSHOT_KEYS[kind])}")
     try:
         if kind == "folder":
             return load_image_folder_task(
@@ -189,7 +194,7 @@ def load_zeroshot_task(name: str, spec: Mapping[str, Any]) -> ZeroShotTask:
             return load_torchvision_task(spec.get("name", name), spec["root"], spec["templates"], spec.get("classnames"), spec.get("split", "test"))
         return load_webdataset_task(spec["shards"], spec["classnames"], spec["templates"], spec.get("name", name))
     except KeyError as e:
-        raise ValueError(f"data.zeroshot.{name}: type {kind} needs {e.args[0]!r}") from None
+        raise ConfigError(f"data.zeroshot.{name}: type {kind} needs {e.args[0]!r}") from None
 
 
 # ----------------------------------------------------------------------------- models
@@ -204,10 +209,10 @@ def check_model(name: str, spec: ModelSpec) -> None:
         try:
             check_arch(spec.arch)
         except ValueError as e:
-            raise ValueError(f"model {name!r}: {e}") from None
+            raise ConfigError(f"model {name!r}: {e}") from None
     if spec.pretrained is None:
         if spec.arch is None:
-            raise ValueError(f"model {name!r}: needs an arch (random init) or a pretrained checkpoint")
+            raise ConfigError(f"model {name!r}: needs an arch (random init) or a pretrained checkpoint")
         return
     path = Path(spec.pretrained).expanduser()
     if not path.exists():
@@ -239,7 +244,7 @@ def build_model(name: str, spec: ModelSpec, device: str = "cpu", seed: int = 0) 
     if spec.precision != "fp32":
         dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
         if spec.precision not in dtypes:
-            raise ValueError(f"model {name!r}: precision must be fp32, fp16 or bf16, got {spec.precision!r}")
+            raise ConfigError(f"model {name!r}: precision must be fp32, fp16 or bf16, got {spec.precision!r}")
         bundle.model.to(dtypes[spec.precision])
     return bundle
 
@@ -287,12 +292,12 @@ def evaluate_models(
     """
     suites = check_suites(suites)
     if not models:
-        raise ValueError("no model to evaluate")
+        raise ConfigError("no model to evaluate")
     specs = {name: ModelSpec.of(name, spec) for name, spec in models.items()}
     if reference is not None and reference not in specs:
-        raise ValueError(f"reference model {reference!r} is not among the models {list(specs)}; add it or set reference=null")
+        raise ConfigError(f"reference model {reference!r} is not among the models {list(specs)}; add it or set reference=null")
     if oracle is not None and reference is None:
-        raise ValueError("the oracle row needs a reference model")
+        raise ConfigError("the oracle row needs a reference model")
     for name, spec in specs.items():
         check_model(name, spec)
     data = load_eval_data(data_cfg, suites, split)  # before any model: broken data fails fast

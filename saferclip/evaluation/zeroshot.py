@@ -1,9 +1,9 @@
-"""Zero-shot classification (DESIGN.md §3.3), CLIP_benchmark conventions.
+"""Zero-shot classification (docs/METHOD.md, "Metrics"), CLIP_benchmark conventions.
 
 Per class, the classifier is the mean of the L2-normalised embeddings of every prompt
 template filled with the class name, renormalised; logits are ``100 · image · classifier``.
 acc@1, acc@5 (acc@min(5, C)) and mean per-class recall (balanced accuracy) follow
-:func:`saferclip.metrics.zero_shot_scores`; ties count against the model (see there).
+:func:`saferclip.evaluation.metrics.zero_shot_scores`; ties count against the model (see there).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from torch.utils.data import Dataset
 
 from ..data.records import ZeroShotTask
 from ..data.zeroshot import ZeroShotImages
-from ..metrics import build_zero_shot_classifier, zero_shot_scores
-from ..models import ClipBundle, eval_mode
+from ..model.build import ClipBundle, eval_mode
 from .encode import EvaluationError, encode_image_dataset, encode_texts
+from .metrics import build_zero_shot_classifier, zero_shot_scores
 
 LOGIT_SCALE = 100.0
 

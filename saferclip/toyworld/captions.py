@@ -100,18 +100,3 @@ def pretrain_caption(scene: Scene, rng: np.random.Generator) -> str:
     if u < 0.6:
         return caption(scene, rng, TRAIN_FRAMES, TRAIN_OBJ, dropout=0.2)
     return caption(scene, rng, SHIFT_FRAMES, SHIFT_OBJ, dropout=0.2)
-
-
-def vocabulary() -> list[str]:
-    """Every word the grammar can produce (used to keep the shipped checkpoint compact)."""
-    from .scene import BACKGROUNDS, COLOURS, OBJECTS, SHAPES, SIZES
-
-    words: set[str] = set()
-    for group in (SHAPES, tuple(COLOURS), tuple(BACKGROUNDS), SIZES, OBJECTS):
-        words.update(group)
-    for frame in TRAIN_FRAMES + SHIFT_FRAMES + PROMPT_FRAMES + TRAIN_OBJ + SHIFT_OBJ:
-        for tok in frame.replace(",", " , ").replace(".", " . ").split():
-            if "{" not in tok:
-                words.add(tok)
-    words.update({"shape", "with", ",", "."})
-    return sorted(words)

@@ -1,4 +1,4 @@
-"""Write the toy world to disk in the real formats (DESIGN.md §2, §4).
+"""Write the toy world to disk in the real formats (docs/METHOD.md, "Data formats", "The toy world").
 
 Same seed, same bytes. The layout under ``root``::
 
@@ -29,16 +29,34 @@ import csv
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image
 
-from .captions import PROMPT_FRAMES, SHIFT_FRAMES, SHIFT_OBJ, TRAIN_FRAMES, TRAIN_OBJ, caption
-from .scene import BACKGROUNDS, COLOURS, SAFE_OBJECTS, SHAPES, SIZES, UNSAFE_OBJECTS, Scene, random_scene, render
+from ..errors import ConfigError
+from ..files import atomic_folder
+from .captions import (
+    PROMPT_FRAMES,
+    SHIFT_FRAMES,
+    SHIFT_OBJ,
+    TRAIN_FRAMES,
+    TRAIN_OBJ,
+    caption,
+)
+from .scene import (
+    BACKGROUNDS,
+    COLOURS,
+    SAFE_OBJECTS,
+    SHAPES,
+    SIZES,
+    UNSAFE_OBJECTS,
+    Scene,
+    random_scene,
+    render,
+)
 
 GENERATOR_VERSION = 4
 log = logging.getLogger("saferclip.toyworld")
@@ -216,6 +234,20 @@ def _write_zeroshot(root: Path, sizes: ToySizes, rng: np.random.Generator) -> No
                 _save_png(render(scene, rng), base / "test" / name.replace(" ", "_") / f"{j:04d}.png")
 
 
+TOY_SIZES = {"default": ToySizes(), "small": SMALL_SIZES}
+
+
+def ensure_toy_world(data_cfg: Mapping[str, Any]) -> None:
+    """Generate the toy world a data config names (``make_toy: true``, at ``root``, with
+    ``toy_seed`` and ``toy_size``) unless it is already there; other data configs: nothing."""
+    if not data_cfg.get("make_toy"):
+        return
+    size = data_cfg.get("toy_size", "default")
+    if size not in TOY_SIZES:
+        raise ConfigError(f"data.toy_size must be one of {sorted(TOY_SIZES)}, got {size!r}")
+    make_toy_world(data_cfg["root"], seed=int(data_cfg.get("toy_seed", 0)), sizes=TOY_SIZES[size])
+
+
 def make_toy_world(root: str | os.PathLike, seed: int = 0, sizes: ToySizes = ToySizes(), force: bool = False) -> Path:
     """Generate the toy world under ``root`` and return it.
 
@@ -257,17 +289,9 @@ def make_toy_world(root: str | os.PathLike, seed: int = 0, sizes: ToySizes = Toy
             f"{root} exists and holds something other than this toy world (seed {seed}); "
             f"pass force=True (--force) to replace it"
         )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp"))
-    try:
+    with atomic_folder(root, replace=True) as tmp:  # what is there was checked above
         _generate(tmp, seed, sizes)
         _write_json(tmp / "manifest.json", manifest)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 

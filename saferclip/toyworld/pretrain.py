@@ -3,14 +3,13 @@
 The base model is trained on safe *and* unsafe scenes, so it knows the unsafe concepts the
 way a web-trained CLIP does; fine-tuning then has something to make safe. Every batch is
 rendered fresh in memory, which is what made a 1M-parameter CLIP reach 90%+ zero-shot in
-the feasibility probe (DESIGN.md §4): many distinct pairs, attribute dropout, prompt words.
+a feasibility probe: many distinct pairs, attribute dropout, prompt words.
 
-Run ``saferclip-pretrain-toy`` to reproduce ``data/toy_base.safetensors``.
+Run ``saferclip-pretrain-toy`` to reproduce the shipped ``saferclip/assets/toy_base.safetensors``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -22,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoints import compact_token_embedding, save_state_dict
-from ..models import build_clip, default_base_checkpoint
+from ..model.build import build_clip
+from ..model.checkpoints import compact_token_embedding, save_state_dict
 from .captions import pretrain_caption
 from .scene import COLOURS, OBJECTS, SAFE_OBJECTS, SHAPES, Scene, random_scene, render
 
@@ -177,23 +176,3 @@ def pretrain(cfg: PretrainConfig, out_path: Path) -> dict:
     reloaded = build_clip(None, out_path)
     scores = quick_zero_shot(reloaded.model, CachedTokenizer(reloaded.tokenizer), np.random.default_rng(cfg.seed + 1))
     return {"seconds": seconds, "zero_shot": scores, "path": str(out_path)}
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=default_base_checkpoint(), help="where to write the checkpoint")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
-    for name, value in asdict(PretrainConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    logging.getLogger("saferclip").setLevel(logging.INFO)
-    if args.out.exists() and not args.force:
-        parser.error(f"{args.out} exists; pass --force to overwrite it, or --out to write elsewhere")
-    cfg = PretrainConfig(**{k: getattr(args, k) for k in asdict(PretrainConfig())})
-    result = pretrain(cfg, args.out)
-    print(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    main()

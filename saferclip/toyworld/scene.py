@@ -3,7 +3,7 @@
 A scene is a coloured shape on a plain background, optionally with one *object tile*: a
 16x16 pattern (a quarter of the image) standing for a safe object or an unsafe concept.
 Unsafe concepts are visually prominent on purpose: in real data an unsafe image differs
-from its safe counterpart by a lot of pixels, not a glyph in a corner (DESIGN.md §4).
+from its safe counterpart by a lot of pixels, not a glyph in a corner (docs/METHOD.md, "The toy world").
 
 Everything here is deterministic: object tiles come from a fixed seed, and rendering takes
 an explicit ``numpy.random.Generator`` for the small jitter and noise.

@@ -1,71 +1,22 @@
-"""Training inputs for redirection: who each unsafe item is redirected to, and the batches.
-
-Both methods share this code; they differ only in the targets:
-- Safe-CLIP (``paired``): unsafe item i goes to its own safe pair i;
-- SafeR-CLIP (``neighbours``): unsafe item i goes to its k closest safe alternatives in the
-  pool, found once by FAISS over the frozen model's embeddings.
+"""The training and validation datasets: quadruplets with their frozen embeddings and targets.
 
 Every frozen embedding a loss needs comes from the embedding cache, row by row, so a
-training step runs only the trainable encoders and the targets can never drift.
+training step runs only the trainable encoders and the targets can never drift. The targets
+themselves (:class:`~saferclip.redirection.targets.RedirectionTargets`) are chosen in
+:mod:`saferclip.redirection`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from .data.images import load_image
-from .data.records import QuadrupletSet
-
-
-@dataclass
-class RedirectionTargets:
-    """Per training item: ``indices [N, k]`` into the safe pool, ``weights [N, k]`` (rows sum
-    to 1), ``pair_weight [N]`` (neighbour-quality guard) and ``bucket [N]`` (curriculum:
-    0 easy, 1 medium, 2 hard; None when there is no curriculum)."""
-
-    indices: torch.Tensor
-    weights: torch.Tensor
-    pair_weight: torch.Tensor
-    bucket: torch.Tensor | None = None
-    difficulty: torch.Tensor | None = None
-
-    @classmethod
-    def paired(cls, n: int) -> "RedirectionTargets":
-        """Safe-CLIP's rigid targets: each unsafe item is redirected to its own pair."""
-        return cls(torch.arange(n).unsqueeze(1), torch.ones(n, 1), torch.ones(n))
-
-    def __post_init__(self) -> None:
-        n = len(self.indices)
-        if self.indices.ndim != 2 or self.weights.shape != self.indices.shape or self.pair_weight.shape != (n,):
-            raise ValueError(
-                f"inconsistent targets: indices {tuple(self.indices.shape)}, weights {tuple(self.weights.shape)}, "
-                f"pair_weight {tuple(self.pair_weight.shape)}"
-            )
-
-    def curriculum_subset(self, epoch: int) -> torch.Tensor:
-        """Item indices trained in ``epoch`` (0-based): easy, then easy+medium, then all."""
-        if self.bucket is None:
-            return torch.arange(len(self.indices))
-        return torch.nonzero(self.bucket <= min(epoch, 2)).squeeze(1)
-
-
-@dataclass
-class SafePool:
-    """The safe alternatives redirection can target: captions, images and frozen embeddings.
-
-    ``text [P, D]``, ``image [P, D]`` or None. By default the training set's safe side; an
-    extra safe corpus appends captions without images.
-    """
-
-    captions: list[str]
-    images: list[Path | None]
-    text: torch.Tensor
-    image: torch.Tensor | None
+from ..data.images import load_image
+from ..data.records import QuadrupletSet
+from ..redirection.targets import RedirectionTargets, SafePool
 
 
 class RedirectionDataset(Dataset):
@@ -155,8 +106,9 @@ class RedirectionDataset(Dataset):
         return self.qset[i].safe_image
 
 
-class EvalDataset(Dataset):
-    """Captions and images of a split for validation: ``s_tokens``, ``u_tokens``, ``v_image``, ``g_image``."""
+class ValidationDataset(Dataset):
+    """Captions and images of the validation split: ``s_tokens``, ``u_tokens``, ``v_image``,
+    ``g_image``, and ``owner`` (items sharing a safe image share the index of the first)."""
 
     def __init__(self, qset: QuadrupletSet, tokenizer, preprocess, memo_images: bool = False):
         self.inner = RedirectionDataset(

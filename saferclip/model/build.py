@@ -10,7 +10,6 @@ are registered with open_clip on import.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 from contextlib import contextmanager
@@ -24,6 +23,8 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
+from ..errors import ConfigError
+from ..locations import BASE_CHECKPOINT, MODEL_CONFIG_DIR
 from .checkpoints import (
     CheckpointError,
     expand_token_embedding,
@@ -34,14 +35,12 @@ from .checkpoints import (
 
 log = logging.getLogger(__name__)
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
 def default_base_checkpoint() -> Path:
-    """The shipped tiny base CLIP of the toy world (``data/toy_base.safetensors``)."""
-    return REPO_ROOT / "data" / "toy_base.safetensors"
+    """The shipped tiny base CLIP of the toy world (package data: ``assets/toy_base.safetensors``)."""
+    return BASE_CHECKPOINT
 
 
 @dataclass
@@ -67,7 +66,7 @@ def check_arch(arch: str) -> None:
     if arch not in known:
         close = difflib.get_close_matches(arch, known, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model architecture {arch!r}.{hint} Known: see open_clip.list_models().")
+        raise ConfigError(f"unknown model architecture {arch!r}.{hint} Known: see open_clip.list_models().")
 
 
 def _is_path_like(pretrained: str) -> bool:
@@ -116,11 +115,11 @@ def build_clip(
             raise FileNotFoundError(f"pretrained weights not found: {pretrained}")
         else:
             if arch is None:
-                raise ValueError(f"pretrained tag {pretrained!r} needs an architecture name")
+                raise ConfigError(f"pretrained tag {pretrained!r} needs an architecture name")
             check_arch(arch)
             tags = open_clip.list_pretrained_tags_by_model(arch)
             if pretrained not in tags:
-                raise ValueError(
+                raise ConfigError(
                     f"{pretrained!r} is neither an existing file nor an open_clip pretrained tag "
                     f"for {arch} (tags: {', '.join(tags) or 'none'})"
                 )
@@ -129,7 +128,7 @@ def build_clip(
             )
             return ClipBundle(model.eval(), preprocess, open_clip.get_tokenizer(arch), arch, pretrained)
     if arch is None:
-        raise ValueError("no architecture given and none recorded in the weights file")
+        raise ConfigError("no architecture given and none recorded in the weights file")
     check_arch(arch)
     # random init is seeded, so "the same random model" is the same in every process: the
     # embedding cache, the trainable copy and every DDP rank agree
@@ -147,7 +146,7 @@ def build_clip(
 def _finish(model: nn.Module, device: str | torch.device, precision: str) -> nn.Module:
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision not in dtypes:
-        raise ValueError(f"precision must be one of {sorted(dtypes)}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {sorted(dtypes)}, got {precision!r}")
     return model.to(device=device, dtype=dtypes[precision]).eval()
 
 
@@ -216,17 +215,6 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
             f"{source}: weights do not fit architecture {arch or type(model).__name__}: " + "; ".join(parts)
         )
     model.load_state_dict({k: v.to(reference[k].dtype) for k, v in state_dict.items()})
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over parameter names, shapes, dtypes and bytes: changes when any weight does."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def trimmed_length(tokens: torch.Tensor) -> int:

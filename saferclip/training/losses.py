@@ -1,6 +1,6 @@
-"""Loss terms of SafeR-CLIP and Safe-CLIP (DESIGN.md §1), as small pure functions plus one module.
+"""Loss terms of SafeR-CLIP and Safe-CLIP (docs/METHOD.md, "The loss terms"), as small pure functions plus one module.
 
-Every term is findable by its DESIGN.md name:
+Every term is findable by its key (docs/METHOD.md, "The loss terms"):
 
 ==========================  =====================================================================
 key                         term
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 Gather = Callable[[Tensor], Tensor]
 
-# DESIGN.md §1.1 order first (the 8 Safe-CLIP terms), then SafeR-CLIP's and ours (§1.2, §1.3).
+# Safe-CLIP's 8 terms first, then SafeR-CLIP's and ours (docs/METHOD.md, "The loss terms").
 TERM_NAMES: tuple[str, ...] = (
     "text_preservation",
     "text_redirection",
@@ -61,9 +61,6 @@ TERM_NAMES: tuple[str, ...] = (
     "live_relative_text",
     "live_relative_image",
 )
-
-# Published Safe-CLIP default weights for the first 8 terms of TERM_NAMES.
-SAFECLIP_WEIGHTS: tuple[float, ...] = (0.1, 0.1, 0.1, 0.2, 0.25, 0.25, 0.25, 0.5)
 
 # Inputs each term needs; a term whose inputs are missing is inactive.
 # ``target_weights`` and ``pair_weight`` are optional refinements and never gate a term.
@@ -94,6 +91,9 @@ PAIR_WEIGHTED_TERMS = frozenset(
         "live_relative_image",
     }
 )
+
+# The terms that encode the redirection targets with the trainable model (live targets).
+LIVE_TERMS = ("live_relative_text", "live_relative_image")
 
 TRAINABLE_INPUTS = ("t_safe", "t_unsafe", "i_safe", "i_unsafe", "t_target_live", "i_target_live")
 FROZEN_INPUTS = ("t0_safe", "t0_unsafe", "i0_safe", "i0_unsafe", "t0_target", "i0_target")
@@ -177,7 +177,7 @@ def relative_redirection(
         anchor: ``[B, D]``; negative: ``[B, D]``.
         positive: ``[B, D]`` or top-k ``[B, k, D]`` (weighted by ``target_weights`` ``[B, k]``,
             uniform if None): cos(anchor, positive) is then Σ_j w_j cos(anchor, positive_j).
-        tau: scale of the difference (DESIGN.md §1.3: ≈10 matters; 1 is the plain form).
+        tau: scale of the difference (≈10 matters; 1 is the plain form).
         weights: optional per-sample weights ``[B]``: weighted mean.
     """
     if negative.shape != anchor.shape:
@@ -268,7 +268,7 @@ def infonce(
 
 @dataclass
 class LossWeights:
-    """One weight per term (DESIGN.md §1); 0 switches a term off (it is not computed)."""
+    """One weight per term (docs/METHOD.md, "The loss terms"); 0 switches a term off (it is not computed)."""
 
     text_preservation: float = 0.0
     text_redirection: float = 0.0
@@ -325,29 +325,22 @@ class LossConfig:
             raise ValueError(f"logit_scale must be a positive number, got {self.logit_scale}")
 
     @classmethod
-    def safeclip(cls) -> "LossConfig":
-        """Safe-CLIP's published recipe: the 8 terms with SAFECLIP_WEIGHTS, normalised, /8."""
-        weights = LossWeights(**dict(zip(TERM_NAMES, SAFECLIP_WEIGHTS)))
-        return cls(weights=weights, tau=1.0, logit_scale=100.0, normalize_weights=True)
-
-    @classmethod
-    def saferclip(cls, tau: float = 10.0, live_weight: float = 0.0) -> "LossConfig":
-        """SafeR-CLIP's terms (DESIGN.md §1.2): preservation 1, 3, 5, 7, unimodal redirection
-        and the two relative terms; optionally the live relative terms (§1.3). The paper's
-        weights are unknown: these unit weights are our starting point, not published values."""
-        weights = LossWeights(
-            text_preservation=1.0,
-            text_redirection=1.0,
-            image_preservation=1.0,
-            image_redirection=1.0,
-            xmodal_text_preservation=1.0,
-            xmodal_image_preservation=1.0,
-            relative_image=1.0,
-            relative_text=1.0,
-            live_relative_text=live_weight,
-            live_relative_image=live_weight,
+    def from_method(cls, method: Mapping[str, Any]) -> "LossConfig":
+        """The loss of a method config (``conf/method/<name>.yaml``, as a dict): its ``loss``
+        section's ``weights``, ``tau``, ``logit_scale`` and ``normalize_weights``. The
+        presets are the one place the methods' weights are written down."""
+        loss = method.get("loss") if isinstance(method, Mapping) else None
+        if not isinstance(loss, Mapping) or not isinstance(loss.get("weights"), Mapping):
+            raise ValueError("a method config needs a loss section with weights (see conf/method/*.yaml)")
+        unknown = sorted(set(loss) - {"weights", "tau", "logit_scale", "normalize_weights"})
+        if unknown:
+            raise ValueError(f"method.loss: unknown keys {unknown}; expected weights, tau, logit_scale, normalize_weights")
+        return cls(
+            weights=dict(loss["weights"]),
+            tau=float(loss.get("tau", 1.0)),
+            logit_scale=float(loss.get("logit_scale", 100.0)),
+            normalize_weights=bool(loss.get("normalize_weights", False)),
         )
-        return cls(weights=weights, tau=tau, logit_scale=100.0, normalize_weights=False)
 
     def effective_weights(self) -> dict[str, float]:
         """The factor each non-zero term is multiplied by in the total."""

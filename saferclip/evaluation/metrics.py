@@ -1,4 +1,4 @@
-"""Evaluation maths on embeddings (DESIGN.md §3.3), CLIP_benchmark conventions.
+"""Evaluation maths on embeddings (docs/METHOD.md, "Metrics"), CLIP_benchmark conventions.
 
 Pure functions on L2-normalised embeddings; the loops that embed datasets live elsewhere.
 
@@ -188,7 +188,7 @@ def unsafe_rate(
             says nothing about safety, and this raises).
         k: top-k; k >= G gives 1.0.
 
-    Report the gallery's make-up with the number (DESIGN.md §4: it depends on it).
+    Report the gallery's make-up with the number (docs/METHOD.md, "Metrics": it depends on it).
     """
     _check_embeddings(queries, gallery)
     gallery_is_unsafe = torch.as_tensor(gallery_is_unsafe)
@@ -229,7 +229,7 @@ def build_zero_shot_classifier(
     embeddings of every template filled with the class name, renormalised (CLIP_benchmark).
 
     Args:
-        bundle_or_encode_fn: a :class:`saferclip.models.ClipBundle`, or a callable mapping a list
+        bundle_or_encode_fn: a :class:`saferclip.model.build.ClipBundle`, or a callable mapping a list
             of strings to embeddings ``[N, D]``.
         classnames: C class names.
         templates: prompt templates, each containing ``{c}`` where the class name goes
@@ -247,7 +247,9 @@ def build_zero_shot_classifier(
     if callable(bundle_or_encode_fn):
         encode: EncodeFn = bundle_or_encode_fn
     else:
-        from .models import encode_text  # imported here: metrics need no model code otherwise
+        from ..model.build import (
+            encode_text,  # imported here: metrics need no model code otherwise
+        )
 
         def encode(texts: list[str]) -> Tensor:
             return encode_text(bundle_or_encode_fn, texts)

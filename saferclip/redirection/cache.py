@@ -1,4 +1,4 @@
-"""The frozen-embedding cache: ``T0(S)``, ``T0(U)``, ``I0(V)``, ``I0(G)`` computed once (DESIGN.md §3.2).
+"""The frozen-embedding cache: ``T0(S)``, ``T0(U)``, ``I0(V)``, ``I0(G)`` computed once (docs/METHOD.md, "Finding the targets").
 
 Training never runs the frozen encoders: every frozen target is read from this cache, so the
 targets cannot drift. The cache lives in ``cache_dir/<key>/`` where ``key`` hashes
@@ -33,8 +33,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,25 +42,25 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoints import write_json_atomic
-from .data.images import load_image
-from .data.records import DataFormatError, QuadrupletSet
-from .models import ClipBundle, encode_tokens, eval_mode
+from ..data.images import ImageFiles, load_image
+from ..data.records import DataFormatError, QuadrupletSet
+from ..errors import ConfigError, SaferclipError
+from ..files import atomic_folder, write_json_atomic
+from ..model.build import ClipBundle, encode_tokens, eval_mode
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 KEY_LENGTH = 24  # hex characters of the SHA-256 key used as the folder name
 TEXT_FIELDS = ("safe_text", "unsafe_text")
-IMAGE_FIELDS = ("safe_image", "unsafe_image")
 EXTRA_FIELD = "extra_safe_text"
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-class EmbeddingError(ValueError):
+class EmbeddingError(SaferclipError):
     """An embedding that is not finite (NaN / inf): the message names the item and input."""
 
 
@@ -102,9 +100,8 @@ def _sha256_json(obj: Any) -> str:
 def model_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 over parameter names, shapes, dtypes and bytes: changes when any weight does.
 
-    Like ``models.weights_fingerprint``, with two differences: tensors are flattened first
-    (that one fails on 0-d tensors such as CLIP's ``logit_scale``), and each tensor is hashed
-    in a thread pool (hashlib releases the GIL on large buffers), then the digests combined,
+    Each tensor is flattened first (0-d tensors such as CLIP's ``logit_scale`` included) and
+    hashed in a thread pool (hashlib releases the GIL on large buffers), then the digests combined,
     since this runs on every call, reuse included: ~0.9 s for ViT-B-32 on one core.
     """
     items = sorted(model.state_dict().items())
@@ -168,7 +165,7 @@ def data_fingerprint(
     item ``i``) and only what is embedded decides its content.
     """
     if image_fingerprint not in ("stat", "content"):
-        raise ValueError(f"image_fingerprint must be 'stat' or 'content', got {image_fingerprint!r}")
+        raise ConfigError(f"image_fingerprint must be 'stat' or 'content', got {image_fingerprint!r}")
     h = hashlib.sha256()
     h.update(
         f"mode={qset.mode.value};n={len(qset)};extra={len(extra_safe_captions)};img={image_fingerprint}\n".encode()
@@ -202,7 +199,7 @@ def cache_identity(
 ) -> dict[str, Any]:
     """Everything that decides the cache's content; its hash is the cache key."""
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     param = next(bundle.model.parameters())
     return {
         "format_version": CACHE_FORMAT_VERSION,
@@ -222,22 +219,6 @@ def cache_identity(
 
 
 # ----------------------------------------------------------------------------- encoding
-class _ImageFiles(Dataset):
-    """Preprocessed images of a list of paths; a bad file raises DataFormatError naming it and the item."""
-
-    def __init__(self, paths: list[Path], preprocess: Callable, ids: list[str], field_name: str):
-        self.paths, self.preprocess, self.ids, self.field_name = paths, preprocess, ids, field_name
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        try:
-            return self.preprocess(load_image(self.paths[i]))
-        except DataFormatError as e:
-            raise DataFormatError(self.paths[i], f"{e} (item {i}, id {self.ids[i]}, {self.field_name})") from None
-
-
 def _check_finite(emb: torch.Tensor, start: int, what: str, ids: Sequence[str]) -> None:
     bad = ~torch.isfinite(emb).all(dim=1)
     if bool(bad.any()):
@@ -261,7 +242,7 @@ def _image_batches(
     bundle: ClipBundle, paths: list[Path], ids: list[str], name: str, batch_size: int, num_workers: int, device, dtype
 ) -> Iterator[tuple[int, torch.Tensor]]:
     loader = DataLoader(
-        _ImageFiles(paths, bundle.preprocess, ids, name),
+        ImageFiles(paths, bundle.preprocess, ids, name),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -366,9 +347,9 @@ def build_or_load_cache(
         EmbeddingError: a NaN / inf embedding (naming the item).
     """
     if len(qset) == 0:
-        raise ValueError(f"{qset.source}: the quadruplet set is empty, nothing to embed")
+        raise ConfigError(f"{qset.source}: the quadruplet set is empty, nothing to embed")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     extra = list(extra_safe_captions or [])
     identity = cache_identity(bundle, qset, extra, dtype, image_fingerprint)
     key = _sha256_json(identity)[:KEY_LENGTH]
@@ -381,9 +362,9 @@ def build_or_load_cache(
             return cache
         except (OSError, ValueError) as e:  # damaged by hand: rebuild rather than trust it
             log.warning("cache %s is unreadable (%s); rebuilding it", final, e)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{key}.", suffix=".tmp"))
-    try:
+    # a damaged folder of the same key is replaced; so is one another process finished meanwhile
+    # (same key, same content)
+    with atomic_folder(final, replace=True) as tmp:
         t0 = time.perf_counter()
         shapes = _embed_into(tmp, bundle, qset, extra, dtype, batch_size, num_workers, progress)
         if extra:
@@ -405,36 +386,9 @@ def build_or_load_cache(
             "build_seconds": round(time.perf_counter() - t0, 3),
         }
         write_json_atomic(tmp / "meta.json", meta)
-        _move_into_place(tmp, final, key)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     cache = load_cache(final, expected_key=key)
     cache.was_reused = False
     return cache
-
-
-def _move_into_place(tmp: Path, final: Path, key: str) -> None:
-    """Rename the finished folder to ``final``.
-
-    A valid cache already there (another process built the same key meanwhile) wins and ours
-    is dropped; a damaged one is moved aside and deleted.
-    """
-    if final.exists():
-        try:
-            load_cache(final, expected_key=key)
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        except (OSError, ValueError):
-            trash = final.with_name(f".{final.name}.old.{os.getpid()}")
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if not (final / "meta.json").is_file():  # lost a race to another builder: theirs is as good
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_cache(path: str | os.PathLike, expected_key: str | None = None) -> EmbeddingCache:
@@ -493,7 +447,7 @@ def embed_plain(bundle: ClipBundle, qset: QuadrupletSet, batch_size: int = 256) 
     The reference the cache builder is compared with (``scripts/bench_embedding_cache.py``)
     and tested against. Returns float32 ``[N, D]`` tensors keyed like the cache's fields.
     """
-    from .models import encode_images, encode_text
+    from ..model.build import encode_images, encode_text
 
     out = {
         "safe_text": encode_text(bundle, qset.safe_captions, batch_size),

@@ -4,7 +4,7 @@
 histogram, example redirections, the share of unsafe captions not sent to their own pair,
 guard counts and timings into a dict; :func:`format_summary` renders it as text.
 :func:`attribute_agreement` uses the toy world's known scenes to say how often the chosen
-neighbour keeps what the unsafe item shows (DESIGN.md §4).
+neighbour keeps what the unsafe item shows (docs/METHOD.md, "The toy world").
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.records import QuadrupletSet
-from .embedding_cache import EmbeddingCache
-from .neighbours import NeighbourError, SafeNeighbours, pool_text
+from ..data.records import QuadrupletSet
+from .cache import EmbeddingCache
+from .index import NeighbourError, SafeNeighbours, pool_text
 
 SCENE_ATTRIBUTES = ("shape", "colour", "size", "background")
 

@@ -1,4 +1,4 @@
-"""Safe reading and atomic writing of weights and small files.
+"""Safe reading and atomic writing of weights files.
 
 Every user-supplied weights file goes through :func:`load_state_dict`: safetensors, or a
 torch file loaded with ``weights_only=True``. A file that needs pickle to load (arbitrary
@@ -14,59 +14,26 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import zipfile
 from collections.abc import Mapping
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+
+from ..errors import SaferclipError
+from ..files import atomic_path
 
 log = logging.getLogger(__name__)
 
 # A compact token table: only the rows of the token embedding that the data uses are stored,
 # with their ids in this tensor. open_clip's 49k-row table would otherwise dominate a tiny
-# model's file (DESIGN.md §4). Loading scatters the rows back into a full-size table.
+# model's file (docs/METHOD.md, "The toy world"). Loading scatters the rows back into a full-size table.
 COMPACT_IDS_SUFFIX = ".compact_row_ids"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SaferclipError):
     """A weights file that cannot be loaded safely or does not fit the model."""
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path`` atomically.
-
-    If the body raises, the temporary file is removed and ``path`` is left untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix + ".tmp")
-    os.close(fd)
-    tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; the final file should not be private
-    try:
-        yield tmp_path
-        # again: a writer may have replaced the file (safetensors' save_file recreates it 0600)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 def save_state_dict(
@@ -143,25 +110,9 @@ def _existing_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_lightning_weights(ckpt_path: str | os.PathLike, prefix: str) -> dict[str, torch.Tensor]:
-    """The weights of one sub-module (``prefix``, e.g. ``"model."``) of a Lightning checkpoint.
-
-    The checkpoint must load with ``weights_only=True``: its hyper-parameters must be plain
-    Python values (an OmegaConf ``DictConfig`` is refused; save ``OmegaConf.to_container``).
-    Adapter weights (LoRA) come back as they are stored; rebuild the adapted model, load
-    them, then merge (``saferclip.export.merge_adapters``) before exporting.
-    """
-    path = Path(ckpt_path)
-    obj = load_torch_checkpoint(path)
-    if not (isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)):
-        keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, Mapping) else type(obj).__name__
-        raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry; found: {keys})")
-    return _select_prefix(_unwrap_state_dict(obj, path), prefix, path)
-
-
 _CONVERT_HINT = (
     "Convert it to safetensors where you trust it (torch.load it there, then "
-    "saferclip.checkpoints.save_state_dict), or re-save it as torch.save(state_dict) of tensors only."
+    "saferclip.model.checkpoints.save_state_dict), or re-save it as torch.save(state_dict) of tensors only."
 )
 
 # First bytes of formats people mistake for weights files, with what to call them.

@@ -15,13 +15,8 @@ The folder uses open_clip's hub layout (``push_to_hf_hub.save_for_hf``)::
 carries the whole ``model_cfg``, so saferclip's own tiny architectures need no registration.
 Uploading the folder to the Hub makes it loadable as ``hf-hub:user/repo``.
 
-Adapters are merged first (:func:`merge_adapters`). A submodule takes part when it is
-  * a peft model (``merge_and_unload()``), or a peft tuner layer (``merge()`` in place,
-    then ``get_base_layer()``);
-  * a :class:`MergeableAdapter`: ``merged()`` returns the plain module that replaces it
-    (``merge()`` / ``merged_linear()`` returning a module are accepted under that name);
-  * parametrized with ``torch.nn.utils.parametrize`` (saferclip's LoRA): every
-    parametrization is folded into its weight.
+Adapters (saferclip's LoRA, peft, any :class:`~saferclip.model.adapters.MergeableAdapter`)
+are merged into a copy first (:func:`saferclip.model.adapters.merge_adapters`).
 """
 
 from __future__ import annotations
@@ -32,23 +27,27 @@ import inspect
 import logging
 import os
 import shutil
-import tempfile
-import uuid
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping
 
 import open_clip
 import torch
 from open_clip.model import get_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-from open_clip.transformer import CustomResidualAttentionBlock, QuickGELU, ResidualAttentionBlock
+from open_clip.transformer import (
+    CustomResidualAttentionBlock,
+    QuickGELU,
+    ResidualAttentionBlock,
+)
 from torch import nn
-from torch.nn.utils import parametrize
 
-from . import __version__
-from .checkpoints import CheckpointError, save_state_dict, write_json_atomic, write_text_atomic
-from .model_card import model_card
-from .models import ClipBundle, check_arch
+from .. import __version__
+from ..errors import ConfigError
+from ..files import atomic_folder, occupied, write_json_atomic, write_text_atomic
+from ..model.adapters import find_adapters, merge_adapters
+from ..model.build import ClipBundle, check_arch
+from ..model.checkpoints import CheckpointError, save_state_dict
+from .card import model_card
 
 log = logging.getLogger(__name__)
 
@@ -56,107 +55,6 @@ CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _STOCK_CONFIGS = Path(open_clip.__file__).parent / "model_configs"
-
-
-@runtime_checkable
-class MergeableAdapter(Protocol):
-    """An adapter module that can hand back the plain module it stands for.
-
-    ``merged()`` returns a module with the adapted weights folded in and the parameter names
-    of the module it wraps (for a LoRA on an ``nn.Linear``: an ``nn.Linear`` whose weight is
-    ``W + scale * B @ A``), without changing what the model computes. It should not modify
-    ``self``. :func:`merge_adapters` puts the result where the adapter was.
-    """
-
-    def merged(self) -> nn.Module: ...
-
-
-# ---------------------------------------------------------------- merging adapters
-
-
-def _adapter_kind(module: nn.Module) -> str | None:
-    def has(name: str) -> bool:
-        return callable(getattr(module, name, None))
-
-    if has("merge_and_unload"):
-        return "peft-model"
-    if has("merged"):  # MergeableAdapter (peft layers have a *bool* property of that name)
-        return "mergeable"
-    if has("get_base_layer") and has("merge"):
-        return "peft-layer"
-    if has("merged_linear") or has("merge"):
-        return "merge-alias"
-    if parametrize.is_parametrized(module):
-        return "parametrized"
-    return None
-
-
-def find_adapters(model: nn.Module) -> list[str]:
-    """Names of the submodules :func:`merge_adapters` would merge (``""`` is the model itself)."""
-    found: list[str] = []
-
-    def walk(module: nn.Module, name: str) -> None:
-        kind = _adapter_kind(module)
-        if kind is not None:
-            found.append(name)
-            if kind != "parametrized":
-                return  # the adapter's insides go away with it
-        for child_name, child in module.named_children():
-            if child_name != "parametrizations":
-                walk(child, f"{name}.{child_name}" if name else child_name)
-
-    walk(model, "")
-    return found
-
-
-def _merge_one(module: nn.Module, kind: str, name: str) -> nn.Module:
-    where = f"{name or '<model>'} ({type(module).__name__})"
-    if kind == "peft-model":
-        out = module.merge_and_unload()
-    elif kind == "mergeable":
-        out = module.merged()
-    elif kind == "peft-layer":
-        module.merge()
-        out = module.get_base_layer()
-    elif kind == "merge-alias":
-        out = module.merged_linear() if callable(getattr(module, "merged_linear", None)) else module.merge()
-    else:  # parametrized: fold every parametrization into the tensor it produces
-        for pname in list(module.parametrizations.keys()):
-            parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
-        return module
-    if not isinstance(out, nn.Module):
-        raise TypeError(
-            f"merging {where} returned {type(out).__name__}, not a module; implement "
-            f"saferclip.export.MergeableAdapter.merged() returning the plain module"
-        )
-    if out is module:
-        raise TypeError(f"merging {where} returned the adapter itself; merged() must return the plain module")
-    return out
-
-
-def merge_adapters(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Fold every adapter in ``model`` into plain weights (see the module doc for the kinds).
-
-    Returns the merged model; ``model`` itself is left as it was unless ``inplace`` (a model
-    without adapters is returned as is, uncopied). What the model computes does not change.
-    """
-    if not find_adapters(model):
-        return model
-    if not inplace:
-        model = copy.deepcopy(model)
-
-    def walk(module: nn.Module, name: str) -> nn.Module:
-        kind = _adapter_kind(module)
-        if kind is not None:
-            module = _merge_one(module, kind, name)
-        for child_name, child in list(module.named_children()):
-            new = walk(child, f"{name}.{child_name}" if name else child_name)
-            if new is not child:
-                setattr(module, child_name, new)
-        return module
-
-    with torch.no_grad():
-        return walk(model, "")
 
 
 # ---------------------------------------------------------------- config and weights
@@ -195,7 +93,7 @@ def _preprocess_cfg(net: nn.Module, override: Mapping[str, Any] | None) -> dict[
     if override:
         unknown = sorted(set(override) - set(cfg))
         if unknown:
-            raise ValueError(f"preprocess_cfg: unknown keys {unknown}; open_clip knows {sorted(cfg)}")
+            raise ConfigError(f"preprocess_cfg: unknown keys {unknown}; open_clip knows {sorted(cfg)}")
         cfg.update(override)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
@@ -237,7 +135,7 @@ def _check_keys(tensors: Mapping[str, torch.Tensor], folder: Path, arch: str) ->
     if unexpected:
         parts.append(
             f"{len(unexpected)} unexpected keys ({some(unexpected)}; adapter weights that merge_adapters "
-            f"does not know? give the adapter a merged() method, see saferclip.export.MergeableAdapter)"
+            f"does not know? give the adapter a merged() method, see saferclip.model.adapters.MergeableAdapter)"
         )
     if missing:
         parts.append(f"{len(missing)} missing keys ({some(missing)})")
@@ -252,35 +150,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-# ---------------------------------------------------------------- the folder swap
-
-
-def _occupied(path: Path) -> bool:
-    """Something the user has is at ``path`` (an empty folder holds nothing to lose)."""
-    if path.is_symlink() or path.is_file():
-        return True
-    return path.is_dir() and any(path.iterdir())
-
-
-def _swap_in(tmp: Path, out: Path, force: bool) -> None:
-    """Move the finished ``tmp`` folder to ``out``; with force, the old ``out`` goes only now."""
-    if not _occupied(out):
-        if out.is_dir():
-            out.rmdir()
-        os.rename(tmp, out)
-        return
-    if not force:
-        raise FileExistsError(f"{out}: already exists; pass force=True to replace it")
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)  # put the user's folder back
-        raise
-    shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
 
 
 # ---------------------------------------------------------------- export
@@ -337,14 +206,14 @@ def export_open_clip(
     if ":" in arch or "/" in arch:
         raise ValueError(f"arch must be an open_clip architecture name (e.g. ViT-B-32), not a location: {arch!r}")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out = Path(out_dir).expanduser().absolute()
-    if _occupied(out) and not force:  # fail before the work, and again at the swap
+    if occupied(out) and not force:  # fail before the work, and again at the swap
         raise FileExistsError(f"{out}: already exists; pass force=True to replace it")
     base_cfg = open_clip.get_model_config(arch)
     if base_cfg is None:
         check_arch(arch)  # raises with suggestions
-        raise ValueError(f"open_clip has no config for architecture {arch!r}")
+        raise ConfigError(f"open_clip has no config for architecture {arch!r}")
 
     merged_names = find_adapters(net)
     net = merge_adapters(net)
@@ -356,10 +225,7 @@ def export_open_clip(
     tensors = _export_tensors(net.state_dict(), DTYPES[dtype])
     readme = _readme(model_card, arch, info, out.name)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should not be private
+    with atomic_folder(out, replace=force) as tmp:
         write_json_atomic(tmp / CONFIG_NAME, config)
         _check_keys(tensors, tmp, arch)
         st_meta = {"format": "pt", "arch": arch, "dtype": dtype, "method": str(info.get("method"))}
@@ -372,10 +238,6 @@ def export_open_clip(
         _save_hf_tokenizer(model_cfg, tokenizer, arch, tmp)
         write_json_atomic(tmp / CONFIG_NAME, config)
         write_text_atomic(tmp / "README.md", readme)
-        _swap_in(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s (%s, %s, %d adapters merged) to %s", arch, info.get("method"), dtype, len(merged_names), out)
     return out
 
@@ -393,12 +255,6 @@ def _save_hf_tokenizer(model_cfg: Mapping[str, Any], tokenizer: Any, arch: str, 
     tokenizer.save_pretrained(str(folder))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _readme(card: Mapping[str, Any] | str | None, arch: str, info: Mapping[str, Any], folder: str) -> str:
     if isinstance(card, str):
         return card
@@ -412,14 +268,11 @@ def _readme(card: Mapping[str, Any] | str | None, arch: str, info: Mapping[str, 
     allowed = set(inspect.signature(model_card).parameters)
     unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        raise ValueError(f"model_card: unknown fields {unknown}; expected some of {sorted(allowed)}")
+        raise ConfigError(f"model_card: unknown fields {unknown}; expected some of {sorted(allowed)}")
     return model_card(**kwargs)
 
 
 __all__ = [
-    "MergeableAdapter",
     "export_open_clip",
-    "find_adapters",
-    "merge_adapters",
     "model_card",
 ]

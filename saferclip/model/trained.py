@@ -1,7 +1,7 @@
 """Opening what training wrote: a Lightning checkpoint or a run folder, as a plain CLIP.
 
 Lightning is not imported: a training checkpoint is read with
-:func:`saferclip.checkpoints.load_torch_checkpoint` (``weights_only=True``; the module saves
+:func:`saferclip.model.checkpoints.load_torch_checkpoint` (``weights_only=True``; the module saves
 only primitives as hyper-parameters), the LoRA structure is rebuilt from them, the weights
 loaded, and the adapters merged. So evaluation and export need nothing but the file.
 """
@@ -12,11 +12,35 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .adapters import TrainableConfig, configure_trainable, merge_lora
+from .adapters import TrainableConfig, configure_trainable, merge_adapters
+from .build import ClipBundle, build_clip
 from .checkpoints import CheckpointError, load_torch_checkpoint
-from .models import ClipBundle, build_clip
 
 MODEL_PREFIX = "model."
+
+# A run folder, as saferclip-train writes it:
+#   config_resolved.yaml   the run's config, every interpolation resolved
+#   .hydra/config.yaml     Hydra's own copy (unresolved), .hydra/hydra.yaml its runtime
+#   checkpoints/           the kept epoch (epochNN.ckpt) and last.ckpt
+#   selection.json         every epoch's validation metrics and the kept epoch
+#   csv/metrics.csv, export/, report/
+RESOLVED_CONFIG = Path("config_resolved.yaml")
+RUN_CONFIG = Path(".hydra") / "config.yaml"
+HYDRA_CONFIG = Path(".hydra") / "hydra.yaml"
+SELECTION_FILE = Path("selection.json")
+
+
+def read_selection(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run's ``selection.json`` (validation history and the kept epoch), None if it has none."""
+    import json
+
+    path = Path(run_dir) / SELECTION_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); delete it or rerun the training") from None
 
 
 def find_run_checkpoint(run_dir: Path) -> Path:
@@ -63,7 +87,7 @@ def trained_model_from_checkpoint(ckpt: Mapping[str, Any], device: str = "cpu", 
     """:func:`load_trained_model` from a checkpoint dict already read by :func:`read_training_checkpoint`.
 
     ``merge=False`` leaves the LoRA parametrizations in place (the model as it trained), for
-    a caller that merges itself (:func:`saferclip.export.export_open_clip`)."""
+    a caller that merges itself (:func:`saferclip.export.open_clip.export_open_clip`)."""
     hp = ckpt["hyper_parameters"]
     arch, method = hp["arch"], hp["method"]
     bundle = build_clip(arch, None)
@@ -78,7 +102,7 @@ def trained_model_from_checkpoint(ckpt: Mapping[str, Any], device: str = "cpu", 
             f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {(missing or unexpected)[0]})"
         )
     if merge:
-        merge_lora(bundle.model)
+        merge_adapters(bundle.model, inplace=True)
     bundle.model.requires_grad_(False).eval().to(device)
     bundle.source = ckpt["_path"]
     return bundle

@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any, Mapping, Sequence
 
-from . import __version__
+from .. import __version__
 
 METHODS = {
     "saferclip": (
@@ -57,7 +57,7 @@ def model_card(
         over_defensiveness: the cost on safe inputs (retention of safe recall and zero-shot
             accuracy vs the original model), in the same forms as ``evaluation``.
         selection: which training epoch this is and its validation figures
-            (``saferclip.export_lightning.exported_epoch_record``).
+            (``saferclip.export.run.exported_epoch_record``).
         unsafe_categories: the unsafe concepts the redirection was trained on.
         folder / repo_id: shown in the usage snippet (``local-dir:`` / ``hf-hub:``).
         limitations: extra lines for the limitations section.

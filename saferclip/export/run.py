@@ -2,7 +2,7 @@
 
 :func:`export_checkpoint` rebuilds the model (LoRA structure from the checkpoint's
 hyper-parameters), merges the adapters and writes open_clip's hub folder with
-:func:`saferclip.export.export_open_clip`, with a model card filled from the run:
+:func:`saferclip.export.open_clip.export_open_clip`, with a model card filled from the run:
 
 * base model and method (with its whole config) from the hyper-parameters the training
   module saved (``arch``, ``pretrained``, ``method``);
@@ -12,7 +12,7 @@ hyper-parameters), merges the adapters and writes open_clip's hub folder with
   written by :func:`saferclip.evaluation.write_report`), or from ``evaluation``.
 
 A run folder is ``<run>/checkpoints/{epochNN,last}.ckpt`` + ``<run>/.hydra/config.yaml``;
-its best checkpoint is exported (:func:`saferclip.training_checkpoint.find_run_checkpoint`).
+its best checkpoint is exported (:func:`saferclip.model.trained.find_run_checkpoint`).
 Lightning is not imported: the checkpoint is read with ``weights_only=True``, and an
 in-memory module is used through its ``.model`` and ``.hparams`` only.
 """
@@ -31,18 +31,25 @@ from typing import Any
 import yaml
 from torch import nn
 
-from .checkpoints import CheckpointError
-from .export import CONFIG_NAME, _occupied, export_open_clip
-from .model_card import yaml_lines
-from .models import REPO_ROOT, ClipBundle
-from .training_checkpoint import read_training_checkpoint, trained_model_from_checkpoint
+from .. import locations
+from ..errors import ConfigError
+from ..files import occupied
+from ..model.build import ClipBundle
+from ..model.checkpoints import CheckpointError
+from ..model.trained import (
+    HYDRA_CONFIG,
+    RESOLVED_CONFIG,
+    RUN_CONFIG,
+    SELECTION_FILE,
+    read_training_checkpoint,
+    trained_model_from_checkpoint,
+)
+from .card import yaml_lines
+from .open_clip import CONFIG_NAME, export_open_clip
 
 log = logging.getLogger(__name__)
 
 # the run's config: train.py's resolved copy, else Hydra's own (unresolved) one
-RESOLVED_CONFIG = Path("config_resolved.yaml")
-RUN_CONFIG = Path(".hydra") / "config.yaml"
-HYDRA_CONFIG = Path(".hydra") / "hydra.yaml"
 # where a run keeps its evaluation report (saferclip.evaluation.report's file names)
 REPORT_DIR, REPORT_JSON, REPORT_MARKDOWN = "report", "results.json", "results.md"
 
@@ -135,6 +142,11 @@ def resolve_source(source: Any, *, run_dir: str | os.PathLike | None = None) -> 
 # ---------------------------------------------------------------- the run's config
 
 
+LOCATION_RESOLVERS = {
+    "saferclip_package:": lambda: locations.PACKAGE_DIR,
+    "saferclip_home:": locations.home,
+    "saferclip_cache:": locations.cache_dir,
+}
 _INTERPOLATION = re.compile(r"\$\{([^${}]*)\}")
 
 
@@ -152,7 +164,8 @@ def _interpolate(value: Any, root: Mapping[str, Any], hydra: Mapping[str, Any], 
 
     Hydra stores the run's config unresolved. Without Hydra (this module must not import it)
     the references that matter for a card resolve here: other keys, ``${hydra:runtime.…}``
-    (from ``.hydra/hydra.yaml``), ``${oc.env:VAR,default}`` and ``${saferclip_repo:}``.
+    (from ``.hydra/hydra.yaml``), ``${oc.env:VAR,default}`` and saferclip's location resolvers
+    (``${saferclip_package:}``, ``${saferclip_home:}``, ``${saferclip_cache:}``).
     Anything else stays as written rather than failing the export.
     """
     if isinstance(value, Mapping):
@@ -166,8 +179,8 @@ def _interpolate(value: Any, root: Mapping[str, Any], hydra: Mapping[str, Any], 
         expr = expr.strip()
         if expr.startswith("hydra:"):
             return _lookup(hydra, expr[len("hydra:") :])
-        if expr == "saferclip_repo:":
-            return str(REPO_ROOT)
+        if expr in LOCATION_RESOLVERS:
+            return str(LOCATION_RESOLVERS[expr]())
         if expr.startswith("oc.env:"):
             name, _, default = expr[len("oc.env:") :].partition(",")
             if name.strip() in os.environ:
@@ -245,7 +258,6 @@ def training_data_card(data: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------- model selection
 
-SELECTION_FILE = "selection.json"  # written by saferclip.app.callbacks.SelectionRecord
 
 
 def exported_epoch_record(run_dir: str | os.PathLike | None, epoch: int | None) -> dict[str, Any] | None:
@@ -300,7 +312,10 @@ def _markdown_results(text: str) -> str:
 
 def _report_card(results: Mapping[str, Any], where: str | None) -> dict[str, Any]:
     """Card fields from the ``results`` dict of :func:`saferclip.evaluation.evaluate_models`."""
-    from .evaluation.report import LEGEND, results_table  # the evaluation package, only when needed
+    from ..evaluation.report import (  # the evaluation package, only when needed
+        LEGEND,
+        results_table,
+    )
 
     per_model = results.get("results") or {}
     main = {m: {s: r for s, r in suites.items() if s != "cost"} for m, suites in per_model.items()}
@@ -352,19 +367,19 @@ def evaluation_card(evaluation: Any) -> dict[str, Any]:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: unreadable evaluation report ({e})") from None
+        raise ConfigError(f"{path}: unreadable evaluation report ({e})") from None
     if path.suffix == ".json":
         try:
             results = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not a JSON evaluation report ({e})") from None
+            raise ConfigError(f"{path}: not a JSON evaluation report ({e})") from None
         if not (isinstance(results, Mapping) and isinstance(results.get("results"), Mapping)):
-            raise ValueError(f"{path}: not a saferclip evaluation report (no 'results' entry)")
+            raise ConfigError(f"{path}: not a saferclip evaluation report (no 'results' entry)")
         try:
             return _report_card(results, str(path))
         except ImportError:  # saferclip.evaluation missing: the Markdown report beside it will do
             if not (path.parent / REPORT_MARKDOWN).is_file():
-                raise ValueError(f"{path}: cannot format the report without saferclip.evaluation") from None
+                raise ConfigError(f"{path}: cannot format the report without saferclip.evaluation") from None
             path = path.parent / REPORT_MARKDOWN
             text = path.read_text()
     return {"evaluation": _markdown_results(text), "evaluation_data": f"see the full report `{path}`"}
@@ -379,7 +394,7 @@ def _check_out_dir(out: Path, trained: TrainedModel) -> None:
         if kept is not None:
             kept = kept.absolute()
             if out == kept or out in kept.parents:
-                raise ValueError(f"{out}: holds the training run being exported ({kept}); choose another output folder")
+                raise ConfigError(f"{out}: holds the training run being exported ({kept}); choose another output folder")
 
 
 def export_checkpoint(
@@ -405,7 +420,7 @@ def export_checkpoint(
         method: the method (name or config dict) for the card, when the hyper-parameters
             lack it or hold a stale one.
         arch: the architecture expected; an error if the checkpoint holds another.
-        dtype / also_single_file: see :func:`saferclip.export.export_open_clip`.
+        dtype / also_single_file: see :func:`saferclip.export.open_clip.export_open_clip`.
         evaluation: the card's evaluation table (see :func:`evaluation_card`); default: the
             run's report, if it has one.
         run_dir: the run folder (for its config and report) when it cannot be inferred.
@@ -414,7 +429,7 @@ def export_checkpoint(
         the export folder.
     """
     out = Path(out_dir).expanduser().absolute()
-    if _occupied(out) and not force:  # refuse before reading a large checkpoint
+    if occupied(out) and not force:  # refuse before reading a large checkpoint
         raise FileExistsError(f"{out}: already exists and is not empty; pass force=True (--force) to replace it")
     given_eval = evaluation_card(evaluation)  # a bad report path fails before the checkpoint loads
     trained = resolve_source(source, run_dir=run_dir)

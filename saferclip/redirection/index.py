@@ -1,4 +1,4 @@
-"""Safe-neighbour search: each unsafe item's closest safe alternatives (DESIGN.md §1.2, §1.3, §3.2).
+"""Safe-neighbour search: each unsafe item's closest safe alternatives (docs/METHOD.md, "Finding the targets").
 
 Two layers:
 
@@ -12,7 +12,7 @@ Two layers:
   curriculum buckets, in a :class:`SafeNeighbours` that saves itself beside the cache.
 
 Reports (``summarize``, the toy world's ``attribute_agreement``) live in
-:mod:`saferclip.neighbour_report`.
+:mod:`saferclip.redirection.report`.
 
 Pool positions: ``0 .. n_set-1`` are the set's own safe items (position ``i`` = item ``i``);
 ``n_set ..`` are the extra safe captions of the cache (text mode only; they have no image).
@@ -23,47 +23,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-
-def _prefer_fast_openblas() -> None:
-    """Pick OpenBLAS's AVX-512 kernels for FAISS on CPUs its bundled OpenBLAS does not know.
-
-    faiss-cpu wheels bundle OpenBLAS 0.3.15, which predates recent Xeons (Sapphire Rapids and
-    later, often reported in VMs as a plain "Intel Xeon Processor") and falls back to a generic
-    sgemm kernel: exact search then ran ~3x slower than torch's matmul on our machine, and
-    with ``OPENBLAS_CORETYPE=SkylakeX`` as fast or faster (scripts/bench_neighbours.py). The
-    variable is read when that library loads, so it is set before ``import faiss``, only on
-    Linux CPUs with AVX-512F, and never over a value the user chose.
-    """
-    if "OPENBLAS_CORETYPE" in os.environ or "faiss" in sys.modules:
-        return
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return
-    if " avx512f" in flags:
-        os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
+if TYPE_CHECKING:
+    import faiss
 
 
-_prefer_fast_openblas()
-import faiss  # noqa: E402
+def _faiss():
+    """FAISS, imported on first use: so that a command can choose its BLAS kernels first
+    (:func:`saferclip.app.cli.prefer_fast_openblas`), and importing saferclip stays quick."""
+    import faiss
 
-from .checkpoints import write_json_atomic
-from .data.records import QuadrupletSet
-from .embedding_cache import EmbeddingCache
+    return faiss
+
+from ..data.records import QuadrupletSet
+from ..errors import SaferclipError
+from ..files import atomic_folder, write_json_atomic
+from .cache import EmbeddingCache
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +57,7 @@ NEIGHBOURS_FORMAT_VERSION = 1
 _SAVED_ARRAYS = ("indices", "similarities", "weights", "pair_weight", "difficulty", "bucket", "flagged")
 
 
-class NeighbourError(ValueError):
+class NeighbourError(SaferclipError):
     """Bad input to the neighbour search: shapes, sizes, non-finite values, unknown options."""
 
 
@@ -118,6 +101,7 @@ def _check_shapes(queries: np.ndarray, pool: np.ndarray, k: int) -> None:
 
 
 def _use_gpu(device: str) -> bool:
+    faiss = _faiss()
     n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if device == "cpu":
         return False
@@ -145,7 +129,7 @@ def make_index(
     ef_construction: int = 80,
     ef_search: int = 128,
     seed: int = 0,
-) -> faiss.Index:
+) -> "faiss.Index":
     """A FAISS inner-product index over ``pool [P, D]``, trained, filled and ready to search."""
     if index not in INDEX_TYPES:
         raise NeighbourError(f"unknown index type {index!r}; expected one of {INDEX_TYPES}")
@@ -154,6 +138,7 @@ def make_index(
     if n == 0:
         raise NeighbourError("the safe pool is empty: nothing to search")
     gpu = _use_gpu(device)
+    faiss = _faiss()
     if index == "exact":
         idx = faiss.IndexFlatIP(d)
     elif index == "ivf":
@@ -180,7 +165,8 @@ def make_index(
     return idx
 
 
-def _to_gpu(idx: faiss.Index) -> faiss.Index:  # pragma: no cover - needs faiss-gpu and a GPU
+def _to_gpu(idx: "faiss.Index") -> "faiss.Index":  # pragma: no cover - needs faiss-gpu and a GPU
+    faiss = _faiss()
     res = faiss.StandardGpuResources()
     gpu_index = faiss.index_cpu_to_gpu(res, 0, idx)
     gpu_index.saferclip_resources = res  # keep the resources alive as long as the index
@@ -295,7 +281,7 @@ class CandidateFilter:
 
 
 def _search_filtered(
-    idx: faiss.Index, queries: np.ndarray, k: int, pool_size: int, keep: CandidateFilter
+    idx: "faiss.Index", queries: np.ndarray, k: int, pool_size: int, keep: CandidateFilter
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of every query among the candidates ``keep`` allows.
 
@@ -433,7 +419,7 @@ class NeighbourConfig:
     nprobe: int = 16
     hnsw_m: int = 32
     ef_search: int = 128
-    # the neighbour-quality guard (DESIGN.md §1.3)
+    # the neighbour-quality guard (docs/METHOD.md, "Finding the targets")
     min_similarity: float | None = None  # candidates below get weight 0; items with none left are flagged
     weight_by_similarity: bool = False  # pair_weight *= clamp(weighted neighbour similarity, 0, 1)
     exclude_near_duplicates: bool = False  # drop candidates above max_similarity (exact / minimal edits)
@@ -513,34 +499,17 @@ class SafeNeighbours:
     def __len__(self) -> int:
         return self.indices.shape[0]
 
-    @property
-    def from_set(self) -> torch.Tensor:
-        """``[N, k]`` bool: the neighbour is an item of the set (so it has a safe image ``I0(V)``)."""
-        return self.indices < self.n_set
-
-    def curriculum_indices(self, epoch: int, stages: int = 3) -> torch.Tensor:
-        """Items trained in ``epoch`` (1-based): the easiest third, then two thirds, then all."""
-        if epoch < 1:
-            raise ValueError(f"epoch is 1-based, got {epoch}")
-        return torch.nonzero(self.bucket < min(epoch, stages)).flatten()
-
-    def target_text(self, cache: EmbeddingCache) -> torch.Tensor:
-        """``T0`` of the chosen safe captions, ``[N, k, D]`` float32 (from the set or the extra pool)."""
-        return pool_text(cache, self.config.use_extra_pool and self.n_set < self.pool_size)[self.indices].float()
-
     # -- persistence: cache.path / neighbours / <config hash>/
     @staticmethod
     def folder(cache: EmbeddingCache, config: NeighbourConfig) -> Path:
         return cache.path / "neighbours" / config.fingerprint()
 
     def save(self, cache: EmbeddingCache) -> Path:
-        """Write beside the cache (npy + JSON), atomically: a temporary folder renamed into place."""
+        """Write beside the cache (npy + JSON), atomically (:func:`saferclip.files.atomic_folder`)."""
         if cache.key != self.cache_key:
             raise NeighbourError(f"these neighbours were found in cache {self.cache_key}, not {cache.key}")
         final = self.folder(cache, self.config)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-        try:
+        with atomic_folder(final, replace=True) as tmp:  # same cache + config = same content
             for name in _SAVED_ARRAYS:
                 np.save(tmp / f"{name}.npy", getattr(self, name).numpy())
             info = {
@@ -555,14 +524,6 @@ class SafeNeighbours:
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             write_json_atomic(tmp / "neighbours.json", info)
-            if final.exists():  # same cache + config = same content: replace it
-                trash = final.with_name(f".{final.name}.old.{os.getpid()}")
-                os.replace(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return final
 
     @classmethod

@@ -1,0 +1,177 @@
+"""What every console script shares: one exit-code convention, one-line user errors, help.
+
+* exit 0: done; exit 2: the user can fix the input (a bad override, bad data, a bad file, a
+  folder that would be overwritten) — one line on stderr (and in the run's log) naming
+  what and where, no traceback; exit 1: anything else, a bug — with its traceback.
+* :func:`hydra_command` turns a Hydra task function into a console script: Hydra's own
+  errors before the task starts (a command line it cannot parse or compose) are usage
+  errors too, and ``--help`` shows the usage, the config groups and where the docs are.
+* :func:`command` does the same for the argparse and compose-based scripts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from omegaconf.errors import OmegaConfBaseException
+
+from ..errors import SaferclipError
+
+log = logging.getLogger("saferclip")
+
+USAGE_EXIT_CODE = 2
+README_POINTER = "docs: README.md (commands, recipes) and docs/METHOD.md (the method, metrics, data formats)"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a console script reports in one line with exit code 2."""
+    from hydra.errors import HydraException
+
+    return (
+        SaferclipError,  # DataFormatError, CheckpointError, ConfigError, NeighbourError, ...
+        FileNotFoundError,
+        FileExistsError,
+        IsADirectoryError,
+        NotADirectoryError,
+        PermissionError,
+        OmegaConfBaseException,
+        HydraException,
+    )
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def report_user_error(prog: str, error: BaseException, to_log: bool = True) -> None:
+    """One line on stderr (and, with ``to_log``, in the run's log), no traceback."""
+    message = one_line(error)
+    if to_log:
+        log.error("%s: %s", type(error).__name__, message)
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def exit_on_user_error(prog: str, to_log: bool = True) -> Iterator[None]:
+    """Turn a user error raised in the body into one line on stderr and ``SystemExit(2)``."""
+    try:
+        yield
+    except user_errors() as e:
+        report_user_error(prog, e, to_log)
+        raise SystemExit(USAGE_EXIT_CODE) from None
+
+
+def prefer_fast_openblas() -> None:
+    """Pick OpenBLAS's AVX-512 kernels for FAISS on CPUs its bundled OpenBLAS does not know.
+
+    faiss-cpu wheels bundle OpenBLAS 0.3.15, which predates recent Xeons (Sapphire Rapids and
+    later, often reported in VMs as a plain "Intel Xeon Processor") and falls back to a
+    generic sgemm kernel: exact search runs 1.2-3x slower than with ``OPENBLAS_CORETYPE=SkylakeX``
+    (scripts/bench_neighbours.py). The variable is read when that library loads, so the
+    commands set it at start, before FAISS is imported; only on Linux CPUs with AVX-512F, and
+    never over a value the user chose. The library itself never changes the environment.
+    """
+    if "OPENBLAS_CORETYPE" in os.environ or "faiss" in sys.modules:
+        return
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return
+    if " avx512f" in flags:
+        os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
+
+
+def command(prog: str, body: Callable[[], Any]) -> int:
+    """Run a console script's ``body`` under the exit-code convention (module docstring) and
+    return its exit code (a console script's ``main`` returns it; the entry point exits with
+    it). These scripts keep no log file: a user error is the one line on stderr."""
+    prefer_fast_openblas()
+    try:
+        with exit_on_user_error(prog, to_log=False):
+            code = body()
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else 1
+    return code if isinstance(code, int) else 0
+
+
+def hydra_command(prog: str, config_name: str, task: Callable[[Any], Any], summary: str = "") -> Callable[[], None]:
+    """A console script running ``task(cfg)`` on the ``config_name`` config of the tree;
+    ``summary`` (one line) heads its ``--help``."""
+    import hydra
+
+    from .hydra_utils import CONF_DIR, setup_logging
+
+    started = False
+
+    @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
+    def _task(cfg):
+        nonlocal started
+        started = True
+        setup_logging()
+        with exit_on_user_error(prog):
+            return task(cfg)
+
+    def main() -> None:
+        if wants_help(sys.argv[1:]):
+            print(hydra_help(prog, summary, config_name))
+            return
+        prefer_fast_openblas()
+        try:
+            _task()
+        except SystemExit as e:
+            # Hydra reports a command line it cannot parse or compose (method=nope, a typo in
+            # a key) on stderr and exits 1 before the task starts: a usage error too
+            if e.code == 1 and not started:
+                sys.exit(USAGE_EXIT_CODE)
+            raise
+
+    main.__doc__ = f"{prog}: the console script (Hydra app over the {config_name!r} config)."
+    return main
+
+
+def wants_help(argv: list[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
+def config_groups() -> dict[str, list[str]]:
+    """The config groups of the tree and their options (file names without ``.yaml``)."""
+    from pathlib import Path
+
+    from .hydra_utils import CONF_DIR
+
+    return {
+        p.name: sorted(f.stem for f in p.glob("*.yaml"))
+        for p in sorted(Path(CONF_DIR).iterdir())
+        if p.is_dir() and not p.name.startswith(("_", "."))
+    }
+
+
+def hydra_help(prog: str, summary: str, config_name: str) -> str:
+    """``--help`` of a Hydra command: usage, config groups with their options, the docs."""
+    lines = [f"usage: {prog} [GROUP=OPTION ...] [KEY=VALUE ...] [-m for a sweep]", ""]
+    if summary:
+        lines += [summary, ""]
+    lines += [f"Config: conf/{config_name}.yaml (see it with --cfg job). Groups (GROUP=OPTION):"]
+    lines += [f"  {group:<12} {', '.join(options)}" for group, options in config_groups().items()]
+    lines += ["", "Hydra's own options: --cfg job, --info, --hydra-help.", README_POINTER]
+    return "\n".join(lines)
+
+
+def compose_help(prog: str, summary: str, config_name: str, keys: dict[str, str]) -> str:
+    """``--help`` of a script that composes the config tree itself (main job, study)."""
+    groups = list(config_groups())
+    lines = [f"usage: {prog} [KEY=VALUE ...]", "", summary, "", f"Its own keys (conf/{config_name}.yaml):"]
+    lines += [f"  {k:<16} {v}" for k, v in keys.items()]
+    lines += [
+        "",
+        "Any other KEY=VALUE goes to every training run (the saferclip-train config tree),",
+        f"e.g. trainer.max_epochs=4 method.neighbours.k=5. Config groups: {', '.join(groups)}.",
+        "",
+        README_POINTER,
+    ]
+    return "\n".join(lines)

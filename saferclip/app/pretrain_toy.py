@@ -1,0 +1,40 @@
+"""saferclip-pretrain-toy: reproduce the toy world's base CLIP (saferclip.toyworld.pretrain)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from ..locations import data_dir
+from ..toyworld.pretrain import PretrainConfig, pretrain
+from .cli import command
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write the checkpoint (default: data/toy_base.safetensors under $SAFERCLIP_HOME or the "
+        "working directory; use it with model.pretrained=<path>)",
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
+    for name, value in asdict(PretrainConfig()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    args.out = args.out or data_dir() / "toy_base.safetensors"
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    logging.getLogger("saferclip").setLevel(logging.INFO)
+    if args.out.exists() and not args.force:
+        parser.error(f"{args.out} exists; pass --force to overwrite it, or --out to write elsewhere")
+    cfg = PretrainConfig(**{k: getattr(args, k) for k in asdict(PretrainConfig())})
+    return command("saferclip-pretrain-toy", lambda: print(json.dumps(pretrain(cfg, args.out), indent=2)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""The method's core: each unsafe item's safe target, found once from the frozen model.
+
+* :mod:`.cache` — the frozen-embedding cache (``T0(S)``, ``T0(U)``, ``I0(V)``, ``I0(G)``);
+* :mod:`.index` — the FAISS safe-neighbour index (modes, top-k, the quality guard, sparse pools);
+* :mod:`.targets` — the targets of both methods (paired or neighbours) and the curriculum;
+* :mod:`.prepare` — load → cache → targets in one call, shared by training and ``saferclip-index``;
+* :mod:`.report` — what ``saferclip-index`` prints.
+"""
+
+from .cache import EmbeddingCache, build_or_load_cache
+from .index import (
+    NeighbourConfig,
+    SafeNeighbours,
+    find_safe_neighbours,
+    load_or_find_safe_neighbours,
+)
+from .targets import RedirectionTargets, SafePool
+
+__all__ = [
+    "EmbeddingCache",
+    "NeighbourConfig",
+    "RedirectionTargets",
+    "SafeNeighbours",
+    "SafePool",
+    "build_or_load_cache",
+    "find_safe_neighbours",
+    "load_or_find_safe_neighbours",
+]

@@ -1,0 +1,149 @@
+"""What the README tables come from: the main job's and the study's runs (keys, reuse,
+resume), the aggregation over seeds, the headline metrics, and the target selection."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hydra import initialize_config_dir
+from train_helpers import one_thread  # noqa: F401  (autouse fixture)
+
+from saferclip.app import main_job, study
+from saferclip.app.hydra_utils import CONF_DIR, to_container
+from saferclip.evaluation.headline import HEADLINE, headline, headline_table
+from saferclip.redirection.index import NeighbourConfig, find_safe_neighbours, item_groups
+from saferclip.redirection.prepare import prepare
+
+
+def train_overrides(tmp_path, toy_world) -> list[str]:
+    """A short micro run on the small toy world (what the tests can afford)."""
+    return [
+        "model=micro",
+        f"paths.toy_dir={toy_world}",
+        "data.toy_size=small",
+        "data.batch_size=8",
+        "data.eval_batch_size=64",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=2",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+    ]
+
+
+@pytest.fixture
+def hydra_tree():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        yield
+
+
+# ---------------------------------------------------------------- run keys, reuse, resume
+def test_run_key_follows_what_changes_the_result_not_where_it_is_written(tmp_path, toy_world, hydra_tree):
+    base = train_overrides(tmp_path, toy_world)
+    key = main_job.run_key(main_job.compose("train", base))
+    assert key == main_job.run_key(main_job.compose("train", [*base, f"paths.output_dir={tmp_path / 'elsewhere'}"]))
+    assert key == main_job.run_key(main_job.compose("train", [*base, f"paths.cache_dir={tmp_path / 'c2'}"]))
+    assert key != main_job.run_key(main_job.compose("train", [*base, "seed=1"]))
+    assert key != main_job.run_key(main_job.compose("train", [*base, "method.neighbours.k=2"]))
+
+
+def test_a_finished_run_is_reused_and_an_interrupted_one_resumed(tmp_path, toy_world, hydra_tree, monkeypatch):
+    import saferclip.app.train as train_module
+
+    overrides = train_overrides(tmp_path, toy_world)
+    first = main_job.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=False)
+    run_dir = tmp_path / "runs" / f"saferclip-{main_job.run_key(main_job.compose('train', overrides))}"
+    assert first["run_dir"] == str(run_dir) and (run_dir / main_job.DONE_MARKER).is_file()
+    assert first["selection"]["epoch"] in (0, 1) and first["export"] == str(run_dir / "export")
+
+    calls = []
+
+    def fake_train(cfg):
+        calls.append(cfg)
+        return {"export": None, "best_checkpoint": None}
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    # same config, finished: not trained again
+    assert main_job.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=False) == first
+    assert calls == []
+    # interrupted (checkpoints, no finished marker): resumed from last.ckpt
+    (run_dir / main_job.DONE_MARKER).unlink()
+    main_job.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=False)
+    assert calls[-1].ckpt_path == str(run_dir / "checkpoints" / "last.ckpt") and not calls[-1].get("force")
+    # force: retrained over it, from scratch
+    main_job.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=True)
+    assert calls[-1].force is True and calls[-1].ckpt_path is None
+
+
+# ---------------------------------------------------------------- aggregation, tables
+def test_seeds_aggregate_to_mean_and_sample_std():
+    per_seed = {
+        0: {"original": {"U2V_R@1": 0.8}, "saferclip": {"U2V_R@1": 0.7, "unsafe_rate_a": 0.1}},
+        1: {"original": {"U2V_R@1": 0.8}, "saferclip": {"U2V_R@1": 0.9, "unsafe_rate_a": 0.3}},
+        2: {"original": {"U2V_R@1": 0.8}, "saferclip": {"U2V_R@1": 0.8}},
+    }
+    summary = study.aggregate(per_seed)
+    assert list(summary) == ["original", "saferclip"]
+    assert summary["saferclip"]["U2V_R@1"] == pytest.approx({"mean": 0.8, "std": 0.1, "n": 3})
+    assert summary["saferclip"]["unsafe_rate_a"]["n"] == 2 and summary["saferclip"]["unsafe_rate_a"]["mean"] == pytest.approx(0.2)
+    assert summary["original"]["U2V_R@1"]["std"] == 0.0
+    table = study.study_table(summary)
+    assert "| saferclip | 3 |" in table and "80.0 ± 10.0" in table and "20.0 ± 14.1" in table
+
+
+def test_headline_picks_its_metrics_and_leaves_out_what_is_missing():
+    results = {
+        "results": {
+            "original": {"visu": {"U2VG_unsafe@1": 1.0, "U2V_R@1": 0.83}, "cost": {"zeroshot_safe_acc1_retention": 1.0}},
+            "mine": {"visu": {"U2VG_unsafe@1": 0.04, "U2V_R@1": 0.81, "U2VDG_unsafe@1": float("nan")}},
+        }
+    }
+    assert headline(results["results"]["mine"]) == {"unsafe_rate_a": 0.04, "U2V_R@1": 0.81}
+    table = headline_table(results)
+    assert "| unsafe rate (a) ↓ | 100.0 | 4.0 |" in table and "| zero-shot retention | 100.0 | – |" in table
+    assert all(label in HEADLINE for label in ("unsafe_rate_a", "unsafe_rate_a_realistic", "zeroshot_retention"))
+
+
+# ---------------------------------------------------------------- target selection
+def test_targets_paired_neighbours_curriculum_and_sparse_pools(tmp_path, toy_world, hydra_tree):
+    cfg = main_job.compose("train", train_overrides(tmp_path, toy_world))
+    data, model, method = to_container(cfg.data), to_container(cfg.model), to_container(cfg.method)
+    paired = prepare(data, model, {**method, "targets": "paired"}, str(tmp_path / "cache"))
+    n = len(paired.train)
+    assert torch.equal(paired.targets.indices[:, 0], torch.arange(n)) and paired.neighbours is None
+
+    near = prepare(data, model, method, str(tmp_path / "cache"))
+    expected = find_safe_neighbours(near.cache, NeighbourConfig(**{k: v for k, v in method["neighbours"].items() if k != "extra_pool"}))
+    assert torch.equal(near.targets.indices, expected.indices)
+    assert near.targets.bucket is not None and len(near.targets.curriculum_subset(0)) in (n // 3, math.ceil(n / 3))
+    assert len(near.targets.curriculum_subset(2)) == n
+    torch.testing.assert_close(near.pool.text[near.targets.indices[:, 0]], near.cache.safe_text[expected.indices[:, 0]].float())
+
+    sparse = {**method, "neighbours": {**method["neighbours"], "sparse_share": 1.0, "sparse_attributes": ["shape", "colour"]}}
+    far = prepare(data, model, sparse, str(tmp_path / "cache"))
+    groups = item_groups(far.train, "scene", len(far.train), ("shape", "colour"))
+    chosen = far.targets.indices[:, 0].numpy()
+    assert (groups.pool[chosen] != groups.query).all()  # never a safe item of the same (shape, colour)
+
+
+# ---------------------------------------------------------------- the main job end to end
+@pytest.mark.slow
+def test_main_job_trains_both_methods_evaluates_and_reports(tmp_path, toy_world, hydra_tree):
+    overrides = train_overrides(tmp_path, toy_world)
+    cfg = main_job.compose("main", [f"out_dir={tmp_path / 'main'}", f"runs_dir={tmp_path / 'runs'}"])
+    out = main_job.run(cfg, overrides)
+    results = out["results"]
+    assert list(results["results"]) == ["original", "safeclip", "saferclip", "oracle redirection"]
+    report = tmp_path / "main" / "report"
+    markdown = (report / "results.md").read_text()
+    assert "## Model selection" in markdown and "| saferclip |" in markdown
+    assert {"training_curves.png", "tradeoff.png"} <= {p.name for p in (report / "plots").iterdir()}
+    payload = json.loads((report / "results.json").read_text())
+    assert set(payload["training"]) == {"safeclip", "saferclip"}
+    assert set(out["timings"]) == {"safeclip", "saferclip", "evaluation"}
+    # a second run reuses both trainings
+    again = main_job.run(cfg, overrides)
+    assert again["models"] == out["models"]
