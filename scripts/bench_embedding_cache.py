@@ -132,7 +132,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    sizes = ToySizes(train=args.toy_items, validation=8, test=8, nsfw_caps=8, zeroshot_per_class=1, scene_per_class=1)
+    sizes = ToySizes(
+        train=args.toy_items, validation=8, test=8, nsfw_caps=8, zeroshot_per_class=1, scene_per_class=1, distractors=8
+    )
     world = make_toy_world(args.toy_root, seed=0, sizes=sizes, force=True)
     base = default_base_checkpoint()
     toy = build_clip("saferclip-toy", base if base.is_file() else None)
