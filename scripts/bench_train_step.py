@@ -301,6 +301,8 @@ def run_interleaved(
     one bare+frozen step on the same batch. A Lightning step is timed from that point to the
     same point of the next step: hooks, training_step, backward, optimizer step, logging,
     progress bar and fetching the next batch, everything Lightning does once per step.
+    Each bare step takes the same batch from host memory and copies it to the device inside
+    its timed span, as Lightning's step does (a no-op on the CPU).
     ``frozen_model=None`` leaves out bare+frozen. Returns ``(times, peak_memory)``:
     seconds per timed step and, on a GPU, the highest peak allocation of each variant's
     steps in bytes (weights and optimizer states included; None on the CPU)."""
@@ -333,7 +335,7 @@ def run_interleaved(
             for name, step in steppers.items():
                 clock[0].reset_peak()
                 start = clock[0].now()
-                step(batch)
+                step(to_device(cycled[batch_idx], pl_module.device))
                 end = clock[0].now()
                 if batch_idx >= warmup:
                     times[name].append(end - start)
