@@ -302,8 +302,8 @@ def gib(n: int | None) -> str:
 
 
 def prebuild_cache(cfg, device: torch.device) -> None:
-    """The frozen-embedding cache of the run, built on ``device`` (the datamodule builds it
-    with the model on the CPU, which for ViT-L/14 would take most of this check's time); the
+    """The frozen-embedding cache of the run, built on ``device``: the datamodule builds it
+    with the model on the CPU, which for ViT-L/14 would take most of this check's time. The
     cache key does not depend on the device, so the datamodule then reuses it."""
     from saferclip.app.datamodule import ensure_toy_world
     from saferclip.app.hydra_utils import to_container
@@ -339,8 +339,7 @@ def check_train_step(env: Env, model: str, precision: str, check: Check) -> None
     cfg = bench_train_step.compose(
         model, "saferclip", env.toy_dir, env.cache_dir, s.train_batch, extra=("data.eval_batch_size=256",)
     )
-    if env.cuda:
-        prebuild_cache(cfg, env.device)
+    prebuild_cache(cfg, env.device)
     r = bench_train_step.measure(
         cfg,
         work,

@@ -4,6 +4,7 @@ the JSON it promises, and says plainly what was not measured; FAISS's GPU status
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ NO_GPU = "not measured: no GPU"
 
 def run_script(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     env = {
-        **__import__("os").environ,
+        **os.environ,
         "PYTHONPATH": str(REPO),
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "disabled",
@@ -82,10 +83,7 @@ def test_without_cuda_every_gpu_check_is_skipped_and_nothing_fails(tmp_path):
     assert {c["part"] for c in report["checks"]} == {1, 2, 3, 4, 5}
     assert all(c["status"].startswith("skipped: --device cuda, but torch") for c in report["checks"])
     assert report["counts"] == {"passed": 0, "failed": 0, "skipped": len(report["checks"])}
-    assert "GPU figures: not measured" in proc.stdout
-    # a bad argument is a usage error, in one line
-    bad = run_script("--parts", "1,9", cwd=tmp_path, timeout=300)
-    assert bad.returncode == 2 and "checks are numbered 1 to 5" in bad.stderr and "Traceback" not in bad.stderr
+    assert "GPU figures: not measured: --device cuda, but torch" in proc.stdout
 
 
 @pytest.mark.slow
