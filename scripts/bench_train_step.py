@@ -20,8 +20,9 @@ The batches are what the training DataLoader yields (``RedirectionDataset.__geti
 ``collate_items``). The hand-written loss is checked against ``SaferClipLoss`` on the first
 batch, so both compute the same thing. ``--accelerator gpu --precision bf16-mixed`` runs the
 same comparison on a GPU in bf16 autocast (the bare step under ``torch.autocast`` too) and
-reports each variant's peak GPU memory; ``scripts/gpu_check.py`` calls it that way. Variants run interleaved step by step (contention on a shared machine
-hits them alike); each figure is the median over the timed steps after warm-up.
+reports each variant's peak GPU memory; ``scripts/gpu_check.py`` calls it that way.
+Variants run interleaved step by step (contention on a shared machine hits them alike); each
+figure is the median over the timed steps after warm-up.
 
     python scripts/bench_train_step.py                              # toy + ViT-B-32 (random init)
     python scripts/bench_train_step.py --models toy --steps 20      # quicker, more steps
@@ -108,8 +109,11 @@ def prepare(cfg, n_batches: int):
     datamodule.setup("fit")
     bs = int(cfg.data.batch_size)
     if n_batches * bs > len(datamodule.train_set):
-        raise ValueError(f"{n_batches} batches of {bs} need {n_batches * bs} items; the training set has {len(datamodule.train_set)}")
-    batches = [collate_items(datamodule.train_set.__getitems__(list(range(b * bs, (b + 1) * bs)))) for b in range(n_batches)]
+        raise ValueError(
+            f"{n_batches} batches of {bs} need {n_batches * bs} items; the training set has {len(datamodule.train_set)}"
+        )
+    fetch = datamodule.train_set.__getitems__
+    batches = [collate_items(fetch(list(range(b * bs, (b + 1) * bs)))) for b in range(n_batches)]
     return module, batches
 
 
@@ -391,7 +395,8 @@ def measure(
     module, prepared = prepare(cfg, batches)
     device = torch.device("cuda" if accelerator in ("gpu", "cuda") else "cpu")
     module.to(device)
-    frozen_model = copy.deepcopy(module.model).eval().requires_grad_(False) if frozen else None  # LoRA B = 0: the original
+    # LoRA B = 0: the copy is the original model
+    frozen_model = copy.deepcopy(module.model).eval().requires_grad_(False) if frozen else None
     # the check runs in float32 on the device; GPU kernels may sum in another order
     tolerance = {"rtol": 1e-4, "atol": 1e-5} if device.type == "cuda" else {}
     loss = check_same_loss(module, to_device(prepared[0], device), **tolerance)

@@ -276,9 +276,12 @@ def versions() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             out[name] = None
     try:
-        out["saferclip_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        ).stdout.strip() or None
+        out["saferclip_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.TimeoutExpired):
         out["saferclip_commit"] = None
     return out
@@ -612,7 +615,9 @@ def check_precision(env: Env, check: Check) -> None:
         problems.append(f"the training loss differs by {100 * loss_rel:.1f}%")
     if dtypes["features"] != ["bfloat16"]:
         problems.append(f"the encoders returned {dtypes['features']} under bf16 autocast")
-    not_fp32 = [k for k, v in dtypes["terms"].items() if v != "float32"] + ([] if dtypes["total"] == "float32" else ["total"])
+    not_fp32 = [k for k, v in dtypes["terms"].items() if v != "float32"] + (
+        [] if dtypes["total"] == "float32" else ["total"]
+    )
     if not_fp32:
         problems.append(f"loss terms not in float32: {', '.join(not_fp32)}")
     if problems:
@@ -731,7 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--quick", action="store_true", help="smaller GPU sizes (the CPU form is always small)")
     p.add_argument("--parts", default="1,2,3,4,5", help="which checks, comma-separated (default all)")
-    p.add_argument("--json", type=Path, default=None, help="where to write the JSON (default outputs/gpu_check/<time>.json)")
+    p.add_argument(
+        "--json", type=Path, default=None, help="where to write the JSON (default outputs/gpu_check/<time>.json)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch / FAISS CPU threads (default: all CPUs)")
     p.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temporary one, removed)")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
