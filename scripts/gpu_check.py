@@ -644,6 +644,7 @@ def run_check(env: Env, check: Check, fn: Callable[[], None], index: int, total:
         except Exception as e:  # a check that ran and broke: reported, and the others still run
             check.status = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
             check.error = traceback.format_exc()
+        if check.failed and check.error:  # the traceback, or the end of a failed run's output
             print(check.error, file=sys.stderr, flush=True)
     check.seconds = time.perf_counter() - start
     print(f"      {check.status} ({check.seconds:.1f} s) {check.summary}", flush=True)
