@@ -60,7 +60,13 @@ def _timed(fn) -> tuple[float, float, object]:
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
-def compare(name: str, bundle, qset: QuadrupletSet, batch_size: int, repeats: int, workdir: Path) -> None:
+def compare(
+    name: str, bundle, qset: QuadrupletSet, batch_size: int, repeats: int, workdir: Path, num_workers: int = 0
+) -> dict:
+    """Time the plain loop and the cache builder (``num_workers`` image DataLoader workers) on
+    ``qset``, print one row and return its figures: ``items``, ``inputs``, ``plain_s``,
+    ``cache_s`` (best wall times), ``inputs_per_s`` (the builder's), ``ratio`` (plain /
+    builder wall time; target >= 0.95), ``cpu_ratio``, ``reuse_s``, ``max_diff``."""
     n_inputs = 2 * len(qset) + len(qset) * (qset.mode.has_safe_images + qset.mode.has_unsafe_images)
     plain_t, cache_t = [], []  # (wall, cpu) per repeat
     for r in range(repeats):
@@ -69,7 +75,7 @@ def compare(name: str, bundle, qset: QuadrupletSet, batch_size: int, repeats: in
         # sensitive to being descheduled than wall time
         run_plain = lambda: embed_plain(bundle, qset, batch_size)  # noqa: E731
         run_cache = lambda r=r: build_or_load_cache(  # noqa: E731
-            bundle, qset, workdir / f"{name}-{r}", batch_size=batch_size, progress=False
+            bundle, qset, workdir / f"{name}-{r}", batch_size=batch_size, num_workers=num_workers, progress=False
         )
         for which in ("plain", "cache") if r % 2 == 0 else ("cache", "plain"):
             wall, cpu, out = _timed(run_plain if which == "plain" else run_cache)
@@ -92,6 +98,24 @@ def compare(name: str, bundle, qset: QuadrupletSet, batch_size: int, repeats: in
         f" {plain / built:>7.3f} {plain_cpu / built_cpu:>7.3f} {reuse_s:>8.2f} {diff:>9.1e}",
         flush=True,
     )
+    return {
+        "items": len(qset),
+        "inputs": n_inputs,
+        "plain_s": plain,
+        "cache_s": built,
+        "inputs_per_s": n_inputs / built,
+        "ratio": plain / built,
+        "cpu_ratio": plain_cpu / built_cpu,
+        "reuse_s": reuse_s,
+        "max_diff": diff,
+        "num_workers": num_workers,
+    }
+
+
+HEADER = (
+    f"{'case':<28} {'items':>6} {'inputs':>7} {'plain s':>9} {'cache s':>9} {'inputs/s':>9} {'ratio':>7} "
+    f"{'cpu rat':>7} {'reuse s':>8} {'max diff':>9}"
+)
 
 
 def main() -> None:
@@ -102,12 +126,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--workers", type=int, default=0, help="the builder's image DataLoader workers")
     args = p.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights" warnings
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    sizes = ToySizes(train=args.toy_items, validation=8, test=8, nsfw_caps=8, zeroshot_per_class=1, scene_per_class=1)
+    sizes = ToySizes(
+        train=args.toy_items, validation=8, test=8, nsfw_caps=8, zeroshot_per_class=1, scene_per_class=1, distractors=8
+    )
     world = make_toy_world(args.toy_root, seed=0, sizes=sizes, force=True)
     base = default_base_checkpoint()
     toy = build_clip("saferclip-toy", base if base.is_file() else None)
@@ -115,9 +142,7 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, best of {args.repeats}; "
         f"saferclip-toy weights: {toy.source}"
     )
-    print(
-        f"{'case':<28} {'items':>6} {'inputs':>7} {'plain s':>9} {'cache s':>9} {'inputs/s':>9} {'ratio':>7} {'cpu rat':>7} {'reuse s':>8} {'max diff':>9}"
-    )
+    print(HEADER)
     with tempfile.TemporaryDirectory() as tmp:
         compare(
             "toy, captions + images",
@@ -126,11 +151,12 @@ def main() -> None:
             args.batch_size,
             args.repeats,
             Path(tmp),
+            args.workers,
         )
         if args.vit_items:
             vit = build_clip("ViT-B-32")
             qset = toy_quadruplets(world, Mode.TEXT, args.vit_items)
-            compare("ViT-B-32 (random), captions", vit, qset, args.batch_size, args.repeats, Path(tmp))
+            compare("ViT-B-32 (random), captions", vit, qset, args.batch_size, args.repeats, Path(tmp), args.workers)
     print(
         "ratio = plain wall time / cache-builder wall time, best of each (the builder's throughput relative to the "
         "plain loop; target >= 0.95); cpu rat = the same with process CPU time"

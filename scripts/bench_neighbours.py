@@ -29,7 +29,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# saferclip.redirection.index before faiss: it picks faiss's OpenBLAS kernels, which must happen before faiss loads
+# faiss's OpenBLAS kernels are chosen when it loads: as the commands do, before importing it
+from saferclip.app.cli import prefer_fast_openblas  # noqa: E402
+
+prefer_fast_openblas()
 from saferclip.redirection.index import build_neighbour_index, default_nlist, exact_neighbours_torch, make_index  # noqa: E402, I001
 
 import faiss  # noqa: E402, I001

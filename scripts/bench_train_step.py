@@ -8,19 +8,26 @@ in memory), the same trainable encoders, the same optimizer (AdamW) and thread c
                  entry per term), backward, optimizer step, CSV logger, LR monitor, progress
                  bar. Timed from one batch start to the next (everything Lightning does per
                  step is inside).
-  bare           the same forward per tower, the same loss terms written out by hand, backward,
-                 step, zero_grad: no framework at all. Target: lightning / bare <= 1.05.
+  bare           the same forward per tower (text trimmed to the batch's longest caption, as
+                 the module does: ``saferclip.model.build.encode_tokens``), the same loss terms
+                 written out by hand (in float32 with autocast off, as ``SaferClipLoss``),
+                 backward, step, zero_grad: no framework at all. Target: lightning / bare <= 1.05.
   bare+frozen    bare, plus what the public Safe-CLIP reference does: run the frozen encoders
                  every step (no grad) for the frozen inputs the loss needs, instead of reading
                  them from the embedding cache. saferclip (lightning) must be faster.
 
-The hand-written loss is checked against ``SaferClipLoss`` on the first batch, so both
-compute the same thing. Variants run interleaved step by step (contention on a shared machine
-hits them alike); each figure is the median over the timed steps after warm-up.
+The batches are what the training DataLoader yields (``RedirectionDataset.__getitems__`` +
+``collate_items``). The hand-written loss is checked against ``SaferClipLoss`` on the first
+batch, so both compute the same thing. ``--accelerator gpu --precision bf16-mixed`` runs the
+same comparison on a GPU in bf16 autocast (the bare step under ``torch.autocast`` too) and
+reports each variant's peak GPU memory; ``scripts/gpu_check.py`` calls it that way.
+Variants run interleaved step by step (contention on a shared machine hits them alike); each
+figure is the median over the timed steps after warm-up.
 
     python scripts/bench_train_step.py                              # toy + ViT-B-32 (random init)
     python scripts/bench_train_step.py --models toy --steps 20      # quicker, more steps
     python scripts/bench_train_step.py --method safeclip            # the baseline's terms
+    python scripts/bench_train_step.py --models vit-b-32,vit-l-14 --accelerator gpu --precision bf16-mixed
 """
 
 from __future__ import annotations
@@ -42,10 +49,18 @@ from torch.nn.utils import parametrize
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from saferclip.app.hydra_utils import CONF_DIR, to_container  # noqa: E402
+from saferclip.model.build import encode_tokens  # noqa: E402
 from saferclip.training.losses import LossConfig  # noqa: E402
 
-MODELS = {"toy": "model=toy", "vit-b-32": "model=vit_b32_random"}
-DEFAULT_STEPS = {"toy": 20, "vit-b-32": 5}
+# model name -> the train config's overrides (random init for the ViTs: nothing downloaded)
+MODELS = {
+    "micro": ("model=micro",),
+    "toy": ("model=toy",),
+    "vit-b-32": ("model=vit_b32_random",),
+    "vit-l-14": ("model=vit_b32_random", "model.arch=ViT-L-14"),
+}
+DEFAULT_STEPS = {"micro": 20, "toy": 20, "vit-b-32": 5, "vit-l-14": 3}
+PRECISIONS = ("32-true", "bf16-mixed")
 TOWER_INPUTS = {
     "text": (("t_safe", "s_tokens"), ("t_unsafe", "u_tokens"), ("t_target_live", "target_tokens")),
     "image": (("i_safe", "v_image"), ("i_unsafe", "g_image"), ("i_target_live", "target_image")),
@@ -62,12 +77,12 @@ FROZEN_SOURCES = {
 # ---------------------------------------------------------------- set-up
 
 
-def compose(model: str, method: str, toy_dir: Path, cache_dir: Path, batch_size: int):
+def compose(model: str, method: str, toy_dir: Path, cache_dir: Path, batch_size: int, extra: tuple[str, ...] = ()):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     overrides = [
-        MODELS[model],
+        *MODELS[model],
         f"method={method}",
         "method.curriculum=false",
         f"paths.toy_dir={toy_dir}",
@@ -76,23 +91,29 @@ def compose(model: str, method: str, toy_dir: Path, cache_dir: Path, batch_size:
         "data.num_workers=0",
         f"paths.cache_dir={cache_dir}",
         f"paths.run_dir={cache_dir / 'run'}",
+        *extra,
     ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose("train", overrides=overrides)
 
 
 def prepare(cfg, n_batches: int):
-    """The module as train() builds it and ``n_batches`` collated batches in memory."""
-    from torch.utils.data import default_collate
-
+    """The module as train() builds it and ``n_batches`` batches in memory, fetched the way
+    the training DataLoader fetches them (``__getitems__`` + ``collate_items``)."""
     from saferclip.app.train import build_datamodule, build_module
+    from saferclip.training.datasets import collate_items
 
     method = to_container(cfg.method)
     module, datamodule = build_module(cfg, method), build_datamodule(cfg, method)
     datamodule.prepare_data()
     datamodule.setup("fit")
     bs = int(cfg.data.batch_size)
-    batches = [default_collate([datamodule.train_set[i] for i in range(b * bs, (b + 1) * bs)]) for b in range(n_batches)]
+    if n_batches * bs > len(datamodule.train_set):
+        raise ValueError(
+            f"{n_batches} batches of {bs} need {n_batches * bs} items; the training set has {len(datamodule.train_set)}"
+        )
+    fetch = datamodule.train_set.__getitems__
+    batches = [collate_items(fetch(list(range(b * bs, (b + 1) * bs)))) for b in range(n_batches)]
     return module, batches
 
 
@@ -118,11 +139,16 @@ def _encode_towers(model, batch, wanted: set[str]) -> dict[str, torch.Tensor]:
         names = [(n, k) for n, k in pairs if n in wanted and k in batch]
         if not names:
             continue
-        encode = model.encode_text if tower == "text" else model.encode_image
+        encode = _text_encoder(model) if tower == "text" else model.encode_image
         parts = [batch[k] for _, k in names]
         feats = encode(torch.cat(parts), normalize=True)
         out.update(zip([n for n, _ in names], feats.split([len(p) for p in parts])))
     return out
+
+
+def _text_encoder(model):
+    """Text encoding as the module does it: the batch's trailing padding dropped."""
+    return lambda tokens, normalize=True: encode_tokens(model, tokens, normalize=normalize)
 
 
 def cos(a, b):
@@ -172,7 +198,7 @@ def frozen_forward(frozen_model, batch, wanted: set[str]) -> dict[str, torch.Ten
         names = [(n, k) for n, (t, k) in sources.items() if t == tower and n in wanted and k in batch]
         if not names:
             continue
-        encode = frozen_model.encode_text if tower == "text" else frozen_model.encode_image
+        encode = _text_encoder(frozen_model) if tower == "text" else frozen_model.encode_image
         parts = [batch[k] for _, k in names]
         feats = encode(torch.cat(parts), normalize=True)
         out.update(zip([n for n, _ in names], feats.split([len(p) for p in parts])))
@@ -182,8 +208,23 @@ def frozen_forward(frozen_model, batch, wanted: set[str]) -> dict[str, torch.Ten
     return out
 
 
-def bare_stepper(module, frozen_model=None):
-    """A function running one bare step on a batch (its own AdamW on the same parameters)."""
+def autocast_for(precision: str, device_type: str):
+    """The autocast Lightning's ``precision`` puts around the forward (off for ``32-true``)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
+def fp32_loss(x: dict[str, torch.Tensor], weights, tau: float, scale: float) -> torch.Tensor:
+    """``bare_loss`` as SaferClipLoss computes it: float32 inputs, autocast off."""
+    device_type = next(v for v in x.values() if isinstance(v, torch.Tensor)).device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        return bare_loss({k: v.float() for k, v in x.items() if v.is_floating_point()}, weights, tau, scale)
+
+
+def bare_stepper(module, frozen_model=None, precision: str = "32-true"):
+    """A function running one bare step on a batch (its own AdamW on the same parameters),
+    the forward in the autocast ``precision`` implies, the loss in float32."""
     model = module.model
     config: LossConfig = module.loss.config
     weights = module.loss.term_weights
@@ -192,10 +233,11 @@ def bare_stepper(module, frozen_model=None):
     def step(batch) -> None:
         wanted = wanted_inputs(module, batch)
         x = dict(batch)
-        if frozen_model is not None:
-            x.update(frozen_forward(frozen_model, batch, wanted))
-        x.update(encode_towers(model, batch, wanted))
-        loss = bare_loss(x, weights, config.tau, config.logit_scale)
+        with autocast_for(precision, batch["s_tokens"].device.type):
+            if frozen_model is not None:
+                x.update(frozen_forward(frozen_model, batch, wanted))
+            x.update(encode_towers(model, batch, wanted))
+        loss = fp32_loss(x, weights, config.tau, config.logit_scale)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -203,49 +245,112 @@ def bare_stepper(module, frozen_model=None):
     return step
 
 
-def check_same_loss(module, batch) -> float:
-    """The hand-written loss equals SaferClipLoss on ``batch`` (else the comparison is void)."""
+class LossMismatch(AssertionError):
+    """The hand-written loss differs from SaferClipLoss: the comparison would be void."""
+
+
+def check_same_loss(module, batch, rtol: float = 1e-5, atol: float = 1e-6) -> float:
+    """The hand-written loss equals SaferClipLoss on ``batch`` (else the comparison is void).
+    Runs in float32 wherever the module and the batch are."""
     with torch.no_grad():
         ours, _ = module.loss_step(batch)
         x = {**batch, **encode_towers(module.model, batch, wanted_inputs(module, batch))}
-        bare = bare_loss(x, module.loss.term_weights, module.loss.config.tau, module.loss.config.logit_scale)
-    if not torch.allclose(ours, bare, rtol=1e-5, atol=1e-6):
-        raise SystemExit(f"the bare loss {bare.item()} differs from SaferClipLoss {ours.item()}")
+        bare = fp32_loss(x, module.loss.term_weights, module.loss.config.tau, module.loss.config.logit_scale)
+    if not torch.allclose(ours, bare, rtol=rtol, atol=atol):
+        raise LossMismatch(f"the bare loss {bare.item()} differs from SaferClipLoss {ours.item()}")
     return float(ours)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------- the Lightning step
 
 
-def run_interleaved(module, frozen_model, batches, steps, warmup, log_dir: Path, progress_bar: bool):
+class _Clock:
+    """Wall time that waits for the GPU's queued work first (CUDA runs asynchronously), and
+    the peak GPU memory since the last ``reset`` (None on the CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int | None:
+        return int(torch.cuda.max_memory_allocated(self.device)) if self.cuda else None
+
+
+def run_interleaved(
+    module,
+    frozen_model,
+    batches,
+    steps,
+    warmup,
+    log_dir: Path,
+    progress_bar: bool,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
+):
     """Times of each variant, step by step interleaved: before each Lightning step a
     callback (the first one, so every other hook counts as Lightning's) runs one bare and
     one bare+frozen step on the same batch. A Lightning step is timed from that point to the
     same point of the next step: hooks, training_step, backward, optimizer step, logging,
-    progress bar and fetching the next batch, everything Lightning does once per step."""
+    progress bar and fetching the next batch, everything Lightning does once per step.
+    Each bare step takes the same batch from host memory and copies it to the device inside
+    its timed span, as Lightning's step does (a no-op on the CPU).
+    ``frozen_model=None`` leaves out bare+frozen. Returns ``(times, peak_memory)``:
+    seconds per timed step and, on a GPU, the highest peak allocation of each variant's
+    steps in bytes (weights and optimizer states included; None on the CPU)."""
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
-    steppers = {"bare": bare_stepper(module), "bare+frozen": bare_stepper(module, frozen_model)}
-    times: dict[str, list[float]] = {"lightning": [], "bare": [], "bare+frozen": []}
+    steppers = {"bare": bare_stepper(module, precision=precision)}
+    if frozen_model is not None:
+        steppers["bare+frozen"] = bare_stepper(module, frozen_model, precision=precision)
+    times: dict[str, list[float]] = {"lightning": [], **{name: [] for name in steppers}}
+    peaks: dict[str, int | None] = {name: None for name in times}
     mark: list[float] = []
+    clock: list[_Clock] = []
+
+    def note_peak(name: str) -> None:
+        value = clock[0].peak()
+        if value is not None:
+            peaks[name] = max(peaks[name] or 0, value)
 
     class Interleave(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            now = time.perf_counter()
+            if not clock:
+                clock.append(_Clock(pl_module.device))
+            now = clock[0].now()
             if mark and batch_idx > warmup:
                 times["lightning"].append(now - mark[-1])
+                note_peak("lightning")
             for name, step in steppers.items():
-                start = time.perf_counter()
-                step(batch)
+                clock[0].reset_peak()
+                start = clock[0].now()
+                step(to_device(cycled[batch_idx], pl_module.device))
+                end = clock[0].now()
                 if batch_idx >= warmup:
-                    times[name].append(time.perf_counter() - start)
-            mark.append(time.perf_counter())
+                    times[name].append(end - start)
+                    note_peak(name)
+            clock[0].reset_peak()
+            mark.append(clock[0].now())
 
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
         max_steps=warmup + steps + 1,  # the last step only closes the one before
         limit_val_batches=0,
         logger=CSVLogger(log_dir, name="bench"),
@@ -258,26 +363,87 @@ def run_interleaved(module, frozen_model, batches, steps, warmup, log_dir: Path,
     cycled = [batches[i % len(batches)] for i in range(warmup + steps + 1)]
     # batch_size=None: the prepared batches pass through as they are
     trainer.fit(module, train_dataloaders=DataLoader(cycled, batch_size=None, shuffle=False))
-    times["bare"], times["bare+frozen"] = times["bare"][:steps], times["bare+frozen"][:steps]
-    return times
+    for name in steppers:
+        times[name] = times[name][:steps]
+    return times, peaks
 
 
 # ---------------------------------------------------------------- main
 
 
+VARIANT_LABELS = {"lightning": "lightning (saferclip)", "bare": "bare", "bare+frozen": "bare+frozen (reference)"}
+
+
+def measure(
+    cfg,
+    work: Path,
+    *,
+    batches: int = 4,
+    steps: int = 5,
+    warmup: int = 2,
+    accelerator: str = "cpu",
+    precision: str = "32-true",
+    frozen: bool = True,
+    progress_bar: bool = False,
+) -> dict:
+    """Time the training step of a composed ``train`` config (see :func:`compose`).
+
+    Returns ``{"steps", "loss", "median_s", "min_s", "ratio_median", "ratio_min",
+    "peak_memory_bytes"}``, each per variant (``lightning``, ``bare``, ``bare+frozen``
+    when ``frozen``); ratios are to ``bare``. Raises :class:`LossMismatch` when the two
+    losses differ."""
+    module, prepared = prepare(cfg, batches)
+    device = torch.device("cuda" if accelerator in ("gpu", "cuda") else "cpu")
+    module.to(device)
+    # LoRA B = 0: the copy is the original model
+    frozen_model = copy.deepcopy(module.model).eval().requires_grad_(False) if frozen else None
+    # the check runs in float32 on the device; GPU kernels may sum in another order
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if device.type == "cuda" else {}
+    loss = check_same_loss(module, to_device(prepared[0], device), **tolerance)
+    times, peaks = run_interleaved(
+        module, frozen_model, prepared, steps, warmup, work / "logs", progress_bar, accelerator, precision
+    )
+    med = {k: statistics.median(v) for k, v in times.items()}
+    low = {k: min(v) for k, v in times.items()}
+    return {
+        "steps": steps,
+        "loss": loss,
+        "median_s": med,
+        "min_s": low,
+        "ratio_median": {k: v / med["bare"] for k, v in med.items()},
+        "ratio_min": {k: v / low["bare"] for k, v in low.items()},
+        "peak_memory_bytes": peaks,
+    }
+
+
 def bench_model(name: str, args, toy_dir: Path, work: Path) -> tuple[list[tuple], dict]:
     cfg = compose(name, args.method, toy_dir, work / "cache", args.batch_size)
-    module, batches = prepare(cfg, args.batches)
-    frozen_model = copy.deepcopy(module.model).eval().requires_grad_(False)  # LoRA B = 0: the original
-    check_same_loss(module, batches[0])
-    steps = args.steps or DEFAULT_STEPS[name]
-    results = run_interleaved(module, frozen_model, batches, steps, args.warmup, work / "logs", args.progress_bar)
-    med = {k: statistics.median(v) for k, v in results.items()}
-    low = {k: min(v) for k, v in results.items()}
+    result = measure(
+        cfg,
+        work,
+        batches=args.batches,
+        steps=args.steps or DEFAULT_STEPS[name],
+        warmup=args.warmup,
+        accelerator=args.accelerator,
+        precision=args.precision,
+        progress_bar=args.progress_bar,
+    )
     rows = []
-    for variant, label in (("lightning", "lightning (saferclip)"), ("bare", "bare"), ("bare+frozen", "bare+frozen (reference)")):
-        rows.append((name, label, med[variant], low[variant], med[variant] / med["bare"], low[variant] / low["bare"]))
-    return rows, {"steps": steps, "frozen_speedup": med["bare+frozen"] / med["lightning"]}
+    for variant, label in VARIANT_LABELS.items():
+        peak = result["peak_memory_bytes"][variant]
+        rows.append(
+            (
+                name,
+                label,
+                result["median_s"][variant],
+                result["min_s"][variant],
+                result["ratio_median"][variant],
+                result["ratio_min"][variant],
+                peak,
+            )
+        )
+    frozen_speedup = result["median_s"]["bare+frozen"] / result["median_s"]["lightning"]
+    return rows, {"steps": result["steps"], "frozen_speedup": frozen_speedup}
 
 
 def main() -> None:
@@ -289,9 +455,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="timed steps per variant (default: 20 toy, 5 ViT-B-32)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--precision", default="32-true", choices=PRECISIONS)
     parser.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
     parser.add_argument("--toy-dir", type=Path, default=None, help="a small toy world (default: a temporary one)")
     args = parser.parse_args()
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("--accelerator gpu: torch sees no CUDA device")
     torch.set_num_threads(args.threads)
     logging.getLogger().setLevel(logging.ERROR)
     for name in ("lightning.pytorch", "lightning.fabric", "saferclip"):
@@ -302,20 +472,29 @@ def main() -> None:
         work = Path(tmp)
         toy_dir = args.toy_dir or work / "toy"
         for name in args.models.split(","):
-            model_rows, notes[name.strip()] = bench_model(name.strip(), args, toy_dir, work / name)
+            try:
+                model_rows, notes[name.strip()] = bench_model(name.strip(), args, toy_dir, work / name)
+            except LossMismatch as e:
+                raise SystemExit(str(e)) from None
             rows += model_rows
     print(
         f"\ntraining step, method={args.method}, batch {args.batch_size}, {args.threads} thread(s), "
-        f"{args.warmup} warm-up steps, variants interleaved step by step"
+        f"{args.accelerator} {args.precision}, {args.warmup} warm-up steps, variants interleaved step by step"
     )
-    print(f"{'model':<9} {'variant':<25} {'median ms':>10} {'min ms':>8} {'/bare (median)':>15} {'/bare (min)':>12}")
-    for model, variant, median, low, ratio, ratio_low in rows:
-        print(f"{model:<9} {variant:<25} {median * 1000:>10.1f} {low * 1000:>8.1f} {ratio:>15.3f} {ratio_low:>12.3f}")
+    gpu = args.accelerator == "gpu"
+    print(
+        f"{'model':<9} {'variant':<25} {'median ms':>10} {'min ms':>8} {'/bare (median)':>15} {'/bare (min)':>12}"
+        + (f" {'peak GiB':>9}" if gpu else "")
+    )
+    for model, variant, median, low, ratio, ratio_low, peak in rows:
+        line = f"{model:<9} {variant:<25} {median * 1000:>10.1f} {low * 1000:>8.1f} {ratio:>15.3f} {ratio_low:>12.3f}"
+        print(line + (f" {peak / 2**30:>9.2f}" if gpu else ""))
     for model, note in notes.items():
         print(
             f"{model}: {note['steps']} timed steps per variant; the reference-style step (frozen encoders run "
             f"every step) takes {note['frozen_speedup']:.2f}x the time of saferclip's Lightning step"
         )
+
 
 if __name__ == "__main__":
     main()

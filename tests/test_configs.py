@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
 from saferclip.app.hydra_utils import CONF_DIR

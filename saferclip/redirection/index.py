@@ -221,20 +221,78 @@ def build_neighbour_index(
 
 
 @torch.no_grad()
-def exact_neighbours_torch(queries: torch.Tensor, pool: torch.Tensor, k: int = 1, chunk: int = 4096) -> NeighbourResult:
-    """Reference: ``queries @ pool.T`` + ``topk``, in query chunks. ``[Q, D]``, ``[P, D]`` -> ``[Q, k]``."""
+def exact_neighbours_torch(
+    queries: torch.Tensor, pool: torch.Tensor, k: int = 1, chunk: int = 4096, device: str | torch.device = "cpu"
+) -> NeighbourResult:
+    """Reference: ``queries @ pool.T`` + ``topk``, in query chunks. ``[Q, D]``, ``[P, D]`` -> ``[Q, k]``.
+
+    ``device="cuda"`` runs it on a GPU (the exact search where no FAISS GPU build is
+    installed); the time then includes copying the pool there and the results back. The
+    results are on the CPU either way."""
     q = torch.as_tensor(_as_matrix(queries, "queries"))
     p = torch.as_tensor(_as_matrix(pool, "pool"))
     _check_shapes(q.numpy(), p.numpy(), k)
+    device = torch.device(device)
     t0 = time.perf_counter()
+    p = p.to(device)
     sims, ids = [], []
     for start in range(0, len(q), chunk):
-        s, i = (q[start : start + chunk] @ p.T).topk(k, dim=1)
-        sims.append(s)
-        ids.append(i)
+        s, i = (q[start : start + chunk].to(device) @ p.T).topk(k, dim=1)
+        sims.append(s.cpu())
+        ids.append(i.cpu())  # .cpu() waits for the GPU: the clock below is honest
     out_s = torch.cat(sims) if sims else torch.empty(0, k)
     out_i = torch.cat(ids) if ids else torch.empty(0, k, dtype=torch.int64)
-    return NeighbourResult(out_i, out_s, search_seconds=time.perf_counter() - t0, index="torch")
+    return NeighbourResult(
+        out_i, out_s, search_seconds=time.perf_counter() - t0, index="torch", device=str(device.type)
+    )
+
+
+# distributions that install the ``faiss`` module with GPU support (same import name as faiss-cpu)
+FAISS_GPU_DISTRIBUTIONS = ("faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-cuda", "faiss-cuda-cu128")
+
+
+def faiss_gpu_status() -> dict[str, Any]:
+    """What the loaded FAISS can do on a GPU, and why not when it cannot.
+
+    Returns ``{"faiss_version", "distributions" {name: version}, "gpu_build" (the loaded
+    module has GPU code), "gpus" (GPUs FAISS sees), "usable" (gpu_build and gpus > 0),
+    "note"}``. faiss-cpu and every GPU build install the same ``faiss`` package folder, so
+    with both installed the files of whichever pip installed last are loaded: the note says
+    so, and how to put the GPU build back.
+    """
+    from importlib import metadata
+
+    faiss = _faiss()
+    dists = {}
+    for name in ("faiss-cpu", *FAISS_GPU_DISTRIBUTIONS):
+        try:
+            dists[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    gpu_build = hasattr(faiss, "StandardGpuResources")
+    gpus = int(faiss.get_num_gpus()) if gpu_build and hasattr(faiss, "get_num_gpus") else 0
+    gpu_dists = [n for n in dists if n != "faiss-cpu"]
+    if gpu_build and gpus > 0:
+        note = f"FAISS GPU build, {gpus} GPU(s)"
+    elif gpu_build:
+        note = "FAISS GPU build, but it sees no GPU (no driver, or its CUDA runtime does not load)"
+    elif gpu_dists:
+        name = gpu_dists[0]
+        note = (
+            f"{name} {dists[name]} is installed but the loaded faiss is a CPU build: faiss-cpu's files "
+            f"overwrote it (both install the same 'faiss' folder). Fix: pip install --force-reinstall "
+            f"--no-deps {name}=={dists[name]}"
+        )
+    else:
+        note = "no FAISS GPU build installed (optional; see the README's GPU section)"
+    return {
+        "faiss_version": getattr(faiss, "__version__", "unknown"),
+        "distributions": dists,
+        "gpu_build": gpu_build,
+        "gpus": gpus,
+        "usable": gpu_build and gpus > 0,
+        "note": note,
+    }
 
 
 @dataclass
