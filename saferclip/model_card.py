@@ -193,7 +193,7 @@ def _usage_transformers(folder: str | None, repo_id: str | None) -> list[str]:
         '    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())',
         "",
         "with torch.no_grad():",
-        '    text = tokenizer([clean("a photo of a dog")], padding=True, return_tensors="pt")',
+        '    text = tokenizer([clean("a photo of a dog")], padding=True, truncation=True, return_tensors="pt")',
         '    image = processor(images=Image.open("photo.jpg").convert("RGB"), return_tensors="pt")',
         "    text_features = model.get_text_features(**text)",
         "    image_features = model.get_image_features(**image)",

@@ -455,7 +455,9 @@ def test_model_card_states_what_a_safety_model_must(bundle, tmp_path):
         repo_id="someone/safer-toy",
     )
     assert card.startswith("---\n") and "library_name: open_clip" in card
-    assert "`saferclip-micro`" in card and "`data/toy_base.safetensors`" in card and "SafeR-CLIP" in card
+    assert "`saferclip-micro`" in card and "SafeR-CLIP" in card
+    # fit to publish: a local base model by its file name, never its path
+    assert "**Base model:** `toy_base.safetensors`" in card and "data/toy_base" not in card
     assert "```yaml\nloss:\n  lambda_text: 0.1\n  neighbour: text\nk: 1\ntowers: [text, image]\n```" in card
     assert "| model | U→V R@1 | unsafe rate |" in card and "| saferclip | 80.6 | 4.9 |" in card
     assert "| 36-way zero-shot retention | 98.5% |" in card

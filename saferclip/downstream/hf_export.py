@@ -60,7 +60,7 @@ from ..checkpoints import save_state_dict, write_json_atomic, write_text_atomic
 from ..export import DTYPES, _export_tensors, _occupied, _preprocess_cfg, _readme, _sha256, _swap_in, _umask, find_adapters, merge_adapters
 from ..model_card import public_model_name
 from ..models import ClipBundle
-from .hf_tokenizer import EOS, UnsupportedArchitecture, check_tokenizer, hf_vocab, save_hf_tokenizer
+from .hf_tokenizer import UnsupportedArchitecture, check_tokenizer, save_hf_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _square(value: Any, what: str) -> int:
     return int(a)
 
 
-def hf_clip_config(model: nn.Module, *, pad_token_id: int = EOS_ID) -> dict[str, Any]:
+def hf_clip_config(model: nn.Module) -> dict[str, Any]:
     """``CLIPConfig`` keyword arguments for ``model`` (an open_clip ``CLIP``, adapters merged).
 
     Raises :class:`UnsupportedArchitecture`, naming the part, for what transformers' CLIP
@@ -214,7 +214,7 @@ def hf_clip_config(model: nn.Module, *, pad_token_id: int = EOS_ID) -> dict[str,
             "bos_token_id": BOS_ID,
             # first end-of-text position = open_clip's argmax pooling (49407 is the largest id)
             "eos_token_id": EOS_ID,
-            "pad_token_id": int(pad_token_id),
+            "pad_token_id": EOS_ID,  # the converted tokenizer pads with <|endoftext|>
             "projection_dim": embed_dim,
             "attention_dropout": 0.0,
         },
@@ -348,7 +348,6 @@ def export_hf(
     metadata: Mapping[str, Any] | None = None,
     dtype: str = "fp32",
     tokenizer: Any = None,
-    pad_token: str = EOS,
 ) -> Path:
     """Write ``model`` as a transformers CLIP folder (layout and mapping: module doc).
 
@@ -365,7 +364,7 @@ def export_hf(
         metadata: provenance written to ``saferclip.json``.
         dtype: ``fp32`` (default, exact), ``fp16`` or ``bf16``.
         tokenizer: open_clip's tokenizer of the model (default: the bundle's, else the arch's).
-        pad_token: ``<|endoftext|>`` (default) or ``"!"``; see :mod:`.hf_tokenizer`.
+            The converted one pads with ``<|endoftext|>`` (see :mod:`.hf_tokenizer`).
 
     Raises:
         UnsupportedArchitecture: one line naming the part transformers cannot express.
@@ -388,10 +387,7 @@ def export_hf(
     merged_names = find_adapters(net)
     net = merge_adapters(net)
     check_tokenizer(tokenizer)
-    pad_id = hf_vocab(tokenizer).get(pad_token)
-    if pad_id is None:
-        raise ValueError(f"pad_token {pad_token!r} is not in the vocabulary (use {EOS!r} or '!')")
-    config = hf_clip_config(net, pad_token_id=pad_id)
+    config = hf_clip_config(net)
     preprocessor = hf_preprocessor_config(_preprocess_cfg(net, preprocess_cfg))
     tensors = _export_tensors(hf_state_dict(net, config), DTYPES[dtype])
     check_hf_keys(tensors, config)
@@ -412,7 +408,7 @@ def export_hf(
         save_state_dict(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})  # "pt": transformers checks it
         info["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
         write_json_atomic(tmp / PREPROCESSOR_NAME, preprocessor)
-        save_hf_tokenizer(tokenizer, tmp, config["text_config"]["max_position_embeddings"], pad_token=pad_token)
+        save_hf_tokenizer(tokenizer, tmp, config["text_config"]["max_position_embeddings"])
         write_json_atomic(tmp / PROVENANCE_NAME, info)
         write_text_atomic(tmp / "README.md", readme)
         _swap_in(tmp, out, force)

@@ -25,11 +25,13 @@ What is the same, and what is not (measured in ``tests/test_hf_export.py``):
   special-token strings in a caption (``<end_of_text>``, ``<|endoftext|>``) are special to one
   tokenizer and plain text to the other.
 * **Padding.** open_clip pads with id 0; the exported tokenizer pads with ``<|endoftext|>``
-  (49407) by default, the convention of OpenAI's CLIP on the Hub and of the Stable Diffusion
-  1.x tokenizer, whose UNet was trained on it. The CLIP text tower is causal and pools at the
+  (49407), the convention of OpenAI's CLIP on the Hub and of the Stable Diffusion 1.x
+  tokenizer, whose UNet was trained on it. The CLIP text tower is causal and pools at the
   first end-of-text token, so the padding changes neither the pooled embedding nor any
   hidden state up to that token; only the hidden states *after* it differ (which a diffusion
-  UNet cross-attends to). ``pad_token="!"`` (id 0) reproduces open_clip's ids exactly.
+  UNet cross-attends to). Padding with id 0 is not offered: id 0 is the token ``!``, and a
+  special token is matched in the input text, so every ``!`` of a caption would become padding
+  (the quirk of Stable Diffusion 2's tokenizer).
 """
 
 from __future__ import annotations
@@ -107,11 +109,9 @@ def _special(content: str) -> dict[str, Any]:
     return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False, "special": True}
 
 
-def tokenizer_configs(vocab: dict[str, int], context_length: int, pad_token: str = EOS) -> tuple[dict, dict]:
+def tokenizer_configs(vocab: dict[str, int], context_length: int) -> tuple[dict, dict]:
     """``tokenizer_config.json`` and ``special_tokens_map.json`` contents."""
-    if pad_token not in vocab:
-        raise ValueError(f"pad_token {pad_token!r} is not in the vocabulary (use {EOS!r} or '!')")
-    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
+    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     added = {str(vocab[t]): _special(t) for t in (BOS, EOS)}
     config = {
         "tokenizer_class": "CLIPTokenizer",
@@ -126,19 +126,18 @@ def tokenizer_configs(vocab: dict[str, int], context_length: int, pad_token: str
     return config, dict(specials)
 
 
-def save_hf_tokenizer(tokenizer: Any, folder: str | os.PathLike, context_length: int, *, pad_token: str = EOS) -> list[Path]:
+def save_hf_tokenizer(tokenizer: Any, folder: str | os.PathLike, context_length: int) -> list[Path]:
     """Write ``tokenizer`` (open_clip's CLIP BPE) into ``folder`` as transformers' CLIPTokenizer:
     the four files of :data:`TOKENIZER_FILES` plus ``tokenizer.json`` (the ``tokenizers``
     serialisation transformers reads fastest). Each file is written atomically.
 
     ``context_length`` is the model's (77 for OpenAI's CLIP; the tokenizer truncates to it).
-    ``pad_token``: ``<|endoftext|>`` (default) or ``"!"`` (id 0, open_clip's padding); see the
-    module doc. Returns the files written.
+    It pads with ``<|endoftext|>`` (module doc). Returns the files written.
     """
     check_tokenizer(tokenizer)
     folder = Path(folder)
     vocab, merges = hf_vocab(tokenizer), hf_merges(tokenizer)
-    config, special_map = tokenizer_configs(vocab, context_length, pad_token)
+    config, special_map = tokenizer_configs(vocab, context_length)
     written = []
     write_text_atomic(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
     # "#version" header: the format the original CLIP release and transformers' slow tokenizer read
@@ -146,13 +145,13 @@ def save_hf_tokenizer(tokenizer: Any, folder: str | os.PathLike, context_length:
     write_json_atomic(folder / "tokenizer_config.json", config)
     write_json_atomic(folder / "special_tokens_map.json", special_map)
     written += [folder / name for name in TOKENIZER_FILES]
-    backend = build_hf_tokenizer(vocab, merges, context_length, pad_token)
+    backend = build_hf_tokenizer(vocab, merges, context_length)
     write_text_atomic(folder / "tokenizer.json", backend.backend_tokenizer.to_str())
     written.append(folder / "tokenizer.json")
     return written
 
 
-def build_hf_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], context_length: int, pad_token: str = EOS):
+def build_hf_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], context_length: int):
     """transformers' ``CLIPTokenizer`` over ``vocab`` / ``merges``, in memory."""
     from transformers import CLIPTokenizer
 
@@ -162,7 +161,7 @@ def build_hf_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], con
         bos_token=BOS,
         eos_token=EOS,
         unk_token=EOS,
-        pad_token=pad_token,
+        pad_token=EOS,
         model_max_length=int(context_length),
     )
 
