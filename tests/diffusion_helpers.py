@@ -3,7 +3,9 @@ a few thousand parameters, a DDIM scheduler, and a text encoder exported by safe
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -20,14 +22,23 @@ from saferclip.models import build_clip  # noqa: E402
 IMAGE_SIZE = 16  # pixels: 8x8 latents through a VAE that halves once
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
+@contextmanager
+def single_thread() -> Iterator[None]:
     """One torch thread: on a shared 2-core machine two OpenMP threads made a tiny UNet step
-    ~100x slower here (3.5 s vs 30 ms)."""
+    ~100x slower here (3.5 s vs 30 ms). Module-scoped fixtures that run the pipeline use this
+    themselves: they are set up before any function-scoped fixture."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with single_thread():
+        yield
 
 
 def export_micro(folder: Path, init_seed: int = 0) -> Path:
