@@ -417,3 +417,15 @@ def test_transformers_alone_loads_the_export(tmp_path):
     ref_text, ref_image = open_clip_embeddings(bundle.model, bundle.tokenizer, image)
     assert (unit(result["text"]) - ref_text).abs().max() < TOL
     assert (unit(result["image"]) - ref_image).abs().max() < TOL
+
+
+def test_downstream_imports_neither_lightning_nor_hydra():
+    """The library rule: saferclip.downstream (and its two CLIs) work without Lightning or Hydra."""
+    code = (
+        "import sys, saferclip.downstream.hf_export, saferclip.downstream.diffusion, "
+        "saferclip.downstream.visu_generation, saferclip.app.generate_visu, saferclip.app.export\n"
+        "bad = sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'hydra', 'omegaconf'})\n"
+        "assert not bad, bad"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

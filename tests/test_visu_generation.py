@@ -231,9 +231,10 @@ def test_an_interrupted_run_resumes_without_redoing_finished_captions(world, tmp
     assert not redone & {q.unsafe_caption for q in split if q.id in finished}  # nothing finished was redone
     assert victim.unsafe_caption in redone
     assert_same_run(out, world.single)  # and the result is the uninterrupted run's
+    assert all(json.loads(line) for line in records_file.read_text().splitlines())  # the damaged line is gone
     # a third run has nothing left to do: it loads no pipeline
     report = generate_visu_images(world.captions, out, lambda: pytest.fail("loaded a pipeline"), hash_scores, CONFIG)
-    assert report.already_done == N_CAPTIONS and report.merged is not None
+    assert report.already_done == N_CAPTIONS and report.merged is not None and report.ignored_lines == 0
 
 
 def test_shards_cover_the_split_exactly_once(world, tmp_path):
