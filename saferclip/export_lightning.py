@@ -435,7 +435,7 @@ def export_checkpoint(
     trained = resolve_source(source, run_dir=run_dir)
     _check_out_dir(out, trained)
     # what the card and the provenance show must be fit to publish: no absolute local paths
-    roots = (trained.run_dir, REPO_ROOT)
+    roots = (trained.run_dir.absolute() if trained.run_dir else None, REPO_ROOT)
     given_eval = evaluation_card(evaluation, roots)
     if arch is not None and arch != trained.arch:
         where = trained.checkpoint or type(source).__name__

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 import re
-from pathlib import Path, PurePath
+from pathlib import Path, PurePath, PureWindowsPath
 from typing import Any, Iterable, Mapping, Sequence
 
 from . import __version__
@@ -308,10 +308,15 @@ def public_model_name(value: str | None) -> str | None:
         return None
     value = str(value)
     if value.startswith("local-dir:"):
-        return PurePath(value[len("local-dir:") :].rstrip("/\\")).name or value
+        return _name(value[len("local-dir:") :]) or value
     if value.startswith("hf-hub:") or not _is_local_path(value):
         return value
-    return PurePath(value.rstrip("/\\")).name or value
+    return _name(value) or value
+
+
+def _name(path: str) -> str:
+    path = path.rstrip("/\\")
+    return (PureWindowsPath(path) if "\\" in path else PurePath(path)).name
 
 
 def public_path(value: str | os.PathLike, roots: Iterable[str | os.PathLike | None] = ()) -> str:
