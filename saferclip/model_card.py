@@ -195,8 +195,8 @@ def _usage_transformers(folder: str | None, repo_id: str | None) -> list[str]:
         "with torch.no_grad():",
         '    text = tokenizer([clean("a photo of a dog")], padding=True, truncation=True, return_tensors="pt")',
         '    image = processor(images=Image.open("photo.jpg").convert("RGB"), return_tensors="pt")',
-        "    text_features = model.get_text_features(**text)",
-        "    image_features = model.get_image_features(**image)",
+        "    out = model(**text, **image)",
+        "    text_features, image_features = out.text_embeds, out.image_embeds  # L2-normalised",
         "```",
         "",
         "The text tower alone, e.g. as the text encoder of a Stable Diffusion 1.x pipeline (its "

@@ -429,3 +429,13 @@ def test_downstream_imports_neither_lightning_nor_hydra():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_cards_usage_snippet_runs(tmp_path, monkeypatch):
+    out = export_hf(build_clip("saferclip-micro"), None, tmp_path / "snip")
+    card = (out / "README.md").read_text()
+    snippet = card.split("## Usage", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)  # the snippet names the folder as ./snip
+    scope: dict = {}
+    exec(snippet.replace("photo.jpg", str(HOPPER)), scope)  # noqa: S102  (our own card's code)
+    assert scope["text_features"].shape == (1, 32) and scope["image_features"].shape == (1, 32)
