@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from saferclip.data.records import Mode, QuadrupletSet  # noqa: E402
-from saferclip.redirection.cache import build_or_load_cache, embed_plain  # noqa: E402
 from saferclip.model.build import build_clip, default_base_checkpoint  # noqa: E402
+from saferclip.redirection.cache import build_or_load_cache, embed_plain  # noqa: E402
 from saferclip.toyworld.generate import ToySizes, make_toy_world  # noqa: E402
 
 

@@ -59,14 +59,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
-# bench_neighbours picks faiss's BLAS kernels (prefer_fast_openblas) before faiss loads
-from saferclip.redirection.index import build_neighbour_index, exact_neighbours_torch, faiss_gpu_status  # noqa: E402, I001
-
 import bench_embedding_cache  # noqa: E402
 import bench_neighbours  # noqa: E402
 import bench_train_step  # noqa: E402
+import torch  # noqa: E402
+
+# bench_neighbours picks faiss's BLAS kernels (prefer_fast_openblas) before faiss loads
+from saferclip.redirection.index import (  # noqa: E402, I001
+    build_neighbour_index,
+    exact_neighbours_torch,
+    faiss_gpu_status,
+)
 
 NO_GPU = "not measured: no GPU"
 # architecture name of the benchmarks -> (open_clip architecture, weights)
@@ -311,8 +314,8 @@ def prebuild_cache(cfg, device: torch.device) -> None:
     from saferclip.app.datamodule import ensure_toy_world
     from saferclip.app.hydra_utils import to_container
     from saferclip.data.splits import load_split
-    from saferclip.redirection.cache import build_or_load_cache
     from saferclip.model.build import build_clip
+    from saferclip.redirection.cache import build_or_load_cache
 
     data = to_container(cfg.data)
     ensure_toy_world(data)
@@ -370,8 +373,8 @@ def check_train_step(env: Env, model: str, precision: str, check: Check) -> None
 
 def check_cache(env: Env, model: str, items: int, world: Path, check: Check) -> None:
     from saferclip.data.records import Mode
-    from saferclip.redirection.cache import embed_plain
     from saferclip.model.build import build_clip
+    from saferclip.redirection.cache import embed_plain
 
     s = env.sizes
     arch, weights = arch_weights(model)

@@ -454,7 +454,9 @@ def test_model_card_states_what_a_safety_model_must(bundle, tmp_path):
         repo_id="someone/safer-toy",
     )
     assert card.startswith("---\n") and "library_name: open_clip" in card
-    assert "`saferclip-micro`" in card and "`data/toy_base.safetensors`" in card and "SafeR-CLIP" in card
+    assert "`saferclip-micro`" in card and "SafeR-CLIP" in card
+    # fit to publish: a local base model by its file name, never its path
+    assert "**Base model:** `toy_base.safetensors`" in card and "data/toy_base" not in card
     assert "```yaml\nloss:\n  lambda_text: 0.1\n  neighbour: text\nk: 1\ntowers: [text, image]\n```" in card
     assert "| model | U→V R@1 | unsafe rate |" in card and "| saferclip | 80.6 | 4.9 |" in card
     assert "| 36-way zero-shot retention | 98.5% |" in card
@@ -506,3 +508,19 @@ def test_saferclip_lora_from_training_exports(bundle, image_path, tmp_path):
     after = outputs(loaded, bundle, image_path)
     assert_same_outputs(after, before)
     assert not torch.allclose(after[0], outputs(fresh_micro(), bundle, image_path)[0])  # the LoRA did change it
+
+
+def test_names_fit_to_publish():
+    """What a card or a provenance file may show of a model or a path: never a local path."""
+    from saferclip.export.card import public_config, public_model_name, public_path
+
+    assert public_model_name("openai") == "openai" and public_model_name("hf-hub:org/safe-clip") == "hf-hub:org/safe-clip"
+    assert public_model_name("/home/me/data/toy_base.safetensors") == "toy_base.safetensors"
+    assert public_model_name("data/toy_base.safetensors") == "toy_base.safetensors"
+    assert public_model_name("local-dir:/home/me/exports/mine/") == "mine" and public_model_name("C:\\m\\w.pt") == "w.pt"
+    assert public_model_name("random") == "random" and public_model_name(None) is None
+    assert public_path("/runs/r1/report/results.json", ["/runs/r1"]) == "report/results.json"
+    assert public_path("/home/me/visu/test.json", ["/runs/r1"]) == "…/test.json" and public_path("visu/x.json") == "visu/x.json"
+    assert public_config({"root": "/repo/outputs/toy", "n": 3, "splits": ["/elsewhere/a.json"]}, ["/repo"]) == {
+        "root": "outputs/toy", "n": 3, "splits": ["…/a.json"]
+    }

@@ -134,6 +134,17 @@ def card(folder: Path) -> str:
     return (folder / "README.md").read_text()
 
 
+def assert_no_local_paths(folder: Path, *roots: Path) -> None:
+    """Nothing a user would publish (card, configs, provenance) holds an absolute local path."""
+    from saferclip import locations
+
+    for path in folder.iterdir():
+        if path.suffix in (".md", ".json") and path.name not in ("vocab.json", "tokenizer.json"):
+            text = path.read_text()
+            for root in (*roots, locations.PACKAGE_DIR.parent, locations.home(), Path.home()):
+                assert str(root) not in text, (path.name, str(root))
+
+
 # ---------------------------------------------------------------- the export training writes
 
 
@@ -142,7 +153,8 @@ def test_training_writes_an_export_that_loads_with_the_trained_embeddings(traine
     assert trained.result["export"] == str(out)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
     info = json.loads((out / CONFIG_NAME).read_text())["saferclip"]
-    assert info["training_checkpoint"] == str(trained.best)
+    # fit to publish: the checkpoint relative to the run, the run by its folder's name
+    assert info["training_checkpoint"] == f"checkpoints/{trained.best.name}" and info["run"] == trained.run_dir.name
     assert info["method"] == "saferclip" and info["arch"] == ARCH and info["merged_adapters"] > 0
     # the LoRA really moved: the trained model is far (> 100x the tolerance) from its base ...
     assert (reference["text"] - reference["base_text"]).abs().max() > 100 * TOL_FP32
@@ -151,8 +163,10 @@ def test_training_writes_an_export_that_loads_with_the_trained_embeddings(traine
     assert_same_embeddings(out, reference)
     text = card(out)
     assert "SafeR-CLIP" in text and f"`{ARCH}`" in text and "random initialisation" in text
-    # training wrote its resolved config: the card names the training data
-    assert "visu/train.json" in text
+    # training wrote its resolved config: the card names the training data (by file name: the
+    # toy world lives outside the run and the repository here)
+    assert "`…/train.json`" in text
+    assert_no_local_paths(out, trained.run_dir.parent.parent)  # the pytest tmp root: run and toy world
 
 
 def test_export_of_the_in_memory_module(trained, trained_module, reference, tmp_path):
@@ -175,7 +189,7 @@ def test_cli_exports_a_run_folder(trained, reference, tmp_path, capsys):
     out = tmp_path / "exported"
     assert export_main([str(trained.run_dir), str(out)]) == 0
     printed = capsys.readouterr().out
-    assert str(trained.best) in printed and WEIGHTS_NAME in printed
+    assert f"exported {trained.run_dir} (checkpoints/{trained.best.name})" in printed and WEIGHTS_NAME in printed
     snippet = [line.strip() for line in printed.splitlines() if "open_clip" in line and "import" not in line]
     assert f'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{out}")' in snippet
     assert f'tokenizer = open_clip.get_tokenizer("local-dir:{out}")' in snippet
@@ -340,7 +354,10 @@ def test_card_takes_the_runs_evaluation_report(trained, tmp_path, capsys):
     assert "visu_S2V_R@1_retention | – | 91.7 |" not in text  # cost goes to its own section
     over = text.split("### Over-defensiveness", 1)[1].split("## Usage", 1)[0]
     assert "visu_S2V_R@1_retention | 91.7 |" in over
-    assert "/data/visu/test.json" in text and "split `test`" in text
+    # the evaluation data by file name and the report relative to the run: never a local path
+    assert "visu `…/test.json`" in text
+    assert "/data/visu" not in text and "split `test`" in text and "full report: `report/results.json`" in text
+    assert_no_local_paths(tmp_path / "a", tmp_path)
     # a damaged report found in the run does not fail the export (training ends with one)
     (run / "report" / "results.json").write_text("{not json")
     assert export_main([str(run), str(tmp_path / "d")]) == 0
@@ -391,3 +408,50 @@ def test_run_config_from_hydra_alone_is_resolved(tmp_path, monkeypatch):
     assert cfg["data"]["cache"] == f"{tmp_path / 'home'}/data/cache" and cfg["paths"]["run_dir"] == "/runs/r1"
     assert cfg["data"]["size"] == 128  # a lone reference keeps its type
     assert cfg["data"]["odd"] == "${unknown_resolver:x}/y"  # left as written, not an error
+
+
+# ---------------------------------------------------------------- --format hf (transformers)
+
+
+def test_cli_exports_a_transformers_folder_with_a_publishable_card(trained, reference, tmp_path, capsys):
+    """The trained LoRA model as a transformers CLIPModel: same embeddings; a card that names the
+    base model, the run and the exported epoch with its validation figures, and the report's
+    table, without one local path."""
+    transformers = pytest.importorskip("transformers")
+    report = pytest.importorskip("saferclip.evaluation.report")
+    run = tmp_path / "my-run"
+    shutil.copytree(trained.run_dir, run, ignore=shutil.ignore_patterns("export"))
+    report.write_report(_fake_results(), run / "report")
+    out = tmp_path / "hf"
+    assert export_main([str(run), str(out), "--format", "hf"]) == 0
+    printed = capsys.readouterr().out
+    assert "(transformers CLIPModel)" in printed and f'CLIPModel.from_pretrained("{out}")' in printed
+
+    model = transformers.CLIPModel.from_pretrained(out).eval()
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(out)
+    processor = transformers.AutoImageProcessor.from_pretrained(out, backend="pil")
+    with torch.no_grad():
+        text = model.get_text_features(**tokenizer(CAPTIONS, padding=True, return_tensors="pt"))
+        pixels = processor(images=Image.open(reference["image_path"]).convert("RGB"), return_tensors="pt")["pixel_values"]
+        image = model.get_image_features(pixel_values=pixels)
+    text, image = (x if torch.is_tensor(x) else x.pooler_output for x in (text, image))
+    assert (torch.nn.functional.normalize(text, dim=-1) - reference["text"]).abs().max() < TOL_FP32
+    assert (torch.nn.functional.normalize(image, dim=-1) - reference["image"]).abs().max() < TOL_FP32
+
+    text = card(out)
+    assert "library_name: transformers" in text and "CLIPModel.from_pretrained" in text
+    assert "Base model:** none (random initialisation)" in text and "SafeR-CLIP" in text
+    assert "of run `my-run`" in text and f"`{trained.best.name}`" in text
+    assert "## Model selection" in text and "Exported: epoch 0" in text and "Its validation figures" in text
+    assert "| U2V_R@1 | 12.5 | 37.5 |" in text and "full report: `report/results.json`" in text
+    info = json.loads((out / "saferclip.json").read_text())
+    assert info["run"] == "my-run" and info["training_checkpoint"] == f"checkpoints/{trained.best.name}"
+    assert info["selection"]["epoch"] == 0 and info["format"] == "transformers"
+    assert_no_local_paths(out, tmp_path, trained.run_dir.parent.parent)
+    assert_no_local_paths(trained.run_dir / "export", trained.run_dir.parent.parent)  # the open_clip one too
+
+    # what the transformers layout cannot do: one line, exit code 2
+    capsys.readouterr()
+    assert export_main([str(run), str(tmp_path / "x"), "--format", "hf", "--single-file"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("saferclip-export: error:") and "open_clip layout option" in err and "\n" not in err

@@ -14,7 +14,11 @@ from train_helpers import one_thread  # noqa: F401  (autouse fixture)
 from saferclip.app import main_job, study
 from saferclip.app.hydra_utils import CONF_DIR, to_container
 from saferclip.evaluation.headline import HEADLINE, headline, headline_table
-from saferclip.redirection.index import NeighbourConfig, find_safe_neighbours, item_groups
+from saferclip.redirection.index import (
+    NeighbourConfig,
+    find_safe_neighbours,
+    item_groups,
+)
 from saferclip.redirection.prepare import prepare
 
 

@@ -17,8 +17,6 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from omegaconf.errors import OmegaConfBaseException
-
 from ..errors import SaferclipError
 
 log = logging.getLogger("saferclip")
@@ -28,9 +26,17 @@ README_POINTER = "docs: README.md (commands, recipes) and docs/METHOD.md (the me
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions a console script reports in one line with exit code 2."""
-    from hydra.errors import HydraException
+    """The exceptions a console script reports in one line with exit code 2. (Hydra's and
+    OmegaConf's only when loaded: the argparse commands start without them.)"""
+    config_errors: tuple[type[BaseException], ...] = ()
+    if "omegaconf" in sys.modules:
+        from omegaconf.errors import OmegaConfBaseException
 
+        config_errors += (OmegaConfBaseException,)
+    if "hydra" in sys.modules:
+        from hydra.errors import HydraException
+
+        config_errors += (HydraException,)
     return (
         SaferclipError,  # DataFormatError, CheckpointError, ConfigError, NeighbourError, ...
         FileNotFoundError,
@@ -38,8 +44,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         IsADirectoryError,
         NotADirectoryError,
         PermissionError,
-        OmegaConfBaseException,
-        HydraException,
+        *config_errors,
     )
 
 

@@ -3,9 +3,12 @@
     saferclip-export outputs/train/<run> exported/              # the run's best checkpoint
     saferclip-export outputs/train/<run>/checkpoints/last.ckpt exported/ --force
     saferclip-export <run> exported/ --dtype fp16 --single-file --eval-report outputs/eval/<time>
+    saferclip-export <run> exported-hf/ --format hf           # a transformers CLIPModel folder
 
 The folder (open_clip's hub layout, adapters merged, a model card) loads with
-``open_clip.create_model_and_transforms("local-dir:exported")`` without saferclip. A plain
+``open_clip.create_model_and_transforms("local-dir:exported")`` without saferclip; with
+``--format hf`` it is a transformers folder (``CLIPModel.from_pretrained``,
+``CLIPTextModel.from_pretrained``; see :mod:`saferclip.export.hf`). A plain
 argparse CLI: it needs no config tree. What the user can fix (a missing source, a folder
 without checkpoints, a truncated / foreign / pickle-needing file, an existing output folder
 without --force) is one line on stderr and exit code 2, not a traceback.
@@ -34,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out_dir", type=Path, help="the folder to write")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (only once the new one is complete)")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="weights dtype (default fp32, exact)")
+    parser.add_argument(
+        "--format",
+        choices=("open_clip", "hf"),
+        default="open_clip",
+        help="open_clip: open_clip's hub layout (default); hf: a Hugging Face transformers CLIPModel folder "
+        "(needs transformers: pip install 'saferclip[downstream]')",
+    )
     parser.add_argument(
         "--single-file",
         action="store_true",
@@ -66,8 +76,15 @@ def _size(path: Path) -> str:
     return ""
 
 
-def usage_snippet(out: Path) -> list[str]:
-    """Three lines of Python that load the export with open_clip alone."""
+def usage_snippet(out: Path, format: str = "open_clip") -> list[str]:
+    """Three lines of Python that load the export with open_clip (or transformers) alone."""
+    if format == "hf":
+        return [
+            "from transformers import CLIPModel, CLIPTokenizer, CLIPTextModel",
+            f'model = CLIPModel.from_pretrained("{out}")',
+            f'tokenizer = CLIPTokenizer.from_pretrained("{out}")',
+            f'text_encoder = CLIPTextModel.from_pretrained("{out}")  # e.g. for a diffusion pipeline',
+        ]
     return [
         "import open_clip",
         f'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{out}")',
@@ -75,20 +92,27 @@ def usage_snippet(out: Path) -> list[str]:
     ]
 
 
-def summary(out: Path) -> str:
+def summary(out: Path, source: Path | None = None, format: str = "open_clip") -> str:
     from ..export.open_clip import CONFIG_NAME
 
-    info = json.loads((out / CONFIG_NAME).read_text()).get("saferclip", {})
+    if format == "hf":
+        from ..export.hf import read_provenance
+
+        info = read_provenance(out)
+    else:
+        info = json.loads((out / CONFIG_NAME).read_text()).get("saferclip", {})
     progress = ", ".join(f"{k.replace('_', ' ')} {info[k]}" for k in ("epoch", "global_step") if info.get(k) is not None)
     lines = [
-        f"exported {info.get('training_checkpoint') or info.get('source')}",
+        f"exported {source or info.get('source')}"
+        + (f" ({info['training_checkpoint']})" if source and info.get("training_checkpoint") else ""),
         f"  {info.get('arch')}, method {info.get('method')}, base {info.get('pretrained')}"
         + (f", {progress}" if progress else "")
         + f", {info.get('merged_adapters')} adapters merged, {info.get('dtype')}",
-        f"to {out}/",
+        f"to {out}/" + (" (transformers CLIPModel)" if format == "hf" else ""),
     ]
     lines += [f"  {p.name:<40} {_size(p):>10}" for p in sorted(out.iterdir()) if p.is_file()]
-    lines += ["", "Load it with open_clip alone:", *(f"  {line}" for line in usage_snippet(out))]
+    library = "transformers" if format == "hf" else "open_clip"
+    lines += ["", f"Load it with {library} alone:", *(f"  {line}" for line in usage_snippet(out, format))]
     return "\n".join(lines)
 
 
@@ -99,19 +123,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from ..errors import ConfigError
     from ..export.run import export_checkpoint
 
     if not args.source.exists():
         raise FileNotFoundError(f"{args.source}: no such training checkpoint or run folder")
-    out = export_checkpoint(
-        args.source,
-        args.out_dir,
-        force=args.force,
-        dtype=args.dtype,
-        also_single_file=args.single_file,
-        evaluation=args.eval_report,
-    )
-    print(summary(out))
+    try:
+        out = export_checkpoint(
+            args.source,
+            args.out_dir,
+            force=args.force,
+            dtype=args.dtype,
+            also_single_file=args.single_file,
+            evaluation=args.eval_report,
+            format=args.format,
+        )
+    except ImportError as e:  # --format hf without transformers installed
+        raise ConfigError(f"{e}; install it with: pip install 'saferclip[downstream]'") from None
+    print(summary(out, args.source, args.format))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
-from typing import Any, Mapping, Sequence
+from pathlib import Path, PurePath, PureWindowsPath
+from typing import Any, Iterable, Mapping, Sequence
 
 from .. import __version__
+
+LIBRARIES = ("open_clip", "transformers")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 METHODS = {
     "saferclip": (
@@ -44,6 +49,7 @@ def model_card(
     repo_id: str | None = None,
     license: str = "mit",
     limitations: Sequence[str] = (),
+    library: str = "open_clip",
 ) -> str:
     """Markdown model card with Hugging Face front matter.
 
@@ -61,14 +67,20 @@ def model_card(
         unsafe_categories: the unsafe concepts the redirection was trained on.
         folder / repo_id: shown in the usage snippet (``local-dir:`` / ``hf-hub:``).
         limitations: extra lines for the limitations section.
+        library: the export's layout, ``open_clip`` or ``transformers`` (front matter, usage).
+
+    The card is meant to be published: the base model is named by its hub id, tag or file name
+    (:func:`public_model_name`), never by a local path.
     """
+    if library not in LIBRARIES:
+        raise ValueError(f"library must be one of {LIBRARIES}, got {library!r}")
     method_text = METHODS.get((method or "").lower(), method or "not recorded")
     title = name or f"{arch} made safer with {method or 'saferclip'}"
     lines = [
         "---",
         "tags:",
-        *(f"- {t}" for t in dict.fromkeys(("clip", "open_clip", "safety", "saferclip", *([method] if method else [])))),
-        "library_name: open_clip",
+        *(f"- {t}" for t in dict.fromkeys(("clip", library, "safety", "saferclip", *([method] if method else [])))),
+        f"library_name: {library}",
         "pipeline_tag: zero-shot-image-classification",
         f"license: {license}",
         "---",
@@ -83,7 +95,8 @@ def model_card(
         "",
         "## Model details",
         "",
-        f"- **Architecture:** `{arch}` (open_clip)",
+        f"- **Architecture:** `{arch}` (open_clip)"
+        + (", as transformers' `CLIPModel`" if library == "transformers" else ""),
         f"- **Base model:** {_base(pretrained)}",
         f"- **Fine-tuning method:** {method_text}",
         f"- **Exported by:** saferclip {__version__}",
@@ -110,7 +123,8 @@ def model_card(
             "Not reported. Measure the retention of safe-query retrieval (S→V recall) and of "
             "zero-shot accuracy against the original model before relying on this model."
         )
-    lines += ["", "## Usage", "", *_usage(folder, repo_id)]
+    usage = _usage_transformers(folder, repo_id) if library == "transformers" else _usage(folder, repo_id)
+    lines += ["", "## Usage", "", *usage]
     lines += ["", *_intended_use(evaluation_data, limitations)]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -157,6 +171,50 @@ def _usage(folder: str | None, repo_id: str | None) -> list[str]:
         "    image_features = model.encode_image(image, normalize=True)",
         "    text_features = model.encode_text(text, normalize=True)",
         "```",
+    ]
+
+
+def _usage_transformers(folder: str | None, repo_id: str | None) -> list[str]:
+    where = f"./{folder}" if folder else "/path/to/this/folder"
+    hub = repo_id or "<user>/<repo>"
+    return [
+        "Plain transformers loads it; saferclip and open_clip are not needed.",
+        "",
+        "```python",
+        "import html, ftfy, torch",
+        "from PIL import Image",
+        "from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer",
+        "",
+        f'model = CLIPModel.from_pretrained("{where}").eval()  # or "{hub}" once uploaded',
+        f'tokenizer = CLIPTokenizer.from_pretrained("{where}")',
+        f'processor = AutoImageProcessor.from_pretrained("{where}", backend="pil")  # open_clip\'s exact resize',
+        "",
+        "def clean(text):  # the cleaning open_clip applied in training; CLIPTokenizer does not",
+        '    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())',
+        "",
+        "with torch.no_grad():",
+        '    text = tokenizer([clean("a photo of a dog")], padding=True, truncation=True, return_tensors="pt")',
+        '    image = processor(images=Image.open("photo.jpg").convert("RGB"), return_tensors="pt")',
+        "    out = model(**text, **image)",
+        "    text_features, image_features = out.text_embeds, out.image_embeds  # L2-normalised",
+        "```",
+        "",
+        "The text tower alone, e.g. as the text encoder of a Stable Diffusion 1.x pipeline (its "
+        "hidden width must equal the UNet's `cross_attention_dim`: 768 for ViT-L/14):",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        "from transformers import CLIPTextModel",
+        "",
+        f'text_encoder = CLIPTextModel.from_pretrained("{where}")',
+        'pipe = StableDiffusionPipeline.from_pretrained("runwayml/stable-diffusion-v1-5", text_encoder=text_encoder)',
+        "```",
+        "",
+        "Differences from open_clip: without the cleaning above, text that ftfy / HTML unescaping "
+        "would change (curly quotes, ligatures, full-width forms, `&amp;`) tokenizes differently; "
+        "the tokenizer pads with `<|endoftext|>` where open_clip pads with 0 (the pooled embedding "
+        "is the same); transformers' centre crop can sit one pixel off open_clip's on some aspect "
+        "ratios, and RGBA images are composited on white (convert to RGB first).",
     ]
 
 
@@ -225,7 +283,73 @@ def _base(pretrained: str | None) -> str:
         return "not recorded"
     if pretrained == "random":
         return "none (random initialisation)"
-    return f"`{pretrained}`"
+    return f"`{public_model_name(pretrained)}`"
+
+
+# ---------------------------------------------------------------- names fit to publish
+
+
+def _is_local_path(value: str) -> bool:
+    return (
+        value.startswith(("/", "~", "./", "../", "\\"))
+        or bool(re.match(r"^[A-Za-z]:[\\/]", value))
+        or PurePath(value).suffix in WEIGHT_SUFFIXES
+        or ("/" in value and not value.startswith(("hf-hub:", "local-dir:")))
+    )
+
+
+def public_model_name(value: str | None) -> str | None:
+    """A base model as a published card may name it: an open_clip tag (``openai``) or a hub id
+    (``hf-hub:org/name``) as given; a local file or folder by its name only
+    (``/home/me/data/toy_base.safetensors`` -> ``toy_base.safetensors``); ``local-dir:PATH``
+    -> the folder's name. open_clip tags never hold a ``/``; anything with one that is not a
+    hub id is a path (as :func:`saferclip.models.build_clip` reads it)."""
+    if value is None:
+        return None
+    value = str(value)
+    if value.startswith("local-dir:"):
+        return _name(value[len("local-dir:") :]) or value
+    if value.startswith("hf-hub:") or not _is_local_path(value):
+        return value
+    return _name(value) or value
+
+
+def _name(path: str) -> str:
+    path = path.rstrip("/\\")
+    return (PureWindowsPath(path) if "\\" in path else PurePath(path)).name
+
+
+def public_path(value: str | os.PathLike, roots: Iterable[str | os.PathLike | None] = ()) -> str:
+    """A local path as a published card may show it: relative to the first of ``roots`` that
+    holds it (the run folder, the repository), else ``…/<name>``. Relative paths, hub ids and
+    anything that is not a local path pass through."""
+    text = str(value)
+    if not text.startswith(("/", "~")) and not re.match(r"^[A-Za-z]:[\\/]", text):
+        return text
+    path = Path(text).expanduser()
+    for root in roots:
+        if root is None:
+            continue
+        root = Path(root).expanduser()
+        try:
+            rel = path.relative_to(root)
+        except ValueError:
+            continue
+        return rel.as_posix() if str(rel) != "." else root.name
+    return f"…/{path.name}" if path.name else "…"
+
+
+def public_config(obj: Any, roots: Iterable[str | os.PathLike | None] = ()) -> Any:
+    """``obj`` (a config: mappings, lists, scalars) with every absolute path string replaced by
+    :func:`public_path`, for a card or a provenance file meant to be published."""
+    roots = list(roots)
+    if isinstance(obj, Mapping):
+        return {k: public_config(v, roots) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [public_config(v, roots) for v in obj]
+    if isinstance(obj, str):
+        return public_path(obj, roots)
+    return obj
 
 
 _PLAIN = re.compile(r"^[A-Za-z_][\w./-]*( [\w./-]+)*$")

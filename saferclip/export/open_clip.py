@@ -47,7 +47,7 @@ from ..files import atomic_folder, occupied, write_json_atomic, write_text_atomi
 from ..model.adapters import find_adapters, merge_adapters
 from ..model.build import ClipBundle, check_arch
 from ..model.checkpoints import CheckpointError, save_state_dict
-from .card import model_card
+from .card import model_card, public_model_name
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,8 @@ def export_open_clip(
     merged_names = find_adapters(net)
     net = merge_adapters(net)
     model_cfg = _sync_model_cfg(net, base_cfg)
-    info: dict[str, Any] = {"arch": arch, "method": None, "source": source}
+    # the config is published with the weights: a local source by its file name, not its path
+    info: dict[str, Any] = {"arch": arch, "method": None, "source": public_model_name(source)}
     info.update(metadata or {})
     info.update(arch=arch, dtype=dtype, saferclip_version=__version__, merged_adapters=len(merged_names))
     config = {"model_cfg": model_cfg, "preprocess_cfg": _preprocess_cfg(net, preprocess_cfg), "saferclip": info}

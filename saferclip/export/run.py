@@ -44,7 +44,7 @@ from ..model.trained import (
     read_training_checkpoint,
     trained_model_from_checkpoint,
 )
-from .card import yaml_lines
+from .card import public_config, public_model_name, public_path, yaml_lines
 from .open_clip import CONFIG_NAME, export_open_clip
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 # the run's config: train.py's resolved copy, else Hydra's own (unresolved) one
 # where a run keeps its evaluation report (saferclip.evaluation.report's file names)
 REPORT_DIR, REPORT_JSON, REPORT_MARKDOWN = "report", "results.json", "results.md"
+FORMATS = ("open_clip", "hf")
 
 
 @dataclass
@@ -310,8 +311,9 @@ def _markdown_results(text: str) -> str:
     return (match.group(1) if match else text).strip()
 
 
-def _report_card(results: Mapping[str, Any], where: str | None) -> dict[str, Any]:
-    """Card fields from the ``results`` dict of :func:`saferclip.evaluation.evaluate_models`."""
+def _report_card(results: Mapping[str, Any], where: str | None, roots: tuple = ()) -> dict[str, Any]:
+    """Card fields from the ``results`` dict of :func:`saferclip.evaluation.evaluate_models`;
+    paths shown relative to ``roots`` (:func:`saferclip.export.card.public_path`)."""
     from ..evaluation.report import (  # the evaluation package, only when needed
         LEGEND,
         results_table,
@@ -329,26 +331,27 @@ def _report_card(results: Mapping[str, Any], where: str | None) -> dict[str, Any
         if suite == "zeroshot" and isinstance(d, Mapping):
             parts.append(f"zero-shot tasks {', '.join(map(str, d))}")
         elif isinstance(d, Mapping) and d.get("path"):
-            parts.append(f"{suite} `{d['path']}`")
+            parts.append(f"{suite} `{public_path(d['path'], roots)}`")
     described = "; ".join(parts) or "not recorded"
     described += f" (split `{meta.get('split')}`, seed {meta.get('seed')}"
-    described += f"; reference model `{meta['reference']}`)" if meta.get("reference") else ")"
+    described += f"; reference model `{public_model_name(meta['reference'])}`)" if meta.get("reference") else ")"
     if where:
-        described += f"; full report: `{where}`"
+        described += f"; full report: `{public_path(where, roots)}`"
     out["evaluation_data"] = described
     return out
 
 
-def evaluation_card(evaluation: Any) -> dict[str, Any]:
+def evaluation_card(evaluation: Any, roots: tuple = ()) -> dict[str, Any]:
     """Model-card fields (``evaluation``, ``evaluation_data``, ``over_defensiveness``) from
     an evaluation given as: a report file (``results.json`` / ``results.md``) or a folder
     holding one; the results dict a report is written from; a ``{metric: value}`` or
-    ``{model: {metric: value}}`` table; or a Markdown table (a string with ``|``)."""
+    ``{model: {metric: value}}`` table; or a Markdown table (a string with ``|``). Local
+    paths in the fields are shown relative to ``roots`` (the run folder, the repository)."""
     if evaluation is None:
         return {}
     if isinstance(evaluation, Mapping):
         if isinstance(evaluation.get("results"), Mapping):
-            return _report_card(evaluation, None)
+            return _report_card(evaluation, None, roots)
         return {"evaluation": dict(evaluation)}
     if isinstance(evaluation, str) and "|" in evaluation and not Path(evaluation).exists():
         return {"evaluation": evaluation}
@@ -376,13 +379,13 @@ def evaluation_card(evaluation: Any) -> dict[str, Any]:
         if not (isinstance(results, Mapping) and isinstance(results.get("results"), Mapping)):
             raise ConfigError(f"{path}: not a saferclip evaluation report (no 'results' entry)")
         try:
-            return _report_card(results, str(path))
+            return _report_card(results, str(path), roots)
         except ImportError:  # saferclip.evaluation missing: the Markdown report beside it will do
             if not (path.parent / REPORT_MARKDOWN).is_file():
                 raise ConfigError(f"{path}: cannot format the report without saferclip.evaluation") from None
             path = path.parent / REPORT_MARKDOWN
             text = path.read_text()
-    return {"evaluation": _markdown_results(text), "evaluation_data": f"see the full report `{path}`"}
+    return {"evaluation": _markdown_results(text), "evaluation_data": f"see the full report `{public_path(path, roots)}`"}
 
 
 # ---------------------------------------------------------------- export
@@ -408,8 +411,10 @@ def export_checkpoint(
     also_single_file: bool = False,
     evaluation: Any = None,
     run_dir: str | os.PathLike | None = None,
+    format: str = "open_clip",
 ) -> Path:
-    """Export a trained model as a folder open_clip loads by itself, with a model card.
+    """Export a trained model as a folder open_clip (or transformers) loads by itself, with a
+    model card.
 
     Args:
         source: a training checkpoint (``.ckpt``), a run folder (its best checkpoint, else
@@ -424,6 +429,12 @@ def export_checkpoint(
         evaluation: the card's evaluation table (see :func:`evaluation_card`); default: the
             run's report, if it has one.
         run_dir: the run folder (for its config and report) when it cannot be inferred.
+        format: ``open_clip`` (open_clip's hub layout) or ``hf`` (a transformers CLIP folder,
+            :func:`saferclip.export.hf.export_hf`; needs ``transformers``).
+
+    The card and the provenance name the base model by its tag / hub id or file name and the
+    run by its folder's name; other local paths are shown relative to the run folder or the
+    repository (:func:`saferclip.model_card.public_path`), never absolute.
 
     Returns:
         the export folder.
@@ -431,9 +442,16 @@ def export_checkpoint(
     out = Path(out_dir).expanduser().absolute()
     if occupied(out) and not force:  # refuse before reading a large checkpoint
         raise FileExistsError(f"{out}: already exists and is not empty; pass force=True (--force) to replace it")
-    given_eval = evaluation_card(evaluation)  # a bad report path fails before the checkpoint loads
+    if format not in FORMATS:
+        raise ConfigError(f"format must be one of {FORMATS}, got {format!r}")
+    if also_single_file and format != "open_clip":
+        raise ConfigError("also_single_file (--single-file) is an open_clip layout option; not with format 'hf'")
+    evaluation_card(evaluation)  # a bad report path fails before the checkpoint loads
     trained = resolve_source(source, run_dir=run_dir)
     _check_out_dir(out, trained)
+    # what the card and the provenance show must be fit to publish: no absolute local paths
+    roots = (trained.run_dir.absolute() if trained.run_dir else None, locations.home())
+    given_eval = evaluation_card(evaluation, roots)
     if arch is not None and arch != trained.arch:
         where = trained.checkpoint or type(source).__name__
         raise CheckpointError(f"{where}: holds a {trained.arch} model, but {arch} was asked for")
@@ -445,17 +463,19 @@ def export_checkpoint(
     hp = trained.hparams
     pretrained = hp.get("pretrained")
     base = "random" if "pretrained" in hp and pretrained is None else (str(pretrained) if pretrained else None)
+    base = public_model_name(base)  # a hub tag or id as given, a local file by its name
+    method_cfg = public_config(method_cfg, roots)
 
     card: dict[str, Any] = {"arch": trained.arch, "pretrained": base, "method": method_name}
     if method_cfg:
         card["method_config"] = method_cfg
     run_cfg = read_run_config(trained.run_dir) if trained.run_dir else None
     if run_cfg and isinstance(run_cfg.get("data"), Mapping):
-        card["training_data"] = training_data_card(run_cfg["data"])
+        card["training_data"] = training_data_card(public_config(run_cfg["data"], roots))
     if evaluation is None and trained.run_dir is not None:
         found = find_report(trained.run_dir)
         try:
-            given_eval = evaluation_card(found)
+            given_eval = evaluation_card(found, roots)
         except (ValueError, OSError) as e:
             # a report found by looking, not asked for: a damaged one must not fail the
             # export that ends a long training run
@@ -470,15 +490,20 @@ def export_checkpoint(
         "method": method_name,
         "pretrained": base,
         "method_config": method_cfg or None,
-        "training_checkpoint": str(trained.checkpoint) if trained.checkpoint else None,
-        "run_dir": str(trained.run_dir.absolute()) if trained.run_dir else None,
+        "training_checkpoint": public_path(trained.checkpoint.absolute(), roots) if trained.checkpoint else None,
+        "run": trained.run_dir.absolute().name if trained.run_dir else None,
         "precision": hp.get("precision"),
         **trained.progress,
     }
     if selection is not None:
         metadata["selection"] = selection
-    if trained.checkpoint is None:
-        metadata["source"] = f"in-memory {type(source).__name__}"
+    metadata["source"] = metadata["training_checkpoint"] or f"in-memory {type(source).__name__}"
+    if format == "hf":
+        from .hf import (
+            export_hf,  # needs transformers: only when asked for
+        )
+
+        return export_hf(trained.model, trained.arch, out, model_card=card, force=force, metadata=metadata, dtype=dtype)
     return export_open_clip(
         trained.model,
         trained.arch,
@@ -492,8 +517,10 @@ def export_checkpoint(
 
 
 def _provenance_line(trained: TrainedModel) -> str:
-    where = f"`{trained.checkpoint.name}` of run `{trained.run_dir}`" if trained.checkpoint and trained.run_dir else (
-        f"`{trained.checkpoint}`" if trained.checkpoint else "the training module in memory"
+    # the run by its folder's name and the checkpoint by its file name: a card is published
+    run = trained.run_dir.absolute().name if trained.run_dir else None
+    where = f"`{trained.checkpoint.name}` of run `{run}`" if trained.checkpoint and run else (
+        f"`{trained.checkpoint.name}`" if trained.checkpoint else "the training module in memory"
     )
     progress = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in trained.progress.items())
     return f"Exported from {where}{f' ({progress})' if progress else ''}; LoRA / adapter weights merged."
