@@ -347,9 +347,9 @@ BAD_CONFIGS = {
     "unknown method": (["method=nope"], "Could not find 'method/nope'"),
     "unknown method name": (["method.name=nope"], "unknown method 'nope'"),
     "missing data path": (["data=visu_text", "paths.visu=/no/such/visu"], "no such file: /no/such/visu/train.csv"),
-    "unset data path": (["data=visu"], "data.splits.train.path is not set"),
+    "unset data path": (["data=visu"], "data.splits.train.path needs paths.visu, which is not set"),
     "unknown architecture": (["model.arch=ViT-Q-99"], "unknown model architecture 'ViT-Q-99'"),
-    "unknown loss term": (["+method.loss.weights.text_redirektion=1.0"], "unknown terms ['text_redirektion']"),
+    "unknown loss term": (["+method.loss.weights.text_redirektion=1.0"], "unknown loss term(s) ['text_redirektion']"),
 }
 
 
@@ -424,6 +424,13 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
 
 
 @pytest.mark.slow
+def csv_rows(run_dir: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, toy_world, cache_dir):
     common = [
         *cli_overrides(tmp_path, toy_world, cache_dir),
@@ -452,8 +459,15 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, toy_world, ca
         first.wait()
     assert first.returncode == -signal.SIGKILL
 
+    rows_before = csv_rows(broken)
+    assert {r["epoch"] for r in rows_before if r.get("val/selection_score")} == {"0"}  # on disk before the kill
     proc, _ = run_cli([*common, f"hydra.run.dir={broken}", "ckpt_path=last"], cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the whole CSV history, every epoch's rows once, as in the run that was never killed
+    logged = lambda rows, key: sorted((r["epoch"], r["step"]) for r in rows if r.get(key))  # noqa: E731
+    for key in ("train/loss", "val/selection_score", "val/U2VG_unsafe@1"):
+        assert logged(csv_rows(broken), key) == logged(csv_rows(whole), key), key
+    assert [r["epoch"] for r in csv_rows(broken) if r.get("val/selection_score")] == ["0", "1", "2"]
     a, b = final_weights(whole), final_weights(broken)
     assert a.keys() == b.keys()
     for k in a:

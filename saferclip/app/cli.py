@@ -126,6 +126,7 @@ def hydra_command(prog: str, config_name: str, task: Callable[[Any], Any], summa
             print(hydra_help(prog, summary, config_name))
             return
         prefer_fast_openblas()
+        check_command_line(prog, config_name, sys.argv[1:])
         try:
             _task()
         except SystemExit as e:
@@ -137,6 +138,39 @@ def hydra_command(prog: str, config_name: str, task: Callable[[Any], Any], summa
 
     main.__doc__ = f"{prog}: the console script (Hydra app over the {config_name!r} config)."
     return main
+
+
+def check_command_line(prog: str, config_name: str, argv: list[str]) -> None:
+    """Compose the config of a command line before Hydra runs it, so that an override Hydra
+    cannot parse or apply (a typo in a key, a preset that does not exist, a broken value)
+    is one line and exit code 2, as every other user error, instead of Hydra's report.
+    A sweep (``-m``) and Hydra's own flags are left to Hydra."""
+    if any(a in ("-m", "--multirun") or (a.startswith("-") and a != "--") for a in argv):
+        return
+    overrides = [a for a in argv if "=" in a and not a.lstrip("+~").startswith("hydra.")]
+    from hydra import compose, initialize_config_dir
+
+    from .hydra_utils import CONF_DIR
+
+    with exit_on_user_error(prog, to_log=False):
+        check_override_syntax(overrides)
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose(config_name=config_name, overrides=overrides)
+
+
+def check_override_syntax(overrides: list[str]) -> None:
+    """Each override parses (Hydra's own error does not say which one failed)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from ..errors import ConfigError
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except HydraException as e:  # parse_override raises the base class
+            raise ConfigError(f"cannot parse the override {override!r}: {one_line(e).split(' See https://')[0]}") from None
 
 
 def wants_help(argv: list[str]) -> bool:

@@ -22,13 +22,14 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli import command
+from .cli import README_POINTER, command
 
 PROG = "saferclip-export"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        epilog=README_POINTER,
         prog=PROG,
         description="Export a saferclip training checkpoint (or a run folder's best) as a folder "
         "open_clip loads by itself: adapters merged, open_clip's hub layout, a model card.",

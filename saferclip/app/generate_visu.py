@@ -22,6 +22,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .cli import README_POINTER
+
 PROG = "saferclip-generate-visu"
 
 
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..downstream.visu_generation import PUBLISHED_SEEDS
 
     p = argparse.ArgumentParser(
+        epilog=README_POINTER,
         prog=PROG,
         description="Generate, for each unsafe caption of a ViSU(-Text) split, images at fixed seeds with a "
         "diffusion pipeline and keep the first one an NSFW scorer flags; resumable and shardable.",

@@ -17,7 +17,7 @@ import time
 from omegaconf import DictConfig
 
 from .cli import hydra_command
-from .hydra_utils import ConfigError, to_container
+from .hydra_utils import ConfigError, check_train_config, to_container
 
 log = logging.getLogger("saferclip.index")
 
@@ -28,6 +28,7 @@ def build_index(cfg: DictConfig) -> dict:
     from ..redirection.report import summarize
     from ..toyworld.generate import ensure_toy_world
 
+    check_train_config(cfg)
     method = to_container(cfg.method)
     if method.get("targets") != "neighbours" or not method.get("neighbours"):
         raise ConfigError(f"method {method['name']!r} has no neighbours section (it uses paired targets)")

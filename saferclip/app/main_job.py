@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..errors import ConfigError
 from ..model.trained import read_selection
 from .cli import command, compose_help, wants_help
 from .hydra_utils import CONF_DIR, setup_logging, to_container
@@ -52,6 +53,18 @@ def run_key(train_cfg: DictConfig) -> str:
     for where in ("run_dir", "output_dir", "cache_dir"):  # where things are written or cached
         cfg.get("paths", {}).pop(where, None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def check_runs(runs: dict[str, list[str]]) -> None:
+    """Compose and check every run's training config before any run starts: a wrong
+    override of the last run must not wait for the first one to finish training."""
+    from .hydra_utils import check_train_config
+
+    for name, overrides in runs.items():
+        try:
+            check_train_config(compose("train", overrides))
+        except ConfigError as e:
+            raise ConfigError(f"run {name!r}: {e}") from None
 
 
 def train_or_reuse(name: str, overrides: list[str], runs_dir: Path, force: bool) -> dict[str, Any]:
@@ -107,6 +120,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
 
     out_dir = Path(cfg.out_dir).resolve()
     common = list(cfg.common) + list(overrides) + [f"seed={cfg.seed}"]
+    check_runs({name: common + list(run_overrides) for name, run_overrides in cfg.runs.items()})
     train_base = compose("train", common)
     ensure_toy_world(to_container(train_base.data))
     timings: dict[str, float] = {}

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from ..locations import data_dir
 from ..toyworld.generate import SMALL_SIZES, ToySizes, make_toy_world
-from .cli import command
+from .cli import README_POINTER, command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        epilog=README_POINTER,description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out", type=Path, default=None, help="where to write it (default: data/toy under $SAFERCLIP_HOME or the working directory)"
     )

@@ -17,17 +17,17 @@ from ..evaluation.galleries import PairEmbeddings
 from ..evaluation.metrics import recall_at_k
 from ..evaluation.retrieval import visu_metrics
 from ..evaluation.selection import SELECTION_METRIC, selection_score
-from ..model.adapters import TrainableConfig, configure_trainable, tower_parameters
+from ..model.adapters import configure_trainable, tower_parameters
 from ..model.build import build_clip, encode_tokens
 from ..training.losses import (
     FROZEN_INPUTS,
     TERM_NAMES,
     WEIGHT_INPUTS,
     Gather,
-    LossConfig,
     SaferClipLoss,
     gather_with_grad,
 )
+from ..training.method import method_config
 
 log = logging.getLogger("saferclip.train")
 
@@ -50,11 +50,10 @@ class SaferClipModule(L.LightningModule):
         # build_clip hands out an eval-mode model; the trainable copy trains (CLIP has no
         # dropout, so this only keeps Lightning's mode bookkeeping honest)
         self.model = bundle.model.train()
-        trainable = dict(method.get("trainable") or {})
-        trainable["towers"] = tuple(trainable.get("towers", ("text", "image")))
-        self.param_counts = configure_trainable(self.model, TrainableConfig(**trainable))
-        self.loss = SaferClipLoss(LossConfig.from_method(method))
-        self.optim_cfg = dict(method.get("optimizer") or {})
+        config = method_config(method)  # every key checked (the same schema the commands use)
+        self.param_counts = configure_trainable(self.model, config.trainable)
+        self.loss = SaferClipLoss(config.loss)
+        self.optimizer_config = config.optimizer
         self._val_outputs: list[dict[str, torch.Tensor]] = []
 
     # ---------------------------------------------------------------- encoding
@@ -152,10 +151,9 @@ class SaferClipModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(
-            params, lr=float(self.optim_cfg.get("lr", 1e-4)), weight_decay=float(self.optim_cfg.get("weight_decay", 0.0))
-        )
-        warmup = int(self.optim_cfg.get("warmup_steps", 0))
+        cfg = self.optimizer_config
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = cfg.warmup_steps
         if warmup <= 0:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))

@@ -11,11 +11,12 @@ from pathlib import Path
 
 from ..locations import data_dir
 from ..toyworld.pretrain import PretrainConfig, pretrain
-from .cli import command
+from .cli import README_POINTER, command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        epilog=README_POINTER,description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out",
         type=Path,

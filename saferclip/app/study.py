@@ -24,7 +24,7 @@ from ..evaluation.headline import HEADLINE, headline
 from ..model.trained import read_selection
 from .cli import command, compose_help, wants_help
 from .hydra_utils import CONF_DIR, setup_logging, to_container
-from .main_job import compose, train_or_reuse
+from .main_job import check_runs, compose, train_or_reuse
 
 log = logging.getLogger("saferclip.study")
 
@@ -79,6 +79,11 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     points: list[dict[str, Any]] = []
     curves: dict[str, dict[str, Any]] = {}
     start = time.time()
+    planned = {}
+    for seed in cfg.seeds:
+        variants = {**cfg.methods, **(cfg.ablations if seed in cfg.ablation_seeds else {})}
+        planned.update({f"{name}/seed{seed}": list(cfg.common) + list(overrides) + [f"seed={seed}", *v] for name, v in variants.items()})
+    check_runs(planned)  # every run's config, before the first one trains
     for seed in cfg.seeds:
         common = list(cfg.common) + list(overrides) + [f"seed={seed}"]
         base = compose("train", common)

@@ -39,19 +39,45 @@ USAGE_EXIT_CODE = 2
 
 
 def dry_run(cfg: DictConfig) -> dict:
-    """Validate config, paths and data formats without training: load every split (which
-    checks columns, types and that image files exist)."""
-    from ..data.splits import load_split
+    """Validate config, paths and data formats without training: load every split (columns,
+    types, every image file present, and with ``dry_run_verify_images`` every image header
+    parsed), the distractor images, and check the neighbour search fits the training pool."""
+    from ..data.splits import distractor_images, load_split
     from ..toyworld.generate import ensure_toy_world
+    from ..training.method import method_config
 
+    pretrained = cfg.model.get("pretrained")
+    if pretrained and Path(str(pretrained)).is_file():
+        from ..model.checkpoints import check_weights_file
+
+        try:
+            check_weights_file(pretrained)
+        except CheckpointError as e:
+            raise ConfigError(f"model.pretrained: {e}") from None
     data = to_container(cfg.data)
     ensure_toy_world(data)
+    verify = bool(cfg.get("dry_run_verify_images", True))
     report = {}
     for split in data["splits"]:
-        qset = load_split(data, split)
+        qset = load_split(data, split, verify_images=verify)
         report[split] = {"items": len(qset), "mode": qset.mode.value, "source": qset.source}
         if qset.skips is not None and qset.skips.count:
             report[split]["skipped"] = qset.skips.count
+            log.warning(qset.skips.summary())
+        distractors = distractor_images(data, split)
+        if distractors:
+            report[split]["distractor_images"] = len(distractors)
+        if split == "train":
+            method = method_config(to_container(cfg.method))
+            if method.neighbours is not None:
+                from ..redirection.cache import load_safe_corpus
+
+                extra = len(load_safe_corpus(method.extra_pool)) if method.extra_pool and method.neighbours.use_extra_pool else 0
+                if method.neighbours.k > len(qset) + extra:
+                    raise ConfigError(
+                        f"method.neighbours.k={method.neighbours.k} is larger than the safe pool "
+                        f"({len(qset)} training items in {qset.source}{f' + {extra} extra captions' if extra else ''})"
+                    )
     log.info("dry run OK: %s", report)
     return report
 
@@ -64,9 +90,34 @@ def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
         if not path.is_file():
             raise ConfigError(f"ckpt_path=last: no {path}; pass hydra.run.dir=<the run folder to resume>")
         return str(path)
+    if Path(cfg.ckpt_path).is_dir():
+        raise ConfigError(f"ckpt_path: {cfg.ckpt_path} is a directory, not a checkpoint file (or use ckpt_path=last)")
     if not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path: no such checkpoint: {cfg.ckpt_path}")
     return str(cfg.ckpt_path)
+
+
+def check_resume_checkpoint(cfg: DictConfig, ckpt_path: str) -> int:
+    """Open the checkpoint a run resumes from with saferclip's safe loader first
+    (``weights_only=True``, whatever the environment says; a pickle, a truncated file or a
+    foreign checkpoint is refused in one line naming it) and check it belongs to this
+    config. Returns its ``global_step``."""
+    from ..model.trained import read_training_checkpoint
+
+    try:
+        ckpt = read_training_checkpoint(ckpt_path)
+    except CheckpointError as e:
+        raise ConfigError(f"ckpt_path: {e}") from None
+    hp = ckpt["hyper_parameters"]
+    if hp.get("arch") != cfg.model.arch:
+        raise ConfigError(f"ckpt_path: {ckpt_path} holds a {hp.get('arch')} model, the config asks for {cfg.model.arch}")
+    method = hp["method"].get("name")
+    if method != cfg.method.name:
+        raise ConfigError(f"ckpt_path: {ckpt_path} was trained with method {method!r}, the config asks for {cfg.method.name!r}")
+    step = ckpt.get("global_step")
+    if not isinstance(step, int):
+        raise ConfigError(f"ckpt_path: {ckpt_path} has no global_step: not a training checkpoint Lightning can resume")
+    return step
 
 
 def check_run_dir(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> None:
@@ -187,6 +238,7 @@ def train(cfg: DictConfig) -> dict:
     check_toy_size(cfg)
     check_launch(cfg)
     ckpt_path = resolve_ckpt_path(cfg, run_dir)
+    resume_step = check_resume_checkpoint(cfg, ckpt_path) if ckpt_path else None
     if cfg.dry_run:
         return {"dry_run": dry_run(cfg)}
     is_zero = rank_zero_only.rank == 0  # from the launcher's env: known before the Trainer exists
@@ -198,8 +250,14 @@ def train(cfg: DictConfig) -> dict:
     if is_zero:
         write_resolved_config(cfg, run_dir)
     datamodule = build_datamodule(cfg, method)
+    from .loggers import RunCSVLogger
+
     trainer, callbacks = build_trainer(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    for logger in trainer.loggers:
+        if isinstance(logger, RunCSVLogger):
+            logger.resume_from_step = resume_step  # keep the CSV rows logged before the checkpoint
+    # weights_only=True said explicitly: an environment that forces unsafe loads cannot override it
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     result = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result.update(best_checkpoint(callbacks))
     selection = read_selection(run_dir)

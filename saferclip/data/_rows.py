@@ -16,8 +16,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from .images import UNREADABLE_IMAGE, describe_unreadable
 from .records import DataFormatError, SkipReport
 
 log = logging.getLogger(__name__)
@@ -100,16 +101,16 @@ def optional_int_field(file: Path, row: Row, rec: Mapping[str, Any], name: str, 
 
 def check_image(path: Path, file: Path, row: Row, field: str, verify: bool = False, hint: str = "") -> Path:
     """The image must exist (cheap); with ``verify`` its header must parse too (no full decode)."""
+    if path.is_dir():
+        raise DataFormatError(file, f"{path} is a directory, not an image file{hint}", row=row, field=field)
     if not path.is_file():
         raise DataFormatError(file, f"image not found: {path}{hint}", row=row, field=field)
     if verify:
         try:
             with Image.open(path) as im:
                 im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise DataFormatError(
-                file, f"cannot read image {path} ({type(e).__name__}: {e})", row=row, field=field
-            ) from None
+        except UNREADABLE_IMAGE as e:
+            raise DataFormatError(file, f"{path}: {describe_unreadable(e)}", row=row, field=field) from None
     return path
 
 

@@ -10,18 +10,39 @@ from torch.utils.data import Dataset
 
 from .records import DataFormatError
 
+# what PIL raises for a file that is not a readable image: a foreign or truncated file, or
+# one whose header claims more pixels than PIL's decompression-bomb limit
+UNREADABLE_IMAGE = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)
+
+
+def image_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be an image file before opening it (None: it is a file)."""
+    if path.is_dir():
+        return "is a directory, not an image file"
+    if not path.is_file():
+        return "image file not found"
+    return None
+
+
+def describe_unreadable(error: BaseException) -> str:
+    if isinstance(error, Image.DecompressionBombError):
+        return f"refused: the image is too large to decode safely (a decompression bomb?): {error}"
+    return f"cannot read image ({type(error).__name__}: {error})"
+
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB, fully decoded; a missing, truncated or foreign file raises DataFormatError."""
+    """Open an image as RGB, fully decoded; a missing, truncated, foreign or oversized file
+    (or a folder) raises DataFormatError naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(path, "image file not found")
+    problem = image_problem(path)
+    if problem:
+        raise DataFormatError(path, problem)
     try:
         with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataFormatError(path, f"cannot read image ({type(e).__name__}: {e})") from None
+    except UNREADABLE_IMAGE as e:
+        raise DataFormatError(path, describe_unreadable(e)) from None
 
 
 class ImageFiles(Dataset):

@@ -20,6 +20,36 @@ GALLERY_KEYS = ("distractor_images",)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+DATA_MODES = ("auto", "text", "safe_images", "full")
+ON_ERROR = ("raise", "skip")
+
+
+def check_data_config(data_cfg: Mapping[str, Any], splits: tuple[str, ...] = ("train", "validation")) -> None:
+    """Refuse a data config that cannot work, naming the key: batch sizes, workers, the
+    mode, ``on_error``, and the ``splits`` a command needs (each with a ``path``). Paths that
+    exist and files that parse are checked by loading them (``dry_run=true``)."""
+    from ..errors import ConfigError
+
+    for key in ("batch_size", "eval_batch_size"):
+        value = data_cfg.get(key, 1)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ConfigError(f"data.{key} must be an integer >= 1, got {value!r}")
+    workers = data_cfg.get("num_workers", 0)
+    if not (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0):
+        raise ConfigError(f"data.num_workers must be an integer >= 0, got {workers!r}")
+    if data_cfg.get("mode", "auto") not in DATA_MODES:
+        raise ConfigError(f"data.mode must be one of {DATA_MODES}, got {data_cfg.get('mode')!r}")
+    if data_cfg.get("on_error", "raise") not in ON_ERROR:
+        raise ConfigError(f"data.on_error must be one of {ON_ERROR}, got {data_cfg.get('on_error')!r}")
+    configured = data_cfg.get("splits") or {}
+    for split in splits:
+        spec = configured.get(split)
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"data.splits.{split} is missing (has: {', '.join(configured) or 'none'})")
+        if spec.get("path") in (None, "", "???"):
+            raise ConfigError(f"data.splits.{split}.path is not set; set it on the command line")
+
+
 def split_spec(data_cfg: Mapping[str, Any], split: str) -> dict[str, Any]:
     splits = data_cfg.get("splits") or {}
     if split not in splits:

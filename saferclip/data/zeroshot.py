@@ -17,11 +17,11 @@ from glob import glob
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ._rows import absolute, read_json
-from .images import load_image
+from .images import UNREADABLE_IMAGE, describe_unreadable, load_image
 from .records import DataFormatError, ZeroShotTask
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -54,8 +54,8 @@ class TarImage:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 return im.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise DataFormatError(self.shard, f"cannot read image ({type(e).__name__}: {e})", row=self.member) from None
+        except UNREADABLE_IMAGE as e:
+            raise DataFormatError(self.shard, describe_unreadable(e), row=self.member) from None
 
     def __str__(self) -> str:
         return f"{self.shard}:{self.member}"

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..model.build import ClipBundle
+from ..model.build import ClipBundle, tokenize_checked
 from .encode import encode_image_files, encode_texts
 from .metrics import recall_at_k, unsafe_rate
 
@@ -88,6 +88,7 @@ def embed_pairs(
     fields: tuple[str, str] = ("safe_image", "unsafe_image"),
     label: str = "",
     distractors: Sequence[Path | str] | None = None,
+    source: str | None = None,
 ) -> PairEmbeddings:
     """Embed the captions and the distinct images of N pairs (see :class:`PairEmbeddings`).
     ``fields`` name the image attributes in errors; ``label`` prefixes the progress bars.
@@ -96,6 +97,9 @@ def embed_pairs(
     if len(safe_captions) != n or len(unsafe_captions) != n:
         raise ValueError(f"{n} ids but {len(safe_captions)} safe and {len(unsafe_captions)} unsafe captions")
     prefix = f"{label} " if label else ""
+    if source:
+        for kind, texts in (("safe", safe_captions), ("unsafe", unsafe_captions)):
+            tokenize_checked(bundle.tokenizer, texts, f"{source}: {kind} captions")  # warns once if any are cut
     emb = PairEmbeddings(
         encode_texts(bundle, safe_captions, batch_size, progress, desc=f"{prefix}safe captions"),
         encode_texts(bundle, unsafe_captions, batch_size, progress, desc=f"{prefix}unsafe captions"),

@@ -63,6 +63,7 @@ def embed_nsfw_caps(
         progress,
         fields=("image_coco_url", "nsfw_image_path"),
         label="NSFW-Caps",
+        source=getattr(pairs, "source", None),
     )
 
 

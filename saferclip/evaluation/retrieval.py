@@ -67,6 +67,7 @@ def embed_visu(
         progress,
         label="ViSU",
         distractors=distractors,
+        source=qset.source,
     )
 
 

@@ -48,18 +48,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
-from open_clip.transformer import (
-    CustomResidualAttentionBlock,
-    QuickGELU,
-    ResidualAttentionBlock,
-    VisionTransformer,
-)
 from torch import nn
 
 from .. import __version__
 from ..files import atomic_folder, occupied, write_json_atomic, write_text_atomic
+from ..model._openclip import open_clip
 from ..model.adapters import find_adapters, merge_adapters
 from ..model.build import ClipBundle
 from ..model.checkpoints import save_state_dict
@@ -68,6 +62,11 @@ from .hf_tokenizer import UnsupportedArchitecture, check_tokenizer, save_hf_toke
 from .open_clip import DTYPES, _export_tensors, _preprocess_cfg, _readme, _sha256
 
 log = logging.getLogger(__name__)
+
+CustomResidualAttentionBlock = open_clip.transformer.CustomResidualAttentionBlock
+QuickGELU = open_clip.transformer.QuickGELU
+ResidualAttentionBlock = open_clip.transformer.ResidualAttentionBlock
+VisionTransformer = open_clip.transformer.VisionTransformer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

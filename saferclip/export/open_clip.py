@@ -30,20 +30,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-import open_clip
 import torch
-from open_clip.model import get_model_preprocess_cfg
-from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-from open_clip.transformer import (
-    CustomResidualAttentionBlock,
-    QuickGELU,
-    ResidualAttentionBlock,
-)
 from torch import nn
 
 from .. import __version__
 from ..errors import ConfigError
 from ..files import atomic_folder, occupied, write_json_atomic, write_text_atomic
+from ..model._openclip import open_clip
 from ..model.adapters import find_adapters, merge_adapters
 from ..model.build import ClipBundle, check_arch
 from ..model.checkpoints import CheckpointError, save_state_dict
@@ -68,10 +61,11 @@ def _sync_model_cfg(net: nn.Module, cfg: dict[str, Any]) -> dict[str, Any]:
     model); the exported config must describe the model as it computes.
     """
     cfg = copy.deepcopy(cfg)
-    blocks = (ResidualAttentionBlock, CustomResidualAttentionBlock)
+    blocks = (open_clip.transformer.ResidualAttentionBlock, open_clip.transformer.CustomResidualAttentionBlock)
     acts = {type(m.mlp.gelu) for m in net.modules() if isinstance(m, blocks) and hasattr(m.mlp, "gelu")}
     quick = cfg.get("quick_gelu", False)
-    if (acts == {QuickGELU} and not quick) or (acts and QuickGELU not in acts and quick):
+    quick_gelu = open_clip.transformer.QuickGELU
+    if (acts == {quick_gelu} and not quick) or (acts and quick_gelu not in acts and quick):
         cfg["quick_gelu"] = not quick
     vision = cfg.get("vision_cfg", {})
     size = getattr(getattr(net, "visual", None), "image_size", None)
@@ -89,7 +83,8 @@ def _sync_model_cfg(net: nn.Module, cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _preprocess_cfg(net: nn.Module, override: Mapping[str, Any] | None) -> dict[str, Any]:
     """open_clip's preprocessing keys (size, mode, mean, std, interpolation, resize_mode, fill_color)."""
-    cfg = merge_preprocess_dict(PreprocessCfg(), get_model_preprocess_cfg(net) if hasattr(net, "visual") else {})
+    own = open_clip.model.get_model_preprocess_cfg(net) if hasattr(net, "visual") else {}
+    cfg = open_clip.transform.merge_preprocess_dict(open_clip.transform.PreprocessCfg(), own)
     if override:
         unknown = sorted(set(override) - set(cfg))
         if unknown:

@@ -15,16 +15,15 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 from ..errors import ConfigError
 from ..locations import BASE_CHECKPOINT, MODEL_CONFIG_DIR
+from ._openclip import open_clip
 from .checkpoints import (
     CheckpointError,
     expand_token_embedding,
@@ -249,10 +248,41 @@ def encode_tokens(model: nn.Module, tokens: torch.Tensor, normalize: bool = True
     x = x + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
-    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    x = open_clip.transformer.text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
     if model.text_projection is not None:
         x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
     return F.normalize(x, dim=-1) if normalize else x
+
+
+_TRUNCATION_WARNED: set[str] = set()
+
+
+def count_truncated(tokenizer: Callable, texts: Sequence[str], tokens: torch.Tensor) -> int | None:
+    """How many of ``texts`` the tokenizer cut at its context length (``tokens [N, L]`` is
+    its output). Only rows that fill the context are candidates; they are re-encoded without
+    the limit to tell a cut caption from one that fits exactly. None for a tokenizer that
+    cannot say (no ``encode``)."""
+    encode = getattr(tokenizer, "encode", None)
+    if encode is None or tokens.numel() == 0:
+        return None
+    full = (tokens[:, -1] != 0).nonzero().flatten().tolist()
+    limit = tokens.shape[1] - 2  # start and end of text take two positions
+    return sum(len(encode(texts[i])) > limit for i in full)
+
+
+def tokenize_checked(tokenizer: Callable, texts: Sequence[str], what: str) -> torch.Tensor:
+    """``tokenizer(texts)``, with one warning per ``what`` (a dataset and field, e.g. the
+    file and "unsafe captions") saying how many captions were cut at the context length."""
+    tokens = tokenizer(list(texts))
+    if what not in _TRUNCATION_WARNED and len(texts):
+        cut = count_truncated(tokenizer, texts, tokens)
+        if cut:
+            _TRUNCATION_WARNED.add(what)
+            log.warning(
+                "%s: %d of %d captions are longer than the model's context (%d tokens) and were truncated",
+                what, cut, len(texts), tokens.shape[1],
+            )  # fmt: skip
+    return tokens
 
 
 @torch.no_grad()

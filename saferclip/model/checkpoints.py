@@ -170,6 +170,19 @@ def sniff_format(path: str | os.PathLike) -> str:
     return f"a text file starting {first!r}"
 
 
+def check_weights_file(path: str | os.PathLike) -> str:
+    """A cheap check that a weights file can be loaded safely, without loading it (for dry
+    runs): its format from the first bytes, a safetensors header that fits the file, a zip's
+    directory. Returns the format; raises :class:`CheckpointError` naming the file."""
+    path = _existing_file(path)
+    kind = sniff_format(path)
+    if kind == "pickle":
+        raise CheckpointError(f"{path}: refused, a plain pickle file (loading it may run arbitrary code). {_CONVERT_HINT}")
+    if kind not in ("safetensors", "torch-zip", "torch-legacy"):
+        raise CheckpointError(f"{path}: {kind}, not a weights file (expected safetensors or a torch checkpoint)")
+    return kind
+
+
 def _sniff_zip(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as zf:

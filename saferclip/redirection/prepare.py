@@ -15,11 +15,9 @@ from typing import Any, Mapping
 
 from ..data.records import QuadrupletSet
 from ..data.splits import load_split
-from ..errors import ConfigError
 from ..model.build import ClipBundle, build_clip
 from .cache import EmbeddingCache, build_or_load_cache, load_safe_corpus
 from .index import (
-    NeighbourConfig,
     SafeNeighbours,
     config_groups,
     load_or_find_safe_neighbours,
@@ -35,7 +33,6 @@ from .targets import (
 
 log = logging.getLogger(__name__)
 
-TARGET_KINDS = ("neighbours", "paired")
 
 
 @dataclass
@@ -48,13 +45,6 @@ class Prepared:
     targets: RedirectionTargets
     pool: SafePool
     neighbours: SafeNeighbours | None = None  # None for paired targets
-
-
-def neighbour_config(method: Mapping[str, Any]) -> NeighbourConfig:
-    """The :class:`NeighbourConfig` of a method config's ``neighbours`` section."""
-    section = dict(method.get("neighbours") or {})
-    section.pop("extra_pool", None)  # a data file, read by prepare(), not a search option
-    return NeighbourConfig(**section)
 
 
 def prepare(
@@ -70,14 +60,15 @@ def prepare(
     while building (rank 0); every call reuses what an earlier one saved. ``device``: where
     the frozen encoders run when the cache is built (the training GPU: a ViT-L/14 embedding
     a ViSU split on a CPU would take hours)."""
-    kind = method.get("targets")
-    if kind not in TARGET_KINDS:
-        raise ConfigError(f"method.targets must be one of {TARGET_KINDS}, got {kind!r}")
+    from ..training.method import method_config
+
+    config = method_config(method)
+    kind = config.targets
     train = load_split(data, "train")
     if train.skips is not None and train.skips.count:
         log.warning(train.skips.summary())
     bundle = build_clip(model["arch"], model.get("pretrained"), device=device)
-    extra_pool = (method.get("neighbours") or {}).get("extra_pool") if kind == "neighbours" else None
+    extra_pool = config.extra_pool
     cache = build_or_load_cache(
         bundle,
         train,
@@ -89,8 +80,8 @@ def prepare(
     )
     if kind == "paired":
         return Prepared(train, bundle, cache, paired_targets(len(train)), safe_pool(train, cache))
-    config = neighbour_config(method)
-    pool_size = len(pool_text(cache, config.use_extra_pool))
-    neighbours = load_or_find_safe_neighbours(cache, config, config_groups(train, config, pool_size))
-    targets = neighbour_targets(neighbours, curriculum=bool(method.get("curriculum")))
+    search = config.neighbours
+    pool_size = len(pool_text(cache, search.use_extra_pool))
+    neighbours = load_or_find_safe_neighbours(cache, search, config_groups(train, search, pool_size))
+    targets = neighbour_targets(neighbours, curriculum=config.curriculum)
     return Prepared(train, bundle, cache, targets, safe_pool(train, cache, neighbours.pool_size), neighbours)

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, default_collate
 
 from ..data.images import load_image
 from ..data.records import QuadrupletSet
+from ..model.build import tokenize_checked
 from ..redirection.targets import RedirectionTargets, SafePool
 
 
@@ -44,8 +45,8 @@ class RedirectionDataset(Dataset):
             raise ValueError(f"{len(targets.indices)} targets for {len(qset)} items")
         self.qset, self.preprocess, self.frozen = qset, preprocess, frozen
         self.targets, self.pool, self.live_targets = targets, pool, live_targets
-        self.s_tokens = tokenizer(qset.safe_captions)
-        self.u_tokens = tokenizer(qset.unsafe_captions)
+        self.s_tokens = tokenize_checked(tokenizer, qset.safe_captions, f"{qset.source}: safe captions")
+        self.u_tokens = tokenize_checked(tokenizer, qset.unsafe_captions, f"{qset.source}: unsafe captions")
         self.target_tokens = tokenizer(pool.captions) if live_targets else None
         self.use_safe_images = qset.mode.has_safe_images
         self.use_unsafe_images = qset.mode.has_unsafe_images

@@ -1,0 +1,351 @@
+"""A corpus of bad inputs fed through the real console scripts, in subprocesses.
+
+Every case must end with exit code 2 and one line on stderr that names the file, row, field
+or key at fault — never a traceback, never a silent acceptance. Data cases run
+``saferclip-train dry_run=true`` (which loads every split and parses every image header),
+so they cost a process start each, not a training run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+MODULES = {
+    "saferclip-train": "saferclip.app.train",
+    "saferclip-index": "saferclip.app.index",
+    "saferclip-eval": "saferclip.app.evaluate",
+    "saferclip-export": "saferclip.app.export",
+    "saferclip-main": "saferclip.app.main_job",
+    "saferclip-study": "saferclip.app.study",
+    "saferclip-make-toy": "saferclip.app.make_toy",
+}
+
+
+def command(name: str, *args: str) -> list[str]:
+    """The installed console script, else the same entry point through ``python -m``."""
+    script = shutil.which(name)
+    return [script, *args] if script else [sys.executable, "-m", MODULES[name], *args]
+
+
+def run(name: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    base = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    base["SAFERCLIP_CACHE_DIR"] = str(cwd / "cache")
+    return subprocess.run(command(name, *args), cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, f"exit {proc.returncode}:\n{output[-3000:]}"
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if ": error:" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for name in names:
+        assert name in errors[0], (name, errors[0])
+    return errors[0]
+
+
+# ---------------------------------------------------------------- the world each case corrupts
+@pytest.fixture
+def world(tmp_path, toy_world) -> Path:
+    """A private copy of the small toy world."""
+    copy = tmp_path / "world"
+    shutil.copytree(toy_world, copy)
+    return copy
+
+
+def dry_run_args(world: Path, *extra: str) -> list[str]:
+    return [
+        "dry_run=true",
+        "model=micro",
+        "data.make_toy=false",
+        f"data.root={world}",
+        f"paths.output_dir={world.parent / 'out'}",
+        *extra,
+    ]
+
+
+def edit_json(path: Path, change: Callable[[dict], object]) -> None:
+    """Change a JSON file's data in place (``change``'s return value is ignored)."""
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def records(data: dict) -> dict:
+    """The records of a ViSU JSON in either layout."""
+    return data["data"] if "data" in data else data
+
+
+def bomb(path: Path) -> None:
+    """A PNG whose header claims far more pixels than PIL will decode (a decompression bomb)."""
+    Image.new("1", (14000, 14000)).save(path)  # 196 M pixels > 2 x PIL's 89 M limit (an error there); 1-bit: a small file
+
+
+# ViSU JSON, both layouts: train.json is {"info", "data"}, validation.json keyed by index
+VISU_CASES: dict[str, tuple[str, Callable[[Path], None], tuple[str, ...]]] = {
+    "not json": ("train", lambda p: p.write_text('{"data": {"0": {"safe": "a'), ("train.json", "JSON")),
+    "a number": ("validation", lambda p: p.write_text("42"), ("validation.json", "expected a JSON object")),
+    "record not an object": ("train", lambda p: edit_json(p, lambda d: records(d).update({"3": "text"})), ("train.json", "row 3")),
+    "missing field": ("validation", lambda p: edit_json(p, lambda d: records(d)["2"].pop("nsfw")), ("validation.json", "row 2", "'nsfw'")),
+    "caption not text": ("train", lambda p: edit_json(p, lambda d: records(d)["1"].update(safe=7)), ("train.json", "row 1", "'safe'")),
+    "empty caption": ("train", lambda p: edit_json(p, lambda d: records(d)["4"].update(nsfw="  ")), ("train.json", "row 4", "'nsfw'")),
+    "coco id not a number": ("validation", lambda p: edit_json(p, lambda d: records(d)["5"].update(coco_id="abc")), ("validation.json", "row 5", "'coco_id'")),
+    "unsafe image missing": ("train", lambda p: edit_json(p, lambda d: records(d)["6"].update(nsfw_im_path="nsfw/none.png")), ("train.json", "row 6", "'nsfw_im_path'", "none.png")),
+    "unsafe image a folder": ("train", lambda p: edit_json(p, lambda d: records(d)["0"].update(nsfw_im_path="nsfw")), ("train.json", "row 0", "is a directory")),
+    "no records": ("validation", lambda p: p.write_text("{}"), ("validation.json",)),
+}
+
+
+@pytest.mark.parametrize("case", list(VISU_CASES))
+def test_malformed_visu_json_is_one_line(world, case):
+    split, corrupt, names = VISU_CASES[case]
+    corrupt(world / "visu" / f"{split}.json")
+    assert_one_line_error(run("saferclip-train", *dry_run_args(world), cwd=world.parent), *names)
+
+
+IMAGE_CASES: dict[str, Callable[[Path], None]] = {
+    "corrupt safe image": lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n not really"),
+    "text as image": lambda p: p.write_text("hello"),
+    "decompression bomb": bomb,
+}
+
+
+@pytest.mark.parametrize("case", list(IMAGE_CASES))
+def test_bad_images_are_named_by_the_dry_run(world, case):
+    record = json.loads((world / "visu" / "train.json").read_text())["data"]["3"]
+    image = world / "visu" / "train2017" / f"{record['coco_id']:012d}.png"
+    IMAGE_CASES[case](image)
+    line = assert_one_line_error(run("saferclip-train", *dry_run_args(world), cwd=world.parent), image.name, "row 3", "'coco_id'")
+    if case == "decompression bomb":
+        assert "too large" in line
+
+
+def test_bad_image_is_named_by_the_evaluation(world):
+    victim = sorted((world / "zeroshot" / "shape" / "test").rglob("*.png"))[1]
+    bomb(victim)
+    args = ["data.make_toy=false", f"data.root={world}", "suites=[zeroshot]", f"out_dir={world.parent / 'eval'}",
+            "models.original.arch=saferclip-micro", "models.original.pretrained=null"]  # fmt: skip
+    assert_one_line_error(run("saferclip-eval", *args, cwd=world.parent), victim.name, "too large")
+
+
+def rewrite_csv(path: Path, change: Callable[[list[str]], list[str]]) -> None:
+    path.write_text("\n".join(change(path.read_text().splitlines())) + "\n")
+
+
+def edit_rows(path: Path, change: Callable[[list[str], list[dict]], tuple[list[str], list[dict]]]) -> None:
+    """Rewrite a CSV table through ``change(header, rows) -> (header, rows)``."""
+    import csv
+
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = change(list(reader.fieldnames or []), list(reader))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _set(rows: list[dict], index: int, **values: str) -> list[dict]:
+    rows[index].update(values)
+    return rows
+
+
+TABLE_CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
+    "missing column": (lambda p: rewrite_csv(p, lambda ls: [ls[0].replace(",nsfw,", ",nsfw_x,"), *ls[1:]]) or p, ("train.csv", "nsfw")),
+    "id not a number": (lambda p: rewrite_csv(p, lambda ls: [ls[0], "x" + ls[1], *ls[2:]]) or p, ("train.csv", "row 1", "'incremental_id'")),
+    "duplicate id": (lambda p: rewrite_csv(p, lambda ls: [ls[0], ls[1], ls[1], *ls[2:]]) or p, ("train.csv", "row 2")),
+    "broken jsonl line": (lambda p: _jsonl_with_broken_line(p), ("train.jsonl", "row 3", "invalid JSON")),
+    "parquet that is text": (lambda p: _fake_parquet(p), ("train.parquet",)),
+    "unknown format": (lambda p: p.rename(p.with_suffix(".txt")) or p.with_suffix(".txt"), ("train.txt", "unknown format")),
+}
+
+
+def _jsonl_with_broken_line(csv_path: Path) -> Path:
+    import csv
+
+    rows = list(csv.DictReader(csv_path.open()))
+    out = csv_path.with_suffix(".jsonl")
+    lines = [json.dumps(r) for r in rows]
+    lines[2] = lines[2][:-10]
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _fake_parquet(csv_path: Path) -> Path:
+    out = csv_path.with_suffix(".parquet")
+    out.write_text("not parquet at all")
+    return out
+
+
+@pytest.mark.parametrize("case", list(TABLE_CASES))
+def test_malformed_visu_text_table_is_one_line(world, case):
+    corrupt, names = TABLE_CASES[case]
+    train = corrupt(world / "visu_text" / "train.csv")
+    args = ["dry_run=true", "model=micro", "data=visu_text", f"paths.visu={world / 'visu_text'}", f"data.splits.train.path={train}",
+            f"paths.coco={world / 'visu'}", "data.splits.train.image_root=null", "data.splits.validation.image_root=null",
+            "data.splits.test.image_root=null", f"paths.output_dir={world.parent / 'out'}"]  # fmt: skip
+    assert_one_line_error(run("saferclip-train", *args, cwd=world.parent), *names)
+
+
+NSFW_CAPS_CASES: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    "missing column": (
+        lambda h, rows: ([c for c in h if c != "nsfw_caption"], rows),
+        ("nsfw_caps.csv", "nsfw_caption"),
+    ),
+    "image missing": (
+        lambda h, rows: (h, _set(rows, 0, image_coco_url="https://toy.invalid/nocaps/val/gone.png")),
+        ("nsfw_caps.csv", "row 1", "'image_coco_url'", "gone.png"),
+    ),
+    "empty caption": (lambda h, rows: (h, _set(rows, 1, caption="")), ("nsfw_caps.csv", "row 2", "'caption'")),
+}
+
+
+@pytest.mark.parametrize("case", list(NSFW_CAPS_CASES))
+def test_malformed_nsfw_caps_is_one_line(world, case):
+    change, names = NSFW_CAPS_CASES[case]
+    edit_rows(world / "nsfw_caps" / "nsfw_caps.csv", change)
+    args = ["data.make_toy=false", f"data.root={world}", "suites=[nsfw_caps]", f"out_dir={world.parent / 'eval'}",
+            "models.original.arch=saferclip-micro", "models.original.pretrained=null"]  # fmt: skip
+    assert_one_line_error(run("saferclip-eval", *args, cwd=world.parent), *names)
+
+
+def test_skipping_bad_rows_is_counted_and_reported(world):
+    edit_json(world / "visu" / "train.json", lambda d: records(d)["1"].update(safe=7))
+    proc = run("saferclip-train", *dry_run_args(world, "data.on_error=skip"), cwd=world.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped 1 malformed rows" in proc.stdout + proc.stderr and "row 1" in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- checkpoints and weights
+class Payload:
+    """Unpickling this writes a marker file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+def test_a_malicious_checkpoint_is_refused_even_when_the_environment_allows_unsafe_loads(world):
+    import torch
+
+    marker, evil = world.parent / "marker", world.parent / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": Payload(str(marker))}, evil)  # a torch zip that needs pickle
+    raw = world.parent / "raw.ckpt"
+    raw.write_bytes(pickle.dumps(Payload(str(marker))))  # a bare pickle
+    env = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    for bad in (evil, raw):
+        args = ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"ckpt_path={bad}", f"hydra.run.dir={world.parent / 'run'}"]
+        assert_one_line_error(run("saferclip-train", *args, cwd=world.parent, env=env), bad.name)
+        assert not marker.exists(), "the checkpoint's code ran"
+    for name, args in (
+        ("saferclip-eval", ["data.make_toy=false", f"data.root={world}", "suites=[zeroshot]", f"+models.x.pretrained={evil}", "+models.x.arch=saferclip-micro"]),
+        ("saferclip-export", [str(evil), str(world.parent / "exported")]),
+    ):
+        assert_one_line_error(run(name, *args, cwd=world.parent, env=env), evil.name)
+        assert not marker.exists()
+
+
+def test_broken_checkpoints_and_weights_are_one_line(world):
+    base = ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"hydra.run.dir={world.parent / 'run'}"]
+    text = world.parent / "notes.ckpt"
+    text.write_text("this is not a checkpoint\n")
+    assert_one_line_error(run("saferclip-train", *base, f"ckpt_path={text}", cwd=world.parent), "notes.ckpt")
+    assert_one_line_error(run("saferclip-train", *base, f"ckpt_path={world}", cwd=world.parent), "is a directory")
+    cut = world.parent / "cut.safetensors"
+    cut.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")
+    assert_one_line_error(run("saferclip-train", *base, "dry_run=true", f"model.pretrained={cut}", cwd=world.parent), "cut.safetensors")
+
+
+# ---------------------------------------------------------------- configuration and overrides
+CONFIG_CASES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
+    "negative lr": ("saferclip-train", ["method.optimizer.lr=-1"], ("method.optimizer.lr",)),
+    "k larger than the pool": ("saferclip-train", ["method.neighbours.k=1000"], ("method.neighbours.k=1000", "larger than the safe pool")),
+    "negative loss weight": ("saferclip-train", ["method.loss.weights.text_preservation=-1"], ("loss weights",)),
+    "unknown neighbour mode": ("saferclip-train", ["method.neighbours.mode=bogus"], ("unknown neighbour mode 'bogus'",)),
+    "zero lora rank": ("saferclip-train", ["method.trainable.lora_r=0"], ("method.trainable.lora_r",)),
+    "unknown method key": ("saferclip-train", ["+method.learning_rate=1"], ("unknown keys ['learning_rate']",)),
+    "zero batch size": ("saferclip-train", ["data.batch_size=0"], ("data.batch_size",)),
+    "bad data mode": ("saferclip-train", ["data.mode=bogus"], ("data.mode",)),
+    "bad on_error": ("saferclip-train", ["data.on_error=ignore"], ("data.on_error",)),
+    "zero epochs": ("saferclip-train", ["trainer.max_epochs=0"], ("trainer.max_epochs",)),
+    "no such preset": ("saferclip-train", ["method=nope"], ("method/nope",)),
+    "no such key": ("saferclip-train", ["method.lrr=1"], ("method.lrr",)),
+    "bad override syntax": ("saferclip-train", ["method.optimizer.lr=[1"], ("method.optimizer.lr",)),
+    "index: zero k": ("saferclip-index", ["method.neighbours.k=0"], ("k must be a positive integer",)),
+    "index: bad override": ("saferclip-index", ["method=nope"], ("method/nope",)),
+    "eval: unknown suite": ("saferclip-eval", ["suites=[visu,bogus]"], ("unknown suite(s) ['bogus']",)),
+    "eval: bad override": ("saferclip-eval", ["data=nope"], ("data/nope",)),
+    "main: zero epochs": ("saferclip-main", ["trainer.max_epochs=0"], ("trainer.max_epochs",)),
+    "study: negative lr": ("saferclip-study", ["seeds=[0]", "method.optimizer.lr=-1"], ("method.optimizer.lr",)),
+    "main: bad override": ("saferclip-main", ["method=nope"], ("method/nope",)),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_bad_configuration_is_one_line_before_any_work(world, case):
+    name, overrides, names = CONFIG_CASES[case]
+    out = world.parent / "out"
+    common = {
+        "saferclip-train": ["dry_run=true", "model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"paths.output_dir={out}"],
+        "saferclip-index": ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"paths.output_dir={out}"],
+        "saferclip-eval": ["data.make_toy=false", f"data.root={world}", f"paths.output_dir={out}"],
+        "saferclip-main": ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"out_dir={out}", f"runs_dir={out / 'runs'}"],
+        "saferclip-study": ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"out_dir={out}", f"runs_dir={out / 'runs'}"],
+    }[name]
+    assert_one_line_error(run(name, *common, *overrides, cwd=world.parent), *names)
+    assert not (world.parent / "cache").exists()  # stopped before any embedding work
+    assert not (out / "runs").exists()  # no training started
+
+
+def test_outputs_are_never_overwritten_without_force(world, tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert_one_line_error(run("saferclip-make-toy", "--small", "--out", str(other), cwd=tmp_path), "mine", "force")
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+# ---------------------------------------------------------------- help and startup
+def entry_points() -> list[str]:
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    return sorted(pyproject["project"]["scripts"])
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_every_console_script_answers_help(tmp_path, flag):
+    for name in entry_points():
+        script = shutil.which(name)
+        assert script, f"{name} is not installed (pip install -e .)"
+        proc = subprocess.run([script, flag], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, (name, output[-2000:])
+        assert "usage:" in output and "Traceback" not in output, (name, output[-2000:])
+        assert "README.md" in output, (name, output[-2000:])  # where the docs are
+
+
+def test_commands_do_not_import_wandb_unless_asked(tmp_path):
+    code = (
+        "import sys\n"
+        "import saferclip.app.train, saferclip.app.main_job, saferclip.app.evaluate, saferclip.app.export\n"
+        "import saferclip.model.build, saferclip.export.open_clip\n"
+        "assert 'wandb' not in sys.modules, 'wandb imported'\n"
+        "import wandb  # still importable when someone asks for it\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
