@@ -1,0 +1,1 @@
+"""Analysis of CLIP models beyond evaluation (filled in below)."""
