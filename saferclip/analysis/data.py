@@ -128,3 +128,47 @@ def load_borderline(spec: Mapping[str, Any] | None, on_error: str = "raise", mod
         return None
     qset = load_split({"splits": {"borderline": dict(spec)}, "on_error": on_error, "mode": mode}, "borderline")
     return borderline_split(qset)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_COLUMNS = ("caption", "text", "prompt")
+
+
+def read_captions(path: str | Path, column: str | None = None) -> list[str]:
+    """Captions of a table (CSV / TSV / JSONL / Parquet: ``column``, default the first of
+    caption, text, prompt it has) or a text file (one caption a line, blank lines skipped).
+    A missing column or an empty caption is a DataFormatError naming the file, row and field."""
+    from ..data._rows import text_field
+    from ..data.tables import read_table
+
+    file = Path(path)
+    if file.suffix.lower() == ".txt":
+        if not file.is_file():
+            raise DataFormatError(file, "file not found")
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+        captions = [line for line in lines if line]
+        if not captions:
+            raise DataFormatError(file, "no captions (the file is empty)")
+        return captions
+    columns, rows = read_table(file)
+    if not rows:
+        raise DataFormatError(file, "no rows")
+    if column is None:
+        present = columns if columns is not None else list(rows[0][1]) if isinstance(rows[0][1], Mapping) else []
+        column = next((c for c in CAPTION_COLUMNS if c in present), None)
+        if column is None:
+            raise DataFormatError(file, f"no caption column (looked for {', '.join(CAPTION_COLUMNS)}; has: {', '.join(map(str, present))}); pass the column's name")
+    elif columns is not None and column not in columns:
+        raise DataFormatError(file, f"no column {column!r} (has: {', '.join(columns)})", field=column)
+    return [text_field(file, row, rec, column, "caption") for row, rec in rows]
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files under ``folder`` (recursively, sorted)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataFormatError(folder, "not a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataFormatError(folder, f"no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files

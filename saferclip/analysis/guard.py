@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..checkpoints import CheckpointError
 from ..models import ClipBundle, weights_fingerprint
 from .detector import LinearDetector, load_detectors
-from .heads import recording
+from .heads import activations, recording
 
 
 class Guarded(NamedTuple):
@@ -91,3 +91,16 @@ class SafetyGuard:
 
     def describe(self) -> dict[str, Any]:
         return {tower: det.describe() for tower, det in self.detectors.items()}
+
+
+def score_inputs(
+    bundle: ClipBundle, detector: LinearDetector, inputs: Sequence[Any], batch_size: int = 256, num_workers: int = 0,
+    progress: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Scores ``[N]`` and flags ``[N]`` of captions (a text detector) or image files (an image
+    detector), encoded as the evaluation encodes (errors name the file)."""
+    if detector.head is None:
+        raise ValueError("score_inputs needs a head detector")
+    acts = activations(bundle, detector.tower, list(inputs), ("heads",), batch_size, num_workers, layers=(detector.layer,), progress=progress)
+    scores = acts.heads[:, 0, detector.head].float() @ detector.direction
+    return scores, scores > detector.threshold

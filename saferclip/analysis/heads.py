@@ -274,13 +274,14 @@ def recording(model: nn.Module, tower: str, kinds: Sequence[str] = ("heads",), l
 
 
 def text_activations(
-    bundle: ClipBundle, texts: Sequence[str], kinds: Sequence[str] = ("heads",), batch_size: int = 256, progress: bool | None = False
+    bundle: ClipBundle, texts: Sequence[str], kinds: Sequence[str] = ("heads",), batch_size: int = 256,
+    progress: bool | None = False, layers: Sequence[int] | None = None,
 ) -> Activations:
     """Activations of the text tower at the end-of-text token of each caption (encoded by
-    :func:`saferclip.evaluation.encode_texts`)."""
+    :func:`saferclip.evaluation.encode_texts`); ``layers``: only these blocks (default all)."""
     if not texts:
         raise ValueError("no texts to encode")
-    with recording(bundle.model, "text", kinds) as rec:
+    with recording(bundle.model, "text", kinds, layers) as rec:
         final = encode_texts(bundle, list(texts), batch_size, progress=progress, desc="captions (activations)")
         return rec.take(final)
 
@@ -293,20 +294,22 @@ def image_activations(
     num_workers: int = 0,
     field: str | None = None,
     progress: bool | None = False,
+    layers: Sequence[int] | None = None,
 ) -> Activations:
     """Activations of the vision tower at the class token of image files (read and encoded by
     :func:`saferclip.evaluation.encode_image_files`: errors name the file)."""
     if not paths:
         raise ValueError("no images to encode")
-    with recording(bundle.model, "image", kinds) as rec:
+    with recording(bundle.model, "image", kinds, layers) as rec:
         final = encode_image_files(bundle, list(paths), batch_size, num_workers, progress, desc="images (activations)", field=field)
         return rec.take(final)
 
 
 def activations(bundle: ClipBundle, tower: str, inputs: Sequence[Any], kinds: Sequence[str] = ("heads",), batch_size: int = 256,
-                num_workers: int = 0) -> Activations:
-    """Captions (``tower="text"``) or image files (``tower="image"``)."""
+                num_workers: int = 0, layers: Sequence[int] | None = None, progress: bool | None = False) -> Activations:
+    """Captions (``tower="text"``) or image files (``tower="image"``); ``layers``: only these
+    blocks (their activations are stacked in that order)."""
     _check_tower(tower)
     if tower == "text":
-        return text_activations(bundle, list(inputs), kinds, batch_size)
-    return image_activations(bundle, list(inputs), kinds, batch_size, num_workers)
+        return text_activations(bundle, list(inputs), kinds, batch_size, progress, layers)
+    return image_activations(bundle, list(inputs), kinds, batch_size, num_workers, progress=progress, layers=layers)

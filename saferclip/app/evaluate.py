@@ -8,6 +8,7 @@ and write a report (Hydra app over :func:`saferclip.evaluation.evaluate_models`)
     saferclip-eval ~models.original reference=null +models.x.pretrained=x.safetensors
     saferclip-eval suites=[zeroshot] batch_size=64 split=validation
     saferclip-eval data=visu paths.visu=/data/visu paths.coco=/data/coco paths.nsfw_caps=/data/nsfw_caps
+    saferclip-eval analysis.parts=[detector,overdefense]   # + the analysis sections (saferclip-analyze)
 
 Models come from ``models`` (name -> ``{arch, pretrained}``; ``arch`` may be left out when the
 file records it); ``reference`` names the original one. The data config is the training one:
@@ -94,7 +95,22 @@ def evaluate(cfg: DictConfig) -> dict:
         device=_device(cfg.device),
         config=config,
     )
-    report = write_report(results, out_dir, force=bool(cfg.force))
+    sections = None
+    analysis = _resolved(cfg, "analysis") if "analysis" in cfg else None
+    if analysis and analysis.get("parts"):
+        # the opt-in analysis sections (conf/analysis/default.yaml) on the same models
+        from ..analysis import analysis_sections, analyze_models, write_analysis_plots
+
+        results["analysis"] = analyze_models(
+            models, data, analysis, reference=cfg.reference, split=cfg.split, batch_size=int(cfg.batch_size),
+            seed=int(cfg.seed), num_workers=int(cfg.num_workers), device=_device(cfg.device),
+            detectors_dir=out_dir / "detectors", force=bool(cfg.force),
+        )
+
+        def sections(folder: Path) -> tuple[str, list[Path]]:
+            return analysis_sections(results["analysis"]), write_analysis_plots(results["analysis"], folder)
+
+    report = write_report(results, out_dir, force=bool(cfg.force), sections=sections)
     print(results_table(results))
     log.info("report: %s, %s, %d plots", report["json"], report["markdown"], len(report["plots"]))
     return {"results": results, "report": report}

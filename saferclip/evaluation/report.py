@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from ..checkpoints import atomic_path, write_json_atomic, write_text_atomic
 
@@ -188,7 +188,8 @@ def _selection_table(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def _markdown(
-    results: Mapping[str, Any], plots: list[Path], out_dir: Path, training: Mapping[str, Mapping[str, Any]] | None = None
+    results: Mapping[str, Any], plots: list[Path], out_dir: Path, training: Mapping[str, Mapping[str, Any]] | None = None,
+    extra: str = "",
 ) -> str:
     meta = results.get("meta", {})
     out = [
@@ -223,6 +224,8 @@ def _markdown(
     if training:
         out += ["", "## Model selection (validation split)", "", *_selection_table(training)]
     out += ["", "## Results", "", results_table(results), "", LEGEND]
+    if extra:
+        out += ["", extra.rstrip()]
     if plots:
         out += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plots]
     return "\n".join(out) + "\n"
@@ -306,12 +309,15 @@ def write_report(
     out_dir: str | Path,
     force: bool = False,
     training: Mapping[str, Mapping[str, Any]] | None = None,
+    sections: Callable[[Path], tuple[str, list[Path]]] | None = None,
 ) -> dict[str, Any]:
     """Write ``results.json``, ``results.md`` and ``plots/*.png`` under ``out_dir``.
 
     ``training``: run name -> its ``selection.json`` (validation history and exported epoch),
     for the per-epoch validation curves and the exported-epoch table. Every report with a
-    reference model also gets the safety trade-off plot (one point per model).
+    reference model also gets the safety trade-off plot (one point per model). ``sections``:
+    called with ``out_dir`` once the plots are written, returns extra Markdown (appended after
+    the results) and the plots it wrote (the analysis sections of ``saferclip-eval``).
 
     Returns ``{"json": path, "markdown": path, "plots": [paths]}``. An existing report there is
     replaced only with ``force`` (FileExistsError otherwise, before anything is written).
@@ -331,9 +337,13 @@ def write_report(
         plot_training_curves(training or {}, out_dir / PLOTS_DIR / "training_curves.png"),
     ]
     plots += [p for p in extra if p is not None]
+    extra_markdown = ""
+    if sections is not None:
+        extra_markdown, extra_plots = sections(out_dir)
+        plots += extra_plots
     payload = {**_finite(dict(results)), "records": _finite(metric_records(results))}
     if training:
         payload["training"] = _finite({n: dict(r) for n, r in training.items()})
     write_json_atomic(json_path, payload)
-    write_text_atomic(md_path, _markdown(results, plots, out_dir, training))
+    write_text_atomic(md_path, _markdown(results, plots, out_dir, training, extra_markdown))
     return {"json": json_path, "markdown": md_path, "plots": plots}
