@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..evaluation.encode import encode_image_files, encode_texts
-from ..models import ClipBundle
+from ..models import ClipBundle, eval_mode
 
 TOWERS = ("text", "image")
 KINDS = ("heads", "resid", "mlp_in", "mlp_hidden")
@@ -284,6 +284,17 @@ def text_activations(
     with recording(bundle.model, "text", kinds, layers) as rec:
         final = encode_texts(bundle, list(texts), batch_size, progress=progress, desc="captions (activations)")
         return rec.take(final)
+
+
+def image_tensor_activations(
+    bundle: ClipBundle, images: Tensor, kinds: Sequence[str] = ("heads",), layers: Sequence[int] | None = None
+) -> Activations:
+    """Activations of the vision tower at the class token of preprocessed images ``[B, 3, H, W]``
+    (one batch, in memory)."""
+    param = next(bundle.model.parameters())
+    with torch.no_grad(), eval_mode(bundle.model), recording(bundle.model, "image", kinds, layers) as rec:
+        final = bundle.model.encode_image(images.to(param.device, param.dtype), normalize=True)
+        return rec.take(F.normalize(final.float(), dim=-1))
 
 
 def image_activations(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +39,26 @@ def find_main_runs(runs_dir: str | Path | None = None) -> dict[str, dict[str, An
     """The main job's finished runs: ``{name: {"pretrained", "run_dir", "exact"}}``. The run of
     ``saferclip-main``'s current config (same hash) when it finished, else the most recently
     finished run of that name (``exact`` False; the log says which)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
     from .main_job import DONE_MARKER, compose, run_key
 
-    main = compose("main", [])
-    runs = Path(str(runs_dir or main.runs_dir))
+    # inside the Hydra app the config tree is initialised; called from elsewhere, open it here
+    tree = nullcontext() if GlobalHydra().is_initialized() else initialize_config_dir(config_dir=CONF_DIR, version_base="1.3")
+    with tree:
+        main = compose("main", [])
+        runs = Path(str(runs_dir or main.runs_dir))
+        expected: dict[str, Path | None] = {}
+        for name, overrides in main.runs.items():
+            try:
+                cfg = compose("train", list(main.common) + list(overrides) + [f"seed={main.seed}"])
+                expected[name] = runs / f"{name}-{run_key(cfg)}"
+            except Exception as e:  # a config the main job could not compose either: fall back
+                log.warning("could not compose the main job's %s run (%s); looking for any finished one", name, e)
+                expected[name] = None
     found: dict[str, dict[str, Any]] = {}
-    for name, overrides in main.runs.items():
-        exact = None
-        try:
-            cfg = compose("train", list(main.common) + list(overrides) + [f"seed={main.seed}"])
-            exact = runs / f"{name}-{run_key(cfg)}"
-        except Exception as e:  # a config the main job could not compose either: fall back
-            log.warning("could not compose the main job's %s run (%s); looking for any finished one", name, e)
+    for name, exact in expected.items():
         if exact is not None and (exact / DONE_MARKER).is_file():
             run_dir, is_exact = exact, True
         else:

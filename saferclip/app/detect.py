@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     from ..checkpoints import CheckpointError
     from ..data.records import DataFormatError
 
+    from .hydra_utils import setup_logging
+
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    setup_logging()  # quiets open_clip's "initialized randomly" before the weights load
     args = build_parser().parse_args(argv)
     try:
         result = detect(args)
