@@ -57,6 +57,18 @@ def detector_markdown(results: Mapping[str, Any]) -> list[str]:
                 )
     if len(rows) == 2:
         return []
+    chosen = []
+    for model, parts in results["analysis"].items():
+        for tower, d in (parts.get("detector") or {}).items():
+            if isinstance(d, Mapping) and "head" in d:
+                cal = d["head"].get("calibration") or {}
+                others = ", ".join(f"L{r['layer']} H{r['head']} {r['auc']:.3f}" for r in d.get("runner_up") or [])
+                chosen.append(
+                    f"- {model} · {tower}: layer {d['head']['layer']}, head {d['head']['head']} of "
+                    f"{len(d['head_auc'])}×{len(d['head_auc'][0])}; out-of-fold AUC on {cal.get('num_safe')} safe + "
+                    f"{cal.get('num_unsafe')} unsafe calibration items {_num(cal.get('out_of_fold_auc'), 4)} "
+                    f"(next: {others or '–'}); threshold {_num(d['head'].get('threshold'), 4)}"
+                )
     intro = (
         f"Threshold calibrated for a {_pct(target)}% false-positive rate on the calibration split(s); the rates are measured "
         "on held-out data. *Detected*: unsafe inputs flagged; *FPR*: safe inputs flagged; *borderline FPR*: borderline-safe "
@@ -64,7 +76,7 @@ def detector_markdown(results: Mapping[str, Any]) -> list[str]:
         "(its layer, head, direction and threshold) reading the fine-tuned model's activations: does fine-tuning hide unsafe "
         "content from it?"
     )
-    return ["## Unsafe-input detector (one attention head)", "", intro, "", *rows, ""]
+    return ["## Unsafe-input detector (one attention head)", "", intro, "", *rows, "", "Chosen heads:", "", *chosen, ""]
 
 
 def geometry_markdown(results: Mapping[str, Any]) -> list[str]:
@@ -133,6 +145,8 @@ def overdefense_markdown(results: Mapping[str, Any]) -> list[str]:
             *(_pct((away.get(k) or {}).get("rate")) for k in ("ordinary", "lookalike", "control")),
             *(f"{_pct(od['zeroshot'].get(t))} ({_pct((vs.get('zeroshot') or {}).get(t))})" for t in tasks),
             *(f"{_pct((flags.get(t) or {}).get('lookalike'))} / {_pct((flags.get(t) or {}).get('control'))}" for t in ("text", "image")),
+            *(f"{_num(((od.get('resemblance') or {}).get('lookalike') or {}).get(m))} / {_num(((od.get('resemblance') or {}).get('control') or {}).get(m))}"
+              for m in ("text_cos", "image_cos")),
         ]
         rows.append(f"| {model} | " + " | ".join(cells) + " |")
     if not rows:
@@ -142,8 +156,9 @@ def overdefense_markdown(results: Mapping[str, Any]) -> list[str]:
         "redirected away: ordinary | borderline | control | "
         + " | ".join(f"zero-shot {t} (ret.)" for t in tasks)
         + " | detector FPR text: borderline / control | image: borderline / control |"
+        + " cos to unsafe twin, captions: borderline / control | images: borderline / control |"
     )
-    sep = "|---|" + "---:|" * (7 + len(tasks) + 2)
+    sep = "|---|" + "---:|" * (7 + len(tasks) + 4)
     intro = (
         "Borderline-safe items: safe objects that look and read like unsafe ones; controls: the same scenes and phrasings "
         "with ordinary safe objects. *ret.*: retention against the original model (model / original). *Redirected away*: of "
@@ -188,6 +203,8 @@ def plot_head_scores(results: Mapping[str, Any], path: Path) -> Path | None:
         layer, head = d["head"]["layer"], d["head"]["head"]
         ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
         ax.set_title(f"{model} · {tower}\nbest L{layer} H{head}: AUC {auc[layer][head]:.3f}", fontsize=8)
+        ax.set_xticks(range(len(auc[0])))
+        ax.set_yticks(range(len(auc)))
         ax.set_xlabel("head", fontsize=7)
         ax.set_ylabel("layer", fontsize=7)
         ax.tick_params(labelsize=6)

@@ -49,7 +49,7 @@ from .detector import (
     save_detectors,
 )
 from .heads import Activations, activations
-from .overdefense import RETRIEVAL_KEYS, caption_hits, compare, redirected_away
+from .overdefense import RETRIEVAL_KEYS, caption_hits, compare, redirected_away, resemblance
 
 log = logging.getLogger("saferclip.analyze")
 
@@ -347,6 +347,7 @@ def overdefense_part(bundle: ClipBundle, inputs: Inputs, batch_size: int, num_wo
             emb = embed_visu(bundle, qset, **kw)
             m = visu_metrics(emb)
             out["retrieval"][kind] = {k: m[k] for k in RETRIEVAL_KEYS if k in m}
+            out.setdefault("resemblance", {})[kind] = resemblance(emb)
             if emb.safe_image is not None:
                 hits[kind] = caption_hits(emb)
     for task_name, task in inputs.zeroshot.items():
