@@ -238,3 +238,20 @@ def test_detect_errors_are_one_line_and_exit_2(analysis, micro_files, tmp_path, 
         lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
         assert len(lines) == 1 and message in lines[0], (name, lines)
     assert (tmp_path / "t.flags.csv").read_text() == "already here\n"
+
+
+def test_models_of_another_architecture_are_analysed_without_comparison(toy_world, micro_files):
+    from saferclip.analysis import analyze_models
+    data = compose("eval", [f"data.root={toy_world}", "data.make_toy=false"])
+    from saferclip.app.hydra_utils import to_container
+
+    settings = {"parts": ["detector", "geometry"], "detector": {"per_class": 16, "folds": 3, "save": False},
+                "geometry": {"per_class": 8, "projection_items": 8}}
+    out = analyze_models(
+        {"original": {"arch": "saferclip-micro", "pretrained": str(micro_files["original"])}, "other": {"arch": "saferclip-toy"}},
+        to_container(data.data), settings, batch_size=64,
+    )
+    other = out["analysis"]["other"]
+    assert "weight_change" not in other["geometry"] and "another architecture" in other["geometry"]["weight_change_skipped"]
+    assert all("reference_head_skipped" in other["detector"][t] for t in ("text", "image"))
+    assert "targets (text)" not in other["geometry"]["projection"]["points"]

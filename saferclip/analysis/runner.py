@@ -236,7 +236,7 @@ def _evaluate_detectors(detectors: Mapping[str, Any], cache: ActivationCache, in
 
 
 def detector_part(
-    name: str, bundle: ClipBundle, cache: ActivationCache, inputs: Inputs, s: DetectorSettings,
+    bundle: ClipBundle, cache: ActivationCache, inputs: Inputs, s: DetectorSettings,
     reference_detectors: Mapping[str, LinearDetector] | None,
 ) -> tuple[dict[str, Any], dict[str, LinearDetector]]:
     result: dict[str, Any] = {}
@@ -268,8 +268,10 @@ def detector_part(
             "runner_up": [{"layer": l, "head": h, "auc": float(scores.auc[l, h])} for l, h in ranking[1:4]],
             "methods": _evaluate_detectors(detectors, cache, inputs, tower),
         }
-        if reference_detectors and tower in reference_detectors:
-            ref = reference_detectors[tower]
+        ref = (reference_detectors or {}).get(tower)
+        if ref is not None and not _fits(ref, X):
+            result[tower]["reference_head_skipped"] = "the reference model's heads have another shape than this model's"
+        elif ref is not None:
             result[tower]["reference_head"] = {
                 "layer": ref.layer,
                 "head": ref.head,
@@ -278,17 +280,28 @@ def detector_part(
     return result, heads_found
 
 
+def _fits(det: LinearDetector, heads: torch.Tensor) -> bool:
+    return det.layer < heads.shape[1] and det.head < heads.shape[2] and det.direction.numel() == heads.shape[3]
+
+
+def _same_architecture(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+
+
 # ----------------------------------------------------------------------------- geometry part
 GEOMETRY_KINDS = ("resid", "mlp_in", "mlp_hidden")
 
 
 def geometry_part(
-    name: str, bundle: ClipBundle, cache: ActivationCache, inputs: Inputs, s: GeometrySettings, seed: int,
+    bundle: ClipBundle, cache: ActivationCache, inputs: Inputs, s: GeometrySettings, seed: int,
     reference_state: Mapping[str, torch.Tensor] | None, reference_embeddings: Mapping[str, torch.Tensor] | None,
     basis: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     out: dict[str, Any] = {"separability": {}, "null_space": {}}
     state = {k: v.detach().float().cpu() for k, v in bundle.model.state_dict().items()} if reference_state is not None else None
+    if state is not None and not _same_architecture(reference_state, state):
+        out["weight_change_skipped"] = "another architecture than the reference model's: no weight change to measure"
+        state = None
     for tower, items in inputs.test.items():
         sub = LabelledItems(tower, sample(items.safe, s.per_class, seed), sample(items.unsafe, s.per_class, seed + 1), items.source)
         safe, unsafe = cache.pair(tower, "geometry", sub, GEOMETRY_KINDS)
@@ -307,9 +320,13 @@ def geometry_part(
         out["weight_change"] = geo.weight_change(reference_state, state)
     embeddings = _picture_embeddings(cache, inputs, s, seed)
     sets = dict(embeddings)
-    if reference_embeddings is not None:
+    if reference_embeddings is not None and reference_embeddings["safe captions"].shape[1] == embeddings["safe captions"].shape[1]:
         sets["targets (text)"] = reference_embeddings["safe captions"]
-        sets["targets (image)"] = reference_embeddings["safe images"]
+        if "safe images" in reference_embeddings:
+            sets["targets (image)"] = reference_embeddings["safe images"]
+    dims = {int(x.shape[1]) for x in sets.values()}
+    if basis is not None and dims != {int(basis[0].shape[1])}:
+        basis = None  # embeddings of another width than the reference's: this model's own axes
     coords, method = geo.project_2d(sets, basis, s.projection, seed)
     out["projection"] = {"method": method, "points": {k: [[round(float(a), 4), round(float(b), 4)] for a, b in v] for k, v in coords.items()}}
     return out, embeddings
@@ -406,7 +423,7 @@ def analyze_models(
         timings: dict[str, float] = {}
         if "detector" in settings.parts:
             t = time.perf_counter()
-            out["detector"], found = detector_part(name, bundle, cache, inputs, settings.detector, None if is_ref else ref.get("detectors"))
+            out["detector"], found = detector_part(bundle, cache, inputs, settings.detector, None if is_ref else ref.get("detectors"))
             if is_ref:
                 ref["detectors"] = found
             if detectors_dir is not None and settings.detector.save and found:
@@ -416,7 +433,7 @@ def analyze_models(
         if "geometry" in settings.parts:
             t = time.perf_counter()
             out["geometry"], emb = geometry_part(
-                name, bundle, cache, inputs, settings.geometry, seed,
+                bundle, cache, inputs, settings.geometry, seed,
                 None if is_ref else ref.get("state"),
                 None if is_ref else ref.get("embeddings"),
                 ref.get("basis"),
