@@ -178,10 +178,12 @@ def analysis_sections(results: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- plots
-def _colours(n: int) -> list:
-    from ..evaluation.figures import _colours as colours
+def _model_colours(results: Mapping[str, Any]) -> dict[str, Any]:
+    """One colour per model, the same in every plot."""
+    from ..evaluation.figures import _colours
 
-    return colours(n)
+    models = list(results["analysis"])
+    return dict(zip(models, _colours(len(models))))
 
 
 def plot_head_scores(results: Mapping[str, Any], path: Path) -> Path | None:
@@ -220,7 +222,7 @@ def plot_weight_change(results: Mapping[str, Any], path: Path) -> Path | None:
     if not models:
         return None
     fig = _figure(9.0, 3.3)
-    colours = dict(zip(models, _colours(len(models))))
+    colours = _model_colours(results)
     for col, tower in enumerate(("text", "image")):
         ax = fig.add_subplot(1, 2, col + 1)
         for model, change in models.items():
@@ -228,6 +230,7 @@ def plot_weight_change(results: Mapping[str, Any], path: Path) -> Path | None:
             xs = [r["layer"] for r in rows]
             ax.plot(xs, [100 * r["attn"] for r in rows], marker="o", color=colours[model], label=f"{model} attention")
             ax.plot(xs, [100 * r["mlp"] for r in rows], marker="s", linestyle="--", color=colours[model], label=f"{model} MLP")
+            ax.set_xticks(xs)
         ax.set_title(f"{tower} tower", fontsize=9)
         ax.set_xlabel("block", fontsize=8)
         ax.set_ylabel("‖ΔW‖ / ‖W‖ (%)", fontsize=8)
@@ -246,7 +249,7 @@ def plot_separability(results: Mapping[str, Any], path: Path) -> Path | None:
     if not models:
         return None
     fig = _figure(9.0, 5.6)
-    colours = dict(zip(models, _colours(len(models))))
+    colours = _model_colours(results)
     for col, tower in enumerate(("text", "image")):
         for row, (key, label) in enumerate((("probe_accuracy", "probe accuracy (%)"), ("silhouette", "silhouette"))):
             ax = fig.add_subplot(2, 2, 2 * row + col + 1)
@@ -319,7 +322,9 @@ def plot_overdefense(results: Mapping[str, Any], path: Path) -> Path | None:
     fig = _figure(5.2, 4.0)
     ax = fig.add_subplot()
     reference = results.get("meta", {}).get("reference")
-    for (model, unsafe, loss, ctrl), colour in zip(points, _colours(len(points))):
+    colours = _model_colours(results)
+    for model, unsafe, loss, ctrl in points:
+        colour = colours[model]
         if model == reference:
             ax.scatter([100 * unsafe], [100 * loss], marker="*", s=180, color="black", label=model, zorder=3)
             continue
