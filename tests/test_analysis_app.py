@@ -90,7 +90,7 @@ def test_analyze_writes_the_report_with_all_three_parts(analysis, capsys):
     original, tuned = payload["analysis"]["original"], payload["analysis"]["tuned"]
     for tower in ("text", "image"):
         d = original["detector"][tower]
-        assert {"head", "head_auc", "methods"} <= set(d)
+        assert {"head", "head_auc", "methods", "test_halves"} <= set(d)
         assert set(d["methods"]) == {"head", "mean_diff", "knn"}
         for method in d["methods"].values():
             assert {"test", "nsfw_caps", "borderline_flag_rate"} <= set(method)

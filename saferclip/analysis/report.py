@@ -63,11 +63,17 @@ def detector_markdown(results: Mapping[str, Any]) -> list[str]:
             if isinstance(d, Mapping) and "head" in d:
                 cal = d["head"].get("calibration") or {}
                 others = ", ".join(f"L{r['layer']} H{r['head']} {r['auc']:.3f}" for r in d.get("runner_up") or [])
+                halves = d.get("test_halves") or {}
+                diagnostic = (
+                    f"; calibrated on half the test split instead: L{halves['layer']} H{halves['head']} detects "
+                    f"{_pct(halves.get('detection_rate'))}% at {_pct(halves.get('false_positive_rate'))}% FPR on the other half "
+                    f"(AUC {_num(halves.get('auc'))})" if halves else ""
+                )
                 chosen.append(
                     f"- {model} · {tower}: layer {d['head']['layer']}, head {d['head']['head']} of "
                     f"{len(d['head_auc'])}×{len(d['head_auc'][0])}; out-of-fold AUC on {cal.get('num_safe')} safe + "
                     f"{cal.get('num_unsafe')} unsafe calibration items {_num(cal.get('out_of_fold_auc'), 4)} "
-                    f"(next: {others or '–'}); threshold {_num(d['head'].get('threshold'), 4)}"
+                    f"(next: {others or '–'}); threshold {_num(d['head'].get('threshold'), 4)}{diagnostic}"
                 )
     intro = (
         f"Threshold calibrated for a {_pct(target)}% false-positive rate on the calibration split(s); the rates are measured "

@@ -50,6 +50,7 @@ from .detector import (
 )
 from .heads import Activations, activations
 from .overdefense import RETRIEVAL_KEYS, caption_hits, compare, redirected_away, resemblance
+from .stats import stratified_halves
 
 log = logging.getLogger("saferclip.analyze")
 
@@ -268,6 +269,8 @@ def detector_part(
             "runner_up": [{"layer": l, "head": h, "auc": float(scores.auc[l, h])} for l, h in ranking[1:4]],
             "methods": _evaluate_detectors(detectors, cache, inputs, tower),
         }
+        if tower in inputs.test:
+            result[tower]["test_halves"] = _test_halves(cache, inputs.test[tower], tower, s)
         ref = (reference_detectors or {}).get(tower)
         if ref is not None and not _fits(ref, X):
             result[tower]["reference_head_skipped"] = "the reference model's heads have another shape than this model's"
@@ -278,6 +281,18 @@ def detector_part(
                 **_evaluate_detectors({"reference_head": ref}, cache, inputs, tower)["reference_head"],
             }
     return result, heads_found
+
+
+def _test_halves(cache: ActivationCache, items: LabelledItems, tower: str, s: DetectorSettings) -> dict[str, Any]:
+    """A diagnostic, not a detector: the best head calibrated on one stratified half of the test
+    split and measured on the other. Against the real detector (calibrated on other splits) it
+    tells how much of a shortfall is the head and how much the calibration data's shift."""
+    safe, unsafe = cache.pair(tower, "test", items)
+    X, y = labelled_activations(safe.heads, unsafe.heads)
+    fit, held = stratified_halves(y, int(s.seed))
+    det, _ = calibrate_head_detector(X[fit], y[fit], tower, float(s.target_fpr), s.direction, s.strength, int(s.folds), int(s.seed))
+    scores = det.scores(heads=X[held])
+    return {"layer": det.layer, "head": det.head, **detection_metrics(scores[~y[held]], scores[y[held]], det.threshold)}
 
 
 def _fits(det: LinearDetector, heads: torch.Tensor) -> bool:
