@@ -255,3 +255,13 @@ def test_models_of_another_architecture_are_analysed_without_comparison(toy_worl
     assert "weight_change" not in other["geometry"] and "another architecture" in other["geometry"]["weight_change_skipped"]
     assert all("reference_head_skipped" in other["detector"][t] for t in ("text", "image"))
     assert "targets (text)" not in other["geometry"]["projection"]["points"]
+
+
+def test_analyze_command_line_error_has_no_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "saferclip.app.analyze", "analysis.parts=[detector,bogus]", f"paths.output_dir={tmp_path}",
+           "data.make_toy=false", "main_runs=false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "", "HF_HUB_OFFLINE": "1"})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert "unknown part(s) ['bogus']" in output and "Traceback" not in output
