@@ -19,7 +19,10 @@ from saferclip.toyworld.generate import ToySizes, make_toy_world
 BASE = default_base_checkpoint()
 
 # enough zero-shot images for a stable accuracy, a small everything else
-SIZES = ToySizes(train=8, validation=8, test=200, nsfw_caps=8, zeroshot_per_class=25, scene_per_class=4)
+SIZES = ToySizes(
+    train=8, validation=8, test=200, nsfw_caps=8, zeroshot_per_class=25, scene_per_class=4,
+    borderline_train=0, borderline_validation=0, borderline_test=0,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ and write a report (Hydra app over :func:`saferclip.evaluation.evaluate_models`)
     saferclip-eval ~models.original reference=null +models.x.pretrained=x.safetensors
     saferclip-eval suites=[zeroshot] batch_size=64 split=validation
     saferclip-eval data=visu paths.visu=/data/visu paths.coco=/data/coco paths.nsfw_caps=/data/nsfw_caps
+    saferclip-eval analysis.parts=[detector,overdefense]   # + the analysis sections (saferclip-analyze)
 
 Models come from ``models`` (name -> ``{arch, pretrained}``; ``arch`` may be left out when the
 file records it); ``reference`` names the original one. The data config is the training one:
@@ -26,41 +27,18 @@ import logging
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
 from .cli import exit_on_user_error, hydra_command
-from .hydra_utils import ConfigError, to_container
+from .hydra_utils import (
+    ConfigError,
+    config_dump,
+    resolve_device,
+    resolved_value,
+)
 
 log = logging.getLogger("saferclip.eval")
 PROG = "saferclip-eval"
-
-
-def _resolved(cfg: DictConfig, key: str):
-    try:
-        value = OmegaConf.select(cfg, key, throw_on_missing=True)
-        return to_container(value) if isinstance(value, DictConfig) else value
-    except OmegaConfBaseException as e:
-        # e.g. paths.visu: ??? left unset; the message names the key
-        raise ConfigError(f"{key}: {str(e).splitlines()[0]}; set it on the command line") from None
-
-
-def _config_dump(cfg: DictConfig) -> dict:
-    """The run's config for the report, resolved where it can be (a key only Hydra's runtime
-    can resolve stays as written)."""
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException:
-        return OmegaConf.to_container(cfg, resolve=False)
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -68,11 +46,11 @@ def evaluate(cfg: DictConfig) -> dict:
     report's paths (``{"results", "report"}``)."""
     from ..evaluation import check_suites, evaluate_models, results_table, write_report
 
-    suites = check_suites(list(_resolved(cfg, "suites") or []))
-    models = _resolved(cfg, "models") or {}
+    suites = check_suites(list(resolved_value(cfg, "suites") or []))
+    models = resolved_value(cfg, "models") or {}
     if not models:
         raise ConfigError("models is empty; add one with +models.<name>.pretrained=<path>")
-    data = _resolved(cfg, "data")
+    data = resolved_value(cfg, "data")
     if data.get("make_toy"):
         from ..toyworld.generate import ensure_toy_world
 
@@ -81,7 +59,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(out_dir)
     if not cfg.force and (out_dir / "results.json").exists():
         raise ConfigError(f"{out_dir} already holds a report; pass force=true or another out_dir")
-    config = _config_dump(cfg)
+    config = config_dump(cfg)
     results = evaluate_models(
         models,
         data,
@@ -91,10 +69,25 @@ def evaluate(cfg: DictConfig) -> dict:
         batch_size=int(cfg.batch_size),
         seed=int(cfg.seed),
         num_workers=int(cfg.num_workers),
-        device=_device(cfg.device),
+        device=resolve_device(cfg.device),
         config=config,
     )
-    report = write_report(results, out_dir, force=bool(cfg.force))
+    sections = None
+    analysis = resolved_value(cfg, "analysis") if "analysis" in cfg else None
+    if analysis and analysis.get("parts"):
+        # the opt-in analysis sections (conf/analysis/default.yaml) on the same models
+        from ..analysis import analysis_sections, analyze_models, write_analysis_plots
+
+        results["analysis"] = analyze_models(
+            models, data, analysis, reference=cfg.reference, split=cfg.split, batch_size=int(cfg.batch_size),
+            seed=int(cfg.seed), num_workers=int(cfg.num_workers), device=resolve_device(cfg.device),
+            detectors_dir=out_dir / "detectors", force=bool(cfg.force),
+        )
+
+        def sections(folder: Path) -> tuple[str, list[Path]]:
+            return analysis_sections(results["analysis"]), write_analysis_plots(results["analysis"], folder)
+
+    report = write_report(results, out_dir, force=bool(cfg.force), sections=sections)
     print(results_table(results))
     log.info("report: %s, %s, %d plots", report["json"], report["markdown"], len(report["plots"]))
     return {"results": results, "report": report}

@@ -140,3 +140,30 @@ def setup_logging() -> None:
 
 def to_container(cfg: DictConfig | None) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if cfg is not None else {}
+
+
+def resolved_value(cfg: DictConfig, key: str):
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        return to_container(value) if isinstance(value, DictConfig) else value
+    except OmegaConfBaseException as e:
+        # e.g. paths.visu: ??? left unset; the message names the key
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}; set it on the command line") from None
+
+
+def config_dump(cfg: DictConfig) -> dict:
+    """The run's config for the report, resolved where it can be (a key only Hydra's runtime
+    can resolve stays as written)."""
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name

@@ -16,7 +16,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .report import _figure, _save
+from .plotting import colours as _palette
+from .plotting import figure, save_figure
 
 CURVE_METRICS = (
     ("U2VG_unsafe@1", "unsafe rate (a) ↓"),
@@ -32,8 +33,8 @@ def plot_training_curves(records: Mapping[str, Mapping[str, Any]], path: str | P
     records = {n: r for n, r in records.items() if r and r.get("history")}
     if not records:
         return None
-    fig = _figure(4.0 * len(CURVE_METRICS), 3.3)
-    colours = _colours(len(records))
+    fig = figure(4.0 * len(CURVE_METRICS), 3.3)
+    colours = _palette(len(records))
     for col, (key, label) in enumerate(CURVE_METRICS):
         ax = fig.add_subplot(1, len(CURVE_METRICS), col + 1)
         for colour, (name, record) in zip(colours, records.items()):
@@ -54,7 +55,7 @@ def plot_training_curves(records: Mapping[str, Mapping[str, Any]], path: str | P
         if col == 0:
             ax.legend(fontsize=7, title="○ exported epoch", title_fontsize=7)
     path = Path(path)
-    _save(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -86,8 +87,8 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], path: str | Path, origina
     if not points:
         return None
     names = list(dict.fromkeys(p["name"] for p in points))
-    colours = dict(zip(names, _colours(len(names))))
-    fig = _figure(9.0, 3.6)
+    colours = dict(zip(names, _palette(len(names))))
+    fig = figure(9.0, 3.6)
     for col, (key, label) in enumerate((("retention", "zero-shot retention (%)"), ("u2v", "U→V R@1 (%)"))):
         ax = fig.add_subplot(1, 2, col + 1)
         for name in names:
@@ -108,12 +109,5 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], path: str | Path, origina
             ax.legend(fontsize=6, loc="best")
     fig.suptitle(title or "safety against what it costs (every model a point)", fontsize=9)
     path = Path(path)
-    _save(fig, path)
+    save_figure(fig, path)
     return path
-
-
-def _colours(n: int) -> list:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]

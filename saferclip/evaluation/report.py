@@ -8,12 +8,12 @@ with ``force``. Plots use matplotlib's Agg canvas directly (no pyplot, no global
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
-from ..files import atomic_path, write_json_atomic, write_text_atomic
+from ..files import write_json_atomic, write_text_atomic
+from .plotting import figure, finite, save_figure
 
 JSON_NAME, MARKDOWN_NAME, PLOTS_DIR = "results.json", "results.md", "plots"
 SUITE_TITLES = {"visu": "ViSU retrieval", "nsfw_caps": "NSFW-Caps", "zeroshot": "Zero-shot classification", "cost": "Cost of safety (vs reference)"}
@@ -90,17 +90,6 @@ def metric_records(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                     }
                 )
     return records
-
-
-def _finite(obj: Any) -> Any:
-    """NaN / inf -> None, so the JSON is strict (other tools reject NaN)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 # ----------------------------------------------------------------------------- Markdown
@@ -188,7 +177,8 @@ def _selection_table(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def _markdown(
-    results: Mapping[str, Any], plots: list[Path], out_dir: Path, training: Mapping[str, Mapping[str, Any]] | None = None
+    results: Mapping[str, Any], plots: list[Path], out_dir: Path, training: Mapping[str, Mapping[str, Any]] | None = None,
+    extra: str = "",
 ) -> str:
     meta = results.get("meta", {})
     out = [
@@ -223,28 +213,14 @@ def _markdown(
     if training:
         out += ["", "## Model selection (validation split)", "", *_selection_table(training)]
     out += ["", "## Results", "", results_table(results), "", LEGEND]
+    if extra:
+        out += ["", extra.rstrip()]
     if plots:
         out += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plots]
     return "\n".join(out) + "\n"
 
 
 # ----------------------------------------------------------------------------- plots
-def _figure(width: float = 6.0, height: float = 3.5):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
-
-
 def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     """Per suite, one panel per headline metric with a bar per model
     (``plots/<suite>_headline.png``); histograms of unsafe-to-safe caption similarity per model
@@ -260,7 +236,7 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         cols = min(3, len(metrics))
         rows = -(-len(metrics) // cols)
         panel_width = max(2.6, 0.9 * len(models) + 1.2)
-        fig = _figure(panel_width * cols, 2.8 * rows)
+        fig = figure(panel_width * cols, 2.8 * rows)
         for n, metric in enumerate(metrics):
             ax = fig.add_subplot(rows, cols, n + 1)
             heights = [math.nan if r.get(metric) is None else 100 * float(r[metric]) for r in suite_results]
@@ -276,7 +252,7 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
             ax.tick_params(axis="y", labelsize=7)
         fig.suptitle(f"{SUITE_TITLES[suite]} (%)", fontsize=9)
         path = out_dir / PLOTS_DIR / f"{suite}_headline.png"
-        _save(fig, path)
+        save_figure(fig, path)
         written.append(path)
     hists = {m: (per_model[m].get("nsfw_caps", {}).get("similarity") or {}).get("unsafe_to_safe_cosine") for m in models}
     hists = {m: h for m, h in hists.items() if h and h.get("values")}
@@ -285,7 +261,7 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
 
         # bins shared by all models over the range the values span: the shift between models is the point
         edges = np.histogram_bin_edges(np.concatenate([np.asarray(h["values"], dtype=float) for h in hists.values()]), bins=30)
-        fig = _figure(6.0, 3.5)
+        fig = figure(6.0, 3.5)
         ax = fig.add_subplot()
         for m, h in hists.items():
             counts, _ = np.histogram(np.asarray(h["values"], dtype=float), bins=edges)
@@ -295,7 +271,7 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title("NSFW-Caps: unsafe-to-safe caption similarity", fontsize=9)
         ax.legend(fontsize=8)
         path = out_dir / PLOTS_DIR / "nsfw_caps_unsafe_to_safe_cosine.png"
-        _save(fig, path)
+        save_figure(fig, path)
         written.append(path)
     return written
 
@@ -306,12 +282,15 @@ def write_report(
     out_dir: str | Path,
     force: bool = False,
     training: Mapping[str, Mapping[str, Any]] | None = None,
+    sections: Callable[[Path], tuple[str, list[Path]]] | None = None,
 ) -> dict[str, Any]:
     """Write ``results.json``, ``results.md`` and ``plots/*.png`` under ``out_dir``.
 
     ``training``: run name -> its ``selection.json`` (validation history and exported epoch),
     for the per-epoch validation curves and the exported-epoch table. Every report with a
-    reference model also gets the safety trade-off plot (one point per model).
+    reference model also gets the safety trade-off plot (one point per model). ``sections``:
+    called with ``out_dir`` once the plots are written, returns extra Markdown (appended after
+    the results) and the plots it wrote (the analysis sections of ``saferclip-eval``).
 
     Returns ``{"json": path, "markdown": path, "plots": [paths]}``. An existing report there is
     replaced only with ``force`` (FileExistsError otherwise, before anything is written).
@@ -331,9 +310,13 @@ def write_report(
         plot_training_curves(training or {}, out_dir / PLOTS_DIR / "training_curves.png"),
     ]
     plots += [p for p in extra if p is not None]
-    payload = {**_finite(dict(results)), "records": _finite(metric_records(results))}
+    extra_markdown = ""
+    if sections is not None:
+        extra_markdown, extra_plots = sections(out_dir)
+        plots += extra_plots
+    payload = {**finite(dict(results)), "records": finite(metric_records(results))}
     if training:
-        payload["training"] = _finite({n: dict(r) for n, r in training.items()})
+        payload["training"] = finite({n: dict(r) for n, r in training.items()})
     write_json_atomic(json_path, payload)
-    write_text_atomic(md_path, _markdown(results, plots, out_dir, training))
+    write_text_atomic(md_path, _markdown(results, plots, out_dir, training, extra_markdown))
     return {"json": json_path, "markdown": md_path, "plots": plots}

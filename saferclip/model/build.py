@@ -10,8 +10,11 @@ are registered with open_clip on import.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -306,6 +309,30 @@ def encode_images(bundle: ClipBundle, images: torch.Tensor, batch_size: int = 25
         x = images[i : i + batch_size].to(device=param.device, dtype=param.dtype)
         out.append(bundle.model.encode_image(x, normalize=True).float().cpu())
     return torch.cat(out) if out else torch.empty(0, bundle.model_cfg.get("embed_dim", 0))
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over parameter names, shapes, dtypes and bytes: changes when any weight does.
+
+    Each tensor is flattened first (0-d tensors such as CLIP's ``logit_scale`` included) and
+    hashed in a thread pool (hashlib releases the GIL on large buffers), then the digests combined,
+    since the embedding cache runs it on every call, reuse included: ~0.9 s for ViT-B-32 on one core.
+    """
+    items = sorted(model.state_dict().items())
+
+    def digest(tensor: torch.Tensor) -> bytes:
+        t = tensor.detach().cpu().contiguous()
+        return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy()).digest() if t.numel() else b""
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(digest, (t for _, t in items)))
+    h = hashlib.sha256()
+    for (name, t), d in zip(items, digests):
+        h.update(name.encode())
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(d)
+    return h.hexdigest()
+
 
 
 @contextmanager

@@ -14,6 +14,9 @@ Same seed, same bytes. The layout under ``root``::
     visu/distractors/test/<n>.png       extra safe images (scenes with and without safe objects)
                                         for a realistic test gallery, where safe images
                                         outnumber unsafe ones
+    visu/borderline/, zeroshot/*_borderline/   borderline-safe content (version 5): safe objects
+                                        that look and read like unsafe ones, with matched
+                                        controls (:mod:`saferclip.toyworld.borderline`)
 
 The ViSU-like training pairs are *loosely* related (the paired safe scene keeps the shape but
 changes colour and background), while close safe alternatives (same scene, safe object) exist
@@ -58,7 +61,7 @@ from .scene import (
     render,
 )
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 log = logging.getLogger("saferclip.toyworld")
 UNSAFE = tuple(UNSAFE_OBJECTS)
 
@@ -72,9 +75,16 @@ class ToySizes:
     zeroshot_per_class: int = 40
     scene_per_class: int = 10
     distractors: int = 2000  # extra safe test images of a realistic retrieval gallery
+    # borderline-safe records per split (each with its matched control: twice as many images)
+    borderline_train: int = 500
+    borderline_validation: int = 200
+    borderline_test: int = 400
 
 
-SMALL_SIZES = ToySizes(train=96, validation=24, test=24, nsfw_caps=40, zeroshot_per_class=3, scene_per_class=1, distractors=24)
+SMALL_SIZES = ToySizes(
+    train=96, validation=24, test=24, nsfw_caps=40, zeroshot_per_class=3, scene_per_class=1, distractors=24,
+    borderline_train=12, borderline_validation=6, borderline_test=12,
+)
 
 
 def heldout_combinations() -> set[tuple[str, str]]:
@@ -296,8 +306,9 @@ def make_toy_world(root: str | os.PathLike, seed: int = 0, sizes: ToySizes = Toy
 
 
 def _generate(root: Path, seed: int, sizes: ToySizes) -> None:
-    # one child generator per part, so changing one part's size leaves the others' bytes alone
-    streams = np.random.SeedSequence(seed).spawn(6)
+    # one child generator per part, so changing one part's size leaves the others' bytes alone;
+    # children keep their index, so parts added later (7, 8: borderline) change nothing before
+    streams = np.random.SeedSequence(seed).spawn(8)
     rngs = [np.random.default_rng(s) for s in streams]
     offsets = {"train": 1, "validation": 1_000_000, "test": 2_000_000}
     for k, split in enumerate(("train", "validation", "test")):
@@ -325,3 +336,15 @@ def _generate(root: Path, seed: int, sizes: ToySizes) -> None:
     _write_nsfw_caps(root, sizes.nsfw_caps, rngs[3])
     _write_zeroshot(root, sizes, rngs[4])
     _write_distractors(root, sizes.distractors, rngs[5])
+    _write_borderline(root, sizes, streams[6], rngs[7])
+
+
+def _write_borderline(root: Path, sizes: ToySizes, split_stream: np.random.SeedSequence, zeroshot_rng: np.random.Generator) -> None:
+    from .borderline import write_borderline_split, write_borderline_zeroshot
+
+    held = heldout_combinations()
+    for split, child in zip(("train", "validation", "test"), split_stream.spawn(3)):
+        n = getattr(sizes, f"borderline_{split}")
+        write_borderline_split(root, split, n, np.random.default_rng(child), held, _save_png, _write_json)
+    templates = [f.replace("{noun}", "{c}") for f in PROMPT_FRAMES]
+    write_borderline_zeroshot(root, sizes.zeroshot_per_class, zeroshot_rng, templates, _save_png, _write_json)

@@ -151,11 +151,13 @@ TILES = _make_tiles()
 _QUADRANT_ORIGIN = ((0, 0), (0, TILE), (TILE, 0), (TILE, TILE))  # (row, col)
 
 
-def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
+def render(scene: Scene, rng: np.random.Generator | None = None, tile: np.ndarray | None = None) -> np.ndarray:
     """Render a scene to a uint8 [32, 32, 3] image.
 
     With ``rng``, the shape is jittered by up to 2 pixels inside its quadrant and mild pixel
-    noise is added; without it the image is the canonical, noise-free rendering.
+    noise is added; without it the image is the canonical, noise-free rendering. ``tile``
+    (uint8 ``[16, 16, 3]``) replaces the object's own tile (the borderline world's lookalike
+    tiles); the random draws are the same either way.
     """
     img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.int16)
     img[:] = BACKGROUNDS[scene.background]
@@ -172,7 +174,7 @@ def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
     region[mask] = COLOURS[scene.colour]
     if scene.obj is not None:
         tr, tc = _QUADRANT_ORIGIN[3 - scene.quadrant]
-        img[tr : tr + TILE, tc : tc + TILE] = TILES[scene.obj]
+        img[tr : tr + TILE, tc : tc + TILE] = TILES[scene.obj] if tile is None else tile
     if rng is not None:
         img += rng.integers(-12, 13, size=img.shape, dtype=np.int16)
     return np.clip(img, 0, 255).astype(np.uint8)

@@ -1,0 +1,163 @@
+"""saferclip-analyze: an unsafe-input detector read from one attention head, the embedding
+geometry before and after safety fine-tuning, and over-defensiveness on borderline-safe
+inputs, for one or several models (Hydra app over :func:`saferclip.analysis.analyze_models`).
+
+    saferclip-analyze                                    # original + the main job's two runs
+    saferclip-analyze +models.mine.pretrained=outputs/train/<run>/export
+    saferclip-analyze main_runs=false analysis.parts=[detector]
+    saferclip-analyze analysis.detector.per_class=500 analysis.detector.direction=fisher
+
+The config is the evaluation's (``conf/eval.yaml``: models, reference, data, split) plus
+``analysis`` (``conf/analysis/default.yaml``). The report (``analysis.json``, ``analysis.md``,
+``plots/``) and each model's detector (``detectors/<model>.safetensors``, for
+``saferclip-detect`` and :class:`saferclip.analysis.SafetyGuard`) go to ``outputs/analyze/<time>``
+(or ``out_dir``). Bad input stops with one line naming it and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from .cli import exit_on_user_error, hydra_command
+from .hydra_utils import (
+    CONF_DIR,
+    ConfigError,
+    config_dump,
+    resolve_device,
+    resolved_value,
+)
+
+log = logging.getLogger("saferclip.analyze")
+PROG = "saferclip-analyze"
+
+MAIN_RUN_NAMES = ("safeclip", "saferclip")
+
+
+def find_main_runs(runs_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """The main job's finished runs: ``{name: {"pretrained", "run_dir", "exact"}}``. The run of
+    ``saferclip-main``'s current config (same hash) when it finished, else the most recently
+    finished run of that name (``exact`` False; the log says which)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .main_job import DONE_MARKER, compose, run_key
+
+    # inside the Hydra app the config tree is initialised; called from elsewhere, open it here
+    tree = nullcontext() if GlobalHydra().is_initialized() else initialize_config_dir(config_dir=CONF_DIR, version_base="1.3")
+    with tree:
+        main = compose("main", [])
+        runs = Path(str(runs_dir or main.runs_dir))
+        expected: dict[str, Path | None] = {}
+        for name, overrides in main.runs.items():
+            try:
+                cfg = compose("train", list(main.common) + list(overrides) + [f"seed={main.seed}"])
+                expected[name] = runs / f"{name}-{run_key(cfg)}"
+            except Exception as e:  # a config the main job could not compose either: fall back
+                log.warning("could not compose the main job's %s run (%s); looking for any finished one", name, e)
+                expected[name] = None
+    found: dict[str, dict[str, Any]] = {}
+    for name, exact in expected.items():
+        if exact is not None and (exact / DONE_MARKER).is_file():
+            run_dir, is_exact = exact, True
+        else:
+            done = sorted(runs.glob(f"{name}-*/{DONE_MARKER}"), key=lambda p: p.stat().st_mtime)
+            if not done:
+                continue
+            run_dir, is_exact = done[-1].parent, False
+        try:
+            summary = json.loads((run_dir / DONE_MARKER).read_text())
+        except (OSError, json.JSONDecodeError):
+            summary = {}
+        export = summary.get("export")
+        pretrained = export if export and Path(export).is_dir() else str(run_dir)
+        found[name] = {"pretrained": pretrained, "run_dir": str(run_dir), "exact": is_exact}
+        log.info("main job's %s run: %s%s", name, run_dir, "" if is_exact else " (not the current config's: the latest finished)")
+    return found
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """A few numbers per model for the console (the report has everything)."""
+    lines = [
+        "| model | text detector: test det / FPR | NSFW-Caps det / FPR | image detector: test det / FPR | NSFW-Caps det / FPR | unsafe rate (a) | borderline retention loss |",
+        "|---|---|---|---|---|---:|---:|",
+    ]
+
+    def pct(v: Any) -> str:
+        return f"{100 * v:.1f}" if isinstance(v, (int, float)) else "–"
+
+    for model, parts in results["analysis"].items():
+        cells = []
+        for tower in ("text", "image"):
+            head = (((parts.get("detector") or {}).get(tower) or {}).get("methods") or {}).get("head") or {}
+            for split in ("test", "nsfw_caps"):
+                r = head.get(split) or {}
+                cells.append(f"{pct(r.get('detection_rate'))} / {pct(r.get('false_positive_rate'))}")
+        od = parts.get("overdefense") or {}
+        cells.append(pct(od.get("unsafe_rate")))
+        cells.append(pct((od.get("vs_reference") or {}).get("borderline_retention_loss")))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def analyze(cfg: DictConfig) -> dict:
+    """Run the analysis a composed ``analyze`` config describes; returns the results and the
+    report's paths."""
+    from ..analysis import AnalysisSettings, analyze_models, write_analysis_report
+
+    settings = AnalysisSettings.of(resolved_value(cfg, "analysis"))
+    if not settings.parts:
+        raise ConfigError("analysis.parts is empty; name some of detector, geometry, overdefense")
+    models = dict(resolved_value(cfg, "models") or {})
+    if cfg.get("main_runs", False):
+        for name, run in find_main_runs(cfg.get("runs_dir")).items():
+            models.setdefault(name, {"pretrained": run["pretrained"]})
+    if not models:
+        raise ConfigError("models is empty; add one with +models.<name>.pretrained=<path>")
+    data = resolved_value(cfg, "data")
+    if data.get("make_toy"):
+        from .datamodule import ensure_toy_world  # Lightning is imported only for this
+
+        ensure_toy_world(data)
+    out_dir = Path(cfg.get("out_dir") or HydraConfig.get().runtime.output_dir)
+    if not cfg.force and (out_dir / "analysis.json").exists():
+        raise ConfigError(f"{out_dir} already holds an analysis report; pass force=true or another out_dir")
+    results = analyze_models(
+        models,
+        data,
+        settings,
+        reference=cfg.reference,
+        split=cfg.split,
+        batch_size=int(cfg.batch_size),
+        seed=int(cfg.seed),
+        num_workers=int(cfg.num_workers),
+        device=resolve_device(cfg.device),
+        detectors_dir=out_dir / "detectors",
+        force=bool(cfg.force),
+        config=config_dump(cfg),
+    )
+    report = write_analysis_report(results, out_dir, force=bool(cfg.force))
+    print(summary_table(results))
+    log.info("report: %s, %s, %d plots", report["json"], report["markdown"], len(report["plots"]))
+    return {"results": results, "report": report}
+
+
+def run(cfg: DictConfig) -> dict:
+    """:func:`analyze`, with what the user can fix as one line on stderr and exit code 2."""
+    with exit_on_user_error(PROG):
+        return analyze(cfg)
+
+
+main = hydra_command(
+    PROG, "analyze", analyze, "Analyse CLIP models: a single-head unsafe-input detector, embedding geometry, over-defensiveness."
+)
+
+
+if __name__ == "__main__":
+    main()
