@@ -5,6 +5,7 @@ never inside the installed package."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,13 @@ def files_under(folder: Path) -> set[str]:
 def test_wheel_install_runs_the_toy_pipeline_from_another_directory(tmp_path):
     dist, site, work = tmp_path / "dist", tmp_path / "site", tmp_path / "somewhere" / "else"
     work.mkdir(parents=True)
+    # the build writes build/ and *.egg-info next to its sources: build from a copy, not the checkout
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "saferclip", source / "saferclip", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr

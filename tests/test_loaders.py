@@ -494,7 +494,7 @@ def test_nsfw_caps_refuses_and_skips(toy_world: Path, tmp_path: Path) -> None:
     reasons = dict(pairs.skips.skipped)
     assert set(reasons) == {"2", "5", "7", "10"}
     assert "field 'image_coco_url': image not found" in reasons["5"]
-    assert "field 'nsfw_image_path': cannot read image" in reasons["7"]
+    assert "field 'nsfw_image_path': " in reasons["7"] and "garbage.png: cannot read image" in reasons["7"]
     assert "field 'chosen_category': expected NSFW category as a string, got int" in reasons["10"]
 
 
