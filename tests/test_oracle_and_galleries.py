@@ -90,3 +90,5 @@ def test_toy_world_distractors_and_the_oracle_row(toy_world, tmp_path):
     markdown = report["markdown"].read_text()
     assert "## Model selection" in markdown and "| mine | 2 | 3 |" in markdown
     assert json.loads(report["json"].read_text())["training"]["mine"]["selected"]["epoch"] == 2
+    # each gallery is described by what it holds: images for U2VG / U2VDG
+    assert "U2VDG_unsafe@1 (" in markdown and " unsafe images, " in markdown.split("U2VDG_unsafe@1 (")[1].split("\n")[0]

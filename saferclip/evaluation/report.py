@@ -113,7 +113,8 @@ def _gallery_note(suite_results: list[Mapping[str, Any]], metric: str) -> str:
     for result in suite_results:
         g = (result.get("galleries") or {}).get(name)
         if g:
-            kind = "images" if name.split("_")[0].endswith("VG") else "captions"
+            gallery = name.split("_")[0].split("2", 1)[1]  # U2VDG -> VDG: V/G/D are images
+            kind = "images" if set(gallery) & set("VGD") else "captions"
             return f" ({g['safe']} safe + {g['unsafe']} unsafe {kind}, {g['queries']} queries)"
     return ""
 
