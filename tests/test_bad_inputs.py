@@ -292,6 +292,7 @@ CONFIG_CASES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
     "main: zero epochs": ("saferclip-main", ["trainer.max_epochs=0"], ("trainer.max_epochs",)),
     "study: negative lr": ("saferclip-study", ["seeds=[0]", "method.optimizer.lr=-1"], ("method.optimizer.lr",)),
     "main: bad override": ("saferclip-main", ["method=nope"], ("method/nope",)),
+    "study: ablation seed outside seeds": ("saferclip-study", ["seeds=[0]", "ablation_seeds=[7]"], ("ablation_seeds [7]", "not in seeds [0]")),
 }
 
 

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig
 
+from ..errors import ConfigError
 from ..evaluation.headline import HEADLINE, headline
 from ..model.trained import read_selection
 from .cli import command, compose_help, wants_help
@@ -73,6 +74,9 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from ..files import write_json_atomic, write_text_atomic
     from ..toyworld.generate import ensure_toy_world
 
+    unused = [s for s in cfg.ablation_seeds if s not in cfg.seeds]
+    if unused:  # an ablation seed outside `seeds` would silently train nothing
+        raise ConfigError(f"ablation_seeds {list(unused)} are not in seeds {list(cfg.seeds)}; expected a subset of seeds")
     out_dir = Path(cfg.out_dir).resolve()
     per_seed: dict[int, dict[str, dict[str, float]]] = {}
     runs: dict[str, Any] = {}
@@ -131,7 +135,7 @@ STUDY_HELP = {
     "seeds": "the seeds of every method (default [0, 1, 2])",
     "methods": "the methods: overrides of the training config",
     "ablations": "variants of SafeR-CLIP: overrides of the training config",
-    "ablation_seeds": "the seeds of the ablations",
+    "ablation_seeds": "the seeds of the ablations (default [0, 1])",
     "force": "retrain even when an identical finished run exists",
     "out_dir": "where study.md / study.json and the plots go (outputs/study)",
     "runs_dir": "where training runs go, shared with saferclip-main (outputs/runs)",
