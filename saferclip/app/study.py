@@ -74,9 +74,13 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from ..files import write_json_atomic, write_text_atomic
     from ..toyworld.generate import ensure_toy_world
 
+    # ablations run on the seeds in both lists; one outside `seeds` trains nothing, so say so
+    # (and refuse a list that would run no ablation at all)
     unused = [s for s in cfg.ablation_seeds if s not in cfg.seeds]
-    if unused:  # an ablation seed outside `seeds` would silently train nothing
+    if cfg.ablations and cfg.ablation_seeds and len(unused) == len(cfg.ablation_seeds):
         raise ConfigError(f"ablation_seeds {list(unused)} are not in seeds {list(cfg.seeds)}; expected a subset of seeds")
+    if unused:
+        log.warning("ablation_seeds %s are not in seeds %s: the ablations run on the others only", list(unused), list(cfg.seeds))
     out_dir = Path(cfg.out_dir).resolve()
     per_seed: dict[int, dict[str, dict[str, float]]] = {}
     runs: dict[str, Any] = {}
