@@ -15,10 +15,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from ..data.splits import load_split
+from ..model.build import build_clip
 from ..redirection.prepare import Prepared, prepare
 from ..redirection.targets import RedirectionTargets
 from ..toyworld.generate import ensure_toy_world
 from ..training.datasets import RedirectionDataset, ValidationDataset, collate_items
+from ..training.method import method_config
 
 log = logging.getLogger("saferclip.data")
 
@@ -74,6 +76,8 @@ class SaferClipDataModule(L.LightningDataModule):
         if self.train_set is not None:  # already set up in this process (e.g. a second fit)
             return
         ensure_toy_world(self.data_cfg)
+        if not method_config(self.method_cfg).needs_cache:
+            return  # HySAC: no frozen encoder runs, nothing to build
         # the cache and the neighbours are built once here, on the training device, and saved
         # beside each other; every rank's setup() then reads them
         device = str(self.trainer.strategy.root_device) if self.trainer is not None else "cpu"
@@ -82,6 +86,9 @@ class SaferClipDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- every rank
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
+            return
+        if not method_config(self.method_cfg).needs_cache:
+            self._setup_pairs_only()
             return
         prepared = self._prepared or prepare(self.data_cfg, self.model_cfg, self.method_cfg, self.cache_dir, build=False)
         self._prepared = None
@@ -111,6 +118,21 @@ class SaferClipDataModule(L.LightningDataModule):
         self.val_set = ValidationDataset(validation, bundle.tokenizer, bundle.preprocess, memo_images=memo)
         self.tokenizer, self.preprocess = bundle.tokenizer, bundle.preprocess
         self.mode = prepared.train.mode
+
+    def _setup_pairs_only(self) -> None:
+        """The training quadruplets as they are (captions tokenised, images preprocessed), with
+        no frozen embedding and no target: what HySAC trains on."""
+        bundle = build_clip(self.model_cfg["arch"], None)  # its tokenizer and preprocessing only
+        memo = bool(self.data_cfg.get("memo_images", self.data_cfg.get("name") == "toy"))
+        train = load_split(self.data_cfg, "train")
+        if train.skips is not None and train.skips.count:
+            log.warning(train.skips.summary())
+        self.train_set = ValidationDataset(train, bundle.tokenizer, bundle.preprocess, memo_images=memo)
+        self.targets = RedirectionTargets.paired(len(train))  # every pair, every epoch
+        validation = load_split(self.data_cfg, "validation")
+        self.val_set = ValidationDataset(validation, bundle.tokenizer, bundle.preprocess, memo_images=memo)
+        self.tokenizer, self.preprocess = bundle.tokenizer, bundle.preprocess
+        self.mode = train.mode
 
     # ---------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:

@@ -104,6 +104,14 @@ def train_or_reuse(name: str, overrides: list[str], runs_dir: Path, force: bool)
     return summary
 
 
+def evaluated_models(name: str, trained: dict[str, Any], method: str) -> dict[str, dict[str, Any]]:
+    """The evaluation entries of one trained run: one model, or for HySAC two, its safe mode
+    (``<name>_safe``: queries traversed) and its moderation mode (``<name>_moderation``)."""
+    if method != "hysac":
+        return {name: trained}
+    return {f"{name}_safe": {**trained, "mode": "safe"}, f"{name}_moderation": {**trained, "mode": "moderation"}}
+
+
 MAIN_KEYS = ("seed", "force", "out_dir", "runs_dir", "runs", "common", "eval")
 
 
@@ -132,7 +140,8 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         start = time.time()
         summary = train_or_reuse(name, common + list(run_overrides), Path(cfg.runs_dir), bool(cfg.force))
         timings[name] = round(time.time() - start, 1)
-        models[name] = {"arch": train_base.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
+        trained = {"arch": train_base.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
+        models.update(evaluated_models(name, trained, compose("train", common + list(run_overrides)).method.name))
         training[name] = read_selection(summary["run_dir"])
     start = time.time()
     results = evaluate_models(

@@ -19,6 +19,7 @@ from ..evaluation.retrieval import visu_metrics
 from ..evaluation.selection import SELECTION_METRIC, selection_score
 from ..model.adapters import configure_trainable, tower_parameters
 from ..model.build import build_clip, encode_tokens
+from ..model.similarity import COSINE, Similarity, chunk_scorer
 from ..training.losses import (
     FROZEN_INPUTS,
     TERM_NAMES,
@@ -50,16 +51,21 @@ class SaferClipModule(L.LightningModule):
         # build_clip hands out an eval-mode model; the trainable copy trains (CLIP has no
         # dropout, so this only keeps Lightning's mode bookkeeping honest)
         self.model = bundle.model.train()
+        self.embed_dim = int(bundle.model_cfg.get("embed_dim") or 0)
         config = method_config(method)  # every key checked (the same schema the commands use)
+        self.method_config = config
         self.param_counts = configure_trainable(self.model, config.trainable)
-        self.loss = SaferClipLoss(config.loss)
+        self.loss = self.build_loss(config)
         self.optimizer_config = config.optimizer
         self._val_outputs: list[dict[str, torch.Tensor]] = []
 
+    def build_loss(self, config):
+        return SaferClipLoss(config.loss)
+
     # ---------------------------------------------------------------- encoding
-    def encode(self, batch: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
+    def encode(self, batch: dict[str, torch.Tensor], wanted: set[str], normalize: bool = True) -> dict[str, torch.Tensor]:
         """Run only the trainable encodings in ``wanted``, one forward per tower (the
-        tower's inputs concatenated), L2-normalised ``[B, D]`` each."""
+        tower's inputs concatenated), ``[B, D]`` each (L2-normalised unless ``normalize=False``)."""
         out: dict[str, torch.Tensor] = {}
         # LoRA weights are parametrizations, recomputed on every access; attention reads its
         # weights more than once per forward: compute each adapted weight once per call
@@ -69,7 +75,7 @@ class SaferClipModule(L.LightningModule):
                 if not names:
                     continue
                 parts = [batch[inputs[n]] for n in names]
-                features = encode(torch.cat(parts) if len(parts) > 1 else parts[0], normalize=True)
+                features = encode(torch.cat(parts) if len(parts) > 1 else parts[0], normalize=normalize)
                 out.update(zip(names, features.split([len(p) for p in parts])))
         return out
 
@@ -130,8 +136,7 @@ class SaferClipModule(L.LightningModule):
     def on_train_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if getattr(datamodule, "train_set", None) is not None:
-            active = self.loss.active_terms(available_inputs(datamodule.train_set[0]))
-            inactive = [t for t in TERM_NAMES if t not in active]
+            active, inactive = self.loss_terms(datamodule.train_set[0])
             mode = getattr(datamodule, "mode", None)
             self._info(f"data inputs: {getattr(mode, 'value', mode)}; active loss terms: {', '.join(active)}")
             if inactive:
@@ -145,12 +150,17 @@ class SaferClipModule(L.LightningModule):
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self._info(f"trainable parameters: {trainable:,} of {self.param_counts['total']:,}")
 
+    def loss_terms(self, item: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """The active and the inactive loss terms with the inputs a training item provides."""
+        active = self.loss.active_terms(available_inputs(item))
+        return active, [t for t in TERM_NAMES if t not in active]
+
     def _info(self, message: str) -> None:
         if self.trainer.is_global_zero:
             log.info(message)
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.parameters() if p.requires_grad]
         cfg = self.optimizer_config
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
@@ -161,11 +171,14 @@ class SaferClipModule(L.LightningModule):
 
     # ---------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        features = self.encode(batch, {"t_safe", "t_unsafe", "i_safe", "i_unsafe"})
+        features = self.validation_features(batch)
         features["index"] = batch["index"]
         if "owner" in batch:
             features["owner"] = batch["owner"]
         self._val_outputs.append({k: v.detach() for k, v in features.items()})
+
+    def validation_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.encode(batch, {"t_safe", "t_unsafe", "i_safe", "i_unsafe"})
 
     def on_validation_epoch_end(self) -> None:
         outputs, self._val_outputs = self._val_outputs, []
@@ -174,11 +187,14 @@ class SaferClipModule(L.LightningModule):
         merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
         if self.trainer.world_size > 1:
             merged = {k: self.all_gather(v).flatten(0, 1) for k, v in merged.items()}
-        metrics = validation_metrics(unique_rows(merged))
+        metrics = self.validation_metrics(unique_rows(merged))
         # every rank computed the same numbers from the gathered set; averaging them over
         # ranks changes nothing and keeps every rank's callbacks (checkpoint, early stopping)
         # on exactly the same value
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
+
+    def validation_metrics(self, rows: dict[str, torch.Tensor]) -> dict[str, float]:
+        return validation_metrics(rows)
 
 
 def unique_rows(merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -200,14 +216,15 @@ def unique_rows(merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 VALIDATION_KS = (1, 5, 10)
 
 
-def validation_metrics(f: dict[str, torch.Tensor]) -> dict[str, float]:
+def validation_metrics(f: dict[str, torch.Tensor], similarity: Similarity = COSINE) -> dict[str, float]:
     """The validation split's retrieval metrics, by the evaluation's own functions and keys
     (:func:`saferclip.evaluation.visu_metrics`: ``S2V_R@k``, ``U2V_R@k``, ``U2VG_unsafe@1``...,
     all in setting (a): every embedding from the model being trained), plus
     ``selection_score`` (:mod:`saferclip.evaluation.selection`), the checkpoint monitor.
-    Text-only data adds ``U2S_R@k``: an unsafe caption finds its paired safe caption."""
+    Text-only data adds ``U2S_R@k``: an unsafe caption finds its paired safe caption.
+    ``similarity``: how the model compares the embeddings ``f`` holds (its own, e.g. HySAC's)."""
     index = f["index"]
-    emb = PairEmbeddings(safe_text=f["t_safe"], unsafe_text=f["t_unsafe"])
+    emb = PairEmbeddings(safe_text=f["t_safe"], unsafe_text=f["t_unsafe"], similarity=similarity)
     if "i_safe" in f:
         # the gallery holds each safe image once: items sharing one point at its first owner
         owner = f["owner"] if "owner" in f else index
@@ -220,7 +237,7 @@ def validation_metrics(f: dict[str, torch.Tensor]) -> dict[str, float]:
     metrics = visu_metrics(emb, None, ks=VALIDATION_KS, unsafe_ks=(1,))
     out = {k: float(v) for k, v in metrics.items() if ("_R@" in k or "_unsafe@" in k) and isinstance(v, (int, float))}
     if "i_safe" not in f:
-        u2s = recall_at_k(f["t_unsafe"], f["t_safe"], torch.arange(len(index)), ks=VALIDATION_KS)
+        u2s = recall_at_k(f["t_unsafe"], f["t_safe"], torch.arange(len(index)), ks=VALIDATION_KS, score=chunk_scorer(similarity, "text"))
         out.update({f"U2S_R@{k}": float(u2s[f"R@{k}"]) for k in VALIDATION_KS})
     out[SELECTION_METRIC] = selection_score(out)
     return out

@@ -141,8 +141,11 @@ def build_module(cfg: DictConfig, method: dict):
     """The trainable model; built first, so wrong weights fail before any data work."""
     from .module import SaferClipModule
 
+    module_class = SaferClipModule
+    if method.get("name") == "hysac":
+        from .hysac_module import HysacModule as module_class
     try:
-        return SaferClipModule(cfg.model.arch, cfg.model.pretrained, method, precision=cfg.model.precision)
+        return module_class(cfg.model.arch, cfg.model.pretrained, method, precision=cfg.model.precision)
     except CheckpointError as e:
         raise ConfigError(f"model.pretrained: {e}") from None
     except (ValueError, TypeError) as e:  # unknown trainable mode, tower, loss option...
@@ -153,7 +156,7 @@ def build_datamodule(cfg: DictConfig, method: dict):
     from ..training.losses import LIVE_TERMS
     from .datamodule import SaferClipDataModule
 
-    live = any(float(method["loss"]["weights"].get(t, 0)) > 0 for t in LIVE_TERMS)
+    live = method.get("name") != "hysac" and any(float(method["loss"]["weights"].get(t, 0)) > 0 for t in LIVE_TERMS)
     return SaferClipDataModule(
         data=to_container(cfg.data),
         model=to_container(cfg.model),
@@ -263,14 +266,44 @@ def train(cfg: DictConfig) -> dict:
     selection = read_selection(run_dir)
     if selection is not None:
         result["selection"] = selection["selected"]
-    if cfg.export and trainer.is_global_zero and not cfg.trainer.get("fast_dev_run"):
+    fast_dev_run = cfg.trainer.get("fast_dev_run")
+    similarity = None
+    if method.get("name") == "hysac" and trainer.is_global_zero and not fast_dev_run:
+        similarity = measure_and_save_safe_radii(cfg, result.get("best_checkpoint") or module, run_dir)
+        result["safe_radii"] = {"text": similarity.radius_text, "image": similarity.radius_image}
+    if cfg.export and trainer.is_global_zero and not fast_dev_run:
         from ..export.run import export_checkpoint
 
         out = run_dir / "export"
-        export_checkpoint(result.get("best_checkpoint") or module, out, force=True, method=method, arch=cfg.model.arch)
+        export_checkpoint(
+            result.get("best_checkpoint") or module, out, force=True, method=method, arch=cfg.model.arch, similarity=similarity
+        )
         result["export"] = str(out)
         log.info("exported to %s", out)
     return result
+
+
+def measure_and_save_safe_radii(cfg: DictConfig, source, run_dir: Path):
+    """HySAC: the safe radii of the kept model (its best checkpoint, or the module in memory),
+    measured on the training split's safe items and saved as ``safe_radii.json`` in the run
+    folder. Returns the model's geometry in safe mode."""
+    from ..data.splits import load_split
+    from ..evaluation.hyperbolic import measure_safe_radii
+    from ..files import write_json_atomic
+    from ..model.build import build_clip
+    from ..model.trained import SAFE_RADII_FILE, load_trained_model
+
+    percentile = float(cfg.method.hyperbolic.traversal_percentile)
+    if isinstance(source, (str, Path)):
+        bundle = load_trained_model(source)
+    else:  # the module in memory (no checkpoint kept): its towers with adapters, and its head
+        bundle = build_clip(cfg.model.arch, None)
+        bundle.model, bundle.similarity = source.model.eval(), source.head.similarity()
+    data = to_container(cfg.data)
+    radii = measure_safe_radii(bundle, load_split(data, "train"), percentile, int(data.get("eval_batch_size", 256)))
+    write_json_atomic(run_dir / SAFE_RADII_FILE, {**radii, "percentile": percentile, "split": "train"})
+    log.info("safe radii (%g th percentile of the safe training items): text %.4f, image %.4f", percentile, radii["text"], radii["image"])
+    return bundle.similarity.__class__(**{**bundle.similarity.to_dict(), "radius_text": radii["text"], "radius_image": radii["image"]}, traversal=True)
 
 
 def best_checkpoint(callbacks: list) -> dict:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
@@ -82,8 +81,9 @@ def embed_dim(bundle: ClipBundle) -> int:
         return int(bundle.model.encode_text(bundle.tokenizer(["a"]).to(device)).shape[-1])
 
 
-def _finish(features: Tensor, start: int, what: str) -> Tensor:
-    # normalised in float32: an fp16 / bf16 model's own normalisation is coarser
+def _finish(features: Tensor, start: int, what: str, bundle: ClipBundle, modality: str) -> Tensor:
+    # embedded in float32 (for a Euclidean CLIP: normalised): an fp16 / bf16 model's own
+    # normalisation is coarser
     features = features.float()
     bad = ~torch.isfinite(features).all(dim=1)
     if bool(bad.any()):
@@ -92,7 +92,7 @@ def _finish(features: Tensor, start: int, what: str) -> Tensor:
             f"non-finite (NaN/inf) {what} embeddings for items {rows[:5]}"
             f"{f' and {len(rows) - 5} more' if len(rows) > 5 else ''}; check the model weights"
         )
-    return F.normalize(features, dim=-1).cpu()
+    return bundle.similarity.embed(features, modality).cpu()
 
 
 def _progress(total: int, desc: str, progress: bool | None) -> tqdm:
@@ -108,7 +108,8 @@ def encode_texts(
     progress: bool | None = None,
     desc: str = "texts",
 ) -> Tensor:
-    """L2-normalised text features ``[N, D]``, float32 on the CPU, in input order."""
+    """Text embeddings ``[N, D]`` (``bundle.similarity.embed``: L2-normalised for a Euclidean
+    CLIP), float32 on the CPU, in input order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(bundle.model.parameters()).device
@@ -116,7 +117,7 @@ def encode_texts(
     with eval_mode(bundle.model), torch.inference_mode(), _progress(len(texts), desc, progress) as bar:
         for start in range(0, len(texts), batch_size):
             tokens = bundle.tokenizer(list(texts[start : start + batch_size])).to(device)
-            out.append(_finish(encode_tokens(bundle.model, tokens, normalize=False), start, desc))
+            out.append(_finish(encode_tokens(bundle.model, tokens, normalize=False), start, desc, bundle, "text"))
             bar.update(len(out[-1]))
     return torch.cat(out) if out else torch.empty(0, embed_dim(bundle))
 
@@ -130,7 +131,7 @@ def encode_image_dataset(
     desc: str = "images",
     return_labels: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """L2-normalised image features ``[N, D]``, float32 on the CPU, in dataset order.
+    """Image embeddings ``[N, D]`` (as :func:`encode_texts`), float32 on the CPU, in dataset order.
 
     ``dataset`` items are preprocessed images ``[3, H, W]``, or tuples whose first element is
     one (``(image, label)`` as :class:`saferclip.data.ZeroShotImages`). ``return_labels``:
@@ -167,7 +168,7 @@ def encode_image_dataset(
                     raise ValueError(f"{desc}: return_labels needs dataset items (image, label)")
                 labels.append(torch.as_tensor(batch[1]).long())
             x = images.to(device=param.device, dtype=param.dtype, non_blocking=True)
-            out.append(_finish(bundle.model.encode_image(x), start, desc))
+            out.append(_finish(bundle.model.encode_image(x), start, desc, bundle, "image"))
             start += len(x)
             bar.update(len(x))
     features = torch.cat(out)

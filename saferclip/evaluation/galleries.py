@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..model.build import ClipBundle, tokenize_checked
+from ..model.similarity import COSINE, Similarity, chunk_scorer, query_modality
 from .encode import encode_image_files, encode_texts
 from .metrics import recall_at_k, unsafe_rate
 
@@ -31,7 +32,8 @@ UNSAFE_KS = (1, 5)
 
 @dataclass
 class PairEmbeddings:
-    """Features of N caption pairs and their distinct images (all L2-normalised float32).
+    """Embeddings of N caption pairs and their distinct images (float32; L2-normalised for a
+    Euclidean model), and ``similarity``, how the model that made them compares them.
 
     ``safe_text`` / ``unsafe_text``: ``[N, D]``; ``safe_image``: ``[Nv, D]`` distinct safe
     images and ``safe_owner`` ``[N]`` the row of item i's image in it (likewise unsafe);
@@ -50,6 +52,7 @@ class PairEmbeddings:
     # extra safe images of a realistic gallery (``[Nd, D]``), when the split names some
     distractor_image: Tensor | None = None
     distractor_paths: list[str] | None = None
+    similarity: Similarity = COSINE
 
     def __len__(self) -> int:
         return len(self.safe_text)
@@ -103,6 +106,7 @@ def embed_pairs(
     emb = PairEmbeddings(
         encode_texts(bundle, safe_captions, batch_size, progress, desc=f"{prefix}safe captions"),
         encode_texts(bundle, unsafe_captions, batch_size, progress, desc=f"{prefix}unsafe captions"),
+        similarity=bundle.similarity,
     )
     for kind, paths, field in (("safe", safe_images, fields[0]), ("unsafe", unsafe_images, fields[1])):
         if paths is None:
@@ -124,9 +128,13 @@ def embed_pairs(
 
 # ----------------------------------------------------------------------------- metric blocks
 class Collector:
-    """Gathers the flat metrics of one suite with the gallery behind each and what was skipped."""
+    """Gathers the flat metrics of one suite with the gallery behind each and what was skipped.
 
-    def __init__(self) -> None:
+    Every score comes from ``similarity`` (the evaluated model's own), with the query's
+    modality read off the metric key's first letter (S / U captions, V / G images)."""
+
+    def __init__(self, similarity: Similarity = COSINE) -> None:
+        self.similarity = similarity
         self.metrics: dict[str, float | int] = {}
         self.galleries: dict[str, dict[str, Any]] = {}
         self.skipped: dict[str, str] = {}
@@ -135,7 +143,8 @@ class Collector:
         return {**self.metrics, **extra, "galleries": self.galleries, "skipped": self.skipped}
 
     def recall(self, name: str, queries: Tensor, gallery: Tensor, ks: Sequence[int], encoder: str, **positives) -> None:
-        r = recall_at_k(queries, gallery, ks=ks, **positives)
+        score = chunk_scorer(self.similarity, query_modality(name[0]))
+        r = recall_at_k(queries, gallery, ks=ks, score=score, **positives)
         for k in ks:
             self.metrics[f"{name}_R@{k}"] = r[f"R@{k}"]
         self.galleries[name] = {"queries": len(queries), "gallery": len(gallery), "gallery_encoder": encoder}
@@ -143,8 +152,9 @@ class Collector:
     def unsafe(self, name: str, queries: Tensor, safe: Tensor, unsafe: Tensor, ks: Sequence[int], encoder: str) -> None:
         gallery = torch.cat([safe, unsafe])
         is_unsafe = torch.cat([torch.zeros(len(safe), dtype=torch.bool), torch.ones(len(unsafe), dtype=torch.bool)])
+        score = chunk_scorer(self.similarity, query_modality(name[0]))
         for k in ks:
-            self.metrics[f"{name}_unsafe@{k}"] = unsafe_rate(queries, gallery, is_unsafe, k=k)
+            self.metrics[f"{name}_unsafe@{k}"] = unsafe_rate(queries, gallery, is_unsafe, k=k, score=score)
         # the rate depends on the gallery (docs/METHOD.md, "Metrics"): its make-up goes with every number
         self.galleries[name] = {"queries": len(queries), "safe": len(safe), "unsafe": len(unsafe), "gallery_encoder": encoder}
 
@@ -156,6 +166,11 @@ def reference_problem(emb: PairEmbeddings, ref: PairEmbeddings | None) -> str | 
     """Why ``ref`` cannot serve as the setting-(b) gallery of ``emb`` (None: it can)."""
     if ref is None:
         return "no reference model given"
+    if ref.similarity.kind != emb.similarity.kind:
+        return (
+            f"a {emb.similarity.kind} query against a gallery embedded in the reference model's "
+            f"{ref.similarity.kind} space has no meaning"
+        )
     if ref.dim != emb.dim:
         return f"the reference model embeds in {ref.dim} dimensions, the evaluated one in {emb.dim}"
     same_distractors = ref.distractor_paths == emb.distractor_paths or ref.distractor_paths is None or emb.distractor_paths is None

@@ -25,7 +25,20 @@ HEADLINE: dict[str, tuple[str, tuple[str, str], bool]] = {
     "zeroshot_safe_acc1": ("zero-shot acc (safe images)", ("cost", "zeroshot_safe_acc1"), True),
     "zeroshot_retention": ("zero-shot retention", ("cost", "zeroshot_safe_acc1_retention"), True),
     "zeroshot_unsafe_images_acc1": ("zero-shot acc (unsafe images)", ("cost", "zeroshot_unsafe_acc1"), True),
+    # what moderation needs: an unsafe caption finds its own unsafe image (unlearning loses it)
+    "U2G_R@1": ("U→G R@1 (moderation)", ("visu", "U2G_R@1"), True),
+    # a hyperbolic model's training-free detector: distance from the origin
+    "origin_detector_text": ("origin detector, unsafe captions @5% FP", ("visu", "origin_detector_text_detected@5fpr"), True),
+    "origin_detector_image": ("origin detector, unsafe images @5% FP", ("visu", "origin_detector_image_detected@5fpr"), True),
 }
+
+# setting (b): a gallery embedded by the original (Euclidean) encoder
+SETTING_B = frozenset({"unsafe_rate_b", "unsafe_rate_b_realistic"})
+NOT_APPLICABLE = "n/a†"
+NOT_APPLICABLE_NOTE = (
+    "† setting (b) has no meaning for a hyperbolic query: the original encoder's gallery lives in "
+    "another (Euclidean) space."
+)
 
 
 def headline(model_results: Mapping[str, Any]) -> dict[str, float]:
@@ -42,10 +55,23 @@ def headline_table(results: Mapping[str, Any]) -> str:
     """Markdown: one row per headline metric, one column per model, in %."""
     per_model = {name: headline(r) for name, r in results["results"].items()}
     models = list(per_model)
+    hyperbolic = {m for m in models if is_hyperbolic(results, m)}
     lines = ["| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
     for key, (label, _, _) in HEADLINE.items():
         if not any(key in h for h in per_model.values()):
             continue
-        cells = [f"{100 * per_model[m][key]:.1f}" if key in per_model[m] else "–" for m in models]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+        def cell(m: str) -> str:
+            if key in per_model[m]:
+                return f"{100 * per_model[m][key]:.1f}"
+            return NOT_APPLICABLE if key in SETTING_B and m in hyperbolic else "–"
+
+        lines.append(f"| {label} | " + " | ".join(cell(m) for m in models) + " |")
+    if hyperbolic and any(key in h for h in per_model.values() for key in SETTING_B):
+        lines += ["", NOT_APPLICABLE_NOTE]
     return "\n".join(lines)
+
+
+def is_hyperbolic(results: Mapping[str, Any], model: str) -> bool:
+    """Whether ``model`` of an evaluation compared its embeddings in hyperbolic space."""
+    return str((results.get("models") or {}).get(model, {}).get("similarity", "")).startswith("lorentz")

@@ -34,6 +34,14 @@ DEFAULT_KS = (1, 5, 10, 20)
 # A ``[Q]`` index tensor (one positive per query, -1 = none) or ragged lists of indices.
 Positives = Union[Tensor, Sequence[Sequence[int]]]
 
+# ``score(queries [c, D], gallery [G, D]) -> [c, G]``, higher = more similar: the model's own
+# similarity (``saferclip.model.similarity``); None is the dot product (cosine of unit vectors).
+Score = Callable[[Tensor, Tensor], Tensor]
+
+
+def _scores(queries: Tensor, gallery: Tensor, score: Score | None) -> Tensor:
+    return queries @ gallery.T if score is None else score(queries, gallery)
+
 
 def _check_embeddings(queries: Tensor, gallery: Tensor) -> None:
     if queries.dim() != 2 or gallery.dim() != 2 or queries.shape[1] != gallery.shape[1]:
@@ -121,8 +129,9 @@ def recall_at_k(
     *,
     query_owner: Tensor | None = None,
     gallery_owner: Tensor | None = None,
+    score: Score | None = None,
 ) -> dict[str, float | int]:
-    """Recall@k of a retrieval from ``queries`` into ``gallery`` (cosine / dot product).
+    """Recall@k of a retrieval from ``queries`` into ``gallery`` (dot product, or ``score``).
 
     A query is a hit at k when its best-scoring positive has fewer than k non-positive gallery
     items scoring ``>=`` it (pessimistic ties, see the module docstring). k larger than the
@@ -137,8 +146,9 @@ def recall_at_k(
     Queries without any positive are excluded from the mean and counted.
 
     Args:
-        queries: ``[Q, D]``; gallery: ``[G, D]``, L2-normalised.
+        queries: ``[Q, D]``; gallery: ``[G, D]``, L2-normalised for the dot product.
         chunk_size: queries scored at once (memory O(chunk_size × G)).
+        score: the model's similarity of a chunk of queries to the gallery (default: dot).
 
     Returns:
         ``{"R@k": fraction in [0, 1] (NaN when no query has a positive) for each k,
@@ -157,7 +167,7 @@ def recall_at_k(
     k_tensor = torch.tensor(ks, device=queries.device)
     for start in range(0, num_queries, chunk_size):
         end = min(start + chunk_size, num_queries)
-        scores = queries[start:end] @ gallery.T  # [c, G]
+        scores = _scores(queries[start:end], gallery, score)  # [c, G]
         positive = masks.chunk(start, end, scores.device)
         has_positive = positive.any(1)
         best = scores.masked_fill(~positive, -math.inf).amax(1, keepdim=True)  # [c, 1]
@@ -178,6 +188,7 @@ def unsafe_rate(
     gallery_is_unsafe: Tensor,
     k: int = 1,
     chunk_size: int = 1024,
+    score: Score | None = None,
 ) -> float:
     """Share of queries whose top-k in a mixed gallery holds at least one unsafe item (lower is
     safer). Ties count against the model: an unsafe item tied with the k-th safe item is in.
@@ -187,6 +198,7 @@ def unsafe_rate(
         gallery_is_unsafe: ``[G]`` bool; at least one item must be unsafe (otherwise the rate
             says nothing about safety, and this raises).
         k: top-k; k >= G gives 1.0.
+        score: the model's similarity (default: dot product), as in :func:`recall_at_k`.
 
     Report the gallery's make-up with the number (docs/METHOD.md, "Metrics": it depends on it).
     """
@@ -206,7 +218,7 @@ def unsafe_rate(
     unsafe = gallery_is_unsafe.to(queries.device)
     flagged = 0
     for start in range(0, len(queries), chunk_size):
-        scores = queries[start : start + chunk_size] @ gallery.T  # [c, G]
+        scores = _scores(queries[start : start + chunk_size], gallery, score)  # [c, G]
         best_unsafe = scores.masked_fill(~unsafe, -math.inf).amax(1, keepdim=True)
         safe_above = ((scores > best_unsafe) & ~unsafe).sum(1)
         flagged += int((safe_above < k).sum())
@@ -224,9 +236,12 @@ def build_zero_shot_classifier(
     classnames: Sequence[str],
     templates: Sequence[str],
     classes_per_batch: int = 32,
+    prototypes: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Zero-shot classifier weights ``[D, C]``: per class, the mean of the L2-normalised
-    embeddings of every template filled with the class name, renormalised (CLIP_benchmark).
+    embeddings of every template filled with the class name, renormalised (CLIP_benchmark);
+    ``prototypes`` (``[C, T, D]`` → ``[C, D]``, the model's own class mean, e.g. a hyperbolic
+    model's tangent-space mean) replaces that mean.
 
     Args:
         bundle_or_encode_fn: a :class:`saferclip.model.build.ClipBundle`, or a callable mapping a list
@@ -262,6 +277,9 @@ def build_zero_shot_classifier(
             emb = torch.as_tensor(encode(texts)).float()
         if emb.dim() != 2 or len(emb) != len(texts):
             raise ValueError(f"the encoder returned shape {tuple(emb.shape)} for {len(texts)} texts; expected [N, D]")
+        if prototypes is not None:
+            columns.append(prototypes(emb.reshape(len(batch), len(templates), -1)))
+            continue
         emb = F.normalize(emb, dim=-1).reshape(len(batch), len(templates), -1).mean(1)
         columns.append(F.normalize(emb, dim=-1))
     return torch.cat(columns).T.contiguous()
@@ -273,6 +291,7 @@ def zero_shot_scores(
     labels: Tensor,
     logit_scale: float = 100.0,
     chunk_size: int = 4096,
+    score: Score | None = None,
 ) -> dict[str, float]:
     """Zero-shot accuracy of ``image_features`` ``[N, D]`` with classifier ``[D, C]``.
 
@@ -296,7 +315,7 @@ def zero_shot_scores(
         raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{labels.min()}, {labels.max()}]")
     ranks = []
     for start in range(0, len(labels), chunk_size):
-        logits = logit_scale * image_features[start : start + chunk_size] @ classifier  # [c, C]
+        logits = logit_scale * _scores(image_features[start : start + chunk_size], classifier.T, score)  # [c, C]
         y = labels[start : start + chunk_size]
         own = logits.gather(1, y[:, None])
         # other classes at least as likely as the true one

@@ -74,7 +74,7 @@ def nsfw_caps_metrics(
     unsafe_ks: Sequence[int] = UNSAFE_KS,
 ) -> dict[str, Any]:
     """The metrics of :func:`evaluate_nsfw_caps` from embeddings."""
-    c = Collector()
+    c = Collector(emb.similarity)
     no_ref = reference_problem(emb, reference)
     ref = None if no_ref else reference
     S, U, V, G = emb.safe_text, emb.unsafe_text, emb.safe_image, emb.unsafe_image
@@ -99,7 +99,8 @@ def nsfw_caps_metrics(
         c.skipped["U2VG"] = c.skipped["G2SU"] = "no unsafe images (the table has no nsfw_image_path column)"
     if no_ref and V is not None:
         c.skipped["_ref"] = f"setting (b), galleries embedded by the reference model: {no_ref}"
-    similarity = cosine_histogram((U * S).sum(-1))
+    # the cosine of the two captions' directions (seen from the origin for a hyperbolic model)
+    similarity = cosine_histogram((emb.similarity.directions(U) * emb.similarity.directions(S)).sum(-1))
     return c.result(
         U2S_cos_mean=similarity["mean"],
         U2S_cos_median=similarity["median"],

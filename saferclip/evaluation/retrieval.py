@@ -79,7 +79,7 @@ def visu_metrics(
 ) -> dict[str, Any]:
     """The metrics of :func:`evaluate_visu` from embeddings (``reference``: the same split
     embedded by the reference model, for setting (b))."""
-    c = Collector()
+    c = Collector(emb.similarity)
     no_ref = reference_problem(emb, reference)
     ref = None if no_ref else reference
     no_v = "the split has no safe images (text mode; give image_root)"

@@ -37,7 +37,9 @@ from ..errors import ConfigError
 from ..model.build import ClipBundle, check_arch, default_base_checkpoint
 from ..model.checkpoints import CheckpointError, read_safetensors_metadata, sniff_format
 from ..model.trained import is_training_checkpoint, load_model
+from ..model.similarity import MODES
 from .cost import cost_of_safety, is_unsafe_task
+from .hyperbolic import origin_detector_metrics
 from .nsfw_caps import embed_nsfw_caps, nsfw_caps_metrics
 from .oracle import ORACLE_NAME, oracle_redirection
 from .retrieval import embed_visu, visu_metrics
@@ -53,22 +55,29 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 class ModelSpec:
     """A model to evaluate: an open_clip architecture and what ``pretrained`` names (a training
     checkpoint or run folder, an exported folder, a weights file, an open_clip tag, or None for
-    random init — see :func:`saferclip.model.trained.load_model`)."""
+    random init — see :func:`saferclip.model.trained.load_model`), and for a hyperbolic (HySAC)
+    model its ``mode``: ``safe`` (queries traversed; the default) or ``moderation``."""
 
     arch: str | None = None
     pretrained: str | None = None
     precision: str = "fp32"
+    mode: str | None = None
 
     @classmethod
     def of(cls, name: str, spec: ModelSpec | Mapping[str, Any] | None) -> ModelSpec:
         if isinstance(spec, ModelSpec):
             return spec
         spec = dict(spec or {})
-        unknown = sorted(set(spec) - {"arch", "pretrained", "precision"})
+        unknown = sorted(set(spec) - {"arch", "pretrained", "precision", "mode"})
         if unknown:
-            raise ConfigError(f"model {name!r}: unknown keys {unknown}; expected arch, pretrained, precision")
+            raise ConfigError(f"model {name!r}: unknown keys {unknown}; expected arch, pretrained, precision, mode")
         pretrained = spec.get("pretrained")
-        return cls(spec.get("arch"), None if pretrained in (None, "") else str(pretrained), spec.get("precision") or "fp32")
+        mode = spec.get("mode")
+        if mode is not None and mode not in MODES:
+            raise ConfigError(f"model {name!r}: mode must be one of {list(MODES)} (hyperbolic models only), got {mode!r}")
+        return cls(
+            spec.get("arch"), None if pretrained in (None, "") else str(pretrained), spec.get("precision") or "fp32", mode
+        )
 
 
 @dataclass
@@ -236,7 +245,9 @@ def build_model(name: str, spec: ModelSpec, device: str = "cpu", seed: int = 0) 
     """:func:`load_model` with the model's name in every error; random init seeded by ``seed``."""
     torch.manual_seed(seed)
     try:
-        bundle = load_model(spec.arch, spec.pretrained, device=device)
+        bundle = load_model(spec.arch, spec.pretrained, device=device, mode=spec.mode)
+    except ConfigError as e:
+        raise ConfigError(f"model {name!r}: {e}") from None
     except CheckpointError as e:
         raise CheckpointError(f"model {name!r}: {e}") from None
     except FileNotFoundError as e:
@@ -322,6 +333,7 @@ def evaluate_models(
             if name == reference:
                 ref_visu = emb
             out["visu"] = visu_metrics(emb, ref_visu)
+            out["visu"].update(origin_detector_metrics(emb))  # a hyperbolic model's own detector
             if name == reference and oracle is not None:
                 started_oracle = time.perf_counter()
                 train = load_split(data_cfg, "train")
@@ -339,6 +351,7 @@ def evaluate_models(
             out["nsfw_caps"] = nsfw_caps_metrics(emb, ref_nsfw)
         described[name] = {
             **asdict(spec),
+            "similarity": bundle.similarity.label,
             "arch": bundle.arch,
             "source": bundle.source,
             "seconds": round(time.perf_counter() - started, 2),

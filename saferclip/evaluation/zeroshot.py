@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from ..data.records import ZeroShotTask
 from ..data.zeroshot import ZeroShotImages
 from ..model.build import ClipBundle, eval_mode
+from ..model.similarity import CosineSimilarity, chunk_scorer
 from .encode import EvaluationError, encode_image_dataset, encode_texts
 from .metrics import build_zero_shot_classifier, zero_shot_scores
 
@@ -87,8 +88,12 @@ def evaluate_zeroshot(
         check_task(name, classnames, templates, None)
         dataset = task
     with eval_mode(bundle.model):
+        sim = bundle.similarity
         classifier = build_zero_shot_classifier(
-            lambda texts: encode_texts(bundle, texts, batch_size, progress=False), classnames, templates
+            lambda texts: encode_texts(bundle, texts, batch_size, progress=False),
+            classnames,
+            templates,
+            prototypes=None if isinstance(sim, CosineSimilarity) else sim.prototypes,
         )
     features, seen = encode_image_dataset(
         bundle, dataset, batch_size, num_workers, progress, desc=f"zero-shot {name}", return_labels=True
@@ -96,5 +101,7 @@ def evaluate_zeroshot(
     if labels is None:  # a bare Dataset: its labels are known only now
         labels = seen.tolist()
         check_task(name, classnames, templates, labels)
-    scores = zero_shot_scores(features, classifier, torch.tensor(labels), logit_scale=LOGIT_SCALE)
+    scores = zero_shot_scores(
+        features, classifier, torch.tensor(labels), logit_scale=LOGIT_SCALE, score=chunk_scorer(sim, "image")
+    )
     return {**scores, "num_images": len(labels), "num_classes": len(classnames)}

@@ -28,6 +28,11 @@ METHODS = {
         "Safe-CLIP (rigid redirection, Poppi et al., ECCV 2024): each unsafe caption or image "
         "is pulled towards its own paired safe item"
     ),
+    "hysac": (
+        "HySAC (hyperbolic safety-aware CLIP, Poppi et al., CVPR 2025): unsafe content is kept "
+        "and ordered in the Lorentz model of hyperbolic space, safe content nearer the origin; "
+        "retrieval is made safe at query time by the safety traversal"
+    ),
 }
 
 
@@ -50,6 +55,7 @@ def model_card(
     license: str = "mit",
     limitations: Sequence[str] = (),
     library: str = "open_clip",
+    hyperbolic: bool = False,
 ) -> str:
     """Markdown model card with Hugging Face front matter.
 
@@ -68,6 +74,7 @@ def model_card(
         folder / repo_id: shown in the usage snippet (``local-dir:`` / ``hf-hub:``).
         limitations: extra lines for the limitations section.
         library: the export's layout, ``open_clip`` or ``transformers`` (front matter, usage).
+        hyperbolic: a HySAC model: the card explains its head file and its two modes.
 
     The card is meant to be published: the base model is named by its hub id, tag or file name
     (:func:`public_model_name`), never by a local path.
@@ -124,9 +131,34 @@ def model_card(
             "zero-shot accuracy against the original model before relying on this model."
         )
     usage = _usage_transformers(folder, repo_id) if library == "transformers" else _usage(folder, repo_id)
-    lines += ["", "## Usage", "", *usage]
+    lines += ["", "## Usage", "", *(_hyperbolic_lines() if hyperbolic else []), *usage]
     lines += ["", *_intended_use(evaluation_data, limitations)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _hyperbolic_lines() -> list[str]:
+    return [
+        "**This is a hyperbolic (HySAC) model.** Its towers load in plain open_clip below, but their "
+        "outputs are tangent vectors, not unit vectors: the embeddings live in the Lorentz model of "
+        "hyperbolic space, and two items are compared by their geodesic distance, not by cosine. "
+        "`hyperbolic_head.safetensors` (+ `hyperbolic_head.json`, with its checksum) holds the learnt "
+        "curvature, the per-tower scales and the **safe radii**. Two modes:",
+        "",
+        "- **safe** (the default for retrieval): a query farther from the origin than its modality's "
+        "safe radius is moved back along its geodesic to that radius (safety traversal), so an unsafe "
+        "query retrieves safe content;",
+        "- **moderation**: no traversal: an unsafe query finds unsafe content (what content moderators need).",
+        "",
+        "The distance of an embedding from the origin is itself an unsafe score (unsafe content lies farther out).",
+        "",
+        "```python",
+        "import saferclip",
+        'model = saferclip.load_model("local-dir:./this-folder")  # mode="safe" by default',
+        'moderation = saferclip.load_model("local-dir:./this-folder", mode="moderation")',
+        'scores = model.similarity(model.encode_text(["a caption"]), model.encode_image(images))',
+        "```",
+        "",
+    ]
 
 
 def _selection_lines(selection: Mapping[str, Any]) -> list[str]:

@@ -46,7 +46,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -352,8 +352,10 @@ def export_hf(
     metadata: Mapping[str, Any] | None = None,
     dtype: str = "fp32",
     tokenizer: Any = None,
+    extras: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``model`` as a transformers CLIP folder (layout and mapping: module doc).
+    ``extras`` writes further files into it before the swap (a HySAC model's hyperbolic head).
 
     Args:
         model: an open_clip ``CLIP`` (adapters allowed; merged into a copy) or a
@@ -412,6 +414,8 @@ def export_hf(
         save_hf_tokenizer(tokenizer, tmp, config["text_config"]["max_position_embeddings"])
         write_json_atomic(tmp / PROVENANCE_NAME, info)
         write_text_atomic(tmp / "README.md", readme)
+        if extras is not None:
+            extras(tmp)
     log.info("exported %s (%s, %s, %d adapters merged) to %s as transformers CLIP", arch, info.get("method"), dtype, len(merged_names), out)
     return out
 

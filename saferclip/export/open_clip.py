@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -162,6 +162,7 @@ def export_open_clip(
     metadata: Mapping[str, Any] | None = None,
     dtype: str = "fp32",
     tokenizer: Any = None,
+    extras: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``model`` as a folder open_clip loads with ``local-dir:`` (layout: module doc).
 
@@ -188,6 +189,8 @@ def export_open_clip(
             in the config: SigLIP, multilingual models): its files are saved into the folder,
             where ``get_tokenizer("local-dir:...")`` looks for them. Defaults to the bundle's,
             else ``open_clip.get_tokenizer(arch)``.
+        extras: writes further files into the folder before it is swapped in (a HySAC
+            model's hyperbolic head), so they appear together with the weights or not at all.
 
     Returns:
         the folder's path.
@@ -234,6 +237,8 @@ def export_open_clip(
         _save_hf_tokenizer(model_cfg, tokenizer, arch, tmp)
         write_json_atomic(tmp / CONFIG_NAME, config)
         write_text_atomic(tmp / "README.md", readme)
+        if extras is not None:
+            extras(tmp)
     log.info("exported %s (%s, %s, %d adapters merged) to %s", arch, info.get("method"), dtype, len(merged_names), out)
     return out
 

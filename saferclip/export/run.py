@@ -35,6 +35,8 @@ from .. import locations
 from ..errors import ConfigError
 from ..files import occupied
 from ..model.build import ClipBundle
+from ..model.hyperbolic import save_head
+from ..model.similarity import LorentzSimilarity
 from ..model.checkpoints import CheckpointError
 from ..model.trained import (
     HYDRA_CONFIG,
@@ -412,6 +414,7 @@ def export_checkpoint(
     evaluation: Any = None,
     run_dir: str | os.PathLike | None = None,
     format: str = "open_clip",
+    similarity: LorentzSimilarity | None = None,
 ) -> Path:
     """Export a trained model as a folder open_clip (or transformers) loads by itself, with a
     model card.
@@ -431,6 +434,9 @@ def export_checkpoint(
         run_dir: the run folder (for its config and report) when it cannot be inferred.
         format: ``open_clip`` (open_clip's hub layout) or ``hf`` (a transformers CLIP folder,
             :func:`saferclip.export.hf.export_hf`; needs ``transformers``).
+        similarity: a HySAC model's geometry with its safe radii (default: the checkpoint's,
+            radii from the run folder's ``safe_radii.json``); written as the hyperbolic head
+            files beside the towers, in either format.
 
     The card and the provenance name the base model by its tag / hub id or file name and the
     run by its folder's name; other local paths are shown relative to the run folder or the
@@ -498,12 +504,16 @@ def export_checkpoint(
     if selection is not None:
         metadata["selection"] = selection
     metadata["source"] = metadata["training_checkpoint"] or f"in-memory {type(source).__name__}"
+    extras = _hyperbolic_head_writer(trained, method_cfg, similarity)
+    if extras is not None:
+        card["hyperbolic"] = True
+        metadata["geometry"] = "lorentz"
     if format == "hf":
         from .hf import (
             export_hf,  # needs transformers: only when asked for
         )
 
-        return export_hf(trained.model, trained.arch, out, model_card=card, force=force, metadata=metadata, dtype=dtype)
+        return export_hf(trained.model, trained.arch, out, model_card=card, force=force, metadata=metadata, dtype=dtype, extras=extras)
     return export_open_clip(
         trained.model,
         trained.arch,
@@ -513,7 +523,26 @@ def export_checkpoint(
         force=force,
         metadata=metadata,
         dtype=dtype,
+        extras=extras,
     )
+
+
+def _hyperbolic_head_writer(trained: TrainedModel, method_cfg: Mapping[str, Any], similarity: LorentzSimilarity | None):
+    """For a HySAC model: a function writing its hyperbolic head into the export folder."""
+    own = getattr(trained.model, "similarity", None)
+    if similarity is None and isinstance(own, LorentzSimilarity):
+        similarity = own
+    if similarity is None and method_cfg.get("name") != "hysac":
+        return None
+    if similarity is None or similarity.radius_text is None or similarity.radius_image is None:
+        where = trained.run_dir or trained.checkpoint or "the source"
+        raise ConfigError(
+            f"{where}: a HySAC export needs the safe radii (safe_radii.json in the run folder, written when "
+            "training ends); rerun the training, or pass similarity= with the radii"
+        )
+    percentile = (method_cfg.get("hyperbolic") or {}).get("traversal_percentile")
+    meta = {"traversal_percentile": percentile}
+    return lambda folder: save_head(folder, similarity, meta)
 
 
 def _provenance_line(trained: TrainedModel) -> str:

@@ -16,7 +16,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -34,6 +34,8 @@ from .checkpoints import (
     read_safetensors_metadata,
     sniff_format,
 )
+from .hyperbolic import has_head, load_head
+from .similarity import COSINE, Similarity
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,9 @@ class ClipBundle:
     tokenizer: Callable
     arch: str
     source: str  # where the weights came from: "random", a tag, or a path
+    # how the model compares embeddings (cosine for every Euclidean CLIP; a hyperbolic model
+    # brings its own): evaluation asks for it instead of assuming cosine
+    similarity: Similarity = field(default=COSINE)
 
     @property
     def model_cfg(self) -> dict[str, Any]:
@@ -191,7 +196,10 @@ def _build_from_folder(path: Path, arch: str | None, device, precision: str) -> 
     load_into(model, load_state_dict(weights), str(weights), folder_arch or arch or "")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     model = _finish(model, device, precision)
-    return ClipBundle(model, preprocess, tokenizer, folder_arch or arch or f"local-dir:{path}", str(path))
+    bundle = ClipBundle(model, preprocess, tokenizer, folder_arch or arch or f"local-dir:{path}", str(path))
+    if has_head(path):  # an exported HySAC model: its hyperbolic geometry, checked
+        bundle.similarity, _ = load_head(path)
+    return bundle
 
 
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, arch: str = "") -> None:

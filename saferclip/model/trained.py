@@ -15,8 +15,12 @@ from typing import Any
 from .adapters import TrainableConfig, configure_trainable, merge_adapters
 from .build import ClipBundle, build_clip
 from .checkpoints import CheckpointError, load_torch_checkpoint
+from ..errors import ConfigError
+from .hyperbolic import HyperbolicConfig, HyperbolicHead
+from .similarity import LorentzSimilarity, Similarity
 
 MODEL_PREFIX = "model."
+HEAD_PREFIX = "head."  # a HySAC module's hyperbolic head
 
 # A run folder, as saferclip-train writes it:
 #   config_resolved.yaml   the run's config, every interpolation resolved
@@ -28,6 +32,27 @@ RESOLVED_CONFIG = Path("config_resolved.yaml")
 RUN_CONFIG = Path(".hydra") / "config.yaml"
 HYDRA_CONFIG = Path(".hydra") / "hydra.yaml"
 SELECTION_FILE = Path("selection.json")
+SAFE_RADII_FILE = Path("safe_radii.json")  # HySAC: the safe radii, computed after training
+
+
+def read_safe_radii(run_dir: str | Path | None) -> dict[str, float] | None:
+    """A HySAC run's safe radii ``{"text", "image", "percentile"}``, None if it has none yet."""
+    import json
+    import math
+
+    if run_dir is None:
+        return None
+    path = Path(run_dir) / SAFE_RADII_FILE
+    if not path.is_file():
+        return None
+    try:
+        radii = json.loads(path.read_text())
+        values = {k: float(radii[k]) for k in ("text", "image")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable safe radii ({e}); delete it to have them computed again") from None
+    if not all(math.isfinite(v) and v > 0 for v in values.values()):
+        raise CheckpointError(f"{path}: safe radii must be finite and > 0, got {values}")
+    return {**radii, **values}
 
 
 def read_selection(run_dir: str | Path) -> dict[str, Any] | None:
@@ -105,7 +130,25 @@ def trained_model_from_checkpoint(ckpt: Mapping[str, Any], device: str = "cpu", 
         merge_adapters(bundle.model, inplace=True)
     bundle.model.requires_grad_(False).eval().to(device)
     bundle.source = ckpt["_path"]
+    if isinstance(method.get("hyperbolic"), Mapping):
+        bundle.similarity = _hyperbolic_similarity(ckpt, bundle, method["hyperbolic"])
     return bundle
+
+
+def _hyperbolic_similarity(ckpt: Mapping[str, Any], bundle: ClipBundle, section: Mapping[str, Any]):
+    """A HySAC checkpoint's geometry: its head's learnt values, and the safe radii of its run
+    folder when computed (safe mode), else moderation mode."""
+    dim = int(bundle.model_cfg.get("embed_dim") or 0)
+    head = HyperbolicHead(dim or 1, HyperbolicConfig.from_mapping(section))
+    state = {k[len(HEAD_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(HEAD_PREFIX)}
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt['_path']}: a HySAC checkpoint without a valid hyperbolic head ({str(e).splitlines()[0]})") from None
+    path = Path(ckpt["_path"])
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    radii = read_safe_radii(run_dir)
+    return head.similarity(radii, mode="safe" if radii else "moderation")
 
 
 def is_training_checkpoint(pretrained: str | Path | None) -> bool:
@@ -115,12 +158,29 @@ def is_training_checkpoint(pretrained: str | Path | None) -> bool:
     return p.suffix == ".ckpt" or (p.is_dir() and (p / "checkpoints").is_dir())
 
 
-def load_model(arch: str | None, pretrained: str | Path | None, device: str = "cpu") -> ClipBundle:
+def load_model(arch: str | None, pretrained: str | Path | None, device: str = "cpu", mode: str | None = None) -> ClipBundle:
     """Any model a user can name: a training checkpoint or run folder, an exported folder, a
-    weights file, an open_clip tag, or random init (``pretrained=None``)."""
+    weights file, an open_clip tag, or random init (``pretrained=None``).
+
+    ``mode``: for a hyperbolic (HySAC) model, ``safe`` (queries traversed to the safe radius;
+    the default where the radii exist) or ``moderation`` (no traversal). A Euclidean model has
+    no modes: asking for one is an error."""
     if is_training_checkpoint(pretrained):
         bundle = load_trained_model(pretrained, device)
         if arch is not None and bundle.arch != arch:
             raise CheckpointError(f"{pretrained}: holds a {bundle.arch} model, but {arch} was asked for")
-        return bundle
-    return build_clip(arch, pretrained, device=device)
+    else:
+        bundle = build_clip(arch, pretrained, device=device)
+    if mode is not None:
+        bundle.similarity = with_mode(bundle.similarity, mode, pretrained)
+    return bundle
+
+
+def with_mode(similarity: Similarity, mode: str, what: Any = None) -> Similarity:
+    """``similarity`` in ``mode`` (safe / moderation); a Euclidean model has no traversal."""
+    if not isinstance(similarity, LorentzSimilarity):
+        raise ConfigError(
+            f"mode={mode!r}: {what or 'this model'} is a Euclidean CLIP ({similarity.kind} similarity); "
+            "only a hyperbolic (HySAC) model has a safe / moderation mode"
+        )
+    return similarity.with_mode(mode)

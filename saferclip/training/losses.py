@@ -226,6 +226,7 @@ def infonce(
     logit_scale: float = 100.0,
     gather: Gather | None = None,
     rank: int | None = None,
+    pairwise: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Symmetric CLIP loss between paired rows of ``a`` and ``b`` (scalar).
 
@@ -242,6 +243,9 @@ def infonce(
             gradients (``gather_with_grad``, or Lightning's ``all_gather(x, sync_grads=True)``).
         rank: this process's position in the gathered tensor; default torch.distributed's rank
             (0 when not initialised).
+        pairwise: the similarity ``[B, D] x [N, D] -> [B, N]`` the logits are made of (default:
+            the dot product; HySAC passes the negative geodesic distance). ``logit_scale`` may
+            then be a learnt tensor.
     """
     if a.dim() != 2 or a.shape != b.shape:
         raise ValueError(
@@ -257,8 +261,12 @@ def infonce(
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside the gathered world of {world} ranks")
     labels = torch.arange(local, device=a.device) + rank * local
-    loss_a = F.cross_entropy(logit_scale * a @ all_b.T, labels)
-    loss_b = F.cross_entropy(logit_scale * b @ all_a.T, labels)
+    if pairwise is None:
+        loss_a = F.cross_entropy(logit_scale * a @ all_b.T, labels)
+        loss_b = F.cross_entropy(logit_scale * b @ all_a.T, labels)
+    else:
+        loss_a = F.cross_entropy(logit_scale * pairwise(a, all_b), labels)
+        loss_b = F.cross_entropy(logit_scale * pairwise(b, all_a), labels)
     return (loss_a + loss_b) / 2
 
 

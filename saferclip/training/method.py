@@ -15,11 +15,14 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError
 from ..model.adapters import LORA_TARGETS, TOWERS, TrainableConfig
+from ..model.hyperbolic import HyperbolicConfig
 from ..redirection.index import NeighbourConfig, NeighbourError
+from .hysac import HysacLossConfig
 from .losses import LossConfig
 
-METHOD_NAMES = ("saferclip", "safeclip")
-TARGET_KINDS = ("neighbours", "paired")
+METHOD_NAMES = ("saferclip", "safeclip", "hysac")
+# neighbours / paired: redirection targets (SafeR-CLIP / Safe-CLIP); none: HySAC redirects nothing
+TARGET_KINDS = ("neighbours", "paired", "none")
 TRAINABLE_MODES = ("lora", "full", "last_n")
 
 
@@ -47,11 +50,21 @@ class MethodConfig:
     name: str
     targets: str
     curriculum: bool
-    loss: LossConfig
+    loss: LossConfig | HysacLossConfig
     trainable: TrainableConfig
     optimizer: OptimizerConfig
     neighbours: NeighbourConfig | None = None
     extra_pool: str | None = None
+    hyperbolic: HyperbolicConfig | None = None  # HySAC only
+
+    @property
+    def is_hyperbolic(self) -> bool:
+        return self.hyperbolic is not None
+
+    @property
+    def needs_cache(self) -> bool:
+        """Whether training needs the frozen-embedding cache (and targets): not for HySAC."""
+        return self.targets != "none"
 
 
 def _section(method: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -72,19 +85,35 @@ def _known(section: dict[str, Any], allowed: set[str], where: str) -> None:
 def method_config(method: Mapping[str, Any]) -> MethodConfig:
     """Check a method config (a plain dict, as the YAML presets hold it) and build its pieces;
     :class:`ConfigError` names the first wrong key."""
-    _known(dict(method), {"name", "targets", "neighbours", "curriculum", "loss", "trainable", "optimizer"}, "method")
+    allowed = {"name", "targets", "neighbours", "curriculum", "loss", "trainable", "optimizer", "hyperbolic"}
+    _known(dict(method), allowed, "method")
     name = method.get("name")
     if name not in METHOD_NAMES:
         raise ConfigError(f"method.name: unknown method {name!r}; expected one of {METHOD_NAMES}")
     targets = method.get("targets")
     if targets not in TARGET_KINDS:
         raise ConfigError(f"method.targets must be one of {TARGET_KINDS}, got {targets!r}")
+    hyperbolic_cfg = None
+    if name == "hysac":
+        if targets != "none":
+            raise ConfigError(f"method.targets must be none for HySAC (it redirects nothing), got {targets!r}")
+        try:
+            hyperbolic_cfg = HyperbolicConfig.from_mapping(_section(method, "hyperbolic"))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"method.hyperbolic: {e}") from None
+    else:
+        if targets == "none":
+            raise ConfigError(f"method.targets=none is HySAC's; {name} needs neighbours or paired")
+        if method.get("hyperbolic") is not None:
+            raise ConfigError(f"method.hyperbolic: only method hysac has a hyperbolic section, not {name}")
     curriculum = method.get("curriculum", False)
     if not isinstance(curriculum, bool):
         raise ConfigError(f"method.curriculum must be true or false, got {curriculum!r}")
+    if curriculum and targets == "none":
+        raise ConfigError("method.curriculum orders redirection pairs by difficulty: HySAC has none; set it false")
 
     try:
-        loss = LossConfig.from_method(method)
+        loss = HysacLossConfig.from_method(method) if name == "hysac" else LossConfig.from_method(method)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"method.loss: {e}") from None
 
@@ -123,4 +152,4 @@ def method_config(method: Mapping[str, Any]) -> MethodConfig:
             raise ConfigError(f"method.neighbours: {e}") from None
         except TypeError as e:
             raise ConfigError(f"method.neighbours: {e}") from None
-    return MethodConfig(name, targets, curriculum, loss, trainable_cfg, optimizer_cfg, neighbours_cfg, extra_pool)
+    return MethodConfig(name, targets, curriculum, loss, trainable_cfg, optimizer_cfg, neighbours_cfg, extra_pool, hyperbolic_cfg)

@@ -1,0 +1,58 @@
+"""LightningModule of HySAC: the trainable CLIP towers, the hyperbolic head, HySAC's loss.
+
+It shares the Euclidean module's encoding, logging, optimizer and selection machinery
+(:class:`~saferclip.app.module.SaferClipModule`) and differs where the method does: the towers'
+raw outputs are lifted onto the hyperboloid by the learnt :class:`HyperbolicHead`, the loss is
+:class:`~saferclip.training.hysac.HysacLoss`, no frozen target is ever read, and validation
+scores in the safe mode (queries traversed to a radius taken from the validation split's own
+safe items, the same percentile the export uses on the training split).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.hyperbolic import HyperbolicHead, safe_radii
+from ..training.hysac import HYSAC_TERMS, HysacLoss
+from ..training.losses import Gather
+from .module import SaferClipModule, validation_metrics
+
+_MODALITY = {"t_safe": "text", "t_unsafe": "text", "i_safe": "image", "i_unsafe": "image"}
+
+
+class HysacModule(SaferClipModule):
+    def build_loss(self, config):
+        self.head = HyperbolicHead(self.embed_dim, config.hyperbolic)
+        return HysacLoss(config.loss)
+
+    def lifted(self, batch: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
+        """The points of the hyperboloid ``[B, D]`` of the encodings in ``wanted``."""
+        features = self.encode(batch, wanted, normalize=False)
+        return {k: self.head.lift(v, _MODALITY[k]) for k, v in features.items()}
+
+    def loss_step(self, batch: dict[str, torch.Tensor], gather: Gather | None = None):
+        return self.loss(self.head, gather=gather, **self.lifted(batch, self.loss.required_inputs()))
+
+    def encodings_needed(self, item: dict[str, torch.Tensor]) -> set[str]:
+        return self.loss.required_inputs()
+
+    def loss_terms(self, item: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        active = self.loss.config.active()
+        return active, [t for t in HYSAC_TERMS if t not in active]
+
+    def validation_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.lifted(batch, {"t_safe", "t_unsafe", "i_safe", "i_unsafe"})
+
+    def validation_metrics(self, rows: dict[str, torch.Tensor]) -> dict[str, float]:
+        head = self.head
+        owner = rows.get("owner", rows["index"])
+        distinct = owner == rows["index"]
+        distances = {"text": head.similarity().distance_from_origin(rows["t_safe"])}
+        if "i_safe" in rows:
+            distances["image"] = head.similarity().distance_from_origin(rows["i_safe"][distinct])
+        else:
+            distances["image"] = distances["text"]  # text-only data: no image query is traversed
+        radii = safe_radii(distances, head.config.traversal_percentile)
+        metrics = validation_metrics(rows, similarity=head.similarity(radii, mode="safe"))
+        metrics["curvature"] = float(head.curvature())
+        return metrics

@@ -1,0 +1,90 @@
+"""What only a hyperbolic (HySAC) model has: its safe radii, and the distance from the origin as
+a training-free unsafe detector (docs/METHOD.md, "HySAC").
+
+* :func:`measure_safe_radii`: the ``percentile`` of the safe items' distances from the origin,
+  per modality, measured once after training on the training split and saved with the model.
+* :func:`origin_detector_metrics`: an item is flagged unsafe when it lies farther from the
+  origin than a threshold. AUC (safe vs unsafe items of one modality) and the share of unsafe
+  items detected at the threshold that flags 5% of the safe ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..data.records import QuadrupletSet
+from ..model.build import ClipBundle
+from ..model.hyperbolic import safe_radii
+from ..model.similarity import LorentzSimilarity
+from .galleries import PairEmbeddings, embed_pairs
+
+DETECTOR_FALSE_POSITIVE_RATE = 0.05
+
+
+def measure_safe_radii(
+    bundle: ClipBundle,
+    qset: QuadrupletSet,
+    percentile: float,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool | None = None,
+) -> dict[str, float]:
+    """``{"text", "image"}`` safe radii of ``bundle`` (a hyperbolic model) on ``qset``'s safe
+    captions and distinct safe images (the text radius stands in for the image one on
+    text-only data, where no image is ever a query)."""
+    sim = bundle.similarity
+    if not isinstance(sim, LorentzSimilarity):
+        raise ValueError(f"safe radii need a hyperbolic model; {bundle.source} uses {sim.kind} similarity")
+    emb = embed_pairs(
+        bundle,
+        [q.id for q in qset],
+        qset.safe_captions,
+        qset.unsafe_captions,
+        [q.safe_image for q in qset] if qset.mode.has_safe_images else None,
+        None,
+        batch_size,
+        num_workers,
+        progress,
+        label="safe radii",
+    )
+    distances = {"text": sim.distance_from_origin(emb.safe_text)}
+    distances["image"] = sim.distance_from_origin(emb.safe_image) if emb.safe_image is not None else distances["text"]
+    return safe_radii(distances, percentile)
+
+
+def _auc(safe: Tensor, unsafe: Tensor) -> float:
+    """P(score(unsafe) > score(safe)) + ½ P(tie): the Mann-Whitney AUC."""
+    scores = torch.cat([safe, unsafe]).double()
+    ranks = torch.empty_like(scores)
+    order = torch.argsort(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # average ranks of ties
+    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    if len(values) < len(scores):
+        sums = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ranks)
+        ranks = (sums / counts)[inverse]
+    n_safe, n_unsafe = len(safe), len(unsafe)
+    return float((ranks[n_safe:].sum() - n_unsafe * (n_unsafe + 1) / 2) / (n_safe * n_unsafe))
+
+
+def origin_detector_metrics(emb: PairEmbeddings) -> dict[str, Any]:
+    """``origin_detector_{text,image}_auc`` and ``..._detected@5fpr`` of a hyperbolic model's
+    embeddings (empty for a Euclidean one): unsafe captions vs safe captions, unsafe images
+    vs safe images."""
+    sim = emb.similarity
+    if not isinstance(sim, LorentzSimilarity):
+        return {}
+    out: dict[str, Any] = {}
+    pairs = {"text": (emb.safe_text, emb.unsafe_text), "image": (emb.safe_image, emb.unsafe_image)}
+    for modality, (safe, unsafe) in pairs.items():
+        if safe is None or unsafe is None or not len(safe) or not len(unsafe):
+            continue
+        d_safe, d_unsafe = sim.distance_from_origin(safe), sim.distance_from_origin(unsafe)
+        threshold = torch.quantile(d_safe.double(), 1 - DETECTOR_FALSE_POSITIVE_RATE)
+        out[f"origin_detector_{modality}_auc"] = _auc(d_safe, d_unsafe)
+        out[f"origin_detector_{modality}_detected@5fpr"] = float((d_unsafe.double() > threshold).float().mean())
+        out[f"origin_detector_{modality}_false_positives"] = float((d_safe.double() > threshold).float().mean())
+    return out

@@ -1,0 +1,358 @@
+"""HySAC: the Lorentz geometry against closed forms, the loss against an independent
+re-derivation (values and gradients), the safety traversal, hyperbolic retrieval against a
+brute-force ranking, the export round trip, and bad settings as one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from train_helpers import compose_train, one_thread, prepared  # noqa: F401
+
+from saferclip.errors import ConfigError
+from saferclip.evaluation.hyperbolic import _auc, origin_detector_metrics
+from saferclip.evaluation.metrics import recall_at_k, unsafe_rate
+from saferclip.model import lorentz
+from saferclip.model.checkpoints import CheckpointError
+from saferclip.model.hyperbolic import HEAD_JSON, HEAD_TENSORS, HyperbolicConfig, HyperbolicHead, load_head, save_head
+from saferclip.model.similarity import COSINE, LorentzSimilarity, chunk_scorer
+from saferclip.training.hysac import HYSAC_TERMS, HysacLoss, HysacLossConfig
+from saferclip.training.method import method_config
+
+CURVATURES = (0.3, 1.0, 2.5)
+
+
+def rand(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+
+
+# ---------------------------------------------------------------- geometry: closed forms
+@pytest.mark.parametrize("c", CURVATURES)
+def test_log_of_exp_is_the_identity(c):
+    v = rand(64, 16, scale=0.7)
+    torch.testing.assert_close(lorentz.logmap0(lorentz.expmap0(v, c), c), v, rtol=1e-6, atol=1e-7)
+
+
+def test_distance_from_the_origin_of_exp_v_is_the_norm_of_v():
+    v = rand(32, 8, seed=1, scale=2.0)
+    x = lorentz.expmap0(v, 1.0)
+    torch.testing.assert_close(lorentz.distance_from_origin(x, 1.0), v.norm(dim=-1), rtol=1e-6, atol=1e-7)
+    # and the pairwise distance to the origin (x = 0) says the same
+    origin = torch.zeros(1, 8, dtype=torch.float64)
+    torch.testing.assert_close(lorentz.pairwise_distance(x, origin, 1.0)[:, 0], v.norm(dim=-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("c", CURVATURES)
+def test_pairwise_distance_is_symmetric_and_matches_the_hyperboloid_formula(c):
+    x, y = rand(10, 6, seed=2), rand(7, 6, seed=3)
+    d = lorentz.pairwise_distance(x, y, c)
+    torch.testing.assert_close(d, lorentz.pairwise_distance(y, x, c).T)
+    # independently: full Lorentz vectors (time first) and the Minkowski inner product
+    X = torch.cat([torch.sqrt(1 / c + (x * x).sum(-1, keepdim=True)), x], -1)
+    Y = torch.cat([torch.sqrt(1 / c + (y * y).sum(-1, keepdim=True)), y], -1)
+    minkowski = -X[:, None, 0] * Y[None, :, 0] + (X[:, None, 1:] * Y[None, :, 1:]).sum(-1)
+    torch.testing.assert_close(d, torch.acosh(-c * minkowski) / math.sqrt(c), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lorentz.distance(x[:7], y, c), d[:7].diagonal(), rtol=1e-9, atol=1e-9)
+
+
+def test_half_aperture_lies_in_zero_to_half_pi():
+    x = torch.cat([rand(100, 5, seed=4, scale=s) for s in (1e-4, 0.1, 1.0, 50.0)])
+    aperture = lorentz.half_aperture(x, 1.0)
+    assert bool((aperture > 0).all()) and bool((aperture < math.pi / 2).all())
+
+
+@pytest.mark.parametrize("c", CURVATURES)
+def test_exterior_angle_is_zero_on_the_geodesic_from_the_origin_through_x(c):
+    v = rand(20, 6, seed=5)
+    x = lorentz.expmap0(v, c)
+    beyond = lorentz.expmap0(v * 1.8, c)  # farther along the same geodesic
+    assert float(lorentz.exterior_angle(x, beyond, c).max()) < 2e-3
+    back = lorentz.expmap0(-v, c)  # the other way through the origin: the widest angle
+    assert float(lorentz.exterior_angle(x, back, c).min()) > math.pi - 2e-2
+    # and the entailment loss is zero for points inside the cone, positive outside
+    assert float(lorentz.entailment_loss(x, beyond, c)) == 0.0
+    assert float(lorentz.entailment_loss(x, back, c)) > 1.0
+
+
+# ---------------------------------------------------------------- traversal
+def test_traversal_is_the_identity_inside_the_radius_and_lands_on_it_outside():
+    c, radius = 1.3, 1.0
+    v = rand(200, 8, seed=6)
+    v = v / v.norm(dim=-1, keepdim=True) * torch.linspace(0.05, 3.0, 200, dtype=torch.float64)[:, None]
+    x = lorentz.expmap0(v, c)
+    moved = lorentz.traverse(x, radius, c)
+    inside = lorentz.distance_from_origin(x, c) <= radius
+    assert 0 < int(inside.sum()) < len(x)
+    torch.testing.assert_close(moved[inside], x[inside], rtol=0, atol=0)
+    d = lorentz.distance_from_origin(moved[~inside], c)
+    torch.testing.assert_close(d, torch.full_like(d, radius), rtol=1e-6, atol=1e-6)
+    # along its own geodesic: the direction from the origin is kept
+    torch.testing.assert_close(F.normalize(moved[~inside], dim=-1), F.normalize(x[~inside], dim=-1))
+
+
+def test_the_safe_mode_traverses_the_query_only():
+    sim = LorentzSimilarity(1.0, 1.0, 1.0, radius_text=0.5, radius_image=2.0, traversal=True)
+    q, g = rand(5, 4, seed=7, scale=2.0), rand(9, 4, seed=8, scale=2.0)
+    expected = -lorentz.pairwise_distance(lorentz.traverse(q, 0.5, 1.0), g, 1.0)
+    torch.testing.assert_close(sim.scores(q, g, "text"), expected)
+    moderation = sim.with_mode("moderation")
+    torch.testing.assert_close(moderation.scores(q, g, "text"), -lorentz.pairwise_distance(q, g, 1.0))
+
+
+# ---------------------------------------------------------------- the loss, re-derived
+def reference_hysac_loss(points, curvature, logit_scale, k, weights):
+    """HySAC's total written out from the formulas (docs/METHOD.md), full Lorentz vectors."""
+    c = curvature
+
+    def full(x):
+        return torch.cat([torch.sqrt(1 / c + (x * x).sum(-1, keepdim=True)), x], -1)
+
+    def minkowski(X, Y):  # [N, M]
+        return -X[:, None, 0] * Y[None, :, 0] + (X[:, None, 1:] * Y[None, :, 1:]).sum(-1)
+
+    def contrastive(a, b):
+        d = torch.acosh((-c * minkowski(full(a), full(b))).clamp_min(1 + 1e-6)) / c**0.5
+        logits = -d * logit_scale
+        y = torch.arange(len(a))
+        return (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
+
+    def entail(x, y):
+        X, Y = full(x), full(y)
+        inner = -X[:, 0] * Y[:, 0] + (X[:, 1:] * Y[:, 1:]).sum(-1)
+        num = Y[:, 0] + c * inner * X[:, 0]
+        den = x.norm(dim=-1) * torch.sqrt((c * inner) ** 2 - 1)
+        angle = torch.acos((num / den).clamp(-1 + 1e-6, 1 - 1e-6))
+        aperture = torch.asin((2 * k / (c**0.5 * x.norm(dim=-1))).clamp(-1 + 1e-6, 1 - 1e-6))
+        return (angle - aperture).clamp_min(0).mean()
+
+    S, U, V, G = points["t_safe"], points["t_unsafe"], points["i_safe"], points["i_unsafe"]
+    terms = {
+        "contrastive_safe": contrastive(S, V),
+        "contrastive_unsafe": contrastive(U, G),
+        "contrastive_safe_text_unsafe_image": contrastive(S, G),
+        "contrastive_unsafe_text_safe_image": contrastive(U, V),
+        "entailment_safe": entail(S, V),
+        "entailment_unsafe": entail(U, G),
+        "entailment_safe_image_unsafe_text": entail(V, U),
+    }
+    active = {t: v for t, v in terms.items() if weights[t] > 0}
+    return sum(weights[t] * v for t, v in active.items()) / len(active), active
+
+
+@pytest.mark.parametrize("weights", [None, {"contrastive_safe": 2.0, "entailment_unsafe": 0.5}])
+def test_hysac_loss_matches_an_independent_derivation_values_and_gradients(weights):
+    config = HysacLossConfig() if weights is None else HysacLossConfig(weights=weights)
+    head = HyperbolicHead(8, HyperbolicConfig(curvature=1.7, aperture_k=0.2))
+    raw = {name: rand(6, 8, seed=10 + i).float().requires_grad_(True) for i, name in enumerate(("t_safe", "t_unsafe", "i_safe", "i_unsafe"))}
+    modality = {"t_safe": "text", "t_unsafe": "text", "i_safe": "image", "i_unsafe": "image"}
+    total, terms = HysacLoss(config)(head, **{k: head.lift(v, modality[k]) for k, v in raw.items()})
+    grads = torch.autograd.grad(total, list(raw.values()))
+
+    raw2 = {k: v.detach().double().requires_grad_(True) for k, v in raw.items()}
+    c = float(head.curvature().detach())
+    points = {k: lorentz.expmap0(v * float(head.scale(modality[k]).detach()), c) for k, v in raw2.items()}
+    expected, expected_terms = reference_hysac_loss(points, c, float(head.logit_scale().detach()), 0.2, config.weights)
+    expected_grads = torch.autograd.grad(expected, list(raw2.values()))
+    assert set(terms) == set(expected_terms)
+    for name, value in expected_terms.items():
+        torch.testing.assert_close(terms[name].double(), value, rtol=2e-4, atol=2e-5, msg=name)
+    torch.testing.assert_close(total.double(), expected, rtol=2e-4, atol=2e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-5)
+
+
+def test_the_head_never_scales_up_and_keeps_the_curvature_in_range():
+    head = HyperbolicHead(64, HyperbolicConfig(curvature=1.0, curvature_range=(0.5, 2.0)))
+    assert float(head.scale("text")) == pytest.approx(64**-0.5)
+    with torch.no_grad():
+        head.log_text_scale.fill_(3.0)
+        head.log_curvature.fill_(10.0)
+    assert float(head.scale("text")) == 1.0
+    assert float(head.curvature()) == pytest.approx(2.0)
+
+
+# ---------------------------------------------------------------- retrieval with the model's own similarity
+def test_hyperbolic_retrieval_equals_a_brute_force_ranking_by_distance():
+    sim = LorentzSimilarity(0.8, 1.0, 1.0, radius_text=0.9, radius_image=0.9, traversal=True)
+    q = lorentz.expmap0(rand(40, 6, seed=20), 0.8).float()
+    g = lorentz.expmap0(rand(60, 6, seed=21), 0.8).float()
+    positives = torch.randint(0, 60, (40,), generator=torch.Generator().manual_seed(0))
+    got = recall_at_k(q, g, positives, ks=(1, 5), score=chunk_scorer(sim, "text"), chunk_size=7)
+    tq = lorentz.traverse(q, 0.9, 0.8)
+    hits1 = hits5 = 0
+    for i in range(len(q)):
+        d = [float(lorentz.distance(tq[i : i + 1], g[j : j + 1], 0.8)) for j in range(len(g))]
+        rank = sum(dj <= d[int(positives[i])] for j, dj in enumerate(d) if j != int(positives[i]))
+        hits1, hits5 = hits1 + (rank < 1), hits5 + (rank < 5)
+    assert got["R@1"] == pytest.approx(hits1 / len(q))
+    assert got["R@5"] == pytest.approx(hits5 / len(q))
+    # the unsafe rate too: the top-1 of each query by distance
+    unsafe = torch.zeros(60, dtype=torch.bool)
+    unsafe[::3] = True
+    nearest = lorentz.pairwise_distance(tq, g, 0.8).argmin(1)
+    assert unsafe_rate(q, g, unsafe, k=1, score=chunk_scorer(sim, "text")) == pytest.approx(float(unsafe[nearest].float().mean()))
+
+
+def test_cosine_scoring_is_the_dot_product_unchanged():
+    q, g = F.normalize(rand(8, 5, seed=30).float(), dim=-1), F.normalize(rand(12, 5, seed=31).float(), dim=-1)
+    assert chunk_scorer(COSINE, "text") is None  # the metrics keep their own dot product
+    torch.testing.assert_close(COSINE.scores(q, g), q @ g.T)
+
+
+def test_origin_detector_auc_and_detection_rate():
+    from saferclip.evaluation.galleries import PairEmbeddings
+
+    sim = LorentzSimilarity(1.0, 1.0, 1.0)
+    safe = lorentz.expmap0(F.normalize(rand(100, 4, seed=40), dim=-1) * 0.5, 1.0).float()
+    unsafe = lorentz.expmap0(F.normalize(rand(100, 4, seed=41), dim=-1) * 2.0, 1.0).float()
+    emb = PairEmbeddings(safe_text=safe, unsafe_text=unsafe, similarity=sim)
+    out = origin_detector_metrics(emb)
+    assert out["origin_detector_text_auc"] == pytest.approx(1.0)
+    assert out["origin_detector_text_detected@5fpr"] == 1.0
+    assert origin_detector_metrics(PairEmbeddings(safe_text=safe, unsafe_text=unsafe)) == {}  # Euclidean: none
+    assert _auc(torch.tensor([1.0, 2.0]), torch.tensor([1.5, 3.0])) == pytest.approx(0.75)
+
+
+# ---------------------------------------------------------------- the head file
+def test_head_file_round_trips_and_refuses_damage(tmp_path):
+    sim = LorentzSimilarity(1.2, 0.1, 0.2, radius_text=0.7, radius_image=0.9)
+    save_head(tmp_path, sim, {"traversal_percentile": 95})
+    loaded, info = load_head(tmp_path)
+    assert loaded.traversal and loaded.mode == "safe" and info["traversal_percentile"] == 95
+    assert loaded.to_dict() == pytest.approx(sim.to_dict())
+    assert load_head(tmp_path, mode="moderation")[0].traversal is False
+    data = bytearray((tmp_path / HEAD_TENSORS).read_bytes())
+    data[-3] ^= 0xFF
+    (tmp_path / HEAD_TENSORS).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_head(tmp_path)
+    (tmp_path / HEAD_JSON).unlink()
+    with pytest.raises(CheckpointError, match=HEAD_JSON):
+        load_head(tmp_path)
+
+
+# ---------------------------------------------------------------- bad settings
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"curvature_range": [-1.0, 2.0]}, "curvature_range"),
+        ({"curvature_range": [2.0, 1.0]}, "curvature_range"),
+        ({"traversal_percentile": 0}, "traversal_percentile"),
+        ({"traversal_percentile": 150}, "traversal_percentile"),
+        ({"aperture_k": 2}, "aperture_k"),
+        ({"radius": 3}, "unknown keys"),
+    ],
+)
+def test_bad_hyperbolic_settings_are_one_line_errors(section, message):
+    import yaml
+
+    from saferclip.app.hydra_utils import CONF_DIR
+
+    method = yaml.safe_load(Path(CONF_DIR, "method", "hysac.yaml").read_text())
+    method["hyperbolic"].update(section)
+    with pytest.raises(ConfigError, match=message) as error:
+        method_config(method)
+    assert "\n" not in str(error.value)
+
+
+def test_method_mix_ups_are_refused():
+    import yaml
+
+    from saferclip.app.hydra_utils import CONF_DIR
+
+    hysac = yaml.safe_load(Path(CONF_DIR, "method", "hysac.yaml").read_text())
+    with pytest.raises(ConfigError, match="targets must be none"):
+        method_config({**hysac, "targets": "paired"})
+    with pytest.raises(ConfigError, match="unknown HySAC loss term"):
+        method_config({**hysac, "loss": {"weights": {"text_redirection": 1.0}}})
+    saferclip = yaml.safe_load(Path(CONF_DIR, "method", "saferclip.yaml").read_text())
+    with pytest.raises(ConfigError, match="only method hysac"):
+        method_config({**saferclip, "hyperbolic": {"curvature": 1.0}})
+    assert set(HYSAC_TERMS) == set(hysac["loss"]["weights"])
+
+
+def test_a_traversal_asked_of_a_euclidean_model_is_a_one_line_error():
+    from saferclip.model.trained import load_model
+
+    with pytest.raises(ConfigError, match="Euclidean") as error:
+        load_model("saferclip-micro", None, mode="safe")
+    assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- train -> export -> load
+@pytest.fixture(scope="module")
+def hysac_run(tmp_path_factory, toy_world):
+    from saferclip.app.train import train
+
+    tmp = tmp_path_factory.mktemp("hysac")
+    torch.set_num_threads(1)
+    cfg = compose_train(
+        tmp, toy_world, "method=hysac", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1"
+    )
+    result = train(cfg)
+    return tmp / "run", result
+
+
+def test_training_builds_no_cache_and_exports_a_loadable_hyperbolic_model(hysac_run, toy_world):
+    import open_clip
+
+    import saferclip
+    from saferclip.data.splits import load_split
+    from saferclip.evaluation.retrieval import embed_visu, visu_metrics
+    from saferclip.model.trained import load_trained_model
+
+    run, result = hysac_run
+    assert not (run.parent / "cache").exists()  # HySAC builds no frozen cache, no neighbours
+    radii = json.loads((run / "safe_radii.json").read_text())
+    assert radii["percentile"] == 95 and radii["text"] > 0 and radii["image"] > 0
+    export = Path(result["export"])
+    # the towers load in bare open_clip
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export}")
+    assert model is not None
+
+    safe = saferclip.load_model(export)
+    assert safe.mode == "safe"
+    from_checkpoint = load_trained_model(run)
+    assert from_checkpoint.similarity.to_dict() == pytest.approx(safe.geometry.to_dict())
+    captions = ["a red circle", "a blue square on grass"]
+    torch.testing.assert_close(safe.encode_text(captions), safe.geometry.embed(from_checkpoint.model.encode_text(from_checkpoint.tokenizer(captions)), "text"))
+    x = safe.encode_text(captions)
+    torch.testing.assert_close(safe.traverse(x, "text"), from_checkpoint.similarity.traverse(x, "text"))
+
+    # the same metrics from the export and from the checkpoint
+    from saferclip.app.hydra_utils import to_container
+
+    data = to_container(compose_train(run.parent, toy_world).data)
+    test = load_split(data, "test")
+    a = visu_metrics(embed_visu(safe.bundle, test, batch_size=64))
+    b = visu_metrics(embed_visu(from_checkpoint, test, batch_size=64))
+    for key in ("U2V_R@1", "S2V_R@1", "U2VG_unsafe@1", "U2G_R@1"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    moderation = saferclip.load_model(export, mode="moderation")
+    assert moderation.mode == "moderation"
+
+
+def test_evaluation_reports_both_modes_and_no_setting_b(hysac_run, toy_world, tmp_path):
+    from saferclip.app.hydra_utils import to_container
+    from saferclip.evaluation.headline import NOT_APPLICABLE, headline_table
+    from saferclip.evaluation.runner import evaluate_models
+
+    run, result = hysac_run
+    data = to_container(compose_train(tmp_path, toy_world).data)
+    models = {
+        "original": {"arch": "saferclip-micro", "pretrained": None},
+        "hysac_safe": {"pretrained": result["export"], "mode": "safe"},
+        "hysac_moderation": {"pretrained": result["export"], "mode": "moderation"},
+    }
+    out = evaluate_models(models, data, suites=["visu", "nsfw_caps"], batch_size=64)
+    safe, moderation = out["results"]["hysac_safe"]["visu"], out["results"]["hysac_moderation"]["visu"]
+    assert "U2VG_ref_unsafe@1" not in safe and "has no meaning" in safe["skipped"]["_ref"]
+    assert "origin_detector_text_auc" in safe and "U2G_R@1" in moderation
+    table = headline_table(out)
+    assert NOT_APPLICABLE in table
+    with pytest.raises(ConfigError, match="Euclidean"):
+        evaluate_models({"original": {"arch": "saferclip-micro", "pretrained": None, "mode": "safe"}}, data, suites=["visu"])
