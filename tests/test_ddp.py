@@ -29,7 +29,7 @@ from saferclip.app.module import unique_rows
 from saferclip.training.datasets import collate_items
 
 TESTS_DIR = Path(__file__).resolve().parent
-METHODS = ("safeclip", "saferclip")
+METHODS = ("safeclip", "saferclip", "hysac")
 GLOBAL_BATCH = 16
 
 
@@ -45,11 +45,12 @@ def perturb_adapters(module) -> None:
 
 
 def loss_and_grads(module, batch, gather=None) -> dict[str, torch.Tensor]:
-    module.model.zero_grad(set_to_none=True)
+    module.zero_grad(set_to_none=True)
     total, terms = module.loss_step(batch, gather)
     total.backward()
     out = {"loss": total.detach(), **{f"term.{k}": v.detach() for k, v in terms.items()}}
-    out.update({f"grad.{n}": p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad})
+    # every trainable parameter: the CLIP's, and HySAC's hyperbolic head
+    out.update({f"grad.{n}": p.grad.clone() for n, p in module.named_parameters() if p.requires_grad})
     return out
 
 
@@ -118,6 +119,8 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path,
         assert ddp.keys() == reference[method].keys()
         if method == "safeclip":
             assert any(k.startswith("term.xmodal") for k in ddp)  # InfoNCE over the gathered batch
+        if method == "hysac":  # Lorentzian contrastive over the gathered batch; the head learns too
+            assert "term.contrastive_safe" in ddp and "grad.head.log_curvature" in ddp
         for key, value in reference[method].items():
             torch.testing.assert_close(ddp[key], value, rtol=1e-4, atol=1e-6, msg=f"{method} {key}")
         assert sum(float(v.abs().sum()) for k, v in ddp.items() if k.startswith("grad.")) > 0

@@ -138,12 +138,17 @@ def reference_hysac_loss(points, curvature, logit_scale, k, weights):
         "entailment_safe": entail(S, V),
         "entailment_unsafe": entail(U, G),
         "entailment_safe_image_unsafe_text": entail(V, U),
+        "entailment_safe_text_unsafe_text": entail(S, U),
+        "entailment_safe_image_unsafe_image": entail(V, G),
     }
     active = {t: v for t, v in terms.items() if weights[t] > 0}
     return sum(weights[t] * v for t, v in active.items()) / len(active), active
 
 
-@pytest.mark.parametrize("weights", [None, {"contrastive_safe": 2.0, "entailment_unsafe": 0.5}])
+@pytest.mark.parametrize(
+    "weights",
+    [None, {"contrastive_safe": 2.0, "entailment_unsafe": 0.5}, {"entailment_safe_text_unsafe_text": 1.0, "entailment_safe_image_unsafe_image": 3.0}],
+)
 def test_hysac_loss_matches_an_independent_derivation_values_and_gradients(weights):
     config = HysacLossConfig() if weights is None else HysacLossConfig(weights=weights)
     head = HyperbolicHead(8, HyperbolicConfig(curvature=1.7, aperture_k=0.2))

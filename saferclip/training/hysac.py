@@ -12,6 +12,8 @@ contrastive_unsafe_text_safe_image     Lorentzian contrastive (U, V)
 entailment_safe                        S ⊳ V: a safe caption's cone holds its image
 entailment_unsafe                      U ⊳ G: an unsafe caption's cone holds its image
 entailment_safe_image_unsafe_text      V ⊳ U: the safe image's cone holds the unsafe caption
+entailment_safe_text_unsafe_text       S ⊳ U (optional, weight 0 in the preset)
+entailment_safe_image_unsafe_image     V ⊳ G (optional, weight 0 in the preset)
 =====================================  ================================================
 
 Lorentzian contrastive: the symmetric CLIP loss with logits = − geodesic distance × the learnt
@@ -47,6 +49,8 @@ HYSAC_TERMS: tuple[str, ...] = (
     "entailment_safe",
     "entailment_unsafe",
     "entailment_safe_image_unsafe_text",
+    "entailment_safe_text_unsafe_text",
+    "entailment_safe_image_unsafe_image",
 )
 
 # the two embeddings each term compares: (general, specific) for the entailment terms
@@ -58,6 +62,8 @@ HYSAC_TERM_INPUTS: dict[str, tuple[str, str]] = {
     "entailment_safe": ("t_safe", "i_safe"),
     "entailment_unsafe": ("t_unsafe", "i_unsafe"),
     "entailment_safe_image_unsafe_text": ("i_safe", "t_unsafe"),
+    "entailment_safe_text_unsafe_text": ("t_safe", "t_unsafe"),
+    "entailment_safe_image_unsafe_image": ("i_safe", "i_unsafe"),
 }
 
 HYSAC_INPUTS = ("t_safe", "t_unsafe", "i_safe", "i_unsafe")
@@ -65,9 +71,9 @@ HYSAC_INPUTS = ("t_safe", "t_unsafe", "i_safe", "i_unsafe")
 
 @dataclass
 class HysacLossConfig:
-    """One weight per term (0 switches it off); the reference weighs every term 1."""
+    """One weight per term (0 switches it off; a term not named has weight 0)."""
 
-    weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in HYSAC_TERMS})
+    weights: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in HYSAC_TERMS[:7]})
 
     def __post_init__(self) -> None:
         weights = dict(self.weights)
