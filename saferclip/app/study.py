@@ -25,11 +25,13 @@ from ..evaluation.headline import HEADLINE, headline
 from ..model.trained import read_selection
 from .cli import command, compose_help, wants_help
 from .hydra_utils import CONF_DIR, setup_logging, to_container
-from .main_job import check_runs, compose, train_or_reuse
+from .main_job import check_runs, compose, evaluated_models, train_or_reuse
 
 log = logging.getLogger("saferclip.study")
 
-STUDY_KEYS = ("seeds", "out_dir", "runs_dir", "force", "common", "methods", "ablation_seeds", "ablations", "eval")
+STUDY_KEYS = (
+    "seeds", "out_dir", "runs_dir", "force", "common", "methods", "ablation_seeds", "ablations", "eval", "traversal_percentiles",
+)
 
 
 def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -103,7 +105,12 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         for name, variant in variants.items():
             summary = train_or_reuse(name, common + list(variant), Path(cfg.runs_dir), bool(cfg.force))
             runs[f"{name}/seed{seed}"] = summary
-            models[name] = {"arch": base.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
+            trained = {"arch": base.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
+            method = compose("train", common + list(variant)).method.name
+            models.update(evaluated_models(name, trained, method))
+            if method == "hysac":  # the traversal's trade-off: the same model, other safe radii
+                for p in cfg.get("traversal_percentiles") or []:
+                    models[f"{name}_p{p:g}"] = {**trained, "mode": "safe", "traversal_percentile": float(p)}
             record = read_selection(summary["run_dir"])
             if record and seed == cfg.seeds[0]:
                 curves[name] = record
@@ -140,6 +147,7 @@ STUDY_HELP = {
     "methods": "the methods: overrides of the training config",
     "ablations": "variants of SafeR-CLIP: overrides of the training config",
     "ablation_seeds": "the seeds of the ablations (default [0, 1])",
+    "traversal_percentiles": "HySAC's safe radius swept over these percentiles (no retraining)",
     "force": "retrain even when an identical finished run exists",
     "out_dir": "where study.md / study.json and the plots go (outputs/study)",
     "runs_dir": "where training runs go, shared with saferclip-main (outputs/runs)",

@@ -37,6 +37,7 @@ from ..errors import ConfigError
 from ..model.build import ClipBundle, check_arch, default_base_checkpoint
 from ..model.checkpoints import CheckpointError, read_safetensors_metadata, sniff_format
 from ..model.trained import is_training_checkpoint, load_model
+from ..model.hyperbolic import check_percentile
 from ..model.similarity import MODES
 from .cost import cost_of_safety, is_unsafe_task
 from .hyperbolic import origin_detector_metrics
@@ -56,27 +57,37 @@ class ModelSpec:
     """A model to evaluate: an open_clip architecture and what ``pretrained`` names (a training
     checkpoint or run folder, an exported folder, a weights file, an open_clip tag, or None for
     random init — see :func:`saferclip.model.trained.load_model`), and for a hyperbolic (HySAC)
-    model its ``mode``: ``safe`` (queries traversed; the default) or ``moderation``."""
+    model its ``mode``: ``safe`` (queries traversed; the default) or ``moderation``, and
+    optionally ``traversal_percentile``: safe radii measured anew at this percentile of the
+    training split's safe items (a sweep of the traversal without retraining)."""
 
     arch: str | None = None
     pretrained: str | None = None
     precision: str = "fp32"
     mode: str | None = None
+    traversal_percentile: float | None = None
 
     @classmethod
     def of(cls, name: str, spec: ModelSpec | Mapping[str, Any] | None) -> ModelSpec:
         if isinstance(spec, ModelSpec):
             return spec
         spec = dict(spec or {})
-        unknown = sorted(set(spec) - {"arch", "pretrained", "precision", "mode"})
+        known = {"arch", "pretrained", "precision", "mode", "traversal_percentile"}
+        unknown = sorted(set(spec) - known)
         if unknown:
-            raise ConfigError(f"model {name!r}: unknown keys {unknown}; expected arch, pretrained, precision, mode")
+            raise ConfigError(f"model {name!r}: unknown keys {unknown}; expected {', '.join(sorted(known))}")
+        percentile = spec.get("traversal_percentile")
+        if percentile is not None:
+            try:
+                percentile = check_percentile(percentile)
+            except ValueError as e:
+                raise ConfigError(f"model {name!r}: {e}") from None
         pretrained = spec.get("pretrained")
         mode = spec.get("mode")
         if mode is not None and mode not in MODES:
             raise ConfigError(f"model {name!r}: mode must be one of {list(MODES)} (hyperbolic models only), got {mode!r}")
         return cls(
-            spec.get("arch"), None if pretrained in (None, "") else str(pretrained), spec.get("precision") or "fp32", mode
+            spec.get("arch"), None if pretrained in (None, "") else str(pretrained), spec.get("precision") or "fp32", mode, percentile
         )
 
 
@@ -260,6 +271,20 @@ def build_model(name: str, spec: ModelSpec, device: str = "cpu", seed: int = 0) 
     return bundle
 
 
+def radii_at(name: str, bundle: ClipBundle, percentile: float, data_cfg: Mapping[str, Any], **kw: Any):
+    """``bundle``'s geometry in safe mode with its radii measured at ``percentile`` on the
+    training split of ``data_cfg``."""
+    from dataclasses import replace
+
+    from ..model.similarity import LorentzSimilarity
+    from .hyperbolic import measure_safe_radii
+
+    if not isinstance(bundle.similarity, LorentzSimilarity):
+        raise ConfigError(f"model {name!r}: traversal_percentile is for a hyperbolic (HySAC) model; this one is Euclidean")
+    radii = measure_safe_radii(bundle, load_split(data_cfg, "train"), percentile, **kw)
+    return replace(bundle.similarity, radius_text=radii["text"], radius_image=radii["image"], traversal=True)
+
+
 def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -325,6 +350,8 @@ def evaluate_models(
         started = time.perf_counter()
         bundle = build_model(name, spec, device, seed)
         kw = dict(batch_size=batch_size, num_workers=num_workers, progress=progress)
+        if spec.traversal_percentile is not None:
+            bundle.similarity = radii_at(name, bundle, spec.traversal_percentile, data_cfg, **kw)
         out: dict[str, Any] = {}
         if data.zeroshot:
             out["zeroshot"] = {t: evaluate_zeroshot(bundle, task, name=t, **kw) for t, task in data.zeroshot.items()}
