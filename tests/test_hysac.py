@@ -361,3 +361,23 @@ def test_evaluation_reports_both_modes_and_no_setting_b(hysac_run, toy_world, tm
     assert NOT_APPLICABLE in table
     with pytest.raises(ConfigError, match="Euclidean"):
         evaluate_models({"original": {"arch": "saferclip-micro", "pretrained": None, "mode": "safe"}}, data, suites=["visu"])
+
+
+def test_hf_export_carries_the_same_head_and_an_export_without_radii_is_refused(hysac_run, tmp_path):
+    pytest.importorskip("transformers")
+    from saferclip.export.run import export_checkpoint
+    from saferclip.model.trained import SAFE_RADII_FILE
+
+    run, result = hysac_run
+    out = export_checkpoint(run, tmp_path / "hf", format="hf")
+    hf_head, _ = load_head(out)
+    open_clip_head, _ = load_head(result["export"])
+    assert hf_head == open_clip_head
+    # a run whose safe radii are missing cannot be exported as a safe model
+    copy = tmp_path / "run_copy"
+    import shutil
+
+    shutil.copytree(run, copy)
+    (copy / SAFE_RADII_FILE).unlink()
+    with pytest.raises(ConfigError, match="safe radii"):
+        export_checkpoint(copy, tmp_path / "no_radii")
