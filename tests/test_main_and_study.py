@@ -19,7 +19,7 @@ from saferclip.redirection.index import (
     find_safe_neighbours,
     item_groups,
 )
-from saferclip.redirection.prepare import prepare
+from saferclip.training.prepare import prepare
 
 
 def train_overrides(tmp_path, toy_world) -> list[str]:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 
 from ..data.splits import load_split
 from ..model.build import build_clip
-from ..redirection.prepare import Prepared, prepare
+from ..training.prepare import Prepared, prepare
 from ..redirection.targets import RedirectionTargets
 from ..toyworld.generate import ensure_toy_world
 from ..training.datasets import RedirectionDataset, ValidationDataset, collate_items
@@ -81,7 +81,7 @@ class SaferClipDataModule(L.LightningDataModule):
         # the cache and the neighbours are built once here, on the training device, and saved
         # beside each other; every rank's setup() then reads them
         device = str(self.trainer.strategy.root_device) if self.trainer is not None else "cpu"
-        self._prepared = prepare(self.data_cfg, self.model_cfg, self.method_cfg, self.cache_dir, build=True, device=device)
+        self._prepared = prepare(self.data_cfg, self.model_cfg, self.method_cfg, self.cache_dir, progress=True, device=device)
 
     # ---------------------------------------------------------------- every rank
     def setup(self, stage: str | None = None) -> None:
@@ -90,7 +90,7 @@ class SaferClipDataModule(L.LightningDataModule):
         if not method_config(self.method_cfg).needs_cache:
             self._setup_pairs_only()
             return
-        prepared = self._prepared or prepare(self.data_cfg, self.model_cfg, self.method_cfg, self.cache_dir, build=False)
+        prepared = self._prepared or prepare(self.data_cfg, self.model_cfg, self.method_cfg, self.cache_dir, progress=False)
         self._prepared = None
         prepared.bundle.model.to("cpu")  # only its tokenizer and preprocessing are used from here
         cache, bundle = prepared.cache, prepared.bundle

@@ -24,7 +24,7 @@ log = logging.getLogger("saferclip.index")
 
 def build_index(cfg: DictConfig) -> dict:
     """Load the training split, build (or reuse) its cache and neighbour index; return the summary."""
-    from ..redirection.prepare import prepare
+    from ..training.prepare import prepare
     from ..redirection.report import summarize
     from ..toyworld.generate import ensure_toy_world
 
@@ -35,7 +35,7 @@ def build_index(cfg: DictConfig) -> dict:
     start = time.time()
     data = to_container(cfg.data)
     ensure_toy_world(data)
-    prepared = prepare(data, to_container(cfg.model), method, cfg.paths.cache_dir, build=True)
+    prepared = prepare(data, to_container(cfg.model), method, cfg.paths.cache_dir, progress=True)
     summary = summarize(prepared.cache, prepared.neighbours, prepared.train)
     summary["total_seconds"] = round(time.time() - start, 2)
     summary["cache_path"] = str(prepared.cache.path)

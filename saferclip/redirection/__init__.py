@@ -3,7 +3,6 @@
 * :mod:`.cache` — the frozen-embedding cache (``T0(S)``, ``T0(U)``, ``I0(V)``, ``I0(G)``);
 * :mod:`.index` — the FAISS safe-neighbour index (modes, top-k, the quality guard, sparse pools);
 * :mod:`.targets` — the targets of both methods (paired or neighbours) and the curriculum;
-* :mod:`.prepare` — load → cache → targets in one call, shared by training and ``saferclip-index``;
 * :mod:`.report` — what ``saferclip-index`` prints.
 """
 

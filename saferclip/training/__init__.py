@@ -1,7 +1,11 @@
-"""What a training step needs: the loss terms of both methods and the datasets that feed them.
+"""What a training run needs: the checked method, the prepared data, the loss terms, the datasets.
 
+* :mod:`.method` — the one schema of a method config (:func:`method_config` → :class:`MethodConfig`);
+* :mod:`.prepare` — load → frozen-embedding cache → targets in one call, shared by training
+  and ``saferclip-index`` (Safe-CLIP, SafeR-CLIP; HySAC needs none of it);
 * :mod:`.losses` — every term of Safe-CLIP and SafeR-CLIP by name (docs/METHOD.md),
   :class:`SaferClipLoss`, DDP-aware InfoNCE;
+* :mod:`.hysac` — HySAC's Lorentzian contrastive and entailment terms, :class:`HysacLoss`;
 * :mod:`.datasets` — quadruplets with their frozen embeddings and redirection targets, and
   the validation split.
 

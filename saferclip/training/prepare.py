@@ -3,8 +3,9 @@
 :func:`prepare` loads the training split, builds (or reuses) its cache with the *original*
 model and chooses every unsafe item's targets (its pair for Safe-CLIP; its safe neighbours,
 found once and saved beside the cache, for SafeR-CLIP). Under DDP the Lightning datamodule
-calls it with ``build=True`` on rank 0 first and ``build=False`` on every rank after, so the
-frozen encoders run once.
+calls it on rank 0 first (which builds) and on every rank after (which reuse), so the frozen
+encoders run once. It lives in ``training/``: it is the training data's preparation, and the
+redirection layer below it imports nothing from above.
 """
 
 from __future__ import annotations
@@ -16,20 +17,21 @@ from typing import Any, Mapping
 from ..data.records import QuadrupletSet
 from ..data.splits import load_split
 from ..model.build import ClipBundle, build_clip
-from .cache import EmbeddingCache, build_or_load_cache, load_safe_corpus
-from .index import (
+from ..redirection.cache import EmbeddingCache, build_or_load_cache, load_safe_corpus
+from ..redirection.index import (
     SafeNeighbours,
     config_groups,
     load_or_find_safe_neighbours,
     pool_text,
 )
-from .targets import (
+from ..redirection.targets import (
     RedirectionTargets,
     SafePool,
     neighbour_targets,
     paired_targets,
     safe_pool,
 )
+from .method import MethodConfig, method_config
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +52,18 @@ class Prepared:
 def prepare(
     data: Mapping[str, Any],
     model: Mapping[str, Any],
-    method: Mapping[str, Any],
+    method: MethodConfig | Mapping[str, Any],
     cache_dir: str,
-    build: bool = True,
+    progress: bool = True,
     device: str = "cpu",
 ) -> Prepared:
-    """The training split, its cache and targets for ``method`` (``targets: paired`` or
-    ``neighbours`` with a ``neighbours`` section; ``curriculum``). ``build``: show progress
-    while building (rank 0); every call reuses what an earlier one saved. ``device``: where
-    the frozen encoders run when the cache is built (the training GPU: a ViT-L/14 embedding
-    a ViSU split on a CPU would take hours)."""
-    from ..training.method import method_config
-
-    config = method_config(method)
+    """The training split, its cache and targets for ``method`` (a checked
+    :class:`MethodConfig`, or its dict: ``targets: paired`` or ``neighbours`` with a
+    ``neighbours`` section; ``curriculum``). ``progress``: show progress bars while building
+    (rank 0); every call reuses what an earlier one saved. ``device``: where the frozen
+    encoders run when the cache is built (the training GPU: a ViT-L/14 embedding a ViSU split
+    on a CPU would take hours)."""
+    config = method if isinstance(method, MethodConfig) else method_config(method)
     kind = config.targets
     train = load_split(data, "train")
     if train.skips is not None and train.skips.count:
@@ -75,7 +76,7 @@ def prepare(
         cache_dir,
         batch_size=int(data.get("eval_batch_size", 256)),
         num_workers=int(data.get("num_workers", 0)),
-        progress=build,
+        progress=progress,
         extra_safe_captions=load_safe_corpus(extra_pool) if extra_pool else None,
     )
     if kind == "paired":
