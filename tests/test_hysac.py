@@ -352,9 +352,16 @@ def test_evaluation_reports_both_modes_and_no_setting_b(hysac_run, toy_world, tm
         "original": {"arch": "saferclip-micro", "pretrained": None},
         "hysac_safe": {"pretrained": result["export"], "mode": "safe"},
         "hysac_moderation": {"pretrained": result["export"], "mode": "moderation"},
+        # the radii measured anew at the preset's percentile on the same training split
+        "hysac_p95": {"pretrained": result["export"], "mode": "safe", "traversal_percentile": 95},
+        "hysac_p10": {"pretrained": result["export"], "mode": "safe", "traversal_percentile": 10},
     }
     out = evaluate_models(models, data, suites=["visu", "nsfw_caps"], batch_size=64)
     safe, moderation = out["results"]["hysac_safe"]["visu"], out["results"]["hysac_moderation"]["visu"]
+    p95, p10 = out["results"]["hysac_p95"]["visu"], out["results"]["hysac_p10"]["visu"]
+    for key in ("U2V_R@1", "U2VG_unsafe@1", "G2SU_unsafe@1"):
+        assert p95[key] == pytest.approx(safe[key]), key
+    assert p10 != safe  # a smaller radius moves more queries: other numbers
     assert "U2VG_ref_unsafe@1" not in safe and "has no meaning" in safe["skipped"]["_ref"]
     assert "origin_detector_text_auc" in safe and "U2G_R@1" in moderation
     table = headline_table(out)

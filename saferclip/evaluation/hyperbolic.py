@@ -35,6 +35,17 @@ def measure_safe_radii(
     """``{"text", "image"}`` safe radii of ``bundle`` (a hyperbolic model) on ``qset``'s safe
     captions and distinct safe images (the text radius stands in for the image one on
     text-only data, where no image is ever a query)."""
+    return safe_radii(safe_item_distances(bundle, qset, batch_size, num_workers, progress), percentile)
+
+
+def safe_item_distances(
+    bundle: ClipBundle,
+    qset: QuadrupletSet,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool | None = None,
+) -> dict[str, Tensor]:
+    """The distances from the origin of ``qset``'s safe captions and distinct safe images."""
     sim = bundle.similarity
     if not isinstance(sim, LorentzSimilarity):
         raise ValueError(f"safe radii need a hyperbolic model; {bundle.source} uses {sim.kind} similarity")
@@ -52,7 +63,7 @@ def measure_safe_radii(
     )
     distances = {"text": sim.distance_from_origin(emb.safe_text)}
     distances["image"] = sim.distance_from_origin(emb.safe_image) if emb.safe_image is not None else distances["text"]
-    return safe_radii(distances, percentile)
+    return distances
 
 
 def _auc(safe: Tensor, unsafe: Tensor) -> float:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -271,18 +271,24 @@ def build_model(name: str, spec: ModelSpec, device: str = "cpu", seed: int = 0) 
     return bundle
 
 
-def radii_at(name: str, bundle: ClipBundle, percentile: float, data_cfg: Mapping[str, Any], **kw: Any):
-    """``bundle``'s geometry in safe mode with its radii measured at ``percentile`` on the
-    training split of ``data_cfg``."""
+def radii_at(name: str, bundle: ClipBundle, percentile: float, distances: dict[str, Any]):
+    """``bundle``'s geometry in safe mode with its radii at ``percentile`` of the training
+    split's safe items' distances from the origin (``distances``: :func:`safe_distances`)."""
     from dataclasses import replace
 
+    from ..model.hyperbolic import safe_radii
+
+    radii = safe_radii(distances, percentile)
+    return replace(bundle.similarity, radius_text=radii["text"], radius_image=radii["image"], traversal=True)
+
+
+def safe_distances(name: str, bundle: ClipBundle, data_cfg: Mapping[str, Any], **kw: Any) -> dict[str, Any]:
     from ..model.similarity import LorentzSimilarity
-    from .hyperbolic import measure_safe_radii
+    from .hyperbolic import safe_item_distances
 
     if not isinstance(bundle.similarity, LorentzSimilarity):
         raise ConfigError(f"model {name!r}: traversal_percentile is for a hyperbolic (HySAC) model; this one is Euclidean")
-    radii = measure_safe_radii(bundle, load_split(data_cfg, "train"), percentile, **kw)
-    return replace(bundle.similarity, radius_text=radii["text"], radius_image=radii["image"], traversal=True)
+    return safe_item_distances(bundle, load_split(data_cfg, "train"), **kw)
 
 
 def _release_memory() -> None:
@@ -344,19 +350,30 @@ def evaluate_models(
     results: dict[str, dict[str, Any]] = {}
     described: dict[str, dict[str, Any]] = {}
     ref_visu = ref_nsfw = None
+    reuse: dict[str, Any] = {}  # what the previous model encoded, for the same weights in another mode
     for name in order:
         spec = specs[name]
         log.info("evaluating %s (%s, %s)", name, spec.arch or "arch from the file", spec.pretrained or "random init")
         started = time.perf_counter()
         bundle = build_model(name, spec, device, seed)
         kw = dict(batch_size=batch_size, num_workers=num_workers, progress=progress)
+        # the same weights in another mode (HySAC safe / moderation, other safe radii): the
+        # embeddings are the same, only the scoring differs, so they are encoded once
+        weights = (spec.arch, spec.pretrained, spec.precision)
+        if weights != reuse.get("weights"):
+            reuse.clear()
+            reuse["weights"] = weights
         if spec.traversal_percentile is not None:
-            bundle.similarity = radii_at(name, bundle, spec.traversal_percentile, data_cfg, **kw)
+            if "distances" not in reuse:
+                reuse["distances"] = safe_distances(name, bundle, data_cfg, **kw)
+            bundle.similarity = radii_at(name, bundle, spec.traversal_percentile, reuse["distances"])
         out: dict[str, Any] = {}
         if data.zeroshot:
             out["zeroshot"] = {t: evaluate_zeroshot(bundle, task, name=t, **kw) for t, task in data.zeroshot.items()}
         if data.visu is not None:
-            emb = embed_visu(bundle, data.visu, distractors=data.visu_distractors, **kw)
+            if "visu" not in reuse:
+                reuse["visu"] = embed_visu(bundle, data.visu, distractors=data.visu_distractors, **kw)
+            emb = replace(reuse["visu"], similarity=bundle.similarity)
             if name == reference:
                 ref_visu = emb
             out["visu"] = visu_metrics(emb, ref_visu)
@@ -372,7 +389,9 @@ def evaluate_models(
                     "seconds": round(time.perf_counter() - started_oracle, 2),
                 }
         if data.nsfw_caps is not None:
-            emb = embed_nsfw_caps(bundle, data.nsfw_caps, **kw)
+            if "nsfw_caps" not in reuse:
+                reuse["nsfw_caps"] = embed_nsfw_caps(bundle, data.nsfw_caps, **kw)
+            emb = replace(reuse["nsfw_caps"], similarity=bundle.similarity)
             if name == reference:
                 ref_nsfw = emb
             out["nsfw_caps"] = nsfw_caps_metrics(emb, ref_nsfw)
