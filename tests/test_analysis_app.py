@@ -16,6 +16,8 @@ from saferclip.analysis import load_detectors
 from saferclip.model.build import build_clip
 from saferclip.model.checkpoints import save_state_dict
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parent.parent
 SMALL = [
     "analysis.detector.per_class=24",
@@ -24,14 +26,6 @@ SMALL = [
     "analysis.geometry.projection_items=10",
     "batch_size=64",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

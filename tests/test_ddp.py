@@ -14,12 +14,11 @@ import pytest
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader, Subset
-from train_helpers import (  # noqa: F401
+from train_helpers import (
     REPO,
     cli_overrides,
     collate,
     compose_train,
-    one_thread,
     prepared,
     run_cli,
 )
@@ -27,6 +26,8 @@ from train_helpers import (  # noqa: F401
 from saferclip.app.datamodule import EpochShuffle, drop_last_for
 from saferclip.app.module import unique_rows
 from saferclip.training.datasets import collate_items
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 TESTS_DIR = Path(__file__).resolve().parent
 METHODS = ("safeclip", "saferclip")
@@ -67,8 +68,8 @@ WORKER = textwrap.dedent(
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
         dist.init_process_group("gloo", rank=rank, world_size=world)
         torch.set_num_threads(1)
-        from test_ddp import METHODS, GLOBAL_BATCH, loss_and_grads, perturb_adapters, prepared
-        from train_helpers import collate, compose_train
+        from test_ddp import METHODS, GLOBAL_BATCH, loss_and_grads, perturb_adapters
+        from train_helpers import collate, compose_train, prepared
         from saferclip.training.losses import gather_with_grad
         for method in METHODS:
             cfg = compose_train(Path(tmp) / method, Path(toy_world), f"method={method}", cache_dir=Path(cache_dir))

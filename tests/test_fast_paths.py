@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.data import default_collate
-from train_helpers import compose_train, one_thread, prepared  # noqa: F401  (fixture)
+from train_helpers import compose_train, prepared
 
 from saferclip.model.build import build_clip, encode_tokens, trimmed_length
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 CAPTIONS = [
     "a red circle on a black background",

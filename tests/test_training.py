@@ -26,7 +26,6 @@ from train_helpers import (
     cli_overrides,
     collate,
     compose_train,
-    one_thread,  # noqa: F401  (autouse fixture)
     prepared,
     run_cli,
 )
@@ -37,6 +36,8 @@ from saferclip.evaluation.metrics import recall_at_k
 from saferclip.model.build import build_clip
 from saferclip.model.checkpoints import save_state_dict
 from saferclip.training.losses import TERM_NAMES
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 TESTS_DIR = Path(__file__).resolve().parent
 SAFECLIP_TERMS = TERM_NAMES[:8]
