@@ -101,6 +101,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path, toy_world):
     cache_dir = tmp_path / "cache"
     reference = {}
@@ -204,6 +205,7 @@ def test_every_item_has_the_same_keys_with_an_extra_safe_pool(tmp_path, toy_worl
 # ---------------------------------------------------------------- the app
 
 
+@pytest.mark.slow
 def test_app_fast_dev_run_under_ddp_cpu(tmp_path, toy_world):
     args = [*cli_overrides(tmp_path, toy_world), "trainer=ddp_cpu", "debug=fast_dev_run", "method=safeclip"]
     args += [f"hydra.run.dir={tmp_path / 'run'}"]

@@ -19,7 +19,7 @@ CAPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["saferclip-micro", "saferclip-toy", "ViT-B-32"])
+@pytest.mark.parametrize("arch", ["saferclip-micro", "saferclip-toy", pytest.param("ViT-B-32", marks=pytest.mark.slow)])
 def test_trimmed_text_encoding_equals_the_full_length_one(arch):
     bundle = build_clip(arch, None)
     tokens = bundle.tokenizer(CAPTIONS)
