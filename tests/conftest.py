@@ -1,4 +1,4 @@
-"""Shared fixtures."""
+"""Fixtures shared by the test files (helper modules, ``tests/*_helpers.py``, hold plain functions only)."""
 
 from __future__ import annotations
 
@@ -14,3 +14,28 @@ def toy_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small toy world (seed 0, SMALL_SIZES), generated once per session. Treat it as read-only:
     tests that need a broken copy write it under their own ``tmp_path``."""
     return make_toy_world(tmp_path_factory.mktemp("toy_world") / "world", seed=0, sizes=SMALL_SIZES)
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test. The tiny models gain nothing from a second thread, and
+    on a shared 2-core machine two OpenMP threads per process made a training step twenty times
+    slower and a tiny UNet step ~100x slower (3.5 s vs 30 ms). Modules that train or run a
+    pipeline use it for every test: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+QUICK_TIER_TIMEOUT = 300  # s; a test outside the slow tier that takes this long has hung
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests not marked ``slow`` take seconds: give them a tighter time limit than the global
+    ``timeout`` (pyproject.toml), unless they set their own with ``@pytest.mark.timeout``."""
+    for item in items:
+        if item.get_closest_marker("slow") is None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(QUICK_TIER_TIMEOUT))

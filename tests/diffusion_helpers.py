@@ -31,19 +31,14 @@ IMAGE_SIZE = 16  # pixels: 8x8 latents through a VAE that halves once
 def single_thread() -> Iterator[None]:
     """One torch thread: on a shared 2-core machine two OpenMP threads made a tiny UNet step
     ~100x slower here (3.5 s vs 30 ms). Module-scoped fixtures that run the pipeline use this
-    themselves: they are set up before any function-scoped fixture."""
+    themselves: they are set up before any function-scoped fixture such as ``one_thread``
+    (tests/conftest.py)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with single_thread():
-        yield
 
 
 def export_micro(folder: Path, init_seed: int = 0) -> Path:

@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 from torch import nn
-from train_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from saferclip.model.adapters import (
     TrainableConfig,
@@ -20,6 +19,8 @@ from saferclip.model.adapters import (
     tower_parameters,
 )
 from saferclip.model.build import build_clip
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

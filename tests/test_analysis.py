@@ -47,13 +47,7 @@ from saferclip.model.checkpoints import CheckpointError, save_state_dict
 from saferclip.toyworld.captions import TRAIN_FRAMES, TRAIN_OBJ, caption
 from saferclip.toyworld.scene import SAFE_OBJECTS, UNSAFE_OBJECTS, random_scene
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from saferclip.analysis import load_detectors
 from saferclip.model.build import build_clip
 from saferclip.model.checkpoints import save_state_dict
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parent.parent
 SMALL = [
     "analysis.detector.per_class=24",
@@ -24,14 +26,6 @@ SMALL = [
     "analysis.geometry.projection_items=10",
     "batch_size=64",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +159,7 @@ def test_main_runs_are_found(tmp_path):
     assert found["exact"] is True and found["pretrained"] == str(exact)  # no export: the run folder
 
 
+@pytest.mark.slow
 def test_eval_report_gets_the_analysis_sections_when_asked(toy_world, micro_files, tmp_path):
     from saferclip.app.evaluate import run
 
@@ -187,6 +182,7 @@ def _detect(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": ""})
 
 
+@pytest.mark.slow
 def test_detect_scores_captions_and_images_and_writes_a_csv(analysis, toy_world, micro_files, tmp_path):
     out, _ = analysis
     det_file = out / "detectors" / "original.safetensors"
@@ -257,6 +253,7 @@ def test_models_of_another_architecture_are_analysed_without_comparison(toy_worl
     assert "targets (text)" not in other["geometry"]["projection"]["points"]
 
 
+@pytest.mark.slow
 def test_analyze_command_line_error_has_no_traceback(tmp_path):
     cmd = [sys.executable, "-m", "saferclip.app.analyze", "analysis.parts=[detector,bogus]", f"paths.output_dir={tmp_path}",
            "data.make_toy=false", "main_runs=false"]

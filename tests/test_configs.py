@@ -1,5 +1,7 @@
-"""The config tree and the docs: every shipped config composes and resolves, the top-level
-``conf/`` shows the packaged tree, and every repository path the README and docs name exists."""
+"""The config tree and the docs: every shipped config composes and resolves, every experiment
+passes the method schema check, the top-level ``conf/`` shows the packaged tree, every
+repository path the README and docs name exists, every relative link in them resolves, and
+docs/DEVELOPING.md's module map names every module."""
 
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ from omegaconf import OmegaConf
 
 from saferclip.app.hydra_utils import CONF_DIR
 from saferclip.app.main_job import compose as compose_outside_hydra
+from saferclip.training.method import METHOD_NAMES, method_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = Path(CONF_DIR)
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "data" / "README.md"]
 
 
 def options(group: str) -> list[str]:
@@ -49,9 +52,16 @@ def test_root_configs_compose(config_name):
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
-def test_every_experiment_composes(experiment):
+def test_every_experiment_composes_and_passes_the_method_check(experiment):
     cfg = resolved("train", [f"experiment={experiment}"])
-    assert cfg["method"]["name"] in ("saferclip", "safeclip") and cfg["trainer"]["max_epochs"] >= 1
+    assert cfg["method"]["name"] in METHOD_NAMES and cfg["trainer"]["max_epochs"] >= 1
+    checked = method_config(cfg["method"])  # the schema every command applies before any work
+    assert checked.name == cfg["method"]["name"]
+
+
+def test_every_experiment_is_checked():
+    assert options("experiment"), "no conf/experiment/*.yaml found"
+    assert {"toy", "toy_safeclip", "toy_saferclip", "visu_vitl14"} <= set(options("experiment"))
 
 
 @pytest.mark.parametrize(
@@ -71,7 +81,7 @@ def test_main_and_study_runs_compose():
             assert cfg["method"]["name"] in ("saferclip", "safeclip"), (config_name, name)
 
 
-PATH_PREFIXES = ("saferclip/", "conf/", "scripts/", "tests/", "docs/", ".ci/")
+PATH_PREFIXES = ("saferclip/", "conf/", "scripts/", "tests/", "docs/", ".ci/", "data/")
 TOP_FILES = ("pyproject.toml", "README.md")
 
 
@@ -99,3 +109,68 @@ def test_every_path_the_docs_name_exists(doc):
 def test_the_path_finder_sees_what_it_should():
     text = "see `conf/method/saferclip.yaml`, [method](docs/METHOD.md) and `outputs/runs/<name>/`, `saferclip/x.py:12`"
     assert mentioned_paths(text) == {"conf/method/saferclip.yaml", "docs/METHOD.md", "saferclip/x.py"}
+
+
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def anchors(doc: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    out = set()
+    for heading in re.findall(r"^#+\s+(.+?)\s*$", FENCE.sub("", doc.read_text()), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+        out.add(slug.replace(" ", "-"))
+    return out
+
+
+def relative_links(text: str) -> list[str]:
+    """Link and image targets outside code blocks that are not URLs."""
+    targets = LINK.findall(FENCE.sub("", text))
+    return [t for t in targets if not re.match(r"^[a-z][a-z0-9+.-]*:", t, re.I)]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_resolves(doc):
+    broken = []
+    for target in relative_links(doc.read_text()):
+        path, _, anchor = target.partition("#")
+        file = (doc.parent / path).resolve() if path else doc
+        if not file.exists():
+            broken.append(f"{target} (no {path})")
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+            broken.append(f"{target} (no heading #{anchor} in {file.name})")
+    assert not broken, f"{doc.relative_to(REPO)}: broken links {broken}"
+
+
+def test_the_link_finder_sees_what_it_should(tmp_path):
+    doc = tmp_path / "X.md"
+    doc.write_text("# A `b` title\n[x](Y.md#sec) ![i](img/p.png) [u](https://e.org/a) [s](#a-b-title)\n```\n[c](no.md)\n```\n")
+    assert relative_links(doc.read_text()) == ["Y.md#sec", "img/p.png", "#a-b-title"]
+    assert anchors(doc) == {"a-b-title"}
+
+
+def test_the_readme_links_the_docs_it_was_split_into():
+    links = set(relative_links((REPO / "README.md").read_text()))
+    for doc in ("docs/RESULTS.md", "docs/DOWNSTREAM.md", "docs/GPU.md", "docs/DEVELOPING.md", "data/README.md"):
+        assert doc in links, f"README.md does not link {doc}"
+
+
+def test_developing_map_names_every_module():
+    """Every module under saferclip/ appears in docs/DEVELOPING.md, by its path or by its file
+    name in the map entry of its package (an entry starts with the package's path)."""
+    text = (REPO / "docs" / "DEVELOPING.md").read_text()
+    entries = re.split(r"\n- ", text[text.index("## Map") :])
+    missing = []
+    for module in sorted((REPO / "saferclip").rglob("*.py")):
+        rel = module.relative_to(REPO).as_posix()
+        package = module.parent.relative_to(REPO).as_posix() + "/"
+        if module.name == "__init__.py":
+            named = f"`{package}`" in text or package == "saferclip/"
+        else:
+            named = f"`{rel}`" in text or any(
+                e.startswith(f"`{package}`") and f"`{module.name}`" in e for e in entries
+            )
+        if not named:
+            missing.append(rel)
+    assert not missing, f"docs/DEVELOPING.md's map does not name {missing}"

@@ -14,12 +14,11 @@ import pytest
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader, Subset
-from train_helpers import (  # noqa: F401
+from train_helpers import (
     REPO,
     cli_overrides,
     collate,
     compose_train,
-    one_thread,
     prepared,
     run_cli,
 )
@@ -27,6 +26,8 @@ from train_helpers import (  # noqa: F401
 from saferclip.app.datamodule import EpochShuffle, drop_last_for
 from saferclip.app.module import unique_rows
 from saferclip.training.datasets import collate_items
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 TESTS_DIR = Path(__file__).resolve().parent
 METHODS = ("safeclip", "saferclip", "hysac")
@@ -68,8 +69,8 @@ WORKER = textwrap.dedent(
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
         dist.init_process_group("gloo", rank=rank, world_size=world)
         torch.set_num_threads(1)
-        from test_ddp import METHODS, GLOBAL_BATCH, loss_and_grads, perturb_adapters, prepared
-        from train_helpers import collate, compose_train
+        from test_ddp import METHODS, GLOBAL_BATCH, loss_and_grads, perturb_adapters
+        from train_helpers import collate, compose_train, prepared
         from saferclip.training.losses import gather_with_grad
         for method in METHODS:
             cfg = compose_train(Path(tmp) / method, Path(toy_world), f"method={method}", cache_dir=Path(cache_dir))
@@ -101,6 +102,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path, toy_world):
     cache_dir = tmp_path / "cache"
     reference = {}
@@ -206,6 +208,7 @@ def test_every_item_has_the_same_keys_with_an_extra_safe_pool(tmp_path, toy_worl
 # ---------------------------------------------------------------- the app
 
 
+@pytest.mark.slow
 def test_app_fast_dev_run_under_ddp_cpu(tmp_path, toy_world):
     args = [*cli_overrides(tmp_path, toy_world), "trainer=ddp_cpu", "debug=fast_dev_run", "method=safeclip"]
     args += [f"hydra.run.dir={tmp_path / 'run'}"]

@@ -7,10 +7,9 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from diffusion_helpers import (  # noqa: F401
+from diffusion_helpers import (
     IMAGE_SIZE,
     export_micro,
-    one_thread,
     save_tiny_pipeline,
     tiny_pipeline,
 )
@@ -23,6 +22,8 @@ from saferclip.downstream.diffusion import (
 )
 from saferclip.export.hf import export_hf
 from saferclip.model.build import build_clip
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 PROMPT = "a red square on a blue background"
 

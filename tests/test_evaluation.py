@@ -249,6 +249,7 @@ def data_cfg(world: Path) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     models = {"original": {"arch": "saferclip-micro"}, "tuned": {"pretrained": str(micro_file)}}
     results = evaluate_models(models, data_cfg(toy_world), reference="original", batch_size=16, seed=3, progress=False, config={"x": 1})
@@ -308,6 +309,7 @@ def compose(overrides: list[str]):
         return hydra_compose("eval", overrides=overrides)
 
 
+@pytest.mark.slow
 def test_app_end_to_end(tmp_path, micro_file, capsys):
     from saferclip.app.evaluate import run
 
@@ -357,6 +359,7 @@ def test_app_bad_input_one_line_exit_2(toy_world, micro_file, tmp_path, caplog):
     assert len(errors) == 1 and str(victim) in errors[0] and "cannot read image" in errors[0]
 
 
+@pytest.mark.slow
 def test_app_command_line_error_has_no_traceback(tmp_path):
     cmd = [sys.executable, "-m", "saferclip.app.evaluate", "suites=[visu,bogus]", f"paths.output_dir={tmp_path}", "data.make_toy=false"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)

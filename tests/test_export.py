@@ -156,6 +156,7 @@ def run_plain_open_clip(tmp_path: Path, folder: Path, image_path: Path, arch: st
     return load_state_dict(out)
 
 
+@pytest.mark.slow
 def test_plain_open_clip_loads_the_export_in_a_clean_process(bundle, image_path, tmp_path):
     out = export_open_clip(bundle, ARCH, tmp_path / "m", also_single_file=True)
     assert (out / f"{ARCH}-saferclip.safetensors").is_file() and (out / f"{ARCH}.json").is_file()

@@ -203,6 +203,7 @@ def test_cli_exports_a_run_folder(trained, reference, tmp_path, capsys):
     assert same_weights(tmp_path / "from_ckpt" / WEIGHTS_NAME, out / WEIGHTS_NAME)
 
 
+@pytest.mark.slow
 def test_exported_folder_loads_with_open_clip_alone(trained, reference, tmp_path):
     script = textwrap.dedent(
         """

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.data import default_collate
-from train_helpers import compose_train, one_thread, prepared  # noqa: F401  (fixture)
+from train_helpers import compose_train, prepared
 
 from saferclip.model.build import build_clip, encode_tokens, trimmed_length
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 CAPTIONS = [
     "a red circle on a black background",
@@ -17,7 +19,7 @@ CAPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("arch", ["saferclip-micro", "saferclip-toy", "ViT-B-32"])
+@pytest.mark.parametrize("arch", ["saferclip-micro", "saferclip-toy", pytest.param("ViT-B-32", marks=pytest.mark.slow)])
 def test_trimmed_text_encoding_equals_the_full_length_one(arch):
     bundle = build_clip(arch, None)
     tokens = bundle.tokenizer(CAPTIONS)

@@ -76,6 +76,7 @@ def test_exact_torch_search_on_a_named_device_matches_faiss():
     assert torch.allclose(ours.similarities, reference.similarities, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_without_cuda_every_gpu_check_is_skipped_and_nothing_fails(tmp_path):
     out = tmp_path / "check.json"

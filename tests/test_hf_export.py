@@ -410,6 +410,7 @@ SUBPROCESS = textwrap.dedent(
 ).format(captions=captions_for_embedding())
 
 
+@pytest.mark.slow
 def test_transformers_alone_loads_the_export(tmp_path):
     bundle = build_clip("saferclip-micro")
     out = export_hf(bundle, None, tmp_path / "hf")
@@ -427,6 +428,7 @@ def test_transformers_alone_loads_the_export(tmp_path):
     assert (unit(result["image"]) - ref_image).abs().max() < TOL
 
 
+@pytest.mark.slow
 def test_downstream_imports_neither_lightning_nor_hydra():
     """The library rule: saferclip.downstream (and its two CLIs) work without Lightning or Hydra."""
     code = (

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from train_helpers import compose_train, one_thread, prepared  # noqa: F401
+from train_helpers import compose_train
 
 from saferclip.errors import ConfigError
 from saferclip.evaluation.hyperbolic import _auc, origin_detector_metrics
@@ -22,6 +22,8 @@ from saferclip.model.hyperbolic import HEAD_JSON, HEAD_TENSORS, HyperbolicConfig
 from saferclip.model.similarity import COSINE, LorentzSimilarity, chunk_scorer
 from saferclip.training.hysac import HYSAC_TERMS, HysacLoss, HysacLossConfig
 from saferclip.training.method import method_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 CURVATURES = (0.3, 1.0, 2.5)
 
@@ -302,6 +304,7 @@ def hysac_run(tmp_path_factory, toy_world):
     return tmp / "run", result
 
 
+@pytest.mark.slow
 def test_training_builds_no_cache_and_exports_a_loadable_hyperbolic_model(hysac_run, toy_world):
     import open_clip
 
@@ -341,6 +344,7 @@ def test_training_builds_no_cache_and_exports_a_loadable_hyperbolic_model(hysac_
     assert moderation.mode == "moderation"
 
 
+@pytest.mark.slow
 def test_evaluation_reports_both_modes_and_no_setting_b(hysac_run, toy_world, tmp_path):
     from saferclip.app.hydra_utils import to_container
     from saferclip.evaluation.headline import NOT_APPLICABLE, headline_table
@@ -370,6 +374,7 @@ def test_evaluation_reports_both_modes_and_no_setting_b(hysac_run, toy_world, tm
         evaluate_models({"original": {"arch": "saferclip-micro", "pretrained": None, "mode": "safe"}}, data, suites=["visu"])
 
 
+@pytest.mark.slow
 def test_hf_export_carries_the_same_head_and_an_export_without_radii_is_refused(hysac_run, tmp_path):
     pytest.importorskip("transformers")
     from saferclip.export.run import export_checkpoint

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 from hydra import initialize_config_dir
-from train_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from saferclip.app import main_job, study
 from saferclip.app.hydra_utils import CONF_DIR, to_container
@@ -20,6 +19,8 @@ from saferclip.redirection.index import (
     item_groups,
 )
 from saferclip.training.prepare import prepare
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 
 def train_overrides(tmp_path, toy_world) -> list[str]:

@@ -8,9 +8,11 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import compose_train, one_thread  # noqa: F401  (fixture)
+from train_helpers import compose_train
 
 from saferclip.evaluation.selection import sees_safety, selection_parts, selection_score
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 
 def test_score_is_the_mean_of_safety_and_both_recalls():

@@ -26,7 +26,6 @@ from train_helpers import (
     cli_overrides,
     collate,
     compose_train,
-    one_thread,  # noqa: F401  (autouse fixture)
     prepared,
     run_cli,
 )
@@ -37,6 +36,8 @@ from saferclip.evaluation.metrics import recall_at_k
 from saferclip.model.build import build_clip
 from saferclip.model.checkpoints import save_state_dict
 from saferclip.training.losses import TERM_NAMES
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 TESTS_DIR = Path(__file__).resolve().parent
 SAFECLIP_TERMS = TERM_NAMES[:8]
@@ -327,6 +328,7 @@ def test_tensorboard_logger(tmp_path, toy_world, cache_dir):
     assert read_csv_metrics(tmp_path / "run")  # the CSV log comes along
 
 
+@pytest.mark.slow
 def test_wandb_logger_runs_offline_without_a_key(tmp_path, toy_world, cache_dir, monkeypatch):
     pytest.importorskip("wandb")
     for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED"):
@@ -353,6 +355,7 @@ BAD_CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
 def test_bad_config_fails_fast_with_one_line(tmp_path, toy_world, case):
     overrides, message = BAD_CONFIGS[case]
@@ -367,6 +370,7 @@ def test_bad_config_fails_fast_with_one_line(tmp_path, toy_world, case):
     assert seconds < 60  # imports included, on a busy 2-core machine
 
 
+@pytest.mark.slow
 def test_weights_of_another_architecture_fail_fast(tmp_path, toy_world):
     micro = build_clip("saferclip-micro", None)
     weights = tmp_path / "micro.safetensors"
@@ -380,12 +384,15 @@ def test_weights_of_another_architecture_fail_fast(tmp_path, toy_world):
     assert not (tmp_path / "cache").exists() and seconds < 60
 
 
+@pytest.mark.slow
 def test_sweep_from_another_directory_gives_one_folder_per_run(tmp_path, toy_world, cache_dir):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     args = ["-m", "seed=0,1", "debug=fast_dev_run", *cli_overrides(tmp_path, toy_world, cache_dir)]
     args = [a for a in args if not a.startswith("paths.output_dir=")]  # default: ./outputs of the cwd
-    proc, _ = run_cli(args, cwd=elsewhere, timeout=300, installed=True)  # the console script
+    # the default holds only when no home or output folder is set in the environment
+    env = {k: v for k, v in cli_env().items() if k not in ("SAFERCLIP_HOME", "SAFERCLIP_OUTPUT_DIR")}
+    proc, _ = run_cli(args, cwd=elsewhere, timeout=300, env=env, installed=True)  # the console script
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweeps = list((elsewhere / "outputs" / "train_multirun").iterdir())
     assert len(sweeps) == 1
@@ -431,6 +438,7 @@ def csv_rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, toy_world, cache_dir):
     common = [
         *cli_overrides(tmp_path, toy_world, cache_dir),

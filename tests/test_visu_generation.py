@@ -16,9 +16,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from diffusion_helpers import (  # noqa: F401  (one_thread: autouse)
+from diffusion_helpers import (
     export_micro,
-    one_thread,
     save_tiny_pipeline,
     single_thread,
 )
@@ -40,6 +39,8 @@ from saferclip.downstream.visu_generation import (
     parse_shard,
     read_records,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 TESTS = Path(__file__).resolve().parent
 CONFIG = GenerationConfig(steps=2, height=16, width=16)  # the published seeds 1234, 1999, 8185

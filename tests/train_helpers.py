@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -31,17 +30,6 @@ SHORT_RUN = (
     "trainer.log_every_n_steps=1",
     "export=false",
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Every test of a module importing this runs torch on one thread: the tiny models gain
-    nothing from a second one, and on a shared 2-core machine two OpenMP threads per process
-    can make a step twenty times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def base_overrides(tmp: Path, toy_world: Path, cache_dir: Path | None = None) -> list[str]:
