@@ -41,7 +41,7 @@ def resolved(config_name: str, overrides: list[str]) -> dict:
 def test_top_level_conf_is_the_packaged_tree():
     top = REPO / "conf"
     assert top.is_dir() and (top / "method").is_dir(), "ls conf/method/ must show the presets"
-    assert sorted(p.name for p in (top / "method").glob("*.yaml")) == ["safeclip.yaml", "saferclip.yaml"]
+    assert sorted(p.name for p in (top / "method").glob("*.yaml")) == ["hysac.yaml", "safeclip.yaml", "saferclip.yaml"]
     assert (top / "train.yaml").resolve() == (CONF / "train.yaml").resolve()
 
 
@@ -78,7 +78,7 @@ def test_main_and_study_runs_compose():
         own = resolved(config_name, [])
         for name, overrides in own[key].items():
             cfg = resolved("train", list(overrides))
-            assert cfg["method"]["name"] in ("saferclip", "safeclip"), (config_name, name)
+            assert cfg["method"]["name"] in ("saferclip", "safeclip", "hysac"), (config_name, name)
 
 
 PATH_PREFIXES = ("saferclip/", "conf/", "scripts/", "tests/", "docs/", ".ci/", "data/")
