@@ -107,3 +107,38 @@ def _swap_in(tmp: Path, out: Path, replace: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink()
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if needed) for the body.
+
+    Two processes that would build the same artefact (two runs of a sweep sharing one cache
+    folder) take it in turn: the second finds the first's result and reuses it, so it is built
+    once. The operating system releases the lock when its holder dies (even by kill -9), so a
+    crash never leaves it stuck; the lock file is removed on release (a killed
+    holder's stays, empty, and is reused). Without ``fcntl`` (Windows) it does nothing: the builds then
+    only race, each still atomic.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the previous holder removed the file meanwhile: lock the new one
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # leaves nothing behind; waiters see a new inode and retry
+        os.close(fd)  # closing releases the lock
