@@ -15,6 +15,9 @@ The API (no dependency beyond numpy and xxhash; importable without Lightning or 
     ``"xxh3_128:<32 hex>"`` of the file's bytes (read memory-mapped, in 64 MiB blocks).
 ``digest_bytes(data) -> str``, ``digest_array(arr) -> str``
     the same digest of a bytes-like object / of an array's C-order bytes (not its header).
+``digest_parts(parts) -> str``
+    one digest over several strings / bytes / arrays (a checksum stored inside the file
+    it covers: the detector's safetensors metadata holds the digest of its header + tensors).
 ``verify(path, expected, what=None) -> None``
     raise :class:`DamagedArtefact` when the file is missing or its digest is not
     ``expected``. Verified once per process: a file whose (path, size, mtime, inode) was
@@ -73,6 +76,22 @@ def digest_bytes(data) -> str:
     view = memoryview(data).cast("B")
     for start in range(0, len(view), _BLOCK):
         h.update(view[start : start + _BLOCK])
+    return _format(h)
+
+
+def digest_parts(parts) -> str:
+    """One digest over several bytes-like objects / arrays in order (e.g. a file's JSON header
+    and its tensors, for a checksum stored inside the file itself)."""
+    h = _hasher()
+    for part in parts:
+        if isinstance(part, str):
+            part = part.encode()
+        elif not isinstance(part, (bytes, bytearray, memoryview)):
+            part = np.ascontiguousarray(np.asarray(part)).reshape(-1).view(np.uint8)
+        view = memoryview(part).cast("B")
+        h.update(len(view).to_bytes(8, "little"))  # lengths: parts cannot trade bytes
+        for start in range(0, len(view), _BLOCK):
+            h.update(view[start : start + _BLOCK])
     return _format(h)
 
 
