@@ -183,6 +183,7 @@ def _build_from_folder(path: Path, arch: str | None, device, precision: str) -> 
     if weights is None:
         # open_clip would only warn and return a randomly initialised model here
         raise CheckpointError(f"{path}: no weights file in the folder (expected one of {', '.join(FOLDER_WEIGHTS_NAMES)})")
+    _verify_folder(path, cfg.get("saferclip"), weights)
     # Build the architecture from the folder's config, then load the weights through the safe
     # loader, so a bad file gets the same readable errors as a bare weights file.
     model, _, preprocess = open_clip.create_model_and_transforms(
@@ -192,6 +193,26 @@ def _build_from_folder(path: Path, arch: str | None, device, precision: str) -> 
     tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     model = _finish(model, device, precision)
     return ClipBundle(model, preprocess, tokenizer, folder_arch or arch or f"local-dir:{path}", str(path))
+
+
+def _verify_folder(path: Path, info: Any, weights: Path) -> None:
+    """A saferclip export is loaded only when its files hold what was exported: the checksums
+    its config records (:mod:`saferclip.integrity`; a damaged one is refused in one line). An
+    export from before checksums is checked against its SHA-256; a folder saferclip did not
+    write (no ``"saferclip"`` section) has nothing to check against."""
+    from ..integrity import DamagedArtefact, verify_all
+
+    if not isinstance(info, dict):
+        return
+    if "checksums" in info:
+        verify_all(path, info["checksums"], "exported model")
+    elif isinstance(info.get("weights_sha256"), str) and weights.name == "open_clip_model.safetensors":
+        h = hashlib.sha256()
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        if h.hexdigest() != info["weights_sha256"]:
+            raise DamagedArtefact(weights, "exported model: SHA-256 mismatch, its content changed since it was exported")
 
 
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, arch: str = "") -> None:
