@@ -126,6 +126,9 @@ def analyze(cfg: DictConfig) -> dict:
 
         ensure_toy_world(data)
     out_dir = Path(cfg.get("out_dir") or HydraConfig.get().runtime.output_dir)
+    from .cli import check_writable_folder
+
+    check_writable_folder(out_dir, "out_dir")  # before the work, not after it
     if not cfg.force and (out_dir / "analysis.json").exists():
         raise ConfigError(f"{out_dir} already holds an analysis report; pass force=true or another out_dir")
     results = analyze_models(

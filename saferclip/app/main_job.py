@@ -118,6 +118,12 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from ..evaluation.runner import evaluate_models
     from ..toyworld.generate import ensure_toy_world
 
+    from .cli import check_writable_folder
+    from .hydra_utils import check_seed
+
+    check_seed(cfg.seed, "seed")
+    check_writable_folder(cfg.out_dir, "out_dir")
+    check_writable_folder(cfg.runs_dir, "runs_dir")
     out_dir = Path(cfg.out_dir).resolve()
     common = list(cfg.common) + list(overrides) + [f"seed={cfg.seed}"]
     check_runs({name: common + list(run_overrides) for name, run_overrides in cfg.runs.items()})
