@@ -587,8 +587,9 @@ class SafeNeighbours:
         return final
 
     @classmethod
-    def load(cls, cache: EmbeddingCache, config: NeighbourConfig) -> SafeNeighbours | None:
-        """The saved neighbours of this cache and config, or None when there are none."""
+    def load(cls, cache: EmbeddingCache, config: NeighbourConfig, *, quiet: bool = False) -> SafeNeighbours | None:
+        """The saved neighbours of this cache and config, or None when there are none or they
+        are damaged (then a one-line warning naming the file, unless ``quiet``)."""
         folder = cls.folder(cache, config)
         if not (folder / "neighbours.json").is_file():
             return None
@@ -613,7 +614,8 @@ class SafeNeighbours:
                 raise DamagedArtefact(folder / "neighbours.json", f"pool_size {info.get('pool_size')!r}, the cache's pool holds {pool_size}")
             _check_saved(folder, arrays, len(cache), config.k, pool_size)
         except (OSError, ValueError, KeyError, TypeError) as e:  # damaged: recompute rather than trust it
-            log.warning("%s; recomputing the safe neighbours", " ".join(str(e).split()))
+            if not quiet:
+                log.warning("%s; recomputing the safe neighbours", " ".join(str(e).split()))
             return None
         arrays = {n: torch.from_numpy(a) for n, a in arrays.items()}
         return cls(
@@ -757,7 +759,7 @@ def load_or_find_safe_neighbours(
         return found
     # one search per cache and config: a second process sharing the cache waits, then reuses it
     with file_lock(SafeNeighbours.folder(cache, config).parent / f".{config.fingerprint()}.lock"):
-        found = SafeNeighbours.load(cache, config)
+        found = SafeNeighbours.load(cache, config, quiet=True)  # warned about above
         if found is not None:
             return found
         found = find_safe_neighbours(cache, config, groups)
