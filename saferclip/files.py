@@ -142,3 +142,23 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)  # leaves nothing behind; waiters see a new inode and retry
         os.close(fd)  # closing releases the lock
+
+
+def remove_leftovers(out: str | os.PathLike) -> list[Path]:
+    """Remove what a killed :func:`atomic_folder` / :func:`atomic_path` of ``out`` left beside
+    it (its hidden ``.<name>.*.tmp`` and ``.<name>.old-*``); returns them. Only for a caller that
+    holds the :func:`file_lock` of ``out``: no other process can be writing them then."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    for path in out.parent.glob(f".{out.name}.*"):
+        name = path.name[len(out.name) + 2 :]
+        if not (name.endswith(".tmp") or name.startswith("old-")):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

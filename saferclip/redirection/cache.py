@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from ..data.images import ImageFiles, load_image
 from ..data.records import DataFormatError, QuadrupletSet
 from ..errors import ConfigError, SaferclipError
-from ..files import atomic_folder, file_lock, write_json_atomic
+from ..files import atomic_folder, file_lock, remove_leftovers, write_json_atomic
 from ..integrity import DamagedArtefact, digests, verify_all
 from ..model.build import ClipBundle, encode_tokens, eval_mode, weights_fingerprint
 
@@ -340,6 +340,7 @@ def build_or_load_cache(
         cache = _reuse(final, key, quiet=True)
         if cache is not None:
             return cache
+        remove_leftovers(final)  # of a build killed earlier
         # a damaged folder of the same key is replaced
         with atomic_folder(final, replace=True) as tmp:
             t0 = time.perf_counter()

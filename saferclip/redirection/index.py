@@ -45,7 +45,7 @@ def _faiss():
 
 from ..data.records import QuadrupletSet
 from ..errors import SaferclipError
-from ..files import atomic_folder, file_lock, write_json_atomic
+from ..files import atomic_folder, file_lock, remove_leftovers, write_json_atomic
 from ..integrity import DamagedArtefact, check_finite, check_index_range, digests, verify_all
 from .cache import EmbeddingCache
 
@@ -762,6 +762,7 @@ def load_or_find_safe_neighbours(
         found = SafeNeighbours.load(cache, config, quiet=True)  # warned about above
         if found is not None:
             return found
+        remove_leftovers(SafeNeighbours.folder(cache, config))  # of a search killed earlier
         found = find_safe_neighbours(cache, config, groups)
         found.save(cache)
     return found
