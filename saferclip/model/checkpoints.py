@@ -47,6 +47,33 @@ def save_state_dict(
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        _canonical_header(tmp)
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place (same length).
+
+    safetensors serialises the header from hash maps whose order changes from one process to
+    the next, so the same tensors and metadata gave different bytes (and checksums) on every
+    save; sorted, the same content is the same file. Readers locate tensors by the offsets in
+    the header, never by its order. A header that would not keep its length is left as is."""
+    import json
+
+    with open(path, "r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        raw = f.read(length)
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            return
+        ordered = {}
+        if "__metadata__" in header:
+            ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+        ordered.update(sorted(header.items()))
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length and len(raw.rstrip(b" ")) == len(text):
+            f.seek(8)
+            f.write(text + b" " * (length - len(text)))
 
 
 def load_state_dict(
