@@ -158,7 +158,45 @@ def run_study(args: dict) -> dict:
         return study.run(compose("study", own), rest)
 
 
-TASKS = {"cache": _cache_task, "export": _export_task, "study": _study_task}
+def _prepare_task(args: dict) -> None:
+    """Two of these started together on one cache folder: report what each built."""
+    import saferclip.redirection.index as ix
+
+    search = ix.find_safe_neighbours
+
+    def counted(*a, **k):
+        print("SEARCHED", flush=True)
+        return search(*a, **k)
+
+    ix.find_safe_neighbours = counted
+    cache, _ = cache_and_neighbours(args["world"], args["cache_dir"])
+    print("CACHE REUSED" if cache.was_reused else "CACHE BUILT", flush=True)
+
+
+def _train_or_reuse_task(args: dict) -> None:
+    """Two of these started together on one runs_dir (two main jobs / studies): the run is
+    trained once (training replaced by a slow stand-in that writes its run folder)."""
+    from hydra import initialize_config_dir
+
+    import saferclip.app.train as train_app
+    from saferclip.app.hydra_utils import CONF_DIR
+    from saferclip.app.main_job import train_or_reuse
+
+    def fake_train(cfg):
+        print("TRAINED", flush=True)
+        run_dir = Path(cfg.paths.run_dir)
+        time.sleep(3)
+        (run_dir / "weights.txt").write_text(str(cfg.seed))
+        return {"export": None, "best_checkpoint": str(run_dir / "weights.txt")}
+
+    train_app.train = fake_train
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        summary = train_or_reuse("saferclip", ["model=micro", "seed=3"], Path(args["runs_dir"]), False)
+    print("SUMMARY " + json.dumps(summary["best_checkpoint"]), flush=True)
+
+
+TASKS = {"cache": _cache_task, "export": _export_task, "study": _study_task, "prepare": _prepare_task,
+         "train_or_reuse": _train_or_reuse_task}  # fmt: skip
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

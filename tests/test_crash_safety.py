@@ -23,11 +23,14 @@ pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
 
 
+def child_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+
+
 def kill_at(task: str, point: str, args: dict, timeout: float = 120) -> None:
     """Run the child until it reports ``point``, then SIGKILL it there."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "crash_helpers", task, point, json.dumps(args)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "crash_helpers", task, point, json.dumps(args)], env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + timeout
     try:
@@ -37,8 +40,6 @@ def kill_at(task: str, point: str, args: dict, timeout: float = 120) -> None:
                 break
             if line.startswith("DONE") or time.time() > deadline:
                 break
-        else:
-            pass
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"{task}: never reached {point!r}: {proc.stderr.read()[-3000:]}"
@@ -118,3 +119,35 @@ def test_study_evaluation_survives_kill_9(toy_world, tmp_path):
         got, want = json.loads((out / name).read_text()), json.loads((tmp_path / "reference" / name).read_text())
         assert got["results"] == want["results"], name
     assert leftovers(out) == []
+
+
+# ---------------------------------------------------------------- two commands sharing one folder
+def together(task: str, args: dict, n: int = 2) -> list[str]:
+    """Start ``n`` children at once; their outputs once all have finished (each must succeed)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "crash_helpers", task, "-", json.dumps(args)], env=child_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]  # fmt: skip
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        outputs.append(out)
+    return outputs
+
+
+def test_two_processes_sharing_a_cache_folder_build_it_once(toy_world, tmp_path):
+    """Two training runs of a sweep started together: one builds the cache and the neighbours,
+    the other waits and reuses them; both succeed."""
+    outputs = together("prepare", {"world": str(toy_world), "cache_dir": str(tmp_path / "cache")})
+    assert sorted(o.count("CACHE BUILT") for o in outputs) == [0, 1], outputs
+    assert sum(o.count("SEARCHED") for o in outputs) == 1, outputs
+    assert leftovers(tmp_path / "cache") == []
+
+
+def test_two_jobs_sharing_runs_dir_train_each_run_once(tmp_path):
+    """Two main jobs / studies started together with one runs_dir: each run is trained once,
+    the second process reuses it (before, both trained into the same run folder)."""
+    outputs = together("train_or_reuse", {"runs_dir": str(tmp_path / "runs")})
+    assert sum(o.count("TRAINED") for o in outputs) == 1, outputs
+    summaries = {line for o in outputs for line in o.splitlines() if line.startswith("SUMMARY")}
+    assert len(summaries) == 1, outputs
+    assert leftovers(tmp_path / "runs") == []
