@@ -336,12 +336,16 @@ def _blocked(tmp_path: Path) -> Path:
     return blocker
 
 
-@pytest.mark.parametrize("where", ["hydra.run.dir", "paths.output_dir"])
+@pytest.mark.parametrize("where", ["hydra.run.dir", "paths.output_dir", "sweep"])
 def test_a_run_folder_that_cannot_be_created_is_one_line(world, tmp_path, where):
-    """Hydra creates the run folder before the task starts: its failure is one line too."""
+    """Hydra creates the run (or sweep) folder before the task starts: its failure is one line too."""
     blocker = _blocked(tmp_path)
-    args = ["dry_run=true", "model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"{where}={blocker / 'run'}"]
-    if where != "paths.output_dir":
+    args = ["dry_run=true", "model=micro", "data.toy_size=small", f"paths.toy_dir={world}"]
+    if where == "sweep":
+        args += ["-m", "seed=0,1", f"paths.output_dir={blocker}"]
+    else:
+        args.append(f"{where}={blocker / 'run'}")
+    if where == "hydra.run.dir":
         args.append(f"paths.output_dir={tmp_path / 'out'}")
     assert_one_line_error(run("saferclip-train", *args, cwd=tmp_path), "a-file", "is a file, not a folder")
 

@@ -447,6 +447,15 @@ def test_folder_without_weights_or_with_a_bad_file_is_refused(bundle, tmp_path):
         build_clip(None, folder)
 
 
+def test_an_edited_export_config_is_refused(bundle, tmp_path):
+    folder = export_open_clip(bundle, ARCH, tmp_path / "m")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["preprocess_cfg"]["mean"] = [0.5, 0.5, 0.5]  # silently different inputs otherwise
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(DamagedArtefact, match="preprocess_cfg changed since it was exported"):
+        build_clip(None, folder)
+
+
 @pytest.mark.parametrize("victim", [WEIGHTS_NAME, "saferclip-micro.json", "old export (sha256)"])
 def test_a_damaged_export_is_refused_in_one_line(bundle, tmp_path, victim):
     from saferclip import integrity
