@@ -308,6 +308,14 @@ CONFIG_CASES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
     "study: bad ablation seeds": ("saferclip-study", ["seeds=[0]", "ablation_seeds=[x]"], ("ablation_seeds=['x']",)),
     "analyze: per_class not a number": ("saferclip-analyze", ["analysis.detector.per_class=many"], ("analysis.detector.per_class must be an integer >= 1", "'many'")),
     "analyze: zero folds": ("saferclip-analyze", ["analysis.detector.folds=0"], ("analysis.detector.folds must be an integer >= 2",)),
+    "eval: force not a bool": ("saferclip-eval", ["force=yes"], ("force must be true or false", "'yes'")),
+    "eval: batch size a word": ("saferclip-eval", ["batch_size=abc"], ("batch_size must be an integer >= 1", "'abc'")),
+    "eval: seed a word": ("saferclip-eval", ["seed=abc"], ("seed must be an integer", "'abc'")),
+    "analyze: negative workers": ("saferclip-analyze", ["num_workers=-2"], ("num_workers must be an integer >= 0",)),
+    "analyze: main_runs a word": ("saferclip-analyze", ["main_runs=maybe"], ("main_runs must be true or false",)),
+    "train: dry_run a word": ("saferclip-train", ["dry_run=maybe"], ("dry_run must be true or false",)),
+    "main: force a word": ("saferclip-main", ["force=yes"], ("force must be true or false",)),
+    "study: force a word": ("saferclip-study", ["seeds=[0]", "force=yes"], ("force must be true or false",)),
     "analyze: strength a word": ("saferclip-analyze", ["analysis.detector.strength=high"], ("analysis.detector.strength must be a finite number or null",)),
 }
 

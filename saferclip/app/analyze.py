@@ -111,6 +111,10 @@ def analyze(cfg: DictConfig) -> dict:
     report's paths."""
     from ..analysis import AnalysisSettings, analyze_models, write_analysis_report
 
+    from .hydra_utils import check_bool, check_run_options
+
+    check_run_options(cfg)
+    check_bool(cfg.get("main_runs", False), "main_runs")
     settings = AnalysisSettings.of(resolved_value(cfg, "analysis"))
     if not settings.parts:
         raise ConfigError("analysis.parts is empty; name some of detector, geometry, overdefense")

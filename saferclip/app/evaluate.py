@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from .cli import exit_on_user_error, hydra_command
 from .hydra_utils import (
     ConfigError,
-    check_seed,
+    check_run_options,
     config_dump,
     resolve_device,
     resolved_value,
@@ -48,7 +48,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from ..evaluation import check_suites, evaluate_models, results_table, write_report
 
     suites = check_suites(list(resolved_value(cfg, "suites") or []))
-    check_seed(resolved_value(cfg, "seed"), "seed")
+    check_run_options(cfg)
     models = resolved_value(cfg, "models") or {}
     if not models:
         raise ConfigError("models is empty; add one with +models.<name>.pretrained=<path>")

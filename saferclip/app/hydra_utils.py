@@ -54,6 +54,9 @@ def check_train_config(cfg: DictConfig) -> None:
     from ..training.method import method_config
 
     check_seed(_value(cfg, "seed"), "seed")
+    for key in ("dry_run", "dry_run_verify_images", "force", "export"):
+        if key in cfg:
+            check_bool(_value(cfg, key), key)
     method_config(_container(cfg, "method"))
     try:
         check_arch(cfg.model.arch)
@@ -83,6 +86,33 @@ def check_seed(value, key: str = "seed") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
         raise ConfigError(f"{key} must be an integer in [0, {MAX_SEED}], got {value!r}")
     return value
+
+
+def check_int(value, key: str, minimum: int = 0) -> int:
+    """An integer >= ``minimum`` (not a bool), or a ConfigError naming ``key`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_bool(value, key: str) -> bool:
+    """true or false, or a ConfigError (``force=no`` would otherwise read as true)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def check_run_options(cfg: DictConfig, keys: tuple[str, ...] = ("seed", "batch_size", "num_workers", "force")) -> None:
+    """The plain options of the eval / analyze / main / study configs, before any work."""
+    checks = {
+        "seed": lambda v: check_seed(v, "seed"),
+        "batch_size": lambda v: check_int(v, "batch_size", 1),
+        "num_workers": lambda v: check_int(v, "num_workers", 0),
+        "force": lambda v: check_bool(v, "force"),
+    }
+    for key in keys:
+        if key in cfg:
+            checks[key](_value(cfg, key))
 
 
 def check_seed_list(value, key: str, allow_empty: bool = False) -> list[int]:

@@ -130,9 +130,9 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from ..toyworld.generate import ensure_toy_world
 
     from .cli import check_writable_folder
-    from .hydra_utils import check_seed
+    from .hydra_utils import check_run_options
 
-    check_seed(cfg.seed, "seed")
+    check_run_options(cfg, ("seed", "force"))
     check_writable_folder(cfg.out_dir, "out_dir")
     check_writable_folder(cfg.runs_dir, "runs_dir")
     out_dir = Path(cfg.out_dir).resolve()

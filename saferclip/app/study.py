@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..evaluation.headline import HEADLINE, headline
 from ..model.trained import read_selection
 from .cli import check_writable_folder, command, compose_help, wants_help
-from .hydra_utils import CONF_DIR, check_seed_list, setup_logging, to_container
+from .hydra_utils import CONF_DIR, check_run_options, check_seed_list, setup_logging, to_container
 from .main_job import check_runs, compose, train_or_reuse
 
 log = logging.getLogger("saferclip.study")
@@ -75,6 +75,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from ..toyworld.generate import ensure_toy_world
 
     check_seed_list(cfg.seeds, "seeds")  # before any run starts
+    check_run_options(cfg, ("force",))
     check_seed_list(cfg.ablation_seeds, "ablation_seeds", allow_empty=True)
     check_writable_folder(cfg.out_dir, "out_dir")
     check_writable_folder(cfg.runs_dir, "runs_dir")
