@@ -160,10 +160,10 @@ def check_command_line(prog: str, config_name: str, argv: list[str]) -> None:
         check_override_syntax(overrides)
         run_dir = [a for a in argv if a.startswith("hydra.run.dir=")][-1:]
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose(config_name=config_name, overrides=overrides)
-            try:  # where Hydra will put the run folder (its own override included)
+            try:  # with where Hydra will put the run folder (its own override included)
                 cfg = compose(config_name=config_name, overrides=overrides + run_dir, return_hydra_config=True)
-            except Exception:  # noqa: BLE001 - Hydra reports its own override itself
+            except Exception:  # noqa: BLE001 - again without it: the user's overrides' own error
+                compose(config_name=config_name, overrides=overrides)
                 cfg = None
         check_writable_folder(_run_dir(cfg), "the run folder (hydra.run.dir)")
 
