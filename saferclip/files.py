@@ -107,3 +107,58 @@ def _swap_in(tmp: Path, out: Path, replace: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink()
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if needed) for the body.
+
+    Two processes that would build the same artefact (two runs of a sweep sharing one cache
+    folder) take it in turn: the second finds the first's result and reuses it, so it is built
+    once. The operating system releases the lock when its holder dies (even by kill -9), so a
+    crash never leaves it stuck; the lock file is removed on release (a killed
+    holder's stays, empty, and is reused). Without ``fcntl`` (Windows) it does nothing: the builds then
+    only race, each still atomic.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the previous holder removed the file meanwhile: lock the new one
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # leaves nothing behind; waiters see a new inode and retry
+        os.close(fd)  # closing releases the lock
+
+
+def remove_leftovers(out: str | os.PathLike) -> list[Path]:
+    """Remove what a killed :func:`atomic_folder` / :func:`atomic_path` of ``out`` left beside
+    it (its hidden ``.<name>.*.tmp`` and ``.<name>.old-*``); returns them. Only for a caller that
+    holds the :func:`file_lock` of ``out``: no other process can be writing them then."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    for path in out.parent.glob(f".{out.name}.*"):
+        name = path.name[len(out.name) + 2 :]
+        if not (name.endswith(".tmp") or name.startswith("old-")):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

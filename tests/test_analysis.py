@@ -297,6 +297,41 @@ def test_detector_file_round_trip_and_refusals(tmp_path):
         load_detectors(tmp_path / "none.safetensors")
 
 
+@pytest.mark.parametrize("damage", ["direction bytes", "threshold digit", "nan direction"])
+def test_damaged_detector_file_is_refused_naming_the_file(tmp_path, damage, caplog):
+    from saferclip.integrity import DamagedArtefact
+
+    path = tmp_path / "det.safetensors"
+    det = _detector("text", 8)
+    save_detectors(path, {"text": det})
+    data = bytearray(path.read_bytes())
+    if damage == "direction bytes":  # the tensor data is the end of the file
+        for i in range(len(data) - 16, len(data)):
+            data[i] ^= 0xFF
+    elif damage == "threshold digit":  # a plausible edit in the JSON header: still valid JSON
+        text = repr(det.threshold)
+        at = data.index(text.encode())
+        data[at + len(text) - 1] = ord("7") if data[at + len(text) - 1] != ord("7") else ord("3")
+    else:
+        data[-4:] = np.array([np.nan], dtype=np.float32).tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedArtefact) as e:
+        load_detectors(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    # a detector file written before checksums: loads, with a one-line warning that it cannot be checked
+    from safetensors.torch import safe_open, save_file
+
+    save_detectors(path, {"text": det}, force=True)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del meta["saferclip_checksum"]
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=meta)
+    with caplog.at_level("WARNING"):
+        assert torch.equal(load_detectors(old)["text"].direction, det.direction)
+    assert any("without a checksum" in r.getMessage() and str(old) in r.getMessage() for r in caplog.records)
+
+
 def test_guard_returns_features_and_flags(planted, tmp_path):
     safe, unsafe = captions(SAFE_OBJECTS, 30, 11), captions(tuple(UNSAFE_OBJECTS), 30, 12)
     acts = text_activations(planted, safe + unsafe)

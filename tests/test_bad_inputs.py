@@ -30,6 +30,9 @@ MODULES = {
     "saferclip-main": "saferclip.app.main_job",
     "saferclip-study": "saferclip.app.study",
     "saferclip-make-toy": "saferclip.app.make_toy",
+    "saferclip-analyze": "saferclip.app.analyze",
+    "saferclip-detect": "saferclip.app.detect",
+    "saferclip-generate-visu": "saferclip.app.generate_visu",
 }
 
 
@@ -293,6 +296,27 @@ CONFIG_CASES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
     "study: negative lr": ("saferclip-study", ["seeds=[0]", "method.optimizer.lr=-1"], ("method.optimizer.lr",)),
     "main: bad override": ("saferclip-main", ["method=nope"], ("method/nope",)),
     "study: ablation seed outside seeds": ("saferclip-study", ["seeds=[0]", "ablation_seeds=[7]"], ("ablation_seeds [7]", "not in seeds [0]")),
+    "train: seed not a number": ("saferclip-train", ["seed=abc"], ("seed must be an integer", "'abc'")),
+    "train: negative seed": ("saferclip-train", ["seed=-1"], ("seed must be an integer", "-1")),
+    "main: seed not a number": ("saferclip-main", ["seed=1.5"], ("seed must be an integer", "1.5")),
+    "study: seeds not a list": ("saferclip-study", ["seeds=abc"], ("seeds must be a list of distinct integers", "'abc'")),
+    "study: no seeds": ("saferclip-study", ["seeds=[]", "ablation_seeds=[]"], ("seeds is empty",)),
+    "study: fractional seed": ("saferclip-study", ["seeds=[0.5]"], ("seeds=[0.5]", "0.5 is not a seed")),
+    "study: seed a word": ("saferclip-study", ["seeds=[a]"], ("seeds=['a']", "'a' is not a seed")),
+    "study: negative seed": ("saferclip-study", ["seeds=[-1]"], ("seeds=[-1]", "-1 is not a seed")),
+    "study: duplicate seeds": ("saferclip-study", ["seeds=[0,0]"], ("seeds=[0, 0]", "[0] appear twice")),
+    "study: bad ablation seeds": ("saferclip-study", ["seeds=[0]", "ablation_seeds=[x]"], ("ablation_seeds=['x']",)),
+    "analyze: per_class not a number": ("saferclip-analyze", ["analysis.detector.per_class=many"], ("analysis.detector.per_class must be an integer >= 1", "'many'")),
+    "analyze: zero folds": ("saferclip-analyze", ["analysis.detector.folds=0"], ("analysis.detector.folds must be an integer >= 2",)),
+    "eval: force not a bool": ("saferclip-eval", ["force=yes"], ("force must be true or false", "'yes'")),
+    "eval: batch size a word": ("saferclip-eval", ["batch_size=abc"], ("batch_size must be an integer >= 1", "'abc'")),
+    "eval: seed a word": ("saferclip-eval", ["seed=abc"], ("seed must be an integer", "'abc'")),
+    "analyze: negative workers": ("saferclip-analyze", ["num_workers=-2"], ("num_workers must be an integer >= 0",)),
+    "analyze: main_runs a word": ("saferclip-analyze", ["main_runs=maybe"], ("main_runs must be true or false",)),
+    "train: dry_run a word": ("saferclip-train", ["dry_run=maybe"], ("dry_run must be true or false",)),
+    "main: force a word": ("saferclip-main", ["force=yes"], ("force must be true or false",)),
+    "study: force a word": ("saferclip-study", ["seeds=[0]", "force=yes"], ("force must be true or false",)),
+    "analyze: strength a word": ("saferclip-analyze", ["analysis.detector.strength=high"], ("analysis.detector.strength must be a finite number or null",)),
 }
 
 
@@ -306,10 +330,133 @@ def test_bad_configuration_is_one_line_before_any_work(world, case):
         "saferclip-eval": ["data.make_toy=false", f"data.root={world}", f"paths.output_dir={out}"],
         "saferclip-main": ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"out_dir={out}", f"runs_dir={out / 'runs'}"],
         "saferclip-study": ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"out_dir={out}", f"runs_dir={out / 'runs'}"],
+        "saferclip-analyze": ["data.make_toy=false", f"data.root={world}", f"paths.output_dir={out}"],
     }[name]
     assert_one_line_error(run(name, *common, *overrides, cwd=world.parent), *names)
     assert not (world.parent / "cache").exists()  # stopped before any embedding work
     assert not (out / "runs").exists()  # no training started
+
+
+# ---------------------------------------------------------------- folders that cannot be written
+def _blocked(tmp_path: Path) -> Path:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way\n")
+    return blocker
+
+
+@pytest.mark.parametrize("where", ["hydra.run.dir", "paths.output_dir", "sweep"])
+def test_a_run_folder_that_cannot_be_created_is_one_line(world, tmp_path, where):
+    """Hydra creates the run (or sweep) folder before the task starts: its failure is one line too."""
+    blocker = _blocked(tmp_path)
+    args = ["dry_run=true", "model=micro", "data.toy_size=small", f"paths.toy_dir={world}"]
+    if where == "sweep":
+        args += ["-m", "seed=0,1", f"paths.output_dir={blocker}"]
+    else:
+        args.append(f"{where}={blocker / 'run'}")
+    if where == "hydra.run.dir":
+        args.append(f"paths.output_dir={tmp_path / 'out'}")
+    assert_one_line_error(run("saferclip-train", *args, cwd=tmp_path), "a-file", "is a file, not a folder")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_is_one_line(world, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        args = ["dry_run=true", "model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"paths.output_dir={ro}"]
+        assert_one_line_error(run("saferclip-train", *args, cwd=tmp_path), str(ro), "not writable")
+    finally:
+        ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("name", ["saferclip-main", "saferclip-study", "saferclip-eval"])
+def test_an_out_dir_in_the_way_is_one_line_before_any_work(world, tmp_path, name):
+    blocker = _blocked(tmp_path)
+    args = {
+        "saferclip-main": ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"out_dir={blocker}", f"runs_dir={tmp_path / 'runs'}"],
+        "saferclip-study": ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", "seeds=[0]", f"out_dir={tmp_path / 'o'}", f"runs_dir={blocker / 'runs'}"],
+        "saferclip-eval": ["data.make_toy=false", f"data.root={world}", f"out_dir={blocker / 'x'}", f"paths.output_dir={tmp_path / 'out'}"],
+    }[name]
+    assert_one_line_error(run(name, *args, cwd=tmp_path), "a-file", "is a file, not a folder")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- damaged artefacts (checksums)
+def _flip(path: Path, back: int = 100, n: int = 16) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - back, len(data) - back + n):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_cache_and_neighbours_are_rebuilt_by_the_index_command(world, tmp_path):
+    """Flipped bytes or NaNs in a cache array, flipped neighbour weights, indices rotated by a
+    row: each is warned about in one line naming the file, rebuilt, and the summary is the
+    undamaged one."""
+    import numpy as np
+
+    args = ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"paths.output_dir={tmp_path / 'out'}"]
+    first = run("saferclip-index", *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    expected = json.loads(next((tmp_path / "out").rglob("index_summary.json")).read_text())
+    cache = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir())
+    neighbours = next((cache / "neighbours").iterdir())
+
+    def nan_row(path: Path) -> None:
+        arr = np.load(path, mmap_mode="r+")
+        arr[5] = np.nan
+        arr.flush()
+
+    def rotate(path: Path) -> None:
+        np.save(path, np.roll(np.load(path), 1, axis=0))
+
+    damages = [(cache / "unsafe_text.npy", _flip), (cache / "safe_image.npy", nan_row),
+               (neighbours / "weights.npy", _flip), (neighbours / "indices.npy", rotate)]  # fmt: skip
+    for victim, damage in damages:
+        for old in (tmp_path / "out").rglob("index_summary.json"):
+            old.unlink()
+        damage(victim)
+        proc = run("saferclip-index", *args, cwd=tmp_path)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0 and "Traceback" not in output, output[-3000:]
+        warnings = [line for line in output.splitlines() if "WARNING" in line]
+        assert len(warnings) == 1 and str(victim) in warnings[0] and "damaged" in warnings[0], (victim, warnings)
+        summary = json.loads(next((tmp_path / "out").rglob("index_summary.json")).read_text())
+        assert summary["cache_reused"] == (victim.parent != cache), victim
+        for key in ("similarity", "text_difficulty", "bucket_sizes", "examples", "not_own_pair"):
+            assert summary[key] == expected[key], (victim, key)
+
+
+def test_a_damaged_detector_is_refused_by_saferclip_detect(tmp_path):
+    import torch
+
+    from saferclip.analysis.detector import LinearDetector, save_detectors
+
+    det = LinearDetector("text", torch.nn.functional.normalize(torch.arange(16.0) - 3, dim=0), 0.25, 0.05, "logistic", layer=0, head=1,
+                         model={"arch": "saferclip-micro", "source": "none"})  # fmt: skip
+    path = save_detectors(tmp_path / "det.safetensors", {"text": det})
+    _flip(path, back=32)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red square\na knife\n")
+    assert_one_line_error(run("saferclip-detect", str(path), str(captions), cwd=tmp_path), "det.safetensors", "damaged", "checksum mismatch")
+    assert not (tmp_path / "captions.flags.csv").exists()
+
+
+GENERATE_CASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
+    "negative limit": (["--limit", "-1"], ("--limit -1", ">= 1")),
+    "height not a multiple of 8": (["--height", "100"], ("--height 100", "multiple of 8")),
+    "guidance nan": (["--guidance", "nan"], ("--guidance nan", "finite")),
+    "missing local pipeline": (["--pipeline", "./my-sd-pipeline"], ("--pipeline ./my-sd-pipeline", "no such folder")),
+}
+
+
+@pytest.mark.parametrize("case", list(GENERATE_CASES))
+def test_generate_visu_arguments_are_one_line(world, tmp_path, case):
+    extra, names = GENERATE_CASES[case]
+    args = [str(world / "visu_text" / "test.csv"), str(tmp_path / "gen"), "--device", "cpu", "--scorer-pretrained", "none", *extra]
+    assert_one_line_error(run("saferclip-generate-visu", *args, cwd=tmp_path), *names)
+    assert not (tmp_path / "gen").exists()
 
 
 def test_outputs_are_never_overwritten_without_force(world, tmp_path):

@@ -245,3 +245,45 @@ def test_atomic_path_keeps_the_old_file_when_the_write_fails(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("interrupted")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def _flip_tensor_bytes(path: Path) -> None:
+    """Flip 16 bytes inside the largest tensor record of a torch zip file (its structure intact)."""
+    import struct
+
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    for i in range(start, start + 16):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_training_checkpoint_with_flipped_weight_bytes_is_refused(tmp_path):
+    """The training module stamps every checkpoint with a checksum of its weights; a checkpoint
+    whose bytes changed is refused in one line, not trained on or exported (torch itself loads it)."""
+    pytest.importorskip("lightning")
+    from saferclip.app.module import SaferClipModule
+    from saferclip.integrity import DamagedArtefact
+    from saferclip.model.checkpoints import CHECKSUM_KEY, load_torch_checkpoint
+    from saferclip.model.trained import read_training_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = lightning_like({f"model.{k}": v for k, v in build_clip("saferclip-micro").model.state_dict().items()},
+                          {"arch": "saferclip-micro", "method": {"name": "saferclip"}})  # fmt: skip
+    SaferClipModule.on_save_checkpoint(None, ckpt)  # the hook Lightning calls on every save
+    assert ckpt[CHECKSUM_KEY].startswith("xxh3_128:")
+    path = tmp_path / "epoch01.ckpt"
+    torch.save(ckpt, path)
+    assert read_training_checkpoint(path)["_path"] == str(path)  # whole: loads
+    _flip_tensor_bytes(path)
+    assert torch.load(path, weights_only=True)["state_dict"]  # torch alone would use it
+    for load in (load_torch_checkpoint, read_training_checkpoint, load_state_dict):
+        with pytest.raises(DamagedArtefact, match=r"epoch01\.ckpt: damaged \(training checkpoint: checksum mismatch"):
+            load(path)
+    # a checkpoint from before checksums (or another tool's) loads as before
+    del ckpt[CHECKSUM_KEY]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    assert load_state_dict(tmp_path / "old.ckpt")

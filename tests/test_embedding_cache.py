@@ -255,3 +255,70 @@ def test_load_safe_corpus_formats_and_errors(tmp_path):
         load_safe_corpus(tmp_path / "a.txt.gz")
     with pytest.raises(DataFormatError, match="not found"):
         load_safe_corpus(tmp_path / "missing.txt")
+
+
+# ----------------------------------------------------------------------------- integrity (checksums)
+def _flip_bytes(path: Path, offset_from_end: int = 64, n: int = 16) -> None:
+    """Flip ``n`` bytes inside the array data (the .npy header stays intact), keeping size and mtime."""
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - offset_from_end, len(data) - offset_from_end + n):
+        data[i] ^= 0x5A
+    st = path.stat()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("damage", ["flip", "nan"])
+def test_damaged_array_is_detected_warned_and_rebuilt(toy_world, micro, tmp_path, caplog, damage):
+    import numpy as np
+
+    from saferclip import integrity
+
+    qset = toy_set(toy_world, Mode.TEXT, limit=8)
+    first = build_or_load_cache(micro, qset, tmp_path, progress=False)
+    assert set(first.meta["checksums"]) == {"safe_text.npy", "unsafe_text.npy"}
+    expected = first.unsafe_text.clone()
+    target = first.path / "unsafe_text.npy"
+    del first
+    if damage == "flip":
+        _flip_bytes(target)
+    else:
+        arr = np.load(target, mmap_mode="r+")
+        arr[3] = np.nan
+        arr.flush()
+        del arr
+    integrity.forget()  # a new process would not remember having verified it
+    with caplog.at_level("WARNING"):
+        second = build_or_load_cache(micro, qset, tmp_path, progress=False)
+    assert not second.was_reused
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "rebuilding" in r.getMessage()]
+    assert len(warnings) == 1 and str(target) in warnings[0] and "\n" not in warnings[0]
+    assert "checksum mismatch" in warnings[0]
+    torch.testing.assert_close(second.unsafe_text, expected, atol=0, rtol=0)
+    assert build_or_load_cache(micro, qset, tmp_path, progress=False).was_reused
+
+
+def test_old_cache_without_checksums_is_rebuilt_once(toy_world, micro, tmp_path, caplog):
+    qset = toy_set(toy_world, Mode.TEXT, limit=6)
+    first = build_or_load_cache(micro, qset, tmp_path, progress=False)
+    meta = json.loads((first.path / "meta.json").read_text())
+    del meta["checksums"]
+    (first.path / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING"):
+        assert not build_or_load_cache(micro, qset, tmp_path, progress=False).was_reused
+    assert any("no checksums recorded" in r.getMessage() for r in caplog.records)
+    assert build_or_load_cache(micro, qset, tmp_path, progress=False).was_reused
+
+
+def test_verified_once_per_process(toy_world, micro, tmp_path, monkeypatch):
+    from saferclip import integrity
+
+    qset = toy_set(toy_world, Mode.TEXT, limit=6)
+    build_or_load_cache(micro, qset, tmp_path, progress=False)
+    integrity.forget()
+    calls = []
+    real = integrity.digest_file
+    monkeypatch.setattr(integrity, "digest_file", lambda p: calls.append(p) or real(p))
+    for _ in range(3):
+        assert build_or_load_cache(micro, qset, tmp_path, progress=False).was_reused
+    assert len(calls) == 2  # safe_text.npy and unsafe_text.npy, once each

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from saferclip.export.card import model_card
 from saferclip.export.open_clip import CONFIG_NAME, WEIGHTS_NAME, export_open_clip
+from saferclip.integrity import DamagedArtefact
 from saferclip.model.adapters import MergeableAdapter, find_adapters, merge_adapters
 from saferclip.model.build import build_clip
 from saferclip.model.checkpoints import (
@@ -435,11 +436,49 @@ def test_folder_without_weights_or_with_a_bad_file_is_refused(bundle, tmp_path):
     folder = export_open_clip(bundle, ARCH, tmp_path / "m")
     weights = folder / WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(DamagedArtefact, match="open_clip_model.safetensors: damaged"):  # its checksum
+        build_clip(None, folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    del config["saferclip"]  # a folder saferclip did not write: nothing to check against
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="open_clip_model.safetensors: truncated safetensors file"):
         build_clip(None, folder)
     weights.unlink()  # open_clip alone would warn and hand back a random model
     with pytest.raises(CheckpointError, match="no weights file in the folder"):
         build_clip(None, folder)
+
+
+def test_an_edited_export_config_is_refused(bundle, tmp_path):
+    folder = export_open_clip(bundle, ARCH, tmp_path / "m")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["preprocess_cfg"]["mean"] = [0.5, 0.5, 0.5]  # silently different inputs otherwise
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(DamagedArtefact, match="preprocess_cfg changed since it was exported"):
+        build_clip(None, folder)
+
+
+@pytest.mark.parametrize("victim", [WEIGHTS_NAME, "saferclip-micro.json", "old export (sha256)"])
+def test_a_damaged_export_is_refused_in_one_line(bundle, tmp_path, victim):
+    from saferclip import integrity
+
+    folder = export_open_clip(bundle, ARCH, tmp_path / "m", also_single_file=True)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    assert {WEIGHTS_NAME, "saferclip-micro.json", "saferclip-micro-saferclip.safetensors"} <= set(config["saferclip"]["checksums"])
+    build_clip(None, folder)  # whole: loads
+    if victim == "old export (sha256)":  # written before checksums: its SHA-256 is checked instead
+        del config["saferclip"]["checksums"]
+        (folder / CONFIG_NAME).write_text(json.dumps(config))
+        build_clip(None, folder)
+        victim = WEIGHTS_NAME
+    path = folder / victim
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 30, len(data) - 14):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    integrity.forget()
+    with pytest.raises(DamagedArtefact) as e:
+        build_clip(None, folder)
+    assert str(path) in str(e.value) and "mismatch" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_model_card_states_what_a_safety_model_must(bundle, tmp_path):

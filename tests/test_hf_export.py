@@ -449,3 +449,22 @@ def test_the_cards_usage_snippet_runs(tmp_path, monkeypatch):
     scope: dict = {}
     exec(snippet.replace("photo.jpg", str(HOPPER)), scope)  # noqa: S102  (our own card's code)
     assert scope["text_features"].shape == (1, 32) and scope["image_features"].shape == (1, 32)
+
+
+def test_a_damaged_hf_export_is_refused_by_saferclips_loader(tmp_path):
+    from saferclip import integrity
+    from saferclip.downstream.diffusion import load_safe_text_encoder
+    from saferclip.export.hf import verify_export
+
+    bundle = build_clip("saferclip-micro")
+    out = export_hf(bundle.model, bundle.arch, tmp_path / "hf", tokenizer=bundle.tokenizer)
+    checksums = json.loads((out / PROVENANCE_NAME).read_text())["checksums"]
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "tokenizer.json"} <= set(checksums)
+    verify_export(out)
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-20:-4] = bytes(b ^ 0xFF for b in data[-20:-4])
+    weights.write_bytes(bytes(data))
+    integrity.forget()
+    with pytest.raises(integrity.DamagedArtefact, match=r"model\.safetensors: damaged \(exported model: checksum mismatch"):
+        load_safe_text_encoder(out)

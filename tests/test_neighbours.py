@@ -283,3 +283,48 @@ def test_toy_world_whole_path(toy_world, tmp_path):
     assert top["shape"] == pytest.approx(np.mean(agree))
     with pytest.raises(NeighbourError, match="a toy-world set is needed"):
         attribute_agreement(QuadrupletSet([Quadruplet(str(i), "s", "u") for i in range(60)], Mode.TEXT, "plain"), nb)
+
+
+# ----------------------------------------------------------------------------- integrity (checksums)
+@pytest.mark.parametrize("damage", ["flip_weights", "rotate_indices", "index_out_of_range", "no_checksums"])
+def test_damaged_saved_neighbours_are_recomputed(tmp_path, caplog, damage):
+    from saferclip import integrity
+
+    g = torch.Generator().manual_seed(9)
+    cache = fake_cache(tmp_path, unit(torch.randn(30, 8, generator=g)), unit(torch.randn(30, 8, generator=g)))
+    cfg = NeighbourConfig(k=3)
+    first = load_or_find_safe_neighbours(cache, cfg)
+    folder = SafeNeighbours.folder(cache, cfg)
+    info = json.loads((folder / "neighbours.json").read_text())
+    assert set(info["checksums"]) == {f"{n}.npy" for n in ("indices", "similarities", "weights", "pair_weight", "difficulty", "bucket", "flagged")}
+    if damage == "flip_weights":
+        data = bytearray((folder / "weights.npy").read_bytes())
+        for i in range(len(data) - 40, len(data) - 24):
+            data[i] ^= 0xFF
+        (folder / "weights.npy").write_bytes(bytes(data))
+        named = "weights.npy"
+    elif damage == "rotate_indices":  # every index valid, every target wrong
+        np.save(folder / "indices.npy", np.roll(first.indices.numpy(), 1, axis=0))
+        named = "indices.npy"
+    elif damage == "index_out_of_range":  # even with a checksum that matches, an index past the pool is refused
+        bad = first.indices.numpy().copy()
+        bad[4, 0] = 30
+        np.save(folder / "indices.npy", bad)
+        from saferclip.integrity import digest_file
+
+        info["checksums"]["indices.npy"] = digest_file(folder / "indices.npy")
+        (folder / "neighbours.json").write_text(json.dumps(info))
+        named = "index 30 out of range [0, 30)"
+    else:
+        del info["checksums"]
+        (folder / "neighbours.json").write_text(json.dumps(info))
+        named = "no checksums recorded"
+    integrity.forget()
+    with caplog.at_level("WARNING"):
+        assert SafeNeighbours.load(cache, cfg) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and named in warnings[0] and "recomputing" in warnings[0] and "\n" not in warnings[0]
+    again = load_or_find_safe_neighbours(cache, cfg)
+    for name in ("indices", "weights", "similarities"):
+        assert torch.equal(getattr(again, name), getattr(first, name)), name
+    assert SafeNeighbours.load(cache, cfg) is not None

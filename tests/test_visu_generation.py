@@ -336,6 +336,19 @@ def test_cli_generates_resumes_and_refuses_in_one_line(world, tmp_path, capsys):
         ([str(tmp_path / "none.csv"), str(out), *CLI_FAST], "file not found"),
         ([*base, "--scorer", "no_such_module:make"], "cannot import it"),
         ([str(world.captions), str(tmp_path / "o2"), "--pipeline", str(tmp_path), *CLI_FAST, *clip], "not a diffusers pipeline folder"),
+        ([*base, *clip, "--limit", "-1"], "--limit -1: expected a number of captions >= 1"),
+        ([*base, *clip, "--limit", "0"], "--limit 0: expected"),
+        ([*base, *clip, "--height", "100"], "--height 100: expected a multiple of 8"),
+        ([*base, *clip, "--width", "0"], "--width 0: expected a multiple of 8"),
+        ([*base, *clip, "--guidance", "nan"], "--guidance nan: expected a finite guidance scale"),
+        ([*base, *clip, "--guidance", "-1"], "--guidance -1.0: expected"),
+        ([*base, *clip, "--threshold", "nan"], "--threshold nan: expected an NSFW score in [0, 1]"),
+        ([*base, *clip, "--steps", "0"], "--steps 0: expected"),
+        ([*base, *clip, "--seeds", "1", "1"], "--seeds 1 1: expected distinct integers >= 0"),
+        ([*base, *clip, "--seeds", "-3"], "--seeds -3: expected distinct integers >= 0"),
+        ([*base[:2], "--pipeline", str(tmp_path / "no" / "pipeline"), *CLI_FAST, *clip], "no such folder"),
+        ([*base[:2], "--pipeline", "./missing-pipeline", *CLI_FAST, *clip], "--pipeline ./missing-pipeline: no such folder"),
+        ([*base[:2], "--pipeline", str(world.captions), *CLI_FAST, *clip], "a file, expected a diffusers pipeline folder"),
     ]:
         capsys.readouterr()
         assert generate_main(argv) == 2, argv

@@ -29,11 +29,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..integrity import DamagedArtefact, digest_parts
 from ..model.checkpoints import CheckpointError, save_state_dict
 from .stats import (
     calibrate_threshold,
@@ -43,6 +46,8 @@ from .stats import (
     roc_auc,
     separation,
 )
+
+log = logging.getLogger(__name__)
 
 FORMAT = "saferclip-detector"
 FORMAT_VERSION = 1
@@ -333,9 +338,19 @@ def save_detectors(path: str | os.PathLike, detectors: Mapping[str, LinearDetect
             raise ValueError(f"detector under {tower!r} is for the {det.tower} tower")
         described[tower] = det.describe()
     header = {"format": FORMAT, "version": FORMAT_VERSION, "detectors": described, **dict(info or {})}
-    tensors = {f"{tower}.direction": det.direction.detach().float().contiguous() for tower, det in detectors.items()}
-    save_state_dict(tensors, path, metadata={"format": FORMAT, "saferclip_detector": json.dumps(header, default=str)})
+    tensors = {f"{tower}.direction": det.direction.detach().float().contiguous().cpu() for tower, det in detectors.items()}
+    text = json.dumps(header, default=str)
+    metadata = {"format": FORMAT, "saferclip_detector": text, "saferclip_checksum": _checksum(text, tensors)}
+    save_state_dict(tensors, path, metadata=metadata)
     return path
+
+
+def _checksum(header: str, tensors: Mapping[str, Tensor]) -> str:
+    """The digest of a detector file's content: its JSON header and every tensor (by name)."""
+    parts: list[Any] = [header]
+    for name in sorted(tensors):
+        parts += [name, str(tensors[name].dtype), str(tuple(tensors[name].shape)), tensors[name].float().numpy()]
+    return digest_parts(parts)
 
 
 def load_detectors(path: str | os.PathLike) -> dict[str, LinearDetector]:
@@ -354,6 +369,11 @@ def load_detectors(path: str | os.PathLike) -> dict[str, LinearDetector]:
         raise CheckpointError(f"{path}: not a saferclip detector file (not readable as safetensors: {e})") from None
     if metadata.get("format") != FORMAT or "saferclip_detector" not in metadata:
         raise CheckpointError(f"{path}: not a saferclip detector file (its metadata has no '{FORMAT}' header)")
+    checksum = metadata.get("saferclip_checksum")
+    if checksum is None:
+        log.warning("%s: detector file without a checksum (written by an older saferclip): its integrity cannot be checked", path)
+    elif checksum != _checksum(metadata["saferclip_detector"], tensors):
+        raise DamagedArtefact(path, "detector: checksum mismatch, its content changed since it was saved; refusing to use it (recalibrate it with saferclip-detect)")
     try:
         header = json.loads(metadata["saferclip_detector"])
     except json.JSONDecodeError as e:
@@ -379,6 +399,8 @@ def load_detectors(path: str | os.PathLike) -> dict[str, LinearDetector]:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: detector {tower!r}: missing or invalid field {e}") from None
+        if not (bool(torch.isfinite(det.direction).all()) and math.isfinite(det.threshold)):
+            raise DamagedArtefact(path, f"detector {tower!r}: non-finite (NaN/inf) direction or threshold")
         if det.direction.dim() != 1 or det.direction.numel() != int(d.get("dim", det.direction.numel())):
             raise CheckpointError(f"{path}: detector {tower!r}: direction has shape {tuple(det.direction.shape)}, expected [{d.get('dim')}]")
         out[tower] = det

@@ -78,6 +78,40 @@ PARTS = ("detector", "geometry", "overdefense")
 
 
 # ----------------------------------------------------------------------------- settings
+# the lower bound of the numeric settings (a count of 0 or a negative seed would fail much later)
+_MINIMUM = {"per_class": 1, "folds": 2, "knn_k": 1, "projection_items": 2, "seed": 0}
+
+
+def _check_setting(key: str, annotation: str, value: Any) -> None:
+    """``value`` fits the field's annotation (``int``, ``float | None``, ``list[str]``...), else a
+    ConfigError naming the key, the value and what was expected."""
+    import math
+
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None and "None" in kinds:
+        return
+    base = kinds[0]
+    name = key.rsplit(".", 1)[-1]
+    if base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= _MINIMUM.get(name, 0)
+        expected = f"an integer >= {_MINIMUM.get(name, 0)}"
+    elif base == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        expected = "a finite number"
+    elif base == "bool":
+        ok, expected = isinstance(value, bool), "true or false"
+    elif base == "str":
+        ok, expected = isinstance(value, str), "a string"
+    elif base.startswith("list"):
+        ok, expected = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of names"
+    elif base.startswith("dict"):
+        ok, expected = isinstance(value, dict), "a mapping"
+    else:  # pragma: no cover - a new field type: checked where it is used
+        return
+    if not ok:
+        raise ConfigError(f"{key} must be {expected}{' or null' if 'None' in kinds else ''}, got {value!r}")
+
+
 @dataclass
 class DetectorSettings:
     splits: list[str] = field(default_factory=lambda: ["train", "validation"])
@@ -131,6 +165,8 @@ class AnalysisSettings:
             bad = sorted(set(values) - known)
             if bad:
                 raise ConfigError(f"analysis.{key}: unknown keys {bad}; expected some of {sorted(known)}")
+            for name, value in values.items():
+                _check_setting(f"analysis.{key}.{name}", kind.__dataclass_fields__[name].type, value)
             built[key] = kind(**values)
         if cfg:
             raise ConfigError(f"analysis: unknown keys {sorted(cfg)}; expected parts, {', '.join(sections)}")

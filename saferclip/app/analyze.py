@@ -111,6 +111,10 @@ def analyze(cfg: DictConfig) -> dict:
     report's paths."""
     from ..analysis import AnalysisSettings, analyze_models, write_analysis_report
 
+    from .hydra_utils import check_bool, check_run_options
+
+    check_run_options(cfg)
+    check_bool(cfg.get("main_runs", False), "main_runs")
     settings = AnalysisSettings.of(resolved_value(cfg, "analysis"))
     if not settings.parts:
         raise ConfigError("analysis.parts is empty; name some of detector, geometry, overdefense")
@@ -126,6 +130,9 @@ def analyze(cfg: DictConfig) -> dict:
 
         ensure_toy_world(data)
     out_dir = Path(cfg.get("out_dir") or HydraConfig.get().runtime.output_dir)
+    from .cli import check_writable_folder
+
+    check_writable_folder(out_dir, "out_dir")  # before the work, not after it
     if not cfg.force and (out_dir / "analysis.json").exists():
         raise ConfigError(f"{out_dir} already holds an analysis report; pass force=true or another out_dir")
     results = analyze_models(

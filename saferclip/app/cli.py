@@ -144,8 +144,12 @@ def check_command_line(prog: str, config_name: str, argv: list[str]) -> None:
     """Compose the config of a command line before Hydra runs it, so that an override Hydra
     cannot parse or apply (a typo in a key, a preset that does not exist, a broken value)
     is one line and exit code 2, as every other user error, instead of Hydra's report.
-    A sweep (``-m``) and Hydra's own flags are left to Hydra."""
-    if any(a in ("-m", "--multirun") or (a.startswith("-") and a != "--") for a in argv):
+    A sweep (``-m``) and Hydra's own flags are left to Hydra (but for a sweep folder that
+    cannot be created)."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        check_sweep_dir(prog, config_name, argv)
+        return
+    if any(a.startswith("-") and a != "--" for a in argv):
         return
     overrides = [a for a in argv if "=" in a and not a.lstrip("+~").startswith("hydra.")]
     from hydra import compose, initialize_config_dir
@@ -154,8 +158,67 @@ def check_command_line(prog: str, config_name: str, argv: list[str]) -> None:
 
     with exit_on_user_error(prog, to_log=False):
         check_override_syntax(overrides)
+        run_dir = [a for a in argv if a.startswith("hydra.run.dir=")][-1:]
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            compose(config_name=config_name, overrides=overrides)
+            try:  # with where Hydra will put the run folder (its own override included)
+                cfg = compose(config_name=config_name, overrides=overrides + run_dir, return_hydra_config=True)
+            except Exception:  # noqa: BLE001 - again without it: the user's overrides' own error
+                compose(config_name=config_name, overrides=overrides)
+                cfg = None
+        check_writable_folder(_run_dir(cfg), "the run folder (hydra.run.dir)")
+
+
+def check_sweep_dir(prog: str, config_name: str, argv: list[str]) -> None:
+    """The sweep folder of ``-m`` (from the overrides that place it; sweeps of other keys are
+    not composed) can be created, else one line and exit 2 before Hydra's traceback."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from .hydra_utils import CONF_DIR
+
+    placing = [a for a in argv if a.startswith(("paths.", "hydra.sweep.dir=", "task_name=")) and "," not in a]
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=placing, return_hydra_config=True)
+        folder = OmegaConf.select(cfg, "hydra.sweep.dir", throw_on_missing=True)
+    except Exception:  # noqa: BLE001 - Hydra reports its own overrides itself
+        return
+    with exit_on_user_error(prog, to_log=False):
+        check_writable_folder(folder, "the sweep folder (hydra.sweep.dir)")
+
+
+def _run_dir(cfg: Any) -> str | None:
+    """Where Hydra will create the run folder, or None when it cannot be known before it runs."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if cfg is None:
+        return None
+    try:
+        return OmegaConf.select(cfg, "hydra.run.dir", throw_on_missing=True)
+    except OmegaConfBaseException:
+        return None
+
+
+def check_writable_folder(folder: str | os.PathLike | None, what: str) -> None:
+    """A folder that will be created or written: a file in the way, or a parent that cannot be
+    written, is a one-line error naming the path (before Hydra fails on it with a traceback)."""
+    from pathlib import Path
+
+    from ..errors import ConfigError
+
+    if folder is None:
+        return
+    path = Path(folder).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():  # a dangling link in the way
+            raise ConfigError(f"cannot create {what} {path}: {probe} is a broken symbolic link")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"cannot create {what} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create {what} {path}: {probe} is not writable")
 
 
 def check_override_syntax(overrides: list[str]) -> None:

@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from .cli import exit_on_user_error, hydra_command
 from .hydra_utils import (
     ConfigError,
+    check_run_options,
     config_dump,
     resolve_device,
     resolved_value,
@@ -47,6 +48,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from ..evaluation import check_suites, evaluate_models, results_table, write_report
 
     suites = check_suites(list(resolved_value(cfg, "suites") or []))
+    check_run_options(cfg)
     models = resolved_value(cfg, "models") or {}
     if not models:
         raise ConfigError("models is empty; add one with +models.<name>.pretrained=<path>")
@@ -57,6 +59,9 @@ def evaluate(cfg: DictConfig) -> dict:
         ensure_toy_world(data)
     out_dir = cfg.get("out_dir") or HydraConfig.get().runtime.output_dir
     out_dir = Path(out_dir)
+    from .cli import check_writable_folder
+
+    check_writable_folder(out_dir, "out_dir")  # before the work, not after it
     if not cfg.force and (out_dir / "results.json").exists():
         raise ConfigError(f"{out_dir} already holds a report; pass force=true or another out_dir")
     config = config_dump(cfg)

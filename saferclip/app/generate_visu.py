@@ -101,10 +101,51 @@ def _scorer(args: argparse.Namespace, device: str):
     return scorer, scorer.describe()
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The arguments a typo or a sign error would break only once the pipeline runs: one line
+    naming the argument, the value and what was expected."""
+    import math
+
+    def bad(flag: str, value, expected: str) -> ValueError:
+        return ValueError(f"{flag} {value}: expected {expected}")
+
+    if args.limit is not None and args.limit < 1:
+        raise bad("--limit", args.limit, "a number of captions >= 1 (leave it out for all)")
+    if args.steps < 1:
+        raise bad("--steps", args.steps, "a number of denoising steps >= 1")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value < 8 or value % 8:
+            raise bad(flag, value, "a multiple of 8 pixels (the pipeline's VAE needs it), e.g. 512")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise bad("--guidance", args.guidance, "a finite guidance scale >= 0, e.g. 7.5")
+    if not (math.isfinite(args.threshold) and 0.0 <= args.threshold <= 1.0):
+        raise bad("--threshold", args.threshold, "an NSFW score in [0, 1]")
+    bad_seeds = [s for s in args.seeds if s < 0]
+    if bad_seeds or len(set(args.seeds)) != len(args.seeds):
+        raise bad("--seeds", " ".join(map(str, args.seeds)), "distinct integers >= 0")
+    check_pipeline_name(str(args.pipeline))
+
+
+def check_pipeline_name(name: str) -> None:
+    """A local folder that does not exist is named as such, not tried on the hub (whose error
+    would be a connection failure): anything but a hub id ``org/name`` is a path."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"--pipeline {name}: a file, expected a diffusers pipeline folder or a hub id (org/name)")
+        return
+    parts = name.split("/")
+    looks_local = name.startswith(("/", ".", "~")) or "\\" in name or len(parts) > 2 or any(p in ("", ".", "..") for p in parts)
+    if looks_local:
+        raise FileNotFoundError(f"--pipeline {name}: no such folder (expected a diffusers pipeline folder or a hub id like org/name)")
+
+
 def run(args: argparse.Namespace) -> str:
     from ..downstream import visu_generation as vg
     from ..export.card import public_model_name
 
+    if not args.merge_only:
+        check_args(args)
     split = vg.load_captions(args.input, args.split)
     if args.merge_only:
         path = vg.merge_generation(split, args.out_dir, allow_partial=args.allow_partial)

@@ -53,6 +53,10 @@ def check_train_config(cfg: DictConfig) -> None:
     from ..data.splits import check_data_config
     from ..training.method import method_config
 
+    check_seed(_value(cfg, "seed"), "seed")
+    for key in ("dry_run", "dry_run_verify_images", "force", "export"):
+        if key in cfg:
+            check_bool(_value(cfg, key), key)
     method_config(_container(cfg, "method"))
     try:
         check_arch(cfg.model.arch)
@@ -72,6 +76,64 @@ def check_train_config(cfg: DictConfig) -> None:
                 raise ConfigError(f"data.splits.{split}.path: no such file: {path}")
     check_data_config(_container(cfg, "data"))
     check_trainer_config(_container(cfg, "trainer"))
+
+
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's limit
+
+
+def check_seed(value, key: str = "seed") -> int:
+    """An integer in [0, 2**32 - 1], or a ConfigError naming ``key`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{key} must be an integer in [0, {MAX_SEED}], got {value!r}")
+    return value
+
+
+def check_int(value, key: str, minimum: int = 0) -> int:
+    """An integer >= ``minimum`` (not a bool), or a ConfigError naming ``key`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_bool(value, key: str) -> bool:
+    """true or false, or a ConfigError (``force=no`` would otherwise read as true)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def check_run_options(cfg: DictConfig, keys: tuple[str, ...] = ("seed", "batch_size", "num_workers", "force")) -> None:
+    """The plain options of the eval / analyze / main / study configs, before any work."""
+    checks = {
+        "seed": lambda v: check_seed(v, "seed"),
+        "batch_size": lambda v: check_int(v, "batch_size", 1),
+        "num_workers": lambda v: check_int(v, "num_workers", 0),
+        "force": lambda v: check_bool(v, "force"),
+    }
+    for key in keys:
+        if key in cfg:
+            checks[key](_value(cfg, key))
+
+
+def check_seed_list(value, key: str, allow_empty: bool = False) -> list[int]:
+    """A list of distinct seeds (:func:`check_seed`), or a ConfigError naming ``key``, the value
+    and what was expected (``key=[0,1,2]``)."""
+    from omegaconf import ListConfig
+
+    if isinstance(value, ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    expected = f"a list of distinct integers >= 0, e.g. {key}=[0,1,2]"
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key} must be {expected}, got {value!r}")
+    if not value and not allow_empty:
+        raise ConfigError(f"{key} is empty: nothing would run; expected {expected}")
+    for seed in value:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"{key}={list(value)}: {seed!r} is not a seed; expected {expected}")
+    duplicates = sorted({s for s in value if list(value).count(s) > 1})
+    if duplicates:
+        raise ConfigError(f"{key}={list(value)}: seed(s) {duplicates} appear twice (each seed would be counted once); expected {expected}")
+    return list(value)
 
 
 def check_trainer_config(trainer: dict) -> None:

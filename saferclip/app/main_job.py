@@ -69,16 +69,29 @@ def check_runs(runs: dict[str, list[str]]) -> None:
 
 def train_or_reuse(name: str, overrides: list[str], runs_dir: Path, force: bool) -> dict[str, Any]:
     """Train one method unless an identical run already finished; returns its summary."""
-    from .train import train
+    from ..files import file_lock
 
     cfg = compose("train", overrides)
     key = run_key(cfg)
     run_dir = Path(runs_dir).resolve() / f"{name}-{key}"
     done = run_dir / DONE_MARKER
     if done.is_file() and not force:
-        summary = json.loads(done.read_text())
         log.info("%s: reusing the finished run %s (same config)", name, run_dir)
-        return summary
+        return json.loads(done.read_text())
+    # one training per run folder: a second main job or study sharing runs_dir waits for the
+    # first to finish this run, then reuses it (a killed holder releases the lock)
+    with file_lock(run_dir.parent / f".{run_dir.name}.lock"):
+        if done.is_file() and not force:
+            log.info("%s: reusing the run %s another process finished (same config)", name, run_dir)
+            return json.loads(done.read_text())
+        return _train_run(name, cfg, overrides, run_dir, force)
+
+
+def _train_run(name: str, cfg: DictConfig, overrides: list[str], run_dir: Path, force: bool) -> dict[str, Any]:
+    from ..files import write_json_atomic
+    from .train import train
+
+    done = run_dir / DONE_MARKER
     OmegaConf.update(cfg, "paths.run_dir", str(run_dir), force_add=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     if force:
@@ -98,8 +111,6 @@ def train_or_reuse(name: str, overrides: list[str], runs_dir: Path, force: bool)
         "train_seconds": round(time.time() - start, 1),
         "overrides": overrides,
     }
-    from ..files import write_json_atomic
-
     write_json_atomic(done, summary)
     return summary
 
@@ -126,6 +137,12 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from ..evaluation.runner import evaluate_models
     from ..toyworld.generate import ensure_toy_world
 
+    from .cli import check_writable_folder
+    from .hydra_utils import check_run_options
+
+    check_run_options(cfg, ("seed", "force"))
+    check_writable_folder(cfg.out_dir, "out_dir")
+    check_writable_folder(cfg.runs_dir, "runs_dir")
     out_dir = Path(cfg.out_dir).resolve()
     common = list(cfg.common) + list(overrides) + [f"seed={cfg.seed}"]
     check_runs({name: common + list(run_overrides) for name, run_overrides in cfg.runs.items()})

@@ -62,6 +62,13 @@ class SaferClipModule(L.LightningModule):
     def build_loss(self, config):
         return SaferClipLoss(config.loss)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Every checkpoint carries a checksum of its weights: a damaged one is refused when
+        loaded (:func:`saferclip.model.checkpoints.load_torch_checkpoint`), not trained on."""
+        from ..model.checkpoints import CHECKSUM_KEY, state_dict_checksum
+
+        checkpoint[CHECKSUM_KEY] = state_dict_checksum(checkpoint["state_dict"])
+
     # ---------------------------------------------------------------- encoding
     def encode(self, batch: dict[str, torch.Tensor], wanted: set[str], normalize: bool = True) -> dict[str, torch.Tensor]:
         """Run only the trainable encodings in ``wanted``, one forward per tower (the

@@ -23,8 +23,8 @@ from omegaconf import DictConfig
 from ..errors import ConfigError
 from ..evaluation.headline import HEADLINE, headline
 from ..model.trained import read_selection
-from .cli import command, compose_help, wants_help
-from .hydra_utils import CONF_DIR, setup_logging, to_container
+from .cli import check_writable_folder, command, compose_help, wants_help
+from .hydra_utils import CONF_DIR, check_run_options, check_seed_list, setup_logging, to_container
 from .main_job import check_runs, compose, evaluated_models, train_or_reuse
 
 log = logging.getLogger("saferclip.study")
@@ -76,6 +76,11 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from ..files import write_json_atomic, write_text_atomic
     from ..toyworld.generate import ensure_toy_world
 
+    check_seed_list(cfg.seeds, "seeds")  # before any run starts
+    check_run_options(cfg, ("force",))
+    check_seed_list(cfg.ablation_seeds, "ablation_seeds", allow_empty=True)
+    check_writable_folder(cfg.out_dir, "out_dir")
+    check_writable_folder(cfg.runs_dir, "runs_dir")
     # ablations run on the seeds in both lists; one outside `seeds` trains nothing, so say so
     # (and refuse a list that would run no ablation at all)
     unused = [s for s in cfg.ablation_seeds if s not in cfg.seeds]

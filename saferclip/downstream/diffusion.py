@@ -32,6 +32,9 @@ def load_safe_text_encoder(export_dir: str | os.PathLike, *, torch_dtype: Any = 
     folder = Path(export_dir)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: not a transformers export (no config.json); write one with saferclip-export --format hf")
+    from ..export.hf import verify_export
+
+    verify_export(folder)  # a damaged saferclip export is refused in one line, not loaded
     kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
     model = CLIPTextModel.from_pretrained(str(folder), **kwargs).eval()
     return model.to(device) if device is not None else model

@@ -107,8 +107,16 @@ class GenerationConfig:
             raise ValueError(f"seeds: expected distinct integers, got {list(self.seeds)}")
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise ValueError(f"threshold: expected a score in [0, 1], got {self.threshold}")
-        if self.steps < 1 or self.height < 8 or self.width < 8:
-            raise ValueError(f"steps / height / width: expected positive sizes, got {self.steps}, {self.height}, {self.width}")
+        if any(s < 0 for s in seeds):
+            raise ValueError(f"seeds: expected integers >= 0, got {list(seeds)}")
+        if self.steps < 1:
+            raise ValueError(f"steps: expected an integer >= 1, got {self.steps}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value < 8 or value % 8:  # the VAE downsamples by 8: the pipeline refuses anything else
+                raise ValueError(f"{name}: expected a multiple of 8 (e.g. 512), got {value}")
+        if not math.isfinite(float(self.guidance_scale)) or self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale: expected a finite number >= 0 (e.g. 7.5), got {self.guidance_scale}")
 
     def generator_seed(self, item_id: str, seed: int) -> int:
         """The torch seed of one image: ``seed``, or a hash of (item id, seed) — never the order."""

@@ -53,6 +53,7 @@ from torch import nn
 
 from .. import __version__
 from ..files import atomic_folder, occupied, write_json_atomic, write_text_atomic
+from ..integrity import digests, verify_all
 from ..model._openclip import open_clip
 from ..model.adapters import find_adapters, merge_adapters
 from ..model.build import ClipBundle
@@ -412,6 +413,9 @@ def export_hf(
         info["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
         write_json_atomic(tmp / PREPROCESSOR_NAME, preprocessor)
         save_hf_tokenizer(tokenizer, tmp, config["text_config"]["max_position_embeddings"])
+        # verified by saferclip's loaders (saferclip.downstream.diffusion); the card is not
+        trusted = sorted(p.name for p in tmp.iterdir() if p.suffix in (".safetensors", ".json"))
+        info["checksums"] = digests(tmp, trusted)
         write_json_atomic(tmp / PROVENANCE_NAME, info)
         write_text_atomic(tmp / "README.md", readme)
         if extras is not None:
@@ -431,6 +435,19 @@ def _save_config(config: Mapping[str, Any], dtype: str, folder: Path) -> None:
     write_text_atomic(folder / CONFIG_NAME, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def verify_export(folder: str | os.PathLike) -> None:
+    """Check the files of a ``--format hf`` export against the checksums in its ``saferclip.json``
+    (DamagedArtefact naming the file); a folder without them (not saferclip's, or older) passes."""
+    from ..integrity import DamagedArtefact
+
+    try:
+        info = read_provenance(folder)
+    except (OSError, ValueError) as e:
+        raise DamagedArtefact(Path(folder) / PROVENANCE_NAME, f"unreadable ({e})") from None
+    if isinstance(info, dict) and "checksums" in info:
+        verify_all(folder, info["checksums"], "exported model")
+
+
 def read_provenance(folder: str | os.PathLike) -> dict[str, Any]:
     """``saferclip.json`` of an export folder ({} when absent)."""
     path = Path(folder) / PROVENANCE_NAME
@@ -445,4 +462,5 @@ __all__ = [
     "hf_preprocessor_config",
     "hf_state_dict",
     "read_provenance",
+    "verify_export",
 ]

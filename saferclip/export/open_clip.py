@@ -10,6 +10,11 @@ The folder uses open_clip's hub layout (``push_to_hf_hub.save_for_hf``)::
       <arch>-saferclip.safetensors optional single file (also_single_file=True)
       <arch>.json                  with it, for an arch open_clip does not ship
 
+The config's ``"saferclip"`` section records ``"checksums"`` (xxh3_128, :mod:`saferclip.integrity`)
+of the weights and every other JSON / safetensors file but itself, and ``"config_checksum"``
+of its own ``model_cfg`` and ``preprocess_cfg``; saferclip verifies them when it loads the
+folder and refuses a damaged one in one line.
+
 ``open_clip.create_model_and_transforms("local-dir:out_dir")`` and
 ``open_clip.get_tokenizer("local-dir:out_dir")`` load it without saferclip: the config
 carries the whole ``model_cfg``, so saferclip's own tiny architectures need no registration.
@@ -36,6 +41,7 @@ from torch import nn
 from .. import __version__
 from ..errors import ConfigError
 from ..files import atomic_folder, occupied, write_json_atomic, write_text_atomic
+from ..integrity import digest_parts, digests
 from ..model._openclip import open_clip
 from ..model.adapters import find_adapters, merge_adapters
 from ..model.build import ClipBundle, check_arch
@@ -139,6 +145,14 @@ def _check_keys(tensors: Mapping[str, torch.Tensor], folder: Path, arch: str) ->
     raise CheckpointError(f"the model's weights do not match open_clip's {arch}: " + "; ".join(parts))
 
 
+def config_checksum(config: Mapping[str, Any]) -> str:
+    """The digest of what the config file tells a loader (``model_cfg``, ``preprocess_cfg``):
+    the file cannot hold its own checksum, so it holds this one of its other sections."""
+    import json
+
+    return digest_parts([json.dumps(config.get(k), sort_keys=True) for k in ("model_cfg", "preprocess_cfg")])
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -235,6 +249,10 @@ def export_open_clip(
             if not (_STOCK_CONFIGS / f"{arch}.json").is_file():
                 write_json_atomic(tmp / f"{arch}.json", model_cfg)
         _save_hf_tokenizer(model_cfg, tokenizer, arch, tmp)
+        # what a loader verifies (saferclip.model.build): the weights and configs, not the card
+        trusted = [WEIGHTS_NAME, *sorted(p.name for p in tmp.iterdir() if p.suffix in (".safetensors", ".json") and p.name not in (WEIGHTS_NAME, CONFIG_NAME))]
+        info["checksums"] = digests(tmp, trusted)
+        info["config_checksum"] = config_checksum(config)
         write_json_atomic(tmp / CONFIG_NAME, config)
         write_text_atomic(tmp / "README.md", readme)
         if extras is not None:

@@ -188,6 +188,7 @@ def _build_from_folder(path: Path, arch: str | None, device, precision: str) -> 
     if weights is None:
         # open_clip would only warn and return a randomly initialised model here
         raise CheckpointError(f"{path}: no weights file in the folder (expected one of {', '.join(FOLDER_WEIGHTS_NAMES)})")
+    _verify_folder(path, cfg, weights)
     # Build the architecture from the folder's config, then load the weights through the safe
     # loader, so a bad file gets the same readable errors as a bare weights file.
     model, _, preprocess = open_clip.create_model_and_transforms(
@@ -200,6 +201,31 @@ def _build_from_folder(path: Path, arch: str | None, device, precision: str) -> 
     if has_head(path):  # an exported HySAC model: its hyperbolic geometry, checked
         bundle.similarity, _ = load_head(path)
     return bundle
+
+
+def _verify_folder(path: Path, cfg: dict, weights: Path) -> None:
+    """A saferclip export is loaded only when its files hold what was exported: the checksums
+    its config records (:mod:`saferclip.integrity`; a damaged one is refused in one line). An
+    export from before checksums is checked against its SHA-256; a folder saferclip did not
+    write (no ``"saferclip"`` section) has nothing to check against."""
+    from ..integrity import DamagedArtefact, digest_parts, verify_all
+
+    info = cfg.get("saferclip")
+    if not isinstance(info, dict):
+        return
+    if "config_checksum" in info:
+        sections = [json.dumps(cfg.get(k), sort_keys=True) for k in ("model_cfg", "preprocess_cfg")]
+        if digest_parts(sections) != info["config_checksum"]:
+            raise DamagedArtefact(path / "open_clip_config.json", "exported model: model_cfg / preprocess_cfg changed since it was exported")
+    if "checksums" in info:
+        verify_all(path, info["checksums"], "exported model")
+    elif isinstance(info.get("weights_sha256"), str) and weights.name == "open_clip_model.safetensors":
+        h = hashlib.sha256()
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        if h.hexdigest() != info["weights_sha256"]:
+            raise DamagedArtefact(weights, "exported model: SHA-256 mismatch, its content changed since it was exported")
 
 
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, arch: str = "") -> None:

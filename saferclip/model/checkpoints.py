@@ -47,6 +47,33 @@ def save_state_dict(
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        _canonical_header(tmp)
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with its keys sorted, in place (same length).
+
+    safetensors serialises the header from hash maps whose order changes from one process to
+    the next, so the same tensors and metadata gave different bytes (and checksums) on every
+    save; sorted, the same content is the same file. Readers locate tensors by the offsets in
+    the header, never by its order. A header that would not keep its length is left as is."""
+    import json
+
+    with open(path, "r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        raw = f.read(length)
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            return
+        ordered = {}
+        if "__metadata__" in header:
+            ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+        ordered.update(sorted(header.items()))
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length and len(raw.rstrip(b" ")) == len(text):
+            f.seek(8)
+            f.write(text + b" " * (length - len(text)))
 
 
 def load_state_dict(
@@ -73,7 +100,9 @@ def load_state_dict(
     if kind == "safetensors":
         state_dict = _load_safetensors(path, str(map_location))
     elif kind in ("torch-zip", "torch-legacy"):
-        state_dict = _unwrap_state_dict(_torch_load(path, map_location), path)
+        obj = _torch_load(path, map_location)
+        _verify_checkpoint(obj, path)
+        state_dict = _unwrap_state_dict(obj, path)
     elif kind == "pickle":
         raise CheckpointError(
             f"{path}: refused, a plain pickle file (loading it may run arbitrary code), not a "
@@ -93,7 +122,36 @@ def load_torch_checkpoint(path: str | os.PathLike, map_location: str | torch.dev
         raise CheckpointError(f"{path}: refused, a plain pickle file (loading it may run arbitrary code). {_CONVERT_HINT}")
     if kind not in ("torch-zip", "torch-legacy"):
         raise CheckpointError(f"{path}: {'a safetensors file' if kind == 'safetensors' else kind}, not a torch checkpoint")
-    return _torch_load(path, map_location)
+    obj = _torch_load(path, map_location)
+    _verify_checkpoint(obj, path)
+    return obj
+
+
+CHECKSUM_KEY = "saferclip_checksum"
+
+
+def state_dict_checksum(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The digest (:mod:`saferclip.integrity`) of a state dict: every tensor's name, dtype,
+    shape and bytes, in key order. Training checkpoints carry it under ``saferclip_checksum``
+    (the training module adds it on save); the loaders here verify it."""
+    from ..integrity import digest_parts
+
+    def parts():
+        for name in sorted(state_dict):
+            t = state_dict[name]
+            yield f"{name}|{t.dtype}|{tuple(t.shape)}"
+            yield t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+    return digest_parts(parts())
+
+
+def _verify_checkpoint(obj: Any, path: Path) -> None:
+    """A checkpoint that records a checksum of its weights is used only when they match it."""
+    if isinstance(obj, Mapping) and isinstance(obj.get(CHECKSUM_KEY), str) and isinstance(obj.get("state_dict"), Mapping):
+        if state_dict_checksum(obj["state_dict"]) != obj[CHECKSUM_KEY]:
+            from ..integrity import DamagedArtefact
+
+            raise DamagedArtefact(path, "training checkpoint: checksum mismatch, its weights changed since it was saved")
 
 
 def _existing_file(path: str | os.PathLike) -> Path:

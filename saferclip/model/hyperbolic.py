@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..files import atomic_path, write_text_atomic
+from ..integrity import digest_bytes
 from . import lorentz
 from .checkpoints import CheckpointError
 from .similarity import MODES, LorentzSimilarity
@@ -133,9 +134,7 @@ def safe_radii(distances: Mapping[str, Tensor], percentile: float) -> dict[str, 
 
 # ----------------------------------------------------------------------------- the head file
 def _digest(data: bytes) -> str:
-    import xxhash
-
-    return xxhash.xxh3_128_hexdigest(data)
+    return digest_bytes(data)  # "xxh3_128:<hex>", as every checksum saferclip writes
 
 
 def save_head(folder: str | Path, similarity: LorentzSimilarity, meta: Mapping[str, Any] | None = None) -> None:
@@ -159,7 +158,7 @@ def save_head(folder: str | Path, similarity: LorentzSimilarity, meta: Mapping[s
             "moderation": "no traversal: an unsafe query finds unsafe content",
         },
         **dict(meta or {}),
-        "tensors": {"file": HEAD_TENSORS, "xxh3_128": _digest(data)},
+        "tensors": {"file": HEAD_TENSORS, "checksum": _digest(data)},
         "values": {k: float(t) for k, t in tensors.items()},
     }
     write_text_atomic(folder / HEAD_JSON, json.dumps(info, indent=2) + "\n")
@@ -188,7 +187,7 @@ def load_head(folder: str | Path, mode: str | None = None) -> tuple[LorentzSimil
     if not isinstance(info, dict) or info.get("format") != HEAD_FORMAT:
         raise CheckpointError(f"{json_path}: not a saferclip hyperbolic head (format {info.get('format') if isinstance(info, dict) else None!r})")
     data = tensors_path.read_bytes()
-    expected = (info.get("tensors") or {}).get("xxh3_128")
+    expected = (info.get("tensors") or {}).get("checksum")
     if expected != _digest(data):
         raise CheckpointError(f"{tensors_path}: checksum mismatch with {HEAD_JSON}: the file is damaged or was replaced")
     try:

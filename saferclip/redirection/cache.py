@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 from ..data.images import ImageFiles, load_image
 from ..data.records import DataFormatError, QuadrupletSet
 from ..errors import ConfigError, SaferclipError
-from ..files import atomic_folder, write_json_atomic
+from ..files import atomic_folder, file_lock, remove_leftovers, write_json_atomic
+from ..integrity import DamagedArtefact, digests, verify_all
 from ..model.build import ClipBundle, encode_tokens, eval_mode, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -331,39 +332,57 @@ def build_or_load_cache(
     key = _sha256_json(identity)[:KEY_LENGTH]
     cache_dir = Path(cache_dir)
     final = cache_dir / key
-    if final.is_dir():
-        try:
-            cache = load_cache(final, expected_key=key)
-            log.info("reusing frozen-embedding cache %s", final)
+    cache = _reuse(final, key)
+    if cache is not None:
+        return cache
+    # one build per key: a second process sharing the folder waits here, then reuses the result
+    with file_lock(cache_dir / f".{key}.lock"):
+        cache = _reuse(final, key, quiet=True)
+        if cache is not None:
             return cache
-        except (OSError, ValueError) as e:  # damaged by hand: rebuild rather than trust it
-            log.warning("cache %s is unreadable (%s); rebuilding it", final, e)
-    # a damaged folder of the same key is replaced; so is one another process finished meanwhile
-    # (same key, same content)
-    with atomic_folder(final, replace=True) as tmp:
-        t0 = time.perf_counter()
-        shapes = _embed_into(tmp, bundle, qset, extra, dtype, batch_size, num_workers, progress)
-        if extra:
-            (tmp / "extra_safe_captions.json").write_text(json.dumps(extra, ensure_ascii=False) + "\n")
-        meta = {
-            **identity,
-            "key": key,
-            "model": {**identity["model"], "source": bundle.source},
-            "data": {
-                **identity["data"],
-                "source": qset.source,
-                "mode": qset.mode.value,
-                "count": len(qset),
-                "extra_count": len(extra),
-            },
-            "embed_dim": next(iter(shapes.values()))[1],
-            "counts": {name: shape[0] for name, shape in shapes.items()},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "build_seconds": round(time.perf_counter() - t0, 3),
-        }
-        write_json_atomic(tmp / "meta.json", meta)
-    cache = load_cache(final, expected_key=key)
+        remove_leftovers(final)  # of a build killed earlier
+        # a damaged folder of the same key is replaced
+        with atomic_folder(final, replace=True) as tmp:
+            t0 = time.perf_counter()
+            shapes = _embed_into(tmp, bundle, qset, extra, dtype, batch_size, num_workers, progress)
+            if extra:
+                (tmp / "extra_safe_captions.json").write_text(json.dumps(extra, ensure_ascii=False) + "\n")
+            files = [f"{name}.npy" for name in shapes] + (["extra_safe_captions.json"] if extra else [])
+            meta = {
+                **identity,
+                "key": key,
+                "model": {**identity["model"], "source": bundle.source},
+                "data": {
+                    **identity["data"],
+                    "source": qset.source,
+                    "mode": qset.mode.value,
+                    "count": len(qset),
+                    "extra_count": len(extra),
+                },
+                "embed_dim": next(iter(shapes.values()))[1],
+                "counts": {name: shape[0] for name, shape in shapes.items()},
+                "checksums": digests(tmp, files),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "build_seconds": round(time.perf_counter() - t0, 3),
+            }
+            write_json_atomic(tmp / "meta.json", meta)
+        cache = load_cache(final, expected_key=key)
     cache.was_reused = False
+    return cache
+
+
+def _reuse(final: Path, key: str, quiet: bool = False) -> EmbeddingCache | None:
+    """The cache in ``final`` when it is whole (checksums verified), else None: absent, or
+    damaged (a one-line warning naming the file, then the caller rebuilds it)."""
+    if not final.is_dir():
+        return None
+    try:
+        cache = load_cache(final, expected_key=key)
+    except (OSError, ValueError) as e:  # damaged (DamagedArtefact is a ValueError): rebuild rather than trust it
+        if not quiet:
+            log.warning("%s; rebuilding the frozen-embedding cache %s", " ".join(str(e).split()), final.name)
+        return None
+    log.info("reusing frozen-embedding cache %s", final)
     return cache
 
 
@@ -384,6 +403,13 @@ def _load_cache(path: Path, expected_key: str | None) -> EmbeddingCache:
         raise ValueError(f"{path}: cache format {meta.get('format_version')!r}, expected {CACHE_FORMAT_VERSION}")
     if expected_key is not None and meta.get("key") != expected_key:
         raise ValueError(f"{path}: holds cache {meta.get('key')!r}, expected {expected_key!r}")
+    if "checksums" not in meta:
+        raise DamagedArtefact(path, "no checksums recorded (written by an older saferclip)")
+    # every file read below, verified against its digest (once per process)
+    verify_all(path, meta["checksums"], "embedding cache")
+    for name in meta["counts"]:
+        if f"{name}.npy" not in meta["checksums"]:
+            raise DamagedArtefact(path / f"{name}.npy", "no checksum recorded for it")
     arrays: dict[str, torch.Tensor | None] = {}
     for name, n in meta["counts"].items():
         # mode "c" (copy-on-write): writable for torch, but writes never reach the file

@@ -45,7 +45,8 @@ def _faiss():
 
 from ..data.records import QuadrupletSet
 from ..errors import SaferclipError
-from ..files import atomic_folder, write_json_atomic
+from ..files import atomic_folder, file_lock, remove_leftovers, write_json_atomic
+from ..integrity import DamagedArtefact, check_finite, check_index_range, digests, verify_all
 from .cache import EmbeddingCache
 
 log = logging.getLogger(__name__)
@@ -571,6 +572,7 @@ class SafeNeighbours:
             for name in _SAVED_ARRAYS:
                 np.save(tmp / f"{name}.npy", getattr(self, name).numpy())
             info = {
+                "checksums": digests(tmp, [f"{name}.npy" for name in _SAVED_ARRAYS]),
                 "format_version": NEIGHBOURS_FORMAT_VERSION,
                 "cache_key": self.cache_key,
                 "config": asdict(self.config),
@@ -585,24 +587,37 @@ class SafeNeighbours:
         return final
 
     @classmethod
-    def load(cls, cache: EmbeddingCache, config: NeighbourConfig) -> SafeNeighbours | None:
-        """The saved neighbours of this cache and config, or None when there are none."""
+    def load(cls, cache: EmbeddingCache, config: NeighbourConfig, *, quiet: bool = False) -> SafeNeighbours | None:
+        """The saved neighbours of this cache and config, or None when there are none or they
+        are damaged (then a one-line warning naming the file, unless ``quiet``)."""
         folder = cls.folder(cache, config)
         if not (folder / "neighbours.json").is_file():
             return None
         try:
             info = json.loads((folder / "neighbours.json").read_text())
-            arrays = {n: torch.from_numpy(np.load(folder / f"{n}.npy")) for n in _SAVED_ARRAYS}
-        except (OSError, ValueError) as e:  # damaged by hand: recompute rather than trust it
-            log.warning("saved neighbours in %s are unreadable (%s); ignoring them", folder, e)
+            if not isinstance(info, dict):
+                raise DamagedArtefact(folder / "neighbours.json", "not a JSON object")
+            if (
+                info.get("format_version") != NEIGHBOURS_FORMAT_VERSION
+                or info.get("cache_key") != cache.key
+                or info.get("config_hash") != config.fingerprint()
+            ):
+                return None
+            if "checksums" not in info:
+                raise DamagedArtefact(folder, "no checksums recorded (written by an older saferclip)")
+            # every array verified against its digest (once per process), then its values
+            verify_all(folder, info["checksums"], "saved neighbours")
+            arrays = {n: np.load(folder / f"{n}.npy", allow_pickle=False) for n in _SAVED_ARRAYS}
+            extra = cache.extra_safe_text is not None and config.mode == "text" and config.use_extra_pool
+            pool_size = len(cache) + (len(cache.extra_safe_text) if extra else 0)
+            if info.get("pool_size") != pool_size:
+                raise DamagedArtefact(folder / "neighbours.json", f"pool_size {info.get('pool_size')!r}, the cache's pool holds {pool_size}")
+            _check_saved(folder, arrays, len(cache), config.k, pool_size)
+        except (OSError, ValueError, KeyError, TypeError) as e:  # damaged: recompute rather than trust it
+            if not quiet:
+                log.warning("%s; recomputing the safe neighbours", " ".join(str(e).split()))
             return None
-        if (
-            info.get("format_version") != NEIGHBOURS_FORMAT_VERSION
-            or info.get("cache_key") != cache.key
-            or info.get("config_hash") != config.fingerprint()
-            or any(len(a) != len(cache) for a in arrays.values())
-        ):
-            return None
+        arrays = {n: torch.from_numpy(a) for n, a in arrays.items()}
         return cls(
             **arrays,
             config=config,
@@ -612,6 +627,18 @@ class SafeNeighbours:
             seconds=info["seconds"],
             meta=info.get("meta", {}),
         )
+
+
+def _check_saved(folder: Path, arrays: dict[str, np.ndarray], n: int, k: int, pool_size: int) -> None:
+    """The values a consistent neighbour folder holds; DamagedArtefact naming the file otherwise."""
+    shapes = {"indices": (n, k), "similarities": (n, k), "weights": (n, k)}
+    for name, arr in arrays.items():
+        expected = shapes.get(name, (n,))
+        if arr.shape != expected:
+            raise DamagedArtefact(folder / f"{name}.npy", f"shape {arr.shape}, expected {expected}")
+        check_finite(arr, folder / f"{name}.npy", "saved neighbours")
+    check_index_range(arrays["indices"], pool_size, folder / "indices.npy", "saved neighbours")
+    check_index_range(arrays["bucket"], 3, folder / "bucket.npy", "saved neighbours")
 
 
 def pool_text(cache: EmbeddingCache, with_extra: bool = True) -> torch.Tensor:
@@ -730,6 +757,12 @@ def load_or_find_safe_neighbours(
     found = SafeNeighbours.load(cache, config)
     if found is not None:
         return found
-    found = find_safe_neighbours(cache, config, groups)
-    found.save(cache)
+    # one search per cache and config: a second process sharing the cache waits, then reuses it
+    with file_lock(SafeNeighbours.folder(cache, config).parent / f".{config.fingerprint()}.lock"):
+        found = SafeNeighbours.load(cache, config, quiet=True)  # warned about above
+        if found is not None:
+            return found
+        remove_leftovers(SafeNeighbours.folder(cache, config))  # of a search killed earlier
+        found = find_safe_neighbours(cache, config, groups)
+        found.save(cache)
     return found
