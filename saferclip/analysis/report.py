@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..evaluation.plotting import colours, figure, finite, save_figure
+from ..evaluation.plotting import figure, finite, model_colours, save_figure
 from ..files import write_json_atomic, write_text_atomic
 
 JSON_NAME, MARKDOWN_NAME, PLOTS_DIR = "analysis.json", "analysis.md", "plots"
@@ -185,10 +185,10 @@ def analysis_sections(results: Mapping[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- plots
 def _model_colours(results: Mapping[str, Any]) -> dict[str, Any]:
-    """One colour per model, the same in every plot."""
+    """One colour per model, the same in every plot of every report
+    (:func:`saferclip.evaluation.plotting.model_styles`)."""
 
-    models = list(results["analysis"])
-    return dict(zip(models, colours(len(models))))
+    return model_colours(list(results["analysis"]), results.get("meta", {}).get("reference"))
 
 
 def plot_head_scores(results: Mapping[str, Any], path: Path) -> Path | None:
@@ -331,7 +331,7 @@ def plot_overdefense(results: Mapping[str, Any], path: Path) -> Path | None:
     for model, unsafe, loss, ctrl in points:
         colour = colours[model]
         if model == reference:
-            ax.scatter([100 * unsafe], [100 * loss], marker="*", s=180, color="black", label=model, zorder=3)
+            ax.scatter([100 * unsafe], [100 * loss], marker="*", s=180, color=colour, label=model, zorder=3)
             continue
         ax.scatter([100 * unsafe], [100 * loss], s=50, color=colour, label=f"{model} (borderline)")
         if isinstance(ctrl, float) and math.isfinite(ctrl):
