@@ -285,8 +285,11 @@ def write_report(
     force: bool = False,
     training: Mapping[str, Mapping[str, Any]] | None = None,
     sections: Callable[[Path], tuple[str, list[Path]]] | None = None,
+    title: str = "saferclip evaluation",
 ) -> dict[str, Any]:
-    """Write ``results.json``, ``results.md`` and ``plots/*.png`` under ``out_dir``.
+    """Write ``results.json``, ``results.md``, ``plots/*.png`` and ``report.html`` (with
+    ``thumbs/``: the headline table, the retrieval galleries of ``results["showcase"]``, the
+    plots and the whole Markdown report; :mod:`saferclip.evaluation.html`) under ``out_dir``.
 
     ``training``: run name -> its ``selection.json`` (validation history and exported epoch),
     for the per-epoch validation curves and the exported-epoch table. Every report with a
@@ -294,7 +297,7 @@ def write_report(
     called with ``out_dir`` once the plots are written, returns extra Markdown (appended after
     the results) and the plots it wrote (the analysis sections of ``saferclip-eval``).
 
-    Returns ``{"json": path, "markdown": path, "plots": [paths]}``. An existing report there is
+    Returns ``{"json": path, "markdown": path, "html": path, "plots": [paths]}``. An existing report there is
     replaced only with ``force`` (FileExistsError otherwise, before anything is written).
     """
     out_dir = Path(out_dir)
@@ -321,5 +324,9 @@ def write_report(
     if training:
         payload["training"] = finite({n: dict(r) for n, r in training.items()})
     write_json_atomic(json_path, payload)
-    write_text_atomic(md_path, _markdown(results, plots, out_dir, training, extra_markdown))
-    return {"json": json_path, "markdown": md_path, "plots": plots}
+    markdown = _markdown(results, plots, out_dir, training, extra_markdown)
+    write_text_atomic(md_path, markdown)
+    from .html import evaluation_page, write_html_report
+
+    html_path = write_html_report(evaluation_page(results, markdown, plots, title=title), out_dir)
+    return {"json": json_path, "markdown": md_path, "html": html_path, "plots": plots}

@@ -15,7 +15,6 @@ plain JSON (``results["showcase"]``) that :mod:`saferclip.evaluation.html` rende
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -55,6 +54,7 @@ class GallerySection:
     unsafe: list[bool]
     note: str = ""
     rows: list[int] = field(default_factory=list)  # the query rows in the embeddings (pair_sections)
+    query_field: str = ""  # the embeddings the queries come from (pair_sections: unsafe_text, safe_text, unsafe_image)
 
     def __post_init__(self) -> None:
         if self.direction not in (TEXT_TO_IMAGE, IMAGE_TO_TEXT):
@@ -177,8 +177,8 @@ def pair_sections(
     borderline = queries == "borderline"
     captions = safe_captions if borderline else unsafe_captions
     text = GallerySection(
-        key=f"{name}_{queries}_text_to_image",
-        title=f"{name}: {'borderline-safe' if borderline else 'unsafe'} caption → images",
+        key=f"{name.lower()}_text_to_image" if borderline else f"{name.lower()}_unsafe_text_to_image",
+        title=f"{name}: borderline-safe caption → images" if borderline else f"{name}: unsafe caption → images",
         direction=TEXT_TO_IMAGE,
         queries=[
             Query(str(ids[i]), captions[i], twin=int(safe_owner[i]), own=nv + int(unsafe_owner[i])) for i in rows
@@ -192,6 +192,7 @@ def pair_sections(
             else f"gallery: {nv} safe + {len(unsafe_paths)} unsafe images; green: the query's safe twin, ★: its own unsafe image"
         ),
         rows=list(rows),
+        query_field="safe_text" if borderline else "unsafe_text",
     )
     if borderline:
         return [text]
@@ -208,7 +209,7 @@ def pair_sections(
     for i in range(n):
         first_item.setdefault(int(unsafe_owner[i]), i)
     image = GallerySection(
-        key=f"{name}_unsafe_image_to_text",
+        key=f"{name.lower()}_unsafe_image_to_text",
         title=f"{name}: unsafe image → captions",
         direction=IMAGE_TO_TEXT,
         queries=[
@@ -218,6 +219,7 @@ def pair_sections(
         unsafe=[False] * m + [True] * len(unsafe_captions),
         note=f"gallery: {m} safe + {len(unsafe_captions)} unsafe captions; green: the image's safe caption, ★: its own unsafe caption",
         rows=image_rows,
+        query_field="unsafe_image",
     )
     return [text, image]
 
@@ -226,16 +228,10 @@ def section_queries(section: GallerySection, emb: Any) -> tuple[Tensor, Tensor]:
     """The query rows and the gallery of ``section`` in a
     :class:`~saferclip.evaluation.galleries.PairEmbeddings` (what :func:`pair_sections` built
     it from): ``(queries [Q, D], gallery [N, D])``."""
+    queries = getattr(emb, section.query_field)[section.rows]
     if section.direction == TEXT_TO_IMAGE:
-        texts = emb.safe_text if "_borderline_" in section.key else emb.unsafe_text
-        return texts[section.rows], torch.cat([emb.safe_image, emb.unsafe_image])
-    return emb.unsafe_image[section.rows], torch.cat([emb.safe_text, emb.unsafe_text])
-
-
-def finite_rank(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return str(value)
+        return queries, torch.cat([emb.safe_image, emb.unsafe_image])
+    return queries, torch.cat([emb.safe_text, emb.unsafe_text])
 
 
 def borderline_split_path(data_cfg: Mapping[str, Any], split: str) -> dict[str, Any] | None:
