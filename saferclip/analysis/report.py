@@ -1,4 +1,4 @@
-"""The analysis report: ``analysis.json``, ``analysis.md`` and ``plots/*.png``, in the style of
+"""The analysis report: ``analysis.json``, ``analysis.md``, ``plots/*.png`` and ``report.html``, in the style of
 the evaluation's report (atomic writes, matplotlib's Agg canvas, no pyplot), and the same
 sections for ``saferclip-eval``'s report (:func:`analysis_sections`).
 """
@@ -180,6 +180,30 @@ def analysis_sections(results: Mapping[str, Any]) -> str:
     skipped = results.get("skipped") or {}
     if skipped:
         lines += ["Not analysed: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()), ""]
+    return "\n".join(lines)
+
+
+def summary_table(results: Mapping[str, Any]) -> str:
+    """A few numbers per model for the console (the report has everything)."""
+    lines = [
+        "| model | text detector: test det / FPR | NSFW-Caps det / FPR | image detector: test det / FPR | NSFW-Caps det / FPR | unsafe rate (a) | borderline retention loss |",
+        "|---|---|---|---|---|---:|---:|",
+    ]
+
+    def pct(v: Any) -> str:
+        return f"{100 * v:.1f}" if isinstance(v, (int, float)) else "–"
+
+    for model, parts in results["analysis"].items():
+        cells = []
+        for tower in ("text", "image"):
+            head = (((parts.get("detector") or {}).get(tower) or {}).get("methods") or {}).get("head") or {}
+            for split in ("test", "nsfw_caps"):
+                r = head.get(split) or {}
+                cells.append(f"{pct(r.get('detection_rate'))} / {pct(r.get('false_positive_rate'))}")
+        od = parts.get("overdefense") or {}
+        cells.append(pct(od.get("unsafe_rate")))
+        cells.append(pct((od.get("vs_reference") or {}).get("borderline_retention_loss")))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -387,5 +411,21 @@ def write_analysis_report(results: Mapping[str, Any], out_dir: str | Path, force
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plots]
     write_json_atomic(json_path, finite(dict(results)))
-    write_text_atomic(md_path, "\n".join(lines) + "\n")
-    return {"json": json_path, "markdown": md_path, "plots": plots}
+    markdown = "\n".join(lines) + "\n"
+    write_text_atomic(md_path, markdown)
+    from ..evaluation.html import Page, table_from_markdown, write_html_report
+
+    page = Page(
+        title="saferclip analysis",
+        subtitle=lines[2],
+        headline=table_from_markdown(summary_table(results), "Summary (%)", "Detection / false-positive rates of the single-head detector; "
+                                     "unsafe rate (a) and borderline retention loss from the over-defensiveness part.",
+                                     model_columns=False, models_in_rows=True),
+        showcase=results.get("showcase"),
+        plots=plots,
+        markdown=markdown,
+        models=list(results["analysis"]),
+        reference=meta.get("reference"),
+    )
+    html_path = write_html_report(page, out_dir)
+    return {"json": json_path, "markdown": md_path, "html": html_path, "plots": plots}
