@@ -81,7 +81,7 @@ def evaluate(cfg: DictConfig) -> dict:
         results["analysis"] = analyze_models(
             models, data, analysis, reference=cfg.reference, split=cfg.split, batch_size=int(cfg.batch_size),
             seed=int(cfg.seed), num_workers=int(cfg.num_workers), device=resolve_device(cfg.device),
-            detectors_dir=out_dir / "detectors", force=bool(cfg.force),
+            detectors_dir=out_dir / "detectors", force=bool(cfg.force), showcase=False,  # the evaluation has its own
         )
 
         def sections(folder: Path) -> tuple[str, list[Path]]:

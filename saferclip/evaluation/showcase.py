@@ -238,7 +238,7 @@ def borderline_split_path(data_cfg: Mapping[str, Any], split: str) -> dict[str, 
     """The toy world's borderline-safe split of ``split`` as a data-split spec (the layout of
     :mod:`saferclip.toyworld.borderline`), None where the data has none."""
     root = data_cfg.get("root")
-    if not root or not data_cfg.get("make_toy"):
+    if not root:
         return None
     base = Path(str(root)) / "visu" / "borderline"
     path = base / f"{split}.json"
