@@ -158,6 +158,13 @@ def headless(browser: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=60)
 
 
+def page_check(browser: str, probe: Path) -> dict:
+    dom = headless(browser, "--dump-dom", probe.as_uri())
+    found = re.search(r'<pre id="saferclip-check">(.*?)</pre>', dom.stdout, re.S)
+    assert found, f"the page's check did not run: {dom.stderr[-2000:]}"
+    return json.loads(html.unescape(found.group(1)))
+
+
 @pytest.mark.slow
 def test_the_report_in_a_real_browser(tmp_path):
     browser = chromium()
@@ -167,10 +174,7 @@ def test_the_report_in_a_real_browser(tmp_path):
     # the page's own check, next to it so that the relative thumbnails resolve
     probe = page.with_name("check.html")
     probe.write_text(page.read_text().replace("</body>", CHECK_SCRIPT + "\n</body>"))
-    dom = headless(browser, "--dump-dom", probe.as_uri())
-    found = re.search(r'<pre id="saferclip-check">(.*?)</pre>', dom.stdout, re.S)
-    assert found, f"the page's check did not run: {dom.stderr[-2000:]}"
-    check = json.loads(html.unescape(found.group(1)))
+    check = page_check(browser, probe)
     width, height = check["viewport"]  # headless Chromium keeps some of the 800 px for its window
     assert width == 1280 and 680 <= height <= 800
     assert check["text"] > 500  # not blank
@@ -178,6 +182,10 @@ def test_the_report_in_a_real_browser(tmp_path):
     assert check["plots"] >= 2 and check["broken_plots"] == 0
     top, bottom, table_width = check["table"]
     assert 0 <= top and bottom <= height and table_width > 200, f"the headline table is not above the fold: {check['table']}"
+    # the check sees a broken image (a thumbnail gone)
+    gone = sorted((page.parent / "thumbs").glob("*.png"))[0]
+    gone.unlink()
+    assert f"thumbs/{gone.name}" in page_check(browser, probe)["broken"]
     # and as a person sees it: a screenshot that is not blank
     shot = tmp_path / "shot.png"
     headless(browser, f"--screenshot={shot}", page.as_uri())
