@@ -51,7 +51,7 @@ def test_a_trainer_writing_to_a_file_logs_one_line_per_epoch(tmp_path, toy_world
     with caplog.at_level(logging.INFO, logger="saferclip.train"):
         train(cfg)
     lines = [r.getMessage() for r in caplog.records if "epoch " in r.getMessage()]
-    assert len(lines) == 2 and lines[0].startswith("run: epoch 1/2: 2 steps") and "val unsafe (a)" in lines[1]
+    assert len(lines) == 2 and lines[0].startswith("run: epoch 1/2: step 2,") and "val unsafe (a)" in lines[1]
 
 
 TINY_MAIN = [

@@ -119,7 +119,7 @@ class EpochLine(Callback):
                 parts.append(f"{label} {100 * value:.1f}%" if percent else f"{label} {value:.3f}")
         total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
         logging.getLogger("saferclip.train").info(
-            "%sepoch %d/%s: %d steps, %.0f s%s",
+            "%sepoch %d/%s: step %d, %.0f s%s",
             f"{self.name}: " if self.name else "",
             trainer.current_epoch + 1,
             total,
