@@ -118,6 +118,7 @@ def analyze(cfg: DictConfig) -> dict:
         detectors_dir=out_dir / "detectors",
         force=bool(cfg.force),
         config=config_dump(cfg),
+        showcase=resolved_value(cfg, "showcase") if "showcase" in cfg else True,
     )
     report = write_analysis_report(results, out_dir, force=bool(cfg.force))
     log.info("report: %s (open it in a browser); %s, %s, %d plots", report["html"], report["json"], report["markdown"], len(report["plots"]))

@@ -71,6 +71,7 @@ def evaluate(cfg: DictConfig) -> dict:
         num_workers=int(cfg.num_workers),
         device=resolve_device(cfg.device),
         config=config,
+        showcase=resolved_value(cfg, "showcase") if "showcase" in cfg else True,
     )
     sections = None
     analysis = resolved_value(cfg, "analysis") if "analysis" in cfg else None

@@ -107,6 +107,12 @@ def train_or_reuse(name: str, overrides: list[str], runs_dir: Path, force: bool)
     return summary
 
 
+def eval_showcase(cfg: DictConfig):
+    """``eval.showcase`` of the main job's or the study's config, as ``evaluate_models`` takes it."""
+    value = cfg.eval.get("showcase", True)
+    return to_container(value) if OmegaConf.is_config(value) else value
+
+
 MAIN_KEYS = ("seed", "force", "out_dir", "runs_dir", "runs", "common", "eval")
 
 
@@ -148,6 +154,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         seed=int(cfg.seed),
         config={"main": to_container(cfg), "train_overrides": {k: list(v) for k, v in cfg.runs.items()}},
         oracle=cfg.eval.get("oracle"),
+            showcase=eval_showcase(cfg),
     )
     timings["evaluation"] = round(time.time() - start, 1)
     results["meta"]["timings_seconds"] = timings
@@ -162,7 +169,7 @@ MAIN_HELP = {
     "runs_dir": "where training runs go, shared with saferclip-study (outputs/runs)",
     "runs": "one entry per method: overrides of the training config",
     "common": "overrides of the training config for every run",
-    "eval": "suites, split and the oracle row of the evaluation",
+    "eval": "suites, split, the oracle row and report.html's galleries (eval.showcase) of the evaluation",
 }
 
 

@@ -27,7 +27,7 @@ from ..evaluation.headline import HEADLINE, headline
 from ..model.trained import read_selection
 from .cli import command, compose_help, wants_help
 from .hydra_utils import CONF_DIR, pop_quiet, quiet_logging, setup_logging, to_container
-from .main_job import QUIET_HELP, check_runs, compose, train_or_reuse
+from .main_job import QUIET_HELP, check_runs, compose, eval_showcase, train_or_reuse
 
 log = logging.getLogger("saferclip.study")
 
@@ -120,6 +120,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
             batch_size=int(base.data.eval_batch_size),
             seed=int(seed),
             oracle=cfg.eval.get("oracle"),
+            showcase=eval_showcase(cfg),
         )
         write_json_atomic(out_dir / "per_seed" / f"seed{seed}.json", results)
         if showcase is None:
@@ -163,7 +164,7 @@ STUDY_HELP = {
     "out_dir": "where study.md / study.json and the plots go (outputs/study)",
     "runs_dir": "where training runs go, shared with saferclip-main (outputs/runs)",
     "common": "overrides of the training config for every run",
-    "eval": "suites, split and the oracle row of the evaluation",
+    "eval": "suites, split, the oracle row and report.html's galleries (eval.showcase) of the evaluation",
 }
 
 
