@@ -165,7 +165,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
 MAIN_HELP = {
     "seed": "the seed of every run (default 0)",
     "force": "retrain even when an identical finished run exists",
-    "out_dir": "where the report goes (outputs/main)",
+    "out_dir": "where the report goes (outputs/main; open report/report.html)",
     "runs_dir": "where training runs go, shared with saferclip-study (outputs/runs)",
     "runs": "one entry per method: overrides of the training config",
     "common": "overrides of the training config for every run",
@@ -174,7 +174,7 @@ MAIN_HELP = {
 
 
 QUIET_HELP = {
-    "--quiet, -q": "print only the final table (warnings and errors still go to stderr)",
+    "--quiet": "(or -q) print only the final table; warnings and errors still go to stderr",
 }
 
 
