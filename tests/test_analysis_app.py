@@ -108,6 +108,12 @@ def test_analyze_writes_the_report_with_all_three_parts(analysis, capsys):
     assert plots == {"detector_heads.png", "weight_change.png", "separability.png", "embeddings_2d.png", "overdefense.png"}
     detectors = load_detectors(out / "detectors" / "original.safetensors")
     assert set(detectors) == {"text", "image"} and detectors["text"].model["arch"] == "saferclip-micro"
+    # report.html with the retrieval galleries of the over-defensiveness part's embeddings
+    sections = {s["key"]: s for s in payload["showcase"]["sections"]}
+    assert set(sections) == {"visu_unsafe_text_to_image", "visu_unsafe_image_to_text", "borderline_text_to_image"}
+    assert all(list(s["models"]) == ["original", "tuned"] for s in sections.values())
+    page = (out / "report.html").read_text()
+    assert "Borderline: borderline-safe caption → images" in page and 'class="headline"' in page
 
 
 def test_analyze_refuses_to_overwrite_and_names_bad_input(analysis, toy_world, micro_files, caplog):

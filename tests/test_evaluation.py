@@ -264,6 +264,14 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     assert {k: tuned["visu"][k] for k in numbers} == pytest.approx(numbers) and "U2V_ref_R@1" in numbers
     assert tuned["visu"]["galleries"] == direct["galleries"]
     assert "zeroshot_unsafe_acc1_retention" in tuned["cost"]
+    # the report's galleries: seeded test items, each model's top 5 over the same gallery
+    sections = {s["key"]: s for s in results["showcase"]["sections"]}
+    assert set(sections) == {"visu_unsafe_text_to_image", "visu_unsafe_image_to_text"}  # no borderline split configured
+    t2i = sections["visu_unsafe_text_to_image"]
+    assert list(t2i["models"]) == ["original", "tuned"] and len(t2i["queries"]) == 6
+    assert all(len(q["top"]) == 5 for q in t2i["models"]["tuned"])
+    again = evaluate_models(models, data_cfg(toy_world), suites=["visu"], reference="original", batch_size=16, seed=3, progress=False)
+    assert again["showcase"]["sections"][0]["queries"] == t2i["queries"]
 
     report = write_report(results, tmp_path / "report")
     payload = json.loads(report["json"].read_text())

@@ -41,7 +41,8 @@ def test_wheel_install_runs_the_toy_pipeline_from_another_directory(tmp_path):
     assert install.returncode == 0, install.stderr
     package = site / "saferclip"
     shipped = files_under(package)
-    assert {"assets/toy_base.safetensors", "conf/train.yaml", "conf/method/saferclip.yaml", "model_configs/saferclip-toy.json"} <= shipped
+    assert {"assets/toy_base.safetensors", "conf/train.yaml", "conf/method/saferclip.yaml", "model_configs/saferclip-toy.json",
+            "evaluation/templates/report.html.j2"} <= shipped
 
     # the installed copy, not the checkout: the wheel's folder first on the path
     env = dict(os.environ, PYTHONPATH=str(site), WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

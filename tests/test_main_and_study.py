@@ -146,6 +146,9 @@ def test_main_job_trains_both_methods_evaluates_and_reports(tmp_path, toy_world,
     markdown = (report / "results.md").read_text()
     assert "## Model selection" in markdown and "| saferclip |" in markdown
     assert {"training_curves.png", "tradeoff.png"} <= {p.name for p in (report / "plots").iterdir()}
+    page = (report / "report.html").read_text()
+    assert out["report"]["html"] == report / "report.html" and "ViSU: unsafe caption → images" in page
+    assert "Borderline: borderline-safe caption → images" in page  # the toy world's borderline split
     payload = json.loads((report / "results.json").read_text())
     assert set(payload["training"]) == {"safeclip", "saferclip"}
     assert set(out["timings"]) == {"safeclip", "saferclip", "evaluation"}

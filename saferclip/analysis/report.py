@@ -1,4 +1,4 @@
-"""The analysis report: ``analysis.json``, ``analysis.md`` and ``plots/*.png``, in the style of
+"""The analysis report: ``analysis.json``, ``analysis.md``, ``plots/*.png`` and ``report.html``, in the style of
 the evaluation's report (atomic writes, matplotlib's Agg canvas, no pyplot), and the same
 sections for ``saferclip-eval``'s report (:func:`analysis_sections`).
 """
@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..evaluation.plotting import colours, figure, finite, save_figure
+from ..evaluation.plotting import figure, finite, model_colours, save_figure
 from ..files import write_json_atomic, write_text_atomic
 
 JSON_NAME, MARKDOWN_NAME, PLOTS_DIR = "analysis.json", "analysis.md", "plots"
@@ -183,12 +183,36 @@ def analysis_sections(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(results: Mapping[str, Any]) -> str:
+    """A few numbers per model for the console (the report has everything)."""
+    lines = [
+        "| model | text detector: test det / FPR | NSFW-Caps det / FPR | image detector: test det / FPR | NSFW-Caps det / FPR | unsafe rate (a) | borderline retention loss |",
+        "|---|---|---|---|---|---:|---:|",
+    ]
+
+    def pct(v: Any) -> str:
+        return f"{100 * v:.1f}" if isinstance(v, (int, float)) else "–"
+
+    for model, parts in results["analysis"].items():
+        cells = []
+        for tower in ("text", "image"):
+            head = (((parts.get("detector") or {}).get(tower) or {}).get("methods") or {}).get("head") or {}
+            for split in ("test", "nsfw_caps"):
+                r = head.get(split) or {}
+                cells.append(f"{pct(r.get('detection_rate'))} / {pct(r.get('false_positive_rate'))}")
+        od = parts.get("overdefense") or {}
+        cells.append(pct(od.get("unsafe_rate")))
+        cells.append(pct((od.get("vs_reference") or {}).get("borderline_retention_loss")))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- plots
 def _model_colours(results: Mapping[str, Any]) -> dict[str, Any]:
-    """One colour per model, the same in every plot."""
+    """One colour per model, the same in every plot of every report
+    (:func:`saferclip.evaluation.plotting.model_styles`)."""
 
-    models = list(results["analysis"])
-    return dict(zip(models, colours(len(models))))
+    return model_colours(list(results["analysis"]), results.get("meta", {}).get("reference"))
 
 
 def plot_head_scores(results: Mapping[str, Any], path: Path) -> Path | None:
@@ -331,7 +355,7 @@ def plot_overdefense(results: Mapping[str, Any], path: Path) -> Path | None:
     for model, unsafe, loss, ctrl in points:
         colour = colours[model]
         if model == reference:
-            ax.scatter([100 * unsafe], [100 * loss], marker="*", s=180, color="black", label=model, zorder=3)
+            ax.scatter([100 * unsafe], [100 * loss], marker="*", s=180, color=colour, label=model, zorder=3)
             continue
         ax.scatter([100 * unsafe], [100 * loss], s=50, color=colour, label=f"{model} (borderline)")
         if isinstance(ctrl, float) and math.isfinite(ctrl):
@@ -387,5 +411,21 @@ def write_analysis_report(results: Mapping[str, Any], out_dir: str | Path, force
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plots]
     write_json_atomic(json_path, finite(dict(results)))
-    write_text_atomic(md_path, "\n".join(lines) + "\n")
-    return {"json": json_path, "markdown": md_path, "plots": plots}
+    markdown = "\n".join(lines) + "\n"
+    write_text_atomic(md_path, markdown)
+    from ..evaluation.html import Page, table_from_markdown, write_html_report
+
+    page = Page(
+        title="saferclip analysis",
+        subtitle=lines[2],
+        headline=table_from_markdown(summary_table(results), "Summary (%)", "Detection / false-positive rates of the single-head detector; "
+                                     "unsafe rate (a) and borderline retention loss from the over-defensiveness part.",
+                                     model_columns=False, models_in_rows=True),
+        showcase=results.get("showcase"),
+        plots=plots,
+        markdown=markdown,
+        models=list(results["analysis"]),
+        reference=meta.get("reference"),
+    )
+    html_path = write_html_report(page, out_dir)
+    return {"json": json_path, "markdown": md_path, "html": html_path, "plots": plots}

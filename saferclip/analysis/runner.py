@@ -420,11 +420,17 @@ def _picture_embeddings(cache: ActivationCache, inputs: Inputs, s: GeometrySetti
 
 
 # ----------------------------------------------------------------------------- over-defensiveness
-def overdefense_part(bundle: ClipBundle, inputs: Inputs, batch_size: int, num_workers: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def overdefense_part(
+    bundle: ClipBundle, inputs: Inputs, batch_size: int, num_workers: int, gallery: Any = None, name: str = ""
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``gallery``: a :class:`saferclip.evaluation.runner.Showcase` collecting the report's
+    retrieval galleries from the same embeddings (model ``name``)."""
     out: dict[str, Any] = {"retrieval": {}, "zeroshot": {}}
     hits: dict[str, torch.Tensor] = {}
     kw = dict(batch_size=batch_size, num_workers=num_workers, progress=False)
     test = embed_visu(bundle, inputs.test_split, **kw)
+    if gallery is not None:
+        gallery.add(name, "ViSU", inputs.test_split, test)
     metrics = visu_metrics(test)
     out["unsafe_rate"] = metrics.get("U2VG_unsafe@1")
     out["retrieval"]["ordinary"] = {k: metrics[k] for k in RETRIEVAL_KEYS if k in metrics}
@@ -433,6 +439,8 @@ def overdefense_part(bundle: ClipBundle, inputs: Inputs, batch_size: int, num_wo
     if inputs.borderline is not None:
         for kind, qset in inputs.borderline.quadruplets.items():
             emb = embed_visu(bundle, qset, **kw)
+            if gallery is not None and kind == "lookalike":
+                gallery.add(name, "Borderline", qset, emb, "borderline")
             m = visu_metrics(emb)
             out["retrieval"][kind] = {k: m[k] for k in RETRIEVAL_KEYS if k in m}
             out.setdefault("resemblance", {})[kind] = resemblance(emb)
@@ -457,13 +465,18 @@ def analyze_models(
     detectors_dir: str | Path | None = None,
     force: bool = False,
     config: Mapping[str, Any] | None = None,
+    showcase: bool | Mapping[str, Any] | None = True,
 ) -> dict[str, Any]:
     """Run the analysis ``parts`` on ``models`` (name -> :class:`ModelSpec` or ``{arch,
     pretrained}``); ``reference`` is the original model the others are compared with.
     Detectors are saved as ``<detectors_dir>/<model>.safetensors`` when ``detectors_dir`` is
     given (``force`` replaces existing files).
 
-    Returns ``{"meta", "data", "skipped", "models", "analysis": {model: {part: ...}}}``.
+    ``showcase``: the report's retrieval galleries, from the over-defensiveness part's
+    embeddings (as :func:`saferclip.evaluation.runner.evaluate_models`'s ``showcase``).
+
+    Returns ``{"meta", "data", "skipped", "models", "analysis": {model: {part: ...}}[,
+    "showcase"]}``.
     """
     settings = settings if isinstance(settings, AnalysisSettings) else AnalysisSettings.of(settings)
     if not settings.parts:
@@ -480,6 +493,10 @@ def analyze_models(
             if (Path(detectors_dir) / f"{n}.safetensors").exists():
                 raise FileExistsError(f"{Path(detectors_dir) / f'{n}.safetensors'} exists; pass force to replace it")
     inputs = load_inputs(data_cfg, settings, split)
+    from ..evaluation.runner import Showcase, showcase_settings
+
+    gallery_settings = showcase_settings(showcase, seed)
+    gallery = Showcase(gallery_settings) if gallery_settings and "overdefense" in settings.parts else None
     order = ([reference] if reference is not None else []) + [n for n in specs if n != reference]
     results: dict[str, dict[str, Any]] = {}
     described: dict[str, Any] = {}
@@ -516,7 +533,7 @@ def analyze_models(
             timings["geometry"] = time.perf_counter() - t
         if "overdefense" in settings.parts:
             t = time.perf_counter()
-            out["overdefense"], hits = overdefense_part(bundle, inputs, batch_size, num_workers)
+            out["overdefense"], hits = overdefense_part(bundle, inputs, batch_size, num_workers, gallery, name)
             if is_ref:
                 ref["overdefense"], ref["hits"] = out["overdefense"], hits
             elif "overdefense" in ref:
@@ -532,7 +549,7 @@ def analyze_models(
         results[name] = out
         del bundle, cache
         gc.collect()
-    return {
+    analysis = {
         "meta": {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "saferclip_version": __version__,
@@ -548,6 +565,9 @@ def analyze_models(
         "models": {n: described[n] for n in specs},
         "analysis": {n: results[n] for n in specs},
     }
+    if gallery is not None and gallery.result() is not None:
+        analysis["showcase"] = gallery.result()
+    return analysis
 
 
 def _settings_dict(settings: AnalysisSettings) -> dict[str, Any]:

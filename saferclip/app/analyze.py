@@ -8,7 +8,7 @@ inputs, for one or several models (Hydra app over :func:`saferclip.analysis.anal
     saferclip-analyze analysis.detector.per_class=500 analysis.detector.direction=fisher
 
 The config is the evaluation's (``conf/eval.yaml``: models, reference, data, split) plus
-``analysis`` (``conf/analysis/default.yaml``). The report (``analysis.json``, ``analysis.md``,
+``analysis`` (``conf/analysis/default.yaml``). The report (``report.html``, ``analysis.json``, ``analysis.md``,
 ``plots/``) and each model's detector (``detectors/<model>.safetensors``, for
 ``saferclip-detect`` and :class:`saferclip.analysis.SafetyGuard`) go to ``outputs/analyze/<time>``
 (or ``out_dir``). Bad input stops with one line naming it and exit code 2.
@@ -25,6 +25,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from ..analysis.report import summary_table  # noqa: F401  (the console table, also in report.html)
 from .cli import exit_on_user_error, hydra_command
 from .hydra_utils import (
     CONF_DIR,
@@ -82,30 +83,6 @@ def find_main_runs(runs_dir: str | Path | None = None) -> dict[str, dict[str, An
     return found
 
 
-def summary_table(results: dict[str, Any]) -> str:
-    """A few numbers per model for the console (the report has everything)."""
-    lines = [
-        "| model | text detector: test det / FPR | NSFW-Caps det / FPR | image detector: test det / FPR | NSFW-Caps det / FPR | unsafe rate (a) | borderline retention loss |",
-        "|---|---|---|---|---|---:|---:|",
-    ]
-
-    def pct(v: Any) -> str:
-        return f"{100 * v:.1f}" if isinstance(v, (int, float)) else "–"
-
-    for model, parts in results["analysis"].items():
-        cells = []
-        for tower in ("text", "image"):
-            head = (((parts.get("detector") or {}).get(tower) or {}).get("methods") or {}).get("head") or {}
-            for split in ("test", "nsfw_caps"):
-                r = head.get(split) or {}
-                cells.append(f"{pct(r.get('detection_rate'))} / {pct(r.get('false_positive_rate'))}")
-        od = parts.get("overdefense") or {}
-        cells.append(pct(od.get("unsafe_rate")))
-        cells.append(pct((od.get("vs_reference") or {}).get("borderline_retention_loss")))
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def analyze(cfg: DictConfig) -> dict:
     """Run the analysis a composed ``analyze`` config describes; returns the results and the
     report's paths."""
@@ -148,10 +125,11 @@ def analyze(cfg: DictConfig) -> dict:
         detectors_dir=out_dir / "detectors",
         force=bool(cfg.force),
         config=config_dump(cfg),
+        showcase=resolved_value(cfg, "showcase") if "showcase" in cfg else True,
     )
     report = write_analysis_report(results, out_dir, force=bool(cfg.force))
-    print(summary_table(results))
-    log.info("report: %s, %s, %d plots", report["json"], report["markdown"], len(report["plots"]))
+    log.info("report: %s (open it in a browser); %s, %s, %d plots", report["html"], report["json"], report["markdown"], len(report["plots"]))
+    print(summary_table(results), flush=True)  # the table last
     return {"results": results, "report": report}
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,4 +85,48 @@ def selection_summary(checkpoint_callbacks: list, history: list[dict[str, Any]])
     return out
 
 
-__all__ = ["SELECTION_FILE", "SELECTION_METRIC", "SelectionRecord", "selection_summary"]
+EPOCH_LINE_METRICS = (
+    ("val/U2VG_unsafe@1", "val unsafe (a)", True),
+    ("val/U2V_R@1", "U→V R@1", True),
+    ("val/S2V_R@1", "S→V R@1", True),
+    ("val/selection_score", "selection", False),
+)
+
+
+class EpochLine(Callback):
+    """One log line per epoch (logger ``saferclip.train``, INFO) where no progress bar is
+    shown (output to a file, ``saferclip.console``): the run, the epoch, its steps and
+    seconds, the training loss and the validation figures."""
+
+    def __init__(self, name: str = ""):
+        self.name = name
+        self.started = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        parts = []
+        loss = next((metrics[k] for k in ("train/loss_epoch", "train/loss") if k in metrics), None)
+        if loss is not None:
+            parts.append(f"train loss {float(loss):.4f}")
+        for key, label, percent in EPOCH_LINE_METRICS:
+            if key in metrics:
+                value = float(metrics[key])
+                parts.append(f"{label} {100 * value:.1f}%" if percent else f"{label} {value:.3f}")
+        total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
+        logging.getLogger("saferclip.train").info(
+            "%sepoch %d/%s: step %d, %.0f s%s",
+            f"{self.name}: " if self.name else "",
+            trainer.current_epoch + 1,
+            total,
+            trainer.global_step,
+            time.perf_counter() - self.started,
+            f"; {', '.join(parts)}" if parts else "",
+        )
+
+
+__all__ = ["SELECTION_FILE", "SELECTION_METRIC", "EpochLine", "SelectionRecord", "selection_summary"]

@@ -264,10 +264,14 @@ def hydra_help(prog: str, summary: str, config_name: str) -> str:
     return "\n".join(lines)
 
 
-def compose_help(prog: str, summary: str, config_name: str, keys: dict[str, str]) -> str:
+def compose_help(prog: str, summary: str, config_name: str, keys: dict[str, str], flags: dict[str, str] | None = None) -> str:
     """``--help`` of a script that composes the config tree itself (main job, study)."""
     groups = list(config_groups())
-    lines = [f"usage: {prog} [KEY=VALUE ...]", "", summary, "", f"Its own keys (conf/{config_name}.yaml):"]
+    usage = f"usage: {prog} {' '.join(f'[{f}]' for f in flags or {})} [KEY=VALUE ...]".replace("  ", " ")
+    lines = [usage, "", summary, ""]
+    if flags:
+        lines += ["Options:"] + [f"  {k:<16} {v}" for k, v in flags.items()] + [""]
+    lines += [f"Its own keys (conf/{config_name}.yaml):"]
     lines += [f"  {k:<16} {v}" for k, v in keys.items()]
     lines += [
         "",

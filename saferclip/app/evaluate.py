@@ -14,8 +14,8 @@ Models come from ``models`` (name -> ``{arch, pretrained}``; ``arch`` may be lef
 file records it); ``reference`` names the original one. The data config is the training one:
 ``data.splits.<split>`` (ViSU), ``data.nsfw_caps`` and ``data.zeroshot``; a suite whose data is
 not configured is skipped and the report says so. The toy world is generated when
-``data.make_toy`` is set and it is missing. The report (``results.json``, ``results.md``,
-``plots/``) goes to the run folder ``outputs/eval/<time>`` (or ``out_dir``); the console
+``data.make_toy`` is set and it is missing. The report (``report.html`` with retrieval galleries, ``results.json``,
+``results.md``, ``plots/``) goes to the run folder ``outputs/eval/<time>`` (or ``out_dir``); the console
 prints the table. Bad input (a missing model, an architecture that does not match the file,
 an unreadable image, a class with no images, an unknown suite…) stops with one line naming
 it and exit code 2.
@@ -76,6 +76,7 @@ def evaluate(cfg: DictConfig) -> dict:
         num_workers=int(cfg.num_workers),
         device=resolve_device(cfg.device),
         config=config,
+        showcase=resolved_value(cfg, "showcase") if "showcase" in cfg else True,
     )
     sections = None
     analysis = resolved_value(cfg, "analysis") if "analysis" in cfg else None
@@ -86,15 +87,15 @@ def evaluate(cfg: DictConfig) -> dict:
         results["analysis"] = analyze_models(
             models, data, analysis, reference=cfg.reference, split=cfg.split, batch_size=int(cfg.batch_size),
             seed=int(cfg.seed), num_workers=int(cfg.num_workers), device=resolve_device(cfg.device),
-            detectors_dir=out_dir / "detectors", force=bool(cfg.force),
+            detectors_dir=out_dir / "detectors", force=bool(cfg.force), showcase=False,  # the evaluation has its own
         )
 
         def sections(folder: Path) -> tuple[str, list[Path]]:
             return analysis_sections(results["analysis"]), write_analysis_plots(results["analysis"], folder)
 
     report = write_report(results, out_dir, force=bool(cfg.force), sections=sections)
-    print(results_table(results))
-    log.info("report: %s, %s, %d plots", report["json"], report["markdown"], len(report["plots"]))
+    log.info("report: %s (open it in a browser); %s, %s, %d plots", report["html"], report["json"], report["markdown"], len(report["plots"]))
+    print(results_table(results), flush=True)  # the table last
     return {"results": results, "report": report}
 
 

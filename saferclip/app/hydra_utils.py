@@ -200,6 +200,21 @@ def setup_logging() -> None:
     logging.getLogger("saferclip").setLevel(logging.INFO)
 
 
+def quiet_logging() -> None:
+    """``--quiet``: warnings and errors only (no progress lines, no per-epoch lines)."""
+    for name in ("saferclip", "lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+QUIET_FLAGS = ("--quiet", "-q")
+
+
+def pop_quiet(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--quiet`` / ``-q``, and whether it was there."""
+    rest = [a for a in argv if a not in QUIET_FLAGS]
+    return rest, len(rest) != len(argv)
+
+
 def to_container(cfg: DictConfig | None) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if cfg is not None else {}
 

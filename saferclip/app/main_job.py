@@ -3,12 +3,15 @@
     saferclip-main                       # make the toy world, fine-tune both methods, evaluate, report
     saferclip-main seed=1                # another seed
     saferclip-main force=true            # retrain even when an identical finished run exists
+    saferclip-main --quiet > table.md    # print only the final table
 
 Steps: (1) the toy world (generated once); (2) the embedding cache and the neighbour index
 (inside training, reused across runs); (3) fine-tuning with the `safeclip` and `saferclip`
 presets; (4) evaluation of the original and both fine-tuned models side by side; (5) the
-report (JSON, Markdown, plots) and the exported checkpoints. A run whose resolved config is
-unchanged is not retrained: re-running reuses what is cached.
+report (report.html with retrieval galleries, JSON, Markdown, plots) and the exported
+checkpoints. A run whose resolved config is unchanged is not retrained: re-running reuses
+what is cached. Standard output ends with the headline table; when it is not a terminal
+there are no progress bars (one line per epoch on stderr instead).
 
 Every run is composed from the same config tree as `saferclip-train` (conf/main.yaml names the
 overrides), so what the main job does can be reproduced run by run with `saferclip-train`.
@@ -29,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..errors import ConfigError
 from ..model.trained import read_selection
 from .cli import command, compose_help, wants_help
-from .hydra_utils import CONF_DIR, setup_logging, to_container
+from .hydra_utils import CONF_DIR, pop_quiet, quiet_logging, setup_logging, to_container
 
 log = logging.getLogger("saferclip.main")
 
@@ -123,6 +126,12 @@ def evaluated_models(name: str, trained: dict[str, Any], method: str) -> dict[st
     return {f"{name}_safe": {**trained, "mode": "safe"}, f"{name}_moderation": {**trained, "mode": "moderation"}}
 
 
+def eval_showcase(cfg: DictConfig):
+    """``eval.showcase`` of the main job's or the study's config, as ``evaluate_models`` takes it."""
+    value = cfg.eval.get("showcase", True)
+    return to_container(value) if OmegaConf.is_config(value) else value
+
+
 MAIN_KEYS = ("seed", "force", "out_dir", "runs_dir", "runs", "common", "eval")
 
 
@@ -171,6 +180,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         seed=int(cfg.seed),
         config={"main": to_container(cfg), "train_overrides": {k: list(v) for k, v in cfg.runs.items()}},
         oracle=cfg.eval.get("oracle"),
+            showcase=eval_showcase(cfg),
     )
     timings["evaluation"] = round(time.time() - start, 1)
     results["meta"]["timings_seconds"] = timings
@@ -181,36 +191,50 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
 MAIN_HELP = {
     "seed": "the seed of every run (default 0)",
     "force": "retrain even when an identical finished run exists",
-    "out_dir": "where the report goes (outputs/main)",
+    "out_dir": "where the report goes (outputs/main; open report/report.html)",
     "runs_dir": "where training runs go, shared with saferclip-study (outputs/runs)",
     "runs": "one entry per method: overrides of the training config",
     "common": "overrides of the training config for every run",
-    "eval": "suites, split and the oracle row of the evaluation",
+    "eval": "suites, split, the oracle row and report.html's galleries (eval.showcase) of the evaluation",
+}
+
+
+QUIET_HELP = {
+    "--quiet": "(or -q) print only the final table; warnings and errors still go to stderr",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
     if wants_help(overrides):
-        print(compose_help("saferclip-main", __doc__.splitlines()[0], "main", MAIN_HELP))
+        print(compose_help("saferclip-main", __doc__.splitlines()[0], "main", MAIN_HELP, QUIET_HELP))
         return 0
-    return command("saferclip-main", lambda: _run_and_print(overrides))
+    overrides, quiet = pop_quiet(overrides)
+    return command("saferclip-main", lambda: _run_and_print(overrides, quiet))
 
 
-def _run_and_print(overrides: list[str]) -> None:
+def _run_and_print(overrides: list[str], quiet: bool = False) -> None:
+    """Run the main job; on stdout: where the report is and how long it took, then the
+    headline table, last (with ``quiet`` only the table). Progress goes to stderr: bars on a
+    terminal, one line per epoch when the output is a file (:mod:`saferclip.console`)."""
     from hydra import initialize_config_dir
 
     from ..evaluation.headline import headline_table
 
     setup_logging()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    if quiet:
+        quiet_logging()
     start = time.time()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         own, rest = split_overrides(overrides)
         out = run(compose("main", own), rest)
-    print(headline_table(out["results"]))
-    print(f"\nfull report (every metric, plots): {out['report']['markdown']}")
-    print(f"total {time.time() - start:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in out['timings'].items())})")
+    if not quiet:
+        print(f"report: {out['report']['html']} (open it in a browser)")
+        print(f"every metric: {out['report']['markdown']}")
+        print(f"total {time.time() - start:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in out['timings'].items())})")
+        print()
+    print(headline_table(out["results"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
     saferclip-study                          # conf/study.yaml: 3 seeds x (Safe-CLIP, SafeR-CLIP) + ablations
     saferclip-study seeds=[0,1] ablation_seeds=[0,1]
+    saferclip-study --quiet                  # print only the final table
 
 Every run is composed from the training config tree exactly as `saferclip-main` composes its
 runs (same presets, same run folders), so the main job's runs are reused here and vice versa.
 Per seed, the original model and every variant are evaluated together; the headline metrics
-are then aggregated over seeds into `study.md` / `study.json` under `out_dir`.
+are then aggregated over seeds into `study.md` / `study.json` / `report.html` (with the first
+seed's retrieval galleries) under `out_dir`.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from ..errors import ConfigError
 from ..evaluation.headline import HEADLINE, headline
 from ..model.trained import read_selection
 from .cli import check_writable_folder, command, compose_help, wants_help
-from .hydra_utils import CONF_DIR, check_run_options, check_seed_list, setup_logging, to_container
-from .main_job import check_runs, compose, evaluated_models, train_or_reuse
+from .hydra_utils import CONF_DIR, check_run_options, check_seed_list, pop_quiet, quiet_logging, setup_logging, to_container
+from .main_job import QUIET_HELP, check_runs, compose, eval_showcase, evaluated_models, train_or_reuse
 
 log = logging.getLogger("saferclip.study")
 
@@ -72,6 +74,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         plot_training_curves,
         tradeoff_points,
     )
+    from ..evaluation.html import Page, table_from_markdown, write_html_report
     from ..evaluation.runner import evaluate_models
     from ..files import write_json_atomic, write_text_atomic
     from ..toyworld.generate import ensure_toy_world
@@ -93,6 +96,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     points: list[dict[str, Any]] = []
     curves: dict[str, dict[str, Any]] = {}
+    showcase = None
     start = time.time()
     planned = {}
     for seed in cfg.seeds:
@@ -128,8 +132,11 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
             batch_size=int(base.data.eval_batch_size),
             seed=int(seed),
             oracle=cfg.eval.get("oracle"),
+            showcase=eval_showcase(cfg),
         )
         write_json_atomic(out_dir / "per_seed" / f"seed{seed}.json", results)
+        if showcase is None:
+            showcase = results.get("showcase")  # the galleries of the first seed
         per_seed[int(seed)] = {m: headline(r) for m, r in results["results"].items()}
         points += tradeoff_points(results)
     summary = aggregate(per_seed)
@@ -143,8 +150,21 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     write_json_atomic(out_dir / "study.json", {"summary": summary, "per_seed": per_seed, "runs": runs,
                                                "config": to_container(cfg), "seconds": round(seconds, 1)})
     curve_note = f"\nValidation curves: seed {cfg.seeds[0]}, the exported epoch circled.\n" if curves else ""
-    write_text_atomic(out_dir / "study.md", f"# saferclip study ({len(cfg.seeds)} seeds)\n\n{table}\n{curve_note}{figures}")
-    return {"table": table, "summary": summary, "out_dir": str(out_dir), "seconds": seconds}
+    markdown = f"# saferclip study ({len(cfg.seeds)} seeds)\n\n{table}\n{curve_note}{figures}"
+    write_text_atomic(out_dir / "study.md", markdown)
+    page = Page(
+        title=f"saferclip study ({len(cfg.seeds)} seeds)",
+        subtitle=f"seeds {list(cfg.seeds)}, ablations on {list(cfg.ablation_seeds)}; galleries: seed {cfg.seeds[0]}",
+        headline=table_from_markdown(table, "Mean ± std over seeds (%)", "Sample standard deviation over seeds (± 0.0 with one seed).",
+                                     model_columns=False, models_in_rows=True),
+        showcase=showcase,
+        plots=[p for p in plots if p is not None],
+        markdown=markdown,
+        models=list(summary),
+        reference="original",
+    )
+    html = write_html_report(page, out_dir)
+    return {"table": table, "summary": summary, "out_dir": str(out_dir), "html": str(html), "seconds": seconds}
 
 
 STUDY_HELP = {
@@ -157,29 +177,35 @@ STUDY_HELP = {
     "out_dir": "where study.md / study.json and the plots go (outputs/study)",
     "runs_dir": "where training runs go, shared with saferclip-main (outputs/runs)",
     "common": "overrides of the training config for every run",
-    "eval": "suites, split and the oracle row of the evaluation",
+    "eval": "suites, split, the oracle row and report.html's galleries (eval.showcase) of the evaluation",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
     if wants_help(overrides):
-        print(compose_help("saferclip-study", __doc__.splitlines()[0], "study", STUDY_HELP))
+        print(compose_help("saferclip-study", __doc__.splitlines()[0], "study", STUDY_HELP, QUIET_HELP))
         return 0
-    return command("saferclip-study", lambda: _run_and_print(overrides))
+    overrides, quiet = pop_quiet(overrides)
+    return command("saferclip-study", lambda: _run_and_print(overrides, quiet))
 
 
-def _run_and_print(overrides: list[str]) -> None:
+def _run_and_print(overrides: list[str], quiet: bool = False) -> None:
     from hydra import initialize_config_dir
 
     setup_logging()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    if quiet:
+        quiet_logging()
     own = [o for o in overrides if o.split("=")[0].lstrip("+~").split(".")[0] in STUDY_KEYS]
     rest = [o for o in overrides if o not in own]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         out = run(compose("study", own), rest)
-    print(out["table"])
-    print(f"\n{out['out_dir']}/study.md ({out['seconds']:.0f} s)")
+    if not quiet:
+        print(f"report: {out['html']} (open it in a browser)")
+        print(f"{out['out_dir']}/study.md ({out['seconds']:.0f} s)")
+        print()
+    print(out["table"], flush=True)  # the table last
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..console import interactive
 from ..files import write_text_atomic
 from ..model.checkpoints import CheckpointError
 from ..model.trained import RESOLVED_CONFIG, read_selection
@@ -168,7 +169,9 @@ def build_datamodule(cfg: DictConfig, method: dict):
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: tuple = ()):
-    """The Trainer with the configured callbacks and loggers: ``(trainer, callbacks)``."""
+    """The Trainer with the configured callbacks and loggers: ``(trainer, callbacks)``. When
+    the output is not a terminal (:func:`saferclip.console.interactive`) the progress bar is
+    off and :class:`~saferclip.app.callbacks.EpochLine` logs one line per epoch instead."""
     from lightning.pytorch.callbacks import LearningRateMonitor
 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -176,7 +179,14 @@ def build_trainer(cfg: DictConfig, extra_callbacks: tuple = ()):
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # logger=none: Lightning refuses an LR monitor with nothing to write to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False), callbacks
+    extra = {}
+    if not (cfg.trainer.get("enable_progress_bar", True) and interactive()):
+        # output to a file (or bars switched off): one line per epoch instead of per-step bars
+        from .callbacks import EpochLine
+
+        extra["enable_progress_bar"] = False
+        callbacks.append(EpochLine(Path(str(cfg.paths.get("run_dir") or "")).name))
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra), callbacks
 
 
 def write_resolved_config(cfg: DictConfig, run_dir: Path) -> None:

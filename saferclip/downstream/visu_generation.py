@@ -497,7 +497,9 @@ def generate_visu_images(
         todo = todo[: max(0, int(limit))]
     generate: ImageGenerator | None = None
     iterator: Iterable[Quadruplet] = todo
-    if progress and todo:
+    from ..console import show_progress
+
+    if show_progress(progress) and todo:
         from tqdm import tqdm
 
         iterator = tqdm(todo, desc=f"shard {shard[0]}/{shard[1]}", unit="caption")

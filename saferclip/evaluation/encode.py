@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
+from ..console import show_progress
 from ..data.images import ImageFiles
 from ..data.records import DataFormatError
 from ..errors import SaferclipError
@@ -96,9 +97,8 @@ def _finish(features: Tensor, start: int, what: str, bundle: ClipBundle, modalit
 
 
 def _progress(total: int, desc: str, progress: bool | None) -> tqdm:
-    # progress=None: a bar on a terminal, none in logs and tests (tqdm's own auto mode)
-    return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, leave=False,
-                disable=None if progress is None else not progress)
+    # a bar on a terminal only: none in logs and tests (saferclip.console.show_progress)
+    return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, leave=False, disable=not show_progress(progress))
 
 
 def encode_texts(

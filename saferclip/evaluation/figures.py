@@ -16,8 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .plotting import colours as _palette
-from .plotting import figure, save_figure
+from .plotting import figure, model_colours, model_styles, save_figure
 
 CURVE_METRICS = (
     ("U2VG_unsafe@1", "unsafe rate (a) ↓"),
@@ -26,18 +25,23 @@ CURVE_METRICS = (
 )
 
 
-def plot_training_curves(records: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path | None:
+def plot_training_curves(
+    records: Mapping[str, Mapping[str, Any]], path: str | Path, models: Sequence[str] | None = None
+) -> Path | None:
     """``records``: run name -> its ``selection.json`` (``history`` and ``selected``). One panel
-    per metric of :data:`CURVE_METRICS`, one line per run, the exported epoch circled.
+    per metric of :data:`CURVE_METRICS`, one line per run in its model's colour
+    (:func:`saferclip.evaluation.plotting.model_styles`; ``models``: every model of the report,
+    so that other models keep their colours), the exported epoch circled.
     Returns the file, or None when no run has a history."""
     records = {n: r for n, r in records.items() if r and r.get("history")}
     if not records:
         return None
     fig = figure(4.0 * len(CURVE_METRICS), 3.3)
-    colours = _palette(len(records))
+    palette = model_colours([*(models or []), *records])
     for col, (key, label) in enumerate(CURVE_METRICS):
         ax = fig.add_subplot(1, len(CURVE_METRICS), col + 1)
-        for colour, (name, record) in zip(colours, records.items()):
+        for name, record in records.items():
+            colour = palette[name]
             history = sorted(record["history"], key=lambda h: h["epoch"])
             points = [(h["epoch"], 100 * h["metrics"][key]) for h in history if key in h["metrics"]]
             if not points:
@@ -79,15 +83,19 @@ def tradeoff_points(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     return points
 
 
-def plot_tradeoff(points: Sequence[Mapping[str, Any]], path: str | Path, original: str = "original", title: str = "") -> Path | None:
+def plot_tradeoff(
+    points: Sequence[Mapping[str, Any]], path: str | Path, original: str = "original", title: str = "",
+    models: Sequence[str] | None = None,
+) -> Path | None:
     """Two panels, one point per entry of ``points`` (``name``, ``unsafe_a``, ``retention``,
     ``u2v``; several entries may share a name, e.g. seeds): unsafe rate (a) against
-    zero-shot retention, and against U→V R@1. The ``original`` model is a black star."""
+    zero-shot retention, and against U→V R@1. Every model in its colour
+    (:func:`saferclip.evaluation.plotting.model_styles`), the ``original`` model a black star."""
     points = [p for p in points if math.isfinite(p.get("unsafe_a", math.nan))]
     if not points:
         return None
     names = list(dict.fromkeys(p["name"] for p in points))
-    colours = dict(zip(names, _palette(len(names))))
+    styles = model_styles([*(models or []), *names], reference=original)
     fig = figure(9.0, 3.6)
     for col, (key, label) in enumerate((("retention", "zero-shot retention (%)"), ("u2v", "U→V R@1 (%)"))):
         ax = fig.add_subplot(1, 2, col + 1)
@@ -96,10 +104,10 @@ def plot_tradeoff(points: Sequence[Mapping[str, Any]], path: str | Path, origina
             if not own:
                 continue
             xs, ys = [100 * p["unsafe_a"] for p in own], [100 * p[key] for p in own]
-            if name == original:
-                ax.scatter(xs, ys, marker="*", s=180, color="black", label=name, zorder=3)
+            if styles[name]["original"]:
+                ax.scatter(xs, ys, marker="*", s=180, color=styles[name]["color"], label=name, zorder=3)
             else:
-                ax.scatter(xs, ys, s=36, color=colours[name], label=name, alpha=0.85)
+                ax.scatter(xs, ys, s=36, color=styles[name]["color"], label=name, alpha=0.85)
         ax.set_xlabel("unsafe rate (a) (%) — lower is safer", fontsize=8)
         ax.set_ylabel(label, fontsize=8)
         ax.set_xlim(-3, 103)

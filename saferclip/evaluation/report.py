@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from ..files import write_json_atomic, write_text_atomic
-from .plotting import figure, finite, save_figure
+from .plotting import figure, finite, model_styles, save_figure
 
 JSON_NAME, MARKDOWN_NAME, PLOTS_DIR = "results.json", "results.md", "plots"
 SUITE_TITLES = {"visu": "ViSU retrieval", "nsfw_caps": "NSFW-Caps", "zeroshot": "Zero-shot classification", "cost": "Cost of safety (vs reference)"}
@@ -228,6 +228,7 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     (``plots/nsfw_caps_unsafe_to_safe_cosine.png``)."""
     per_model = results.get("results", {})
     models = list(per_model)
+    styles = model_styles(models, results.get("meta", {}).get("reference"))
     written = []
     for suite, candidates in HEADLINE.items():
         suite_results = [per_model[m].get(suite, {}) for m in models]
@@ -241,7 +242,7 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         for n, metric in enumerate(metrics):
             ax = fig.add_subplot(rows, cols, n + 1)
             heights = [math.nan if r.get(metric) is None else 100 * float(r[metric]) for r in suite_results]
-            bars = ax.bar(range(len(models)), [0 if math.isnan(h) else h for h in heights], color="#4c72b0")
+            bars = ax.bar(range(len(models)), [0 if math.isnan(h) else h for h in heights], color=[styles[m]["color"] for m in models])
             for bar, h in zip(bars, heights):
                 label = "n/a" if math.isnan(h) else f"{h:.1f}"
                 ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
@@ -266,7 +267,7 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         ax = fig.add_subplot()
         for m, h in hists.items():
             counts, _ = np.histogram(np.asarray(h["values"], dtype=float), bins=edges)
-            ax.stairs(counts, edges, label=f"{m} (mean {h['mean']:.3f})", linewidth=1.5)
+            ax.stairs(counts, edges, label=f"{m} (mean {h['mean']:.3f})", linewidth=1.5, color=styles[m]["color"])
         ax.set_xlabel("cos(T(U_i), T(S_i)): unsafe caption vs its safe original")
         ax.set_ylabel("pairs")
         ax.set_title("NSFW-Caps: unsafe-to-safe caption similarity", fontsize=9)
@@ -284,8 +285,11 @@ def write_report(
     force: bool = False,
     training: Mapping[str, Mapping[str, Any]] | None = None,
     sections: Callable[[Path], tuple[str, list[Path]]] | None = None,
+    title: str = "saferclip evaluation",
 ) -> dict[str, Any]:
-    """Write ``results.json``, ``results.md`` and ``plots/*.png`` under ``out_dir``.
+    """Write ``results.json``, ``results.md``, ``plots/*.png`` and ``report.html`` (with
+    ``thumbs/``: the headline table, the retrieval galleries of ``results["showcase"]``, the
+    plots and the whole Markdown report; :mod:`saferclip.evaluation.html`) under ``out_dir``.
 
     ``training``: run name -> its ``selection.json`` (validation history and exported epoch),
     for the per-epoch validation curves and the exported-epoch table. Every report with a
@@ -293,7 +297,7 @@ def write_report(
     called with ``out_dir`` once the plots are written, returns extra Markdown (appended after
     the results) and the plots it wrote (the analysis sections of ``saferclip-eval``).
 
-    Returns ``{"json": path, "markdown": path, "plots": [paths]}``. An existing report there is
+    Returns ``{"json": path, "markdown": path, "html": path, "plots": [paths]}``. An existing report there is
     replaced only with ``force`` (FileExistsError otherwise, before anything is written).
     """
     out_dir = Path(out_dir)
@@ -307,8 +311,9 @@ def write_report(
     from .figures import plot_tradeoff, plot_training_curves, tradeoff_points
 
     extra = [
-        plot_tradeoff(tradeoff_points(results), out_dir / PLOTS_DIR / "tradeoff.png", original=results.get("meta", {}).get("reference") or "original"),
-        plot_training_curves(training or {}, out_dir / PLOTS_DIR / "training_curves.png"),
+        plot_tradeoff(tradeoff_points(results), out_dir / PLOTS_DIR / "tradeoff.png",
+                      original=results.get("meta", {}).get("reference") or "original", models=list(results.get("results", {}))),
+        plot_training_curves(training or {}, out_dir / PLOTS_DIR / "training_curves.png", models=list(results.get("results", {}))),
     ]
     plots += [p for p in extra if p is not None]
     extra_markdown = ""
@@ -319,5 +324,9 @@ def write_report(
     if training:
         payload["training"] = finite({n: dict(r) for n, r in training.items()})
     write_json_atomic(json_path, payload)
-    write_text_atomic(md_path, _markdown(results, plots, out_dir, training, extra_markdown))
-    return {"json": json_path, "markdown": md_path, "plots": plots}
+    markdown = _markdown(results, plots, out_dir, training, extra_markdown)
+    write_text_atomic(md_path, markdown)
+    from .html import evaluation_page, write_html_report
+
+    html_path = write_html_report(evaluation_page(results, markdown, plots, title=title), out_dir)
+    return {"json": json_path, "markdown": md_path, "html": html_path, "plots": plots}

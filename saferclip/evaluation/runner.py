@@ -38,12 +38,21 @@ from ..model.build import ClipBundle, check_arch, default_base_checkpoint
 from ..model.checkpoints import CheckpointError, read_safetensors_metadata, sniff_format
 from ..model.trained import is_training_checkpoint, load_model
 from ..model.hyperbolic import check_percentile
-from ..model.similarity import MODES
+from ..model.similarity import MODES, Similarity
 from .cost import cost_of_safety, is_unsafe_task
 from .hyperbolic import origin_detector_metrics
 from .nsfw_caps import embed_nsfw_caps, nsfw_caps_metrics
 from .oracle import ORACLE_NAME, oracle_redirection
 from .retrieval import embed_visu, visu_metrics
+from .showcase import (
+    DEFAULT_K,
+    DEFAULT_QUERIES,
+    TEXT_TO_IMAGE,
+    borderline_split_path,
+    gallery_view,
+    pair_sections,
+    section_queries,
+)
 from .zeroshot import evaluate_zeroshot
 
 log = logging.getLogger("saferclip.eval")
@@ -291,6 +300,76 @@ def safe_distances(name: str, bundle: ClipBundle, data_cfg: Mapping[str, Any], *
     return safe_item_distances(bundle, load_split(data_cfg, "train"), **kw)
 
 
+def retrieval_scores(similarity: Similarity, queries: torch.Tensor, gallery: torch.Tensor, query_modality: str) -> torch.Tensor:
+    """``[Q, N]`` scores of ``queries`` against ``gallery`` (higher = more similar) for the
+    report's retrieval galleries: the one place they are computed, from the embeddings the
+    evaluation already holds, with the model's own similarity (cosine for a Euclidean CLIP;
+    for HySAC the negative distance, the query traversed in safe mode)."""
+    return similarity.scores(queries.float(), gallery.float(), query_modality)
+
+
+SHOWCASE_KEYS = {"queries", "k", "seed", "borderline"}
+
+
+def showcase_settings(showcase: bool | Mapping[str, Any] | None, seed: int) -> dict[str, Any] | None:
+    """``{queries, k, seed, borderline}`` of the report's galleries (None: no galleries).
+    ``showcase``: True (the defaults), False / None (none) or a mapping of some keys."""
+    if showcase is None or showcase is False:
+        return None
+    given = {} if showcase is True else dict(showcase)
+    unknown = sorted(set(given) - SHOWCASE_KEYS)
+    if unknown:
+        raise ConfigError(f"showcase: unknown keys {unknown}; expected some of {sorted(SHOWCASE_KEYS)}")
+    out = {"queries": DEFAULT_QUERIES, "k": DEFAULT_K, "seed": seed, "borderline": True, **given}
+    for key in ("queries", "k"):
+        if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1:
+            raise ConfigError(f"showcase.{key} must be an integer >= 1, got {out[key]!r}")
+    return out
+
+
+def load_borderline_lookalikes(data_cfg: Mapping[str, Any], split: str) -> QuadrupletSet | None:
+    """The borderline-safe (lookalike) items of the toy world's ``split``, None without them."""
+    spec = borderline_split_path(data_cfg, split)
+    if spec is None:
+        return None
+    qset = load_split({"splits": {"borderline": spec}, "on_error": data_cfg.get("on_error", "raise"), "mode": data_cfg.get("mode", "auto")}, "borderline")
+    items = [q for q in qset if ((q.meta.get("borderline") or {}).get("kind", "lookalike")) == "lookalike"]
+    if not items or not qset.mode.has_unsafe_images:
+        return None
+    return QuadrupletSet(items, qset.mode, qset.source)
+
+
+class Showcase:
+    """Collects, model by model, the scores of the report's retrieval galleries
+    (:mod:`saferclip.evaluation.showcase`), from the embeddings the evaluation holds."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = settings
+        self.sections: dict[tuple[str, str], list[Any]] = {}
+        self.scores: dict[str, dict[str, torch.Tensor]] = {}
+
+    def add(self, model: str, name: str, qset: QuadrupletSet, emb: Any, queries: str = "unsafe") -> None:
+        """The scores of ``model`` on the galleries of ``qset`` (embedded as ``emb``)."""
+        if (name, queries) not in self.sections:
+            self.sections[name, queries] = pair_sections(
+                name, qset.safe_captions, qset.unsafe_captions, emb.safe_paths, emb.safe_owner, emb.unsafe_paths,
+                emb.unsafe_owner, [q.id for q in qset], self.settings["queries"], self.settings["seed"], queries,
+            )
+        for section in self.sections[name, queries]:
+            q, g = section_queries(section, emb)
+            modality = "text" if section.direction == TEXT_TO_IMAGE else "image"
+            self.scores.setdefault(section.key, {})[model] = retrieval_scores(emb.similarity, q, g, modality)
+
+    def result(self) -> dict[str, Any] | None:
+        views = [
+            gallery_view(section, self.scores[section.key], self.settings["k"])
+            for sections in self.sections.values()
+            for section in sections
+            if self.scores.get(section.key)
+        ]
+        return {"k": self.settings["k"], "seed": self.settings["seed"], "sections": views} if views else None
+
+
 def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -311,6 +390,7 @@ def evaluate_models(
     progress: bool | None = None,
     config: Mapping[str, Any] | None = None,
     oracle: str | None = None,
+    showcase: bool | Mapping[str, Any] | None = True,
 ) -> dict[str, Any]:
     """Evaluate ``models`` on ``suites`` and compute the cost of safety against ``reference``.
 
@@ -326,9 +406,14 @@ def evaluate_models(
             test embeddings with every unsafe item replaced by its training target's frozen
             embeddings, the bound of what redirection alone can do. Needs the reference and
             the ``train`` split of ``data_cfg``.
+        showcase: the report's retrieval galleries (:mod:`saferclip.evaluation.showcase`):
+            True (defaults), False / None (none), or ``{queries, k, seed, borderline}``: for
+            ``queries`` seeded test items (seed: the evaluation's), each model's top ``k`` on
+            the ViSU split, and, with ``borderline`` and the toy world's borderline split, on
+            borderline-safe captions.
 
     Returns:
-        ``{"meta", "data", "skipped", "models", "results"}``: ``results[model][suite]`` holds
+        ``{"meta", "data", "skipped", "models", "results"[, "showcase"]}``: ``results[model][suite]`` holds
         :func:`evaluate_visu` / :func:`evaluate_nsfw_caps` results, ``{task: zero-shot
         result}`` under ``zeroshot``, and :func:`cost_of_safety` under ``cost``.
     """
@@ -342,7 +427,12 @@ def evaluate_models(
         raise ConfigError("the oracle row needs a reference model")
     for name, spec in specs.items():
         check_model(name, spec)
+    gallery_settings = showcase_settings(showcase, seed)
     data = load_eval_data(data_cfg, suites, split)  # before any model: broken data fails fast
+    gallery = Showcase(gallery_settings) if gallery_settings and data.visu is not None else None
+    borderline = None
+    if gallery is not None and gallery_settings["borderline"] and data.visu.mode.has_unsafe_images:
+        borderline = load_borderline_lookalikes(data_cfg, split)
     for suite, why in data.skipped.items():
         log.warning("suite %s skipped: %s", suite, why)
 
@@ -378,6 +468,10 @@ def evaluate_models(
                 ref_visu = emb
             out["visu"] = visu_metrics(emb, ref_visu)
             out["visu"].update(origin_detector_metrics(emb))  # a hyperbolic model's own detector
+            if gallery is not None:
+                gallery.add(name, "ViSU", data.visu, emb)
+                if borderline is not None:
+                    gallery.add(name, "Borderline", borderline, embed_visu(bundle, borderline, **kw), "borderline")
             if name == reference and oracle is not None:
                 started_oracle = time.perf_counter()
                 train = load_split(data_cfg, "train")
@@ -408,7 +502,7 @@ def evaluate_models(
     if reference is not None:
         for name in order:
             results[name]["cost"] = cost_of_safety(results[name], results[reference], data.unsafe_tasks)
-    return {
+    evaluation = {
         "meta": {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "saferclip_version": __version__,
@@ -425,3 +519,6 @@ def evaluate_models(
         "models": {n: described[n] for n in [*specs, *([ORACLE_NAME] if ORACLE_NAME in results else [])]},
         "results": {n: results[n] for n in [*specs, *([ORACLE_NAME] if ORACLE_NAME in results else [])]},
     }
+    if gallery is not None and gallery.result() is not None:
+        evaluation["showcase"] = gallery.result()
+    return evaluation

@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..console import show_progress
 from ..data.images import ImageFiles, load_image
 from ..data.records import DataFormatError, QuadrupletSet
 from ..errors import ConfigError, SaferclipError
@@ -272,7 +273,7 @@ def _embed_into(
     with (
         eval_mode(bundle.model),
         torch.inference_mode(),
-        tqdm(total=total, disable=not progress, unit="item", desc="frozen embeddings", dynamic_ncols=True) as bar,
+        tqdm(total=total, disable=not show_progress(progress), unit="item", desc="frozen embeddings", dynamic_ncols=True) as bar,
     ):
         for name, n, batches, names in jobs:
             bar.set_postfix_str(name)
