@@ -393,3 +393,18 @@ def test_hf_export_carries_the_same_head_and_an_export_without_radii_is_refused(
     (copy / SAFE_RADII_FILE).unlink()
     with pytest.raises(ConfigError, match="safe radii"):
         export_checkpoint(copy, tmp_path / "no_radii")
+
+
+def test_the_traversal_sweep_is_a_curve_in_percentile_order():
+    from saferclip.evaluation.figures import sweep_curves
+
+    points = [
+        {"name": "hysac_p90", "unsafe_a": 0.2, "u2v": 0.6},
+        {"name": "hysac_p50", "unsafe_a": 0.0, "u2v": 0.2},
+        {"name": "hysac_p50", "unsafe_a": 0.1, "u2v": 0.4},  # a second seed: averaged
+        {"name": "hysac_safe", "unsafe_a": 0.1, "u2v": 0.5},
+        {"name": "saferclip", "unsafe_a": 0.03, "u2v": 0.8},
+    ]
+    curves = sweep_curves(points, "u2v")
+    assert list(curves) == ["hysac"]
+    assert curves["hysac"] == [pytest.approx((5.0, 30.0)), pytest.approx((20.0, 60.0))]

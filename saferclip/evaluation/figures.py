@@ -13,6 +13,7 @@ Pure matplotlib on the Agg canvas (no pyplot), written atomically like the repor
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -83,6 +84,29 @@ def tradeoff_points(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     return points
 
 
+_SWEEP = re.compile(r"^(?P<base>.+)_p(?P<percentile>\d+(\.\d+)?)$")
+
+
+def sweep_curves(points: Sequence[Mapping[str, Any]], key: str) -> dict[str, list[tuple[float, float]]]:
+    """The traversal sweeps among ``points`` (HySAC evaluated at several safe radii: names
+    ``<base>_p<percentile>``): per base, ``(unsafe rate (a), key)`` in % averaged over the
+    points of each percentile (seeds), in percentile order."""
+    groups: dict[str, dict[float, list[Mapping[str, Any]]]] = {}
+    for p in points:
+        match = _SWEEP.match(str(p["name"]))
+        if match and math.isfinite(p.get(key, math.nan)):
+            groups.setdefault(match["base"], {}).setdefault(float(match["percentile"]), []).append(p)
+    curves = {}
+    for base, by_percentile in groups.items():
+        if len(by_percentile) < 2:
+            continue
+        curves[base] = [
+            (100 * sum(p["unsafe_a"] for p in ps) / len(ps), 100 * sum(p[key] for p in ps) / len(ps))
+            for _, ps in sorted(by_percentile.items())
+        ]
+    return curves
+
+
 def plot_tradeoff(
     points: Sequence[Mapping[str, Any]], path: str | Path, original: str = "original", title: str = "",
     models: Sequence[str] | None = None,
@@ -108,6 +132,9 @@ def plot_tradeoff(
                 ax.scatter(xs, ys, marker="*", s=180, color=styles[name]["color"], label=name, zorder=3)
             else:
                 ax.scatter(xs, ys, s=36, color=styles[name]["color"], label=name, alpha=0.85)
+        for base, curve in sweep_curves(points, key).items():
+            colour = styles.get(f"{base}_safe", styles.get(base, {})).get("color", "grey")
+            ax.plot(*zip(*curve), linestyle="--", linewidth=1, color=colour, label=f"{base}: safe radius swept", zorder=1)
         ax.set_xlabel("unsafe rate (a) (%) — lower is safer", fontsize=8)
         ax.set_ylabel(label, fontsize=8)
         ax.set_xlim(-3, 103)
