@@ -8,9 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from train_helpers import cli_env, compose_train, one_thread  # noqa: F401  (autouse fixture)
+from train_helpers import cli_env, compose_train
 
 from saferclip import console
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
 
 class Stream(io.StringIO):
