@@ -11,6 +11,7 @@ import pytest
 from train_helpers import cli_env, compose_train
 
 from saferclip import console
+from saferclip.evaluation.headline import NOT_APPLICABLE_NOTE
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
@@ -81,9 +82,12 @@ def test_main_job_into_a_file_ends_with_the_table_and_quiet_prints_only_it(tmp_p
     assert "\r" not in proc.stdout + proc.stderr and "it/s" not in proc.stdout + proc.stderr  # no progress-bar frames
     assert len(out) < 100 and len((proc.stdout + proc.stderr).splitlines()) < 100
     table = [i for i, line in enumerate(out) if line.startswith("| metric |")]
-    assert table and all(line.startswith("|") for line in out[table[0]:]) and out[table[0] - 1] == ""
+    rows = [line for line in out[table[0]:] if line.startswith("|")] if table else []
+    footnote = out[table[0] + len(rows):] if table else []  # HySAC's "n/a†" explained under the table
+    assert table and all(line.startswith("|") for line in out[table[0]:table[0] + len(rows)]) and out[table[0] - 1] == ""
+    assert footnote in ([], ["", NOT_APPLICABLE_NOTE])
     assert (tmp_path / "main" / "report" / "report.html").is_file() and str(tmp_path / "main" / "report" / "report.html") in proc.stdout
-    assert proc.stderr.count("epoch 1/2") == 2 and proc.stderr.count("epoch 2/2") == 2  # one line per epoch, both runs
+    assert proc.stderr.count("epoch 1/2") == 3 and proc.stderr.count("epoch 2/2") == 3  # one line per epoch, three runs
     # --quiet: the table only (the runs are reused)
     quiet = subprocess.run([*command, "--quiet", *args], capture_output=True, text=True, env=env, timeout=600)
     assert quiet.returncode == 0, quiet.stderr[-3000:]

@@ -136,12 +136,17 @@ def test_targets_paired_neighbours_curriculum_and_sparse_pools(tmp_path, toy_wor
 
 # ---------------------------------------------------------------- the main job end to end
 @pytest.mark.slow
-def test_main_job_trains_both_methods_evaluates_and_reports(tmp_path, toy_world, hydra_tree):
+def test_main_job_trains_the_three_methods_evaluates_and_reports(tmp_path, toy_world, hydra_tree):
     overrides = train_overrides(tmp_path, toy_world)
     cfg = main_job.compose("main", [f"out_dir={tmp_path / 'main'}", f"runs_dir={tmp_path / 'runs'}"])
     out = main_job.run(cfg, overrides)
     results = out["results"]
-    assert list(results["results"]) == ["original", "safeclip", "saferclip", "oracle redirection"]
+    assert list(results["results"]) == ["original", "safeclip", "saferclip", "hysac_safe", "hysac_moderation", "oracle redirection"]
+    # HySAC: one trained model, two modes; no setting (b) for a hyperbolic query
+    assert results["models"]["hysac_safe"]["similarity"] == "lorentz (safe mode)"
+    assert results["models"]["hysac_moderation"]["similarity"] == "lorentz (moderation mode)"
+    assert "U2VG_ref_unsafe@1" not in results["results"]["hysac_safe"]["visu"]
+    assert "n/a†" in headline_table(results)
     report = tmp_path / "main" / "report"
     markdown = (report / "results.md").read_text()
     assert "## Model selection" in markdown and "| saferclip |" in markdown
@@ -150,8 +155,8 @@ def test_main_job_trains_both_methods_evaluates_and_reports(tmp_path, toy_world,
     assert out["report"]["html"] == report / "report.html" and "ViSU: unsafe caption → images" in page
     assert "Borderline: borderline-safe caption → images" in page  # the toy world's borderline split
     payload = json.loads((report / "results.json").read_text())
-    assert set(payload["training"]) == {"safeclip", "saferclip"}
-    assert set(out["timings"]) == {"safeclip", "saferclip", "evaluation"}
+    assert set(payload["training"]) == {"safeclip", "saferclip", "hysac"}
+    assert set(out["timings"]) == {"safeclip", "saferclip", "hysac", "evaluation"}
     # a second run reuses both trainings
     again = main_job.run(cfg, overrides)
     assert again["models"] == out["models"]

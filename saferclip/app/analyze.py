@@ -2,7 +2,7 @@
 geometry before and after safety fine-tuning, and over-defensiveness on borderline-safe
 inputs, for one or several models (Hydra app over :func:`saferclip.analysis.analyze_models`).
 
-    saferclip-analyze                                    # original + the main job's two runs
+    saferclip-analyze                                    # original + the main job's two Euclidean runs
     saferclip-analyze +models.mine.pretrained=outputs/train/<run>/export
     saferclip-analyze main_runs=false analysis.parts=[detector]
     saferclip-analyze analysis.detector.per_class=500 analysis.detector.direction=fisher
@@ -59,6 +59,11 @@ def find_main_runs(runs_dir: str | Path | None = None) -> dict[str, dict[str, An
         for name, overrides in main.runs.items():
             try:
                 cfg = compose("train", list(main.common) + list(overrides) + [f"seed={main.seed}"])
+                if cfg.method.name == "hysac":
+                    # the heads, geometry and over-defensiveness parts assume a Euclidean CLIP;
+                    # HySAC's own detector (distance from the origin) is in every evaluation
+                    log.info("the main job's %s run is hyperbolic: not analysed here", name)
+                    continue
                 expected[name] = runs / f"{name}-{run_key(cfg)}"
             except Exception as e:  # a config the main job could not compose either: fall back
                 log.warning("could not compose the main job's %s run (%s); looking for any finished one", name, e)
