@@ -171,6 +171,23 @@ FOLDER_WEIGHTS_NAMES = (
 )
 
 
+class _RandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """open_clip warns "Model initialized randomly" when asked not to load weights; a folder's
+    weights are loaded right after through the safe loader, so the warning would mislead."""
+    root, quiet = logging.getLogger(), _RandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def _build_from_folder(path: Path, arch: str | None, device, precision: str) -> ClipBundle:
     config_file = path / "open_clip_config.json"
     if not config_file.is_file():
@@ -191,9 +208,10 @@ def _build_from_folder(path: Path, arch: str | None, device, precision: str) -> 
     _verify_folder(path, cfg, weights)
     # Build the architecture from the folder's config, then load the weights through the safe
     # loader, so a bad file gets the same readable errors as a bare weights file.
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        f"local-dir:{path}", load_weights=False, pretrained_text=False, precision="fp32", output_dict=True
-    )
+    with _without_random_init_warning():  # the weights are loaded right below
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            f"local-dir:{path}", load_weights=False, pretrained_text=False, precision="fp32", output_dict=True
+        )
     load_into(model, load_state_dict(weights), str(weights), folder_arch or arch or "")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     model = _finish(model, device, precision)
