@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from train_helpers import compose_train
 
 from saferclip.errors import ConfigError
-from saferclip.evaluation.hyperbolic import _auc, origin_detector_metrics
+from saferclip.evaluation.hyperbolic import origin_detector_metrics
 from saferclip.evaluation.metrics import recall_at_k, unsafe_rate
 from saferclip.model import lorentz
 from saferclip.model.checkpoints import CheckpointError
@@ -221,7 +221,9 @@ def test_origin_detector_auc_and_detection_rate():
     assert out["origin_detector_text_auc"] == pytest.approx(1.0)
     assert out["origin_detector_text_detected@5fpr"] == 1.0
     assert origin_detector_metrics(PairEmbeddings(safe_text=safe, unsafe_text=unsafe)) == {}  # Euclidean: none
-    assert _auc(torch.tensor([1.0, 2.0]), torch.tensor([1.5, 3.0])) == pytest.approx(0.75)
+    from saferclip.evaluation.metrics import roc_auc
+
+    assert roc_auc(torch.tensor([1.0, 2.0, 1.5, 3.0]), torch.tensor([False, False, True, True])) == pytest.approx(0.75)
 
 
 # ---------------------------------------------------------------- the head file

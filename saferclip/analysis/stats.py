@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..evaluation.metrics import roc_auc  # noqa: F401  (it lives with the other metrics; analysis re-exports it)
+
 
 def _split(X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     y = torch.as_tensor(y, dtype=torch.bool)
@@ -53,25 +55,6 @@ def direction(X: Tensor, y: Tensor, method: str = "fisher", shrinkage: float = 0
     if method not in DIRECTIONS:
         raise ValueError(f"direction method must be one of {sorted(DIRECTIONS)}, got {method!r}")
     return fisher_direction(X, y, shrinkage) if method == "fisher" else mean_difference(X, y)
-
-
-def roc_auc(scores: Tensor, labels: Tensor) -> float:
-    """Area under the ROC curve: P(score of a random unsafe item > a random safe one), ties
-    counting one half (Mann–Whitney)."""
-    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
-    labels = torch.as_tensor(labels, dtype=torch.bool).flatten()
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    order = scores.argsort()
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    # average ranks over ties
-    uniq, inverse = torch.unique(scores, return_inverse=True)
-    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
-    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
-    ranks = (sums / counts)[inverse]
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def separation(scores: Tensor, labels: Tensor) -> float:

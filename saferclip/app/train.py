@@ -313,7 +313,7 @@ def measure_and_save_safe_radii(cfg: DictConfig, source, run_dir: Path):
     radii = measure_safe_radii(bundle, load_split(data, "train"), percentile, int(data.get("eval_batch_size", 256)))
     write_json_atomic(run_dir / SAFE_RADII_FILE, {**radii, "percentile": percentile, "split": "train"})
     log.info("safe radii (%g th percentile of the safe training items): text %.4f, image %.4f", percentile, radii["text"], radii["image"])
-    return bundle.similarity.__class__(**{**bundle.similarity.to_dict(), "radius_text": radii["text"], "radius_image": radii["image"]}, traversal=True)
+    return bundle.similarity.with_radii(radii)
 
 
 def best_checkpoint(callbacks: list) -> dict:

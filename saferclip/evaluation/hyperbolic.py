@@ -19,7 +19,9 @@ from ..data.records import QuadrupletSet
 from ..model.build import ClipBundle
 from ..model.hyperbolic import safe_radii
 from ..model.similarity import LorentzSimilarity
-from .galleries import PairEmbeddings, embed_pairs
+from .encode import encode_image_files, encode_texts
+from .galleries import PairEmbeddings, distinct
+from .metrics import roc_auc
 
 DETECTOR_FALSE_POSITIVE_RATE = 0.05
 
@@ -49,36 +51,15 @@ def safe_item_distances(
     sim = bundle.similarity
     if not isinstance(sim, LorentzSimilarity):
         raise ValueError(f"safe radii need a hyperbolic model; {bundle.source} uses {sim.kind} similarity")
-    emb = embed_pairs(
-        bundle,
-        [q.id for q in qset],
-        qset.safe_captions,
-        qset.unsafe_captions,
-        [q.safe_image for q in qset] if qset.mode.has_safe_images else None,
-        None,
-        batch_size,
-        num_workers,
-        progress,
-        label="safe radii",
-    )
-    distances = {"text": sim.distance_from_origin(emb.safe_text)}
-    distances["image"] = sim.distance_from_origin(emb.safe_image) if emb.safe_image is not None else distances["text"]
+    text = encode_texts(bundle, qset.safe_captions, batch_size, progress, desc="safe radii: safe captions")
+    distances = {"text": sim.distance_from_origin(text)}
+    if qset.mode.has_safe_images:
+        images, _, _ = distinct([q.safe_image for q in qset], [q.id for q in qset])
+        features = encode_image_files(bundle, images, batch_size, num_workers, progress, desc="safe radii: safe images", field="safe_image")
+        distances["image"] = sim.distance_from_origin(features)
+    else:  # text-only data: no image is ever a query
+        distances["image"] = distances["text"]
     return distances
-
-
-def _auc(safe: Tensor, unsafe: Tensor) -> float:
-    """P(score(unsafe) > score(safe)) + ½ P(tie): the Mann-Whitney AUC."""
-    scores = torch.cat([safe, unsafe]).double()
-    ranks = torch.empty_like(scores)
-    order = torch.argsort(scores)
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    # average ranks of ties
-    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
-    if len(values) < len(scores):
-        sums = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ranks)
-        ranks = (sums / counts)[inverse]
-    n_safe, n_unsafe = len(safe), len(unsafe)
-    return float((ranks[n_safe:].sum() - n_unsafe * (n_unsafe + 1) / 2) / (n_safe * n_unsafe))
 
 
 def origin_detector_metrics(emb: PairEmbeddings) -> dict[str, Any]:
@@ -95,7 +76,8 @@ def origin_detector_metrics(emb: PairEmbeddings) -> dict[str, Any]:
             continue
         d_safe, d_unsafe = sim.distance_from_origin(safe), sim.distance_from_origin(unsafe)
         threshold = torch.quantile(d_safe.double(), 1 - DETECTOR_FALSE_POSITIVE_RATE)
-        out[f"origin_detector_{modality}_auc"] = _auc(d_safe, d_unsafe)
+        labels = torch.cat([torch.zeros(len(d_safe), dtype=torch.bool), torch.ones(len(d_unsafe), dtype=torch.bool)])
+        out[f"origin_detector_{modality}_auc"] = roc_auc(torch.cat([d_safe, d_unsafe]), labels)
         out[f"origin_detector_{modality}_detected@5fpr"] = float((d_unsafe.double() > threshold).float().mean())
         out[f"origin_detector_{modality}_false_positives"] = float((d_safe.double() > threshold).float().mean())
     return out

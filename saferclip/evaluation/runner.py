@@ -283,12 +283,9 @@ def build_model(name: str, spec: ModelSpec, device: str = "cpu", seed: int = 0) 
 def radii_at(name: str, bundle: ClipBundle, percentile: float, distances: dict[str, Any]):
     """``bundle``'s geometry in safe mode with its radii at ``percentile`` of the training
     split's safe items' distances from the origin (``distances``: :func:`safe_distances`)."""
-    from dataclasses import replace
-
     from ..model.hyperbolic import safe_radii
 
-    radii = safe_radii(distances, percentile)
-    return replace(bundle.similarity, radius_text=radii["text"], radius_image=radii["image"], traversal=True)
+    return bundle.similarity.with_radii(safe_radii(distances, percentile))
 
 
 def safe_distances(name: str, bundle: ClipBundle, data_cfg: Mapping[str, Any], **kw: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ Both are plain, frozen values: they are saved with an exported model and cost no
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -120,6 +120,10 @@ class LorentzSimilarity(Similarity):
         if mode == "safe" and (self.radius_text is None or self.radius_image is None):
             raise ConfigError("the safe mode needs the safe radii, computed after training (saferclip-export writes them)")
         return replace(self, traversal=mode == "safe")
+
+    def with_radii(self, radii: Mapping[str, float]) -> "LorentzSimilarity":
+        """The same geometry in safe mode with the safe radii ``{"text", "image"}``."""
+        return replace(self, radius_text=float(radii["text"]), radius_image=float(radii["image"]), traversal=True)
 
     def scale(self, modality: str) -> float:
         return self.text_scale if _check_modality(modality) == "text" else self.image_scale
