@@ -62,6 +62,7 @@ class SaferClipDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.data_cfg, self.model_cfg, self.method_cfg = data, model, method
+        self.method = method_config(method)  # checked once, used as the typed object from here
         self.cache_dir, self.live_targets, self.seed = cache_dir, live_targets, seed
         self.train_set: RedirectionDataset | None = None
         self.val_set: ValidationDataset | None = None
@@ -76,21 +77,21 @@ class SaferClipDataModule(L.LightningDataModule):
         if self.train_set is not None:  # already set up in this process (e.g. a second fit)
             return
         ensure_toy_world(self.data_cfg)
-        if not method_config(self.method_cfg).needs_cache:
+        if not self.method.needs_cache:
             return  # HySAC: no frozen encoder runs, nothing to build
         # the cache and the neighbours are built once here, on the training device, and saved
         # beside each other; every rank's setup() then reads them
         device = str(self.trainer.strategy.root_device) if self.trainer is not None else "cpu"
-        self._prepared = prepare(self.data_cfg, self.model_cfg, self.method_cfg, self.cache_dir, progress=True, device=device)
+        self._prepared = prepare(self.data_cfg, self.model_cfg, self.method, self.cache_dir, progress=True, device=device)
 
     # ---------------------------------------------------------------- every rank
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        if not method_config(self.method_cfg).needs_cache:
+        if not self.method.needs_cache:
             self._setup_pairs_only()
             return
-        prepared = self._prepared or prepare(self.data_cfg, self.model_cfg, self.method_cfg, self.cache_dir, progress=False)
+        prepared = self._prepared or prepare(self.data_cfg, self.model_cfg, self.method, self.cache_dir, progress=False)
         self._prepared = None
         prepared.bundle.model.to("cpu")  # only its tokenizer and preprocessing are used from here
         cache, bundle = prepared.cache, prepared.bundle
