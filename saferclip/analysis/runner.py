@@ -423,7 +423,7 @@ def _picture_embeddings(cache: ActivationCache, inputs: Inputs, s: GeometrySetti
 def overdefense_part(
     bundle: ClipBundle, inputs: Inputs, batch_size: int, num_workers: int, gallery: Any = None, name: str = ""
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``gallery``: a :class:`saferclip.evaluation.runner.Showcase` collecting the report's
+    """``gallery``: a :class:`saferclip.evaluation.showcase.Showcase` collecting the report's
     retrieval galleries from the same embeddings (model ``name``)."""
     out: dict[str, Any] = {"retrieval": {}, "zeroshot": {}}
     hits: dict[str, torch.Tensor] = {}
@@ -493,7 +493,7 @@ def analyze_models(
             if (Path(detectors_dir) / f"{n}.safetensors").exists():
                 raise FileExistsError(f"{Path(detectors_dir) / f'{n}.safetensors'} exists; pass force to replace it")
     inputs = load_inputs(data_cfg, settings, split)
-    from ..evaluation.runner import Showcase, showcase_settings
+    from ..evaluation.showcase import Showcase, showcase_settings
 
     gallery_settings = showcase_settings(showcase, seed)
     gallery = Showcase(gallery_settings) if gallery_settings and "overdefense" in settings.parts else None

@@ -38,21 +38,13 @@ from ..model.build import ClipBundle, check_arch, default_base_checkpoint
 from ..model.checkpoints import CheckpointError, read_safetensors_metadata, sniff_format
 from ..model.trained import is_training_checkpoint, load_model
 from ..model.hyperbolic import check_percentile
-from ..model.similarity import MODES, Similarity
+from ..model.similarity import MODES
 from .cost import cost_of_safety, is_unsafe_task
 from .hyperbolic import origin_detector_metrics
 from .nsfw_caps import embed_nsfw_caps, nsfw_caps_metrics
 from .oracle import ORACLE_NAME, oracle_redirection
 from .retrieval import embed_visu, visu_metrics
-from .showcase import (
-    DEFAULT_K,
-    DEFAULT_QUERIES,
-    TEXT_TO_IMAGE,
-    borderline_split_path,
-    gallery_view,
-    pair_sections,
-    section_queries,
-)
+from .showcase import Showcase, load_borderline_lookalikes, showcase_settings
 from .zeroshot import evaluate_zeroshot
 
 log = logging.getLogger("saferclip.eval")
@@ -295,76 +287,6 @@ def safe_distances(name: str, bundle: ClipBundle, data_cfg: Mapping[str, Any], *
     if not isinstance(bundle.similarity, LorentzSimilarity):
         raise ConfigError(f"model {name!r}: traversal_percentile is for a hyperbolic (HySAC) model; this one is Euclidean")
     return safe_item_distances(bundle, load_split(data_cfg, "train"), **kw)
-
-
-def retrieval_scores(similarity: Similarity, queries: torch.Tensor, gallery: torch.Tensor, query_modality: str) -> torch.Tensor:
-    """``[Q, N]`` scores of ``queries`` against ``gallery`` (higher = more similar) for the
-    report's retrieval galleries: the one place they are computed, from the embeddings the
-    evaluation already holds, with the model's own similarity (cosine for a Euclidean CLIP;
-    for HySAC the negative distance, the query traversed in safe mode)."""
-    return similarity.scores(queries.float(), gallery.float(), query_modality)
-
-
-SHOWCASE_KEYS = {"queries", "k", "seed", "borderline"}
-
-
-def showcase_settings(showcase: bool | Mapping[str, Any] | None, seed: int) -> dict[str, Any] | None:
-    """``{queries, k, seed, borderline}`` of the report's galleries (None: no galleries).
-    ``showcase``: True (the defaults), False / None (none) or a mapping of some keys."""
-    if showcase is None or showcase is False:
-        return None
-    given = {} if showcase is True else dict(showcase)
-    unknown = sorted(set(given) - SHOWCASE_KEYS)
-    if unknown:
-        raise ConfigError(f"showcase: unknown keys {unknown}; expected some of {sorted(SHOWCASE_KEYS)}")
-    out = {"queries": DEFAULT_QUERIES, "k": DEFAULT_K, "seed": seed, "borderline": True, **given}
-    for key in ("queries", "k"):
-        if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1:
-            raise ConfigError(f"showcase.{key} must be an integer >= 1, got {out[key]!r}")
-    return out
-
-
-def load_borderline_lookalikes(data_cfg: Mapping[str, Any], split: str) -> QuadrupletSet | None:
-    """The borderline-safe (lookalike) items of the toy world's ``split``, None without them."""
-    spec = borderline_split_path(data_cfg, split)
-    if spec is None:
-        return None
-    qset = load_split({"splits": {"borderline": spec}, "on_error": data_cfg.get("on_error", "raise"), "mode": data_cfg.get("mode", "auto")}, "borderline")
-    items = [q for q in qset if ((q.meta.get("borderline") or {}).get("kind", "lookalike")) == "lookalike"]
-    if not items or not qset.mode.has_unsafe_images:
-        return None
-    return QuadrupletSet(items, qset.mode, qset.source)
-
-
-class Showcase:
-    """Collects, model by model, the scores of the report's retrieval galleries
-    (:mod:`saferclip.evaluation.showcase`), from the embeddings the evaluation holds."""
-
-    def __init__(self, settings: dict[str, Any]):
-        self.settings = settings
-        self.sections: dict[tuple[str, str], list[Any]] = {}
-        self.scores: dict[str, dict[str, torch.Tensor]] = {}
-
-    def add(self, model: str, name: str, qset: QuadrupletSet, emb: Any, queries: str = "unsafe") -> None:
-        """The scores of ``model`` on the galleries of ``qset`` (embedded as ``emb``)."""
-        if (name, queries) not in self.sections:
-            self.sections[name, queries] = pair_sections(
-                name, qset.safe_captions, qset.unsafe_captions, emb.safe_paths, emb.safe_owner, emb.unsafe_paths,
-                emb.unsafe_owner, [q.id for q in qset], self.settings["queries"], self.settings["seed"], queries,
-            )
-        for section in self.sections[name, queries]:
-            q, g = section_queries(section, emb)
-            modality = "text" if section.direction == TEXT_TO_IMAGE else "image"
-            self.scores.setdefault(section.key, {})[model] = retrieval_scores(emb.similarity, q, g, modality)
-
-    def result(self) -> dict[str, Any] | None:
-        views = [
-            gallery_view(section, self.scores[section.key], self.settings["k"])
-            for sections in self.sections.values()
-            for section in sections
-            if self.scores.get(section.key)
-        ]
-        return {"k": self.settings["k"], "seed": self.settings["seed"], "sections": views} if views else None
 
 
 def _release_memory() -> None:

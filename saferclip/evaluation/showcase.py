@@ -22,6 +22,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..data.records import QuadrupletSet
+from ..data.splits import load_split
+from ..errors import ConfigError
+from ..model.similarity import Similarity
+
 TEXT_TO_IMAGE, IMAGE_TO_TEXT = "text_to_image", "image_to_text"
 DEFAULT_QUERIES, DEFAULT_K = 6, 5
 
@@ -245,3 +250,74 @@ def borderline_split_path(data_cfg: Mapping[str, Any], split: str) -> dict[str, 
     if not path.is_file():
         return None
     return {"path": str(path), "image_root": str(base), "split_dir": split, "unsafe_image_root": str(base), "image_ext": ".png"}
+
+
+# ----------------------------------------------------------------------------- collecting, model by model
+def retrieval_scores(similarity: Similarity, queries: torch.Tensor, gallery: torch.Tensor, query_modality: str) -> torch.Tensor:
+    """``[Q, N]`` scores of ``queries`` against ``gallery`` (higher = more similar) for the
+    report's retrieval galleries: the one place they are computed, from the embeddings the
+    evaluation already holds, with the model's own similarity (cosine for a Euclidean CLIP;
+    for HySAC the negative distance, the query traversed in safe mode)."""
+    return similarity.scores(queries.float(), gallery.float(), query_modality)
+
+
+SHOWCASE_KEYS = {"queries", "k", "seed", "borderline"}
+
+
+def showcase_settings(showcase: bool | Mapping[str, Any] | None, seed: int) -> dict[str, Any] | None:
+    """``{queries, k, seed, borderline}`` of the report's galleries (None: no galleries).
+    ``showcase``: True (the defaults), False / None (none) or a mapping of some keys."""
+    if showcase is None or showcase is False:
+        return None
+    given = {} if showcase is True else dict(showcase)
+    unknown = sorted(set(given) - SHOWCASE_KEYS)
+    if unknown:
+        raise ConfigError(f"showcase: unknown keys {unknown}; expected some of {sorted(SHOWCASE_KEYS)}")
+    out = {"queries": DEFAULT_QUERIES, "k": DEFAULT_K, "seed": seed, "borderline": True, **given}
+    for key in ("queries", "k"):
+        if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1:
+            raise ConfigError(f"showcase.{key} must be an integer >= 1, got {out[key]!r}")
+    return out
+
+
+def load_borderline_lookalikes(data_cfg: Mapping[str, Any], split: str) -> QuadrupletSet | None:
+    """The borderline-safe (lookalike) items of the toy world's ``split``, None without them."""
+    spec = borderline_split_path(data_cfg, split)
+    if spec is None:
+        return None
+    qset = load_split({"splits": {"borderline": spec}, "on_error": data_cfg.get("on_error", "raise"), "mode": data_cfg.get("mode", "auto")}, "borderline")
+    items = [q for q in qset if ((q.meta.get("borderline") or {}).get("kind", "lookalike")) == "lookalike"]
+    if not items or not qset.mode.has_unsafe_images:
+        return None
+    return QuadrupletSet(items, qset.mode, qset.source)
+
+
+class Showcase:
+    """Collects, model by model, the scores of the report's retrieval galleries
+    (:mod:`saferclip.evaluation.showcase`), from the embeddings the evaluation holds."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = settings
+        self.sections: dict[tuple[str, str], list[Any]] = {}
+        self.scores: dict[str, dict[str, torch.Tensor]] = {}
+
+    def add(self, model: str, name: str, qset: QuadrupletSet, emb: Any, queries: str = "unsafe") -> None:
+        """The scores of ``model`` on the galleries of ``qset`` (embedded as ``emb``)."""
+        if (name, queries) not in self.sections:
+            self.sections[name, queries] = pair_sections(
+                name, qset.safe_captions, qset.unsafe_captions, emb.safe_paths, emb.safe_owner, emb.unsafe_paths,
+                emb.unsafe_owner, [q.id for q in qset], self.settings["queries"], self.settings["seed"], queries,
+            )
+        for section in self.sections[name, queries]:
+            q, g = section_queries(section, emb)
+            modality = "text" if section.direction == TEXT_TO_IMAGE else "image"
+            self.scores.setdefault(section.key, {})[model] = retrieval_scores(emb.similarity, q, g, modality)
+
+    def result(self) -> dict[str, Any] | None:
+        views = [
+            gallery_view(section, self.scores[section.key], self.settings["k"])
+            for sections in self.sections.values()
+            for section in sections
+            if self.scores.get(section.key)
+        ]
+        return {"k": self.settings["k"], "seed": self.settings["seed"], "sections": views} if views else None
