@@ -44,3 +44,14 @@ def cache_dir() -> Path:
         return home() / "cache"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser().absolute() / "saferclip"
+
+
+def toy_world_dir(toy_dir: str | os.PathLike, seed: int | str) -> Path:
+    """The folder of the toy world made with generator seed ``seed``: world 0 is ``toy_dir``
+    itself, world k sits beside it as ``<toy_dir>-world<k>`` (one folder per world, so worlds
+    used for tuning and for testing never overwrite each other)."""
+    seed = int(seed)
+    if seed < 0:
+        raise ValueError(f"data.toy_seed must be an integer >= 0, got {seed}")
+    toy_dir = Path(toy_dir)
+    return toy_dir if seed == 0 else toy_dir.with_name(f"{toy_dir.name}-world{seed}")

@@ -35,6 +35,8 @@ def register_resolvers() -> None:
         "saferclip_package": lambda: str(locations.PACKAGE_DIR),
         "saferclip_home": lambda: str(locations.home()),
         "saferclip_cache": lambda: str(locations.cache_dir()),
+        # the toy world of a generator seed: world 0 at paths.toy_dir, world k beside it
+        "saferclip_toy_world": lambda toy_dir, seed: str(locations.toy_world_dir(toy_dir, seed)),
     }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):

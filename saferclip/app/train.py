@@ -237,12 +237,13 @@ def requested_processes(cfg: DictConfig) -> int:
     return int(devices) * nodes
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     """Fit the model a composed ``train`` config describes. Returns the trainer's callback
     metrics (``train/...``, ``val/...``) plus ``best_checkpoint``, ``best_score``, ``selection``
     (the kept epoch and its validation metrics, from ``selection.json``) and ``export`` when
     there are any. Raises :class:`ConfigError` (and the data / checkpoint errors) for
-    what the user can fix, before any long work."""
+    what the user can fix, before any long work. ``extra_callbacks`` join the configured ones
+    (``saferclip-tune`` adds its pruning callback)."""
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -265,7 +266,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg, method)
     from .loggers import RunCSVLogger
 
-    trainer, callbacks = build_trainer(cfg)
+    trainer, callbacks = build_trainer(cfg, extra_callbacks)
     for logger in trainer.loggers:
         if isinstance(logger, RunCSVLogger):
             logger.resume_from_step = resume_step  # keep the CSV rows logged before the checkpoint
