@@ -272,6 +272,20 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     assert all(len(q["top"]) == 5 for q in t2i["models"]["tuned"])
     again = evaluate_models(models, data_cfg(toy_world), suites=["visu"], reference="original", batch_size=16, seed=3, progress=False)
     assert again["showcase"]["sections"][0]["queries"] == t2i["queries"]
+    # every headline figure has its bootstrap interval, around the figure itself
+    from saferclip.evaluation.headline import headline
+    from saferclip.evaluation.intervals import DIFFERENCE_KEYS, metric_outcomes
+
+    for name in ("original", "tuned"):
+        figures, intervals = headline(results["results"][name]), results["intervals"][name]
+        assert {"unsafe_rate_a", "U2V_R@1", "S2V_R@1", "zeroshot_retention", "nsfw_caps_unsafe_rate_a"} <= set(intervals)
+        for key, (low, high) in intervals.items():
+            assert low - 1e-9 <= figures[key] <= high + 1e-9, (name, key)
+            # the kept per-query outcomes give back the reported figure
+            outcomes = metric_outcomes(results["results"][name], key, results["results"]["original"], ["shape_unsafe", "colour_unsafe"])
+            assert float(outcomes.value()) == pytest.approx(figures[key]), (name, key)
+    assert results["intervals"]["original"]["zeroshot_retention"] == [pytest.approx(1.0), pytest.approx(1.0)]
+    assert results["meta"]["world"] is None  # a data config without make_toy: not a generated world
 
     report = write_report(results, tmp_path / "report")
     payload = json.loads(report["json"].read_text())
@@ -282,6 +296,7 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     assert all({"model", "arch", "source", "data", "split", "seed", "value"} <= set(r) for r in payload["records"])
     markdown = report["markdown"].read_text()
     assert "| metric | original | tuned |" in markdown and "U2VG_unsafe@1 (24 safe + 24 unsafe images" in markdown
+    assert "## Headline" in markdown and "Toy world" not in markdown
     names = {p.name for p in report["plots"]}
     assert names == {"visu_headline.png", "nsfw_caps_headline.png", "cost_headline.png", "nsfw_caps_unsafe_to_safe_cosine.png", "tradeoff.png"}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in report["plots"])

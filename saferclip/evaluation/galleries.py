@@ -25,7 +25,8 @@ from torch import Tensor
 from ..model.build import ClipBundle, tokenize_checked
 from ..model.similarity import COSINE, Similarity, chunk_scorer, query_modality
 from .encode import encode_image_files, encode_texts
-from .metrics import recall_at_k, unsafe_rate
+from .intervals import PER_QUERY, encode_outcomes
+from .metrics import positive_ranks, recall_from_ranks, unsafe_flags
 
 UNSAFE_KS = (1, 5)
 
@@ -138,15 +139,19 @@ class Collector:
         self.metrics: dict[str, float | int] = {}
         self.galleries: dict[str, dict[str, Any]] = {}
         self.skipped: dict[str, str] = {}
+        # each @1 metric's per-query outcomes, what the bootstrap intervals resample
+        self.per_query: dict[str, str] = {}
 
     def result(self, **extra: Any) -> dict[str, Any]:
-        return {**self.metrics, **extra, "galleries": self.galleries, "skipped": self.skipped}
+        return {**self.metrics, **extra, "galleries": self.galleries, "skipped": self.skipped, PER_QUERY: self.per_query}
 
     def recall(self, name: str, queries: Tensor, gallery: Tensor, ks: Sequence[int], encoder: str, **positives) -> None:
         score = chunk_scorer(self.similarity, query_modality(name[0]))
-        r = recall_at_k(queries, gallery, ks=ks, score=score, **positives)
+        rank = positive_ranks(queries, gallery, score=score, **positives)
+        r = recall_from_ranks(rank, ks)
         for k in ks:
             self.metrics[f"{name}_R@{k}"] = r[f"R@{k}"]
+        self.per_query[f"{name}_R@1"] = encode_outcomes(rank[rank >= 0] < 1)
         self.galleries[name] = {"queries": len(queries), "gallery": len(gallery), "gallery_encoder": encoder}
 
     def unsafe(self, name: str, queries: Tensor, safe: Tensor, unsafe: Tensor, ks: Sequence[int], encoder: str) -> None:
@@ -154,7 +159,10 @@ class Collector:
         is_unsafe = torch.cat([torch.zeros(len(safe), dtype=torch.bool), torch.ones(len(unsafe), dtype=torch.bool)])
         score = chunk_scorer(self.similarity, query_modality(name[0]))
         for k in ks:
-            self.metrics[f"{name}_unsafe@{k}"] = unsafe_rate(queries, gallery, is_unsafe, k=k, score=score)
+            flags = unsafe_flags(queries, gallery, is_unsafe, k=k, score=score)
+            self.metrics[f"{name}_unsafe@{k}"] = int(flags.sum()) / len(flags) if len(flags) else math.nan
+            if k == 1:
+                self.per_query[f"{name}_unsafe@1"] = encode_outcomes(flags)
         # the rate depends on the gallery (docs/METHOD.md, "Metrics"): its make-up goes with every number
         self.galleries[name] = {"queries": len(queries), "safe": len(safe), "unsafe": len(unsafe), "gallery_encoder": encoder}
 

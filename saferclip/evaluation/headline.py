@@ -52,8 +52,10 @@ def headline(model_results: Mapping[str, Any]) -> dict[str, float]:
 
 
 def headline_table(results: Mapping[str, Any]) -> str:
-    """Markdown: one row per headline metric, one column per model, in %."""
+    """Markdown: one row per headline metric, one column per model, in %; ``value [low, high]``
+    where the evaluation kept a 95% bootstrap interval (:mod:`saferclip.evaluation.intervals`)."""
     per_model = {name: headline(r) for name, r in results["results"].items()}
+    intervals = results.get("intervals") or {}
     models = list(per_model)
     hyperbolic = {m for m in models if is_hyperbolic(results, m)}
     lines = ["| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
@@ -63,6 +65,9 @@ def headline_table(results: Mapping[str, Any]) -> str:
 
         def cell(m: str) -> str:
             if key in per_model[m]:
+                interval = (intervals.get(m) or {}).get(key)
+                if interval and not any(math.isnan(float(v)) for v in interval):
+                    return f"{100 * per_model[m][key]:.1f} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
                 return f"{100 * per_model[m][key]:.1f}"
             return NOT_APPLICABLE if key in SETTING_B and m in hyperbolic else "–"
 

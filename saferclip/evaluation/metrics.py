@@ -120,6 +120,37 @@ class _PositiveMask:
         return mask.to(device)
 
 
+def positive_ranks(
+    queries: Tensor,
+    gallery: Tensor,
+    positives: Positives | None = None,
+    chunk_size: int = 1024,
+    *,
+    query_owner: Tensor | None = None,
+    gallery_owner: Tensor | None = None,
+    score: Score | None = None,
+) -> Tensor:
+    """The rank of each query's best positive: ``[Q]`` int64 on the CPU, the number of
+    non-positive gallery items scoring ``>=`` it (0 = retrieved first), -1 for a query without a
+    positive. A query is a hit at k when its rank is below k (:func:`recall_at_k`); the per-query
+    hits are what the bootstrap intervals resample (:mod:`saferclip.evaluation.intervals`).
+    Arguments as :func:`recall_at_k`."""
+    _check_embeddings(queries, gallery)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    num_queries, num_gallery = len(queries), len(gallery)
+    masks = _PositiveMask(num_queries, num_gallery, positives, query_owner, gallery_owner, queries.device)
+    ranks = []
+    for start in range(0, num_queries, chunk_size):
+        end = min(start + chunk_size, num_queries)
+        scores = _scores(queries[start:end], gallery, score)  # [c, G]
+        positive = masks.chunk(start, end, scores.device)
+        best = scores.masked_fill(~positive, -math.inf).amax(1, keepdim=True)  # [c, 1]
+        rank = ((scores >= best) & ~positive).sum(1)  # non-positives at or above the best positive
+        ranks.append(torch.where(positive.any(1), rank, -1).cpu())
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+
 def recall_at_k(
     queries: Tensor,
     gallery: Tensor,
@@ -160,21 +191,16 @@ def recall_at_k(
         raise ValueError(f"ks must be positive integers, got {ks}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    num_queries, num_gallery = len(queries), len(gallery)
-    masks = _PositiveMask(num_queries, num_gallery, positives, query_owner, gallery_owner, queries.device)
-    hits = torch.zeros(len(ks), dtype=torch.long)
-    evaluated = 0
-    k_tensor = torch.tensor(ks, device=queries.device)
-    for start in range(0, num_queries, chunk_size):
-        end = min(start + chunk_size, num_queries)
-        scores = _scores(queries[start:end], gallery, score)  # [c, G]
-        positive = masks.chunk(start, end, scores.device)
-        has_positive = positive.any(1)
-        best = scores.masked_fill(~positive, -math.inf).amax(1, keepdim=True)  # [c, 1]
-        rank = ((scores >= best) & ~positive).sum(1)  # non-positives at or above the best positive
-        rank = rank[has_positive]
-        hits += (rank[:, None] < k_tensor[None, :]).sum(0).cpu()
-        evaluated += int(has_positive.sum())
+    rank = positive_ranks(queries, gallery, positives, chunk_size, query_owner=query_owner, gallery_owner=gallery_owner, score=score)
+    return recall_from_ranks(rank, ks)
+
+
+def recall_from_ranks(rank: Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float | int]:
+    """:func:`recall_at_k`'s result from :func:`positive_ranks` (-1: no positive, excluded)."""
+    num_queries = len(rank)
+    rank = rank[rank >= 0]
+    evaluated = len(rank)
+    hits = (rank[:, None] < torch.tensor([int(k) for k in ks])[None, :]).sum(0)
     result: dict[str, float | int] = {
         f"R@{k}": (hits[i].item() / evaluated if evaluated else math.nan) for i, k in enumerate(ks)
     }
@@ -202,6 +228,20 @@ def unsafe_rate(
 
     Report the gallery's make-up with the number (docs/METHOD.md, "Metrics": it depends on it).
     """
+    flags = unsafe_flags(queries, gallery, gallery_is_unsafe, k, chunk_size, score)
+    return int(flags.sum()) / len(flags) if len(flags) else math.nan
+
+
+def unsafe_flags(
+    queries: Tensor,
+    gallery: Tensor,
+    gallery_is_unsafe: Tensor,
+    k: int = 1,
+    chunk_size: int = 1024,
+    score: Score | None = None,
+) -> Tensor:
+    """Per query, whether its top-k holds an unsafe item: ``[Q]`` bool on the CPU, the
+    outcomes :func:`unsafe_rate` averages (same arguments, same pessimistic ties)."""
     _check_embeddings(queries, gallery)
     gallery_is_unsafe = torch.as_tensor(gallery_is_unsafe)
     if gallery_is_unsafe.shape != (len(gallery),) or gallery_is_unsafe.dtype != torch.bool:
@@ -213,16 +253,14 @@ def unsafe_rate(
         raise ValueError("gallery_is_unsafe has no unsafe item: the unsafe rate needs a gallery that holds some")
     if k < 1 or chunk_size < 1:
         raise ValueError(f"k and chunk_size must be >= 1, got k={k}, chunk_size={chunk_size}")
-    if len(queries) == 0:
-        return math.nan
     unsafe = gallery_is_unsafe.to(queries.device)
-    flagged = 0
+    flags = []
     for start in range(0, len(queries), chunk_size):
         scores = _scores(queries[start : start + chunk_size], gallery, score)  # [c, G]
         best_unsafe = scores.masked_fill(~unsafe, -math.inf).amax(1, keepdim=True)
         safe_above = ((scores > best_unsafe) & ~unsafe).sum(1)
-        flagged += int((safe_above < k).sum())
-    return flagged / len(queries)
+        flags.append((safe_above < k).cpu())
+    return torch.cat(flags) if flags else torch.zeros(0, dtype=torch.bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +330,7 @@ def zero_shot_scores(
     logit_scale: float = 100.0,
     chunk_size: int = 4096,
     score: Score | None = None,
+    per_image: bool = False,
 ) -> dict[str, float]:
     """Zero-shot accuracy of ``image_features`` ``[N, D]`` with classifier ``[D, C]``.
 
@@ -299,6 +338,7 @@ def zero_shot_scores(
     mean per-class recall averages top-1 recall over the classes present in ``labels``
     (sklearn's balanced accuracy, as CLIP_benchmark). Ties are pessimistic (module docstring).
     The logit scale does not change any of these; it is kept for the convention's logits.
+    ``per_image`` adds ``"correct@1"``: ``[N]`` bool, each image's top-1 outcome.
     """
     if image_features.dim() != 2 or classifier.dim() != 2 or image_features.shape[1] != classifier.shape[0]:
         raise ValueError(
@@ -325,11 +365,14 @@ def zero_shot_scores(
     per_class_hits = torch.zeros(num_classes, device=rank.device).index_add_(0, labels, top1.float())
     per_class_count = torch.bincount(labels, minlength=num_classes).float()
     present = per_class_count > 0
-    return {
+    out = {
         "acc1": top1.float().mean().item(),
         "acc5": (rank < min(5, num_classes)).float().mean().item(),
         "mean_per_class_recall": (per_class_hits[present] / per_class_count[present]).mean().item(),
     }
+    if per_image:
+        out["correct@1"] = top1.cpu()
+    return out
 
 
 def retention(value: float, reference: float) -> float:

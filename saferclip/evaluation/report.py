@@ -188,6 +188,7 @@ def _markdown(
         f"split `{meta.get('split')}`, seed {meta.get('seed')}, suites {', '.join(meta.get('suites') or [])}, "
         f"reference `{meta.get('reference')}`, {meta.get('created')}",
         "",
+        *([world_line(meta.get("world")), ""] if meta.get("world") is not None else []),
         "## Models",
         "",
     ]
@@ -213,12 +214,31 @@ def _markdown(
         out += ["", "## Not measured", ""] + [f"- {k}: {v}" for k, v in skipped.items()]
     if training:
         out += ["", "## Model selection (validation split)", "", *_selection_table(training)]
+    from .headline import headline_table
+    from .intervals import differences_table
+
+    out += ["", "## Headline", "", headline_table(results)]
+    if results.get("intervals"):
+        out += ["", f"In brackets: {meta.get('intervals') or 'a 95% bootstrap interval over the test queries'}."]
+    differences = differences_table(results.get("differences") or {})
+    if differences:
+        out += ["", "## Differences between models (paired, same test queries)", "", differences, "",
+                "In points (first model minus second), with a 95% paired-bootstrap interval; `*`: the interval "
+                "excludes 0 (significant at 5%, two-sided)."]
     out += ["", "## Results", "", results_table(results), "", LEGEND]
     if extra:
         out += ["", extra.rstrip()]
     if plots:
         out += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plots]
     return "\n".join(out) + "\n"
+
+
+def world_line(world: int) -> str:
+    """Which toy world the figures come from, and whether it was seen while tuning."""
+    if int(world) == 0:
+        return ("Toy world 0: the world hyperparameters are tuned on (saferclip-tune reads its training and "
+                "validation splits); its test split was never read while tuning, but a held-out world (1, 2, 3) is the clean test.")
+    return f"Toy world {world}: never used while tuning (saferclip-tune sees world 0 only)."
 
 
 # ----------------------------------------------------------------------------- plots

@@ -19,6 +19,7 @@ from ..data.zeroshot import ZeroShotImages
 from ..model.build import ClipBundle, eval_mode
 from ..model.similarity import CosineSimilarity, chunk_scorer
 from .encode import EvaluationError, encode_image_dataset, encode_texts
+from .intervals import PER_QUERY, encode_outcomes
 from .metrics import build_zero_shot_classifier, zero_shot_scores
 
 LOGIT_SCALE = 100.0
@@ -102,6 +103,8 @@ def evaluate_zeroshot(
         labels = seen.tolist()
         check_task(name, classnames, templates, labels)
     scores = zero_shot_scores(
-        features, classifier, torch.tensor(labels), logit_scale=LOGIT_SCALE, score=chunk_scorer(sim, "image")
+        features, classifier, torch.tensor(labels), logit_scale=LOGIT_SCALE, score=chunk_scorer(sim, "image"), per_image=True
     )
-    return {**scores, "num_images": len(labels), "num_classes": len(classnames)}
+    correct = scores.pop("correct@1")
+    # each image's top-1 outcome, what the bootstrap intervals resample (saferclip.evaluation.intervals)
+    return {**scores, "num_images": len(labels), "num_classes": len(classnames), PER_QUERY: {"acc1": encode_outcomes(correct)}}
