@@ -92,11 +92,14 @@ def test_seeds_aggregate_to_mean_and_sample_std():
     }
     summary = study.aggregate(per_seed)
     assert list(summary) == ["original", "saferclip"]
-    assert summary["saferclip"]["U2V_R@1"] == pytest.approx({"mean": 0.8, "std": 0.1, "n": 3})
+    u2v = summary["saferclip"]["U2V_R@1"]
+    assert {k: u2v[k] for k in ("mean", "std", "n")} == pytest.approx({"mean": 0.8, "std": 0.1, "n": 3})
+    # the Student-t interval of the mean over 3 seeds: 0.8 ± t(0.975, 2) 0.1 / sqrt(3)
+    assert (u2v["low"], u2v["high"]) == pytest.approx((0.8 - 0.2484, 0.8 + 0.2484), abs=1e-3)
     assert summary["saferclip"]["unsafe_rate_a"]["n"] == 2 and summary["saferclip"]["unsafe_rate_a"]["mean"] == pytest.approx(0.2)
     assert summary["original"]["U2V_R@1"]["std"] == 0.0
     table = study.study_table(summary)
-    assert "| saferclip | 3 |" in table and "80.0 ± 10.0" in table and "20.0 ± 14.1" in table
+    assert "| saferclip | 3 |" in table and "80.0 ± 10.0 [55.2, 104.8]" in table and "20.0 ± 14.1 [" in table
 
 
 def test_headline_picks_its_metrics_and_leaves_out_what_is_missing():

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..errors import ConfigError
 from ..model.trained import read_selection
 from .cli import command, compose_help, wants_help
-from .hydra_utils import CONF_DIR, pop_quiet, quiet_logging, setup_logging, to_container
+from .hydra_utils import CONF_DIR, check_int, pop_quiet, quiet_logging, setup_logging, to_container
 
 log = logging.getLogger("saferclip.main")
 
@@ -132,7 +132,7 @@ def eval_showcase(cfg: DictConfig):
     return to_container(value) if OmegaConf.is_config(value) else value
 
 
-MAIN_KEYS = ("seed", "force", "out_dir", "runs_dir", "runs", "common", "eval")
+MAIN_KEYS = ("seed", "world", "force", "out_dir", "runs_dir", "runs", "common", "eval")
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -153,7 +153,11 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     check_writable_folder(cfg.out_dir, "out_dir")
     check_writable_folder(cfg.runs_dir, "runs_dir")
     out_dir = Path(cfg.out_dir).resolve()
-    common = list(cfg.common) + list(overrides) + [f"seed={cfg.seed}"]
+    world = cfg.get("world")
+    if world is not None:
+        check_int(world, "world", 0)
+    # the world first: an explicit data.toy_seed among the overrides still wins
+    common = ([] if world is None else [f"data.toy_seed={world}"]) + list(cfg.common) + list(overrides) + [f"seed={cfg.seed}"]
     check_runs({name: common + list(run_overrides) for name, run_overrides in cfg.runs.items()})
     train_base = compose("train", common)
     ensure_toy_world(to_container(train_base.data))
@@ -190,6 +194,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
 
 MAIN_HELP = {
     "seed": "the seed of every run (default 0)",
+    "world": "the toy world runs train and test on (default 1: never used for tuning; null: the data config's)",
     "force": "retrain even when an identical finished run exists",
     "out_dir": "where the report goes (outputs/main; open report/report.html)",
     "runs_dir": "where training runs go, shared with saferclip-study (outputs/runs)",

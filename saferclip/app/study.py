@@ -14,6 +14,7 @@ seed's retrieval galleries) under `out_dir`.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import sys
 import time
@@ -24,6 +25,7 @@ from omegaconf import DictConfig
 
 from ..errors import ConfigError
 from ..evaluation.headline import HEADLINE, headline
+from ..evaluation.intervals import differences_table, paired_differences, seed_interval
 from ..model.trained import read_selection
 from .cli import check_writable_folder, command, compose_help, wants_help
 from .hydra_utils import CONF_DIR, check_run_options, check_seed_list, pop_quiet, quiet_logging, setup_logging, to_container
@@ -32,7 +34,7 @@ from .main_job import QUIET_HELP, check_runs, compose, eval_showcase, evaluated_
 log = logging.getLogger("saferclip.study")
 
 STUDY_KEYS = (
-    "seeds", "out_dir", "runs_dir", "force", "common", "methods", "ablation_seeds", "ablations", "eval", "traversal_percentiles",
+    "seeds", "worlds", "out_dir", "runs_dir", "force", "common", "methods", "ablation_seeds", "ablations", "eval", "traversal_percentiles",
 )
 
 
@@ -46,13 +48,15 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
         for metric in sorted(metrics):
             values = [by_model[model][metric] for by_model in per_seed.values() if metric in by_model.get(model, {})]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
-            out[model][metric] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+            low, high = seed_interval(values)
+            out[model][metric] = {"mean": statistics.fmean(values), "std": std, "n": len(values), "low": low, "high": high}
     return out
 
 
 def study_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
     """Markdown: one row per model/variant, one column per headline metric, mean ± std in %
-    (sample std over seeds; ± 0.0 with one seed)."""
+    (sample std over seeds; ± 0.0 with one seed) and, with two seeds or more, the 95% Student-t
+    interval of the mean over seeds in brackets."""
     metrics = [m for m in HEADLINE if any(m in row for row in summary.values())]
     lines = ["| model | seeds | " + " | ".join(HEADLINE[m][0] for m in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for model, row in summary.items():
@@ -63,9 +67,25 @@ def study_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str
                 cells.append("–")
                 continue
             mean, std = 100 * row[m]["mean"], 100 * row[m]["std"]
-            cells.append(f"{mean:.1f} ± {std:.1f}")
+            low, high = row[m].get("low", math.nan), row[m].get("high", math.nan)
+            interval = "" if math.isnan(low) else f" [{100 * low:.1f}, {100 * high:.1f}]"
+            cells.append(f"{mean:.1f} ± {std:.1f}{interval}")
         lines.append(f"| {model} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def check_worlds(cfg: DictConfig) -> dict[int, list[str]]:
+    """``{seed: [data.toy_seed=<world>]}``: seed i of ``seeds`` trains and tests on toy world
+    ``worlds[i]`` (``worlds: null``: the data config's own world for every seed)."""
+    worlds = cfg.get("worlds")
+    if worlds is None:
+        return {int(s): [] for s in cfg.seeds}
+    worlds = check_seed_list(worlds, "worlds")
+    if len(worlds) != len(cfg.seeds):
+        raise ConfigError(f"worlds={worlds} must give one toy world per seed in seeds={list(cfg.seeds)} (the same length)")
+    if 0 in worlds:
+        log.warning("worlds %s include world 0, the world hyperparameters are tuned on: its figures are not held out", worlds)
+    return {int(s): [f"data.toy_seed={w}"] for s, w in zip(cfg.seeds, worlds)}
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
@@ -80,6 +100,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from ..toyworld.generate import ensure_toy_world
 
     check_seed_list(cfg.seeds, "seeds")  # before any run starts
+    worlds = check_worlds(cfg)
     check_run_options(cfg, ("force",))
     check_seed_list(cfg.ablation_seeds, "ablation_seeds", allow_empty=True)
     check_writable_folder(cfg.out_dir, "out_dir")
@@ -101,10 +122,13 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     planned = {}
     for seed in cfg.seeds:
         variants = {**cfg.methods, **(cfg.ablations if seed in cfg.ablation_seeds else {})}
-        planned.update({f"{name}/seed{seed}": list(cfg.common) + list(overrides) + [f"seed={seed}", *v] for name, v in variants.items()})
+        planned.update({f"{name}/seed{seed}": list(cfg.common) + list(overrides) + [f"seed={seed}", *worlds[seed], *v] for name, v in variants.items()})
     check_runs(planned)  # every run's config, before the first one trains
+    runs_results: list[dict[str, Any]] = []
+    method_models: list[str] = []
+    unsafe_tasks: set[str] = set()
     for seed in cfg.seeds:
-        common = list(cfg.common) + list(overrides) + [f"seed={seed}"]
+        common = list(cfg.common) + list(overrides) + [f"seed={seed}", *worlds[seed]]
         base = compose("train", common)
         ensure_toy_world(to_container(base.data))
         models = {"original": {"arch": base.model.arch, "pretrained": base.model.pretrained}}
@@ -116,7 +140,10 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
             runs[f"{name}/seed{seed}"] = summary
             trained = {"arch": base.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
             method = compose("train", common + list(variant)).method.name
-            models.update(evaluated_models(name, trained, method))
+            evaluated = evaluated_models(name, trained, method)
+            models.update(evaluated)
+            if name in cfg.methods:
+                method_models += [m for m in evaluated if m not in method_models]
             if method == "hysac":  # the traversal's trade-off: the same model, other safe radii
                 for p in cfg.get("traversal_percentiles") or []:
                     models[f"{name}_p{p:g}"] = {**trained, "mode": "safe", "traversal_percentile": float(p)}
@@ -139,18 +166,35 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
             showcase = results.get("showcase")  # the galleries of the first seed
         per_seed[int(seed)] = {m: headline(r) for m, r in results["results"].items()}
         points += tradeoff_points(results)
+        runs_results.append({m: results["results"][m] for m in ["original", *method_models]})
+        unsafe_tasks |= {t for t, d in (results["data"].get("zeroshot") or {}).items() if d.get("unsafe")}
     summary = aggregate(per_seed)
     table = study_table(summary)
+    # every pair of methods on the same test queries of every seed's world, pooled over seeds
+    differences = paired_differences(runs_results, method_models, "original", sorted(unsafe_tasks))
+    difference_note = ""
+    if differences:
+        difference_note = (
+            f"\n## Differences between methods ({len(cfg.seeds)} seeds, paired)\n\n{differences_table(differences)}\n\n"
+            "In points (first method minus second), the mean over seeds of the difference on the same test queries, "
+            "with a 95% paired-bootstrap interval (queries resampled within each seed's world); `*`: the interval "
+            "excludes 0 (significant at 5%, two-sided).\n"
+        )
     plots = [
         plot_tradeoff(points, out_dir / "plots" / "tradeoff.png", title=f"every run a point ({len(cfg.seeds)} seeds)"),
         plot_training_curves(curves, out_dir / "plots" / "training_curves.png"),
     ]
     figures = "".join(f"\n![{p.stem}](plots/{p.name})\n" for p in plots if p is not None)
     seconds = time.time() - start
-    write_json_atomic(out_dir / "study.json", {"summary": summary, "per_seed": per_seed, "runs": runs,
+    write_json_atomic(out_dir / "study.json", {"summary": summary, "per_seed": per_seed, "runs": runs, "differences": differences,
                                                "config": to_container(cfg), "seconds": round(seconds, 1)})
     curve_note = f"\nValidation curves: seed {cfg.seeds[0]}, the exported epoch circled.\n" if curves else ""
-    markdown = f"# saferclip study ({len(cfg.seeds)} seeds)\n\n{table}\n{curve_note}{figures}"
+    world_note = ""
+    if worlds[cfg.seeds[0]]:
+        world_note = (f"Seed s trains and tests on its own toy world ({', '.join(f'seed {s}: world {w}' for s, w in zip(cfg.seeds, cfg.worlds))}); "
+                      "hyperparameters were tuned on world 0 only. Mean ± sample std over seeds, with the 95% Student-t interval "
+                      "of the mean in brackets.\n\n")
+    markdown = f"# saferclip study ({len(cfg.seeds)} seeds)\n\n{world_note}{table}\n{difference_note}{curve_note}{figures}"
     write_text_atomic(out_dir / "study.md", markdown)
     page = Page(
         title=f"saferclip study ({len(cfg.seeds)} seeds)",
@@ -169,6 +213,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
 
 STUDY_HELP = {
     "seeds": "the seeds of every method (default [0, 1, 2])",
+    "worlds": "one toy world per seed, never used for tuning (default [1, 2, 3]; null: the data config's)",
     "methods": "the methods: overrides of the training config",
     "ablations": "variants of SafeR-CLIP: overrides of the training config",
     "ablation_seeds": "the seeds of the ablations (default [0, 1])",
