@@ -28,9 +28,8 @@ from ..files import atomic_path
 from ..model.build import weights_fingerprint
 from ..toyworld.scene import Scene, _make_tiles, render
 from .attacks import GOALS, PixelModel, attack_images, load_pixels, rate_interval, split_normalisation
-from .coverage import KINDS, calibrate, neurons, profile, save_monitors, watched_inputs, watched_pixels
+from .coverage import calibrate, profile, save_monitors, watched_inputs, watched_pixels, watched_with_groups
 from .detector import sample
-from .heads import activations
 from .text_attacks import PhrasingSpace, TextAttackSummary, attack_caption, margin_scorer
 
 log = logging.getLogger("saferclip.attack")
@@ -214,8 +213,7 @@ def monitor_part(name, bundle, data_cfg, settings: AttackSettings, split, seed, 
     ood = ood_inputs(test, s, seed, _pixels_shape(bundle))
     monitors, results = {}, {}
     for tower, (train_pool, val_pool, test_pool) in pools.items():
-        x_train, groups = neurons(activations(bundle, tower, sample(train_pool, s.train_items, seed), KINDS, batch_size,
-                                              layers=_layers(bundle, tower, s.layers)))
+        x_train, groups = watched_with_groups(bundle, tower, sample(train_pool, s.train_items, seed), _layers(bundle, tower, s.layers), batch_size)
         monitor = profile(x_train, groups, tower, _layers(bundle, tower, s.layers), s.sections, s.top_k)
         calibrate(monitor, watched_inputs(bundle, tower, sample(val_pool, s.validation_items, seed + 1), _layers(bundle, tower, s.layers), batch_size),
                   s.target_fpr, seed)

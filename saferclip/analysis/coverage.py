@@ -3,7 +3,8 @@ Analysis"): flags inputs whose activations leave what the model saw in training.
 
 **Profile.** On the training split, each watched *neuron* of a tower — every hidden unit of
 the chosen blocks' MLPs (``mlp.c_proj``'s input) at the pooled token, read by the hooks of
-:mod:`.heads`, plus every coordinate of the final embedding — gets its range ``[low, high]``,
+:mod:`.heads`, for images also their maximum over all tokens, plus every coordinate of the
+final embedding — gets its range ``[low, high]``,
 a ``k``-multisection histogram of that range (the share of training inputs in each of ``k``
 equal sections) and how often it is among the ``top_k`` most active neurons of its layer.
 
@@ -32,9 +33,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -58,6 +60,9 @@ def neurons(acts: Activations, layers: Sequence[int] | None = None) -> tuple[Ten
     if acts.mlp_hidden is not None:
         count = acts.mlp_hidden.shape[1]
         parts += [acts.mlp_hidden[:, i] for i in range(count)]
+    token_mean = getattr(acts, "token_mean", None)
+    if token_mean is not None:
+        parts += [token_mean[:, i] for i in range(token_mean.shape[1])]
     parts.append(acts.final)
     return torch.cat(parts, dim=1).float(), [p.shape[1] for p in parts]
 
@@ -248,12 +253,52 @@ def load_monitors(path: str | os.PathLike) -> dict[str, CoverageMonitor]:
 
 
 # ----------------------------------------------------------------------------- watched neurons of inputs
+@contextmanager
+def token_means(model, tower: str, layers: Sequence[int]) -> Iterator[list[list[Tensor]]]:
+    """Hooks keeping, per forward pass, each chosen block's MLP hidden units at their largest
+    over all tokens ``[B, 4D]`` (image tower only: measured on the toy world, uniform-noise
+    images stay inside the class token's ranges, while their patches' maxima leave them).
+    Yields one list per layer, a batch appended per forward."""
+    from .heads import tower_transformer
+
+    transformer = tower_transformer(model, tower)
+    batch_first = getattr(transformer, "batch_first", True)
+    store: list[list[Tensor]] = [[] for _ in layers]
+    handles = []
+    for slot, i in enumerate(layers):
+        def hook(module, args, slot=slot):
+            h = args[0] if batch_first else args[0].transpose(0, 1)
+            store[slot].append(h.float().amax(1).detach().cpu())
+
+        handles.append(transformer.resblocks[i].mlp.c_proj.register_forward_pre_hook(hook))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _with_token_means(acts: Activations, store: list[list[Tensor]]) -> Activations:
+    acts.token_mean = torch.stack([torch.cat(per_layer) for per_layer in store], dim=1) if store else None
+    return acts
+
+
+
 def watched_inputs(bundle, tower: str, inputs: Sequence[Any], layers: Sequence[int] | None = None, batch_size: int = 256) -> Tensor:
     """Watched neurons ``[N, n]`` of captions (``tower="text"``) or image files, encoded as
     the evaluation encodes them."""
-    from .heads import activations
+    return watched_with_groups(bundle, tower, inputs, layers, batch_size)[0]
 
-    return neurons(activations(bundle, tower, list(inputs), KINDS, batch_size, layers=layers))[0]
+
+def watched_with_groups(bundle, tower: str, inputs: Sequence[Any], layers: Sequence[int] | None = None,
+                        batch_size: int = 256) -> tuple[Tensor, list[int]]:
+    """:func:`watched_inputs` and the size of each watched group."""
+    from .heads import activations, tower_blocks
+
+    layers = list(range(len(tower_blocks(bundle.model, tower)))) if layers is None else list(layers)
+    with token_means(bundle.model, tower, layers if tower == "image" else []) as store:
+        acts = activations(bundle, tower, list(inputs), KINDS, batch_size, layers=layers)
+    return neurons(_with_token_means(acts, store))
 
 
 def watched_pixels(bundle, pixels: Tensor, layers: Sequence[int] | None = None, batch_size: int = 256) -> Tensor:
@@ -264,10 +309,14 @@ def watched_pixels(bundle, pixels: Tensor, layers: Sequence[int] | None = None, 
     from .attacks import PixelModel
     from .heads import recording
 
+    from .heads import tower_blocks
+
+    layers = list(range(len(tower_blocks(bundle.model, "image")))) if layers is None else list(layers)
     target = PixelModel.of(bundle)
     parts = []
     with torch.no_grad(), eval_mode(bundle.model), recording(bundle.model, "image", KINDS, layers) as rec:
         for start in range(0, len(pixels), batch_size):
-            final = target.embed(pixels[start : start + batch_size].to(next(bundle.model.parameters()).device))
-            parts.append(neurons(rec.take(final))[0])
+            with token_means(bundle.model, "image", layers) as store:
+                final = target.embed(pixels[start : start + batch_size].to(next(bundle.model.parameters()).device))
+            parts.append(neurons(_with_token_means(rec.take(final), store))[0])
     return torch.cat(parts)
