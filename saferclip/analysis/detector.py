@@ -340,13 +340,14 @@ def save_detectors(path: str | os.PathLike, detectors: Mapping[str, LinearDetect
     header = {"format": FORMAT, "version": FORMAT_VERSION, "detectors": described, **dict(info or {})}
     tensors = {f"{tower}.direction": det.direction.detach().float().contiguous().cpu() for tower, det in detectors.items()}
     text = json.dumps(header, default=str)
-    metadata = {"format": FORMAT, "saferclip_detector": text, "saferclip_checksum": _checksum(text, tensors)}
+    metadata = {"format": FORMAT, "saferclip_detector": text, "saferclip_checksum": content_checksum(text, tensors)}
     save_state_dict(tensors, path, metadata=metadata)
     return path
 
 
-def _checksum(header: str, tensors: Mapping[str, Tensor]) -> str:
-    """The digest of a detector file's content: its JSON header and every tensor (by name)."""
+def content_checksum(header: str, tensors: Mapping[str, Tensor]) -> str:
+    """The digest of a detector or coverage-monitor file's content: its JSON header and every
+    tensor (by name)."""
     parts: list[Any] = [header]
     for name in sorted(tensors):
         parts += [name, str(tensors[name].dtype), str(tuple(tensors[name].shape)), tensors[name].float().numpy()]
@@ -372,7 +373,7 @@ def load_detectors(path: str | os.PathLike) -> dict[str, LinearDetector]:
     checksum = metadata.get("saferclip_checksum")
     if checksum is None:
         log.warning("%s: detector file without a checksum (written by an older saferclip): its integrity cannot be checked", path)
-    elif checksum != _checksum(metadata["saferclip_detector"], tensors):
+    elif checksum != content_checksum(metadata["saferclip_detector"], tensors):
         raise DamagedArtefact(path, "detector: checksum mismatch, its content changed since it was saved; refusing to use it (recalibrate it with saferclip-detect)")
     try:
         header = json.loads(metadata["saferclip_detector"])

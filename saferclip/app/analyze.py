@@ -41,7 +41,7 @@ PROG = "saferclip-analyze"
 MAIN_RUN_NAMES = ("safeclip", "saferclip")
 
 
-def find_main_runs(runs_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
+def find_main_runs(runs_dir: str | Path | None = None, hyperbolic: bool = False) -> dict[str, dict[str, Any]]:
     """The main job's finished runs: ``{name: {"pretrained", "run_dir", "exact"}}``. The run of
     ``saferclip-main``'s current config (same hash) when it finished, else the most recently
     finished run of that name (``exact`` False; the log says which)."""
@@ -56,10 +56,12 @@ def find_main_runs(runs_dir: str | Path | None = None) -> dict[str, dict[str, An
         main = compose("main", [])
         runs = Path(str(runs_dir or main.runs_dir))
         expected: dict[str, Path | None] = {}
+        methods: dict[str, str] = {}
         for name, overrides in main.runs.items():
             try:
                 cfg = compose("train", list(main.common) + list(overrides) + [f"seed={main.seed}"])
-                if cfg.method.name == "hysac":
+                methods[name] = str(cfg.method.name)
+                if cfg.method.name == "hysac" and not hyperbolic:
                     # the heads, geometry and over-defensiveness parts assume a Euclidean CLIP;
                     # HySAC's own detector (distance from the origin) is in every evaluation
                     log.info("the main job's %s run is hyperbolic: not analysed here", name)
@@ -83,7 +85,7 @@ def find_main_runs(runs_dir: str | Path | None = None) -> dict[str, dict[str, An
             summary = {}
         export = summary.get("export")
         pretrained = export if export and Path(export).is_dir() else str(run_dir)
-        found[name] = {"pretrained": pretrained, "run_dir": str(run_dir), "exact": is_exact}
+        found[name] = {"pretrained": pretrained, "run_dir": str(run_dir), "exact": is_exact, "method": methods.get(name, name)}
         log.info("main job's %s run: %s%s", name, run_dir, "" if is_exact else " (not the current config's: the latest finished)")
     return found
 

@@ -1,4 +1,5 @@
-"""saferclip-detect: flag unsafe captions or images with a detector saferclip-analyze calibrated.
+"""saferclip-detect: flag unsafe captions or images with a detector saferclip-analyze calibrated,
+or flag inputs unlike the training data with a coverage monitor saferclip-attack calibrated.
 
     saferclip-detect outputs/analyze/<time>/detectors/original.safetensors captions.csv
     saferclip-detect detector.safetensors prompts.txt --out flags.csv
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Flag unsafe captions or images with a saferclip single-head detector.", epilog=README_POINTER
     )
-    parser.add_argument("detector", type=Path, help="a detector file (detectors/<model>.safetensors from saferclip-analyze)")
+    parser.add_argument("detector", type=Path, help="a detector file (detectors/<model>.safetensors from saferclip-analyze) "
+                        "or a coverage monitor (monitors/<model>.safetensors from saferclip-attack)")
     parser.add_argument("inputs", type=Path, help="a caption table or .txt file, or a folder of images")
     parser.add_argument("--out", type=Path, default=None, help="the CSV to write (default: <INPUTS>.flags.csv)")
     parser.add_argument("--column", default=None, help="the caption column of a table (default: caption, text or prompt)")
@@ -51,6 +53,7 @@ def default_out(inputs: Path) -> Path:
 
 
 def detect(args: argparse.Namespace) -> dict:
+    from ..analysis.coverage import FORMAT as MONITOR_FORMAT, file_format, load_monitors, watched_inputs
     from ..analysis.data import image_files, read_captions
     from ..analysis.detector import load_detectors, read_detector_header
     from ..analysis.guard import score_inputs
@@ -59,8 +62,13 @@ def detect(args: argparse.Namespace) -> dict:
     from ..model.checkpoints import CheckpointError
     from ..model.trained import load_model
 
-    detectors = load_detectors(args.detector)
-    header = read_detector_header(args.detector)
+    monitor = file_format(args.detector) == MONITOR_FORMAT  # a coverage monitor (saferclip-attack)
+    if monitor:
+        detectors = load_monitors(args.detector)
+        header = {"model_name": next(iter(detectors.values())).model.get("name", "?")}
+    else:
+        detectors = load_detectors(args.detector)
+        header = read_detector_header(args.detector)
     if not args.inputs.exists():
         raise FileNotFoundError(f"inputs not found: {args.inputs}")
     tower = "image" if args.inputs.is_dir() else "text"
@@ -81,7 +89,11 @@ def detect(args: argparse.Namespace) -> dict:
             f"{source}: not the weights the detector was calibrated on (model {header.get('model_name', '?')!r}, "
             f"fingerprint {recorded[:12]}…); pass the model it was calibrated on with --model"
         )
-    scores, flags = score_inputs(bundle, det, items, args.batch_size, args.num_workers)
+    if monitor:
+        scores = det.scores(watched_inputs(bundle, tower, items, det.layers, args.batch_size))
+        flags = scores > det.threshold
+    else:
+        scores, flags = score_inputs(bundle, det, items, args.batch_size, args.num_workers)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["input", "score", "threshold", "flagged"])
@@ -107,9 +119,11 @@ def _detect_and_print(args: argparse.Namespace) -> None:
     result = detect(args)
     det = result["detector"]
     n, k = result["num_inputs"], result["num_flagged"]
+    where = (f"coverage monitor ({len(det.low)} neurons of blocks {det.layers}" if getattr(det, "kind", "") == "coverage"
+             else f"detector (layer {det.layer}, head {det.head}")
     print(
         f"{k} of {n} {'images' if result['tower'] == 'image' else 'captions'} flagged ({100 * k / n:.1f}%) by the "
-        f"{result['tower']} detector (layer {det.layer}, head {det.head}, threshold {det.threshold:.4f}, "
+        f"{result['tower']} {where}, threshold {det.threshold:.4f}, "
         f"calibrated for {100 * det.target_fpr:.0f}% false positives) -> {result['out']}"
     )
 
