@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..model.build import ClipBundle, eval_mode
 from ..model.similarity import Similarity
-from .stats import bootstrap_interval
+from ..evaluation.intervals import Outcomes, bootstrap_interval
 
 GOALS = ("evade", "smuggle")
 
@@ -155,7 +155,7 @@ def rate_interval(flags: Tensor, seed: int = 0, resamples: int = 1000) -> dict[s
     """The share of True in ``flags [N]`` with its 95% bootstrap interval (None when empty)."""
     if len(flags) == 0:
         return {"value": None, "low": None, "high": None}
-    low, high = bootstrap_interval(flags.float(), seed=seed, resamples=resamples)
+    low, high = bootstrap_interval(Outcomes({"items": flags.double().cpu().numpy()}), seed=seed, resamples=resamples)
     return {"value": float(flags.float().mean()), "low": low, "high": high}
 
 

@@ -82,18 +82,6 @@ def calibrate_threshold(safe_scores: Tensor, target_fpr: float) -> float:
     return float(values[min(rank, n) - 1])
 
 
-def bootstrap_interval(values: Tensor, level: float = 0.95, resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval ``(low, high)`` of the mean of ``values [N]`` (resampled
-    items with replacement, seeded)."""
-    values = torch.as_tensor(values, dtype=torch.float64).flatten()
-    if len(values) == 0:
-        raise ValueError("no values to bootstrap")
-    g = torch.Generator().manual_seed(seed)
-    means = values[torch.randint(len(values), (resamples, len(values)), generator=g)].mean(1)
-    tail = (1 - level) / 2
-    return float(means.quantile(tail)), float(means.quantile(1 - tail))
-
-
 def rates(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, float]:
     """Detection rate (unsafe flagged) and false-positive rate (safe flagged) at ``threshold``."""
     scores = torch.as_tensor(scores, dtype=torch.float64)
