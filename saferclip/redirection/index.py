@@ -460,6 +460,9 @@ def sparse_filter(config: NeighbourConfig, n_queries: int, pool_size: int, group
 
 
 # ----------------------------------------------------------------------------- safe neighbours
+FALLBACKS = (None, "own_pair")
+
+
 @dataclass
 class NeighbourConfig:
     """How unsafe items find their safe targets. Defaults are the paper's (text mode, k=1)."""
@@ -484,6 +487,10 @@ class NeighbourConfig:
     exclude_near_duplicates: bool = False  # drop candidates above max_similarity (exact / minimal edits)
     max_similarity: float = 0.98
     exclude_own_pair: bool = False  # never choose the item's own paired safe item
+    # what an item whose every candidate fails min_similarity gets: null: no target (pair
+    # weight 0, the item only learns through the others); own_pair: its own paired safe item,
+    # the rewrite every real unsafe item comes with (a SafeR-CLIP / Safe-CLIP hybrid)
+    fallback: str | None = None
     # realistic, sparse pools: real safe pools rarely hold a caption of the very same scene
     pool_keep_fraction: float = 1.0  # keep this random share of the safe pool (seeded by pool_seed)
     sparse_share: float = 0.0  # for this share of unsafe items, every pool item of the same group is removed
@@ -512,6 +519,12 @@ class NeighbourConfig:
             raise NeighbourError(f"sparse_attributes must be a non-empty subset of {SCENE_KEY}, got {list(self.sparse_attributes)}")
         if self.sparse_group not in SPARSE_GROUPS:
             raise NeighbourError(f"unknown sparse_group {self.sparse_group!r}; expected one of {SPARSE_GROUPS}")
+        if self.fallback not in FALLBACKS:
+            raise NeighbourError(f"unknown fallback {self.fallback!r}; expected one of {list(FALLBACKS)} (null: none)")
+        if self.fallback is not None and self.min_similarity is None:
+            raise NeighbourError(f"fallback={self.fallback} replaces the targets min_similarity rejects; set min_similarity too")
+        if self.fallback == "own_pair" and self.exclude_own_pair:
+            raise NeighbourError("fallback=own_pair contradicts exclude_own_pair=true")
         if (
             self.exclude_near_duplicates
             and self.min_similarity is not None
@@ -723,6 +736,12 @@ def find_safe_neighbours(
     ids, sims = _search_filtered(idx, queries, config.k, len(pool), keep)
     similarities = torch.from_numpy(sims)
     weights, pair_weight, difficulty, flagged = guard_weights(similarities, config)
+    meta: dict[str, Any] = {}
+    if config.fallback == "own_pair" and bool(flagged.any()):
+        ids, weights, pair_weight = own_pair_fallback(ids, weights, pair_weight, flagged)
+        meta["own_pair_fallback"] = int(flagged.sum())
+        log.info("%d of %d items have no neighbour above %.2f: their own paired safe item is their target",
+                 int(flagged.sum()), len(flagged), config.min_similarity)
     seconds = time.perf_counter() - t0
     log.info(
         "safe neighbours (%s, %s, k=%d) of %d items in a pool of %d: %.2fs",
@@ -746,7 +765,24 @@ def find_safe_neighbours(
         pool_size=len(pool),
         cache_key=cache.key,
         seconds=seconds,
+        meta=meta,
     )
+
+
+def own_pair_fallback(
+    ids: np.ndarray, weights: torch.Tensor, pair_weight: torch.Tensor, flagged: torch.Tensor
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """The flagged items' targets become their own paired safe items (pool position = item
+    index: the pool starts with the set's safe items in order), with full weight. ``flagged``
+    stays as it was: it still says which items had no trustworthy neighbour."""
+    rows = torch.nonzero(flagged).flatten()
+    ids = ids.copy()
+    ids[rows.numpy(), 0] = rows.numpy()
+    weights, pair_weight = weights.clone(), pair_weight.clone()
+    weights[rows] = 0.0
+    weights[rows, 0] = 1.0
+    pair_weight[rows] = 1.0
+    return ids, weights, pair_weight
 
 
 def load_or_find_safe_neighbours(
