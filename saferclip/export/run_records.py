@@ -18,10 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from ..config_resolvers import register_location_resolvers
 from ..errors import ConfigError
 from ..model.trained import RESOLVED_CONFIG, RUN_CONFIG, SELECTION_FILE
 from .card import yaml_lines
@@ -76,6 +73,13 @@ def _resolve_left_references(cfg: Mapping[str, Any], path: Path) -> dict[str, An
     pending = [key for key, value in cfg.items() if _has_reference(value)]
     if not pending:
         return out
+    # imported here only: a resolved run (every run training wrote whole) exports without
+    # loading any config library (saferclip-export stays light; tests/test_hf_export.py)
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ..config_resolvers import register_location_resolvers
+
     register_location_resolvers()
     conf = OmegaConf.create(out)
     kept = []
