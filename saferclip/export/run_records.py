@@ -81,7 +81,11 @@ def _resolve_left_references(cfg: Mapping[str, Any], path: Path) -> dict[str, An
     from ..config_resolvers import register_location_resolvers
 
     register_location_resolvers()
-    conf = OmegaConf.create(out)
+    try:
+        conf = OmegaConf.create(out)
+    except OmegaConfBaseException as e:  # a value OmegaConf cannot hold (a YAML date)
+        log.warning("%s: kept as written, references unresolved (%s)", path, str(e).splitlines()[0])
+        return out
     kept = []
     for key in pending:
         try:
