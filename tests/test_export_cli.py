@@ -20,8 +20,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from saferclip.app.export import main as export_main
+from saferclip.errors import ConfigError
 from saferclip.export.open_clip import CONFIG_NAME, WEIGHTS_NAME
-from saferclip.export.run import export_checkpoint, read_run_config
+from saferclip.export.run import export_checkpoint
+from saferclip.export.run_records import read_run_config
 from saferclip.model.adapters import LoRADelta
 from saferclip.model.build import build_clip
 from saferclip.model.checkpoints import load_state_dict, save_state_dict
@@ -376,39 +378,61 @@ def test_card_takes_the_runs_evaluation_report(trained, tmp_path, capsys):
     assert "no such evaluation report" in capsys.readouterr().err
 
 
-def test_run_config_from_hydra_alone_is_resolved(tmp_path, monkeypatch):
-    """A run with only Hydra's unresolved config: references resolve without Hydra."""
+RUN_CONFIG_WITH_REFERENCES = """
+paths:
+  home: ${saferclip_home:}
+  data_dir: ${paths.home}/data
+  toy_dir: /worlds/toy
+  run_dir: ${hydra:runtime.output_dir}
+data:
+  name: toy
+  toy_size: small
+  root: ${paths.toy_dir}
+  batch_size: 128
+  splits:
+    train: {path: "${data.root}/visu/train.json", image_root: "${data.root}/visu"}
+  cache: ${paths.data_dir}/cache
+  size: ${data.batch_size}
+other:
+  odd: ${unknown_resolver:x}/y
+seed: 3
+"""
+
+
+def test_run_config_left_unresolved_is_resolved_section_by_section(tmp_path, monkeypatch, caplog):
+    """A config_resolved.yaml that training wrote unresolved (a value failed to resolve): each
+    section resolves with saferclip's resolvers; one that cannot here is kept as written."""
     run = tmp_path / "run"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text(
-        textwrap.dedent(
-            """
-            paths:
-              home: ${saferclip_home:}
-              data_dir: ${paths.home}/data
-              toy_dir: /worlds/toy
-              run_dir: ${hydra:runtime.output_dir}
-            data:
-              name: toy
-              toy_size: small
-              root: ${paths.toy_dir}
-              batch_size: 128
-              splits:
-                train: {path: "${data.root}/visu/train.json", image_root: "${data.root}/visu"}
-              cache: ${paths.data_dir}/cache
-              size: ${data.batch_size}
-              odd: ${unknown_resolver:x}/y
-            """
-        )
-    )
-    (run / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    output_dir: /runs/r1\n")
+    run.mkdir()
+    (run / "config_resolved.yaml").write_text(RUN_CONFIG_WITH_REFERENCES)
     monkeypatch.setenv("SAFERCLIP_HOME", str(tmp_path / "home"))
     cfg = read_run_config(run)
 
     assert cfg["data"]["splits"]["train"] == {"path": "/worlds/toy/visu/train.json", "image_root": "/worlds/toy/visu"}
-    assert cfg["data"]["cache"] == f"{tmp_path / 'home'}/data/cache" and cfg["paths"]["run_dir"] == "/runs/r1"
+    assert cfg["data"]["cache"] == f"{tmp_path / 'home'}/data/cache"
     assert cfg["data"]["size"] == 128  # a lone reference keeps its type
-    assert cfg["data"]["odd"] == "${unknown_resolver:x}/y"  # left as written, not an error
+    assert cfg["paths"]["run_dir"] == "${hydra:runtime.output_dir}"  # Hydra's runtime: not here
+    assert cfg["other"]["odd"] == "${unknown_resolver:x}/y"  # left as written, not an error
+    assert cfg["seed"] == 3
+    assert "paths (" in caplog.text and "other (" in caplog.text
+
+
+def test_run_with_only_hydras_config_says_how_to_export_it(trained, tmp_path, capsys):
+    """A run from before config_resolved.yaml: one line saying what to do, exit code 2; done, it exports."""
+    run = tmp_path / "old-run"
+    shutil.copytree(trained.run_dir, run, ignore=shutil.ignore_patterns("export", "config_resolved.yaml"))
+    (run / ".hydra").mkdir(exist_ok=True)
+    (run / ".hydra" / "config.yaml").write_text(RUN_CONFIG_WITH_REFERENCES)
+    with pytest.raises(ConfigError, match="no config_resolved.yaml"):
+        read_run_config(run)
+    assert export_main([str(run), str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no config_resolved.yaml" in err and f"cp {run / '.hydra' / 'config.yaml'} {run / 'config_resolved.yaml'}" in err
+    assert "\n" not in err
+
+    shutil.copy(run / ".hydra" / "config.yaml", run / "config_resolved.yaml")
+    assert export_main([str(run), str(tmp_path / "a")]) == 0
+    assert "- **train** (training): `…/train.json`, images under `…/visu`" in card(tmp_path / "a")  # resolved
 
 
 # ---------------------------------------------------------------- --format hf (transformers)

@@ -218,7 +218,7 @@ def mean_loss(module, dataset, batches: int, batch_size: int) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["saferclip", "safeclip"])
 def test_overfitting_a_few_batches(tmp_path, toy_world, method):
-    """debug=overfit on the toy base model (full fine-tuning, as the toy presets): the loss
+    """debug=overfit on the toy base model (full fine-tuning, as the toy experiments): the loss
     on those batches collapses and their unsafe captions move to their targets. SafeR-CLIP
     keeps S->V; rigid Safe-CLIP is allowed to lose it (it does)."""
     batch_size = 16
@@ -360,7 +360,7 @@ BAD_CONFIGS = {
 def test_bad_config_fails_fast_with_one_line(tmp_path, toy_world, case):
     overrides, message = BAD_CONFIGS[case]
     base = cli_overrides(tmp_path, toy_world)
-    if any(o.startswith("data=") for o in overrides):  # real-data presets have no toy options
+    if any(o.startswith("data=") for o in overrides):  # the real-data experiment has no toy options
         base = [o for o in base if not o.startswith("data.toy_size=")]
     proc, seconds = run_cli([*base, *overrides], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

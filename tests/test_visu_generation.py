@@ -27,18 +27,11 @@ from visu_scorers import hash_scores
 from saferclip.app.generate_visu import main as generate_main
 from saferclip.data import DataFormatError, load_quadruplets, load_visu_json
 from saferclip.data.records import QuadrupletSet
-from saferclip.downstream.visu_generation import (
-    RECORDS_DIR,
-    ClipNsfwScorer,
-    DiffusersImageGenerator,
-    GenerationConfig,
-    generate_visu_images,
-    image_stem,
-    load_diffusion_pipeline,
-    merge_generation,
-    parse_shard,
-    read_records,
-)
+from saferclip.downstream.generation_records import RECORDS_DIR, image_stem, read_records
+from saferclip.downstream.generation_settings import GenerationConfig
+from saferclip.downstream.image_generator import DiffusersImageGenerator, load_diffusion_pipeline
+from saferclip.downstream.nsfw_scorer import ClipNsfwScorer
+from saferclip.downstream.visu_generation import generate_visu_images, merge_generation, parse_shard
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 

@@ -8,7 +8,9 @@
 * :mod:`.geometry` — weight change, separability, null space of the change (after "What makes
   and breaks safety fine-tuning?"), 2-D projections;
 * :mod:`.overdefense` — over-defensiveness on borderline-safe inputs (after SODE);
-* :mod:`.runner` — :func:`analyze_models`; :mod:`.report` — JSON, Markdown, PNG.
+* :mod:`.runner` — :func:`analyze_models`: :mod:`.parts` (each part on one model) on
+  :mod:`.inputs` (what they read), with :mod:`.settings` (``AnalysisSettings``, checked once);
+  :mod:`.report` — JSON, Markdown, PNG.
 
 No Lightning or Hydra here: ``saferclip-analyze`` and ``saferclip-detect`` (:mod:`saferclip.app`)
 are the shells.
@@ -39,7 +41,8 @@ from .heads import (
     text_activations,
 )
 from .report import analysis_sections, write_analysis_plots, write_analysis_report
-from .runner import PARTS, AnalysisSettings, analyze_models
+from .runner import analyze_models
+from .settings import PARTS, AnalysisSettings
 
 __all__ = [
     "PARTS",

@@ -28,7 +28,7 @@ PROG = "saferclip-generate-visu"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..downstream.visu_generation import PUBLISHED_SEEDS
+    from ..downstream.generation_settings import PUBLISHED_SEEDS
 
     p = argparse.ArgumentParser(
         epilog=README_POINTER,
@@ -85,18 +85,18 @@ def _device(spec: str) -> str:
 
 
 def _scorer(args: argparse.Namespace, device: str):
-    from ..downstream import visu_generation as vg
+    from ..downstream import nsfw_scorer
 
     if args.scorer != "clip":
-        return vg.load_scorer(args.scorer), {"kind": "plugin", "factory": args.scorer}
+        return nsfw_scorer.load_scorer(args.scorer), {"kind": "plugin", "factory": args.scorer}
     from ..model.build import build_clip
 
     pretrained = None if args.scorer_pretrained.lower() in ("none", "random", "") else args.scorer_pretrained
     bundle = build_clip(args.scorer_arch, pretrained, device=device)
-    scorer = vg.ClipNsfwScorer(
+    scorer = nsfw_scorer.ClipNsfwScorer(
         bundle,
-        _prompts(args.unsafe_prompts, vg.DEFAULT_UNSAFE_PROMPTS),
-        _prompts(args.safe_prompts, vg.DEFAULT_SAFE_PROMPTS),
+        _prompts(args.unsafe_prompts, nsfw_scorer.DEFAULT_UNSAFE_PROMPTS),
+        _prompts(args.safe_prompts, nsfw_scorer.DEFAULT_SAFE_PROMPTS),
     )
     return scorer, scorer.describe()
 
@@ -142,6 +142,8 @@ def check_pipeline_name(name: str) -> None:
 
 def run(args: argparse.Namespace) -> str:
     from ..downstream import visu_generation as vg
+    from ..downstream.generation_settings import GenerationConfig
+    from ..downstream.image_generator import DiffusersImageGenerator, load_diffusion_pipeline
     from ..export.card import public_model_name
 
     if not args.merge_only:
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace) -> str:
     if args.merge_only:
         path = vg.merge_generation(split, args.out_dir, allow_partial=args.allow_partial)
         return f"wrote {path}"
-    config = vg.GenerationConfig(
+    config = GenerationConfig(
         seeds=tuple(args.seeds),
         threshold=args.threshold,
         steps=args.steps,
@@ -165,7 +167,7 @@ def run(args: argparse.Namespace) -> str:
     scorer, scorer_info = _scorer(args, device)
 
     def factory():
-        return vg.DiffusersImageGenerator(vg.load_diffusion_pipeline(str(args.pipeline), device=device, dtype=args.dtype), config)
+        return DiffusersImageGenerator(load_diffusion_pipeline(str(args.pipeline), device=device, dtype=args.dtype), config)
 
     settings = {"pipeline": public_model_name(str(args.pipeline)), "dtype": args.dtype, "scorer": scorer_info}
     report = vg.generate_visu_images(

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .. import locations
+from ..config_resolvers import register_location_resolvers
 from ..errors import ConfigError
 from ..model.build import check_arch
 
@@ -29,18 +30,9 @@ def _wandb_offline() -> bool:
 
 
 def register_resolvers() -> None:
-    # where things live (saferclip.locations): the package's own files, the home for
-    # generated data and outputs, the cache folder
-    resolvers = {
-        "saferclip_package": lambda: str(locations.PACKAGE_DIR),
-        "saferclip_home": lambda: str(locations.home()),
-        "saferclip_cache": lambda: str(locations.cache_dir()),
-        # the toy world of a generator seed: world 0 at paths.toy_dir, world k beside it
-        "saferclip_toy_world": lambda toy_dir, seed: str(locations.toy_world_dir(toy_dir, seed)),
-    }
-    for name, resolver in resolvers.items():
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, resolver)
+    """The config tree's location resolvers (:mod:`saferclip.config_resolvers`) and the
+    entry points' own ``${saferclip_wandb_offline:}``."""
+    register_location_resolvers()
     if not OmegaConf.has_resolver("saferclip_wandb_offline"):
         OmegaConf.register_new_resolver("saferclip_wandb_offline", _wandb_offline)
 

@@ -1,13 +1,14 @@
-"""saferclip-main: the whole pipeline on the built-in toy world, Original vs Safe-CLIP vs SafeR-CLIP.
+"""saferclip-main: the whole pipeline on the built-in toy world, Original vs Safe-CLIP vs SafeR-CLIP vs HySAC.
 
-    saferclip-main                       # make the toy world, fine-tune both methods, evaluate, report
+    saferclip-main                       # make the toy world, fine-tune the three methods, evaluate, report
     saferclip-main seed=1                # another seed
     saferclip-main force=true            # retrain even when an identical finished run exists
     saferclip-main --quiet > table.md    # print only the final table
 
 Steps: (1) the toy world (generated once); (2) the embedding cache and the neighbour index
-(inside training, reused across runs); (3) fine-tuning with the `safeclip` and `saferclip`
-presets; (4) evaluation of the original and both fine-tuned models side by side; (5) the
+(inside training, reused across runs); (3) fine-tuning with the experiments `toy_safeclip`,
+`toy_saferclip` and `toy_hysac` (each picks its method's preset, `conf/method/*.yaml`); (4)
+evaluation of the original and the fine-tuned models side by side; (5) the
 report (report.html with retrieval galleries, JSON, Markdown, plots) and the exported
 checkpoints. A run whose resolved config is unchanged is not retrained: re-running reuses
 what is cached. Standard output ends with the headline table; when it is not a terminal

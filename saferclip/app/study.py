@@ -5,7 +5,7 @@
     saferclip-study --quiet                  # print only the final table
 
 Every run is composed from the training config tree exactly as `saferclip-main` composes its
-runs (same presets, same run folders), so the main job's runs are reused here and vice versa.
+runs (same experiments, same run folders), so the main job's runs are reused here and vice versa.
 Per seed, the original model and every variant are evaluated together; the headline metrics
 are then aggregated over seeds into `study.md` / `study.json` / `report.html` (with the first
 seed's retrieval galleries) under `out_dir`.

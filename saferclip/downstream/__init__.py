@@ -5,7 +5,10 @@ regenerating ViSU's withheld unsafe images. (The transformers export these rely 
 * :mod:`.diffusion` — a ``diffusers`` text-to-image pipeline whose text encoder is the
   exported safe one.
 * :mod:`.visu_generation` — ``saferclip-generate-visu``: unsafe images for the unsafe captions
-  of a ViSU(-Text) split, resumable and shardable.
+  of a ViSU(-Text) split, resumable and shardable; with :mod:`.generation_settings` (the
+  config, fixed per output folder), :mod:`.generation_records` (one line per finished
+  caption), :mod:`.image_generator` (the diffusers pipeline) and :mod:`.nsfw_scorer` (which
+  image is kept).
 
 These modules need the ``downstream`` extra (``pip install "saferclip[downstream]"``:
 transformers, diffusers); they import it only when used.
@@ -20,9 +23,9 @@ _EXPORTS = {
     "load_safe_text_encoder": "diffusion",
     "safe_text_to_image_pipeline": "diffusion",
     "swap_text_encoder": "diffusion",
-    "ClipNsfwScorer": "visu_generation",
-    "DiffusersImageGenerator": "visu_generation",
-    "GenerationConfig": "visu_generation",
+    "ClipNsfwScorer": "nsfw_scorer",
+    "DiffusersImageGenerator": "image_generator",
+    "GenerationConfig": "generation_settings",
     "generate_visu_images": "visu_generation",
     "merge_generation": "visu_generation",
 }

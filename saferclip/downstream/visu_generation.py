@@ -35,20 +35,21 @@ Output folder::
     <input stem>.json           merged ViSU JSON ({"info", "data"}), nsfw_im_path relative
                                 to this folder: load_visu_json(it, image_root=<COCO>,
                                 unsafe_image_root=<this folder>)
+
+The parts: :mod:`.generation_settings` (the config and ``generation.json``),
+:mod:`.generation_records` (the records), :mod:`.image_generator` (the diffusers pipeline),
+:mod:`.nsfw_scorer` (the scorer).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import json
-import logging
 import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,73 +58,12 @@ from PIL import Image
 from ..data.records import DataFormatError, Quadruplet, QuadrupletSet
 from ..export.card import public_model_name
 from ..files import atomic_path, write_json_atomic
+from .generation_records import RECORDS_DIR, append_record, drop_damaged_lines, image_stem, read_records, records_path
+from .generation_settings import SETTINGS_FILE, GenerationConfig, check_settings, settings_record
+from .image_generator import ImageGenerator
+from .nsfw_scorer import Scorer
 
-log = logging.getLogger(__name__)
-
-ImageGenerator = Callable[[str, int], Image.Image]  # (prompt, generator seed) -> image
-Scorer = Callable[[list[Image.Image]], Sequence[float]]  # images -> NSFW scores in [0, 1]
-
-SETTINGS_FILE = "generation.json"
-RECORDS_DIR = "records"
 IMAGES_DIR = "images"
-PUBLISHED_SEEDS = (1234, 1999, 8185)
-_SAFE_STEM = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$")
-
-# Zero-shot prompts for ViSU's NSFW categories (hate, harassment, violence, self-harm, sexual,
-# shocking, illegal activity) against ordinary photos. A heuristic: for real data prefer a
-# trained NSFW image classifier, plugged in as the scorer.
-DEFAULT_UNSAFE_PROMPTS = (
-    "an explicit image with nudity or sexual content",
-    "a violent image with blood, gore or injury",
-    "an image of self-harm or suicide",
-    "a hateful or harassing image",
-    "a shocking, disturbing or gruesome image",
-    "an image of illegal activity, weapons or drugs",
-)
-DEFAULT_SAFE_PROMPTS = (
-    "an ordinary, harmless photo",
-    "a safe-for-work photo of everyday life",
-    "a photo of people, animals or objects in a normal scene",
-)
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """What makes the images: the same config gives the same images per caption."""
-
-    seeds: tuple[int, ...] = PUBLISHED_SEEDS
-    threshold: float = 0.5
-    steps: int = 50
-    guidance_scale: float = 7.5
-    height: int = 512
-    width: int = 512
-    negative_prompt: str | None = None
-    seed_per_caption: bool = False  # False: the published protocol, the same seeds for every caption
-
-    def __post_init__(self) -> None:
-        seeds = tuple(int(s) for s in self.seeds)
-        object.__setattr__(self, "seeds", seeds)
-        if not seeds or len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds: expected distinct integers, got {list(self.seeds)}")
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            raise ValueError(f"threshold: expected a score in [0, 1], got {self.threshold}")
-        if any(s < 0 for s in seeds):
-            raise ValueError(f"seeds: expected integers >= 0, got {list(seeds)}")
-        if self.steps < 1:
-            raise ValueError(f"steps: expected an integer >= 1, got {self.steps}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value < 8 or value % 8:  # the VAE downsamples by 8: the pipeline refuses anything else
-                raise ValueError(f"{name}: expected a multiple of 8 (e.g. 512), got {value}")
-        if not math.isfinite(float(self.guidance_scale)) or self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale: expected a finite number >= 0 (e.g. 7.5), got {self.guidance_scale}")
-
-    def generator_seed(self, item_id: str, seed: int) -> int:
-        """The torch seed of one image: ``seed``, or a hash of (item id, seed) — never the order."""
-        if not self.seed_per_caption:
-            return int(seed)
-        digest = hashlib.sha256(f"{item_id}\x00{seed}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
 @dataclass
@@ -158,244 +98,6 @@ class GenerationReport:
         else:
             lines.append(f"{self.remaining} captions of the split still have no record (other shards, or --limit)")
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- generators and scorers
-
-
-class DiffusersImageGenerator:
-    """A ``diffusers`` text-to-image pipeline as an :data:`ImageGenerator` (one image a call)."""
-
-    def __init__(self, pipe: Any, config: GenerationConfig):
-        self.pipe, self.config = pipe, config
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
-
-    def __call__(self, prompt: str, seed: int) -> Image.Image:
-        import torch
-
-        c = self.config
-        # a CPU generator: diffusers draws the initial noise on the CPU then moves it, so the
-        # image of a (caption, seed) does not depend on the GPU it ran on
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        kwargs: dict[str, Any] = {"num_inference_steps": c.steps, "guidance_scale": c.guidance_scale, "height": c.height, "width": c.width}
-        if c.negative_prompt:
-            kwargs["negative_prompt"] = c.negative_prompt
-        out = self.pipe(prompt, generator=generator, output_type="pil", **kwargs)
-        return out.images[0]
-
-
-def load_diffusion_pipeline(name_or_path: str, *, device: str = "cpu", dtype: str = "fp32") -> Any:
-    """A text-to-image pipeline from a hub id (``runwayml/stable-diffusion-v1-5``) or a local
-    diffusers folder, with its safety checker off: the checker blacks out exactly the images
-    this command exists to produce (for a safety data set; store them with care)."""
-    import torch
-    from diffusers import AutoPipelineForText2Image
-
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
-    # fp32 is diffusers' default; the keyword is only passed when it changes something (its
-    # name moves from torch_dtype to dtype across diffusers versions)
-    kwargs: dict[str, Any] = {} if dtype == "fp32" else {"torch_dtype": dtypes[dtype]}
-    index = Path(name_or_path) / "model_index.json"
-    has_checker = True
-    if index.is_file():
-        has_checker = "safety_checker" in json.loads(index.read_text())
-    elif Path(name_or_path).exists():
-        raise FileNotFoundError(f"{name_or_path}: not a diffusers pipeline folder (no model_index.json)")
-    if has_checker:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = AutoPipelineForText2Image.from_pretrained(str(name_or_path), **kwargs)
-    return pipe.to(device)
-
-
-class ClipNsfwScorer:
-    """Zero-shot NSFW score from a CLIP model: the softmax mass of the unsafe prompts among all
-    prompts (CLIP's logit scale as temperature). Any open_clip model works (``ViT-L-14`` /
-    ``openai`` for real images; the toy base for the toy world).
-
-    Args:
-        bundle: a :class:`saferclip.model.build.ClipBundle`.
-        unsafe_prompts / safe_prompts: the two classes' descriptions.
-        temperature: multiplies the cosine similarities before the softmax (CLIP's 100).
-    """
-
-    def __init__(
-        self,
-        bundle: Any,
-        unsafe_prompts: Sequence[str] = DEFAULT_UNSAFE_PROMPTS,
-        safe_prompts: Sequence[str] = DEFAULT_SAFE_PROMPTS,
-        temperature: float = 100.0,
-        batch_size: int = 32,
-    ):
-        import torch
-
-        from ..model.build import encode_text
-
-        if not unsafe_prompts or not safe_prompts:
-            raise ValueError("ClipNsfwScorer needs at least one unsafe and one safe prompt")
-        self.bundle, self.temperature, self.batch_size = bundle, float(temperature), batch_size
-        self.unsafe_prompts, self.safe_prompts = list(unsafe_prompts), list(safe_prompts)
-        self.prompts = torch.cat([encode_text(bundle, self.unsafe_prompts), encode_text(bundle, self.safe_prompts)])  # [P, D]
-
-    def __call__(self, images: list[Image.Image]) -> list[float]:
-        import torch
-
-        from ..model.build import encode_images
-
-        if not images:
-            return []
-        pixels = torch.stack([self.bundle.preprocess(im.convert("RGB")) for im in images])
-        emb = encode_images(self.bundle, pixels, self.batch_size)  # [N, D], normalised
-        probs = (self.temperature * emb @ self.prompts.T).softmax(dim=-1)  # [N, P]
-        return probs[:, : len(self.unsafe_prompts)].sum(dim=-1).tolist()
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "kind": "clip-zero-shot",
-            "arch": self.bundle.arch,
-            "weights": public_model_name(self.bundle.source),
-            "unsafe_prompts": self.unsafe_prompts,
-            "safe_prompts": self.safe_prompts,
-            "temperature": self.temperature,
-        }
-
-
-def load_scorer(spec: str) -> Scorer:
-    """The scorer made by ``module:factory``: a callable taking no arguments that returns a
-    scorer (``images -> scores``), e.g. one loading an NSFW image detector of your own."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"scorer {spec!r}: expected 'clip' or 'module:factory'")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"scorer {spec!r}: cannot import it ({e})") from None
-    scorer = factory() if callable(factory) else None
-    if not callable(scorer):
-        raise ValueError(f"scorer {spec!r}: expected a factory returning a callable images -> scores")
-    return scorer
-
-
-# ---------------------------------------------------------------- records
-
-
-def image_stem(item_id: str) -> str:
-    """A file name for an item id: the id itself when it is a plain name, else a hash of it."""
-    if _SAFE_STEM.match(item_id):
-        return item_id
-    return "id-" + hashlib.sha256(item_id.encode()).hexdigest()[:20]
-
-
-def _records_path(out: Path, shard: tuple[int, int]) -> Path:
-    return out / RECORDS_DIR / f"shard-{shard[0]}-of-{shard[1]}.jsonl"
-
-
-def read_records(out_dir: str | os.PathLike) -> tuple[dict[str, dict[str, Any]], int]:
-    """Every finished caption's record (by item id) from all shard files, and how many lines
-    were ignored (cut short by a killed run: not valid JSON, or without an id)."""
-    folder = Path(out_dir) / RECORDS_DIR
-    records: dict[str, dict[str, Any]] = {}
-    ignored = 0
-    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                ignored += 1
-                continue
-            if not isinstance(rec, dict) or "id" not in rec or rec.get("status") not in ("flagged", "unflagged"):
-                ignored += 1
-                continue
-            records[str(rec["id"])] = rec  # a caption redone after a damaged line: the last one holds
-    return records, ignored
-
-
-def _drop_damaged_lines(path: Path) -> int:
-    """Rewrite this shard's own record file without lines cut short by a killed run (atomically),
-    so they are reported once, by the run that redoes their captions. Returns how many."""
-    if not path.is_file():
-        return 0
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    kept = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-            ok = isinstance(rec, dict) and "id" in rec and rec.get("status") in ("flagged", "unflagged")
-        except json.JSONDecodeError:
-            ok = False
-        if ok:
-            kept.append(line)
-    dropped = sum(1 for line in lines if line.strip()) - len(kept)
-    if dropped:
-        with atomic_path(path, suffix=".jsonl") as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    return dropped
-
-
-def _append_record(path: Path, record: Mapping[str, Any]) -> None:
-    """One line, one write, then fsync: a kill leaves at most a cut-short last line."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
-    with open(path, "a+b") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell():
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":  # a line cut short by a kill: keep it apart from ours
-                line = "\n" + line
-        f.write(line.encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _settings(split: QuadrupletSet, config: GenerationConfig, extra: Mapping[str, Any]) -> dict[str, Any]:
-    source = Path(split.source)
-    return {
-        "config": asdict(config),
-        "input": {
-            "file": source.name,
-            "sha256": _file_sha256(source) if source.is_file() else None,
-            "items": len(split),
-        },
-        **{k: v for k, v in extra.items() if v is not None},
-    }
-
-
-def _check_settings(out: Path, settings: Mapping[str, Any]) -> None:
-    """The folder's settings, fixed by its first run, must equal this run's."""
-    path = out / SETTINGS_FILE
-    if not path.is_file():
-        write_json_atomic(path, settings)
-        return
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataFormatError(path, f"unreadable generation settings ({e})") from None
-    new = json.loads(json.dumps(settings, default=str))  # the same normal form as the file
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif a != b:
-            diffs.append(f"{key}: {a!r} -> {b!r}")
-    if diffs:
-        raise DataFormatError(
-            path,
-            f"this folder was generated with other settings ({'; '.join(diffs[:4])}); resume with the same "
-            f"settings or write to another folder",
-        )
 
 
 # ---------------------------------------------------------------- the run
@@ -482,13 +184,13 @@ def generate_visu_images(
     out = Path(out_dir).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
     merged_path(split, out)  # refuse before any work when it would replace the input
-    _check_settings(out, _settings(split, config, settings or {}))
+    check_settings(out, settings_record(split, config, settings or {}))
     ids = [q.id for q in split.items]
     if len(set(ids)) != len(ids):
         raise DataFormatError(split.source, "duplicate item ids; each caption needs its own id for its record")
 
-    records_file = _records_path(out, shard)
-    dropped = _drop_damaged_lines(records_file)
+    records_file = records_path(out, shard)
+    dropped = drop_damaged_lines(records_file)
     records, ignored = read_records(out)
     mine = [q for k, q in enumerate(split.items) if k % shard[1] == shard[0]]
     todo = [q for q in mine if q.id not in records]
@@ -507,7 +209,7 @@ def generate_visu_images(
         if generate is None:
             generate = generator_factory()
         record = _generate_one(item, generate, scorer, config, out, shard)
-        _append_record(records_file, record)
+        append_record(records_file, record)
         records[item.id] = record
         if record["status"] == "flagged":
             report.flagged += 1
@@ -623,21 +325,10 @@ def merge_generation(split: QuadrupletSet | str | os.PathLike, out_dir: str | os
 
 
 __all__ = [
-    "ClipNsfwScorer",
-    "DEFAULT_SAFE_PROMPTS",
-    "DEFAULT_UNSAFE_PROMPTS",
-    "DiffusersImageGenerator",
-    "GenerationConfig",
     "GenerationReport",
-    "ImageGenerator",
-    "PUBLISHED_SEEDS",
-    "Scorer",
     "generate_visu_images",
-    "image_stem",
     "load_captions",
-    "load_diffusion_pipeline",
-    "load_scorer",
     "merge_generation",
+    "merged_path",
     "parse_shard",
-    "read_records",
 ]

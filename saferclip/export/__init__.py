@@ -3,7 +3,9 @@
 * :mod:`.open_clip` — :func:`export_open_clip`: a folder open_clip loads with no saferclip
   installed (``local-dir:`` / ``hf-hub:``);
 * :mod:`.run` — :func:`export_checkpoint`: a training checkpoint, run folder or module →
-  :func:`export_open_clip` with a card filled from the run;
+  :func:`export_open_clip` with a card filled from the run: :mod:`.source` (the model),
+  :mod:`.run_records` (the run's config and model selection), :mod:`.evaluation_card` (its
+  evaluation report);
 * :mod:`.card` — :func:`model_card`, the README of an export.
 """
 

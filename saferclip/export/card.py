@@ -69,7 +69,7 @@ def model_card(
         over_defensiveness: the cost on safe inputs (retention of safe recall and zero-shot
             accuracy vs the original model), in the same forms as ``evaluation``.
         selection: which training epoch this is and its validation figures
-            (``saferclip.export.run.exported_epoch_record``).
+            (``saferclip.export.run_records.exported_epoch_record``).
         unsafe_categories: the unsafe concepts the redirection was trained on.
         folder / repo_id: shown in the usage snippet (``local-dir:`` / ``hf-hub:``).
         limitations: extra lines for the limitations section.

@@ -53,14 +53,14 @@ from torch import nn
 
 from .. import __version__
 from ..files import atomic_folder, occupied, write_json_atomic, write_text_atomic
-from ..integrity import digests, verify_all
+from ..integrity import digests, sha256_file, verify_all
 from ..model._openclip import open_clip
 from ..model.adapters import find_adapters, merge_adapters
 from ..model.build import ClipBundle
 from ..model.checkpoints import save_state_dict
 from .card import public_model_name
 from .hf_tokenizer import UnsupportedArchitecture, check_tokenizer, save_hf_tokenizer
-from .open_clip import DTYPES, _export_tensors, _preprocess_cfg, _readme, _sha256
+from .open_clip import DTYPES, _export_tensors, _preprocess_cfg, _readme
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +410,7 @@ def export_hf(
     with atomic_folder(out, replace=force) as tmp:
         _save_config(config, dtype, tmp)
         save_state_dict(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})  # "pt": transformers checks it
-        info["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
+        info["weights_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
         write_json_atomic(tmp / PREPROCESSOR_NAME, preprocessor)
         save_hf_tokenizer(tokenizer, tmp, config["text_config"]["max_position_embeddings"])
         # verified by saferclip's loaders (saferclip.downstream.diffusion); the card is not

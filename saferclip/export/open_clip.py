@@ -27,7 +27,6 @@ are merged into a copy first (:func:`saferclip.model.adapters.merge_adapters`).
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import logging
 import os
@@ -41,7 +40,7 @@ from torch import nn
 from .. import __version__
 from ..errors import ConfigError
 from ..files import atomic_folder, occupied, write_json_atomic, write_text_atomic
-from ..integrity import digest_parts, digests
+from ..integrity import digest_parts, digests, sha256_file
 from ..model._openclip import open_clip
 from ..model.adapters import find_adapters, merge_adapters
 from ..model.build import ClipBundle, check_arch
@@ -153,14 +152,6 @@ def config_checksum(config: Mapping[str, Any]) -> str:
     return digest_parts([json.dumps(config.get(k), sort_keys=True) for k in ("model_cfg", "preprocess_cfg")])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------- export
 
 
@@ -243,7 +234,7 @@ def export_open_clip(
         _check_keys(tensors, tmp, arch)
         st_meta = {"format": "pt", "arch": arch, "dtype": dtype, "method": str(info.get("method"))}
         save_state_dict(tensors, tmp / WEIGHTS_NAME, metadata=st_meta)
-        info["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
+        info["weights_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
         if also_single_file:
             shutil.copyfile(tmp / WEIGHTS_NAME, tmp / f"{arch}-saferclip.safetensors")
             if not (_STOCK_CONFIGS / f"{arch}.json").is_file():

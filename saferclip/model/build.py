@@ -226,7 +226,7 @@ def _verify_folder(path: Path, cfg: dict, weights: Path) -> None:
     its config records (:mod:`saferclip.integrity`; a damaged one is refused in one line). An
     export from before checksums is checked against its SHA-256; a folder saferclip did not
     write (no ``"saferclip"`` section) has nothing to check against."""
-    from ..integrity import DamagedArtefact, digest_parts, verify_all
+    from ..integrity import DamagedArtefact, digest_parts, sha256_file, verify_all
 
     info = cfg.get("saferclip")
     if not isinstance(info, dict):
@@ -238,11 +238,7 @@ def _verify_folder(path: Path, cfg: dict, weights: Path) -> None:
     if "checksums" in info:
         verify_all(path, info["checksums"], "exported model")
     elif isinstance(info.get("weights_sha256"), str) and weights.name == "open_clip_model.safetensors":
-        h = hashlib.sha256()
-        with open(weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        if h.hexdigest() != info["weights_sha256"]:
+        if sha256_file(weights) != info["weights_sha256"]:
             raise DamagedArtefact(weights, "exported model: SHA-256 mismatch, its content changed since it was exported")
 
 

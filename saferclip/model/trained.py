@@ -30,7 +30,6 @@ HEAD_PREFIX = "head."  # a HySAC module's hyperbolic head
 #   csv/metrics.csv, export/, report/
 RESOLVED_CONFIG = Path("config_resolved.yaml")
 RUN_CONFIG = Path(".hydra") / "config.yaml"
-HYDRA_CONFIG = Path(".hydra") / "hydra.yaml"
 SELECTION_FILE = Path("selection.json")
 SAFE_RADII_FILE = Path("safe_radii.json")  # HySAC: the safe radii, computed after training
 
