@@ -132,6 +132,25 @@ def test_min_similarity_guard_zeroes_and_flags(tmp_path):
     torch.testing.assert_close(weighted.pair_weight, torch.stack([weighted.similarities[0, 0], torch.tensor(0.0)]))
 
 
+def test_own_pair_fallback_replaces_what_the_guard_rejects(tmp_path):
+    safe = unit(torch.tensor([[1.0, 0.1, 0, 0], [0.2, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]]))
+    unsafe = unit(torch.tensor([[1.0, 0.0, 0, 0], [-1.0, -1.0, -1.0, -1.0]]))
+    cache = fake_cache(tmp_path, safe[:2], unsafe, extra_safe_text=safe[2:], extra_safe_captions=["a", "b"])
+    plain = find_safe_neighbours(cache, NeighbourConfig(k=2, min_similarity=0.5, temperature=0.1))
+    hybrid = find_safe_neighbours(cache, NeighbourConfig(k=2, min_similarity=0.5, temperature=0.1, fallback="own_pair"))
+    # item 0 keeps its trusted neighbour; item 1 (no candidate above 0.5) gets its own pair, item 1 of the set
+    assert hybrid.indices[0].tolist() == plain.indices[0].tolist() and hybrid.weights[0].tolist() == plain.weights[0].tolist()
+    assert hybrid.indices[1, 0] == 1 and hybrid.weights[1].tolist() == [1.0, 0.0]
+    assert hybrid.pair_weight.tolist() == [1.0, 1.0] and hybrid.flagged.tolist() == [False, True]
+    assert hybrid.meta["own_pair_fallback"] == 1
+    with pytest.raises(NeighbourError, match="set min_similarity"):
+        NeighbourConfig(fallback="own_pair")
+    with pytest.raises(NeighbourError, match="exclude_own_pair"):
+        NeighbourConfig(min_similarity=0.5, fallback="own_pair", exclude_own_pair=True)
+    with pytest.raises(NeighbourError, match="unknown fallback"):
+        NeighbourConfig(min_similarity=0.5, fallback="pair")
+
+
 def test_own_pair_and_near_duplicate_exclusion(tmp_path):
     g = torch.Generator().manual_seed(4)
     safe = unit(torch.randn(30, 16, generator=g))

@@ -280,7 +280,8 @@ def plot_search(trials: list, importances: dict[str, float], folder: Path, name:
 
     from ..evaluation.plotting import figure, save_figure
 
-    fig, ax = figure(6.0, 3.5)
+    fig = figure(6.0, 3.5)
+    ax = fig.subplots()
     best, best_so_far = None, []
     for t in trials:
         if t.state == optuna.trial.TrialState.COMPLETE:
@@ -298,7 +299,8 @@ def plot_search(trials: list, importances: dict[str, float], folder: Path, name:
     ax.set_title(f"saferclip-tune: {name}")
     ax.legend(loc="lower right", fontsize=8)
     save_figure(fig, folder / "history.png")
-    fig, ax = figure(6.0, 3.0)
+    fig = figure(6.0, 3.0)
+    ax = fig.subplots()
     if importances:
         keys = list(importances)[::-1]
         ax.barh(keys, [importances[k] for k in keys], color="C0")

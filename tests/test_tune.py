@@ -1,0 +1,217 @@
+"""saferclip-tune: the search space, the study (SQLite, resumed), pruning, the report; and the
+held-out toy worlds the main job and the study test on."""
+
+from __future__ import annotations
+
+import csv
+import sqlite3
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from saferclip.app.hydra_utils import CONF_DIR
+from saferclip.errors import ConfigError
+from saferclip.locations import toy_world_dir
+from saferclip.training.search_space import overrides_of, parse_search_space, sample
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+optuna = pytest.importorskip("optuna")
+SEARCHES = sorted(p.stem for p in (Path(CONF_DIR) / "hparams_search").glob("*.yaml"))
+
+
+class FirstChoice:
+    """A duck-typed trial: the low end of every range, the first of every choice."""
+
+    def __init__(self):
+        self.asked = []
+
+    def suggest_float(self, name, low, high, log=False):
+        self.asked.append(name)
+        return low
+
+    def suggest_int(self, name, low, high, log=False):
+        self.asked.append(name)
+        return low
+
+    def suggest_categorical(self, name, choices):
+        self.asked.append(name)
+        return choices[0]
+
+
+def test_search_space_is_checked_and_conditions_hold():
+    space = {
+        "lr": {"keys": ["method.optimizer.lr"], "type": "float", "low": 1e-5, "high": 1e-3, "log": True},
+        "trainable": {"keys": "method.trainable.mode", "type": "categorical", "choices": ["full", "lora"]},
+        "r": {"keys": ["method.trainable.lora_r", "method.trainable.lora_alpha"], "type": "categorical", "choices": [8], "when": {"trainable": "lora"}},
+    }
+    params = parse_search_space(space)
+    trial = FirstChoice()
+    values = sample(trial, params)
+    assert values == {"lr": 1e-5, "trainable": "full"} and trial.asked == ["lr", "trainable"]  # no rank for full fine-tuning
+    assert overrides_of(params, {"lr": 1e-5, "trainable": "lora", "r": 8}) == [
+        "method.optimizer.lr=1e-05", "method.trainable.mode=lora", "method.trainable.lora_r=8", "method.trainable.lora_alpha=8",
+    ]
+    bad = [
+        ({"lr": {"keys": ["a"], "type": "uniform", "low": 0, "high": 1}}, "type must be one of"),
+        ({"lr": {"keys": ["a"], "type": "float", "low": 1, "high": 1}}, "low must be below high"),
+        ({"lr": {"keys": ["a"], "type": "float", "low": 0, "high": 1, "log": True}}, "log-scale range must be positive"),
+        ({"lr": {"keys": [], "type": "float", "low": 0, "high": 1}}, "keys must be a list"),
+        ({"r": {"keys": ["a"], "type": "categorical", "choices": [1], "when": {"mode": "lora"}}}, "not a parameter written before"),
+        ({"lr": {"keys": ["a"], "type": "float", "low": 0, "high": 1, "step": 2}}, "unknown field"),
+        ({}, "non-empty mapping"),
+    ]
+    for space, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            parse_search_space(space)
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_every_shipped_search_composes_with_every_value(search):
+    """A key misspelt in a search space must fail here, not an hour into a search."""
+    assert set(SEARCHES) == {"safeclip", "saferclip", "hysac"}
+    from saferclip.app.hydra_utils import check_train_config
+    from saferclip.app.main_job import compose as compose_run
+    from saferclip.app.tune import trial_overrides
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("tune", [f"hparams_search={search}"])
+        params = parse_search_space(cfg.hparams_search.space)
+        for pick in (0, -1):  # the first and the last of every choice, both ends of every range
+            values = {}
+            for p in params:
+                if p.active(values):
+                    values[p.name] = p.choices[pick] if p.type == "categorical" else (p.low if pick == 0 else p.high)
+            train = compose_run("train", trial_overrides(cfg, params, values, []))
+            check_train_config(train)
+            assert train.method.name == search and train.data.toy_seed == 0  # tuning sees world 0 only
+            assert train.trainer.max_epochs == 10  # the schedule every method's experiment uses
+            for p in params:
+                if p.name in values:
+                    for key in p.keys:
+                        assert _select(train, key) == values[p.name], (search, key)
+
+
+def _select(cfg, key):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key)
+
+
+def tune_args(tmp_path: Path, toy_world: Path, *extra: str) -> list[str]:
+    return [
+        "hparams_search=safeclip",
+        f"out_dir={tmp_path / 'tune'}",
+        "n_trials=3",
+        "sampler.n_startup_trials=2",
+        "pruner.n_startup_trials=1",
+        "pruner.n_warmup_steps=0",
+        "model=micro",
+        "data.toy_size=small",
+        f"paths.toy_dir={toy_world}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "data.batch_size=8",
+        "data.eval_batch_size=64",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=2",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        *extra,
+    ]
+
+
+def test_tune_runs_resumes_and_reports(tmp_path, toy_world, capsys):
+    from saferclip.app import tune
+
+    assert tune.main(tune_args(tmp_path, toy_world)) == 0
+    folder = tmp_path / "tune" / "safeclip"
+    assert "saferclip-tune: safeclip" in capsys.readouterr().out
+    rows = list(csv.DictReader((folder / "trials.csv").open()))
+    assert len(rows) == 3 and {r["state"] for r in rows} <= {"complete", "pruned"}
+    assert any(r["state"] == "complete" for r in rows)
+    # every trial trained on the tuning world's training split and was scored on its validation split
+    for r in rows:
+        assert (folder / "trials" / f"{int(r['trial']):03d}" / "selection.json").is_file()
+    assert not (folder / "trials" / "000" / "export").exists()
+    best = (folder / "best_experiment.yaml").read_text()
+    assert "override /method: safeclip" in best and "lr:" in best
+    for name in ("history.png", "importance.png"):
+        assert (folder / name).read_bytes()[:4] == b"\x89PNG"
+    # the best experiment file is a real experiment: it composes and sets the best trial's values
+    study = optuna.load_study(study_name="safeclip", storage=f"sqlite:///{folder / 'study.db'}")
+    experiment_dir = tmp_path / "conf_extra" / "experiment"
+    experiment_dir.mkdir(parents=True)
+    (experiment_dir / "tuned.yaml").write_text(best)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", [f"hydra.searchpath=[file://{tmp_path / 'conf_extra'}]", "experiment=tuned"])
+    assert cfg.method.optimizer.lr == pytest.approx(study.best_trial.params["lr"])
+
+    # resumed: three trials already finished, one more to reach four; a trial a crash left
+    # running is marked failed and not counted
+    with sqlite3.connect(folder / "study.db") as db:
+        trial_id = study._storage.create_new_trial(study._study_id)
+        db.commit()
+    assert study._storage.get_trial(trial_id).state == optuna.trial.TrialState.RUNNING
+    assert tune.main(tune_args(tmp_path, toy_world, "n_trials=4")) == 0
+    study = optuna.load_study(study_name="safeclip", storage=f"sqlite:///{folder / 'study.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1
+    assert sum(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states) == 4
+
+    # another space or protocol in the same folder: refused in one line, nothing overwritten
+    assert tune.main(tune_args(tmp_path, toy_world, "n_trials=5", "seed=1")) == 2
+    assert "another search space or protocol" in capsys.readouterr().err
+    assert len(optuna.load_study(study_name="safeclip", storage=f"sqlite:///{folder / 'study.db'}").trials) == 5
+
+
+def test_pruning_callback_stops_a_trial_below_the_median():
+    from saferclip.app.tune import MedianPruning
+
+    class Trial:
+        def __init__(self, prune_after: int):
+            self.reports, self.prune_after = [], prune_after
+
+        def report(self, value, step):
+            self.reports.append((step, value))
+
+        def should_prune(self):
+            return len(self.reports) >= self.prune_after
+
+    trial = Trial(prune_after=2)
+    callback = MedianPruning(trial)
+    trainer = SimpleNamespace(sanity_checking=True, callback_metrics={"val/selection_score": 0.3}, current_epoch=0, should_stop=False)
+    callback.on_validation_end(trainer, None)
+    assert trial.reports == []  # the sanity check is not an epoch
+    trainer.sanity_checking = False
+    callback.on_validation_end(trainer, None)
+    assert trial.reports == [(0, 0.3)] and not trainer.should_stop and not callback.pruned
+    trainer.current_epoch = 1
+    callback.on_validation_end(trainer, None)
+    assert trainer.should_stop and callback.pruned and callback.epochs == 2
+
+
+def test_bad_tune_input_is_one_line(tmp_path, toy_world, capsys):
+    from saferclip.app import tune
+
+    for args, message in (
+        (["n_trials=0"], "n_trials must be an integer >= 1"),
+        (["hparams_search=nope"], "hparams_search"),
+        (["hparams_search.space.lr.low=-1"], "log-scale range must be positive"),
+        (["method.optimizer.lrr=1"], "lrr"),
+    ):
+        assert tune.main([f"out_dir={tmp_path / 'tune'}", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "tune" / "safeclip").exists() or not list((tmp_path / "tune").rglob("trials/*"))
+
+
+def test_each_world_has_its_own_folder_and_the_main_job_tests_on_a_held_out_one(tmp_path):
+    assert toy_world_dir(tmp_path / "toy", 0) == tmp_path / "toy"
+    assert toy_world_dir(tmp_path / "toy", 3) == tmp_path / "toy-world3"
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        train = compose("train", [f"paths.toy_dir={tmp_path / 'toy'}", "data.toy_seed=2"])
+        main = compose("main", [])
+        study = compose("study", [])
+    assert train.data.root == str(tmp_path / "toy-world2") and train.data.splits.test.path.startswith(str(tmp_path / "toy-world2"))
+    assert main.world == 1 and list(study.worlds) == [1, 2, 3] and len(study.worlds) == len(study.seeds)
