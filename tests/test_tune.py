@@ -156,6 +156,8 @@ def test_tune_runs_resumes_and_reports(tmp_path, toy_world, capsys):
     assert tune.main(tune_args(tmp_path, toy_world, "n_trials=4")) == 0
     study = optuna.load_study(study_name="safeclip", storage=f"sqlite:///{folder / 'study.db'}")
     states = [t.state for t in study.trials]
+    # the resumed search drew new values, not the first trial's again
+    assert study.trials[-1].params != study.trials[0].params
     assert states.count(optuna.trial.TrialState.FAIL) == 1
     assert sum(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states) == 4
 

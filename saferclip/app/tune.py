@@ -142,12 +142,13 @@ def run(cfg: DictConfig, common: list[str]) -> dict[str, Any]:
                                "world": int(cfg.world), "seed": int(cfg.seed), "common": list(cfg.common) + common}, sort_keys=True)
     with file_lock(folder / ".study.lock"):  # one search per study at a time
         storage = f"sqlite:///{folder / 'study.db'}"
-        study = optuna.create_study(
+        earlier = len(optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True).trials)
+        # a resumed search continues the sampler's stream rather than restarting it (seeded
+        # alike, a restarted TPE would propose the very first trials again)
+        study = optuna.load_study(
             study_name=name,
             storage=storage,
-            direction="maximize",
-            load_if_exists=True,
-            sampler=optuna.samplers.TPESampler(seed=int(cfg.sampler.seed), n_startup_trials=int(cfg.sampler.n_startup_trials)),
+            sampler=optuna.samplers.TPESampler(seed=int(cfg.sampler.seed) + earlier, n_startup_trials=int(cfg.sampler.n_startup_trials)),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=int(cfg.pruner.n_startup_trials), n_warmup_steps=int(cfg.pruner.n_warmup_steps)),
         )
         recorded = study.user_attrs.get("protocol")
