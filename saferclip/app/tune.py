@@ -344,11 +344,11 @@ def _run_and_print(overrides: list[str]) -> None:
 
     setup_logging()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("optuna").setLevel(logging.WARNING)
     try:
-        import optuna  # noqa: F401
+        import optuna
     except ImportError:
         raise ConfigError("saferclip-tune needs Optuna: pip install 'saferclip[tune]' (or pip install 'optuna>=4')") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # saferclip's own line per trial says it
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         own, rest = split_overrides(overrides)
         out = run(compose("tune", own), rest)
