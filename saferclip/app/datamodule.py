@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
+from ..data.image_shards import ImageShards
 from ..data.splits import load_split
 from ..model.build import build_clip
 from ..training.prepare import Prepared, prepare
@@ -127,11 +129,25 @@ class SaferClipDataModule(L.LightningDataModule):
             prepared.pool,
             live_targets=self.live_targets,
             memo_images=memo,
+            image_shards=self._image_shards("train", bundle.preprocess),
         )
         validation = load_split(self.data_cfg, "validation")
-        self.val_set = ValidationDataset(validation, bundle.tokenizer, bundle.preprocess, memo_images=memo)
+        self.val_set = ValidationDataset(
+            validation, bundle.tokenizer, bundle.preprocess, memo_images=memo, image_shards=self._image_shards("validation", bundle.preprocess)
+        )
         self.tokenizer, self.preprocess = bundle.tokenizer, bundle.preprocess
         self.mode = prepared.train.mode
+
+    def _image_shards(self, split: str, preprocess) -> ImageShards | None:
+        """The split's pre-resized images (``data.image_shards``/<split>, written by
+        ``python -m saferclip.app.make_image_shards``) when they exist and match; else None (JPEGs)."""
+        root = self.data_cfg.get("image_shards")
+        if not root or not (Path(root) / split / "images.json").is_file():
+            return None
+        shards = ImageShards.open(Path(root) / split, preprocess)
+        if shards is not None:
+            log.info("%s images from the shards in %s", split, shards.folder)
+        return shards
 
     def _setup_pairs_only(self) -> None:
         """The training quadruplets as they are (captions tokenised, images preprocessed), with
@@ -141,10 +157,14 @@ class SaferClipDataModule(L.LightningDataModule):
         train = load_split(self.data_cfg, "train")
         if train.skips is not None and train.skips.count:
             log.warning(train.skips.summary())
-        self.train_set = ValidationDataset(train, bundle.tokenizer, bundle.preprocess, memo_images=memo)
+        self.train_set = ValidationDataset(
+            train, bundle.tokenizer, bundle.preprocess, memo_images=memo, image_shards=self._image_shards("train", bundle.preprocess)
+        )
         self.targets = RedirectionTargets.paired(len(train))  # every pair, every epoch
         validation = load_split(self.data_cfg, "validation")
-        self.val_set = ValidationDataset(validation, bundle.tokenizer, bundle.preprocess, memo_images=memo)
+        self.val_set = ValidationDataset(
+            validation, bundle.tokenizer, bundle.preprocess, memo_images=memo, image_shards=self._image_shards("validation", bundle.preprocess)
+        )
         self.tokenizer, self.preprocess = bundle.tokenizer, bundle.preprocess
         self.mode = train.mode
 
