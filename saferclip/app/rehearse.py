@@ -18,7 +18,7 @@ allocated GPU memory on a GPU. ``--json`` writes the table.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import resource
 import sys
 import time
@@ -51,7 +51,9 @@ def _stage(rows: list[dict], name: str, unit: str, device: str, body: Callable[[
     return result
 
 
-def rehearse(out: Path, overrides: list[str], items: int, steps: int, device: str, batch_size: int) -> list[dict]:
+def rehearse(
+    out: Path, overrides: list[str], items: int, steps: int, device: str, batch_size: int, workers: int = 0
+) -> list[dict]:
     """Run every stage; returns one row per stage (``stage, items, unit, seconds, items_per_s, peak_gb``)."""
     from hydra import compose, initialize_config_dir
 
@@ -62,7 +64,6 @@ def rehearse(out: Path, overrides: list[str], items: int, steps: int, device: st
     from ..redirection.cache import build_or_load_cache
     from ..redirection.index import config_groups, load_or_find_safe_neighbours
     from ..toyworld.rehearsal import make_rehearsal_world
-    from ..training.datasets import collate_items
     from ..training.method import method_config
     from .hydra_utils import CONF_DIR, to_container
     from .train import build_datamodule, build_module
@@ -75,7 +76,7 @@ def rehearse(out: Path, overrides: list[str], items: int, steps: int, device: st
         cfg = compose("train", overrides=[
             "experiment=visu_vitl14", f"paths.visu={world}/visu", f"paths.coco={world}/coco",
             f"paths.visu_images={world}/visu_images", f"paths.cache_dir={out}/cache", f"paths.output_dir={out}",
-            f"data.batch_size={batch_size}", f"data.eval_batch_size={batch_size}", "data.num_workers=0", *overrides,
+            f"data.batch_size={batch_size}", f"data.eval_batch_size={batch_size}", f"data.num_workers={workers}", *overrides,
         ])
     method_dict = to_container(cfg.method)
     method = method_config(method_dict)
@@ -85,7 +86,7 @@ def rehearse(out: Path, overrides: list[str], items: int, steps: int, device: st
           f"{device}, LoRA r{method.trainable.lora_r}; {torch.get_num_threads()} torch thread(s)", flush=True)
     bundle = build_clip(cfg.model.arch, cfg.model.pretrained, device=device)
     cache = _stage(rows, "cache", "quadruplets", device, lambda: (len(train), build_or_load_cache(
-        bundle, train, cfg.paths.cache_dir, batch_size=batch_size, progress=False)))
+        bundle, train, cfg.paths.cache_dir, batch_size=batch_size, num_workers=workers, progress=False)))
     _stage(rows, "neighbours", "queries", device, lambda: (len(train), load_or_find_safe_neighbours(
         cache, method.neighbours, config_groups(train, method.neighbours, len(cache)))))
     del bundle
@@ -96,16 +97,22 @@ def rehearse(out: Path, overrides: list[str], items: int, steps: int, device: st
     module.to(device)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=method.optimizer.lr)
 
+    def autocast() -> torch.autocast:  # bf16 on a GPU, as trainer=gpu trains
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
     def train_steps() -> tuple[int, None]:
-        n = 0
-        for step in range(steps):
-            rows_ = [(step * batch_size + i) % len(datamodule.train_set) for i in range(batch_size)]
-            batch = {k: v.to(device) for k, v in collate_items(datamodule.train_set.__getitems__(rows_)).items()}
-            optimizer.zero_grad(set_to_none=True)
-            total, _ = module.loss_step(batch)
-            total.backward()
-            optimizer.step()
-            n += batch_size
+        n, loader = 0, datamodule.train_dataloader()  # the training loader, its workers
+        while n < steps * batch_size:
+            for batch in loader:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                optimizer.zero_grad(set_to_none=True)
+                with autocast():
+                    total, _ = module.loss_step(batch)
+                total.backward()
+                optimizer.step()
+                n += len(batch["index"])
+                if n >= steps * batch_size:
+                    break
         return n, None
 
     module.train()
@@ -113,18 +120,16 @@ def rehearse(out: Path, overrides: list[str], items: int, steps: int, device: st
     module.eval()
 
     def evaluate() -> tuple[int, dict]:
-        val = datamodule.val_set
-        with torch.inference_mode():
-            parts = [val.__getitems__(list(range(s, min(s + batch_size, len(val))))) for s in range(0, len(val), batch_size)]
-            enc = {k: [] for k in ("s", "u", "v")}
-            for b in parts:
+        enc = {k: [] for k in ("s", "u", "v")}
+        with torch.inference_mode(), autocast():
+            for b in datamodule.val_dataloader():
                 enc["s"].append(encode_tokens(module.model, b["s_tokens"].to(device)).float().cpu())
                 enc["u"].append(encode_tokens(module.model, b["u_tokens"].to(device)).float().cpu())
                 enc["v"].append(module.model.encode_image(b["v_image"].to(device), normalize=True).float().cpu())
         s, u, v = (torch.cat(enc[k]) for k in ("s", "u", "v"))
-        owner = val.owner
+        owner = datamodule.val_set.owner
         metrics = {name: float((owner[(q @ v.T).argmax(1)] == owner).float().mean()) for name, q in (("U2V_R@1", u), ("S2V_R@1", s))}
-        return len(val), metrics
+        return len(owner), metrics
 
     metrics = _stage(rows, "evaluation", "quadruplets", device, evaluate)
     print(f"  (validation, random init: {metrics})")
@@ -143,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on a CPU, up to 8 with CUDA)")
     parser.add_argument("--out", type=Path, default=Path("outputs/rehearsal"))
     parser.add_argument("--json", type=Path, default=None, help="write the stage table here")
     args = parser.parse_args(argv)
 
     def body() -> None:
-        rows = rehearse(args.out, args.overrides, args.items, args.steps, args.device, args.batch_size)
+        workers = args.workers if args.workers is not None else (0 if args.device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 2)))
+        rows = rehearse(args.out, args.overrides, args.items, args.steps, args.device, args.batch_size, workers)
         if args.json:
             from ..files import write_json_atomic
 
