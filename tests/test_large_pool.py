@@ -188,3 +188,35 @@ def test_method_config_checks_the_pool_index_section():
     preset["neighbours"]["pool_index"] = {"candidates": 0}
     with pytest.raises(ConfigError, match="candidates must be a positive integer"):
         method_config(preset)
+
+
+def test_prepare_takes_the_training_targets_from_an_embedded_pool(toy_world, tmp_path):
+    """The method config's extra_pool naming a folder: prepare() builds the pool's index under the
+    cache folder, and the training split's neighbours come from the train set plus the pool."""
+    import yaml
+
+    from saferclip.locations import CONF_DIR
+    from saferclip.training.prepare import prepare
+
+    torch.manual_seed(0)
+    bundle = build_clip("saferclip-micro")
+    extra = list(dict.fromkeys(q.safe_caption for q in toy_set(toy_world, split="validation")))
+    write_pool(tmp_path / "pool", encode_text(bundle, extra, 64).float().numpy(), 50, extra, dtype=np.float32)
+    method = yaml.safe_load((CONF_DIR / "method" / "saferclip.yaml").read_text())
+    method["neighbours"].update(extra_pool=str(tmp_path / "pool"), pool_index={"m": 4, "nprobe": 8, "candidates": 64})
+    data = yaml.safe_load((CONF_DIR / "data" / "toy.yaml").read_text())
+    data["root"] = str(toy_world)
+    for spec in data["splits"].values():
+        for key, value in list(spec.items()):
+            if isinstance(value, str):
+                spec[key] = value.replace("${data.root}", str(toy_world))
+    prepared = prepare(data, {"arch": "saferclip-micro", "pretrained": None}, method, str(tmp_path / "cache"), progress=False)
+    n = len(prepared.train)
+    assert prepared.cache.path.parent.name == "pools" and 0 < len(prepared.cache.extra_safe_captions) <= len(extra)
+    assert prepared.neighbours.pool_size == n + len(prepared.cache.extra_safe_captions)
+    assert list((tmp_path / "cache" / "pools").glob("*/ivfpq.faiss"))  # the pool's index, built once
+    # some unsafe captions are redirected to a caption of the embedded pool
+    assert bool((prepared.neighbours.indices[:, 0] >= n).any())
+    chosen = prepared.neighbours.indices[:, 0]
+    pool_captions = [q.safe_caption for q in prepared.train] + prepared.cache.extra_safe_captions
+    assert all(pool_captions[int(j)] in extra for j in chosen[chosen >= n])
