@@ -9,7 +9,8 @@ unless ``--keep``), then measures:
 - index bytes per vector (the serialised index / N) and the re-ranking store on disk (the shards);
 - recall@1 against exact search on ``--queries`` queries (exact search scans every shard in
   chunks, with FAISS's flat inner-product search), and queries per second of the re-ranked search;
-- peak resident memory of the process (``ru_maxrss``), after each phase.
+- peak resident memory of the process (``ru_maxrss``), after each phase (the shards are
+  generated in a child process, so it is the index's and the search's).
 
 The vectors are the clustered two-level Gaussian mixture on the unit sphere of
 ``scripts/bench_neighbours.py`` (topics, sub-topics, items around them), queries drawn from the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import multiprocessing
 import os
 import resource
 import shutil
@@ -60,6 +62,7 @@ def write_shards(folder: Path, n: int, args) -> None:
             out[s : s + m] = mixture(m, args.dim, args.topics, args.subtopics, seed=args.seed * 100_003 + start + s)
         out.flush()
         del out
+    np.save(folder / "queries.npy", mixture(args.queries, args.dim, args.topics, args.subtopics, seed=10**9 + args.seed))
 
 
 def exact_top1(shards, queries: np.ndarray, chunk: int) -> np.ndarray:
@@ -105,10 +108,15 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         if not (work / "text_emb").is_dir():
-            write_shards(work, args.size, args)
-        print(f"shards written: {time.perf_counter() - t0:.0f}s; peak RSS {peak_gb():.2f} GB", flush=True)
+            # in a child process: the peak memory printed below is then the index's, not the generator's
+            child = multiprocessing.get_context("fork").Process(target=write_shards, args=(work, args.size, args))
+            child.start()
+            child.join()
+            if child.exitcode != 0:
+                raise SystemExit(f"writing the shards failed (exit code {child.exitcode})")
+        print(f"shards written: {time.perf_counter() - t0:.0f}s", flush=True)
         shards = open_pool(work)
-        queries = mixture(args.queries, args.dim, args.topics, args.subtopics, seed=10**9 + args.seed)
+        queries = np.load(work / "queries.npy")  # drawn from the same mixture, beside the shards
         config = PoolIndexConfig(nlist=args.nlist, m=args.m, nprobe=args.nprobe[0], candidates=args.candidates[0])
         t0 = time.perf_counter()
         index = build_pool_index(shards, config)
