@@ -20,6 +20,11 @@ On random-init models (nothing is downloaded), each part reusing the benchmark s
   5  the same short toy run in bf16-mixed and in fp32 ends at the same validation metrics
      (within a stated tolerance), and under bf16 autocast the encoders run in bf16 while
      every loss term is computed in float32.
+  6  the real-size rehearsal (``saferclip-rehearse``): ViT-B/32 and ViT-L/14 (random init,
+     224 px, the ``visu_vitl14`` preset's LoRA r16) on the rehearsal world (JPEG at 224 px
+     in ViSU's layout) through cache, neighbours, training steps, evaluation and both
+     exports: each stage's items/s and peak GPU memory. ``--rehearsal-items 165000`` runs it
+     at ViSU's full size (rendering that world alone takes ~20 min of one CPU core).
 
 On a CPU (no CUDA, or ``--device cpu``) the same checks run in a reduced form: the tiny
 architectures (``saferclip-micro``, ``saferclip-toy``), small sizes, ``trainer=cpu`` and
@@ -108,6 +113,7 @@ class Sizes:
     run_batch: int
     run_epochs: int
     run_batches: float  # trainer.limit_train_batches of part 5 (1.0: every batch)
+    rehearsal: tuple[tuple[str, int, int, int], ...] = ()  # (model override, items, steps, batch) of part 6
 
 
 def _workers() -> int:
@@ -132,6 +138,7 @@ PRESETS = {
         run_batch=16,
         run_epochs=3,
         run_batches=1.0,
+        rehearsal=(("vit_b32_random", 8192, 50, 48), ("vit_l14_random", 8192, 50, 48)),
     ),
     "gpu-quick": Sizes(
         train=(("vit-b-32", "bf16-mixed"), ("vit-l-14", "bf16-mixed")),
@@ -150,6 +157,7 @@ PRESETS = {
         run_batch=16,
         run_epochs=1,
         run_batches=1.0,
+        rehearsal=(("vit_b32_random", 1024, 10, 48), ("vit_l14_random", 1024, 10, 48)),
     ),
     # the CPU form: the micro model in bf16 (the autocast paths), the toy model in fp32 (the
     # CPU's own figure)
@@ -170,6 +178,7 @@ PRESETS = {
         run_batch=16,
         run_epochs=1,
         run_batches=3,
+        rehearsal=(("micro", 12, 1, 4),),
     ),
 }
 
@@ -202,6 +211,7 @@ class Env:
     toy_dir: Path
     gpu: dict | None
     skip_all: str | None = None  # every check skipped (e.g. --device cuda without CUDA)
+    rehearsal_items: int | None = None  # part 6 at this size instead of the preset's
 
     @property
     def cache_dir(self) -> Path:
@@ -654,6 +664,16 @@ def run_check(env: Env, check: Check, fn: Callable[[], None], index: int, total:
     return check
 
 
+def check_rehearsal(env: Env, model: str, items: int, steps: int, batch: int, check: Check) -> None:
+    from saferclip.app.rehearse import rehearse
+
+    workers = env.sizes.cache_workers if env.cuda else 0
+    rows = rehearse(env.work / "rehearsal" / model, [f"model={model}"], items, steps, env.device.type, batch, workers)
+    check.figures = {"model": model, "items": items, "steps": steps, "batch": batch, "stages": rows}
+    check.summary = ", ".join(f"{r['stage']} {r['items_per_s']:.1f}/s {r['peak_gb']:.1f} GB" for r in rows)
+    free_gpu(env)
+
+
 def plan(env: Env, parts: set[int]) -> list[tuple[Check, Callable[[], None]]]:
     from saferclip.toyworld.generate import ToySizes, make_toy_world
 
@@ -698,6 +718,11 @@ def plan(env: Env, parts: set[int]) -> list[tuple[Check, Callable[[], None]]]:
     if 5 in parts:
         c = Check(5, f"toy run bf16-mixed vs fp32, {s.run_epochs} epoch(s)")
         jobs.append((c, lambda c=c: check_precision(env, c)))
+    if 6 in parts:
+        for model, items, steps, batch in s.rehearsal:
+            items = env.rehearsal_items or items
+            c = Check(6, f"rehearsal {model}, {items} quadruplets, {steps} steps of {batch}")
+            jobs.append((c, lambda c=c, m=model, n=items, t=steps, b=batch: check_rehearsal(env, m, n, t, b, c)))
     return jobs
 
 
@@ -739,7 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--quick", action="store_true", help="smaller GPU sizes (the CPU form is always small)")
-    p.add_argument("--parts", default="1,2,3,4,5", help="which checks, comma-separated (default all)")
+    p.add_argument("--parts", default="1,2,3,4,5,6", help="which checks, comma-separated (default all)")
+    p.add_argument("--rehearsal-items", type=int, default=None, help="part 6's training quadruplets (165000: ViSU's size)")
     p.add_argument(
         "--json", type=Path, default=None, help="where to write the JSON (default outputs/gpu_check/<time>.json)"
     )
@@ -750,9 +776,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parts = {int(x) for x in args.parts.split(",") if x.strip()}
     except ValueError:
-        p.error(f"--parts: comma-separated numbers from 1 to 5, got {args.parts!r}")
-    if not parts <= {1, 2, 3, 4, 5}:
-        p.error(f"--parts: checks are numbered 1 to 5, got {args.parts!r}")
+        p.error(f"--parts: comma-separated numbers from 1 to 6, got {args.parts!r}")
+    if not parts <= {1, 2, 3, 4, 5, 6}:
+        p.error(f"--parts: checks are numbered 1 to 6, got {args.parts!r}")
 
     started = time.perf_counter()
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -772,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     faiss.omp_set_num_threads(threads)
 
     work = Path(tempfile.mkdtemp(prefix="saferclip_gpu_check_", dir=args.work_dir))
-    env = Env(device, PRESETS[preset], work, work / "toy", gpu, skip_all)
+    env = Env(device, PRESETS[preset], work, work / "toy", gpu, skip_all, args.rehearsal_items)
     checks: list[Check] = []
     try:
         if not skip_all and (parts & {1, 4, 5}):

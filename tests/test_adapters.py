@@ -118,6 +118,26 @@ def test_lora_starts_as_the_original_and_merges_exactly(toy_random):
         torch.testing.assert_close(merged.encode_image(images), trained_i, rtol=1e-5, atol=1e-6)
 
 
+def test_merging_a_copy_leaves_the_original_model_working(toy_random):
+    """torch shares a parametrized module's generated class with its deepcopy: folding the
+    copy's LoRA must not remove the original's weights (exporting an in-memory model, then
+    using it again, as saferclip-rehearse does)."""
+    tokens, images = inputs(toy_random)
+    model = fresh(toy_random)
+    configure_trainable(model, TrainableConfig(mode="lora", lora_r=4))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.05)
+        before_t, before_i = model.encode_text(tokens), model.encode_image(images)
+        merged = merge_adapters(model)
+        assert merged is not model and find_adapters(merged) == [] and find_adapters(model) != []
+        torch.testing.assert_close(model.encode_text(tokens), before_t, rtol=0, atol=0)
+        torch.testing.assert_close(model.encode_image(images), before_i, rtol=0, atol=0)
+        torch.testing.assert_close(merged.encode_text(tokens), before_t, rtol=1e-5, atol=1e-6)
+        assert find_adapters(merge_adapters(model)) == []  # and it merges again
+
+
 def test_lora_on_packed_qkv_leaves_the_query_rows_alone(toy_random):
     model = fresh(toy_random)
     attn = tower_modules(model)["text"].resblocks[0].attn

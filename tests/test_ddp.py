@@ -4,6 +4,7 @@ the real app under ``trainer=ddp_cpu``."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -219,9 +220,10 @@ def test_app_fast_dev_run_under_ddp_cpu(tmp_path, toy_world):
     results = [line for line in out.splitlines() if "saferclip.train][INFO] - result:" in line]
     assert len(results) == 2 and results[0] != results[1]
     assert (tmp_path / "run" / "train_ddp_process_1.log").is_file()  # Lightning's re-launched rank
-    # rank 0 embeds once (prepare_data); the other rank loads that cache in setup
-    assert len(list((tmp_path / "cache").iterdir())) == 1
-    assert out.count("reusing frozen-embedding cache") == 1
+    # one cache, built by both ranks together (each embedded its half, in setup)
+    caches = list((tmp_path / "cache").iterdir())
+    assert len(caches) == 1
+    assert json.loads((caches[0] / "meta.json").read_text())["built_by_ranks"] == 2
     assert out.count("active loss terms: text_preservation") == 1  # said once, by rank 0
     assert "xmodal_text_preservation" in out.split("active loss terms:")[1].splitlines()[0]
     assert (tmp_path / "run" / "config_resolved.yaml").is_file()

@@ -85,7 +85,7 @@ def test_without_cuda_every_gpu_check_is_skipped_and_nothing_fails(tmp_path):
     assert "Traceback" not in proc.stderr
     report = json.loads(out.read_text())
     assert report["gpu"] == NO_GPU and report["gpu_figures_measured"] is False
-    assert {c["part"] for c in report["checks"]} == {1, 2, 3, 4, 5}
+    assert {c["part"] for c in report["checks"]} == {1, 2, 3, 4, 5, 6}
     assert all(c["status"].startswith("skipped: --device cuda, but torch") for c in report["checks"])
     assert report["counts"] == {"passed": 0, "failed": 0, "skipped": len(report["checks"])}
     assert "GPU figures: not measured: --device cuda, but torch" in proc.stdout
@@ -106,7 +106,7 @@ def test_cpu_form_runs_every_check_and_reports_it(tmp_path):
     assert report["versions"]["torch"] == torch.__version__ and report["faiss"]["faiss_version"]
     checks = report["checks"]
     assert [c["status"] for c in checks] == ["passed"] * len(checks), [(c["name"], c["status"]) for c in checks]
-    by_part = {p: [c for c in checks if c["part"] == p] for p in range(1, 6)}
+    by_part = {p: [c for c in checks if c["part"] == p] for p in range(1, 7)}
     assert all(by_part.values())
     for c in by_part[1]:
         f = c["figures"]
@@ -123,6 +123,9 @@ def test_cpu_form_runs_every_check_and_reports_it(tmp_path):
     assert precision["dtypes_under_bf16_autocast"]["features"] == ["bfloat16"]
     assert set(precision["dtypes_under_bf16_autocast"]["terms"].values()) == {"float32"}
     assert max(precision["metric_deltas"].values()) <= precision["metric_tolerance"]
+    stages = by_part[6][0]["figures"]["stages"]  # the rehearsal, on the micro model
+    assert [r["stage"] for r in stages] == ["world", "cache", "neighbours", "train", "evaluation", "export"]
+    assert all(r["items_per_s"] > 0 for r in stages)
     # one table, and the plain statement that no GPU figure was measured
     assert "#  check" in proc.stdout and "GPU: not measured: no GPU" in proc.stdout
     assert "GPU figures: not measured (no GPU here)" in proc.stdout

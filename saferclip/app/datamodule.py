@@ -1,19 +1,23 @@
 """Lightning DataModule: loads the splits, the frozen-embedding cache and the redirection targets.
 
-``prepare_data`` (rank 0 only) generates the toy world if asked and builds the embedding
-cache and neighbour index with the *original* model; ``setup`` (every rank) loads them. So
-under DDP the frozen encoders run once, not once per rank.
+``prepare_data`` (rank 0 only) generates the toy world if asked; on one process it also builds
+the embedding cache and neighbour index with the *original* model, and ``setup`` reuses them.
+Under DDP ``setup`` (every rank) builds the cache together: each rank embeds its shard of the
+items into the same memory-mapped cache (``build_or_load_cache``), then the neighbour search
+runs once (the first rank to take its lock) and the others reuse it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
+from ..data.image_shards import ImageShards
 from ..data.splits import load_split
 from ..model.build import build_clip
 from ..training.prepare import Prepared, prepare
@@ -77,12 +81,16 @@ class SaferClipDataModule(L.LightningDataModule):
         if self.train_set is not None:  # already set up in this process (e.g. a second fit)
             return
         ensure_toy_world(self.data_cfg)
-        if not self.method.needs_cache:
-            return  # HySAC: no frozen encoder runs, nothing to build
-        # the cache and the neighbours are built once here, on the training device, and saved
-        # beside each other; every rank's setup() then reads them
-        device = str(self.trainer.strategy.root_device) if self.trainer is not None else "cpu"
-        self._prepared = prepare(self.data_cfg, self.model_cfg, self.method, self.cache_dir, progress=True, device=device)
+        if not self.method.needs_cache or self._world_size() > 1:
+            return  # HySAC: nothing to build; under DDP every rank builds its shard in setup()
+        # one process: the cache and the neighbours are built here, on the training device
+        self._prepared = prepare(self.data_cfg, self.model_cfg, self.method, self.cache_dir, progress=True, device=self._device())
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def _device(self) -> str:
+        return str(self.trainer.strategy.root_device) if self.trainer is not None else "cpu"
 
     # ---------------------------------------------------------------- every rank
     def setup(self, stage: str | None = None) -> None:
@@ -91,7 +99,14 @@ class SaferClipDataModule(L.LightningDataModule):
         if not self.method.needs_cache:
             self._setup_pairs_only()
             return
-        prepared = self._prepared or prepare(self.data_cfg, self.model_cfg, self.method, self.cache_dir, progress=False)
+        prepared = self._prepared or prepare(
+            self.data_cfg,
+            self.model_cfg,
+            self.method,
+            self.cache_dir,
+            progress=self.trainer is not None and self.trainer.is_global_zero,
+            device=self._device(),
+        )
         self._prepared = None
         prepared.bundle.model.to("cpu")  # only its tokenizer and preprocessing are used from here
         cache, bundle = prepared.cache, prepared.bundle
@@ -114,11 +129,25 @@ class SaferClipDataModule(L.LightningDataModule):
             prepared.pool,
             live_targets=self.live_targets,
             memo_images=memo,
+            image_shards=self._image_shards("train", bundle.preprocess),
         )
         validation = load_split(self.data_cfg, "validation")
-        self.val_set = ValidationDataset(validation, bundle.tokenizer, bundle.preprocess, memo_images=memo)
+        self.val_set = ValidationDataset(
+            validation, bundle.tokenizer, bundle.preprocess, memo_images=memo, image_shards=self._image_shards("validation", bundle.preprocess)
+        )
         self.tokenizer, self.preprocess = bundle.tokenizer, bundle.preprocess
         self.mode = prepared.train.mode
+
+    def _image_shards(self, split: str, preprocess) -> ImageShards | None:
+        """The split's pre-resized images (``data.image_shards``/<split>, written by
+        ``python -m saferclip.app.make_image_shards``) when they exist and match; else None (JPEGs)."""
+        root = self.data_cfg.get("image_shards")
+        if not root or not (Path(root) / split / "images.json").is_file():
+            return None
+        shards = ImageShards.open(Path(root) / split, preprocess)
+        if shards is not None:
+            log.info("%s images from the shards in %s", split, shards.folder)
+        return shards
 
     def _setup_pairs_only(self) -> None:
         """The training quadruplets as they are (captions tokenised, images preprocessed), with
@@ -128,10 +157,14 @@ class SaferClipDataModule(L.LightningDataModule):
         train = load_split(self.data_cfg, "train")
         if train.skips is not None and train.skips.count:
             log.warning(train.skips.summary())
-        self.train_set = ValidationDataset(train, bundle.tokenizer, bundle.preprocess, memo_images=memo)
+        self.train_set = ValidationDataset(
+            train, bundle.tokenizer, bundle.preprocess, memo_images=memo, image_shards=self._image_shards("train", bundle.preprocess)
+        )
         self.targets = RedirectionTargets.paired(len(train))  # every pair, every epoch
         validation = load_split(self.data_cfg, "validation")
-        self.val_set = ValidationDataset(validation, bundle.tokenizer, bundle.preprocess, memo_images=memo)
+        self.val_set = ValidationDataset(
+            validation, bundle.tokenizer, bundle.preprocess, memo_images=memo, image_shards=self._image_shards("validation", bundle.preprocess)
+        )
         self.tokenizer, self.preprocess = bundle.tokenizer, bundle.preprocess
         self.mode = train.mode
 

@@ -72,8 +72,12 @@ def dry_run(cfg: DictConfig) -> dict:
             method = method_config(to_container(cfg.method))
             if method.neighbours is not None:
                 from ..redirection.cache import load_safe_corpus
+                from ..redirection.large_pool import is_embedded_pool, open_pool
 
-                extra = len(load_safe_corpus(method.extra_pool)) if method.extra_pool and method.neighbours.use_extra_pool else 0
+                extra = 0
+                if method.extra_pool and method.neighbours.use_extra_pool:
+                    embedded = is_embedded_pool(method.extra_pool)
+                    extra = len(open_pool(method.extra_pool)) if embedded else len(load_safe_corpus(method.extra_pool))
                 if method.neighbours.k > len(qset) + extra:
                     raise ConfigError(
                         f"method.neighbours.k={method.neighbours.k} is larger than the safe pool "

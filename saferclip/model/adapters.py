@@ -245,6 +245,12 @@ def _merge_one(module: nn.Module, kind: str, name: str) -> nn.Module:
     elif kind == "merge-alias":
         out = module.merged_linear() if callable(getattr(module, "merged_linear", None)) else module.merge()
     else:  # parametrized: fold every parametrization into the tensor it produces
+        # torch gives a parametrized module a generated class whose properties serve the
+        # tensors, and a deepcopy shares that class with the original: removing a
+        # parametrization deletes the property from the class, breaking the original too.
+        # Fold on a private copy of the class instead.
+        cls = type(module)
+        module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
         for pname in list(module.parametrizations.keys()):
             parametrize.remove_parametrizations(module, pname, leave_parametrized=True)
         return module

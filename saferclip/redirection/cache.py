@@ -27,6 +27,7 @@ provides them, ``safe_image.npy``, ``unsafe_image.npy`` (all ``[N, D]``), ``extr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -234,6 +235,45 @@ def _image_batches(
         start += len(images)
 
 
+def _embed_jobs(
+    bundle: ClipBundle, qset: QuadrupletSet, extra: Sequence[str], batch_size: int, num_workers: int
+) -> list[tuple[str, int, Callable[[int, int], Iterator[tuple[int, torch.Tensor]]], Sequence[str]]]:
+    """One job per cached field: ``(name, rows, batches(lo, hi), item names)``; ``batches``
+    embeds rows ``lo:hi`` and yields ``(row, [b, D])`` with absolute row numbers."""
+    param = next(bundle.model.parameters())
+    ids = [q.id for q in qset.items]
+
+    def texts(captions: Sequence[str]) -> Callable[[int, int], Iterator[tuple[int, torch.Tensor]]]:
+        def batches(lo: int, hi: int) -> Iterator[tuple[int, torch.Tensor]]:
+            for start, emb in _text_batches(bundle, captions[lo:hi], batch_size, param.device):
+                yield lo + start, emb
+
+        return batches
+
+    def images(paths: list[Path], name: str) -> Callable[[int, int], Iterator[tuple[int, torch.Tensor]]]:
+        def batches(lo: int, hi: int) -> Iterator[tuple[int, torch.Tensor]]:
+            shard = _image_batches(bundle, paths[lo:hi], ids[lo:hi], name, batch_size, num_workers, param.device, param.dtype)
+            for start, emb in shard:
+                yield lo + start, emb
+
+        return batches
+
+    jobs = [
+        ("safe_text", len(qset), texts(qset.safe_captions), ids),
+        ("unsafe_text", len(qset), texts(qset.unsafe_captions), ids),
+    ]
+    for name, paths in _image_paths(qset).items():
+        jobs.append((name, len(paths), images(paths, name), ids))
+    if extra:
+        jobs.append((EXTRA_FIELD, len(extra), texts(extra), [f"extra-{i}" for i in range(len(extra))]))
+    return jobs
+
+
+def shard_rows(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous rows ``[lo, hi)`` of ``n`` that ``rank`` of ``world`` embeds (sizes differ by at most one)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
 def _embed_into(
     folder: Path,
     bundle: ClipBundle,
@@ -243,33 +283,19 @@ def _embed_into(
     batch_size: int,
     num_workers: int,
     progress: bool,
+    rank: int = 0,
+    world: int = 1,
+    create: bool = True,
 ) -> dict[str, list[int]]:
-    """Run the frozen encoders, writing each field straight into a ``.npy`` memmap under ``folder``."""
-    param = next(bundle.model.parameters())
-    ids = [q.id for q in qset.items]
-    dim = int(bundle.model_cfg.get("embed_dim") or 0) or _probe_dim(bundle, param.device)
-    jobs: list[tuple[str, int, Callable[[], Iterator[tuple[int, torch.Tensor]]], Sequence[str]]] = [
-        ("safe_text", len(qset), lambda: _text_batches(bundle, qset.safe_captions, batch_size, param.device), ids),
-        ("unsafe_text", len(qset), lambda: _text_batches(bundle, qset.unsafe_captions, batch_size, param.device), ids),
-    ]
-    for name, paths in _image_paths(qset).items():
-        jobs.append(
-            (
-                name,
-                len(paths),
-                lambda p=paths, n=name: _image_batches(
-                    bundle, p, ids, n, batch_size, num_workers, param.device, param.dtype
-                ),
-                ids,
-            )
-        )
-    if extra:
-        extra_ids = [f"extra-{i}" for i in range(len(extra))]
-        jobs.append(
-            (EXTRA_FIELD, len(extra), lambda: _text_batches(bundle, extra, batch_size, param.device), extra_ids)
-        )
+    """Run the frozen encoders, writing each field straight into a ``.npy`` memmap under ``folder``.
+
+    With ``world > 1`` this process embeds only its shard (:func:`shard_rows`) of every field
+    into memmaps that rank 0 created beforehand (``create=False``: opened ``r+``, shared, so
+    every rank's rows land in the same files)."""
+    dim = _dim(bundle)
+    jobs = _embed_jobs(bundle, qset, extra, batch_size, num_workers)
     shapes: dict[str, list[int]] = {}
-    total = sum(n for _, n, _, _ in jobs)
+    total = sum(hi - lo for lo, hi in (shard_rows(n, rank, world) for _, n, _, _ in jobs))
     with (
         eval_mode(bundle.model),
         torch.inference_mode(),
@@ -277,9 +303,15 @@ def _embed_into(
     ):
         for name, n, batches, names in jobs:
             bar.set_postfix_str(name)
-            out = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=_DTYPES[dtype], shape=(n, dim))
+            if create:
+                out = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=_DTYPES[dtype], shape=(n, dim))
+            else:
+                out = np.load(folder / f"{name}.npy", mmap_mode="r+")
+            if out.shape != (n, dim):
+                raise EmbeddingError(f"{name}: the shared cache file is {out.shape}, expected {(n, dim)}")
             what = name.replace("_", " ")
-            for start, emb in batches():
+            lo, hi = shard_rows(n, rank, world)
+            for start, emb in batches(lo, hi):
                 if emb.shape[1] != dim:
                     raise EmbeddingError(f"{what}: the model returned {emb.shape[1]}-d embeddings, expected {dim}")
                 _check_finite(emb, start, what, names)
@@ -289,6 +321,14 @@ def _embed_into(
             del out  # close the memmap before the folder is renamed
             shapes[name] = [n, dim]
     return shapes
+
+
+def _preallocate(folder: Path, shapes: dict[str, list[int]], dtype: str) -> None:
+    """Create every field's ``.npy`` (zeros) so that all ranks can open them ``r+``."""
+    for name, shape in shapes.items():
+        out = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=_DTYPES[dtype], shape=tuple(shape))
+        out.flush()
+        del out
 
 
 def _probe_dim(bundle: ClipBundle, device) -> int:
@@ -307,8 +347,15 @@ def build_or_load_cache(
     dtype: str = "float32",
     extra_safe_captions: Sequence[str] | None = None,
     image_fingerprint: str = "stat",
+    distributed: bool = True,
 ) -> EmbeddingCache:
     """Embed ``qset`` with the frozen encoders of ``bundle``, or load the cache that already holds it.
+
+    Under an initialised ``torch.distributed`` process group of more than one rank (and
+    ``distributed``), every rank must call this together: each embeds its contiguous shard of
+    every field (:func:`shard_rows`) into the same memory-mapped files, and rank 0 checksums
+    and publishes the folder. ``cache_dir`` must then be one folder all ranks see (a shared
+    filesystem across nodes). The result is the one-process cache (same key, same rows).
 
     Args:
         bundle: the *original* model (its weights are fingerprinted; the model is not changed).
@@ -319,6 +366,7 @@ def build_or_load_cache(
         extra_safe_captions: an extra safe caption pool (see :func:`load_safe_corpus`),
             embedded with the same model into ``extra_safe_text [E, D]``.
         image_fingerprint: ``"stat"`` (size + mtime, cheap) or ``"content"`` (hash the bytes).
+        distributed: ``False`` builds in this process alone even inside a process group.
 
     Raises:
         DataFormatError: an image missing or unreadable (naming the file and item).
@@ -333,6 +381,10 @@ def build_or_load_cache(
     key = _sha256_json(identity)[:KEY_LENGTH]
     cache_dir = Path(cache_dir)
     final = cache_dir / key
+    rank, world = _process_group() if distributed else (0, 1)
+    if world > 1:
+        args = (bundle, qset, extra, dtype, batch_size, num_workers, progress)
+        return _build_sharded(final, key, identity, rank, world, *args)
     cache = _reuse(final, key)
     if cache is not None:
         return cache
@@ -346,30 +398,159 @@ def build_or_load_cache(
         with atomic_folder(final, replace=True) as tmp:
             t0 = time.perf_counter()
             shapes = _embed_into(tmp, bundle, qset, extra, dtype, batch_size, num_workers, progress)
-            if extra:
-                (tmp / "extra_safe_captions.json").write_text(json.dumps(extra, ensure_ascii=False) + "\n")
-            files = [f"{name}.npy" for name in shapes] + (["extra_safe_captions.json"] if extra else [])
-            meta = {
-                **identity,
-                "key": key,
-                "model": {**identity["model"], "source": bundle.source},
-                "data": {
-                    **identity["data"],
-                    "source": qset.source,
-                    "mode": qset.mode.value,
-                    "count": len(qset),
-                    "extra_count": len(extra),
-                },
-                "embed_dim": next(iter(shapes.values()))[1],
-                "counts": {name: shape[0] for name, shape in shapes.items()},
-                "checksums": digests(tmp, files),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "build_seconds": round(time.perf_counter() - t0, 3),
-            }
-            write_json_atomic(tmp / "meta.json", meta)
+            _write_meta(tmp, identity, key, bundle, qset, extra, shapes, t0, world=1)
         cache = load_cache(final, expected_key=key)
     cache.was_reused = False
     return cache
+
+
+def _process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised default process group, else ``(0, 1)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_ranks(value: Any) -> list[Any]:
+    """``value`` of every rank (a collective: every rank calls it)."""
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def _raise_if_failed(errors: list[str | None], rank: int, own: BaseException | None) -> None:
+    """After a collective step: re-raise this rank's error, or name another rank's. So one
+    rank's bad image stops every rank with a one-line error instead of a hang."""
+    if own is not None:
+        raise own
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        r, e = failed[0]
+        raise EmbeddingError(f"the frozen-embedding cache build failed on rank {r}: {e}")
+
+
+def _build_sharded(
+    final: Path,
+    key: str,
+    identity: dict[str, Any],
+    rank: int,
+    world: int,
+    bundle: ClipBundle,
+    qset: QuadrupletSet,
+    extra: list[str],
+    dtype: str,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+) -> EmbeddingCache:
+    """Every rank embeds its shard into rank 0's temporary folder; rank 0 publishes it.
+
+    Rank 0 alone holds the key's file lock and the atomic folder, so a crash anywhere leaves
+    no half-written cache and a second job sharing ``cache_dir`` waits, as for one process."""
+    keys = _all_ranks(key)
+    if len(set(keys)) != 1:
+        raise ConfigError(
+            f"the ranks disagree on the frozen-embedding cache key ({keys}): every rank must load the "
+            "same model weights and the same data"
+        )
+    if rank != 0:
+        tmp_name = _all_ranks(None)[0]
+        if tmp_name is not None:  # rank 0 is building: embed this rank's shard into its folder
+            error = None
+            try:
+                _embed_into(Path(tmp_name), bundle, qset, extra, dtype, batch_size, num_workers, False, rank, world, create=False)
+            except Exception as e:  # reported to every rank below, raised here
+                error = e
+            _raise_if_failed(_all_ranks(None if error is None else str(error)), rank, error)
+        done = _all_ranks(None)[0]  # rank 0: "ok" once the folder is published, else its error
+        if done != "ok":
+            raise EmbeddingError(f"the frozen-embedding cache build failed on rank 0: {done}")
+        cache = load_cache(final, expected_key=key)
+        cache.was_reused = tmp_name is None
+        return cache
+    # rank 0. The collectives, in the same order on every rank: the temporary folder's name
+    # (None: nothing to build), then each rank's error (only when building), then "ok" or
+    # rank 0's error (the others wait for it unless a rank's error already stopped them all).
+    sent_folder, others_wait = False, True
+    try:
+        with contextlib.ExitStack() as stack:
+            cache = _reuse(final, key)
+            if cache is None:
+                stack.enter_context(file_lock(final.parent / f".{key}.lock"))
+                cache = _reuse(final, key, quiet=True)
+            if cache is not None:
+                _all_ranks(None)  # nothing to build
+                sent_folder, others_wait = True, False
+                _all_ranks("ok")
+                return cache
+            remove_leftovers(final)
+            tmp = stack.enter_context(atomic_folder(final, replace=True))
+            t0 = time.perf_counter()
+            jobs = _embed_jobs(bundle, qset, extra, batch_size, num_workers)
+            shapes = {name: [n, _dim(bundle)] for name, n, _, _ in jobs}
+            _preallocate(tmp, shapes, dtype)
+            _all_ranks(str(tmp))
+            sent_folder = True
+            error = None
+            try:
+                _embed_into(tmp, bundle, qset, extra, dtype, batch_size, num_workers, progress, 0, world, create=False)
+            except Exception as e:
+                error = e
+            errors = _all_ranks(None if error is None else str(error))
+            others_wait = all(e is None for e in errors)
+            _raise_if_failed(errors, 0, error)  # every rank raises when one failed
+            _write_meta(tmp, identity, key, bundle, qset, extra, shapes, t0, world=world)
+        # leaving the block published the folder and released the lock
+    except Exception as e:  # tell the others before raising, so that they do not wait forever
+        if not sent_folder:
+            _all_ranks(None)
+        if others_wait:
+            _all_ranks(f"{type(e).__name__}: {e}")
+        raise
+    _all_ranks("ok")
+    cache = load_cache(final, expected_key=key)
+    cache.was_reused = False
+    return cache
+
+
+def _dim(bundle: ClipBundle) -> int:
+    param = next(bundle.model.parameters())
+    return int(bundle.model_cfg.get("embed_dim") or 0) or _probe_dim(bundle, param.device)
+
+
+def _write_meta(
+    tmp: Path,
+    identity: dict[str, Any],
+    key: str,
+    bundle: ClipBundle,
+    qset: QuadrupletSet,
+    extra: Sequence[str],
+    shapes: dict[str, list[int]],
+    t0: float,
+    world: int,
+) -> None:
+    if extra:
+        (tmp / "extra_safe_captions.json").write_text(json.dumps(list(extra), ensure_ascii=False) + "\n")
+    files = [f"{name}.npy" for name in shapes] + (["extra_safe_captions.json"] if extra else [])
+    meta = {
+        **identity,
+        "key": key,
+        "model": {**identity["model"], "source": bundle.source},
+        "data": {
+            **identity["data"],
+            "source": qset.source,
+            "mode": qset.mode.value,
+            "count": len(qset),
+            "extra_count": len(extra),
+        },
+        "embed_dim": next(iter(shapes.values()))[1],
+        "counts": {name: shape[0] for name, shape in shapes.items()},
+        "checksums": digests(tmp, files),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": round(time.perf_counter() - t0, 3),
+        "built_by_ranks": world,
+    }
+    write_json_atomic(tmp / "meta.json", meta)
 
 
 def _reuse(final: Path, key: str, quiet: bool = False) -> EmbeddingCache | None:

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from ..data.image_shards import ImageShards
 from ..data.images import load_image
 from ..data.records import QuadrupletSet
 from ..model.build import tokenize_checked
@@ -40,6 +41,7 @@ class RedirectionDataset(Dataset):
         pool: SafePool,
         live_targets: bool = False,
         memo_images: bool = False,
+        image_shards: ImageShards | None = None,
     ):
         if len(targets.indices) != len(qset):
             raise ValueError(f"{len(targets.indices)} targets for {len(qset)} items")
@@ -51,11 +53,14 @@ class RedirectionDataset(Dataset):
         self.use_safe_images = qset.mode.has_safe_images
         self.use_unsafe_images = qset.mode.has_unsafe_images
         self._memo: dict[Path, torch.Tensor] | None = {} if memo_images else None
+        self.image_shards = image_shards  # pre-resized images (data/image_shards.py): no JPEG decode
 
     def __len__(self) -> int:
         return len(self.qset)
 
     def image(self, path: Path) -> torch.Tensor:
+        if self.image_shards is not None and path in self.image_shards:
+            return self.image_shards.image(path)
         if self._memo is None:
             return self.preprocess(load_image(path))
         if path not in self._memo:
@@ -111,7 +116,9 @@ class ValidationDataset(Dataset):
     """Captions and images of the validation split: ``s_tokens``, ``u_tokens``, ``v_image``,
     ``g_image``, and ``owner`` (items sharing a safe image share the index of the first)."""
 
-    def __init__(self, qset: QuadrupletSet, tokenizer, preprocess, memo_images: bool = False):
+    def __init__(
+        self, qset: QuadrupletSet, tokenizer, preprocess, memo_images: bool = False, image_shards: ImageShards | None = None
+    ):
         self.inner = RedirectionDataset(
             qset,
             tokenizer,
@@ -120,6 +127,7 @@ class ValidationDataset(Dataset):
             targets=RedirectionTargets.paired(len(qset)),
             pool=SafePool([], [], torch.zeros(len(qset), 1), None),
             memo_images=memo_images,
+            image_shards=image_shards,
         )
         # items sharing a safe image (several captions per image) share an owner: the index of
         # the first such item, so retrieval counts any of them as the right one

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..model.adapters import LORA_TARGETS, TOWERS, TrainableConfig
 from ..model.hyperbolic import HyperbolicConfig
 from ..redirection.index import NeighbourConfig, NeighbourError
+from ..redirection.large_pool import PoolIndexConfig
 from .hysac import HysacLossConfig
 from .losses import LossConfig
 
@@ -56,6 +57,8 @@ class MethodConfig:
     neighbours: NeighbourConfig | None = None
     extra_pool: str | None = None
     hyperbolic: HyperbolicConfig | None = None  # HySAC only
+    # the IVF-PQ index of an embedded extra pool (a folder of embedding shards)
+    pool_index: PoolIndexConfig | None = None
 
     @property
     def is_hyperbolic(self) -> bool:
@@ -139,12 +142,19 @@ def method_config(method: Mapping[str, Any]) -> MethodConfig:
     _known(optimizer, {f.name for f in fields(OptimizerConfig)}, "method.optimizer")
     optimizer_cfg = OptimizerConfig(**optimizer)
 
-    neighbours_cfg, extra_pool = None, None
+    neighbours_cfg, extra_pool, pool_index_cfg = None, None, None
     if targets == "neighbours":
         section = _section(method, "neighbours")
         if not section:
             raise ConfigError("method.targets=neighbours needs a method.neighbours section")
         extra_pool = section.pop("extra_pool", None)
+        pool_index = _section(section, "pool_index")
+        section.pop("pool_index", None)
+        _known(pool_index, {f.name for f in fields(PoolIndexConfig)}, "method.neighbours.pool_index")
+        try:
+            pool_index_cfg = PoolIndexConfig(**pool_index)
+        except NeighbourError as e:
+            raise ConfigError(f"method.neighbours.pool_index: {e}") from None
         _known(section, {f.name for f in fields(NeighbourConfig)}, "method.neighbours")
         try:
             neighbours_cfg = NeighbourConfig(**section)
@@ -152,4 +162,4 @@ def method_config(method: Mapping[str, Any]) -> MethodConfig:
             raise ConfigError(f"method.neighbours: {e}") from None
         except TypeError as e:
             raise ConfigError(f"method.neighbours: {e}") from None
-    return MethodConfig(name, targets, curriculum, loss, trainable_cfg, optimizer_cfg, neighbours_cfg, extra_pool, hyperbolic_cfg)
+    return MethodConfig(name, targets, curriculum, loss, trainable_cfg, optimizer_cfg, neighbours_cfg, extra_pool, hyperbolic_cfg, pool_index_cfg)

@@ -11,6 +11,7 @@ redirection layer below it imports nothing from above.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -30,6 +31,13 @@ from ..redirection.targets import (
     neighbour_targets,
     paired_targets,
     safe_pool,
+)
+from ..redirection.large_pool import (
+    PoolIndexConfig,
+    attach_large_pool,
+    is_embedded_pool,
+    load_or_build_pool_index,
+    open_pool,
 )
 from .method import MethodConfig, method_config
 
@@ -70,6 +78,7 @@ def prepare(
         log.warning(train.skips.summary())
     bundle = build_clip(model["arch"], model.get("pretrained"), device=device)
     extra_pool = config.extra_pool
+    embedded = is_embedded_pool(extra_pool)  # a folder of embedding shards, not a caption file
     cache = build_or_load_cache(
         bundle,
         train,
@@ -77,12 +86,31 @@ def prepare(
         batch_size=int(data.get("eval_batch_size", 256)),
         num_workers=int(data.get("num_workers", 0)),
         progress=progress,
-        extra_safe_captions=load_safe_corpus(extra_pool) if extra_pool else None,
+        extra_safe_captions=load_safe_corpus(extra_pool) if extra_pool and not embedded else None,
     )
     if kind == "paired":
         return Prepared(train, bundle, cache, paired_targets(len(train)), safe_pool(train, cache))
     search = config.neighbours
+    if embedded and search.use_extra_pool and search.mode == "text":
+        cache = with_embedded_pool(cache, bundle, extra_pool, Path(cache_dir) / "pools", search.k, config.pool_index)
     pool_size = len(pool_text(cache, search.use_extra_pool))
     neighbours = load_or_find_safe_neighbours(cache, search, config_groups(train, search, pool_size))
     targets = neighbour_targets(neighbours, curriculum=config.curriculum)
     return Prepared(train, bundle, cache, targets, safe_pool(train, cache, neighbours.pool_size), neighbours)
+
+
+def with_embedded_pool(
+    cache: EmbeddingCache, bundle: ClipBundle, pool_dir: str, index_dir: Path, k: int, index: PoolIndexConfig | None
+) -> EmbeddingCache:
+    """The cache whose extra pool holds the candidates of a large embedded pool (clip-retrieval
+    layout) for its unsafe captions: the index (IVF-PQ, re-ranked exactly) is built once per pool
+    under ``index_dir``; each unsafe caption contributes its top ``max(4k, 16)`` rows, so the
+    guard's exclusions still leave it k candidates."""
+    from ..model.build import encode_text
+
+    pool = load_or_build_pool_index(open_pool(pool_dir), index_dir, index or PoolIndexConfig())
+
+    def encode(captions: list[str]):
+        return encode_text(bundle, captions, 64).float().numpy()
+
+    return attach_large_pool(cache, pool, per_query=max(4 * k, 16), encode_captions=encode)

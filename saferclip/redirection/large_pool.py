@@ -1,0 +1,414 @@
+"""A safe caption pool of millions, already embedded: read from disk in chunks, searched by IVF-PQ
+with exact re-ranking (docs/METHOD.md, "Finding the targets").
+
+The pool is clip-retrieval's layout (``clip-retrieval inference`` writes it): a folder with
+``text_emb/text_emb_<i>.npy`` ``[n_i, D]`` float16/float32 shards (L2-normalised) and, for the
+captions, ``metadata/metadata_<i>.parquet`` with a ``caption`` column and ``n_i`` rows (a flat
+folder of ``*.npy`` + ``*.parquet`` also works). Shards are opened as memory maps: no step
+holds every vector in memory.
+
+- :func:`open_pool` checks the layout (one-line errors naming the file) and returns a
+  :class:`PoolShards` (rows across shards, chunks, captions of chosen rows).
+- :func:`build_pool_index` trains an IVF-PQ index on a sample (coarse k-means, then product
+  quantisation of the residuals; an HNSW graph over the centroids assigns vectors to lists)
+  and adds the pool chunk by chunk. In memory and on disk it costs ``m`` bytes of code plus an
+  8-byte id per vector; the float vectors stay in the shards, the re-ranking store.
+- :class:`PoolIndex` ``.search`` takes ``candidates`` approximate hits per query from the index
+  and re-ranks them by exact inner product with their vectors read from the shards.
+- :func:`pool_candidates` gives the training split's neighbour search its candidates: the
+  union of every query's re-ranked top candidates, as a small ``[C, D]`` pool with captions.
+  A query's exact top-k in that union is its top-k in the whole pool as far as the index finds
+  it (recall measured by ``scripts/bench_large_pool.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..data.records import DataFormatError
+from ..errors import ConfigError
+from ..files import atomic_folder, file_lock, remove_leftovers, write_json_atomic
+from ..integrity import DamagedArtefact, digests, verify_all
+from .index import NeighbourError, _faiss
+
+log = logging.getLogger(__name__)
+
+POOL_INDEX_FORMAT_VERSION = 1
+_DTYPES = (np.float16, np.float32)
+
+
+def _natural_key(path: Path) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name))
+
+
+# ----------------------------------------------------------------------------- the shards
+@dataclass
+class PoolShards:
+    """``N`` safe caption embeddings ``[N, D]`` in memory-mapped ``.npy`` shards, in order."""
+
+    root: Path
+    files: list[Path]
+    offsets: np.ndarray  # [S + 1] first row of each shard, then N
+    dim: int
+    metadata: list[Path]  # one parquet file per shard, or [] when the pool has no captions
+    caption_column: str = "caption"
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def shard(self, i: int) -> np.ndarray:
+        """Shard ``i`` as a read-only memory map ``[n_i, D]``."""
+        return np.load(self.files[i], mmap_mode="r", allow_pickle=False)
+
+    def chunks(self, rows: int = 262_144) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, float32 [<=rows, D])`` over the whole pool, one chunk in memory at a time."""
+        for i in range(len(self.files)):
+            arr = self.shard(i)
+            for start in range(0, len(arr), rows):
+                yield int(self.offsets[i]) + start, np.ascontiguousarray(arr[start : start + rows], dtype=np.float32)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """The vectors of global rows ``ids`` (any shape of ints) as float32 ``[*ids.shape, D]``."""
+        ids = np.asarray(ids, dtype=np.int64)
+        flat = ids.reshape(-1)
+        out = np.empty((len(flat), self.dim), dtype=np.float32)
+        shard_of = np.searchsorted(self.offsets, flat, side="right") - 1
+        for i in np.unique(shard_of):
+            sel = np.flatnonzero(shard_of == i)
+            local = flat[sel] - self.offsets[i]
+            order = np.argsort(local, kind="stable")  # sorted reads from the map
+            out[sel[order]] = self.shard(int(i))[local[order]]
+        return out.reshape(*ids.shape, self.dim)
+
+    def captions(self, ids: np.ndarray) -> list[str]:
+        """The captions of global rows ``ids`` (1-d), from the parquet metadata."""
+        if not self.metadata:
+            raise ConfigError(f"{self.root}: the pool has no metadata/*.parquet, so its captions are unknown")
+        import pyarrow.parquet as pq
+
+        ids = np.asarray(ids, dtype=np.int64)
+        out: list[str | None] = [None] * len(ids)
+        shard_of = np.searchsorted(self.offsets, ids, side="right") - 1
+        for i in np.unique(shard_of):
+            sel = np.flatnonzero(shard_of == i)
+            column = pq.read_table(self.metadata[i], columns=[self.caption_column]).column(0)
+            for j in sel:
+                out[j] = column[int(ids[j] - self.offsets[i])].as_py()
+        for j, text in enumerate(out):
+            if not isinstance(text, str) or not text.strip():
+                i = int(shard_of[j])
+                raise DataFormatError(
+                    self.metadata[i], "empty or missing caption", row=int(ids[j] - self.offsets[i]), field=self.caption_column
+                )
+        return [t.strip() for t in out]  # type: ignore[union-attr]
+
+    def identity(self) -> dict:
+        """What decides the pool's content: shard names, sizes and modification times."""
+        files = [*self.files, *self.metadata]
+        return {"root": str(self.root), "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def open_pool(path: str | Path, caption_column: str = "caption") -> PoolShards:
+    """Open a clip-retrieval embedding folder (``text_emb/*.npy`` + ``metadata/*.parquet``, or a
+    flat folder of both). Every shard must be 2-d float16/float32 with one width; a metadata file
+    per shard with as many rows. Raises DataFormatError naming the file."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataFormatError(root, "safe pool folder not found (expected text_emb/*.npy, metadata/*.parquet)")
+    emb_dir = root / "text_emb" if (root / "text_emb").is_dir() else root
+    meta_dir = root / "metadata" if (root / "metadata").is_dir() else root
+    files = sorted(emb_dir.glob("*.npy"), key=_natural_key)
+    if not files:
+        raise DataFormatError(emb_dir, "no embedding shards (*.npy) in the safe pool folder")
+    metadata = sorted(meta_dir.glob("*.parquet"), key=_natural_key)
+    if metadata and len(metadata) != len(files):
+        raise DataFormatError(meta_dir, f"{len(metadata)} metadata files for {len(files)} embedding shards")
+    counts, dim = [], None
+    for i, f in enumerate(files):
+        try:
+            arr = np.load(f, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise DataFormatError(f, f"not a readable .npy array ({' '.join(str(e).split())})") from None
+        if arr.ndim != 2 or arr.dtype not in _DTYPES:
+            raise DataFormatError(f, f"expected a 2-d float16/float32 [n, D] array, got {arr.dtype} {arr.shape}")
+        if dim is None:
+            dim = arr.shape[1]
+        elif arr.shape[1] != dim:
+            raise DataFormatError(f, f"{arr.shape[1]}-d vectors, but {files[0].name} holds {dim}-d ones")
+        if len(arr):
+            norms = np.linalg.norm(np.asarray(arr[: min(len(arr), 1024)], dtype=np.float32), axis=1)
+            bad = np.flatnonzero(~(np.abs(norms - 1) < 2e-2))
+            if len(bad):
+                raise DataFormatError(f, f"vectors must be L2-normalised, row {int(bad[0])} has norm {norms[bad[0]]:.4g}")
+        counts.append(len(arr))
+        if metadata:
+            import pyarrow.parquet as pq
+
+            try:
+                info = pq.ParquetFile(metadata[i])
+            except Exception as e:  # pyarrow raises its own types for a damaged file
+                raise DataFormatError(metadata[i], f"not a readable parquet file ({' '.join(str(e).split())})") from None
+            if caption_column not in info.schema_arrow.names:
+                raise DataFormatError(metadata[i], f"no column {caption_column!r}; columns are {info.schema_arrow.names}")
+            if info.metadata.num_rows != len(arr):
+                raise DataFormatError(metadata[i], f"{info.metadata.num_rows} rows, but {f.name} holds {len(arr)} vectors")
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return PoolShards(root, files, offsets, int(dim), metadata, caption_column)
+
+
+# ----------------------------------------------------------------------------- the index
+@dataclass
+class PoolIndexConfig:
+    """IVF-PQ over the pool. ``nlist`` lists (default ~2·sqrt(N)); ``m`` bytes of PQ code per
+    vector (``nbits=8``); ``nprobe`` lists searched; ``candidates`` approximate hits re-ranked
+    exactly per query; k-means on ``train_size`` vectors (default 40 per list)."""
+
+    nlist: int | None = None
+    m: int = 32
+    nprobe: int = 64
+    candidates: int = 64
+    train_size: int | None = None
+    kmeans_iterations: int = 10
+    hnsw_m: int = 32  # the graph over the centroids that assigns vectors to lists
+    chunk_rows: int = 262_144
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("m", "nprobe", "candidates", "kmeans_iterations", "hnsw_m", "chunk_rows"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise NeighbourError(f"pool index {name} must be a positive integer, got {getattr(self, name)!r}")
+
+    def lists(self, n: int) -> int:
+        nlist = self.nlist if self.nlist is not None else int(2 * n**0.5)
+        return int(max(1, min(nlist, n // 39)))
+
+
+def _sample_rows(shards: PoolShards, size: int, seed: int) -> np.ndarray:
+    n = len(shards)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
+    return shards.rows(rows)
+
+
+def build_pool_index(shards: PoolShards, config: PoolIndexConfig | None = None) -> "faiss.Index":  # noqa: F821
+    """Train and fill an IVF-PQ inner-product index over ``shards``, chunk by chunk."""
+    faiss = _faiss()
+    config = config or PoolIndexConfig()
+    n, d = len(shards), shards.dim
+    if d % config.m:
+        raise NeighbourError(f"pool index m={config.m} must divide the embedding width {d}")
+    nlist = config.lists(n)
+    sample = _sample_rows(shards, config.train_size or max(40 * nlist, 65_536), config.seed)
+    kmeans = faiss.Kmeans(d, nlist, niter=config.kmeans_iterations, seed=config.seed, spherical=True, verbose=False)
+    kmeans.train(sample)
+    quantizer = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    quantizer.hnsw.efConstruction = 80
+    quantizer.add(kmeans.centroids)
+    quantizer.hnsw.efSearch = max(64, config.nprobe * 2)
+    # 8 bits (256 centroids) per sub-quantizer; fewer for a pool too small to train them
+    nbits = 8 if n >= 1024 else max(1, int(np.log2(n)) - 2)
+    index = faiss.IndexIVFPQ(quantizer, d, nlist, config.m, nbits, faiss.METRIC_INNER_PRODUCT)
+    index.own_fields = True
+    quantizer.this.disown()  # the IVF index frees it
+    index.cp.seed = config.seed
+    index.train(sample[: max(256 * 40, min(len(sample), 131_072))])  # PQ codebooks on residuals
+    del sample
+    for start, chunk in shards.chunks(config.chunk_rows):
+        index.add_with_ids(chunk, np.arange(start, start + len(chunk), dtype=np.int64))
+    index.nprobe = config.nprobe
+    return index
+
+
+class PoolIndex:
+    """An IVF-PQ index over :class:`PoolShards`, searched with exact re-ranking."""
+
+    def __init__(self, index, shards: PoolShards, config: PoolIndexConfig):
+        self.index, self.shards, self.config = index, shards, config
+        self.index.nprobe = config.nprobe
+
+    def search(self, queries: np.ndarray, k: int = 1, query_chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` of ``queries [Q, D]``: ``(ids [Q, k] int64, cosines [Q, k] float32)``, best first."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.shards.dim:
+            raise NeighbourError(f"queries must be [Q, {self.shards.dim}], got {tuple(queries.shape)}")
+        c = max(k, self.config.candidates)
+        ids_out = np.empty((len(queries), k), dtype=np.int64)
+        sims_out = np.empty((len(queries), k), dtype=np.float32)
+        for s in range(0, len(queries), query_chunk):
+            q = queries[s : s + query_chunk]
+            _, cand = self.index.search(q, c)
+            missing = cand < 0  # a list shorter than c: pad with a real row, masked below
+            vectors = self.shards.rows(np.where(missing, 0, cand))  # [q, c, D] from the re-ranking store
+            exact = np.einsum("qcd,qd->qc", vectors, q)
+            exact[missing] = -np.inf
+            top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+            ids_out[s : s + len(q)] = np.take_along_axis(cand, top, axis=1)
+            sims_out[s : s + len(q)] = np.take_along_axis(exact, top, axis=1)
+        if np.any(~np.isfinite(sims_out)):
+            raise NeighbourError(f"the pool index found fewer than k={k} candidates for some queries; raise nprobe")
+        return ids_out, sims_out
+
+    def bytes_per_vector(self) -> float:
+        """The index's own size per pool vector (codes + ids + lists; centroids amortised)."""
+        faiss = _faiss()
+        return len(faiss.serialize_index(self.index)) / max(len(self.shards), 1)
+
+
+def load_or_build_pool_index(shards: PoolShards, folder: str | Path, config: PoolIndexConfig | None = None) -> PoolIndex:
+    """The pool's index saved in ``folder/<key>/`` (checksummed, atomic, one build per key)."""
+    import hashlib
+
+    faiss = _faiss()
+    config = config or PoolIndexConfig()
+    build = {k: v for k, v in asdict(config).items() if k not in ("nprobe", "candidates", "chunk_rows")}
+    identity = {"format_version": POOL_INDEX_FORMAT_VERSION, "pool": shards.identity(), "index": build}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    final = Path(folder) / key
+
+    def load() -> PoolIndex | None:
+        if not (final / "pool_index.json").is_file():
+            return None
+        try:
+            info = json.loads((final / "pool_index.json").read_text())
+            verify_all(final, info["checksums"], "safe pool index")
+            index = faiss.read_index(str(final / "ivfpq.faiss"))
+            if index.ntotal != len(shards) or index.d != shards.dim:
+                raise DamagedArtefact(final / "ivfpq.faiss", f"{index.ntotal} x {index.d}, the pool is {len(shards)} x {shards.dim}")
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            log.warning("%s; rebuilding the safe pool index", " ".join(str(e).split()))
+            return None
+        return PoolIndex(index, shards, config)
+
+    found = load()
+    if found is not None:
+        return found
+    with file_lock(Path(folder) / f".{key}.lock"):
+        found = load()
+        if found is not None:
+            return found
+        remove_leftovers(final)
+        with atomic_folder(final, replace=True) as tmp:
+            t0 = time.perf_counter()
+            index = build_pool_index(shards, config)
+            faiss.write_index(index, str(tmp / "ivfpq.faiss"))
+            write_json_atomic(
+                tmp / "pool_index.json",
+                {
+                    **identity,
+                    "key": key,
+                    "count": len(shards),
+                    "checksums": digests(tmp, ["ivfpq.faiss"]),
+                    "build_seconds": round(time.perf_counter() - t0, 3),
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                },
+            )
+        log.info("safe pool index of %d vectors built in %.1fs", len(shards), time.perf_counter() - t0)
+    return PoolIndex(index, shards, config)
+
+
+def pool_candidates(pool: PoolIndex, queries: np.ndarray, per_query: int) -> tuple[np.ndarray, np.ndarray]:
+    """The union of every query's re-ranked top ``per_query`` pool rows: ``(rows [C] sorted,
+    vectors float32 [C, D])``. Searching exactly in these C rows gives each query the same top
+    ``per_query`` as the index over the whole pool."""
+    ids, _ = pool.search(queries, k=per_query)
+    rows = np.unique(ids.reshape(-1))
+    return rows, pool.shards.rows(rows)
+
+
+def is_embedded_pool(path: str | Path | None) -> bool:
+    """True when ``extra_pool`` names a folder of embedding shards (else: a caption file)."""
+    return path is not None and Path(path).is_dir()
+
+
+def check_pool_model(shards: PoolShards, rows: np.ndarray, encode_captions, sample: int = 16, min_cosine: float = 0.99) -> None:
+    """The pool must have been embedded by the frozen model: re-embed ``sample`` of its captions
+    with ``encode_captions(list[str]) -> [n, D]`` and compare (ConfigError naming the pool)."""
+    if not shards.metadata or not len(rows):
+        return
+    pick = rows[np.linspace(0, len(rows) - 1, num=min(sample, len(rows))).astype(np.int64)]
+    mine = np.asarray(encode_captions(shards.captions(pick)), dtype=np.float32)
+    cos = np.sum(mine * shards.rows(pick), axis=1)
+    if not np.all(cos >= min_cosine):
+        worst = int(np.argmin(cos))
+        raise ConfigError(
+            f"{shards.root}: the pool's embeddings were not made by this model (row {int(pick[worst])}: "
+            f"cosine {cos[worst]:.3f} between its stored vector and its caption embedded now, expected >= {min_cosine})"
+        )
+
+
+def attach_large_pool(cache, pool: PoolIndex, per_query: int, encode_captions=None):
+    """``cache`` with its extra safe pool replaced by the large pool's candidates for its unsafe captions.
+
+    Every unsafe caption ``T0(U)`` takes its re-ranked top ``per_query`` rows from ``pool``; their
+    union (vectors and captions) becomes the cache's ``extra_safe_text`` / ``extra_safe_captions``,
+    written once (checksummed, atomically) under ``cache.path / "pools" / <key>``, which is also
+    the returned cache's ``path`` (so its saved neighbours live there) and ``key``.
+    ``encode_captions``: when given, :func:`check_pool_model` runs first.
+    """
+    import dataclasses
+    import hashlib
+
+    import torch
+
+    from .cache import EXTRA_FIELD
+
+    identity = {
+        "cache": cache.key,
+        "pool": pool.shards.identity(),
+        "index": asdict(pool.config),
+        "per_query": per_query,
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    final = cache.path / "pools" / key
+
+    def load():
+        info = json.loads((final / "pool.json").read_text())
+        verify_all(final, info["checksums"], "safe pool candidates")
+        vectors = np.load(final / f"{EXTRA_FIELD}.npy", mmap_mode="c", allow_pickle=False)
+        captions = json.loads((final / "extra_safe_captions.json").read_text())
+        if vectors.shape != (len(captions), cache.dim):
+            raise DamagedArtefact(final / f"{EXTRA_FIELD}.npy", f"shape {vectors.shape}, {len(captions)} captions")
+        return vectors, captions
+
+    loaded = None
+    if (final / "pool.json").is_file():
+        try:
+            loaded = load()
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("%s; searching the safe pool again", " ".join(str(e).split()))
+    if loaded is None:
+        with file_lock(final.parent / f".{key}.lock"):
+            remove_leftovers(final)
+            t0 = time.perf_counter()
+            queries = cache.unsafe_text.float().numpy()
+            rows, vectors = pool_candidates(pool, queries, per_query)
+            if encode_captions is not None:
+                check_pool_model(pool.shards, rows, encode_captions)
+            captions = pool.shards.captions(rows)
+            with atomic_folder(final, replace=True) as tmp:
+                np.save(tmp / f"{EXTRA_FIELD}.npy", vectors.astype(np.float32))
+                np.save(tmp / "pool_rows.npy", rows)
+                (tmp / "extra_safe_captions.json").write_text(json.dumps(captions, ensure_ascii=False) + "\n")
+                names = [f"{EXTRA_FIELD}.npy", "pool_rows.npy", "extra_safe_captions.json"]
+                info = {**identity, "key": key, "count": len(rows), "checksums": digests(tmp, names),
+                        "seconds": round(time.perf_counter() - t0, 3)}
+                write_json_atomic(tmp / "pool.json", info)
+            log.info("safe pool: %d candidate captions for %d unsafe captions in %.1fs", len(rows), len(queries), time.perf_counter() - t0)
+        loaded = load()
+    vectors, captions = loaded
+    return dataclasses.replace(
+        cache,
+        key=f"{cache.key}-{key[:8]}",
+        path=final,
+        extra_safe_text=torch.from_numpy(vectors),
+        extra_safe_captions=captions,
+        meta={**cache.meta, "large_pool": {"key": key, "pool": str(pool.shards.root), "pool_size": len(pool.shards)}},
+    )

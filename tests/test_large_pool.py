@@ -1,0 +1,222 @@
+"""The large embedded safe pool: clip-retrieval's layout read from memory maps, IVF-PQ with
+exact re-ranking against brute force, its saved index, clear errors on bad shards, and the
+training split's neighbours from an embedded pool equal to those from the same captions as a
+caption file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_embedding_cache import toy_set
+
+from saferclip.data.records import DataFormatError
+from saferclip.errors import ConfigError
+from saferclip.model.build import build_clip, encode_text
+from saferclip.redirection.cache import build_or_load_cache
+from saferclip.redirection.index import NeighbourConfig, find_safe_neighbours, pool_text
+from saferclip.redirection.large_pool import (
+    PoolIndex,
+    PoolIndexConfig,
+    attach_large_pool,
+    build_pool_index,
+    load_or_build_pool_index,
+    open_pool,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def clustered(n: int, d: int, centres: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = np.random.default_rng(1234).standard_normal((centres, d)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    x = c[rng.integers(centres, size=n)] + 0.5 * rng.standard_normal((n, d)).astype(np.float32) / np.sqrt(d)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_pool(folder: Path, vectors: np.ndarray, shard_rows: int, captions: list[str] | None = None, dtype=np.float16) -> Path:
+    (folder / "text_emb").mkdir(parents=True)
+    (folder / "metadata").mkdir()
+    for i, start in enumerate(range(0, len(vectors), shard_rows)):
+        np.save(folder / "text_emb" / f"text_emb_{i}.npy", vectors[start : start + shard_rows].astype(dtype))
+        if captions is not None:
+            pd.DataFrame({"caption": captions[start : start + shard_rows]}).to_parquet(folder / "metadata" / f"metadata_{i}.parquet")
+    return folder
+
+
+def test_shards_read_in_order_with_captions(tmp_path):
+    vectors = clustered(2500, 32, 10, 0)
+    captions = [f"caption {i}" for i in range(2500)]
+    # 11 shards: text_emb_10 must come after text_emb_9, not after text_emb_1
+    shards = open_pool(write_pool(tmp_path / "pool", vectors, 240, captions))
+    assert len(shards) == 2500 and shards.dim == 32 and shards.files[-1].name == "text_emb_10.npy"
+    ids = np.array([2499, 0, 241, 1200, 239])
+    np.testing.assert_allclose(shards.rows(ids), vectors[ids].astype(np.float16).astype(np.float32))
+    assert shards.captions(ids) == [f"caption {i}" for i in ids]
+    assert sum(len(c) for _, c in shards.chunks(1000)) == 2500
+
+
+def test_ivfpq_with_reranking_matches_brute_force(tmp_path):
+    pool = clustered(8000, 64, 40, 0)
+    queries = clustered(300, 64, 40, 1)
+    shards = open_pool(write_pool(tmp_path / "pool", pool, 3000, dtype=np.float32))
+    config = PoolIndexConfig(m=16, nprobe=16, candidates=64, chunk_rows=3000)
+    index = PoolIndex(build_pool_index(shards, config), shards, config)
+    ids, sims = index.search(queries, k=3)
+    exact = queries @ pool.T
+    truth = np.argsort(-exact, axis=1)[:, :3]
+    assert np.mean(ids[:, 0] == truth[:, 0]) >= 0.95
+    # re-ranked similarities are the exact inner products of the returned rows, best first
+    np.testing.assert_allclose(sims, np.take_along_axis(exact, ids, axis=1), atol=1e-5)
+    assert np.all(np.diff(sims, axis=1) <= 1e-6)
+    # PQ codes of m bytes + an 8-byte id per vector; centroids, their graph and the PQ codebooks
+    # amortised; no float vector (256 bytes each here) is kept in the index
+    nlist, d = config.lists(8000), 64
+    fixed = nlist * d * 4 + nlist * 2 * config.hnsw_m * 4 + d * 256 * 4
+    assert index.bytes_per_vector() <= config.m + 8 + fixed / 8000 + 2
+    # without re-ranking many candidates, PQ alone is worse: the re-ranking does the work
+    one = PoolIndex(index.index, shards, PoolIndexConfig(m=16, nprobe=16, candidates=1))
+    assert np.mean(one.search(queries, k=1)[0][:, 0] == truth[:, 0]) < np.mean(ids[:, 0] == truth[:, 0])
+
+
+def test_saved_index_is_reused_and_a_damaged_one_rebuilt(tmp_path, caplog):
+    shards = open_pool(write_pool(tmp_path / "pool", clustered(3000, 32, 10, 0), 1000))
+    config = PoolIndexConfig(m=4, nprobe=8, candidates=16)
+    first = load_or_build_pool_index(shards, tmp_path / "idx", config)
+    (folder,) = [p for p in (tmp_path / "idx").iterdir() if p.is_dir()]
+    stamp = (folder / "ivfpq.faiss").stat().st_mtime_ns
+    again = load_or_build_pool_index(shards, tmp_path / "idx", config)
+    assert (folder / "ivfpq.faiss").stat().st_mtime_ns == stamp and again.index.ntotal == 3000
+    q = clustered(20, 32, 10, 5)
+    np.testing.assert_array_equal(first.search(q, 2)[0], again.search(q, 2)[0])
+    data = bytearray((folder / "ivfpq.faiss").read_bytes())
+    data[-100] ^= 0xFF
+    (folder / "ivfpq.faiss").write_bytes(bytes(data))
+    from saferclip.integrity import forget
+
+    forget()
+    rebuilt = load_or_build_pool_index(shards, tmp_path / "idx", config)
+    assert "ivfpq.faiss" in caplog.text and rebuilt.index.ntotal == 3000
+
+
+def test_bad_shards_are_named(tmp_path):
+    good = clustered(100, 16, 4, 0)
+    with pytest.raises(DataFormatError, match="no embedding shards"):
+        open_pool(tmp_path)
+    a = write_pool(tmp_path / "a", good, 50)
+    np.save(a / "text_emb" / "text_emb_1.npy", clustered(50, 8, 4, 0))
+    with pytest.raises(DataFormatError, match=r"text_emb_1\.npy.*8-d vectors"):
+        open_pool(a)
+    b = write_pool(tmp_path / "b", good * 3, 100)
+    with pytest.raises(DataFormatError, match=r"text_emb_0\.npy.*L2-normalised, row 0"):
+        open_pool(b)
+    c = write_pool(tmp_path / "c", good, 50, [f"c{i}" for i in range(100)])
+    pd.DataFrame({"caption": ["x"] * 7}).to_parquet(c / "metadata" / "metadata_1.parquet")
+    with pytest.raises(DataFormatError, match=r"metadata_1\.parquet.*7 rows, but text_emb_1\.npy holds 50"):
+        open_pool(c)
+    d = write_pool(tmp_path / "d", good, 50, [f"c{i}" for i in range(100)])
+    pd.DataFrame({"text": ["x"] * 50}).to_parquet(d / "metadata" / "metadata_0.parquet")
+    with pytest.raises(DataFormatError, match=r"metadata_0\.parquet.*no column 'caption'"):
+        open_pool(d)
+
+
+def test_training_neighbours_from_an_embedded_pool_equal_the_caption_file_path(toy_world, tmp_path):
+    torch.manual_seed(0)
+    bundle = build_clip("saferclip-micro")
+    qset = toy_set(toy_world, limit=60)
+    extra = [q.safe_caption for q in toy_set(toy_world, split="validation")] + [
+        q.safe_caption for q in toy_set(toy_world, split="test")
+    ]
+    extra = list(dict.fromkeys(extra))  # distinct captions: ties would make either answer right
+    vectors = encode_text(bundle, extra, 64).float().numpy()
+    pool_dir = write_pool(tmp_path / "pool", vectors, 97, extra, dtype=np.float32)
+    config = NeighbourConfig(k=2)
+
+    reference_cache = build_or_load_cache(bundle, qset, tmp_path / "a", progress=False, extra_safe_captions=extra)
+    reference = find_safe_neighbours(reference_cache, config)
+    ref_pool = [q.safe_caption for q in qset] + reference_cache.extra_safe_captions
+
+    cache = build_or_load_cache(bundle, qset, tmp_path / "b", progress=False)
+    shards = open_pool(pool_dir)
+    # nprobe = every list: the candidate union then holds each query's exact top rows
+    index_config = PoolIndexConfig(nlist=4, m=4, nprobe=4, candidates=len(extra))
+    pool = load_or_build_pool_index(shards, tmp_path / "b" / "pools", index_config)
+
+    def encode(captions):
+        return encode_text(bundle, captions, 64).float().numpy()
+
+    attached = attach_large_pool(cache, pool, per_query=8, encode_captions=encode)
+    assert attached.path.parent == cache.path / "pools" and attached.key != cache.key
+    assert len(attached.extra_safe_captions) < len(extra)  # a union of candidates, not the pool
+    found = find_safe_neighbours(attached, config)
+    got_pool = [q.safe_caption for q in qset] + attached.extra_safe_captions
+    for i in range(len(qset)):
+        assert [got_pool[j] for j in found.indices[i]] == [ref_pool[j] for j in reference.indices[i]], i
+    torch.testing.assert_close(found.similarities, reference.similarities, atol=1e-5, rtol=0)
+    assert len(pool_text(attached)) == 60 + len(attached.extra_safe_captions)
+    # reused from disk the second time, same candidates
+    again = attach_large_pool(cache, pool, per_query=8)
+    assert again.extra_safe_captions == attached.extra_safe_captions
+    assert json.loads((attached.path / "pool.json").read_text())["count"] == len(attached.extra_safe_captions)
+
+    # embeddings made by another model are refused, naming the pool
+    other = build_clip("saferclip-micro")
+    with torch.no_grad():  # another model: the same architecture, other weights
+        for param in other.model.parameters():
+            param.add_(0.5 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+    with pytest.raises(ConfigError, match="not made by this model"):
+        attach_large_pool(cache, pool, per_query=9, encode_captions=lambda c: encode_text(other, c, 64).float().numpy())
+
+
+def test_method_config_checks_the_pool_index_section():
+    import yaml
+
+    from saferclip.locations import CONF_DIR
+    from saferclip.training.method import method_config
+
+    preset = yaml.safe_load((CONF_DIR / "method" / "saferclip.yaml").read_text())
+    preset["neighbours"]["pool_index"] = {"nprobe": 32, "candidates": 128}
+    assert method_config(preset).pool_index == PoolIndexConfig(nprobe=32, candidates=128)
+    preset["neighbours"]["pool_index"] = {"nprobes": 32}
+    with pytest.raises(ConfigError, match=r"method\.neighbours\.pool_index: unknown keys \['nprobes'\]"):
+        method_config(preset)
+    preset["neighbours"]["pool_index"] = {"candidates": 0}
+    with pytest.raises(ConfigError, match="candidates must be a positive integer"):
+        method_config(preset)
+
+
+def test_prepare_takes_the_training_targets_from_an_embedded_pool(toy_world, tmp_path):
+    """The method config's extra_pool naming a folder: prepare() builds the pool's index under the
+    cache folder, and the training split's neighbours come from the train set plus the pool."""
+    import yaml
+
+    from saferclip.locations import CONF_DIR
+    from saferclip.training.prepare import prepare
+
+    torch.manual_seed(0)
+    bundle = build_clip("saferclip-micro")
+    extra = list(dict.fromkeys(q.safe_caption for q in toy_set(toy_world, split="validation")))
+    write_pool(tmp_path / "pool", encode_text(bundle, extra, 64).float().numpy(), 50, extra, dtype=np.float32)
+    method = yaml.safe_load((CONF_DIR / "method" / "saferclip.yaml").read_text())
+    method["neighbours"].update(extra_pool=str(tmp_path / "pool"), pool_index={"m": 4, "nprobe": 8, "candidates": 64})
+    data = yaml.safe_load((CONF_DIR / "data" / "toy.yaml").read_text())
+    data["root"] = str(toy_world)
+    for spec in data["splits"].values():
+        for key, value in list(spec.items()):
+            if isinstance(value, str):
+                spec[key] = value.replace("${data.root}", str(toy_world))
+    prepared = prepare(data, {"arch": "saferclip-micro", "pretrained": None}, method, str(tmp_path / "cache"), progress=False)
+    n = len(prepared.train)
+    assert prepared.cache.path.parent.name == "pools" and 0 < len(prepared.cache.extra_safe_captions) <= len(extra)
+    assert prepared.neighbours.pool_size == n + len(prepared.cache.extra_safe_captions)
+    assert list((tmp_path / "cache" / "pools").glob("*/ivfpq.faiss"))  # the pool's index, built once
+    # some unsafe captions are redirected to a caption of the embedded pool
+    assert bool((prepared.neighbours.indices[:, 0] >= n).any())
+    chosen = prepared.neighbours.indices[:, 0]
+    pool_captions = [q.safe_caption for q in prepared.train] + prepared.cache.extra_safe_captions
+    assert all(pool_captions[int(j)] in extra for j in chosen[chosen >= n])
