@@ -1,4 +1,4 @@
-"""Benchmark the safe-neighbour search (saferclip.redirection.index).
+"""Benchmark the safe-neighbour search (saferclip.redirection.faiss_search).
 
 (a) FAISS exact (IndexFlatIP) against the plain torch reference (matmul + topk) on the same
     data and the same number of threads: agreement of the top-k and the time ratio.
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from saferclip.app.cli import prefer_fast_openblas  # noqa: E402
 
 prefer_fast_openblas()
-from saferclip.redirection.index import build_neighbour_index, default_nlist, exact_neighbours_torch, make_index  # noqa: E402, I001
+from saferclip.redirection.faiss_search import build_neighbour_index, default_nlist, exact_neighbours_torch, make_index  # noqa: E402, I001
 
 import faiss  # noqa: E402, I001
 

@@ -70,7 +70,7 @@ import bench_train_step  # noqa: E402
 import torch  # noqa: E402
 
 # bench_neighbours picks faiss's BLAS kernels (prefer_fast_openblas) before faiss loads
-from saferclip.redirection.index import (  # noqa: E402, I001
+from saferclip.redirection.faiss_search import (  # noqa: E402, I001
     build_neighbour_index,
     exact_neighbours_torch,
     faiss_gpu_status,

@@ -61,7 +61,7 @@ def micro():
 def cache_and_neighbours(world: str, cache_dir: str):
     """What training's prepare() does: the frozen-embedding cache, then the saved neighbours."""
     from saferclip.redirection.cache import build_or_load_cache
-    from saferclip.redirection.index import NeighbourConfig, load_or_find_safe_neighbours
+    from saferclip.redirection.neighbours import NeighbourConfig, load_or_find_safe_neighbours
 
     cache = build_or_load_cache(micro(), toy_set(Path(world)), cache_dir, batch_size=8, progress=False)
     neighbours = load_or_find_safe_neighbours(cache, NeighbourConfig(k=3, mode="joint", use_extra_pool=False))
@@ -70,7 +70,7 @@ def cache_and_neighbours(world: str, cache_dir: str):
 
 def _cache_task(args: dict) -> None:
     import saferclip.redirection.cache as ec
-    import saferclip.redirection.index as ix
+    import saferclip.redirection.neighbours as ix
 
     text_batches = ec._text_batches
 
@@ -161,7 +161,7 @@ def run_study(args: dict) -> dict:
 
 def _prepare_task(args: dict) -> None:
     """Two of these started together on one cache folder: report what each built."""
-    import saferclip.redirection.index as ix
+    import saferclip.redirection.neighbours as ix
 
     search = ix.find_safe_neighbours
 

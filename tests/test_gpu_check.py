@@ -13,11 +13,7 @@ import faiss
 import pytest
 import torch
 
-from saferclip.redirection.index import (
-    build_neighbour_index,
-    exact_neighbours_torch,
-    faiss_gpu_status,
-)
+from saferclip.redirection.faiss_search import build_neighbour_index, exact_neighbours_torch, faiss_gpu_status
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.py"

@@ -13,16 +13,8 @@ import torch
 from saferclip.data.records import Mode, Quadruplet, QuadrupletSet
 from saferclip.model.build import build_clip
 from saferclip.redirection.cache import EmbeddingCache, build_or_load_cache
-from saferclip.redirection.index import (
-    NeighbourConfig,
-    NeighbourError,
-    SafeNeighbours,
-    build_neighbour_index,
-    exact_neighbours_torch,
-    find_safe_neighbours,
-    load_or_find_safe_neighbours,
-    pool_text,
-)
+from saferclip.redirection.faiss_search import NeighbourError, build_neighbour_index, exact_neighbours_torch
+from saferclip.redirection.neighbours import NeighbourConfig, SafeNeighbours, find_safe_neighbours, load_or_find_safe_neighbours, pool_text
 from saferclip.redirection.report import attribute_agreement, format_summary, summarize
 from saferclip.redirection.targets import neighbour_targets
 

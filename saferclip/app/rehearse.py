@@ -62,7 +62,8 @@ def rehearse(
     from ..export.open_clip import export_open_clip
     from ..model.build import build_clip, encode_tokens
     from ..redirection.cache import build_or_load_cache
-    from ..redirection.index import config_groups, load_or_find_safe_neighbours
+    from ..redirection.neighbours import load_or_find_safe_neighbours
+    from ..redirection.sparse_pools import config_groups
     from ..toyworld.rehearsal import make_rehearsal_world
     from ..training.method import method_config
     from .hydra_utils import CONF_DIR, to_container

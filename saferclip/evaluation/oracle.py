@@ -24,7 +24,7 @@ import torch
 
 from ..data.records import QuadrupletSet
 from ..model.build import ClipBundle
-from ..redirection.index import build_neighbour_index
+from ..redirection.faiss_search import build_neighbour_index
 from .galleries import PairEmbeddings, embed_pairs
 from .retrieval import visu_metrics
 

@@ -38,7 +38,7 @@ from ..data.records import DataFormatError
 from ..errors import ConfigError
 from ..files import atomic_folder, file_lock, remove_leftovers, write_json_atomic
 from ..integrity import DamagedArtefact, digests, verify_all
-from .index import NeighbourError, _faiss
+from .faiss_search import NeighbourError, load_faiss
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def _sample_rows(shards: PoolShards, size: int, seed: int) -> np.ndarray:
 
 def build_pool_index(shards: PoolShards, config: PoolIndexConfig | None = None) -> "faiss.Index":  # noqa: F821
     """Train and fill an IVF-PQ inner-product index over ``shards``, chunk by chunk."""
-    faiss = _faiss()
+    faiss = load_faiss()
     config = config or PoolIndexConfig()
     n, d = len(shards), shards.dim
     if d % config.m:
@@ -258,7 +258,7 @@ class PoolIndex:
 
     def bytes_per_vector(self) -> float:
         """The index's own size per pool vector (codes + ids + lists; centroids amortised)."""
-        faiss = _faiss()
+        faiss = load_faiss()
         return len(faiss.serialize_index(self.index)) / max(len(self.shards), 1)
 
 
@@ -266,7 +266,7 @@ def load_or_build_pool_index(shards: PoolShards, folder: str | Path, config: Poo
     """The pool's index saved in ``folder/<key>/`` (checksummed, atomic, one build per key)."""
     import hashlib
 
-    faiss = _faiss()
+    faiss = load_faiss()
     config = config or PoolIndexConfig()
     build = {k: v for k, v in asdict(config).items() if k not in ("nprobe", "candidates", "chunk_rows")}
     identity = {"format_version": POOL_INDEX_FORMAT_VERSION, "pool": shards.identity(), "index": build}

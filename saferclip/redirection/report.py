@@ -17,7 +17,8 @@ import torch
 
 from ..data.records import QuadrupletSet
 from .cache import EmbeddingCache
-from .index import NeighbourError, SafeNeighbours, pool_text
+from .faiss_search import NeighbourError
+from .neighbours import SafeNeighbours, pool_text
 
 SCENE_ATTRIBUTES = ("shape", "colour", "size", "background")
 

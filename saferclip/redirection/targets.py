@@ -3,7 +3,7 @@
 Both methods share this code; they differ only in the targets:
 - Safe-CLIP (``paired``): unsafe item i goes to its own safe pair i;
 - SafeR-CLIP (``neighbours``): unsafe item i goes to its k closest safe alternatives in the
-  pool, found once by FAISS over the frozen model's embeddings (:mod:`.index`).
+  pool, found once by FAISS over the frozen model's embeddings (:mod:`.neighbours`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..data.records import QuadrupletSet
 from .cache import EmbeddingCache
 
 if TYPE_CHECKING:
-    from .index import SafeNeighbours
+    from .neighbours import SafeNeighbours
 
 
 @dataclass

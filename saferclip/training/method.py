@@ -16,7 +16,8 @@ from typing import Any, Mapping
 from ..errors import ConfigError
 from ..model.adapters import LORA_TARGETS, TOWERS, TrainableConfig
 from ..model.hyperbolic import HyperbolicConfig
-from ..redirection.index import NeighbourConfig, NeighbourError
+from ..redirection.faiss_search import NeighbourError
+from ..redirection.neighbours import NeighbourConfig
 from ..redirection.large_pool import PoolIndexConfig
 from .hysac import HysacLossConfig
 from .losses import LossConfig
