@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from saferclip.app.cli import prefer_fast_openblas  # noqa: E402
 
 prefer_fast_openblas()
-from saferclip.redirection.faiss_search import build_neighbour_index, default_nlist, exact_neighbours_torch, make_index  # noqa: E402, I001
+from saferclip.redirection.faiss_search import SearchSettings, build_neighbour_index, default_nlist, exact_neighbours_torch, make_index  # noqa: E402, I001
 
 import faiss  # noqa: E402, I001
 
@@ -108,7 +108,7 @@ def bench_size(n: int, args, queries: np.ndarray) -> None:
     if "ivf" in args.approx:
         nlist = args.nlist or default_nlist(n)
         t0 = time.perf_counter()
-        idx = make_index(pool, "ivf", "cpu", nlist=nlist)  # built once, searched at several nprobe
+        idx = make_index(pool, SearchSettings(index="ivf", device="cpu", nlist=nlist))  # built once, searched at several nprobe
         index_build = time.perf_counter() - t0
         for nprobe in args.nprobe:
             idx.nprobe = min(nprobe, nlist)
@@ -119,7 +119,7 @@ def bench_size(n: int, args, queries: np.ndarray) -> None:
         gc.collect()
     if "hnsw" in args.approx and n <= args.hnsw_max_size:
         t0 = time.perf_counter()
-        idx = make_index(pool, "hnsw", "cpu", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
+        idx = make_index(pool, SearchSettings(index="hnsw", device="cpu", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction))
         build = time.perf_counter() - t0
         for ef in args.ef_search:
             idx.hnsw.efSearch = ef

@@ -100,20 +100,31 @@ def default_nlist(pool_size: int) -> int:
     return int(max(1, min(round(pool_size**0.5), pool_size // 39)))
 
 
-def make_index(
-    pool: torch.Tensor | np.ndarray,
-    index: str = "exact",
-    device: str = "auto",
-    nlist: int | None = None,
-    nprobe: int = 16,
-    hnsw_m: int = 32,
-    ef_construction: int = 80,
-    ef_search: int = 128,
-    seed: int = 0,
-) -> "faiss.Index":
+@dataclass(frozen=True)
+class SearchSettings:
+    """Every knob of the FAISS search, declared once (the neighbour config, the oracle and the
+    benchmarks all build one): the index type and where it runs, IVF's ``nlist`` (None:
+    ~sqrt(pool)) and ``nprobe``, HNSW's ``hnsw_m`` links per node, ``ef_construction`` and
+    ``ef_search``."""
+
+    index: str = "exact"
+    device: str = "auto"
+    nlist: int | None = None
+    nprobe: int = 16
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+
+    def __post_init__(self) -> None:
+        if self.index not in INDEX_TYPES:
+            raise NeighbourError(f"unknown index type {self.index!r}; expected one of {INDEX_TYPES}")
+
+
+def make_index(pool: torch.Tensor | np.ndarray, settings: SearchSettings | None = None, seed: int = 0) -> "faiss.Index":
     """A FAISS inner-product index over ``pool [P, D]``, trained, filled and ready to search."""
-    if index not in INDEX_TYPES:
-        raise NeighbourError(f"unknown index type {index!r}; expected one of {INDEX_TYPES}")
+    settings = settings or SearchSettings()
+    index, device, nlist, nprobe = settings.index, settings.device, settings.nlist, settings.nprobe
+    hnsw_m, ef_construction, ef_search = settings.hnsw_m, settings.ef_construction, settings.ef_search
     pool = as_search_matrix(pool, "pool")
     n, d = pool.shape
     if n == 0:
@@ -158,22 +169,16 @@ def build_neighbour_index(
     queries: torch.Tensor | np.ndarray,
     pool: torch.Tensor | np.ndarray,
     k: int = 1,
-    index: str = "exact",
-    device: str = "auto",
-    nlist: int | None = None,
-    nprobe: int = 16,
-    hnsw_m: int = 32,
-    ef_construction: int = 80,
-    ef_search: int = 128,
+    settings: SearchSettings | None = None,
     seed: int = 0,
+    **fields: Any,
 ) -> NeighbourResult:
     """Top-``k`` pool items of every query by inner product (cosine for normalised rows).
 
     Args:
         queries: ``[Q, D]``; pool: ``[P, D]``; both L2-normalised for cosine similarity.
-        index: ``"exact"``; ``"ivf"`` (``nlist`` lists, default ~sqrt(P); ``nprobe`` searched);
-            ``"hnsw"`` (``hnsw_m`` links per node, ``ef_construction``, ``ef_search``).
-        device: ``"auto"`` (FAISS GPU when present), ``"cpu"`` or ``"cuda"``.
+        settings: the :class:`SearchSettings` (default: exact, on a FAISS GPU when present);
+            ``fields`` set some of them instead (``index="ivf", nprobe=32, device="cpu"``).
 
     Returns:
         ``NeighbourResult(indices [Q, k] int64, similarities [Q, k] float32)``, best first.
@@ -182,7 +187,11 @@ def build_neighbour_index(
     p = as_search_matrix(pool, "pool")
     check_search_shapes(q, p, k)
     t0 = time.perf_counter()
-    idx = make_index(p, index, device, nlist, nprobe, hnsw_m, ef_construction, ef_search, seed)
+    if settings is not None and fields:
+        raise TypeError("pass either settings or its fields, not both")
+    settings = settings or SearchSettings(**fields)
+    index, device = settings.index, settings.device
+    idx = make_index(p, settings, seed)
     t1 = time.perf_counter()
     sims, ids = idx.search(q, int(k))
     t2 = time.perf_counter()

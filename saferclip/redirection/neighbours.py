@@ -30,7 +30,7 @@ import torch
 from ..files import atomic_folder, file_lock, remove_leftovers, write_json_atomic
 from ..integrity import DamagedArtefact, check_finite, check_index_range, digests, verify_all
 from .cache import EmbeddingCache
-from .faiss_search import INDEX_TYPES, NeighbourError, as_search_matrix, check_search_shapes, make_index
+from .faiss_search import INDEX_TYPES, NeighbourError, SearchSettings, as_search_matrix, check_search_shapes, make_index
 from .sparse_pools import SCENE_KEY, SPARSE_GROUPS, ItemGroups, search_filtered, sparse_filter
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,14 @@ class NeighbourConfig:
     # [sqrt(w) T0, sqrt(1 - w) I0], so FAISS searches it like any other space
     joint_text_weight: float = 0.5
     use_extra_pool: bool = True  # add the cache's extra safe captions to the pool (text mode)
-    index: str = "exact"
-    device: str = "auto"
-    nlist: int | None = None
-    nprobe: int = 16
-    hnsw_m: int = 32
-    ef_search: int = 128
+    # the FAISS search (SearchSettings: the one declaration of these knobs and their defaults)
+    index: str = SearchSettings.index
+    device: str = SearchSettings.device
+    nlist: int | None = SearchSettings.nlist
+    nprobe: int = SearchSettings.nprobe
+    hnsw_m: int = SearchSettings.hnsw_m
+    ef_construction: int = SearchSettings.ef_construction
+    ef_search: int = SearchSettings.ef_search
     # the neighbour-quality guard (docs/METHOD.md, "Finding the targets")
     min_similarity: float | None = None  # candidates below get weight 0; items with none left are flagged
     weight_by_similarity: bool = False  # pair_weight *= clamp(weighted neighbour similarity, 0, 1)
@@ -114,6 +116,9 @@ class NeighbourConfig:
             raise NeighbourError(
                 f"min_similarity {self.min_similarity} must be below max_similarity {self.max_similarity}"
             )
+
+    def search_settings(self) -> SearchSettings:
+        return SearchSettings(self.index, self.device, self.nlist, self.nprobe, self.hnsw_m, self.ef_construction, self.ef_search)
 
     def fingerprint(self) -> str:
         """Hash of every field that changes the result (``device`` does not)."""
@@ -310,9 +315,7 @@ def find_safe_neighbours(
     t0 = time.perf_counter()
     queries, pool, n_set = _mode_vectors(cache, config)
     check_search_shapes(queries, pool, config.k)
-    idx = make_index(
-        pool, config.index, config.device, config.nlist, config.nprobe, config.hnsw_m, ef_search=config.ef_search
-    )
+    idx = make_index(pool, config.search_settings())
     keep = sparse_filter(config, len(queries), len(pool), groups)
     ids, sims = search_filtered(idx, queries, config.k, len(pool), keep)
     similarities = torch.from_numpy(sims)
