@@ -15,12 +15,12 @@ from torchvision import transforms
 
 import saferclip.redirection.cache as ec
 from saferclip.data.records import DataFormatError, Mode, Quadruplet, QuadrupletSet
+from saferclip.data.safe_corpus import load_safe_corpus
 from saferclip.model.build import build_clip, encode_text
 from saferclip.redirection.cache import (
     EmbeddingError,
     build_or_load_cache,
     embed_plain,
-    load_safe_corpus,
 )
 
 

@@ -71,7 +71,7 @@ def dry_run(cfg: DictConfig) -> dict:
         if split == "train":
             method = method_config(to_container(cfg.method))
             if method.neighbours is not None:
-                from ..redirection.cache import load_safe_corpus
+                from ..data.safe_corpus import load_safe_corpus
                 from ..redirection.large_pool import is_embedded_pool, open_pool
 
                 extra = 0
