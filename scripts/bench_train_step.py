@@ -62,15 +62,15 @@ MODELS = {
 DEFAULT_STEPS = {"micro": 20, "toy": 20, "vit-b-32": 5, "vit-l-14": 3}
 PRECISIONS = ("32-true", "bf16-mixed")
 TOWER_INPUTS = {
-    "text": (("t_safe", "s_tokens"), ("t_unsafe", "u_tokens"), ("t_target_live", "target_tokens")),
-    "image": (("i_safe", "v_image"), ("i_unsafe", "g_image"), ("i_target_live", "target_image")),
+    "text": (("safe_text", "safe_text"), ("unsafe_text", "unsafe_text"), ("target_text", "target_text")),
+    "image": (("safe_image", "safe_image"), ("unsafe_image", "unsafe_image"), ("target_image", "target_image")),
 }
 # frozen input -> (tower, batch key) the reference would encode every step
 FROZEN_SOURCES = {
-    "t0_safe": ("text", "s_tokens"),
-    "t0_unsafe": ("text", "u_tokens"),
-    "i0_safe": ("image", "v_image"),
-    "i0_unsafe": ("image", "g_image"),
+    "frozen_safe_text": ("text", "safe_text"),
+    "frozen_unsafe_text": ("text", "unsafe_text"),
+    "frozen_safe_image": ("image", "safe_image"),
+    "frozen_unsafe_image": ("image", "unsafe_image"),
 }
 
 
@@ -162,23 +162,23 @@ def nce(a, b, scale):
 
 def bare_loss(x: dict[str, torch.Tensor], weights: dict[str, float], tau: float, scale: float) -> torch.Tensor:
     """The loss terms written out for top-1 targets (``[B, 1, D]``), pair weights all 1."""
-    t0t, i0t = x["t0_target"][:, 0], x.get("i0_target", x["t0_target"])[:, 0]
+    t0t, i0t = x["frozen_target_text"][:, 0], x.get("frozen_target_image", x["frozen_target_text"])[:, 0]
     terms = {
-        "text_preservation": lambda: (1 - cos(x["t_safe"], x["t0_safe"])).mean(),
-        "text_redirection": lambda: (1 - cos(x["t_unsafe"], t0t)).mean(),
-        "image_preservation": lambda: (1 - cos(x["i_safe"], x["i0_safe"])).mean(),
-        "image_redirection": lambda: (1 - cos(x["i_unsafe"], i0t)).mean(),
-        "xmodal_text_preservation": lambda: nce(x["t_safe"], x["i0_safe"], scale),
-        "xmodal_text_redirection": lambda: nce(x["t_unsafe"], i0t, scale),
-        "xmodal_image_preservation": lambda: nce(x["t0_safe"], x["i_safe"], scale),
-        "xmodal_image_redirection": lambda: nce(t0t, x["i_unsafe"], scale),
-        "relative_image": lambda: F.softplus(tau * (cos(x["i_unsafe"], x["t0_unsafe"]) - cos(x["i_unsafe"], t0t))).mean(),
-        "relative_text": lambda: F.softplus(tau * (cos(x["t_unsafe"], x["i0_unsafe"]) - cos(x["t_unsafe"], i0t))).mean(),
+        "text_preservation": lambda: (1 - cos(x["safe_text"], x["frozen_safe_text"])).mean(),
+        "text_redirection": lambda: (1 - cos(x["unsafe_text"], t0t)).mean(),
+        "image_preservation": lambda: (1 - cos(x["safe_image"], x["frozen_safe_image"])).mean(),
+        "image_redirection": lambda: (1 - cos(x["unsafe_image"], i0t)).mean(),
+        "xmodal_text_preservation": lambda: nce(x["safe_text"], x["frozen_safe_image"], scale),
+        "xmodal_text_redirection": lambda: nce(x["unsafe_text"], i0t, scale),
+        "xmodal_image_preservation": lambda: nce(x["frozen_safe_text"], x["safe_image"], scale),
+        "xmodal_image_redirection": lambda: nce(t0t, x["unsafe_image"], scale),
+        "relative_image": lambda: F.softplus(tau * (cos(x["unsafe_image"], x["frozen_unsafe_text"]) - cos(x["unsafe_image"], t0t))).mean(),
+        "relative_text": lambda: F.softplus(tau * (cos(x["unsafe_text"], x["frozen_unsafe_image"]) - cos(x["unsafe_text"], i0t))).mean(),
         "live_relative_text": lambda: F.softplus(
-            tau * (cos(x["t_unsafe"], x["i_unsafe"]) - cos(x["t_unsafe"], x["i_target_live"]))
+            tau * (cos(x["unsafe_text"], x["unsafe_image"]) - cos(x["unsafe_text"], x["target_image"]))
         ).mean(),
         "live_relative_image": lambda: F.softplus(
-            tau * (cos(x["i_unsafe"], x["t_unsafe"]) - cos(x["i_unsafe"], x["t_target_live"]))
+            tau * (cos(x["unsafe_image"], x["unsafe_text"]) - cos(x["unsafe_image"], x["target_text"]))
         ).mean(),
     }
     return sum(w * terms[name]() for name, w in weights.items())
@@ -189,10 +189,10 @@ def frozen_forward(frozen_model, batch, wanted: set[str]) -> dict[str, torch.Ten
     """The frozen inputs encoded now (what the reference does every step), one forward per
     tower; the targets too (their tokens / images are in the batch with the live terms on)."""
     sources = dict(FROZEN_SOURCES)
-    if "target_tokens" in batch:
-        sources["t0_target"] = ("text", "target_tokens")
+    if "target_text" in batch:
+        sources["frozen_target_text"] = ("text", "target_text")
     if "target_image" in batch:
-        sources["i0_target"] = ("image", "target_image")
+        sources["frozen_target_image"] = ("image", "target_image")
     out = {}
     for tower in ("text", "image"):
         names = [(n, k) for n, (t, k) in sources.items() if t == tower and n in wanted and k in batch]
@@ -202,7 +202,7 @@ def frozen_forward(frozen_model, batch, wanted: set[str]) -> dict[str, torch.Ten
         parts = [batch[k] for _, k in names]
         feats = encode(torch.cat(parts), normalize=True)
         out.update(zip([n for n, _ in names], feats.split([len(p) for p in parts])))
-    for name in ("t0_target", "i0_target"):
+    for name in ("frozen_target_text", "frozen_target_image"):
         if name in out:
             out[name] = out[name].unsqueeze(1)
     return out
@@ -233,7 +233,7 @@ def bare_stepper(module, frozen_model=None, precision: str = "32-true"):
     def step(batch) -> None:
         wanted = wanted_inputs(module, batch)
         x = dict(batch)
-        with autocast_for(precision, batch["s_tokens"].device.type):
+        with autocast_for(precision, batch["safe_text"].device.type):
             if frozen_model is not None:
                 x.update(frozen_forward(frozen_model, batch, wanted))
             x.update(encode_towers(model, batch, wanted))

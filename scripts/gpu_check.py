@@ -566,8 +566,8 @@ def loss_dtypes(env: Env, cfg) -> dict[str, Any]:
     batch = bench_train_step.to_device(batches[0], env.device)
     with torch.no_grad(), torch.autocast(device_type=env.device.type, dtype=torch.bfloat16):
         features = [
-            module.model.encode_image(batch["v_image"], normalize=False),
-            encode_tokens(module.model, batch["s_tokens"], normalize=False),
+            module.model.encode_image(batch["safe_image"], normalize=False),
+            encode_tokens(module.model, batch["safe_text"], normalize=False),
         ]
         total, terms = module.loss_step(batch)
     with torch.no_grad():

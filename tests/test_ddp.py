@@ -183,8 +183,8 @@ def test_validation_rows_padded_by_the_sampler_count_once():
     # DistributedSampler pads 5 items to 6 (item 0 twice); gathered, rank-major
     index = torch.tensor([0, 2, 4, 1, 3, 0])
     features = torch.arange(6, dtype=torch.float32).unsqueeze(1)
-    out = unique_rows({"index": index, "t_safe": features})
-    assert out["t_safe"].squeeze(1).tolist() == [0.0, 3.0, 1.0, 4.0, 2.0]
+    out = unique_rows({"index": index, "safe_text": features})
+    assert out["safe_text"].squeeze(1).tolist() == [0.0, 3.0, 1.0, 4.0, 2.0]
 
 
 def test_every_item_has_the_same_keys_with_an_extra_safe_pool(tmp_path, toy_world):

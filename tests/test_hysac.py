@@ -131,7 +131,7 @@ def reference_hysac_loss(points, curvature, logit_scale, k, weights):
         aperture = torch.asin((2 * k / (c**0.5 * x.norm(dim=-1))).clamp(-1 + 1e-6, 1 - 1e-6))
         return (angle - aperture).clamp_min(0).mean()
 
-    S, U, V, G = points["t_safe"], points["t_unsafe"], points["i_safe"], points["i_unsafe"]
+    S, U, V, G = points["safe_text"], points["unsafe_text"], points["safe_image"], points["unsafe_image"]
     terms = {
         "contrastive_safe": contrastive(S, V),
         "contrastive_unsafe": contrastive(U, G),
@@ -154,8 +154,8 @@ def reference_hysac_loss(points, curvature, logit_scale, k, weights):
 def test_hysac_loss_matches_an_independent_derivation_values_and_gradients(weights):
     config = HysacLossConfig() if weights is None else HysacLossConfig(weights=weights)
     head = HyperbolicHead(8, HyperbolicConfig(curvature=1.7, aperture_k=0.2))
-    raw = {name: rand(6, 8, seed=10 + i).float().requires_grad_(True) for i, name in enumerate(("t_safe", "t_unsafe", "i_safe", "i_unsafe"))}
-    modality = {"t_safe": "text", "t_unsafe": "text", "i_safe": "image", "i_unsafe": "image"}
+    raw = {name: rand(6, 8, seed=10 + i).float().requires_grad_(True) for i, name in enumerate(("safe_text", "unsafe_text", "safe_image", "unsafe_image"))}
+    modality = {"safe_text": "text", "unsafe_text": "text", "safe_image": "image", "unsafe_image": "image"}
     total, terms = HysacLoss(config)(head, **{k: head.lift(v, modality[k]) for k, v in raw.items()})
     grads = torch.autograd.grad(total, list(raw.values()))
 

@@ -245,13 +245,13 @@ def all_ones_config(**options) -> LossConfig:
 
 def full_inputs(batch: int = 4, dim: int = 8, k: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     x = {}
-    for i, name in enumerate(("t_safe", "t_unsafe", "i_safe", "i_unsafe", "t_target_live", "i_target_live")):
+    for i, name in enumerate(("safe_text", "unsafe_text", "safe_image", "unsafe_image", "target_text", "target_image")):
         x[name] = rand_unit(batch, dim, seed=seed + i, requires_grad=True)
-    for i, name in enumerate(("t0_safe", "t0_unsafe", "i0_safe", "i0_unsafe")):
+    for i, name in enumerate(("frozen_safe_text", "frozen_unsafe_text", "frozen_safe_image", "frozen_unsafe_image")):
         x[name] = rand_unit(batch, dim, seed=seed + 10 + i)
     shape = (batch, dim) if k is None else (batch, k, dim)
-    x["t0_target"] = rand_unit(*shape, seed=seed + 20)
-    x["i0_target"] = rand_unit(*shape, seed=seed + 21)
+    x["frozen_target_text"] = rand_unit(*shape, seed=seed + 20)
+    x["frozen_target_image"] = rand_unit(*shape, seed=seed + 21)
     if k is not None:
         x["target_weights"] = torch.softmax(torch.randn(batch, k, generator=torch.Generator().manual_seed(seed)), -1)
     x["pair_weight"] = torch.rand(batch, generator=torch.Generator().manual_seed(seed + 1))
@@ -281,18 +281,18 @@ def test_each_term_equals_its_pure_function():
     assert list(terms) == list(TERM_NAMES)
     pw = x["pair_weight"]
     expected = {
-        "text_preservation": cosine_distance(x["t_safe"], x["t0_safe"]),
-        "text_redirection": cosine_distance(x["t_unsafe"], x["t0_target"], weights=pw),
-        "image_preservation": cosine_distance(x["i_safe"], x["i0_safe"]),
-        "image_redirection": cosine_distance(x["i_unsafe"], x["i0_target"], weights=pw),
-        "xmodal_text_preservation": infonce(x["t_safe"], x["i0_safe"]),
-        "xmodal_text_redirection": infonce(x["t_unsafe"], x["i0_target"]),
-        "xmodal_image_preservation": infonce(x["t0_safe"], x["i_safe"]),
-        "xmodal_image_redirection": infonce(x["t0_target"], x["i_unsafe"]),
-        "relative_image": relative_redirection(x["i_unsafe"], x["t0_target"], x["t0_unsafe"], 10.0, pw),
-        "relative_text": relative_redirection(x["t_unsafe"], x["i0_target"], x["i0_unsafe"], 10.0, pw),
-        "live_relative_text": relative_redirection(x["t_unsafe"], x["i_target_live"], x["i_unsafe"], 10.0, pw),
-        "live_relative_image": relative_redirection(x["i_unsafe"], x["t_target_live"], x["t_unsafe"], 10.0, pw),
+        "text_preservation": cosine_distance(x["safe_text"], x["frozen_safe_text"]),
+        "text_redirection": cosine_distance(x["unsafe_text"], x["frozen_target_text"], weights=pw),
+        "image_preservation": cosine_distance(x["safe_image"], x["frozen_safe_image"]),
+        "image_redirection": cosine_distance(x["unsafe_image"], x["frozen_target_image"], weights=pw),
+        "xmodal_text_preservation": infonce(x["safe_text"], x["frozen_safe_image"]),
+        "xmodal_text_redirection": infonce(x["unsafe_text"], x["frozen_target_image"]),
+        "xmodal_image_preservation": infonce(x["frozen_safe_text"], x["safe_image"]),
+        "xmodal_image_redirection": infonce(x["frozen_target_text"], x["unsafe_image"]),
+        "relative_image": relative_redirection(x["unsafe_image"], x["frozen_target_text"], x["frozen_unsafe_text"], 10.0, pw),
+        "relative_text": relative_redirection(x["unsafe_text"], x["frozen_target_image"], x["frozen_unsafe_image"], 10.0, pw),
+        "live_relative_text": relative_redirection(x["unsafe_text"], x["target_image"], x["unsafe_image"], 10.0, pw),
+        "live_relative_image": relative_redirection(x["unsafe_image"], x["target_text"], x["unsafe_text"], 10.0, pw),
     }
     for name, value in expected.items():
         torch.testing.assert_close(terms[name], value, msg=name)
@@ -302,10 +302,10 @@ def test_each_term_equals_its_pure_function():
 def test_relative_image_term_on_orthogonal_vectors():
     # I(G) = e0, T0(U) = e0 (cos 1), T0(S_n) = e1 (cos 0): softplus(tau * 1)
     cfg = LossConfig(weights=LossWeights(relative_image=1.0), tau=10.0)
-    total, terms = SaferClipLoss(cfg)(i_unsafe=unit(0), t0_unsafe=unit(0), t0_target=unit(1))
+    total, terms = SaferClipLoss(cfg)(unsafe_image=unit(0), frozen_unsafe_text=unit(0), frozen_target_text=unit(1))
     assert terms["relative_image"].item() == pytest.approx(softplus(10.0), rel=1e-6)
     # redirected: I(G) = e1 -> softplus(-tau)
-    _, terms = SaferClipLoss(cfg)(i_unsafe=unit(1), t0_unsafe=unit(0), t0_target=unit(1))
+    _, terms = SaferClipLoss(cfg)(unsafe_image=unit(1), frozen_unsafe_text=unit(0), frozen_target_text=unit(1))
     assert terms["relative_image"].item() == pytest.approx(softplus(-10.0), rel=1e-4)
 
 
@@ -314,19 +314,19 @@ def test_topk_targets_in_the_module():
     _, terms = SaferClipLoss(all_ones_config())(**x)
     tw = x["target_weights"]
     torch.testing.assert_close(
-        terms["text_redirection"], cosine_distance(x["t_unsafe"], x["t0_target"], x["pair_weight"], tw)
+        terms["text_redirection"], cosine_distance(x["unsafe_text"], x["frozen_target_text"], x["pair_weight"], tw)
     )
     # InfoNCE takes the renormalised weighted centroid of the k targets
-    centroid = F.normalize(torch.einsum("bk,bkd->bd", tw, x["i0_target"]), dim=-1)
-    torch.testing.assert_close(terms["xmodal_text_redirection"], infonce(x["t_unsafe"], centroid))
+    centroid = F.normalize(torch.einsum("bk,bkd->bd", tw, x["frozen_target_image"]), dim=-1)
+    torch.testing.assert_close(terms["xmodal_text_redirection"], infonce(x["unsafe_text"], centroid))
     assert all(torch.isfinite(v) for v in terms.values())
 
 
 def test_missing_inputs_drop_terms_cleanly():
     loss = SaferClipLoss(all_ones_config())
-    text_only = {"t_safe", "t_unsafe", "t0_safe", "t0_unsafe", "t0_target"}
+    text_only = {"safe_text", "unsafe_text", "frozen_safe_text", "frozen_unsafe_text", "frozen_target_text"}
     assert loss.active_terms(text_only) == ["text_preservation", "text_redirection"]
-    safe_images = text_only | {"i_safe", "i0_safe"}
+    safe_images = text_only | {"safe_image", "frozen_safe_image"}
     assert loss.active_terms(safe_images) == [
         "text_preservation",
         "text_redirection",
@@ -342,15 +342,15 @@ def test_missing_inputs_drop_terms_cleanly():
     _, terms_none = loss(**{k: (v if k in text_only else None) for k, v in x.items()})
     assert list(terms_none) == list(terms)
     with pytest.raises(ValueError, match="unknown loss input"):
-        loss.active_terms({"t_safe", "t0_sfe"})
+        loss.active_terms({"safe_text", "t0_sfe"})
     # only what the active terms use needs encoding
-    assert loss.required_inputs(text_only) == {"t_safe", "t_unsafe", "t0_safe", "t0_target"}
+    assert loss.required_inputs(text_only) == {"safe_text", "unsafe_text", "frozen_safe_text", "frozen_target_text"}
     saferclip = preset("saferclip")
-    assert {"t_target_live", "i_target_live"} <= SaferClipLoss(LossConfig.from_method(saferclip)).required_inputs(set(INPUT_NAMES))
+    assert {"target_text", "target_image"} <= SaferClipLoss(LossConfig.from_method(saferclip)).required_inputs(set(INPUT_NAMES))
     for term in ("live_relative_text", "live_relative_image"):
         saferclip["loss"]["weights"][term] = 0.0
     no_live = SaferClipLoss(LossConfig.from_method(saferclip))
-    assert "t_target_live" not in no_live.required_inputs(set(INPUT_NAMES))
+    assert "target_text" not in no_live.required_inputs(set(INPUT_NAMES))
 
 
 def test_zero_weight_terms_are_not_computed():
@@ -365,7 +365,7 @@ def test_zero_weight_terms_are_not_computed():
 def test_no_active_term_is_a_clear_error():
     loss = SaferClipLoss(LossConfig(weights=LossWeights(image_redirection=1.0)))
     with pytest.raises(ValueError, match="no loss term is active.*image_redirection"):
-        loss(t_safe=rand_unit(2, 4), t0_safe=rand_unit(2, 4))
+        loss(safe_text=rand_unit(2, 4), frozen_safe_text=rand_unit(2, 4))
     with pytest.raises(TypeError):
         loss(t_sfe=rand_unit(2, 4))
 
@@ -398,7 +398,7 @@ def test_safeclip_preset_normalises_weights_and_divides_by_eight():
     expected = sum(lam * terms[n] for n, lam in zip(TERM_NAMES, SAFECLIP_WEIGHTS)) / total_lambda / 8
     torch.testing.assert_close(total, expected)
     # dropping terms for lack of inputs keeps the others' factors (a fixed rescaling)
-    text_only = {k: x[k] for k in ("t_safe", "t_unsafe", "t0_safe", "t0_target")}
+    text_only = {k: x[k] for k in ("safe_text", "unsafe_text", "frozen_safe_text", "frozen_target_text")}
     total, terms = SaferClipLoss(cfg)(**text_only)
     expected = sum(eff[n] * terms[n] for n in ("text_preservation", "text_redirection"))
     torch.testing.assert_close(total, expected)
@@ -418,12 +418,12 @@ def test_config_validation_and_mapping():
 def test_gradients_reach_only_trainable_inputs_and_are_finite():
     x = full_inputs(k=2)
     # a frozen target that (wrongly) carries a graph must still not be trained
-    x["t0_safe"] = x["t0_safe"].clone().requires_grad_(True)
+    x["frozen_safe_text"] = x["frozen_safe_text"].clone().requires_grad_(True)
     total, _ = SaferClipLoss(all_ones_config(tau=10.0))(**x)
     total.backward()
-    for name in ("t_safe", "t_unsafe", "i_safe", "i_unsafe", "t_target_live", "i_target_live"):
+    for name in ("safe_text", "unsafe_text", "safe_image", "unsafe_image", "target_text", "target_image"):
         assert x[name].grad is not None and torch.isfinite(x[name].grad).all() and x[name].grad.abs().sum() > 0, name
-    assert x["t0_safe"].grad is None
+    assert x["frozen_safe_text"].grad is None
 
 
 def test_low_precision_inputs_are_computed_in_float32():
@@ -444,7 +444,7 @@ def test_module_forwards_gather_to_infonce():
     t_global = rand_unit(world * local, 8, seed=7, requires_grad=True)
     i0_global = rand_unit(world * local, 8, seed=8)
     cfg = LossConfig(weights=LossWeights(xmodal_text_preservation=1.0))
-    reference, _ = SaferClipLoss(cfg)(t_safe=t_global, i0_safe=i0_global)
+    reference, _ = SaferClipLoss(cfg)(safe_text=t_global, frozen_safe_image=i0_global)
     losses = []
     for rank in range(world):
         t, i0 = t_global[rank * local : (rank + 1) * local], i0_global[rank * local : (rank + 1) * local]
@@ -458,9 +458,9 @@ def test_module_forwards_gather_to_infonce():
                 return torch.cat(parts)
             return i0_global
 
-        total, _ = SaferClipLoss(cfg, gather=gather, rank=rank)(t_safe=t, i0_safe=i0)
+        total, _ = SaferClipLoss(cfg, gather=gather, rank=rank)(safe_text=t, frozen_safe_image=i0)
         # the same through a per-call gather
-        per_call, _ = SaferClipLoss(cfg, rank=rank)(t_safe=t, i0_safe=i0, gather=gather)
+        per_call, _ = SaferClipLoss(cfg, rank=rank)(safe_text=t, frozen_safe_image=i0, gather=gather)
         torch.testing.assert_close(per_call, total)
         losses.append(total)
     torch.testing.assert_close(torch.stack(losses).mean(), reference)

@@ -152,7 +152,7 @@ def file_digests(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-FROZEN_KEYS = ("t0_safe", "t0_unsafe", "i0_safe", "i0_unsafe", "t0_target", "i0_target", "target_weights", "pair_weight")
+FROZEN_KEYS = ("frozen_safe_text", "frozen_unsafe_text", "frozen_safe_image", "frozen_unsafe_image", "frozen_target_text", "frozen_target_image", "target_weights", "pair_weight")
 
 
 def frozen_items(dataset) -> list[dict[str, torch.Tensor]]:
@@ -200,9 +200,9 @@ def retrieval(model, dataset, items: list[int]) -> dict[str, float]:
     everything = collate(dataset, range(len(dataset)))
     batch = collate(dataset, items)
     with torch.no_grad():
-        gallery = model.encode_image(everything["v_image"], normalize=True)
-        u = model.encode_text(batch["u_tokens"], normalize=True)
-        s = model.encode_text(batch["s_tokens"], normalize=True)
+        gallery = model.encode_image(everything["safe_image"], normalize=True)
+        u = model.encode_text(batch["unsafe_text"], normalize=True)
+        s = model.encode_text(batch["safe_text"], normalize=True)
     targets = dataset.targets.indices[items, 0]
     return {
         "u2v": float(recall_at_k(u, gallery, targets, ks=(1,))["R@1"]),

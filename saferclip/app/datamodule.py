@@ -112,10 +112,10 @@ class SaferClipDataModule(L.LightningDataModule):
         cache, bundle = prepared.cache, prepared.bundle
         self.targets = prepared.targets
         frozen = {
-            "t0_safe": cache.safe_text,
-            "t0_unsafe": cache.unsafe_text,
-            "i0_safe": cache.safe_image,
-            "i0_unsafe": cache.unsafe_image,
+            "frozen_safe_text": cache.safe_text,
+            "frozen_unsafe_text": cache.unsafe_text,
+            "frozen_safe_image": cache.safe_image,
+            "frozen_unsafe_image": cache.unsafe_image,
         }
         # float32 once here (a no-op view for a float32 cache), not per step
         frozen = {k: (None if v is None else v.float()) for k, v in frozen.items()}

@@ -17,7 +17,7 @@ from ..training.hysac import HYSAC_TERMS, HysacLoss
 from ..training.losses import Gather
 from .module import SaferClipModule, validation_metrics
 
-_MODALITY = {"t_safe": "text", "t_unsafe": "text", "i_safe": "image", "i_unsafe": "image"}
+_MODALITY = {"safe_text": "text", "unsafe_text": "text", "safe_image": "image", "unsafe_image": "image"}
 
 
 class HysacModule(SaferClipModule):
@@ -41,15 +41,15 @@ class HysacModule(SaferClipModule):
         return active, [t for t in HYSAC_TERMS if t not in active]
 
     def validation_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.lifted(batch, {"t_safe", "t_unsafe", "i_safe", "i_unsafe"})
+        return self.lifted(batch, {"safe_text", "unsafe_text", "safe_image", "unsafe_image"})
 
     def validation_metrics(self, rows: dict[str, torch.Tensor]) -> dict[str, float]:
         head = self.head
         owner = rows.get("owner", rows["index"])
         distinct = owner == rows["index"]
-        distances = {"text": head.similarity().distance_from_origin(rows["t_safe"])}
-        if "i_safe" in rows:
-            distances["image"] = head.similarity().distance_from_origin(rows["i_safe"][distinct])
+        distances = {"text": head.similarity().distance_from_origin(rows["safe_text"])}
+        if "safe_image" in rows:
+            distances["image"] = head.similarity().distance_from_origin(rows["safe_image"][distinct])
         else:
             distances["image"] = distances["text"]  # text-only data: no image query is traversed
         radii = safe_radii(distances, head.config.traversal_percentile)

@@ -32,14 +32,15 @@ from ..training.method import method_config
 
 log = logging.getLogger("saferclip.train")
 
-# which trainable encodings each batch key feeds
-_TEXT_INPUTS = {"t_safe": "s_tokens", "t_unsafe": "u_tokens", "t_target_live": "target_tokens"}
-_IMAGE_INPUTS = {"i_safe": "v_image", "i_unsafe": "g_image", "i_target_live": "target_image"}
+# the trainable encodings, by tower: a batch's tokens or pixels under one of these keys are
+# encoded into the loss input of the same name (one vocabulary for batch, loss and cache)
+TEXT_INPUTS = ("safe_text", "unsafe_text", "target_text")
+IMAGE_INPUTS = ("safe_image", "unsafe_image", "target_image")
 
 
 def available_inputs(batch: dict[str, torch.Tensor]) -> set[str]:
     """Names of the loss inputs a batch (or one dataset item) can provide."""
-    have = {n for n, key in {**_TEXT_INPUTS, **_IMAGE_INPUTS}.items() if key in batch}
+    have = {n for n in TEXT_INPUTS + IMAGE_INPUTS if n in batch}
     return have | {k for k in FROZEN_INPUTS + WEIGHT_INPUTS if k in batch}
 
 
@@ -77,11 +78,11 @@ class SaferClipModule(L.LightningModule):
         # LoRA weights are parametrizations, recomputed on every access; attention reads its
         # weights more than once per forward: compute each adapted weight once per call
         with parametrize.cached():
-            for inputs, encode in ((_TEXT_INPUTS, self._encode_text), (_IMAGE_INPUTS, self.model.encode_image)):
-                names = [n for n, key in inputs.items() if n in wanted and key in batch]
+            for inputs, encode in ((TEXT_INPUTS, self._encode_text), (IMAGE_INPUTS, self.model.encode_image)):
+                names = [n for n in inputs if n in wanted and n in batch]
                 if not names:
                     continue
-                parts = [batch[inputs[n]] for n in names]
+                parts = [batch[n] for n in names]
                 features = encode(torch.cat(parts) if len(parts) > 1 else parts[0], normalize=normalize)
                 out.update(zip(names, features.split([len(p) for p in parts])))
         return out
@@ -110,7 +111,7 @@ class SaferClipModule(L.LightningModule):
         if item is None:
             return
         fed = self.encodings_needed(item)
-        for tower, inputs in (("text", _TEXT_INPUTS), ("image", _IMAGE_INPUTS)):
+        for tower, inputs in (("text", TEXT_INPUTS), ("image", IMAGE_INPUTS)):
             params = tower_parameters(self.model, tower)
             if not fed & set(inputs) and any(p.requires_grad for p in params):
                 for p in params:
@@ -118,7 +119,7 @@ class SaferClipModule(L.LightningModule):
                 self._info(f"the {tower} tower is frozen: no active loss term feeds it with this data")
 
     def encodings_needed(self, item: dict[str, torch.Tensor]) -> set[str]:
-        return self.loss.required_inputs(available_inputs(item)) & (set(_TEXT_INPUTS) | set(_IMAGE_INPUTS))
+        return self.loss.required_inputs(available_inputs(item)) & set(TEXT_INPUTS + IMAGE_INPUTS)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         gather = gather_with_grad if self.trainer.world_size > 1 else None
@@ -185,7 +186,7 @@ class SaferClipModule(L.LightningModule):
         self._val_outputs.append({k: v.detach() for k, v in features.items()})
 
     def validation_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.encode(batch, {"t_safe", "t_unsafe", "i_safe", "i_unsafe"})
+        return self.encode(batch, {"safe_text", "unsafe_text", "safe_image", "unsafe_image"})
 
     def on_validation_epoch_end(self) -> None:
         outputs, self._val_outputs = self._val_outputs, []
@@ -231,20 +232,20 @@ def validation_metrics(f: dict[str, torch.Tensor], similarity: Similarity = COSI
     Text-only data adds ``U2S_R@k``: an unsafe caption finds its paired safe caption.
     ``similarity``: how the model compares the embeddings ``f`` holds (its own, e.g. HySAC's)."""
     index = f["index"]
-    emb = PairEmbeddings(safe_text=f["t_safe"], unsafe_text=f["t_unsafe"], similarity=similarity)
-    if "i_safe" in f:
+    emb = PairEmbeddings(safe_text=f["safe_text"], unsafe_text=f["unsafe_text"], similarity=similarity)
+    if "safe_image" in f:
         # the gallery holds each safe image once: items sharing one point at its first owner
         owner = f["owner"] if "owner" in f else index
         distinct = owner == index
-        emb.safe_image = f["i_safe"][distinct]
+        emb.safe_image = f["safe_image"][distinct]
         emb.safe_owner = torch.searchsorted(index[distinct], owner)
-    if "i_unsafe" in f:
-        emb.unsafe_image = f["i_unsafe"]
+    if "unsafe_image" in f:
+        emb.unsafe_image = f["unsafe_image"]
         emb.unsafe_owner = torch.arange(len(index))
     metrics = visu_metrics(emb, None, ks=VALIDATION_KS, unsafe_ks=(1,))
     out = {k: float(v) for k, v in metrics.items() if ("_R@" in k or "_unsafe@" in k) and isinstance(v, (int, float))}
-    if "i_safe" not in f:
-        u2s = recall_at_k(f["t_unsafe"], f["t_safe"], torch.arange(len(index)), ks=VALIDATION_KS, score=chunk_scorer(similarity, "text"))
+    if "safe_image" not in f:
+        u2s = recall_at_k(f["unsafe_text"], f["safe_text"], torch.arange(len(index)), ks=VALIDATION_KS, score=chunk_scorer(similarity, "text"))
         out.update({f"U2S_R@{k}": float(u2s[f"R@{k}"]) for k in VALIDATION_KS})
     out[SELECTION_METRIC] = selection_score(out)
     return out

@@ -124,9 +124,9 @@ def rehearse(
         enc = {k: [] for k in ("s", "u", "v")}
         with torch.inference_mode(), autocast():
             for b in datamodule.val_dataloader():
-                enc["s"].append(encode_tokens(module.model, b["s_tokens"].to(device)).float().cpu())
-                enc["u"].append(encode_tokens(module.model, b["u_tokens"].to(device)).float().cpu())
-                enc["v"].append(module.model.encode_image(b["v_image"].to(device), normalize=True).float().cpu())
+                enc["s"].append(encode_tokens(module.model, b["safe_text"].to(device)).float().cpu())
+                enc["u"].append(encode_tokens(module.model, b["unsafe_text"].to(device)).float().cpu())
+                enc["v"].append(module.model.encode_image(b["safe_image"].to(device), normalize=True).float().cpu())
         s, u, v = (torch.cat(enc[k]) for k in ("s", "u", "v"))
         owner = datamodule.val_set.owner
         metrics = {name: float((owner[(q @ v.T).argmax(1)] == owner).float().mean()) for name, q in (("U2V_R@1", u), ("S2V_R@1", s))}

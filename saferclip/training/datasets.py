@@ -25,9 +25,9 @@ class RedirectionDataset(Dataset):
     """Items of a quadruplet set with their frozen embeddings and redirection targets.
 
     Each item is a dict of tensors (keys absent when the data has no such input):
-    ``index``, ``s_tokens``, ``u_tokens``, ``v_image``, ``g_image``, ``t0_safe``,
-    ``t0_unsafe``, ``i0_safe``, ``i0_unsafe``, ``t0_target [k, D]``, ``i0_target [k, D]``,
-    ``target_weights [k]``, ``pair_weight``, and for the live terms ``target_tokens`` and
+    ``index``, ``safe_text``, ``unsafe_text``, ``safe_image``, ``unsafe_image``, ``frozen_safe_text``,
+    ``frozen_unsafe_text``, ``frozen_safe_image``, ``frozen_unsafe_image``, ``frozen_target_text [k, D]``, ``frozen_target_image [k, D]``,
+    ``target_weights [k]``, ``pair_weight``, and for the live terms ``target_text`` and
     ``target_image`` (the top-1 target, encoded by the trainable model).
     """
 
@@ -47,9 +47,9 @@ class RedirectionDataset(Dataset):
             raise ValueError(f"{len(targets.indices)} targets for {len(qset)} items")
         self.qset, self.preprocess, self.frozen = qset, preprocess, frozen
         self.targets, self.pool, self.live_targets = targets, pool, live_targets
-        self.s_tokens = tokenize_checked(tokenizer, qset.safe_captions, f"{qset.source}: safe captions")
-        self.u_tokens = tokenize_checked(tokenizer, qset.unsafe_captions, f"{qset.source}: unsafe captions")
-        self.target_tokens = tokenizer(pool.captions) if live_targets else None
+        self.safe_tokens = tokenize_checked(tokenizer, qset.safe_captions, f"{qset.source}: safe captions")
+        self.unsafe_tokens = tokenize_checked(tokenizer, qset.unsafe_captions, f"{qset.source}: unsafe captions")
+        self.target_text_tokens = tokenizer(pool.captions) if live_targets else None
         self.use_safe_images = qset.mode.has_safe_images
         self.use_unsafe_images = qset.mode.has_unsafe_images
         self._memo: dict[Path, torch.Tensor] | None = {} if memo_images else None
@@ -79,24 +79,24 @@ class RedirectionDataset(Dataset):
         targets = self.targets.indices[rows]
         batch = {
             "index": rows,
-            "s_tokens": self.s_tokens[rows],
-            "u_tokens": self.u_tokens[rows],
+            "safe_text": self.safe_tokens[rows],
+            "unsafe_text": self.unsafe_tokens[rows],
             "target_weights": self.targets.weights[rows],
             "pair_weight": self.targets.pair_weight[rows],
-            "t0_target": self.pool.text[targets],
+            "frozen_target_text": self.pool.text[targets],
         }
-        for key in ("t0_safe", "t0_unsafe", "i0_safe", "i0_unsafe"):
+        for key in ("frozen_safe_text", "frozen_unsafe_text", "frozen_safe_image", "frozen_unsafe_image"):
             if self.frozen.get(key) is not None:
                 batch[key] = self.frozen[key][rows]
         if self.pool.image is not None:
-            batch["i0_target"] = self.pool.image[targets]
+            batch["frozen_target_image"] = self.pool.image[targets]
         items = [self.qset[i] for i in indices]
         if self.use_safe_images:
-            batch["v_image"] = torch.stack([self.image(q.safe_image) for q in items])
+            batch["safe_image"] = torch.stack([self.image(q.safe_image) for q in items])
         if self.use_unsafe_images:
-            batch["g_image"] = torch.stack([self.image(q.unsafe_image) for q in items])
+            batch["unsafe_image"] = torch.stack([self.image(q.unsafe_image) for q in items])
         if self.live_targets:
-            batch["target_tokens"] = self.target_tokens[targets[:, 0]]
+            batch["target_text"] = self.target_text_tokens[targets[:, 0]]
             if self.use_safe_images:
                 batch["target_image"] = torch.stack([self.image(self.live_target_image(i)) for i in indices])
         return batch
@@ -113,8 +113,8 @@ class RedirectionDataset(Dataset):
 
 
 class ValidationDataset(Dataset):
-    """Captions and images of the validation split: ``s_tokens``, ``u_tokens``, ``v_image``,
-    ``g_image``, and ``owner`` (items sharing a safe image share the index of the first)."""
+    """Captions and images of the validation split: ``safe_text``, ``unsafe_text``, ``safe_image``,
+    ``unsafe_image``, and ``owner`` (items sharing a safe image share the index of the first)."""
 
     def __init__(
         self, qset: QuadrupletSet, tokenizer, preprocess, memo_images: bool = False, image_shards: ImageShards | None = None
@@ -145,7 +145,7 @@ class ValidationDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = self.inner.__getitems__(indices)
-        keep = ("index", "s_tokens", "u_tokens", "v_image", "g_image")
+        keep = ("index", "safe_text", "unsafe_text", "safe_image", "unsafe_image")
         out = {k: v for k, v in batch.items() if k in keep}
         out["owner"] = self.owner[torch.as_tensor(indices, dtype=torch.long)]
         return out

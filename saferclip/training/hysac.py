@@ -55,18 +55,18 @@ HYSAC_TERMS: tuple[str, ...] = (
 
 # the two embeddings each term compares: (general, specific) for the entailment terms
 HYSAC_TERM_INPUTS: dict[str, tuple[str, str]] = {
-    "contrastive_safe": ("t_safe", "i_safe"),
-    "contrastive_unsafe": ("t_unsafe", "i_unsafe"),
-    "contrastive_safe_text_unsafe_image": ("t_safe", "i_unsafe"),
-    "contrastive_unsafe_text_safe_image": ("t_unsafe", "i_safe"),
-    "entailment_safe": ("t_safe", "i_safe"),
-    "entailment_unsafe": ("t_unsafe", "i_unsafe"),
-    "entailment_safe_image_unsafe_text": ("i_safe", "t_unsafe"),
-    "entailment_safe_text_unsafe_text": ("t_safe", "t_unsafe"),
-    "entailment_safe_image_unsafe_image": ("i_safe", "i_unsafe"),
+    "contrastive_safe": ("safe_text", "safe_image"),
+    "contrastive_unsafe": ("unsafe_text", "unsafe_image"),
+    "contrastive_safe_text_unsafe_image": ("safe_text", "unsafe_image"),
+    "contrastive_unsafe_text_safe_image": ("unsafe_text", "safe_image"),
+    "entailment_safe": ("safe_text", "safe_image"),
+    "entailment_unsafe": ("unsafe_text", "unsafe_image"),
+    "entailment_safe_image_unsafe_text": ("safe_image", "unsafe_text"),
+    "entailment_safe_text_unsafe_text": ("safe_text", "unsafe_text"),
+    "entailment_safe_image_unsafe_image": ("safe_image", "unsafe_image"),
 }
 
-HYSAC_INPUTS = ("t_safe", "t_unsafe", "i_safe", "i_unsafe")
+HYSAC_INPUTS = ("safe_text", "unsafe_text", "safe_image", "unsafe_image")
 
 
 @dataclass
@@ -103,7 +103,7 @@ class HysacLossConfig:
 
 
 class HysacLoss(nn.Module):
-    """``forward(head, t_safe=, t_unsafe=, i_safe=, i_unsafe=)`` on *lifted* points (the head's
+    """``forward(head, safe_text=, unsafe_text=, safe_image=, unsafe_image=)`` on *lifted* points (the head's
     :meth:`~saferclip.model.hyperbolic.HyperbolicHead.lift`) returns ``(total, {term: value})``."""
 
     def __init__(self, config: HysacLossConfig | None = None, gather: Gather | None = None, rank: int | None = None):

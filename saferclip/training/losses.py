@@ -19,9 +19,13 @@ live_relative_text          softplus(τ(cos(T(U), I(G)) − cos(T(U), I(V_n)))) 
 live_relative_image         softplus(τ(cos(I(G), T(U)) − cos(I(G), T(S_n))))   T(S_n) encoded live
 ==========================  =====================================================================
 
-The module does not know which method runs: for rigid Safe-CLIP the caller passes the item's
-own pair as the target (``t0_target = t0_safe``, ``i0_target = i0_safe``); for SafeR-CLIP the
-neighbour index's targets (``[B, D]`` or top-k ``[B, k, D]`` with ``target_weights [B, k]``).
+Inputs are named by item, one vocabulary with the batch and the cache: ``safe_text`` = T(S),
+``unsafe_text`` = T(U), ``safe_image`` = I(V), ``unsafe_image`` = I(G), ``target_text`` /
+``target_image`` = the targets encoded live; ``frozen_<item>`` = the frozen model's embedding
+(T0, I0). The module does not know which method runs: for rigid Safe-CLIP the caller passes
+the item's own pair as the target (``frozen_target_text = frozen_safe_text``,
+``frozen_target_image = frozen_safe_image``); for SafeR-CLIP the neighbour index's targets
+(``[B, D]`` or top-k ``[B, k, D]`` with ``target_weights [B, k]``).
 
 All embeddings are expected L2-normalised, so cosine similarity is a dot product.
 
@@ -65,18 +69,18 @@ TERM_NAMES: tuple[str, ...] = (
 # Inputs each term needs; a term whose inputs are missing is inactive.
 # ``target_weights`` and ``pair_weight`` are optional refinements and never gate a term.
 TERM_INPUTS: dict[str, tuple[str, ...]] = {
-    "text_preservation": ("t_safe", "t0_safe"),
-    "text_redirection": ("t_unsafe", "t0_target"),
-    "image_preservation": ("i_safe", "i0_safe"),
-    "image_redirection": ("i_unsafe", "i0_target"),
-    "xmodal_text_preservation": ("t_safe", "i0_safe"),
-    "xmodal_text_redirection": ("t_unsafe", "i0_target"),
-    "xmodal_image_preservation": ("t0_safe", "i_safe"),
-    "xmodal_image_redirection": ("t0_target", "i_unsafe"),
-    "relative_image": ("i_unsafe", "t0_unsafe", "t0_target"),
-    "relative_text": ("t_unsafe", "i0_unsafe", "i0_target"),
-    "live_relative_text": ("t_unsafe", "i_unsafe", "i_target_live"),
-    "live_relative_image": ("i_unsafe", "t_unsafe", "t_target_live"),
+    "text_preservation": ("safe_text", "frozen_safe_text"),
+    "text_redirection": ("unsafe_text", "frozen_target_text"),
+    "image_preservation": ("safe_image", "frozen_safe_image"),
+    "image_redirection": ("unsafe_image", "frozen_target_image"),
+    "xmodal_text_preservation": ("safe_text", "frozen_safe_image"),
+    "xmodal_text_redirection": ("unsafe_text", "frozen_target_image"),
+    "xmodal_image_preservation": ("frozen_safe_text", "safe_image"),
+    "xmodal_image_redirection": ("frozen_target_text", "unsafe_image"),
+    "relative_image": ("unsafe_image", "frozen_unsafe_text", "frozen_target_text"),
+    "relative_text": ("unsafe_text", "frozen_unsafe_image", "frozen_target_image"),
+    "live_relative_text": ("unsafe_text", "unsafe_image", "target_image"),
+    "live_relative_image": ("unsafe_image", "unsafe_text", "target_text"),
 }
 
 # Terms that concern one (unsafe -> safe) pair and so take ``pair_weight`` (the neighbour
@@ -95,8 +99,8 @@ PAIR_WEIGHTED_TERMS = frozenset(
 # The terms that encode the redirection targets with the trainable model (live targets).
 LIVE_TERMS = ("live_relative_text", "live_relative_image")
 
-TRAINABLE_INPUTS = ("t_safe", "t_unsafe", "i_safe", "i_unsafe", "t_target_live", "i_target_live")
-FROZEN_INPUTS = ("t0_safe", "t0_unsafe", "i0_safe", "i0_unsafe", "t0_target", "i0_target")
+TRAINABLE_INPUTS = ("safe_text", "unsafe_text", "safe_image", "unsafe_image", "target_text", "target_image")
+FROZEN_INPUTS = ("frozen_safe_text", "frozen_unsafe_text", "frozen_safe_image", "frozen_unsafe_image", "frozen_target_text", "frozen_target_image")
 WEIGHT_INPUTS = ("target_weights", "pair_weight")
 INPUT_NAMES = TRAINABLE_INPUTS + FROZEN_INPUTS + WEIGHT_INPUTS
 
@@ -363,25 +367,25 @@ class LossConfig:
 class LossInputs:
     """The tensors one training step hands to :class:`SaferClipLoss`; any may be None.
 
-    Trainable (with grad), ``[B, D]``: t_safe T(S), t_unsafe T(U), i_safe I(V), i_unsafe I(G),
-    t_target_live T(S_n), i_target_live I(V_n) (``[B, k, D]`` allowed for the live targets).
-    Frozen, from the embedding cache: t0_safe, t0_unsafe, i0_safe, i0_unsafe ``[B, D]``;
-    t0_target T0(S_n), i0_target I0(V_n) ``[B, D]`` or ``[B, k, D]``; target_weights ``[B, k]``;
+    Trainable (with grad), ``[B, D]``: safe_text T(S), unsafe_text T(U), safe_image I(V), unsafe_image I(G),
+    target_text T(S_n), target_image I(V_n) (``[B, k, D]`` allowed for the live targets).
+    Frozen, from the embedding cache: frozen_safe_text, frozen_unsafe_text, frozen_safe_image, frozen_unsafe_image ``[B, D]``;
+    frozen_target_text T0(S_n), frozen_target_image I0(V_n) ``[B, D]`` or ``[B, k, D]``; target_weights ``[B, k]``;
     pair_weight ``[B]`` (per-pair weight of the redirection terms).
     """
 
-    t_safe: Tensor | None = None
-    t_unsafe: Tensor | None = None
-    i_safe: Tensor | None = None
-    i_unsafe: Tensor | None = None
-    t_target_live: Tensor | None = None
-    i_target_live: Tensor | None = None
-    t0_safe: Tensor | None = None
-    t0_unsafe: Tensor | None = None
-    i0_safe: Tensor | None = None
-    i0_unsafe: Tensor | None = None
-    t0_target: Tensor | None = None
-    i0_target: Tensor | None = None
+    safe_text: Tensor | None = None
+    unsafe_text: Tensor | None = None
+    safe_image: Tensor | None = None
+    unsafe_image: Tensor | None = None
+    target_text: Tensor | None = None
+    target_image: Tensor | None = None
+    frozen_safe_text: Tensor | None = None
+    frozen_unsafe_text: Tensor | None = None
+    frozen_safe_image: Tensor | None = None
+    frozen_unsafe_image: Tensor | None = None
+    frozen_target_text: Tensor | None = None
+    frozen_target_image: Tensor | None = None
     target_weights: Tensor | None = None
     pair_weight: Tensor | None = None
 
@@ -482,27 +486,27 @@ class SaferClipLoss(nn.Module):
             return infonce(a, b, logit_scale=scale, gather=gather, rank=self.rank)
 
         if name == "text_preservation":
-            return cosine_distance(x["t_safe"], x["t0_safe"])
+            return cosine_distance(x["safe_text"], x["frozen_safe_text"])
         if name == "text_redirection":
-            return cosine_distance(x["t_unsafe"], x["t0_target"], weights=pw, target_weights=tw)
+            return cosine_distance(x["unsafe_text"], x["frozen_target_text"], weights=pw, target_weights=tw)
         if name == "image_preservation":
-            return cosine_distance(x["i_safe"], x["i0_safe"])
+            return cosine_distance(x["safe_image"], x["frozen_safe_image"])
         if name == "image_redirection":
-            return cosine_distance(x["i_unsafe"], x["i0_target"], weights=pw, target_weights=tw)
+            return cosine_distance(x["unsafe_image"], x["frozen_target_image"], weights=pw, target_weights=tw)
         if name == "xmodal_text_preservation":
-            return nce(x["t_safe"], x["i0_safe"])
+            return nce(x["safe_text"], x["frozen_safe_image"])
         if name == "xmodal_text_redirection":
-            return nce(x["t_unsafe"], _centroid(x["i0_target"], tw))
+            return nce(x["unsafe_text"], _centroid(x["frozen_target_image"], tw))
         if name == "xmodal_image_preservation":
-            return nce(x["t0_safe"], x["i_safe"])
+            return nce(x["frozen_safe_text"], x["safe_image"])
         if name == "xmodal_image_redirection":
-            return nce(_centroid(x["t0_target"], tw), x["i_unsafe"])
+            return nce(_centroid(x["frozen_target_text"], tw), x["unsafe_image"])
         if name == "relative_image":
-            return relative_redirection(x["i_unsafe"], x["t0_target"], x["t0_unsafe"], tau, pw, tw)
+            return relative_redirection(x["unsafe_image"], x["frozen_target_text"], x["frozen_unsafe_text"], tau, pw, tw)
         if name == "relative_text":
-            return relative_redirection(x["t_unsafe"], x["i0_target"], x["i0_unsafe"], tau, pw, tw)
+            return relative_redirection(x["unsafe_text"], x["frozen_target_image"], x["frozen_unsafe_image"], tau, pw, tw)
         if name == "live_relative_text":
-            return relative_redirection(x["t_unsafe"], x["i_target_live"], x["i_unsafe"], tau, pw, tw)
+            return relative_redirection(x["unsafe_text"], x["target_image"], x["unsafe_image"], tau, pw, tw)
         if name == "live_relative_image":
-            return relative_redirection(x["i_unsafe"], x["t_target_live"], x["t_unsafe"], tau, pw, tw)
+            return relative_redirection(x["unsafe_image"], x["target_text"], x["unsafe_text"], tau, pw, tw)
         raise KeyError(name)
