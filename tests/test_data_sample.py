@@ -103,13 +103,15 @@ def test_the_docs_show_dry_runs_on_the_sample():
 
 @pytest.mark.parametrize("args", [a for _, a in DRY_RUNS], ids=[n for n, _ in DRY_RUNS])
 def test_documented_dry_run_passes(args, monkeypatch, tmp_path):
+    from saferclip.app.hydra_utils import to_container
     from saferclip.app.train import dry_run
+    from saferclip.training.method import method_config
 
     monkeypatch.chdir(REPO)  # the docs' paths are relative to the repository root
     monkeypatch.setenv("SAFERCLIP_HOME", str(tmp_path))
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=args)
-    report = dry_run(cfg)
+    report = dry_run(cfg, method_config(to_container(cfg.method)))
     expected_mode = "full" if "paths.visu_images=data/sample/visu" in args else "safe_images"
     assert {split: (r["items"], r["mode"]) for split, r in report.items()} == {
         split: (n, expected_mode) for split, n in SIZES.items()

@@ -86,8 +86,9 @@ def prepared(cfg: DictConfig):
     """Module and datamodule as train() builds them, the data set up."""
     from saferclip.app.hydra_utils import to_container
     from saferclip.app.train import build_datamodule, build_module
+    from saferclip.training.method import method_config
 
-    method = to_container(cfg.method)
+    method = method_config(to_container(cfg.method))  # checked once, as train() does
     module, datamodule = build_module(cfg, method), build_datamodule(cfg, method)
     datamodule.prepare_data()
     datamodule.setup("fit")

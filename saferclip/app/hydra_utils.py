@@ -40,10 +40,12 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
-def check_train_config(cfg: DictConfig) -> None:
+def check_train_config(cfg: DictConfig):
     """Fail fast, in one line naming the key, on what would otherwise fail minutes into a
     run: the method (one schema: :func:`saferclip.training.method.method_config`), the
-    model's architecture and weights path, the data config and its split paths, the trainer."""
+    model's architecture and weights path, the data config and its split paths, the trainer.
+    Returns the checked method config (:class:`saferclip.training.method.MethodConfig`): the app
+    hands that typed object on, it does not check the dict again."""
     from ..data.splits import check_data_config
     from ..training.method import method_config
 
@@ -51,7 +53,7 @@ def check_train_config(cfg: DictConfig) -> None:
     for key in ("dry_run", "dry_run_verify_images", "force", "export"):
         if key in cfg:
             check_bool(_value(cfg, key), key)
-    method_config(_container(cfg, "method"))
+    method = method_config(_container(cfg, "method"))
     try:
         check_arch(cfg.model.arch)
     except ValueError as e:
@@ -70,6 +72,7 @@ def check_train_config(cfg: DictConfig) -> None:
                 raise ConfigError(f"data.splits.{split}.path: no such file: {path}")
     check_data_config(_container(cfg, "data"))
     check_trainer_config(_container(cfg, "trainer"))
+    return method
 
 
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's limit

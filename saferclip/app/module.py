@@ -8,6 +8,7 @@ from the embedding cache; this module never runs a frozen encoder.
 from __future__ import annotations
 
 import logging
+from typing import Any, Mapping
 
 import lightning as L
 import torch
@@ -28,7 +29,7 @@ from ..training.losses import (
     SaferClipLoss,
     gather_with_grad,
 )
-from ..training.method import method_config
+from ..training.method import MethodConfig, method_config
 
 log = logging.getLogger("saferclip.train")
 
@@ -45,15 +46,18 @@ def available_inputs(batch: dict[str, torch.Tensor]) -> set[str]:
 
 
 class SaferClipModule(L.LightningModule):
-    def __init__(self, arch: str, pretrained: str | None, method: dict, precision: str = "fp32"):
+    def __init__(self, arch: str, pretrained: str | None, method: MethodConfig | Mapping[str, Any], precision: str = "fp32"):
+        """``method``: the checked config the app hands over (a plain dict, as in a checkpoint's
+        hyper-parameters, is checked here: the same schema)."""
         super().__init__()
-        self.save_hyperparameters()
+        config = method if isinstance(method, MethodConfig) else method_config(method)
+        # the checkpoint records the config as written (plain types: weights_only loads it)
+        self.save_hyperparameters({"arch": arch, "pretrained": pretrained, "method": dict(config.source), "precision": precision})
         bundle = build_clip(arch, pretrained, precision=precision)
         # build_clip hands out an eval-mode model; the trainable copy trains (CLIP has no
         # dropout, so this only keeps Lightning's mode bookkeeping honest)
         self.model = bundle.model.train()
         self.embed_dim = int(bundle.model_cfg.get("embed_dim") or 0)
-        config = method_config(method)  # every key checked (the same schema the commands use)
         self.method_config = config
         self.param_counts = configure_trainable(self.model, config.trainable)
         self.loss = self.build_loss(config)

@@ -79,8 +79,7 @@ def rehearse(
             f"paths.visu_images={world}/visu_images", f"paths.cache_dir={out}/cache", f"paths.output_dir={out}",
             f"data.batch_size={batch_size}", f"data.eval_batch_size={batch_size}", f"data.num_workers={workers}", *overrides,
         ])
-    method_dict = to_container(cfg.method)
-    method = method_config(method_dict)
+    method = method_config(to_container(cfg.method))
     data = to_container(cfg.data)
     train = load_split(data, "train")
     print(f"rehearsal: {cfg.model.arch} (random init: {cfg.model.pretrained is None}), {len(train)} training quadruplets, "
@@ -92,8 +91,8 @@ def rehearse(
         cache, method.neighbours, config_groups(train, method.neighbours, len(cache)))))
     del bundle
 
-    module = build_module(cfg, method_dict)
-    datamodule = build_datamodule(cfg, method_dict)
+    module = build_module(cfg, method)
+    datamodule = build_datamodule(cfg, method)
     datamodule.setup("fit")  # reuses the cache and the neighbours
     module.to(device)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=method.optimizer.lr)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -33,19 +34,21 @@ from .hydra_utils import (
     to_container,
 )
 
+if TYPE_CHECKING:
+    from ..training.method import MethodConfig
+
 log = logging.getLogger("saferclip.train")
 
 # what a user can fix from the command line: reported in one line, exit code 2
 USAGE_EXIT_CODE = 2
 
 
-def dry_run(cfg: DictConfig) -> dict:
+def dry_run(cfg: DictConfig, method: MethodConfig) -> dict:
     """Validate config, paths and data formats without training: load every split (columns,
     types, every image file present, and with ``dry_run_verify_images`` every image header
     parsed), the distractor images, and check the neighbour search fits the training pool."""
     from ..data.splits import distractor_images, load_split
     from ..toyworld.generate import ensure_toy_world
-    from ..training.method import method_config
 
     pretrained = cfg.model.get("pretrained")
     if pretrained and Path(str(pretrained)).is_file():
@@ -69,7 +72,6 @@ def dry_run(cfg: DictConfig) -> dict:
         if distractors:
             report[split]["distractor_images"] = len(distractors)
         if split == "train":
-            method = method_config(to_container(cfg.method))
             if method.neighbours is not None:
                 from ..data.safe_corpus import load_safe_corpus
                 from ..redirection.large_pool import is_embedded_pool, open_pool
@@ -142,12 +144,12 @@ def check_toy_size(cfg: DictConfig) -> None:
         raise ConfigError(f"data.toy_size must be one of {sorted(TOY_SIZES)}, got {cfg.data.toy_size!r}")
 
 
-def build_module(cfg: DictConfig, method: dict):
+def build_module(cfg: DictConfig, method: MethodConfig):
     """The trainable model; built first, so wrong weights fail before any data work."""
     from .module import SaferClipModule
 
     module_class = SaferClipModule
-    if method.get("name") == "hysac":
+    if method.is_hyperbolic:
         from .hysac_module import HysacModule as module_class
     try:
         return module_class(cfg.model.arch, cfg.model.pretrained, method, precision=cfg.model.precision)
@@ -157,11 +159,12 @@ def build_module(cfg: DictConfig, method: dict):
         raise ConfigError(f"model / method config: {e}") from None
 
 
-def build_datamodule(cfg: DictConfig, method: dict):
+def build_datamodule(cfg: DictConfig, method: MethodConfig):
     from ..training.losses import LIVE_TERMS
     from .datamodule import SaferClipDataModule
 
-    live = method.get("name") != "hysac" and any(float(method["loss"]["weights"].get(t, 0)) > 0 for t in LIVE_TERMS)
+    weights = {} if method.is_hyperbolic else method.loss.weights.as_dict()
+    live = any(float(weights.get(t, 0)) > 0 for t in LIVE_TERMS)
     return SaferClipDataModule(
         data=to_container(cfg.data),
         model=to_container(cfg.model),
@@ -252,18 +255,17 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     from lightning.pytorch.utilities import rank_zero_only
 
     run_dir = Path(cfg.paths.run_dir)
-    check_train_config(cfg)
+    method = check_train_config(cfg)  # checked once: the typed config goes on from here
     check_toy_size(cfg)
     check_launch(cfg)
     ckpt_path = resolve_ckpt_path(cfg, run_dir)
     resume_step = check_resume_checkpoint(cfg, ckpt_path) if ckpt_path else None
     if cfg.dry_run:
-        return {"dry_run": dry_run(cfg)}
+        return {"dry_run": dry_run(cfg, method)}
     is_zero = rank_zero_only.rank == 0  # from the launcher's env: known before the Trainer exists
     if is_zero:
         check_run_dir(cfg, run_dir, ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
-    method = to_container(cfg.method)
     module = build_module(cfg, method)
     if is_zero:
         write_resolved_config(cfg, run_dir)
@@ -283,7 +285,7 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
         result["selection"] = selection["selected"]
     fast_dev_run = cfg.trainer.get("fast_dev_run")
     similarity = None
-    if method.get("name") == "hysac" and trainer.is_global_zero and not fast_dev_run:
+    if method.is_hyperbolic and trainer.is_global_zero and not fast_dev_run:
         similarity = measure_and_save_safe_radii(cfg, result.get("best_checkpoint") or module, run_dir)
         result["safe_radii"] = {"text": similarity.radius_text, "image": similarity.radius_image}
     if cfg.export and trainer.is_global_zero and not fast_dev_run:
@@ -291,7 +293,7 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
 
         out = run_dir / "export"
         export_checkpoint(
-            result.get("best_checkpoint") or module, out, force=True, method=method, arch=cfg.model.arch, similarity=similarity
+            result.get("best_checkpoint") or module, out, force=True, method=dict(method.source), arch=cfg.model.arch, similarity=similarity
         )
         result["export"] = str(out)
         log.info("exported to %s", out)

@@ -10,15 +10,16 @@ its pieces from the checked config: :class:`LossConfig`, :class:`NeighbourConfig
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+import copy
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from ..errors import ConfigError
 from ..model.adapters import LORA_TARGETS, TOWERS, TrainableConfig
 from ..model.hyperbolic import HyperbolicConfig
 from ..redirection.faiss_search import NeighbourError
-from ..redirection.neighbours import NeighbourConfig
 from ..redirection.large_pool import PoolIndexConfig
+from ..redirection.neighbours import NeighbourConfig
 from .hysac import HysacLossConfig
 from .losses import LossConfig
 
@@ -60,6 +61,8 @@ class MethodConfig:
     hyperbolic: HyperbolicConfig | None = None  # HySAC only
     # the IVF-PQ index of an embedded extra pool (a folder of embedding shards)
     pool_index: PoolIndexConfig | None = None
+    # the checked config as written (a plain dict): what checkpoints and model cards record
+    source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_hyperbolic(self) -> bool:
@@ -163,4 +166,7 @@ def method_config(method: Mapping[str, Any]) -> MethodConfig:
             raise ConfigError(f"method.neighbours: {e}") from None
         except TypeError as e:
             raise ConfigError(f"method.neighbours: {e}") from None
-    return MethodConfig(name, targets, curriculum, loss, trainable_cfg, optimizer_cfg, neighbours_cfg, extra_pool, hyperbolic_cfg, pool_index_cfg)
+    return MethodConfig(
+        name, targets, curriculum, loss, trainable_cfg, optimizer_cfg, neighbours_cfg, extra_pool, hyperbolic_cfg, pool_index_cfg,
+        source=copy.deepcopy(dict(method)),
+    )
