@@ -216,4 +216,7 @@ def test_each_world_has_its_own_folder_and_the_main_job_tests_on_a_held_out_one(
         main = compose("main", [])
         study = compose("study", [])
     assert train.data.root == str(tmp_path / "toy-world2") and train.data.splits.test.path.startswith(str(tmp_path / "toy-world2"))
-    assert main.world == 1 and list(study.worlds) == [1, 2, 3] and len(study.worlds) == len(study.seeds)
+    assert main.world == 1 and study.world_offset == 1 and list(study.seeds) == [0, 1, 2]  # worlds 1, 2, 3
+    from saferclip.app.study import check_worlds
+
+    assert check_worlds(study) == {0: ["data.toy_seed=1"], 1: ["data.toy_seed=2"], 2: ["data.toy_seed=3"]}

@@ -28,13 +28,13 @@ from ..evaluation.headline import HEADLINE, headline
 from ..evaluation.intervals import differences_table, paired_differences, seed_interval
 from ..model.trained import read_selection
 from .cli import check_writable_folder, command, compose_help, wants_help
-from .hydra_utils import CONF_DIR, check_run_options, check_seed_list, pop_quiet, quiet_logging, setup_logging, to_container
+from .hydra_utils import CONF_DIR, check_int, check_run_options, check_seed_list, pop_quiet, quiet_logging, setup_logging, to_container
 from .main_job import QUIET_HELP, check_runs, compose, eval_showcase, evaluated_models, train_or_reuse
 
 log = logging.getLogger("saferclip.study")
 
 STUDY_KEYS = (
-    "seeds", "worlds", "out_dir", "runs_dir", "force", "common", "methods", "ablation_seeds", "ablations", "eval", "traversal_percentiles",
+    "seeds", "world_offset", "out_dir", "runs_dir", "force", "common", "methods", "ablation_seeds", "ablations", "eval", "traversal_percentiles",
 )
 
 
@@ -75,17 +75,17 @@ def study_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str
 
 
 def check_worlds(cfg: DictConfig) -> dict[int, list[str]]:
-    """``{seed: [data.toy_seed=<world>]}``: seed i of ``seeds`` trains and tests on toy world
-    ``worlds[i]`` (``worlds: null``: the data config's own world for every seed)."""
-    worlds = cfg.get("worlds")
-    if worlds is None:
+    """``{seed: [data.toy_seed=<world>]}``: seed s trains and tests on toy world
+    ``s + world_offset`` (the default offset 1 keeps world 0, the tuning world, out;
+    ``world_offset: null``: the data config's own world for every seed)."""
+    offset = cfg.get("world_offset")
+    if offset is None:
         return {int(s): [] for s in cfg.seeds}
-    worlds = check_seed_list(worlds, "worlds")
-    if len(worlds) != len(cfg.seeds):
-        raise ConfigError(f"worlds={worlds} must give one toy world per seed in seeds={list(cfg.seeds)} (the same length)")
-    if 0 in worlds:
-        log.warning("worlds %s include world 0, the world hyperparameters are tuned on: its figures are not held out", worlds)
-    return {int(s): [f"data.toy_seed={w}"] for s, w in zip(cfg.seeds, worlds)}
+    offset = check_int(offset, "world_offset", 0)
+    worlds = {int(s): int(s) + offset for s in cfg.seeds}
+    if 0 in worlds.values():
+        log.warning("world_offset=%d puts seed 0 on world 0, the world hyperparameters are tuned on: its figures are not held out", offset)
+    return {s: [f"data.toy_seed={w}"] for s, w in worlds.items()}
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
@@ -191,7 +191,8 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     curve_note = f"\nValidation curves: seed {cfg.seeds[0]}, the exported epoch circled.\n" if curves else ""
     world_note = ""
     if worlds[cfg.seeds[0]]:
-        world_note = (f"Seed s trains and tests on its own toy world ({', '.join(f'seed {s}: world {w}' for s, w in zip(cfg.seeds, cfg.worlds))}); "
+        offset = int(cfg.world_offset)
+        world_note = (f"Seed s trains and tests on its own toy world ({', '.join(f'seed {s}: world {s + offset}' for s in cfg.seeds)}); "
                       "hyperparameters were tuned on world 0 only. Mean ± sample std over seeds, with the 95% Student-t interval "
                       "of the mean in brackets.\n\n")
     markdown = f"# saferclip study ({len(cfg.seeds)} seeds)\n\n{world_note}{table}\n{difference_note}{curve_note}{figures}"
@@ -213,7 +214,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
 
 STUDY_HELP = {
     "seeds": "the seeds of every method (default [0, 1, 2])",
-    "worlds": "one toy world per seed, never used for tuning (default [1, 2, 3]; null: the data config's)",
+    "world_offset": "seed s trains and tests on toy world s + world_offset (default 1: worlds never used for tuning; null: the data config's)",
     "methods": "the methods: overrides of the training config",
     "ablations": "variants of SafeR-CLIP: overrides of the training config",
     "ablation_seeds": "the seeds of the ablations (default [0, 1])",
