@@ -177,7 +177,7 @@ def fail_interrupted_trials(study) -> None:
     import optuna
 
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         log.warning("trial %d was interrupted; marked failed, a new trial takes its place", t.number)
 
 

@@ -26,7 +26,7 @@ from ..model.build import ClipBundle, tokenize_checked
 from ..model.similarity import COSINE, Similarity, chunk_scorer, query_modality
 from .encode import encode_image_files, encode_texts
 from .intervals import PER_QUERY, encode_outcomes
-from .metrics import positive_ranks, recall_from_ranks, unsafe_flags
+from .metrics import positive_ranks, recall_from_ranks, share, unsafe_flags
 
 UNSAFE_KS = (1, 5)
 
@@ -160,7 +160,7 @@ class Collector:
         score = chunk_scorer(self.similarity, query_modality(name[0]))
         for k in ks:
             flags = unsafe_flags(queries, gallery, is_unsafe, k=k, score=score)
-            self.metrics[f"{name}_unsafe@{k}"] = int(flags.sum()) / len(flags) if len(flags) else math.nan
+            self.metrics[f"{name}_unsafe@{k}"] = share(flags)
             if k == 1:
                 self.per_query[f"{name}_unsafe@1"] = encode_outcomes(flags)
         # the rate depends on the gallery (docs/METHOD.md, "Metrics"): its make-up goes with every number

@@ -228,7 +228,11 @@ def unsafe_rate(
 
     Report the gallery's make-up with the number (docs/METHOD.md, "Metrics": it depends on it).
     """
-    flags = unsafe_flags(queries, gallery, gallery_is_unsafe, k, chunk_size, score)
+    return share(unsafe_flags(queries, gallery, gallery_is_unsafe, k, chunk_size, score))
+
+
+def share(flags: Tensor) -> float:
+    """The share of True in ``flags [Q]`` (NaN when empty): a rate from per-query outcomes."""
     return int(flags.sum()) / len(flags) if len(flags) else math.nan
 
 
