@@ -137,7 +137,7 @@ def load_hf_rows(path: str | Path, split: str | None = None) -> tuple[list[str] 
     except ImportError:
         raise ImportError(
             f"{file} looks like a Hugging Face `datasets` folder, and reading it needs the `datasets` "
-            f"package: pip install datasets (or convert it to Parquet / CSV / JSONL)"
+            f"package: pip install \"saferclip[datasets]\" (or convert it to Parquet / CSV / JSONL)"
         ) from None
     try:
         ds = datasets.load_from_disk(str(file))
