@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,20 +98,30 @@ class AttackSettings:
         parts = list(cfg.get("parts", ["image", "text", "monitor"]))
         if not parts or set(parts) - {"image", "text", "monitor"}:
             raise ConfigError(f"attack.parts must be some of [image, text, monitor], got {parts}")
-        s = cls(built["image"], built["text"], built["monitor"], parts, int(cfg.get("resamples", 1000)))
+        s = cls(built["image"], built["text"], built["monitor"], parts, cfg.get("resamples", 1000))
         for key, value in (("attack.image.items", s.image.items), ("attack.image.steps", s.image.steps),
+                           ("attack.image.batch_size", s.image.batch_size), ("attack.resamples", s.resamples),
                            ("attack.text.items", s.text.items), ("attack.text.budget", s.text.budget),
                            ("attack.text.beam", s.text.beam), ("attack.monitor.train_items", s.monitor.train_items),
+                           ("attack.monitor.validation_items", s.monitor.validation_items), ("attack.monitor.ood_items", s.monitor.ood_items),
                            ("attack.monitor.sections", s.monitor.sections), ("attack.monitor.top_k", s.monitor.top_k)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-        if not s.image.budgets_255 or any(not 0 < float(b) <= 255 for b in s.image.budgets_255):
-            raise ConfigError(f"attack.image.budgets_255 must be grey levels in (0, 255], got {s.image.budgets_255}")
-        if not 0 < s.monitor.target_fpr < 1:
+        budgets = s.image.budgets_255
+        if not isinstance(budgets, list) or not budgets or not all(_number(b) and 0 < b <= 255 for b in budgets):
+            raise ConfigError(f"attack.image.budgets_255 must be a list of grey levels in (0, 255], e.g. [4,8]; got {budgets!r}")
+        if s.image.step_size_255 is not None and not (_number(s.image.step_size_255) and s.image.step_size_255 > 0):
+            raise ConfigError(f"attack.image.step_size_255 must be a positive number or null, got {s.image.step_size_255!r}")
+        if not _number(s.monitor.target_fpr) or not 0 < s.monitor.target_fpr < 1:
             raise ConfigError(f"attack.monitor.target_fpr must be in (0, 1), got {s.monitor.target_fpr}")
         if s.monitor.validation_items < 4:
             raise ConfigError(f"attack.monitor.validation_items must be >= 4, got {s.monitor.validation_items}")
         return s
+
+
+def _number(value: Any) -> bool:
+    """A real number (not a bool, not a word: a config value the user typed)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ----------------------------------------------------------------------------- inputs

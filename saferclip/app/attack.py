@@ -32,18 +32,13 @@ def attack(cfg: DictConfig) -> dict:
     """Run what a composed ``attack`` config describes; returns the results and the report's paths."""
     from ..analysis.attack_report import summary_table, write_attack_report
     from ..analysis.attack_runner import AttackSettings, attack_models
-    from .analyze import find_main_runs
+    from .analyze import with_main_runs
     from .hydra_utils import check_bool, check_run_options
-    from .main_job import evaluated_models
 
     check_run_options(cfg)
     check_bool(cfg.get("main_runs", False), "main_runs")
     settings = AttackSettings.of(resolved_value(cfg, "attack"))
-    models = dict(resolved_value(cfg, "models") or {})
-    if cfg.get("main_runs", False):
-        for name, run in find_main_runs(cfg.get("runs_dir"), hyperbolic=True).items():
-            for entry, spec in evaluated_models(name, {"pretrained": run["pretrained"]}, run["method"]).items():
-                models.setdefault(entry, spec)
+    models = with_main_runs(cfg, dict(resolved_value(cfg, "models") or {}), hyperbolic=True)
     if not models:
         raise ConfigError("models is empty; add one with +models.<name>.pretrained=<path>")
     data = resolved_value(cfg, "data")

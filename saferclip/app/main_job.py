@@ -34,6 +34,7 @@ from ..errors import ConfigError
 from ..model.trained import read_selection
 from .cli import command, compose_help, wants_help
 from .hydra_utils import CONF_DIR, check_int, pop_quiet, quiet_logging, setup_logging, to_container
+from .overrides import check_command
 
 log = logging.getLogger("saferclip.main")
 
@@ -233,6 +234,7 @@ def _run_and_print(overrides: list[str], quiet: bool = False) -> None:
         quiet_logging()
     start = time.time()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        check_command("saferclip-main", "main", overrides, MAIN_KEYS)  # every key and group, before any work
         own, rest = split_overrides(overrides)
         out = run(compose("main", own), rest)
     if not quiet:

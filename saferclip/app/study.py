@@ -30,6 +30,7 @@ from ..model.trained import read_selection
 from .cli import check_writable_folder, command, compose_help, wants_help
 from .hydra_utils import CONF_DIR, check_int, check_run_options, check_seed_list, pop_quiet, quiet_logging, setup_logging, to_container
 from .main_job import QUIET_HELP, check_runs, compose, eval_showcase, evaluated_models, train_or_reuse
+from .overrides import check_command
 
 log = logging.getLogger("saferclip.study")
 
@@ -88,6 +89,26 @@ def check_worlds(cfg: DictConfig) -> dict[int, list[str]]:
     return {s: [f"data.toy_seed={w}"] for s, w in worlds.items()}
 
 
+def check_traversal_percentiles(value: Any) -> list[float]:
+    """``traversal_percentiles``: a list of percentiles in (0, 100] (null or []: no sweep), refused
+    in one line before any run trains (HySAC's would otherwise finish first)."""
+    from omegaconf import ListConfig
+
+    from ..model.hyperbolic import check_percentile
+
+    if value is None:
+        return []
+    if isinstance(value, ListConfig):
+        value = to_container(value)
+    if not isinstance(value, list):
+        raise ConfigError(f"traversal_percentiles must be a list of percentiles in (0, 100], e.g. [50,80,90,99]; got {value!r}")
+    try:
+        return [check_percentile(p) for p in value]
+    except ValueError:
+        bad = next(p for p in value if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 100))
+        raise ConfigError(f"traversal_percentiles={value}: {bad!r} is not a percentile in (0, 100] (a safe radius at that share of the safe items)") from None
+
+
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from ..evaluation.figures import (
         plot_tradeoff,
@@ -101,6 +122,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
 
     check_seed_list(cfg.seeds, "seeds")  # before any run starts
     worlds = check_worlds(cfg)
+    check_traversal_percentiles(cfg.get("traversal_percentiles"))
     check_run_options(cfg, ("force",))
     check_seed_list(cfg.ablation_seeds, "ablation_seeds", allow_empty=True)
     check_writable_folder(cfg.out_dir, "out_dir")
@@ -246,6 +268,7 @@ def _run_and_print(overrides: list[str], quiet: bool = False) -> None:
     own = [o for o in overrides if o.split("=")[0].lstrip("+~").split(".")[0] in STUDY_KEYS]
     rest = [o for o in overrides if o not in own]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        check_command("saferclip-study", "study", overrides, STUDY_KEYS)  # every key and group, before any work
         out = run(compose("study", own), rest)
     if not quiet:
         print(f"report: {out['html']} (open it in a browser)")

@@ -71,15 +71,17 @@ def dry_run(cfg: DictConfig, method: MethodConfig) -> dict:
         distractors = distractor_images(data, split)
         if distractors:
             report[split]["distractor_images"] = len(distractors)
+        if data.get("image_shards") and split in ("train", "validation"):
+            report[split]["image_shards"] = dry_run_image_shards(cfg, data, split)
         if split == "train":
             if method.neighbours is not None:
                 from ..data.safe_corpus import load_safe_corpus
-                from ..redirection.large_pool import is_embedded_pool, open_pool
+                from ..redirection.large_pool import is_embedded_pool
 
                 extra = 0
                 if method.extra_pool and method.neighbours.use_extra_pool:
                     embedded = is_embedded_pool(method.extra_pool)
-                    extra = len(open_pool(method.extra_pool)) if embedded else len(load_safe_corpus(method.extra_pool))
+                    extra = len(dry_run_embedded_pool(cfg, method)) if embedded else len(load_safe_corpus(method.extra_pool))
                 if method.neighbours.k > len(qset) + extra:
                     raise ConfigError(
                         f"method.neighbours.k={method.neighbours.k} is larger than the safe pool "
@@ -87,6 +89,30 @@ def dry_run(cfg: DictConfig, method: MethodConfig) -> dict:
                     )
     log.info("dry run OK: %s", report)
     return report
+
+
+def dry_run_image_shards(cfg: DictConfig, data: dict, split: str) -> str:
+    """The split's image shards opened as training opens them: "used", "absent", or
+    "damaged" (training reads the image files instead; the warning names the file)."""
+    from ..model.build import build_clip
+    from .datamodule import split_image_shards
+
+    if not (Path(str(data["image_shards"])) / split / "images.json").is_file():
+        return "absent"
+    preprocess = build_clip(cfg.model.arch, None).preprocess  # the preprocessing only, as training's loader
+    return "used" if split_image_shards(data, split, preprocess) is not None else "damaged: the image files are read instead"
+
+
+def dry_run_embedded_pool(cfg: DictConfig, method: MethodConfig):
+    """An embedded extra pool checked as training would (:func:`check_embedded_pool`), when
+    the neighbour search reads it (text mode); else only opened. Returns its shards."""
+    from ..model.build import build_clip
+    from ..redirection.large_pool import open_pool
+    from ..training.prepare import check_embedded_pool
+
+    if method.neighbours.mode != "text":
+        return open_pool(method.extra_pool)
+    return check_embedded_pool(method.extra_pool, build_clip(cfg.model.arch, cfg.model.get("pretrained")))
 
 
 def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
