@@ -11,7 +11,7 @@ What is refused, each in one line (a :class:`ConfigError`: exit code 2):
   it reads it (``method``, ``analysis``, ``attack``), an object built from its ``_target_``
   (``trainer``, each callback: the keyword arguments it takes), and the optional keys the data
   config may name (:data:`OPTIONAL_KEYS`);
-* a config group the command does not use (``saferclip-eval model=toy``), with the groups it
+* a config group the command does not use (``model=toy`` given to saferclip-eval), with the groups it
   has and the key it most likely meant; an option a group does not have (``method=nope``);
 * an argparse-style option (``--max-epochs 3``), pointing at the ``key=value`` form.
 
@@ -21,6 +21,7 @@ Hydra's own options (``--cfg``, ``--info``, ``-m``, ...) and ``hydra.*`` keys ar
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -100,7 +101,12 @@ def check_overrides(prog: str, config_name: str, overrides: Sequence[str], also:
     group_overrides = [p for p in parsed if p.key in groups]
     for p in group_overrides:
         check_group_option(prog, config_name, p, groups, used)
-    base = compose_plain(config_name, [_first_option(p) for p in group_overrides if p.prefix != "~"])
+    chosen = [_first_option(p) for p in group_overrides if p.prefix != "~"]
+    try:
+        base = compose_plain(config_name, chosen)
+    except Exception as e:  # noqa: BLE001 - Hydra raises more than its own exception types here
+        message = " ".join(str(e).split()).split(" Config search path:")[0]
+        raise ConfigError(f"{' '.join(chosen)}: {message}") from None
     for p in parsed:
         if p.key not in groups:
             check_key(p, base, also)
@@ -172,17 +178,24 @@ def tree_groups() -> dict[str, list[str]]:
     return config_groups()
 
 
+@functools.lru_cache(maxsize=None)
 def used_groups(config_name: str) -> list[str]:
     """The groups of the tree that ``config_name``'s defaults list selects (Hydra's own aside)."""
     cfg = _compose(config_name, [], hydra=True)
     return sorted(g for g in cfg.hydra.runtime.choices if not _is_hydra(g))
 
 
-def compose_plain(config_name: str, overrides: list[str]) -> dict:
-    """The composed config as a plain dict, unresolved (interpolations and ``???`` as text)."""
+def compose_plain(config_name: str, overrides: Sequence[str]) -> dict:
+    """The composed config as a plain dict, unresolved (interpolations and ``???`` as text);
+    composed once per process (read it, do not change it)."""
+    return _compose_plain(config_name, tuple(overrides))
+
+
+@functools.lru_cache(maxsize=64)
+def _compose_plain(config_name: str, overrides: tuple[str, ...]) -> dict:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(_compose(config_name, overrides), resolve=False)
+    return OmegaConf.to_container(_compose(config_name, list(overrides)), resolve=False)
 
 
 def _compose(config_name: str, overrides: list[str], hydra: bool = False):
@@ -255,38 +268,49 @@ def check_key(p: Parsed, config: Mapping[str, Any], also: Sequence[Mapping[str, 
     if depth and not isinstance(node, (Mapping, list)):
         raise ConfigError(f"{p.key}: {found} is a value ({node!r}), not a section with keys")
     addable = _addable(parts, depth, config)
-    if addable is True:
+    if addable in ("free", "named") or (addable == "checked" and p.prefix in ("+", "++")):
         if p.prefix in ("+", "++"):
             return
         if p.prefix == "~":
             raise ConfigError(f"{p.text}: {p.key} is not in the config, nothing to delete")
         raise ConfigError(f"{p.key}: not in the config yet; add it with +{p.text}")
-    candidates = key_paths(config) + [f"{found}.{name}" for name in addable] + [q for c in also for q in key_paths(c)]
+    names = addable if isinstance(addable, list) else []
+    candidates = key_paths(config) + [f"{found}.{name}" for name in names] + [q for c in also for q in key_paths(c)]
     guess = _closest_key(p.key, found, candidates)
     hint = f"; did you mean {guess}?" if guess else ""
     raise ConfigError(f"{p.key}: no such key{hint}")
 
 
-def _addable(parts: list[str], depth: int, config: Mapping[str, Any]) -> bool | list[str]:
-    """True when the missing key ``parts`` may be added (with ``+``); else the names that could
-    be added under the deepest existing section (for "did you mean")."""
-    for prefix in OPEN:
-        wanted = prefix.split(".")
-        if parts[: len(wanted)] == wanted and len(parts) > len(wanted) and _holds(config, prefix):
-            return True
+def _addable(parts: list[str], depth: int, config: Mapping[str, Any]) -> str | list[str]:
+    """How the missing key ``parts`` may be added (with ``+``): "free" (under a free-form map),
+    "checked" (under a section the library checks), "named" (an optional key, or an argument
+    of the section's ``_target_``); else the names that could be added under the deepest
+    existing section (for "did you mean")."""
+    for kind, prefixes in (("free", FREE_FORM), ("checked", CHECKED)):
+        for prefix in prefixes:
+            wanted = prefix.split(".")
+            if parts[: len(wanted)] == wanted and len(parts) > len(wanted) and _holds(config, prefix):
+                entry = _node(config, parts[: len(wanted) + 1]) if depth > len(wanted) else None
+                if not (isinstance(entry, Mapping) and "_target_" in entry):  # an entry built from its _target_: its arguments
+                    return kind
     section = parts[:depth]
     names = _optional_names(section)
-    node: Any = config
-    for part in section:
-        node = node[int(part)] if isinstance(node, list) else node[part]
+    node = _node(config, section)
     if isinstance(node, Mapping) and isinstance(node.get("_target_"), str):
         accepted = target_arguments(node["_target_"])
         if accepted is None:
-            return True  # it takes **kwargs
+            return "named"  # it takes **kwargs: left to it
         names = names + accepted
     if depth == len(parts) - 1 and parts[depth] in names:
-        return True
+        return "named"
     return names
+
+
+def _node(config: Mapping[str, Any], parts: Sequence[str]) -> Any:
+    node: Any = config
+    for part in parts:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
 
 
 def _holds(config: Mapping[str, Any], dotted: str) -> bool:
