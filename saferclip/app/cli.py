@@ -281,7 +281,9 @@ def hydra_help(prog: str, summary: str, config_name: str) -> str:
 
 def compose_help(prog: str, summary: str, config_name: str, keys: dict[str, str], flags: dict[str, str] | None = None) -> str:
     """``--help`` of a script that composes the config tree itself (main job, study)."""
-    groups = list(config_groups())
+    from .overrides import used_groups
+
+    groups = used_groups("train")  # the training config's: where the other overrides go
     usage = f"usage: {prog} {' '.join(f'[{f}]' for f in flags or {})} [KEY=VALUE ...]".replace("  ", " ")
     lines = [usage, "", summary, ""]
     if flags:
@@ -291,7 +293,7 @@ def compose_help(prog: str, summary: str, config_name: str, keys: dict[str, str]
     lines += [
         "",
         "Any other KEY=VALUE goes to every training run (the saferclip-train config tree),",
-        f"e.g. trainer.max_epochs=4 method.neighbours.k=5. Config groups: {', '.join(groups)}.",
+        f"e.g. trainer.max_epochs=4 method.neighbours.k=5 (key=value, not --options). Its groups: {', '.join(groups)}.",
         "",
         README_POINTER,
     ]
