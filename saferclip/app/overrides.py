@@ -223,15 +223,13 @@ def key_paths(config: Any, prefix: str = "") -> list[str]:
 
 # ----------------------------------------------------------------------------- groups
 def check_group_option(prog: str, config_name: str, p: Parsed, groups: Mapping[str, list[str]], used: Sequence[str]) -> None:
+    """``p`` picks an option of a group ``config_name`` uses (``used``), one the tree has."""
     if p.key not in used:
-        top = list(compose_plain(config_name, []))
-        guess = _closest(p.key, top)
+        guess = _closest(p.key, list(compose_plain(config_name, [])))  # a key of the config, e.g. models for model
         hint = f"; did you mean {guess}?" if guess else ""
-        if guess and guess in OPEN:
-            hint = f"; did you mean {guess}? ({OPEN[guess]})"
-        raise ConfigError(
-            f"{p.text}: {prog} has no {p.key} group (its groups: {', '.join(used) or 'none'}){hint}"
-        )
+        if guess in FREE_FORM:
+            hint += f" ({FREE_FORM[guess]})"
+        raise ConfigError(f"{p.text}: {prog} has no {p.key} group (its groups: {', '.join(used) or 'none'}){hint}")
     if p.prefix == "~":
         return
     options = groups[p.key]
