@@ -321,7 +321,7 @@ def prebuild_cache(cfg, device: torch.device) -> None:
     """The frozen-embedding cache of the run, built on ``device``: the datamodule builds it
     with the model on the CPU, which for ViT-L/14 would take most of this check's time. The
     cache key does not depend on the device, so the datamodule then reuses it."""
-    from saferclip.app.datamodule import ensure_toy_world
+    from saferclip.toyworld.generate import ensure_toy_world
     from saferclip.app.hydra_utils import to_container
     from saferclip.data.splits import load_split
     from saferclip.model.build import build_clip
