@@ -10,7 +10,6 @@ model, so the methods are attacked on the same inputs.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,9 +23,8 @@ from ..analysis.detector import sample
 from ..data.splits import load_split
 from ..errors import ConfigError
 from ..evaluation.encode import encode_image_files, encode_texts
-from ..evaluation.runner import ModelSpec, build_model, check_model
-from ..files import atomic_path
 from ..model.build import weights_fingerprint
+from ..model.catalogue import ModelSpec, build_model, check_model
 from ..toyworld.scene import Scene, make_tiles, render
 from .coverage import calibrate, profile, save_monitors, watched_inputs, watched_pixels, watched_with_groups
 from .image_attacks import GOALS, PixelModel, attack_images, load_pixels, split_normalisation
