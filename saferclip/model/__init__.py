@@ -11,12 +11,14 @@
 """
 
 from .build import ClipBundle, build_clip, encode_images, encode_text, encode_tokens
+from .catalogue import ModelSpec
 from .checkpoints import CheckpointError, load_state_dict, save_state_dict
 from .trained import load_model
 
 __all__ = [
     "CheckpointError",
     "ClipBundle",
+    "ModelSpec",
     "build_clip",
     "encode_images",
     "encode_text",
