@@ -3,6 +3,9 @@ a training-free unsafe detector (docs/METHOD.md, "HySAC").
 
 * :func:`measure_safe_radii`: the ``percentile`` of the safe items' distances from the origin,
   per modality, measured once after training on the training split and saved with the model.
+* :func:`safe_distances` / :func:`radii_at`: the traversal swept without retraining (a
+  model's ``traversal_percentile``): the training split's safe distances measured once per
+  set of weights, the radii taken at another percentile of them.
 * :func:`origin_detector_metrics`: an item is flagged unsafe when it lies farther from the
   origin than a threshold. AUC (safe vs unsafe items of one modality) and the share of unsafe
   items detected at the threshold that flags 5% of the safe ones.
@@ -10,12 +13,14 @@ a training-free unsafe detector (docs/METHOD.md, "HySAC").
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
 from ..data.records import QuadrupletSet
+from ..data.splits import load_split
+from ..errors import ConfigError
 from ..model.build import ClipBundle
 from ..model.hyperbolic import safe_radii
 from ..model.similarity import LorentzSimilarity
@@ -60,6 +65,22 @@ def safe_item_distances(
     else:  # text-only data: no image is ever a query
         distances["image"] = distances["text"]
     return distances
+
+
+# ----------------------------------------------------------------------------- the traversal swept
+def radii_at(name: str, bundle: ClipBundle, percentile: float, distances: dict[str, Any]):
+    """``bundle``'s geometry in safe mode with its radii at ``percentile`` of the training
+    split's safe items' distances from the origin (``distances``: :func:`safe_distances`)."""
+    return bundle.similarity.with_radii(safe_radii(distances, percentile))
+
+
+def safe_distances(name: str, bundle: ClipBundle, data_cfg: Mapping[str, Any], **kw: Any) -> dict[str, Any]:
+    """:func:`safe_item_distances` of the ``train`` split of ``data_cfg`` for the model called
+    ``name`` (a Euclidean model is a configuration error naming it); ``kw``: batch size,
+    workers, progress."""
+    if not isinstance(bundle.similarity, LorentzSimilarity):
+        raise ConfigError(f"model {name!r}: traversal_percentile is for a hyperbolic (HySAC) model; this one is Euclidean")
+    return safe_item_distances(bundle, load_split(data_cfg, "train"), **kw)
 
 
 def origin_detector_metrics(emb: PairEmbeddings) -> dict[str, Any]:
