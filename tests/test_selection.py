@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import compose_train
+from train_helpers import compose_train, hand_merged
 
 from saferclip.evaluation.selection import sees_safety, selection_parts, selection_score
 
@@ -39,24 +39,6 @@ SCRIPTED = [
     {"U2VG_unsafe@1": 0.05, "U2V_R@1": 0.80, "S2V_R@1": 0.85, "U2V_R@5": 0.95, "S2V_R@5": 0.95},
     {"U2VG_unsafe@1": 0.95, "U2V_R@1": 0.90, "S2V_R@1": 0.90, "U2V_R@5": 1.0, "S2V_R@5": 1.0},
 ]
-
-
-def hand_merged(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """A training checkpoint's CLIP weights with every LoRA update folded in by hand:
-    ``W + (alpha / r) * B @ A``, the q rows of a packed q/k/v projection left as they were
-    (the adapters update k and v only)."""
-    trainable = checkpoint["hyper_parameters"]["method"]["trainable"]
-    scale = trainable["lora_alpha"] / trainable["lora_r"]
-    state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    merged = {k: v for k, v in state.items() if ".parametrizations." not in k}
-    for key in (k for k in state if k.endswith(".original")):
-        stem = key[: -len(".original")]  # <module>.parametrizations.<name>
-        module, name = stem.split(".parametrizations.")
-        delta = scale * state[f"{stem}.0.lora_B"] @ state[f"{stem}.0.lora_A"]
-        if name == "in_proj_weight":
-            delta[: delta.shape[0] // 3] = 0
-        merged[f"{module}.{name}"] = state[key] + delta
-    return merged
 
 
 def test_the_safer_checkpoint_is_exported_though_its_recall_sum_is_lower(tmp_path, toy_world, monkeypatch):
