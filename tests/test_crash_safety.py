@@ -82,7 +82,7 @@ def test_cache_and_neighbour_search_survive_kill_9(toy_world, tmp_path):
 @pytest.mark.parametrize("fmt", ["open_clip", "hf"])
 def test_export_survives_kill_9(tmp_path, fmt):
     if fmt == "hf":
-        pytest.importorskip("transformers")
+        pytest.importorskip("transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')")
     reference = files_of(ch.export_micro(str(tmp_path / "reference" / "export"), fmt))  # same name: the card shows it
     out = tmp_path / "export"
     out.mkdir()

@@ -382,7 +382,7 @@ def test_peft_like_wrapper_is_unloaded(bundle, image_path):
 
 @pytest.mark.slow
 def test_real_peft_lora_merges(bundle, image_path, tmp_path):
-    peft = pytest.importorskip("peft")
+    peft = pytest.importorskip("peft", reason="peft is not installed: the dev extra (pip install -e '.[dev]')")
     model = fresh_micro()
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_fc", "c_proj"], init_lora_weights=False)
     wrapped = peft.get_peft_model(model, config)

@@ -21,7 +21,7 @@ import torch
 from open_clip.transform import image_transform
 from PIL import Image
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')")
 from transformers import (  # noqa: E402
     AutoImageProcessor,
     AutoTokenizer,

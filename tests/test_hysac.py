@@ -459,7 +459,7 @@ def test_evaluation_reports_both_modes_and_no_setting_b(hysac_run, toy_world, tm
 
 @pytest.mark.slow
 def test_hf_export_carries_the_same_head_and_an_export_without_radii_is_refused(hysac_run, tmp_path):
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')")
     from saferclip.export.run import export_checkpoint
     from saferclip.model.trained import SAFE_RADII_FILE
 
