@@ -143,11 +143,24 @@ def test_two_processes_sharing_a_cache_folder_build_it_once(toy_world, tmp_path)
     assert leftovers(tmp_path / "cache") == []
 
 
+def stamp(output: str, word: str) -> float:
+    """The time a child printed as ``<word> <time>``."""
+    return float(next(line.split()[1] for line in output.splitlines() if line.startswith(f"{word} ")))
+
+
 def test_two_jobs_sharing_runs_dir_train_each_run_once(tmp_path):
     """Two main jobs / studies started together with one runs_dir: each run is trained once,
-    the second process reuses it (before, both trained into the same run folder)."""
-    outputs = together("train_or_reuse", {"runs_dir": str(tmp_path / "runs")})
+    the second process reuses it (before, both trained into the same run folder). Both call
+    train_or_reuse after a barrier; the second's call falls inside the 3 s training and returns
+    after it: it waited for the run rather than missing it."""
+    outputs = together("train_or_reuse", {"runs_dir": str(tmp_path / "runs"), "barrier": str(tmp_path / "barrier"), "parties": 2})
     assert sum(o.count("TRAINED") for o in outputs) == 1, outputs
+    trainer = next(o for o in outputs if "TRAINED" in o)
+    other = next(o for o in outputs if "TRAINED" not in o)
+    trained = next(line for line in trainer.splitlines() if line.startswith("TRAINED"))
+    start, end = (float(part.split("=")[1]) for part in trained.split()[1:])
+    assert stamp(trainer, "CALLED") <= start < end
+    assert stamp(other, "CALLED") < end <= stamp(other, "RETURNED"), outputs  # the two jobs overlapped
     summaries = {line for o in outputs for line in o.splitlines() if line.startswith("SUMMARY")}
     assert len(summaries) == 1, outputs
     assert leftovers(tmp_path / "runs") == []
