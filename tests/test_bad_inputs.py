@@ -14,13 +14,12 @@ import pickle
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import pytest
 from PIL import Image
-from train_helpers import installed_script
+from train_helpers import installed_script, time_budget
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +29,14 @@ def command(name: str, *args: str) -> list[str]:
     return [installed_script(name), *args]
 
 
+# a test runs at most five commands (the damaged-cache one): 5 x 100 s fit its 600 s limit
+COMMAND_TIMEOUT = 100
+
+
 def run(name: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     base = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     base["SAFERCLIP_CACHE_DIR"] = str(cwd / "cache")
-    return subprocess.run(command(name, *args), cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command(name, *args), cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
@@ -465,12 +468,11 @@ def entry_points() -> list[str]:
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_every_console_script_answers_help(tmp_path, flag):
-    # one deadline for all the scripts, inside the test's 600 s limit: a hung script fails with
-    # its name rather than the whole test with a stack (a start took ~20 s on a loaded 2-core machine)
-    deadline = time.monotonic() + 540
+    # the scripts share the test's time (a start took ~20 s on a loaded 2-core machine): a hung
+    # one fails with its name rather than the whole test with a stack
+    left = time_budget()
     for name in entry_points():
-        timeout = max(1.0, deadline - time.monotonic())
-        proc = subprocess.run([installed_script(name), flag], cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([installed_script(name), flag], cwd=tmp_path, capture_output=True, text=True, timeout=left())
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, (name, output[-2000:])
         assert "usage:" in output and "Traceback" not in output, (name, output[-2000:])

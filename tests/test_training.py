@@ -30,6 +30,7 @@ from train_helpers import (
     hand_merged,
     prepared,
     run_cli,
+    time_budget,
 )
 
 from saferclip.app.hydra_utils import ConfigError
@@ -485,7 +486,8 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, toy_world, ca
         "method.optimizer.warmup_steps=5",  # a scheduler state to restore too
     ]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    proc, _ = run_cli([*common, f"hydra.run.dir={whole}"], cwd=tmp_path, timeout=300)
+    left = time_budget()  # the three runs share the test's time
+    proc, _ = run_cli([*common, f"hydra.run.dir={whole}"], cwd=tmp_path, timeout=left())
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     marker = tmp_path / "paused"
@@ -496,7 +498,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, toy_world, ca
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        wait_for(marker, first, timeout=300)
+        wait_for(marker, first, timeout=left())
         assert (broken / "checkpoints" / "last.ckpt").is_file()
         os.kill(first.pid, signal.SIGKILL)
     finally:
@@ -506,7 +508,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, toy_world, ca
 
     rows_before = csv_rows(broken)
     assert {r["epoch"] for r in rows_before if r.get("val/selection_score")} == {"0"}  # on disk before the kill
-    proc, _ = run_cli([*common, f"hydra.run.dir={broken}", "ckpt_path=last"], cwd=tmp_path, timeout=300)
+    proc, _ = run_cli([*common, f"hydra.run.dir={broken}", "ckpt_path=last"], cwd=tmp_path, timeout=left())
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the whole CSV history, every epoch's rows once, as in the run that was never killed
     logged = lambda rows, key: sorted((r["epoch"], r["step"]) for r in rows if r.get(key))  # noqa: E731

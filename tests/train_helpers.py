@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -59,6 +60,18 @@ def cli_env(**extra: str) -> dict[str, str]:
     env.setdefault("WANDB_MODE", "disabled")
     env.update(extra)
     return env
+
+
+# Every test fails after 600 s (pyproject.toml's `timeout`); the subprocesses one test starts
+# share 540 s of it, so a hung one times out with its output before the test is killed.
+SUBPROCESS_BUDGET = 540.0
+
+
+def time_budget(seconds: float = SUBPROCESS_BUDGET) -> Callable[[], float]:
+    """``left()``: what remains of ``seconds`` from now (at least 1 s), the timeout to give the
+    next of the subprocesses a test runs one after another."""
+    end = time.monotonic() + seconds
+    return lambda: max(1.0, end - time.monotonic())
 
 
 def installed_script(name: str) -> str:
