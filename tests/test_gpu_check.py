@@ -12,6 +12,7 @@ from pathlib import Path
 import faiss
 import pytest
 import torch
+from train_helpers import SUBPROCESS_BUDGET
 
 from saferclip.redirection.faiss_search import build_neighbour_index, exact_neighbours_torch, faiss_gpu_status
 
@@ -93,7 +94,8 @@ def test_cpu_form_runs_every_check_and_reports_it(tmp_path):
     passes (timing targets are figures, never failures) and the JSON holds its figures."""
     out = tmp_path / "check.json"
     proc = run_script(
-        "--device", "cpu", "--threads", "1", "--json", str(out), "--work-dir", str(tmp_path), cwd=tmp_path, timeout=1200
+        "--device", "cpu", "--threads", "1", "--json", str(out), "--work-dir", str(tmp_path), cwd=tmp_path,
+        timeout=SUBPROCESS_BUDGET,  # within the test's 600 s limit: about 5 min on a loaded 2-core machine
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
