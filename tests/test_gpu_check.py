@@ -40,7 +40,13 @@ def test_faiss_gpu_status_describes_the_loaded_faiss():
     assert status["gpu_build"] == hasattr(faiss, "StandardGpuResources")
     assert status["usable"] == (status["gpu_build"] and status["gpus"] > 0)
     assert "faiss-cpu" in status["distributions"] or status["gpu_build"]
-    assert status["note"]
+    gpu_dists = [n for n in status["distributions"] if n != "faiss-cpu"]
+    if status["gpu_build"]:  # says how many GPUs it sees
+        assert status["note"].startswith("FAISS GPU build") and (f"{status['gpus']} GPU(s)" in status["note"] or status["gpus"] == 0)
+    elif gpu_dists:  # installed, yet the CPU build loaded: names the distribution to reinstall
+        assert "overwrote" in status["note"] and gpu_dists[0] in status["note"]
+    else:
+        assert status["note"].startswith("no FAISS GPU build installed")
 
 
 @pytest.mark.skipif(hasattr(faiss, "StandardGpuResources"), reason="a FAISS GPU build is loaded")
