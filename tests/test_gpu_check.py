@@ -101,7 +101,7 @@ def test_cpu_form_runs_every_check_and_reports_it(tmp_path):
     out = tmp_path / "check.json"
     proc = run_script(
         "--device", "cpu", "--threads", "1", "--json", str(out), "--work-dir", str(tmp_path), cwd=tmp_path,
-        timeout=SUBPROCESS_BUDGET,  # within the test's 600 s limit: about 5 min on a loaded 2-core machine
+        timeout=SUBPROCESS_BUDGET,  # within the test's 600 s limit: 2 to 5 min on the shared 2-core machine
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
