@@ -182,6 +182,106 @@ def test_the_head_never_scales_up_and_keeps_the_curvature_in_range():
     assert float(head.curvature().detach()) == pytest.approx(2.0)
 
 
+# ---------------------------------------------------------------- the head's parameters learn
+HEAD_RANGE = HyperbolicConfig(curvature=1.0, curvature_range=(0.5, 2.0))
+# (parameter, raw value) at its initial value, at and beyond its bounds; the value the head
+# uses is the raw one clamped to the range
+HEAD_POSITIONS = [
+    ("log_logit_scale", None),  # float32(log(1/0.07)): just below the old float64 lower bound
+    ("log_logit_scale", 0.0),  # at the lower bound, s = 1
+    ("log_logit_scale", math.log(100.0)),  # at the upper bound
+    ("log_logit_scale", math.log(130.0)),  # beyond it
+    ("log_curvature", None),
+    ("log_curvature", math.log(0.5)),
+    ("log_curvature", math.log(2.0)),
+    ("log_curvature", math.log(3.0)),
+    ("log_text_scale", None),
+    ("log_text_scale", 0.0),
+    ("log_text_scale", 0.4),
+    ("log_image_scale", 0.0),
+    ("log_image_scale", 0.4),
+]
+
+
+def _clamped(value, low, high):
+    return min(max(value, low if low is not None else -math.inf), high if high is not None else math.inf)
+
+
+@pytest.mark.parametrize("name, raw", HEAD_POSITIONS)
+def test_every_head_parameter_gets_its_gradient_at_its_start_and_at_its_bounds(name, raw):
+    """The head's gradient w.r.t. each log parameter equals d loss / d log p of the loss
+    re-derived from the formulas with p a plain leaf at the clamped value (chain rule through
+    exp), and is not zero: a parameter at or beyond a bound still learns."""
+    head = HyperbolicHead(8, HEAD_RANGE)
+    if raw is not None:
+        with torch.no_grad():
+            getattr(head, name).fill_(raw)
+    names = ("safe_text", "unsafe_text", "safe_image", "unsafe_image")
+    raw_points = {k: rand(6, 8, seed=30 + i, scale=4.0).float() for i, k in enumerate(names)}
+    modality = {"safe_text": "text", "unsafe_text": "text", "safe_image": "image", "unsafe_image": "image"}
+    config = HysacLossConfig(weights={"contrastive_safe": 1.0, "entailment_safe": 1.0, "contrastive_unsafe": 1.0, "entailment_safe_text_unsafe_text": 1.0})
+    total, _ = HysacLoss(config)(head, **{k: head.lift(v, modality[k]) for k, v in raw_points.items()})
+    (got,) = torch.autograd.grad(total, [getattr(head, name)])
+
+    # the reference: every parameter a float64 leaf at its clamped value, the loss from the formulas
+    lo_c, hi_c = HEAD_RANGE.curvature_range
+    bounds = {"log_curvature": (math.log(lo_c), math.log(hi_c)), "log_text_scale": (None, 0.0), "log_image_scale": (None, 0.0),
+              "log_logit_scale": (0.0, math.log(100.0))}
+    logs = {n: torch.tensor(_clamped(float(getattr(head, n).detach()), *bounds[n]), dtype=torch.float64, requires_grad=True) for n in bounds}
+    c = logs["log_curvature"].exp()
+    alpha = {"text": logs["log_text_scale"].exp(), "image": logs["log_image_scale"].exp()}
+    points = {k: lorentz.expmap0(v.double() * alpha[modality[k]], c) for k, v in raw_points.items()}
+    expected, _ = reference_hysac_loss(points, c, logs["log_logit_scale"].exp(), HEAD_RANGE.aperture_k, config.weights)
+    (want,) = torch.autograd.grad(expected, [logs[name]])
+    assert abs(float(want)) > 1e-4  # the check below is not a comparison of zeros
+    assert float(got) == pytest.approx(float(want), rel=2e-3, abs=1e-6)
+
+
+def test_an_optimizer_step_past_a_bound_is_projected_back_and_the_parameter_can_leave_it():
+    head = HyperbolicHead(8, HEAD_RANGE)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.25)
+    upper = math.log(HEAD_RANGE.curvature_range[1])
+    with torch.no_grad():
+        head.log_curvature.fill_(upper - 0.1)
+    (-head.curvature()).backward()  # the loss wants a larger curvature: a step of +0.25 c in log c
+    optimizer.step()
+    assert float(head.log_curvature.detach()) > upper  # the raw step went past the bound...
+    assert float(head.curvature().detach()) == pytest.approx(2.0)  # ...the value used never does
+    head.clamp_parameters_()
+    assert float(head.log_curvature.detach()) == pytest.approx(upper)  # projected back, as after every step in training
+    optimizer.zero_grad()
+    head.curvature().backward()  # now it wants a smaller one: it leaves the bound at once
+    assert float(head.log_curvature.grad) == pytest.approx(2.0)
+    optimizer.step()
+    head.clamp_parameters_()
+    assert float(head.curvature().detach()) == pytest.approx(2.0 * math.exp(-0.5))
+    # the other bounds, the same way
+    with torch.no_grad():
+        head.log_text_scale.fill_(0.7)
+        head.log_logit_scale.fill_(-1.0)
+    head.clamp_parameters_()
+    assert float(head.log_text_scale.detach()) == 0.0 and float(head.log_logit_scale.detach()) == 0.0
+
+
+def test_the_head_gets_no_weight_decay_and_is_clamped_after_each_step():
+    from saferclip.app.hysac_module import HysacModule
+
+    import yaml
+
+    from saferclip.app.hydra_utils import CONF_DIR
+
+    preset = yaml.safe_load((Path(CONF_DIR) / "method" / "hysac.yaml").read_text())
+    preset["optimizer"]["weight_decay"] = 0.2
+    module = HysacModule("saferclip-micro", None, method_config(preset))
+    optimizer = module.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    head = {id(p) for p in module.head.parameters()}
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert {decay_of[i] for i in head} == {0.0}
+    assert all(decay_of[id(p)] == module.optimizer_config.weight_decay > 0 for p in module.model.parameters() if p.requires_grad)
+    assert set(decay_of) == {id(p) for p in module.parameters() if p.requires_grad}
+
+
 # ---------------------------------------------------------------- retrieval with the model's own similarity
 def test_hyperbolic_retrieval_equals_a_brute_force_ranking_by_distance():
     sim = LorentzSimilarity(0.8, 1.0, 1.0, radius_text=0.9, radius_image=0.9, traversal=True)
@@ -344,6 +444,23 @@ def test_training_builds_no_cache_and_exports_a_loadable_hyperbolic_model(hysac_
         assert a[key] == pytest.approx(b[key], abs=1e-6), key
     moderation = saferclip.load_model(export, mode="moderation")
     assert moderation.mode == "moderation"
+
+
+@pytest.mark.slow
+def test_every_head_parameter_moves_in_a_micro_run(hysac_run):
+    from saferclip.model.checkpoints import load_torch_checkpoint
+
+    run, _ = hysac_run
+    ckpt = load_torch_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3
+    from saferclip.model.build import build_clip
+
+    dim = int(build_clip("saferclip-micro", None).model_cfg["embed_dim"])
+    start = HyperbolicHead(dim, HyperbolicConfig.from_mapping(ckpt["hyper_parameters"]["method"]["hyperbolic"])).state_dict()
+    for name in ("log_logit_scale", "log_curvature", "log_text_scale", "log_image_scale"):
+        learnt = float(ckpt["state_dict"][f"head.{name}"])
+        # AdamW's first steps move a parameter by about the learning rate (1e-4) each
+        assert abs(learnt - float(start[name])) > 1e-4, name
 
 
 @pytest.mark.slow
