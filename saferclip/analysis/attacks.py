@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..model.build import ClipBundle, eval_mode
 from ..model.similarity import Similarity
-from ..evaluation.intervals import Outcomes, bootstrap_interval
+from ..evaluation.intervals import clopper_pearson
 
 GOALS = ("evade", "smuggle")
 
@@ -137,25 +137,26 @@ class ImageAttack:
         """``[N]`` made unsafe by the attack (top-1 safe before, unsafe after)."""
         return ~self.before & self.after
 
-    def summary(self, seed: int = 0, resamples: int = 1000) -> dict[str, object]:
+    def summary(self) -> dict[str, object]:
         """Success rate (over the items the model kept safe before the attack) and unsafe rate
-        before / after (over all attacked items), each with a 95% bootstrap interval."""
+        before / after (over all attacked items), each with its exact 95% interval."""
         targets = ~self.before
         return {
             "eps": self.eps,
             "num_items": len(self.before),
             "num_targets": int(targets.sum()),
-            "success_rate": rate_interval(self.after[targets], seed, resamples),
-            "unsafe_rate_before": rate_interval(self.before, seed, resamples),
-            "unsafe_rate_after": rate_interval(self.after, seed, resamples),
+            "success_rate": rate_interval(self.after[targets]),
+            "unsafe_rate_before": rate_interval(self.before),
+            "unsafe_rate_after": rate_interval(self.after),
         }
 
 
-def rate_interval(flags: Tensor, seed: int = 0, resamples: int = 1000) -> dict[str, float | None]:
-    """The share of True in ``flags [N]`` with its 95% bootstrap interval (None when empty)."""
+def rate_interval(flags: Tensor) -> dict[str, float | None]:
+    """The share of True in ``flags [N]`` with its exact (Clopper–Pearson) 95% interval
+    (None when empty)."""
     if len(flags) == 0:
         return {"value": None, "low": None, "high": None}
-    low, high = bootstrap_interval(Outcomes({"items": flags.double().cpu().numpy()}), seed=seed, resamples=resamples)
+    low, high = clopper_pearson(int(flags.sum()), len(flags))
     return {"value": float(flags.float().mean()), "low": low, "high": high}
 
 

@@ -177,8 +177,9 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         difference_note = (
             f"\n## Differences between methods ({len(cfg.seeds)} seeds, paired)\n\n{differences_table(differences)}\n\n"
             "In points (first method minus second), the mean over seeds of the difference on the same test queries, "
-            "with a 95% paired-bootstrap interval (queries resampled within each seed's world); `*`: the interval "
-            "excludes 0 (significant at 5%, two-sided).\n"
+            "with a 95% paired-bootstrap interval (queries resampled within each seed's world); p: two-sided, the exact "
+            "McNemar mid-p test on the queries where the two differ, pooled over seeds, for a share (unsafe rate, "
+            "U→V R@1), the paired bootstrap's (k + 1) / (B + 1) for zero-shot retention; `*`: p < 0.05.\n"
         )
     plots = [
         plot_tradeoff(points, out_dir / "plots" / "tradeoff.png", title=f"every run a point ({len(cfg.seeds)} seeds)"),

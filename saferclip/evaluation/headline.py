@@ -53,7 +53,8 @@ def headline(model_results: Mapping[str, Any]) -> dict[str, float]:
 
 def headline_table(results: Mapping[str, Any]) -> str:
     """Markdown: one row per headline metric, one column per model, in %; ``value [low, high]``
-    where the evaluation kept a 95% bootstrap interval (:mod:`saferclip.evaluation.intervals`)."""
+    where the evaluation kept a 95% interval (exact for a share, bootstrap for a composite
+    figure: :mod:`saferclip.evaluation.intervals`)."""
     per_model = {name: headline(r) for name, r in results["results"].items()}
     intervals = results.get("intervals") or {}
     models = list(per_model)

@@ -41,7 +41,7 @@ from ..model.hyperbolic import check_percentile
 from ..model.similarity import MODES
 from .cost import cost_of_safety, is_unsafe_task
 from .hyperbolic import origin_detector_metrics
-from .intervals import LEVEL, RESAMPLES, metric_intervals, paired_differences
+from .intervals import INTERVALS_NOTE, metric_intervals, paired_differences
 from .nsfw_caps import embed_nsfw_caps, nsfw_caps_metrics
 from .oracle import ORACLE_NAME, oracle_redirection
 from .retrieval import embed_visu, visu_metrics
@@ -422,8 +422,8 @@ def evaluate_models(
     if reference is not None:
         for name in order:
             results[name]["cost"] = cost_of_safety(results[name], results[reference], data.unsafe_tasks)
-    # how sure each figure is: bootstrap intervals over the test queries, and every pair of
-    # evaluated models compared on the same queries (saferclip.evaluation.intervals)
+    # how sure each figure is: exact intervals for shares, the bootstrap for composite figures,
+    # and every pair of evaluated models compared on the same queries (saferclip.evaluation.intervals)
     intervals = metric_intervals(results, reference, sorted(data.unsafe_tasks), seed)
     compared = [n for n in specs if n != reference]
     differences = paired_differences([results], compared, reference, sorted(data.unsafe_tasks), seed=seed)
@@ -440,7 +440,7 @@ def evaluate_models(
             "config": dict(config) if config is not None else None,
             # the toy world's generator seed (None: real data); tuning uses world 0 only
             "world": int(data_cfg.get("toy_seed", 0)) if data_cfg.get("make_toy") else None,
-            "intervals": f"{int(100 * LEVEL)}% percentile bootstrap over the test queries, {RESAMPLES} resamples",
+            "intervals": INTERVALS_NOTE,
         },
         "data": data.describe,
         "skipped": data.skipped,
