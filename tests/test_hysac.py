@@ -19,6 +19,7 @@ from saferclip.evaluation.metrics import recall_at_k, unsafe_rate
 from saferclip.model import lorentz
 from saferclip.model.checkpoints import CheckpointError
 from saferclip.model.hyperbolic import HEAD_JSON, HEAD_TENSORS, HyperbolicConfig, HyperbolicHead, load_head, save_head
+from saferclip.model.safe_radii import RADII_FORMAT, SAFE_RADII_FILE, read_radii_records
 from saferclip.model.similarity import COSINE, LorentzSimilarity, chunk_scorer
 from saferclip.training.hysac import HYSAC_TERMS, HysacLoss, HysacLossConfig
 from saferclip.training.method import method_config
@@ -417,8 +418,9 @@ def test_training_builds_no_cache_and_exports_a_loadable_hyperbolic_model(hysac_
 
     run, result = hysac_run
     assert not (run.parent / "cache").exists()  # HySAC builds no frozen cache, no neighbours
-    radii = json.loads((run / "safe_radii.json").read_text())
+    (radii,) = read_radii_records(run)  # measured on the kept checkpoint, named with it
     assert radii["percentile"] == 95 and radii["text"] > 0 and radii["image"] > 0
+    assert radii["checkpoint"] == "checkpoints/epoch00.ckpt" and radii["epoch"] == 0 and radii["global_step"] == 3
     export = Path(result["export"])
     # the towers load in bare open_clip
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export}")
@@ -444,6 +446,121 @@ def test_training_builds_no_cache_and_exports_a_loadable_hyperbolic_model(hysac_
         assert a[key] == pytest.approx(b[key], abs=1e-6), key
     moderation = saferclip.load_model(export, mode="moderation")
     assert moderation.mode == "moderation"
+
+
+# ---------------------------------------------------------------- safe radii belong to a checkpoint
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory, toy_world):
+    """A HySAC run of 2 epochs whose kept ("best") checkpoint is epoch 0 (the checkpoint
+    callback told to keep the lowest epoch), so last.ckpt (epoch 1) holds other weights."""
+    from saferclip.app.train import train
+
+    tmp = tmp_path_factory.mktemp("hysac2")
+    torch.set_num_threads(1)
+    cfg = compose_train(tmp, toy_world, "method=hysac", "trainer.max_epochs=2", "trainer.limit_train_batches=2",
+                        "trainer.limit_val_batches=1", "callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min")
+    result = train(cfg)
+    return tmp / "run", result, cfg
+
+
+def radius_by_hand(bundle, captions, log_scale, percentile):
+    """The text safe radius from the closed form d(0, expmap0(v)) = |v|: the percentile of
+    |alpha f(S)| over the safe training captions (f: the raw text tower, alpha <= 1 the scale)."""
+    with torch.no_grad():
+        features = bundle.model.encode_text(bundle.tokenizer(captions), normalize=False)
+    return float(torch.quantile((features * min(math.exp(log_scale), 1.0)).norm(dim=-1), percentile / 100))
+
+
+@pytest.mark.slow
+def test_last_and_best_checkpoints_each_get_their_own_safe_radii(two_epochs, tmp_path, caplog):
+    from saferclip.app.hydra_utils import to_container
+    from saferclip.data.splits import load_split
+    from saferclip.export.run import export_checkpoint
+    from saferclip.model.checkpoints import CHECKSUM_KEY, load_torch_checkpoint
+    from saferclip.model.trained import load_model
+
+    run, result, cfg = two_epochs
+    best, last = Path(result["best_checkpoint"]), run / "checkpoints" / "last.ckpt"
+    ckpt_best, ckpt_last = load_torch_checkpoint(best), load_torch_checkpoint(last)
+    assert best.name == "epoch00.ckpt" and ckpt_last["epoch"] == 1
+    assert ckpt_best[CHECKSUM_KEY] != ckpt_last[CHECKSUM_KEY]
+    # training recorded the kept checkpoint's radii, named by its file, epoch, step and weights
+    (recorded,) = read_radii_records(run)
+    assert (recorded["checkpoint"], recorded["epoch"], recorded["global_step"]) == ("checkpoints/epoch00.ckpt", 0, 2)
+    assert recorded["checksum"] == ckpt_best[CHECKSUM_KEY]
+    head, info = load_head(result["export"])
+    assert info["safe_radii"]["epoch"] == 0 and info["safe_radii"]["checksum"] == ckpt_best[CHECKSUM_KEY]
+    assert info["traversal_percentile"] == 95 and head.radius_text == pytest.approx(recorded["text"])
+
+    # last.ckpt: its own radii, measured (one warning line naming the file) and recorded beside the best's
+    with caplog.at_level("WARNING"):
+        from_last = load_model(None, last)
+    assert any("safe_radii.json" in r.getMessage() and "last.ckpt" in r.getMessage() for r in caplog.records)
+    own = from_last.provenance["safe_radii"]
+    assert (own["checkpoint"], own["epoch"], own["global_step"], own["checksum"]) == ("checkpoints/last.ckpt", 1, 4, ckpt_last[CHECKSUM_KEY])
+    captions = load_split(to_container(cfg.data), "train").safe_captions
+    expected = radius_by_hand(from_last, captions, float(ckpt_last["state_dict"]["head.log_text_scale"]), 95)
+    assert from_last.similarity.radius_text == pytest.approx(expected, rel=1e-4)
+    assert from_last.similarity.radius_text != pytest.approx(recorded["text"], rel=1e-6)
+    assert from_last.similarity.mode == "safe"
+    assert {r["checkpoint"] for r in read_radii_records(run)} == {"checkpoints/epoch00.ckpt", "checkpoints/last.ckpt"}
+    # the best checkpoint still reads its own, unchanged, and nothing is measured twice
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        from_best = load_model(None, best, mode="safe")
+        assert load_model(None, last).similarity == from_last.similarity
+    assert not [r for r in caplog.records if r.name.startswith("saferclip")]
+    assert from_best.similarity.radius_text == pytest.approx(recorded["text"])
+    # an export of last.ckpt carries last.ckpt's radii and says which epoch they come from
+    head_last, info_last = load_head(export_checkpoint(last, tmp_path / "last_export"))
+    assert info_last["safe_radii"]["measured_on"] == "checkpoints/last.ckpt" and info_last["safe_radii"]["epoch"] == 1
+    assert head_last.radius_text == pytest.approx(own["text"]) and head_last.curvature == pytest.approx(from_last.similarity.curvature)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_its_radii_outside_its_run_is_one_line(two_epochs, tmp_path, caplog):
+    import shutil
+
+    from saferclip.export.run import export_checkpoint
+    from saferclip.model.trained import load_model
+
+    run, _, _ = two_epochs
+    alone = tmp_path / "alone.ckpt"
+    shutil.copy(run / "checkpoints" / "last.ckpt", alone)
+    # no mode asked: moderation, said in one warning line naming the file
+    with caplog.at_level("WARNING"):
+        assert load_model(None, alone).similarity.mode == "moderation"
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "saferclip.model.trained"]
+    assert "alone.ckpt" in warning and "moderation" in warning and "\n" not in warning
+    # safe mode asked: refused, naming the file, why, and what to do
+    with pytest.raises(ConfigError) as error:
+        load_model(None, alone, mode="safe")
+    message = str(error.value)
+    assert "\n" not in message and str(alone) in message and "not inside a run folder" in message
+    assert "safe_radii.json" in message and "mode=moderation" in message
+    assert load_model(None, alone, mode="moderation").similarity.mode == "moderation"
+    with pytest.raises(ConfigError, match="safe radii of the weights it exports") as error:
+        export_checkpoint(alone, tmp_path / "export")
+    assert "\n" not in str(error.value) and "alone.ckpt" in str(error.value)
+
+
+@pytest.mark.slow
+def test_radii_recorded_before_they_named_a_checkpoint_are_measured_again(two_epochs, tmp_path, caplog):
+    import shutil
+
+    from saferclip.model.trained import load_model
+
+    run, result, _ = two_epochs
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    # version 1: one pair of radii for the whole run folder, whichever checkpoint it belonged to
+    (copy / SAFE_RADII_FILE).write_text(json.dumps({"text": 9.0, "image": 9.0, "percentile": 95.0, "split": "train"}))
+    with caplog.at_level("WARNING"):
+        bundle = load_model(None, copy / "checkpoints" / "epoch00.ckpt")
+    assert any("before they were recorded per checkpoint" in r.getMessage() for r in caplog.records)
+    assert bundle.similarity.radius_text != 9.0
+    assert bundle.similarity.radius_text == pytest.approx(read_radii_records(run)[0]["text"])
+    assert json.loads((copy / SAFE_RADII_FILE).read_text())["format"] == RADII_FORMAT
 
 
 @pytest.mark.slow
@@ -494,24 +611,24 @@ def test_evaluation_reports_both_modes_and_no_setting_b(hysac_run, toy_world, tm
 
 
 @pytest.mark.slow
-def test_hf_export_carries_the_same_head_and_an_export_without_radii_is_refused(hysac_run, tmp_path):
+def test_hf_export_carries_the_same_head_and_missing_radii_are_measured_again(hysac_run, tmp_path):
     pytest.importorskip("transformers")
+    import shutil
+
     from saferclip.export.run import export_checkpoint
-    from saferclip.model.trained import SAFE_RADII_FILE
 
     run, result = hysac_run
     out = export_checkpoint(run, tmp_path / "hf", format="hf")
     hf_head, _ = load_head(out)
     open_clip_head, _ = load_head(result["export"])
     assert hf_head == open_clip_head
-    # a run whose safe radii are missing cannot be exported as a safe model
+    # a run whose safe radii were deleted: the export measures them again, to the same numbers
     copy = tmp_path / "run_copy"
-    import shutil
-
     shutil.copytree(run, copy)
     (copy / SAFE_RADII_FILE).unlink()
-    with pytest.raises(ConfigError, match="safe radii"):
-        export_checkpoint(copy, tmp_path / "no_radii")
+    again, info = load_head(export_checkpoint(copy, tmp_path / "remeasured"))
+    assert again == open_clip_head
+    assert info["safe_radii"]["measured_on"] == "checkpoints/epoch00.ckpt" and read_radii_records(copy)[0]["epoch"] == 0
 
 
 def test_the_traversal_sweep_is_a_curve_in_percentile_order():
