@@ -561,6 +561,15 @@ def test_radii_recorded_before_they_named_a_checkpoint_are_measured_again(two_ep
     assert bundle.similarity.radius_text != 9.0
     assert bundle.similarity.radius_text == pytest.approx(read_radii_records(run)[0]["text"])
     assert json.loads((copy / SAFE_RADII_FILE).read_text())["format"] == RADII_FORMAT
+    # a record edited since it was written: dropped with a warning, measured again
+    content = json.loads((copy / SAFE_RADII_FILE).read_text())
+    content["records"][0]["text"] = 9.0
+    (copy / SAFE_RADII_FILE).write_text(json.dumps(content))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = load_model(None, copy / "checkpoints" / "epoch00.ckpt")
+    assert any("checksum mismatch" in r.getMessage() and "safe_radii.json" in r.getMessage() for r in caplog.records)
+    assert again.similarity.radius_text == pytest.approx(read_radii_records(run)[0]["text"])
 
 
 @pytest.mark.slow

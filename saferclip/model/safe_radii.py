@@ -14,11 +14,13 @@ File format (``"format": "saferclip-safe-radii"``, ``"version": 2``)::
     {"format": "saferclip-safe-radii", "version": 2,
      "records": [{"checksum": "xxh3_128:…", "checkpoint": "checkpoints/epoch07.ckpt",
                   "epoch": 7, "global_step": 248, "percentile": 95.0, "split": "train",
-                  "text": 0.2477, "image": 0.2951}, …]}
+                  "text": 0.2477, "image": 0.2951, "record_checksum": "xxh3_128:…"}, …]}
 
 ``checkpoint`` is the file the radii were measured on, relative to the run folder (None: the
 module in memory at the end of training, whose weights a checkpoint may share); ``epoch`` and
-``global_step`` are that checkpoint's. A version-1 file (``{"text", "image", "percentile",
+``global_step`` are that checkpoint's; ``record_checksum`` is the digest of the record's other
+fields (:mod:`saferclip.integrity`): a record edited or damaged since it was written is dropped
+with a one-line warning and measured again. A version-1 file (``{"text", "image", "percentile",
 "split"}``, written before records named their checkpoint) matches no checkpoint: it is
 measured again, with a one-line warning, and replaced by a version-2 file on the next record.
 
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..files import file_lock, write_json_atomic
+from ..integrity import digest_bytes
 from .checkpoints import CHECKSUM_KEY, CheckpointError, state_dict_checksum
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,11 @@ def _int_or_none(value: Any) -> int | None:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _record_checksum(record: Mapping[str, Any]) -> str:
+    fields = {k: v for k, v in record.items() if k != "record_checksum"}
+    return digest_bytes(json.dumps(fields, sort_keys=True).encode())
+
+
 def radii_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / SAFE_RADII_FILE
 
@@ -107,6 +115,7 @@ def read_radii_records(run_dir: str | Path | None) -> list[dict[str, Any]]:
     if not isinstance(content, Mapping) or content.get("format") != RADII_FORMAT or not isinstance(records, list):
         raise CheckpointError(f"{path}: not a saferclip safe-radii file (expected format {RADII_FORMAT!r} with a list of records); "
                               "delete it to have the radii measured again")
+    kept = []
     for n, record in enumerate(records):
         try:
             values = [float(record[k]) for k in ("text", "image", "percentile")]
@@ -116,7 +125,12 @@ def read_radii_records(run_dir: str | Path | None) -> list[dict[str, Any]]:
         if not ok:
             raise CheckpointError(f"{path}: record {n} needs a checksum and finite text, image and percentile > 0, got {record!r}; "
                                   "delete the file to have the radii measured again")
-    return list(records)
+        if record.get("record_checksum") != _record_checksum(record):
+            log.warning("%s: record %d (%s) changed since it was written (checksum mismatch): not used, measured again",
+                        path, n, record.get("checkpoint"))
+            continue
+        kept.append(dict(record))
+    return kept
 
 
 def find_radii(run_dir: str | Path | None, identity: CheckpointIdentity, percentile: float) -> dict[str, Any] | None:
@@ -141,6 +155,7 @@ def record_radii(run_dir: str | Path, identity: CheckpointIdentity, radii: Mappi
         "text": float(radii["text"]),
         "image": float(radii["image"]),
     }
+    record["record_checksum"] = _record_checksum(record)
     run_dir = Path(run_dir)
     with file_lock(run_dir / f".{SAFE_RADII_FILE.name}.lock"):
         try:
