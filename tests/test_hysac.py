@@ -573,6 +573,25 @@ def test_radii_recorded_before_they_named_a_checkpoint_are_measured_again(two_ep
 
 
 @pytest.mark.slow
+def test_a_hysac_checkpoint_from_before_the_head_had_its_optimizer_group_is_not_resumed(hysac_run, toy_world, tmp_path):
+    from saferclip.app.train import check_resume_checkpoint
+    from saferclip.model.checkpoints import load_torch_checkpoint
+
+    run, _ = hysac_run
+    ckpt = load_torch_checkpoint(run / "checkpoints" / "last.ckpt")
+    cfg = compose_train(tmp_path, toy_world, "method=hysac")
+    assert check_resume_checkpoint(cfg, str(run / "checkpoints" / "last.ckpt")) == 3  # today's: two groups, resumable
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    merged = {**groups[0], "params": [p for g in groups for p in g["params"]]}
+    ckpt["optimizer_states"][0]["param_groups"] = [merged]  # one group for all, as before
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    with pytest.raises(ConfigError, match="before HySAC's head got its own optimizer group") as error:
+        check_resume_checkpoint(cfg, str(old))
+    assert "\n" not in str(error.value) and "old.ckpt" in str(error.value)
+
+
+@pytest.mark.slow
 def test_every_head_parameter_moves_in_a_micro_run(hysac_run):
     from saferclip.model.checkpoints import load_torch_checkpoint
 

@@ -124,6 +124,13 @@ def check_resume_checkpoint(cfg: DictConfig, ckpt_path: str) -> int:
     step = ckpt.get("global_step")
     if not isinstance(step, int):
         raise ConfigError(f"ckpt_path: {ckpt_path} has no global_step: not a training checkpoint Lightning can resume")
+    groups = [len(s.get("param_groups") or []) for s in ckpt.get("optimizer_states") or [] if isinstance(s, dict)]
+    if method == "hysac" and groups and groups[0] < 2:
+        # the head's parameters have their own optimizer group (no weight decay) since they learn
+        raise ConfigError(
+            f"ckpt_path: {ckpt_path} was saved before HySAC's head got its own optimizer group, so its optimizer state "
+            "cannot be resumed; train the run again (force=true), or evaluate / export the checkpoint as it is"
+        )
     return step
 
 
