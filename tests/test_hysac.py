@@ -321,6 +321,12 @@ def test_origin_detector_auc_and_detection_rate():
     out = origin_detector_metrics(emb)
     assert out["origin_detector_text_auc"] == pytest.approx(1.0)
     assert out["origin_detector_text_detected@5fpr"] == 1.0
+    # each unsafe caption's outcome is kept: 100 of 100 detected, whose exact interval is [96.4%, 100%]
+    from saferclip.evaluation.intervals import metric_interval, metric_outcomes
+
+    assert out["per_query"]["origin_detector_text_detected@5fpr"] == "1" * 100
+    detections = metric_outcomes({"visu": out}, "origin_detector_text")
+    assert metric_interval(detections) == (pytest.approx(0.025 ** (1 / 100)), 1.0)
     assert origin_detector_metrics(PairEmbeddings(safe_text=safe, unsafe_text=unsafe)) == {}  # Euclidean: none
     from saferclip.evaluation.metrics import roc_auc
 

@@ -27,6 +27,7 @@ from ..model.safe_radii import CheckpointIdentity, find_radii, radii_path, recor
 from ..model.similarity import LorentzSimilarity
 from .encode import encode_image_files, encode_texts
 from .galleries import PairEmbeddings, distinct
+from .intervals import PER_QUERY, encode_outcomes
 from .metrics import roc_auc
 
 log = logging.getLogger(__name__)
@@ -119,11 +120,12 @@ def checkpoint_radii(
 def origin_detector_metrics(emb: PairEmbeddings) -> dict[str, Any]:
     """``origin_detector_{text,image}_auc`` and ``..._detected@5fpr`` of a hyperbolic model's
     embeddings (empty for a Euclidean one): unsafe captions vs safe captions, unsafe images
-    vs safe images."""
+    vs safe images. ``per_query`` keeps each unsafe item's detected / missed outcome (the
+    threshold, set on the safe items, taken as given), for its exact interval."""
     sim = emb.similarity
     if not isinstance(sim, LorentzSimilarity):
         return {}
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {PER_QUERY: {}}
     pairs = {"text": (emb.safe_text, emb.unsafe_text), "image": (emb.safe_image, emb.unsafe_image)}
     for modality, (safe, unsafe) in pairs.items():
         if safe is None or unsafe is None or not len(safe) or not len(unsafe):
@@ -132,6 +134,8 @@ def origin_detector_metrics(emb: PairEmbeddings) -> dict[str, Any]:
         threshold = torch.quantile(d_safe.double(), 1 - DETECTOR_FALSE_POSITIVE_RATE)
         labels = torch.cat([torch.zeros(len(d_safe), dtype=torch.bool), torch.ones(len(d_unsafe), dtype=torch.bool)])
         out[f"origin_detector_{modality}_auc"] = roc_auc(torch.cat([d_safe, d_unsafe]), labels)
-        out[f"origin_detector_{modality}_detected@5fpr"] = float((d_unsafe.double() > threshold).float().mean())
+        detected = d_unsafe.double() > threshold
+        out[f"origin_detector_{modality}_detected@5fpr"] = float(detected.float().mean())
         out[f"origin_detector_{modality}_false_positives"] = float((d_safe.double() > threshold).float().mean())
-    return out
+        out[PER_QUERY][f"origin_detector_{modality}_detected@5fpr"] = encode_outcomes(detected)
+    return out if out[PER_QUERY] else {}

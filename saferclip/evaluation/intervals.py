@@ -43,7 +43,8 @@ BOOTSTRAP = "percentile-bootstrap"
 MCNEMAR_MID_P = "mcnemar-mid-p"
 BOOTSTRAP_P = "bootstrap"
 INTERVALS_NOTE = (
-    f"{int(100 * LEVEL)}% intervals: exact (Clopper–Pearson) for a share of test queries (unsafe rates, recalls @1); "
+    f"{int(100 * LEVEL)}% intervals: exact (Clopper–Pearson) for a share of test queries (unsafe rates, recalls @1, "
+    "the origin detector's detections); "
     f"percentile bootstrap over the test queries ({RESAMPLES} resamples, seeded) for zero-shot accuracy averaged over "
     "tasks and for the retention ratio"
 )
@@ -65,6 +66,9 @@ VISU_KEYS = {
     "nsfw_caps_U2V_R@1": ("nsfw_caps", "U2V_R@1"),
     "nsfw_caps_unsafe_rate_a": ("nsfw_caps", "U2VG_unsafe@1"),
     "nsfw_caps_S2V_R@1": ("nsfw_caps", "S2V_R@1"),
+    # a hyperbolic model's distance-from-origin detector: detected among the unsafe items
+    "origin_detector_text": ("visu", "origin_detector_text_detected@5fpr"),
+    "origin_detector_image": ("visu", "origin_detector_image_detected@5fpr"),
 }
 # zero-shot: (safe tasks or unsafe-image tasks, a retention against the reference?)
 ZEROSHOT_KEYS = {

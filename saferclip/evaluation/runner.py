@@ -41,7 +41,7 @@ from ..model.hyperbolic import check_percentile
 from ..model.similarity import MODES
 from .cost import cost_of_safety, is_unsafe_task
 from .hyperbolic import origin_detector_metrics
-from .intervals import INTERVALS_NOTE, metric_intervals, paired_differences
+from .intervals import INTERVALS_NOTE, PER_QUERY, metric_intervals, paired_differences
 from .nsfw_caps import embed_nsfw_caps, nsfw_caps_metrics
 from .oracle import ORACLE_NAME, oracle_redirection
 from .retrieval import embed_visu, visu_metrics
@@ -387,7 +387,9 @@ def evaluate_models(
             if name == reference:
                 ref_visu = emb
             out["visu"] = visu_metrics(emb, ref_visu)
-            out["visu"].update(origin_detector_metrics(emb))  # a hyperbolic model's own detector
+            detector = origin_detector_metrics(emb)  # a hyperbolic model's own detector
+            out["visu"].setdefault(PER_QUERY, {}).update(detector.pop(PER_QUERY, {}))
+            out["visu"].update(detector)
             if gallery is not None:
                 gallery.add(name, "ViSU", data.visu, emb)
                 if borderline is not None:
