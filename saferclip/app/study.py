@@ -14,7 +14,6 @@ seed's retrieval galleries) under `out_dir`.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig
 
 from ..errors import ConfigError
-from ..evaluation.headline import HEADLINE, headline
+from ..evaluation.headline import headline, study_table
 from ..evaluation.intervals import differences_table, paired_differences, seed_interval
 from ..model.trained import read_selection
 from .cli import check_writable_folder, command, compose_help, wants_help
@@ -51,27 +50,6 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
             low, high = seed_interval(values)
             out[model][metric] = {"mean": statistics.fmean(values), "std": std, "n": len(values), "low": low, "high": high}
     return out
-
-
-def study_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """Markdown: one row per model/variant, one column per headline metric, mean ± std in %
-    (sample std over seeds; ± 0.0 with one seed) and, with two seeds or more, the 95% Student-t
-    interval of the mean over seeds in brackets."""
-    metrics = [m for m in HEADLINE if any(m in row for row in summary.values())]
-    lines = ["| model | seeds | " + " | ".join(HEADLINE[m][0] for m in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    for model, row in summary.items():
-        seeds = max((v["n"] for v in row.values()), default=0)
-        cells = []
-        for m in metrics:
-            if m not in row:
-                cells.append("–")
-                continue
-            mean, std = 100 * row[m]["mean"], 100 * row[m]["std"]
-            low, high = row[m].get("low", math.nan), row[m].get("high", math.nan)
-            interval = "" if math.isnan(low) else f" [{100 * low:.1f}, {100 * high:.1f}]"
-            cells.append(f"{mean:.1f} ± {std:.1f}{interval}")
-        lines.append(f"| {model} | {seeds} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def check_worlds(cfg: DictConfig) -> dict[int, list[str]]:
