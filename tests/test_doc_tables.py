@@ -148,12 +148,15 @@ def test_a_bad_region_or_a_missing_file_is_one_line(repo, capsys):
 def test_importing_a_result_file_and_the_screenshot_that_belongs_to_it(repo, tmp_path, monkeypatch):
     report = tmp_path / "outputs" / "report"
     report.mkdir(parents=True)
-    new = {**RESULTS, "meta": {**RESULTS["meta"], "seed": 3}}
+    new = {**RESULTS, "meta": {**RESULTS["meta"], "seed": 3}, "records": [{"model": "original"}],
+           "models": {**RESULTS["models"], "saferclip": {"similarity": "cosine", "source": str(repo.resolve() / "outputs" / "x" / "export")}}}
     (report / "results.json").write_text(json.dumps(new))
     # no report.html beside it: no screenshot, so the README shows none
     (repo / SCREENSHOT_STAMP).write_text(json.dumps({"results_sha256": "old"}))
     assert main(["--from", str(report / "results.json"), "--root", str(repo)]) == 0
-    assert json.loads((repo / RESULTS_DIR / "main.json").read_text())["meta"]["seed"] == 3
+    copied = json.loads((repo / RESULTS_DIR / "main.json").read_text())
+    assert copied["meta"]["seed"] == 3 and "records" not in copied  # derived from the results, left out
+    assert copied["models"]["saferclip"]["source"] == "outputs/x/export"  # no one's home folder in a committed file
     assert not (repo / SCREENSHOT_STAMP).exists()
     assert "main_report.png" not in (repo / "README.md").read_text()
     # a picture stamped with this very file is shown

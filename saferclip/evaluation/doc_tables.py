@@ -441,10 +441,25 @@ def update_documents(root: str | Path = ".") -> list[str]:
     return changed
 
 
+def publishable(value: Any, root: Path) -> Any:
+    """``value`` with every path under the repository ``root`` made relative to it (a committed
+    file names no one's home folder)."""
+    prefix = str(root.resolve()) + os.sep
+    if isinstance(value, str):
+        return value[len(prefix):] if value.startswith(prefix) else value
+    if isinstance(value, Mapping):
+        return {k: publishable(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [publishable(v, root) for v in value]
+    return value
+
+
 def import_result(root: str | Path, name: str, path: str | Path) -> Path:
     """Copy a result file into ``docs/results/`` (``main``: a report's results.json; ``study``: a
-    study.json), after checking it is one; for ``main``, retake the README's screenshot of the
-    report.html beside it when Chromium is there (else the picture is dropped)."""
+    study.json), after checking it is one, with paths under the repository made relative and a
+    report's ``records`` left out (one flat record per number, derived from ``results``:
+    :func:`saferclip.evaluation.report.metric_records`); for ``main``, retake the README's
+    screenshot of the report.html beside it when Chromium is there (else the picture is dropped)."""
     root, path = Path(root), Path(path)
     if name not in SOURCES:
         raise DocTableError(f"--from {name}=...: unknown result; expected one of {', '.join(SOURCES)}")
@@ -457,7 +472,7 @@ def import_result(root: str | Path, name: str, path: str | Path) -> Path:
         raise DocTableError(f"{path}: not a {name} result file (it has no {expected!r} section)")
     target = root / RESULTS_DIR / SOURCES[name]
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(target, content)
+    write_json_atomic(target, publishable({k: v for k, v in content.items() if k != "records"}, root))
     if name == "main":
         _retake_screenshot(root, path.parent / "report.html", target)
     return target
