@@ -37,9 +37,7 @@ from scipy import stats
 PER_QUERY = "per_query"
 LEVEL = 0.95
 RESAMPLES = 2000
-# how an interval or a p-value was computed (recorded beside them in results.json)
-CLOPPER_PEARSON = "clopper-pearson"
-BOOTSTRAP = "percentile-bootstrap"
+# how a paired difference's p-value was computed (its "test" in results.json)
 MCNEMAR_MID_P = "mcnemar-mid-p"
 BOOTSTRAP_P = "bootstrap"
 INTERVALS_NOTE = (
@@ -168,10 +166,6 @@ def is_share(outcomes: Outcomes) -> bool:
     """Whether the metric is a plain share of independent binary outcomes (one stratum, no
     reference): the exact interval and test apply."""
     return outcomes.reference is None and len(outcomes.strata) == 1
-
-
-def interval_method(outcomes: Outcomes) -> str:
-    return CLOPPER_PEARSON if is_share(outcomes) else BOOTSTRAP
 
 
 def clopper_pearson(successes: int, trials: int, level: float = LEVEL) -> tuple[float, float]:
