@@ -309,3 +309,27 @@ def test_p_values_never_print_as_zero():
     assert format_p(1.0) == "p = 1.00"
     cell = differences_table({"a vs b": {"unsafe_rate_a": {"difference": 0.006, "low": 0.0, "high": 0.014, "p_value": 0.125, "significant": False}}})
     assert "+0.6 [+0.0, +1.4] p = 0.12 |" in cell
+
+
+def paired_bootstrap_coverage(cells: tuple[float, float, float, float], repeats: int, seed: int, n: int = 500) -> float:
+    """How often the paired-bootstrap interval of first - second holds the true difference, for
+    queries drawn with P(both 1), P(first only), P(second only), P(neither) = ``cells``."""
+    rng = np.random.default_rng(seed)
+    outcomes = np.array([[1, 1], [1, 0], [0, 1], [0, 0]], dtype=np.float64)
+    truth = cells[1] - cells[2]
+    held = 0
+    for r in range(repeats):
+        drawn = outcomes[rng.choice(4, size=n, p=cells)]
+        d = paired_difference([Outcomes({"q": drawn[:, 0]})], [Outcomes({"q": drawn[:, 1]})], seed=r, resamples=400)
+        held += d["low"] <= truth <= d["high"]
+    return held / repeats
+
+
+@pytest.mark.parametrize("cells, expected", [
+    ((0.0, 0.0, 0.0, 1.0), (1.0, 1.0)),  # both models always 0: the difference is 0, and so is its interval
+    ((0.0, 0.005, 0.0, 0.995), (0.86, 0.97)),  # 0.5% against 0: few discordant queries (measured 92%)
+    ((0.5, 0.15, 0.05, 0.3), (0.92, 0.99)),  # mid-range, a 10-point difference
+])
+def test_the_paired_difference_interval_covers_about_95_percent(cells, expected):
+    covered = paired_bootstrap_coverage(cells, repeats=40 if cells[3] == 1.0 else 250, seed=20)
+    assert expected[0] <= covered <= expected[1]
