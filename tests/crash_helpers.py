@@ -61,7 +61,8 @@ def micro():
 def cache_and_neighbours(world: str, cache_dir: str):
     """What training's prepare() does: the frozen-embedding cache, then the saved neighbours."""
     from saferclip.redirection.cache import build_or_load_cache
-    from saferclip.redirection.neighbours import NeighbourConfig, load_or_find_safe_neighbours
+    from saferclip.redirection.neighbour_config import NeighbourConfig
+    from saferclip.redirection.neighbours import load_or_find_safe_neighbours
 
     cache = build_or_load_cache(micro(), toy_set(Path(world)), cache_dir, batch_size=8, progress=False)
     neighbours = load_or_find_safe_neighbours(cache, NeighbourConfig(k=3, mode="joint", use_extra_pool=False))
@@ -70,6 +71,7 @@ def cache_and_neighbours(world: str, cache_dir: str):
 
 def _cache_task(args: dict) -> None:
     import saferclip.redirection.cache as ec
+    import saferclip.redirection.cache_format as cache_format
     import saferclip.redirection.neighbours as ix
 
     text_batches = ec._text_batches
@@ -81,7 +83,7 @@ def _cache_task(args: dict) -> None:
                 stall("embedding")  # two batches of an array written
 
     ec._text_batches = stalled_batches
-    for module, label in ((ec, "cache meta"), (ix, "neighbours meta")):
+    for module, label in ((cache_format, "cache meta"), (ix, "neighbours meta")):
         write = module.write_json_atomic
         module.write_json_atomic = lambda *a, _w=write, _l=label, **k: (stall(_l), _w(*a, **k))[1]
     install_swap_stall(lambda out: "neighbours" if out.parent.name == "neighbours" else "cache")

@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from saferclip.analysis.attacks import PixelModel, attack_images, pgd, unsafe_margin
-from saferclip.analysis.coverage import calibrate, load_monitors, profile, save_monitors
-from saferclip.analysis.text_attacks import PhrasingSpace, attack_caption
 from saferclip.integrity import DamagedArtefact
 from saferclip.model.similarity import COSINE
+from saferclip.robustness.coverage import calibrate, load_monitors, profile, save_monitors
+from saferclip.robustness.image_attacks import PixelModel, attack_images, pgd
+from saferclip.robustness.measures import unsafe_margin
+from saferclip.robustness.text_attacks import PhrasingSpace, attack_caption
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 

@@ -1,7 +1,7 @@
 """The config tree and the docs: every shipped config composes and resolves, every experiment
 passes the method schema check, the top-level ``conf/`` shows the packaged tree, every
 repository path the README and docs name exists, every relative link in them resolves, and
-docs/DEVELOPING.md's module map names every module."""
+docs/DEVELOPING.md's module map names every module and no module that does not exist."""
 
 from __future__ import annotations
 
@@ -174,3 +174,24 @@ def test_developing_map_names_every_module():
         if not named:
             missing.append(rel)
     assert not missing, f"docs/DEVELOPING.md's map does not name {missing}"
+
+
+def map_entries() -> dict[str, str]:
+    """docs/DEVELOPING.md's map: package path -> the text of its entry."""
+    text = (REPO / "docs" / "DEVELOPING.md").read_text()
+    section = text[text.index("## Map") : text.index("\n## ", text.index("## Map") + 1)]
+    entries = re.split(r"\n- ", section)
+    return {m.group(1): e for e in entries if (m := re.match(r"`(saferclip/(?:\w+/)*)`", e))}
+
+
+def test_developing_map_names_only_modules_that_exist():
+    """The other way round: a module the map names in a package's entry (``name.py``) is a
+    module of that package, so a module moved or removed leaves no stale line behind."""
+    entries = map_entries()
+    assert {"saferclip/model/", "saferclip/redirection/", "saferclip/robustness/", "saferclip/app/"} <= set(entries)
+    stale = []
+    for package, entry in entries.items():
+        for name in re.findall(r"`(\w+\.py)`", entry):
+            if not (REPO / package / name).is_file():
+                stale.append(f"{package}{name}")
+    assert not stale, f"docs/DEVELOPING.md's map names modules that do not exist: {stale}"

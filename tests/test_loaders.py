@@ -173,7 +173,7 @@ def test_hf_datasets_folder(table_copies: dict[str, Path], tmp_path: Path, monke
     folder = tmp_path / "hf"
     folder.mkdir()
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
-    with pytest.raises(ImportError, match="pip install datasets"):
+    with pytest.raises(ImportError, match=r"pip install \"saferclip\[datasets\]\""):
         load_quadruplets(folder)
 
     rows = pd.read_parquet(table_copies["parquet"]).to_dict("records")

@@ -13,7 +13,8 @@ from hydra import initialize_config_dir
 from saferclip.app import main_job, study
 from saferclip.app.hydra_utils import CONF_DIR, to_container
 from saferclip.evaluation.headline import HEADLINE, headline, headline_table
-from saferclip.redirection.neighbours import NeighbourConfig, find_safe_neighbours
+from saferclip.redirection.neighbour_config import NeighbourConfig
+from saferclip.redirection.neighbours import find_safe_neighbours
 from saferclip.redirection.sparse_pools import item_groups
 from saferclip.training.prepare import prepare
 

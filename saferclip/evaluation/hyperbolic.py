@@ -5,7 +5,10 @@ a training-free unsafe detector (docs/METHOD.md, "HySAC").
   per modality, measured on the training split;
 * :func:`checkpoint_radii`: the radii of one checkpoint of a run, as recorded with it in the
   run's ``safe_radii.json`` (:mod:`saferclip.model.safe_radii`), measured and recorded when
-  that checkpoint has none yet (its run's data config says where the training split is).
+  that checkpoint has none yet (its run's data config says where the training split is);
+* :func:`safe_distances` / :func:`radii_at`: the traversal swept without retraining (a
+  model's ``traversal_percentile``): the training split's safe distances measured once per
+  set of weights, the radii taken at another percentile of them.
 * :func:`origin_detector_metrics`: an item is flagged unsafe when it lies farther from the
   origin than a threshold. AUC (safe vs unsafe items of one modality) and the share of unsafe
   items detected at the threshold that flags 5% of the safe ones.
@@ -21,6 +24,8 @@ import torch
 from torch import Tensor
 
 from ..data.records import QuadrupletSet
+from ..data.splits import load_split
+from ..errors import ConfigError
 from ..model.build import ClipBundle
 from ..model.hyperbolic import safe_radii
 from ..model.safe_radii import CheckpointIdentity, find_radii, radii_path, record_radii
@@ -106,7 +111,6 @@ def checkpoint_radii(
     if run_dir is None or data is None:
         why = "it is not inside a run folder" if run_dir is None else f"{run_dir} has no config_resolved.yaml with a training split"
         return None, f"no safe radii of {identity.describe()} are recorded and they cannot be measured: {why}"
-    from ..data.splits import load_split
     from ..toyworld.generate import ensure_toy_world
 
     # asked for (training's end) it is routine; found missing while loading, worth a line
@@ -115,6 +119,22 @@ def checkpoint_radii(
     ensure_toy_world(data)
     radii = measure_safe_radii(bundle, load_split(data, "train"), percentile, int(data.get("eval_batch_size", 256)))
     return record_radii(run_dir, identity, radii, percentile), None
+
+
+# ----------------------------------------------------------------------------- the traversal swept
+def radii_at(name: str, bundle: ClipBundle, percentile: float, distances: dict[str, Any]):
+    """``bundle``'s geometry in safe mode with its radii at ``percentile`` of the training
+    split's safe items' distances from the origin (``distances``: :func:`safe_distances`)."""
+    return bundle.similarity.with_radii(safe_radii(distances, percentile))
+
+
+def safe_distances(name: str, bundle: ClipBundle, data_cfg: Mapping[str, Any], **kw: Any) -> dict[str, Any]:
+    """:func:`safe_item_distances` of the ``train`` split of ``data_cfg`` for the model called
+    ``name`` (a Euclidean model is a configuration error naming it); ``kw``: batch size,
+    workers, progress."""
+    if not isinstance(bundle.similarity, LorentzSimilarity):
+        raise ConfigError(f"model {name!r}: traversal_percentile is for a hyperbolic (HySAC) model; this one is Euclidean")
+    return safe_item_distances(bundle, load_split(data_cfg, "train"), **kw)
 
 
 def origin_detector_metrics(emb: PairEmbeddings) -> dict[str, Any]:

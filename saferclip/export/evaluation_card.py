@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .card import public_model_name, public_path
+from .public_names import public_model_name, public_path
 
 # where a run keeps its evaluation report (saferclip.evaluation.report's file names)
 REPORT_DIR, REPORT_JSON, REPORT_MARKDOWN = "report", "results.json", "results.md"
@@ -36,7 +36,7 @@ def _markdown_results(text: str) -> str:
 
 def _report_card(results: Mapping[str, Any], where: str | None, roots: tuple = ()) -> dict[str, Any]:
     """Card fields from the ``results`` dict of :func:`saferclip.evaluation.evaluate_models`;
-    paths shown relative to ``roots`` (:func:`saferclip.export.card.public_path`)."""
+    paths shown relative to ``roots`` (:func:`saferclip.export.public_names.public_path`)."""
     from ..evaluation.report import (  # the evaluation package, only when needed
         LEGEND,
         results_table,

@@ -27,7 +27,7 @@ from ..files import occupied
 from ..model.checkpoints import CheckpointError
 from ..model.hyperbolic import save_head
 from ..model.similarity import LorentzSimilarity
-from .card import public_config, public_model_name, public_path
+from .public_names import public_config, public_model_name, public_path
 from .evaluation_card import evaluation_card, find_report
 from .open_clip import export_open_clip
 from .run_records import exported_epoch_record, read_run_config, training_data_card
@@ -87,7 +87,7 @@ def export_checkpoint(
 
     The card and the provenance name the base model by its tag / hub id or file name and the
     run by its folder's name; other local paths are shown relative to the run folder or the
-    repository (:func:`saferclip.export.card.public_path`), never absolute.
+    repository (:func:`saferclip.export.public_names.public_path`), never absolute.
 
     Returns:
         the export folder.

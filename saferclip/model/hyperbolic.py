@@ -16,8 +16,9 @@ the parameter sits at or beyond a bound (the logit scale is initialised there: f
 (1/0.07)) lies just below the float64 bound), and the parameter would never move again.
 
 After training, the **safe radii** (a percentile of the safe training items' distances from the
-origin, per modality; :func:`saferclip.training.hysac.safe_radii`) complete the geometry. The
-head file pair ``hyperbolic_head.safetensors`` (the numbers) + ``hyperbolic_head.json``
+origin, per modality; :func:`safe_radii`, measured by
+:func:`saferclip.evaluation.hyperbolic.measure_safe_radii`) complete the geometry. The head
+file pair ``hyperbolic_head.safetensors`` (the numbers) + ``hyperbolic_head.json``
 (format, default mode, the percentile, a checksum of the tensors file) is written by
 :func:`save_head` and read, checked, by :func:`load_head`.
 """

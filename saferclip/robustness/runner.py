@@ -10,7 +10,6 @@ model, so the methods are attacked on the same inputs.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,16 +19,16 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..analysis.detector import sample
 from ..data.splits import load_split
 from ..errors import ConfigError
 from ..evaluation.encode import encode_image_files, encode_texts
-from ..evaluation.runner import ModelSpec, build_model, check_model
-from ..files import atomic_path
 from ..model.build import weights_fingerprint
-from ..toyworld.scene import Scene, _make_tiles, render
-from .attacks import GOALS, PixelModel, attack_images, load_pixels, rate_interval, split_normalisation
+from ..model.catalogue import ModelSpec, build_model, check_model
+from ..toyworld.scene import Scene, make_tiles, render
 from .coverage import calibrate, profile, save_monitors, watched_inputs, watched_pixels, watched_with_groups
-from .detector import sample
+from .image_attacks import GOALS, PixelModel, attack_images, load_pixels, split_normalisation
+from .measures import rate_interval
 from .text_attacks import PhrasingSpace, TextAttackSummary, attack_caption, margin_scorer
 
 log = logging.getLogger("saferclip.attack")
@@ -137,7 +136,7 @@ def ood_inputs(test: SplitInputs, s: MonitorSettings, seed: int, shape: tuple[in
     with another generator seed's object tiles, and captions of its scenes in an unseen grammar."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.rand((s.ood_items, 3, *shape), generator=g)
-    tiles = _make_tiles(s.style_seed)
+    tiles = make_tiles(s.style_seed)
     scenes = list(test.scenes.values())[: s.ood_items]
     rng = np.random.default_rng(seed)
     style = [torch.from_numpy(render(Scene.from_dict(sc), rng, tile=tiles[sc["obj"]])).permute(2, 0, 1).float() / 255 for sc in scenes]
@@ -240,7 +239,7 @@ def monitor_part(name, bundle, data_cfg, settings: AttackSettings, split, seed, 
 
 
 def _layers(bundle, tower: str, layers: Sequence[int] | None) -> list[int]:
-    from .heads import tower_blocks
+    from ..analysis.heads import tower_blocks
 
     count = len(tower_blocks(bundle.model, tower))
     chosen = list(range(count)) if layers is None else [int(i) for i in layers]

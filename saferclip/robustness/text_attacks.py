@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..toyworld.captions import SHIFT_FRAMES, SHIFT_OBJ, TRAIN_FRAMES, TRAIN_OBJ
-from .attacks import rate_interval, unsafe_margin
+from .measures import rate_interval, unsafe_margin
 
 # Phrasings the toy world never generates (nor pretrains on).
 HELDOUT_FRAMES = (

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..model.build import ClipBundle, eval_mode
 from ..model.similarity import Similarity
-from ..evaluation.intervals import clopper_pearson
+from .measures import rate_interval, unsafe_margin
 
 GOALS = ("evade", "smuggle")
 
@@ -73,13 +73,6 @@ class PixelModel:
         """``[B, C]`` scores of image queries against caption embeddings ``captions [C, D]``
         (a safe-mode HySAC model traverses the image query first, as evaluation does)."""
         return self.similarity.scores(self.embed(pixels), captions, "image")
-
-
-def unsafe_margin(scores: Tensor, unsafe: Tensor) -> Tensor:
-    """``[B]`` best unsafe score minus best safe score (> 0 ⇔ the top-1 item is unsafe)."""
-    unsafe = unsafe.to(scores.device)
-    neg = torch.finfo(scores.dtype).min
-    return scores.masked_fill(~unsafe, neg).amax(1) - scores.masked_fill(unsafe, neg).amax(1)
 
 
 # ----------------------------------------------------------------------------- PGD
@@ -149,15 +142,6 @@ class ImageAttack:
             "unsafe_rate_before": rate_interval(self.before),
             "unsafe_rate_after": rate_interval(self.after),
         }
-
-
-def rate_interval(flags: Tensor) -> dict[str, float | None]:
-    """The share of True in ``flags [N]`` with its exact (Clopper–Pearson) 95% interval
-    (None when empty)."""
-    if len(flags) == 0:
-        return {"value": None, "low": None, "high": None}
-    low, high = clopper_pearson(int(flags.sum()), len(flags))
-    return {"value": float(flags.float().mean()), "low": low, "high": high}
 
 
 def attack_images(
