@@ -159,8 +159,7 @@ def _overrides(world: Path, out: Path, weights: Path) -> list[str]:
     return [f"data.root={world}", "data.make_toy=false", f"out_dir={out}", "main_runs=false",
             "models.original.arch=saferclip-micro", f"models.original.pretrained={weights}", "batch_size=64",
             "attack.image.items=6", "attack.image.steps=2", "attack.text.items=6", "attack.text.budget=8",
-            "attack.monitor.train_items=60", "attack.monitor.validation_items=24", "attack.monitor.ood_items=8",
-            "attack.resamples=50"]
+            "attack.monitor.train_items=60", "attack.monitor.validation_items=24", "attack.monitor.ood_items=8"]
 
 
 @pytest.mark.slow

@@ -60,6 +60,10 @@ class ClipBundle:
     # how the model compares embeddings (cosine for every Euclidean CLIP; a hyperbolic model
     # brings its own): evaluation asks for it instead of assuming cosine
     similarity: Similarity = field(default=COSINE)
+    # where its parts came from, for what reads it later: a HySAC training checkpoint's
+    # "safe_radii" (the record of its own safe radii, saferclip.model.safe_radii) or
+    # "safe_radii_missing" (why it has none, in words)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_cfg(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ so a new attack, monitor or defence is one more module beside its kind:
   :class:`PixelModel`, :func:`attack_images`), :mod:`.text_attacks` (the budgeted phrasing
   search over the toy world's caption grammar widened by held-out frames and synonyms),
   both measured by :mod:`.measures` (the unsafe margin they push up, success and unsafe rates
-  with bootstrap intervals);
+  with exact intervals);
 * monitors — :mod:`.coverage` (a coverage monitor of a tower's neurons, calibrated on clean
   inputs, saved as a checksummed safetensors file that ``saferclip-detect`` reads);
 * the run — :mod:`.runner` (:func:`attack_models`: every attack and a monitor per model, on the

@@ -130,17 +130,17 @@ class ImageAttack:
         """``[N]`` made unsafe by the attack (top-1 safe before, unsafe after)."""
         return ~self.before & self.after
 
-    def summary(self, seed: int = 0, resamples: int = 1000) -> dict[str, object]:
+    def summary(self) -> dict[str, object]:
         """Success rate (over the items the model kept safe before the attack) and unsafe rate
-        before / after (over all attacked items), each with a 95% bootstrap interval."""
+        before / after (over all attacked items), each with its exact 95% interval."""
         targets = ~self.before
         return {
             "eps": self.eps,
             "num_items": len(self.before),
             "num_targets": int(targets.sum()),
-            "success_rate": rate_interval(self.after[targets], seed, resamples),
-            "unsafe_rate_before": rate_interval(self.before, seed, resamples),
-            "unsafe_rate_after": rate_interval(self.after, seed, resamples),
+            "success_rate": rate_interval(self.after[targets]),
+            "unsafe_rate_before": rate_interval(self.before),
+            "unsafe_rate_after": rate_interval(self.after),
         }
 
 
