@@ -707,7 +707,7 @@ def test_evaluation_reports_both_modes_and_no_setting_b(hysac_run, toy_world, tm
     model = saferclip.load_model(result["export"], mode="moderation")
     emb = embed_visu(model.bundle, load_split(data, "test"), batch_size=64)
     c = model.geometry.curvature
-    stored = json.loads((run / "safe_radii.json").read_text())
+    (stored,) = read_radii_records(run)  # the kept checkpoint's radii, which the export carries
     r10 = safe_radii(safe_item_distances(model.bundle, load_split(data, "train"), batch_size=64), 10)
     assert r10["text"] < stored["text"] and r10["image"] < stored["image"]
     for figures, radius in ((moderation, None), (safe, stored["text"]), (p10, r10["text"])):
