@@ -387,14 +387,14 @@ def write_html_report(page: Page, out_dir: str | Path) -> Path:
 def evaluation_page(results: Mapping[str, Any], markdown: str, plots: Sequence[Path], title: str = "saferclip evaluation") -> Page:
     """The page of an evaluation report (``saferclip-eval``, ``saferclip-main``)."""
     from .headline import headline_table
-    from .report import interval_note
+    from .intervals import intervals_note
 
     meta = results.get("meta", {})
     models = list(results.get("results", {}))
     table = headline_table(results)
     notes = [line.strip() for line in table.splitlines() if line.strip() and not line.strip().startswith("|")]  # e.g. the † note
     if results.get("intervals"):
-        notes.append(interval_note(results))
+        notes.append(f"In brackets: {intervals_note(results)}.")
     headline = table_from_markdown(
         table,
         "Headline (%)",

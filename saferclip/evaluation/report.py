@@ -215,27 +215,20 @@ def _markdown(
     if training:
         out += ["", "## Model selection (validation split)", "", *_selection_table(training)]
     from .headline import headline_table
-    from .intervals import differences_table
+    from .intervals import DIFFERENCES_NOTE, differences_table, intervals_note
 
     out += ["", "## Headline", "", headline_table(results)]
     if results.get("intervals"):
-        out += ["", interval_note(results)]
+        out += ["", f"In brackets: {intervals_note(results)}."]
     differences = differences_table(results.get("differences") or {})
     if differences:
-        out += ["", "## Differences between models (paired, same test queries)", "", differences, "",
-                "In points (first model minus second), with a 95% paired-bootstrap interval; `*`: the interval "
-                "excludes 0 (significant at 5%, two-sided)."]
+        out += ["", "## Differences between models (paired, same test queries)", "", differences, "", DIFFERENCES_NOTE]
     out += ["", "## Results", "", results_table(results), "", LEGEND]
     if extra:
         out += ["", extra.rstrip()]
     if plots:
         out += ["", "## Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plots]
     return "\n".join(out) + "\n"
-
-
-def interval_note(results: Mapping[str, Any]) -> str:
-    """What the brackets of the headline table hold."""
-    return f"In brackets: {results.get('meta', {}).get('intervals') or 'a 95% bootstrap interval over the test queries'}."
 
 
 def world_line(world: int) -> str:
@@ -342,9 +335,9 @@ def write_report(
     sections: Callable[[Path], tuple[str, list[Path]]] | None = None,
     title: str = "saferclip evaluation",
 ) -> dict[str, Any]:
-    """Write ``results.json``, ``results.md``, ``plots/*.png`` and ``report.html`` (with
-    ``thumbs/``: the headline table, the retrieval galleries of ``results["showcase"]``, the
-    plots and the whole Markdown report; :mod:`saferclip.evaluation.html`) under ``out_dir``.
+    """Write ``results.json``, ``results.md``, ``plots/*.png`` and ``report.html`` (one
+    self-contained file: the headline table, the retrieval galleries of ``results["showcase"]``,
+    the plots and the whole Markdown report; :mod:`saferclip.evaluation.html`) under ``out_dir``.
 
     ``training``: run name -> its ``selection.json`` (validation history and exported epoch),
     for the per-epoch validation curves and the exported-epoch table. Every report with a
