@@ -342,9 +342,9 @@ def write_report(
     sections: Callable[[Path], tuple[str, list[Path]]] | None = None,
     title: str = "saferclip evaluation",
 ) -> dict[str, Any]:
-    """Write ``results.json``, ``results.md``, ``plots/*.png`` and ``report.html`` (with
-    ``thumbs/``: the headline table, the retrieval galleries of ``results["showcase"]``, the
-    plots and the whole Markdown report; :mod:`saferclip.evaluation.html`) under ``out_dir``.
+    """Write ``results.json``, ``results.md``, ``plots/*.png`` and ``report.html`` (one
+    self-contained file: the headline table, the retrieval galleries of ``results["showcase"]``,
+    the plots and the whole Markdown report; :mod:`saferclip.evaluation.html`) under ``out_dir``.
 
     ``training``: run name -> its ``selection.json`` (validation history and exported epoch),
     for the per-epoch validation curves and the exported-epoch table. Every report with a
