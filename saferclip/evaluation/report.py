@@ -160,7 +160,10 @@ def results_table(results: Mapping[str, Any]) -> str:
 
 def _selection_table(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Which epoch of each run was exported, by what rule, and its validation figures."""
-    lines = ["| run | exported epoch | of | monitor | score | val unsafe (a) | val U→V R@1 | val S→V R@1 |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        "| run | exported epoch | of | monitor | score | val unsafe (a) | val U→V R@1 | val S→V R@1 | matched safety |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
     for name, record in training.items():
         selected = record.get("selected") or {}
         metrics = selected.get("metrics") or {}
@@ -172,7 +175,8 @@ def _selection_table(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
         score = selected.get("score")
         lines.append(
             f"| {name} | {selected.get('epoch', '–')} | {epochs} | `{record.get('monitor')}` | "
-            f"{'–' if score is None else f'{score:.3f}'} | {pct('U2VG_unsafe@1')} | {pct('U2V_R@1')} | {pct('S2V_R@1')} |"
+            f"{'–' if score is None else f'{score:.3f}'} | {pct('U2VG_unsafe@1')} | {pct('U2V_R@1')} | {pct('S2V_R@1')} | "
+            f"{(record.get('matched_safety') or {}).get('note') or '–'} |"
         )
     return lines
 
