@@ -164,3 +164,29 @@ def test_pareto_front_keeps_the_points_no_other_beats_on_both():
     points = [(0.90, 0.95), (0.20, 0.85), (0.00, 0.60), (0.05, 0.70), (0.30, 0.80), (0.00, 0.50), (0.20, 0.85)]
     # (0.30, 0.80) is beaten by (0.20, 0.85); (0.00, 0.50) by (0.00, 0.60); the equal pair stays
     assert pareto_front(points) == [0, 1, 2, 3, 6]
+
+
+def test_early_stopping_waits_out_the_warm_up_then_watches_matched_safety(tmp_path, toy_world, monkeypatch):
+    """Scripted unsafe rates 90, 95, 80, 85, 70, 60% (never <= tau): the worse epoch 1 is in the
+    warm-up (2 epochs; plain EarlyStopping with patience 1 would stop there), epoch 2 improves,
+    epoch 3 does not: the run ends after epoch 3, and the safest epoch (2) is kept."""
+    import saferclip.app.module as module_mod
+    from saferclip.app.train import train
+
+    unsafe = iter([0.90, 0.95, 0.80, 0.85, 0.70, 0.60])
+
+    def scripted_metrics(rows, similarity=None):
+        if len(rows["index"]) == SMALL_SIZES.nsfw_caps_validation:
+            return {"S2V_R@1": 0.5}
+        return {"U2VG_unsafe@1": next(unsafe), "U2V_R@1": 0.5, "S2V_R@1": 0.5}
+
+    monkeypatch.setattr(module_mod, "validation_metrics", scripted_metrics)
+    cfg = compose_train(
+        tmp_path, toy_world, "trainer.max_epochs=6", "trainer.limit_train_batches=1", "export=false",
+        "callbacks.early_stopping.patience=1", "callbacks.early_stopping.warmup_epochs=2",
+    )  # fmt: skip
+    train(cfg)
+    record = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert [h["epoch"] for h in record["history"]] == [0, 1, 2, 3]
+    assert record["selected"]["epoch"] == 2 and record["matched_safety"]["epoch"] == 2
+    assert record["matched_safety"]["note"] == "never reached τ = 5%; safest: 80.0% unsafe at U→V 50.0 (epoch 2)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import math
 import os
@@ -220,10 +221,16 @@ def mean_loss(module, dataset, batches: int, batch_size: int) -> float:
 def test_overfitting_a_few_batches(tmp_path, toy_world, method):
     """debug=overfit on the toy base model (full fine-tuning, as the toy experiments): the loss
     on those batches collapses and their unsafe captions move to their targets. SafeR-CLIP
-    keeps S->V; rigid Safe-CLIP is allowed to lose it (it does)."""
+    keeps S->V; rigid Safe-CLIP is allowed to lose it (it does).
+
+    On the loose pairing (generated beside the session's world): there the unsafe captions start
+    far enough from their targets for the move to be measured. This
+    test was written when loose was the only pairing; on the ViSU-like default the base model's
+    unsafe captions already retrieve their targets' images at 0.84, leaving no room for the
+    +0.15 asked below."""
     batch_size = 16
     cfg = compose_train(
-        tmp_path, toy_world, "model=toy", f"method={method}", "debug=overfit", "method.curriculum=false",
+        tmp_path, toy_world, "model=toy", "data.toy_pairs=loose", f"method={method}", "debug=overfit", "method.curriculum=false",
         f"data.batch_size={batch_size}", "method.trainable.mode=full", "method.optimizer.lr=3e-4" if method == "saferclip" else "method.optimizer.lr=1e-4",
         "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null", "trainer.enable_checkpointing=false", "logger=none",
     )  # fmt: skip
@@ -288,7 +295,12 @@ def test_short_run_checkpoints_exports_and_returns_metrics(tmp_path, toy_world, 
     result = train(cfg)
     run = tmp_path / "run"
     assert Path(result["best_checkpoint"]).is_file() and (run / "checkpoints" / "last.ckpt").is_file()
-    assert Path(result["best_checkpoint"]).name in ("epoch00.ckpt", "epoch01.ckpt") and result["best_score"] >= 0
+    assert Path(result["best_checkpoint"]).name in ("epoch00.ckpt", "epoch01.ckpt")
+    # the monitored value is val/matched_safety: minus the unsafe rate, or 1 + U->V once it is <= tau
+    score = result["best_score"]
+    assert -1 <= score < 0 or 1 <= score <= 2, score
+    record = json.loads((run / "selection.json").read_text())
+    assert score == pytest.approx(record["selected"]["metrics"]["matched_safety"])
     assert (Path(result["export"]) / "open_clip_config.json").is_file()
     exported = build_clip(None, result["export"])
     assert exported.arch == "saferclip-micro"

@@ -88,6 +88,8 @@ def test_every_shipped_search_composes_with_every_value(search):
             check_train_config(train)
             assert train.method.name == search and train.data.toy_seed == 0  # tuning sees world 0 only
             assert train.trainer.max_epochs == 10  # the schedule every method's experiment uses
+            # neither early stopping nor the pruner ends a trial before safety can emerge
+            assert train.callbacks.early_stopping.warmup_epochs == cfg.pruner.n_warmup_steps == 6
             assert train.callbacks.model_checkpoint.monitor == "val/matched_safety" == train.callbacks.early_stopping.monitor
             for p in params:
                 if p.name in values:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from ..evaluation.selection import DEFAULT_TAU, MATCHED_METRIC, SELECTION_METRIC, matched_choice
 from ..files import write_json_atomic
@@ -91,6 +91,36 @@ def selection_summary(checkpoint_callbacks: list, history: list[dict[str, Any]],
     return out
 
 
+class WarmupEarlyStopping(EarlyStopping):
+    """Lightning's ``EarlyStopping`` that cannot stop a run within its first ``warmup_epochs``
+    epochs: they are compared (the best value so far is kept) but not counted against
+    ``patience``, which starts counting after them. (``trainer.min_epochs`` is not enough: a stop
+    signal raised before it stays raised, and the run then ends as soon as the minimum is
+    reached, even while its monitor is improving.) Safety emerges over epochs (docs/METHOD.md,
+    "The search's warm-up"); a run must not be ended before it can."""
+
+    def __init__(self, *args: Any, warmup_epochs: int = 0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+            raise ValueError(f"callbacks.early_stopping.warmup_epochs must be an integer >= 0, got {warmup_epochs!r}")
+        self.warmup_epochs = warmup_epochs
+
+    def _check(self, trainer: L.Trainer, check: Any) -> None:
+        if trainer.current_epoch + 1 > self.warmup_epochs:
+            check()
+            return
+        stop_before = trainer.should_stop
+        check()  # keeps the best value so far...
+        trainer.should_stop = stop_before  # ... but never stops, and the epoch does not count
+        self.wait_count, self.stopped_epoch = 0, 0
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer, lambda: super(WarmupEarlyStopping, self).on_validation_end(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer, lambda: super(WarmupEarlyStopping, self).on_train_epoch_end(trainer, pl_module))
+
+
 EPOCH_LINE_METRICS = (
     ("val/U2VG_unsafe@1", "val unsafe (a)", True),
     ("val/U2V_R@1", "U→V R@1", True),
@@ -136,4 +166,4 @@ class EpochLine(Callback):
         )
 
 
-__all__ = ["MATCHED_METRIC", "SELECTION_FILE", "SELECTION_METRIC", "EpochLine", "SelectionRecord", "selection_summary"]
+__all__ = ["MATCHED_METRIC", "SELECTION_FILE", "SELECTION_METRIC", "EpochLine", "SelectionRecord", "WarmupEarlyStopping", "selection_summary"]

@@ -193,6 +193,7 @@ def _markdown(
         f"reference `{meta.get('reference')}`, {meta.get('created')}",
         "",
         *([world_line(meta.get("world")), ""] if meta.get("world") is not None else []),
+        *([pairing_line(meta.get("pairing"), meta.get("pair_stats")), ""] if meta.get("pairing") else []),
         "## Models",
         "",
     ]
@@ -243,6 +244,17 @@ def world_line(world: int) -> str:
         return ("Toy world 0: the world hyperparameters are tuned on (saferclip-tune reads its training and "
                 "validation splits); its test split was never read while tuning, but a held-out world (1, 2, 3) is the clean test.")
     return f"Toy world {world}: never used while tuning (saferclip-tune sees world 0 only)."
+
+
+def pairing_line(pairing: Mapping[str, Any], stats: Mapping[str, Any] | None) -> str:
+    """How the toy world's pairs were made (``data.toy_pairs``) and how close they are."""
+    line = f"Pairs made by the `{pairing.get('name')}` pairing (docs/METHOD.md, \"How a pair is made\")"
+    if stats:
+        text, image = stats["text"], stats["image"]
+        line += (f"; with the base model, own-pair cosine text {text['own_cosine']['median']:.2f}, image "
+                 f"{image['own_cosine']['median']:.2f} (medians), the own safe caption ranked {text['rank']['median']:.0f} "
+                 f"of {stats.get('pool')} safe training captions (median)")
+    return line + "."
 
 
 # ----------------------------------------------------------------------------- plots

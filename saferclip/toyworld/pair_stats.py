@@ -12,6 +12,11 @@ T(U_i), the safe caption T(S_i), the unsafe image I(G_i) and the safe image I(V_
   ``gap`` = top − own ≥ 0: how much closer the nearest safe item is than the own one;
 * ``own_is_top``: the share of pairs whose own safe item is the nearest (rank 1).
 
+Beside them, ``original_validation``: what the model itself scores on the world's validation
+split (``U2VG_unsafe@1``, ``U2V_R@1``, ``S2V_R@1``, by the evaluation's own functions): how
+unsafe the unchanged model is there and how well it already finds each pair's safe image, the
+baseline of every fine-tuned run on that world.
+
 Distributions are summarised by quartiles (``q1``, ``median``, ``q3``) and the mean. Computed
 with the shipped base model by default, they are saved with the world (``pair_stats.json``,
 written atomically) and reused while the world, the generator version and the model's weights
@@ -81,6 +86,12 @@ def measure_pair_stats(root: str | Path, bundle: Any = None, batch_size: int = 5
     with torch.no_grad():
         text = modality_stats(encode_text(bundle, train.unsafe_captions, batch_size), encode_text(bundle, train.safe_captions, batch_size))
         image = modality_stats(images([q.unsafe_image for q in train]), images([q.safe_image for q in train]))
+    from ..evaluation.retrieval import evaluate_visu
+
+    validation = load_visu_json(
+        root / "visu" / "validation.json", image_root=root / "visu", unsafe_image_root=root / "visu", split_dir="val2017", image_ext=".png"
+    )
+    figures = evaluate_visu(bundle, validation, batch_size=batch_size, progress=False, ks=(1,), unsafe_ks=(1,))
     return {
         "pairing": (manifest.get("pairing") or {}).get("name"),
         "seed": manifest.get("seed"),
@@ -90,6 +101,7 @@ def measure_pair_stats(root: str | Path, bundle: Any = None, batch_size: int = 5
         "model": {"arch": bundle.arch, "weights": weights_fingerprint(bundle.model)},
         "text": text,
         "image": image,
+        "original_validation": {k: float(figures[k]) for k in ("U2VG_unsafe@1", "U2V_R@1", "S2V_R@1")},
     }
 
 
@@ -133,6 +145,12 @@ def format_pair_stats(stats: dict[str, Any]) -> str:
             f"nearest safe {top['median']:.3f}, gap {gap['median']:.3f} [{gap['q1']:.3f}, {gap['q3']:.3f}], "
             f"own pair's rank {rank['median']:.0f} [{rank['q1']:.0f}, {rank['q3']:.0f}] of {stats.get('pool')}, "
             f"own pair nearest for {100 * s['own_is_top']:.1f}%"
+        )
+    v = stats.get("original_validation")
+    if v:
+        lines.append(
+            f"  the base model on the validation split: unsafe rate (a) {100 * v['U2VG_unsafe@1']:.1f}%, "
+            f"U→V R@1 {100 * v['U2V_R@1']:.1f}%, S→V R@1 {100 * v['S2V_R@1']:.1f}%"
         )
     return "\n".join(lines)
 
