@@ -44,9 +44,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..errors import ConfigError
 from ..training.search_space import SearchParam, overrides_of, parse_search_space, sample
-from .tune_report import EPOCH_COLUMNS, experiment_yaml, write_search_report
 from .cli import check_writable_folder, command, compose_help, wants_help
 from .hydra_utils import CONF_DIR, check_int, check_seed, setup_logging, to_container
+from .tune_report import EPOCH_COLUMNS, write_search_report
 
 log = logging.getLogger("saferclip.tune")
 

@@ -166,7 +166,8 @@ def plot_pareto(points_by_search: Mapping[str, Sequence[Mapping[str, Any]]], pat
         colour = styles[label]["color"]
         if not xy:
             continue
-        ax.scatter([x for x, _ in xy], [y for _, y in xy], s=12, alpha=0.35, color=colour, label=f"{label}: {len(xy)} trial × epoch")
+        trials = len({p.get("trial") for p in points})
+        ax.scatter([x for x, _ in xy], [y for _, y in xy], s=12, alpha=0.35, color=colour, label=f"{label}: {len(xy)} epochs of {trials} trial(s)")
         front = sorted((xy[i] for i in pareto_front([(x / 100, y / 100) for x, y in xy])), key=lambda p: p[0])
         ax.step([x for x, _ in front], [y for _, y in front], where="post", color=colour, linewidth=1.8, label=f"{label}: Pareto front")
     if tau is not None:

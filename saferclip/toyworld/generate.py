@@ -46,7 +46,7 @@ from PIL import Image
 from ..errors import ConfigError
 from ..files import atomic_folder
 from .captions import PROMPT_FRAMES, SHIFT_FRAMES, SHIFT_OBJ, caption
-from .pairing import DEFAULT_PAIRING, PAIRINGS, Pairing, get_pairing, make_pair, safe_scene_key
+from .pairing import DEFAULT_PAIRING, Pairing, get_pairing, make_pair, safe_scene_key
 from .scene import COLOURS, SAFE_OBJECTS, SHAPES, UNSAFE_OBJECTS, Scene, random_scene, render
 
 # 6: the pairing knob (pairs made ViSU-like by default, alike in every split) and the
