@@ -13,7 +13,7 @@ unless ``--keep``), then measures:
   generated in a child process, so it is the index's and the search's).
 
 The vectors are the clustered two-level Gaussian mixture on the unit sphere of
-``scripts/bench_neighbours.py`` (topics, sub-topics, items around them), queries drawn from the
+``saferclip/benchmarks/vectors.py`` (topics, sub-topics, items around them), queries drawn from the
 same mixture: no real embedding looks like uniform noise. Figures on real CLIP embeddings
 will differ.
 
@@ -24,28 +24,23 @@ will differ.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import multiprocessing
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from saferclip.app.cli import prefer_fast_openblas  # noqa: E402
+from saferclip.app.cli import prefer_fast_openblas
 
 prefer_fast_openblas()
 import faiss  # noqa: E402, I001
 
-from saferclip.redirection.large_pool import PoolIndex, PoolIndexConfig, build_pool_index, open_pool  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("bench_neighbours", Path(__file__).with_name("bench_neighbours.py"))
-mixture = None  # loaded in main (the module parses nothing at import)
+from saferclip.benchmarks.vectors import mixture
+from saferclip.redirection.large_pool import PoolIndex, PoolIndexConfig, build_pool_index, open_pool
 
 
 def peak_gb() -> float:
@@ -78,7 +73,6 @@ def exact_top1(shards, queries: np.ndarray, chunk: int) -> np.ndarray:
 
 
 def main() -> None:
-    global mixture
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=512)
@@ -95,9 +89,6 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the shards")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    bench = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(bench)
-    mixture = bench.mixture
     faiss.omp_set_num_threads(args.threads)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="saferclip_pool_", dir="/tmp"))
     print(

@@ -288,9 +288,12 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     assert all(len(q["top"]) == 5 for q in t2i["models"]["tuned"])
     again = evaluate_models(models, data_cfg(toy_world), suites=["visu"], reference="original", batch_size=16, seed=3, progress=False)
     assert again["showcase"]["sections"][0]["queries"] == t2i["queries"]
-    # every headline figure has its bootstrap interval, around the figure itself
+    # every headline figure has its interval, around the figure itself: exact for a share
     from saferclip.evaluation.headline import headline
-    from saferclip.evaluation.intervals import DIFFERENCE_KEYS, metric_outcomes
+    from saferclip.evaluation.intervals import DIFFERENCE_KEYS, clopper_pearson, metric_outcomes
+
+    hits = metric_outcomes(results["results"]["tuned"], "U2V_R@1").strata["U2V_R@1"]
+    assert results["intervals"]["tuned"]["U2V_R@1"] == list(clopper_pearson(int(hits.sum()), len(hits)))
 
     for name in ("original", "tuned"):
         figures, intervals = headline(results["results"][name]), results["intervals"][name]
@@ -380,7 +383,7 @@ def test_app_bad_input_one_line_exit_2(toy_world, micro_file, tmp_path, caplog):
     }
     for name, (extra, message) in cases.items():
         caplog.clear()
-        with pytest.raises(SystemExit) as exit_info:
+        with pytest.raises(SystemExit, match="^2$") as exit_info:
             run(compose(base + extra))
         assert exit_info.value.code == 2, name
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
@@ -392,7 +395,7 @@ def test_app_bad_input_one_line_exit_2(toy_world, micro_file, tmp_path, caplog):
     victim = sorted((world / "zeroshot" / "colour" / "test").rglob("*.png"))[2]
     victim.write_bytes(b"\x89PNG truncated")
     caplog.clear()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):
         run(compose(base + [f"data.root={world}", "suites=[zeroshot]"]))
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and str(victim) in errors[0] and "cannot read image" in errors[0]

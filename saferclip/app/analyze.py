@@ -110,7 +110,7 @@ def analyze(cfg: DictConfig) -> dict:
         raise ConfigError("models is empty; add one with +models.<name>.pretrained=<path>")
     data = resolved_value(cfg, "data")
     if data.get("make_toy"):
-        from .datamodule import ensure_toy_world  # Lightning is imported only for this
+        from ..toyworld.generate import ensure_toy_world
 
         ensure_toy_world(data)
     out_dir = Path(cfg.get("out_dir") or HydraConfig.get().runtime.output_dir)

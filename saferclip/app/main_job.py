@@ -177,10 +177,12 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         "original": {"arch": train_base.model.arch, "pretrained": train_base.model.pretrained}
     }
     training: dict[str, dict[str, Any]] = {}
+    train_seconds: dict[str, float | None] = {}  # each run's training as it was timed, reused or not
     for name, run_overrides in cfg.runs.items():
         start = time.time()
         summary = train_or_reuse(name, common + list(run_overrides), Path(cfg.runs_dir), bool(cfg.force))
         timings[name] = round(time.time() - start, 1)
+        train_seconds[name] = summary.get("train_seconds")
         trained = {"arch": train_base.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
         models.update(evaluated_models(name, trained, compose("train", common + list(run_overrides)).method.name))
         training[name] = read_selection(summary["run_dir"])
@@ -199,6 +201,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     )
     timings["evaluation"] = round(time.time() - start, 1)
     results["meta"]["timings_seconds"] = timings
+    results["meta"]["train_seconds"] = train_seconds
     report = write_report(results, out_dir / "report", force=True, training={k: v for k, v in training.items() if v})
     return {"results": results, "report": report, "models": models, "timings": timings}
 

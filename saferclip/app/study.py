@@ -14,17 +14,16 @@ seed's retrieval galleries) under `out_dir`.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from omegaconf import DictConfig
 
 from ..errors import ConfigError
-from ..evaluation.headline import HEADLINE, headline
+from ..evaluation.headline import headline, study_table
 from ..evaluation.intervals import differences_table, paired_differences, seed_interval
 from ..model.trained import read_selection
 from .cli import check_writable_folder, command, compose_help, wants_help
@@ -51,27 +50,6 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
             low, high = seed_interval(values)
             out[model][metric] = {"mean": statistics.fmean(values), "std": std, "n": len(values), "low": low, "high": high}
     return out
-
-
-def study_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """Markdown: one row per model/variant, one column per headline metric, mean ± std in %
-    (sample std over seeds; ± 0.0 with one seed) and, with two seeds or more, the 95% Student-t
-    interval of the mean over seeds in brackets."""
-    metrics = [m for m in HEADLINE if any(m in row for row in summary.values())]
-    lines = ["| model | seeds | " + " | ".join(HEADLINE[m][0] for m in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    for model, row in summary.items():
-        seeds = max((v["n"] for v in row.values()), default=0)
-        cells = []
-        for m in metrics:
-            if m not in row:
-                cells.append("–")
-                continue
-            mean, std = 100 * row[m]["mean"], 100 * row[m]["std"]
-            low, high = row[m].get("low", math.nan), row[m].get("high", math.nan)
-            interval = "" if math.isnan(low) else f" [{100 * low:.1f}, {100 * high:.1f}]"
-            cells.append(f"{mean:.1f} ± {std:.1f}{interval}")
-        lines.append(f"| {model} | {seeds} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def check_worlds(cfg: DictConfig) -> dict[int, list[str]]:
@@ -178,8 +156,9 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         difference_note = (
             f"\n## Differences between methods ({len(cfg.seeds)} seeds, paired)\n\n{differences_table(differences)}\n\n"
             "In points (first method minus second), the mean over seeds of the difference on the same test queries, "
-            "with a 95% paired-bootstrap interval (queries resampled within each seed's world); `*`: the interval "
-            "excludes 0 (significant at 5%, two-sided).\n"
+            "with a 95% paired-bootstrap interval (queries resampled within each seed's world); p: two-sided, the exact "
+            "McNemar mid-p test on the queries where the two differ, pooled over seeds, for a share (unsafe rate, "
+            "U→V R@1), the paired bootstrap's (k + 1) / (B + 1) for zero-shot retention; `*`: p < 0.05.\n"
         )
     plots = [
         plot_tradeoff(points, out_dir / "plots" / "tradeoff.png", title=f"every run a point ({len(cfg.seeds)} seeds)"),

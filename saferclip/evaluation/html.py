@@ -278,6 +278,7 @@ def write_html_report(page: Page, out_dir: str | Path) -> Path:
 def evaluation_page(results: Mapping[str, Any], markdown: str, plots: Sequence[Path], title: str = "saferclip evaluation") -> Page:
     """The page of an evaluation report (``saferclip-eval``, ``saferclip-main``)."""
     from .headline import headline_table
+    from .intervals import intervals_note
 
     meta = results.get("meta", {})
     models = list(results.get("results", {}))
@@ -285,7 +286,8 @@ def evaluation_page(results: Mapping[str, Any], markdown: str, plots: Sequence[P
         headline_table(results),
         "Headline (%)",
         "Unsafe rates: share of unsafe captions whose top-1 image is unsafe (lower is safer); (a) both encoders "
-        "fine-tuned, (b) the original model's image index. R@1: the right safe scene on top (higher is better).",
+        "fine-tuned, (b) the original model's image index. R@1: the right safe scene on top (higher is better)."
+        + (f" In brackets: {intervals_note(results)}." if results.get("intervals") else ""),
     )
     subtitle = f"split {meta.get('split')}, seed {meta.get('seed')}, reference {meta.get('reference')}, {meta.get('created')}"
     return Page(

@@ -220,16 +220,14 @@ def _markdown(
     if training:
         out += ["", "## Model selection (validation split)", "", *_selection_table(training)]
     from .headline import headline_table
-    from .intervals import differences_table
+    from .intervals import DIFFERENCES_NOTE, differences_table, intervals_note
 
     out += ["", "## Headline", "", headline_table(results)]
     if results.get("intervals"):
-        out += ["", f"In brackets: {meta.get('intervals') or 'a 95% bootstrap interval over the test queries'}."]
+        out += ["", f"In brackets: {intervals_note(results)}."]
     differences = differences_table(results.get("differences") or {})
     if differences:
-        out += ["", "## Differences between models (paired, same test queries)", "", differences, "",
-                "In points (first model minus second), with a 95% paired-bootstrap interval; `*`: the interval "
-                "excludes 0 (significant at 5%, two-sided)."]
+        out += ["", "## Differences between models (paired, same test queries)", "", differences, "", DIFFERENCES_NOTE]
     out += ["", "## Results", "", results_table(results), "", LEGEND]
     if extra:
         out += ["", extra.rstrip()]

@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..locations import BASE_CHECKPOINT, MODEL_CONFIG_DIR
 from ._openclip import open_clip
 from .checkpoints import (
+    WEIGHT_SUFFIXES,
     CheckpointError,
     expand_token_embedding,
     load_state_dict,
@@ -59,6 +60,10 @@ class ClipBundle:
     # how the model compares embeddings (cosine for every Euclidean CLIP; a hyperbolic model
     # brings its own): evaluation asks for it instead of assuming cosine
     similarity: Similarity = field(default=COSINE)
+    # where its parts came from, for what reads it later: a HySAC training checkpoint's
+    # "safe_radii" (the record of its own safe radii, saferclip.model.safe_radii) or
+    # "safe_radii_missing" (why it has none, in words)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_cfg(self) -> dict[str, Any]:
@@ -76,14 +81,10 @@ def check_arch(arch: str) -> None:
         raise ConfigError(f"unknown model architecture {arch!r}.{hint} Known: see open_clip.list_models().")
 
 
-def _is_path_like(pretrained: str) -> bool:
-    return any(sep in pretrained for sep in ("/", "\\")) or Path(pretrained).suffix in (
-        ".safetensors",
-        ".pt",
-        ".pth",
-        ".bin",
-        ".ckpt",
-    )
+def is_path_like(pretrained: str) -> bool:
+    """Whether ``pretrained`` names a file or folder (a path separator, or a weights file's
+    suffix) rather than an open_clip tag."""
+    return any(sep in pretrained for sep in ("/", "\\")) or Path(pretrained).suffix in WEIGHT_SUFFIXES
 
 
 def build_clip(
@@ -118,7 +119,7 @@ def build_clip(
             if arch is None and sniff_format(path) == "safetensors":
                 arch = read_safetensors_metadata(path).get("arch")
             source = str(path)
-        elif _is_path_like(pretrained):
+        elif is_path_like(pretrained):
             raise FileNotFoundError(f"pretrained weights not found: {pretrained}")
         else:
             if arch is None:

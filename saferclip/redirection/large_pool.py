@@ -358,7 +358,7 @@ def attach_large_pool(cache, pool: PoolIndex, per_query: int, encode_captions=No
 
     import torch
 
-    from .cache import EXTRA_FIELD
+    from .cache_format import EXTRA_FIELD
 
     identity = {
         "cache": cache.key,

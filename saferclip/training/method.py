@@ -19,7 +19,7 @@ from ..model.adapters import LORA_TARGETS, TOWERS, TrainableConfig
 from ..model.hyperbolic import HyperbolicConfig
 from ..redirection.faiss_search import NeighbourError
 from ..redirection.large_pool import PoolIndexConfig
-from ..redirection.neighbours import NeighbourConfig
+from ..redirection.neighbour_config import NeighbourConfig
 from .hysac import HysacLossConfig
 from .losses import LossConfig
 

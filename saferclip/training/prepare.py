@@ -19,7 +19,8 @@ from ..data.records import QuadrupletSet
 from ..data.splits import load_split
 from ..model.build import ClipBundle, build_clip
 from ..data.safe_corpus import load_safe_corpus
-from ..redirection.cache import EmbeddingCache, build_or_load_cache
+from ..redirection.cache import build_or_load_cache
+from ..redirection.cache_format import EmbeddingCache
 from ..redirection.neighbours import SafeNeighbours, load_or_find_safe_neighbours, pool_text
 from ..redirection.sparse_pools import config_groups
 from ..redirection.targets import (
