@@ -4,6 +4,7 @@ runner and its report, the saferclip-eval app end to end, and clear errors on ba
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -273,7 +274,14 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     tuned = results["results"]["tuned"]
     assert set(tuned) == {"zeroshot", "visu", "nsfw_caps", "cost"}
     assert results["models"]["tuned"]["arch"] == "saferclip-micro" and results["models"]["tuned"]["source"] == str(micro_file)
-    assert results["results"]["original"]["cost"]["visu_S2V_R@1_retention"] == pytest.approx(1.0)
+    # the original's retention of itself: 1, or NaN where its own recall is 0 (nothing to retain;
+    # the random micro model finds none of the safe images of the small world's test split since
+    # the generator's version 6, it found some before)
+    original = results["results"]["original"]
+    own_s2v = original["visu"]["S2V_R@1"]
+    expected = 1.0 if own_s2v > 0 else math.nan
+    assert original["cost"]["visu_S2V_R@1_retention"] == pytest.approx(expected, nan_ok=True)
+    assert original["cost"]["zeroshot_safe_acc1_retention"] == pytest.approx(1.0)
     # the runner's numbers are evaluate_visu's, with the original's galleries for setting (b)
     direct = evaluate_visu(micro_other, visu_split(toy_world), reference_bundle=micro, progress=False)
     numbers = {k: v for k, v in direct.items() if isinstance(v, float)}
@@ -314,7 +322,8 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     assert record["data"]["path"].endswith("test.json") and record["split"] == "test"
     assert all({"model", "arch", "source", "data", "split", "seed", "value"} <= set(r) for r in payload["records"])
     markdown = report["markdown"].read_text()
-    assert "| metric | original | tuned |" in markdown and "U2VG_unsafe@1 (24 safe + 24 unsafe images" in markdown
+    n_safe = len(distinct_safe_images(visu_split(toy_world))[0])  # items of one safe scene share an image
+    assert "| metric | original | tuned |" in markdown and f"U2VG_unsafe@1 ({n_safe} safe + 24 unsafe images" in markdown
     assert "## Headline" in markdown and "Toy world" not in markdown
     names = {p.name for p in report["plots"]}
     assert names == {"visu_headline.png", "nsfw_caps_headline.png", "cost_headline.png", "nsfw_caps_unsafe_to_safe_cosine.png", "tradeoff.png"}
