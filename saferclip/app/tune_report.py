@@ -6,7 +6,7 @@ Under ``<out_dir>/<method>/``:
   reported value), the searched values, whether it reached τ, the kept epoch and its validation
   unsafe rate and U->V, epochs run, seconds;
 * ``trials_epochs.csv``: one row per trial x validated epoch: the validation figures of
-  :data:`saferclip.app.tune.EPOCH_FIGURES` (the Pareto front's points; pruned trials included);
+  :data:`EPOCH_COLUMNS` (the Pareto front's points; pruned trials included);
 * ``best_experiment.yaml``, ``summary.md``, ``history.png``, ``importance.png``;
 * ``pareto.png``: validation unsafe rate (a) against U->V R@1 over every trial x epoch, the
   Pareto front (no point both safer and better at redirection) drawn, in the method family's
