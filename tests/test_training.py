@@ -398,7 +398,10 @@ def test_wandb_logger_runs_offline_without_a_key(tmp_path, toy_world, cache_dir,
 
 
 BAD_CONFIGS = {
-    "unknown method": (["method=nope"], "Could not find 'method/nope'"),
+    "unknown method": (
+        ["method=nope"],
+        "method=nope: no such method (conf/method/nope.yaml); options: hysac, safeclip, saferclip",
+    ),
     "unknown method name": (["method.name=nope"], "unknown method 'nope'"),
     "missing data path": (["data=visu_text", "paths.visu=/no/such/visu"], "no such file: /no/such/visu/train.csv"),
     "unset data path": (["data=visu"], "data.splits.train.path needs paths.visu, which is not set"),
