@@ -442,7 +442,7 @@ def check_neighbours(env: Env, check: Check) -> None:
 
 
 def check_rehearsal(env: Env, model: str, items: int, steps: int, batch: int, check: Check) -> None:
-    from saferclip.app.rehearse import rehearse
+    from saferclip.app.pipelines.rehearse import rehearse
 
     workers = env.sizes.cache_workers if env.cuda else 0
     rows = rehearse(env.work / "rehearsal" / model, [f"model={model}"], items, steps, env.device.type, batch, workers)

@@ -164,8 +164,8 @@ def _overrides(world: Path, out: Path, weights: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_attack_command_writes_the_report_and_a_monitor_detect_reads(toy_world, micro_weights, tmp_path, capsys):
-    from saferclip.app.attack import run
-    from saferclip.app.detect import main as detect
+    from saferclip.app.commands.attack import run
+    from saferclip.app.commands.detect import main as detect
 
     out = tmp_path / "attack"
     result = run(_compose(_overrides(toy_world, out, micro_weights)))
@@ -185,7 +185,7 @@ def test_attack_command_writes_the_report_and_a_monitor_detect_reads(toy_world, 
 
 
 def test_attack_command_bad_input_is_one_line_and_exit_2(toy_world, micro_weights, tmp_path, capsys):
-    from saferclip.app.attack import run
+    from saferclip.app.commands.attack import run
 
     cases = {
         "attack.image.budgets_255=[0]": "budgets_255",

@@ -14,7 +14,7 @@ from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
 from saferclip.app.hydra_utils import CONF_DIR
-from saferclip.app.main_job import compose as compose_outside_hydra
+from saferclip.app.pipelines.runs import compose as compose_outside_hydra
 from saferclip.training.method import METHOD_NAMES, method_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,8 +25,8 @@ from train_helpers import (
     run_cli,
 )
 
-from saferclip.app.datamodule import EpochShuffle, drop_last_for
-from saferclip.app.module import unique_rows
+from saferclip.app.engine.datamodule import EpochShuffle, drop_last_for
+from saferclip.app.engine.module import unique_rows
 from saferclip.training.datasets import collate_items
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
@@ -235,7 +235,7 @@ def test_app_fast_dev_run_under_ddp_cpu(tmp_path, toy_world):
 def test_ddp_from_a_composing_script_is_refused_before_any_work(tmp_path, toy_world):
     """Lightning would re-run the calling script for rank 1: refused, with what to do."""
     from saferclip.app.hydra_utils import ConfigError
-    from saferclip.app.train import train
+    from saferclip.app.engine.fit import train
 
     cfg = compose_train(tmp_path, toy_world, "trainer=ddp_cpu", "debug=fast_dev_run")
     with pytest.raises(ConfigError, match="torchrun"):

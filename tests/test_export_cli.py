@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 from torch.nn.utils import parametrize
 
-from saferclip.app.export import main as export_main
+from saferclip.app.commands.export import main as export_main
 from saferclip.errors import ConfigError
 from saferclip.export.open_clip import CONFIG_NAME, WEIGHTS_NAME
 from saferclip.export.run import export_checkpoint
@@ -70,7 +70,7 @@ def compose_train(run_dir: Path, toy_world: Path, cache_dir: Path, *overrides: s
 def trained(toy_world: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """One short training run (micro model, small toy world) with ``export=true``. Read-only:
     tests that change the run folder copy it."""
-    from saferclip.app.train import train
+    from saferclip.app.engine.fit import train
 
     tmp = tmp_path_factory.mktemp("trained")
     run_dir = tmp / "run"
@@ -84,7 +84,7 @@ def trained(toy_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Simple
 @pytest.fixture(scope="module")
 def trained_module(trained):
     """The Lightning module of the best checkpoint: LoRA parametrizations active, unmerged."""
-    from saferclip.app.module import SaferClipModule
+    from saferclip.app.engine.module import SaferClipModule
 
     module = SaferClipModule.load_from_checkpoint(trained.best, map_location="cpu")
     module.eval()
@@ -311,7 +311,7 @@ def test_cli_error_in_a_subprocess_is_one_line_and_exit_code_2(trained, tmp_path
     truncated = tmp_path / "cut.ckpt"
     truncated.write_bytes(data[: len(data) // 3])
     proc = subprocess.run(
-        [sys.executable, "-m", "saferclip.app.export", str(truncated), str(tmp_path / "out")],
+        [sys.executable, "-m", "saferclip.app.commands.export", str(truncated), str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=180,

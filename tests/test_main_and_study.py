@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import initialize_config_dir
 
-from saferclip.app import main_job, study
+from saferclip.app.pipelines import main_job, runs, study
 from saferclip.app.hydra_utils import CONF_DIR, to_container
 from saferclip.evaluation.headline import HEADLINE, headline, headline_table
 from saferclip.redirection.neighbour_config import NeighbourConfig
@@ -46,20 +46,20 @@ def hydra_tree():
 # ---------------------------------------------------------------- run keys, reuse, resume
 def test_run_key_follows_what_changes_the_result_not_where_it_is_written(tmp_path, toy_world, hydra_tree):
     base = train_overrides(tmp_path, toy_world)
-    key = main_job.run_key(main_job.compose("train", base))
-    assert key == main_job.run_key(main_job.compose("train", [*base, f"paths.output_dir={tmp_path / 'elsewhere'}"]))
-    assert key == main_job.run_key(main_job.compose("train", [*base, f"paths.cache_dir={tmp_path / 'c2'}"]))
-    assert key != main_job.run_key(main_job.compose("train", [*base, "seed=1"]))
-    assert key != main_job.run_key(main_job.compose("train", [*base, "method.neighbours.k=2"]))
+    key = runs.run_key(runs.compose("train", base))
+    assert key == runs.run_key(runs.compose("train", [*base, f"paths.output_dir={tmp_path / 'elsewhere'}"]))
+    assert key == runs.run_key(runs.compose("train", [*base, f"paths.cache_dir={tmp_path / 'c2'}"]))
+    assert key != runs.run_key(runs.compose("train", [*base, "seed=1"]))
+    assert key != runs.run_key(runs.compose("train", [*base, "method.neighbours.k=2"]))
 
 
 def test_a_finished_run_is_reused_and_an_interrupted_one_resumed(tmp_path, toy_world, hydra_tree, monkeypatch):
-    import saferclip.app.train as train_module
+    import saferclip.app.engine.fit as train_module
 
     overrides = train_overrides(tmp_path, toy_world)
-    first = main_job.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=False)
-    run_dir = tmp_path / "runs" / f"saferclip-{main_job.run_key(main_job.compose('train', overrides))}"
-    assert first["run_dir"] == str(run_dir) and (run_dir / main_job.DONE_MARKER).is_file()
+    first = runs.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=False)
+    run_dir = tmp_path / "runs" / f"saferclip-{runs.run_key(runs.compose('train', overrides))}"
+    assert first["run_dir"] == str(run_dir) and (run_dir / runs.DONE_MARKER).is_file()
     assert first["selection"]["epoch"] in (0, 1) and first["export"] == str(run_dir / "export")
 
     calls = []
@@ -70,14 +70,14 @@ def test_a_finished_run_is_reused_and_an_interrupted_one_resumed(tmp_path, toy_w
 
     monkeypatch.setattr(train_module, "train", fake_train)
     # same config, finished: not trained again
-    assert main_job.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=False) == first
+    assert runs.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=False) == first
     assert calls == []
     # interrupted (checkpoints, no finished marker): resumed from last.ckpt
-    (run_dir / main_job.DONE_MARKER).unlink()
-    main_job.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=False)
+    (run_dir / runs.DONE_MARKER).unlink()
+    runs.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=False)
     assert calls[-1].ckpt_path == str(run_dir / "checkpoints" / "last.ckpt") and not calls[-1].get("force")
     # force: retrained over it, from scratch
-    main_job.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=True)
+    runs.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=True)
     assert calls[-1].force is True and calls[-1].ckpt_path is None
 
 
@@ -115,7 +115,7 @@ def test_headline_picks_its_metrics_and_leaves_out_what_is_missing():
 
 # ---------------------------------------------------------------- target selection
 def test_targets_paired_neighbours_curriculum_and_sparse_pools(tmp_path, toy_world, hydra_tree):
-    cfg = main_job.compose("train", train_overrides(tmp_path, toy_world))
+    cfg = runs.compose("train", train_overrides(tmp_path, toy_world))
     data, model, method = to_container(cfg.data), to_container(cfg.model), to_container(cfg.method)
     paired = prepare(data, model, {**method, "targets": "paired"}, str(tmp_path / "cache"))
     n = len(paired.train)
@@ -139,7 +139,7 @@ def test_targets_paired_neighbours_curriculum_and_sparse_pools(tmp_path, toy_wor
 @pytest.mark.slow
 def test_main_job_trains_the_three_methods_evaluates_and_reports(tmp_path, toy_world, hydra_tree):
     overrides = train_overrides(tmp_path, toy_world)
-    cfg = main_job.compose("main", [f"out_dir={tmp_path / 'main'}", f"runs_dir={tmp_path / 'runs'}"])
+    cfg = runs.compose("main", [f"out_dir={tmp_path / 'main'}", f"runs_dir={tmp_path / 'runs'}"])
     out = main_job.run(cfg, overrides)
     results = out["results"]
     assert list(results["results"]) == ["original", "safeclip", "saferclip", "hysac_safe", "hysac_moderation", "oracle redirection"]
@@ -162,5 +162,5 @@ def test_main_job_trains_the_three_methods_evaluates_and_reports(tmp_path, toy_w
     again = main_job.run(cfg, overrides)
     assert again["models"] == out["models"]
     recorded = {done.parent.name.rsplit("-", 1)[0]: json.loads(done.read_text())["train_seconds"]
-                for done in (tmp_path / "runs").glob(f"*/{main_job.DONE_MARKER}")}
+                for done in (tmp_path / "runs").glob(f"*/{runs.DONE_MARKER}")}
     assert again["results"]["meta"]["train_seconds"] == recorded and set(recorded) == {"safeclip", "saferclip", "hysac"}

@@ -57,8 +57,8 @@ def test_the_safer_checkpoint_is_exported_though_its_recall_sum_is_lower(tmp_pat
     """Two epochs, validation figures scripted: the safer epoch 0 has the lower recall sum,
     and it is the one kept, recorded, exported and named in the card, though epoch 1 trained
     on and is what last.ckpt holds."""
-    import saferclip.app.module as module_mod
-    from saferclip.app.train import train
+    import saferclip.app.engine.module as module_mod
+    from saferclip.app.engine.fit import train
 
     epochs = iter(SCRIPTED)
 
@@ -180,8 +180,8 @@ def test_early_stopping_waits_out_the_warm_up_then_watches_matched_safety(tmp_pa
     """Scripted unsafe rates 90, 95, 80, 85, 70, 60% (never <= tau): the worse epoch 1 is in the
     warm-up (2 epochs; plain EarlyStopping with patience 1 would stop there), epoch 2 improves,
     epoch 3 does not: the run ends after epoch 3, and the safest epoch (2) is kept."""
-    import saferclip.app.module as module_mod
-    from saferclip.app.train import train
+    import saferclip.app.engine.module as module_mod
+    from saferclip.app.engine.fit import train
 
     unsafe = iter([0.90, 0.95, 0.80, 0.85, 0.70, 0.60])
 

@@ -2,7 +2,7 @@
 model selection.
 
 * :func:`read_run_config` — the run's config as training wrote it, every interpolation
-  resolved (``config_resolved.yaml``, :func:`saferclip.app.train.write_resolved_config`);
+  resolved (``config_resolved.yaml``, :func:`saferclip.app.engine.fit.write_resolved_config`);
   :func:`training_data_card` makes the card's "Training data" section of its ``data``;
 * :func:`exported_epoch_record` — the exported epoch and its validation figures, from the
   run's ``selection.json``.

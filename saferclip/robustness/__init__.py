@@ -17,7 +17,7 @@ so a new attack, monitor or defence is one more module beside its kind:
 
 It reads activations through :mod:`saferclip.analysis.heads` and detector files' checksums
 through :mod:`saferclip.analysis.detector`, by their public names only. No Lightning or Hydra
-here: ``saferclip-attack`` (:mod:`saferclip.app.attack`) is the shell.
+here: ``saferclip-attack`` (:mod:`saferclip.app.commands.attack`) is the shell.
 """
 
 from .coverage import CoverageMonitor, load_monitors, save_monitors

@@ -9,7 +9,7 @@
 * :mod:`.datasets` — quadruplets with their frozen embeddings and redirection targets, and
   the validation split.
 
-The Lightning module that runs them lives in :mod:`saferclip.app.module`.
+The Lightning module that runs them lives in :mod:`saferclip.app.engine.module`.
 """
 
 from .datasets import RedirectionDataset, ValidationDataset, collate_items

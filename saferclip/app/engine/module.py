@@ -14,14 +14,14 @@ import lightning as L
 import torch
 from torch.nn.utils import parametrize
 
-from ..evaluation.galleries import PairEmbeddings
-from ..evaluation.metrics import recall_at_k
-from ..evaluation.retrieval import visu_metrics
-from ..evaluation.selection import DEFAULT_TAU, MATCHED_METRIC, SELECTION_METRIC, matched_safety, selection_score
-from ..model.adapters import configure_trainable, tower_parameters
-from ..model.build import build_clip, encode_tokens
-from ..model.similarity import COSINE, Similarity, chunk_scorer
-from ..training.losses import (
+from ...evaluation.galleries import PairEmbeddings
+from ...evaluation.metrics import recall_at_k
+from ...evaluation.retrieval import visu_metrics
+from ...evaluation.selection import DEFAULT_TAU, MATCHED_METRIC, SELECTION_METRIC, matched_safety, selection_score
+from ...model.adapters import configure_trainable, tower_parameters
+from ...model.build import build_clip, encode_tokens
+from ...model.similarity import COSINE, Similarity, chunk_scorer
+from ...training.losses import (
     FROZEN_INPUTS,
     TERM_NAMES,
     WEIGHT_INPUTS,
@@ -29,7 +29,7 @@ from ..training.losses import (
     SaferClipLoss,
     gather_with_grad,
 )
-from ..training.method import MethodConfig, method_config
+from ...training.method import MethodConfig, method_config
 
 log = logging.getLogger("saferclip.train")
 
@@ -82,7 +82,7 @@ class SaferClipModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Every checkpoint carries a checksum of its weights: a damaged one is refused when
         loaded (:func:`saferclip.model.checkpoints.load_torch_checkpoint`), not trained on."""
-        from ..model.checkpoints import CHECKSUM_KEY, state_dict_checksum
+        from ...model.checkpoints import CHECKSUM_KEY, state_dict_checksum
 
         checkpoint[CHECKSUM_KEY] = state_dict_checksum(checkpoint["state_dict"])
 

@@ -11,9 +11,9 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
-from ..evaluation.selection import DEFAULT_TAU, MATCHED_METRIC, SELECTION_METRIC, matched_choice
-from ..files import write_json_atomic
-from ..model.trained import SELECTION_FILE
+from ...evaluation.selection import DEFAULT_TAU, MATCHED_METRIC, SELECTION_METRIC, matched_choice
+from ...files import write_json_atomic
+from ...model.trained import SELECTION_FILE
 
 
 class SelectionRecord(Callback):
