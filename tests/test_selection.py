@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from train_helpers import compose_train, hand_merged
 
 from saferclip.evaluation.selection import (
+    MATCHED_MONITOR,
     matched_choice,
     matched_objective,
     matched_safety,
@@ -76,7 +77,7 @@ def test_the_safer_checkpoint_is_exported_though_its_recall_sum_is_lower(tmp_pat
     run = tmp_path / "run"
 
     record = json.loads((run / "selection.json").read_text())
-    assert record["monitor"] == "val/matched_safety"
+    assert record["monitor"] == "val/matched_safety" == MATCHED_MONITOR
     assert [h["epoch"] for h in record["history"]] == [0, 1]
     assert record["selected"]["epoch"] == 0
     assert record["selected"]["metrics"]["U2VG_unsafe@1"] == pytest.approx(0.05)

@@ -145,7 +145,9 @@ def exported_epoch_record(run_dir: str | os.PathLike | None, epoch: int | None) 
         return None
     entry = history[int(epoch)]
     monitor = record.get("monitor")
-    key = monitor[len("val/") :] if isinstance(monitor, str) and monitor.startswith("val/") else monitor
+    from ..evaluation.selection import metric_of_monitor  # the evaluation package, only when read
+
+    key = metric_of_monitor(monitor)
     selected = record.get("selected") or {}
     return {
         "epoch": int(epoch),

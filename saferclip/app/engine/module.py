@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from ...evaluation.galleries import PairEmbeddings
 from ...evaluation.metrics import recall_at_k
 from ...evaluation.retrieval import visu_metrics
-from ...evaluation.selection import DEFAULT_TAU, MATCHED_METRIC, SELECTION_METRIC, matched_safety, selection_score
+from ...evaluation.selection import DEFAULT_TAU, MATCHED_METRIC, SELECTION_METRIC, VALIDATION_PREFIX, matched_safety, selection_score
 from ...model.adapters import configure_trainable, tower_parameters
 from ...model.build import build_clip, encode_tokens
 from ...model.similarity import COSINE, Similarity, chunk_scorer
@@ -228,7 +228,7 @@ class SaferClipModule(L.LightningModule):
         # every rank computed the same numbers from the gathered set; averaging them over
         # ranks changes nothing and keeps every rank's callbacks (checkpoint, early stopping)
         # on exactly the same value
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
+        self.log_dict({VALIDATION_PREFIX + k: v for k, v in metrics.items()}, sync_dist=True)
 
     def _gathered(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}

@@ -63,7 +63,7 @@ class MatchedSafetyPruning:
     def __new__(cls, trial: Any, tau: float):
         from lightning.pytorch.callbacks import Callback
 
-        from ...evaluation.selection import matched_objective
+        from ...evaluation.selection import matched_objective, validation_figures
 
         class _Pruning(Callback):
             def __init__(self) -> None:
@@ -73,7 +73,7 @@ class MatchedSafetyPruning:
             def on_validation_end(self, trainer, pl_module) -> None:
                 if trainer.sanity_checking:
                     return
-                metrics = {k[len("val/") :]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+                metrics = validation_figures(trainer.callback_metrics)
                 if not metrics:
                     return
                 epoch = int(trainer.current_epoch)
@@ -201,7 +201,7 @@ def objective(trial, cfg: DictConfig, params: list[SearchParam], common: list[st
     """One trial: train, then score the run at matched safety (module docstring)."""
     import optuna
 
-    from ...evaluation.selection import matched_choice, matched_objective
+    from ...evaluation.selection import SELECTION_METRIC, matched_choice, matched_objective
     from ...model.trained import read_selection
     from .runs import compose
     from ..engine.fit import train
@@ -226,7 +226,7 @@ def objective(trial, cfg: DictConfig, params: list[SearchParam], common: list[st
     trial.set_user_attr("history", [{"epoch": h["epoch"], **{k: h["metrics"][k] for k in EPOCH_COLUMNS if k in h["metrics"]}} for h in history])
     choice = matched_choice(history, tau)
     if choice is not None:
-        trial.set_user_attr("matched", {k: choice[k] for k in ("tau", "reached", "epoch", "unsafe", "U2V", "selection_score", "note")})
+        trial.set_user_attr("matched", {k: choice[k] for k in ("tau", "reached", "epoch", "unsafe", "U2V", SELECTION_METRIC, "note")})
         trial.set_user_attr("validation", {k: v for k, v in choice["metrics"].items() if isinstance(v, (int, float))})
     if pruning.pruned:
         raise optuna.TrialPruned(f"matched-safety objective below the median after {pruning.epochs} epoch(s)")

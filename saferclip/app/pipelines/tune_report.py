@@ -27,14 +27,14 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ...evaluation.selection import REDIRECTION_KEY, UNSAFE_KEY, pareto_front
+from ...evaluation.selection import MATCHED_METRIC, REDIRECTION_KEY, SELECTION_METRIC, UNSAFE_KEY, pareto_front
 from ...training.search_space import SearchParam
 
 log = logging.getLogger("saferclip.tune")
 
 # the search's name -> the model name its colour comes from (HySAC validates in its safe mode)
 FAMILY = {"safeclip": "Safe-CLIP", "saferclip": "SafeR-CLIP", "hysac": "HySAC (safe)"}
-EPOCH_COLUMNS = ("U2VG_unsafe@1", "U2V_R@1", "S2V_R@1", "nsfw_caps_S2V_R@1", "selection_score", "matched_safety")
+EPOCH_COLUMNS = (UNSAFE_KEY, REDIRECTION_KEY, "S2V_R@1", "nsfw_caps_S2V_R@1", SELECTION_METRIC, MATCHED_METRIC)
 
 
 def experiment_yaml(method: str, values_overrides: list[str], score: float, number: int, world: int, tau: float | None = None) -> str:
