@@ -86,7 +86,7 @@ def trained_module(trained):
     """The Lightning module of the best checkpoint: LoRA parametrizations active, unmerged."""
     from saferclip.app.engine.module import SaferClipModule
 
-    module = SaferClipModule.load_from_checkpoint(trained.best, map_location="cpu")
+    module = SaferClipModule.from_checkpoint(trained.best)
     module.eval()
     assert any(parametrize.is_parametrized(m) for m in module.model.modules())
     return module

@@ -16,6 +16,7 @@ from saferclip.evaluation.headline import HEADLINE, headline, headline_table
 from saferclip.redirection.neighbour_config import NeighbourConfig
 from saferclip.redirection.neighbours import find_safe_neighbours
 from saferclip.redirection.sparse_pools import item_groups
+from saferclip.training.method import method_config
 from saferclip.training.prepare import prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
@@ -116,20 +117,21 @@ def test_headline_picks_its_metrics_and_leaves_out_what_is_missing():
 # ---------------------------------------------------------------- target selection
 def test_targets_paired_neighbours_curriculum_and_sparse_pools(tmp_path, toy_world, hydra_tree):
     cfg = runs.compose("train", train_overrides(tmp_path, toy_world))
-    data, model, method = to_container(cfg.data), to_container(cfg.model), to_container(cfg.method)
-    paired = prepare(data, model, {**method, "targets": "paired"}, str(tmp_path / "cache"))
+    data, model, section = to_container(cfg.data), to_container(cfg.model), to_container(cfg.method)
+    method = method_config(section)
+    paired = prepare(data, model, method_config({**section, "targets": "paired"}), str(tmp_path / "cache"))
     n = len(paired.train)
     assert torch.equal(paired.targets.indices[:, 0], torch.arange(n)) and paired.neighbours is None
 
     near = prepare(data, model, method, str(tmp_path / "cache"))
-    expected = find_safe_neighbours(near.cache, NeighbourConfig(**{k: v for k, v in method["neighbours"].items() if k != "extra_pool"}))
+    expected = find_safe_neighbours(near.cache, NeighbourConfig(**{k: v for k, v in section["neighbours"].items() if k != "extra_pool"}))
     assert torch.equal(near.targets.indices, expected.indices)
     assert near.targets.bucket is not None and len(near.targets.curriculum_subset(0)) in (n // 3, math.ceil(n / 3))
     assert len(near.targets.curriculum_subset(2)) == n
     torch.testing.assert_close(near.pool.text[near.targets.indices[:, 0]], near.cache.safe_text[expected.indices[:, 0]].float())
 
-    sparse = {**method, "neighbours": {**method["neighbours"], "sparse_share": 1.0, "sparse_attributes": ["shape", "colour"]}}
-    far = prepare(data, model, sparse, str(tmp_path / "cache"))
+    sparse = {**section, "neighbours": {**section["neighbours"], "sparse_share": 1.0, "sparse_attributes": ["shape", "colour"]}}
+    far = prepare(data, model, method_config(sparse), str(tmp_path / "cache"))
     groups = item_groups(far.train, "scene", len(far.train), ("shape", "colour"))
     chosen = far.targets.indices[:, 0].numpy()
     assert (groups.pool[chosen] != groups.query).all()  # never a safe item of the same (shape, colour)

@@ -24,14 +24,13 @@ log = logging.getLogger("saferclip.index")
 
 def build_index(cfg: DictConfig) -> dict:
     """Load the training split, build (or reuse) its cache and neighbour index; return the summary."""
-    from ...training.prepare import prepare
     from ...redirection.report import summarize
     from ...toyworld.generate import ensure_toy_world
+    from ...training.prepare import prepare
 
-    check_train_config(cfg)
-    method = to_container(cfg.method)
-    if method.get("targets") != "neighbours" or not method.get("neighbours"):
-        raise ConfigError(f"method {method['name']!r} has no neighbours section (it uses paired targets)")
+    method = check_train_config(cfg)  # the typed method config, checked once
+    if method.targets != "neighbours" or method.neighbours is None:
+        raise ConfigError(f"method {method.name!r} has no neighbours section (its targets: {method.targets})")
     start = time.time()
     data = to_container(cfg.data)
     ensure_toy_world(data)

@@ -25,7 +25,7 @@ from ...training.prepare import Prepared, prepare
 from ...redirection.targets import RedirectionTargets
 from ...toyworld.generate import ensure_toy_world
 from ...training.datasets import RedirectionDataset, ValidationDataset, collate_items
-from ...training.method import MethodConfig, method_config
+from ...training.method import MethodConfig
 
 log = logging.getLogger("saferclip.data")
 
@@ -74,15 +74,16 @@ class SaferClipDataModule(L.LightningDataModule):
         self,
         data: dict,
         model: dict,
-        method: MethodConfig | dict,
+        method: MethodConfig,
         cache_dir: str,
         live_targets: bool = False,
         seed: int = 0,
     ):
         super().__init__()
         self.data_cfg, self.model_cfg = data, model
-        # the app hands over the checked config; a plain dict is checked here (the same schema)
-        self.method = method if isinstance(method, MethodConfig) else method_config(method)
+        if not isinstance(method, MethodConfig):  # checked once, by hydra_utils.check_train_config
+            raise TypeError(f"SaferClipDataModule takes the checked MethodConfig, got {type(method).__name__}")
+        self.method = method
         self.cache_dir, self.live_targets, self.seed = cache_dir, live_targets, seed
         self.train_set: RedirectionDataset | None = None
         self.val_set: ValidationDataset | None = None

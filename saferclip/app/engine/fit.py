@@ -327,7 +327,7 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
         result["selection"] = selection["selected"]
     fast_dev_run = cfg.trainer.get("fast_dev_run")
     if method.is_hyperbolic and trainer.is_global_zero and not fast_dev_run:
-        result["safe_radii"] = measure_and_save_safe_radii(cfg, result.get("best_checkpoint") or module, run_dir)
+        result["safe_radii"] = measure_and_save_safe_radii(cfg, method, result.get("best_checkpoint") or module, run_dir)
     if cfg.export and trainer.is_global_zero and not fast_dev_run:
         from ...export.run import export_checkpoint
 
@@ -339,7 +339,7 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     return result
 
 
-def measure_and_save_safe_radii(cfg: DictConfig, source, run_dir: Path) -> dict:
+def measure_and_save_safe_radii(cfg: DictConfig, method: MethodConfig, source, run_dir: Path) -> dict:
     """HySAC: the safe radii of the kept model (a checkpoint, or the module in memory),
     measured on the training split's safe items and recorded with the checksum, file, epoch
     and step of those weights in the run's ``safe_radii.json`` (:mod:`saferclip.model.safe_radii`;
@@ -351,7 +351,7 @@ def measure_and_save_safe_radii(cfg: DictConfig, source, run_dir: Path) -> dict:
     from ...model.safe_radii import CheckpointIdentity
     from ...model.trained import read_training_checkpoint, trained_model_from_checkpoint
 
-    percentile = float(cfg.method.hyperbolic.traversal_percentile)
+    percentile = float(method.hyperbolic.traversal_percentile)  # the typed config's, as training's
     if isinstance(source, (str, Path)):
         ckpt = read_training_checkpoint(source)
         bundle = trained_model_from_checkpoint(ckpt, radii="none")

@@ -8,6 +8,7 @@ from the embedding cache; this module never runs a frozen encoder.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
@@ -50,15 +51,21 @@ class SaferClipModule(L.LightningModule):
         self,
         arch: str,
         pretrained: str | None,
-        method: MethodConfig | Mapping[str, Any],
+        method: MethodConfig,
         precision: str = "fp32",
         selection_tau: float = DEFAULT_TAU,
     ):
-        """``method``: the checked config the app hands over (a plain dict, as in a checkpoint's
-        hyper-parameters, is checked here: the same schema). ``selection_tau``: the unsafe rate
-        τ of matched safety (``val/matched_safety``, :mod:`saferclip.evaluation.selection`)."""
+        """``method``: the checked config (:func:`saferclip.training.method.method_config`; the
+        app checks it once, :func:`saferclip.app.hydra_utils.check_train_config`, and a
+        checkpoint's recorded dict is checked by :meth:`from_checkpoint`). ``selection_tau``: the
+        unsafe rate τ of matched safety (``val/matched_safety``, :mod:`saferclip.evaluation.selection`)."""
         super().__init__()
-        config = method if isinstance(method, MethodConfig) else method_config(method)
+        if not isinstance(method, MethodConfig):
+            raise TypeError(
+                f"{type(self).__name__} takes the checked MethodConfig, got {type(method).__name__} "
+                "(a checkpoint loads with from_checkpoint, which checks the method it records)"
+            )
+        config = method
         # the checkpoint records the config as written (plain types: weights_only loads it)
         self.save_hyperparameters(
             {"arch": arch, "pretrained": pretrained, "method": dict(config.source), "precision": precision, "selection_tau": float(selection_tau)}
@@ -75,6 +82,19 @@ class SaferClipModule(L.LightningModule):
         self.optimizer_config = config.optimizer
         # validation outputs by dataloader: 0 the validation split, 1 the NSFW-Caps-like set
         self._val_outputs: dict[int, list[dict[str, torch.Tensor]]] = {}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "SaferClipModule":
+        """The module a training checkpoint holds, read safely
+        (:func:`saferclip.model.trained.read_training_checkpoint`: ``weights_only``, checksum
+        verified); the method dict it records is checked here, once, into the typed config."""
+        from ...model.trained import read_training_checkpoint
+
+        ckpt = read_training_checkpoint(path)
+        hparams = dict(ckpt["hyper_parameters"])
+        module = cls(method=method_config(hparams.pop("method")), **hparams)
+        module.load_state_dict(ckpt["state_dict"])
+        return module
 
     def build_loss(self, config):
         return SaferClipLoss(config.loss)
