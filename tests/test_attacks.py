@@ -58,7 +58,10 @@ def test_pgd_stays_in_its_ball_and_in_the_pixel_range():
 
 def test_pgd_is_seeded():
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    run = lambda seed: pgd(lambda z: -(z - 0.3).abs().sum(dim=(1, 2, 3)), x, 8 / 255, 2 / 255, 3, torch.Generator().manual_seed(seed))
+
+    def run(seed: int) -> torch.Tensor:
+        return pgd(lambda z: -(z - 0.3).abs().sum(dim=(1, 2, 3)), x, 8 / 255, 2 / 255, 3, torch.Generator().manual_seed(seed))
+
     assert torch.equal(run(5), run(5)) and not torch.equal(run(5), run(6))
 
 

@@ -103,8 +103,8 @@ def test_the_docs_show_dry_runs_on_the_sample():
 
 @pytest.mark.parametrize("args", [a for _, a in DRY_RUNS], ids=[n for n, _ in DRY_RUNS])
 def test_documented_dry_run_passes(args, monkeypatch, tmp_path):
-    from saferclip.app.hydra_utils import to_container
     from saferclip.app.engine.fit import dry_run
+    from saferclip.app.hydra_utils import to_container
     from saferclip.training.method import method_config
 
     monkeypatch.chdir(REPO)  # the docs' paths are relative to the repository root

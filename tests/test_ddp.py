@@ -234,8 +234,8 @@ def test_app_fast_dev_run_under_ddp_cpu(tmp_path, toy_world):
 
 def test_ddp_from_a_composing_script_is_refused_before_any_work(tmp_path, toy_world):
     """Lightning would re-run the calling script for rank 1: refused, with what to do."""
-    from saferclip.app.hydra_utils import ConfigError
     from saferclip.app.engine.fit import train
+    from saferclip.app.hydra_utils import ConfigError
 
     cfg = compose_train(tmp_path, toy_world, "trainer=ddp_cpu", "debug=fast_dev_run")
     with pytest.raises(ConfigError, match="torchrun"):

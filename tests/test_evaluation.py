@@ -298,7 +298,7 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     assert again["showcase"]["sections"][0]["queries"] == t2i["queries"]
     # every headline figure has its interval, around the figure itself: exact for a share
     from saferclip.evaluation.headline import headline
-    from saferclip.evaluation.intervals import DIFFERENCE_KEYS, clopper_pearson, metric_outcomes
+    from saferclip.evaluation.intervals import clopper_pearson, metric_outcomes
 
     hits = metric_outcomes(results["results"]["tuned"], "U2V_R@1").strata["U2V_R@1"]
     assert results["intervals"]["tuned"]["U2V_R@1"] == list(clopper_pearson(int(hits.sum()), len(hits)))

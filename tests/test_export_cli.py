@@ -218,14 +218,13 @@ def test_exported_folder_loads_with_open_clip_alone(trained, reference, tmp_path
         tokenizer = open_clip.get_tokenizer("local-dir:" + folder)
         model.eval()
         with torch.no_grad():
-            text = model.encode_text(tokenizer(%r), normalize=True)
+            text = model.encode_text(tokenizer(CAPTIONS), normalize=True)
             image = model.encode_image(preprocess(Image.open(image_path).convert("RGB")).unsqueeze(0), normalize=True)
         torch.save({"text": text, "image": image}, out_path)
         assert not [m for m in sys.modules if m.startswith("saferclip.")]
         print("ok")
         """
-        % (CAPTIONS,)
-    )
+    ).replace("CAPTIONS", repr(CAPTIONS))
     out = tmp_path / "emb.pt"
     proc = subprocess.run(
         [sys.executable, "-c", script, str(trained.run_dir / "export"), str(trained.image), str(out)],

@@ -265,10 +265,9 @@ def test_an_optimizer_step_past_a_bound_is_projected_back_and_the_parameter_can_
 
 
 def test_the_head_gets_no_weight_decay_and_is_clamped_after_each_step():
-    from saferclip.app.engine.hysac_module import HysacModule
-
     import yaml
 
+    from saferclip.app.engine.hysac_module import HysacModule
     from saferclip.app.hydra_utils import CONF_DIR
 
     preset = yaml.safe_load((Path(CONF_DIR) / "method" / "hysac.yaml").read_text())

@@ -18,8 +18,6 @@ from saferclip.data.records import DataFormatError
 from saferclip.errors import ConfigError
 from saferclip.model.build import build_clip, encode_text
 from saferclip.redirection.cache import build_or_load_cache
-from saferclip.redirection.neighbour_config import NeighbourConfig
-from saferclip.redirection.neighbours import find_safe_neighbours, pool_text
 from saferclip.redirection.large_pool import (
     PoolIndex,
     PoolIndexConfig,
@@ -28,6 +26,8 @@ from saferclip.redirection.large_pool import (
     load_or_build_pool_index,
     open_pool,
 )
+from saferclip.redirection.neighbour_config import NeighbourConfig
+from saferclip.redirection.neighbours import find_safe_neighbours, pool_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

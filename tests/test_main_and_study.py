@@ -10,8 +10,8 @@ import pytest
 import torch
 from hydra import initialize_config_dir
 
-from saferclip.app.pipelines import main_job, runs, study
 from saferclip.app.hydra_utils import CONF_DIR, to_container
+from saferclip.app.pipelines import main_job, runs, study
 from saferclip.evaluation.headline import HEADLINE, headline, headline_table
 from saferclip.redirection.neighbour_config import NeighbourConfig
 from saferclip.redirection.neighbours import find_safe_neighbours

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from saferclip.app.pipelines.main_job import MAIN_KEYS
 from saferclip.app.overrides import check_command, check_flags, check_overrides, compose_plain
+from saferclip.app.pipelines.main_job import MAIN_KEYS
 from saferclip.app.pipelines.study import STUDY_KEYS
 from saferclip.app.pipelines.tune import TUNE_KEYS
 from saferclip.errors import ConfigError

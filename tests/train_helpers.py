@@ -106,8 +106,8 @@ def cli_overrides(tmp: Path, toy_world: Path, cache_dir: Path | None = None) -> 
 
 def prepared(cfg: DictConfig):
     """Module and datamodule as train() builds them, the data set up."""
-    from saferclip.app.hydra_utils import to_container
     from saferclip.app.engine.fit import build_datamodule, build_module
+    from saferclip.app.hydra_utils import to_container
     from saferclip.training.method import method_config
 
     method = method_config(to_container(cfg.method))  # checked once, as train() does

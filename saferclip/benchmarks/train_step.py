@@ -91,8 +91,8 @@ def prepare(cfg, n_batches: int):
     """The module as train() builds it and ``n_batches`` batches in memory, fetched the way
     the training DataLoader fetches them (``__getitems__`` + ``collate_items``)."""
     from saferclip.app.engine.fit import build_datamodule, build_module
-    from saferclip.training.method import method_config
     from saferclip.training.datasets import collate_items
+    from saferclip.training.method import method_config
 
     method = method_config(to_container(cfg.method))  # checked once, as train() does
     module, datamodule = build_module(cfg, method), build_datamodule(cfg, method)

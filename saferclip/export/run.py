@@ -27,9 +27,9 @@ from ..files import occupied
 from ..model.checkpoints import CheckpointError
 from ..model.hyperbolic import HyperbolicConfig, save_head
 from ..model.similarity import LorentzSimilarity
-from .public_names import public_config, public_model_name, public_path
 from .evaluation_card import evaluation_card, find_report
 from .open_clip import export_open_clip
+from .public_names import public_config, public_model_name, public_path
 from .run_records import exported_epoch_record, read_run_config, training_data_card
 from .source import TrainedModel, resolve_source
 

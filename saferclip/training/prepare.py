@@ -11,25 +11,16 @@ redirection layer below it imports nothing from above.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from ..data.records import QuadrupletSet
+from ..data.safe_corpus import load_safe_corpus
 from ..data.splits import load_split
 from ..model.build import ClipBundle, build_clip
-from ..data.safe_corpus import load_safe_corpus
 from ..redirection.cache import build_or_load_cache
 from ..redirection.cache_format import EmbeddingCache
-from ..redirection.neighbours import SafeNeighbours, load_or_find_safe_neighbours, pool_text
-from ..redirection.sparse_pools import config_groups
-from ..redirection.targets import (
-    RedirectionTargets,
-    SafePool,
-    neighbour_targets,
-    paired_targets,
-    safe_pool,
-)
 from ..redirection.large_pool import (
     PoolIndexConfig,
     PoolShards,
@@ -40,6 +31,15 @@ from ..redirection.large_pool import (
     is_embedded_pool,
     load_or_build_pool_index,
     open_pool,
+)
+from ..redirection.neighbours import SafeNeighbours, load_or_find_safe_neighbours, pool_text
+from ..redirection.sparse_pools import config_groups
+from ..redirection.targets import (
+    RedirectionTargets,
+    SafePool,
+    neighbour_targets,
+    paired_targets,
+    safe_pool,
 )
 from .method import MethodConfig
 

@@ -54,7 +54,6 @@ def default_out(inputs: Path) -> Path:
 
 
 def detect(args: argparse.Namespace) -> dict:
-    from ...robustness.coverage import FORMAT as MONITOR_FORMAT, file_format, load_monitors, watched_inputs
     from ...analysis.data import image_files, read_captions
     from ...analysis.detector import load_detectors, read_detector_header
     from ...analysis.guard import score_inputs
@@ -62,6 +61,8 @@ def detect(args: argparse.Namespace) -> dict:
     from ...model.build import weights_fingerprint
     from ...model.checkpoints import CheckpointError
     from ...model.trained import load_model
+    from ...robustness.coverage import FORMAT as MONITOR_FORMAT
+    from ...robustness.coverage import file_format, load_monitors, watched_inputs
 
     monitor = file_format(args.detector) == MONITOR_FORMAT  # a coverage monitor (saferclip-attack)
     if monitor:

@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from ...data.image_shards import ImageShards
 from ...data.splits import load_split
 from ...model.build import build_clip
-from ...training.prepare import Prepared, prepare
 from ...redirection.targets import RedirectionTargets
 from ...toyworld.generate import ensure_toy_world
 from ...training.datasets import RedirectionDataset, ValidationDataset, collate_items
 from ...training.method import MethodConfig
+from ...training.prepare import Prepared, prepare
 
 log = logging.getLogger("saferclip.data")
 

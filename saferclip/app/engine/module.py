@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping
 
 import lightning as L
 import torch
@@ -18,7 +17,14 @@ from torch.nn.utils import parametrize
 from ...evaluation.galleries import PairEmbeddings
 from ...evaluation.metrics import recall_at_k
 from ...evaluation.retrieval import visu_metrics
-from ...evaluation.selection import DEFAULT_TAU, MATCHED_METRIC, SELECTION_METRIC, VALIDATION_PREFIX, matched_safety, selection_score
+from ...evaluation.selection import (
+    DEFAULT_TAU,
+    MATCHED_METRIC,
+    SELECTION_METRIC,
+    VALIDATION_PREFIX,
+    matched_safety,
+    selection_score,
+)
 from ...model.adapters import configure_trainable, tower_parameters
 from ...model.build import build_clip, encode_tokens
 from ...model.similarity import COSINE, Similarity, chunk_scorer

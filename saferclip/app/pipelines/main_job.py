@@ -40,7 +40,6 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from ...evaluation.report import write_report
     from ...evaluation.runner import evaluate_models
     from ...toyworld.generate import ensure_toy_world
-
     from ..cli import check_writable_folder
     from ..hydra_utils import check_run_options
 

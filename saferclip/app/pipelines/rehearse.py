@@ -21,7 +21,6 @@ from typing import Any, Callable
 import torch
 
 
-
 def _peak_gb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
@@ -58,8 +57,8 @@ def rehearse(
     from ...redirection.sparse_pools import config_groups
     from ...toyworld.rehearsal import make_rehearsal_world
     from ...training.method import method_config
-    from ..hydra_utils import CONF_DIR, to_container
     from ..engine.fit import build_datamodule, build_module
+    from ..hydra_utils import CONF_DIR, to_container
 
     rows: list[dict] = []
     n_val = max(8, items // 4)
@@ -81,7 +80,7 @@ def rehearse(
         bundle, train, cfg.paths.cache_dir, batch_size=batch_size, num_workers=workers, progress=False)))
     _stage(rows, "neighbours", "queries", device, lambda: (len(train), load_or_find_safe_neighbours(
         cache, method.neighbours, config_groups(train, method.neighbours, len(cache)))))
-    del bundle
+    bundle = None  # noqa: F841 - the frozen encoders are done: freed before the training model is built
 
     module = build_module(cfg, method)
     datamodule = build_datamodule(cfg, method)

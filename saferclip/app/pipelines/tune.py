@@ -124,9 +124,8 @@ def run(cfg: DictConfig, common: list[str]) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     # every trial's config is checked before the first one trains (a typo in `common` or in
     # the space's keys must not wait for a trial to fail): the first values of each choice
-    from ..hydra_utils import check_train_config
-
     from ..engine.fit import selection_tau
+    from ..hydra_utils import check_train_config
 
     probe = {p.name: (p.choices[0] if p.type == "categorical" else p.low) for p in params}
     probe_cfg = compose("train", trial_overrides(cfg, params, {k: v for k, v in probe.items() if _active(params, k, probe)}, common))
@@ -203,8 +202,8 @@ def objective(trial, cfg: DictConfig, params: list[SearchParam], common: list[st
 
     from ...evaluation.selection import SELECTION_METRIC, matched_choice, matched_objective
     from ...model.trained import read_selection
-    from .runs import compose
     from ..engine.fit import train
+    from .runs import compose
 
     values = sample(trial, params)
     overrides = trial_overrides(cfg, params, values, common)
