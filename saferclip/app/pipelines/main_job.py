@@ -1,9 +1,5 @@
-"""saferclip-main: the whole pipeline on the built-in toy world, Original vs Safe-CLIP vs SafeR-CLIP vs HySAC.
-
-    saferclip-main                       # make the toy world, fine-tune the three methods, evaluate, report
-    saferclip-main seed=1                # another seed
-    saferclip-main force=true            # retrain even when an identical finished run exists
-    saferclip-main --quiet > table.md    # print only the final table
+"""The main job (``saferclip-main``, :mod:`saferclip.app.commands.main_job`): the whole pipeline on the
+built-in toy world, the original model against Safe-CLIP, SafeR-CLIP and HySAC.
 
 Steps: (1) the toy world (generated once); (2) the embedding cache and the neighbour index
 (inside training, reused across runs); (3) fine-tuning with the experiments `toy_safeclip`,
@@ -15,8 +11,7 @@ what is cached. Standard output ends with the headline table; when it is not a t
 there are no progress bars (one line per epoch on stderr instead).
 
 Every run is composed from the same config tree as `saferclip-train` (conf/main.yaml names the
-overrides), so what the main job does can be reproduced run by run with `saferclip-train`.
-"""
+overrides), so what the main job does can be reproduced run by run with `saferclip-train`."""
 
 from __future__ import annotations
 

@@ -1,15 +1,11 @@
-"""saferclip-study: several seeds per method and ablations of SafeR-CLIP, mean ± std.
-
-    saferclip-study                          # conf/study.yaml: 3 seeds x (Safe-CLIP, SafeR-CLIP) + ablations
-    saferclip-study seeds=[0,1] ablation_seeds=[0,1]
-    saferclip-study --quiet                  # print only the final table
+"""The study (``saferclip-study``, :mod:`saferclip.app.commands.study`): several seeds per method and
+ablations of SafeR-CLIP, mean ± std and paired differences.
 
 Every run is composed from the training config tree exactly as `saferclip-main` composes its
 runs (same experiments, same run folders), so the main job's runs are reused here and vice versa.
 Per seed, the original model and every variant are evaluated together; the headline metrics
 are then aggregated over seeds into `study.md` / `study.json` / `report.html` (with the first
-seed's retrieval galleries) under `out_dir`.
-"""
+seed's retrieval galleries) under `out_dir`."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""saferclip-tune: search one method's hyperparameters with Optuna, on validation only.
-
-    saferclip-tune hparams_search=safeclip          # conf/hparams_search/safeclip.yaml
-    saferclip-tune hparams_search=hysac n_trials=20
-    saferclip-tune hparams_search=saferclip trainer.max_epochs=4   # any other override goes to every trial
+"""The hyperparameter search (``saferclip-tune``, :mod:`saferclip.app.commands.tune`): one method's
+hyperparameters searched with Optuna, on validation only.
 
 Every trial is one training run composed from the training config tree, exactly as
 ``saferclip-train <base> <trial values> seed=<seed> data.toy_seed=<world>`` would make it,
@@ -28,8 +25,7 @@ trial: state, objective, values, whether it reached τ and at which epoch, epoch
 (the best trial as an experiment file, ready for ``conf/experiment/``), ``summary.md``,
 ``history.png`` (objective per trial and the best so far), ``importance.png`` (Optuna's PED-ANOVA
 parameter importances) and ``pareto.png`` (validation unsafe rate against U->V over every trial x
-epoch, the Pareto front drawn).
-"""
+epoch, the Pareto front drawn)."""
 
 from __future__ import annotations
 
