@@ -163,7 +163,6 @@ def record_pair_stats(data: dict[str, Any]) -> None:
         log.info(format_pair_stats(pair_stats(data["root"])))
 
 
-
 def find_main_runs(runs_dir: str | Path | None = None, hyperbolic: bool = False) -> dict[str, dict[str, Any]]:
     """The main job's finished runs: ``{name: {"pretrained", "run_dir", "exact"}}``. The run of
     ``saferclip-main``'s current config (same hash) when it finished, else the most recently
