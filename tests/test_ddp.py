@@ -73,7 +73,7 @@ WORKER = textwrap.dedent(
         torch.set_num_threads(1)
         from test_ddp import METHODS, GLOBAL_BATCH, loss_and_grads, perturb_adapters
         from train_helpers import collate, compose_train, prepared
-        from saferclip.training.losses import gather_with_grad
+        from saferclip.training.contrastive import gather_with_grad
         for method in METHODS:
             cfg = compose_train(Path(tmp) / method, Path(toy_world), f"method={method}", cache_dir=Path(cache_dir))
             module, datamodule = prepared(cfg)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from ...model.hyperbolic import HyperbolicHead, safe_radii
+from ...training.contrastive import Gather
 from ...training.hysac import HYSAC_TERMS, HysacLoss
-from ...training.losses import Gather
 from .module import SaferClipModule
 
 _MODALITY = {"safe_text": "text", "unsafe_text": "text", "safe_image": "image", "unsafe_image": "image"}

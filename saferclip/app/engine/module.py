@@ -28,14 +28,8 @@ from ...evaluation.selection import (
 from ...model.adapters import configure_trainable, tower_parameters
 from ...model.build import build_clip, encode_tokens
 from ...model.similarity import COSINE, Similarity, chunk_scorer
-from ...training.losses import (
-    FROZEN_INPUTS,
-    TERM_NAMES,
-    WEIGHT_INPUTS,
-    Gather,
-    SaferClipLoss,
-    gather_with_grad,
-)
+from ...training.contrastive import Gather, gather_with_grad
+from ...training.losses import FROZEN_INPUTS, TERM_NAMES, WEIGHT_INPUTS, SaferClipLoss
 from ...training.method import MethodConfig, method_config
 
 log = logging.getLogger("saferclip.train")
