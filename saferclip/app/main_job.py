@@ -56,6 +56,10 @@ def run_key(train_cfg: DictConfig) -> str:
     cfg = to_container(train_cfg)
     for where in ("run_dir", "output_dir", "cache_dir"):  # where things are written or cached
         cfg.get("paths", {}).pop(where, None)
+    # an option that is off changes nothing: runs from before it existed keep their key
+    method = cfg.get("method") or {}
+    if isinstance(method.get("adversarial"), dict) and not method["adversarial"].get("enabled", False):
+        method.pop("adversarial")
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -11,7 +11,9 @@ character per query, in the split's order). From them:
 * :func:`paired_differences`: for two models evaluated on the same queries, the difference
   of a metric with a paired-bootstrap interval and two-sided p-value (the same resampled
   queries for both models); significant when the interval excludes 0;
-* :func:`seed_interval`: the Student-t interval of a metric's mean over seeds (worlds).
+* :func:`seed_interval`: the Student-t interval of a metric's mean over seeds (worlds);
+* :func:`clopper_pearson`: the exact interval of a plain share (k of n), e.g. an attack's
+  success rate.
 
 Resampling is seeded: the same results give the same intervals.
 """
@@ -142,6 +144,22 @@ def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> tuple[floa
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(samples, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def clopper_pearson(successes: int, trials: int, level: float = LEVEL) -> tuple[float, float]:
+    """The exact (Clopper–Pearson) interval of a binomial share ``successes / trials``: the
+    beta quantiles ``Beta(α/2; k, n − k + 1)`` and ``Beta(1 − α/2; k + 1, n − k)``, with 0 and 1
+    at the ends (0 of n: ``[0, 1 − (α/2)^(1/n)]``). Covers the share at least ``level`` of the
+    time, whatever it is."""
+    from scipy import stats
+
+    k, n = int(successes), int(trials)
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"clopper_pearson needs 0 <= successes <= trials and trials > 0, got {k} of {n}")
+    tail = (1 - level) / 2
+    low = 0.0 if k == 0 else float(stats.beta.ppf(tail, k, n - k + 1))
+    high = 1.0 if k == n else float(stats.beta.ppf(1 - tail, k + 1, n - k))
+    return low, high
 
 
 def bootstrap_interval(outcomes: Outcomes, seed: int = 0, resamples: int = RESAMPLES, level: float = LEVEL) -> tuple[float, float]:

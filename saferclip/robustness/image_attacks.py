@@ -84,28 +84,40 @@ def pgd(
     steps: int,
     generator: torch.Generator | None = None,
     random_start: bool = True,
+    keep_best: bool = True,
+    start: Tensor | None = None,
 ) -> Tensor:
     """Maximise ``objective(x') [B]`` over ``‖x' − x‖∞ ≤ eps``, ``x' ∈ [0, 1]`` with ``steps``
-    signed-gradient steps of ``step_size``; returns each item's best iterate ``[B, ...]``
-    (the clean image counts as an iterate: the result is never worse than no attack)."""
+    signed-gradient steps of ``step_size``.
+
+    ``keep_best`` (evaluation): each item's best iterate, the clean image included, so the
+    result is never worse than no attack; without it (adversarial training, Madry et al.) the
+    last iterate, and no extra forward pass. The random start is drawn uniformly in the ball
+    from ``generator``, or given as ``start`` ``[B, ...]`` in ``[-1, 1]`` (scaled by ``eps``:
+    adversarial training draws it per item, so that DDP ranks draw what one process would)."""
     if eps < 0 or step_size <= 0 or steps < 0:
         raise ValueError(f"PGD needs eps >= 0, step_size > 0, steps >= 0; got {eps}, {step_size}, {steps}")
     x = x.detach()
     low, high = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
-    with torch.no_grad():
-        best, best_value = x.clone(), objective(x).detach()
+    best = best_value = None
+    if keep_best:
+        with torch.no_grad():
+            best, best_value = x.clone(), objective(x).detach()
     adv = x.clone()
     if random_start and eps > 0:
-        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device) * 2 - 1
-        adv = torch.max(torch.min(x + eps * noise, high), low)
+        noise = start if start is not None else torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device) * 2 - 1
+        adv = torch.max(torch.min(x + eps * noise.to(x), high), low)
     for _ in range(steps):
         adv = adv.detach().requires_grad_(True)
         value = objective(adv)
         (grad,) = torch.autograd.grad(value.sum(), adv)
         with torch.no_grad():
-            better = value.detach() > best_value
-            best[better], best_value[better] = adv.detach()[better], value.detach()[better]
+            if keep_best:
+                better = value.detach() > best_value
+                best[better], best_value[better] = adv.detach()[better], value.detach()[better]
             adv = torch.max(torch.min(adv + step_size * grad.sign(), high), low)
+    if not keep_best:
+        return adv.detach()
     with torch.no_grad():
         value = objective(adv)
         better = value > best_value
