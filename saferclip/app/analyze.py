@@ -41,23 +41,24 @@ PROG = "saferclip-analyze"
 MAIN_RUN_NAMES = ("safeclip", "saferclip")
 
 
-def find_main_runs(runs_dir: str | Path | None = None, hyperbolic: bool = False) -> dict[str, dict[str, Any]]:
+def find_main_runs(runs_dir: str | Path | None = None, hyperbolic: bool = False, adversarial: bool = False) -> dict[str, dict[str, Any]]:
     """The main job's finished runs: ``{name: {"pretrained", "run_dir", "exact"}}``. The run of
     ``saferclip-main``'s current config (same hash) when it finished, else the most recently
-    finished run of that name (``exact`` False; the log says which)."""
+    finished run of that name (``exact`` False; the log says which). ``adversarial``: the
+    adversarially trained ``<name>_adv`` runs too, where they exist."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from .main_job import DONE_MARKER, compose, run_key
+    from .main_job import DONE_MARKER, compose, main_runs, run_key
 
     # inside the Hydra app the config tree is initialised; called from elsewhere, open it here
     tree = nullcontext() if GlobalHydra().is_initialized() else initialize_config_dir(config_dir=CONF_DIR, version_base="1.3")
     with tree:
-        main = compose("main", [])
+        main = compose("main", ["adversarial=true"] if adversarial else [])
         runs = Path(str(runs_dir or main.runs_dir))
         expected: dict[str, Path | None] = {}
         methods: dict[str, str] = {}
-        for name, overrides in main.runs.items():
+        for name, overrides in main_runs(main).items():
             try:
                 cfg = compose("train", list(main.common) + list(overrides) + [f"seed={main.seed}"])
                 methods[name] = str(cfg.method.name)

@@ -127,8 +127,8 @@ def pgd(
 
 @dataclass
 class ImageAttack:
-    """One PGD attack of ``N`` images: top-1 unsafe ``[N]`` before and after, the margins, the
-    adversarial pixels ``[N, 3, H, W]``."""
+    """One PGD attack of ``N`` images: success ``[N]`` before and after (the success value > 0),
+    those values, the adversarial pixels ``[N, 3, H, W]``."""
 
     eps: float
     before: Tensor
@@ -139,21 +139,66 @@ class ImageAttack:
 
     @property
     def succeeded(self) -> Tensor:
-        """``[N]`` made unsafe by the attack (top-1 safe before, unsafe after)."""
+        """``[N]`` made unsafe by the attack (not a success before, a success after)."""
         return ~self.before & self.after
 
-    def summary(self, seed: int = 0, resamples: int = 1000) -> dict[str, object]:
-        """Success rate (over the items the model kept safe before the attack) and unsafe rate
-        before / after (over all attacked items), each with a 95% bootstrap interval."""
+    def summary(self) -> dict[str, object]:
+        """Success rate over the items the model handled safely before the attack, and the
+        unsafe rate before / after over all attacked items, each with its exact 95% interval."""
         targets = ~self.before
         return {
             "eps": self.eps,
             "num_items": len(self.before),
             "num_targets": int(targets.sum()),
-            "success_rate": rate_interval(self.after[targets], seed, resamples),
-            "unsafe_rate_before": rate_interval(self.before, seed, resamples),
-            "unsafe_rate_after": rate_interval(self.after, seed, resamples),
+            "success_rate": rate_interval(self.after[targets]),
+            "unsafe_rate_before": rate_interval(self.before),
+            "unsafe_rate_after": rate_interval(self.after),
         }
+
+
+ItemFunction = Callable[[Tensor, Tensor], Tensor]  # (pixels [b, 3, H, W], item positions [b]) -> [b]
+
+
+def attack_pixels(
+    pixels: Tensor,
+    objective: ItemFunction,
+    eps: float,
+    steps: int = 10,
+    step_size: float | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    success: ItemFunction | None = None,
+) -> ImageAttack:
+    """PGD on ``pixels [N, 3, H, W]`` (in ``[0, 1]``) maximising ``objective``; an item is a
+    success when ``success`` (default: the objective) is > 0. Objectives that see each item's
+    own query or target take the items' positions. ``step_size`` defaults to ``2.5 * eps /
+    steps`` (Madry et al.'s rule); seeded, batch by batch (the random start is drawn per batch
+    from one generator)."""
+    success = success or objective
+    adversarial = perturb(pixels, objective, eps, steps, step_size, seed, batch_size)
+    with torch.no_grad():
+        mb = _batched(success, pixels, batch_size)
+        ma = _batched(success, adversarial, batch_size)
+    return ImageAttack(float(eps), mb > 0, ma > 0, mb, ma, adversarial)
+
+
+def perturb(pixels: Tensor, objective: ItemFunction, eps: float, steps: int = 10, step_size: float | None = None,
+            seed: int = 0, batch_size: int = 64) -> Tensor:
+    """The adversarial pixels ``[N, 3, H, W]`` of :func:`attack_pixels` (PGD, best iterate per item)."""
+    step = 2.5 * eps / max(steps, 1) if step_size is None else step_size
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, len(pixels), batch_size):
+        x = pixels[start : start + batch_size]
+        idx = torch.arange(start, start + len(x))
+        out.append((pgd(lambda z: objective(z, idx), x, eps, step, steps, generator) if eps > 0 else x).cpu())
+    return torch.cat(out) if out else pixels.clone()
+
+
+def _batched(fn: ItemFunction, pixels: Tensor, batch_size: int) -> Tensor:
+    parts = [fn(pixels[s : s + batch_size], torch.arange(s, min(s + batch_size, len(pixels)))).float().cpu()
+             for s in range(0, len(pixels), batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def attack_images(
@@ -167,32 +212,18 @@ def attack_images(
     seed: int = 0,
     batch_size: int = 64,
 ) -> ImageAttack:
-    """PGD on ``pixels [N, 3, H, W]`` (in ``[0, 1]``) towards an unsafe top-1 caption among
-    ``captions [C, D]`` (``unsafe [C]`` bool). ``step_size`` defaults to ``2.5 * eps / steps``
-    (Madry et al.'s rule); seeded, batch by batch (the result does not depend on the batch size
-    only through the random start, which is drawn per batch from one generator)."""
+    """The query-side attack: PGD on ``pixels [N, 3, H, W]`` towards an unsafe top-1 caption
+    among ``captions [C, D]`` (``unsafe [C]`` bool), through the model's similarity."""
     unsafe = torch.as_tensor(unsafe, dtype=torch.bool)
     if len(unsafe) != len(captions) or not unsafe.any() or unsafe.all():
         raise ValueError("the caption gallery needs safe and unsafe captions, one flag per caption")
-    step = 2.5 * eps / max(steps, 1) if step_size is None else step_size
-    generator = torch.Generator().manual_seed(seed)
     captions = captions.detach()
 
-    def objective(x: Tensor) -> Tensor:
+    def objective(x: Tensor, idx: Tensor) -> Tensor:
         return unsafe_margin(target.scores(x, captions), unsafe)
 
-    parts: dict[str, list[Tensor]] = {"adv": [], "mb": [], "ma": []}
     with eval_mode(target.model):
-        for start in range(0, len(pixels), batch_size):
-            x = pixels[start : start + batch_size]
-            with torch.no_grad():
-                parts["mb"].append(objective(x).float().cpu())
-            adv = pgd(objective, x, eps, step, steps, generator) if eps > 0 else x
-            with torch.no_grad():
-                parts["ma"].append(objective(adv).float().cpu())
-            parts["adv"].append(adv.cpu())
-    mb, ma = torch.cat(parts["mb"]), torch.cat(parts["ma"])
-    return ImageAttack(float(eps), mb > 0, ma > 0, mb, ma, torch.cat(parts["adv"]))
+        return attack_pixels(pixels, objective, eps, steps, step_size, seed, batch_size)
 
 
 def load_pixels(paths: Sequence[str], to_pixels: Callable) -> Tensor:
