@@ -10,6 +10,7 @@ stalls wrap library functions from outside (monkeypatching); the library has no 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -176,9 +177,23 @@ def _prepare_task(args: dict) -> None:
     print("CACHE REUSED" if cache.was_reused else "CACHE BUILT", flush=True)
 
 
+def barrier(folder: str, parties: int, timeout: float = 120) -> None:
+    """Wait until ``parties`` processes have reached this point (each leaves a file in ``folder``)."""
+    here = Path(folder)
+    here.mkdir(parents=True, exist_ok=True)
+    (here / str(os.getpid())).touch()
+    deadline = time.monotonic() + timeout
+    while len(list(here.iterdir())) < parties:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(list(here.iterdir()))} of {parties} processes reached the barrier")
+        time.sleep(0.01)
+
+
 def _train_or_reuse_task(args: dict) -> None:
     """Two of these started together on one runs_dir (two main jobs / studies): the run is
-    trained once (training replaced by a slow stand-in that writes its run folder)."""
+    trained once (training replaced by a slow stand-in that writes its run folder). Both call
+    ``train_or_reuse`` after a barrier, and print when (``CALLED``, ``RETURNED``, the training's
+    ``TRAINED start= end=``), so the parent can tell that the two calls overlapped."""
     from hydra import initialize_config_dir
 
     import saferclip.app.train as train_app
@@ -186,15 +201,19 @@ def _train_or_reuse_task(args: dict) -> None:
     from saferclip.app.main_job import train_or_reuse
 
     def fake_train(cfg):
-        print("TRAINED", flush=True)
+        start = time.time()
         run_dir = Path(cfg.paths.run_dir)
         time.sleep(3)
         (run_dir / "weights.txt").write_text(str(cfg.seed))
+        print(f"TRAINED start={start!r} end={time.time()!r}", flush=True)
         return {"export": None, "best_checkpoint": str(run_dir / "weights.txt")}
 
     train_app.train = fake_train
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        barrier(args["barrier"], args["parties"])
+        print(f"CALLED {time.time()!r}", flush=True)
         summary = train_or_reuse("saferclip", ["model=micro", "seed=3"], Path(args["runs_dir"]), False)
+        print(f"RETURNED {time.time()!r}", flush=True)
     print("SUMMARY " + json.dumps(summary["best_checkpoint"]), flush=True)
 
 

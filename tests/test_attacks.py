@@ -130,7 +130,7 @@ def test_monitor_file_round_trips_and_is_refused_when_bytes_flip(tmp_path):
     loaded = load_monitors(path)["text"]
     x = _gaussian(50, 4, 1.0)
     assert torch.equal(loaded.scores(x), monitor.scores(x)) and loaded.threshold == monitor.threshold
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match=r"m\.safetensors exists; pass force to replace it"):
         save_monitors(path, {"text": monitor})
     data = bytearray(path.read_bytes())
     data[-5] ^= 0x01  # a bit of the last tensor
@@ -346,7 +346,7 @@ def test_attack_command_bad_input_is_one_line_and_exit_2(toy_world, micro_weight
     }
     for override, message in cases.items():
         capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(SystemExit, match="^2$") as e:
             run(_compose(_overrides(toy_world, tmp_path / override.split("=")[0], micro_weights) + [override]))
         assert e.value.code == 2, override
         lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]

@@ -19,33 +19,24 @@ from typing import Callable
 
 import pytest
 from PIL import Image
+from train_helpers import installed_script, time_budget
 
 pytestmark = pytest.mark.slow
 
-MODULES = {
-    "saferclip-train": "saferclip.app.train",
-    "saferclip-index": "saferclip.app.index",
-    "saferclip-eval": "saferclip.app.evaluate",
-    "saferclip-export": "saferclip.app.export",
-    "saferclip-main": "saferclip.app.main_job",
-    "saferclip-study": "saferclip.app.study",
-    "saferclip-make-toy": "saferclip.app.make_toy",
-    "saferclip-analyze": "saferclip.app.analyze",
-    "saferclip-detect": "saferclip.app.detect",
-    "saferclip-generate-visu": "saferclip.app.generate_visu",
-}
-
 
 def command(name: str, *args: str) -> list[str]:
-    """The installed console script, else the same entry point through ``python -m``."""
-    script = shutil.which(name)
-    return [script, *args] if script else [sys.executable, "-m", MODULES[name], *args]
+    """The installed console script (the interpreter's own ``bin/``; missing: the test fails)."""
+    return [installed_script(name), *args]
+
+
+# a test runs at most five commands (the damaged-cache one): 5 x 100 s fit its 600 s limit
+COMMAND_TIMEOUT = 100
 
 
 def run(name: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     base = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     base["SAFERCLIP_CACHE_DIR"] = str(cwd / "cache")
-    return subprocess.run(command(name, *args), cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command(name, *args), cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
@@ -477,10 +468,11 @@ def entry_points() -> list[str]:
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_every_console_script_answers_help(tmp_path, flag):
+    # the scripts share the test's time (a start took ~20 s on a loaded 2-core machine): a hung
+    # one fails with its name rather than the whole test with a stack
+    left = time_budget()
     for name in entry_points():
-        script = shutil.which(name)
-        assert script, f"{name} is not installed (pip install -e .)"
-        proc = subprocess.run([script, flag], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([installed_script(name), flag], cwd=tmp_path, capture_output=True, text=True, timeout=left())
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, (name, output[-2000:])
         assert "usage:" in output and "Traceback" not in output, (name, output[-2000:])

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -45,10 +46,28 @@ def test_top_level_conf_is_the_packaged_tree():
     assert (top / "train.yaml").resolve() == (CONF / "train.yaml").resolve()
 
 
+def assert_holds(composed: object, written: object, where: str) -> None:
+    """Every value the root file writes (read as plain YAML) is in the composed, resolved tree:
+    the same plain values, the same keys of its mappings, interpolations resolved."""
+    if isinstance(written, dict):
+        assert isinstance(composed, dict), where
+        for key, value in written.items():
+            assert key in composed, f"{where}.{key} is missing"
+            assert_holds(composed[key], value, f"{where}.{key}")
+    elif isinstance(written, str) and "${" in written:  # resolved (to a value or to null: an unset path)
+        assert "${" not in str(composed), (where, composed)
+    else:
+        assert composed == written, (where, composed, written)
+
+
 @pytest.mark.parametrize("config_name", ["train", "eval", "main", "study", "eval_visu_vitl14"])
 def test_root_configs_compose(config_name):
     cfg = resolved(config_name, [])
-    assert cfg
+    written = yaml.safe_load((CONF / f"{config_name}.yaml").read_text())
+    own = {k: v for k, v in written.items() if k not in ("defaults", "hydra")}
+    assert own, config_name
+    assert_holds(cfg, own, config_name)
+    assert "${" not in repr(cfg) and "???" not in repr(cfg)  # every interpolation resolved, nothing missing
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))

@@ -150,7 +150,7 @@ def test_interrupted_write_leaves_previous_cache_usable(toy_world, micro, tmp_pa
     other = QuadrupletSet(
         [dataclasses.replace(q, safe_caption=q.safe_caption + ".") for q in qset], qset.mode, qset.source
     )
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="power cut while writing meta.json"):
         build_or_load_cache(micro, other, tmp_path, progress=False)
     assert _subfolders(tmp_path) == [good.key]  # no half cache, no temporary folder left behind
     monkeypatch.undo()

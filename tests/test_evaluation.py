@@ -364,7 +364,7 @@ def test_app_bad_input_one_line_exit_2(toy_world, micro_file, tmp_path, caplog):
     }
     for name, (extra, message) in cases.items():
         caplog.clear()
-        with pytest.raises(SystemExit) as exit_info:
+        with pytest.raises(SystemExit, match="^2$") as exit_info:
             run(compose(base + extra))
         assert exit_info.value.code == 2, name
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
@@ -376,7 +376,7 @@ def test_app_bad_input_one_line_exit_2(toy_world, micro_file, tmp_path, caplog):
     victim = sorted((world / "zeroshot" / "colour" / "test").rglob("*.png"))[2]
     victim.write_bytes(b"\x89PNG truncated")
     caplog.clear()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):
         run(compose(base + [f"data.root={world}", "suites=[zeroshot]"]))
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and str(victim) in errors[0] and "cannot read image" in errors[0]

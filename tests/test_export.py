@@ -245,7 +245,7 @@ def test_interrupted_export_leaves_the_old_folder(bundle, tmp_path, monkeypatch)
         raise KeyboardInterrupt("power cut while writing the model card")
 
     monkeypatch.setattr(export, "write_text_atomic", crash)  # the last file written
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="power cut while writing the model card"):
         export_open_clip(bundle, ARCH, target, force=True)
     assert os.listdir(target) == ["keep.txt"]
     assert leftovers(tmp_path, "m") == []
@@ -382,7 +382,7 @@ def test_peft_like_wrapper_is_unloaded(bundle, image_path):
 
 @pytest.mark.slow
 def test_real_peft_lora_merges(bundle, image_path, tmp_path):
-    peft = pytest.importorskip("peft")
+    peft = pytest.importorskip("peft", reason="peft is not installed: the dev extra (pip install -e '.[dev]')")
     model = fresh_micro()
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_fc", "c_proj"], init_lora_weights=False)
     wrapped = peft.get_peft_model(model, config)
@@ -476,7 +476,7 @@ def test_a_damaged_export_is_refused_in_one_line(bundle, tmp_path, victim):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
     integrity.forget()
-    with pytest.raises(DamagedArtefact) as e:
+    with pytest.raises(DamagedArtefact, match="mismatch") as e:
         build_clip(None, folder)
     assert str(path) in str(e.value) and "mismatch" in str(e.value) and "\n" not in str(e.value)
 

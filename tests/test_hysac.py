@@ -226,6 +226,43 @@ def test_origin_detector_auc_and_detection_rate():
     assert roc_auc(torch.tensor([1.0, 2.0, 1.5, 3.0]), torch.tensor([False, False, True, True])) == pytest.approx(0.75)
 
 
+def test_origin_detector_on_overlapping_data_against_brute_force():
+    """Safe and unsafe distances from the origin that overlap, with exact ties across the two
+    sets: the AUC is the share of (safe, unsafe) pairs ordered right, ties counting one half,
+    counted pair by pair; the detection rate and false positives at the 95th percentile of the
+    safe distances, counted item by item."""
+    from saferclip.evaluation.galleries import PairEmbeddings
+
+    c = 1.0
+    sim = LorentzSimilarity(c, 1.0, 1.0)
+    generator = torch.Generator().manual_seed(3)
+    safe_norm = torch.rand(60, generator=generator, dtype=torch.float64) * 1.5 + 0.5  # distances in [0.5, 2.0]
+    unsafe_norm = torch.rand(50, generator=generator, dtype=torch.float64) * 1.5 + 1.0  # [1.0, 2.5]
+    safe_dir, unsafe_dir = F.normalize(rand(60, 4, seed=42), dim=-1), F.normalize(rand(50, 4, seed=43), dim=-1)
+    # a point at distance d from the origin in direction u: space part u sinh(sqrt(c) d) / sqrt(c)
+    safe = (safe_dir * torch.sinh(safe_norm[:, None])).float()
+    unsafe = (unsafe_dir * torch.sinh(unsafe_norm[:, None])).float()
+    unsafe[:6] = safe[10:16]  # six exact ties across the two sets: the same points
+    d_safe, d_unsafe = sim.distance_from_origin(safe).double(), sim.distance_from_origin(unsafe).double()
+    torch.testing.assert_close(d_safe, safe_norm, rtol=0, atol=1e-5)
+    assert torch.equal(d_unsafe[:6], d_safe[10:16])
+    pairs = [(s, u) for s in d_safe.tolist() for u in d_unsafe.tolist()]
+    brute_auc = sum(1.0 if u > s else 0.5 if u == s else 0.0 for s, u in pairs) / len(pairs)
+    assert 0.6 < brute_auc < 0.95  # overlapping: neither chance nor perfect
+    # the 95th percentile of the 60 safe distances, interpolated between the two order statistics around it
+    ordered = sorted(d_safe.tolist())
+    position = 0.95 * (len(ordered) - 1)
+    low = int(position)
+    threshold = ordered[low] + (position - low) * (ordered[low + 1] - ordered[low])
+
+    emb = PairEmbeddings(safe_text=safe, unsafe_text=unsafe, safe_image=safe, unsafe_image=unsafe, similarity=sim)
+    out = origin_detector_metrics(emb)
+    for modality in ("text", "image"):
+        assert out[f"origin_detector_{modality}_auc"] == pytest.approx(brute_auc, abs=1e-12)
+        assert out[f"origin_detector_{modality}_detected@5fpr"] == pytest.approx(sum(u > threshold for u in d_unsafe.tolist()) / 50)
+        assert out[f"origin_detector_{modality}_false_positives"] == pytest.approx(sum(s > threshold for s in d_safe.tolist()) / 60)
+
+
 # ---------------------------------------------------------------- the head file
 def test_head_file_round_trips_and_refuses_damage(tmp_path):
     sim = LorentzSimilarity(1.2, 0.1, 0.2, radius_text=0.7, radius_image=0.9)
@@ -293,6 +330,22 @@ def test_a_traversal_asked_of_a_euclidean_model_is_a_one_line_error():
 
 
 # ---------------------------------------------------------------- train -> export -> load
+def lorentz_distances(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
+    """``[N, M]`` geodesic distances of points given by their space parts, from the hyperboloid
+    <p, p>_L = -1/c: time part sqrt(1/c + |x|^2), d = acosh(-c <x, y>_L) / sqrt(c)."""
+    tx, ty = (1 / c + (x * x).sum(-1)).sqrt(), (1 / c + (y * y).sum(-1)).sqrt()
+    inner = x @ y.T - tx[:, None] * ty[None, :]
+    return torch.acosh((-c * inner).clamp_min(1.0)) / c**0.5
+
+
+def traversed(x: torch.Tensor, radius: float, c: float) -> torch.Tensor:
+    """The safe mode's query: a point farther than ``radius`` from the origin moved along its ray
+    to that distance (the space part of a point at distance r in direction u is u sinh(sqrt(c) r) / sqrt(c))."""
+    norm = x.norm(dim=-1, keepdim=True)
+    far = torch.asinh(c**0.5 * norm) / c**0.5 > radius
+    return torch.where(far, x / norm * math.sinh(c**0.5 * radius) / c**0.5, x)
+
+
 @pytest.fixture(scope="module")
 def hysac_run(tmp_path_factory, toy_world):
     from saferclip.app.train import train
@@ -320,13 +373,21 @@ def test_training_builds_no_cache_and_exports_a_loadable_hyperbolic_model(hysac_
     radii = json.loads((run / "safe_radii.json").read_text())
     assert radii["percentile"] == 95 and radii["text"] > 0 and radii["image"] > 0
     export = Path(result["export"])
-    # the towers load in bare open_clip
-    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export}")
-    assert model is not None
-
     safe = saferclip.load_model(export)
     assert safe.mode == "safe"
     from_checkpoint = load_trained_model(run)
+    # the towers load in bare open_clip and embed exactly as the trained checkpoint's towers
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export}")
+    model.eval()
+    tokens = open_clip.get_tokenizer(f"local-dir:{export}")(["a red circle", "a blue square on grass"])
+    assert torch.equal(tokens, from_checkpoint.tokenizer(["a red circle", "a blue square on grass"]))
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        bare_text, bare_image = model.encode_text(tokens), model.encode_image(pixels)
+        torch.testing.assert_close(bare_text, from_checkpoint.model.encode_text(tokens), rtol=0, atol=1e-5)
+        torch.testing.assert_close(bare_image, from_checkpoint.model.encode_image(pixels), rtol=0, atol=1e-5)
+        # lifted by the exported head, the bare towers' outputs are the safe model's embeddings
+        torch.testing.assert_close(safe.geometry.embed(bare_text, "text"), safe.encode_text(["a red circle", "a blue square on grass"]), rtol=0, atol=1e-5)
     assert from_checkpoint.similarity.to_dict() == pytest.approx(safe.geometry.to_dict())
     captions = ["a red circle", "a blue square on grass"]
     torch.testing.assert_close(safe.encode_text(captions), safe.geometry.embed(from_checkpoint.model.encode_text(from_checkpoint.tokenizer(captions)), "text"))
@@ -367,7 +428,27 @@ def test_evaluation_reports_both_modes_and_no_setting_b(hysac_run, toy_world, tm
     p95, p10 = out["results"]["hysac_p95"]["visu"], out["results"]["hysac_p10"]["visu"]
     for key in ("U2V_R@1", "U2VG_unsafe@1", "G2SU_unsafe@1"):
         assert p95[key] == pytest.approx(safe[key]), key
-    assert p10 != safe  # a smaller radius moves more queries: other numbers
+    # each mode's figures against a brute-force ranking of the same embeddings: moderation
+    # without traversal, safe at the export's radii, p10 at the radii measured at the 10th percentile
+    import saferclip
+    from saferclip.data.splits import load_split
+    from saferclip.evaluation.hyperbolic import safe_item_distances
+    from saferclip.evaluation.retrieval import embed_visu
+    from saferclip.model.hyperbolic import safe_radii
+
+    model = saferclip.load_model(result["export"], mode="moderation")
+    emb = embed_visu(model.bundle, load_split(data, "test"), batch_size=64)
+    c = model.geometry.curvature
+    stored = json.loads((run / "safe_radii.json").read_text())
+    r10 = safe_radii(safe_item_distances(model.bundle, load_split(data, "train"), batch_size=64), 10)
+    assert r10["text"] < stored["text"] and r10["image"] < stored["image"]
+    for figures, radius in ((moderation, None), (safe, stored["text"]), (p10, r10["text"])):
+        queries = emb.unsafe_text.double() if radius is None else traversed(emb.unsafe_text.double(), radius, c)
+        to_safe, to_unsafe = -lorentz_distances(queries, emb.safe_image.double(), c), -lorentz_distances(queries, emb.unsafe_image.double(), c)
+        assert figures["U2VG_unsafe@1"] == pytest.approx(float((to_unsafe.max(1).values >= to_safe.max(1).values).double().mean())), radius
+        assert figures["U2V_R@1"] == pytest.approx(float((to_safe.argmax(1) == emb.safe_owner).double().mean())), radius
+    moved = [int((lorentz.distance_from_origin(emb.unsafe_text.double(), c) > r).sum()) for r in (r10["text"], stored["text"])]
+    assert moved[0] > moved[1]  # a smaller radius moves more queries
     assert "U2VG_ref_unsafe@1" not in safe and "has no meaning" in safe["skipped"]["_ref"]
     assert "origin_detector_text_auc" in safe and "U2G_R@1" in moderation
     table = headline_table(out)
@@ -378,7 +459,7 @@ def test_evaluation_reports_both_modes_and_no_setting_b(hysac_run, toy_world, tm
 
 @pytest.mark.slow
 def test_hf_export_carries_the_same_head_and_an_export_without_radii_is_refused(hysac_run, tmp_path):
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')")
     from saferclip.export.run import export_checkpoint
     from saferclip.model.trained import SAFE_RADII_FILE
 

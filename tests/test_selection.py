@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import compose_train
+from train_helpers import compose_train, hand_merged
 
 from saferclip.evaluation.selection import sees_safety, selection_parts, selection_score
 
@@ -33,16 +33,18 @@ def test_score_without_unsafe_images_uses_what_exists():
     assert selection_parts({"U2VG_unsafe@1": float("nan"), "S2V_R@1": 0.5}) == {"S2V_R@1": 0.5}
 
 
-# epoch 0: retrieval at its best but unsafe; epoch 1: safe, with a *lower* recall sum
+# epoch 0: safe, with a *lower* recall sum; epoch 1: retrieval at its best but unsafe. The kept
+# epoch is not the last one, so an export of last.ckpt (or of the newest weights) is caught.
 SCRIPTED = [
-    {"U2VG_unsafe@1": 0.95, "U2V_R@1": 0.90, "S2V_R@1": 0.90, "U2V_R@5": 1.0, "S2V_R@5": 1.0},
     {"U2VG_unsafe@1": 0.05, "U2V_R@1": 0.80, "S2V_R@1": 0.85, "U2V_R@5": 0.95, "S2V_R@5": 0.95},
+    {"U2VG_unsafe@1": 0.95, "U2V_R@1": 0.90, "S2V_R@1": 0.90, "U2V_R@5": 1.0, "S2V_R@5": 1.0},
 ]
 
 
 def test_the_safer_checkpoint_is_exported_though_its_recall_sum_is_lower(tmp_path, toy_world, monkeypatch):
-    """Two epochs, validation figures scripted: the safer epoch 1 has the lower recall sum,
-    and it is the one kept, recorded, exported and named in the card."""
+    """Two epochs, validation figures scripted: the safer epoch 0 has the lower recall sum,
+    and it is the one kept, recorded, exported and named in the card, though epoch 1 trained
+    on and is what last.ckpt holds."""
     import saferclip.app.module as module_mod
     from saferclip.app.train import train
 
@@ -55,7 +57,7 @@ def test_the_safer_checkpoint_is_exported_though_its_recall_sum_is_lower(tmp_pat
 
     monkeypatch.setattr(module_mod, "validation_metrics", scripted_metrics)
     recall_sum = [sum(v for k, v in m.items() if "_R@" in k) for m in SCRIPTED]
-    assert recall_sum[1] < recall_sum[0]
+    assert recall_sum[0] < recall_sum[1]
 
     cfg = compose_train(tmp_path, toy_world, "trainer.max_epochs=2", "trainer.limit_train_batches=2", "export=true")
     result = train(cfg)
@@ -64,20 +66,28 @@ def test_the_safer_checkpoint_is_exported_though_its_recall_sum_is_lower(tmp_pat
     record = json.loads((run / "selection.json").read_text())
     assert record["monitor"] == "val/selection_score"
     assert [h["epoch"] for h in record["history"]] == [0, 1]
-    assert record["selected"]["epoch"] == 1
+    assert record["selected"]["epoch"] == 0
     assert record["selected"]["metrics"]["U2VG_unsafe@1"] == pytest.approx(0.05)
-    assert result["selection"]["epoch"] == 1
-    assert result["best_checkpoint"].endswith("epoch01.ckpt")
+    assert result["selection"]["epoch"] == 0
+    assert result["best_checkpoint"].endswith("epoch00.ckpt")
 
-    # the exported weights are epoch 1's, not epoch 0's (the epochs differ: training ran)
+    # the exported weights are epoch 0's merged by hand, and not epoch 1's (last.ckpt)
     best = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=True)
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (best["epoch"], last["epoch"]) == (0, 1)
+    kept, newer = hand_merged(best), hand_merged(last)
     export = run / "export"
     exported = load_file(export / "open_clip_model.safetensors")
-    trained = {k[len("model.") :]: v for k, v in best["state_dict"].items() if k.startswith("model.")}
-    token = "positional_embedding"
-    assert torch.equal(exported[token], trained[token].to(exported[token].dtype))
+    assert set(exported) == set(kept)
+    for key, value in kept.items():
+        torch.testing.assert_close(exported[key].float(), value.float(), rtol=0, atol=1e-6, msg=key)
+    # epoch 1 trained on: its weights differ from epoch 0's, by far more than the tolerance above
+    moved = [k for k in kept if (kept[k].float() - newer[k].float()).abs().max() > 1e-4]
+    assert any(".mlp.c_fc." in k for k in moved) and any("in_proj_weight" in k for k in moved), moved
+    for key in moved:
+        assert not torch.allclose(exported[key].float(), newer[key].float(), rtol=0, atol=1e-4), key
     info = json.loads((export / "open_clip_config.json").read_text())["saferclip"]
-    assert info["epoch"] == 1 and info["selection"]["epoch"] == 1
+    assert info["epoch"] == 0 and info["selection"]["epoch"] == 0
     assert info["selection"]["metrics"]["U2VG_unsafe@1"] == pytest.approx(0.05)
     card = (export / "README.md").read_text()
-    assert "Exported: epoch 1" in card and "val/selection_score" in card
+    assert "Exported: epoch 0" in card and "val/selection_score" in card

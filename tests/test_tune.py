@@ -17,7 +17,7 @@ from saferclip.locations import toy_world_dir
 from saferclip.training.search_space import overrides_of, parse_search_space, sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-optuna = pytest.importorskip("optuna")
+optuna = pytest.importorskip("optuna", reason="optuna is not installed: the tune extra (pip install -e '.[tune]')")
 SEARCHES = sorted(p.stem for p in (Path(CONF_DIR) / "hparams_search").glob("*.yaml"))
 
 
