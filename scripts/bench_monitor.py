@@ -26,13 +26,12 @@ import torch
 def main() -> None:
     from saferclip.analysis.detector import sample
     from saferclip.data.splits import load_split
-    from saferclip.evaluation.encode import encode_image_files, encode_texts
     from saferclip.locations import home
     from saferclip.model.build import default_base_checkpoint, encode_tokens, eval_mode
     from saferclip.model.trained import load_model
     from saferclip.robustness.image_attacks import load_pixels, split_normalisation
     from saferclip.robustness.monitor import fit_monitor, reading_head
-    from saferclip.robustness.runner import SplitInputs
+    from saferclip.robustness.runner import SplitInputs, monitor_bank
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(default_base_checkpoint()))
@@ -43,6 +42,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--bank-items", type=int, default=500, help="per kind (safe / unsafe captions / images)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     v = os.path.join(args.toy, "visu")
@@ -52,12 +52,9 @@ def main() -> None:
     bundle = load_model(arch, args.model, **({"mode": args.mode} if args.mode else {}))
     model = bundle.model
     train, val, test = (SplitInputs.of(load_split(data, s)) for s in ("train", "validation", "test"))
-    parts = [(encode_texts(bundle, sample(train.safe_captions, args.bank_items, 1)), False),
-             (encode_texts(bundle, sample(train.unsafe_captions, args.bank_items, 2)), True),
-             (encode_image_files(bundle, sample(train.safe_images, args.bank_items, 3)), False),
-             (encode_image_files(bundle, sample(train.unsafe_images, args.bank_items, 4)), True)]
-    bank = (torch.cat([e for e, _ in parts]), torch.cat([torch.full((len(e),), u) for e, u in parts]))
+    bank = monitor_bank(bundle, train, args.bank_items, 0, 256)
     print(f"model {args.model}; batch {args.batch}; {args.repeats} repeats; torch threads {args.threads}; bank {len(bank[0])} embeddings")
+    rows = []
     for tower in ("image", "text"):
         safe, unsafe, clean = ((train.safe_images, train.unsafe_images, val.safe_images) if tower == "image"
                                else (train.safe_captions, train.unsafe_captions, val.safe_captions))
@@ -89,6 +86,13 @@ def main() -> None:
         plain, mon = statistics.median(timings["plain"]), statistics.median(timings["monitored"])
         print(f"{tower}: signals {', '.join(monitor.signals)} (head {monitor.head}); forward {1e3 * plain / n:.3f} ms/input, "
               f"monitored {1e3 * mon / n:.3f} ms/input, overhead {100 * (mon - plain) / plain:+.1f}%")
+        rows.append({"tower": tower, "forward_ms": 1e3 * plain / n, "monitored_ms": 1e3 * mon / n, "batch": n, "repeats": args.repeats,
+                     "threads": args.threads, "model": args.model, "bank": len(bank[0]), "signals": list(monitor.signals)})
+    if args.json:
+        import json
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -233,18 +233,22 @@ def test_variants_around_the_traversal_steer_by_another_margin_and_judge_through
 def test_the_bank_signal_is_the_k_nearest_unsafe_minus_the_k_nearest_safe():
     from saferclip.robustness.monitor import SafetyMonitor
 
-    bank = torch.stack([_unit(1, 0, 0), _unit(0.8, 0.6, 0), _unit(0, 1, 0), _unit(0, 0.6, 0.8)])
-    monitor = SafetyMonitor("image", COSINE, ("bank",), bank, torch.tensor([False, False, True, True]), k=2)
+    bank = torch.stack([_unit(1, 0, 0), _unit(0.8, 0.6, 0), _unit(0, 1, 0), _unit(0, 0.6, 0.8), _unit(0, 0, 1), _unit(1, 0, 0)])
+    unsafe = torch.tensor([False, False, True, True, True, False])
+    caption = torch.tensor([True, True, True, True, False, False])  # four captions, then two images
+    monitor = SafetyMonitor("image", COSINE, ("bank",), bank, unsafe, caption, k=2)
     e = _unit(0, 1, 1).unsqueeze(0)
-    # by hand, k = 2: unsafe cosines (1/√2, 1.4/√2), safe cosines (0, 0.6/√2)
-    expected = (1 + 1.4) / 2 / 2**0.5 - 0.6 / 2 / 2**0.5
-    assert monitor.signal_values(e)[0, 0].item() == pytest.approx(expected)
+    # by hand, k = 2 among the captions: unsafe cosines (1/√2, 1.4/√2), safe (0, 0.6/√2);
+    # k = min(2, one unsafe, one safe) = 1 among the images: 1/√2 − 0
+    expected = [(1 + 1.4) / 2 / 2**0.5 - 0.6 / 2 / 2**0.5, 1 / 2**0.5]
+    assert monitor.columns() == ["bank_text", "bank_image"]
+    assert monitor.signal_values(e)[0].tolist() == pytest.approx(expected)
 
 
 def test_monitor_threshold_holds_its_false_positive_rate_on_new_clean_inputs():
     from saferclip.robustness.monitor import SafetyMonitor, calibrate_monitor
 
-    monitor = SafetyMonitor("text", COSINE, ("bank", "head"), torch.zeros(2, 3), torch.tensor([False, True]))
+    monitor = SafetyMonitor("text", COSINE, ("head",), torch.zeros(2, 3), torch.tensor([False, True]), torch.tensor([True, True]))
     calibrate_monitor(monitor, _gaussian(2000, 0)[:, :2], target_fpr=0.05)
     new = _gaussian(4000, 1)[:, :2]
     standardised = ((new - monitor.center) / monitor.scale).amax(1)
@@ -351,3 +355,16 @@ def test_attack_command_bad_input_is_one_line_and_exit_2(toy_world, micro_weight
         assert e.value.code == 2, override
         lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
         assert len(lines) == 1 and message in lines[0], (override, lines)
+
+
+def test_a_warm_started_attack_is_never_worse_than_its_start():
+    from saferclip.robustness.image_attacks import perturb
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 8, 8, generator=g)
+    w = torch.randn(3, 8, 8, generator=g)
+    objective = lambda z, idx: -((z - 0.5) * w).abs().sum(dim=(1, 2, 3))  # noqa: E731 - a bumpy landscape
+    small = perturb(x, objective, 4 / 255, steps=5, seed=1)
+    large = perturb(x, objective, 32 / 255, steps=1, step_size=0.5, seed=1, warm=small)  # one huge step, from the small attack
+    assert (objective(large, None) >= objective(small, None) - 1e-6).all()
+    assert (large - x).abs().max() <= 32 / 255 + 1e-6

@@ -183,15 +183,18 @@ def attack_pixels(
 
 
 def perturb(pixels: Tensor, objective: ItemFunction, eps: float, steps: int = 10, step_size: float | None = None,
-            seed: int = 0, batch_size: int = 64) -> Tensor:
-    """The adversarial pixels ``[N, 3, H, W]`` of :func:`attack_pixels` (PGD, best iterate per item)."""
+            seed: int = 0, batch_size: int = 64, warm: Tensor | None = None) -> Tensor:
+    """The adversarial pixels ``[N, 3, H, W]`` of :func:`attack_pixels` (PGD, best iterate per
+    item). ``warm`` ``[N, 3, H, W]``: start from these (an attack at a smaller budget: inside
+    this ball, so the result is never worse than it) instead of a random start."""
     step = 2.5 * eps / max(steps, 1) if step_size is None else step_size
     generator = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, len(pixels), batch_size):
         x = pixels[start : start + batch_size]
         idx = torch.arange(start, start + len(x))
-        out.append((pgd(lambda z: objective(z, idx), x, eps, step, steps, generator) if eps > 0 else x).cpu())
+        begin = None if warm is None or eps <= 0 else ((warm[start : start + batch_size] - x) / eps).clamp(-1, 1)
+        out.append((pgd(lambda z: objective(z, idx), x, eps, step, steps, generator, start=begin) if eps > 0 else x).cpu())
     return torch.cat(out) if out else pixels.clone()
 
 

@@ -6,10 +6,11 @@ a number per input, higher = more likely unsafe or adversarial:
 
 * ``bank`` — Latent Guard's idea, in the model's own embedding space: how much nearer the
   input's embedding is to unsafe reference items than to safe ones (mean of the ``k`` best
-  scores against the model's embeddings of the training split's unsafe captions and images,
-  minus the same against the safe ones; scores in the model's geometry, no traversal). An
-  attack that makes an input retrieve unsafe content has to move its embedding next to unsafe
-  content, and the bank sits there;
+  scores against the model's embeddings of the training split's unsafe items, minus the same
+  against the safe ones; scores in the model's geometry, no traversal), once against the
+  caption bank and once against the image bank (two columns: a query is judged in the space
+  it retrieves from as well as in its own). An attack that makes an input retrieve unsafe
+  content has to move its embedding next to unsafe content, and the bank sits there;
 * ``origin`` — HySAC only: the distance from the origin (unsafe content lies farther out);
 * ``head`` — the one-head detector (:mod:`saferclip.analysis.detector`): the best attention
   head's value at the pooled token, projected on the direction that separates unsafe from
@@ -57,13 +58,15 @@ def pairwise_scores(similarity: Similarity, a: Tensor, b: Tensor) -> Tensor:
 @dataclass
 class SafetyMonitor:
     """One tower's monitor (module docstring). Tensors: ``bank [M, D]``, ``bank_unsafe [M]``,
-    ``direction [d_head]`` (with ``head``: ``(layer, head)``), ``center``, ``scale`` ``[S]``."""
+    ``bank_text [M]`` (a caption's embedding, else an image's), ``direction [d_head]`` (with
+    ``head``: ``(layer, head)``), ``center``, ``scale`` ``[columns]``."""
 
     tower: str
     similarity: Similarity
     signals: tuple[str, ...]
     bank: Tensor
     bank_unsafe: Tensor
+    bank_text: Tensor
     k: int = 5
     head: tuple[int, int] | None = None
     direction: Tensor | None = None
@@ -73,15 +76,28 @@ class SafetyMonitor:
     target_fpr: float = 0.05
     calibration: dict[str, Any] = field(default_factory=dict)
 
+    def columns(self) -> list[str]:
+        """What each column of :meth:`signal_values` is."""
+        out = []
+        for signal in self.signals:
+            if signal == "bank":
+                out += [f"bank_{m}" for m, present in (("text", self.bank_text.any()), ("image", (~self.bank_text).any())) if present]
+            else:
+                out.append(signal)
+        return out
+
     def signal_values(self, embeddings: Tensor, head: Tensor | None = None) -> Tensor:
-        """``[N, S]`` the raw signals of inputs' embeddings ``[N, D]`` (and head values ``[N, d_head]``)."""
+        """``[N, columns]`` the raw signals of inputs' embeddings ``[N, D]`` (and head values ``[N, d_head]``)."""
         columns = []
         for signal in self.signals:
             if signal == "bank":
                 scores = pairwise_scores(self.similarity, embeddings, self.bank.to(embeddings.device))
-                unsafe = self.bank_unsafe.to(scores.device)
-                k = min(self.k, int(unsafe.sum()), int((~unsafe).sum()))
-                columns.append(scores[:, unsafe].topk(k, dim=1).values.mean(1) - scores[:, ~unsafe].topk(k, dim=1).values.mean(1))
+                for modality in (self.bank_text, ~self.bank_text):
+                    if not modality.any():
+                        continue
+                    unsafe, safe = self.bank_unsafe & modality, ~self.bank_unsafe & modality
+                    k = min(self.k, int(unsafe.sum()), int(safe.sum()))
+                    columns.append(scores[:, unsafe].topk(k, dim=1).values.mean(1) - scores[:, safe].topk(k, dim=1).values.mean(1))
             elif signal == "origin":
                 columns.append(lorentz.distance_from_origin(embeddings.float(), self.similarity.curvature))
             elif signal == "head":
@@ -99,7 +115,7 @@ class SafetyMonitor:
         return self.scores(embeddings, head) > self.threshold
 
     def describe(self) -> dict[str, Any]:
-        return {"tower": self.tower, "signals": list(self.signals), "bank_items": len(self.bank),
+        return {"tower": self.tower, "signals": list(self.signals), "columns": self.columns(), "bank_items": len(self.bank),
                 "bank_unsafe": int(self.bank_unsafe.sum()), "k": self.k, "head": list(self.head) if self.head else None,
                 "threshold": self.threshold, "target_fpr": self.target_fpr, "calibration": self.calibration}
 
@@ -154,30 +170,33 @@ def monitored(monitor: SafetyMonitor, model: nn.Module, encode: Callable[[Any], 
 
 
 # ----------------------------------------------------------------------------- calibration
-def fit_monitor(bundle, tower: str, labelled: tuple[Sequence[Any], Sequence[Any]], bank: tuple[Tensor, Tensor],
+def fit_monitor(bundle, tower: str, labelled: tuple[Sequence[Any], Sequence[Any]], bank: tuple[Tensor, Tensor, Tensor],
                 clean_safe: Sequence[Any], signals: Sequence[str] | None = None, k: int = 5, target_fpr: float = 0.05,
-                seed: int = 0, batch_size: int = 256) -> SafetyMonitor:
+                seed: int = 0, batch_size: int = 256, head_layers: Sequence[int] | None = None) -> SafetyMonitor:
     """The monitor of one tower.
 
     ``labelled``: (safe, unsafe) training inputs of the tower (captions or image files): the
     head and its direction (:func:`saferclip.analysis.detector.calibrate_head_detector`);
-    ``bank``: (embeddings ``[M, D]``, unsafe ``[M]``) in the model's geometry; ``clean_safe``:
+    ``bank``: (embeddings ``[M, D]`` in the model's geometry, unsafe ``[M]``, caption ``[M]``); ``clean_safe``:
     validation inputs, standardisation on one half, threshold on the other. ``signals``:
-    default every one that applies (``origin`` for a HySAC model only)."""
+    default every one that applies (``origin`` for a HySAC model only); ``head_layers``: the
+    blocks the head may come from (default all)."""
     hyperbolic = isinstance(bundle.similarity, LorentzSimilarity)
     signals = tuple(signals or [s for s in SIGNALS if s != "origin" or hyperbolic])
     bad = [s for s in signals if s not in SIGNALS or (s == "origin" and not hyperbolic)]
     if bad or not signals:
         raise ValueError(f"monitor signals must be some of {SIGNALS} ('origin' for a HySAC model only), got {list(signals)}")
     similarity = bundle.similarity.with_mode("moderation") if hyperbolic else bundle.similarity
-    monitor = SafetyMonitor(tower, similarity, signals, bank[0].float(), torch.as_tensor(bank[1], dtype=torch.bool), k,
-                            target_fpr=target_fpr)
+    monitor = SafetyMonitor(tower, similarity, signals, bank[0].float(), torch.as_tensor(bank[1], dtype=torch.bool),
+                            torch.as_tensor(bank[2], dtype=torch.bool), k, target_fpr=target_fpr)
     calibration: dict[str, Any] = {"labelled": [len(labelled[0]), len(labelled[1])], "clean_safe": len(clean_safe), "seed": seed}
     if "head" in signals:
-        safe, unsafe = (activations(bundle, tower, list(items), ("heads",), batch_size) for items in labelled)
+        layers = None if head_layers is None else sorted(int(i) for i in head_layers)
+        safe, unsafe = (activations(bundle, tower, list(items), ("heads",), batch_size, layers=layers) for items in labelled)
         X, y = labelled_activations(safe.heads, unsafe.heads)
-        detector, ranking = calibrate_head_detector(X, y, tower, target_fpr, seed=seed)
-        monitor.head, monitor.direction = (int(detector.layer), int(detector.head)), detector.direction.float()
+        detector, _ = calibrate_head_detector(X, y, tower, target_fpr, seed=seed)
+        layer = int(detector.layer) if layers is None else layers[int(detector.layer)]
+        monitor.head, monitor.direction = (layer, int(detector.head)), detector.direction.float()
         calibration["head_out_of_fold_auc"] = detector.calibration.get("out_of_fold_auc")
     clean = activations(bundle, tower, list(clean_safe), ("heads",) if "head" in signals else (), batch_size)
     head = clean.heads[:, monitor.head[0], monitor.head[1]] if monitor.head else None

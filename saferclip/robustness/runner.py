@@ -96,18 +96,26 @@ def fit_monitors(bundle, data_cfg: Mapping[str, Any], settings: AttackSettings, 
     s = settings.monitor
     train, validation = SplitInputs.of(load_split(data_cfg, "train")), SplitInputs.of(load_split(data_cfg, "validation"))
     pick = lambda items, n, k: sample(items, n, seed + k)  # noqa: E731
-    bank_parts = [(encode_texts(bundle, pick(train.safe_captions, s.bank_items, 1), batch_size), False),
-                  (encode_texts(bundle, pick(train.unsafe_captions, s.bank_items, 2), batch_size), True),
-                  (encode_image_files(bundle, pick(train.safe_images, s.bank_items, 3), batch_size), False),
-                  (encode_image_files(bundle, pick(train.unsafe_images, s.bank_items, 4), batch_size), True)]
-    bank = (torch.cat([e for e, _ in bank_parts]), torch.cat([torch.full((len(e),), u) for e, u in bank_parts]))
+    bank = monitor_bank(bundle, train, s.bank_items, seed, batch_size)
     monitors = {}
     for tower, (safe, unsafe, clean) in {"text": (train.safe_captions, train.unsafe_captions, validation.safe_captions),
                                          "image": (train.safe_images, train.unsafe_images, validation.safe_images)}.items():
         labelled = (pick(safe, s.labelled_items, 5), pick(unsafe, s.labelled_items, 6))
         monitors[tower] = fit_monitor(bundle, tower, labelled, bank, pick(clean, s.validation_items, 7), s.signals, s.k,
-                                      s.target_fpr, seed, batch_size)
+                                      s.target_fpr, seed, batch_size, s.head_layers)
     return monitors
+
+
+def monitor_bank(bundle, train: SplitInputs, items: int, seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The monitors' bank: ``items`` of each kind of the training split (safe / unsafe captions /
+    images) embedded by the model; (embeddings, unsafe, caption) per row."""
+    parts = [(encode_texts(bundle, sample(train.safe_captions, items, seed + 1), batch_size), False, True),
+             (encode_texts(bundle, sample(train.unsafe_captions, items, seed + 2), batch_size), True, True),
+             (encode_image_files(bundle, sample(train.safe_images, items, seed + 3), batch_size), False, False),
+             (encode_image_files(bundle, sample(train.unsafe_images, items, seed + 4), batch_size), True, False)]
+    flags = lambda e, v: torch.full((len(e),), v, dtype=torch.bool)  # noqa: E731
+    return (torch.cat([e for e, _, _ in parts]), torch.cat([flags(e, u) for e, u, _ in parts]),
+            torch.cat([flags(e, t) for e, _, t in parts]))
 
 
 def monitor_clean(bundle, monitors: Mapping[str, SafetyMonitor], test: SplitInputs, batch_size: int) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class SanitySettings:
 @dataclass
 class MonitorSettings:
     signals: list[str] | None = None  # None: every signal that applies
+    head_layers: list[int] | None = None  # the blocks whose heads the detector may pick (None: all)
     k: int = 5
     labelled_items: int = 300  # per class (safe / unsafe), training split: the head
     bank_items: int = 500  # per kind (safe / unsafe captions / images), training split

@@ -1,0 +1,70 @@
+"""docs/ROBUSTNESS.md's generated figures: the targets' verdicts computed by hand, a region
+rewritten from the result file and found stale when the file changes, and the committed page
+against the committed file."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from saferclip.robustness.summary import load_results, render, stale_regions, update_document
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rate(k: int, n: int) -> dict:
+    from saferclip.evaluation.intervals import clopper_pearson
+
+    low, high = clopper_pearson(k, n)
+    return {"value": k / n, "low": low, "high": high, "k": k, "n": n}
+
+
+def results() -> dict:
+    image = lambda k, n: {"kind": "image", "side": "query", "num_targets": n, "budgets": {"8": {"success_rate": rate(k, n)}}}  # noqa: E731
+    return {
+        "world": 1, "split": "test", "seed": 0, "commands": {"attack": "saferclip-attack"},
+        "settings": {"headline_budget_255": 8.0, "items": 100, "text": {"budget": 60, "heldout_budget": 20}},
+        "models": {
+            "saferclip_adv": {"attacks": {"evade": image(3, 60), "phrasing search": {
+                "kind": "text", "side": "query", "num_targets": 50, "query_budget": 60, "budgets": {"60": {"success_rate": rate(20, 50)}}}},
+                "clean": {"unsafe_rate_a": {"value": 0.02, "low": 0.01, "high": 0.04}, "U2V_R@1": {"value": 0.70, "low": 0.66, "high": 0.74},
+                          "zeroshot_retention": {"value": 0.97, "low": 0.95, "high": 0.99}}},
+        },
+        "cost": {"monitor": [{"tower": "image", "forward_ms": 1.0, "monitored_ms": 1.04}],
+                 "adversarial_step": [{"method": "saferclip", "ratio": 3.5, "batch_size": 64, "median_s": {"clean": 1.0, "adversarial": 3.5}}]},
+    }
+
+
+def test_targets_say_met_or_missed_and_by_how_much():
+    table = render("robustness-targets", "", results())
+    lines = {line.split(" | ")[1]: line.split(" | ")[2].rstrip(" |") for line in table.strip().splitlines()[2:]}
+    assert lines["evade success at 8/255 ≤ 10%"].startswith("met: 5.0 [")  # 3 of 60
+    assert lines["phrasing search success at 60 queries ≤ 20%"].endswith("(20.0 points over)")  # 20 of 50 = 40%
+    assert lines["U→V R@1 ≥ 75%"] == "missed: 70.0 [66.0, 74.0] against ≥ 75 (5.0 points short)"
+    assert lines["zero-shot retention ≥ 95%"] == "met: 97.0 [95.0, 99.0] ≥ 95"
+    assert lines["cost ≤ 10% of a forward pass"] == "met: +4.0% ≤ 10"
+    assert lines["cost ≤ 3× a clean step"] == "missed: 3.50× against ≤ 3"
+    assert "| hysac_adv_safe | (not in the results) | not measured |" in table
+
+
+def test_a_document_is_rewritten_from_the_file_and_stale_when_the_file_changes(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("World <!-- generated:robustness-setting field=world -->?<!-- /generated -->.\n\n"
+                   "<!-- generated:robustness-summary attacks=evade -->\nold\n<!-- /generated -->\n")
+    r = results()
+    assert len(stale_regions(doc, r)) == 2
+    assert update_document(doc, r) == 2 and stale_regions(doc, r) == []
+    text = doc.read_text()
+    assert "field=world -->1<!--" in text and "| evade | 8/255 | 5.0 [1.0, 13.9] of 60 |" in text  # 3 of 60: Beta quantiles
+    changed = copy.deepcopy(r)
+    changed["models"]["saferclip_adv"]["attacks"]["evade"]["budgets"]["8"]["success_rate"] = rate(30, 60)
+    assert stale_regions(doc, changed) == ["robustness-summary attacks=evade"]
+
+
+def test_the_committed_page_matches_the_committed_result_file():
+    results_file = REPO / "docs" / "results" / "robustness.json"
+    committed = load_results(results_file)
+    for document in (REPO / "docs" / "ROBUSTNESS.md", REPO / "README.md"):
+        assert stale_regions(document, committed) == [], f"{document.name}: run python scripts/robustness_results.py update"
