@@ -188,7 +188,7 @@ def test_the_attacked_batch_raises_the_method_s_loss_before_the_step(modules, na
     (clean_total, clean_terms), (attacked_total, attacked_terms), gains = _clean_and_attacked(module, batch)
     assert set(gains) == {"unsafe_image", "unsafe_text", "safe_image", "safe_text"}
     assert all(g > 0 for g in gains.values()), gains  # every inner maximisation climbed its own objective
-    assert float(attacked_total) > float(clean_total), (clean_terms, attacked_terms)
+    assert float(attacked_total.detach()) > float(clean_total.detach()), (clean_terms, attacked_terms)
     assert clean_terms.keys() == attacked_terms.keys() and all(k.startswith("adv_") for k in attacked_terms)
     assert all(p.grad is None for p in module.parameters())  # the attacks never touch the parameters' gradients
 
@@ -217,3 +217,22 @@ def test_training_logs_the_adversarial_terms_and_the_step_time(tmp_path, toy_wor
     assert any(k.startswith("adv_") for k in logged), logged
     assert {"time/step_seconds", "time/adv_attack_seconds"} <= set(result)
     assert all(math.isfinite(v) for k, v in result.items() if k.startswith(("train/", "val/")))
+
+
+def test_the_main_job_adds_adversarial_runs_by_one_switch_and_leaves_the_default_alone():
+    from hydra import initialize_config_dir
+
+    from saferclip.app.hydra_utils import CONF_DIR
+    from saferclip.app.main_job import compose, evaluated_models, main_runs
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        default = main_runs(compose("main", []))
+        both = main_runs(compose("main", ["adversarial=true", 'adversarial_overrides=["method.adversarial.epsilon_255=8"]']))
+        with pytest.raises(ConfigError, match="adversarial must be true or false"):
+            main_runs(compose("main", ["adversarial=maybe"]))
+    assert list(default) == ["safeclip", "saferclip", "hysac"]
+    assert list(both) == [*default, "safeclip_adv", "saferclip_adv", "hysac_adv"]
+    for name, overrides in default.items():
+        assert both[name] == overrides  # the default runs keep their overrides, so their keys and results
+        assert both[f"{name}_adv"] == [*overrides, "method.adversarial.enabled=true", "method.adversarial.epsilon_255=8"]
+    assert set(evaluated_models("hysac_adv", {"pretrained": "x"}, "hysac")) == {"hysac_adv_safe", "hysac_adv_moderation"}
