@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--toy", default=str(home() / "data" / "toy"))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--bank-items", type=int, default=500, help="per kind (safe / unsafe captions / images)")
+    parser.add_argument("--bank-items", type=int, default=250, help="per kind (safe / unsafe captions / images)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()

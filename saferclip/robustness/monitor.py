@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..analysis.detector import calibrate_head_detector, labelled_activations
-from ..analysis.heads import activations, head_values, pooled_text_positions, tower_transformer
+from ..analysis.heads import activations, pooled_text_positions, tower_transformer
 from ..analysis.stats import calibrate_threshold, stratified_halves
 from ..model import lorentz
 from ..model.similarity import LorentzSimilarity, Similarity
@@ -76,6 +76,12 @@ class SafetyMonitor:
     target_fpr: float = 0.05
     calibration: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # the bank split once into (unsafe, safe) blocks per modality: two small products per
+        # block, no masked copies per call (the monitor's cost is per forward pass)
+        self._blocks = [(self.bank[self.bank_unsafe & m].float().contiguous(), self.bank[~self.bank_unsafe & m].float().contiguous())
+                        for m in (self.bank_text, ~self.bank_text) if m.any()]
+
     def columns(self) -> list[str]:
         """What each column of :meth:`signal_values` is."""
         out = []
@@ -91,13 +97,10 @@ class SafetyMonitor:
         columns = []
         for signal in self.signals:
             if signal == "bank":
-                scores = pairwise_scores(self.similarity, embeddings, self.bank.to(embeddings.device))
-                for modality in (self.bank_text, ~self.bank_text):
-                    if not modality.any():
-                        continue
-                    unsafe, safe = self.bank_unsafe & modality, ~self.bank_unsafe & modality
-                    k = min(self.k, int(unsafe.sum()), int(safe.sum()))
-                    columns.append(scores[:, unsafe].topk(k, dim=1).values.mean(1) - scores[:, safe].topk(k, dim=1).values.mean(1))
+                for unsafe, safe in self._blocks:
+                    k = min(self.k, len(unsafe), len(safe))
+                    near = [pairwise_scores(self.similarity, embeddings, b.to(embeddings.device)).topk(k, dim=1).values.mean(1) for b in (unsafe, safe)]
+                    columns.append(near[0] - near[1])
             elif signal == "origin":
                 columns.append(lorentz.distance_from_origin(embeddings.float(), self.similarity.curvature))
             elif signal == "head":
@@ -145,7 +148,7 @@ def reading_head(model: nn.Module, tower: str, layer: int | None, head: int | No
         where = positions[-1] if tower == "text" else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         mask = kwargs.get("attn_mask")
         mask = None if mask is None else (mask if mask.dtype == torch.bool else mask.float())
-        store.append(head_values(attn, x.float(), where.to(x.device), mask)[:, head])
+        store.append(one_head_value(attn, x.float(), where.to(x.device), mask, head))
 
     handles.append(attn.register_forward_pre_hook(on_attn, with_kwargs=True))
     try:
@@ -153,6 +156,28 @@ def reading_head(model: nn.Module, tower: str, layer: int | None, head: int | No
     finally:
         for handle in handles:
             handle.remove()
+
+
+def one_head_value(attn: nn.MultiheadAttention, x: Tensor, positions: Tensor, attn_mask: Tensor | None, head: int) -> Tensor:
+    """Head ``head``'s attention output at one query position per item ``[B, d_head]`` (what
+    :func:`saferclip.analysis.heads.head_values` gives for every head, computed for one: only
+    its slices of the query, key and value projections)."""
+    b, length, d = x.shape
+    dh = attn.head_dim
+    rows = slice(head * dh, (head + 1) * dh)
+    w, bias = attn.in_proj_weight, attn.in_proj_bias
+    if w is not None:
+        wq, wk, wv = w[:d][rows], w[d : 2 * d][rows], w[2 * d :][rows]
+    else:  # separate projections (kdim / vdim differ from the embedding width)
+        wq, wk, wv = attn.q_proj_weight[rows], attn.k_proj_weight[rows], attn.v_proj_weight[rows]
+    bq, bk, bv = (None, None, None) if bias is None else (bias[:d][rows], bias[d : 2 * d][rows], bias[2 * d :][rows])
+    q = torch.nn.functional.linear(x[torch.arange(b, device=x.device), positions], wq, bq)  # [B, dh]
+    k, v = torch.nn.functional.linear(x, wk, bk), torch.nn.functional.linear(x, wv, bv)  # [B, L, dh]
+    scores = torch.einsum("bd,bld->bl", q, k) / math.sqrt(dh)
+    if attn_mask is not None:
+        mask = attn_mask[positions] if attn_mask.dim() == 2 else attn_mask
+        scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
+    return torch.einsum("bl,bld->bd", scores.softmax(dim=-1), v)
 
 
 def monitored(monitor: SafetyMonitor, model: nn.Module, encode: Callable[[Any], Tensor]) -> Callable[[Any], tuple[Tensor, Tensor]]:

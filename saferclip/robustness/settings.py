@@ -43,7 +43,7 @@ class MonitorSettings:
     head_layers: list[int] | None = None  # the blocks whose heads the detector may pick (None: all)
     k: int = 5
     labelled_items: int = 300  # per class (safe / unsafe), training split: the head
-    bank_items: int = 500  # per kind (safe / unsafe captions / images), training split
+    bank_items: int = 250  # per kind (safe / unsafe captions / images), training split
     validation_items: int = 1000  # clean safe validation inputs per tower
     target_fpr: float = 0.05
     adaptive: bool = True  # also run every image and text attack against model + monitor jointly
