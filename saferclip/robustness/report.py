@@ -182,6 +182,8 @@ def success_plots(results: Mapping[str, Any], folder: Path) -> list[Path]:
         if not drawn:
             continue
         ax.set_xscale("log", base=2)
+        ticks = sorted({float(b) for m in names for b in ((results["models"][m].get("attacks") or {}).get(attack) or {}).get("budgets", {})})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.set_xlabel("L∞ budget (grey levels of 255)")
         ax.set_ylabel("success rate (%)")
         ax.set_ylim(-2, 102)
