@@ -227,6 +227,10 @@ class SaferClipModule(L.LightningModule):
             )
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self._info(f"trainable parameters: {trainable:,} of {self.param_counts['total']:,}")
+        if self.adversarial is not None:
+            c = self.adversarial.config
+            self._info(f"adversarial training: images at {c.epsilon_255:g}/255 ({c.steps} PGD steps), text attack {c.text_attack} "
+                       f"(radius {c.text_epsilon:g}), preserve_safe {c.preserve_safe}, weight {c.weight:g}: adv_<term> in the log")
 
     def loss_terms(self, item: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         """The active and the inactive loss terms with the inputs a training item provides."""
