@@ -40,13 +40,9 @@ def step_seconds(run_dir: Path) -> float | None:
 def main() -> None:
     from hydra import initialize_config_dir
 
-    from saferclip.app.hydra_utils import CONF_DIR, setup_logging, to_container
-    from saferclip.app.main_job import compose, evaluated_models, train_or_reuse
-    from saferclip.evaluation.headline import headline
-    from saferclip.evaluation.runner import evaluate_models
+    from saferclip.app.hydra_utils import CONF_DIR, setup_logging
+    from saferclip.app.main_job import train_or_reuse
     from saferclip.files import write_json_atomic
-    from saferclip.model.trained import read_selection
-    from saferclip.robustness.runner import attack_models
     from saferclip.robustness.settings import AttackSettings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,6 +54,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="a training override for every adversarial run")
     parser.add_argument("--runs-dir", type=Path, default=Path("outputs/runs"))
     parser.add_argument("--out", type=Path, default=Path("outputs/robustness/sweep.json"))
+    parser.add_argument("--fresh", action="store_true", help="measure every point again (default: keep the points --out holds for the same run)")
     args = parser.parse_args()
     setup_logging()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -67,6 +64,9 @@ def main() -> None:
                                   "image": {"budgets_255": budgets, "variants": ["direct"]}})
     out: dict = {"world": args.world, "split": "validation", "seed": 0, "budgets_255": budgets, "items": args.items,
                  "overrides": args.set, "created": time.strftime("%Y-%m-%d"), "methods": {}}
+    previous = {} if args.fresh or not args.out.is_file() else json.loads(args.out.read_text())
+    done = {(m, p["epsilon_255"], p["run"]): p for m, ps in (previous.get("methods") or {}).items() for p in ps
+            if previous.get("budgets_255") == budgets and previous.get("items") == args.items and previous.get("world") == args.world}
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         for method in args.methods.split(","):
             points = []
@@ -77,31 +77,46 @@ def main() -> None:
                 name = f"{method}_sweep_eps{eps:g}"
                 start = time.time()
                 summary = train_or_reuse(name, overrides, args.runs_dir, force=False)
-                cfg = compose("train", overrides)
-                data = to_container(cfg.data)
-                trained = {"arch": cfg.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
-                models = evaluated_models(name, trained, cfg.method.name)
-                model = f"{name}_safe" if method == "hysac" else name
-                selection = (read_selection(summary["run_dir"]) or {}).get("selected") or {}
-                zeroshot = evaluate_models({"original": {"arch": cfg.model.arch, "pretrained": cfg.model.pretrained}, model: models[model]},
-                                           data, suites=["zeroshot"], reference="original", split="validation", progress=False)
-                attacked = attack_models({model: models[model]}, data, settings, split="validation", seed=0,
-                                         batch_size=int(cfg.data.eval_batch_size))
-                metrics = selection.get("metrics", {})
-                points.append({
-                    "epsilon_255": eps, "run": summary["run_dir"], "model": model, "epoch": selection.get("epoch"),
-                    "validation": {k: metrics.get(k) for k in ("U2VG_unsafe@1", "U2V_R@1", "S2V_R@1", "selection_score")},
-                    "zeroshot_retention": headline(zeroshot["results"][model]).get("zeroshot_retention"),
-                    "step_seconds": step_seconds(Path(summary["run_dir"])), "train_seconds": summary.get("train_seconds"),
-                    "attacks": {a: {b: r["success_rate"] for b, r in x["budgets"].items()}
-                                for a, x in attacked["models"][model]["attacks"].items()},
-                    "seconds": round(time.time() - start, 1),
-                })
-                out["methods"][method] = points
+                if (method, eps, summary["run_dir"]) in done:
+                    points.append(done[(method, eps, summary["run_dir"])])
+                else:
+                    points.append(measure_point(method, eps, name, overrides, summary, settings, start))
+                out["methods"][method] = sorted(points, key=lambda p: p["epsilon_255"])
                 args.out.parent.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(args.out, out)  # after every point: a killed sweep keeps what it measured
+                write_json_atomic(args.out, {**out, "methods": {**(previous.get("methods") or {}), **out["methods"]}})  # a killed sweep keeps what it measured
     print(json.dumps({m: [(p["epsilon_255"], p["validation"], p["attacks"].get("evade", {}).get("8")) for p in ps]
                       for m, ps in out["methods"].items()}, indent=1, default=str))
+
+
+def measure_point(method: str, eps: float, name: str, overrides: list[str], summary: dict, settings, start: float) -> dict:
+    """One point of the sweep: the run's validation figures and the attacks on the validation split."""
+    from saferclip.app.hydra_utils import to_container
+    from saferclip.app.main_job import compose, evaluated_models
+    from saferclip.evaluation.headline import headline
+    from saferclip.evaluation.runner import evaluate_models
+    from saferclip.model.trained import read_selection
+    from saferclip.robustness.runner import attack_models
+
+    cfg = compose("train", overrides)
+    data = to_container(cfg.data)
+    trained = {"arch": cfg.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
+    models = evaluated_models(name, trained, cfg.method.name)
+    model = f"{name}_safe" if method == "hysac" else name
+    selection = (read_selection(summary["run_dir"]) or {}).get("selected") or {}
+    zeroshot = evaluate_models({"original": {"arch": cfg.model.arch, "pretrained": cfg.model.pretrained}, model: models[model]},
+                               data, suites=["zeroshot"], reference="original", split="validation", progress=False)
+    attacked = attack_models({model: models[model]}, data, settings, split="validation", seed=0,
+                             batch_size=int(cfg.data.eval_batch_size))
+    metrics = selection.get("metrics", {})
+    return {
+        "epsilon_255": eps, "run": summary["run_dir"], "model": model, "epoch": selection.get("epoch"),
+        "validation": {k: metrics.get(k) for k in ("U2VG_unsafe@1", "U2V_R@1", "S2V_R@1", "selection_score")},
+        "zeroshot_retention": headline(zeroshot["results"][model]).get("zeroshot_retention"),
+        "step_seconds": step_seconds(Path(summary["run_dir"])), "train_seconds": summary.get("train_seconds"),
+        "attacks": {a: {b: r["success_rate"] for b, r in x["budgets"].items()}
+                    for a, x in attacked["models"][model]["attacks"].items()},
+        "seconds": round(time.time() - start, 1),
+    }
 
 
 if __name__ == "__main__":
