@@ -272,9 +272,12 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     assert all(len(q["top"]) == 5 for q in t2i["models"]["tuned"])
     again = evaluate_models(models, data_cfg(toy_world), suites=["visu"], reference="original", batch_size=16, seed=3, progress=False)
     assert again["showcase"]["sections"][0]["queries"] == t2i["queries"]
-    # every headline figure has its bootstrap interval, around the figure itself
+    # every headline figure has its interval, around the figure itself: exact for a share
     from saferclip.evaluation.headline import headline
-    from saferclip.evaluation.intervals import DIFFERENCE_KEYS, metric_outcomes
+    from saferclip.evaluation.intervals import DIFFERENCE_KEYS, clopper_pearson, metric_outcomes
+
+    hits = metric_outcomes(results["results"]["tuned"], "U2V_R@1").strata["U2V_R@1"]
+    assert results["intervals"]["tuned"]["U2V_R@1"] == list(clopper_pearson(int(hits.sum()), len(hits)))
 
     for name in ("original", "tuned"):
         figures, intervals = headline(results["results"][name]), results["intervals"][name]

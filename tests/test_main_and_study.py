@@ -158,6 +158,9 @@ def test_main_job_trains_the_three_methods_evaluates_and_reports(tmp_path, toy_w
     payload = json.loads((report / "results.json").read_text())
     assert set(payload["training"]) == {"safeclip", "saferclip", "hysac"}
     assert set(out["timings"]) == {"safeclip", "saferclip", "hysac", "evaluation"}
-    # a second run reuses both trainings
+    # a second run reuses both trainings, and records how long each took when it trained
     again = main_job.run(cfg, overrides)
     assert again["models"] == out["models"]
+    recorded = {done.parent.name.rsplit("-", 1)[0]: json.loads(done.read_text())["train_seconds"]
+                for done in (tmp_path / "runs").glob(f"*/{main_job.DONE_MARKER}")}
+    assert again["results"]["meta"]["train_seconds"] == recorded and set(recorded) == {"safeclip", "saferclip", "hysac"}

@@ -208,6 +208,22 @@ def test_bad_tune_input_is_one_line(tmp_path, toy_world, capsys):
     assert not (tmp_path / "tune" / "safeclip").exists() or not list((tmp_path / "tune").rglob("trials/*"))
 
 
+@pytest.mark.parametrize("content", [b"not a database\n", b"SQLite format 3\x00" + b"\xff" * 4000])
+def test_a_study_db_that_is_not_sqlite_is_one_line(tmp_path, toy_world, capsys, content):
+    """A study.db that is text, or an SQLite header over garbage: one line naming it, exit 2, the
+    file left as it was, nothing trained (SQLAlchemy's DatabaseError traceback before)."""
+    from saferclip.app import tune
+
+    db = tmp_path / "tune" / "safeclip" / "study.db"
+    db.parent.mkdir(parents=True)
+    db.write_bytes(content)
+    assert tune.main(tune_args(tmp_path, toy_world)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"saferclip-tune: error: {db}: " in err and "move it away" in err, err
+    assert db.read_bytes() == content and not (db.parent / "trials").exists()
+
+
 def test_each_world_has_its_own_folder_and_the_main_job_tests_on_a_held_out_one(tmp_path):
     assert toy_world_dir(tmp_path / "toy", 0) == tmp_path / "toy"
     assert toy_world_dir(tmp_path / "toy", 3) == tmp_path / "toy-world3"

@@ -36,18 +36,13 @@ def attack(cfg: DictConfig) -> dict:
     from ..robustness.report import summary_table, write_attack_report
     from ..robustness.runner import attack_models
     from ..robustness.settings import AttackSettings
-    from .analyze import find_main_runs
+    from .analyze import with_main_runs
     from .hydra_utils import check_bool, check_run_options
-    from .main_job import evaluated_models
 
     check_run_options(cfg)
     check_bool(cfg.get("main_runs", False), "main_runs")
     settings = AttackSettings.of(resolved_value(cfg, "attack"))
-    models = dict(resolved_value(cfg, "models") or {})
-    if cfg.get("main_runs", False):
-        for name, run in find_main_runs(cfg.get("runs_dir"), hyperbolic=True, adversarial=True).items():
-            for entry, spec in evaluated_models(name, {"pretrained": run["pretrained"]}, run["method"]).items():
-                models.setdefault(entry, spec)
+    models = with_main_runs(cfg, dict(resolved_value(cfg, "models") or {}), hyperbolic=True, adversarial=True)
     if not models:
         raise ConfigError("models is empty; add one with +models.<name>.pretrained=<path>")
     data = resolved_value(cfg, "data")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any, Mapping
 
 import lightning as L
 import torch
@@ -35,6 +36,20 @@ def drop_last_for(n_items: int, batch_size: int, world_size: int) -> bool:
     sizes (all_gather in the InfoNCE terms needs that)."""
     return math.ceil(n_items / max(world_size, 1)) > batch_size
 
+
+
+def split_image_shards(data_cfg: Mapping[str, Any], split: str, preprocess) -> ImageShards | None:
+    """The split's pre-resized images (``data.image_shards``/<split>, written by
+    ``python -m saferclip.app.make_image_shards``) when they exist and match; else None (the
+    image files, with a one-line warning when shards are there but damaged or stale). Training
+    and its dry run both open them here."""
+    root = data_cfg.get("image_shards")
+    if not root or not (Path(root) / split / "images.json").is_file():
+        return None
+    shards = ImageShards.open(Path(root) / split, preprocess)
+    if shards is not None:
+        log.info("%s images from the shards in %s", split, shards.folder)
+    return shards
 
 class EpochShuffle(Sampler[int]):
     """A permutation of ``range(n)`` fixed by ``seed + epoch``, the same however often it is
@@ -140,15 +155,7 @@ class SaferClipDataModule(L.LightningDataModule):
         self.mode = prepared.train.mode
 
     def _image_shards(self, split: str, preprocess) -> ImageShards | None:
-        """The split's pre-resized images (``data.image_shards``/<split>, written by
-        ``python -m saferclip.app.make_image_shards``) when they exist and match; else None (JPEGs)."""
-        root = self.data_cfg.get("image_shards")
-        if not root or not (Path(root) / split / "images.json").is_file():
-            return None
-        shards = ImageShards.open(Path(root) / split, preprocess)
-        if shards is not None:
-            log.info("%s images from the shards in %s", split, shards.folder)
-        return shards
+        return split_image_shards(self.data_cfg, split, preprocess)
 
     def _setup_pairs_only(self) -> None:
         """The training quadruplets as they are (captions tokenised, images preprocessed), with

@@ -5,7 +5,10 @@ It shares the Euclidean module's encoding, logging, optimizer and selection mach
 raw outputs are lifted onto the hyperboloid by the learnt :class:`HyperbolicHead`, the loss is
 :class:`~saferclip.training.hysac.HysacLoss`, no frozen target is ever read, and validation
 scores in the safe mode (queries traversed to a radius taken from the validation split's own
-safe items, the same percentile the export uses on the training split).
+safe items, the same percentile the export uses on the training split). The head's
+parameters get no weight decay and are projected back into their ranges after every optimizer
+step (:class:`~saferclip.model.hyperbolic.HyperbolicHead`), so the gradient reaches them at
+and beyond their bounds.
 """
 
 from __future__ import annotations
@@ -30,6 +33,15 @@ class HysacModule(SaferClipModule):
     def build_loss(self, config):
         self.head = HyperbolicHead(self.embed_dim, config.hyperbolic)
         return HysacLoss(config.loss)
+
+    def no_decay_parameters(self) -> list[torch.nn.Parameter]:
+        return self.head.no_decay_parameters()
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # the published code's way of keeping the head's parameters in range: the step moves
+        # the raw parameter, then its data is projected back (HyperbolicHead.clamp_parameters_)
+        super().optimizer_step(*args, **kwargs)
+        self.head.clamp_parameters_()
 
     def lifted(self, batch: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
         """The points of the hyperboloid ``[B, D]`` of the encodings in ``wanted``."""

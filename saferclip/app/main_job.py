@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from ..model.trained import read_selection
 from .cli import command, compose_help, wants_help
 from .hydra_utils import CONF_DIR, check_int, pop_quiet, quiet_logging, setup_logging, to_container
+from .overrides import check_command
 
 log = logging.getLogger("saferclip.main")
 
@@ -188,10 +189,12 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         "original": {"arch": train_base.model.arch, "pretrained": train_base.model.pretrained}
     }
     training: dict[str, dict[str, Any]] = {}
+    train_seconds: dict[str, float | None] = {}  # each run's training as it was timed, reused or not
     for name, run_overrides in runs.items():
         start = time.time()
         summary = train_or_reuse(name, common + list(run_overrides), Path(cfg.runs_dir), bool(cfg.force))
         timings[name] = round(time.time() - start, 1)
+        train_seconds[name] = summary.get("train_seconds")
         trained = {"arch": train_base.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
         models.update(evaluated_models(name, trained, compose("train", common + list(run_overrides)).method.name))
         training[name] = read_selection(summary["run_dir"])
@@ -210,6 +213,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     )
     timings["evaluation"] = round(time.time() - start, 1)
     results["meta"]["timings_seconds"] = timings
+    results["meta"]["train_seconds"] = train_seconds
     report = write_report(results, out_dir / "report", force=True, training={k: v for k, v in training.items() if v})
     return {"results": results, "report": report, "models": models, "timings": timings}
 
@@ -256,6 +260,7 @@ def _run_and_print(overrides: list[str], quiet: bool = False) -> None:
         quiet_logging()
     start = time.time()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        check_command("saferclip-main", "main", overrides, MAIN_KEYS)  # every key and group, before any work
         own, rest = split_overrides(overrides)
         out = run(compose("main", own), rest)
     if not quiet:

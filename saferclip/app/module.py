@@ -241,10 +241,18 @@ class SaferClipModule(L.LightningModule):
         if self.trainer.is_global_zero:
             log.info(message)
 
+    def no_decay_parameters(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters that get no weight decay (none here; HySAC's head)."""
+        return []
+
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
         cfg = self.optimizer_config
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        exempt = {id(p) for p in self.no_decay_parameters()}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in exempt]
+        groups = [{"params": params}]
+        if exempt:
+            groups.append({"params": [p for p in self.parameters() if id(p) in exempt], "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
         if warmup <= 0:
             return opt

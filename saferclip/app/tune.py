@@ -35,10 +35,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..data.records import DataFormatError
 from ..errors import ConfigError
 from ..training.search_space import SearchParam, overrides_of, parse_search_space, sample
-from .cli import check_writable_folder, command, compose_help, wants_help
+from .cli import check_writable_folder, command, compose_help, one_line, wants_help
 from .hydra_utils import CONF_DIR, check_int, check_seed, setup_logging, to_container
+from .overrides import check_command
 
 log = logging.getLogger("saferclip.tune")
 
@@ -141,8 +143,14 @@ def run(cfg: DictConfig, common: list[str]) -> dict[str, Any]:
     space_record = json.dumps({"base": list(cfg.hparams_search.base), "space": to_container(cfg.hparams_search.space),
                                "world": int(cfg.world), "seed": int(cfg.seed), "common": list(cfg.common) + common}, sort_keys=True)
     with file_lock(folder / ".study.lock"):  # one search per study at a time
-        storage = f"sqlite:///{folder / 'study.db'}"
-        earlier = len(optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True).trials)
+        storage = f"sqlite:///{check_study_db(folder / 'study.db')}"
+        try:
+            earlier = len(optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True).trials)
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy's DatabaseError (a damaged file), imported with Optuna only
+            if type(e).__module__.startswith("sqlalchemy"):
+                raise DataFormatError(folder / "study.db", f"not a readable Optuna study ({one_line(e).split(' (Background')[0]}); "
+                                      "move it away to start a new search, or choose another out_dir") from None
+            raise
         # a resumed search continues the sampler's stream rather than restarting it (seeded
         # alike, a restarted TPE would propose the very first trials again)
         study = optuna.load_study(
@@ -166,6 +174,21 @@ def run(cfg: DictConfig, common: list[str]) -> dict[str, Any]:
             log.info("%s: %d trial(s) to run (%d finished before)", name, remaining, len(finished))
             study.optimize(lambda trial: objective(trial, cfg, params, common, folder), n_trials=remaining)
         return write_search_report(study, cfg, params, common, folder)
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_study_db(path: Path) -> Path:
+    """``path`` when it is absent (a new search) or an SQLite file (Optuna's storage); else a
+    one-line error naming it (Optuna would fail with SQLAlchemy's traceback)."""
+    if path.is_dir():
+        raise DataFormatError(path, "a folder where the search's SQLite file (study.db) belongs")
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as f:
+            if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                raise DataFormatError(path, "not an SQLite database (the search's Optuna storage); move it away to start a new search, or choose another out_dir")
+    return path
 
 
 def _active(params: list[SearchParam], name: str, values: dict[str, Any]) -> bool:
@@ -350,6 +373,7 @@ def _run_and_print(overrides: list[str]) -> None:
         raise ConfigError("saferclip-tune needs Optuna: pip install 'saferclip[tune]' (or pip install 'optuna>=4')") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # saferclip's own line per trial says it
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        check_command("saferclip-tune", "tune", overrides, TUNE_KEYS)  # every key and group, before any work
         own, rest = split_overrides(overrides)
         out = run(compose("tune", own), rest)
     print(Path(out["summary"]).read_text(), end="")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from ..files import write_json_atomic, write_text_atomic
-from .plotting import figure, finite, model_styles, save_figure
+from .plotting import figure, finite, model_styles, overlap_width, save_figure
 
 JSON_NAME, MARKDOWN_NAME, PLOTS_DIR = "results.json", "results.md", "plots"
 SUITE_TITLES = {"visu": "ViSU retrieval", "nsfw_caps": "NSFW-Caps", "zeroshot": "Zero-shot classification", "cost": "Cost of safety (vs reference)"}
@@ -215,16 +215,14 @@ def _markdown(
     if training:
         out += ["", "## Model selection (validation split)", "", *_selection_table(training)]
     from .headline import headline_table
-    from .intervals import differences_table
+    from .intervals import DIFFERENCES_NOTE, differences_table, intervals_note
 
     out += ["", "## Headline", "", headline_table(results)]
     if results.get("intervals"):
-        out += ["", f"In brackets: {meta.get('intervals') or 'a 95% bootstrap interval over the test queries'}."]
+        out += ["", f"In brackets: {intervals_note(results)}."]
     differences = differences_table(results.get("differences") or {})
     if differences:
-        out += ["", "## Differences between models (paired, same test queries)", "", differences, "",
-                "In points (first model minus second), with a 95% paired-bootstrap interval; `*`: the interval "
-                "excludes 0 (significant at 5%, two-sided)."]
+        out += ["", "## Differences between models (paired, same test queries)", "", differences, "", DIFFERENCES_NOTE]
     out += ["", "## Results", "", results_table(results), "", LEGEND]
     if extra:
         out += ["", extra.rstrip()]
@@ -242,6 +240,27 @@ def world_line(world: int) -> str:
 
 
 # ----------------------------------------------------------------------------- plots
+# the plots' names of metrics the headline table does not show (its own: headline.HEADLINE)
+PLOT_LABELS = {
+    "G2SU_unsafe@1": "unsafe image → captions: unsafe rate ↓",
+    "V2SU_unsafe@1": "safe image → captions: unsafe rate ↓",
+    "U2V_ref_R@1": "U→V R@1 (b)",
+    "visu_S2V_R@1_retention": "S→V R@1 retention",
+    "nsfw_caps_S2V_R@1_retention": "NSFW-Caps S→V R@1 retention",
+}
+
+
+def metric_label(suite: str, metric: str) -> str:
+    """A metric's name in the plots: the headline table's where it shows the metric (the
+    figure's title names the suite), else :data:`PLOT_LABELS`'s, else the key."""
+    from .headline import HEADLINE as TABLE
+
+    for label, where, _ in TABLE.values():
+        if where == (suite, metric):
+            return label.removeprefix("NSFW-Caps ")
+    return PLOT_LABELS.get(metric, metric)
+
+
 def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     """Per suite, one panel per headline metric with a bar per model
     (``plots/<suite>_headline.png``); histograms of unsafe-to-safe caption similarity per model
@@ -266,11 +285,13 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
             for bar, h in zip(bars, heights):
                 label = "n/a" if math.isnan(h) else f"{h:.1f}"
                 ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
-            ax.set_xticks(range(len(models)), models, rotation=30 if len(models) > 2 else 0, fontsize=7)
+            ax.set_xticks(range(len(models)), models, rotation=30 if len(models) > 2 else 0, fontsize=7, ha="right" if len(models) > 2 else "center")
             finite = [h for h in heights if not math.isnan(h)]
             ax.set_ylim(0, max([100.0] + [1.15 * h for h in finite]))
             note = _gallery_note(suite_results, metric).strip()
-            ax.set_title(f"{metric}\n{note}" if note else metric, fontsize=8)
+            label = metric_label(suite, metric)
+            ax.set_title(f"{label}\n{note}" if note else label, fontsize=8)
+            ax.set_ylabel("%", fontsize=7)
             ax.tick_params(axis="y", labelsize=7)
         fig.suptitle(f"{SUITE_TITLES[suite]} (%)", fontsize=9)
         path = out_dir / PLOTS_DIR / f"{suite}_headline.png"
@@ -285,11 +306,18 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         edges = np.histogram_bin_edges(np.concatenate([np.asarray(h["values"], dtype=float) for h in hists.values()]), bins=30)
         fig = figure(6.0, 3.5)
         ax = fig.add_subplot()
-        for m, h in hists.items():
+        drawn: dict[tuple, str] = {}  # a histogram already drawn -> its model
+        for i, (m, h) in enumerate(hists.items()):
             counts, _ = np.histogram(np.asarray(h["values"], dtype=float), bins=edges)
-            ax.stairs(counts, edges, label=f"{m} (mean {h['mean']:.3f})", linewidth=1.5, color=styles[m]["color"])
+            same = drawn.get(tuple(counts))
+            drawn.setdefault(tuple(counts), m)
+            # a model with the same histogram as one drawn (HySAC's two modes embed captions
+            # alike): dashed over it, so both colours show, and the legend says so
+            # and each line thinner than the one before: where two coincide, both colours show
+            ax.stairs(counts, edges, label=f"{m} (mean {h['mean']:.3f})" + (f", the same as {same}" if same else ""),
+                      linewidth=overlap_width(i, len(hists)), color=styles[m]["color"], linestyle=(0, (4, 4)) if same else "-", zorder=2 + i)
         ax.set_xlabel("cos(T(U_i), T(S_i)): unsafe caption vs its safe original")
-        ax.set_ylabel("pairs")
+        ax.set_ylabel("caption pairs")
         ax.set_title("NSFW-Caps: unsafe-to-safe caption similarity", fontsize=9)
         ax.legend(fontsize=8)
         path = out_dir / PLOTS_DIR / "nsfw_caps_unsafe_to_safe_cosine.png"
@@ -307,9 +335,9 @@ def write_report(
     sections: Callable[[Path], tuple[str, list[Path]]] | None = None,
     title: str = "saferclip evaluation",
 ) -> dict[str, Any]:
-    """Write ``results.json``, ``results.md``, ``plots/*.png`` and ``report.html`` (with
-    ``thumbs/``: the headline table, the retrieval galleries of ``results["showcase"]``, the
-    plots and the whole Markdown report; :mod:`saferclip.evaluation.html`) under ``out_dir``.
+    """Write ``results.json``, ``results.md``, ``plots/*.png`` and ``report.html`` (one
+    self-contained file: the headline table, the retrieval galleries of ``results["showcase"]``,
+    the plots and the whole Markdown report; :mod:`saferclip.evaluation.html`) under ``out_dir``.
 
     ``training``: run name -> its ``selection.json`` (validation history and exported epoch),
     for the per-epoch validation curves and the exported-epoch table. Every report with a

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..model.catalogue import ModelSpec, build_model, check_model
 from .cost import cost_of_safety
 from .hyperbolic import origin_detector_metrics, radii_at, safe_distances
-from .intervals import LEVEL, RESAMPLES, metric_intervals, paired_differences
+from .intervals import INTERVALS_NOTE, PER_QUERY, metric_intervals, paired_differences
 from .nsfw_caps import embed_nsfw_caps, nsfw_caps_metrics
 from .oracle import ORACLE_NAME, oracle_redirection
 from .retrieval import embed_visu, visu_metrics
@@ -132,7 +132,9 @@ def evaluate_models(
             if name == reference:
                 ref_visu = emb
             out["visu"] = visu_metrics(emb, ref_visu)
-            out["visu"].update(origin_detector_metrics(emb))  # a hyperbolic model's own detector
+            detector = origin_detector_metrics(emb)  # a hyperbolic model's own detector
+            out["visu"].setdefault(PER_QUERY, {}).update(detector.pop(PER_QUERY, {}))
+            out["visu"].update(detector)
             if gallery is not None:
                 gallery.add(name, "ViSU", data.visu, emb)
                 if borderline is not None:
@@ -167,8 +169,8 @@ def evaluate_models(
     if reference is not None:
         for name in order:
             results[name]["cost"] = cost_of_safety(results[name], results[reference], data.unsafe_tasks)
-    # how sure each figure is: bootstrap intervals over the test queries, and every pair of
-    # evaluated models compared on the same queries (saferclip.evaluation.intervals)
+    # how sure each figure is: exact intervals for shares, the bootstrap for composite figures,
+    # and every pair of evaluated models compared on the same queries (saferclip.evaluation.intervals)
     intervals = metric_intervals(results, reference, sorted(data.unsafe_tasks), seed)
     compared = [n for n in specs if n != reference]
     differences = paired_differences([results], compared, reference, sorted(data.unsafe_tasks), seed=seed)
@@ -185,7 +187,7 @@ def evaluate_models(
             "config": dict(config) if config is not None else None,
             # the toy world's generator seed (None: real data); tuning uses world 0 only
             "world": int(data_cfg.get("toy_seed", 0)) if data_cfg.get("make_toy") else None,
-            "intervals": f"{int(100 * LEVEL)}% percentile bootstrap over the test queries, {RESAMPLES} resamples",
+            "intervals": INTERVALS_NOTE,
         },
         "data": data.describe,
         "skipped": data.skipped,

@@ -42,10 +42,16 @@ def _report_card(results: Mapping[str, Any], where: str | None, roots: tuple = (
         results_table,
     )
 
+    from ..evaluation.headline import headline_table
+    from ..evaluation.intervals import intervals_note
+
     per_model = results.get("results") or {}
     main = {m: {s: r for s, r in suites.items() if s != "cost"} for m, suites in per_model.items()}
     cost = {m: {"cost": suites["cost"]} for m, suites in per_model.items() if "cost" in suites}
-    out: dict[str, Any] = {"evaluation": results_table({**results, "results": main}) + "\n\n" + LEGEND}
+    headline = ""
+    if results.get("intervals"):  # the headline figures with their intervals first
+        headline = f"{headline_table(results)}\n\nIn brackets: {intervals_note(results)}.\n\n"
+    out: dict[str, Any] = {"evaluation": headline + results_table({**results, "results": main}) + "\n\n" + LEGEND}
     if cost:
         out["over_defensiveness"] = results_table({**results, "results": cost})
     meta, data = results.get("meta") or {}, results.get("data") or {}

@@ -35,7 +35,7 @@ from .checkpoints import (
     read_safetensors_metadata,
     sniff_format,
 )
-from .hyperbolic import has_head, load_head
+from .hyperbolic import HEAD_JSON, HEAD_TENSORS, has_head, load_head
 from .similarity import COSINE, Similarity
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,10 @@ class ClipBundle:
     # how the model compares embeddings (cosine for every Euclidean CLIP; a hyperbolic model
     # brings its own): evaluation asks for it instead of assuming cosine
     similarity: Similarity = field(default=COSINE)
+    # where its parts came from, for what reads it later: a HySAC training checkpoint's
+    # "safe_radii" (the record of its own safe radii, saferclip.model.safe_radii) or
+    # "safe_radii_missing" (why it has none, in words)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_cfg(self) -> dict[str, Any]:
@@ -185,8 +189,11 @@ def _without_random_init_warning() -> Iterator[None]:
         root.removeFilter(quiet)
 
 
+CONFIG_FILE = "open_clip_config.json"  # open_clip's hub layout
+
+
 def _build_from_folder(path: Path, arch: str | None, device, precision: str) -> ClipBundle:
-    config_file = path / "open_clip_config.json"
+    config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: a model folder needs open_clip_config.json (open_clip's hub layout)")
     try:
@@ -215,6 +222,12 @@ def _build_from_folder(path: Path, arch: str | None, device, precision: str) -> 
     bundle = ClipBundle(model, preprocess, tokenizer, folder_arch or arch or f"local-dir:{path}", str(path))
     if has_head(path):  # an exported HySAC model: its hyperbolic geometry, checked
         bundle.similarity, _ = load_head(path)
+    elif (cfg.get("saferclip") or {}).get("geometry") == "lorentz" or (cfg.get("saferclip") or {}).get("method") == "hysac":
+        # without its head a HySAC export would load as a cosine CLIP: other scores, no word
+        raise CheckpointError(
+            f"{path}: a HySAC export (its {CONFIG_FILE} says hyperbolic) without its hyperbolic head: "
+            f"{HEAD_JSON} and {HEAD_TENSORS} are both missing; copy them back or export the run again (saferclip-export)"
+        )
     return bundle
 
 
