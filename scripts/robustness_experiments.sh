@@ -38,7 +38,7 @@ $MAIN --quiet > "$OUT/main_table.md"
 $ATTACK > "$OUT/attack_table.md"
 python scripts/bench_adversarial_step.py --steps 10 --json "$OUT/step_cost.json"
 python scripts/bench_monitor.py --toy data/toy-world1 --json "$OUT/monitor_cost.json"
-python scripts/robustness_results.py collect --attack "$OUT/attack/attack.json" --main outputs/main/report/results.json \
+python scripts/robustness_results.py --attack "$OUT/attack/attack.json" --main outputs/main/report/results.json \
   --sweep "$OUT/sweep.json" --step-cost "$OUT/step_cost.json" --monitor-cost "$OUT/monitor_cost.json" \
   --command "sweep=$SWEEP" --command "main=$MAIN" --command "attack=$ATTACK" --command "epsilon=$EPSILON"
-python scripts/robustness_results.py update
+python scripts/update_doc_tables.py

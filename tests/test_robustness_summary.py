@@ -1,17 +1,17 @@
-"""docs/ROBUSTNESS.md's generated figures: the targets' verdicts computed by hand, a region
-rewritten from the result file and found stale when the file changes, and the committed page
-against the committed file."""
+"""docs/ROBUSTNESS.md's generated figures (saferclip.robustness.summary, through the documents'
+one mechanism, saferclip.evaluation.doc_tables): the targets' verdicts computed by hand, and a
+region rewritten from the result file and found to differ when the file changes. (The committed
+pages against the committed files: tests/test_doc_tables.py.)"""
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+import json
 
 import pytest
 
-from saferclip.robustness.summary import load_results, render, stale_regions, update_document
-
-REPO = Path(__file__).resolve().parents[1]
+from saferclip.evaluation.doc_tables import render_document
+from saferclip.robustness.summary import targets_table
 
 
 def rate(k: int, n: int) -> dict:
@@ -38,7 +38,7 @@ def results() -> dict:
 
 
 def test_targets_say_met_or_missed_and_by_how_much():
-    table = render("robustness-targets", "", results())
+    table = targets_table(results(), {})
     lines = {line.split(" | ")[1]: line.split(" | ")[2].rstrip(" |") for line in table.strip().splitlines()[2:]}
     assert lines["evade success at 8/255 ≤ 10%"].startswith("met: 5.0 [")  # 3 of 60
     assert lines["phrasing search success at 60 queries ≤ 20%"].endswith("(20.0 points over)")  # 20 of 50 = 40%
@@ -49,22 +49,16 @@ def test_targets_say_met_or_missed_and_by_how_much():
     assert "| hysac_adv_safe | (not in the results) | not measured |" in table
 
 
-def test_a_document_is_rewritten_from_the_file_and_stale_when_the_file_changes(tmp_path):
-    doc = tmp_path / "doc.md"
-    doc.write_text("World <!-- generated:robustness-setting field=world -->?<!-- /generated -->.\n\n"
-                   "<!-- generated:robustness-summary attacks=evade -->\nold\n<!-- /generated -->\n")
-    r = results()
-    assert len(stale_regions(doc, r)) == 2
-    assert update_document(doc, r) == 2 and stale_regions(doc, r) == []
-    text = doc.read_text()
-    assert "field=world -->1<!--" in text and "| evade | 8/255 | 5.0 [1.0, 13.9] of 60 |" in text  # 3 of 60: Beta quantiles
-    changed = copy.deepcopy(r)
-    changed["models"]["saferclip_adv"]["attacks"]["evade"]["budgets"]["8"]["success_rate"] = rate(30, 60)
-    assert stale_regions(doc, changed) == ["robustness-summary attacks=evade"]
-
-
-def test_the_committed_page_matches_the_committed_result_file():
-    results_file = REPO / "docs" / "results" / "robustness.json"
-    committed = load_results(results_file)
-    for document in (REPO / "docs" / "ROBUSTNESS.md", REPO / "README.md"):
-        assert stale_regions(document, committed) == [], f"{document.name}: run python scripts/robustness_results.py update"
+def test_a_document_is_rewritten_from_the_file_and_differs_when_the_file_changes(tmp_path):
+    text = ("World <!-- generated:robustness-setting field=world -->?<!-- /generated -->.\n\n"
+            "<!-- generated:robustness-summary attacks=evade -->\nold\n<!-- /generated -->\n")
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "robustness.json").write_text(json.dumps(results()))
+    rendered, changed = render_document(text, tmp_path, "doc.md")
+    assert len(changed) == 2
+    assert render_document(rendered, tmp_path, "doc.md")[1] == []  # rewritten: nothing differs any more
+    assert "field=world -->1<!--" in rendered and "| evade | 8/255 | 5.0 [1.0, 13.9] of 60 |" in rendered  # 3 of 60: Beta quantiles
+    changed_results = copy.deepcopy(results())
+    changed_results["models"]["saferclip_adv"]["attacks"]["evade"]["budgets"]["8"]["success_rate"] = rate(30, 60)
+    (tmp_path / "docs" / "results" / "robustness.json").write_text(json.dumps(changed_results))
+    assert render_document(rendered, tmp_path, "doc.md")[1] == ["doc.md: region generated:robustness-summary attacks=evade"]

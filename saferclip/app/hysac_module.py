@@ -13,10 +13,9 @@ and beyond their bounds.
 
 from __future__ import annotations
 
-import torch
-
 import time
 
+import torch
 from torch.nn.utils import parametrize
 
 from ..model.build import encode_tokens

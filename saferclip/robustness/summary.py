@@ -2,20 +2,15 @@
 go stale.
 
 :func:`collect` gathers what the robustness experiments measured into one JSON
-(``docs/results/robustness.json``): ``saferclip-attack``'s results on the held-out world's test
-split, the same models' clean figures from the main job's evaluation, the ε sweep on the
-tuning world's validation split (``scripts/robustness_sweep.py``) and the cost benchmarks.
+(``docs/results/robustness.json``, ``scripts/robustness_results.py``): ``saferclip-attack``'s
+results on the held-out world's test split, the same models' clean figures from the main job's
+evaluation, the ε sweep on the tuning world's validation split (``scripts/robustness_sweep.py``)
+and the cost benchmarks.
 
-A document marks each generated region with a pair of HTML comments (invisible when rendered;
-the syntax the other result documents use)::
-
-    <!-- generated:robustness-targets -->
-    | target | ... |
-    <!-- /generated -->
-
-and :func:`update_document` rewrites every region from the file, :func:`stale_regions` lists
-those that differ (a test ties the document to the file). Generators: ``robustness-targets``
-(every target of the issue against its measurement: met, or missed by how much),
+The generators below render its tables and quoted figures; the documents' generated regions are
+rewritten and checked by the one mechanism every result document uses
+(:mod:`saferclip.evaluation.doc_tables`, ``scripts/update_doc_tables.py``), under these names:
+``robustness-targets`` (every target against its measurement: met, or missed by how much),
 ``robustness-summary [models=a,b] [attacks=x,y]`` (attack success at the headline budget),
 ``robustness-clean [models=]``, ``robustness-sanity`` (the attacks below the sanity threshold and
 why), ``robustness-monitor``, ``robustness-geometry``, ``robustness-sweep`` (the trade-off over
@@ -26,21 +21,13 @@ attack=|clean=``.
 from __future__ import annotations
 
 import json
-import math
-import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import SaferclipError
 from ..evaluation.headline import HEADLINE, headline
-from ..files import write_text_atomic
 from .report import headline_key, pct, pooled
 
-MARKER = re.compile(
-    r"<!-- generated:(?P<name>robustness-[a-z-]+)(?P<args>(?:\s+[\w@-]+=(?:\"[^\"]*\"|[^\s\"]+))*)\s*-->(?P<body>.*?)<!-- /generated -->",
-    re.S,
-)
-ARGUMENT = re.compile(r"([\w@-]+)=(?:\"([^\"]*)\"|([^\s\"]+))")
 CLEAN_KEYS = ("unsafe_rate_a", "U2V_R@1", "S2V_R@1", "zeroshot_retention")
 
 
@@ -294,46 +281,19 @@ def targets_table(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
     return "\n".join(rows)
 
 
-GENERATORS: dict[str, Callable[[Mapping[str, Any], Mapping[str, str]], str]] = {
-    "robustness-targets": targets_table,
-    "robustness-summary": summary_table,
-    "robustness-clean": clean_table,
-    "robustness-sanity": sanity_table,
-    "robustness-monitor": monitor_table,
-    "robustness-geometry": geometry_table,
-    "robustness-sweep": sweep_table,
-    "robustness-cost": cost_table,
-    "robustness-setting": setting,
-    "robustness-value": value,
+# name -> (generator, block: its own lines between the markers), for saferclip.evaluation.doc_tables
+GENERATORS: dict[str, tuple[Callable[[Mapping[str, Any], Mapping[str, str]], str], bool]] = {
+    "robustness-targets": (targets_table, True),
+    "robustness-summary": (summary_table, True),
+    "robustness-clean": (clean_table, True),
+    "robustness-sanity": (sanity_table, True),
+    "robustness-monitor": (monitor_table, True),
+    "robustness-geometry": (geometry_table, True),
+    "robustness-sweep": (sweep_table, True),
+    "robustness-cost": (cost_table, True),
+    "robustness-setting": (setting, False),
+    "robustness-value": (value, False),
 }
-
-
-# ----------------------------------------------------------------------------- documents
-def render(name: str, args_text: str, results: Mapping[str, Any]) -> str:
-    if name not in GENERATORS:
-        raise SummaryError(f"unknown generator {name!r}; expected one of {', '.join(GENERATORS)}")
-    args = {k: (a if a else b) for k, a, b in ARGUMENT.findall(args_text)}
-    text = GENERATORS[name](results, args)
-    inline = name in ("robustness-setting", "robustness-value")
-    return text if inline else f"\n{text}\n"
-
-
-def updated(document: str, results: Mapping[str, Any]) -> str:
-    return MARKER.sub(lambda m: f"<!-- generated:{m['name']}{m['args']} -->{render(m['name'], m['args'], results)}<!-- /generated -->", document)
-
-
-def stale_regions(path: str | Path, results: Mapping[str, Any]) -> list[str]:
-    """The generated regions of ``path`` whose text differs from what the results give."""
-    text = Path(path).read_text(encoding="utf-8")
-    return [f"{m['name']}{m['args']}" for m in MARKER.finditer(text) if m["body"] != render(m["name"], m["args"], results)]
-
-
-def update_document(path: str | Path, results: Mapping[str, Any]) -> int:
-    """Rewrite every generated region of ``path``; returns how many there are."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    write_text_atomic(path, updated(text, results))
-    return len(MARKER.findall(text))
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
@@ -341,7 +301,3 @@ def load_results(path: str | Path) -> dict[str, Any]:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise SummaryError(f"{path}: not a readable result file ({e})") from None
-
-
-def finite_or_none(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
