@@ -197,7 +197,11 @@ def test_training_neighbours_from_an_embedded_pool_equal_the_caption_file_path(t
 
     attached = attach_large_pool(cache, pool, per_query=8, encode_captions=encode)
     assert attached.path.parent == cache.path / "pools" and attached.key != cache.key
-    assert len(attached.extra_safe_captions) < len(extra)  # a union of candidates, not the pool
+    # a union of candidates, not the pool: by brute force, the union of each unsafe caption's
+    # 8 nearest pool captions (the test once checked only that the union was smaller than the
+    # pool, which held for the loose world's captions and not for the ViSU-like one's)
+    top = (cache.unsafe_text.float() @ torch.from_numpy(vectors).T).topk(8, dim=1).indices
+    assert set(attached.extra_safe_captions) == {extra[j] for j in top.flatten().tolist()}
     found = find_safe_neighbours(attached, config)
     got_pool = [q.safe_caption for q in qset] + attached.extra_safe_captions
     for i in range(len(qset)):

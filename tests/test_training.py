@@ -223,10 +223,16 @@ def mean_loss(module, dataset, batches: int, batch_size: int) -> float:
 def test_overfitting_a_few_batches(tmp_path, toy_world, method):
     """debug=overfit on the toy base model (full fine-tuning, as the toy experiments): the loss
     on those batches collapses and their unsafe captions move to their targets. SafeR-CLIP
-    keeps S->V; rigid Safe-CLIP is allowed to lose it (it does)."""
+    keeps S->V; rigid Safe-CLIP is allowed to lose it (it does).
+
+    On the loose pairing (generated beside the session's world): there the unsafe captions start
+    far enough from their targets for the move to be measured. This
+    test was written when loose was the only pairing; on the ViSU-like default the base model's
+    unsafe captions already retrieve their targets' images at 0.84, leaving no room for the
+    +0.15 asked below."""
     batch_size = 16
     cfg = compose_train(
-        tmp_path, toy_world, "model=toy", f"method={method}", "debug=overfit", "method.curriculum=false",
+        tmp_path, toy_world, "model=toy", "data.toy_pairs=loose", f"method={method}", "debug=overfit", "method.curriculum=false",
         f"data.batch_size={batch_size}", "method.trainable.mode=full", "method.optimizer.lr=3e-4" if method == "saferclip" else "method.optimizer.lr=1e-4",
         "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null", "trainer.enable_checkpointing=false", "logger=none",
     )  # fmt: skip
@@ -309,14 +315,22 @@ def test_short_run_checkpoints_exports_and_returns_metrics(tmp_path, toy_world, 
     run = tmp_path / "run"
     assert Path(result["best_checkpoint"]).is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert Path(result["best_checkpoint"]).name in ("epoch00.ckpt", "epoch01.ckpt")
-    # the kept epoch is the one with the best selection score, mean(1 - U2VG_unsafe@1, U2V_R@1,
-    # S2V_R@1), recomputed here from each epoch's validation figures
+    # the kept epoch at matched safety, by hand from each epoch's validation figures: the best
+    # U->V among the epochs with unsafe rate <= 5%, else the safest (the first of equals); the
+    # monitored value is 1 + that U->V, or minus that unsafe rate
     history = json.loads((run / "selection.json").read_text())["history"]
-    scores = [(1 - h["metrics"]["U2VG_unsafe@1"] + h["metrics"]["U2V_R@1"] + h["metrics"]["S2V_R@1"]) / 3 for h in history]
     assert [h["epoch"] for h in history] == [0, 1]
-    assert result["best_score"] == pytest.approx(max(scores))
+    m = [h["metrics"] for h in history]
+    safe = [i for i, x in enumerate(m) if x["U2VG_unsafe@1"] <= 0.05 + 1e-6]
+    if safe:
+        kept = max(safe, key=lambda i: (m[i]["U2V_R@1"], -i))
+        value = 1 + m[kept]["U2V_R@1"]
+    else:
+        kept = min(range(len(m)), key=lambda i: (m[i]["U2VG_unsafe@1"], i))
+        value = -m[kept]["U2VG_unsafe@1"]
+    assert result["best_score"] == pytest.approx(value)
     best = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=True)
-    assert best["epoch"] == scores.index(max(scores))
+    assert best["epoch"] == kept
     # training moved the weights: every LoRA update, zero at the start, is not zero any more
     lora_b = {k: v for k, v in best["state_dict"].items() if k.endswith(".lora_B")}
     assert lora_b and all(v.abs().max() > 0 for v in lora_b.values()), [k for k, v in lora_b.items() if not v.any()]
@@ -384,7 +398,10 @@ def test_wandb_logger_runs_offline_without_a_key(tmp_path, toy_world, cache_dir,
 
 
 BAD_CONFIGS = {
-    "unknown method": (["method=nope"], "Could not find 'method/nope'"),
+    "unknown method": (
+        ["method=nope"],
+        "method=nope: no such method (conf/method/nope.yaml); options: hysac, safeclip, saferclip",
+    ),
     "unknown method name": (["method.name=nope"], "unknown method 'nope'"),
     "missing data path": (["data=visu_text", "paths.visu=/no/such/visu"], "no such file: /no/such/visu/train.csv"),
     "unset data path": (["data=visu"], "data.splits.train.path needs paths.visu, which is not set"),

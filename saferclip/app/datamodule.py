@@ -86,6 +86,8 @@ class SaferClipDataModule(L.LightningDataModule):
         self.cache_dir, self.live_targets, self.seed = cache_dir, live_targets, seed
         self.train_set: RedirectionDataset | None = None
         self.val_set: ValidationDataset | None = None
+        # the NSFW-Caps-like validation set (data.nsfw_caps_validation), if the data has one
+        self.nsfw_caps_val_set: ValidationDataset | None = None
         self.targets: RedirectionTargets | None = None
         self.mode = None
         # what prepare_data built, reused by setup in the same process (the model is not
@@ -151,6 +153,7 @@ class SaferClipDataModule(L.LightningDataModule):
         self.val_set = ValidationDataset(
             validation, bundle.tokenizer, bundle.preprocess, memo_images=memo, image_shards=self._image_shards("validation", bundle.preprocess)
         )
+        self.nsfw_caps_val_set = self._nsfw_caps_validation(bundle, memo)
         self.tokenizer, self.preprocess = bundle.tokenizer, bundle.preprocess
         self.mode = prepared.train.mode
 
@@ -173,8 +176,31 @@ class SaferClipDataModule(L.LightningDataModule):
         self.val_set = ValidationDataset(
             validation, bundle.tokenizer, bundle.preprocess, memo_images=memo, image_shards=self._image_shards("validation", bundle.preprocess)
         )
+        self.nsfw_caps_val_set = self._nsfw_caps_validation(bundle, memo)
         self.tokenizer, self.preprocess = bundle.tokenizer, bundle.preprocess
         self.mode = train.mode
+
+    def _nsfw_caps_validation(self, bundle, memo: bool) -> ValidationDataset | None:
+        """The NSFW-Caps-like validation set ``data.nsfw_caps_validation`` (its S->V R@1 is a
+        part of the selection score), or None when the data config names none."""
+        from ..data.nsfw_caps import load_nsfw_caps
+        from ..errors import ConfigError
+
+        spec = self.data_cfg.get("nsfw_caps_validation") or {}
+        if not spec.get("path"):
+            return None
+        path = Path(spec["path"])
+        if not path.is_file():
+            raise ConfigError(
+                f"data.nsfw_caps_validation.path: no such file: {path} (set data.nsfw_caps_validation=null to select "
+                f"without NSFW-Caps S->V)"
+            )
+        pairs = load_nsfw_caps(
+            path, image_root=spec.get("image_root"), nsfw_image_root=spec.get("nsfw_image_root"), on_error=self.data_cfg.get("on_error", "raise")
+        )
+        if pairs.skips is not None and pairs.skips.count:
+            log.warning(pairs.skips.summary())
+        return ValidationDataset(pairs.as_quadruplets(), bundle.tokenizer, bundle.preprocess, memo_images=memo)
 
     # ---------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
@@ -194,9 +220,15 @@ class SaferClipDataModule(L.LightningDataModule):
             collate_fn=collate_items,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation split's loader; with the NSFW-Caps-like validation set, both (in
+        that order: the module tells them apart by ``dataloader_idx``)."""
+        loaders = [self._eval_loader(d) for d in (self.val_set, self.nsfw_caps_val_set) if d is not None]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def _eval_loader(self, dataset: ValidationDataset) -> DataLoader:
         return DataLoader(
-            self.val_set,
+            dataset,
             batch_size=int(self.data_cfg.get("eval_batch_size", 256)),
             shuffle=False,
             num_workers=int(self.data_cfg.get("num_workers", 0)),

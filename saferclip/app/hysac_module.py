@@ -23,7 +23,7 @@ from ..model.hyperbolic import HyperbolicHead, safe_radii
 from ..training.adversarial import Encoders, batch_radii, hyperbolic_objectives, hysac_adversarial_terms
 from ..training.hysac import HYSAC_TERMS, HysacLoss
 from ..training.losses import Gather
-from .module import SaferClipModule, validation_metrics
+from .module import SaferClipModule
 
 _MODALITY = {"safe_text": "text", "unsafe_text": "text", "safe_image": "image", "unsafe_image": "image"}
 
@@ -89,7 +89,10 @@ class HysacModule(SaferClipModule):
     def validation_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.lifted(batch, {"safe_text", "unsafe_text", "safe_image", "unsafe_image"})
 
-    def validation_metrics(self, rows: dict[str, torch.Tensor]) -> dict[str, float]:
+    def validation_similarity(self, rows: dict[str, torch.Tensor]):
+        """Safe mode, with radii from the validation split's own safe items (the same
+        percentile the export uses on the training split); the NSFW-Caps-like set is scored
+        with the same radii."""
         head = self.head
         owner = rows.get("owner", rows["index"])
         distinct = owner == rows["index"]
@@ -99,6 +102,7 @@ class HysacModule(SaferClipModule):
         else:
             distances["image"] = distances["text"]  # text-only data: no image query is traversed
         radii = safe_radii(distances, head.config.traversal_percentile)
-        metrics = validation_metrics(rows, similarity=head.similarity(radii, mode="safe"))
-        metrics["curvature"] = float(head.curvature())
-        return metrics
+        return head.similarity(radii, mode="safe")
+
+    def extra_validation_metrics(self) -> dict[str, float]:
+        return {"curvature": float(self.head.curvature())}

@@ -163,6 +163,15 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     return own, [o for o in overrides if o not in own]
 
 
+def record_pair_stats(data: dict[str, Any]) -> None:
+    """A toy world's pair statistics, measured once with the base model and saved with it
+    (``pair_stats.json``), so that the report records them."""
+    if data.get("make_toy"):
+        from ..toyworld.pair_stats import format_pair_stats, pair_stats
+
+        log.info(format_pair_stats(pair_stats(data["root"])))
+
+
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from ..evaluation.report import write_report
     from ..evaluation.runner import evaluate_models
@@ -184,6 +193,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     check_runs({name: common + list(run_overrides) for name, run_overrides in runs.items()})
     train_base = compose("train", common)
     ensure_toy_world(to_container(train_base.data))
+    record_pair_stats(to_container(train_base.data))
     timings: dict[str, float] = {}
     models: dict[str, dict[str, Any]] = {
         "original": {"arch": train_base.model.arch, "pretrained": train_base.model.pretrained}

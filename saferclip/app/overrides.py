@@ -336,12 +336,18 @@ def target_arguments(target: str) -> list[str] | None:
 
     try:
         obj = get_object(target)
-        signature = inspect.signature(obj)
+        # a class that hands **kwargs on to its base (a subclass adding one argument) takes the
+        # base's arguments too: follow the classes in method resolution order
+        functions = [c.__init__ for c in inspect.getmro(obj) if "__init__" in vars(c)] if inspect.isclass(obj) else [obj]
+        names: list[str] = []
+        for function in functions:
+            parameters = inspect.signature(function).parameters.values()
+            names += [p.name for p in parameters if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+                return [n for n in dict.fromkeys(names) if n != "self"]
     except Exception:  # noqa: BLE001 - an import that fails is reported when the object is built
         return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
-        return None
-    return [name for name, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    return None  # **kwargs all the way down: any key is left to the object
 
 
 # ----------------------------------------------------------------------------- did you mean

@@ -28,7 +28,7 @@ from ..evaluation.intervals import differences_table, paired_differences, seed_i
 from ..model.trained import read_selection
 from .cli import check_writable_folder, command, compose_help, wants_help
 from .hydra_utils import CONF_DIR, check_int, check_run_options, check_seed_list, pop_quiet, quiet_logging, setup_logging, to_container
-from .main_job import QUIET_HELP, check_runs, compose, eval_showcase, evaluated_models, train_or_reuse
+from .main_job import QUIET_HELP, check_runs, compose, eval_showcase, evaluated_models, record_pair_stats, train_or_reuse
 from .overrides import check_command
 
 log = logging.getLogger("saferclip.study")
@@ -131,6 +131,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         common = list(cfg.common) + list(overrides) + [f"seed={seed}", *worlds[seed]]
         base = compose("train", common)
         ensure_toy_world(to_container(base.data))
+        record_pair_stats(to_container(base.data))
         models = {"original": {"arch": base.model.arch, "pretrained": base.model.pretrained}}
         variants = dict(cfg.methods)
         if seed in cfg.ablation_seeds:

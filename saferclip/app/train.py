@@ -171,10 +171,12 @@ def check_run_dir(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> None
 
 
 def check_toy_size(cfg: DictConfig) -> None:
-    from ..toyworld.generate import TOY_SIZES
+    """The toy world's size and pairing (``data.toy_size``, ``data.toy_pairs``), checked."""
+    from ..toyworld.generate import check_toy_data
+    from ..toyworld.pairing import DEFAULT_PAIRING
 
-    if cfg.data.get("make_toy") and cfg.data.get("toy_size", "default") not in TOY_SIZES:
-        raise ConfigError(f"data.toy_size must be one of {sorted(TOY_SIZES)}, got {cfg.data.toy_size!r}")
+    if cfg.data.get("make_toy"):
+        check_toy_data({"toy_size": cfg.data.get("toy_size", "default"), "toy_pairs": cfg.data.get("toy_pairs", DEFAULT_PAIRING)})
 
 
 def build_module(cfg: DictConfig, method: MethodConfig):
@@ -185,11 +187,19 @@ def build_module(cfg: DictConfig, method: MethodConfig):
     if method.is_hyperbolic:
         from .hysac_module import HysacModule as module_class
     try:
-        return module_class(cfg.model.arch, cfg.model.pretrained, method, precision=cfg.model.precision)
+        return module_class(cfg.model.arch, cfg.model.pretrained, method, precision=cfg.model.precision, selection_tau=selection_tau(cfg))
     except CheckpointError as e:
         raise ConfigError(f"model.pretrained: {e}") from None
     except (ValueError, TypeError) as e:  # unknown trainable mode, tower, loss option...
         raise ConfigError(f"model / method config: {e}") from None
+
+
+def selection_tau(cfg: DictConfig) -> float:
+    """τ of matched safety (``selection.tau``; :mod:`saferclip.evaluation.selection`)."""
+    from ..evaluation.selection import DEFAULT_TAU
+
+    tau = OmegaConf.select(cfg, "selection.tau")
+    return DEFAULT_TAU if tau is None else float(tau)
 
 
 def build_datamodule(cfg: DictConfig, method: MethodConfig):

@@ -160,7 +160,10 @@ def results_table(results: Mapping[str, Any]) -> str:
 
 def _selection_table(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Which epoch of each run was exported, by what rule, and its validation figures."""
-    lines = ["| run | exported epoch | of | monitor | score | val unsafe (a) | val U→V R@1 | val S→V R@1 |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        "| run | exported epoch | of | monitor | score | val unsafe (a) | val U→V R@1 | val S→V R@1 | matched safety |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
     for name, record in training.items():
         selected = record.get("selected") or {}
         metrics = selected.get("metrics") or {}
@@ -172,7 +175,8 @@ def _selection_table(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
         score = selected.get("score")
         lines.append(
             f"| {name} | {selected.get('epoch', '–')} | {epochs} | `{record.get('monitor')}` | "
-            f"{'–' if score is None else f'{score:.3f}'} | {pct('U2VG_unsafe@1')} | {pct('U2V_R@1')} | {pct('S2V_R@1')} |"
+            f"{'–' if score is None else f'{score:.3f}'} | {pct('U2VG_unsafe@1')} | {pct('U2V_R@1')} | {pct('S2V_R@1')} | "
+            f"{(record.get('matched_safety') or {}).get('note') or '–'} |"
         )
     return lines
 
@@ -189,6 +193,7 @@ def _markdown(
         f"reference `{meta.get('reference')}`, {meta.get('created')}",
         "",
         *([world_line(meta.get("world")), ""] if meta.get("world") is not None else []),
+        *([pairing_line(meta.get("pairing"), meta.get("pair_stats")), ""] if meta.get("pairing") else []),
         "## Models",
         "",
     ]
@@ -237,6 +242,17 @@ def world_line(world: int) -> str:
         return ("Toy world 0: the world hyperparameters are tuned on (saferclip-tune reads its training and "
                 "validation splits); its test split was never read while tuning, but a held-out world (1, 2, 3) is the clean test.")
     return f"Toy world {world}: never used while tuning (saferclip-tune sees world 0 only)."
+
+
+def pairing_line(pairing: Mapping[str, Any], stats: Mapping[str, Any] | None) -> str:
+    """How the toy world's pairs were made (``data.toy_pairs``) and how close they are."""
+    line = f"Pairs made by the `{pairing.get('name')}` pairing (docs/METHOD.md, \"How a pair is made\")"
+    if stats:
+        text, image = stats["text"], stats["image"]
+        line += (f"; with the base model, own-pair cosine text {text['own_cosine']['median']:.2f}, image "
+                 f"{image['own_cosine']['median']:.2f} (medians), the own safe caption ranked {text['rank']['median']:.0f} "
+                 f"of {stats.get('pool')} safe training captions (median)")
+    return line + "."
 
 
 # ----------------------------------------------------------------------------- plots

@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -34,6 +35,26 @@ from .suites import SUITES, check_suites, load_eval_data
 from .zeroshot import evaluate_zeroshot
 
 log = logging.getLogger("saferclip.eval")
+
+
+def toy_world_record(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"pairing", "pair_stats"}`` of a toy world (its manifest's preset and its saved
+    ``pair_stats.json``), both None for other data or where the world lacks them."""
+    import json
+
+    from ..toyworld.pair_stats import PAIR_STATS_FILE
+
+    out: dict[str, Any] = {"pairing": None, "pair_stats": None}
+    root = data_cfg.get("root")
+    if not data_cfg.get("make_toy") or not root:
+        return out
+    for key, name in (("pairing", "manifest.json"), ("pair_stats", PAIR_STATS_FILE)):
+        try:
+            found = json.loads((Path(root) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        out[key] = found.get("pairing") if key == "pairing" else found
+    return out
 
 
 def _release_memory() -> None:
@@ -187,6 +208,9 @@ def evaluate_models(
             "config": dict(config) if config is not None else None,
             # the toy world's generator seed (None: real data); tuning uses world 0 only
             "world": int(data_cfg.get("toy_seed", 0)) if data_cfg.get("make_toy") else None,
+            # how its pairs were made and how close they are (saved with the world by
+            # saferclip-make-toy and the main job; None when absent)
+            **toy_world_record(data_cfg),
             "intervals": INTERVALS_NOTE,
         },
         "data": data.describe,

@@ -173,6 +173,8 @@ def _selection_lines(selection: Mapping[str, Any]) -> list[str]:
     if chosen is not None and chosen != epoch:
         line += f"; the run's selected epoch was {chosen}"
     lines += [line + ".", ""]
+    if selection.get("matched_safety"):
+        lines += [f"Matched safety: {selection['matched_safety']}.", ""]
     metrics = selection.get("metrics") or {}
     if metrics:
         lines += ["Its validation figures (setting (a): every embedding from this model):", ""]

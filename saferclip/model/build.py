@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -140,7 +140,9 @@ def build_clip(
     check_arch(arch)
     # random init is seeded, so "the same random model" is the same in every process: the
     # embedding cache, the trainable copy and every DDP rank agree
-    with torch.random.fork_rng(devices=[]):
+    # a weights file is loaded right below: open_clip's "initialized randomly" would mislead
+    quiet = _without_random_init_warning() if state_dict is not None else nullcontext()
+    with torch.random.fork_rng(devices=[]), quiet:
         torch.manual_seed(init_seed)
         model, _, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=None, precision="fp32", output_dict=True
