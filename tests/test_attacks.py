@@ -190,6 +190,19 @@ def test_gallery_threat_targets_its_own_query_and_skips_queries_already_unsafe()
     assert untargeted.success(queries[:1], torch.arange(1)).item() == pytest.approx(1 - float(queries[0] @ gallery[0]))
 
 
+def test_an_untargeted_gallery_attack_with_every_query_already_unsafe_has_no_target():
+    from saferclip.robustness.threats import gallery_threat
+
+    gallery = torch.stack([_unit(1, 0, 0), _unit(0, 1, 0)])  # safe image, unsafe image
+    unsafe = torch.tensor([False, True])
+    queries = torch.stack([_unit(1, 3, 0), _unit(0, 1, 1)])  # both nearer the unsafe image (3 > 1; 1 > 0)
+    threat = gallery_threat(COSINE, queries, "text", gallery, unsafe, None)
+    # nothing to make unsafe: every attacked image counts as a success before (not a target), as a
+    # targeted item whose query was unsafe already does, wherever the image is
+    e = torch.stack([_unit(1, 0, 0), _unit(0, 0, 1), _unit(-1, 0, 0)])
+    assert threat.success(e, torch.arange(3)).tolist() == [1.0, 1.0, 1.0]
+
+
 def _hysac_like(traversal: bool):
     """A HySAC geometry: the safe caption at the origin, an unsafe one at distance > 2r along
     e1: no point within r of the origin is nearer the unsafe one (triangle inequality)."""
@@ -342,7 +355,8 @@ def test_attack_command_bad_input_is_one_line_and_exit_2(toy_world, micro_weight
         "attack.image.budgets_255=[0]": "budgets_255",
         "attack.items=-1": "attack.items",
         "+attack.image.radius=3": "unknown keys ['radius']",
-        "attack.coverage.layers=[9]": "out of range",
+        "attack.coverage.layers=[9]": "attack.coverage.layers: [9] out of range",
+        "attack.monitor.head_layers=[0,7]": "attack.monitor.head_layers: [7] out of range",
         "attack.headline_budget_255=5": "not one of attack.image.budgets_255",
         "attack.text.budgets=[100]": "attack.text.budgets",
         "attack.parts=[bogus]": "attack.parts",

@@ -62,3 +62,30 @@ def test_a_document_is_rewritten_from_the_file_and_differs_when_the_file_changes
     changed_results["models"]["saferclip_adv"]["attacks"]["evade"]["budgets"]["8"]["success_rate"] = rate(30, 60)
     (tmp_path / "docs" / "results" / "robustness.json").write_text(json.dumps(changed_results))
     assert render_document(rendered, tmp_path, "doc.md")[1] == ["doc.md: region generated:robustness-summary attacks=evade"]
+
+
+def test_until_the_file_is_committed_every_region_says_pending_then_shows_the_figures(tmp_path):
+    from saferclip.evaluation.doc_tables import DocTableError
+
+    text = ("<!-- generated:robustness-status -->\n<!-- /generated -->\n\n"
+            "<!-- generated:robustness-summary attacks=evade -->\n| evade | 8/255 | 56.8 of 100 |\n<!-- /generated -->\n\n"
+            "Evaded: <!-- generated:robustness-value model=saferclip_adv attack=evade -->56.8<!-- /generated -->%.\n")
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    rendered, changed = render_document(text, tmp_path, "doc.md")
+    assert len(changed) == 3 and "56.8" not in rendered  # no figure of another world, or typed by hand, survives
+    assert rendered.count("*Pending: not measured on the current toy world yet") == 1  # the summary's block
+    assert "**Pending.**" in rendered and "`bash scripts/robustness_experiments.sh` measures them" in rendered
+    assert "Evaded: <!-- generated:robustness-value model=saferclip_adv attack=evade -->pending<!-- /generated -->%." in rendered
+    assert render_document(rendered, tmp_path, "doc.md")[1] == []  # stable: the check passes while pending
+    # the file committed: every region shows its figures, and the check sees each one change
+    measured = results() | {"commands": {"main": "saferclip-main adversarial=true", "attack": "saferclip-attack", "epsilon": "8"}}
+    (tmp_path / "docs" / "results" / "robustness.json").write_text(json.dumps(measured))
+    final, changed = render_document(rendered, tmp_path, "doc.md")
+    assert len(changed) == 3 and "ending" not in final
+    assert ("Measured on the test split of world 1 (never used for tuning), 100 items per attack, seed 0; adversarial "
+            "training at ε = 8/255, chosen on the validation split of world 0 (the sweep below). Produced by:\n\n"
+            "```bash\nsaferclip-main adversarial=true\nsaferclip-attack\n```") in final
+    assert "| evade | 8/255 | 5.0 [1.0, 13.9] of 60 |" in final and "-->5.0 [1.0, 13.9]<!--" in final  # 3 of 60
+    # only the robustness file may be pending: a missing main.json is still an error
+    with pytest.raises(DocTableError, match="main.json: missing"):
+        render_document("<!-- generated:main-value model=saferclip key=U2V_R@1 -->?<!-- /generated -->\n", tmp_path, "doc.md")

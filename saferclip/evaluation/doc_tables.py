@@ -39,6 +39,8 @@ Generators (arguments in brackets are optional):
 * ``robustness-*`` (``docs/results/robustness.json``, written by
   ``scripts/robustness_results.py``): the attack suite's, the adversarially trained runs' and
   the monitor's figures for docs/ROBUSTNESS.md (:mod:`saferclip.robustness.summary` lists them).
+  Until that file is committed its regions say the figures are pending (:data:`PENDING`); a
+  missing ``main.json`` or ``study.json`` is an error.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from .headline import HEADLINE, headline, headline_table
 from .headline import study_table as headline_study_table
 from ..robustness.summary import GENERATORS as ROBUSTNESS_GENERATORS
 from ..robustness.summary import SummaryError
+from ..robustness.summary import pending as robustness_pending
 from .intervals import difference_cell, differences_table, intervals_note
 from .plotting import OWN_MARK
 
@@ -69,6 +72,10 @@ DOCUMENTS = (Path("README.md"), Path("docs") / "RESULTS.md", Path("docs") / "ROB
 SOURCES = {"main": "main.json", "study": "study.json", "robustness": "robustness.json"}
 # what a result file must hold to be one (import_result's check)
 SOURCE_SECTIONS = {"main": "results", "study": "summary", "robustness": "models"}
+# result files a document may quote before they are measured: while such a file is not
+# committed, each of its regions shows what ``pending(name, block)`` gives (it says the figures
+# are pending, and how to measure them) instead of failing; any other missing file is an error
+PENDING = {"robustness": robustness_pending}
 SCREENSHOT = Path("docs") / "img" / "main_report.png"
 SCREENSHOT_STAMP = RESULTS_DIR / "main_report.json"  # which main.json the picture shows
 SCREENSHOT_SCRIPT = Path("scripts") / "report_screenshot.sh"
@@ -409,11 +416,15 @@ def render_document(text: str, root: Path, where: str) -> tuple[str, list[str]]:
                 raise DocTableError(f"{label}: unknown generator; expected one of {', '.join([*GENERATORS, 'main-screenshot'])}")
             source, generator, block = GENERATORS[name]
             if source not in sources:
-                sources[source] = load_source(root, source)
-            try:
-                content = generator(sources[source], args)
-            except (DocTableError, SummaryError) as e:
-                raise DocTableError(f"{label}: {e}") from None
+                missing = source in PENDING and not (root / RESULTS_DIR / SOURCES[source]).is_file()
+                sources[source] = None if missing else load_source(root, source)
+            if sources[source] is None:
+                content = PENDING[source](name, block)
+            else:
+                try:
+                    content = generator(sources[source], args)
+                except (DocTableError, SummaryError) as e:
+                    raise DocTableError(f"{label}: {e}") from None
         new_body = f"\n{content}\n" if block and content else ("\n" if block else content)
         if new_body != body:
             changed.append(label)

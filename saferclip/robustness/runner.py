@@ -135,6 +135,7 @@ def monitor_clean(bundle, monitors: Mapping[str, SafetyMonitor], test: SplitInpu
 def attack_model(name: str, bundle, data_cfg: Mapping[str, Any], settings: AttackSettings, split: str, seed: int,
                  batch_size: int, monitors_dir: Path | None, force: bool) -> dict[str, Any]:
     qset = load_attack_split(data_cfg, split)
+    check_layers(bundle, settings)  # a block the model does not have fails before any work
     out: dict[str, Any] = {"model": name, "similarity": bundle.similarity.label}
     monitors: dict[str, SafetyMonitor] = {}
     if "monitor" in settings.parts:
@@ -168,7 +169,7 @@ def coverage_part(name, bundle, data_cfg, s: CoverageSettings, seed, batch_size,
     ood = ood_inputs(test, s, seed, _pixels_shape(bundle))
     monitors, results = {}, {}
     for tower, (train_pool, val_pool, test_pool) in pools.items():
-        layers = _layers(bundle, tower, s.layers)
+        layers = _layers(bundle, tower, s.layers, "attack.coverage.layers")
         x_train, groups = watched_with_groups(bundle, tower, sample(train_pool, s.train_items, seed), layers, batch_size)
         monitor = profile(x_train, groups, tower, layers, s.sections, s.top_k)
         calibrate(monitor, watched_inputs(bundle, tower, sample(val_pool, s.validation_items, seed + 1), layers, batch_size), s.target_fpr, seed)
@@ -192,15 +193,27 @@ def coverage_part(name, bundle, data_cfg, s: CoverageSettings, seed, batch_size,
     return results
 
 
-def _layers(bundle, tower: str, layers: Sequence[int] | None) -> list[int]:
+def _layers(bundle, tower: str, layers: Sequence[int] | None, key: str) -> list[int]:
+    """The blocks ``layers`` of ``tower`` (None: all); one that the tower lacks is a one-line
+    error naming the config ``key``."""
     from ..analysis.heads import tower_blocks
 
     count = len(tower_blocks(bundle.model, tower))
     chosen = list(range(count)) if layers is None else [int(i) for i in layers]
     bad = [i for i in chosen if not 0 <= i < count]
     if bad:
-        raise ConfigError(f"attack.coverage.layers: {bad} out of range; the {tower} tower has {count} blocks (0..{count - 1})")
+        raise ConfigError(f"{key}: {bad} out of range; the {tower} tower has {count} blocks (0..{count - 1})")
     return chosen
+
+
+def check_layers(bundle, settings: AttackSettings) -> None:
+    """The block lists of the parts that run (coverage layers, the monitor head's blocks), against
+    this model's towers: checked when the model is built, before its first attack."""
+    for tower in ("text", "image"):
+        if "coverage" in settings.parts:
+            _layers(bundle, tower, settings.coverage.layers, "attack.coverage.layers")
+        if "monitor" in settings.parts and settings.monitor.head_layers is not None:
+            _layers(bundle, tower, settings.monitor.head_layers, "attack.monitor.head_layers")
 
 
 # ----------------------------------------------------------------------------- several models

@@ -14,8 +14,12 @@ rewritten and checked by the one mechanism every result document uses
 ``robustness-summary [models=a,b] [attacks=x,y]`` (attack success at the headline budget),
 ``robustness-clean [models=]``, ``robustness-sanity`` (the attacks below the sanity threshold and
 why), ``robustness-monitor``, ``robustness-geometry``, ``robustness-sweep`` (the trade-off over
-ε), ``robustness-cost``, and inline ``robustness-setting field=`` and ``robustness-value model=
-attack=|clean=``.
+ε), ``robustness-cost``, ``robustness-status`` (where and how the figures were measured), and
+inline ``robustness-setting field=`` and ``robustness-value model= attack=|clean=``.
+
+Until ``docs/results/robustness.json`` is committed, every one of these regions says that its
+figures are pending (:func:`pending`) instead of showing any number: the page never presents
+figures of another toy world, or none, as measured.
 """
 
 from __future__ import annotations
@@ -281,6 +285,34 @@ def targets_table(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
     return "\n".join(rows)
 
 
+def status(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    """Where the figures come from: world, split, items, seed, the chosen ε and the commands."""
+    commands = results.get("commands") or {}
+    epsilon = commands.get("epsilon")
+    lines = [f"Measured on the {results['split']} split of world {results['world']} (never used for tuning), "
+             f"{results['settings']['items']} items per attack, seed {results['seed']}"
+             + (f"; adversarial training at ε = {epsilon}/255, chosen on the validation split of world 0 (the sweep below)" if epsilon else "")
+             + ". Produced by:", "", "```bash"]
+    lines += [commands[k] for k in ("sweep", "main", "attack") if k in commands]
+    return "\n".join(lines + ["```"])
+
+
+# what measures the figures: the pending note names it
+EXPERIMENTS_COMMAND = "bash scripts/robustness_experiments.sh"
+
+
+def pending(name: str, block: bool) -> str:
+    """What a region shows while ``docs/results/robustness.json`` is not committed: the status
+    region says why and how to measure, every other block one line, an inline figure a word."""
+    if name == "robustness-status":
+        return ("**Pending.** These figures have not been measured on the current toy world yet: "
+                "`docs/results/robustness.json` is not committed, so every table of this section is empty. "
+                f"`{EXPERIMENTS_COMMAND}` measures them end to end (the ε sweep on world 0, the main job with its "
+                "adversarially trained runs on world 1, the attack suite, the cost benchmarks), writes the file and "
+                "regenerates this page; it takes several hours on a 2-core CPU (`EPSILON=<budget>` skips the sweep).")
+    return "*Pending: not measured on the current toy world yet (`docs/results/robustness.json` is not committed).*" if block else "pending"
+
+
 # name -> (generator, block: its own lines between the markers), for saferclip.evaluation.doc_tables
 GENERATORS: dict[str, tuple[Callable[[Mapping[str, Any], Mapping[str, str]], str], bool]] = {
     "robustness-targets": (targets_table, True),
@@ -293,6 +325,7 @@ GENERATORS: dict[str, tuple[Callable[[Mapping[str, Any], Mapping[str, str]], str
     "robustness-cost": (cost_table, True),
     "robustness-setting": (setting, False),
     "robustness-value": (value, False),
+    "robustness-status": (status, True),
 }
 
 

@@ -132,7 +132,9 @@ def gallery_threat(similarity: Similarity, queries: Tensor, query_modality: str,
 
         def margin(e: Tensor, idx: Tensor) -> Tensor:
             if len(usable) == 0:
-                return torch.full((len(e),), -1.0)
+                # every query's top-1 was unsafe already: as for a targeted query that was,
+                # each item counts as a success before, so none is a target (none is attacked)
+                return torch.ones(len(e), device=e.device)
             return (pairwise(e.float(), usable) - slack).amax(1)
 
         def starts(e: Tensor, idx: Tensor) -> Tensor:
