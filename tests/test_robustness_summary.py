@@ -11,7 +11,7 @@ import json
 import pytest
 
 from saferclip.evaluation.doc_tables import render_document
-from saferclip.robustness.summary import targets_table
+from saferclip.robustness.summary import cost_table, targets_table
 
 
 def rate(k: int, n: int) -> dict:
@@ -47,6 +47,9 @@ def test_targets_say_met_or_missed_and_by_how_much():
     assert lines["cost ≤ 10% of a forward pass"] == "met: +4.0% ≤ 10"
     assert lines["cost ≤ 3× a clean step"] == "missed: 3.50× against ≤ 3"
     assert "| hysac_adv_safe | (not in the results) | not measured |" in table
+    # a model the monitor rows name that the results lack is said so, as for the targets
+    assert "| hysac_adv_safe + monitor | (not in the results) | not measured |" in targets_table(results(), {"monitor": "hysac_adv_safe"})
+    assert cost_table({"cost": None}, {}).startswith("Not measured")  # never an empty table that looks measured
 
 
 def test_a_document_is_rewritten_from_the_file_and_differs_when_the_file_changes(tmp_path):
