@@ -40,7 +40,7 @@ from .image_attacks import PixelModel, load_pixels, perturb, split_normalisation
 from .measures import rate_interval
 from .monitor import SafetyMonitor, monitored
 from .settings import AttackSettings
-from .text_attacks import PhrasingSpace, attack_caption
+from .text_attacks import PhrasingSpace, TextAttack, attack_caption
 from .threats import Threat, gallery_threat, query_threat
 
 log = logging.getLogger("saferclip.attack")
@@ -199,9 +199,18 @@ class ModelSuite:
         idx = torch.arange(len(items))
         with eval_mode(self.bundle.model), torch.no_grad():
             clean, _ = encode([o for o, _ in items])
-            before = threat.success(clean, idx) > 0
+            clean_value = threat.success(clean, idx)
+            before = clean_value > 0
             attacks = []
             for n, (original, scene) in enumerate(items):
+                if before[n]:
+                    # no target (the clean model failed it already): the attacker keeps it as it
+                    # is; searched against the monitor, it could end on a phrasing that is not
+                    # unsafe and make the attack look as if it lowered the unsafe rate
+                    margin = float(clean_value[n])
+                    attacks.append(TextAttack(original, original, 0, True, True, margin, margin))
+                    continue
+
                 def score(texts: list[str], n: int = n) -> Tensor:
                     e, monitor_score = encode(texts)
                     base = threat.success(e, torch.full((len(e),), n))
