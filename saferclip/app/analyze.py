@@ -41,23 +41,24 @@ PROG = "saferclip-analyze"
 MAIN_RUN_NAMES = ("safeclip", "saferclip")
 
 
-def find_main_runs(runs_dir: str | Path | None = None, hyperbolic: bool = False) -> dict[str, dict[str, Any]]:
+def find_main_runs(runs_dir: str | Path | None = None, hyperbolic: bool = False, adversarial: bool = False) -> dict[str, dict[str, Any]]:
     """The main job's finished runs: ``{name: {"pretrained", "run_dir", "exact"}}``. The run of
     ``saferclip-main``'s current config (same hash) when it finished, else the most recently
-    finished run of that name (``exact`` False; the log says which)."""
+    finished run of that name (``exact`` False; the log says which). ``adversarial``: the
+    adversarially trained ``<name>_adv`` runs too, where they exist."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from .main_job import DONE_MARKER, compose, run_key
+    from .main_job import DONE_MARKER, compose, main_runs, run_key
 
     # inside the Hydra app the config tree is initialised; called from elsewhere, open it here
     tree = nullcontext() if GlobalHydra().is_initialized() else initialize_config_dir(config_dir=CONF_DIR, version_base="1.3")
     with tree:
-        main = compose("main", [])
+        main = compose("main", ["adversarial=true"] if adversarial else [])
         runs = Path(str(runs_dir or main.runs_dir))
         expected: dict[str, Path | None] = {}
         methods: dict[str, str] = {}
-        for name, overrides in main.runs.items():
+        for name, overrides in main_runs(main).items():
             try:
                 cfg = compose("train", list(main.common) + list(overrides) + [f"seed={main.seed}"])
                 methods[name] = str(cfg.method.name)
@@ -90,9 +91,10 @@ def find_main_runs(runs_dir: str | Path | None = None, hyperbolic: bool = False)
     return found
 
 
-def with_main_runs(cfg: DictConfig, models: dict[str, Any], hyperbolic: bool = False) -> dict[str, Any]:
+def with_main_runs(cfg: DictConfig, models: dict[str, Any], hyperbolic: bool = False, adversarial: bool = False) -> dict[str, Any]:
     """``models`` plus, with ``main_runs=true``, the main job's finished runs (with
-    ``hyperbolic``, HySAC too, in both its modes). When it finds none, one line naming where it
+    ``hyperbolic``, HySAC too, in both its modes; with ``adversarial``, the adversarially trained
+    ``<name>_adv`` runs where they exist). When it finds none, one line naming where it
     looked: an error when ``runs_dir`` was given or nothing but the reference would be left,
     else a warning (the models named on the command line go on alone)."""
     from .main_job import evaluated_models
@@ -100,7 +102,7 @@ def with_main_runs(cfg: DictConfig, models: dict[str, Any], hyperbolic: bool = F
     if not cfg.get("main_runs", False):
         return models
     runs_dir = cfg.get("runs_dir")
-    found = find_main_runs(runs_dir, hyperbolic=hyperbolic)
+    found = find_main_runs(runs_dir, hyperbolic=hyperbolic, adversarial=adversarial)
     if not found:
         where = main_runs_folder(runs_dir)
         missing = "" if where.is_dir() else " (no such folder)"

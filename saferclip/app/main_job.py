@@ -4,6 +4,7 @@
     saferclip-main seed=1                # another seed
     saferclip-main force=true            # retrain even when an identical finished run exists
     saferclip-main --quiet > table.md    # print only the final table
+    saferclip-main adversarial=true      # + safeclip_adv, saferclip_adv, hysac_adv (method.adversarial on)
 
 Steps: (1) the toy world (generated once); (2) the embedding cache and the neighbour index
 (inside training, reused across runs); (3) fine-tuning with the experiments `toy_safeclip`,
@@ -57,6 +58,10 @@ def run_key(train_cfg: DictConfig) -> str:
     cfg = to_container(train_cfg)
     for where in ("run_dir", "output_dir", "cache_dir"):  # where things are written or cached
         cfg.get("paths", {}).pop(where, None)
+    # an option that is off changes nothing: runs from before it existed keep their key
+    method = cfg.get("method") or {}
+    if isinstance(method.get("adversarial"), dict) and not method["adversarial"].get("enabled", False):
+        method.pop("adversarial")
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -134,7 +139,22 @@ def eval_showcase(cfg: DictConfig):
     return to_container(value) if OmegaConf.is_config(value) else value
 
 
-MAIN_KEYS = ("seed", "world", "force", "out_dir", "runs_dir", "runs", "common", "eval")
+MAIN_KEYS = ("seed", "world", "force", "out_dir", "runs_dir", "runs", "common", "eval", "adversarial", "adversarial_overrides")
+ADVERSARIAL_SUFFIX = "_adv"
+
+
+def main_runs(cfg: DictConfig) -> dict[str, list[str]]:
+    """The runs a main-job config asks for: ``runs``, and with ``adversarial=true`` one more per
+    method, ``<name>_adv``: the same overrides plus ``method.adversarial.enabled=true`` and
+    ``adversarial_overrides`` (the default job's runs, keys and results are unchanged)."""
+    from .hydra_utils import check_bool
+
+    runs = {name: list(overrides) for name, overrides in cfg.runs.items()}
+    check_bool(cfg.get("adversarial", False), "adversarial")
+    if cfg.get("adversarial", False):
+        extra = ["method.adversarial.enabled=true", *list(cfg.get("adversarial_overrides") or [])]
+        runs.update({f"{name}{ADVERSARIAL_SUFFIX}": overrides + extra for name, overrides in list(runs.items())})
+    return runs
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -169,7 +189,8 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         check_int(world, "world", 0)
     # the world first: an explicit data.toy_seed among the overrides still wins
     common = ([] if world is None else [f"data.toy_seed={world}"]) + list(cfg.common) + list(overrides) + [f"seed={cfg.seed}"]
-    check_runs({name: common + list(run_overrides) for name, run_overrides in cfg.runs.items()})
+    runs = main_runs(cfg)
+    check_runs({name: common + list(run_overrides) for name, run_overrides in runs.items()})
     train_base = compose("train", common)
     ensure_toy_world(to_container(train_base.data))
     record_pair_stats(to_container(train_base.data))
@@ -179,7 +200,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     }
     training: dict[str, dict[str, Any]] = {}
     train_seconds: dict[str, float | None] = {}  # each run's training as it was timed, reused or not
-    for name, run_overrides in cfg.runs.items():
+    for name, run_overrides in runs.items():
         start = time.time()
         summary = train_or_reuse(name, common + list(run_overrides), Path(cfg.runs_dir), bool(cfg.force))
         timings[name] = round(time.time() - start, 1)
@@ -196,7 +217,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         split=cfg.eval.split,
         batch_size=int(train_base.data.eval_batch_size),
         seed=int(cfg.seed),
-        config={"main": to_container(cfg), "train_overrides": {k: list(v) for k, v in cfg.runs.items()}},
+        config={"main": to_container(cfg), "train_overrides": runs},
         oracle=cfg.eval.get("oracle"),
             showcase=eval_showcase(cfg),
     )
@@ -216,6 +237,8 @@ MAIN_HELP = {
     "runs": "one entry per method: overrides of the training config",
     "common": "overrides of the training config for every run",
     "eval": "suites, split, the oracle row and report.html's galleries (eval.showcase) of the evaluation",
+    "adversarial": "true adds an adversarially trained <name>_adv run per method (method.adversarial on)",
+    "adversarial_overrides": "the <name>_adv runs' extra training overrides (the adversarial settings)",
 }
 
 
