@@ -37,7 +37,7 @@ def main() -> None:
         with_token_means,
     )
     from saferclip.robustness.image_attacks import load_pixels, split_normalisation
-    from saferclip.robustness.runner import split_inputs
+    from saferclip.robustness.runner import SplitInputs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(default_base_checkpoint()))
@@ -54,7 +54,7 @@ def main() -> None:
                        for s, d in (("train", "train2017"), ("validation", "val2017"), ("test", "test2017"))}}
     bundle = load_model(args.arch or ("saferclip-toy" if args.model.endswith(".safetensors") else None), args.model)
     model = bundle.model
-    train, val, test = load_split(data, "train"), load_split(data, "validation"), split_inputs(data, "test")
+    train, val, test = load_split(data, "train"), load_split(data, "validation"), SplitInputs.of(load_split(data, "test"))
     print(f"model {args.model}; batch {args.batch}; {args.repeats} repeats; torch threads {args.threads}")
     for tower in ("image", "text"):
         layers = list(range(len(tower_blocks(model, tower))))

@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python -m pytest -q "$@"
+# PYTHON: the interpreter to test with (default: the one on PATH); CI passes its fresh venv's
+# interpreter without activating the venv, so no test may rely on an activated PATH.
+"${PYTHON:-python}" -m pytest -q "$@"

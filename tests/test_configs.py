@@ -117,11 +117,19 @@ def mentioned_paths(text: str) -> set[str]:
     return out
 
 
+def pending_result_files() -> set[str]:
+    """The result files the documents may name before they are measured: their generated
+    regions say the figures are pending (saferclip.evaluation.doc_tables.PENDING)."""
+    from saferclip.evaluation.doc_tables import PENDING, RESULTS_DIR, SOURCES
+
+    return {(RESULTS_DIR / SOURCES[name]).as_posix() for name in PENDING}
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_every_path_the_docs_name_exists(doc):
     paths = mentioned_paths(doc.read_text())
     assert paths, f"{doc.name} names no repository path (the test would check nothing)"
-    missing = sorted(p for p in paths if not (REPO / p).exists())
+    missing = sorted(p for p in paths if not (REPO / p).exists() and p not in pending_result_files())
     assert not missing, f"{doc.name} names paths that do not exist: {missing}"
 
 

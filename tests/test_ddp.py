@@ -33,6 +33,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests
 
 TESTS_DIR = Path(__file__).resolve().parent
 METHODS = ("safeclip", "saferclip", "hysac")
+# every method, clean and with adversarial training (its attacks aim at the gathered batch and
+# draw their random starts per item, so the ranks together compute what one process does)
+ADVERSARIAL = ("method.adversarial.enabled=true", "method.adversarial.preserve_safe=true")
+CASES = {**{m: (f"method={m}",) for m in METHODS}, **{f"{m}_adversarial": (f"method={m}", *ADVERSARIAL) for m in METHODS}}
 GLOBAL_BATCH = 16
 
 
@@ -71,11 +75,11 @@ WORKER = textwrap.dedent(
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_PORT"])
         dist.init_process_group("gloo", rank=rank, world_size=world)
         torch.set_num_threads(1)
-        from test_ddp import METHODS, GLOBAL_BATCH, loss_and_grads, perturb_adapters
+        from test_ddp import CASES, GLOBAL_BATCH, loss_and_grads, perturb_adapters
         from train_helpers import collate, compose_train, prepared
         from saferclip.training.contrastive import gather_with_grad
-        for method in METHODS:
-            cfg = compose_train(Path(tmp) / method, Path(toy_world), f"method={method}", cache_dir=Path(cache_dir))
+        for method, overrides in CASES.items():
+            cfg = compose_train(Path(tmp) / method, Path(toy_world), *overrides, cache_dir=Path(cache_dir))
             module, datamodule = prepared(cfg)
             perturb_adapters(module)
             local = GLOBAL_BATCH // world
@@ -108,8 +112,8 @@ def free_port() -> int:
 def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path, toy_world):
     cache_dir = tmp_path / "cache"
     reference = {}
-    for method in METHODS:  # single process, the whole global batch; also builds the caches
-        module, datamodule = prepared(compose_train(tmp_path / method, toy_world, f"method={method}", cache_dir=cache_dir))
+    for method, overrides in CASES.items():  # single process, the whole global batch; also builds the caches
+        module, datamodule = prepared(compose_train(tmp_path / method, toy_world, *overrides, cache_dir=cache_dir))
         perturb_adapters(module)
         reference[method] = loss_and_grads(module, collate(datamodule.train_set, range(GLOBAL_BATCH)))
     script = tmp_path / "ddp_worker.py"
@@ -119,9 +123,11 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path,
     # within the test's 600 s limit, after the single-process references above
     proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for method in METHODS:
+    for method in CASES:
         ddp = torch.load(tmp_path / f"{method}.pt", weights_only=True)
         assert ddp.keys() == reference[method].keys()
+        if method.endswith("_adversarial"):  # the attacked items' terms, InfoNCE over the gathered batch included
+            assert any(k.startswith("term.adv_") for k in ddp) and reference[method]["loss"] > reference[method.split("_")[0]]["loss"]
         if method == "safeclip":
             assert any(k.startswith("term.xmodal") for k in ddp)  # InfoNCE over the gathered batch
         if method == "hysac":  # Lorentzian contrastive over the gathered batch; the head learns too

@@ -81,12 +81,13 @@ def repo(tmp_path: Path) -> Path:
     (tmp_path / RESULTS_DIR / "main.json").write_text(json.dumps(RESULTS))
     (tmp_path / "README.md").write_text(README)
     (tmp_path / "docs" / "RESULTS.md").write_text("# Results\n\nNo generated region here.\n")
+    (tmp_path / "docs" / "ROBUSTNESS.md").write_text("# Robustness\n\nNo generated region here either.\n")
     return tmp_path
 
 
 def test_every_generator_writes_what_its_file_holds(repo):
     changed = update_documents(repo)
-    assert len(changed) == 11  # every region of the README, none of RESULTS.md
+    assert len(changed) == 11  # every region of the README, none of RESULTS.md or ROBUSTNESS.md
     text = (repo / "README.md").read_text()
     assert "SafeR-CLIP reads <!-- generated:main-value model=saferclip key=unsafe_rate_a -->0.6<!-- /generated -->% unsafe" in text
     assert "-->0.6 [0.1, 1.7]<!--" in text  # 0.00124 and 0.01741 in %, one decimal

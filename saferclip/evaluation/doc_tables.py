@@ -36,6 +36,11 @@ Generators (arguments in brackets are optional):
   ``main-screenshot``: the report's picture.
 * ``study-table [models=] [keys=]`` and ``study-differences``: the study's tables;
   ``study-value model= key= [stat=mean|std|interval]``.
+* ``robustness-*`` (``docs/results/robustness.json``, written by
+  ``scripts/robustness_results.py``): the attack suite's, the adversarially trained runs' and
+  the monitor's figures for docs/ROBUSTNESS.md (:mod:`saferclip.robustness.summary` lists them).
+  Until that file is committed its regions say the figures are pending (:data:`PENDING`); a
+  missing ``main.json`` or ``study.json`` is an error.
 """
 
 from __future__ import annotations
@@ -54,14 +59,23 @@ from typing import Any, Callable, Mapping
 
 from ..errors import SaferclipError
 from ..files import write_json_atomic, write_text_atomic
+from ..robustness.summary import GENERATORS as ROBUSTNESS_GENERATORS
+from ..robustness.summary import SummaryError
+from ..robustness.summary import pending as robustness_pending
 from .headline import HEADLINE, headline, headline_table
 from .headline import study_table as headline_study_table
 from .intervals import difference_cell, differences_table, intervals_note
 from .plotting import OWN_MARK
 
 RESULTS_DIR = Path("docs") / "results"
-DOCUMENTS = (Path("README.md"), Path("docs") / "RESULTS.md")
-SOURCES = {"main": "main.json", "study": "study.json"}
+DOCUMENTS = (Path("README.md"), Path("docs") / "RESULTS.md", Path("docs") / "ROBUSTNESS.md")
+SOURCES = {"main": "main.json", "study": "study.json", "robustness": "robustness.json"}
+# what a result file must hold to be one (import_result's check)
+SOURCE_SECTIONS = {"main": "results", "study": "summary", "robustness": "models"}
+# result files a document may quote before they are measured: while such a file is not
+# committed, each of its regions shows what ``pending(name, block)`` gives (it says the figures
+# are pending, and how to measure them) instead of failing; any other missing file is an error
+PENDING = {"robustness": robustness_pending}
 SCREENSHOT = Path("docs") / "img" / "main_report.png"
 SCREENSHOT_STAMP = RESULTS_DIR / "main_report.json"  # which main.json the picture shows
 SCREENSHOT_SCRIPT = Path("scripts") / "report_screenshot.sh"
@@ -369,6 +383,8 @@ GENERATORS: dict[str, tuple[str, Callable[[Mapping[str, Any], Mapping[str, str]]
     "study-table": ("study", study_table, True),
     "study-differences": ("study", study_differences, True),
     "study-value": ("study", study_value, False),
+    # the robustness experiments' (saferclip.robustness.summary; docs/ROBUSTNESS.md)
+    **{name: ("robustness", generator, block) for name, (generator, block) in ROBUSTNESS_GENERATORS.items()},
 }
 
 
@@ -400,11 +416,15 @@ def render_document(text: str, root: Path, where: str) -> tuple[str, list[str]]:
                 raise DocTableError(f"{label}: unknown generator; expected one of {', '.join([*GENERATORS, 'main-screenshot'])}")
             source, generator, block = GENERATORS[name]
             if source not in sources:
-                sources[source] = load_source(root, source)
-            try:
-                content = generator(sources[source], args)
-            except DocTableError as e:
-                raise DocTableError(f"{label}: {e}") from None
+                missing = source in PENDING and not (root / RESULTS_DIR / SOURCES[source]).is_file()
+                sources[source] = None if missing else load_source(root, source)
+            if sources[source] is None:
+                content = PENDING[source](name, block)
+            else:
+                try:
+                    content = generator(sources[source], args)
+                except (DocTableError, SummaryError) as e:
+                    raise DocTableError(f"{label}: {e}") from None
         new_body = f"\n{content}\n" if block and content else ("\n" if block else content)
         if new_body != body:
             changed.append(label)
@@ -468,7 +488,7 @@ def import_result(root: str | Path, name: str, path: str | Path) -> Path:
         content = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DocTableError(f"{path}: not a readable JSON result file ({e})") from None
-    expected = "results" if name == "main" else "summary"
+    expected = SOURCE_SECTIONS[name]
     if not isinstance(content, Mapping) or not isinstance(content.get(expected), Mapping):
         raise DocTableError(f"{path}: not a {name} result file (it has no {expected!r} section)")
     target = root / RESULTS_DIR / SOURCES[name]

@@ -285,7 +285,9 @@ def trimmed_length(tokens: torch.Tensor) -> int:
     return int(nonzero.nonzero().max()) + 1 if bool(nonzero.any()) else 1
 
 
-def encode_tokens(model: nn.Module, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+def encode_tokens(
+    model: nn.Module, tokens: torch.Tensor, normalize: bool = True, embedding_offset: torch.Tensor | None = None
+) -> torch.Tensor:
     """``model.encode_text(tokens)`` without the batch's trailing padding columns.
 
     A CLIP text tower is causal and pools at the end-of-text token, so the padding after the
@@ -295,19 +297,30 @@ def encode_tokens(model: nn.Module, tokens: torch.Tensor, normalize: bool = True
     which open_clip's ``CLIP.encode_text`` does not do, so that one path is spelled out here
     (checked against the full-length result in the tests). Any other text tower, or a pooling
     that depends on the length (``last``), runs unchanged at full length.
+
+    ``embedding_offset`` ``[B, L, W]`` (the tokens' shape and the token embedding's width) is
+    added to the token embeddings before the positional ones: the token-embedding-space text
+    attack of adversarial training (:mod:`saferclip.training.adversarial`). Only an open_clip
+    ``CLIP`` text tower with end-of-text pooling takes one.
     """
     length = trimmed_length(tokens)
-    trimmable = (
+    spelled_out = (
         isinstance(model, open_clip.CLIP)
         and getattr(model, "attn_mask", None) is not None
         and getattr(model, "text_pool_type", "argmax") in ("argmax", "eos")
-        and length < tokens.shape[1]
     )
-    if not trimmable:
+    if embedding_offset is not None:
+        if not spelled_out:
+            raise ValueError(f"a token-embedding offset needs an open_clip CLIP text tower with end-of-text pooling, not {type(model).__name__}")
+        if embedding_offset.shape[:2] != tokens.shape:
+            raise ValueError(f"embedding_offset {tuple(embedding_offset.shape)} does not match tokens {tuple(tokens.shape)}")
+    elif not (spelled_out and length < tokens.shape[1]):
         return model.encode_text(tokens, normalize=normalize)
     tokens = tokens[:, :length]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype)
+    if embedding_offset is not None:
+        x = x + embedding_offset[:, :length].to(cast_dtype)
     x = x + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)

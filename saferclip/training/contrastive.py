@@ -34,7 +34,9 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
-def _gathered(x: Tensor, gather: Gather | None) -> Tensor:
+def gathered(x: Tensor, gather: Gather | None) -> Tensor:
+    """``x`` ``[B, ...]`` with every rank's rows, ``[W·B, ...]`` (``x`` itself when ``gather`` is
+    None); ``gather`` may stack ranks (Lightning's ``[W, B, ...]``) or concatenate them."""
     if gather is None:
         return x
     out = gather(x)
@@ -86,7 +88,7 @@ def infonce(
         raise ValueError(
             f"infonce needs two [B, D] tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    all_a, all_b = _gathered(a, gather), _gathered(b, gather)
+    all_a, all_b = gathered(a, gather), gathered(b, gather)
     local = a.shape[0]
     world = all_a.shape[0] // max(local, 1)
     if gather is None:

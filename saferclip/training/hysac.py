@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -114,11 +114,17 @@ class HysacLoss(nn.Module):
     def required_inputs(self) -> set[str]:
         return {name for term in self.config.active() for name in HYSAC_TERM_INPUTS[term]}
 
-    def forward(self, head: HyperbolicHead, gather: Gather | None = None, **points: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self, head: HyperbolicHead, gather: Gather | None = None, only: Collection[str] | None = None, **points: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``only``: just these of the active terms, each weighted as in the full total (divided
+        by the number of all active terms), for the adversarial step's terms on attacked items."""
         unknown = sorted(set(points) - set(HYSAC_INPUTS))
         if unknown:
             raise TypeError(f"unknown HySAC loss input(s) {unknown}; expected {HYSAC_INPUTS}")
-        missing = sorted(self.required_inputs() - set(points))
+        active = self.config.active()
+        computed = active if only is None else [t for t in active if t in set(only)]
+        missing = sorted({name for term in computed for name in HYSAC_TERM_INPUTS[term]} - set(points))
         if missing:
             raise ValueError(f"the active HySAC terms need {missing}")
         gather = gather if gather is not None else self.gather
@@ -133,11 +139,11 @@ class HysacLoss(nn.Module):
                 return -lorentz.pairwise_distance(a, b, curvature)
 
             terms: dict[str, Tensor] = {}
-            for term in self.config.active():
+            for term in computed:
                 a, b = (x[name] for name in HYSAC_TERM_INPUTS[term])
                 if term.startswith("contrastive"):
                     terms[term] = infonce(a, b, logit_scale=scale, gather=gather, rank=self.rank, pairwise=negative_distance)
                 else:
                     terms[term] = lorentz.entailment_loss(a, b, curvature, k)
-            total = sum(self.config.weights[t] * v for t, v in terms.items()) / len(terms)
+            total = sum((self.config.weights[t] * v for t, v in terms.items()), torch.zeros((), device=device)) / len(active)
         return total, terms

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -352,15 +352,22 @@ class SaferClipLoss(nn.Module):
         return {name for term in self.active_terms(available_inputs) for name in TERM_INPUTS[term]}
 
     def forward(
-        self, inputs: LossInputs | None = None, gather: Gather | None = None, **tensors: Tensor | None
+        self,
+        inputs: LossInputs | None = None,
+        gather: Gather | None = None,
+        only: Collection[str] | None = None,
+        **tensors: Tensor | None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """``inputs`` or keyword tensors (names of :class:`LossInputs`); ``gather`` overrides the
-        constructor's for this call (None keeps it)."""
+        constructor's for this call (None keeps it); ``only`` computes just these of the active
+        terms, with their usual weights (the adversarial step's terms on attacked items)."""
         if inputs is None:
             inputs = LossInputs(**tensors)  # unknown names raise TypeError naming them
         elif tensors:
             raise TypeError("pass either a LossInputs or keyword tensors, not both")
         active = self.active_terms(inputs.available())
+        if only is not None:
+            active = [t for t in active if t in set(only)]
         if not active:
             needs = ", ".join(f"{t}: {TERM_INPUTS[t]}" for t in self.term_weights)
             raise ValueError(

@@ -21,6 +21,7 @@ from ..model.hyperbolic import HyperbolicConfig
 from ..redirection.faiss_search import NeighbourError
 from ..redirection.large_pool import PoolIndexConfig
 from ..redirection.neighbour_config import NeighbourConfig
+from .adversarial import AdversarialConfig
 from .hysac import HysacLossConfig
 from .losses import LossConfig
 
@@ -62,6 +63,8 @@ class MethodConfig:
     hyperbolic: HyperbolicConfig | None = None  # HySAC only
     # the IVF-PQ index of an embedded extra pool (a folder of embedding shards)
     pool_index: PoolIndexConfig | None = None
+    # adversarial safety fine-tuning (off unless method.adversarial.enabled)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     # the checked config as written (a plain dict): what checkpoints and model cards record
     source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -95,7 +98,7 @@ def _known(section: dict[str, Any], allowed: set[str], where: str) -> None:
 def method_config(method: Mapping[str, Any]) -> MethodConfig:
     """Check a method config (a plain dict, as the YAML presets hold it) and build its pieces;
     :class:`ConfigError` names the first wrong key."""
-    allowed = {"name", "targets", "neighbours", "curriculum", "loss", "trainable", "optimizer", "hyperbolic"}
+    allowed = {"name", "targets", "neighbours", "curriculum", "loss", "trainable", "optimizer", "hyperbolic", "adversarial"}
     _known(dict(method), allowed, "method")
     name = method.get("name")
     if name not in METHOD_NAMES:
@@ -169,7 +172,8 @@ def method_config(method: Mapping[str, Any]) -> MethodConfig:
             raise ConfigError(f"method.neighbours: {e}") from None
         except TypeError as e:
             raise ConfigError(f"method.neighbours: {e}") from None
+    adversarial_cfg = AdversarialConfig.of(_section(method, "adversarial"))
     return MethodConfig(
         name, targets, curriculum, loss, trainable_cfg, optimizer_cfg, neighbours_cfg, extra_pool, hyperbolic_cfg, pool_index_cfg,
-        source=copy.deepcopy(dict(method)),
+        adversarial_cfg, source=copy.deepcopy(dict(method)),
     )

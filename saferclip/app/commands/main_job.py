@@ -5,6 +5,7 @@ Safe-CLIP, SafeR-CLIP and HySAC, trained, evaluated and reported side by side.
     saferclip-main seed=1                # another seed
     saferclip-main force=true            # retrain even when an identical finished run exists
     saferclip-main --quiet > table.md    # print only the final table
+    saferclip-main adversarial=true      # + safeclip_adv, saferclip_adv, hysac_adv (method.adversarial on)
 
 The pipeline is :mod:`saferclip.app.pipelines.main_job`. Standard output ends with the
 headline table; progress goes to stderr.
@@ -28,6 +29,8 @@ MAIN_HELP = {
     "runs": "one entry per method: overrides of the training config",
     "common": "overrides of the training config for every run",
     "eval": "suites, split, the oracle row and report.html's galleries (eval.showcase) of the evaluation",
+    "adversarial": "true adds an adversarially trained <name>_adv run per method (method.adversarial on)",
+    "adversarial_overrides": "the <name>_adv runs' extra training overrides (the adversarial settings)",
 }
 
 

@@ -13,9 +13,14 @@ and beyond their bounds.
 
 from __future__ import annotations
 
-import torch
+import time
 
+import torch
+from torch.nn.utils import parametrize
+
+from ...model.build import encode_tokens
 from ...model.hyperbolic import HyperbolicHead, safe_radii
+from ...training.adversarial import Encoders, batch_radii, hyperbolic_objectives, hysac_adversarial_terms
 from ...training.contrastive import Gather
 from ...training.hysac import HYSAC_TERMS, HysacLoss
 from .module import SaferClipModule
@@ -43,7 +48,36 @@ class HysacModule(SaferClipModule):
         return {k: self.head.lift(v, _MODALITY[k]) for k, v in features.items()}
 
     def loss_step(self, batch: dict[str, torch.Tensor], gather: Gather | None = None):
-        return self.loss(self.head, gather=gather, **self.lifted(batch, self.loss.required_inputs()))
+        points = self.lifted(batch, self.loss.required_inputs())
+        total, terms = self.loss(self.head, gather=gather, **points)
+        if self.adversarial is None:
+            return total, terms
+        extra, adversarial = self.adversarial_step(batch, points, {}, gather)
+        return total + extra, {**terms, **adversarial}
+
+    # ---------------------------------------------------------------- adversarial training
+    def attack_encoders(self) -> Encoders:
+        def image(x: torch.Tensor) -> torch.Tensor:
+            with parametrize.cached():
+                return self.head.lift(self.model.encode_image(x, normalize=False), "image")
+
+        def text(tokens: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+            with parametrize.cached():
+                return self.head.lift(encode_tokens(self.model, tokens, normalize=False, embedding_offset=offset), "text")
+
+        return Encoders(image, text)
+
+    def adversarial_step(self, batch, points, given, gather: Gather | None):
+        """HySAC's: gallery-side attacks against the batch's own (traversed) queries, its terms on
+        the attacked points and the radius terms (:mod:`saferclip.training.adversarial`)."""
+        curvature = self.head.curvature()
+        radii = batch_radii(points, curvature, self.head.config.traversal_percentile, gather)
+        objectives = hyperbolic_objectives(points, curvature, radii, gather)
+        kinds = self.attacked_kinds(points, objectives)
+        start = time.perf_counter()
+        attacked = self.adversarial.attack(self.attack_encoders(), batch, objectives, int(self.global_step), kinds)
+        self._attack_seconds = time.perf_counter() - start
+        return hysac_adversarial_terms(self.loss, self.head, points, attacked, radii, self.adversarial.config.weight, gather)
 
     def encodings_needed(self, item: dict[str, torch.Tensor]) -> set[str]:
         return self.loss.required_inputs()

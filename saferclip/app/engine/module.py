@@ -8,7 +8,9 @@ from the embedding cache; this module never runs a frozen encoder.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
+from typing import Any, Mapping
 
 import lightning as L
 import torch
@@ -28,6 +30,14 @@ from ...evaluation.selection import (
 from ...model.adapters import configure_trainable, tower_parameters
 from ...model.build import build_clip, encode_tokens
 from ...model.similarity import COSINE, Similarity, chunk_scorer
+from ...training.adversarial import (
+    AdversarialTraining,
+    Encoders,
+    PixelSpace,
+    adversarial_terms,
+    euclidean_objectives,
+    token_scale,
+)
 from ...training.contrastive import Gather, gather_with_grad
 from ...training.losses import FROZEN_INPUTS, TERM_NAMES, WEIGHT_INPUTS, SaferClipLoss
 from ...training.method import MethodConfig, method_config
@@ -79,9 +89,11 @@ class SaferClipModule(L.LightningModule):
         self.method_config = config
         self.param_counts = configure_trainable(self.model, config.trainable)
         self.loss = self.build_loss(config)
+        self.adversarial = self.build_adversarial(config, bundle)
         self.optimizer_config = config.optimizer
         # validation outputs by dataloader: 0 the validation split, 1 the NSFW-Caps-like set
         self._val_outputs: dict[int, list[dict[str, torch.Tensor]]] = {}
+        self._step_started = self._attack_seconds = 0.0
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "SaferClipModule":
@@ -98,6 +110,16 @@ class SaferClipModule(L.LightningModule):
 
     def build_loss(self, config):
         return SaferClipLoss(config.loss)
+
+    @staticmethod
+    def build_adversarial(config, bundle) -> AdversarialTraining | None:
+        """``method.adversarial`` (None when off): the token unit comes from the base model's
+        table, fixed for the run, so every rank and every resume attacks with the same radius."""
+        if not config.adversarial.enabled:
+            return None
+        table = bundle.model.token_embedding.weight
+        pixels = PixelSpace.of(bundle.preprocess) if getattr(bundle.model, "visual", None) is not None else None
+        return AdversarialTraining(config.adversarial, pixels, int(table.shape[1]), token_scale(table))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Every checkpoint carries a checksum of its weights: a damaged one is refused when
@@ -133,7 +155,40 @@ class SaferClipModule(L.LightningModule):
         needed = self.loss.required_inputs(available_inputs(batch))
         features = self.encode(batch, needed)
         given = {k: batch[k] for k in FROZEN_INPUTS + WEIGHT_INPUTS if k in batch}
-        return self.loss(**features, **given, gather=gather)
+        total, terms = self.loss(**features, **given, gather=gather)
+        if self.adversarial is None:
+            return total, terms
+        extra, adversarial = self.adversarial_step(batch, features, given, gather)
+        return total + extra, {**terms, **adversarial}
+
+    # ---------------------------------------------------------------- adversarial training
+    # The attacks and terms are saferclip.training.adversarial's; this is only the hook-up.
+    def attack_encoders(self) -> Encoders:
+        """The trainable towers as the attacks call them (each call one forward, LoRA weights
+        computed once per call)."""
+
+        def image(x: torch.Tensor) -> torch.Tensor:
+            with parametrize.cached():
+                return self.model.encode_image(x, normalize=True)
+
+        def text(tokens: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+            with parametrize.cached():
+                return encode_tokens(self.model, tokens, normalize=True, embedding_offset=offset)
+
+        return Encoders(image, text)
+
+    def attacked_kinds(self, features: Mapping[str, torch.Tensor], objectives: Mapping[str, Any]) -> list[str]:
+        """The items this step attacks: asked for, encoded by the clean step, with an objective."""
+        return [k for k in self.adversarial.config.attacked(set(features)) if k in objectives]
+
+    def adversarial_step(self, batch, features, given, gather: Gather | None):
+        """``(weight × adversarial total, {adv_<term>: value})`` of one batch (Euclidean methods)."""
+        objectives = euclidean_objectives(features, given, gather)
+        kinds = self.attacked_kinds(features, objectives)
+        start = time.perf_counter()
+        attacked = self.adversarial.attack(self.attack_encoders(), batch, objectives, int(self.global_step), kinds)
+        self._attack_seconds = time.perf_counter() - start
+        return adversarial_terms(self.loss, {**features, **given}, attacked, self.adversarial.config.weight, gather)
 
     # ---------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
@@ -162,10 +217,22 @@ class SaferClipModule(L.LightningModule):
         total, terms = self.loss_step(batch, gather)
         bs = len(batch["index"])
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
-        if self._logger_writes_this_step():
+        self._log_step = self._logger_writes_this_step()
+        if self._log_step:
             for name, value in terms.items():
                 self.log(f"train/{name}", value.detach(), batch_size=bs)
+            if self.adversarial is not None:
+                self.log("time/adv_attack_seconds", float(self._attack_seconds), batch_size=bs)
         return total
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """The whole step's wall time (forward, attacks, backward, optimizer): what adversarial
+        training costs against a clean run's ``time/step_seconds``."""
+        if getattr(self, "_log_step", False):
+            self.log("time/step_seconds", time.perf_counter() - self._step_started, batch_size=len(batch["index"]))
 
     def _logger_writes_this_step(self) -> bool:
         """Whether the loggers write this step's values (every ``log_every_n_steps``). Each
@@ -193,6 +260,10 @@ class SaferClipModule(L.LightningModule):
             )
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self._info(f"trainable parameters: {trainable:,} of {self.param_counts['total']:,}")
+        if self.adversarial is not None:
+            c = self.adversarial.config
+            self._info(f"adversarial training: images at {c.epsilon_255:g}/255 ({c.steps} PGD steps), text attack {c.text_attack} "
+                       f"(radius {c.text_epsilon:g}), preserve_safe {c.preserve_safe}, weight {c.weight:g}: adv_<term> in the log")
 
     def loss_terms(self, item: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         """The active and the inactive loss terms with the inputs a training item provides."""

@@ -24,11 +24,11 @@ from omegaconf import DictConfig
 
 from ...model.trained import read_selection
 from ..hydra_utils import check_int, to_container
-from .runs import check_runs, compose, eval_showcase, evaluated_models, record_pair_stats, train_or_reuse
+from .runs import check_runs, compose, eval_showcase, evaluated_models, main_runs, record_pair_stats, train_or_reuse
 
 log = logging.getLogger("saferclip.main")
 
-MAIN_KEYS = ("seed", "world", "force", "out_dir", "runs_dir", "runs", "common", "eval")
+MAIN_KEYS = ("seed", "world", "force", "out_dir", "runs_dir", "runs", "common", "eval", "adversarial", "adversarial_overrides")
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
@@ -47,7 +47,8 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         check_int(world, "world", 0)
     # the world first: an explicit data.toy_seed among the overrides still wins
     common = ([] if world is None else [f"data.toy_seed={world}"]) + list(cfg.common) + list(overrides) + [f"seed={cfg.seed}"]
-    check_runs({name: common + list(run_overrides) for name, run_overrides in cfg.runs.items()})
+    runs = main_runs(cfg)
+    check_runs({name: common + list(run_overrides) for name, run_overrides in runs.items()})
     train_base = compose("train", common)
     ensure_toy_world(to_container(train_base.data))
     record_pair_stats(to_container(train_base.data))
@@ -57,7 +58,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     }
     training: dict[str, dict[str, Any]] = {}
     train_seconds: dict[str, float | None] = {}  # each run's training as it was timed, reused or not
-    for name, run_overrides in cfg.runs.items():
+    for name, run_overrides in runs.items():
         start = time.time()
         summary = train_or_reuse(name, common + list(run_overrides), Path(cfg.runs_dir), bool(cfg.force))
         timings[name] = round(time.time() - start, 1)
@@ -74,7 +75,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         split=cfg.eval.split,
         batch_size=int(train_base.data.eval_batch_size),
         seed=int(cfg.seed),
-        config={"main": to_container(cfg), "train_overrides": {k: list(v) for k, v in cfg.runs.items()}},
+        config={"main": to_container(cfg), "train_overrides": runs},
         oracle=cfg.eval.get("oracle"),
             showcase=eval_showcase(cfg),
     )

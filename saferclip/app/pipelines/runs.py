@@ -48,6 +48,10 @@ def run_key(train_cfg: DictConfig) -> str:
     cfg = to_container(train_cfg)
     for where in ("run_dir", "output_dir", "cache_dir"):  # where things are written or cached
         cfg.get("paths", {}).pop(where, None)
+    # an option that is off changes nothing: runs from before it existed keep their key
+    method = cfg.get("method") or {}
+    if isinstance(method.get("adversarial"), dict) and not method["adversarial"].get("enabled", False):
+        method.pop("adversarial")
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -125,6 +129,23 @@ def eval_showcase(cfg: DictConfig):
     return to_container(value) if OmegaConf.is_config(value) else value
 
 
+ADVERSARIAL_SUFFIX = "_adv"
+
+
+def main_runs(cfg: DictConfig) -> dict[str, list[str]]:
+    """The runs a main-job config asks for: ``runs``, and with ``adversarial=true`` one more per
+    method, ``<name>_adv``: the same overrides plus ``method.adversarial.enabled=true`` and
+    ``adversarial_overrides`` (the default job's runs, keys and results are unchanged)."""
+    from ..hydra_utils import check_bool
+
+    runs = {name: list(overrides) for name, overrides in cfg.runs.items()}
+    check_bool(cfg.get("adversarial", False), "adversarial")
+    if cfg.get("adversarial", False):
+        extra = ["method.adversarial.enabled=true", *list(cfg.get("adversarial_overrides") or [])]
+        runs.update({f"{name}{ADVERSARIAL_SUFFIX}": overrides + extra for name, overrides in list(runs.items())})
+    return runs
+
+
 def split_overrides(overrides: Sequence[str], own_keys: Sequence[str]) -> tuple[list[str], list[str]]:
     """The overrides of a pipeline config's own keys (``own_keys``: conf/main.yaml's, study's,
     tune's), and the rest (passed to every training run)."""
@@ -163,21 +184,22 @@ def record_pair_stats(data: dict[str, Any]) -> None:
         log.info(format_pair_stats(pair_stats(data["root"])))
 
 
-def find_main_runs(runs_dir: str | Path | None = None, hyperbolic: bool = False) -> dict[str, dict[str, Any]]:
+def find_main_runs(runs_dir: str | Path | None = None, hyperbolic: bool = False, adversarial: bool = False) -> dict[str, dict[str, Any]]:
     """The main job's finished runs: ``{name: {"pretrained", "run_dir", "exact"}}``. The run of
     ``saferclip-main``'s current config (same hash) when it finished, else the most recently
-    finished run of that name (``exact`` False; the log says which)."""
+    finished run of that name (``exact`` False; the log says which). ``adversarial``: the
+    adversarially trained ``<name>_adv`` runs too, where they exist."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     # inside the Hydra app the config tree is initialised; called from elsewhere, open it here
     tree = nullcontext() if GlobalHydra().is_initialized() else initialize_config_dir(config_dir=CONF_DIR, version_base="1.3")
     with tree:
-        main = compose("main", [])
+        main = compose("main", ["adversarial=true"] if adversarial else [])
         runs = Path(str(runs_dir or main.runs_dir))
         expected: dict[str, Path | None] = {}
         methods: dict[str, str] = {}
-        for name, overrides in main.runs.items():
+        for name, overrides in main_runs(main).items():
             try:
                 cfg = compose("train", list(main.common) + list(overrides) + [f"seed={main.seed}"])
                 methods[name] = str(cfg.method.name)
@@ -210,15 +232,16 @@ def find_main_runs(runs_dir: str | Path | None = None, hyperbolic: bool = False)
     return found
 
 
-def with_main_runs(cfg: DictConfig, models: dict[str, Any], hyperbolic: bool = False) -> dict[str, Any]:
+def with_main_runs(cfg: DictConfig, models: dict[str, Any], hyperbolic: bool = False, adversarial: bool = False) -> dict[str, Any]:
     """``models`` plus, with ``main_runs=true``, the main job's finished runs (with
-    ``hyperbolic``, HySAC too, in both its modes). When it finds none, one line naming where it
+    ``hyperbolic``, HySAC too, in both its modes; with ``adversarial``, the adversarially trained
+    ``<name>_adv`` runs where they exist). When it finds none, one line naming where it
     looked: an error when ``runs_dir`` was given or nothing but the reference would be left,
     else a warning (the models named on the command line go on alone)."""
     if not cfg.get("main_runs", False):
         return models
     runs_dir = cfg.get("runs_dir")
-    found = find_main_runs(runs_dir, hyperbolic=hyperbolic)
+    found = find_main_runs(runs_dir, hyperbolic=hyperbolic, adversarial=adversarial)
     if not found:
         where = main_runs_folder(runs_dir)
         missing = "" if where.is_dir() else " (no such folder)"
