@@ -3,7 +3,7 @@
 On a terminal the commands show progress bars. When standard output (or standard error,
 where the bars go) is not a terminal — ``saferclip-main > log``, a CI job, a batch system —
 there are no per-step bars: training logs one line per epoch instead
-(:class:`saferclip.app.callbacks.EpochLine`), and the commands print their final table last.
+(:class:`saferclip.app.engine.callbacks.EpochLine`), and the commands print their final table last.
 """
 
 from __future__ import annotations

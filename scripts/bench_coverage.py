@@ -22,14 +22,22 @@ import torch
 
 
 def main() -> None:
-    from saferclip.robustness.runner import SplitInputs
-    from saferclip.robustness.image_attacks import load_pixels, split_normalisation
-    from saferclip.robustness.coverage import KINDS, calibrate, neurons, profile, token_means, watched_with_groups, with_token_means
     from saferclip.analysis.heads import recording, tower_blocks
     from saferclip.data.splits import load_split
     from saferclip.locations import home
     from saferclip.model.build import default_base_checkpoint, eval_mode
     from saferclip.model.trained import load_model
+    from saferclip.robustness.coverage import (
+        KINDS,
+        calibrate,
+        neurons,
+        profile,
+        token_means,
+        watched_with_groups,
+        with_token_means,
+    )
+    from saferclip.robustness.image_attacks import load_pixels, split_normalisation
+    from saferclip.robustness.runner import SplitInputs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(default_base_checkpoint()))

@@ -39,8 +39,8 @@ from saferclip.app.cli import prefer_fast_openblas
 prefer_fast_openblas()
 import faiss  # noqa: E402, I001
 
-from saferclip.benchmarks.vectors import mixture
-from saferclip.redirection.large_pool import PoolIndex, PoolIndexConfig, build_pool_index, open_pool
+from saferclip.benchmarks.vectors import mixture  # noqa: E402 - after the BLAS choice, as faiss
+from saferclip.redirection.large_pool import PoolIndex, PoolIndexConfig, build_pool_index, open_pool  # noqa: E402
 
 
 def peak_gb() -> float:

@@ -30,10 +30,16 @@ import torch
 from saferclip.app.cli import prefer_fast_openblas
 
 prefer_fast_openblas()
-from saferclip.benchmarks.vectors import mixture  # noqa: E402
-from saferclip.redirection.faiss_search import SearchSettings, build_neighbour_index, default_nlist, exact_neighbours_torch, make_index  # noqa: E402, I001
-
 import faiss  # noqa: E402, I001
+
+from saferclip.benchmarks.vectors import mixture  # noqa: E402
+from saferclip.redirection.faiss_search import (  # noqa: E402, I001
+    SearchSettings,
+    build_neighbour_index,
+    default_nlist,
+    exact_neighbours_torch,
+    make_index,
+)
 
 
 def row(cols: list[str], widths: list[int]) -> str:

@@ -25,7 +25,15 @@ from pathlib import Path
 
 import torch
 
-from saferclip.benchmarks.train_step import DEFAULT_STEPS, MODELS, PRECISIONS, VARIANT_LABELS, LossMismatch, compose, measure
+from saferclip.benchmarks.train_step import (
+    DEFAULT_STEPS,
+    MODELS,
+    PRECISIONS,
+    VARIANT_LABELS,
+    LossMismatch,
+    compose,
+    measure,
+)
 
 
 def bench_model(name: str, args, toy_dir: Path, work: Path) -> tuple[list[tuple], dict]:

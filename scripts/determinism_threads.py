@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from saferclip.app.engine.fit import train
 from saferclip.app.hydra_utils import CONF_DIR, to_container
-from saferclip.app.train import train
 from saferclip.evaluation.report import iter_metrics
 from saferclip.evaluation.runner import evaluate_models
 from saferclip.model.checkpoints import load_state_dict

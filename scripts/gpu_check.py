@@ -299,11 +299,11 @@ def prebuild_cache(cfg, device: torch.device) -> None:
     """The frozen-embedding cache of the run, built on ``device``: the datamodule builds it
     with the model on the CPU, which for ViT-L/14 would take most of this check's time. The
     cache key does not depend on the device, so the datamodule then reuses it."""
-    from saferclip.toyworld.generate import ensure_toy_world
     from saferclip.app.hydra_utils import to_container
     from saferclip.data.splits import load_split
     from saferclip.model.build import build_clip
     from saferclip.redirection.cache import build_or_load_cache
+    from saferclip.toyworld.generate import ensure_toy_world
 
     data = to_container(cfg.data)
     ensure_toy_world(data)
@@ -442,7 +442,7 @@ def check_neighbours(env: Env, check: Check) -> None:
 
 
 def check_rehearsal(env: Env, model: str, items: int, steps: int, batch: int, check: Check) -> None:
-    from saferclip.app.rehearse import rehearse
+    from saferclip.app.pipelines.rehearse import rehearse
 
     workers = env.sizes.cache_workers if env.cuda else 0
     rows = rehearse(env.work / "rehearsal" / model, [f"model={model}"], items, steps, env.device.type, batch, workers)

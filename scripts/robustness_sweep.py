@@ -41,7 +41,7 @@ def main() -> None:
     from hydra import initialize_config_dir
 
     from saferclip.app.hydra_utils import CONF_DIR, setup_logging
-    from saferclip.app.main_job import train_or_reuse
+    from saferclip.app.pipelines.runs import train_or_reuse
     from saferclip.files import write_json_atomic
     from saferclip.robustness.settings import AttackSettings
 
@@ -91,7 +91,7 @@ def main() -> None:
 def measure_point(method: str, eps: float, name: str, overrides: list[str], summary: dict, settings, start: float) -> dict:
     """One point of the sweep: the run's validation figures and the attacks on the validation split."""
     from saferclip.app.hydra_utils import to_container
-    from saferclip.app.main_job import compose, evaluated_models
+    from saferclip.app.pipelines.runs import compose, evaluated_models
     from saferclip.evaluation.headline import headline
     from saferclip.evaluation.runner import evaluate_models
     from saferclip.model.trained import read_selection

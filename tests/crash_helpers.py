@@ -145,9 +145,9 @@ def run_study(args: dict) -> dict:
     the same micro model): the evaluation, the per-seed files and study.json are real."""
     from hydra import initialize_config_dir
 
-    import saferclip.app.study as study
+    import saferclip.app.pipelines.study as study
     from saferclip.app.hydra_utils import CONF_DIR
-    from saferclip.app.main_job import compose
+    from saferclip.app.pipelines.runs import compose
 
     def trained(name, overrides, runs_dir, force):
         return {"name": name, "run_dir": args["export"], "export": args["export"], "overrides": overrides}
@@ -196,9 +196,9 @@ def _train_or_reuse_task(args: dict) -> None:
     ``TRAINED start= end=``), so the parent can tell that the two calls overlapped."""
     from hydra import initialize_config_dir
 
-    import saferclip.app.train as train_app
+    import saferclip.app.engine.fit as train_app
     from saferclip.app.hydra_utils import CONF_DIR
-    from saferclip.app.main_job import train_or_reuse
+    from saferclip.app.pipelines.runs import train_or_reuse
 
     def fake_train(cfg):
         start = time.time()

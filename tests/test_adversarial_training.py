@@ -85,7 +85,7 @@ def test_step_size_defaults_to_madry_s_rule_and_attacked_items_follow_the_switch
 
 
 def test_a_disabled_adversarial_section_leaves_the_run_key_unchanged(tmp_path, toy_world):
-    from saferclip.app.main_job import run_key
+    from saferclip.app.pipelines.runs import run_key
 
     base = compose_train(tmp_path, toy_world, "method=saferclip")
     without = copy.deepcopy(base)
@@ -163,7 +163,7 @@ def _clean_and_attacked(module, batch):
         radii = batch_radii(features, module.head.curvature(), module.head.config.traversal_percentile)
         objectives = hyperbolic_objectives(features, module.head.curvature(), radii)
     else:
-        from saferclip.app.module import available_inputs
+        from saferclip.app.engine.module import available_inputs
         from saferclip.training.losses import FROZEN_INPUTS, WEIGHT_INPUTS
 
         features = module.encode(batch, module.loss.required_inputs(available_inputs(batch)))
@@ -210,7 +210,7 @@ def test_the_step_adds_the_adversarial_terms_and_they_train(modules, name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_training_logs_the_adversarial_terms_and_the_step_time(tmp_path, toy_world, name):
-    from saferclip.app.train import train
+    from saferclip.app.engine.fit import train
 
     result = train(compose_train(tmp_path, toy_world, f"method={name}", "debug=fast_dev_run", "method.adversarial.enabled=true"))
     logged = {k.split("/", 1)[1] for k in result if k.startswith("train/")}
@@ -223,7 +223,7 @@ def test_the_main_job_adds_adversarial_runs_by_one_switch_and_leaves_the_default
     from hydra import initialize_config_dir
 
     from saferclip.app.hydra_utils import CONF_DIR
-    from saferclip.app.main_job import compose, evaluated_models, main_runs
+    from saferclip.app.pipelines.runs import compose, evaluated_models, main_runs
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         default = main_runs(compose("main", []))

@@ -69,7 +69,7 @@ def base_overrides(world: Path, out: Path, files: dict[str, Path]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def analysis(toy_world, micro_files, tmp_path_factory):
-    from saferclip.app.analyze import run
+    from saferclip.app.commands.analyze import run
 
     out = tmp_path_factory.mktemp("analyze") / "report"
     torch.set_num_threads(1)
@@ -117,7 +117,7 @@ def test_analyze_writes_the_report_with_all_three_parts(analysis, capsys):
 
 
 def test_analyze_refuses_to_overwrite_and_names_bad_input(analysis, toy_world, micro_files, caplog):
-    from saferclip.app.analyze import run
+    from saferclip.app.commands.analyze import run
 
     out, _ = analysis
     cases = {
@@ -136,7 +136,7 @@ def test_analyze_refuses_to_overwrite_and_names_bad_input(analysis, toy_world, m
 
 
 def test_main_runs_are_found(tmp_path):
-    from saferclip.app.analyze import find_main_runs
+    from saferclip.app.pipelines.runs import find_main_runs
 
     export = tmp_path / "runs" / "saferclip-0123456789ab" / "export"
     export.mkdir(parents=True)
@@ -149,8 +149,8 @@ def test_main_runs_are_found(tmp_path):
     from hydra import initialize_config_dir
 
     from saferclip.app.hydra_utils import CONF_DIR
-    from saferclip.app.main_job import compose as main_compose
-    from saferclip.app.main_job import run_key
+    from saferclip.app.pipelines.runs import compose as main_compose
+    from saferclip.app.pipelines.runs import run_key
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # as saferclip-main composes its runs
         main = main_compose("main", [])
@@ -167,7 +167,7 @@ def test_main_runs_are_found(tmp_path):
 
 @pytest.mark.slow
 def test_eval_report_gets_the_analysis_sections_when_asked(toy_world, micro_files, tmp_path):
-    from saferclip.app.evaluate import run
+    from saferclip.app.commands.evaluate import run
 
     out = tmp_path / "eval"
     overrides = [o for o in base_overrides(toy_world, out, micro_files) if not o.startswith("main_runs")]
@@ -184,7 +184,7 @@ def test_eval_report_gets_the_analysis_sections_when_asked(toy_world, micro_file
 
 
 def _detect(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "saferclip.app.detect", *map(str, args)]
+    cmd = [sys.executable, "-m", "saferclip.app.commands.detect", *map(str, args)]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": ""})
 
 
@@ -210,7 +210,7 @@ def test_detect_scores_captions_and_images_and_writes_a_csv(analysis, toy_world,
     assert [int(f) for f in flags] == [int(r["flagged"]) for r in rows]
     assert [float(r["score"]) for r in rows] == pytest.approx(scores.tolist(), abs=1e-5)
     # an image folder: the image detector
-    from saferclip.app.detect import main
+    from saferclip.app.commands.detect import main
 
     images = toy_world / "visu" / "borderline" / "nsfw" / "test"
     main([str(det_file), str(images), "--out", str(tmp_path / "images.csv")])
@@ -218,7 +218,7 @@ def test_detect_scores_captions_and_images_and_writes_a_csv(analysis, toy_world,
 
 
 def test_detect_errors_are_one_line_and_exit_2(analysis, micro_files, tmp_path, capsys):
-    from saferclip.app.detect import main
+    from saferclip.app.commands.detect import main
 
     out, _ = analysis
     det_file = out / "detectors" / "original.safetensors"
@@ -261,7 +261,7 @@ def test_models_of_another_architecture_are_analysed_without_comparison(toy_worl
 
 @pytest.mark.slow
 def test_analyze_command_line_error_has_no_traceback(tmp_path):
-    cmd = [sys.executable, "-m", "saferclip.app.analyze", "analysis.parts=[detector,bogus]", f"paths.output_dir={tmp_path}",
+    cmd = [sys.executable, "-m", "saferclip.app.commands.analyze", "analysis.parts=[detector,bogus]", f"paths.output_dir={tmp_path}",
            "data.make_toy=false", "main_runs=false"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "", "HF_HUB_OFFLINE": "1"})

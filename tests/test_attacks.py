@@ -61,7 +61,10 @@ def test_pgd_stays_in_its_ball_and_in_the_pixel_range():
 
 def test_pgd_is_seeded():
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    run = lambda seed: pgd(lambda z: -(z - 0.3).abs().sum(dim=(1, 2, 3)), x, 8 / 255, 2 / 255, 3, torch.Generator().manual_seed(seed))
+
+    def run(seed: int) -> torch.Tensor:
+        return pgd(lambda z: -(z - 0.3).abs().sum(dim=(1, 2, 3)), x, 8 / 255, 2 / 255, 3, torch.Generator().manual_seed(seed))
+
     assert torch.equal(run(5), run(5)) and not torch.equal(run(5), run(6))
 
 
@@ -323,8 +326,8 @@ EXPECTED_ATTACKS = {"evade", "smuggle", "gallery (safe query)", "gallery (unsafe
 
 @pytest.mark.slow
 def test_attack_command_writes_the_report_and_a_monitor_detect_reads(toy_world, micro_weights, tmp_path, capsys):
-    from saferclip.app.attack import run
-    from saferclip.app.detect import main as detect
+    from saferclip.app.commands.attack import run
+    from saferclip.app.commands.detect import main as detect
 
     out = tmp_path / "attack"
     result = run(_compose(_overrides(toy_world, out, micro_weights)))
@@ -349,7 +352,7 @@ def test_attack_command_writes_the_report_and_a_monitor_detect_reads(toy_world, 
 
 
 def test_attack_command_bad_input_is_one_line_and_exit_2(toy_world, micro_weights, tmp_path, capsys):
-    from saferclip.app.attack import run
+    from saferclip.app.commands.attack import run
 
     cases = {
         "attack.image.budgets_255=[0]": "budgets_255",

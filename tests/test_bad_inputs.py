@@ -581,12 +581,41 @@ def test_every_console_script_answers_help(tmp_path, flag):
         assert proc.returncode == 0, (name, output[-2000:])
         assert "usage:" in output and "Traceback" not in output, (name, output[-2000:])
         assert "README.md" in output, (name, output[-2000:])  # where the docs are
+        # what it does, then at least one example: a command line of this very script
+        examples = output.split("Examples:", 1)[-1].splitlines() if "Examples:" in output else []
+        assert any(line.strip().startswith(f"{name} ") or line.strip() == name for line in examples), (name, output[-2000:])
+
+
+def test_help_imports_neither_torch_nor_open_clip(tmp_path):
+    """--help of every console script answers before the heavy libraries load: what it prints
+    comes from the command's module and the config files, not from a model (the times:
+    scripts/bench_help.py)."""
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    code = (
+        "import sys, contextlib, io, importlib\n"
+        f"scripts = {dict(scripts)!r}\n"
+        "for name, target in scripts.items():\n"
+        "    module, func = target.split(':')\n"
+        "    sys.argv = [name, '--help']\n"
+        "    with contextlib.redirect_stdout(io.StringIO()):\n"
+        "        try:\n"
+        "            getattr(importlib.import_module(module), func)()\n"
+        "        except SystemExit as e:\n"
+        "            assert e.code in (0, None), (name, e.code)\n"
+        "    heavy = sorted(m for m in ('torch', 'open_clip', 'lightning', 'faiss') if m in sys.modules)\n"
+        "    assert not heavy, f'{name} --help imported {heavy}'\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_commands_do_not_import_wandb_unless_asked(tmp_path):
     code = (
         "import sys\n"
-        "import saferclip.app.train, saferclip.app.main_job, saferclip.app.evaluate, saferclip.app.export\n"
+        "import saferclip.app.commands.train, saferclip.app.engine.fit, saferclip.app.commands.main_job, saferclip.app.pipelines.main_job, saferclip.app.commands.evaluate, saferclip.app.commands.export\n"
         "import saferclip.model.build, saferclip.export.open_clip\n"
         "assert 'wandb' not in sys.modules, 'wandb imported'\n"
         "import wandb  # still importable when someone asks for it\n"

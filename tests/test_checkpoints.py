@@ -264,7 +264,7 @@ def _flip_tensor_bytes(path: Path) -> None:
 def test_a_training_checkpoint_with_flipped_weight_bytes_is_refused(tmp_path):
     """The training module stamps every checkpoint with a checksum of its weights; a checkpoint
     whose bytes changed is refused in one line, not trained on or exported (torch itself loads it)."""
-    from saferclip.app.module import SaferClipModule
+    from saferclip.app.engine.module import SaferClipModule
     from saferclip.integrity import DamagedArtefact
     from saferclip.model.checkpoints import CHECKSUM_KEY, load_torch_checkpoint
     from saferclip.model.trained import read_training_checkpoint

@@ -14,7 +14,7 @@ from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
 from saferclip.app.hydra_utils import CONF_DIR
-from saferclip.app.main_job import compose as compose_outside_hydra
+from saferclip.app.pipelines.runs import compose as compose_outside_hydra
 from saferclip.training.method import METHOD_NAMES, method_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,8 +179,18 @@ def test_the_link_finder_sees_what_it_should(tmp_path):
 
 def test_the_readme_links_the_docs_it_was_split_into():
     links = set(relative_links((REPO / "README.md").read_text()))
-    for doc in ("docs/RESULTS.md", "docs/DOWNSTREAM.md", "docs/GPU.md", "docs/DEVELOPING.md", "data/README.md"):
+    for doc in ("docs/USAGE.md", "docs/RESULTS.md", "docs/METHOD.md", "docs/DOWNSTREAM.md", "docs/GPU.md", "docs/DEVELOPING.md",
+                "data/README.md"):
         assert doc in links, f"README.md does not link {doc}"
+
+
+def test_the_readme_is_a_front_door():
+    """At most 150 lines: what saferclip is, the two commands first, what they give, where to go
+    next; tables, recipes and timings live in docs/."""
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 150, len(text.splitlines())
+    first_block = text[text.index("```bash") : text.index("```", text.index("```bash") + 3)]
+    assert "pip install -e . && saferclip-main" in first_block and 'pip install -e ".[dev]" && bash scripts/test.sh' in first_block
 
 
 def test_developing_map_names_every_module():

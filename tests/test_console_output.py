@@ -40,8 +40,8 @@ def test_progress_bars_only_when_both_streams_are_terminals(monkeypatch, stdout,
 def test_a_trainer_writing_to_a_file_logs_one_line_per_epoch(tmp_path, toy_world, monkeypatch, caplog):
     import logging
 
-    from saferclip.app.callbacks import EpochLine
-    from saferclip.app.train import build_trainer, train
+    from saferclip.app.engine.callbacks import EpochLine
+    from saferclip.app.engine.fit import build_trainer, train
 
     cfg = compose_train(tmp_path, toy_world, "trainer.enable_progress_bar=true", "trainer.max_epochs=2",
                         "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "export=false")
@@ -75,7 +75,7 @@ def test_main_job_into_a_file_ends_with_the_table_and_quiet_prints_only_it(tmp_p
             f"paths.cache_dir={tmp_path / 'cache'}", *TINY_MAIN]
     env = cli_env(SAFERCLIP_HOME=str(tmp_path / "home"))
     env.pop("SAFERCLIP_PROGRESS", None)
-    command = [sys.executable, "-m", "saferclip.app.main_job"]
+    command = [sys.executable, "-m", "saferclip.app.commands.main_job"]
     left = time_budget()  # both runs share the test's time
     proc = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=left())
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,11 +13,11 @@ import sys
 import threading
 from pathlib import Path
 
+import crash_helpers as ch
 import numpy as np
 import pytest
-
-import crash_helpers as ch
 from train_helpers import time_budget
+
 from saferclip import integrity
 
 pytestmark = pytest.mark.slow

@@ -83,9 +83,9 @@ def test_sample_is_tiny():
 
 
 def documented_dry_runs() -> list[tuple[str, list[str]]]:
-    """Every `saferclip-train ... dry_run=true` line on the sample in README.md and data/README.md."""
+    """Every `saferclip-train ... dry_run=true` line on the sample in the README, docs/USAGE.md and data/README.md."""
     out = []
-    for doc in (REPO / "README.md", REPO / "data" / "README.md"):
+    for doc in (REPO / "README.md", REPO / "docs" / "USAGE.md", REPO / "data" / "README.md"):
         for line in doc.read_text().splitlines():
             if re.match(r"\s*saferclip-train .*dry_run=true", line) and "data/sample/" in line:
                 args = shlex.split(line.split("#")[0])[1:]
@@ -98,13 +98,13 @@ DRY_RUNS = documented_dry_runs()
 
 def test_the_docs_show_dry_runs_on_the_sample():
     docs = {name.split(":")[0] for name, _ in DRY_RUNS}
-    assert docs == {"README.md", "data/README.md"}, docs
+    assert docs == {"docs/USAGE.md", "data/README.md"}, docs
 
 
 @pytest.mark.parametrize("args", [a for _, a in DRY_RUNS], ids=[n for n, _ in DRY_RUNS])
 def test_documented_dry_run_passes(args, monkeypatch, tmp_path):
+    from saferclip.app.engine.fit import dry_run
     from saferclip.app.hydra_utils import to_container
-    from saferclip.app.train import dry_run
     from saferclip.training.method import method_config
 
     monkeypatch.chdir(REPO)  # the docs' paths are relative to the repository root

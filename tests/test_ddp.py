@@ -25,8 +25,8 @@ from train_helpers import (
     run_cli,
 )
 
-from saferclip.app.datamodule import EpochShuffle, drop_last_for
-from saferclip.app.module import unique_rows
+from saferclip.app.engine.datamodule import EpochShuffle, drop_last_for
+from saferclip.app.engine.module import unique_rows
 from saferclip.training.datasets import collate_items
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
@@ -77,7 +77,7 @@ WORKER = textwrap.dedent(
         torch.set_num_threads(1)
         from test_ddp import CASES, GLOBAL_BATCH, loss_and_grads, perturb_adapters
         from train_helpers import collate, compose_train, prepared
-        from saferclip.training.losses import gather_with_grad
+        from saferclip.training.contrastive import gather_with_grad
         for method, overrides in CASES.items():
             cfg = compose_train(Path(tmp) / method, Path(toy_world), *overrides, cache_dir=Path(cache_dir))
             module, datamodule = prepared(cfg)
@@ -240,8 +240,8 @@ def test_app_fast_dev_run_under_ddp_cpu(tmp_path, toy_world):
 
 def test_ddp_from_a_composing_script_is_refused_before_any_work(tmp_path, toy_world):
     """Lightning would re-run the calling script for rank 1: refused, with what to do."""
+    from saferclip.app.engine.fit import train
     from saferclip.app.hydra_utils import ConfigError
-    from saferclip.app.train import train
 
     cfg = compose_train(tmp_path, toy_world, "trainer=ddp_cpu", "debug=fast_dev_run")
     with pytest.raises(ConfigError, match="torchrun"):

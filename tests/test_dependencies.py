@@ -12,8 +12,9 @@ import ast
 import importlib.metadata as metadata
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

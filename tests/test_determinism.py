@@ -18,8 +18,8 @@ RUN = ("trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_v
 
 
 def train_and_evaluate(tmp: Path, toy_world: Path, method: str) -> tuple[Path, dict, dict]:
+    from saferclip.app.engine.fit import train
     from saferclip.app.hydra_utils import to_container
-    from saferclip.app.train import train
     from saferclip.evaluation.runner import evaluate_models
 
     cfg = compose_train(tmp, toy_world, f"method={method}", *RUN)

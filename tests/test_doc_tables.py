@@ -28,7 +28,8 @@ def test_the_docs_match_their_committed_result_files():
     """Fails when a generated table or figure of README.md / docs/RESULTS.md differs from what
     docs/results/*.json gives: run `python scripts/update_doc_tables.py` (docs/DEVELOPING.md)."""
     assert check_documents(REPO) == []
-    assert "<!-- generated:main-table" in (REPO / "README.md").read_text()
+    assert "<!-- generated:main-table" in (REPO / "docs" / "RESULTS.md").read_text()
+    assert "<!-- generated:main-screenshot" in (REPO / "README.md").read_text()
 
 
 # ---------------------------------------------------------------- a small results file, figures known by hand

@@ -168,7 +168,7 @@ def test_damaged_cache_is_rebuilt_not_trusted(toy_world, micro, tmp_path):
     second = build_or_load_cache(micro, qset, tmp_path, progress=False)
     assert not second.was_reused and second.key == first.key
     torch.testing.assert_close(second.unsafe_text, encode_text(micro, qset.unsafe_captions))
-    (second.path / "meta.json").write_text('{"format_version": 1, "key": "%s"}' % second.key)
+    (second.path / "meta.json").write_text(f'{{"format_version": 1, "key": "{second.key}"}}')
     third = build_or_load_cache(micro, qset, tmp_path, progress=False)
     assert not third.was_reused and third.meta["counts"]["unsafe_text"] == 6
     assert _subfolders(tmp_path) == [first.key]

@@ -298,7 +298,7 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     assert again["showcase"]["sections"][0]["queries"] == t2i["queries"]
     # every headline figure has its interval, around the figure itself: exact for a share
     from saferclip.evaluation.headline import headline
-    from saferclip.evaluation.intervals import DIFFERENCE_KEYS, clopper_pearson, metric_outcomes
+    from saferclip.evaluation.intervals import clopper_pearson, metric_outcomes
 
     hits = metric_outcomes(results["results"]["tuned"], "U2V_R@1").strata["U2V_R@1"]
     assert results["intervals"]["tuned"]["U2V_R@1"] == list(clopper_pearson(int(hits.sum()), len(hits)))
@@ -362,7 +362,7 @@ def compose(overrides: list[str]):
 
 @pytest.mark.slow
 def test_app_end_to_end(tmp_path, micro_file, capsys):
-    from saferclip.app.evaluate import run
+    from saferclip.app.commands.evaluate import run
 
     world = tmp_path / "toy"  # missing: the app generates it (small, for speed)
     overrides = [f"paths.toy_dir={world}", "data.toy_size=small", f"out_dir={tmp_path / 'out'}", "seed=1", f"+models.tuned.pretrained={micro_file}"]
@@ -382,7 +382,7 @@ def test_app_end_to_end(tmp_path, micro_file, capsys):
 
 
 def test_app_bad_input_one_line_exit_2(toy_world, micro_file, tmp_path, caplog):
-    from saferclip.app.evaluate import run
+    from saferclip.app.commands.evaluate import run
 
     base = [f"data.root={toy_world}", "data.make_toy=false", f"out_dir={tmp_path / 'out'}"]
     cases = {
@@ -412,7 +412,7 @@ def test_app_bad_input_one_line_exit_2(toy_world, micro_file, tmp_path, caplog):
 
 @pytest.mark.slow
 def test_app_command_line_error_has_no_traceback(tmp_path):
-    cmd = [sys.executable, "-m", "saferclip.app.evaluate", "suites=[visu,bogus]", f"paths.output_dir={tmp_path}", "data.make_toy=false"]
+    cmd = [sys.executable, "-m", "saferclip.app.commands.evaluate", "suites=[visu,bogus]", f"paths.output_dir={tmp_path}", "data.make_toy=false"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output

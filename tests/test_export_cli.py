@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 from torch.nn.utils import parametrize
 
-from saferclip.app.export import main as export_main
+from saferclip.app.commands.export import main as export_main
 from saferclip.errors import ConfigError
 from saferclip.export.open_clip import CONFIG_NAME, WEIGHTS_NAME
 from saferclip.export.run import export_checkpoint
@@ -70,7 +70,7 @@ def compose_train(run_dir: Path, toy_world: Path, cache_dir: Path, *overrides: s
 def trained(toy_world: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """One short training run (micro model, small toy world) with ``export=true``. Read-only:
     tests that change the run folder copy it."""
-    from saferclip.app.train import train
+    from saferclip.app.engine.fit import train
 
     tmp = tmp_path_factory.mktemp("trained")
     run_dir = tmp / "run"
@@ -84,9 +84,9 @@ def trained(toy_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Simple
 @pytest.fixture(scope="module")
 def trained_module(trained):
     """The Lightning module of the best checkpoint: LoRA parametrizations active, unmerged."""
-    from saferclip.app.module import SaferClipModule
+    from saferclip.app.engine.module import SaferClipModule
 
-    module = SaferClipModule.load_from_checkpoint(trained.best, map_location="cpu")
+    module = SaferClipModule.from_checkpoint(trained.best)
     module.eval()
     assert any(parametrize.is_parametrized(m) for m in module.model.modules())
     return module
@@ -218,14 +218,13 @@ def test_exported_folder_loads_with_open_clip_alone(trained, reference, tmp_path
         tokenizer = open_clip.get_tokenizer("local-dir:" + folder)
         model.eval()
         with torch.no_grad():
-            text = model.encode_text(tokenizer(%r), normalize=True)
+            text = model.encode_text(tokenizer(CAPTIONS), normalize=True)
             image = model.encode_image(preprocess(Image.open(image_path).convert("RGB")).unsqueeze(0), normalize=True)
         torch.save({"text": text, "image": image}, out_path)
         assert not [m for m in sys.modules if m.startswith("saferclip.")]
         print("ok")
         """
-        % (CAPTIONS,)
-    )
+    ).replace("CAPTIONS", repr(CAPTIONS))
     out = tmp_path / "emb.pt"
     proc = subprocess.run(
         [sys.executable, "-c", script, str(trained.run_dir / "export"), str(trained.image), str(out)],
@@ -311,7 +310,7 @@ def test_cli_error_in_a_subprocess_is_one_line_and_exit_code_2(trained, tmp_path
     truncated = tmp_path / "cut.ckpt"
     truncated.write_bytes(data[: len(data) // 3])
     proc = subprocess.run(
-        [sys.executable, "-m", "saferclip.app.export", str(truncated), str(tmp_path / "out")],
+        [sys.executable, "-m", "saferclip.app.commands.export", str(truncated), str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=180,

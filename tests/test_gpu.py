@@ -152,7 +152,7 @@ def test_bf16_mixed_ends_where_fp32_ends_and_keeps_the_loss_in_float32(device, t
     """The same short toy run in bf16-mixed and in fp32 ends at the same validation metrics
     (within the tolerance above), and under bf16 autocast the encoders run in bf16 while every
     loss term is computed in float32."""
-    from saferclip.app.train import train
+    from saferclip.app.engine.fit import train
 
     need_bf16(device)
     cache_dir = tmp_path / "cache"

@@ -434,7 +434,7 @@ def test_downstream_imports_neither_lightning_nor_hydra():
     """The library rule: saferclip.downstream (and its two CLIs) work without Lightning or Hydra."""
     code = (
         "import sys, saferclip.export.hf, saferclip.downstream.diffusion, "
-        "saferclip.downstream.visu_generation, saferclip.app.generate_visu, saferclip.app.export\n"
+        "saferclip.downstream.visu_generation, saferclip.app.commands.generate_visu, saferclip.app.commands.export\n"
         "bad = sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'hydra', 'omegaconf'})\n"
         "assert not bad, bad"
     )

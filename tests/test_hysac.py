@@ -265,10 +265,9 @@ def test_an_optimizer_step_past_a_bound_is_projected_back_and_the_parameter_can_
 
 
 def test_the_head_gets_no_weight_decay_and_is_clamped_after_each_step():
-    from saferclip.app.hysac_module import HysacModule
-
     import yaml
 
+    from saferclip.app.engine.hysac_module import HysacModule
     from saferclip.app.hydra_utils import CONF_DIR
 
     preset = yaml.safe_load((Path(CONF_DIR) / "method" / "hysac.yaml").read_text())
@@ -455,7 +454,7 @@ def traversed(x: torch.Tensor, radius: float, c: float) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def hysac_run(tmp_path_factory, toy_world):
-    from saferclip.app.train import train
+    from saferclip.app.engine.fit import train
 
     tmp = tmp_path_factory.mktemp("hysac")
     torch.set_num_threads(1)
@@ -520,7 +519,7 @@ def test_training_builds_no_cache_and_exports_a_loadable_hyperbolic_model(hysac_
 def two_epochs(tmp_path_factory, toy_world):
     """A HySAC run of 2 epochs whose kept ("best") checkpoint is epoch 0 (the checkpoint
     callback told to keep the lowest epoch), so last.ckpt (epoch 1) holds other weights."""
-    from saferclip.app.train import train
+    from saferclip.app.engine.fit import train
 
     tmp = tmp_path_factory.mktemp("hysac2")
     torch.set_num_threads(1)
@@ -641,7 +640,7 @@ def test_radii_recorded_before_they_named_a_checkpoint_are_measured_again(two_ep
 
 @pytest.mark.slow
 def test_a_hysac_checkpoint_from_before_the_head_had_its_optimizer_group_is_not_resumed(hysac_run, toy_world, tmp_path):
-    from saferclip.app.train import check_resume_checkpoint
+    from saferclip.app.engine.fit import check_resume_checkpoint
     from saferclip.model.checkpoints import load_torch_checkpoint
 
     run, _ = hysac_run

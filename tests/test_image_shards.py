@@ -12,7 +12,7 @@ import torch
 from test_embedding_cache import toy_set
 from train_helpers import compose_train, prepared
 
-from saferclip.app.make_image_shards import make_shards
+from saferclip.app.commands.make_image_shards import make_shards
 from saferclip.data.image_shards import ImageShards, write_image_shards
 from saferclip.data.images import load_image
 from saferclip.data.records import Mode

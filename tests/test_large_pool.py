@@ -18,8 +18,6 @@ from saferclip.data.records import DataFormatError
 from saferclip.errors import ConfigError
 from saferclip.model.build import build_clip, encode_text
 from saferclip.redirection.cache import build_or_load_cache
-from saferclip.redirection.neighbour_config import NeighbourConfig
-from saferclip.redirection.neighbours import find_safe_neighbours, pool_text
 from saferclip.redirection.large_pool import (
     PoolIndex,
     PoolIndexConfig,
@@ -28,6 +26,8 @@ from saferclip.redirection.large_pool import (
     load_or_build_pool_index,
     open_pool,
 )
+from saferclip.redirection.neighbour_config import NeighbourConfig
+from saferclip.redirection.neighbours import find_safe_neighbours, pool_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -151,6 +151,7 @@ def test_a_pool_of_another_width_is_named_by_training(toy_world, tmp_path):
     import yaml
 
     from saferclip.locations import CONF_DIR
+    from saferclip.training.method import method_config
     from saferclip.training.prepare import prepare
 
     bundle = build_clip("saferclip-micro")
@@ -167,7 +168,7 @@ def test_a_pool_of_another_width_is_named_by_training(toy_world, tmp_path):
             if isinstance(value, str):
                 spec[key] = value.replace("${data.root}", str(toy_world))
     with pytest.raises(ConfigError, match=rf"method\.neighbours\.extra_pool: {wide} holds {2 * dim}-d vectors, but saferclip-micro embeds captions in {dim}-d"):
-        prepare(data, {"arch": "saferclip-micro", "pretrained": None}, method, str(tmp_path / "cache"), progress=False)
+        prepare(data, {"arch": "saferclip-micro", "pretrained": None}, method_config(method), str(tmp_path / "cache"), progress=False)
 
 
 def test_training_neighbours_from_an_embedded_pool_equal_the_caption_file_path(toy_world, tmp_path):
@@ -245,6 +246,7 @@ def test_prepare_takes_the_training_targets_from_an_embedded_pool(toy_world, tmp
     import yaml
 
     from saferclip.locations import CONF_DIR
+    from saferclip.training.method import method_config
     from saferclip.training.prepare import prepare
 
     torch.manual_seed(0)
@@ -259,7 +261,7 @@ def test_prepare_takes_the_training_targets_from_an_embedded_pool(toy_world, tmp
         for key, value in list(spec.items()):
             if isinstance(value, str):
                 spec[key] = value.replace("${data.root}", str(toy_world))
-    prepared = prepare(data, {"arch": "saferclip-micro", "pretrained": None}, method, str(tmp_path / "cache"), progress=False)
+    prepared = prepare(data, {"arch": "saferclip-micro", "pretrained": None}, method_config(method), str(tmp_path / "cache"), progress=False)
     n = len(prepared.train)
     assert prepared.cache.path.parent.name == "pools" and 0 < len(prepared.cache.extra_safe_captions) <= len(extra)
     assert prepared.neighbours.pool_size == n + len(prepared.cache.extra_safe_captions)

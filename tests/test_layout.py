@@ -187,3 +187,61 @@ def test_the_reference_checker_sees_a_stale_one(tmp_path):
         "probe.py: :func:`saferclip.toyworld.scene.no_such_function`",
         "probe.py: :func:`saferclip.models.build_clip`",
     ]
+
+
+# ---------------------------------------------------------------- the shell's three rooms
+
+COMMANDS = PACKAGE / "app" / "commands"
+
+
+def command_cross_imports(paths: list[Path]) -> list[str]:
+    """Imports of one command module (``saferclip.app.commands.<x>``) by another: what two
+    commands share belongs in the engine, the pipelines or the shared plumbing."""
+    bad = []
+    for path in paths:
+        for module, names, line in imports(path):
+            targets = [module] if module != "saferclip.app.commands" else [f"{module}.{n}" for n in names]
+            bad += [f"{path.name}:{line} imports {t}" for t in targets if t.startswith("saferclip.app.commands.") and t != module_name(path)]
+    return bad
+
+
+def test_no_command_imports_another_command():
+    commands = sorted(COMMANDS.glob("*.py"))
+    assert len(commands) > 10 and not command_cross_imports(commands), command_cross_imports(commands)
+
+
+def test_the_cross_import_finder_sees_one(tmp_path):
+    """Both spellings are found; a command importing the engine or a pipeline is fine."""
+    probe = COMMANDS / "probe_cross_import.py"  # inside the package, so its relative imports resolve
+    probe.write_text("from .analyze import run\nfrom . import evaluate\nfrom ..pipelines.runs import compose\nfrom ..engine.fit import train\n")
+    try:
+        assert command_cross_imports([probe]) == [
+            "probe_cross_import.py:1 imports saferclip.app.commands.analyze",
+            "probe_cross_import.py:2 imports saferclip.app.commands.evaluate",
+        ]
+    finally:
+        probe.unlink()
+
+
+def test_the_engine_and_the_pipelines_import_no_command():
+    """The rooms stack: commands over pipelines over the engine, never back up."""
+    rooms = {"engine": ("saferclip.app.commands", "saferclip.app.pipelines"), "pipelines": ("saferclip.app.commands",)}
+    bad = [
+        f"{path.relative_to(REPO)}:{line} imports {module}"
+        for room, above in rooms.items()
+        for path in sorted((PACKAGE / "app" / room).glob("*.py"))
+        for module, _, line in imports(path)
+        if module.startswith(above)
+    ]
+    assert not bad, bad
+
+
+def test_every_console_script_is_a_command_module():
+    """pyproject's entry points name ``saferclip.app.commands.<module>:main``, one module each."""
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    targets = {name: target.split(":")[0] for name, target in scripts.items()}
+    assert all(t.startswith("saferclip.app.commands.") for t in targets.values()), targets
+    assert len(set(targets.values())) == len(targets)
+    assert {module_name(p) for p in COMMANDS.glob("*.py") if p.name != "__init__.py"} == set(targets.values())

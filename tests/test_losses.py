@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
+from saferclip.training.contrastive import gather_with_grad, infonce
 from saferclip.training.losses import (
     INPUT_NAMES,
     TERM_INPUTS,
@@ -18,8 +19,6 @@ from saferclip.training.losses import (
     LossWeights,
     SaferClipLoss,
     cosine_distance,
-    gather_with_grad,
-    infonce,
     relative_redirection,
 )
 

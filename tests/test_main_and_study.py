@@ -10,12 +10,13 @@ import pytest
 import torch
 from hydra import initialize_config_dir
 
-from saferclip.app import main_job, study
 from saferclip.app.hydra_utils import CONF_DIR, to_container
+from saferclip.app.pipelines import main_job, runs, study
 from saferclip.evaluation.headline import HEADLINE, headline, headline_table
 from saferclip.redirection.neighbour_config import NeighbourConfig
 from saferclip.redirection.neighbours import find_safe_neighbours
 from saferclip.redirection.sparse_pools import item_groups
+from saferclip.training.method import method_config
 from saferclip.training.prepare import prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
@@ -46,20 +47,20 @@ def hydra_tree():
 # ---------------------------------------------------------------- run keys, reuse, resume
 def test_run_key_follows_what_changes_the_result_not_where_it_is_written(tmp_path, toy_world, hydra_tree):
     base = train_overrides(tmp_path, toy_world)
-    key = main_job.run_key(main_job.compose("train", base))
-    assert key == main_job.run_key(main_job.compose("train", [*base, f"paths.output_dir={tmp_path / 'elsewhere'}"]))
-    assert key == main_job.run_key(main_job.compose("train", [*base, f"paths.cache_dir={tmp_path / 'c2'}"]))
-    assert key != main_job.run_key(main_job.compose("train", [*base, "seed=1"]))
-    assert key != main_job.run_key(main_job.compose("train", [*base, "method.neighbours.k=2"]))
+    key = runs.run_key(runs.compose("train", base))
+    assert key == runs.run_key(runs.compose("train", [*base, f"paths.output_dir={tmp_path / 'elsewhere'}"]))
+    assert key == runs.run_key(runs.compose("train", [*base, f"paths.cache_dir={tmp_path / 'c2'}"]))
+    assert key != runs.run_key(runs.compose("train", [*base, "seed=1"]))
+    assert key != runs.run_key(runs.compose("train", [*base, "method.neighbours.k=2"]))
 
 
 def test_a_finished_run_is_reused_and_an_interrupted_one_resumed(tmp_path, toy_world, hydra_tree, monkeypatch):
-    import saferclip.app.train as train_module
+    import saferclip.app.engine.fit as train_module
 
     overrides = train_overrides(tmp_path, toy_world)
-    first = main_job.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=False)
-    run_dir = tmp_path / "runs" / f"saferclip-{main_job.run_key(main_job.compose('train', overrides))}"
-    assert first["run_dir"] == str(run_dir) and (run_dir / main_job.DONE_MARKER).is_file()
+    first = runs.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=False)
+    run_dir = tmp_path / "runs" / f"saferclip-{runs.run_key(runs.compose('train', overrides))}"
+    assert first["run_dir"] == str(run_dir) and (run_dir / runs.DONE_MARKER).is_file()
     assert first["selection"]["epoch"] in (0, 1) and first["export"] == str(run_dir / "export")
 
     calls = []
@@ -70,14 +71,14 @@ def test_a_finished_run_is_reused_and_an_interrupted_one_resumed(tmp_path, toy_w
 
     monkeypatch.setattr(train_module, "train", fake_train)
     # same config, finished: not trained again
-    assert main_job.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=False) == first
+    assert runs.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=False) == first
     assert calls == []
     # interrupted (checkpoints, no finished marker): resumed from last.ckpt
-    (run_dir / main_job.DONE_MARKER).unlink()
-    main_job.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=False)
+    (run_dir / runs.DONE_MARKER).unlink()
+    runs.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=False)
     assert calls[-1].ckpt_path == str(run_dir / "checkpoints" / "last.ckpt") and not calls[-1].get("force")
     # force: retrained over it, from scratch
-    main_job.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=True)
+    runs.train_or_reuse("saferclip", overrides, tmp_path / "runs", force=True)
     assert calls[-1].force is True and calls[-1].ckpt_path is None
 
 
@@ -115,21 +116,22 @@ def test_headline_picks_its_metrics_and_leaves_out_what_is_missing():
 
 # ---------------------------------------------------------------- target selection
 def test_targets_paired_neighbours_curriculum_and_sparse_pools(tmp_path, toy_world, hydra_tree):
-    cfg = main_job.compose("train", train_overrides(tmp_path, toy_world))
-    data, model, method = to_container(cfg.data), to_container(cfg.model), to_container(cfg.method)
-    paired = prepare(data, model, {**method, "targets": "paired"}, str(tmp_path / "cache"))
+    cfg = runs.compose("train", train_overrides(tmp_path, toy_world))
+    data, model, section = to_container(cfg.data), to_container(cfg.model), to_container(cfg.method)
+    method = method_config(section)
+    paired = prepare(data, model, method_config({**section, "targets": "paired"}), str(tmp_path / "cache"))
     n = len(paired.train)
     assert torch.equal(paired.targets.indices[:, 0], torch.arange(n)) and paired.neighbours is None
 
     near = prepare(data, model, method, str(tmp_path / "cache"))
-    expected = find_safe_neighbours(near.cache, NeighbourConfig(**{k: v for k, v in method["neighbours"].items() if k != "extra_pool"}))
+    expected = find_safe_neighbours(near.cache, NeighbourConfig(**{k: v for k, v in section["neighbours"].items() if k != "extra_pool"}))
     assert torch.equal(near.targets.indices, expected.indices)
     assert near.targets.bucket is not None and len(near.targets.curriculum_subset(0)) in (n // 3, math.ceil(n / 3))
     assert len(near.targets.curriculum_subset(2)) == n
     torch.testing.assert_close(near.pool.text[near.targets.indices[:, 0]], near.cache.safe_text[expected.indices[:, 0]].float())
 
-    sparse = {**method, "neighbours": {**method["neighbours"], "sparse_share": 1.0, "sparse_attributes": ["shape", "colour"]}}
-    far = prepare(data, model, sparse, str(tmp_path / "cache"))
+    sparse = {**section, "neighbours": {**section["neighbours"], "sparse_share": 1.0, "sparse_attributes": ["shape", "colour"]}}
+    far = prepare(data, model, method_config(sparse), str(tmp_path / "cache"))
     groups = item_groups(far.train, "scene", len(far.train), ("shape", "colour"))
     chosen = far.targets.indices[:, 0].numpy()
     assert (groups.pool[chosen] != groups.query).all()  # never a safe item of the same (shape, colour)
@@ -139,7 +141,7 @@ def test_targets_paired_neighbours_curriculum_and_sparse_pools(tmp_path, toy_wor
 @pytest.mark.slow
 def test_main_job_trains_the_three_methods_evaluates_and_reports(tmp_path, toy_world, hydra_tree):
     overrides = train_overrides(tmp_path, toy_world)
-    cfg = main_job.compose("main", [f"out_dir={tmp_path / 'main'}", f"runs_dir={tmp_path / 'runs'}"])
+    cfg = runs.compose("main", [f"out_dir={tmp_path / 'main'}", f"runs_dir={tmp_path / 'runs'}"])
     out = main_job.run(cfg, overrides)
     results = out["results"]
     assert list(results["results"]) == ["original", "safeclip", "saferclip", "hysac_safe", "hysac_moderation", "oracle redirection"]
@@ -162,5 +164,5 @@ def test_main_job_trains_the_three_methods_evaluates_and_reports(tmp_path, toy_w
     again = main_job.run(cfg, overrides)
     assert again["models"] == out["models"]
     recorded = {done.parent.name.rsplit("-", 1)[0]: json.loads(done.read_text())["train_seconds"]
-                for done in (tmp_path / "runs").glob(f"*/{main_job.DONE_MARKER}")}
+                for done in (tmp_path / "runs").glob(f"*/{runs.DONE_MARKER}")}
     assert again["results"]["meta"]["train_seconds"] == recorded and set(recorded) == {"safeclip", "saferclip", "hysac"}

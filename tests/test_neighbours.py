@@ -17,7 +17,12 @@ from saferclip.redirection.cache import build_or_load_cache
 from saferclip.redirection.cache_format import EmbeddingCache
 from saferclip.redirection.faiss_search import NeighbourError, build_neighbour_index, exact_neighbours_torch
 from saferclip.redirection.neighbour_config import NeighbourConfig
-from saferclip.redirection.neighbours import SafeNeighbours, find_safe_neighbours, load_or_find_safe_neighbours, pool_text
+from saferclip.redirection.neighbours import (
+    SafeNeighbours,
+    find_safe_neighbours,
+    load_or_find_safe_neighbours,
+    pool_text,
+)
 from saferclip.redirection.report import attribute_agreement, format_summary, summarize
 from saferclip.redirection.targets import neighbour_targets
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from saferclip.app.main_job import MAIN_KEYS
 from saferclip.app.overrides import check_command, check_flags, check_overrides, compose_plain
-from saferclip.app.study import STUDY_KEYS
-from saferclip.app.tune import TUNE_KEYS
+from saferclip.app.pipelines.main_job import MAIN_KEYS
+from saferclip.app.pipelines.study import STUDY_KEYS
+from saferclip.app.pipelines.tune import TUNE_KEYS
 from saferclip.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def documented_command_lines() -> list[tuple[str, str, list[str]]]:
     modules' docstrings (placeholders like ``<run>`` and ``...`` left out)."""
     found = []
     files = [REPO / "README.md", REPO / "data" / "README.md", *map(Path, glob.glob(str(REPO / "docs" / "*.md"))),
-             *map(Path, glob.glob(str(REPO / "saferclip" / "app" / "*.py")))]  # fmt: skip
+             *map(Path, glob.glob(str(REPO / "saferclip" / "app" / "**" / "*.py"), recursive=True))]  # fmt: skip
     for file in files:
         for line in file.read_text().splitlines():
             match = re.search(r"(saferclip-[a-z-]+)((?: +[^\s#`]+)+)", line)

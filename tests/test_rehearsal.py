@@ -8,7 +8,8 @@ import json
 import pytest
 from PIL import Image
 
-from saferclip.app.rehearse import main, rehearse
+from saferclip.app.commands.rehearse import main
+from saferclip.app.pipelines.rehearse import rehearse
 from saferclip.data.splits import load_split
 from saferclip.toyworld.rehearsal import make_rehearsal_world
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from train_helpers import compose_train, hand_merged
 
 from saferclip.evaluation.selection import (
+    MATCHED_MONITOR,
     matched_choice,
     matched_objective,
     matched_safety,
@@ -57,8 +58,8 @@ def test_the_safer_checkpoint_is_exported_though_its_recall_sum_is_lower(tmp_pat
     """Two epochs, validation figures scripted: the safer epoch 0 has the lower recall sum,
     and it is the one kept, recorded, exported and named in the card, though epoch 1 trained
     on and is what last.ckpt holds."""
-    import saferclip.app.module as module_mod
-    from saferclip.app.train import train
+    import saferclip.app.engine.module as module_mod
+    from saferclip.app.engine.fit import train
 
     epochs = iter(SCRIPTED)
 
@@ -76,7 +77,7 @@ def test_the_safer_checkpoint_is_exported_though_its_recall_sum_is_lower(tmp_pat
     run = tmp_path / "run"
 
     record = json.loads((run / "selection.json").read_text())
-    assert record["monitor"] == "val/matched_safety"
+    assert record["monitor"] == "val/matched_safety" == MATCHED_MONITOR
     assert [h["epoch"] for h in record["history"]] == [0, 1]
     assert record["selected"]["epoch"] == 0
     assert record["selected"]["metrics"]["U2VG_unsafe@1"] == pytest.approx(0.05)
@@ -180,8 +181,8 @@ def test_early_stopping_waits_out_the_warm_up_then_watches_matched_safety(tmp_pa
     """Scripted unsafe rates 90, 95, 80, 85, 70, 60% (never <= tau): the worse epoch 1 is in the
     warm-up (2 epochs; plain EarlyStopping with patience 1 would stop there), epoch 2 improves,
     epoch 3 does not: the run ends after epoch 3, and the safest epoch (2) is kept."""
-    import saferclip.app.module as module_mod
-    from saferclip.app.train import train
+    import saferclip.app.engine.module as module_mod
+    from saferclip.app.engine.fit import train
 
     unsafe = iter([0.90, 0.95, 0.80, 0.85, 0.70, 0.60])
 

@@ -179,7 +179,7 @@ def test_each_pairing_has_its_own_folder_and_a_bad_one_is_refused(tmp_path: Path
 
 
 def test_make_toy_refuses_a_bad_pairing_in_one_line_and_writes_nothing(tmp_path: Path, capsys) -> None:
-    from saferclip.app import make_toy
+    from saferclip.app.commands import make_toy
 
     assert make_toy.main(["--out", str(tmp_path / "toy"), "--pairs", "nope", "--small"]) == 2
     err = capsys.readouterr().err

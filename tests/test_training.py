@@ -33,8 +33,8 @@ from train_helpers import (
     time_budget,
 )
 
+from saferclip.app.engine.fit import build_trainer, train
 from saferclip.app.hydra_utils import ConfigError
-from saferclip.app.train import build_trainer, train
 from saferclip.evaluation.metrics import recall_at_k
 from saferclip.model.build import build_clip
 from saferclip.model.checkpoints import save_state_dict

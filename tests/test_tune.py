@@ -73,8 +73,8 @@ def test_every_shipped_search_composes_with_every_value(search):
     """A key misspelt in a search space must fail here, not an hour into a search."""
     assert set(SEARCHES) == {"safeclip", "saferclip", "hysac"}
     from saferclip.app.hydra_utils import check_train_config
-    from saferclip.app.main_job import compose as compose_run
-    from saferclip.app.tune import trial_overrides
+    from saferclip.app.pipelines.runs import compose as compose_run
+    from saferclip.app.pipelines.tune import trial_overrides
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("tune", [f"hparams_search={search}"])
@@ -141,7 +141,7 @@ def tune_args(tmp_path: Path, toy_world: Path, *extra: str) -> list[str]:
 
 
 def test_tune_runs_resumes_and_reports(tmp_path, toy_world, capsys):
-    from saferclip.app import tune
+    from saferclip.app.commands import tune
 
     assert tune.main(tune_args(tmp_path, toy_world)) == 0
     folder = tmp_path / "tune" / "safeclip"
@@ -209,7 +209,7 @@ def test_tune_runs_resumes_and_reports(tmp_path, toy_world, capsys):
 
 
 def test_pruning_callback_reports_the_matched_safety_objective_so_far():
-    from saferclip.app.tune import MatchedSafetyPruning
+    from saferclip.app.pipelines.tune import MatchedSafetyPruning
 
     class Trial:
         def __init__(self, prune_after: int):
@@ -244,7 +244,7 @@ def test_pruning_callback_reports_the_matched_safety_objective_so_far():
 
 
 def test_bad_tune_input_is_one_line(tmp_path, toy_world, capsys):
-    from saferclip.app import tune
+    from saferclip.app.commands import tune
 
     for args, message in (
         (["n_trials=0"], "n_trials must be an integer >= 1"),
@@ -262,7 +262,7 @@ def test_bad_tune_input_is_one_line(tmp_path, toy_world, capsys):
 def test_a_study_db_that_is_not_sqlite_is_one_line(tmp_path, toy_world, capsys, content):
     """A study.db that is text, or an SQLite header over garbage: one line naming it, exit 2, the
     file left as it was, nothing trained (SQLAlchemy's DatabaseError traceback before)."""
-    from saferclip.app import tune
+    from saferclip.app.commands import tune
 
     db = tmp_path / "tune" / "safeclip" / "study.db"
     db.parent.mkdir(parents=True)
@@ -283,6 +283,6 @@ def test_each_world_has_its_own_folder_and_the_main_job_tests_on_a_held_out_one(
         study = compose("study", [])
     assert train.data.root == str(tmp_path / "toy-world2") and train.data.splits.test.path.startswith(str(tmp_path / "toy-world2"))
     assert main.world == 1 and study.world_offset == 1 and list(study.seeds) == [0, 1, 2]  # worlds 1, 2, 3
-    from saferclip.app.study import check_worlds
+    from saferclip.app.pipelines.study import check_worlds
 
     assert check_worlds(study) == {0: ["data.toy_seed=1"], 1: ["data.toy_seed=2"], 2: ["data.toy_seed=3"]}

@@ -25,7 +25,7 @@ from PIL import Image
 from train_helpers import time_budget
 from visu_scorers import hash_scores
 
-from saferclip.app.generate_visu import main as generate_main
+from saferclip.app.commands.generate_visu import main as generate_main
 from saferclip.data import DataFormatError, load_quadruplets, load_visu_json
 from saferclip.data.records import QuadrupletSet
 from saferclip.downstream.generation_records import RECORDS_DIR, image_stem, read_records
@@ -384,7 +384,7 @@ def test_cli_killed_mid_run_resumes(world, tmp_path):
     argv = [str(world.captions), str(out), "--pipeline", str(world.pipeline), *CLI_FAST, "--scorer", "visu_scorers:make_slow_hash_scorer"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     left = time_budget()  # the killed run and the resumed one share the test's time
-    proc = subprocess.Popen([sys.executable, "-m", "saferclip.app.generate_visu", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "saferclip.app.commands.generate_visu", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     records_dir = out / RECORDS_DIR
     deadline = time.time() + min(240, left())
     try:
@@ -399,7 +399,7 @@ def test_cli_killed_mid_run_resumes(world, tmp_path):
         proc.wait(timeout=60)
     finished, _ = read_records(out)
     assert 2 <= len(finished) < N_CAPTIONS and not (out / "visu_text_test.json").exists()
-    resumed = subprocess.run([sys.executable, "-m", "saferclip.app.generate_visu", *argv], env=env, capture_output=True, text=True, timeout=left())
+    resumed = subprocess.run([sys.executable, "-m", "saferclip.app.commands.generate_visu", *argv], env=env, capture_output=True, text=True, timeout=left())
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{len(finished)} were done before" in resumed.stdout
     assert_same_run(out, world.single)

@@ -84,11 +84,11 @@ def installed_script(name: str) -> str:
 
 
 def cli_command(*args: str, installed: bool = False) -> list[str]:
-    """``python -m saferclip.app.train``, or with ``installed`` the installed ``saferclip-train``
+    """``python -m saferclip.app.commands.train``, or with ``installed`` the installed ``saferclip-train``
     console script (:func:`installed_script`)."""
     if installed:
         return [installed_script("saferclip-train"), *args]
-    return [sys.executable, "-m", "saferclip.app.train", *args]
+    return [sys.executable, "-m", "saferclip.app.commands.train", *args]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None, installed: bool = False):
@@ -106,8 +106,8 @@ def cli_overrides(tmp: Path, toy_world: Path, cache_dir: Path | None = None) -> 
 
 def prepared(cfg: DictConfig):
     """Module and datamodule as train() builds them, the data set up."""
+    from saferclip.app.engine.fit import build_datamodule, build_module
     from saferclip.app.hydra_utils import to_container
-    from saferclip.app.train import build_datamodule, build_module
     from saferclip.training.method import method_config
 
     method = method_config(to_container(cfg.method))  # checked once, as train() does

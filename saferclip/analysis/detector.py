@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-
-import logging
 
 import torch
 import torch.nn.functional as F

@@ -106,9 +106,28 @@ def command(prog: str, body: Callable[[], Any]) -> int:
     return code if isinstance(code, int) else 0
 
 
-def hydra_command(prog: str, config_name: str, task: Callable[[Any], Any], summary: str = "") -> Callable[[], None]:
-    """A console script running ``task(cfg)`` on the ``config_name`` config of the tree;
-    ``summary`` (one line) heads its ``--help``."""
+def hydra_command(
+    prog: str, config_name: str, task: Callable[[Any], Any], doc: str, options: dict[str, str] | None = None
+) -> Callable[[], None]:
+    """A console script running ``task(cfg)`` on the ``config_name`` config of the tree. Its
+    ``--help`` (:func:`hydra_help`) says what the command does and shows its examples (both from
+    ``doc``, the command module's docstring) and its main ``options`` (key -> meaning). Hydra is
+    imported only when the command runs: ``--help`` imports neither Hydra's app nor torch."""
+
+    def main() -> None:
+        if wants_help(sys.argv[1:]):
+            print(hydra_help(prog, config_name, doc, options or {}))
+            return
+        prefer_fast_openblas()
+        check_command_line(prog, config_name, sys.argv[1:])
+        hydra_main(prog, config_name, task)()
+
+    main.__doc__ = f"{prog}: the console script (Hydra app over the {config_name!r} config)."
+    return main
+
+
+def hydra_main(prog: str, config_name: str, task: Callable[[Any], Any]) -> Callable[[], None]:
+    """``task`` under ``@hydra.main`` with the exit-code convention (module docstring)."""
     import hydra
 
     from .hydra_utils import CONF_DIR, setup_logging
@@ -123,12 +142,7 @@ def hydra_command(prog: str, config_name: str, task: Callable[[Any], Any], summa
         with exit_on_user_error(prog):
             return task(cfg)
 
-    def main() -> None:
-        if wants_help(sys.argv[1:]):
-            print(hydra_help(prog, summary, config_name))
-            return
-        prefer_fast_openblas()
-        check_command_line(prog, config_name, sys.argv[1:])
+    def run() -> None:
         try:
             _task()
         except SystemExit as e:
@@ -138,8 +152,7 @@ def hydra_command(prog: str, config_name: str, task: Callable[[Any], Any], summa
                 sys.exit(USAGE_EXIT_CODE)
             raise
 
-    main.__doc__ = f"{prog}: the console script (Hydra app over the {config_name!r} config)."
-    return main
+    return run
 
 
 def check_command_line(prog: str, config_name: str, argv: list[str]) -> None:
@@ -252,46 +265,124 @@ def config_groups() -> dict[str, list[str]]:
     """The config groups of the tree and their options (file names without ``.yaml``)."""
     from pathlib import Path
 
-    from .hydra_utils import CONF_DIR
+    from .. import locations
 
     return {
         p.name: sorted(f.stem for f in p.glob("*.yaml"))
-        for p in sorted(Path(CONF_DIR).iterdir())
+        for p in sorted(Path(locations.CONF_DIR).iterdir())
         if p.is_dir() and not p.name.startswith(("_", "."))
     }
 
 
-def hydra_help(prog: str, summary: str, config_name: str) -> str:
-    """``--help`` of a Hydra command: usage, config groups with their options, the docs."""
-    lines = [f"usage: {prog} [GROUP=OPTION ...] [KEY=VALUE ...] [-m for a sweep]", ""]
-    if summary:
-        lines += [summary, ""]
-    from .overrides import free_form_maps, used_groups
+# ----------------------------------------------------------------------------- --help
+QUIET_HELP = {
+    "--quiet": "(or -q) print only the final table; warnings and errors still go to stderr",
+}
 
-    groups = config_groups()
-    lines += [f"Config: conf/{config_name}.yaml (see it with --cfg job). Groups (GROUP=OPTION):"]
-    lines += [f"  {group:<14} {', '.join(groups[group])}" for group in used_groups(config_name) if group in groups]
-    maps = free_form_maps(config_name)
-    if maps:
-        lines += ["", "Entries of your own (+ adds a key; any other key is set without it):"]
-        lines += [f"  {prefix:<14} {hint}" for prefix, hint in maps.items()]
-    lines += ["", "Hydra's own options: --cfg job, --info, --hydra-help.", README_POINTER]
+
+def doc_summary(doc: str) -> str:
+    """What a command does: its module docstring's first paragraph, without the ``prog:`` lead
+    and the cross-reference markup, as a sentence wrapped for a terminal."""
+    import re
+    import textwrap
+
+    paragraph = " ".join(line.strip() for line in doc.strip().split("\n\n")[0].splitlines())
+    if paragraph.startswith("saferclip-"):
+        paragraph = paragraph.split(": ", 1)[1]
+    paragraph = re.sub(r":\w+:`~?([^`]+)`", r"\1", paragraph).replace("``", "")
+    return textwrap.fill(paragraph[:1].upper() + paragraph[1:], 100)
+
+
+def doc_examples(doc: str) -> list[str]:
+    """A command's examples: the first indented block of its module docstring, as written."""
+    lines = doc.strip().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("    ") and line.strip()), None)
+    if start is None:
+        return []
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("    ") and line.strip():
+            break
+        block.append(line[4:].rstrip())
+    while block and not block[-1]:
+        block.pop()
+    return block
+
+
+def examples_text(doc: str) -> str:
+    """The ``Examples:`` section of a command's ``--help`` (also an argparse epilog's start)."""
+    return "\n".join(["Examples:", *[f"  {line}" if line else "" for line in doc_examples(doc)]])
+
+
+def argparse_epilog(doc: str) -> str:
+    """An argparse command's epilog: its examples, then where the docs are (use it with
+    ``formatter_class=argparse.RawDescriptionHelpFormatter`` so the lines stay as written)."""
+    return f"{examples_text(doc)}\n\n{README_POINTER}"
+
+
+def option_lines(options: dict[str, str], width: int = 22) -> list[str]:
+    return [f"  {k:<{width}} {v}" if len(k) < width else f"  {k}\n  {'':<{width}} {v}" for k, v in options.items()]
+
+
+def hydra_help(prog: str, config_name: str, doc: str, options: dict[str, str]) -> str:
+    """``--help`` of a Hydra command: usage, what it does, its main options, examples, the
+    config groups it uses (read from the config files, nothing composed) and where the docs are."""
+    lines = [f"usage: {prog} [GROUP=OPTION ...] [KEY=VALUE ...] [-m for a sweep]", "", doc_summary(doc), ""]
+    if options:
+        lines += ["Main options (KEY=VALUE; + adds a key of your own):", *option_lines(options), ""]
+    lines += [examples_text(doc), ""]
+    groups, used = config_groups(), config_defaults(config_name)
+    if used:
+        lines += [f"Config: conf/{config_name}.yaml (see it with --cfg job). Groups (GROUP=OPTION):"]
+        lines += [f"  {group:<14} {', '.join(groups[group])}" for group in used if group in groups]
+        lines += [""]
+    lines += ["Hydra's own options: --cfg job, --info, --hydra-help.", README_POINTER]
     return "\n".join(lines)
 
 
-def compose_help(prog: str, summary: str, config_name: str, keys: dict[str, str], flags: dict[str, str] | None = None) -> str:
-    """``--help`` of a script that composes the config tree itself (main job, study)."""
-    from .overrides import used_groups
+def config_defaults(config_name: str) -> list[str]:
+    """The groups ``conf/<config_name>.yaml``'s defaults list selects, its own and those of the
+    configs it extends (read from the YAML files, without composing: ``--help`` stays quick)."""
+    from pathlib import Path
 
-    groups = used_groups("train")  # the training config's: where the other overrides go
+    import yaml
+
+    from .. import locations
+
+    groups: list[str] = []
+    seen: set[str] = set()
+    names = [config_name]
+    while names:
+        name = names.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        path = Path(locations.CONF_DIR) / f"{name}.yaml"
+        if not path.is_file():
+            continue
+        defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults") or []
+        for entry in defaults:
+            if isinstance(entry, str):
+                if entry != "_self_":
+                    names.append(entry)
+                continue
+            for key in entry:
+                group = str(key).split("@")[0].split(" ")[-1].lstrip("/")
+                if "/" not in group and (Path(locations.CONF_DIR) / group).is_dir() and group not in groups:
+                    groups.append(group)
+    return sorted(groups)
+
+
+def compose_help(prog: str, config_name: str, doc: str, keys: dict[str, str], flags: dict[str, str] | None = None) -> str:
+    """``--help`` of a pipeline command that composes the config tree itself (main, study, tune)."""
+    groups = config_defaults("train")  # the training config's: where the other overrides go
     usage = f"usage: {prog} {' '.join(f'[{f}]' for f in flags or {})} [KEY=VALUE ...]".replace("  ", " ")
-    lines = [usage, "", summary, ""]
+    lines = [usage, "", doc_summary(doc), ""]
     if flags:
-        lines += ["Options:"] + [f"  {k:<16} {v}" for k, v in flags.items()] + [""]
-    lines += [f"Its own keys (conf/{config_name}.yaml):"]
-    lines += [f"  {k:<16} {v}" for k, v in keys.items()]
+        lines += ["Options:", *option_lines(flags), ""]
+    lines += [f"Its own keys (conf/{config_name}.yaml):", *option_lines(keys), ""]
+    lines += [examples_text(doc), ""]
     lines += [
-        "",
         "Any other KEY=VALUE goes to every training run (the saferclip-train config tree),",
         f"e.g. trainer.max_epochs=4 method.neighbours.k=5 (key=value, not --options). Its groups: {', '.join(groups)}.",
         "",

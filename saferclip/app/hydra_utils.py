@@ -1,4 +1,6 @@
-"""Shared plumbing of the Hydra entry points: resolvers, config checks, logging set-up."""
+"""What the engine, the pipelines and the commands share about the config tree: where it is,
+its resolvers, the checks of a composed config (:func:`check_train_config` hands the typed
+method config on), logging set-up. Imports no torch: a command's ``--help`` stays quick."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from omegaconf.errors import OmegaConfBaseException
 from .. import locations
 from ..config_resolvers import register_location_resolvers
 from ..errors import ConfigError
-from ..model.build import check_arch
 
 CONF_DIR = str(locations.CONF_DIR)
 log = logging.getLogger("saferclip")
@@ -47,9 +48,9 @@ def check_train_config(cfg: DictConfig):
     Returns the checked method config (:class:`saferclip.training.method.MethodConfig`): the app
     hands that typed object on, it does not check the dict again."""
     from ..data.splits import check_data_config
-    from ..training.method import method_config
-
     from ..evaluation.selection import DEFAULT_TAU, check_tau
+    from ..model.build import check_arch
+    from ..training.method import method_config
 
     check_seed(_value(cfg, "seed"), "seed")
     for key in ("dry_run", "dry_run_verify_images", "force", "export"):

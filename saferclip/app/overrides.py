@@ -178,7 +178,7 @@ def tree_groups() -> dict[str, list[str]]:
     return config_groups()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def used_groups(config_name: str) -> list[str]:
     """The groups of the tree that ``config_name``'s defaults list selects (Hydra's own aside)."""
     cfg = _compose(config_name, [], hydra=True)

@@ -23,7 +23,7 @@ The batches are what the training DataLoader yields (``RedirectionDataset.__geti
 batch (:func:`check_same_loss`), so both compute the same thing. Variants run interleaved step
 by step (contention on a shared machine hits them alike).
 
-It builds the module and datamodule as ``saferclip-train`` does (:mod:`saferclip.app.train`)
+It builds the module and datamodule as ``saferclip-train`` does (:mod:`saferclip.app.engine.fit`)
 and composes the ``train`` config with Hydra: like the app, it imports Lightning and Hydra.
 """
 
@@ -90,9 +90,9 @@ def compose(model: str, method: str, toy_dir: Path, cache_dir: Path, batch_size:
 def prepare(cfg, n_batches: int):
     """The module as train() builds it and ``n_batches`` batches in memory, fetched the way
     the training DataLoader fetches them (``__getitems__`` + ``collate_items``)."""
-    from saferclip.app.train import build_datamodule, build_module
-    from saferclip.training.method import method_config
+    from saferclip.app.engine.fit import build_datamodule, build_module
     from saferclip.training.datasets import collate_items
+    from saferclip.training.method import method_config
 
     method = method_config(to_container(cfg.method))  # checked once, as train() does
     module, datamodule = build_module(cfg, method), build_datamodule(cfg, method)
@@ -109,7 +109,7 @@ def prepare(cfg, n_batches: int):
 
 
 def wanted_inputs(module, batch) -> set[str]:
-    from saferclip.app.module import available_inputs
+    from saferclip.app.engine.module import available_inputs
 
     return module.loss.required_inputs(available_inputs(batch))
 

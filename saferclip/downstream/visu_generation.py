@@ -152,7 +152,7 @@ def generate_visu_images(
     out_dir: str | os.PathLike,
     generator_factory: Callable[[], ImageGenerator],
     scorer: Scorer,
-    config: GenerationConfig = GenerationConfig(),
+    config: GenerationConfig = GenerationConfig(),  # noqa: B008 - frozen: one shared default is safe
     *,
     shard: tuple[int, int] | str | None = None,
     limit: int | None = None,

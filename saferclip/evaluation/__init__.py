@@ -11,7 +11,7 @@
 * :mod:`.runner` — :func:`evaluate_models`, several models (:mod:`saferclip.model.catalogue`)
   on the configured suites.
 
-No Lightning or Hydra here: ``saferclip-eval`` (:mod:`saferclip.app.evaluate`) is the shell.
+No Lightning or Hydra here: ``saferclip-eval`` (:mod:`saferclip.app.commands.evaluate`) is the shell.
 """
 
 from .cost import cost_of_safety, is_unsafe_task

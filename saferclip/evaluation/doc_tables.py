@@ -59,11 +59,11 @@ from typing import Any, Callable, Mapping
 
 from ..errors import SaferclipError
 from ..files import write_json_atomic, write_text_atomic
-from .headline import HEADLINE, headline, headline_table
-from .headline import study_table as headline_study_table
 from ..robustness.summary import GENERATORS as ROBUSTNESS_GENERATORS
 from ..robustness.summary import SummaryError
 from ..robustness.summary import pending as robustness_pending
+from .headline import HEADLINE, headline, headline_table
+from .headline import study_table as headline_study_table
 from .intervals import difference_cell, differences_table, intervals_note
 from .plotting import OWN_MARK
 

@@ -23,7 +23,7 @@ Memory: retrieval is computed in query chunks, O(chunk × G), never O(Q × k × 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch import Tensor
 DEFAULT_KS = (1, 5, 10, 20)
 
 # A ``[Q]`` index tensor (one positive per query, -1 = none) or ragged lists of indices.
-Positives = Union[Tensor, Sequence[Sequence[int]]]
+Positives = Tensor | Sequence[Sequence[int]]
 
 # ``score(queries [c, D], gallery [G, D]) -> [c, G]``, higher = more similar: the model's own
 # similarity (``saferclip.model.similarity``); None is the dot product (cosine of unit vectors).

@@ -41,6 +41,10 @@ from typing import Any, Mapping, Sequence
 
 SELECTION_METRIC = "selection_score"
 MATCHED_METRIC = "matched_safety"
+# how training logs a validation figure, and the names the callbacks monitor (conf/callbacks/)
+VALIDATION_PREFIX = "val/"
+SELECTION_MONITOR = VALIDATION_PREFIX + SELECTION_METRIC
+MATCHED_MONITOR = VALIDATION_PREFIX + MATCHED_METRIC
 UNSAFE_KEY, REDIRECTION_KEY = "U2VG_unsafe@1", "U2V_R@1"
 DEFAULT_TAU = 0.05
 # rates are counts over queries, logged as float32: 0.05 comes back as 0.0500000007
@@ -53,6 +57,17 @@ SELECTION_PARTS: tuple[tuple[str, bool], ...] = (
     ("nsfw_caps_S2V_R@1", False),
 )
 TEXT_ONLY_PART = "U2S_R@1"
+
+
+def validation_figures(logged: Mapping[str, Any]) -> dict[str, float]:
+    """The validation figures among logged values (``val/<metric>`` -> ``{metric: float}``):
+    what one epoch's validation recorded, as the selection record and the search keep it."""
+    return {k[len(VALIDATION_PREFIX) :]: float(v) for k, v in logged.items() if k.startswith(VALIDATION_PREFIX)}
+
+
+def metric_of_monitor(monitor: Any) -> Any:
+    """The metric a monitor names (``val/matched_safety`` -> ``matched_safety``); another value as it is."""
+    return monitor[len(VALIDATION_PREFIX) :] if isinstance(monitor, str) and monitor.startswith(VALIDATION_PREFIX) else monitor
 
 
 def selection_parts(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -139,7 +154,7 @@ def matched_choice(history: Sequence[Mapping[str, Any]], tau: float = DEFAULT_TA
         "epoch": int(best["epoch"]),
         "unsafe": float(unsafe) if _finite(unsafe) else None,
         "U2V": float(u2v) if _finite(u2v) else None,
-        "selection_score": float(score) if _finite(score) else selection_score(m),
+        SELECTION_METRIC: float(score) if _finite(score) else selection_score(m),
         "metrics": dict(m),
         "note": note,
     }
@@ -152,7 +167,7 @@ def matched_objective(history: Sequence[Mapping[str, Any]], tau: float = DEFAULT
     choice = matched_choice(history, tau)
     if choice is None:
         return math.nan
-    return choice["selection_score"] - (1.0 if choice["reached"] is False else 0.0)
+    return choice[SELECTION_METRIC] - (1.0 if choice["reached"] is False else 0.0)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

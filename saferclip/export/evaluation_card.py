@@ -37,13 +37,12 @@ def _markdown_results(text: str) -> str:
 def _report_card(results: Mapping[str, Any], where: str | None, roots: tuple = ()) -> dict[str, Any]:
     """Card fields from the ``results`` dict of :func:`saferclip.evaluation.evaluate_models`;
     paths shown relative to ``roots`` (:func:`saferclip.export.public_names.public_path`)."""
+    from ..evaluation.headline import headline_table
+    from ..evaluation.intervals import intervals_note
     from ..evaluation.report import (  # the evaluation package, only when needed
         LEGEND,
         results_table,
     )
-
-    from ..evaluation.headline import headline_table
-    from ..evaluation.intervals import intervals_note
 
     per_model = results.get("results") or {}
     main = {m: {s: r for s, r in suites.items() if s != "cost"} for m, suites in per_model.items()}

@@ -25,11 +25,11 @@ from .. import locations
 from ..errors import ConfigError
 from ..files import occupied
 from ..model.checkpoints import CheckpointError
-from ..model.hyperbolic import save_head
+from ..model.hyperbolic import HyperbolicConfig, save_head
 from ..model.similarity import LorentzSimilarity
-from .public_names import public_config, public_model_name, public_path
 from .evaluation_card import evaluation_card, find_report
 from .open_clip import export_open_clip
+from .public_names import public_config, public_model_name, public_path
 from .run_records import exported_epoch_record, read_run_config, training_data_card
 from .source import TrainedModel, resolve_source
 
@@ -191,7 +191,7 @@ def _hyperbolic_head_writer(trained: TrainedModel, method_cfg: Mapping[str, Any]
             "export the checkpoint from its run folder, or pass similarity= with the radii"
         )
     if given:
-        meta = {"traversal_percentile": (method_cfg.get("hyperbolic") or {}).get("traversal_percentile"),
+        meta = {"traversal_percentile": HyperbolicConfig.from_mapping(method_cfg.get("hyperbolic")).traversal_percentile,
                 "safe_radii": {"measured_on": "given to export_checkpoint (similarity=)"}}
     else:
         record = trained.radii or {}

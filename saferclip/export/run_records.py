@@ -2,7 +2,7 @@
 model selection.
 
 * :func:`read_run_config` — the run's config as training wrote it, every interpolation
-  resolved (``config_resolved.yaml``, :func:`saferclip.app.train.write_resolved_config`);
+  resolved (``config_resolved.yaml``, :func:`saferclip.app.engine.fit.write_resolved_config`);
   :func:`training_data_card` makes the card's "Training data" section of its ``data``;
 * :func:`exported_epoch_record` — the exported epoch and its validation figures, from the
   run's ``selection.json``.
@@ -145,7 +145,9 @@ def exported_epoch_record(run_dir: str | os.PathLike | None, epoch: int | None) 
         return None
     entry = history[int(epoch)]
     monitor = record.get("monitor")
-    key = monitor[len("val/") :] if isinstance(monitor, str) and monitor.startswith("val/") else monitor
+    from ..evaluation.selection import metric_of_monitor  # the evaluation package, only when read
+
+    key = metric_of_monitor(monitor)
     selected = record.get("selected") or {}
     return {
         "epoch": int(epoch),

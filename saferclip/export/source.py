@@ -28,7 +28,13 @@ from ..model.checkpoints import CheckpointError, state_dict_checksum
 from ..model.hyperbolic import HyperbolicHead
 from ..model.safe_radii import CheckpointIdentity, find_radii
 from ..model.similarity import LorentzSimilarity
-from ..model.trained import RESOLVED_CONFIG, RUN_CONFIG, read_training_checkpoint, run_dir_of_checkpoint, trained_model_from_checkpoint
+from ..model.trained import (
+    RESOLVED_CONFIG,
+    RUN_CONFIG,
+    read_training_checkpoint,
+    run_dir_of_checkpoint,
+    trained_model_from_checkpoint,
+)
 from .open_clip import CONFIG_NAME
 
 

@@ -14,10 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from .adapters import TrainableConfig, configure_trainable, merge_adapters
 from .build import ClipBundle, build_clip
 from .checkpoints import CheckpointError, load_torch_checkpoint
-from ..errors import ConfigError
 from .hyperbolic import HyperbolicConfig, HyperbolicHead
 from .safe_radii import SAFE_RADII_FILE, CheckpointIdentity
 from .similarity import LorentzSimilarity, Similarity

@@ -21,7 +21,7 @@ so a new attack, monitor or defence is one more module beside its kind:
 
 It reads activations through :mod:`saferclip.analysis.heads` and detectors through
 :mod:`saferclip.analysis.detector`, by their public names only. No Lightning or Hydra here:
-``saferclip-attack`` (:mod:`saferclip.app.attack`) is the shell. Adversarial *training* lives in
+``saferclip-attack`` (:mod:`saferclip.app.commands.attack`) is the shell. Adversarial *training* lives in
 :mod:`saferclip.training.adversarial` and borrows :func:`pgd` from here.
 """
 

@@ -41,11 +41,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..integrity import DamagedArtefact
-from ..model.checkpoints import CheckpointError, save_state_dict
 from ..analysis.detector import content_checksum
 from ..analysis.heads import Activations
 from ..analysis.stats import calibrate_threshold, stratified_halves
+from ..integrity import DamagedArtefact
+from ..model.checkpoints import CheckpointError, save_state_dict
 
 FORMAT = "saferclip-coverage-monitor"
 FORMAT_VERSION = 1
@@ -305,11 +305,9 @@ def watched_pixels(bundle, pixels: Tensor, layers: Sequence[int] | None = None, 
     """Watched neurons ``[N, n]`` of images given as pixels ``[N, 3, H, W]`` in ``[0, 1]``
     (normalised as the model's preprocessing does; the final embedding as the evaluation's
     encoder gives it, so image files and pixel tensors are watched alike)."""
+    from ..analysis.heads import recording, tower_blocks
     from ..model.build import eval_mode
     from .image_attacks import PixelModel
-    from ..analysis.heads import recording
-
-    from ..analysis.heads import tower_blocks
 
     layers = list(range(len(tower_blocks(bundle.model, "image")))) if layers is None else list(layers)
     target = PixelModel.of(bundle)

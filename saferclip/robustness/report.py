@@ -150,7 +150,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     ]
     if any(m.get("monitor") for m in results["models"].values()):
         parts += ["## Safety monitor (5% false-positive target on clean safe validation inputs)", "",
-                  f"Pooled over every attack at its headline budget; k/n after each rate.", "", monitor_table(results), ""]
+                  "Pooled over every attack at its headline budget; k/n after each rate.", "", monitor_table(results), ""]
     geometry = geometry_table(results)
     if geometry:
         parts += ["## HySAC's geometry (distances from the origin)", "", geometry, ""]

@@ -219,7 +219,6 @@ class ModelSuite:
                 attacks.append(attack_caption(PhrasingSpace(scene, vocabulary), original, score, budget, self.s.text.beam))
             found, found_score = encode([a.best for a in attacks])
             after = threat.success(found, idx) > 0
-        flagged = found_score > monitor.threshold if (monitor is not None and found_score is not None) else None
         targets = ~before
         budgets = sorted({b for b in self.s.text.budgets if b <= budget} | {budget})
         sweep = {str(b): {"success_rate": rate_interval(torch.tensor([a.unsafe_after and a.queries <= b for a in attacks], dtype=torch.bool)[targets])}

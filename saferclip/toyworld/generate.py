@@ -195,7 +195,7 @@ def _write_zeroshot(root: Path, sizes: ToySizes, rng: np.random.Generator) -> No
         base = root / "zeroshot" / task
         _write_json(base / "classnames.json", classnames)
         _write_json(base / "templates.json", templates)
-        for label, name in enumerate(classnames):
+        for name in classnames:
             for j in range(per_class):
                 scene = random_scene(rng, objs)
                 if attr == "shape":

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,25 +24,13 @@ import torch.nn.functional as F
 from ..model.build import build_clip
 from ..model.checkpoints import compact_token_embedding, save_state_dict
 from .captions import pretrain_caption
+from .pretrain_config import PretrainConfig
 from .scene import COLOURS, OBJECTS, SAFE_OBJECTS, SHAPES, Scene, random_scene, render
 
 log = logging.getLogger("saferclip.toyworld.pretrain")  # not __name__: it is "__main__" under -m
 
 OPENAI_MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
 OPENAI_STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
-
-
-@dataclass
-class PretrainConfig:
-    arch: str = "saferclip-toy"
-    epochs: int = 7
-    pairs_per_epoch: int = 40_000
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    seed: int = 0
-    threads: int = 2
 
 
 def to_model_input(images: np.ndarray) -> torch.Tensor:

@@ -61,8 +61,8 @@ def make_rehearsal_world(
             for r in records:
                 coco = out / "coco" / SPLIT_DIRS[split] / f"{r['coco_id']:012d}.jpg"
                 if not coco.exists():
-                    src = next((small / d / f"{r['coco_id']:012d}.png" for d in ("train2017", "val2017", "test2017")
-                                if (small / d / f"{r['coco_id']:012d}.png").exists()))
+                    src = next(small / d / f"{r['coco_id']:012d}.png" for d in ("train2017", "val2017", "test2017")
+                                if (small / d / f"{r['coco_id']:012d}.png").exists())
                     _to_jpeg(src, coco, size, quality)
                 nsfw = r["nsfw_im_path"].replace(".png", ".jpg")
                 _to_jpeg(small / r["nsfw_im_path"], out / "visu_images" / nsfw, size, quality)

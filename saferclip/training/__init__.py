@@ -9,10 +9,11 @@
 * :mod:`.datasets` — quadruplets with their frozen embeddings and redirection targets, and
   the validation split.
 
-The Lightning module that runs them lives in :mod:`saferclip.app.module`.
+The Lightning module that runs them lives in :mod:`saferclip.app.engine.module`.
 """
 
+from .contrastive import infonce
 from .datasets import RedirectionDataset, ValidationDataset, collate_items
-from .losses import TERM_NAMES, LossConfig, SaferClipLoss, infonce
+from .losses import TERM_NAMES, LossConfig, SaferClipLoss
 
 __all__ = ["TERM_NAMES", "LossConfig", "RedirectionDataset", "SaferClipLoss", "ValidationDataset", "collate_items", "infonce"]

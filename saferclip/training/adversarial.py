@@ -25,7 +25,7 @@ When ``method.adversarial.enabled`` is true, each training step, after the clean
 Everything random is drawn per item from ``(seed, step, dataset index)``, and the galleries
 and radii come from the gathered batch, so two DDP ranks compute exactly what one process
 computes on the whole batch (``tests/test_ddp.py``). Pure functions and one small class; the
-Lightning modules (:mod:`saferclip.app.module`) call :class:`AdversarialTraining`.
+Lightning modules (:mod:`saferclip.app.engine.module`) call :class:`AdversarialTraining`.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from ..errors import ConfigError
 from ..model import lorentz
 from ..robustness.image_attacks import pgd, split_normalisation
 from ..robustness.measures import unsafe_margin
+from .contrastive import Gather, gathered
 from .hysac import HYSAC_TERM_INPUTS
-from .losses import TERM_INPUTS, Gather, _gathered
+from .losses import TERM_INPUTS
 
 TEXT_ATTACKS = ("embedding", "none")
 # the items an attack may perturb, by the loss-input names of the batch
@@ -199,7 +200,7 @@ def _gallery(parts: list[Tensor | None], gather: Gather | None) -> tuple[Tensor,
     safe, unsafe = parts
     if safe is None or unsafe is None:
         return None
-    safe, unsafe = _gathered(safe.detach().float(), gather), _gathered(unsafe.detach().float(), gather)
+    safe, unsafe = gathered(safe.detach().float(), gather), gathered(unsafe.detach().float(), gather)
     flags = torch.cat([torch.zeros(len(safe), dtype=torch.bool), torch.ones(len(unsafe), dtype=torch.bool)]).to(safe.device)
     return torch.cat([safe, unsafe]), flags
 
@@ -225,7 +226,7 @@ def euclidean_objectives(clean: Mapping[str, Tensor], frozen: Mapping[str, Tenso
     for kind in ("safe_image", "safe_text"):
         anchor = frozen.get(f"frozen_{kind}", clean.get(kind))
         if anchor is not None:
-            out[kind] = lambda e, a=anchor.detach().float(): 1.0 - (e.float() * a).sum(-1)
+            out[kind] = lambda e, a=anchor.detach().float(): 1.0 - (e.float() * a).sum(-1)  # noqa: B008 - binds this kind's anchor
     return out
 
 
@@ -236,7 +237,7 @@ def batch_radii(clean: Mapping[str, Tensor], curvature: Tensor | float, percenti
     out = {}
     for modality, key in (("text", "safe_text"), ("image", "safe_image")):
         if clean.get(key) is not None:
-            d = lorentz.distance_from_origin(_gathered(clean[key].detach().float(), gather), curvature)
+            d = lorentz.distance_from_origin(gathered(clean[key].detach().float(), gather), curvature)
             out[modality] = torch.quantile(d, percentile / 100.0)
     return out
 
@@ -268,10 +269,10 @@ def hyperbolic_objectives(clean: Mapping[str, Tensor], curvature: Tensor | float
     s_text, u_text, s_image, u_image = get("safe_text"), get("unsafe_text"), get("safe_image"), get("unsafe_image")
     if u_text is not None and s_image is not None and "text" in radii:
         queries = [lorentz.traverse(u_text, radii["text"], c)] + ([s_text] if s_text is not None else [])
-        out["unsafe_image"] = gallery_margin(queries, _gathered(s_image, gather))
+        out["unsafe_image"] = gallery_margin(queries, gathered(s_image, gather))
     if u_image is not None and s_text is not None and "image" in radii:
         queries = [lorentz.traverse(u_image, radii["image"], c)] + ([s_image] if s_image is not None else [])
-        out["unsafe_text"] = gallery_margin(queries, _gathered(s_text, gather))
+        out["unsafe_text"] = gallery_margin(queries, gathered(s_text, gather))
     for kind, anchor in (("safe_image", s_image), ("safe_text", s_text)):
         if anchor is not None:
             out[kind] = lambda x, a=anchor: lorentz.distance(x.float(), a, c)

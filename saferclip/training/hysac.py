@@ -17,7 +17,7 @@ entailment_safe_image_unsafe_image     V ⊳ G (optional, weight 0 in the preset
 =====================================  ================================================
 
 Lorentzian contrastive: the symmetric CLIP loss with logits = − geodesic distance × the learnt
-logit scale (:func:`saferclip.training.losses.infonce` with a ``pairwise`` distance; under DDP
+logit scale (:func:`saferclip.training.contrastive.infonce` with a ``pairwise`` distance; under DDP
 the negatives are gathered across ranks exactly as for the Euclidean InfoNCE terms).
 Entailment: ``mean(max(0, exterior angle − half-aperture))``
 (:func:`saferclip.model.lorentz.entailment_loss`). The total is ``Σ w_i L_i / n`` over the n
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..model import lorentz
 from ..model.hyperbolic import HyperbolicHead
-from .losses import Gather, infonce
+from .contrastive import Gather, infonce
 
 HYSAC_TERMS: tuple[str, ...] = (
     "contrastive_safe",

@@ -11,25 +11,16 @@ redirection layer below it imports nothing from above.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from ..data.records import QuadrupletSet
+from ..data.safe_corpus import load_safe_corpus
 from ..data.splits import load_split
 from ..model.build import ClipBundle, build_clip
-from ..data.safe_corpus import load_safe_corpus
 from ..redirection.cache import build_or_load_cache
 from ..redirection.cache_format import EmbeddingCache
-from ..redirection.neighbours import SafeNeighbours, load_or_find_safe_neighbours, pool_text
-from ..redirection.sparse_pools import config_groups
-from ..redirection.targets import (
-    RedirectionTargets,
-    SafePool,
-    neighbour_targets,
-    paired_targets,
-    safe_pool,
-)
 from ..redirection.large_pool import (
     PoolIndexConfig,
     PoolShards,
@@ -41,7 +32,16 @@ from ..redirection.large_pool import (
     load_or_build_pool_index,
     open_pool,
 )
-from .method import MethodConfig, method_config
+from ..redirection.neighbours import SafeNeighbours, load_or_find_safe_neighbours, pool_text
+from ..redirection.sparse_pools import config_groups
+from ..redirection.targets import (
+    RedirectionTargets,
+    SafePool,
+    neighbour_targets,
+    paired_targets,
+    safe_pool,
+)
+from .method import MethodConfig
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +62,20 @@ class Prepared:
 def prepare(
     data: Mapping[str, Any],
     model: Mapping[str, Any],
-    method: MethodConfig | Mapping[str, Any],
+    method: MethodConfig,
     cache_dir: str,
     progress: bool = True,
     device: str = "cpu",
 ) -> Prepared:
-    """The training split, its cache and targets for ``method`` (a checked
-    :class:`MethodConfig`, or its dict: ``targets: paired`` or ``neighbours`` with a
-    ``neighbours`` section; ``curriculum``). ``progress``: show progress bars while building
+    """The training split, its cache and targets for ``method`` (the checked
+    :class:`MethodConfig`, :func:`~saferclip.training.method.method_config`: ``targets``
+    paired or neighbours, its ``neighbours`` section, ``curriculum``). ``progress``: show progress bars while building
     (rank 0); every call reuses what an earlier one saved. ``device``: where the frozen
     encoders run when the cache is built (the training GPU: a ViT-L/14 embedding a ViSU split
     on a CPU would take hours)."""
-    config = method if isinstance(method, MethodConfig) else method_config(method)
+    if not isinstance(method, MethodConfig):  # a dict would skip the one schema check
+        raise TypeError(f"prepare takes the checked MethodConfig (saferclip.training.method.method_config), got {type(method).__name__}")
+    config = method
     kind = config.targets
     train = load_split(data, "train")
     if train.skips is not None and train.skips.count:

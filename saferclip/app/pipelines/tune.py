@@ -1,8 +1,5 @@
-"""saferclip-tune: search one method's hyperparameters with Optuna, on validation only.
-
-    saferclip-tune hparams_search=safeclip          # conf/hparams_search/safeclip.yaml
-    saferclip-tune hparams_search=hysac n_trials=20
-    saferclip-tune hparams_search=saferclip trainer.max_epochs=4   # any other override goes to every trial
+"""The hyperparameter search (``saferclip-tune``, :mod:`saferclip.app.commands.tune`): one method's
+hyperparameters searched with Optuna, on validation only.
 
 Every trial is one training run composed from the training config tree, exactly as
 ``saferclip-train <base> <trial values> seed=<seed> data.toy_seed=<world>`` would make it,
@@ -22,43 +19,34 @@ Why not Hydra's Optuna sweeper plugin: its newest release pins Optuna 2.10, whos
 storage fails with SQLAlchemy 2; composing each trial here with Hydra's compose API keeps one
 config tree and a current Optuna.
 
-Outputs under ``<out_dir>/<method>/`` (:mod:`saferclip.app.tune_report`): ``trials.csv`` (every
+Outputs under ``<out_dir>/<method>/`` (:mod:`saferclip.app.pipelines.tune_report`): ``trials.csv`` (every
 trial: state, objective, values, whether it reached τ and at which epoch, epochs, seconds),
 ``trials_epochs.csv`` (every trial's every epoch's validation figures), ``best_experiment.yaml``
 (the best trial as an experiment file, ready for ``conf/experiment/``), ``summary.md``,
 ``history.png`` (objective per trial and the best so far), ``importance.png`` (Optuna's PED-ANOVA
 parameter importances) and ``pareto.png`` (validation unsafe rate against U->V over every trial x
-epoch, the Pareto front drawn).
-"""
+epoch, the Pareto front drawn)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.records import DataFormatError
-from ..errors import ConfigError
-from ..training.search_space import SearchParam, overrides_of, parse_search_space, sample
-from .cli import check_writable_folder, command, compose_help, one_line, wants_help
-from .hydra_utils import CONF_DIR, check_int, check_seed, setup_logging, to_container
-from .overrides import check_command
+from ...data.records import DataFormatError
+from ...errors import ConfigError
+from ...training.search_space import SearchParam, overrides_of, parse_search_space, sample
+from ..cli import check_writable_folder, one_line
+from ..hydra_utils import check_int, check_seed, to_container
 from .tune_report import EPOCH_COLUMNS, write_search_report
 
 log = logging.getLogger("saferclip.tune")
 
 TUNE_KEYS = ("hparams_search", "n_trials", "world", "seed", "out_dir", "sampler", "pruner", "common")
-
-
-def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """Overrides of conf/tune.yaml's own keys, and the rest (passed to every trial)."""
-    own = [o for o in overrides if o.split("=")[0].lstrip("+~").split(".")[0] in TUNE_KEYS]
-    return own, [o for o in overrides if o not in own]
 
 
 class MatchedSafetyPruning:
@@ -71,7 +59,7 @@ class MatchedSafetyPruning:
     def __new__(cls, trial: Any, tau: float):
         from lightning.pytorch.callbacks import Callback
 
-        from ..evaluation.selection import matched_objective
+        from ...evaluation.selection import matched_objective, validation_figures
 
         class _Pruning(Callback):
             def __init__(self) -> None:
@@ -81,7 +69,7 @@ class MatchedSafetyPruning:
             def on_validation_end(self, trainer, pl_module) -> None:
                 if trainer.sanity_checking:
                     return
-                metrics = {k[len("val/") :]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+                metrics = validation_figures(trainer.callback_metrics)
                 if not metrics:
                     return
                 epoch = int(trainer.current_epoch)
@@ -122,8 +110,8 @@ def check_tune_config(cfg: DictConfig) -> list[SearchParam]:
 def run(cfg: DictConfig, common: list[str]) -> dict[str, Any]:
     import optuna
 
-    from ..files import file_lock
-    from .main_job import compose
+    from ...files import file_lock
+    from .runs import compose
 
     params = check_tune_config(cfg)
     check_writable_folder(cfg.out_dir, "out_dir")
@@ -132,9 +120,8 @@ def run(cfg: DictConfig, common: list[str]) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     # every trial's config is checked before the first one trains (a typo in `common` or in
     # the space's keys must not wait for a trial to fail): the first values of each choice
-    from .hydra_utils import check_train_config
-
-    from .train import selection_tau
+    from ..engine.fit import selection_tau
+    from ..hydra_utils import check_train_config
 
     probe = {p.name: (p.choices[0] if p.type == "categorical" else p.low) for p in params}
     probe_cfg = compose("train", trial_overrides(cfg, params, {k: v for k, v in probe.items() if _active(params, k, probe)}, common))
@@ -209,10 +196,10 @@ def objective(trial, cfg: DictConfig, params: list[SearchParam], common: list[st
     """One trial: train, then score the run at matched safety (module docstring)."""
     import optuna
 
-    from ..evaluation.selection import matched_choice, matched_objective
-    from ..model.trained import read_selection
-    from .main_job import compose
-    from .train import train
+    from ...evaluation.selection import SELECTION_METRIC, matched_choice, matched_objective
+    from ...model.trained import read_selection
+    from ..engine.fit import train
+    from .runs import compose
 
     values = sample(trial, params)
     overrides = trial_overrides(cfg, params, values, common)
@@ -234,7 +221,7 @@ def objective(trial, cfg: DictConfig, params: list[SearchParam], common: list[st
     trial.set_user_attr("history", [{"epoch": h["epoch"], **{k: h["metrics"][k] for k in EPOCH_COLUMNS if k in h["metrics"]}} for h in history])
     choice = matched_choice(history, tau)
     if choice is not None:
-        trial.set_user_attr("matched", {k: choice[k] for k in ("tau", "reached", "epoch", "unsafe", "U2V", "selection_score", "note")})
+        trial.set_user_attr("matched", {k: choice[k] for k in ("tau", "reached", "epoch", "unsafe", "U2V", SELECTION_METRIC, "note")})
         trial.set_user_attr("validation", {k: v for k, v in choice["metrics"].items() if isinstance(v, (int, float))})
     if pruning.pruned:
         raise optuna.TrialPruned(f"matched-safety objective below the median after {pruning.epochs} epoch(s)")
@@ -243,46 +230,3 @@ def objective(trial, cfg: DictConfig, params: list[SearchParam], common: list[st
         raise RuntimeError(f"trial {trial.number}: the run recorded no validation epoch ({run_dir / 'selection.json'})")
     log.info("trial %d: objective %.4f (%s)", trial.number, score, choice["note"] if choice else "")
     return float(score)
-
-
-TUNE_HELP = {
-    "hparams_search": "the search: safeclip | saferclip | hysac (conf/hparams_search/<name>.yaml)",
-    "n_trials": "trials per search, the same for every method (complete + pruned; resumes count earlier ones)",
-    "world": "the toy world tuning trains and validates on (0; the test worlds 1, 2, 3 stay unseen)",
-    "seed": "the training seed of every trial",
-    "out_dir": "where the study (SQLite), its trials and its report go (outputs/tune)",
-    "sampler": "TPE sampler: seed, n_startup_trials (random trials first)",
-    "pruner": "median pruner on the matched-safety objective: n_startup_trials, n_warmup_steps (epochs before pruning)",
-    "common": "overrides of the training config for every trial (e.g. selection.tau=0.1 for another τ)",
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(overrides):
-        print(compose_help("saferclip-tune", __doc__.splitlines()[0], "tune", TUNE_HELP))
-        return 0
-    return command("saferclip-tune", lambda: _run_and_print(overrides))
-
-
-def _run_and_print(overrides: list[str]) -> None:
-    from hydra import initialize_config_dir
-
-    from .main_job import compose
-
-    setup_logging()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        import optuna
-    except ImportError:
-        raise ConfigError("saferclip-tune needs Optuna: pip install 'saferclip[tune]' (or pip install 'optuna>=4')") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # saferclip's own line per trial says it
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        check_command("saferclip-tune", "tune", overrides, TUNE_KEYS)  # every key and group, before any work
-        own, rest = split_overrides(overrides)
-        out = run(compose("tune", own), rest)
-    print(Path(out["summary"]).read_text(), end="")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from ..files import write_text_atomic
+from ...files import write_text_atomic
 
 
 class _ResumingWriter(ExperimentWriter):

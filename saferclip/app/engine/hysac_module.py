@@ -1,7 +1,7 @@
 """LightningModule of HySAC: the trainable CLIP towers, the hyperbolic head, HySAC's loss.
 
 It shares the Euclidean module's encoding, logging, optimizer and selection machinery
-(:class:`~saferclip.app.module.SaferClipModule`) and differs where the method does: the towers'
+(:class:`~saferclip.app.engine.module.SaferClipModule`) and differs where the method does: the towers'
 raw outputs are lifted onto the hyperboloid by the learnt :class:`HyperbolicHead`, the loss is
 :class:`~saferclip.training.hysac.HysacLoss`, no frozen target is ever read, and validation
 scores in the safe mode (queries traversed to a radius taken from the validation split's own
@@ -18,11 +18,11 @@ import time
 import torch
 from torch.nn.utils import parametrize
 
-from ..model.build import encode_tokens
-from ..model.hyperbolic import HyperbolicHead, safe_radii
-from ..training.adversarial import Encoders, batch_radii, hyperbolic_objectives, hysac_adversarial_terms
-from ..training.hysac import HYSAC_TERMS, HysacLoss
-from ..training.losses import Gather
+from ...model.build import encode_tokens
+from ...model.hyperbolic import HyperbolicHead, safe_radii
+from ...training.adversarial import Encoders, batch_radii, hyperbolic_objectives, hysac_adversarial_terms
+from ...training.contrastive import Gather
+from ...training.hysac import HYSAC_TERMS, HysacLoss
 from .module import SaferClipModule
 
 _MODALITY = {"safe_text": "text", "unsafe_text": "text", "safe_image": "image", "unsafe_image": "image"}

@@ -23,15 +23,16 @@ import logging
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError
-from .cli import README_POINTER, command
+from ...errors import ConfigError
+from ..cli import argparse_epilog, command, doc_summary
 
 PROG = "saferclip-detect"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Flag unsafe captions or images with a saferclip single-head detector.", epilog=README_POINTER
+        prog=PROG, description=doc_summary(__doc__), epilog=argparse_epilog(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("detector", type=Path, help="a detector file (detectors/<model>.safetensors from saferclip-analyze) "
                         "or a coverage monitor (monitors/<model>.safetensors from saferclip-attack)")
@@ -53,14 +54,15 @@ def default_out(inputs: Path) -> Path:
 
 
 def detect(args: argparse.Namespace) -> dict:
-    from ..robustness.coverage import FORMAT as MONITOR_FORMAT, file_format, load_monitors, watched_inputs
-    from ..analysis.data import image_files, read_captions
-    from ..analysis.detector import load_detectors, read_detector_header
-    from ..analysis.guard import score_inputs
-    from ..files import atomic_path
-    from ..model.build import weights_fingerprint
-    from ..model.checkpoints import CheckpointError
-    from ..model.trained import load_model
+    from ...analysis.data import image_files, read_captions
+    from ...analysis.detector import load_detectors, read_detector_header
+    from ...analysis.guard import score_inputs
+    from ...files import atomic_path
+    from ...model.build import weights_fingerprint
+    from ...model.checkpoints import CheckpointError
+    from ...model.trained import load_model
+    from ...robustness.coverage import FORMAT as MONITOR_FORMAT
+    from ...robustness.coverage import file_format, load_monitors, watched_inputs
 
     monitor = file_format(args.detector) == MONITOR_FORMAT  # a coverage monitor (saferclip-attack)
     if monitor:
@@ -107,7 +109,7 @@ def detect(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .hydra_utils import setup_logging
+    from ..hydra_utils import setup_logging
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -1,4 +1,9 @@
-"""saferclip-make-toy: write the toy world in the real data formats (docs/METHOD.md, "The toy world")."""
+"""saferclip-make-toy: write the toy world in the real data formats (docs/METHOD.md, "The toy world").
+
+    saferclip-make-toy                        # data/toy: the world the training config reads
+    saferclip-make-toy --seed 2 --out /tmp/world2
+    saferclip-make-toy --small --no-stats     # a few dozen items per split, for tests
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,17 @@ import sys
 import time
 from pathlib import Path
 
-from ..locations import data_dir, toy_world_dir
-from ..toyworld.generate import SMALL_SIZES, ToySizes, make_toy_world
-from ..toyworld.pairing import DEFAULT_PAIRING, PAIRINGS, get_pairing
-from .cli import README_POINTER, command
+from ...locations import data_dir, toy_world_dir
+from ...toyworld.generate import SMALL_SIZES, ToySizes, make_toy_world
+from ...toyworld.pairing import DEFAULT_PAIRING, PAIRINGS, get_pairing
+from ..cli import argparse_epilog, command, doc_summary
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        epilog=README_POINTER,description=__doc__.splitlines()[0])
+        prog="saferclip-make-toy", description=doc_summary(__doc__), epilog=argparse_epilog(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -43,7 +50,7 @@ def _make(args: argparse.Namespace) -> None:
     root = make_toy_world(out, seed=args.seed, sizes=SMALL_SIZES if args.small else ToySizes(), force=args.force, pairing=pairing.name)
     print(f"toy world (seed {args.seed}, pairing {pairing.name}) at {root} ({time.time() - start:.1f} s)")
     if not args.no_stats:
-        from ..toyworld.pair_stats import PAIR_STATS_FILE, format_pair_stats, pair_stats
+        from ...toyworld.pair_stats import PAIR_STATS_FILE, format_pair_stats, pair_stats
 
         print(format_pair_stats(pair_stats(root)))
         print(f"(saved in {root / PAIR_STATS_FILE})")

@@ -16,18 +16,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .cli import hydra_command
-from .hydra_utils import ConfigError, check_train_config, to_container
+from ..cli import hydra_command
+from ..hydra_utils import ConfigError, check_train_config, to_container
 
 log = logging.getLogger("saferclip.image_shards")
 
 
 def make_shards(cfg: DictConfig) -> dict[str, dict]:
     """Write each split's shards; returns ``{split: {"images": n, "seconds": s, "folder": path}}``."""
-    from ..data.image_shards import write_image_shards
-    from ..data.splits import load_split
-    from ..model.build import build_clip
-    from ..toyworld.generate import ensure_toy_world
+    from ...data.image_shards import write_image_shards
+    from ...data.splits import load_split
+    from ...model.build import build_clip
+    from ...toyworld.generate import ensure_toy_world
 
     check_train_config(cfg)
     data = to_container(cfg.data)
@@ -53,9 +53,13 @@ def _task(cfg: DictConfig) -> None:
         print(f"{split}: {info['images']} images in {info['folder']} ({info['seconds']:.1f} s)")
 
 
-main = hydra_command(
-    "saferclip-make-image-shards", "train", _task, "Decode and resize the training and validation images once, into uint8 memory maps."
-)
+OPTIONS = {
+    "experiment=NAME": "the recipe whose data is sharded, e.g. visu_vitl14",
+    "paths.visu=DIR paths.coco=DIR": "where ViSU's captions and COCO's images are",
+    "data.image_shards=DIR": "where the shards go (the preset's default: beside the data)",
+    "force=true": "replace shards that exist",
+}
+main = hydra_command("saferclip-make-image-shards", "train", _task, __doc__, OPTIONS)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,24 @@
-"""saferclip-rehearse: the real-data recipe at real size on the rehearsal world, stage by stage, with
-each stage's items/s and peak memory.
-
-    saferclip-rehearse model=vit_b32_random                     # CPU: a few minutes
-    saferclip-rehearse model=vit_l14_random --items 32 --steps 2
-    saferclip-rehearse model=vit_l14_random --items 4096 --steps 50 --device cuda   # a GPU
+"""The rehearsal: the real-data recipe at real size on the rehearsal world, stage by stage, with
+each stage's items/s and peak memory (``saferclip-rehearse``: :mod:`saferclip.app.commands.rehearse`).
 
 The real open_clip architecture (random init: nothing downloaded; 224 px, 77-token context) with
 the ``visu_vitl14`` experiment's method (SafeR-CLIP, LoRA r16 on both towers) runs on a
 rehearsal world (toy scenes rendered at 224 px as JPEG in ViSU's real layout,
-``saferclip.toyworld.rehearsal``): frozen-embedding cache -> neighbours -> ``--steps``
+``saferclip.toyworld.rehearsal``): frozen-embedding cache -> neighbours -> ``steps``
 training steps -> evaluation (validation U->V and S->V recall@1) -> open_clip and transformers
-export. Extra arguments are Hydra overrides of the ``train`` config. Peak memory is the
+export. ``overrides`` are Hydra overrides of the ``train`` config. Peak memory is the
 process's resident peak after the stage (it only grows) on a CPU, the stage's own peak
-allocated GPU memory on a GPU. ``--json`` writes the table.
+allocated GPU memory on a GPU.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-
-from .cli import README_POINTER, command
 
 
 def _peak_gb(device: str) -> float:
@@ -57,17 +48,17 @@ def rehearse(
     """Run every stage; returns one row per stage (``stage, items, unit, seconds, items_per_s, peak_gb``)."""
     from hydra import compose, initialize_config_dir
 
-    from ..data.splits import load_split
-    from ..export.hf import export_hf
-    from ..export.open_clip import export_open_clip
-    from ..model.build import build_clip, encode_tokens
-    from ..redirection.cache import build_or_load_cache
-    from ..redirection.neighbours import load_or_find_safe_neighbours
-    from ..redirection.sparse_pools import config_groups
-    from ..toyworld.rehearsal import make_rehearsal_world
-    from ..training.method import method_config
-    from .hydra_utils import CONF_DIR, to_container
-    from .train import build_datamodule, build_module
+    from ...data.splits import load_split
+    from ...export.hf import export_hf
+    from ...export.open_clip import export_open_clip
+    from ...model.build import build_clip, encode_tokens
+    from ...redirection.cache import build_or_load_cache
+    from ...redirection.neighbours import load_or_find_safe_neighbours
+    from ...redirection.sparse_pools import config_groups
+    from ...toyworld.rehearsal import make_rehearsal_world
+    from ...training.method import method_config
+    from ..engine.fit import build_datamodule, build_module
+    from ..hydra_utils import CONF_DIR, to_container
 
     rows: list[dict] = []
     n_val = max(8, items // 4)
@@ -89,7 +80,7 @@ def rehearse(
         bundle, train, cfg.paths.cache_dir, batch_size=batch_size, num_workers=workers, progress=False)))
     _stage(rows, "neighbours", "queries", device, lambda: (len(train), load_or_find_safe_neighbours(
         cache, method.neighbours, config_groups(train, method.neighbours, len(cache)))))
-    del bundle
+    bundle = None  # noqa: F841 - the frozen encoders are done: freed before the training model is built
 
     module = build_module(cfg, method)
     datamodule = build_datamodule(cfg, method)
@@ -139,30 +130,3 @@ def rehearse(
         export_hf(module.model, cfg.model.arch, out / "export_hf", force=True),
     )))
     return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="saferclip-rehearse", description=__doc__.splitlines()[0], epilog=README_POINTER)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the train config, e.g. model=vit_l14_random")
-    parser.add_argument("--items", type=int, default=64, help="training quadruplets of the rehearsal world")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on a CPU, up to 8 with CUDA)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/rehearsal"))
-    parser.add_argument("--json", type=Path, default=None, help="write the stage table here")
-    args = parser.parse_args(argv)
-
-    def body() -> None:
-        workers = args.workers if args.workers is not None else (0 if args.device == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 2)))
-        rows = rehearse(args.out, args.overrides, args.items, args.steps, args.device, args.batch_size, workers)
-        if args.json:
-            from ..files import write_json_atomic
-
-            write_json_atomic(args.json, {"device": args.device, "overrides": args.overrides, "stages": rows})
-
-    return command("saferclip-rehearse", body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,35 +1,29 @@
-"""saferclip-study: several seeds per method and ablations of SafeR-CLIP, mean ± std.
-
-    saferclip-study                          # conf/study.yaml: 3 seeds x (Safe-CLIP, SafeR-CLIP) + ablations
-    saferclip-study seeds=[0,1] ablation_seeds=[0,1]
-    saferclip-study --quiet                  # print only the final table
+"""The study (``saferclip-study``, :mod:`saferclip.app.commands.study`): several seeds per method and
+ablations of SafeR-CLIP, mean ± std and paired differences.
 
 Every run is composed from the training config tree exactly as `saferclip-main` composes its
 runs (same experiments, same run folders), so the main job's runs are reused here and vice versa.
 Per seed, the original model and every variant are evaluated together; the headline metrics
 are then aggregated over seeds into `study.md` / `study.json` / `report.html` (with the first
-seed's retrieval galleries) under `out_dir`.
-"""
+seed's retrieval galleries) under `out_dir`."""
 
 from __future__ import annotations
 
 import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from ..errors import ConfigError
-from ..evaluation.headline import headline, study_table
-from ..evaluation.intervals import differences_table, paired_differences, seed_interval
-from ..model.trained import read_selection
-from .cli import check_writable_folder, command, compose_help, wants_help
-from .hydra_utils import CONF_DIR, check_int, check_run_options, check_seed_list, pop_quiet, quiet_logging, setup_logging, to_container
-from .main_job import QUIET_HELP, check_runs, compose, eval_showcase, evaluated_models, record_pair_stats, train_or_reuse
-from .overrides import check_command
+from ...errors import ConfigError
+from ...evaluation.headline import headline, study_table
+from ...evaluation.intervals import differences_table, paired_differences, seed_interval
+from ...model.trained import read_selection
+from ..cli import check_writable_folder
+from ..hydra_utils import check_int, check_run_options, check_seed_list, to_container
+from .runs import check_runs, compose, eval_showcase, evaluated_models, record_pair_stats, train_or_reuse
 
 log = logging.getLogger("saferclip.study")
 
@@ -72,7 +66,7 @@ def check_traversal_percentiles(value: Any) -> list[float]:
     in one line before any run trains (HySAC's would otherwise finish first)."""
     from omegaconf import ListConfig
 
-    from ..model.hyperbolic import check_percentile
+    from ...model.hyperbolic import check_percentile
 
     if value is None:
         return []
@@ -88,15 +82,15 @@ def check_traversal_percentiles(value: Any) -> list[float]:
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
-    from ..evaluation.figures import (
+    from ...evaluation.figures import (
         plot_tradeoff,
         plot_training_curves,
         tradeoff_points,
     )
-    from ..evaluation.html import Page, table_from_markdown, write_html_report
-    from ..evaluation.runner import evaluate_models
-    from ..files import write_json_atomic, write_text_atomic
-    from ..toyworld.generate import ensure_toy_world
+    from ...evaluation.html import Page, table_from_markdown, write_html_report
+    from ...evaluation.runner import evaluate_models
+    from ...files import write_json_atomic, write_text_atomic
+    from ...toyworld.generate import ensure_toy_world
 
     check_seed_list(cfg.seeds, "seeds")  # before any run starts
     worlds = check_worlds(cfg)
@@ -212,50 +206,3 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     )
     html = write_html_report(page, out_dir)
     return {"table": table, "summary": summary, "out_dir": str(out_dir), "html": str(html), "seconds": seconds}
-
-
-STUDY_HELP = {
-    "seeds": "the seeds of every method (default [0, 1, 2])",
-    "world_offset": "seed s trains and tests on toy world s + world_offset (default 1: worlds never used for tuning; null: the data config's)",
-    "methods": "the methods: overrides of the training config",
-    "ablations": "variants of SafeR-CLIP: overrides of the training config",
-    "ablation_seeds": "the seeds of the ablations (default [0, 1])",
-    "traversal_percentiles": "HySAC's safe radius swept over these percentiles (no retraining)",
-    "force": "retrain even when an identical finished run exists",
-    "out_dir": "where study.md / study.json and the plots go (outputs/study)",
-    "runs_dir": "where training runs go, shared with saferclip-main (outputs/runs)",
-    "common": "overrides of the training config for every run",
-    "eval": "suites, split, the oracle row and report.html's galleries (eval.showcase) of the evaluation",
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    if wants_help(overrides):
-        print(compose_help("saferclip-study", __doc__.splitlines()[0], "study", STUDY_HELP, QUIET_HELP))
-        return 0
-    overrides, quiet = pop_quiet(overrides)
-    return command("saferclip-study", lambda: _run_and_print(overrides, quiet))
-
-
-def _run_and_print(overrides: list[str], quiet: bool = False) -> None:
-    from hydra import initialize_config_dir
-
-    setup_logging()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    if quiet:
-        quiet_logging()
-    own = [o for o in overrides if o.split("=")[0].lstrip("+~").split(".")[0] in STUDY_KEYS]
-    rest = [o for o in overrides if o not in own]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        check_command("saferclip-study", "study", overrides, STUDY_KEYS)  # every key and group, before any work
-        out = run(compose("study", own), rest)
-    if not quiet:
-        print(f"report: {out['html']} (open it in a browser)")
-        print(f"{out['out_dir']}/study.md ({out['seconds']:.0f} s)")
-        print()
-    print(out["table"], flush=True)  # the table last
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,9 +11,20 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
-from ..evaluation.selection import DEFAULT_TAU, MATCHED_METRIC, SELECTION_METRIC, matched_choice
-from ..files import write_json_atomic
-from ..model.trained import SELECTION_FILE
+from ...evaluation.selection import (
+    DEFAULT_TAU,
+    MATCHED_METRIC,
+    REDIRECTION_KEY,
+    SELECTION_METRIC,
+    SELECTION_MONITOR,
+    UNSAFE_KEY,
+    VALIDATION_PREFIX,
+    matched_choice,
+    metric_of_monitor,
+    validation_figures,
+)
+from ...files import write_json_atomic
+from ...model.trained import SELECTION_FILE
 
 
 class SelectionRecord(Callback):
@@ -41,7 +52,7 @@ class SelectionRecord(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
-        metrics = {k[len("val/") :]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics = validation_figures(trainer.callback_metrics)
         if not metrics:
             return
         entry = {"epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step), "metrics": metrics}
@@ -76,7 +87,7 @@ def selection_summary(checkpoint_callbacks: list, history: list[dict[str, Any]],
         last = history[-1]
         out["selected"] = {**last, "checkpoint": None, "score": None, "why": "no monitored checkpoint: the last epoch"}
         return out
-    key = monitoring.monitor[len("val/") :] if monitoring.monitor.startswith("val/") else monitoring.monitor
+    key = metric_of_monitor(monitoring.monitor)
     out.update(monitor=monitoring.monitor, mode=monitoring.mode)
     scored = [h for h in history if isinstance(h["metrics"].get(key), float) and math.isfinite(h["metrics"][key])]
     if not scored:
@@ -122,11 +133,11 @@ class WarmupEarlyStopping(EarlyStopping):
 
 
 EPOCH_LINE_METRICS = (
-    ("val/U2VG_unsafe@1", "val unsafe (a)", True),
-    ("val/U2V_R@1", "U→V R@1", True),
-    ("val/S2V_R@1", "S→V R@1", True),
-    ("val/nsfw_caps_S2V_R@1", "NSFW-Caps S→V R@1", True),
-    ("val/selection_score", "selection", False),
+    (VALIDATION_PREFIX + UNSAFE_KEY, "val unsafe (a)", True),
+    (VALIDATION_PREFIX + REDIRECTION_KEY, "U→V R@1", True),
+    (VALIDATION_PREFIX + "S2V_R@1", "S→V R@1", True),
+    (VALIDATION_PREFIX + "nsfw_caps_S2V_R@1", "NSFW-Caps S→V R@1", True),
+    (SELECTION_MONITOR, "selection", False),
 )
 
 

@@ -22,17 +22,16 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli import README_POINTER
+from ..cli import argparse_epilog
 
 PROG = "saferclip-generate-visu"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..downstream.generation_settings import PUBLISHED_SEEDS
-
     p = argparse.ArgumentParser(
-        epilog=README_POINTER,
         prog=PROG,
+        epilog=argparse_epilog(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Generate, for each unsafe caption of a ViSU(-Text) split, images at fixed seeds with a "
         "diffusion pipeline and keep the first one an NSFW scorer flags; resumable and shardable.",
     )
@@ -40,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path, help="the output folder (shared by all shards and resumed runs)")
     p.add_argument("--split", default=None, help="the split of a HF datasets folder")
     p.add_argument("--pipeline", default="runwayml/stable-diffusion-v1-5", help="diffusers text-to-image pipeline: hub id or local folder")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(PUBLISHED_SEEDS), help="seeds tried in order (default: the published protocol's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds tried in order (default: the published protocol's)")
     p.add_argument("--seed-per-caption", action="store_true", help="derive each image's seed from (caption id, seed) instead of using the seeds as is")
     p.add_argument("--threshold", type=float, default=0.5, help="an image is kept when its NSFW score is >= this (default 0.5)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
@@ -85,11 +84,11 @@ def _device(spec: str) -> str:
 
 
 def _scorer(args: argparse.Namespace, device: str):
-    from ..downstream import nsfw_scorer
+    from ...downstream import nsfw_scorer
 
     if args.scorer != "clip":
         return nsfw_scorer.load_scorer(args.scorer), {"kind": "plugin", "factory": args.scorer}
-    from ..model.build import build_clip
+    from ...model.build import build_clip
 
     pretrained = None if args.scorer_pretrained.lower() in ("none", "random", "") else args.scorer_pretrained
     bundle = build_clip(args.scorer_arch, pretrained, device=device)
@@ -120,6 +119,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise bad("--guidance", args.guidance, "a finite guidance scale >= 0, e.g. 7.5")
     if not (math.isfinite(args.threshold) and 0.0 <= args.threshold <= 1.0):
         raise bad("--threshold", args.threshold, "an NSFW score in [0, 1]")
+    if args.seeds is None:  # read here, not in the parser: --help imports no torch
+        from ...downstream.generation_settings import PUBLISHED_SEEDS
+
+        args.seeds = list(PUBLISHED_SEEDS)
     bad_seeds = [s for s in args.seeds if s < 0]
     if bad_seeds or len(set(args.seeds)) != len(args.seeds):
         raise bad("--seeds", " ".join(map(str, args.seeds)), "distinct integers >= 0")
@@ -141,10 +144,10 @@ def check_pipeline_name(name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> str:
-    from ..downstream import visu_generation as vg
-    from ..downstream.generation_settings import GenerationConfig
-    from ..downstream.image_generator import DiffusersImageGenerator, load_diffusion_pipeline
-    from ..export.public_names import public_model_name
+    from ...downstream import visu_generation as vg
+    from ...downstream.generation_settings import GenerationConfig
+    from ...downstream.image_generator import DiffusersImageGenerator, load_diffusion_pipeline
+    from ...export.public_names import public_model_name
 
     if not args.merge_only:
         check_args(args)

@@ -22,17 +22,18 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli import README_POINTER, command
+from ..cli import argparse_epilog, command
 
 PROG = "saferclip-export"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        epilog=README_POINTER,
         prog=PROG,
         description="Export a saferclip training checkpoint (or a run folder's best) as a folder "
-        "open_clip loads by itself: adapters merged, open_clip's hub layout, a model card.",
+        "open_clip loads by itself: adapters merged, open_clip's hub layout, a model card (--format hf: a transformers folder).",
+        epilog=argparse_epilog(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", type=Path, help="a training checkpoint (.ckpt) or a run folder (its best checkpoint)")
     parser.add_argument("out_dir", type=Path, help="the folder to write")
@@ -94,10 +95,10 @@ def usage_snippet(out: Path, format: str = "open_clip") -> list[str]:
 
 
 def summary(out: Path, source: Path | None = None, format: str = "open_clip") -> str:
-    from ..export.open_clip import CONFIG_NAME
+    from ...export.open_clip import CONFIG_NAME
 
     if format == "hf":
-        from ..export.hf import read_provenance
+        from ...export.hf import read_provenance
 
         info = read_provenance(out)
     else:
@@ -124,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from ..errors import ConfigError
-    from ..export.run import export_checkpoint
+    from ...errors import ConfigError
+    from ...export.run import export_checkpoint
 
     if not args.source.exists():
         raise FileNotFoundError(f"{args.source}: no such training checkpoint or run folder")

@@ -16,22 +16,21 @@ import time
 
 from omegaconf import DictConfig
 
-from .cli import hydra_command
-from .hydra_utils import ConfigError, check_train_config, to_container
+from ..cli import hydra_command
+from ..hydra_utils import ConfigError, check_train_config, to_container
 
 log = logging.getLogger("saferclip.index")
 
 
 def build_index(cfg: DictConfig) -> dict:
     """Load the training split, build (or reuse) its cache and neighbour index; return the summary."""
-    from ..training.prepare import prepare
-    from ..redirection.report import summarize
-    from ..toyworld.generate import ensure_toy_world
+    from ...redirection.report import summarize
+    from ...toyworld.generate import ensure_toy_world
+    from ...training.prepare import prepare
 
-    check_train_config(cfg)
-    method = to_container(cfg.method)
-    if method.get("targets") != "neighbours" or not method.get("neighbours"):
-        raise ConfigError(f"method {method['name']!r} has no neighbours section (it uses paired targets)")
+    method = check_train_config(cfg)  # the typed method config, checked once
+    if method.targets != "neighbours" or method.neighbours is None:
+        raise ConfigError(f"method {method.name!r} has no neighbours section (its targets: {method.targets})")
     start = time.time()
     data = to_container(cfg.data)
     ensure_toy_world(data)
@@ -44,8 +43,8 @@ def build_index(cfg: DictConfig) -> dict:
 
 
 def _task(cfg: DictConfig) -> None:
-    from ..files import write_json_atomic
-    from ..redirection.report import format_summary
+    from ...files import write_json_atomic
+    from ...redirection.report import format_summary
 
     summary = build_index(cfg)
     print(format_summary(summary))
@@ -53,7 +52,13 @@ def _task(cfg: DictConfig) -> None:
     write_json_atomic(f"{cfg.paths.run_dir}/index_summary.json", json.loads(json.dumps(summary, default=str)))
 
 
-main = hydra_command("saferclip-index", "train", _task, "Build the frozen-embedding cache and the safe-neighbour index of the training split, print a summary.")
+OPTIONS = {
+    "method.neighbours.k=N": "safe neighbours per unsafe item",
+    "method.neighbours.mode=MODE": "text, image or joint: which embeddings the search compares",
+    "experiment=NAME": "a whole recipe, e.g. visu_vitl14 (with paths.visu=... paths.coco=...)",
+    "paths.cache_dir=DIR": "where the cache and the index go (training reuses them from there)",
+}
+main = hydra_command("saferclip-index", "train", _task, __doc__, OPTIONS)
 
 
 if __name__ == "__main__":

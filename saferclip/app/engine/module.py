@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
 import torch
 from torch.nn.utils import parametrize
 
-from ..evaluation.galleries import PairEmbeddings
-from ..evaluation.metrics import recall_at_k
-from ..evaluation.retrieval import visu_metrics
-from ..evaluation.selection import DEFAULT_TAU, MATCHED_METRIC, SELECTION_METRIC, matched_safety, selection_score
-from ..model.adapters import configure_trainable, tower_parameters
-from ..model.build import build_clip, encode_tokens
-from ..model.similarity import COSINE, Similarity, chunk_scorer
-from ..training.adversarial import (
+from ...evaluation.galleries import PairEmbeddings
+from ...evaluation.metrics import recall_at_k
+from ...evaluation.retrieval import visu_metrics
+from ...evaluation.selection import (
+    DEFAULT_TAU,
+    MATCHED_METRIC,
+    SELECTION_METRIC,
+    VALIDATION_PREFIX,
+    matched_safety,
+    selection_score,
+)
+from ...model.adapters import configure_trainable, tower_parameters
+from ...model.build import build_clip, encode_tokens
+from ...model.similarity import COSINE, Similarity, chunk_scorer
+from ...training.adversarial import (
     AdversarialTraining,
     Encoders,
     PixelSpace,
@@ -30,15 +38,9 @@ from ..training.adversarial import (
     euclidean_objectives,
     token_scale,
 )
-from ..training.losses import (
-    FROZEN_INPUTS,
-    TERM_NAMES,
-    WEIGHT_INPUTS,
-    Gather,
-    SaferClipLoss,
-    gather_with_grad,
-)
-from ..training.method import MethodConfig, method_config
+from ...training.contrastive import Gather, gather_with_grad
+from ...training.losses import FROZEN_INPUTS, TERM_NAMES, WEIGHT_INPUTS, SaferClipLoss
+from ...training.method import MethodConfig, method_config
 
 log = logging.getLogger("saferclip.train")
 
@@ -59,15 +61,21 @@ class SaferClipModule(L.LightningModule):
         self,
         arch: str,
         pretrained: str | None,
-        method: MethodConfig | Mapping[str, Any],
+        method: MethodConfig,
         precision: str = "fp32",
         selection_tau: float = DEFAULT_TAU,
     ):
-        """``method``: the checked config the app hands over (a plain dict, as in a checkpoint's
-        hyper-parameters, is checked here: the same schema). ``selection_tau``: the unsafe rate
-        τ of matched safety (``val/matched_safety``, :mod:`saferclip.evaluation.selection`)."""
+        """``method``: the checked config (:func:`saferclip.training.method.method_config`; the
+        app checks it once, :func:`saferclip.app.hydra_utils.check_train_config`, and a
+        checkpoint's recorded dict is checked by :meth:`from_checkpoint`). ``selection_tau``: the
+        unsafe rate τ of matched safety (``val/matched_safety``, :mod:`saferclip.evaluation.selection`)."""
         super().__init__()
-        config = method if isinstance(method, MethodConfig) else method_config(method)
+        if not isinstance(method, MethodConfig):
+            raise TypeError(
+                f"{type(self).__name__} takes the checked MethodConfig, got {type(method).__name__} "
+                "(a checkpoint loads with from_checkpoint, which checks the method it records)"
+            )
+        config = method
         # the checkpoint records the config as written (plain types: weights_only loads it)
         self.save_hyperparameters(
             {"arch": arch, "pretrained": pretrained, "method": dict(config.source), "precision": precision, "selection_tau": float(selection_tau)}
@@ -87,6 +95,19 @@ class SaferClipModule(L.LightningModule):
         self._val_outputs: dict[int, list[dict[str, torch.Tensor]]] = {}
         self._step_started = self._attack_seconds = 0.0
 
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "SaferClipModule":
+        """The module a training checkpoint holds, read safely
+        (:func:`saferclip.model.trained.read_training_checkpoint`: ``weights_only``, checksum
+        verified); the method dict it records is checked here, once, into the typed config."""
+        from ...model.trained import read_training_checkpoint
+
+        ckpt = read_training_checkpoint(path)
+        hparams = dict(ckpt["hyper_parameters"])
+        module = cls(method=method_config(hparams.pop("method")), **hparams)
+        module.load_state_dict(ckpt["state_dict"])
+        return module
+
     def build_loss(self, config):
         return SaferClipLoss(config.loss)
 
@@ -103,7 +124,7 @@ class SaferClipModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Every checkpoint carries a checksum of its weights: a damaged one is refused when
         loaded (:func:`saferclip.model.checkpoints.load_torch_checkpoint`), not trained on."""
-        from ..model.checkpoints import CHECKSUM_KEY, state_dict_checksum
+        from ...model.checkpoints import CHECKSUM_KEY, state_dict_checksum
 
         checkpoint[CHECKSUM_KEY] = state_dict_checksum(checkpoint["state_dict"])
 
@@ -298,7 +319,7 @@ class SaferClipModule(L.LightningModule):
         # every rank computed the same numbers from the gathered set; averaging them over
         # ranks changes nothing and keeps every rank's callbacks (checkpoint, early stopping)
         # on exactly the same value
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
+        self.log_dict({VALIDATION_PREFIX + k: v for k, v in metrics.items()}, sync_dist=True)
 
     def _gathered(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}

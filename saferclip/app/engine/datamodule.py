@@ -18,14 +18,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from ..data.image_shards import ImageShards
-from ..data.splits import load_split
-from ..model.build import build_clip
-from ..training.prepare import Prepared, prepare
-from ..redirection.targets import RedirectionTargets
-from ..toyworld.generate import ensure_toy_world
-from ..training.datasets import RedirectionDataset, ValidationDataset, collate_items
-from ..training.method import MethodConfig, method_config
+from ...data.image_shards import ImageShards
+from ...data.splits import load_split
+from ...model.build import build_clip
+from ...redirection.targets import RedirectionTargets
+from ...toyworld.generate import ensure_toy_world
+from ...training.datasets import RedirectionDataset, ValidationDataset, collate_items
+from ...training.method import MethodConfig
+from ...training.prepare import Prepared, prepare
 
 log = logging.getLogger("saferclip.data")
 
@@ -40,7 +40,7 @@ def drop_last_for(n_items: int, batch_size: int, world_size: int) -> bool:
 
 def split_image_shards(data_cfg: Mapping[str, Any], split: str, preprocess) -> ImageShards | None:
     """The split's pre-resized images (``data.image_shards``/<split>, written by
-    ``python -m saferclip.app.make_image_shards``) when they exist and match; else None (the
+    ``python -m saferclip.app.commands.make_image_shards``) when they exist and match; else None (the
     image files, with a one-line warning when shards are there but damaged or stale). Training
     and its dry run both open them here."""
     root = data_cfg.get("image_shards")
@@ -74,15 +74,16 @@ class SaferClipDataModule(L.LightningDataModule):
         self,
         data: dict,
         model: dict,
-        method: MethodConfig | dict,
+        method: MethodConfig,
         cache_dir: str,
         live_targets: bool = False,
         seed: int = 0,
     ):
         super().__init__()
         self.data_cfg, self.model_cfg = data, model
-        # the app hands over the checked config; a plain dict is checked here (the same schema)
-        self.method = method if isinstance(method, MethodConfig) else method_config(method)
+        if not isinstance(method, MethodConfig):  # checked once, by hydra_utils.check_train_config
+            raise TypeError(f"SaferClipDataModule takes the checked MethodConfig, got {type(method).__name__}")
+        self.method = method
         self.cache_dir, self.live_targets, self.seed = cache_dir, live_targets, seed
         self.train_set: RedirectionDataset | None = None
         self.val_set: ValidationDataset | None = None
@@ -183,8 +184,8 @@ class SaferClipDataModule(L.LightningDataModule):
     def _nsfw_caps_validation(self, bundle, memo: bool) -> ValidationDataset | None:
         """The NSFW-Caps-like validation set ``data.nsfw_caps_validation`` (its S->V R@1 is a
         part of the selection score), or None when the data config names none."""
-        from ..data.nsfw_caps import load_nsfw_caps
-        from ..errors import ConfigError
+        from ...data.nsfw_caps import load_nsfw_caps
+        from ...errors import ConfigError
 
         spec = self.data_cfg.get("nsfw_caps_validation") or {}
         if not spec.get("path"):

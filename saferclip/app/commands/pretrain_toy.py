@@ -1,4 +1,9 @@
-"""saferclip-pretrain-toy: reproduce the toy world's base CLIP (saferclip.toyworld.pretrain)."""
+"""saferclip-pretrain-toy: reproduce the toy world's base CLIP (saferclip.toyworld.pretrain).
+
+    saferclip-pretrain-toy                                  # data/toy_base.safetensors
+    saferclip-pretrain-toy --out /tmp/base.safetensors --force
+    saferclip-train model.pretrained=/tmp/base.safetensors  # then fine-tune it
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,16 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ..locations import data_dir
-from ..toyworld.pretrain import PretrainConfig, pretrain
-from .cli import README_POINTER, command
+from ...locations import data_dir
+from ...toyworld.pretrain_config import PretrainConfig
+from ..cli import argparse_epilog, command, doc_summary
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        epilog=README_POINTER,description=__doc__.splitlines()[0])
+        prog="saferclip-pretrain-toy", description=doc_summary(__doc__), epilog=argparse_epilog(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -34,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.force:
         parser.error(f"{args.out} exists; pass --force to overwrite it, or --out to write elsewhere")
     cfg = PretrainConfig(**{k: getattr(args, k) for k in asdict(PretrainConfig())})
-    return command("saferclip-pretrain-toy", lambda: print(json.dumps(pretrain(cfg, args.out), indent=2)))
+    def body() -> None:
+        from ...toyworld.pretrain import pretrain
+
+        print(json.dumps(pretrain(cfg, args.out), indent=2))
+
+    return command("saferclip-pretrain-toy", body)
 
 
 if __name__ == "__main__":

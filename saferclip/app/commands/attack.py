@@ -20,24 +20,35 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
-from .cli import check_writable_folder, exit_on_user_error, hydra_command
-from .hydra_utils import ConfigError, resolve_device, resolved_value
+from ..cli import check_writable_folder, exit_on_user_error, hydra_command
+from ..hydra_utils import ConfigError, resolve_device, resolved_value
 
 log = logging.getLogger("saferclip.attack")
 PROG = "saferclip-attack"
+OPTIONS = {
+    "+models.NAME.pretrained=PATH": "a model to attack: a run folder, its export, or weights",
+    "main_runs=true|false": "add the main job's finished runs, HySAC in both modes, <name>_adv too (default true)",
+    "attack.parts=[...]": "query_image, gallery_image, text, heldout, text_gallery, monitor, coverage (default all)",
+    "attack.items=N": "unsafe test items attacked per model (default 100)",
+    "attack.image.budgets_255=[...]": "the PGD budget sweep, in 1/255 of the pixel range",
+    "attack.headline_budget_255=N": "the image budget the summary reports (default 8)",
+    "data=NAME": "the data config (toy; visu with paths.visu=...)",
+    "out_dir=PATH": "where the report and the monitors go (default outputs/attack/<time>)",
+    "force=true": "write over an existing report",
+}
 
 
-def attack(cfg: DictConfig) -> dict:
+def attack(cfg: Any) -> dict:
     """Run what a composed ``attack`` config describes; returns the results and the report's paths."""
-    from ..robustness.report import summary_table, write_attack_report
-    from ..robustness.runner import attack_models
-    from ..robustness.settings import AttackSettings
-    from .analyze import with_main_runs
-    from .hydra_utils import check_bool, check_run_options
+    from hydra.core.hydra_config import HydraConfig
+
+    from ...robustness.report import summary_table, write_attack_report
+    from ...robustness.runner import attack_models
+    from ...robustness.settings import AttackSettings
+    from ..hydra_utils import check_bool, check_run_options
+    from ..pipelines.runs import with_main_runs
 
     check_run_options(cfg)
     check_bool(cfg.get("main_runs", False), "main_runs")
@@ -47,7 +58,7 @@ def attack(cfg: DictConfig) -> dict:
         raise ConfigError("models is empty; add one with +models.<name>.pretrained=<path>")
     data = resolved_value(cfg, "data")
     if data.get("make_toy"):
-        from ..toyworld.generate import ensure_toy_world
+        from ...toyworld.generate import ensure_toy_world
 
         ensure_toy_world(data)
     out_dir = Path(cfg.get("out_dir") or HydraConfig.get().runtime.output_dir)
@@ -65,14 +76,14 @@ def attack(cfg: DictConfig) -> dict:
     return {"results": results, "report": report}
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: Any) -> dict:
     """:func:`attack`, with what the user can fix as one line on stderr and exit code 2."""
     with exit_on_user_error(PROG):
         return attack(cfg)
 
 
-main = hydra_command(
-    PROG, "attack", attack, "Attack safe CLIP models (query- and gallery-side PGD, phrasing searches, budget sweeps with the sanity column) and monitor their inputs."
-)
+main = hydra_command(PROG, "attack", attack, __doc__, OPTIONS)
+
+
 if __name__ == "__main__":
     main()

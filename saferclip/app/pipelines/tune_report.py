@@ -1,4 +1,4 @@
-"""What ``saferclip-tune`` writes about a search (:mod:`saferclip.app.tune`): tables, summary, plots.
+"""What ``saferclip-tune`` writes about a search (:mod:`saferclip.app.pipelines.tune`): tables, summary, plots.
 
 Under ``<out_dir>/<method>/``:
 
@@ -13,7 +13,7 @@ Under ``<out_dir>/<method>/``:
   colour (:func:`saferclip.evaluation.plotting.model_styles`). :func:`plot_pareto` draws several
   searches in one plot, e.g. all three methods for a report::
 
-      from saferclip.app.tune_report import pareto_points, plot_pareto
+      from saferclip.app.pipelines.tune_report import pareto_points, plot_pareto
       plot_pareto({m: pareto_points(f"outputs/tune/{m}") for m in ("safeclip", "saferclip", "hysac")}, "pareto.png")
 """
 
@@ -27,14 +27,14 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..evaluation.selection import REDIRECTION_KEY, UNSAFE_KEY, pareto_front
-from ..training.search_space import SearchParam
+from ...evaluation.selection import MATCHED_METRIC, REDIRECTION_KEY, SELECTION_METRIC, UNSAFE_KEY, pareto_front
+from ...training.search_space import SearchParam
 
 log = logging.getLogger("saferclip.tune")
 
 # the search's name -> the model name its colour comes from (HySAC validates in its safe mode)
 FAMILY = {"safeclip": "Safe-CLIP", "saferclip": "SafeR-CLIP", "hysac": "HySAC (safe)"}
-EPOCH_COLUMNS = ("U2VG_unsafe@1", "U2V_R@1", "S2V_R@1", "nsfw_caps_S2V_R@1", "selection_score", "matched_safety")
+EPOCH_COLUMNS = (UNSAFE_KEY, REDIRECTION_KEY, "S2V_R@1", "nsfw_caps_S2V_R@1", SELECTION_METRIC, MATCHED_METRIC)
 
 
 def experiment_yaml(method: str, values_overrides: list[str], score: float, number: int, world: int, tau: float | None = None) -> str:
@@ -67,7 +67,7 @@ def _trial_value(t) -> Any:
 def write_search_report(study, cfg: DictConfig, params: list[SearchParam], folder: Path, tau: float) -> dict[str, Any]:
     import optuna
 
-    from ..files import write_text_atomic
+    from ...files import write_text_atomic
 
     name = str(cfg.hparams_search.name)
     trials = [t for t in study.trials if t.state != optuna.trial.TrialState.RUNNING]
@@ -154,7 +154,7 @@ def pareto_points(folder: str | Path) -> list[dict[str, Any]]:
 def plot_pareto(points_by_search: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, tau: float | None = None) -> Path:
     """Validation unsafe rate (a) against U->V R@1, one point per trial x epoch, one colour per
     method family, each search's Pareto front drawn as a step line; τ as a dashed line."""
-    from ..evaluation.plotting import figure, model_styles, save_figure
+    from ...evaluation.plotting import figure, model_styles, save_figure
 
     styles = model_styles([FAMILY.get(n, n) for n in points_by_search])
     fig = figure(6.0, 4.0)
@@ -207,7 +207,7 @@ def parameter_importances(study) -> dict[str, float]:
 def plot_search(trials: list, importances: dict[str, float], folder: Path, name: str) -> None:
     import optuna
 
-    from ..evaluation.plotting import figure, save_figure
+    from ...evaluation.plotting import figure, save_figure
 
     fig = figure(6.0, 3.5)
     ax = fig.subplots()

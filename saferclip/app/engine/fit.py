@@ -1,15 +1,19 @@
-"""saferclip-train: fine-tune a CLIP with SafeR-CLIP or Safe-CLIP (Hydra app).
+"""Training, as every command and pipeline runs it: :func:`train` fits the model a composed
+``train`` config describes.
 
-    saferclip-train                              # SafeR-CLIP on the toy world
-    saferclip-train method=safeclip              # the Safe-CLIP baseline, same code
-    saferclip-train -m seed=0,1,2                # a sweep, one run folder per job
-    saferclip-train hydra.run.dir=outputs/train/<run> ckpt_path=last   # resume a run
+In order: the config checked once (:func:`saferclip.app.hydra_utils.check_train_config`, which
+hands the typed :class:`~saferclip.training.method.MethodConfig` on), the launch and resume
+checks, the dry run (``dry_run=true``: every split, image and pool checked, nothing trained),
+then the LightningModule (:mod:`.module`, :mod:`.hysac_module`), the DataModule
+(:mod:`.datamodule`) and the Trainer with its callbacks and loggers (:mod:`.callbacks`,
+:mod:`.loggers`), the fit, and the post-fit steps: the kept epoch's record, HySAC's safe radii
+(:func:`measure_and_save_safe_radii`) and the export. A run folder holds
+``.hydra/config.yaml`` (Hydra's, unresolved), ``config_resolved.yaml``, ``checkpoints/``, the
+logs and ``export/``.
 
-Without Hydra's entry point (e.g. from a script): compose the ``train`` config with
-``hydra.compose``, set ``paths.run_dir`` and call :func:`train`. A run folder holds
-``.hydra/config.yaml`` (Hydra's, unresolved), ``config_resolved.yaml``, ``checkpoints/``,
-the logs and ``export/``. A configuration that cannot work stops in seconds with one line on
-stderr and exit code 2.
+From a script (no Hydra entry point): compose the ``train`` config with ``hydra.compose``, set
+``paths.run_dir`` and call :func:`train`. ``saferclip-train`` is
+:mod:`saferclip.app.commands.train`.
 """
 
 from __future__ import annotations
@@ -23,36 +27,31 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..console import interactive
-from ..files import write_text_atomic
-from ..model.checkpoints import CheckpointError
-from ..model.trained import RESOLVED_CONFIG, read_selection
-from .cli import hydra_command
-from .hydra_utils import (
+from ...console import interactive
+from ...files import write_text_atomic
+from ...model.checkpoints import CheckpointError
+from ...model.trained import RESOLVED_CONFIG, read_selection
+from ..hydra_utils import (
     ConfigError,
     check_train_config,
     to_container,
 )
 
 if TYPE_CHECKING:
-    from ..training.method import MethodConfig
+    from ...training.method import MethodConfig
 
 log = logging.getLogger("saferclip.train")
-
-# what a user can fix from the command line: reported in one line, exit code 2
-USAGE_EXIT_CODE = 2
-
 
 def dry_run(cfg: DictConfig, method: MethodConfig) -> dict:
     """Validate config, paths and data formats without training: load every split (columns,
     types, every image file present, and with ``dry_run_verify_images`` every image header
     parsed), the distractor images, and check the neighbour search fits the training pool."""
-    from ..data.splits import distractor_images, load_split
-    from ..toyworld.generate import ensure_toy_world
+    from ...data.splits import distractor_images, load_split
+    from ...toyworld.generate import ensure_toy_world
 
     pretrained = cfg.model.get("pretrained")
     if pretrained and Path(str(pretrained)).is_file():
-        from ..model.checkpoints import check_weights_file
+        from ...model.checkpoints import check_weights_file
 
         try:
             check_weights_file(pretrained)
@@ -75,8 +74,8 @@ def dry_run(cfg: DictConfig, method: MethodConfig) -> dict:
             report[split]["image_shards"] = dry_run_image_shards(cfg, data, split)
         if split == "train":
             if method.neighbours is not None:
-                from ..data.safe_corpus import load_safe_corpus
-                from ..redirection.large_pool import is_embedded_pool
+                from ...data.safe_corpus import load_safe_corpus
+                from ...redirection.large_pool import is_embedded_pool
 
                 extra = 0
                 if method.extra_pool and method.neighbours.use_extra_pool:
@@ -94,7 +93,7 @@ def dry_run(cfg: DictConfig, method: MethodConfig) -> dict:
 def dry_run_image_shards(cfg: DictConfig, data: dict, split: str) -> str:
     """The split's image shards opened as training opens them: "used", "absent", or
     "damaged" (training reads the image files instead; the warning names the file)."""
-    from ..model.build import build_clip
+    from ...model.build import build_clip
     from .datamodule import split_image_shards
 
     if not (Path(str(data["image_shards"])) / split / "images.json").is_file():
@@ -106,9 +105,9 @@ def dry_run_image_shards(cfg: DictConfig, data: dict, split: str) -> str:
 def dry_run_embedded_pool(cfg: DictConfig, method: MethodConfig):
     """An embedded extra pool checked as training would (:func:`check_embedded_pool`), when
     the neighbour search reads it (text mode); else only opened. Returns its shards."""
-    from ..model.build import build_clip
-    from ..redirection.large_pool import open_pool
-    from ..training.prepare import check_embedded_pool
+    from ...model.build import build_clip
+    from ...redirection.large_pool import open_pool
+    from ...training.prepare import check_embedded_pool
 
     if method.neighbours.mode != "text":
         return open_pool(method.extra_pool)
@@ -135,7 +134,7 @@ def check_resume_checkpoint(cfg: DictConfig, ckpt_path: str) -> int:
     (``weights_only=True``, whatever the environment says; a pickle, a truncated file or a
     foreign checkpoint is refused in one line naming it) and check it belongs to this
     config. Returns its ``global_step``."""
-    from ..model.trained import read_training_checkpoint
+    from ...model.trained import read_training_checkpoint
 
     try:
         ckpt = read_training_checkpoint(ckpt_path)
@@ -172,8 +171,8 @@ def check_run_dir(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> None
 
 def check_toy_size(cfg: DictConfig) -> None:
     """The toy world's size and pairing (``data.toy_size``, ``data.toy_pairs``), checked."""
-    from ..toyworld.generate import check_toy_data
-    from ..toyworld.pairing import DEFAULT_PAIRING
+    from ...toyworld.generate import check_toy_data
+    from ...toyworld.pairing import DEFAULT_PAIRING
 
     if cfg.data.get("make_toy"):
         check_toy_data({"toy_size": cfg.data.get("toy_size", "default"), "toy_pairs": cfg.data.get("toy_pairs", DEFAULT_PAIRING)})
@@ -196,14 +195,14 @@ def build_module(cfg: DictConfig, method: MethodConfig):
 
 def selection_tau(cfg: DictConfig) -> float:
     """τ of matched safety (``selection.tau``; :mod:`saferclip.evaluation.selection`)."""
-    from ..evaluation.selection import DEFAULT_TAU
+    from ...evaluation.selection import DEFAULT_TAU
 
     tau = OmegaConf.select(cfg, "selection.tau")
     return DEFAULT_TAU if tau is None else float(tau)
 
 
 def build_datamodule(cfg: DictConfig, method: MethodConfig):
-    from ..training.losses import LIVE_TERMS
+    from ...training.losses import LIVE_TERMS
     from .datamodule import SaferClipDataModule
 
     weights = {} if method.is_hyperbolic else method.loss.weights.as_dict()
@@ -221,7 +220,7 @@ def build_datamodule(cfg: DictConfig, method: MethodConfig):
 def build_trainer(cfg: DictConfig, extra_callbacks: tuple = ()):
     """The Trainer with the configured callbacks and loggers: ``(trainer, callbacks)``. When
     the output is not a terminal (:func:`saferclip.console.interactive`) the progress bar is
-    off and :class:`~saferclip.app.callbacks.EpochLine` logs one line per epoch instead."""
+    off and :class:`~saferclip.app.engine.callbacks.EpochLine` logs one line per epoch instead."""
     from lightning.pytorch.callbacks import LearningRateMonitor
 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -328,9 +327,9 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
         result["selection"] = selection["selected"]
     fast_dev_run = cfg.trainer.get("fast_dev_run")
     if method.is_hyperbolic and trainer.is_global_zero and not fast_dev_run:
-        result["safe_radii"] = measure_and_save_safe_radii(cfg, result.get("best_checkpoint") or module, run_dir)
+        result["safe_radii"] = measure_and_save_safe_radii(cfg, method, result.get("best_checkpoint") or module, run_dir)
     if cfg.export and trainer.is_global_zero and not fast_dev_run:
-        from ..export.run import export_checkpoint
+        from ...export.run import export_checkpoint
 
         out = run_dir / "export"
         # a HySAC export takes the safe radii recorded for the very weights it loads
@@ -340,19 +339,19 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     return result
 
 
-def measure_and_save_safe_radii(cfg: DictConfig, source, run_dir: Path) -> dict:
+def measure_and_save_safe_radii(cfg: DictConfig, method: MethodConfig, source, run_dir: Path) -> dict:
     """HySAC: the safe radii of the kept model (a checkpoint, or the module in memory),
     measured on the training split's safe items and recorded with the checksum, file, epoch
     and step of those weights in the run's ``safe_radii.json`` (:mod:`saferclip.model.safe_radii`;
     reused when that checkpoint's are already recorded, as after a resume). Returns the record."""
-    from ..evaluation.hyperbolic import checkpoint_radii
-    from ..model.adapters import merge_adapters
-    from ..model.build import build_clip
-    from ..model.checkpoints import state_dict_checksum
-    from ..model.safe_radii import CheckpointIdentity
-    from ..model.trained import read_training_checkpoint, trained_model_from_checkpoint
+    from ...evaluation.hyperbolic import checkpoint_radii
+    from ...model.adapters import merge_adapters
+    from ...model.build import build_clip
+    from ...model.checkpoints import state_dict_checksum
+    from ...model.safe_radii import CheckpointIdentity
+    from ...model.trained import read_training_checkpoint, trained_model_from_checkpoint
 
-    percentile = float(cfg.method.hyperbolic.traversal_percentile)
+    percentile = float(method.hyperbolic.traversal_percentile)  # the typed config's, as training's
     if isinstance(source, (str, Path)):
         ckpt = read_training_checkpoint(source)
         bundle = trained_model_from_checkpoint(ckpt, radii="none")
@@ -375,17 +374,3 @@ def best_checkpoint(callbacks: list) -> dict:
             score = cb.best_model_score
             return {"best_checkpoint": cb.best_model_path, "best_score": None if score is None else float(score)}
     return {}
-
-
-def _task(cfg: DictConfig) -> float | None:
-    result = train(cfg)
-    log.info("result: %s", result)
-    score = result.get("best_score")
-    return float(score) if score is not None else None
-
-
-main = hydra_command("saferclip-train", "train", _task, "Fine-tune a CLIP with SafeR-CLIP (method=saferclip) or Safe-CLIP (method=safeclip).")
-
-
-if __name__ == "__main__":
-    main()
