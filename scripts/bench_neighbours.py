@@ -4,6 +4,17 @@
     data and the same number of threads: agreement of the top-k and the time ratio.
 (b) exact against approximate (IVF, HNSW) on pools of 10k / 100k / 1M vectors: search time,
     build time (reported apart), and recall@1 against exact, for a few nprobe / efSearch values.
+    Each size is measured ``--repeats`` times (3 by default), interleaved (exact, then every
+    approximate setting, then again), after one untimed warm-up search of each; every time and
+    every speed-up is reported as min / median / max over the repetitions. The speed-up is
+    against FAISS's exact search (``IndexFlatIP``, what ``index: exact`` runs), and against
+    torch's matmul + topk, the other exact kernel, so that neither baseline flatters it.
+
+The configuration it ran with is printed first and written into ``--json``: threads of FAISS
+(OpenMP) and torch, FAISS's version and SIMD build, the BLAS libraries of numpy and torch,
+``OPENBLAS_CORETYPE`` / ``OMP_NUM_THREADS``, the CPU and the load average before and after
+(other processes on the same cores slow a multi-threaded BLAS kernel far more than the
+per-query parallel IVF scan, which is why the speed-up must be read with the load beside it).
 
 The vectors are synthetic but *clustered*: a two-level Gaussian mixture on the unit sphere
 (topics, sub-topics within them, items around those), queries drawn from the same mixture.
@@ -14,15 +25,22 @@ options and the order of magnitude are what this shows.
 
     python scripts/bench_neighbours.py                       # 10k, 100k, 1M (~3 GB of RAM at 1M)
     python scripts/bench_neighbours.py --sizes 10000,100000  # quicker
+    python scripts/bench_neighbours.py --sizes 100000 --compare-size 0 --approx ivf --json docs/results/ivf_100k.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
+import json
 import os
+import platform
+import re
+import statistics
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +56,10 @@ from saferclip.redirection.faiss_search import SearchSettings, build_neighbour_i
 import faiss  # noqa: E402, I001
 
 
-def mixture(n: int, dim: int, topics: int, subtopics: int, seed: int, centre_seed: int = 1234) -> np.ndarray:
-    """``[n, dim]`` unit vectors: topic centre + sub-topic offset + item noise, normalised.
-
-    The sub-topic and item spreads give nearest-neighbour cosines around 0.75 and sub-topic
-    neighbours around 0.55, roughly what CLIP text embeddings of related captions show.
-    """
+@functools.lru_cache(maxsize=4)
+def mixture_centres(dim: int, topics: int, subtopics: int, centre_seed: int = 1234) -> np.ndarray:
+    """The sub-topic centres ``[topics * subtopics, dim]`` (unit vectors) of :func:`mixture`,
+    computed once per process (the benchmarks draw their pools in many chunks)."""
     crng = np.random.default_rng(centre_seed)
     topic = crng.standard_normal((topics, dim), dtype=np.float32)
     topic /= np.linalg.norm(topic, axis=1, keepdims=True)
@@ -51,6 +67,17 @@ def mixture(n: int, dim: int, topics: int, subtopics: int, seed: int, centre_see
         (topics * subtopics, dim), dtype=np.float32
     ) / np.sqrt(dim)
     sub /= np.linalg.norm(sub, axis=1, keepdims=True)
+    sub.setflags(write=False)
+    return sub
+
+
+def mixture(n: int, dim: int, topics: int, subtopics: int, seed: int, centre_seed: int = 1234) -> np.ndarray:
+    """``[n, dim]`` unit vectors: topic centre + sub-topic offset + item noise, normalised.
+
+    The sub-topic and item spreads give nearest-neighbour cosines around 0.75 and sub-topic
+    neighbours around 0.55, roughly what CLIP text embeddings of related captions show.
+    """
+    sub = mixture_centres(dim, topics, subtopics, centre_seed)
     rng = np.random.default_rng(seed)
     out = np.empty((n, dim), dtype=np.float32)
     for start in range(0, n, 100_000):  # in chunks: the noise of 1M x 768 at once is another 3 GB
@@ -64,12 +91,59 @@ def row(cols: list[str], widths: list[int]) -> str:
     return "  ".join(c.rjust(w) for c, w in zip(cols, widths))
 
 
-def compare_torch(pool: np.ndarray, queries: np.ndarray, k: int, repeats: int) -> None:
+def spread(values: list[float]) -> dict:
+    """min / median / max of repeated measurements."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "values": list(values)}
+
+
+def fmt(s: dict, spec: str = ".3f", suffix: str = "") -> str:
+    return f"{s['min']:{spec}}/{s['median']:{spec}}/{s['max']:{spec}}{suffix}"
+
+
+def configuration(threads: int) -> dict:
+    """What decides the timings: threads, libraries and their BLAS, the CPU, the load."""
+
+    def blas_of_numpy() -> str:
+        try:
+            info = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+            return f"{info.get('name')} {info.get('version')}"
+        except Exception:  # numpy < 1.26 has no dicts mode
+            return "unknown"
+
+    def blas_of_torch() -> str:
+        found = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+        return found.group(1) if found else "unknown"
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "faiss": faiss.__version__,
+        "faiss_build": faiss.get_compile_options(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_blas": blas_of_torch(),
+        "numpy_blas": blas_of_numpy(),
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "auto"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "load_average_before": os.getloadavg()[0],
+    }
+
+
+def compare_torch(pool: np.ndarray, queries: np.ndarray, k: int, repeats: int) -> dict:
     print(
         f"\n(a) FAISS exact vs torch matmul+topk: pool {len(pool):,}, {len(queries):,} queries, d={pool.shape[1]}, k={k}"
     )
     faiss_s, torch_s = [], []
-    for _ in range(repeats):  # interleaved, best of: the machine is shared
+    for _ in range(repeats):  # interleaved: the machine is shared
         f = build_neighbour_index(queries, pool, k=k, index="exact", device="cpu")
         faiss_s.append(f.search_seconds)
         t = exact_neighbours_torch(torch.from_numpy(queries), torch.from_numpy(pool), k=k)
@@ -80,66 +154,89 @@ def compare_torch(pool: np.ndarray, queries: np.ndarray, k: int, repeats: int) -
     print(
         f"    top-1 agreement {100 * same_top1:.2f}%   top-{k} set agreement {100 * same_set:.2f}%   max |sim diff| {max_diff:.2e}"
     )
-    print(
-        f"    faiss {min(faiss_s):.2f}s   torch {min(torch_s):.2f}s   torch/faiss time ratio {min(torch_s) / min(faiss_s):.2f} (>1: faiss faster)"
-    )
+    ratio = spread([b / a for a, b in zip(faiss_s, torch_s)])
+    print(f"    faiss {fmt(spread(faiss_s), '.2f')}s   torch {fmt(spread(torch_s), '.2f')}s (min/median/max)   "
+          f"torch/faiss time ratio {fmt(ratio, '.2f')} (>1: faiss faster)")
+    return {"pool": len(pool), "queries": len(queries), "k": k, "faiss_seconds": spread(faiss_s),
+            "torch_seconds": spread(torch_s), "torch_over_faiss": ratio, "top1_agreement": same_top1}
 
 
-def bench_size(n: int, args, queries: np.ndarray) -> None:
+def bench_size(n: int, args, queries: np.ndarray) -> dict:
+    """Exact (FAISS and torch) and approximate search of ``queries`` in a pool of ``n``,
+    ``args.repeats`` interleaved repetitions after a warm-up."""
     pool = mixture(n, args.dim, args.topics, args.subtopics, seed=args.seed)
-    widths = [9, 6, 16, 9, 9, 9, 9]
-    print(f"\n(b) pool {n:,} x {args.dim}, {len(queries):,} queries, k=1")
-    print(row(["pool", "index", "params", "build s", "search s", "speedup", "recall@1"], widths))
-    exact = build_neighbour_index(queries, pool, k=1, index="exact", device="cpu")
-    gc.collect()
-    print(row([f"{n:,}", "exact", "-", "-", f"{exact.search_seconds:.2f}", "1.0x", "1.0000"], widths), flush=True)
-
-    def report(kind: str, params: str, build: float, res) -> None:
-        recall = (res.indices[:, 0] == exact.indices[:, 0]).float().mean().item()
-        speed = exact.search_seconds / res.search_seconds
-        print(
-            row(
-                [f"{n:,}", kind, params, f"{build:.1f}", f"{res.search_seconds:.2f}", f"{speed:.1f}x", f"{recall:.4f}"],
-                widths,
-            ),
-            flush=True,
-        )
-
+    nlist = args.nlist or default_nlist(n)
+    print(f"\n(b) pool {n:,} x {args.dim}, {len(queries):,} queries, k=1, {args.repeats} repetitions (min/median/max)")
+    # the approximate indexes, each built once (build time reported apart) and searched at each setting
+    indexes: list[tuple[str, str, float, object, object]] = []  # (kind, params, build s, index, how to set)
     if "ivf" in args.approx:
-        nlist = args.nlist or default_nlist(n)
         t0 = time.perf_counter()
-        idx = make_index(pool, SearchSettings(index="ivf", device="cpu", nlist=nlist))  # built once, searched at several nprobe
-        index_build = time.perf_counter() - t0
+        ivf = make_index(pool, SearchSettings(index="ivf", device="cpu", nlist=nlist))
+        build = time.perf_counter() - t0
         for nprobe in args.nprobe:
-            idx.nprobe = min(nprobe, nlist)
-            t0 = time.perf_counter()
-            sims, ids = idx.search(queries, 1)
-            report("ivf", f"nlist={nlist} np={nprobe}", index_build, _Result(ids, time.perf_counter() - t0))
-        del idx
-        gc.collect()
+            indexes.append(("ivf", f"nlist={nlist} nprobe={nprobe}", build, ivf, ("nprobe", min(nprobe, nlist))))
     if "hnsw" in args.approx and n <= args.hnsw_max_size:
         t0 = time.perf_counter()
-        idx = make_index(pool, SearchSettings(index="hnsw", device="cpu", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction))
+        hnsw = make_index(pool, SearchSettings(index="hnsw", device="cpu", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction))
         build = time.perf_counter() - t0
         for ef in args.ef_search:
-            idx.hnsw.efSearch = ef
-            t0 = time.perf_counter()
-            sims, ids = idx.search(queries, 1)
-            report("hnsw", f"M={args.hnsw_m} ef={ef}", build, _Result(ids, time.perf_counter() - t0))
-        del idx
+            indexes.append(("hnsw", f"M={args.hnsw_m} efSearch={ef}", build, hnsw, ("efSearch", ef)))
     elif "hnsw" in args.approx:
-        print(
-            row([f"{n:,}", "hnsw", "skipped", "", "", "", ""], widths)
-            + f"   (pool > --hnsw-max-size {args.hnsw_max_size:,}: slow to build)"
-        )
-    del pool
+        print(f"    hnsw skipped: pool > --hnsw-max-size {args.hnsw_max_size:,} (slow to build)")
+
+    def run(index, setting) -> tuple[float, np.ndarray]:
+        name, value = setting
+        if name == "nprobe":
+            index.nprobe = value
+        else:
+            index.hnsw.efSearch = value
+        t0 = time.perf_counter()
+        _, ids = index.search(queries, 1)
+        return time.perf_counter() - t0, ids[:, 0]
+
+    exact_index = faiss.IndexFlatIP(args.dim)
+    exact_index.add(pool)
+    q_torch, p_torch = torch.from_numpy(queries), torch.from_numpy(pool)
+    # warm-up: every kernel once, untimed (thread pools started, pages touched, caches filled)
+    exact_index.search(queries[:1024], 1)
+    exact_neighbours_torch(q_torch[:1024], p_torch, k=1)
+    for _, _, _, index, setting in indexes:
+        run(index, setting)
+    exact_s, torch_s, approx_s = [], [], [[] for _ in indexes]
+    truth = None
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        _, ids = exact_index.search(queries, 1)
+        exact_s.append(time.perf_counter() - t0)
+        truth = ids[:, 0] if truth is None else truth
+        torch_s.append(exact_neighbours_torch(q_torch, p_torch, k=1).search_seconds)
+        for j, (_, _, _, index, setting) in enumerate(indexes):
+            seconds, found = run(index, setting)
+            approx_s[j].append(seconds)
+    results = {"pool": n, "dim": args.dim, "queries": len(queries), "nlist": nlist, "repeats": args.repeats,
+               "exact_faiss_seconds": spread(exact_s), "exact_torch_seconds": spread(torch_s), "approximate": []}
+    widths = [5, 26, 8, 20, 20, 20, 8]
+    print(row(["index", "params", "build s", "search s", "speed-up vs faiss", "vs torch", "recall@1"], widths))
+    print(row(["exact", "faiss IndexFlatIP", "-", fmt(spread(exact_s)), "1.0", fmt(spread([a / b for a, b in zip(exact_s, torch_s)]), ".2f"), "1.0000"], widths))
+    print(row(["exact", "torch matmul+topk", "-", fmt(spread(torch_s)), fmt(spread([a / b for a, b in zip(exact_s, torch_s)]), ".2f"), "1.0", "1.0000"], widths))
+    for j, (kind, params, build, index, setting) in enumerate(indexes):
+        _, found = run(index, setting)  # the ids (deterministic: the same every repetition)
+        recall = float(np.mean(found == truth))
+        vs_faiss = spread([e / a for e, a in zip(exact_s, approx_s[j])])
+        vs_torch = spread([t / a for t, a in zip(torch_s, approx_s[j])])
+        print(row([kind, params, f"{build:.1f}", fmt(spread(approx_s[j])), fmt(vs_faiss, ".1f", "x"), fmt(vs_torch, ".1f", "x"), f"{recall:.4f}"], widths), flush=True)
+        results["approximate"].append({"index": kind, "params": params, setting[0]: setting[1], "build_seconds": build,
+                                       "search_seconds": spread(approx_s[j]), "speedup_vs_faiss_exact": vs_faiss,
+                                       "speedup_vs_torch_exact": vs_torch, "recall_at_1": recall})
+    ivf = [r for r in results["approximate"] if r["index"] == "ivf" and r["recall_at_1"] >= args.target_recall]
+    if ivf:
+        best = ivf[0]  # the smallest nprobe that reaches the recall: the fastest such setting
+        results["ivf_at_target_recall"] = best
+        print(f"    IVF at recall@1 >= {args.target_recall}: {best['params']}, recall {best['recall_at_1']:.4f}, speed-up "
+              f"{fmt(best['speedup_vs_faiss_exact'], '.1f', 'x')} vs faiss exact, {fmt(best['speedup_vs_torch_exact'], '.1f', 'x')} vs torch (min/median/max)")
+    del pool, indexes, exact_index
     gc.collect()
-
-
-class _Result:
-    def __init__(self, ids: np.ndarray, seconds: float):
-        self.indices = torch.from_numpy(ids.astype(np.int64))
-        self.search_seconds = seconds
+    return results
 
 
 def main() -> None:
@@ -162,28 +259,36 @@ def main() -> None:
     p.add_argument("--hnsw-max-size", type=int, default=100_000, help="skip HNSW above this pool size (build time)")
     p.add_argument("--compare-size", type=int, default=100_000, help="pool size of part (a); 0 skips it")
     p.add_argument("--compare-k", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--target-recall", type=float, default=0.99, help="report the IVF setting that first reaches it")
+    p.add_argument("--json", default=None, help="write the configuration and every figure here (atomically)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     args.approx = [a for a in args.approx.split(",") if a]
 
     faiss.omp_set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
-    print(
-        f"faiss {faiss.__version__} (OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'auto')}), "
-        f"torch {torch.__version__}, {args.threads} threads for both, "
-        f"{os.cpu_count()} CPUs; two-level Gaussian mixture: {args.topics} topics x {args.subtopics} sub-topics"
-    )
+    config = configuration(args.threads)
+    print("configuration: " + ", ".join(f"{k} {v}" for k, v in config.items()))
+    print(f"two-level Gaussian mixture: {args.topics} topics x {args.subtopics} sub-topics, d={args.dim}")
+    out = {"configuration": config, "arguments": {k: v for k, v in vars(args).items() if k != "json"}, "sizes": []}
     queries = mixture(args.queries, args.dim, args.topics, args.subtopics, seed=args.seed + 1)
     if args.compare_size:
-        compare_torch(
+        out["compare"] = compare_torch(
             mixture(args.compare_size, args.dim, args.topics, args.subtopics, seed=args.seed),
             queries,
             args.compare_k,
             args.repeats,
         )
     for n in args.sizes:
-        bench_size(n, args, queries)
+        out["sizes"].append(bench_size(n, args, queries))
+    config["load_average_after"] = os.getloadavg()[0]
+    print(f"load average: {config['load_average_before']:.1f} before, {config['load_average_after']:.1f} after")
+    if args.json:
+        from saferclip.files import write_json_atomic
+
+        write_json_atomic(args.json, out)
+        print(f"written: {args.json}")
 
 
 if __name__ == "__main__":

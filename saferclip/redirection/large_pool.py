@@ -26,7 +26,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +39,7 @@ import numpy as np
 from ..data.records import DataFormatError
 from ..errors import ConfigError
 from ..files import atomic_folder, file_lock, remove_leftovers, write_json_atomic
-from ..integrity import DamagedArtefact, digests, verify_all
+from ..integrity import DamagedArtefact, digests, RunningDigest, verify_all
 from .faiss_search import NeighbourError, load_faiss
 
 log = logging.getLogger(__name__)
@@ -69,12 +71,45 @@ class PoolShards:
         """Shard ``i`` as a read-only memory map ``[n_i, D]``."""
         return np.load(self.files[i], mmap_mode="r", allow_pickle=False)
 
-    def chunks(self, rows: int = 262_144) -> Iterator[tuple[int, np.ndarray]]:
-        """``(first row, float32 [<=rows, D])`` over the whole pool, one chunk in memory at a time."""
+    def chunks(self, rows: int = 262_144, reuse: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, float32 [<=rows, D])`` over the whole pool, one chunk in memory at a time.
+
+        Every chunk is checked (:meth:`check`): a NaN or a vector that is not unit-length
+        anywhere in the pool is a DataFormatError naming its shard and row. The shard is
+        mapped afresh for each chunk, so the pages already read leave the process's resident
+        memory (they stay in the page cache). ``reuse``: every chunk is written into the same
+        buffer (no fresh pages to fault in for each chunk), valid until the next one."""
+        buffer = np.empty((rows, self.dim), dtype=np.float32) if reuse else None
         for i in range(len(self.files)):
-            arr = self.shard(i)
-            for start in range(0, len(arr), rows):
-                yield int(self.offsets[i]) + start, np.ascontiguousarray(arr[start : start + rows], dtype=np.float32)
+            size = int(self.offsets[i + 1] - self.offsets[i])
+            for start in range(0, size, rows):
+                source = self.shard(i)[start : start + rows]
+                if buffer is None:
+                    chunk = np.ascontiguousarray(source, dtype=np.float32)
+                else:
+                    chunk = buffer[: len(source)]
+                    chunk[:] = source
+                self.check(chunk, int(self.offsets[i]) + start)
+                yield int(self.offsets[i]) + start, chunk
+
+    def locate(self, row: int) -> tuple[Path, int]:
+        """The shard file holding global row ``row`` and the row's position in it."""
+        i = int(np.searchsorted(self.offsets, row, side="right") - 1)
+        return self.files[i], int(row - self.offsets[i])
+
+    def check(self, vectors: np.ndarray, first_row: int | None = None, rows: np.ndarray | None = None) -> None:
+        """Raise DataFormatError naming the shard and row of the first vector of ``vectors [n, D]``
+        that is not finite or not L2-normalised; its global rows are ``first_row + arange(n)``
+        or ``rows``."""
+        norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float32))
+        bad = np.flatnonzero(~(np.abs(norms - 1) < 2e-2))  # a NaN or inf anywhere in a row fails this too
+        if not len(bad):
+            return
+        j = int(bad[0])
+        file, row = self.locate(int(rows[j]) if rows is not None else int(first_row) + j)
+        if not np.isfinite(vectors[j]).all():
+            raise DataFormatError(file, "non-finite values (NaN or inf) in a pool vector", row=row)
+        raise DataFormatError(file, f"vectors must be L2-normalised, this one has norm {norms[j]:.4g}", row=row)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """The vectors of global rows ``ids`` (any shape of ints) as float32 ``[*ids.shape, D]``."""
@@ -166,65 +201,223 @@ def open_pool(path: str | Path, caption_column: str = "caption") -> PoolShards:
 
 
 # ----------------------------------------------------------------------------- the index
+COARSE_QUANTIZERS = ("flat", "hnsw")
+
+
 @dataclass
 class PoolIndexConfig:
-    """IVF-PQ over the pool. ``nlist`` lists (default ~2·sqrt(N)); ``m`` bytes of PQ code per
-    vector (``nbits=8``); ``nprobe`` lists searched; ``candidates`` approximate hits re-ranked
-    exactly per query; k-means on ``train_size`` vectors (default 40 per list)."""
+    """IVF-PQ over the pool. ``nlist`` lists (default ~sqrt(N), :meth:`lists`); ``m`` sub-quantizers of
+    ``nbits`` bits each: ``m·nbits/8`` bytes of code per vector (32). With 4 bits the index is
+    searched by FAISS's fast-scan kernels (IndexIVFPQFastScan, SIMD lookups in registers), and
+    encoding costs a sixteenth of 8-bit codes' (16 code words per sub-quantizer, not 256); the
+    re-ranking makes up for the coarser codes. ``nprobe`` lists searched; ``candidates``
+    approximate hits re-ranked exactly per query. Training: coarse k-means (``kmeans_iterations``) on ``train_size``
+    vectors (default 40 per list), the PQ codebooks (``pq_iterations``) on the residuals of
+    ``pq_train_size`` of them (FAISS uses at most 256 per code word, 65,536). The coarse
+    quantizer (``coarse``) finds a vector's list while adding and a query's lists:
+    ``"flat"`` compares with every centroid in one BLAS product (exact); ``"hnsw"`` walks a
+    graph of ``hnsw_m`` links over the centroids (``assign_ef`` deep while adding,
+    max(64, 2·nprobe) while searching), which pays only for tens of thousands of lists: at
+    2,000-6,324 lists of 512-d vectors flat assignment measured 1.5-3x faster per vector
+    (scripts/bench_large_pool.py). Vectors are added ``chunk_rows`` at a time."""
 
     nlist: int | None = None
-    m: int = 32
+    m: int = 64
+    nbits: int = 4
     nprobe: int = 64
     candidates: int = 64
     train_size: int | None = None
     kmeans_iterations: int = 10
-    hnsw_m: int = 32  # the graph over the centroids that assigns vectors to lists
+    pq_train_size: int = 65_536
+    pq_iterations: int = 25
+    coarse: str = "flat"
+    hnsw_m: int = 32
+    assign_ef: int = 32
     chunk_rows: int = 262_144
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("m", "nprobe", "candidates", "kmeans_iterations", "hnsw_m", "chunk_rows"):
+        for name in ("m", "nbits", "nprobe", "candidates", "kmeans_iterations", "pq_train_size", "pq_iterations",
+                     "hnsw_m", "assign_ef", "chunk_rows"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise NeighbourError(f"pool index {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.nbits not in (4, 8):
+            raise NeighbourError(f"pool index nbits must be 4 (fast-scan) or 8, got {self.nbits!r}")
+        if self.coarse not in COARSE_QUANTIZERS:
+            raise NeighbourError(f"pool index coarse must be one of {COARSE_QUANTIZERS}, got {self.coarse!r}")
 
     def lists(self, n: int) -> int:
-        nlist = self.nlist if self.nlist is not None else int(2 * n**0.5)
+        """The lists of a pool of ``n``: ``nlist``, else ~sqrt(n); at most n / 39 (FAISS's minimum
+        of 39 training points per list). Assigning every vector to its list costs ``nlist``
+        inner products each, the build's largest stage: sqrt(n) lists built a 1M pool in about
+        half the time of 2·sqrt(n) with the same recall and speed after re-ranking
+        (scripts/bench_large_pool.py)."""
+        nlist = self.nlist if self.nlist is not None else int(n**0.5)
         return int(max(1, min(nlist, n // 39)))
+
+
+# what the build's stages are called in its timings (BuildStages), in order
+BUILD_STAGES = ("sample", "coarse_training", "quantizer", "pq_training", "reading", "assignment", "encoding")
+
+
+class BuildStages(dict):
+    """Seconds spent in each stage of a build (:data:`BUILD_STAGES`, then ``writing`` when saved)."""
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+
+@contextmanager
+def faiss_threads(n: int):
+    """FAISS's OpenMP threads set to ``n`` inside the block, restored after."""
+    faiss = load_faiss()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _sample_rows(shards: PoolShards, size: int, seed: int) -> np.ndarray:
     n = len(shards)
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
-    return shards.rows(rows)
+    vectors = shards.rows(rows)
+    shards.check(vectors, rows=rows)
+    return vectors
 
 
-def build_pool_index(shards: PoolShards, config: PoolIndexConfig | None = None) -> "faiss.Index":  # noqa: F821
-    """Train and fill an IVF-PQ inner-product index over ``shards``, chunk by chunk."""
+def _coarse_quantizer(faiss, centroids: np.ndarray, config: PoolIndexConfig):
+    if config.coarse == "flat":
+        quantizer = faiss.IndexFlatIP(centroids.shape[1])
+    else:
+        quantizer = faiss.IndexHNSWFlat(centroids.shape[1], config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        quantizer.hnsw.efConstruction = 80
+        quantizer.hnsw.efSearch = config.assign_ef
+    quantizer.add(centroids)
+    return quantizer
+
+
+def set_search_depth(index, nprobe: int) -> None:
+    """``nprobe`` lists per query, and an HNSW quantizer searched deep enough to return them."""
+    faiss = load_faiss()
+    index.nprobe = nprobe
+    quantizer = faiss.downcast_index(index.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(64, 2 * nprobe)
+
+
+def build_pool_index(
+    shards: PoolShards, config: PoolIndexConfig | None = None, progress: bool | None = None, stages: BuildStages | None = None
+) -> "faiss.Index":  # noqa: F821
+    """Train and fill an IVF-PQ inner-product index over ``shards``, chunk by chunk.
+
+    FAISS runs every stage on all the threads it is given (``faiss.omp_set_num_threads``; all
+    cores unless ``OMP_NUM_THREADS`` says otherwise). No stage holds more than the training
+    sample and one chunk of float vectors; the index holds ``m`` bytes + an 8-byte id per vector.
+    ``progress``: a bar over the vectors added (stderr, on a terminal); ``stages``: filled with
+    the seconds of each stage (:data:`BUILD_STAGES`)."""
+    from tqdm.auto import tqdm
+
+    from ..console import show_progress
+
     faiss = load_faiss()
     config = config or PoolIndexConfig()
+    stages = stages if stages is not None else BuildStages()
     n, d = len(shards), shards.dim
     if d % config.m:
         raise NeighbourError(f"pool index m={config.m} must divide the embedding width {d}")
     nlist = config.lists(n)
-    sample = _sample_rows(shards, config.train_size or max(40 * nlist, 65_536), config.seed)
-    kmeans = faiss.Kmeans(d, nlist, niter=config.kmeans_iterations, seed=config.seed, spherical=True, verbose=False)
-    kmeans.train(sample)
-    quantizer = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    quantizer.hnsw.efConstruction = 80
-    quantizer.add(kmeans.centroids)
-    quantizer.hnsw.efSearch = max(64, config.nprobe * 2)
-    # 8 bits (256 centroids) per sub-quantizer; fewer for a pool too small to train them
-    nbits = 8 if n >= 1024 else max(1, int(np.log2(n)) - 2)
+    with stages("sample"):
+        sample = _sample_rows(shards, config.train_size or max(40 * nlist, 65_536), config.seed)
+    with stages("coarse_training"):
+        kmeans = faiss.Kmeans(d, nlist, niter=config.kmeans_iterations, seed=config.seed, spherical=True, verbose=False)
+        kmeans.train(sample)
+    with stages("quantizer"):
+        quantizer = _coarse_quantizer(faiss, kmeans.centroids, config)
+    # fewer bits for a pool too small to train 2**nbits code words per sub-quantizer
+    nbits = config.nbits if n >= 1024 else min(config.nbits, max(1, int(np.log2(n)) - 2))
     index = faiss.IndexIVFPQ(quantizer, d, nlist, config.m, nbits, faiss.METRIC_INNER_PRODUCT)
     index.own_fields = True
     quantizer.this.disown()  # the IVF index frees it
     index.cp.seed = config.seed
-    index.train(sample[: max(256 * 40, min(len(sample), 131_072))])  # PQ codebooks on residuals
-    del sample
-    for start, chunk in shards.chunks(config.chunk_rows):
-        index.add_with_ids(chunk, np.arange(start, start + len(chunk), dtype=np.int64))
-    index.nprobe = config.nprobe
+    index.pq.cp.niter = config.pq_iterations
+    index.pq.cp.seed = config.seed
+    with stages("pq_training"), faiss_threads(1):
+        # The quantizer is trained (ntotal == nlist): this trains the PQ codebooks on residuals.
+        # On one thread: m small k-means (FAISS samples 256 points per code word) are a second
+        # of work, split into thousands of tiny parallel regions, and with other processes on
+        # the cores every region waits for a descheduled thread (measured 1 s on one thread,
+        # 20-75 s on two, on the shared 2-core machine).
+        pq_sample = sample[np.random.default_rng(config.seed + 1).permutation(len(sample))[: config.pq_train_size]]
+        del sample
+        index.train(pq_sample)
+        del pq_sample
+    bar = tqdm(total=n, unit="vec", unit_scale=True, desc="safe pool index", file=sys.stderr,
+               disable=not show_progress(progress), mininterval=5)
+    chunks = shards.chunks(config.chunk_rows, reuse=True)
+    while True:
+        with stages("reading"):  # from the memory-mapped shards, checked
+            start, chunk = next(chunks, (None, None))
+        if chunk is None:
+            break
+        ids = np.arange(start, start + len(chunk), dtype=np.int64)
+        with stages("assignment"):
+            _, lists = quantizer.search(chunk, 1)
+            lists = np.ascontiguousarray(lists[:, 0])
+        with stages("encoding"):  # residuals to the list centroid, PQ codes, appended to the lists
+            # swig_ptr keeps no reference: chunk, ids and lists stay alive as locals of this frame
+            index.add_core(len(chunk), faiss.swig_ptr(chunk), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+        bar.update(len(chunk))
+    bar.close()
+    if nbits == 4:
+        with stages("encoding"):  # the same codes, packed in blocks of 32 for the fast-scan search
+            fast = faiss.IndexIVFPQFastScan(index)
+            index.own_fields = False  # the quantizer now belongs to the fast-scan index
+            fast.own_fields = True
+            del index
+            index = fast
+    set_search_depth(index, config.nprobe)
     return index
+
+
+def write_index(index, path: Path) -> tuple[str, int]:
+    """Write ``index`` to ``path``, hashing the bytes as they are written: ``(digest, size)``.
+    The digest is :func:`saferclip.integrity.digest_file`'s, with no second read of the file."""
+    faiss = load_faiss()
+    digest, size = RunningDigest(), 0
+    with open(path, "wb") as f:
+
+        def write(data: bytes) -> None:
+            nonlocal size
+            f.write(data)
+            digest.update(data)
+            size += len(data)
+
+        writer = faiss.PyCallbackIOWriter(write)
+        faiss.write_index(index, writer)
+        del writer  # flushes its buffer through ``write``
+    return digest.value(), size
+
+
+def index_bytes(index) -> int:
+    """The serialised size of ``index``, counted without holding a copy of it."""
+    faiss = load_faiss()
+    size = 0
+
+    def count(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+
+    writer = faiss.PyCallbackIOWriter(count)
+    faiss.write_index(index, writer)
+    del writer
+    return size
 
 
 class PoolIndex:
@@ -232,7 +425,7 @@ class PoolIndex:
 
     def __init__(self, index, shards: PoolShards, config: PoolIndexConfig):
         self.index, self.shards, self.config = index, shards, config
-        self.index.nprobe = config.nprobe
+        set_search_depth(self.index, config.nprobe)
 
     def search(self, queries: np.ndarray, k: int = 1, query_chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` of ``queries [Q, D]``: ``(ids [Q, k] int64, cosines [Q, k] float32)``, best first."""
@@ -258,12 +451,18 @@ class PoolIndex:
 
     def bytes_per_vector(self) -> float:
         """The index's own size per pool vector (codes + ids + lists; centroids amortised)."""
-        faiss = load_faiss()
-        return len(faiss.serialize_index(self.index)) / max(len(self.shards), 1)
+        return index_bytes(self.index) / max(len(self.shards), 1)
 
 
-def load_or_build_pool_index(shards: PoolShards, folder: str | Path, config: PoolIndexConfig | None = None) -> PoolIndex:
-    """The pool's index saved in ``folder/<key>/`` (checksummed, atomic, one build per key)."""
+def load_or_build_pool_index(
+    shards: PoolShards,
+    folder: str | Path,
+    config: PoolIndexConfig | None = None,
+    progress: bool | None = None,
+    stages: BuildStages | None = None,
+) -> PoolIndex:
+    """The pool's index saved in ``folder/<key>/`` (checksummed, atomic, one build per key).
+    ``stages``: as :func:`build_pool_index`, plus ``writing`` (the file and its checksum)."""
     import hashlib
 
     faiss = load_faiss()
@@ -297,16 +496,19 @@ def load_or_build_pool_index(shards: PoolShards, folder: str | Path, config: Poo
         remove_leftovers(final)
         with atomic_folder(final, replace=True) as tmp:
             t0 = time.perf_counter()
-            index = build_pool_index(shards, config)
-            faiss.write_index(index, str(tmp / "ivfpq.faiss"))
+            stages = stages if stages is not None else BuildStages()
+            index = build_pool_index(shards, config, progress, stages)
+            with stages("writing"):
+                digest, _ = write_index(index, tmp / "ivfpq.faiss")
             write_json_atomic(
                 tmp / "pool_index.json",
                 {
                     **identity,
                     "key": key,
                     "count": len(shards),
-                    "checksums": digests(tmp, ["ivfpq.faiss"]),
+                    "checksums": {"ivfpq.faiss": digest},
                     "build_seconds": round(time.perf_counter() - t0, 3),
+                    "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 },
             )
