@@ -241,7 +241,7 @@ def main() -> None:
     p.add_argument("--exact-chunk", type=int, default=262_144, help="rows per block of the exact scan")
     p.add_argument("--json", default=None, help="write the configuration and the figures here (atomically, after each size)")
     p.add_argument("--workdir", default=None, help="where the shards go (default: a new folder under /tmp)")
-    p.add_argument("--keep", action="store_true", help="keep the shards and indexes")
+    p.add_argument("--keep", action="store_true", help="keep the shards, queries and indexes (a later run with the same --workdir reuses them)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     bad = [n for n in args.sizes if n % args.shard_rows]
@@ -258,7 +258,7 @@ def main() -> None:
             seconds = write_pool(full, sizes[-1], args)
             report["generation"] = {"rows": sizes[-1], "seconds": seconds, "processes": args.threads}
             print(f"generated {sizes[-1]:,} rows in {seconds:.0f}s", flush=True)
-        queries_path = work / "queries.npy"
+        queries_path = work / f"queries_{args.queries}_{args.seed}.npy"
         if not queries_path.exists():
             np.save(queries_path, bench_neighbours().mixture(args.queries, args.dim, args.topics, args.subtopics, seed=10**9 + args.seed))
         for n in sizes:
@@ -283,7 +283,10 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(folder / "index", ignore_errors=True)
     finally:
-        if not args.keep:
+        if not args.keep and args.workdir:  # only what this run wrote in a folder it was given
+            for path in [full, work / f"queries_{args.queries}_{args.seed}.npy", *(work / f"pool_{n}" for n in sizes), *(work / f"result_{n}.json" for n in sizes)]:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        elif not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     if args.json:
         print(f"written: {args.json}")

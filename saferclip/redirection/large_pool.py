@@ -10,9 +10,11 @@ holds every vector in memory.
 - :func:`open_pool` checks the layout (one-line errors naming the file) and returns a
   :class:`PoolShards` (rows across shards, chunks, captions of chosen rows).
 - :func:`build_pool_index` trains an IVF-PQ index on a sample (coarse k-means, then product
-  quantisation of the residuals; an HNSW graph over the centroids assigns vectors to lists)
-  and adds the pool chunk by chunk. In memory and on disk it costs ``m`` bytes of code plus an
-  8-byte id per vector; the float vectors stay in the shards, the re-ranking store.
+  quantisation of the residuals), assigns every vector to its list (one BLAS product with the
+  centroids per chunk) and adds the pool chunk by chunk, each chunk checked for NaNs and
+  non-unit vectors. In memory and on disk it costs ``m·nbits/8`` bytes of code (32) plus an
+  8-byte id per vector; the float vectors stay in the shards, the re-ranking store (no copy is
+  written). :class:`BuildStages` collects the seconds of each stage.
 - :class:`PoolIndex` ``.search`` takes ``candidates`` approximate hits per query from the index
   and re-ranks them by exact inner product with their vectors read from the shards.
 - :func:`pool_candidates` gives the training split's neighbour search its candidates: the
@@ -206,14 +208,15 @@ COARSE_QUANTIZERS = ("flat", "hnsw")
 
 @dataclass
 class PoolIndexConfig:
-    """IVF-PQ over the pool. ``nlist`` lists (default ~sqrt(N), :meth:`lists`); ``m`` sub-quantizers of
-    ``nbits`` bits each: ``m·nbits/8`` bytes of code per vector (32). With 4 bits the index is
-    searched by FAISS's fast-scan kernels (IndexIVFPQFastScan, SIMD lookups in registers), and
-    encoding costs a sixteenth of 8-bit codes' (16 code words per sub-quantizer, not 256); the
-    re-ranking makes up for the coarser codes. ``nprobe`` lists searched; ``candidates``
-    approximate hits re-ranked exactly per query. Training: coarse k-means (``kmeans_iterations``) on ``train_size``
-    vectors (default 40 per list), the PQ codebooks (``pq_iterations``) on the residuals of
-    ``pq_train_size`` of them (FAISS uses at most 256 per code word, 65,536). The coarse
+    """IVF-PQ over the pool. ``nlist`` lists (default ~sqrt(N), :meth:`lists`); ``m``
+    sub-quantizers of ``nbits`` bits each: ``m·nbits/8`` bytes of code per vector (32). With 4
+    bits the index is searched by FAISS's fast-scan kernels (IndexIVFPQFastScan, SIMD lookups
+    in registers), and encoding compares each sub-vector with 16 code words instead of 256;
+    the re-ranking makes up for the coarser codes. ``nprobe`` lists searched; ``candidates``
+    approximate hits re-ranked exactly per query. Training: coarse k-means
+    (``kmeans_iterations``) on ``train_size`` vectors (default 40 per list), the PQ code words
+    (``pq_iterations``) on the residuals of up to ``pq_train_size`` of them (FAISS takes at
+    most 256 per code word). The coarse
     quantizer (``coarse``) finds a vector's list while adding and a query's lists:
     ``"flat"`` compares with every centroid in one BLAS product (exact); ``"hnsw"`` walks a
     graph of ``hnsw_m`` links over the centroids (``assign_ef`` deep while adding,
@@ -317,9 +320,10 @@ def build_pool_index(
 ) -> "faiss.Index":  # noqa: F821
     """Train and fill an IVF-PQ inner-product index over ``shards``, chunk by chunk.
 
-    FAISS runs every stage on all the threads it is given (``faiss.omp_set_num_threads``; all
-    cores unless ``OMP_NUM_THREADS`` says otherwise). No stage holds more than the training
-    sample and one chunk of float vectors; the index holds ``m`` bytes + an 8-byte id per vector.
+    FAISS runs the stages on all the threads it is given (``faiss.omp_set_num_threads``; all
+    cores unless ``OMP_NUM_THREADS`` says otherwise), the PQ training on one. No stage holds
+    more than the training sample and one chunk of float vectors; the index holds
+    ``m·nbits/8`` bytes + an 8-byte id per vector.
     ``progress``: a bar over the vectors added (stderr, on a terminal); ``stages``: filled with
     the seconds of each stage (:data:`BUILD_STAGES`)."""
     from tqdm.auto import tqdm
