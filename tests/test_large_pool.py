@@ -35,6 +35,16 @@ from saferclip.redirection.large_pool import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """FAISS on one thread too: on a shared machine a two-thread OpenMP region waits at every
+    barrier for a descheduled thread (this module once took 250 s instead of 15)."""
+    from saferclip.redirection.large_pool import faiss_threads
+
+    with faiss_threads(1):
+        yield
+
+
 def clustered(n: int, d: int, centres: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     c = np.random.default_rng(1234).standard_normal((centres, d)).astype(np.float32)
@@ -238,8 +248,8 @@ def test_method_config_checks_the_pool_index_section():
     from saferclip.training.method import method_config
 
     preset = yaml.safe_load((CONF_DIR / "method" / "saferclip.yaml").read_text())
-    preset["neighbours"]["pool_index"] = {"nprobe": 32, "candidates": 128}
-    assert method_config(preset).pool_index == PoolIndexConfig(nprobe=32, candidates=128)
+    preset["neighbours"]["pool_index"] = {"nprobe": 8, "candidates": 96}  # not the defaults
+    assert method_config(preset).pool_index == PoolIndexConfig(nprobe=8, candidates=96) != PoolIndexConfig()
     preset["neighbours"]["pool_index"] = {"nprobes": 32}
     with pytest.raises(ConfigError, match=r"method\.neighbours\.pool_index: unknown keys \['nprobes'\]"):
         method_config(preset)
