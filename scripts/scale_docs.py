@@ -72,21 +72,24 @@ def default_search(size: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- fits
-def stage_fit(sizes: list[dict]) -> dict[str, tuple[float, float]]:
-    """Per stage: (coefficient, power) with seconds = coefficient * N**power, least squares
-    through the origin over the measured sizes."""
+def stage_fit(sizes: list[dict]) -> dict[str, tuple[float, float, float]]:
+    """Per stage: (a, c, power) with seconds = a + c * N**power, least squares over the measured
+    sizes (through the origin when a would come out negative, or from one size)."""
     names = {k for s in sizes for k in s["stage_seconds"]}
     fits = {}
     for name in names:
         power = STAGE_POWER.get(name, 1.0)
         x = np.array([s["size"] ** power for s in sizes], dtype=float)
         y = np.array([s["stage_seconds"].get(name, 0.0) for s in sizes], dtype=float)
-        fits[name] = (float(x @ y / (x @ x)), power)
+        a, c = (np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)[0] if len(sizes) > 1 else (-1.0, 0.0))
+        if a < 0 or c < 0:
+            a, c = 0.0, float(x @ y / (x @ x))
+        fits[name] = (float(a), float(c), power)
     return fits
 
 
 def build_seconds(fits: dict, n: float) -> float:
-    return sum(c * n**p for c, p in fits.values())
+    return sum(a + c * n**p for a, c, p in fits.values())
 
 
 def linear_fit(x: list[float], y: list[float]) -> tuple[float, float]:
@@ -147,12 +150,12 @@ def growth_section(data: dict, source: str, plot: str) -> str:
     mem_a, mem_b = linear_fit([s["size"] for s in sizes], [peak(s) for s in sizes])
     per_vector = largest["index_bytes_per_vector"]
     store = largest["store_bytes_per_vector"]
-    assign_c, _ = fits.get("assignment", (0.0, 1.5))
+    assign_a, assign_c, _ = fits.get("assignment", (0.0, 0.0, 1.5))
     lines += [
         "",
         f"![Growth of the large safe pool: build time and peak memory against pool size, measured and projected]({plot})",
         "",
-        "**Projection, not measured**: each build stage fitted over the measured sizes as c·N (assignment: c·N^1.5, "
+        "**Projection, not measured**: each build stage fitted over the measured sizes as a + c·N (assignment: a + c·N^1.5, "
         "since with sqrt(N) lists each vector is compared with sqrt(N) centroids), peak memory as a line "
         f"({mem_a:.2f} GB + {mem_b * 1e9:.0f} bytes per vector), the index at the largest size's "
         f"{per_vector:.1f} bytes/vector, the float16 re-ranking store at {store:.0f} bytes/vector, on this machine's "
@@ -167,7 +170,7 @@ def growth_section(data: dict, source: str, plot: str) -> str:
         index_gb = per_vector * n / 1e9
         shards = max(1, math.ceil(mem_b * n / max(TARGET_PEAK_GB - mem_a, 1e-9)))  # each shard's build under 8 GB
         if projected_peak > TARGET_PEAK_GB:
-            sharded = sum(c * (n / shards) ** p for c, p in fits.values()) * shards
+            sharded = build_seconds(fits, n / shards) * shards
             beyond = f" and this machine's {RAM_GB} GB" if projected_peak > RAM_GB else ""
             needs = (
                 f"over the {TARGET_PEAK_GB} GB target{beyond}: "
@@ -178,12 +181,12 @@ def growth_section(data: dict, source: str, plot: str) -> str:
             )
         else:
             needs = (
-                f"fits in memory; the assignment ({duration(assign_c * n**1.5)} here) is the stage to move: a GPU "
+                f"fits in memory; the assignment ({duration(assign_a + assign_c * n**1.5)} here) is the stage to move: a GPU "
                 "(faiss-gpu computes the same inner products with every centroid) or coarse='hnsw', whose cost "
                 "per vector grows with log(lists), not lists"
             )
         lines.append(
-            f"| {human(n)} | {duration(total)} | {duration(assign_c * n**1.5)} | {index_gb:.1f} GB | {store * n / 1e12:.2f} TB "
+            f"| {human(n)} | {duration(total)} | {duration(assign_a + assign_c * n**1.5)} | {index_gb:.1f} GB | {store * n / 1e12:.2f} TB "
             f"| {projected_peak:.1f} GB | {needs} |"
         )
     return "\n".join(lines)
@@ -200,7 +203,7 @@ def growth_plot(data: dict, path: Path) -> None:
     ax1, ax2, ax3 = fig.subplots(1, 3)
     for ax in (ax1, ax2) if len(sizes) > 1 else ():
         ax.axvspan(n[-1], PROJECTED[-1], color="0.93", zorder=0)
-        ax.text(math.sqrt(n[-1] * PROJECTED[-1]), 0.02, "projection", transform=ax.get_xaxis_transform(), ha="center", fontsize=8, color="0.4")
+        ax.text(math.sqrt(n[-1] * PROJECTED[-1]), 0.93, "projection", transform=ax.get_xaxis_transform(), ha="center", fontsize=8, color="0.4")
     ax1.plot(n, [s["build_seconds"] / 60 for s in sizes], "o", color="C0", label="measured build")
     ax1.plot(grid_measured, [build_seconds(fits, x) / 60 for x in grid_measured], "-", color="C0", label="fit (stages)")
     ax1.plot(grid_projected, [build_seconds(fits, x) / 60 for x in grid_projected], "--", color="C0", label="projection")
