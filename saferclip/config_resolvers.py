@@ -23,8 +23,10 @@ LOCATION_RESOLVERS: dict[str, Callable[..., str]] = {
     "saferclip_package": lambda: str(locations.PACKAGE_DIR),
     "saferclip_home": lambda: str(locations.home()),
     "saferclip_cache": lambda: str(locations.cache_dir()),
-    # the toy world of a generator seed: world 0 at paths.toy_dir, world k beside it
-    "saferclip_toy_world": lambda toy_dir, seed: str(locations.toy_world_dir(toy_dir, seed)),
+    # the toy world of a generator seed and pairing preset: world 0 of the default pairing at
+    # paths.toy_dir, the others beside it (a run config written before the pairing knob names
+    # two arguments: the default pairing)
+    "saferclip_toy_world": lambda toy_dir, seed, pairing=None: str(locations.toy_world_dir(toy_dir, seed, pairing)),
 }
 
 

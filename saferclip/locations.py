@@ -46,12 +46,23 @@ def cache_dir() -> Path:
     return Path(base).expanduser().absolute() / "saferclip"
 
 
-def toy_world_dir(toy_dir: str | os.PathLike, seed: int | str) -> Path:
-    """The folder of the toy world made with generator seed ``seed``: world 0 is ``toy_dir``
-    itself, world k sits beside it as ``<toy_dir>-world<k>`` (one folder per world, so worlds
-    used for tuning and for testing never overwrite each other)."""
-    seed = int(seed)
+def toy_world_dir(toy_dir: str | os.PathLike, seed: int | str, pairing: str | None = None) -> Path:
+    """The folder of the toy world made with generator seed ``seed`` and pairing preset
+    ``pairing`` (:mod:`saferclip.toyworld.pairing`; None: the default one): world 0 of the
+    default pairing is ``toy_dir`` itself, world k sits beside it as ``<toy_dir>-world<k>``,
+    another pairing's as ``<toy_dir>-<pairing>`` and ``<toy_dir>-<pairing>-world<k>`` (one folder
+    per world and pairing, so worlds used for tuning, for testing and for the pairing study
+    never overwrite each other). A bad seed or pairing is a one-line ConfigError."""
+    from .errors import ConfigError
+    from .toyworld.pairing import DEFAULT_PAIRING, get_pairing
+
+    try:
+        seed = int(seed)
+    except (TypeError, ValueError):
+        seed = -1
     if seed < 0:
-        raise ValueError(f"data.toy_seed must be an integer >= 0, got {seed}")
+        raise ConfigError(f"data.toy_seed must be an integer >= 0, got {seed}")
+    name = get_pairing(DEFAULT_PAIRING if pairing is None else pairing).name
     toy_dir = Path(toy_dir)
-    return toy_dir if seed == 0 else toy_dir.with_name(f"{toy_dir.name}-world{seed}")
+    stem = toy_dir.name if name == DEFAULT_PAIRING else f"{toy_dir.name}-{name}"
+    return toy_dir.with_name(stem if seed == 0 else f"{stem}-world{seed}")

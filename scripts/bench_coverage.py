@@ -22,9 +22,9 @@ import torch
 
 
 def main() -> None:
-    from saferclip.analysis.attack_runner import split_inputs
-    from saferclip.analysis.attacks import load_pixels, split_normalisation
-    from saferclip.analysis.coverage import KINDS, calibrate, neurons, profile, token_means, watched_with_groups, _with_token_means
+    from saferclip.robustness.runner import split_inputs
+    from saferclip.robustness.image_attacks import load_pixels, split_normalisation
+    from saferclip.robustness.coverage import KINDS, calibrate, neurons, profile, token_means, watched_with_groups, with_token_means
     from saferclip.analysis.heads import recording, tower_blocks
     from saferclip.data.splits import load_split
     from saferclip.locations import home
@@ -66,7 +66,7 @@ def main() -> None:
         def monitored():
             with recording(model, tower, KINDS, layers) as rec, token_means(model, tower, layers if tower == "image" else []) as store:
                 final = bundle.similarity.embed(forward(), tower)
-                return monitor.flags(neurons(_with_token_means(rec.take(final), store))[0])
+                return monitor.flags(neurons(with_token_means(rec.take(final), store))[0])
 
         timings = {"plain": [], "monitored": []}
         with torch.no_grad(), eval_mode(model):

@@ -17,18 +17,16 @@ throughput ratio ours / plain >= 0.95.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from saferclip.data import load_image, load_quadruplets  # noqa: E402
-from saferclip.evaluation.encode import encode_image_files, encode_texts  # noqa: E402
-from saferclip.model.build import build_clip, encode_images, encode_text  # noqa: E402
-from saferclip.toyworld.generate import ToySizes, make_toy_world  # noqa: E402
+from saferclip.data import load_image, load_quadruplets
+from saferclip.evaluation.encode import encode_image_files, encode_texts
+from saferclip.model.build import build_clip, encode_images, encode_text
+from saferclip.toyworld.generate import ToySizes, make_toy_world
 
 
 def plain_images(bundle, paths, batch_size: int) -> torch.Tensor:

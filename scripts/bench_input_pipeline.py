@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +29,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from saferclip.data.image_shards import ImageShards, write_image_shards  # noqa: E402
-from saferclip.data.images import ImageFiles  # noqa: E402
-from saferclip.model._openclip import open_clip  # noqa: E402
+from saferclip.data.image_shards import ImageShards, write_image_shards
+from saferclip.data.images import ImageFiles
+from saferclip.model._openclip import open_clip
 
 
 def photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:

@@ -26,8 +26,9 @@ versions, CPU, load average before and after each size) and every figure;
 ``scripts/scale_docs.py`` turns it into the table and the plot of docs/GPU.md.
 
 The vectors are the clustered two-level Gaussian mixture on the unit sphere of
-``scripts/bench_neighbours.py`` (topics, sub-topics, items around them). Figures on real CLIP
-embeddings will differ.
+``saferclip/benchmarks/vectors.py`` (topics, sub-topics, items around them), queries drawn from the
+same mixture: no real embedding looks like uniform noise. Figures on real CLIP embeddings
+will differ.
 
     python scripts/bench_large_pool.py --sizes 1000000 --json /tmp/pool_1m.json
     python scripts/bench_large_pool.py --sizes 1000000,2000000,5000000,10000000 --json docs/results/large_pool_growth.json
@@ -36,14 +37,11 @@ embeddings will differ.
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
 import multiprocessing
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 import traceback
@@ -52,12 +50,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from saferclip.app.cli import prefer_fast_openblas  # noqa: E402
+from saferclip.app.cli import prefer_fast_openblas
 
 prefer_fast_openblas()
 import faiss  # noqa: E402, I001
 
+from saferclip.benchmarks.vectors import mixture  # noqa: E402
 from saferclip.files import write_json_atomic  # noqa: E402
 from saferclip.redirection.large_pool import (  # noqa: E402
     BuildStages,
@@ -68,16 +66,7 @@ from saferclip.redirection.large_pool import (  # noqa: E402
     open_pool,
 )
 
-_spec = importlib.util.spec_from_file_location("bench_neighbours", Path(__file__).with_name("bench_neighbours.py"))
 BLOCK = 250_000  # rows drawn per generator call (and per seed)
-
-
-@functools.lru_cache(maxsize=1)
-def bench_neighbours():
-    """scripts/bench_neighbours.py (its mixture), loaded once per process."""
-    module = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(module)
-    return module
 
 
 def peak_gb() -> float:
@@ -87,7 +76,6 @@ def peak_gb() -> float:
 # ----------------------------------------------------------------------------- the synthetic pool
 def _write_block(job: tuple) -> None:
     path, local, rows, first_row, args = job
-    mixture = bench_neighbours().mixture
     out = np.load(path, mmap_mode="r+")
     out[local : local + rows] = mixture(rows, args["dim"], args["topics"], args["subtopics"], seed=args["seed"] * 100_003 + first_row)
     out.flush()
@@ -260,7 +248,7 @@ def main() -> None:
             print(f"generated {sizes[-1]:,} rows in {seconds:.0f}s", flush=True)
         queries_path = work / f"queries_{args.queries}_{args.seed}.npy"
         if not queries_path.exists():
-            np.save(queries_path, bench_neighbours().mixture(args.queries, args.dim, args.topics, args.subtopics, seed=10**9 + args.seed))
+            np.save(queries_path, mixture(args.queries, args.dim, args.topics, args.subtopics, seed=10**9 + args.seed))
         for n in sizes:
             folder = full if n == sizes[-1] else prefix_pool(full, work / f"pool_{n}", n, args.shard_rows)
             shutil.rmtree(folder / "index", ignore_errors=True)

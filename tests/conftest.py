@@ -33,9 +33,24 @@ def one_thread():
 QUICK_TIER_TIMEOUT = 300  # s; a test outside the slow tier that takes this long has hung
 
 
+def why_no_gpu() -> str | None:
+    """Why the ``gpu`` tests cannot run here (None: torch sees a CUDA device)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return f"needs a CUDA GPU; torch {torch.__version__} (CUDA {torch.version.cuda}) sees none"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests not marked ``slow`` take seconds: give them a tighter time limit than the global
-    ``timeout`` (pyproject.toml), unless they set their own with ``@pytest.mark.timeout``."""
+    ``timeout`` (pyproject.toml), unless they set their own with ``@pytest.mark.timeout``.
+    Tests marked ``gpu`` are skipped, with the reason, where torch sees no CUDA device."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu") is not None]
+    no_gpu = why_no_gpu() if gpu_tests else None
     for item in items:
         if item.get_closest_marker("slow") is None and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(QUICK_TIER_TIMEOUT))
+    if no_gpu:
+        for item in gpu_tests:
+            item.add_marker(pytest.mark.skip(reason=no_gpu))

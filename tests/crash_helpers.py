@@ -10,6 +10,7 @@ stalls wrap library functions from outside (monkeypatching); the library has no 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,7 +62,8 @@ def micro():
 def cache_and_neighbours(world: str, cache_dir: str):
     """What training's prepare() does: the frozen-embedding cache, then the saved neighbours."""
     from saferclip.redirection.cache import build_or_load_cache
-    from saferclip.redirection.neighbours import NeighbourConfig, load_or_find_safe_neighbours
+    from saferclip.redirection.neighbour_config import NeighbourConfig
+    from saferclip.redirection.neighbours import load_or_find_safe_neighbours
 
     cache = build_or_load_cache(micro(), toy_set(Path(world)), cache_dir, batch_size=8, progress=False)
     neighbours = load_or_find_safe_neighbours(cache, NeighbourConfig(k=3, mode="joint", use_extra_pool=False))
@@ -70,6 +72,7 @@ def cache_and_neighbours(world: str, cache_dir: str):
 
 def _cache_task(args: dict) -> None:
     import saferclip.redirection.cache as ec
+    import saferclip.redirection.cache_format as cache_format
     import saferclip.redirection.neighbours as ix
 
     text_batches = ec._text_batches
@@ -81,7 +84,7 @@ def _cache_task(args: dict) -> None:
                 stall("embedding")  # two batches of an array written
 
     ec._text_batches = stalled_batches
-    for module, label in ((ec, "cache meta"), (ix, "neighbours meta")):
+    for module, label in ((cache_format, "cache meta"), (ix, "neighbours meta")):
         write = module.write_json_atomic
         module.write_json_atomic = lambda *a, _w=write, _l=label, **k: (stall(_l), _w(*a, **k))[1]
     install_swap_stall(lambda out: "neighbours" if out.parent.name == "neighbours" else "cache")
@@ -174,9 +177,23 @@ def _prepare_task(args: dict) -> None:
     print("CACHE REUSED" if cache.was_reused else "CACHE BUILT", flush=True)
 
 
+def barrier(folder: str, parties: int, timeout: float = 120) -> None:
+    """Wait until ``parties`` processes have reached this point (each leaves a file in ``folder``)."""
+    here = Path(folder)
+    here.mkdir(parents=True, exist_ok=True)
+    (here / str(os.getpid())).touch()
+    deadline = time.monotonic() + timeout
+    while len(list(here.iterdir())) < parties:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(list(here.iterdir()))} of {parties} processes reached the barrier")
+        time.sleep(0.01)
+
+
 def _train_or_reuse_task(args: dict) -> None:
     """Two of these started together on one runs_dir (two main jobs / studies): the run is
-    trained once (training replaced by a slow stand-in that writes its run folder)."""
+    trained once (training replaced by a slow stand-in that writes its run folder). Both call
+    ``train_or_reuse`` after a barrier, and print when (``CALLED``, ``RETURNED``, the training's
+    ``TRAINED start= end=``), so the parent can tell that the two calls overlapped."""
     from hydra import initialize_config_dir
 
     import saferclip.app.train as train_app
@@ -184,15 +201,19 @@ def _train_or_reuse_task(args: dict) -> None:
     from saferclip.app.main_job import train_or_reuse
 
     def fake_train(cfg):
-        print("TRAINED", flush=True)
+        start = time.time()
         run_dir = Path(cfg.paths.run_dir)
         time.sleep(3)
         (run_dir / "weights.txt").write_text(str(cfg.seed))
+        print(f"TRAINED start={start!r} end={time.time()!r}", flush=True)
         return {"export": None, "best_checkpoint": str(run_dir / "weights.txt")}
 
     train_app.train = fake_train
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        barrier(args["barrier"], args["parties"])
+        print(f"CALLED {time.time()!r}", flush=True)
         summary = train_or_reuse("saferclip", ["model=micro", "seed=3"], Path(args["runs_dir"]), False)
+        print(f"RETURNED {time.time()!r}", flush=True)
     print("SUMMARY " + json.dumps(summary["best_checkpoint"]), flush=True)
 
 

@@ -10,8 +10,8 @@ from typing import Iterator
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: the downstream extra (pip install -e '.[downstream]')")
+pytest.importorskip("transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')")
 
 from diffusers import (  # noqa: E402
     AutoencoderKL,

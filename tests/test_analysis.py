@@ -291,9 +291,9 @@ def test_detector_file_round_trip_and_refusals(tmp_path):
         load_detectors(truncated)
     pickled = tmp_path / "evil.safetensors"
     torch.save({"text.direction": torch.zeros(3)}, pickled)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=r"evil\.safetensors: not a saferclip detector file \(not readable as safetensors"):
         load_detectors(pickled)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"detector file not found: .*none\.safetensors"):
         load_detectors(tmp_path / "none.safetensors")
 
 
@@ -315,7 +315,7 @@ def test_damaged_detector_file_is_refused_naming_the_file(tmp_path, damage, capl
     else:
         data[-4:] = np.array([np.nan], dtype=np.float32).tobytes()
     path.write_bytes(bytes(data))
-    with pytest.raises(DamagedArtefact) as e:
+    with pytest.raises(DamagedArtefact, match="det.safetensors") as e:
         load_detectors(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
     # a detector file written before checksums: loads, with a one-line warning that it cannot be checked

@@ -128,7 +128,7 @@ def test_analyze_refuses_to_overwrite_and_names_bad_input(analysis, toy_world, m
     }
     for name, (extra, message) in cases.items():
         caplog.clear()
-        with pytest.raises(SystemExit) as exit_info:
+        with pytest.raises(SystemExit, match="^2$") as exit_info:
             run(compose("analyze", base_overrides(toy_world, out, micro_files) + extra))
         assert exit_info.value.code == 2, name
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]

@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from saferclip.analysis.attacks import PixelModel, attack_images, pgd, unsafe_margin
-from saferclip.analysis.coverage import calibrate, load_monitors, profile, save_monitors
-from saferclip.analysis.text_attacks import PhrasingSpace, attack_caption
 from saferclip.integrity import DamagedArtefact
 from saferclip.model.similarity import COSINE
+from saferclip.robustness.coverage import calibrate, load_monitors, profile, save_monitors
+from saferclip.robustness.image_attacks import PixelModel, attack_images, pgd
+from saferclip.robustness.measures import unsafe_margin
+from saferclip.robustness.text_attacks import PhrasingSpace, attack_caption
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
@@ -124,7 +125,7 @@ def test_monitor_file_round_trips_and_is_refused_when_bytes_flip(tmp_path):
     loaded = load_monitors(path)["text"]
     x = _gaussian(50, 4, 1.0)
     assert torch.equal(loaded.scores(x), monitor.scores(x)) and loaded.threshold == monitor.threshold
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match=r"m\.safetensors exists; pass force to replace it"):
         save_monitors(path, {"text": monitor})
     data = bytearray(path.read_bytes())
     data[-5] ^= 0x01  # a bit of the last tensor
@@ -158,8 +159,7 @@ def _overrides(world: Path, out: Path, weights: Path) -> list[str]:
     return [f"data.root={world}", "data.make_toy=false", f"out_dir={out}", "main_runs=false",
             "models.original.arch=saferclip-micro", f"models.original.pretrained={weights}", "batch_size=64",
             "attack.image.items=6", "attack.image.steps=2", "attack.text.items=6", "attack.text.budget=8",
-            "attack.monitor.train_items=60", "attack.monitor.validation_items=24", "attack.monitor.ood_items=8",
-            "attack.resamples=50"]
+            "attack.monitor.train_items=60", "attack.monitor.validation_items=24", "attack.monitor.ood_items=8"]
 
 
 @pytest.mark.slow
@@ -195,7 +195,7 @@ def test_attack_command_bad_input_is_one_line_and_exit_2(toy_world, micro_weight
     }
     for override, message in cases.items():
         capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(SystemExit, match="^2$") as e:
             run(_compose(_overrides(toy_world, tmp_path / override.split("=")[0], micro_weights) + [override]))
         assert e.value.code == 2, override
         lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]

@@ -19,39 +19,30 @@ from typing import Callable
 
 import pytest
 from PIL import Image
+from train_helpers import installed_script, time_budget
 
 pytestmark = pytest.mark.slow
 
-MODULES = {
-    "saferclip-train": "saferclip.app.train",
-    "saferclip-index": "saferclip.app.index",
-    "saferclip-eval": "saferclip.app.evaluate",
-    "saferclip-export": "saferclip.app.export",
-    "saferclip-main": "saferclip.app.main_job",
-    "saferclip-study": "saferclip.app.study",
-    "saferclip-make-toy": "saferclip.app.make_toy",
-    "saferclip-analyze": "saferclip.app.analyze",
-    "saferclip-detect": "saferclip.app.detect",
-    "saferclip-generate-visu": "saferclip.app.generate_visu",
-}
-
 
 def command(name: str, *args: str) -> list[str]:
-    """The installed console script, else the same entry point through ``python -m``."""
-    script = shutil.which(name)
-    return [script, *args] if script else [sys.executable, "-m", MODULES[name], *args]
+    """The installed console script (the interpreter's own ``bin/``; missing: the test fails)."""
+    return [installed_script(name), *args]
+
+
+# a test runs at most five commands (the damaged-cache one): 5 x 100 s fit its 600 s limit
+COMMAND_TIMEOUT = 100
 
 
 def run(name: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     base = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     base["SAFERCLIP_CACHE_DIR"] = str(cwd / "cache")
-    return subprocess.run(command(name, *args), cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command(name, *args), cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, f"exit {proc.returncode}:\n{output[-3000:]}"
-    assert "Traceback" not in output, output[-3000:]
+    assert "Traceback" not in output and "Config search path" not in output, output[-3000:]
     errors = [line for line in proc.stderr.splitlines() if ": error:" in line]
     assert len(errors) == 1, proc.stderr[-3000:]
     for name in names:
@@ -317,6 +308,19 @@ CONFIG_CASES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
     "main: force a word": ("saferclip-main", ["force=yes"], ("force must be true or false",)),
     "study: force a word": ("saferclip-study", ["seeds=[0]", "force=yes"], ("force must be true or false",)),
     "analyze: strength a word": ("saferclip-analyze", ["analysis.detector.strength=high"], ("analysis.detector.strength must be a finite number or null",)),
+    # keys, groups and options checked against the command's config (saferclip/app/overrides.py)
+    "train: a typo in a key": ("saferclip-train", ["trainer.max_epoch=3"], ("trainer.max_epoch: no such key; did you mean trainer.max_epochs?",)),
+    "train: the typo with + (dry run)": ("saferclip-train", ["+trainer.max_epoch=3"], ("trainer.max_epoch: no such key; did you mean trainer.max_epochs?",)),
+    "train: an argparse option": ("saferclip-train", ["--max-epochs", "3"], ("--max-epochs: saferclip-train takes key=value", "did you mean trainer.max_epochs=3?")),
+    "train: no such preset, no search path": ("saferclip-train", ["method=nonexistent"], ("method=nonexistent: no such method", "hysac, safeclip, saferclip")),
+    "eval: a group it does not use": ("saferclip-eval", ["model=toy"], ("saferclip-eval has no model group", "did you mean models?", "+models.<name>.pretrained=")),
+    "eval: a new model without +": ("saferclip-eval", ["models.mine.pretrained=x"], ("add it with +models.mine.pretrained=x",)),
+    "main: a typo in a key": ("saferclip-main", ["trainer.max_epoch=3"], ("did you mean trainer.max_epochs?",)),
+    "study: an argparse option": ("saferclip-study", ["--max-epochs", "3"], ("--max-epochs: saferclip-study takes key=value", "trainer.max_epochs=3")),
+    "study: percentile 0": ("saferclip-study", ["seeds=[0]", "traversal_percentiles=[0]"], ("traversal_percentiles=[0]", "0 is not a percentile in (0, 100]")),
+    "attack: budgets a word": ("saferclip-attack", ["attack.image.budgets_255=abc"], ("attack.image.budgets_255 must be a list of grey levels", "'abc'")),
+    "attack: budgets a list of words": ("saferclip-attack", ["attack.image.budgets_255=[abc]"], ("attack.image.budgets_255 must be a list of grey levels", "['abc']")),
+    "attack: a typo in a key": ("saferclip-attack", ["attack.image.step=3"], ("attack.image.step: no such key; did you mean attack.image.steps?",)),
 }
 
 
@@ -331,10 +335,100 @@ def test_bad_configuration_is_one_line_before_any_work(world, case):
         "saferclip-main": ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"out_dir={out}", f"runs_dir={out / 'runs'}"],
         "saferclip-study": ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"out_dir={out}", f"runs_dir={out / 'runs'}"],
         "saferclip-analyze": ["data.make_toy=false", f"data.root={world}", f"paths.output_dir={out}"],
+        "saferclip-attack": ["data.make_toy=false", f"data.root={world}", f"paths.output_dir={out}"],
     }[name]
-    assert_one_line_error(run(name, *common, *overrides, cwd=world.parent), *names)
+    line = assert_one_line_error(run(name, *common, *overrides, cwd=world.parent), *names)
+    assert "LexerNoViableAlt" not in line
     assert not (world.parent / "cache").exists()  # stopped before any embedding work
     assert not (out / "runs").exists()  # no training started
+
+
+# ---------------------------------------------------------------- commands that look for trained runs
+@pytest.mark.parametrize("name", ["saferclip-attack", "saferclip-analyze"])
+@pytest.mark.parametrize("runs", ["empty", "missing", "default"])
+def test_no_trained_runs_is_one_line_naming_where_it_looked(world, tmp_path, name, runs):
+    """main_runs=true finding no finished run of saferclip-main: refused (not the original alone)."""
+    folder = {"empty": tmp_path / "runs", "missing": tmp_path / "nowhere", "default": tmp_path / "home" / "outputs" / "runs"}[runs]
+    if runs == "empty":
+        folder.mkdir()
+    args = ["data.make_toy=false", f"data.root={world}", f"paths.output_dir={tmp_path / 'out'}"]
+    args += [] if runs == "default" else [f"runs_dir={folder}"]
+    proc = run(name, *args, cwd=tmp_path, env={"SAFERCLIP_HOME": str(tmp_path / "home"), "SAFERCLIP_OUTPUT_DIR": str(tmp_path / "home" / "outputs")})
+    line = assert_one_line_error(proc, "main_runs=true: no finished saferclip-main run in", str(folder), "main_runs=false +models.<name>.pretrained=")
+    assert ("(no such folder)" in line) == (runs != "empty")
+    assert not list((tmp_path / "out").rglob("*.json")) and not (tmp_path / "cache").exists()
+
+
+# ---------------------------------------------------------------- what the real run refuses, the dry run refuses
+def test_the_dry_run_says_when_the_image_shards_are_damaged(world, tmp_path):
+    """Damaged shards: training reads the image files instead (a one-line warning); the dry run
+    says the same, and the same way."""
+    shards = tmp_path / "shards"
+    made = run("saferclip-make-image-shards", *dry_run_args(world, f"+data.image_shards={shards}")[1:], cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-3000:]
+    ok = run("saferclip-train", *dry_run_args(world, f"+data.image_shards={shards}"), cwd=tmp_path)
+    assert ok.returncode == 0 and "'image_shards': 'used'" in ok.stdout + ok.stderr, ok.stderr[-3000:]
+    _flip(shards / "train" / "images.npy")
+    proc = run("saferclip-train", *dry_run_args(world, f"+data.image_shards={shards}"), cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in output, output[-3000:]
+    warnings = [line for line in output.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and str(shards / "train" / "images.npy") in warnings[0] and "reading the image files" in warnings[0], warnings
+    assert "'image_shards': 'damaged" in output
+
+
+def _pool(folder: Path, vectors, captions: list[str]) -> Path:
+    import numpy as np
+    import pandas as pd
+
+    (folder / "text_emb").mkdir(parents=True)
+    (folder / "metadata").mkdir()
+    np.save(folder / "text_emb" / "text_emb_0.npy", np.asarray(vectors, dtype=np.float32))
+    pd.DataFrame({"caption": captions}).to_parquet(folder / "metadata" / "metadata_0.parquet")
+    return folder
+
+
+def test_the_dry_run_checks_an_embedded_extra_pool_as_training_does(world, tmp_path):
+    """A pool of the wrong width, with a NaN row past the first 1,024, or embedded by another
+    model: each refused by the dry run in one line naming the pool (training refuses them too:
+    tests/test_large_pool.py)."""
+    import numpy as np
+    import torch
+
+    from saferclip.model.build import build_clip, encode_text
+
+    captions = sorted({r["safe"] for r in records(json.loads((world / "visu" / "validation.json").read_text())).values()})
+    rows = (captions * (1 + 1500 // len(captions)))[:1500]  # past the first 1,024 rows
+    micro = build_clip("saferclip-micro")  # the dry run's model=micro (the same seeded init)
+    good = encode_text(micro, rows, 256).float().numpy()
+    wide = np.concatenate([good, good], axis=1) / np.sqrt(2)
+    late_nan = good.copy()
+    late_nan[1300] = np.nan
+    noise = torch.nn.functional.normalize(torch.randn(good.shape, generator=torch.Generator().manual_seed(0)), dim=1).numpy()
+    pools = {name: _pool(tmp_path / name, v, rows) for name, v in (("good", good), ("wide", wide), ("nan", late_nan), ("other", noise))}
+    fine = run("saferclip-train", *dry_run_args(world, f"method.neighbours.extra_pool={pools['good']}"), cwd=tmp_path)
+    assert fine.returncode == 0, fine.stderr[-3000:]
+    dim = good.shape[1]
+    for name, names in (
+        ("wide", ("method.neighbours.extra_pool", str(pools["wide"]), f"holds {2 * dim}-d vectors", f"in {dim}-d")),
+        ("nan", (str(pools["nan"] / "text_emb" / "text_emb_0.npy"), "row 1300", "finite")),
+        ("other", (str(pools["other"]), "not made by this model")),
+    ):
+        proc = run("saferclip-train", *dry_run_args(world, f"method.neighbours.extra_pool={pools[name]}"), cwd=tmp_path)
+        assert_one_line_error(proc, *names)
+
+
+def test_a_hysac_export_without_its_head_is_refused(world, tmp_path):
+    """Its config says hyperbolic: without the head files it must not load as a cosine CLIP."""
+    from saferclip.export.open_clip import export_open_clip
+    from saferclip.model.build import build_clip
+
+    folder = export_open_clip(build_clip("saferclip-micro"), None, tmp_path / "hysac-export", metadata={"method": "hysac", "geometry": "lorentz"})
+    args = ["data.make_toy=false", f"data.root={world}", "suites=[zeroshot]", f"out_dir={tmp_path / 'eval'}",
+            f"+models.h.pretrained={folder}", "+models.h.arch=saferclip-micro", "models.original.arch=saferclip-micro",
+            "models.original.pretrained=null"]  # fmt: skip
+    assert_one_line_error(run("saferclip-eval", *args, cwd=tmp_path), str(folder), "hyperbolic_head.json", "hyperbolic_head.safetensors", "both missing")
+    assert not (tmp_path / "eval" / "results.json").exists()
 
 
 # ---------------------------------------------------------------- folders that cannot be written
@@ -439,7 +533,8 @@ def test_a_damaged_detector_is_refused_by_saferclip_detect(tmp_path):
     _flip(path, back=32)
     captions = tmp_path / "captions.txt"
     captions.write_text("a red square\na knife\n")
-    assert_one_line_error(run("saferclip-detect", str(path), str(captions), cwd=tmp_path), "det.safetensors", "damaged", "checksum mismatch")
+    assert_one_line_error(run("saferclip-detect", str(path), str(captions), cwd=tmp_path), "det.safetensors", "damaged", "checksum mismatch",
+                          "saferclip-analyze")
     assert not (tmp_path / "captions.flags.csv").exists()
 
 
@@ -477,10 +572,11 @@ def entry_points() -> list[str]:
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_every_console_script_answers_help(tmp_path, flag):
+    # the scripts share the test's time (a start took ~20 s on a loaded 2-core machine): a hung
+    # one fails with its name rather than the whole test with a stack
+    left = time_budget()
     for name in entry_points():
-        script = shutil.which(name)
-        assert script, f"{name} is not installed (pip install -e .)"
-        proc = subprocess.run([script, flag], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([installed_script(name), flag], cwd=tmp_path, capture_output=True, text=True, timeout=left())
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, (name, output[-2000:])
         assert "usage:" in output and "Traceback" not in output, (name, output[-2000:])

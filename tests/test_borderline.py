@@ -109,7 +109,7 @@ def test_lookalike_tiles_resemble_their_unsafe_concept():
         assert np.array_equal((tile == blended_fg).all(-1), (TILES[safe] == fg.astype(np.uint8)).all(-1))
     for pair, r in tile_resemblance().items():
         assert r["lookalike_to_unsafe"] < r["ordinary_to_unsafe"], pair
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs a safe object and an unsafe concept, got 'gun', 'ball'"):
         lookalike_tile("gun", "ball")
 
 

@@ -1,7 +1,7 @@
 """The config tree and the docs: every shipped config composes and resolves, every experiment
 passes the method schema check, the top-level ``conf/`` shows the packaged tree, every
 repository path the README and docs name exists, every relative link in them resolves, and
-docs/DEVELOPING.md's module map names every module."""
+docs/DEVELOPING.md's module map names every module and no module that does not exist."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -45,10 +46,28 @@ def test_top_level_conf_is_the_packaged_tree():
     assert (top / "train.yaml").resolve() == (CONF / "train.yaml").resolve()
 
 
+def assert_holds(composed: object, written: object, where: str) -> None:
+    """Every value the root file writes (read as plain YAML) is in the composed, resolved tree:
+    the same plain values, the same keys of its mappings, interpolations resolved."""
+    if isinstance(written, dict):
+        assert isinstance(composed, dict), where
+        for key, value in written.items():
+            assert key in composed, f"{where}.{key} is missing"
+            assert_holds(composed[key], value, f"{where}.{key}")
+    elif isinstance(written, str) and "${" in written:  # resolved (to a value or to null: an unset path)
+        assert "${" not in str(composed), (where, composed)
+    else:
+        assert composed == written, (where, composed, written)
+
+
 @pytest.mark.parametrize("config_name", ["train", "eval", "main", "study", "eval_visu_vitl14"])
 def test_root_configs_compose(config_name):
     cfg = resolved(config_name, [])
-    assert cfg
+    written = yaml.safe_load((CONF / f"{config_name}.yaml").read_text())
+    own = {k: v for k, v in written.items() if k not in ("defaults", "hydra")}
+    assert own, config_name
+    assert_holds(cfg, own, config_name)
+    assert "${" not in repr(cfg) and "???" not in repr(cfg)  # every interpolation resolved, nothing missing
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -174,3 +193,24 @@ def test_developing_map_names_every_module():
         if not named:
             missing.append(rel)
     assert not missing, f"docs/DEVELOPING.md's map does not name {missing}"
+
+
+def map_entries() -> dict[str, str]:
+    """docs/DEVELOPING.md's map: package path -> the text of its entry."""
+    text = (REPO / "docs" / "DEVELOPING.md").read_text()
+    section = text[text.index("## Map") : text.index("\n## ", text.index("## Map") + 1)]
+    entries = re.split(r"\n- ", section)
+    return {m.group(1): e for e in entries if (m := re.match(r"`(saferclip/(?:\w+/)*)`", e))}
+
+
+def test_developing_map_names_only_modules_that_exist():
+    """The other way round: a module the map names in a package's entry (``name.py``) is a
+    module of that package, so a module moved or removed leaves no stale line behind."""
+    entries = map_entries()
+    assert {"saferclip/model/", "saferclip/redirection/", "saferclip/robustness/", "saferclip/app/"} <= set(entries)
+    stale = []
+    for package, entry in entries.items():
+        for name in re.findall(r"`(\w+\.py)`", entry):
+            if not (REPO / package / name).is_file():
+                stale.append(f"{package}{name}")
+    assert not stale, f"docs/DEVELOPING.md's map names modules that do not exist: {stale}"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from train_helpers import cli_env, compose_train
+from train_helpers import cli_env, compose_train, time_budget
 
 from saferclip import console
 from saferclip.evaluation.headline import NOT_APPLICABLE_NOTE
@@ -76,7 +76,8 @@ def test_main_job_into_a_file_ends_with_the_table_and_quiet_prints_only_it(tmp_p
     env = cli_env(SAFERCLIP_HOME=str(tmp_path / "home"))
     env.pop("SAFERCLIP_PROGRESS", None)
     command = [sys.executable, "-m", "saferclip.app.main_job"]
-    proc = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=600)
+    left = time_budget()  # both runs share the test's time
+    proc = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=left())
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout.splitlines()
     assert "\r" not in proc.stdout + proc.stderr and "it/s" not in proc.stdout + proc.stderr  # no progress-bar frames
@@ -89,7 +90,7 @@ def test_main_job_into_a_file_ends_with_the_table_and_quiet_prints_only_it(tmp_p
     assert (tmp_path / "main" / "report" / "report.html").is_file() and str(tmp_path / "main" / "report" / "report.html") in proc.stdout
     assert proc.stderr.count("epoch 1/2") == 3 and proc.stderr.count("epoch 2/2") == 3  # one line per epoch, three runs
     # --quiet: the table only (the runs are reused)
-    quiet = subprocess.run([*command, "--quiet", *args], capture_output=True, text=True, env=env, timeout=600)
+    quiet = subprocess.run([*command, "--quiet", *args], capture_output=True, text=True, env=env, timeout=left())
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     assert quiet.stdout.strip().splitlines() == out[table[0]:]
     assert "saferclip.eval" not in quiet.stderr  # no INFO lines

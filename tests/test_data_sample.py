@@ -120,7 +120,7 @@ def test_documented_dry_run_passes(args, monkeypatch, tmp_path):
 
 
 def git_ignored(paths: list[str]) -> set[str]:
-    proc = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True, timeout=60)
     return set(proc.stdout.split())
 
 

@@ -17,6 +17,7 @@ from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DataLoader, Subset
 from train_helpers import (
     REPO,
+    SUBPROCESS_BUDGET,
     cli_overrides,
     collate,
     compose_train,
@@ -115,7 +116,8 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path,
     script.write_text(WORKER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO)]), TEST_PORT=str(free_port()))
     args = [str(tmp_path / "ranks"), str(toy_world), str(cache_dir), str(tmp_path)]
-    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+    # within the test's 600 s limit, after the single-process references above
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for method in METHODS:
         ddp = torch.load(tmp_path / f"{method}.pt", weights_only=True)
@@ -213,7 +215,7 @@ def test_every_item_has_the_same_keys_with_an_extra_safe_pool(tmp_path, toy_worl
 def test_app_fast_dev_run_under_ddp_cpu(tmp_path, toy_world):
     args = [*cli_overrides(tmp_path, toy_world), "trainer=ddp_cpu", "debug=fast_dev_run", "method=safeclip"]
     args += [f"hydra.run.dir={tmp_path / 'run'}"]
-    proc, _ = run_cli(args, cwd=tmp_path, timeout=600)
+    proc, _ = run_cli(args, cwd=tmp_path, timeout=SUBPROCESS_BUDGET)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     # two processes trained, each on its own half of the batch

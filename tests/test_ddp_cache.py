@@ -19,7 +19,9 @@ from test_embedding_cache import toy_set
 
 from saferclip.data.records import Mode
 from saferclip.model.build import build_clip
-from saferclip.redirection.cache import build_or_load_cache, load_cache, shard_rows
+from saferclip.redirection.cache import build_or_load_cache
+from saferclip.redirection.cache_ddp import shard_rows
+from saferclip.redirection.cache_format import load_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

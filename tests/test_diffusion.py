@@ -82,7 +82,7 @@ def test_swap_into_a_pipeline_object_leaves_it_alone(exports):
 
 def test_a_text_encoder_of_the_wrong_width_is_refused_in_one_line(exports, tmp_path):
     wide = export_hf(build_clip("saferclip-toy"), None, tmp_path / "toy")  # 128 wide, the UNet wants 32
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(ValueError, match="^text encoder: hidden width 128") as err:
         safe_text_to_image_pipeline(exports["base"], wide)
     message = str(err.value)
     assert message.startswith("text encoder: hidden width 128, but the UNet cross-attends to 32") and "\n" not in message

@@ -13,15 +13,13 @@ import pytest
 import torch
 from torchvision import transforms
 
-import saferclip.redirection.cache as ec
+import saferclip.redirection.cache_format as cache_format
 from saferclip.data.records import DataFormatError, Mode, Quadruplet, QuadrupletSet
 from saferclip.data.safe_corpus import load_safe_corpus
 from saferclip.model.build import build_clip, encode_text
-from saferclip.redirection.cache import (
-    EmbeddingError,
-    build_or_load_cache,
-    embed_plain,
-)
+from saferclip.redirection.cache import build_or_load_cache, embed_plain
+from saferclip.redirection.cache_format import EmbeddingError
+from saferclip.redirection.cache_key import data_fingerprint
 
 
 def toy_set(world: Path, mode: Mode = Mode.FULL, split: str = "train", limit: int | None = None) -> QuadrupletSet:
@@ -130,15 +128,15 @@ def test_content_fingerprint_sees_a_rewrite_that_keeps_size_and_mtime(toy_world,
     world = tmp_path / "world"
     shutil.copytree(toy_world / "visu", world / "visu")
     qset = toy_set(world, Mode.SAFE_IMAGES, limit=4)
-    before = {how: ec.data_fingerprint(qset, image_fingerprint=how) for how in ("stat", "content")}
+    before = {how: data_fingerprint(qset, image_fingerprint=how) for how in ("stat", "content")}
     path = qset[0].safe_image
     st = path.stat()
     data = bytearray(path.read_bytes())
     data[-20] ^= 0xFF  # same size
     path.write_bytes(bytes(data))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime, as cp -p would
-    assert ec.data_fingerprint(qset, image_fingerprint="stat") == before["stat"]  # the documented blind spot
-    assert ec.data_fingerprint(qset, image_fingerprint="content") != before["content"]
+    assert data_fingerprint(qset, image_fingerprint="stat") == before["stat"]  # the documented blind spot
+    assert data_fingerprint(qset, image_fingerprint="content") != before["content"]
 
 
 def test_interrupted_write_leaves_previous_cache_usable(toy_world, micro, tmp_path, monkeypatch):
@@ -148,11 +146,11 @@ def test_interrupted_write_leaves_previous_cache_usable(toy_world, micro, tmp_pa
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("power cut while writing meta.json")
 
-    monkeypatch.setattr(ec, "write_json_atomic", crash)  # arrays written, meta not yet
+    monkeypatch.setattr(cache_format, "write_json_atomic", crash)  # arrays written, meta not yet
     other = QuadrupletSet(
         [dataclasses.replace(q, safe_caption=q.safe_caption + ".") for q in qset], qset.mode, qset.source
     )
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="power cut while writing meta.json"):
         build_or_load_cache(micro, other, tmp_path, progress=False)
     assert _subfolders(tmp_path) == [good.key]  # no half cache, no temporary folder left behind
     monkeypatch.undo()

@@ -4,6 +4,7 @@ runner and its report, the saferclip-eval app end to end, and clear errors on ba
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -138,26 +139,40 @@ def test_zeroshot_bad_input_is_named(toy_world, micro):
 
 
 # ----------------------------------------------------------------------------- ViSU
+def distinct_safe_images(qset: QuadrupletSet) -> tuple[list[Path], torch.Tensor]:
+    """The split's distinct safe images in order of first appearance, and for each item the
+    position of its image among them (items of one safe scene share an image, as COCO's do)."""
+    images: list[Path] = []
+    owner = []
+    for q in qset:
+        if q.safe_image not in images:
+            images.append(q.safe_image)
+        owner.append(images.index(q.safe_image))
+    return images, torch.tensor(owner)
+
+
 def test_visu_matches_full_matrix_reference(toy_world, micro, micro_other):
     qset = visu_split(toy_world)
     assert qset.mode is Mode.FULL
     result = evaluate_visu(micro_other, qset, reference_bundle=micro, batch_size=10, progress=False)
     S, U = encode_text(micro_other, qset.safe_captions), encode_text(micro_other, qset.unsafe_captions)
-    V = plain_images(micro_other, [q.safe_image for q in qset])
+    images, owner = distinct_safe_images(qset)
+    V = plain_images(micro_other, images)
     G = plain_images(micro_other, [q.unsafe_image for q in qset])
-    V0, G0 = plain_images(micro, [q.safe_image for q in qset]), plain_images(micro, [q.unsafe_image for q in qset])
-    eye = torch.eye(len(qset), dtype=torch.bool)  # one caption per toy image
+    V0, G0 = plain_images(micro, images), plain_images(micro, [q.unsafe_image for q in qset])
+    eye = torch.eye(len(qset), dtype=torch.bool)  # one unsafe image per item
+    positive = owner[:, None] == torch.arange(len(images))[None, :]  # a caption's safe image
     for k in (1, 5, 10, 20):
-        assert result[f"S2V_R@{k}"] == pytest.approx(plain_recall(S, V, eye, k))
-        assert result[f"V2S_R@{k}"] == pytest.approx(plain_recall(V, S, eye, k))
+        assert result[f"S2V_R@{k}"] == pytest.approx(plain_recall(S, V, positive, k))
+        assert result[f"V2S_R@{k}"] == pytest.approx(plain_recall(V, S, positive.T, k))
         assert result[f"U2G_R@{k}"] == pytest.approx(plain_recall(U, G, eye, k))
-        assert result[f"U2V_ref_R@{k}"] == pytest.approx(plain_recall(U, V0, eye, k))
+        assert result[f"U2V_ref_R@{k}"] == pytest.approx(plain_recall(U, V0, positive, k))
     unsafe = torch.cat([torch.zeros(len(V), dtype=torch.bool), torch.ones(len(G), dtype=torch.bool)])
     for k in (1, 5):
         assert result[f"U2VG_unsafe@{k}"] == pytest.approx(plain_unsafe(U, torch.cat([V, G]), unsafe, k))
         assert result[f"U2VG_ref_unsafe@{k}"] == pytest.approx(plain_unsafe(U, torch.cat([V0, G0]), unsafe, k))
         assert result[f"G2SU_unsafe@{k}"] == pytest.approx(plain_unsafe(G, torch.cat([S, U]), unsafe, k))
-    assert result["galleries"]["U2VG"] == {"queries": 24, "safe": 24, "unsafe": 24, "gallery_encoder": "evaluated model"}
+    assert result["galleries"]["U2VG"] == {"queries": 24, "safe": len(images), "unsafe": 24, "gallery_encoder": "evaluated model"}
     assert result["galleries"]["U2VG_ref"]["gallery_encoder"] == "reference model"
     expected = {f"{a}2{b}_R@{k}" for a, b in ("SV", "VS", "SG", "GS", "UV", "VU", "UG", "GU") for k in (1, 5, 10, 20)}
     assert expected <= set(result) and result["skipped"] == {}
@@ -169,11 +184,13 @@ def test_visu_owners_and_skipped_galleries(toy_world, micro):
     extra = Quadruplet("extra", "another safe caption", "another unsafe caption", qset[0].safe_image, qset[0].unsafe_image)
     shared = QuadrupletSet([*qset.items, extra], Mode.FULL, qset.source)
     result = evaluate_visu(micro, shared, progress=False)
-    assert result["num_safe_images"] == 24 and result["galleries"]["S2V"] == {"queries": 25, "gallery": 24, "gallery_encoder": "evaluated model"}
+    images, owner = distinct_safe_images(shared)
+    n = len(images)
+    assert result["num_safe_images"] == n and result["galleries"]["S2V"] == {"queries": 25, "gallery": n, "gallery_encoder": "evaluated model"}
+    assert owner[-1] == 0  # the extra caption pair is scored against the first image
     S = encode_text(micro, shared.safe_captions)
-    V = plain_images(micro, [q.safe_image for q in qset])
-    owner = torch.tensor(list(range(24)) + [0])
-    positive = owner[:, None] == torch.arange(24)[None, :]
+    V = plain_images(micro, images)
+    positive = owner[:, None] == torch.arange(n)[None, :]
     for k in (1, 5):
         assert result[f"S2V_R@{k}"] == pytest.approx(plain_recall(S, V, positive, k))
         assert result[f"V2S_R@{k}"] == pytest.approx(plain_recall(V, S, positive.T, k))
@@ -257,7 +274,14 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     tuned = results["results"]["tuned"]
     assert set(tuned) == {"zeroshot", "visu", "nsfw_caps", "cost"}
     assert results["models"]["tuned"]["arch"] == "saferclip-micro" and results["models"]["tuned"]["source"] == str(micro_file)
-    assert results["results"]["original"]["cost"]["visu_S2V_R@1_retention"] == pytest.approx(1.0)
+    # the original's retention of itself: 1, or NaN where its own recall is 0 (nothing to retain;
+    # the random micro model finds none of the safe images of the small world's test split since
+    # the generator's version 6, it found some before)
+    original = results["results"]["original"]
+    own_s2v = original["visu"]["S2V_R@1"]
+    expected = 1.0 if own_s2v > 0 else math.nan
+    assert original["cost"]["visu_S2V_R@1_retention"] == pytest.approx(expected, nan_ok=True)
+    assert original["cost"]["zeroshot_safe_acc1_retention"] == pytest.approx(1.0)
     # the runner's numbers are evaluate_visu's, with the original's galleries for setting (b)
     direct = evaluate_visu(micro_other, visu_split(toy_world), reference_bundle=micro, progress=False)
     numbers = {k: v for k, v in direct.items() if isinstance(v, float)}
@@ -272,9 +296,12 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     assert all(len(q["top"]) == 5 for q in t2i["models"]["tuned"])
     again = evaluate_models(models, data_cfg(toy_world), suites=["visu"], reference="original", batch_size=16, seed=3, progress=False)
     assert again["showcase"]["sections"][0]["queries"] == t2i["queries"]
-    # every headline figure has its bootstrap interval, around the figure itself
+    # every headline figure has its interval, around the figure itself: exact for a share
     from saferclip.evaluation.headline import headline
-    from saferclip.evaluation.intervals import DIFFERENCE_KEYS, metric_outcomes
+    from saferclip.evaluation.intervals import DIFFERENCE_KEYS, clopper_pearson, metric_outcomes
+
+    hits = metric_outcomes(results["results"]["tuned"], "U2V_R@1").strata["U2V_R@1"]
+    assert results["intervals"]["tuned"]["U2V_R@1"] == list(clopper_pearson(int(hits.sum()), len(hits)))
 
     for name in ("original", "tuned"):
         figures, intervals = headline(results["results"][name]), results["intervals"][name]
@@ -295,7 +322,8 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     assert record["data"]["path"].endswith("test.json") and record["split"] == "test"
     assert all({"model", "arch", "source", "data", "split", "seed", "value"} <= set(r) for r in payload["records"])
     markdown = report["markdown"].read_text()
-    assert "| metric | original | tuned |" in markdown and "U2VG_unsafe@1 (24 safe + 24 unsafe images" in markdown
+    n_safe = len(distinct_safe_images(visu_split(toy_world))[0])  # items of one safe scene share an image
+    assert "| metric | original | tuned |" in markdown and f"U2VG_unsafe@1 ({n_safe} safe + 24 unsafe images" in markdown
     assert "## Headline" in markdown and "Toy world" not in markdown
     names = {p.name for p in report["plots"]}
     assert names == {"visu_headline.png", "nsfw_caps_headline.png", "cost_headline.png", "nsfw_caps_unsafe_to_safe_cosine.png", "tradeoff.png"}
@@ -364,7 +392,7 @@ def test_app_bad_input_one_line_exit_2(toy_world, micro_file, tmp_path, caplog):
     }
     for name, (extra, message) in cases.items():
         caplog.clear()
-        with pytest.raises(SystemExit) as exit_info:
+        with pytest.raises(SystemExit, match="^2$") as exit_info:
             run(compose(base + extra))
         assert exit_info.value.code == 2, name
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
@@ -376,7 +404,7 @@ def test_app_bad_input_one_line_exit_2(toy_world, micro_file, tmp_path, caplog):
     victim = sorted((world / "zeroshot" / "colour" / "test").rglob("*.png"))[2]
     victim.write_bytes(b"\x89PNG truncated")
     caplog.clear()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="^2$"):
         run(compose(base + [f"data.root={world}", "suites=[zeroshot]"]))
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and str(victim) in errors[0] and "cannot read image" in errors[0]

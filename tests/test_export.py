@@ -245,7 +245,7 @@ def test_interrupted_export_leaves_the_old_folder(bundle, tmp_path, monkeypatch)
         raise KeyboardInterrupt("power cut while writing the model card")
 
     monkeypatch.setattr(export, "write_text_atomic", crash)  # the last file written
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="power cut while writing the model card"):
         export_open_clip(bundle, ARCH, target, force=True)
     assert os.listdir(target) == ["keep.txt"]
     assert leftovers(tmp_path, "m") == []
@@ -382,7 +382,7 @@ def test_peft_like_wrapper_is_unloaded(bundle, image_path):
 
 @pytest.mark.slow
 def test_real_peft_lora_merges(bundle, image_path, tmp_path):
-    peft = pytest.importorskip("peft")
+    peft = pytest.importorskip("peft", reason="peft is not installed: the dev extra (pip install -e '.[dev]')")
     model = fresh_micro()
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_fc", "c_proj"], init_lora_weights=False)
     wrapped = peft.get_peft_model(model, config)
@@ -476,9 +476,47 @@ def test_a_damaged_export_is_refused_in_one_line(bundle, tmp_path, victim):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
     integrity.forget()
-    with pytest.raises(DamagedArtefact) as e:
+    with pytest.raises(DamagedArtefact, match="mismatch") as e:
         build_clip(None, folder)
     assert str(path) in str(e.value) and "mismatch" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_cards_yaml_parses_back_to_the_config_it_shows():
+    """The method and data configs a card shows are YAML written by PyYAML: read back (by
+    PyYAML, and by OmegaConf, which reads ``1e-3`` as a number), they are the config, with
+    every awkward value (YAML words, number-like text, colons, quotes, unicode) kept as it was."""
+    import dataclasses
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from saferclip.export.card import yaml_lines
+
+    @dataclasses.dataclass
+    class Guard:
+        min_similarity: float | None = None
+        attributes: tuple = ("shape", "colour")
+
+    config = {
+        "loss": {"lambda_text": 0.1, "lr": 1e-05, "steps": 3, "on": True, "fallback": None},
+        "words": ["yes", "no", "null", "~", "on", "off", "true"],
+        "number_like": ["1e-3", "0.5", "12", "0x1F", ".inf"],
+        "text": {"colon": "a: b", "hash": "a #b", "quotes": "it's \"x\"", "unicode": "café → ☂", "empty": ""},
+        "path": Path("/data/visu/train.json"),
+        "guard": Guard(),
+        "nothing": {},
+        "nested": [{"a": 1}, [1, 2]],
+    }
+    expected = {
+        **config,
+        "path": "/data/visu/train.json",
+        "guard": {"min_similarity": None, "attributes": ["shape", "colour"]},
+    }
+    text = "\n".join(yaml_lines(config))
+    assert yaml.safe_load(text) == expected
+    assert OmegaConf.to_container(OmegaConf.create(text)) == expected
+    assert "towers: [text, image]" in yaml_lines({"towers": ("text", "image")})  # lists stay one line
+    assert yaml_lines({}) == []
 
 
 def test_model_card_states_what_a_safety_model_must(bundle, tmp_path):
@@ -552,7 +590,7 @@ def test_saferclip_lora_from_training_exports(bundle, image_path, tmp_path):
 
 def test_names_fit_to_publish():
     """What a card or a provenance file may show of a model or a path: never a local path."""
-    from saferclip.export.card import public_config, public_model_name, public_path
+    from saferclip.export.public_names import public_config, public_model_name, public_path
 
     assert public_model_name("openai") == "openai" and public_model_name("hf-hub:org/safe-clip") == "hf-hub:org/safe-clip"
     assert public_model_name("/home/me/data/toy_base.safetensors") == "toy_base.safetensors"

@@ -347,7 +347,8 @@ def _fake_results() -> dict:
 
 
 def test_card_takes_the_runs_evaluation_report(trained, tmp_path, capsys):
-    report = pytest.importorskip("saferclip.evaluation.report")
+    from saferclip.evaluation import report
+
     run = tmp_path / "run"
     shutil.copytree(trained.run_dir, run, ignore=shutil.ignore_patterns("export"))
     report.write_report(_fake_results(), run / "report")
@@ -442,8 +443,9 @@ def test_cli_exports_a_transformers_folder_with_a_publishable_card(trained, refe
     """The trained LoRA model as a transformers CLIPModel: same embeddings; a card that names the
     base model, the run and the exported epoch with its validation figures, and the report's
     table, without one local path."""
-    transformers = pytest.importorskip("transformers")
-    report = pytest.importorskip("saferclip.evaluation.report")
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')")
+    from saferclip.evaluation import report
+
     run = tmp_path / "my-run"
     shutil.copytree(trained.run_dir, run, ignore=shutil.ignore_patterns("export"))
     report.write_report(_fake_results(), run / "report")

@@ -1,5 +1,6 @@
-"""scripts/gpu_check.py: the GPU readiness check runs (in its reduced CPU form here), writes
-the JSON it promises, and says plainly what was not measured; FAISS's GPU status."""
+"""scripts/gpu_check.py: the GPU timings run (in their reduced CPU form here), write the JSON
+they promise, and say plainly what was not measured; FAISS's GPU status. Whether the GPU paths
+give the right results is tests/test_gpu.py's."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import faiss
 import pytest
 import torch
+from train_helpers import SUBPROCESS_BUDGET
 
 from saferclip.redirection.faiss_search import build_neighbour_index, exact_neighbours_torch, faiss_gpu_status
 
@@ -23,7 +25,6 @@ NO_GPU = "not measured: no GPU"
 def run_script(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "disabled",
         "OMP_NUM_THREADS": "1",
@@ -39,7 +40,13 @@ def test_faiss_gpu_status_describes_the_loaded_faiss():
     assert status["gpu_build"] == hasattr(faiss, "StandardGpuResources")
     assert status["usable"] == (status["gpu_build"] and status["gpus"] > 0)
     assert "faiss-cpu" in status["distributions"] or status["gpu_build"]
-    assert status["note"]
+    gpu_dists = [n for n in status["distributions"] if n != "faiss-cpu"]
+    if status["gpu_build"]:  # says how many GPUs it sees
+        assert status["note"].startswith("FAISS GPU build") and (f"{status['gpus']} GPU(s)" in status["note"] or status["gpus"] == 0)
+    elif gpu_dists:  # installed, yet the CPU build loaded: names the distribution to reinstall
+        assert "overwrote" in status["note"] and gpu_dists[0] in status["note"]
+    else:
+        assert status["note"].startswith("no FAISS GPU build installed")
 
 
 @pytest.mark.skipif(hasattr(faiss, "StandardGpuResources"), reason="a FAISS GPU build is loaded")
@@ -74,26 +81,27 @@ def test_exact_torch_search_on_a_named_device_matches_faiss():
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_without_cuda_every_gpu_check_is_skipped_and_nothing_fails(tmp_path):
+def test_without_cuda_every_gpu_measurement_is_skipped_and_nothing_fails(tmp_path):
     out = tmp_path / "check.json"
     proc = run_script("--device", "cuda", "--json", str(out), cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     report = json.loads(out.read_text())
     assert report["gpu"] == NO_GPU and report["gpu_figures_measured"] is False
-    assert {c["part"] for c in report["checks"]} == {1, 2, 3, 4, 5, 6}
+    assert {c["part"] for c in report["checks"]} == {1, 2, 3, 4}
     assert all(c["status"].startswith("skipped: --device cuda, but torch") for c in report["checks"])
-    assert report["counts"] == {"passed": 0, "failed": 0, "skipped": len(report["checks"])}
+    assert report["counts"] == {"measured": 0, "failed": 0, "skipped": len(report["checks"])}
     assert "GPU figures: not measured: --device cuda, but torch" in proc.stdout
 
 
 @pytest.mark.slow
-def test_cpu_form_runs_every_check_and_reports_it(tmp_path):
-    """The whole script on the CPU, so it cannot rot before a GPU runs it: every check
-    passes (timing targets are figures, never failures) and the JSON holds its figures."""
+def test_cpu_form_runs_every_measurement_and_reports_it(tmp_path):
+    """The whole script on the CPU, so it cannot rot before a GPU runs it: every measurement
+    finishes (timing targets are figures, never failures) and the JSON holds its figures."""
     out = tmp_path / "check.json"
     proc = run_script(
-        "--device", "cpu", "--threads", "1", "--json", str(out), "--work-dir", str(tmp_path), cwd=tmp_path, timeout=1200
+        "--device", "cpu", "--threads", "1", "--json", str(out), "--work-dir", str(tmp_path), cwd=tmp_path,
+        timeout=SUBPROCESS_BUDGET,  # within the test's 600 s limit: 2 to 5 min on the shared 2-core machine
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
@@ -101,8 +109,9 @@ def test_cpu_form_runs_every_check_and_reports_it(tmp_path):
     assert report["gpu"] == NO_GPU and report["gpu_figures_measured"] is False
     assert report["versions"]["torch"] == torch.__version__ and report["faiss"]["faiss_version"]
     checks = report["checks"]
-    assert [c["status"] for c in checks] == ["passed"] * len(checks), [(c["name"], c["status"]) for c in checks]
-    by_part = {p: [c for c in checks if c["part"] == p] for p in range(1, 7)}
+    assert [c["status"] for c in checks] == ["measured"] * len(checks), [(c["name"], c["status"]) for c in checks]
+    assert report["finished"] is True
+    by_part = {p: [c for c in checks if c["part"] == p] for p in range(1, 5)}
     assert all(by_part.values())
     for c in by_part[1]:
         f = c["figures"]
@@ -113,16 +122,11 @@ def test_cpu_form_runs_every_check_and_reports_it(tmp_path):
     assert cache["ratio"] > 0 and cache["max_diff"] < 1e-3 and cache["num_workers"] == 2
     neighbours = by_part[3][0]["figures"]
     assert neighbours["backend"] == "torch (cpu)" and neighbours["max_sim_diff"] < 1e-4
-    assert [c["figures"]["world_size"] for c in by_part[4]] == [1, 2]
-    assert all(c["figures"]["exit_code"] == 0 for c in by_part[4])
-    precision = by_part[5][0]["figures"]
-    assert precision["dtypes_under_bf16_autocast"]["features"] == ["bfloat16"]
-    assert set(precision["dtypes_under_bf16_autocast"]["terms"].values()) == {"float32"}
-    assert max(precision["metric_deltas"].values()) <= precision["metric_tolerance"]
-    stages = by_part[6][0]["figures"]["stages"]  # the rehearsal, on the micro model
+    stages = by_part[4][0]["figures"]["stages"]  # the rehearsal, on the micro model
     assert [r["stage"] for r in stages] == ["world", "cache", "neighbours", "train", "evaluation", "export"]
     assert all(r["items_per_s"] > 0 for r in stages)
-    # one table, and the plain statement that no GPU figure was measured
+    # one table, the plain statement that no GPU figure was measured, and where correctness is
     assert "#  check" in proc.stdout and "GPU: not measured: no GPU" in proc.stdout
+    assert "python -m pytest -m gpu" in proc.stdout
     assert "GPU figures: not measured (no GPU here)" in proc.stdout
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("saferclip_gpu_check_")]  # scratch removed

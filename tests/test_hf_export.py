@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ import torch
 from open_clip.transform import image_transform
 from PIL import Image
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')")
 from transformers import (  # noqa: E402
     AutoImageProcessor,
     AutoTokenizer,
@@ -214,7 +215,7 @@ REFUSED = {
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_what_transformers_cannot_express_is_refused_in_one_line(case, tmp_path):
     build, message = REFUSED[case]
-    with pytest.raises(UnsupportedArchitecture) as err:
+    with pytest.raises(UnsupportedArchitecture, match=f"^{re.escape(message)}") as err:
         export_hf(build(), "custom", tmp_path / "out", tokenizer=open_clip.get_tokenizer("ViT-B-32"))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())  # nothing half-written
@@ -231,7 +232,7 @@ def test_preprocessing_and_tokenizer_refusals(tmp_path):
     with pytest.raises(UnsupportedArchitecture, match="^tokenizer: .* is not open_clip's CLIP BPE"):
         export_hf(tiny_openai(), "x", tmp_path / "b", tokenizer=lambda texts: torch.zeros(len(texts), 77))
     out = export_hf(tiny_openai(), "x", tmp_path / "c", tokenizer=open_clip.get_tokenizer("ViT-B-32"))
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="already exists; pass force=True to replace it"):
         export_hf(tiny_openai(), "x", out, tokenizer=open_clip.get_tokenizer("ViT-B-32"))
     export_hf(tiny_openai(), "x", out, tokenizer=open_clip.get_tokenizer("ViT-B-32"), force=True, dtype="fp16")
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"

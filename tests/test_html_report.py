@@ -1,21 +1,21 @@
-"""report.html: one style per model, the retrieval galleries (model-agnostic: scores or top-k),
-the page's Markdown, and the page as a person sees it in headless Chromium (not blank, every
-gallery image loads, the table above the fold at 1280x800)."""
+"""report.html: one style per model (no model in the colours that mean unsafe / safe), the
+plots' names and scales, the retrieval galleries (model-agnostic: scores or top-k), the page's
+Markdown, and the page as a person sees it in headless Chromium on a phone (390 px) and a
+desktop (1400 px): nothing wider than the screen, the headline table scrolling in its own box
+with its metric column frozen, each query's models in one grid, one self-contained file."""
 
 from __future__ import annotations
 
-import html
-import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from browser_helpers import chromium, view_page
 
-from saferclip.evaluation.html import markdown_html, thumbnail
-from saferclip.evaluation.plotting import model_colours, model_styles
+from saferclip.evaluation.html import details_markdown, markdown_html, table_from_markdown, thumbnail
+from saferclip.evaluation.plotting import MARK_COLOURS, model_colours, model_styles
 from saferclip.evaluation.report import write_report
 from saferclip.evaluation.showcase import (
     IMAGE_TO_TEXT,
@@ -40,6 +40,12 @@ def test_one_style_per_model_whatever_the_spelling_or_the_order():
     assert a["mine"]["color"] == b["mine"]["color"] and a["mine"]["color"] not in fixed
     many = model_colours([f"model {i}" for i in range(30)])
     assert len(set(list(many.values())[:14])) == 14  # the palette's own colours first
+    # red and green mean unsafe and safe items: no model wears them, whatever its name
+    every = model_styles(["original", "safeclip", "saferclip", "hysac", "hysac_safe", "hysac_moderation", "oracle redirection",
+                          *(f"model {i}" for i in range(30))])  # fmt: skip
+    assert not {style["color"].lower() for style in every.values()} & {c.lower() for c in MARK_COLOURS}
+    # the trained HySAC run (its curves) is the same model as HySAC in safe mode
+    assert every["hysac"]["color"] == every["hysac_safe"]["color"] != every["hysac_moderation"]["color"]
     # the reference model is the star whatever it is called
     assert model_styles(["base-ckpt", "x"], reference="base-ckpt")["base-ckpt"]["marker"] == "*"
 
@@ -86,13 +92,62 @@ def test_pair_sections_sample_the_same_items_with_the_same_seed():
 
 
 def test_markdown_subset_and_a_missing_image_becomes_a_placeholder(tmp_path):
-    out = markdown_html("## Results\n\n| metric | a |\n|---|---:|\n| `x` **y** | 1.0 |\n\n- one\n- two <b>\n\n![p](plots/p.png)\n")
-    assert "<h3>Results</h3>" in out and "<td><code>x</code> <strong>y</strong></td>" in out
-    assert "<li>two &lt;b&gt;</li>" in out and "plots/p.png" not in out
-    relative = thumbnail(tmp_path / "nowhere.png", tmp_path)
+    import io
+
     from PIL import Image
 
-    assert Image.open(tmp_path / relative).size == (128, 128)
+    out = markdown_html("## Results\n\n| metric | a |\n|---|---:|\n| `x` **y** | 1.0 |\n\n- one\n- two <b>\n\n## Plots\n\n![p](plots/p.png)\n")
+    assert "<h3>Results</h3>" in out and "<td><code>x</code> <strong>y</strong></td>" in out
+    assert "<li>two &lt;b&gt;</li>" in out and "plots/p.png" not in out
+    assert "Plots" not in out  # a heading over nothing (its images are left out) is dropped
+    data, mime = thumbnail(tmp_path / "nowhere.png")
+    assert mime in ("image/png", "image/jpeg") and Image.open(io.BytesIO(data)).size == (112, 112)
+
+
+def test_the_full_report_repeats_neither_the_title_nor_the_table():
+    table = "| metric | a | b |\n|---|---:|---:|\n| unsafe rate | 1.0 | 2.0 |"
+    markdown = f"# saferclip evaluation\n\nsplit test\n\n## Models\n\n- a\n\n## Headline\n\n{table}\n\n† a note\n\n## Results\n\n| x | a |\n|---|---|\n| 1 | 2 |\n"
+    headline = table_from_markdown(table, "Headline (%)")
+    kept = details_markdown(markdown, headline)
+    assert "saferclip evaluation" not in kept and "unsafe rate" not in kept and "Headline" not in kept and "† a note" not in kept
+    assert "## Models" in kept and "## Results" in kept and "| 1 | 2 |" in kept
+    # a study's table has no heading of its own: the table alone goes
+    assert details_markdown(f"# study\n\nworlds\n\n{table}\n\nmore\n", headline).split() == ["worlds", "more"]
+
+
+def test_plot_names_and_scales():
+    """Panels titled with the table's names; the trade-off plot on the whole percentage scale;
+    coinciding points set side by side."""
+    from saferclip.evaluation.figures import DODGE_STEP, side_by_side
+    from saferclip.evaluation.report import metric_label
+
+    assert metric_label("visu", "U2VG_unsafe@1") == "unsafe rate (a) ↓" and metric_label("nsfw_caps", "U2V_R@1") == "U→V R@1"
+    assert metric_label("visu", "G2SU_unsafe@1") == "unsafe image → captions: unsafe rate ↓"
+    placed = side_by_side([("a", 50.0, 98.4), ("b", 50.5, 98.9), ("c", 90.0, 100.8)])
+    assert [round(x, 3) for _, x, _ in placed] == [50.0 - DODGE_STEP / 2, 50.0 + DODGE_STEP / 2, 90.0]
+    assert [y for _, _, y in placed] == [98.4, 98.9, 100.8]  # the values themselves kept
+
+
+def test_the_tradeoff_plot_does_not_magnify_small_gaps(tmp_path):
+    from saferclip.evaluation import figures
+
+    seen = {}
+    original = figures.save_figure
+
+    def keep(fig, path):
+        seen["axes"] = fig.axes
+        original(fig, path)
+
+    points = [{"name": n, "unsafe_a": u, "retention": r, "u2v": v} for n, u, r, v in
+              (("original", 1.0, 1.0, 0.5), ("safeclip", 0.99, 0.984, 0.5), ("saferclip", 0.1, 1.008, 0.45))]  # fmt: skip
+    figures.save_figure = keep
+    try:
+        figures.plot_tradeoff(points, tmp_path / "t.png")
+    finally:
+        figures.save_figure = original
+    for ax in seen["axes"]:
+        low, high = ax.get_ylim()
+        assert low <= 0 and high >= 100, (low, high)  # 98.4 vs 100.8 is 2.4 points of 100, not a whole panel
 
 
 # ----------------------------------------------------------------------------- the page in a browser
@@ -114,83 +169,116 @@ def small_report(tmp_path: Path) -> Path:
                          [Query("0", paths[4], twin=0, own=4)], [f"safe {i}" for i in range(4)] + [f"unsafe {i}" for i in range(4)],
                          [False] * 4 + [True] * 4)
     generator = torch.Generator().manual_seed(0)
-    models = ("original", "safeclip", "saferclip")
+    models = ("original", "safeclip", "saferclip", "a model with a long name")
     showcase = {"k": 5, "seed": 0, "sections": [
         gallery_view(s, {m: torch.rand(len(s.queries), 8, generator=generator) for m in models}) for s in (sec, cap)
     ]}
+    named = (*models, "oracle redirection")  # a bound: in the table, not in the galleries
+    metrics = {"U2VG_unsafe@1": 0.5, "U2VG_ref_unsafe@1": 0.5, "U2V_R@1": 0.5, "S2V_R@1": 0.9}
     results = {
         "meta": {"split": "test", "seed": 0, "suites": ["visu"], "reference": "original", "created": "now"},
-        "data": {},
-        "models": {m: {"arch": "micro", "source": m} for m in models},
-        "results": {m: {"visu": {"U2VG_unsafe@1": u, "U2VG_ref_unsafe@1": u, "U2V_R@1": 0.5, "S2V_R@1": 0.9}}
-                    for m, u in zip(models, (0.9, 0.2, 0.1))},
+        "data": {"visu": {"path": "/a/very/long/path/that/a/phone/cannot/show/on/one/line/without/breaking/it/anywhere/test.json",
+                          "split": "test", "num_items": 8, "mode": "full"}},
+        "models": {m: {"arch": "micro", "source": m} for m in named},
+        "results": {m: {"visu": dict(metrics, **{"U2VG_unsafe@1": u})} for m, u in zip(named, (0.9, 0.2, 0.1, 0.3, 0.8))},
+        # bracketed intervals: a table too wide for a phone
+        "intervals": {m: {k: [0.05, 0.95] for k in ("unsafe_rate_a", "unsafe_rate_b", "U2V_R@1", "S2V_R@1")} for m in named},
         "showcase": showcase,
     }
-    report = write_report(results, tmp_path / "report")
+    (tmp_path / "report" / "thumbs").mkdir(parents=True)  # an older report's thumbnail folder: removed
+    report = write_report(results, tmp_path / "report", force=True)
     assert report["html"] == tmp_path / "report" / "report.html"
     return report["html"]
 
 
-CHECK_SCRIPT = """<script>
-window.addEventListener('load', () => {
-  const ok = (img) => img.complete && img.naturalWidth > 0;
-  const gallery = [...document.querySelectorAll('section.gallery img')];
-  const plots = [...document.querySelectorAll('section.plots img')];
-  const table = document.querySelector('table.headline').getBoundingClientRect();
-  const out = {gallery: gallery.length, broken: gallery.filter(i => !ok(i)).map(i => i.getAttribute('src')),
-               plots: plots.length, broken_plots: plots.filter(i => !ok(i)).length,
-               table: [table.top, table.bottom, table.width], viewport: [innerWidth, innerHeight],
-               text: document.body.innerText.trim().length};
-  const pre = document.createElement('pre');
-  pre.id = 'saferclip-check';
-  pre.textContent = JSON.stringify(out);
-  document.body.appendChild(pre);
-});
-</script>"""
+# What the page looks like to a person, measured in the page (a JavaScript expression).
+CHECK = """(() => {
+  const measure = () => {
+    const width = document.documentElement.clientWidth;
+    const scrolls = (el) => { for (let p = el.parentElement; p && p !== document.body; p = p.parentElement) {
+      if (['auto', 'scroll', 'hidden'].includes(getComputedStyle(p).overflowX)) return true; } return false; };
+    const wide = [];
+    for (const el of document.body.querySelectorAll('*')) {
+      const r = el.getBoundingClientRect();
+      if ((r.width === 0 && r.height === 0) || scrolls(el)) continue;  // hidden, or inside a box that scrolls
+      if (r.left < -0.5 || r.right > width + 0.5) wide.push(`${el.tagName.toLowerCase()}.${el.className} [${Math.round(r.left)}, ${Math.round(r.right)}]`);
+    }
+    return {width, scroll_width: document.documentElement.scrollWidth, wide: wide.slice(0, 8)};
+  };
+  const rect = (el) => { const r = el.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+  const out = {viewport: [innerWidth, innerHeight], closed: measure()};
+  const box = document.querySelector('.table-box'), cell = document.querySelector('table.headline tbody td');
+  out.table_top = box.getBoundingClientRect().top;
+  out.sticky = getComputedStyle(cell).position;
+  box.scrollLeft = box.scrollWidth;  // the models scrolled away: the metric column stays
+  out.box = {client: box.clientWidth, scroll: box.scrollWidth, left: box.scrollLeft,
+             frozen: cell.getBoundingClientRect().left - box.getBoundingClientRect().left};
+  box.scrollLeft = 0;
+  const thumbs = [...document.querySelectorAll('section.gallery .thumb')];
+  out.thumbs = thumbs.length;
+  out.blank_thumbs = thumbs.filter(t => !getComputedStyle(t).backgroundImage.startsWith('url("data:image/')).length;
+  out.plots = [...document.querySelectorAll('section.plots img')].map(i => i.complete && i.naturalWidth > 0);
+  out.queries = [...document.querySelectorAll('.query')].map(q => ({
+    head: rect(q.querySelector('.qhead')), grids: q.querySelectorAll('.models').length,
+    models: [...q.querySelectorAll('.model')].map(rect), in_grid: q.querySelectorAll('.models > .model').length}));
+  const rank = getComputedStyle(document.querySelector('.badge.rank'));
+  out.rank = [rank.color, rank.backgroundColor];
+  out.details_open = [...document.querySelectorAll('details')].map(d => d.open);
+  document.querySelectorAll('details').forEach(d => d.open = true);
+  out.open = measure();
+  document.querySelectorAll('details').forEach(d => d.open = false);
+  out.notes = [...document.querySelectorAll('p.note')].map(p => p.textContent);
+  return out;
+})()"""
 
 
-def chromium() -> str | None:
-    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-
-
-def headless(browser: str, *args: str) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,800", "--virtual-time-budget=10000"]
-    return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=60)
-
-
-def page_check(browser: str, probe: Path) -> dict:
-    dom = headless(browser, "--dump-dom", probe.as_uri())
-    found = re.search(r'<pre id="saferclip-check">(.*?)</pre>', dom.stdout, re.S)
-    assert found, f"the page's check did not run: {dom.stderr[-2000:]}"
-    return json.loads(html.unescape(found.group(1)))
+def rgba(css: str) -> tuple[float, ...]:
+    values = [float(v) for v in re.findall(r"[\d.]+", css)]
+    return tuple(values + [1.0] * (4 - len(values)))
 
 
 @pytest.mark.slow
-def test_the_report_in_a_real_browser(tmp_path):
+@pytest.mark.parametrize("width, height", [(390, 844), (1400, 900)])
+def test_the_report_on_a_phone_and_a_desktop(tmp_path, width, height):
     browser = chromium()
     if browser is None:
         pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium; apt-get install chromium)")
     page = small_report(tmp_path)
-    # the page's own check, next to it so that the relative thumbnails resolve
-    probe = page.with_name("check.html")
-    probe.write_text(page.read_text().replace("</body>", CHECK_SCRIPT + "\n</body>"))
-    check = page_check(browser, probe)
-    width, height = check["viewport"]  # headless Chromium keeps some of the 800 px for its window
-    assert width == 1280 and 680 <= height <= 800
-    assert check["text"] > 500  # not blank
-    assert check["gallery"] == 3 * 3 * 5 + 1 and check["broken"] == []  # 3 queries x 3 models x top 5, 1 query image
-    assert check["plots"] >= 2 and check["broken_plots"] == 0
-    top, bottom, table_width = check["table"]
-    assert 0 <= top and bottom <= height and table_width > 200, f"the headline table is not above the fold: {check['table']}"
-    # the check sees a broken image (a thumbnail gone)
-    gone = sorted((page.parent / "thumbs").glob("*.png"))[0]
-    gone.unlink()
-    assert f"thumbs/{gone.name}" in page_check(browser, probe)["broken"]
-    # and as a person sees it: a screenshot that is not blank
-    shot = tmp_path / "shot.png"
-    headless(browser, f"--screenshot={shot}", page.as_uri())
+    assert not (page.parent / "thumbs").exists()
+    # one self-contained file: nothing it shows is outside it (opened alone, from another folder)
+    text = page.read_text()
+    assert not re.findall(r'(?:src|href)="(?!data:|#)', text) and not re.findall(r"url\((?!data:)", text)
+    alone = tmp_path / "alone" / "report.html"
+    alone.parent.mkdir()
+    shutil.copy(page, alone)
+    shot = tmp_path / f"shot{width}.png"
+    check = view_page(browser, alone, width, height, CHECK, shot)
+    assert check["viewport"] == [width, height]
+    # nothing wider than the screen, the full report opened or not
+    for state in ("closed", "open"):
+        assert check[state]["scroll_width"] == width and check[state]["wide"] == [], (state, check[state])
+    # the headline table: visible without scrolling, in its own box, the metric column frozen
+    assert 0 <= check["table_top"] < height / 2
+    assert check["sticky"] == "sticky" and abs(check["box"]["frozen"]) <= 2, check["box"]
+    if width == 390:
+        assert check["box"]["scroll"] > check["box"]["client"] and check["box"]["left"] > 0  # it does scroll there
+    # the galleries: every thumbnail inlined, each query's models in one grid, beside the
+    # query on a desktop and below it on a phone
+    assert check["thumbs"] == 3 * 4 * 5 + 1 and check["blank_thumbs"] == 0
+    assert check["plots"] and all(check["plots"])
+    for query in check["queries"]:
+        assert query["grids"] == 1 and query["in_grid"] == len(query["models"]) == 4, query
+        left, top, right, bottom = query["head"]
+        for model in query["models"]:
+            assert model[0] >= right - 1 if width >= 1000 else model[1] >= bottom - 1, (query, model)
+    # rank numbers: white on a dark plate, legible on any thumbnail
+    colour, plate = rgba(check["rank"][0]), rgba(check["rank"][1])
+    assert colour[:3] == (255, 255, 255) and max(plate[:3]) <= 60 and plate[3] >= 0.6, check["rank"]
+    assert check["details_open"] == [False]  # the full report collapsed
+    assert any("oracle redirection is not in the galleries" in note for note in check["notes"])
+    # as a person sees it: the viewport's width, not blank
     from PIL import Image
 
     image = Image.open(shot).convert("RGB")
-    assert image.size == (1280, 800)
+    assert image.size == (width, height)
     assert len(image.getcolors(maxcolors=1 << 20) or []) > 50  # text, frames and thumbnails, not one flat colour

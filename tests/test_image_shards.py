@@ -41,7 +41,7 @@ def test_shards_equal_the_full_preprocessing(toy_world, tmp_path, b32_preprocess
         assert expected.shape == (3, 224, 224)
         assert torch.equal(shards.image(path), expected)
     assert Path("/nowhere.png") not in shards
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="already exists; pass force=True to replace it"):
         write_image_shards(paths, folder, b32_preprocess)
 
 

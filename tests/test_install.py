@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_helpers import time_budget
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,15 +29,16 @@ def test_wheel_install_runs_the_toy_pipeline_from_another_directory(tmp_path):
     shutil.copytree(REPO / "saferclip", source / "saferclip", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
+    left = time_budget()  # every step shares the test's time
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=left(),
     )  # fmt: skip
     assert build.returncode == 0, build.stderr
     (wheel,) = dist.glob("saferclip-*.whl")
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=left(),
     )  # fmt: skip
     assert install.returncode == 0, install.stderr
     package = site / "saferclip"
@@ -49,11 +51,11 @@ def test_wheel_install_runs_the_toy_pipeline_from_another_directory(tmp_path):
     env.pop("SAFERCLIP_HOME", None)
     env["XDG_CACHE_HOME"] = str(tmp_path / "user-cache")
     where = subprocess.run([sys.executable, "-c", "import saferclip; print(saferclip.__file__)"], env=env, cwd=work,
-                           capture_output=True, text=True, timeout=60)  # fmt: skip
+                           capture_output=True, text=True, timeout=min(60, left()))  # fmt: skip
     assert where.stdout.strip() == str(package / "__init__.py"), where.stdout + where.stderr
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(site / "bin" / args[0]), *args[1:]], env=env, cwd=work, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([str(site / "bin" / args[0]), *args[1:]], env=env, cwd=work, capture_output=True, text=True, timeout=left())
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         return proc
 

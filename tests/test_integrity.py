@@ -41,7 +41,7 @@ def test_verify_detects_flipped_bytes_missing_and_bad_records(tmp_path):
     integrity.verify(f, d)
     integrity.forget(f)
     _flip(f, 200)
-    with pytest.raises(DamagedArtefact) as e:
+    with pytest.raises(DamagedArtefact, match="checksum mismatch") as e:
         integrity.verify(f, d, "embedding cache")
     assert isinstance(e.value, SaferclipError) and isinstance(e.value, ValueError)
     assert e.value.path == f and "checksum mismatch" in str(e.value) and str(f) in str(e.value)
@@ -67,7 +67,7 @@ def test_verified_once_per_process(tmp_path, monkeypatch):
         integrity.verify(f, d)
     assert len(calls) == 1
     f.write_bytes(os.urandom(1 << 16))  # rewritten: new mtime, read again, and found different
-    with pytest.raises(DamagedArtefact):
+    with pytest.raises(DamagedArtefact, match="checksum mismatch"):
         integrity.verify(f, d)
     assert len(calls) == 2
 

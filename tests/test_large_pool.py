@@ -18,7 +18,8 @@ from saferclip.data.records import DataFormatError
 from saferclip.errors import ConfigError
 from saferclip.model.build import build_clip, encode_text
 from saferclip.redirection.cache import build_or_load_cache
-from saferclip.redirection.neighbours import NeighbourConfig, find_safe_neighbours, pool_text
+from saferclip.redirection.neighbour_config import NeighbourConfig
+from saferclip.redirection.neighbours import find_safe_neighbours, pool_text
 from saferclip.redirection.large_pool import (
     BUILD_STAGES,
     BuildStages,
@@ -193,6 +194,50 @@ def test_bad_shards_are_named(tmp_path):
         open_pool(d)
 
 
+def test_every_row_is_checked_before_the_index_is_built(tmp_path):
+    """open_pool looks at each shard's first 1,024 rows; a NaN or an unnormalised row past them
+    is refused by name before FAISS's k-means meets it (it would stop with its own error)."""
+    from saferclip.redirection.large_pool import check_pool_vectors
+
+    vectors = clustered(1500, 16, 4, 0)
+    vectors[1300] = np.nan
+    vectors[1400] *= 2
+    shards = open_pool(write_pool(tmp_path / "nan", vectors, 1500, dtype=np.float32))  # the quick look passes
+    with pytest.raises(DataFormatError, match=r"text_emb_0\.npy: vectors must be finite and L2-normalised, row 1300 has norm nan"):
+        build_pool_index(shards, PoolIndexConfig(m=4))
+    with pytest.raises(DataFormatError, match=r"row 1300"):
+        check_pool_vectors(shards, rows=256)  # whatever the chunk size
+    vectors[1300] = vectors[0]
+    second = open_pool(write_pool(tmp_path / "long", vectors, 1500, dtype=np.float32))
+    with pytest.raises(DataFormatError, match=r"row 1400 has norm 2"):
+        check_pool_vectors(second, rows=1000)
+
+
+def test_a_pool_of_another_width_is_named_by_training(toy_world, tmp_path):
+    """The model embeds captions in D dimensions, the pool holds 2D: one line naming the pool
+    and both widths (not the index's "queries must be [Q, 2D]")."""
+    import yaml
+
+    from saferclip.locations import CONF_DIR
+    from saferclip.training.prepare import prepare
+
+    bundle = build_clip("saferclip-micro")
+    extra = list(dict.fromkeys(q.safe_caption for q in toy_set(toy_world, split="validation")))
+    vectors = encode_text(bundle, extra, 64).float().numpy()
+    dim = vectors.shape[1]
+    wide = write_pool(tmp_path / "wide", np.concatenate([vectors, vectors], axis=1) / np.sqrt(2), 50, extra, dtype=np.float32)
+    method = yaml.safe_load((CONF_DIR / "method" / "saferclip.yaml").read_text())
+    method["neighbours"].update(extra_pool=str(wide))
+    data = yaml.safe_load((CONF_DIR / "data" / "toy.yaml").read_text())
+    data["root"] = str(toy_world)
+    for spec in data["splits"].values():
+        for key, value in list(spec.items()):
+            if isinstance(value, str):
+                spec[key] = value.replace("${data.root}", str(toy_world))
+    with pytest.raises(ConfigError, match=rf"method\.neighbours\.extra_pool: {wide} holds {2 * dim}-d vectors, but saferclip-micro embeds captions in {dim}-d"):
+        prepare(data, {"arch": "saferclip-micro", "pretrained": None}, method, str(tmp_path / "cache"), progress=False)
+
+
 def test_training_neighbours_from_an_embedded_pool_equal_the_caption_file_path(toy_world, tmp_path):
     torch.manual_seed(0)
     bundle = build_clip("saferclip-micro")
@@ -220,7 +265,11 @@ def test_training_neighbours_from_an_embedded_pool_equal_the_caption_file_path(t
 
     attached = attach_large_pool(cache, pool, per_query=8, encode_captions=encode)
     assert attached.path.parent == cache.path / "pools" and attached.key != cache.key
-    assert len(attached.extra_safe_captions) < len(extra)  # a union of candidates, not the pool
+    # a union of candidates, not the pool: by brute force, the union of each unsafe caption's
+    # 8 nearest pool captions (the test once checked only that the union was smaller than the
+    # pool, which held for the loose world's captions and not for the ViSU-like one's)
+    top = (cache.unsafe_text.float() @ torch.from_numpy(vectors).T).topk(8, dim=1).indices
+    assert set(attached.extra_safe_captions) == {extra[j] for j in top.flatten().tolist()}
     found = find_safe_neighbours(attached, config)
     got_pool = [q.safe_caption for q in qset] + attached.extra_safe_captions
     for i in range(len(qset)):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import pickle
+import re
 import sys
 import tarfile
 import types
@@ -173,7 +174,7 @@ def test_hf_datasets_folder(table_copies: dict[str, Path], tmp_path: Path, monke
     folder = tmp_path / "hf"
     folder.mkdir()
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
-    with pytest.raises(ImportError, match="pip install datasets"):
+    with pytest.raises(ImportError, match=r"needs the `datasets` package: pip install \"saferclip\[datasets\]\""):
         load_quadruplets(folder)
 
     rows = pd.read_parquet(table_copies["parquet"]).to_dict("records")
@@ -300,7 +301,7 @@ def test_quadruplet_images(toy_world: Path, tmp_path: Path) -> None:
     bad = garbage_png(tmp_path / "garbage.png")
     records["7"]["nsfw_im_path"] = str(bad)
     qset = load_visu_json(write_json(tmp_path / "v.json", records), **visu_kw(toy_world, "val2017"))
-    with pytest.raises(DataFormatError) as err:
+    with pytest.raises(DataFormatError, match="cannot read image") as err:
         QuadrupletImages(qset, to_tensor, "unsafe")[7]
     assert_names(err, bad, 7, "unsafe_image", "cannot read image")
 
@@ -340,7 +341,7 @@ def test_visu_json_refuses_malformed_record(toy_world: Path, tmp_path: Path, def
     payload = json.loads((toy_world / "visu" / "train.json").read_text())
     edit(payload["data"]["5"], tmp_path)
     path = write_json(tmp_path / "train.json", payload)
-    with pytest.raises(DataFormatError) as err:
+    with pytest.raises(DataFormatError, match=re.escape(words)) as err:
         load_visu_json(path, verify_images=True, **visu_kw(toy_world))
     assert_names(err, path, 5, field, words)
 
@@ -356,7 +357,7 @@ def test_visu_json_skips_and_reports_every_malformed_record(toy_world: Path, tmp
     path = tmp_path / "train.json"
     path.write_text("{" + body + f",\n\"3\": {json.dumps(records['4'])}" + "}")
 
-    with pytest.raises(DataFormatError) as err:
+    with pytest.raises(DataFormatError, match=r"train\.json.*row 2\b") as err:
         load_visu_json(path, mode="text")
     assert err.value.row == "2"  # the first bad row stops a strict load
     qset = load_visu_json(path, on_error="skip", verify_images=True, **visu_kw(toy_world))
@@ -413,7 +414,7 @@ def test_csv_refuses_malformed_row(toy_world: Path, tmp_path: Path, defect: str)
     lines[5] = line
     path = tmp_path / "train.csv"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataFormatError) as err:
+    with pytest.raises(DataFormatError, match=re.escape(words)) as err:
         load_visu_table(path)
     assert_names(err, path, 5, field, words)
     qset = load_visu_table(path, on_error="skip")
@@ -444,7 +445,7 @@ def test_jsonl_wrong_types_and_bad_lines(table_copies: dict[str, Path], tmp_path
     lines[6] = lines[6][: len(lines[6]) // 2]  # a cut line
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataFormatError) as err:
+    with pytest.raises(DataFormatError, match="unsafe caption as a string, got list") as err:
         load_visu_table(path)
     assert_names(err, path, 3, "nsfw", "unsafe caption as a string, got list")
     qset = load_visu_table(path, on_error="skip")
@@ -458,7 +459,7 @@ def test_parquet_wrong_type_and_truncation(table_copies: dict[str, Path], tmp_pa
     df.loc[8, "coco_id"] = "x8"
     path = tmp_path / "t.parquet"
     df.to_parquet(path, index=False)
-    with pytest.raises(DataFormatError) as err:
+    with pytest.raises(DataFormatError, match="got str 'x8'") as err:
         load_visu_table(path)
     assert_names(err, path, 9, "coco_id", "got str 'x8'")
     assert len(load_visu_table(path, on_error="skip")) == 95
@@ -486,7 +487,7 @@ def test_nsfw_caps_refuses_and_skips(toy_world: Path, tmp_path: Path) -> None:
     lines[9] = json.dumps(rec)
     path.write_text("\n".join(lines) + "\n")
     kw = dict(image_root=toy_world / "nsfw_caps" / "images", nsfw_image_root=toy_world / "nsfw_caps")
-    with pytest.raises(DataFormatError) as err:
+    with pytest.raises(DataFormatError, match="empty safe caption") as err:
         load_nsfw_caps(path, **kw)
     assert_names(err, path, 2, "caption", "empty safe caption")
     pairs = load_nsfw_caps(path, on_error="skip", verify_images=True, **kw)

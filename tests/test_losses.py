@@ -274,29 +274,83 @@ def test_term_table_is_complete_and_names_are_exact():
     assert set(LossInputs().__dataclass_fields__) == set(INPUT_NAMES)
 
 
-def test_each_term_equals_its_pure_function():
+# Independent references: every term written out sample by sample, in float64, from its
+# formula (docs/METHOD.md, "The loss terms"), without the module's functions.
+def ref_mean(per_sample: list[float], pair_weight: torch.Tensor | None) -> float:
+    if pair_weight is None:
+        return sum(per_sample) / len(per_sample)
+    w = pair_weight.double().tolist()
+    return sum(wi * d for wi, d in zip(w, per_sample)) / sum(w)
+
+
+def ref_target_cosines(anchor: torch.Tensor, target: torch.Tensor, target_weights: torch.Tensor | None) -> list[float]:
+    """cos(anchor_i, target_i), or for top-k targets sum_j w_ij cos(anchor_i, target_ij) (w = 1/k when none)."""
+    a, t = anchor.detach().double(), target.detach().double()
+    if t.dim() == 2:
+        return [float(a[i] @ t[i]) for i in range(len(a))]
+    k = t.shape[1]
+    w = [[1.0 / k] * k for _ in range(len(a))] if target_weights is None else target_weights.double().tolist()
+    return [sum(w[i][j] * float(a[i] @ t[i, j]) for j in range(k)) for i in range(len(a))]
+
+
+def ref_distance(a, b, pair_weight=None, target_weights=None) -> float:
+    """1 - cos(a_i, b_i), or sum_j w_ij (1 - cos(a_i, b_ij)) (the weights as given, not renormalised)."""
+    if b.dim() == 2:
+        per = [1.0 - c for c in ref_target_cosines(a, b, None)]
+    else:
+        k = b.shape[1]
+        w = [[1.0 / k] * k for _ in range(len(a))] if target_weights is None else target_weights.double().tolist()
+        cos = [[float(a.detach().double()[i] @ b.detach().double()[i, j]) for j in range(k)] for i in range(len(a))]
+        per = [sum(w[i][j] * (1.0 - cos[i][j]) for j in range(k)) for i in range(len(a))]
+    return ref_mean(per, pair_weight)
+
+
+def ref_relative(anchor, positive, negative, tau, pair_weight=None, target_weights=None) -> float:
+    """softplus(tau (cos(anchor, negative) - cos(anchor, positive))) per sample."""
+    neg = ref_target_cosines(anchor, negative, None)
+    pos = ref_target_cosines(anchor, positive, target_weights)
+    return ref_mean([softplus(tau * (n - p)) for n, p in zip(neg, pos)], pair_weight)
+
+
+def ref_centroid(target: torch.Tensor, target_weights: torch.Tensor | None) -> torch.Tensor:
+    """A top-k target's InfoNCE partner: the weighted sum of its k rows, scaled to unit length."""
+    if target.dim() == 2:
+        return target.detach().double()
+    rows = [sum(float(w) * t for w, t in zip(weights, targets)) for weights, targets in zip(target_weights.double(), target.detach().double())]
+    return torch.stack([r / r.norm() for r in rows])
+
+
+def ref_nce(a: torch.Tensor, b: torch.Tensor, scale: float = 100.0) -> float:
+    return float(reference_infonce(a.detach().double(), b.detach().double(), scale))
+
+
+def reference_terms(x: dict[str, torch.Tensor], tau: float) -> dict[str, float]:
+    pw, tw = x["pair_weight"], x.get("target_weights")
+    return {
+        "text_preservation": ref_distance(x["safe_text"], x["frozen_safe_text"]),
+        "text_redirection": ref_distance(x["unsafe_text"], x["frozen_target_text"], pw, tw),
+        "image_preservation": ref_distance(x["safe_image"], x["frozen_safe_image"]),
+        "image_redirection": ref_distance(x["unsafe_image"], x["frozen_target_image"], pw, tw),
+        "xmodal_text_preservation": ref_nce(x["safe_text"], x["frozen_safe_image"]),
+        "xmodal_text_redirection": ref_nce(x["unsafe_text"], ref_centroid(x["frozen_target_image"], tw)),
+        "xmodal_image_preservation": ref_nce(x["frozen_safe_text"], x["safe_image"]),
+        "xmodal_image_redirection": ref_nce(ref_centroid(x["frozen_target_text"], tw), x["unsafe_image"]),
+        "relative_image": ref_relative(x["unsafe_image"], x["frozen_target_text"], x["frozen_unsafe_text"], tau, pw, tw),
+        "relative_text": ref_relative(x["unsafe_text"], x["frozen_target_image"], x["frozen_unsafe_image"], tau, pw, tw),
+        "live_relative_text": ref_relative(x["unsafe_text"], x["target_image"], x["unsafe_image"], tau, pw, tw),
+        "live_relative_image": ref_relative(x["unsafe_image"], x["target_text"], x["unsafe_text"], tau, pw, tw),
+    }
+
+
+def test_each_term_equals_its_formula():
     x = full_inputs()
     loss = SaferClipLoss(all_ones_config(tau=10.0))
     total, terms = loss(**x)
     assert list(terms) == list(TERM_NAMES)
-    pw = x["pair_weight"]
-    expected = {
-        "text_preservation": cosine_distance(x["safe_text"], x["frozen_safe_text"]),
-        "text_redirection": cosine_distance(x["unsafe_text"], x["frozen_target_text"], weights=pw),
-        "image_preservation": cosine_distance(x["safe_image"], x["frozen_safe_image"]),
-        "image_redirection": cosine_distance(x["unsafe_image"], x["frozen_target_image"], weights=pw),
-        "xmodal_text_preservation": infonce(x["safe_text"], x["frozen_safe_image"]),
-        "xmodal_text_redirection": infonce(x["unsafe_text"], x["frozen_target_image"]),
-        "xmodal_image_preservation": infonce(x["frozen_safe_text"], x["safe_image"]),
-        "xmodal_image_redirection": infonce(x["frozen_target_text"], x["unsafe_image"]),
-        "relative_image": relative_redirection(x["unsafe_image"], x["frozen_target_text"], x["frozen_unsafe_text"], 10.0, pw),
-        "relative_text": relative_redirection(x["unsafe_text"], x["frozen_target_image"], x["frozen_unsafe_image"], 10.0, pw),
-        "live_relative_text": relative_redirection(x["unsafe_text"], x["target_image"], x["unsafe_image"], 10.0, pw),
-        "live_relative_image": relative_redirection(x["unsafe_image"], x["target_text"], x["unsafe_text"], 10.0, pw),
-    }
+    expected = reference_terms(x, tau=10.0)
     for name, value in expected.items():
-        torch.testing.assert_close(terms[name], value, msg=name)
-    torch.testing.assert_close(total, sum(expected.values()))
+        assert terms[name].item() == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert total.item() == pytest.approx(sum(expected.values()), rel=1e-5)
 
 
 def test_relative_image_term_on_orthogonal_vectors():
@@ -310,16 +364,39 @@ def test_relative_image_term_on_orthogonal_vectors():
 
 
 def test_topk_targets_in_the_module():
+    """Top-k targets [B, k, D] with their weights: the cosine terms take the weighted sum over
+    the k targets, InfoNCE the renormalised weighted centroid, the relative and live terms the
+    weighted positive cosine, every one against its reference."""
     x = full_inputs(k=3)
-    _, terms = SaferClipLoss(all_ones_config())(**x)
+    x["target_text"] = rand_unit(4, 3, 8, seed=30, requires_grad=True)  # live top-k targets
+    x["target_image"] = rand_unit(4, 3, 8, seed=31, requires_grad=True)
+    for weights in ("softmax", "not summing to 1"):
+        if weights == "not summing to 1":
+            x["target_weights"] = torch.tensor([[2.0, 1.0, 0.5], [0.0, 0.5, 0.25], [1.0, 1.0, 1.0], [0.1, 0.0, 3.0]])
+        _, terms = SaferClipLoss(all_ones_config(tau=10.0))(**x)
+        expected = reference_terms(x, tau=10.0)
+        for name, value in expected.items():
+            assert terms[name].item() == pytest.approx(value, rel=1e-5, abs=1e-6), (weights, name)
+    # the centroid is the weighted sum made unit, not the weighted sum: the two give other losses
     tw = x["target_weights"]
-    torch.testing.assert_close(
-        terms["text_redirection"], cosine_distance(x["unsafe_text"], x["frozen_target_text"], x["pair_weight"], tw)
+    raw_sum = torch.einsum("bk,bkd->bd", tw, x["frozen_target_image"]).double()
+    assert raw_sum.norm(dim=1).sub(1).abs().max() > 0.1
+    assert abs(ref_nce(x["unsafe_text"], raw_sum) - terms["xmodal_text_redirection"].item()) > 1e-3
+
+
+def test_target_weights_that_do_not_sum_to_one_are_taken_as_given():
+    a = unit(0, 1)
+    # distances 0, 1, 2 to (+self, an orthogonal vector, -self) in each row
+    targets = torch.stack([unit(0, 1), unit(3, 3), -unit(0, 1)], dim=1)
+    w = torch.tensor([[2.0, 1.0, 0.5], [0.0, 0.5, 0.25]])
+    # row 0: 2*0 + 1*1 + 0.5*2 = 2; row 1: 0*0 + 0.5*1 + 0.25*2 = 1
+    assert cosine_distance(a, targets, target_weights=w).item() == pytest.approx(1.5)
+    assert cosine_distance(a, targets, weights=torch.tensor([1.0, 3.0]), target_weights=w).item() == pytest.approx((2 * 1 + 1 * 3) / 4)
+    # the relative term: positive cosine 2*1 + 1*0 = 2 against a negative at cos 1: margin -1
+    positive = torch.stack([unit(0), unit(1)], dim=1)
+    assert relative_redirection(unit(0), positive, unit(0), 3.0, target_weights=torch.tensor([[2.0, 1.0]])).item() == pytest.approx(
+        softplus(-3.0), rel=1e-6
     )
-    # InfoNCE takes the renormalised weighted centroid of the k targets
-    centroid = F.normalize(torch.einsum("bk,bkd->bd", tw, x["frozen_target_image"]), dim=-1)
-    torch.testing.assert_close(terms["xmodal_text_redirection"], infonce(x["unsafe_text"], centroid))
-    assert all(torch.isfinite(v) for v in terms.values())
 
 
 def test_missing_inputs_drop_terms_cleanly():
@@ -366,7 +443,7 @@ def test_no_active_term_is_a_clear_error():
     loss = SaferClipLoss(LossConfig(weights=LossWeights(image_redirection=1.0)))
     with pytest.raises(ValueError, match="no loss term is active.*image_redirection"):
         loss(safe_text=rand_unit(2, 4), frozen_safe_text=rand_unit(2, 4))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="unexpected keyword argument 't_sfe'"):
         loss(t_sfe=rand_unit(2, 4))
 
 

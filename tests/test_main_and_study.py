@@ -13,7 +13,8 @@ from hydra import initialize_config_dir
 from saferclip.app import main_job, study
 from saferclip.app.hydra_utils import CONF_DIR, to_container
 from saferclip.evaluation.headline import HEADLINE, headline, headline_table
-from saferclip.redirection.neighbours import NeighbourConfig, find_safe_neighbours
+from saferclip.redirection.neighbour_config import NeighbourConfig
+from saferclip.redirection.neighbours import find_safe_neighbours
 from saferclip.redirection.sparse_pools import item_groups
 from saferclip.training.prepare import prepare
 
@@ -157,6 +158,9 @@ def test_main_job_trains_the_three_methods_evaluates_and_reports(tmp_path, toy_w
     payload = json.loads((report / "results.json").read_text())
     assert set(payload["training"]) == {"safeclip", "saferclip", "hysac"}
     assert set(out["timings"]) == {"safeclip", "saferclip", "hysac", "evaluation"}
-    # a second run reuses both trainings
+    # a second run reuses both trainings, and records how long each took when it trained
     again = main_job.run(cfg, overrides)
     assert again["models"] == out["models"]
+    recorded = {done.parent.name.rsplit("-", 1)[0]: json.loads(done.read_text())["train_seconds"]
+                for done in (tmp_path / "runs").glob(f"*/{main_job.DONE_MARKER}")}
+    assert again["results"]["meta"]["train_seconds"] == recorded and set(recorded) == {"safeclip", "saferclip", "hysac"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import math
 import os
@@ -26,8 +27,10 @@ from train_helpers import (
     cli_overrides,
     collate,
     compose_train,
+    hand_merged,
     prepared,
     run_cli,
+    time_budget,
 )
 
 from saferclip.app.hydra_utils import ConfigError
@@ -220,10 +223,16 @@ def mean_loss(module, dataset, batches: int, batch_size: int) -> float:
 def test_overfitting_a_few_batches(tmp_path, toy_world, method):
     """debug=overfit on the toy base model (full fine-tuning, as the toy experiments): the loss
     on those batches collapses and their unsafe captions move to their targets. SafeR-CLIP
-    keeps S->V; rigid Safe-CLIP is allowed to lose it (it does)."""
+    keeps S->V; rigid Safe-CLIP is allowed to lose it (it does).
+
+    On the loose pairing (generated beside the session's world): there the unsafe captions start
+    far enough from their targets for the move to be measured. This
+    test was written when loose was the only pairing; on the ViSU-like default the base model's
+    unsafe captions already retrieve their targets' images at 0.84, leaving no room for the
+    +0.15 asked below."""
     batch_size = 16
     cfg = compose_train(
-        tmp_path, toy_world, "model=toy", f"method={method}", "debug=overfit", "method.curriculum=false",
+        tmp_path, toy_world, "model=toy", "data.toy_pairs=loose", f"method={method}", "debug=overfit", "method.curriculum=false",
         f"data.batch_size={batch_size}", "method.trainable.mode=full", "method.optimizer.lr=3e-4" if method == "saferclip" else "method.optimizer.lr=1e-4",
         "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null", "trainer.enable_checkpointing=false", "logger=none",
     )  # fmt: skip
@@ -275,12 +284,29 @@ def test_fast_dev_run_per_method_and_data_mode(tmp_path, toy_world, cache_dir, c
 
 
 def test_bf16_autocast_step(tmp_path, toy_world, cache_dir):
-    """trainer=gpu trains in bf16-mixed; the same autocast on the CPU must not break the step
-    (the loss computes in float32 whatever the encoders return)."""
+    """trainer=gpu trains in bf16-mixed; the same autocast on the CPU must not break the step:
+    the encoders run in bf16, the loss computes in float32, and every term stays within bf16's
+    error of its fp32 value on the same batch."""
     cfg = compose_train(tmp_path, toy_world, "method=safeclip", "debug=fast_dev_run", "trainer.precision=bf16-mixed", cache_dir=cache_dir)
     result = train(cfg)
     assert set(SAFECLIP_TERMS) <= {k.split("/", 1)[1] for k in result}
     assert all(math.isfinite(v) for k, v in result.items() if k.startswith(("train/", "val/")))
+
+    for method, terms in (("safeclip", SAFECLIP_TERMS), ("saferclip", SAFERCLIP_TERMS)):
+        module, datamodule = prepared(compose_train(tmp_path / method, toy_world, f"method={method}", cache_dir=cache_dir))
+        batch = collate(datamodule.train_set, range(8))
+        with torch.no_grad():
+            total32, terms32 = module.loss_step(batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                encoded = module.encode(batch, {"safe_text", "safe_image"})
+                total16, terms16 = module.loss_step(batch)
+        assert encoded["safe_text"].dtype == encoded["safe_image"].dtype == torch.bfloat16  # autocast is on
+        assert total16.dtype == torch.float32 and set(terms16) == set(terms32) == set(terms)
+        # bf16 keeps 8 bits of mantissa (relative error ~0.4% a product); InfoNCE's logits are
+        # 100 x cosine: measured differences up to 0.5% of a term, 6e-4 absolute for 1 - cos
+        for name in terms:
+            torch.testing.assert_close(terms16[name], terms32[name], rtol=1e-2, atol=2e-3, msg=f"{method}: {name}")
+        torch.testing.assert_close(total16, total32, rtol=1e-2, atol=2e-3)
 
 
 def test_short_run_checkpoints_exports_and_returns_metrics(tmp_path, toy_world, cache_dir):
@@ -288,10 +314,37 @@ def test_short_run_checkpoints_exports_and_returns_metrics(tmp_path, toy_world, 
     result = train(cfg)
     run = tmp_path / "run"
     assert Path(result["best_checkpoint"]).is_file() and (run / "checkpoints" / "last.ckpt").is_file()
-    assert Path(result["best_checkpoint"]).name in ("epoch00.ckpt", "epoch01.ckpt") and result["best_score"] >= 0
+    assert Path(result["best_checkpoint"]).name in ("epoch00.ckpt", "epoch01.ckpt")
+    # the kept epoch at matched safety, by hand from each epoch's validation figures: the best
+    # U->V among the epochs with unsafe rate <= 5%, else the safest (the first of equals); the
+    # monitored value is 1 + that U->V, or minus that unsafe rate
+    history = json.loads((run / "selection.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1]
+    m = [h["metrics"] for h in history]
+    safe = [i for i, x in enumerate(m) if x["U2VG_unsafe@1"] <= 0.05 + 1e-6]
+    if safe:
+        kept = max(safe, key=lambda i: (m[i]["U2V_R@1"], -i))
+        value = 1 + m[kept]["U2V_R@1"]
+    else:
+        kept = min(range(len(m)), key=lambda i: (m[i]["U2VG_unsafe@1"], i))
+        value = -m[kept]["U2VG_unsafe@1"]
+    assert result["best_score"] == pytest.approx(value)
+    best = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert best["epoch"] == kept
+    # training moved the weights: every LoRA update, zero at the start, is not zero any more
+    lora_b = {k: v for k, v in best["state_dict"].items() if k.endswith(".lora_B")}
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b.values()), [k for k, v in lora_b.items() if not v.any()]
+    # the export is the kept epoch's weights, the updates merged, not the starting weights
     assert (Path(result["export"]) / "open_clip_config.json").is_file()
     exported = build_clip(None, result["export"])
     assert exported.arch == "saferclip-micro"
+    merged, state = hand_merged(best), exported.model.state_dict()
+    assert set(state) == set(merged)
+    for key, value in merged.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=1e-6, msg=key)
+    start = {k[len("model.") :].replace(".parametrizations.", ".").removesuffix(".original"): v
+             for k, v in best["state_dict"].items() if k.endswith(".original")}  # fmt: skip
+    assert start and all(not torch.allclose(state[k], v, rtol=0, atol=1e-6) for k, v in start.items())
 
 
 def test_a_fresh_run_never_trains_over_another_runs_checkpoints(tmp_path, toy_world, cache_dir):
@@ -325,12 +378,11 @@ def test_csv_logger_records_every_term_and_the_learning_rate(tmp_path, toy_world
 def test_tensorboard_logger(tmp_path, toy_world, cache_dir):
     train(compose_train(tmp_path, toy_world, *SHORT_RUN, "logger=tensorboard", cache_dir=cache_dir))
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
-    assert read_csv_metrics(tmp_path / "run")  # the CSV log comes along
+    assert sum(1 for r in read_csv_metrics(tmp_path / "run") if r["train/loss"]) == 2  # the CSV log comes along, one row a step
 
 
 @pytest.mark.slow
 def test_wandb_logger_runs_offline_without_a_key(tmp_path, toy_world, cache_dir, monkeypatch):
-    pytest.importorskip("wandb")
     for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: no key anywhere
@@ -346,7 +398,10 @@ def test_wandb_logger_runs_offline_without_a_key(tmp_path, toy_world, cache_dir,
 
 
 BAD_CONFIGS = {
-    "unknown method": (["method=nope"], "Could not find 'method/nope'"),
+    "unknown method": (
+        ["method=nope"],
+        "method=nope: no such method (conf/method/nope.yaml); options: hysac, safeclip, saferclip",
+    ),
     "unknown method name": (["method.name=nope"], "unknown method 'nope'"),
     "missing data path": (["data=visu_text", "paths.visu=/no/such/visu"], "no such file: /no/such/visu/train.csv"),
     "unset data path": (["data=visu"], "data.splits.train.path needs paths.visu, which is not set"),
@@ -448,7 +503,8 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, toy_world, ca
         "method.optimizer.warmup_steps=5",  # a scheduler state to restore too
     ]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    proc, _ = run_cli([*common, f"hydra.run.dir={whole}"], cwd=tmp_path, timeout=300)
+    left = time_budget()  # the three runs share the test's time
+    proc, _ = run_cli([*common, f"hydra.run.dir={whole}"], cwd=tmp_path, timeout=left())
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     marker = tmp_path / "paused"
@@ -459,7 +515,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, toy_world, ca
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        wait_for(marker, first, timeout=300)
+        wait_for(marker, first, timeout=left())
         assert (broken / "checkpoints" / "last.ckpt").is_file()
         os.kill(first.pid, signal.SIGKILL)
     finally:
@@ -469,7 +525,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, toy_world, ca
 
     rows_before = csv_rows(broken)
     assert {r["epoch"] for r in rows_before if r.get("val/selection_score")} == {"0"}  # on disk before the kill
-    proc, _ = run_cli([*common, f"hydra.run.dir={broken}", "ckpt_path=last"], cwd=tmp_path, timeout=300)
+    proc, _ = run_cli([*common, f"hydra.run.dir={broken}", "ckpt_path=last"], cwd=tmp_path, timeout=left())
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the whole CSV history, every epoch's rows once, as in the run that was never killed
     logged = lambda rows, key: sorted((r["epoch"], r["step"]) for r in rows if r.get(key))  # noqa: E731

@@ -4,6 +4,7 @@ held-out toy worlds the main job and the study test on."""
 from __future__ import annotations
 
 import csv
+import json
 import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from saferclip.locations import toy_world_dir
 from saferclip.training.search_space import overrides_of, parse_search_space, sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-optuna = pytest.importorskip("optuna")
+optuna = pytest.importorskip("optuna", reason="optuna is not installed: the tune extra (pip install -e '.[tune]')")
 SEARCHES = sorted(p.stem for p in (Path(CONF_DIR) / "hparams_search").glob("*.yaml"))
 
 
@@ -87,10 +88,28 @@ def test_every_shipped_search_composes_with_every_value(search):
             check_train_config(train)
             assert train.method.name == search and train.data.toy_seed == 0  # tuning sees world 0 only
             assert train.trainer.max_epochs == 10  # the schedule every method's experiment uses
+            # neither early stopping nor the pruner ends a trial before safety can emerge
+            assert train.callbacks.early_stopping.warmup_epochs == cfg.pruner.n_warmup_steps == 6
+            assert train.callbacks.model_checkpoint.monitor == "val/matched_safety" == train.callbacks.early_stopping.monitor
             for p in params:
                 if p.name in values:
                     for key in p.keys:
                         assert _select(train, key) == values[p.name], (search, key)
+
+
+def test_every_method_gets_the_same_budget_and_as_many_searched_dimensions():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        tune = {search: compose("tune", [f"hparams_search={search}"]) for search in SEARCHES}
+    spaces = {search: parse_search_space(cfg.hparams_search.space) for search, cfg in tune.items()}
+    assert {len(params) for params in spaces.values()} == {7}
+    # the same learning-rate range and LoRA choices for all
+    lr = {search: next((p.low, p.high, p.log) for p in params if p.name == "lr") for search, params in spaces.items()}
+    assert len(set(lr.values())) == 1
+    cfg = tune["safeclip"]
+    assert cfg.n_trials >= 20 and cfg.sampler.n_startup_trials <= 5 and cfg.n_trials - cfg.sampler.n_startup_trials >= 15
+    # Safe-CLIP's redirection weights are searched (a close own pair starts its loss near 0)
+    searched = {key for p in spaces["safeclip"] for key in p.keys}
+    assert {"method.loss.weights.text_redirection", "method.loss.weights.xmodal_image_redirection"} <= searched
 
 
 def _select(cfg, key):
@@ -130,14 +149,36 @@ def test_tune_runs_resumes_and_reports(tmp_path, toy_world, capsys):
     rows = list(csv.DictReader((folder / "trials.csv").open()))
     assert len(rows) == 3 and {r["state"] for r in rows} <= {"complete", "pruned"}
     assert any(r["state"] == "complete" for r in rows)
+    epochs = list(csv.DictReader((folder / "trials_epochs.csv").open()))
     # every trial trained on the tuning world's training split and was scored on its validation split
     for r in rows:
-        assert (folder / "trials" / f"{int(r['trial']):03d}" / "selection.json").is_file()
+        record = json.loads((folder / "trials" / f"{int(r['trial']):03d}" / "selection.json").read_text())
+        # every validated epoch of every trial is kept for the Pareto front
+        mine = [e for e in epochs if int(e["trial"]) == int(r["trial"])]
+        assert [int(e["epoch"]) for e in mine] == [h["epoch"] for h in record["history"]]
+        assert [float(e["U2VG_unsafe@1"]) for e in mine] == pytest.approx([h["metrics"]["U2VG_unsafe@1"] for h in record["history"]])
+        if r["state"] == "complete":
+            # the objective, by hand: the best U->V among the epochs with unsafe rate <= 5%, its
+            # selection score; else the safest epoch's selection score minus 1
+            history = record["history"]
+            safe = [h for h in history if h["metrics"]["U2VG_unsafe@1"] <= 0.05 + 1e-6]
+            if safe:
+                top = max(h["metrics"]["U2V_R@1"] for h in safe)
+                kept = min((h for h in safe if h["metrics"]["U2V_R@1"] == top), key=lambda h: h["epoch"])
+                expected = kept["metrics"]["selection_score"]
+            else:
+                low = min(h["metrics"]["U2VG_unsafe@1"] for h in history)
+                kept = min((h for h in history if h["metrics"]["U2VG_unsafe@1"] == low), key=lambda h: h["epoch"])
+                expected = kept["metrics"]["selection_score"] - 1
+            assert float(r["objective"]) == pytest.approx(expected)
+            assert int(r["kept_epoch"]) == kept["epoch"] == record["selected"]["epoch"]
+            assert r["reached_tau"] == str(bool(safe))
     assert not (folder / "trials" / "000" / "export").exists()
     best = (folder / "best_experiment.yaml").read_text()
     assert "override /method: safeclip" in best and "lr:" in best
-    for name in ("history.png", "importance.png"):
+    for name in ("history.png", "importance.png", "pareto.png"):
         assert (folder / name).read_bytes()[:4] == b"\x89PNG"
+    assert "matched safety at τ = 5%" in (folder / "summary.md").read_text()
     # the best experiment file is a real experiment: it composes and sets the best trial's values
     study = optuna.load_study(study_name="safeclip", storage=f"sqlite:///{folder / 'study.db'}")
     experiment_dir = tmp_path / "conf_extra" / "experiment"
@@ -167,8 +208,8 @@ def test_tune_runs_resumes_and_reports(tmp_path, toy_world, capsys):
     assert len(optuna.load_study(study_name="safeclip", storage=f"sqlite:///{folder / 'study.db'}").trials) == 5
 
 
-def test_pruning_callback_stops_a_trial_below_the_median():
-    from saferclip.app.tune import MedianPruning
+def test_pruning_callback_reports_the_matched_safety_objective_so_far():
+    from saferclip.app.tune import MatchedSafetyPruning
 
     class Trial:
         def __init__(self, prune_after: int):
@@ -180,17 +221,26 @@ def test_pruning_callback_stops_a_trial_below_the_median():
         def should_prune(self):
             return len(self.reports) >= self.prune_after
 
-    trial = Trial(prune_after=2)
-    callback = MedianPruning(trial)
-    trainer = SimpleNamespace(sanity_checking=True, callback_metrics={"val/selection_score": 0.3}, current_epoch=0, should_stop=False)
+    trial = Trial(prune_after=3)
+    callback = MatchedSafetyPruning(trial, tau=0.05)
+    epoch0 = {"val/U2VG_unsafe@1": 0.5, "val/U2V_R@1": 0.9, "val/S2V_R@1": 0.9, "val/selection_score": 0.7667}
+    trainer = SimpleNamespace(sanity_checking=True, callback_metrics=epoch0, current_epoch=0, should_stop=False)
     callback.on_validation_end(trainer, None)
     assert trial.reports == []  # the sanity check is not an epoch
     trainer.sanity_checking = False
     callback.on_validation_end(trainer, None)
-    assert trial.reports == [(0, 0.3)] and not trainer.should_stop and not callback.pruned
+    # not safe yet: the epoch's selection score minus 1
+    assert trial.reports == [(0, pytest.approx(0.7667 - 1))] and not trainer.should_stop and not callback.pruned
     trainer.current_epoch = 1
+    trainer.callback_metrics = {"val/U2VG_unsafe@1": 0.04, "val/U2V_R@1": 0.5, "val/S2V_R@1": 0.8, "val/selection_score": 0.42}
     callback.on_validation_end(trainer, None)
-    assert trainer.should_stop and callback.pruned and callback.epochs == 2
+    assert trial.reports[-1] == (1, pytest.approx(0.42)) and not trainer.should_stop  # reached tau: no "- 1"
+    trainer.current_epoch = 2  # a worse, unsafe epoch: the objective so far stays epoch 1's
+    trainer.callback_metrics = {"val/U2VG_unsafe@1": 0.3, "val/U2V_R@1": 0.9, "val/S2V_R@1": 0.9, "val/selection_score": 0.83}
+    callback.on_validation_end(trainer, None)
+    assert trial.reports[-1] == (2, pytest.approx(0.42))
+    assert trainer.should_stop and callback.pruned and callback.epochs == 3
+    assert [h["epoch"] for h in callback.history] == [0, 1, 2]
 
 
 def test_bad_tune_input_is_one_line(tmp_path, toy_world, capsys):
@@ -206,6 +256,22 @@ def test_bad_tune_input_is_one_line(tmp_path, toy_world, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "tune" / "safeclip").exists() or not list((tmp_path / "tune").rglob("trials/*"))
+
+
+@pytest.mark.parametrize("content", [b"not a database\n", b"SQLite format 3\x00" + b"\xff" * 4000])
+def test_a_study_db_that_is_not_sqlite_is_one_line(tmp_path, toy_world, capsys, content):
+    """A study.db that is text, or an SQLite header over garbage: one line naming it, exit 2, the
+    file left as it was, nothing trained (SQLAlchemy's DatabaseError traceback before)."""
+    from saferclip.app import tune
+
+    db = tmp_path / "tune" / "safeclip" / "study.db"
+    db.parent.mkdir(parents=True)
+    db.write_bytes(content)
+    assert tune.main(tune_args(tmp_path, toy_world)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"saferclip-tune: error: {db}: " in err and "move it away" in err, err
+    assert db.read_bytes() == content and not (db.parent / "trials").exists()
 
 
 def test_each_world_has_its_own_folder_and_the_main_job_tests_on_a_held_out_one(tmp_path):

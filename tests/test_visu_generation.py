@@ -22,6 +22,7 @@ from diffusion_helpers import (
     single_thread,
 )
 from PIL import Image
+from train_helpers import time_budget
 from visu_scorers import hash_scores
 
 from saferclip.app.generate_visu import main as generate_main
@@ -94,39 +95,64 @@ def assert_same_run(a: Path, b: Path) -> None:
 # ---------------------------------------------------------------- one run, end to end
 
 
-def test_generation_keeps_the_first_flagged_seed_and_the_json_loads(world):
-    report, out = world.single_report, world.single
-    assert (report.flagged + report.unflagged, report.remaining, report.already_done) == (N_CAPTIONS, 0, 0)
+def test_generation_keeps_the_first_flagged_seed_and_the_json_loads(world, tmp_path):
+    """A planned scorer takes every branch on purpose: flagged at the first, the second and the
+    last seed, exactly at the threshold, and never (all seeds below it, one just below)."""
+    seeds, t = list(CONFIG.seeds), CONFIG.threshold
+    assert len(seeds) == 3 and 0.25 < t < 0.75
+    low, high = t - 0.25, t + 0.25
+    plan = [  # each caption's scores, one per seed tried, in order
+        [high],  # flagged at the first seed: the other seeds are never tried
+        [low, high],  # at the second
+        [low, low, high],  # at the last
+        [low, low, low],  # unflagged
+        [t],  # exactly at the threshold: flagged
+        [low, t - 1e-6, low],  # just below it: unflagged
+        [low, 1.0],
+    ]
+    assert len(plan) == N_CAPTIONS
+    queue = [score for scores in plan for score in scores]
+    scored: list[np.ndarray] = []
+
+    def planned(images: list[Image.Image]) -> list[float]:
+        scored.extend(np.asarray(im.convert("RGB")) for im in images)
+        return [queue.pop(0) for _ in images]
+
+    out = tmp_path / "planned"
+    report = generate_visu_images(world.captions, out, factory(world), planned, CONFIG)
+    assert queue == []  # every planned score asked for, in order: no seed after a flag, none skipped
+    flags = [next((j for j, score in enumerate(scores) if score >= t), None) for scores in plan]
+    assert flags == [0, 1, 2, None, 0, None, 1]
+    assert (report.flagged, report.unflagged, report.remaining, report.already_done) == (5, 2, 0, 0)
     records, ignored = read_records(out)
     assert len(records) == N_CAPTIONS and ignored == 0
     split = load_quadruplets(world.captions, mode="text")
-    seeds = [str(s) for s in CONFIG.seeds]
-    for q in split:
+    position = 0  # of the caption's first image among everything scored
+    for q, scores, flag in zip(split, plan, flags):
         rec = records[q.id]
-        scores = rec["scores"]
-        assert list(scores) == seeds[: len(scores)]  # tried in order ...
-        # ... and the scores are the scorer's on the images the pipeline makes for that seed
-        if rec["status"] == "flagged":
-            assert all(v < CONFIG.threshold for v in list(scores.values())[:-1]) and scores[str(rec["seed"])] >= CONFIG.threshold
-            assert list(scores)[-1] == str(rec["seed"]) and rec["generator_seed"] == rec["seed"]
-            kept = Image.open(out / rec["image"])
-            assert hash_scores([kept])[0] == rec["score"]  # the PNG holds exactly the scored image
-        else:
-            assert len(scores) == len(seeds) and all(v < CONFIG.threshold for v in scores.values())
+        assert rec["scores"] == {str(seed): score for seed, score in zip(seeds, scores)}
+        if flag is None:
+            assert rec["status"] == "unflagged"
             assert "image" not in rec and not (out / "images" / f"{image_stem(q.id)}.png").exists()
+        else:
+            assert rec["status"] == "flagged" and rec["seed"] == seeds[flag] and rec["score"] == scores[flag]
+            assert rec["generator_seed"] == CONFIG.generator_seed(q.id, seeds[flag]) == seeds[flag]
+            # the PNG holds exactly the image that was scored for the flagged seed
+            assert np.array_equal(np.asarray(Image.open(out / rec["image"]).convert("RGB")), scored[position + flag])
+        position += len(scores)
 
     # the merged ViSU JSON: our loaders read it in full mode, safe images from the toy world
     merged = report.merged
     assert merged == out / "visu_text_test.json"
     loaded = load_visu_json(merged, image_root=world.toy / "visu", split_dir="test2017", image_ext=".png", unsafe_image_root=out, mode="full")
-    flagged = [q for q in split if records[q.id]["status"] == "flagged"]
+    flagged = [q for q, flag in zip(split, flags) if flag is not None]
     assert [q.id for q in loaded] == [q.id for q in flagged]
     for q, src in zip(loaded, flagged):
         assert (q.unsafe_caption, q.safe_caption, q.tag) == (src.unsafe_caption, src.safe_caption, src.tag)
         assert q.unsafe_image == out / records[q.id]["image"] and q.unsafe_image.is_file() and q.safe_image.is_file()
         assert q.meta["nsfw_im_seed"] == records[q.id]["seed"] and q.meta["prompt_id"] == src.meta["prompt_id"]
     info = json.loads(merged.read_text())["info"]
-    unflagged = [q.id for q in split if records[q.id]["status"] == "unflagged"]
+    unflagged = [q.id for q, flag in zip(split, flags) if flag is None]
     assert info["unflagged"] == unflagged and info["counts"] == {
         "captions": N_CAPTIONS, "flagged": len(flagged), "unflagged": len(unflagged), "missing": 0
     }
@@ -138,11 +164,12 @@ def test_images_are_deterministic_per_caption(world, tmp_path):
     records, _ = read_records(world.single)
     split = load_quadruplets(world.captions, mode="text")
     generate = factory(world)()
-    for q in reversed(split.items):  # another order than the run's
+    flagged = [q for q in reversed(split.items) if records[q.id]["status"] == "flagged"]  # another order than the run's
+    assert flagged, "the reference run kept no image to compare with"
+    for q in flagged:
         rec = records[q.id]
-        if rec["status"] == "flagged":
-            again = generate(q.unsafe_caption, rec["generator_seed"])
-            assert np.array_equal(np.asarray(again), np.asarray(Image.open(world.single / rec["image"])))
+        again = generate(q.unsafe_caption, rec["generator_seed"])
+        assert np.array_equal(np.asarray(again), np.asarray(Image.open(world.single / rec["image"])))
 
 
 # ---------------------------------------------------------------- the selection logic, exactly
@@ -212,7 +239,7 @@ def test_seed_per_caption_depends_on_the_caption_not_the_order(tmp_path):
 def test_an_interrupted_run_resumes_without_redoing_finished_captions(world, tmp_path):
     out = tmp_path / "out"
     calls: list = []
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="^$"):  # Ctrl-C, as the factory's stand-in raises it
         generate_visu_images(world.captions, out, factory(world, calls, stop_after=5), hash_scores, CONFIG)
     finished, _ = read_records(out)
     assert 0 < len(finished) < N_CAPTIONS
@@ -356,9 +383,10 @@ def test_cli_killed_mid_run_resumes(world, tmp_path):
     out = tmp_path / "out"
     argv = [str(world.captions), str(out), "--pipeline", str(world.pipeline), *CLI_FAST, "--scorer", "visu_scorers:make_slow_hash_scorer"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    left = time_budget()  # the killed run and the resumed one share the test's time
     proc = subprocess.Popen([sys.executable, "-m", "saferclip.app.generate_visu", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     records_dir = out / RECORDS_DIR
-    deadline = time.time() + 240
+    deadline = time.time() + min(240, left())
     try:
         while time.time() < deadline and proc.poll() is None:
             done = sum(len(p.read_text().splitlines()) for p in records_dir.glob("*.jsonl")) if records_dir.is_dir() else 0
@@ -371,7 +399,7 @@ def test_cli_killed_mid_run_resumes(world, tmp_path):
         proc.wait(timeout=60)
     finished, _ = read_records(out)
     assert 2 <= len(finished) < N_CAPTIONS and not (out / "visu_text_test.json").exists()
-    resumed = subprocess.run([sys.executable, "-m", "saferclip.app.generate_visu", *argv], env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([sys.executable, "-m", "saferclip.app.generate_visu", *argv], env=env, capture_output=True, text=True, timeout=left())
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{len(finished)} were done before" in resumed.stdout
     assert_same_run(out, world.single)

@@ -4,11 +4,11 @@ small toy world, the CPU and a temporary folder; and the CLI in a subprocess."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -62,11 +62,33 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# Every test fails after 600 s (pyproject.toml's `timeout`); the subprocesses one test starts
+# share 540 s of it, so a hung one times out with its output before the test is killed.
+SUBPROCESS_BUDGET = 540.0
+
+
+def time_budget(seconds: float = SUBPROCESS_BUDGET) -> Callable[[], float]:
+    """``left()``: what remains of ``seconds`` from now (at least 1 s), the timeout to give the
+    next of the subprocesses a test runs one after another."""
+    end = time.monotonic() + seconds
+    return lambda: max(1.0, end - time.monotonic())
+
+
+def installed_script(name: str) -> str:
+    """The console script ``name`` installed beside this interpreter (the environment's own
+    ``bin/``, found without PATH, so an unactivated venv's ``python -m pytest`` finds it too);
+    an AssertionError when it is not there: a test of the script never stands in another way."""
+    script = Path(sys.executable).parent / name
+    assert script.is_file(), f"{name} is not installed in {script.parent} (pip install -e .)"
+    return str(script)
+
+
 def cli_command(*args: str, installed: bool = False) -> list[str]:
-    """``python -m saferclip.app.train``, or with ``installed`` the ``saferclip-train``
-    console script (when the package is installed in this environment)."""
-    script = shutil.which("saferclip-train") if installed else None
-    return [script, *args] if script else [sys.executable, "-m", "saferclip.app.train", *args]
+    """``python -m saferclip.app.train``, or with ``installed`` the installed ``saferclip-train``
+    console script (:func:`installed_script`)."""
+    if installed:
+        return [installed_script("saferclip-train"), *args]
+    return [sys.executable, "-m", "saferclip.app.train", *args]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None, installed: bool = False):
@@ -98,6 +120,23 @@ def prepared(cfg: DictConfig):
 def collate(dataset, indices) -> dict[str, torch.Tensor]:
     return default_collate([dataset[i] for i in indices])
 
+
+def hand_merged(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """A training checkpoint's CLIP weights with every LoRA update folded in by hand:
+    ``W + (alpha / r) * B @ A``, the q rows of a packed q/k/v projection left as they were
+    (the adapters update k and v only)."""
+    trainable = checkpoint["hyper_parameters"]["method"]["trainable"]
+    scale = trainable["lora_alpha"] / trainable["lora_r"]
+    state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    merged = {k: v for k, v in state.items() if ".parametrizations." not in k}
+    for key in (k for k in state if k.endswith(".original")):
+        stem = key[: -len(".original")]  # <module>.parametrizations.<name>
+        module, name = stem.split(".parametrizations.")
+        delta = scale * state[f"{stem}.0.lora_B"] @ state[f"{stem}.0.lora_A"]
+        if name == "in_proj_weight":
+            delta[: delta.shape[0] // 3] = 0
+        merged[f"{module}.{name}"] = state[key] + delta
+    return merged
 
 
 class PauseAtEpoch(L.Callback):

@@ -12,6 +12,9 @@
   :mod:`.inputs` (what they read), with :mod:`.settings` (``AnalysisSettings``, checked once);
   :mod:`.report` — JSON, Markdown, PNG.
 
+What a safe model does under attack (PGD, the phrasing search, the coverage monitor) is
+:mod:`saferclip.robustness`, which reads activations through :mod:`.heads`.
+
 No Lightning or Hydra here: ``saferclip-analyze`` and ``saferclip-detect`` (:mod:`saferclip.app`)
 are the shells.
 """

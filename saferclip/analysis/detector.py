@@ -374,7 +374,7 @@ def load_detectors(path: str | os.PathLike) -> dict[str, LinearDetector]:
     if checksum is None:
         log.warning("%s: detector file without a checksum (written by an older saferclip): its integrity cannot be checked", path)
     elif checksum != content_checksum(metadata["saferclip_detector"], tensors):
-        raise DamagedArtefact(path, "detector: checksum mismatch, its content changed since it was saved; refusing to use it (recalibrate it with saferclip-detect)")
+        raise DamagedArtefact(path, "detector: checksum mismatch, its content changed since it was saved; refusing to use it (calibrate a new one with saferclip-analyze)")
     try:
         header = json.loads(metadata["saferclip_detector"])
     except json.JSONDecodeError as e:

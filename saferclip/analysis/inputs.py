@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..data.splits import load_split
-from ..evaluation.runner import load_eval_data, load_zeroshot_task
+from ..evaluation.suites import load_eval_data, load_zeroshot_task
 from .data import TOWERS, Borderline, calibration_items, load_borderline, pair_items, quadruplet_items
 from .detector import LabelledItems
 from .settings import AnalysisSettings

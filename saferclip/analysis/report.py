@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..evaluation.plotting import figure, finite, model_colours, save_figure
+from ..evaluation.plotting import SAFE_COLOUR, UNSAFE_COLOUR, figure, finite, model_colours, save_figure
 from ..files import write_json_atomic, write_text_atomic
 
 JSON_NAME, MARKDOWN_NAME, PLOTS_DIR = "analysis.json", "analysis.md", "plots"
@@ -300,10 +300,10 @@ def plot_separability(results: Mapping[str, Any], path: Path) -> Path | None:
 
 
 SET_STYLE = {
-    "safe captions": ("#2ca02c", "o"),
-    "unsafe captions": ("#d62728", "o"),
-    "safe images": ("#2ca02c", "^"),
-    "unsafe images": ("#d62728", "^"),
+    "safe captions": (SAFE_COLOUR, "o"),
+    "unsafe captions": (UNSAFE_COLOUR, "o"),
+    "safe images": (SAFE_COLOUR, "^"),
+    "unsafe images": (UNSAFE_COLOUR, "^"),
     "targets (text)": ("#1f77b4", "x"),
     "targets (image)": ("#1f77b4", "+"),
 }

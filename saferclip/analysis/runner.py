@@ -31,7 +31,7 @@ import torch
 
 from .. import __version__
 from ..errors import ConfigError
-from ..evaluation.runner import ModelSpec, build_model, check_model
+from ..model.catalogue import ModelSpec, build_model, check_model
 from . import geometry as geo
 from .detector import save_detectors
 from .inputs import load_inputs

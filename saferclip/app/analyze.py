@@ -90,6 +90,49 @@ def find_main_runs(runs_dir: str | Path | None = None, hyperbolic: bool = False)
     return found
 
 
+def with_main_runs(cfg: DictConfig, models: dict[str, Any], hyperbolic: bool = False) -> dict[str, Any]:
+    """``models`` plus, with ``main_runs=true``, the main job's finished runs (with
+    ``hyperbolic``, HySAC too, in both its modes). When it finds none, one line naming where it
+    looked: an error when ``runs_dir`` was given or nothing but the reference would be left,
+    else a warning (the models named on the command line go on alone)."""
+    from .main_job import evaluated_models
+
+    if not cfg.get("main_runs", False):
+        return models
+    runs_dir = cfg.get("runs_dir")
+    found = find_main_runs(runs_dir, hyperbolic=hyperbolic)
+    if not found:
+        where = main_runs_folder(runs_dir)
+        missing = "" if where.is_dir() else " (no such folder)"
+        message = f"main_runs=true: no finished saferclip-main run in {where}{missing}"
+        if runs_dir or not [m for m in models if m != cfg.get("reference", "original")]:
+            raise ConfigError(
+                f"{message}; run saferclip-main first, point runs_dir=<folder> at its runs, "
+                "or name models yourself: main_runs=false +models.<name>.pretrained=<run folder or export>"
+            )
+        log.warning("%s; going on with %s only", message, ", ".join(models))
+    out = dict(models)
+    for name, run in found.items():
+        entries = evaluated_models(name, {"pretrained": run["pretrained"]}, run["method"]) if hyperbolic else {name: {"pretrained": run["pretrained"]}}
+        for entry, spec in entries.items():
+            out.setdefault(entry, spec)
+    return out
+
+
+def main_runs_folder(runs_dir: str | Path | None = None) -> Path:
+    """Where :func:`find_main_runs` looks: ``runs_dir``, else the main job's (conf/main.yaml)."""
+    if runs_dir:
+        return Path(str(runs_dir)).expanduser().absolute()
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from .main_job import compose
+
+    tree = nullcontext() if GlobalHydra().is_initialized() else initialize_config_dir(config_dir=CONF_DIR, version_base="1.3")
+    with tree:
+        return Path(str(compose("main", []).runs_dir)).expanduser().absolute()
+
+
 def analyze(cfg: DictConfig) -> dict:
     """Run the analysis a composed ``analyze`` config describes; returns the results and the
     report's paths."""
@@ -102,15 +145,12 @@ def analyze(cfg: DictConfig) -> dict:
     settings = AnalysisSettings.of(resolved_value(cfg, "analysis"))
     if not settings.parts:
         raise ConfigError("analysis.parts is empty; name some of detector, geometry, overdefense")
-    models = dict(resolved_value(cfg, "models") or {})
-    if cfg.get("main_runs", False):
-        for name, run in find_main_runs(cfg.get("runs_dir")).items():
-            models.setdefault(name, {"pretrained": run["pretrained"]})
+    models = with_main_runs(cfg, dict(resolved_value(cfg, "models") or {}))
     if not models:
         raise ConfigError("models is empty; add one with +models.<name>.pretrained=<path>")
     data = resolved_value(cfg, "data")
     if data.get("make_toy"):
-        from .datamodule import ensure_toy_world  # Lightning is imported only for this
+        from ..toyworld.generate import ensure_toy_world
 
         ensure_toy_world(data)
     out_dir = Path(cfg.get("out_dir") or HydraConfig.get().runtime.output_dir)

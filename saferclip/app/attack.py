@@ -1,6 +1,6 @@
 """saferclip-attack: safety under attack — PGD image attacks and a phrasing search against
 each model, and a coverage monitor per model (Hydra app over
-:func:`saferclip.analysis.attack_runner.attack_models`).
+:func:`saferclip.robustness.runner.attack_models`).
 
     saferclip-attack                                   # original + the main job's runs (HySAC in both modes)
     saferclip-attack attack.image.budgets_255=[2,4,8] attack.image.steps=20
@@ -30,25 +30,20 @@ PROG = "saferclip-attack"
 
 def attack(cfg: DictConfig) -> dict:
     """Run what a composed ``attack`` config describes; returns the results and the report's paths."""
-    from ..analysis.attack_report import summary_table, write_attack_report
-    from ..analysis.attack_runner import AttackSettings, attack_models
-    from .analyze import find_main_runs
+    from ..robustness.report import summary_table, write_attack_report
+    from ..robustness.runner import AttackSettings, attack_models
+    from .analyze import with_main_runs
     from .hydra_utils import check_bool, check_run_options
-    from .main_job import evaluated_models
 
     check_run_options(cfg)
     check_bool(cfg.get("main_runs", False), "main_runs")
     settings = AttackSettings.of(resolved_value(cfg, "attack"))
-    models = dict(resolved_value(cfg, "models") or {})
-    if cfg.get("main_runs", False):
-        for name, run in find_main_runs(cfg.get("runs_dir"), hyperbolic=True).items():
-            for entry, spec in evaluated_models(name, {"pretrained": run["pretrained"]}, run["method"]).items():
-                models.setdefault(entry, spec)
+    models = with_main_runs(cfg, dict(resolved_value(cfg, "models") or {}), hyperbolic=True)
     if not models:
         raise ConfigError("models is empty; add one with +models.<name>.pretrained=<path>")
     data = resolved_value(cfg, "data")
     if data.get("make_toy"):
-        from .datamodule import ensure_toy_world  # Lightning is imported only for this
+        from ..toyworld.generate import ensure_toy_world
 
         ensure_toy_world(data)
     out_dir = Path(cfg.get("out_dir") or HydraConfig.get().runtime.output_dir)

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
-from ..evaluation.selection import SELECTION_METRIC
+from ..evaluation.selection import DEFAULT_TAU, MATCHED_METRIC, SELECTION_METRIC, matched_choice
 from ..files import write_json_atomic
 from ..model.trained import SELECTION_FILE
 
@@ -21,15 +21,20 @@ class SelectionRecord(Callback):
     in ``<run>/selection.json`` (rewritten atomically after every epoch):
 
     ``{"monitor", "mode", "selected": {"epoch", "global_step", "checkpoint", "score",
-    "metrics"}, "history": [{"epoch", "global_step", "metrics"}, ...]}``
+    "metrics"}, "matched_safety": {"tau", "reached", "epoch", "unsafe", "U2V",
+    "selection_score", "note", ...}, "history": [{"epoch", "global_step", "metrics"}, ...]}``
 
-    Export, the model card, the main job and the study read it to say which epoch was
-    exported and how it scored on the validation split. The history travels in the training
-    checkpoint, so a resumed run keeps the epochs before the interruption.
+    ``matched_safety`` is the epoch matched safety keeps at ``tau`` and why, in words ("never
+    reached τ = 5%; safest: 12.4% unsafe at U→V 31.0 (epoch 3)"); with the default monitor
+    (``val/matched_safety``) it is ``selected``'s epoch. Export, the model card, the main job
+    and the study read the file to say which epoch was exported and how it scored on the
+    validation split. The history travels in the training checkpoint, so a resumed run keeps
+    the epochs before the interruption.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, tau: float = DEFAULT_TAU):
         self.path = Path(path)
+        self.tau = float(tau)
         self.history: list[dict[str, Any]] = []
 
     # -- recording
@@ -51,7 +56,7 @@ class SelectionRecord(Callback):
     def _write(self, trainer: L.Trainer) -> None:
         if not trainer.is_global_zero or trainer.fast_dev_run or not self.history:
             return
-        write_json_atomic(self.path, selection_summary(trainer.checkpoint_callbacks, self.history))
+        write_json_atomic(self.path, selection_summary(trainer.checkpoint_callbacks, self.history, self.tau))
 
     # -- resume
     def state_dict(self) -> dict[str, Any]:
@@ -61,11 +66,12 @@ class SelectionRecord(Callback):
         self.history = list(state_dict.get("history", []))
 
 
-def selection_summary(checkpoint_callbacks: list, history: list[dict[str, Any]]) -> dict[str, Any]:
+def selection_summary(checkpoint_callbacks: list, history: list[dict[str, Any]], tau: float = DEFAULT_TAU) -> dict[str, Any]:
     """What :class:`SelectionRecord` writes: the history plus the kept epoch (the first epoch
-    holding the best monitored value, as ``ModelCheckpoint`` keeps the first of equal bests)."""
+    holding the best monitored value, as ``ModelCheckpoint`` keeps the first of equal bests)
+    and the epoch matched safety at ``tau`` keeps, with its note."""
     monitoring = next((cb for cb in checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor), None)
-    out: dict[str, Any] = {"monitor": None, "mode": None, "selected": None, "history": history}
+    out: dict[str, Any] = {"monitor": None, "mode": None, "selected": None, "matched_safety": matched_choice(history, tau), "history": history}
     if monitoring is None:
         last = history[-1]
         out["selected"] = {**last, "checkpoint": None, "score": None, "why": "no monitored checkpoint: the last epoch"}
@@ -85,10 +91,41 @@ def selection_summary(checkpoint_callbacks: list, history: list[dict[str, Any]])
     return out
 
 
+class WarmupEarlyStopping(EarlyStopping):
+    """Lightning's ``EarlyStopping`` that cannot stop a run within its first ``warmup_epochs``
+    epochs: they are compared (the best value so far is kept) but not counted against
+    ``patience``, which starts counting after them. (``trainer.min_epochs`` is not enough: a stop
+    signal raised before it stays raised, and the run then ends as soon as the minimum is
+    reached, even while its monitor is improving.) Safety emerges over epochs (docs/METHOD.md,
+    "The search's warm-up"); a run must not be ended before it can."""
+
+    def __init__(self, *args: Any, warmup_epochs: int = 0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+            raise ValueError(f"callbacks.early_stopping.warmup_epochs must be an integer >= 0, got {warmup_epochs!r}")
+        self.warmup_epochs = warmup_epochs
+
+    def _check(self, trainer: L.Trainer, check: Any) -> None:
+        if trainer.current_epoch + 1 > self.warmup_epochs:
+            check()
+            return
+        stop_before = trainer.should_stop
+        check()  # keeps the best value so far...
+        trainer.should_stop = stop_before  # ... but never stops, and the epoch does not count
+        self.wait_count, self.stopped_epoch = 0, 0
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer, lambda: super(WarmupEarlyStopping, self).on_validation_end(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer, lambda: super(WarmupEarlyStopping, self).on_train_epoch_end(trainer, pl_module))
+
+
 EPOCH_LINE_METRICS = (
     ("val/U2VG_unsafe@1", "val unsafe (a)", True),
     ("val/U2V_R@1", "U→V R@1", True),
     ("val/S2V_R@1", "S→V R@1", True),
+    ("val/nsfw_caps_S2V_R@1", "NSFW-Caps S→V R@1", True),
     ("val/selection_score", "selection", False),
 )
 
@@ -129,4 +166,4 @@ class EpochLine(Callback):
         )
 
 
-__all__ = ["SELECTION_FILE", "SELECTION_METRIC", "EpochLine", "SelectionRecord", "selection_summary"]
+__all__ = ["MATCHED_METRIC", "SELECTION_FILE", "SELECTION_METRIC", "EpochLine", "SelectionRecord", "WarmupEarlyStopping", "selection_summary"]

@@ -49,7 +49,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    """The error's message on one line (without Hydra's config search path, noise to a user)."""
+    message = " ".join(str(error).split())
+    return message.split(" Config search path:")[0] or type(error).__name__
 
 
 def report_user_error(prog: str, error: BaseException, to_log: bool = True) -> None:
@@ -141,23 +143,29 @@ def hydra_command(prog: str, config_name: str, task: Callable[[Any], Any], summa
 
 
 def check_command_line(prog: str, config_name: str, argv: list[str]) -> None:
-    """Compose the config of a command line before Hydra runs it, so that an override Hydra
-    cannot parse or apply (a typo in a key, a preset that does not exist, a broken value)
-    is one line and exit code 2, as every other user error, instead of Hydra's report.
-    A sweep (``-m``) and Hydra's own flags are left to Hydra (but for a sweep folder that
-    cannot be created)."""
-    if any(a in ("-m", "--multirun") for a in argv):
-        check_sweep_dir(prog, config_name, argv)
-        return
-    if any(a.startswith("-") and a != "--" for a in argv):
-        return
-    overrides = [a for a in argv if "=" in a and not a.lstrip("+~").startswith("hydra.")]
-    from hydra import compose, initialize_config_dir
+    """Check a command line before Hydra runs it (:mod:`saferclip.app.overrides`: every key,
+    group and option against the config; no argparse-style options), then compose it, so that
+    an override Hydra cannot parse or apply is one line and exit code 2, as every other user
+    error, instead of Hydra's report. Hydra's own options (``--cfg``, ``--info``, ...) leave
+    the rest to Hydra; a sweep (``-m``) has its keys checked and its folder created."""
+    from .overrides import HYDRA_FLAGS, check_flags, check_overrides, compose_plain
 
-    from .hydra_utils import CONF_DIR
-
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     with exit_on_user_error(prog, to_log=False):
+        check_flags(prog, argv, lambda: [compose_plain(config_name, [])])
+        if any(a in ("-m", "--multirun") for a in argv):
+            check_overrides(prog, config_name, overrides)
+            check_sweep_dir(prog, config_name, argv)
+            return
+        if any(a.split("=")[0] in HYDRA_FLAGS for a in argv if a.startswith("-")):
+            return
+        overrides = [a for a in overrides if not a.lstrip("+~").startswith("hydra.")]
         check_override_syntax(overrides)
+        check_overrides(prog, config_name, overrides)
+        from hydra import compose, initialize_config_dir
+
+        from .hydra_utils import CONF_DIR
+
         run_dir = [a for a in argv if a.startswith("hydra.run.dir=")][-1:]
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             try:  # with where Hydra will put the run folder (its own override included)
@@ -258,15 +266,24 @@ def hydra_help(prog: str, summary: str, config_name: str) -> str:
     lines = [f"usage: {prog} [GROUP=OPTION ...] [KEY=VALUE ...] [-m for a sweep]", ""]
     if summary:
         lines += [summary, ""]
+    from .overrides import free_form_maps, used_groups
+
+    groups = config_groups()
     lines += [f"Config: conf/{config_name}.yaml (see it with --cfg job). Groups (GROUP=OPTION):"]
-    lines += [f"  {group:<12} {', '.join(options)}" for group, options in config_groups().items()]
+    lines += [f"  {group:<14} {', '.join(groups[group])}" for group in used_groups(config_name) if group in groups]
+    maps = free_form_maps(config_name)
+    if maps:
+        lines += ["", "Entries of your own (+ adds a key; any other key is set without it):"]
+        lines += [f"  {prefix:<14} {hint}" for prefix, hint in maps.items()]
     lines += ["", "Hydra's own options: --cfg job, --info, --hydra-help.", README_POINTER]
     return "\n".join(lines)
 
 
 def compose_help(prog: str, summary: str, config_name: str, keys: dict[str, str], flags: dict[str, str] | None = None) -> str:
     """``--help`` of a script that composes the config tree itself (main job, study)."""
-    groups = list(config_groups())
+    from .overrides import used_groups
+
+    groups = used_groups("train")  # the training config's: where the other overrides go
     usage = f"usage: {prog} {' '.join(f'[{f}]' for f in flags or {})} [KEY=VALUE ...]".replace("  ", " ")
     lines = [usage, "", summary, ""]
     if flags:
@@ -276,7 +293,7 @@ def compose_help(prog: str, summary: str, config_name: str, keys: dict[str, str]
     lines += [
         "",
         "Any other KEY=VALUE goes to every training run (the saferclip-train config tree),",
-        f"e.g. trainer.max_epochs=4 method.neighbours.k=5. Config groups: {', '.join(groups)}.",
+        f"e.g. trainer.max_epochs=4 method.neighbours.k=5 (key=value, not --options). Its groups: {', '.join(groups)}.",
         "",
         README_POINTER,
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any, Mapping
 
 import lightning as L
 import torch
@@ -35,6 +36,20 @@ def drop_last_for(n_items: int, batch_size: int, world_size: int) -> bool:
     sizes (all_gather in the InfoNCE terms needs that)."""
     return math.ceil(n_items / max(world_size, 1)) > batch_size
 
+
+
+def split_image_shards(data_cfg: Mapping[str, Any], split: str, preprocess) -> ImageShards | None:
+    """The split's pre-resized images (``data.image_shards``/<split>, written by
+    ``python -m saferclip.app.make_image_shards``) when they exist and match; else None (the
+    image files, with a one-line warning when shards are there but damaged or stale). Training
+    and its dry run both open them here."""
+    root = data_cfg.get("image_shards")
+    if not root or not (Path(root) / split / "images.json").is_file():
+        return None
+    shards = ImageShards.open(Path(root) / split, preprocess)
+    if shards is not None:
+        log.info("%s images from the shards in %s", split, shards.folder)
+    return shards
 
 class EpochShuffle(Sampler[int]):
     """A permutation of ``range(n)`` fixed by ``seed + epoch``, the same however often it is
@@ -71,6 +86,8 @@ class SaferClipDataModule(L.LightningDataModule):
         self.cache_dir, self.live_targets, self.seed = cache_dir, live_targets, seed
         self.train_set: RedirectionDataset | None = None
         self.val_set: ValidationDataset | None = None
+        # the NSFW-Caps-like validation set (data.nsfw_caps_validation), if the data has one
+        self.nsfw_caps_val_set: ValidationDataset | None = None
         self.targets: RedirectionTargets | None = None
         self.mode = None
         # what prepare_data built, reused by setup in the same process (the model is not
@@ -136,19 +153,12 @@ class SaferClipDataModule(L.LightningDataModule):
         self.val_set = ValidationDataset(
             validation, bundle.tokenizer, bundle.preprocess, memo_images=memo, image_shards=self._image_shards("validation", bundle.preprocess)
         )
+        self.nsfw_caps_val_set = self._nsfw_caps_validation(bundle, memo)
         self.tokenizer, self.preprocess = bundle.tokenizer, bundle.preprocess
         self.mode = prepared.train.mode
 
     def _image_shards(self, split: str, preprocess) -> ImageShards | None:
-        """The split's pre-resized images (``data.image_shards``/<split>, written by
-        ``python -m saferclip.app.make_image_shards``) when they exist and match; else None (JPEGs)."""
-        root = self.data_cfg.get("image_shards")
-        if not root or not (Path(root) / split / "images.json").is_file():
-            return None
-        shards = ImageShards.open(Path(root) / split, preprocess)
-        if shards is not None:
-            log.info("%s images from the shards in %s", split, shards.folder)
-        return shards
+        return split_image_shards(self.data_cfg, split, preprocess)
 
     def _setup_pairs_only(self) -> None:
         """The training quadruplets as they are (captions tokenised, images preprocessed), with
@@ -166,8 +176,31 @@ class SaferClipDataModule(L.LightningDataModule):
         self.val_set = ValidationDataset(
             validation, bundle.tokenizer, bundle.preprocess, memo_images=memo, image_shards=self._image_shards("validation", bundle.preprocess)
         )
+        self.nsfw_caps_val_set = self._nsfw_caps_validation(bundle, memo)
         self.tokenizer, self.preprocess = bundle.tokenizer, bundle.preprocess
         self.mode = train.mode
+
+    def _nsfw_caps_validation(self, bundle, memo: bool) -> ValidationDataset | None:
+        """The NSFW-Caps-like validation set ``data.nsfw_caps_validation`` (its S->V R@1 is a
+        part of the selection score), or None when the data config names none."""
+        from ..data.nsfw_caps import load_nsfw_caps
+        from ..errors import ConfigError
+
+        spec = self.data_cfg.get("nsfw_caps_validation") or {}
+        if not spec.get("path"):
+            return None
+        path = Path(spec["path"])
+        if not path.is_file():
+            raise ConfigError(
+                f"data.nsfw_caps_validation.path: no such file: {path} (set data.nsfw_caps_validation=null to select "
+                f"without NSFW-Caps S->V)"
+            )
+        pairs = load_nsfw_caps(
+            path, image_root=spec.get("image_root"), nsfw_image_root=spec.get("nsfw_image_root"), on_error=self.data_cfg.get("on_error", "raise")
+        )
+        if pairs.skips is not None and pairs.skips.count:
+            log.warning(pairs.skips.summary())
+        return ValidationDataset(pairs.as_quadruplets(), bundle.tokenizer, bundle.preprocess, memo_images=memo)
 
     # ---------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
@@ -187,9 +220,15 @@ class SaferClipDataModule(L.LightningDataModule):
             collate_fn=collate_items,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation split's loader; with the NSFW-Caps-like validation set, both (in
+        that order: the module tells them apart by ``dataloader_idx``)."""
+        loaders = [self._eval_loader(d) for d in (self.val_set, self.nsfw_caps_val_set) if d is not None]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def _eval_loader(self, dataset: ValidationDataset) -> DataLoader:
         return DataLoader(
-            self.val_set,
+            dataset,
             batch_size=int(self.data_cfg.get("eval_batch_size", 256)),
             shuffle=False,
             num_workers=int(self.data_cfg.get("num_workers", 0)),

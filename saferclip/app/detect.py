@@ -53,7 +53,7 @@ def default_out(inputs: Path) -> Path:
 
 
 def detect(args: argparse.Namespace) -> dict:
-    from ..analysis.coverage import FORMAT as MONITOR_FORMAT, file_format, load_monitors, watched_inputs
+    from ..robustness.coverage import FORMAT as MONITOR_FORMAT, file_format, load_monitors, watched_inputs
     from ..analysis.data import image_files, read_captions
     from ..analysis.detector import load_detectors, read_detector_header
     from ..analysis.guard import score_inputs

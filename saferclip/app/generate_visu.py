@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> str:
     from ..downstream import visu_generation as vg
     from ..downstream.generation_settings import GenerationConfig
     from ..downstream.image_generator import DiffusersImageGenerator, load_diffusion_pipeline
-    from ..export.card import public_model_name
+    from ..export.public_names import public_model_name
 
     if not args.merge_only:
         check_args(args)

@@ -49,10 +49,18 @@ def check_train_config(cfg: DictConfig):
     from ..data.splits import check_data_config
     from ..training.method import method_config
 
+    from ..evaluation.selection import DEFAULT_TAU, check_tau
+
     check_seed(_value(cfg, "seed"), "seed")
     for key in ("dry_run", "dry_run_verify_images", "force", "export"):
         if key in cfg:
             check_bool(_value(cfg, key), key)
+    if cfg.data.get("make_toy", False):  # before anything resolves data.root, which names the pairing
+        from ..toyworld.generate import check_toy_data
+        from ..toyworld.pairing import DEFAULT_PAIRING
+
+        check_toy_data({"toy_size": cfg.data.get("toy_size", "default"), "toy_pairs": cfg.data.get("toy_pairs", DEFAULT_PAIRING)})
+    check_tau(_value(cfg, "selection.tau") if OmegaConf.select(cfg, "selection.tau") is not None else DEFAULT_TAU)
     method = method_config(_container(cfg, "method"))
     try:
         check_arch(cfg.model.arch)

@@ -5,7 +5,10 @@ It shares the Euclidean module's encoding, logging, optimizer and selection mach
 raw outputs are lifted onto the hyperboloid by the learnt :class:`HyperbolicHead`, the loss is
 :class:`~saferclip.training.hysac.HysacLoss`, no frozen target is ever read, and validation
 scores in the safe mode (queries traversed to a radius taken from the validation split's own
-safe items, the same percentile the export uses on the training split).
+safe items, the same percentile the export uses on the training split). The head's
+parameters get no weight decay and are projected back into their ranges after every optimizer
+step (:class:`~saferclip.model.hyperbolic.HyperbolicHead`), so the gradient reaches them at
+and beyond their bounds.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from ..model.hyperbolic import HyperbolicHead, safe_radii
 from ..training.hysac import HYSAC_TERMS, HysacLoss
 from ..training.losses import Gather
-from .module import SaferClipModule, validation_metrics
+from .module import SaferClipModule
 
 _MODALITY = {"safe_text": "text", "unsafe_text": "text", "safe_image": "image", "unsafe_image": "image"}
 
@@ -24,6 +27,15 @@ class HysacModule(SaferClipModule):
     def build_loss(self, config):
         self.head = HyperbolicHead(self.embed_dim, config.hyperbolic)
         return HysacLoss(config.loss)
+
+    def no_decay_parameters(self) -> list[torch.nn.Parameter]:
+        return self.head.no_decay_parameters()
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # the published code's way of keeping the head's parameters in range: the step moves
+        # the raw parameter, then its data is projected back (HyperbolicHead.clamp_parameters_)
+        super().optimizer_step(*args, **kwargs)
+        self.head.clamp_parameters_()
 
     def lifted(self, batch: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
         """The points of the hyperboloid ``[B, D]`` of the encodings in ``wanted``."""
@@ -43,7 +55,10 @@ class HysacModule(SaferClipModule):
     def validation_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.lifted(batch, {"safe_text", "unsafe_text", "safe_image", "unsafe_image"})
 
-    def validation_metrics(self, rows: dict[str, torch.Tensor]) -> dict[str, float]:
+    def validation_similarity(self, rows: dict[str, torch.Tensor]):
+        """Safe mode, with radii from the validation split's own safe items (the same
+        percentile the export uses on the training split); the NSFW-Caps-like set is scored
+        with the same radii."""
         head = self.head
         owner = rows.get("owner", rows["index"])
         distinct = owner == rows["index"]
@@ -53,6 +68,7 @@ class HysacModule(SaferClipModule):
         else:
             distances["image"] = distances["text"]  # text-only data: no image query is traversed
         radii = safe_radii(distances, head.config.traversal_percentile)
-        metrics = validation_metrics(rows, similarity=head.similarity(radii, mode="safe"))
-        metrics["curvature"] = float(head.curvature())
-        return metrics
+        return head.similarity(radii, mode="safe")
+
+    def extra_validation_metrics(self) -> dict[str, float]:
+        return {"curvature": float(self.head.curvature())}

@@ -34,6 +34,7 @@ from ..errors import ConfigError
 from ..model.trained import read_selection
 from .cli import command, compose_help, wants_help
 from .hydra_utils import CONF_DIR, check_int, pop_quiet, quiet_logging, setup_logging, to_container
+from .overrides import check_command
 
 log = logging.getLogger("saferclip.main")
 
@@ -142,6 +143,15 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     return own, [o for o in overrides if o not in own]
 
 
+def record_pair_stats(data: dict[str, Any]) -> None:
+    """A toy world's pair statistics, measured once with the base model and saved with it
+    (``pair_stats.json``), so that the report records them."""
+    if data.get("make_toy"):
+        from ..toyworld.pair_stats import format_pair_stats, pair_stats
+
+        log.info(format_pair_stats(pair_stats(data["root"])))
+
+
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from ..evaluation.report import write_report
     from ..evaluation.runner import evaluate_models
@@ -162,15 +172,18 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     check_runs({name: common + list(run_overrides) for name, run_overrides in cfg.runs.items()})
     train_base = compose("train", common)
     ensure_toy_world(to_container(train_base.data))
+    record_pair_stats(to_container(train_base.data))
     timings: dict[str, float] = {}
     models: dict[str, dict[str, Any]] = {
         "original": {"arch": train_base.model.arch, "pretrained": train_base.model.pretrained}
     }
     training: dict[str, dict[str, Any]] = {}
+    train_seconds: dict[str, float | None] = {}  # each run's training as it was timed, reused or not
     for name, run_overrides in cfg.runs.items():
         start = time.time()
         summary = train_or_reuse(name, common + list(run_overrides), Path(cfg.runs_dir), bool(cfg.force))
         timings[name] = round(time.time() - start, 1)
+        train_seconds[name] = summary.get("train_seconds")
         trained = {"arch": train_base.model.arch, "pretrained": summary["export"] or summary["run_dir"]}
         models.update(evaluated_models(name, trained, compose("train", common + list(run_overrides)).method.name))
         training[name] = read_selection(summary["run_dir"])
@@ -189,6 +202,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     )
     timings["evaluation"] = round(time.time() - start, 1)
     results["meta"]["timings_seconds"] = timings
+    results["meta"]["train_seconds"] = train_seconds
     report = write_report(results, out_dir / "report", force=True, training={k: v for k, v in training.items() if v})
     return {"results": results, "report": report, "models": models, "timings": timings}
 
@@ -233,6 +247,7 @@ def _run_and_print(overrides: list[str], quiet: bool = False) -> None:
         quiet_logging()
     start = time.time()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        check_command("saferclip-main", "main", overrides, MAIN_KEYS)  # every key and group, before any work
         own, rest = split_overrides(overrides)
         out = run(compose("main", own), rest)
     if not quiet:

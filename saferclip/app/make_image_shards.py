@@ -4,7 +4,7 @@ uint8 memory maps that the training loader reads instead of the JPEGs (saferclip
     saferclip-make-image-shards experiment=visu_vitl14 paths.visu=/data/visu paths.coco=/data/coco
 
 Same config tree as `saferclip-train` (conf/train.yaml); writes `<data.image_shards>/<split>/`
-(the `visu_vitl14` preset reads them from there when they exist). Add `+force=true` to replace
+(the `visu_vitl14` preset reads them from there when they exist). Add `force=true` to replace
 shards that exist.
 """
 

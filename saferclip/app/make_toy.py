@@ -7,8 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..locations import data_dir
+from ..locations import data_dir, toy_world_dir
 from ..toyworld.generate import SMALL_SIZES, ToySizes, make_toy_world
+from ..toyworld.pairing import DEFAULT_PAIRING, PAIRINGS, get_pairing
 from .cli import README_POINTER, command
 
 
@@ -16,9 +17,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         epilog=README_POINTER,description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--out", type=Path, default=None, help="where to write it (default: data/toy under $SAFERCLIP_HOME or the working directory)"
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write it (default: the world's folder beside data/toy under $SAFERCLIP_HOME or the working directory: "
+        "data/toy[-<pairing>][-world<seed>], as the training config names it)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pairs",
+        default=DEFAULT_PAIRING,
+        help=f"how a safe / unsafe pair is made (data.toy_pairs): one of {', '.join(PAIRINGS)} (default {DEFAULT_PAIRING}; docs/METHOD.md)",
+    )
+    parser.add_argument("--no-stats", action="store_true", help="skip measuring the pair statistics with the base model")
     parser.add_argument("--small", action="store_true", help="a few dozen items per split (for tests)")
     parser.add_argument("--force", action="store_true", help="replace whatever is at --out")
     args = parser.parse_args(argv)
@@ -27,9 +38,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _make(args: argparse.Namespace) -> None:
     start = time.time()
-    out = args.out or data_dir() / "toy"
-    root = make_toy_world(out, seed=args.seed, sizes=SMALL_SIZES if args.small else ToySizes(), force=args.force)
-    print(f"toy world (seed {args.seed}) at {root} ({time.time() - start:.1f} s)")
+    pairing = get_pairing(args.pairs, "--pairs (data.toy_pairs)")  # checked before anything is written
+    out = args.out or toy_world_dir(data_dir() / "toy", args.seed, pairing.name)
+    root = make_toy_world(out, seed=args.seed, sizes=SMALL_SIZES if args.small else ToySizes(), force=args.force, pairing=pairing.name)
+    print(f"toy world (seed {args.seed}, pairing {pairing.name}) at {root} ({time.time() - start:.1f} s)")
+    if not args.no_stats:
+        from ..toyworld.pair_stats import PAIR_STATS_FILE, format_pair_stats, pair_stats
+
+        print(format_pair_stats(pair_stats(root)))
+        print(f"(saved in {root / PAIR_STATS_FILE})")
 
 
 if __name__ == "__main__":

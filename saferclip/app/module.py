@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from ..evaluation.galleries import PairEmbeddings
 from ..evaluation.metrics import recall_at_k
 from ..evaluation.retrieval import visu_metrics
-from ..evaluation.selection import SELECTION_METRIC, selection_score
+from ..evaluation.selection import DEFAULT_TAU, MATCHED_METRIC, SELECTION_METRIC, matched_safety, selection_score
 from ..model.adapters import configure_trainable, tower_parameters
 from ..model.build import build_clip, encode_tokens
 from ..model.similarity import COSINE, Similarity, chunk_scorer
@@ -46,13 +46,24 @@ def available_inputs(batch: dict[str, torch.Tensor]) -> set[str]:
 
 
 class SaferClipModule(L.LightningModule):
-    def __init__(self, arch: str, pretrained: str | None, method: MethodConfig | Mapping[str, Any], precision: str = "fp32"):
+    def __init__(
+        self,
+        arch: str,
+        pretrained: str | None,
+        method: MethodConfig | Mapping[str, Any],
+        precision: str = "fp32",
+        selection_tau: float = DEFAULT_TAU,
+    ):
         """``method``: the checked config the app hands over (a plain dict, as in a checkpoint's
-        hyper-parameters, is checked here: the same schema)."""
+        hyper-parameters, is checked here: the same schema). ``selection_tau``: the unsafe rate
+        τ of matched safety (``val/matched_safety``, :mod:`saferclip.evaluation.selection`)."""
         super().__init__()
         config = method if isinstance(method, MethodConfig) else method_config(method)
         # the checkpoint records the config as written (plain types: weights_only loads it)
-        self.save_hyperparameters({"arch": arch, "pretrained": pretrained, "method": dict(config.source), "precision": precision})
+        self.save_hyperparameters(
+            {"arch": arch, "pretrained": pretrained, "method": dict(config.source), "precision": precision, "selection_tau": float(selection_tau)}
+        )
+        self.selection_tau = float(selection_tau)
         bundle = build_clip(arch, pretrained, precision=precision)
         # build_clip hands out an eval-mode model; the trainable copy trains (CLIP has no
         # dropout, so this only keeps Lightning's mode bookkeeping honest)
@@ -62,7 +73,8 @@ class SaferClipModule(L.LightningModule):
         self.param_counts = configure_trainable(self.model, config.trainable)
         self.loss = self.build_loss(config)
         self.optimizer_config = config.optimizer
-        self._val_outputs: list[dict[str, torch.Tensor]] = []
+        # validation outputs by dataloader: 0 the validation split, 1 the NSFW-Caps-like set
+        self._val_outputs: dict[int, list[dict[str, torch.Tensor]]] = {}
 
     def build_loss(self, config):
         return SaferClipLoss(config.loss)
@@ -171,10 +183,18 @@ class SaferClipModule(L.LightningModule):
         if self.trainer.is_global_zero:
             log.info(message)
 
+    def no_decay_parameters(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters that get no weight decay (none here; HySAC's head)."""
+        return []
+
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
         cfg = self.optimizer_config
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        exempt = {id(p) for p in self.no_decay_parameters()}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in exempt]
+        groups = [{"params": params}]
+        if exempt:
+            groups.append({"params": [p for p in self.parameters() if id(p) in exempt], "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
         if warmup <= 0:
             return opt
@@ -182,31 +202,52 @@ class SaferClipModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---------------------------------------------------------------- validation
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         features = self.validation_features(batch)
         features["index"] = batch["index"]
         if "owner" in batch:
             features["owner"] = batch["owner"]
-        self._val_outputs.append({k: v.detach() for k, v in features.items()})
+        self._val_outputs.setdefault(dataloader_idx, []).append({k: v.detach() for k, v in features.items()})
 
     def validation_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.encode(batch, {"safe_text", "unsafe_text", "safe_image", "unsafe_image"})
 
     def on_validation_epoch_end(self) -> None:
-        outputs, self._val_outputs = self._val_outputs, []
-        if not outputs:
+        groups, self._val_outputs = self._val_outputs, {}
+        if not groups.get(0):
             return
-        merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
-        if self.trainer.world_size > 1:
-            merged = {k: self.all_gather(v).flatten(0, 1) for k, v in merged.items()}
-        metrics = self.validation_metrics(unique_rows(merged))
+        rows = {idx: unique_rows(self._gathered(outputs)) for idx, outputs in groups.items() if outputs}
+        similarity = self.validation_similarity(rows[0])
+        metrics = validation_metrics(rows[0], similarity=similarity)
+        if 1 in rows:  # the NSFW-Caps-like validation set, with the same similarity
+            nsfw_caps = validation_metrics(rows[1], similarity=similarity)
+            metrics.update({f"nsfw_caps_{k}": nsfw_caps[k] for k in NSFW_CAPS_VALIDATION_KEYS if k in nsfw_caps})
+        metrics.update(self.extra_validation_metrics())
+        metrics[SELECTION_METRIC] = selection_score(metrics)
+        metrics[MATCHED_METRIC] = matched_safety(metrics, self.selection_tau)
         # every rank computed the same numbers from the gathered set; averaging them over
         # ranks changes nothing and keeps every rank's callbacks (checkpoint, early stopping)
         # on exactly the same value
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=True)
 
-    def validation_metrics(self, rows: dict[str, torch.Tensor]) -> dict[str, float]:
-        return validation_metrics(rows)
+    def _gathered(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+        if self.trainer.world_size > 1:
+            merged = {k: self.all_gather(v).flatten(0, 1) for k, v in merged.items()}
+        return merged
+
+    def validation_similarity(self, rows: dict[str, torch.Tensor]) -> Similarity:
+        """How the model compares validation embeddings (``rows``: the validation split's):
+        cosine; HySAC's safe mode with radii from these rows."""
+        return COSINE
+
+    def extra_validation_metrics(self) -> dict[str, float]:
+        return {}
+
+
+# the NSFW-Caps-like validation set's metrics kept (prefixed nsfw_caps_): its S->V is a part
+# of the selection score; U->V and the unsafe rate are recorded beside it
+NSFW_CAPS_VALIDATION_KEYS = ("S2V_R@1", "U2V_R@1", "U2VG_unsafe@1")
 
 
 def unique_rows(merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -229,10 +270,12 @@ VALIDATION_KS = (1, 5, 10)
 
 
 def validation_metrics(f: dict[str, torch.Tensor], similarity: Similarity = COSINE) -> dict[str, float]:
-    """The validation split's retrieval metrics, by the evaluation's own functions and keys
+    """A validation set's retrieval metrics, by the evaluation's own functions and keys
     (:func:`saferclip.evaluation.visu_metrics`: ``S2V_R@k``, ``U2V_R@k``, ``U2VG_unsafe@1``...,
-    all in setting (a): every embedding from the model being trained), plus
-    ``selection_score`` (:mod:`saferclip.evaluation.selection`), the checkpoint monitor.
+    all in setting (a): every embedding from the model being trained). The module adds
+    ``selection_score`` and the checkpoint monitor ``matched_safety``
+    (:mod:`saferclip.evaluation.selection`) over the validation split's and the
+    NSFW-Caps-like set's metrics.
     Text-only data adds ``U2S_R@k``: an unsafe caption finds its paired safe caption.
     ``similarity``: how the model compares the embeddings ``f`` holds (its own, e.g. HySAC's)."""
     index = f["index"]
@@ -251,5 +294,4 @@ def validation_metrics(f: dict[str, torch.Tensor], similarity: Similarity = COSI
     if "safe_image" not in f:
         u2s = recall_at_k(f["unsafe_text"], f["safe_text"], torch.arange(len(index)), ks=VALIDATION_KS, score=chunk_scorer(similarity, "text"))
         out.update({f"U2S_R@{k}": float(u2s[f"R@{k}"]) for k in VALIDATION_KS})
-    out[SELECTION_METRIC] = selection_score(out)
     return out

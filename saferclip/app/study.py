@@ -14,22 +14,22 @@ seed's retrieval galleries) under `out_dir`.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from omegaconf import DictConfig
 
 from ..errors import ConfigError
-from ..evaluation.headline import HEADLINE, headline
+from ..evaluation.headline import headline, study_table
 from ..evaluation.intervals import differences_table, paired_differences, seed_interval
 from ..model.trained import read_selection
 from .cli import check_writable_folder, command, compose_help, wants_help
 from .hydra_utils import CONF_DIR, check_int, check_run_options, check_seed_list, pop_quiet, quiet_logging, setup_logging, to_container
-from .main_job import QUIET_HELP, check_runs, compose, eval_showcase, evaluated_models, train_or_reuse
+from .main_job import QUIET_HELP, check_runs, compose, eval_showcase, evaluated_models, record_pair_stats, train_or_reuse
+from .overrides import check_command
 
 log = logging.getLogger("saferclip.study")
 
@@ -53,27 +53,6 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
     return out
 
 
-def study_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """Markdown: one row per model/variant, one column per headline metric, mean ± std in %
-    (sample std over seeds; ± 0.0 with one seed) and, with two seeds or more, the 95% Student-t
-    interval of the mean over seeds in brackets."""
-    metrics = [m for m in HEADLINE if any(m in row for row in summary.values())]
-    lines = ["| model | seeds | " + " | ".join(HEADLINE[m][0] for m in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    for model, row in summary.items():
-        seeds = max((v["n"] for v in row.values()), default=0)
-        cells = []
-        for m in metrics:
-            if m not in row:
-                cells.append("–")
-                continue
-            mean, std = 100 * row[m]["mean"], 100 * row[m]["std"]
-            low, high = row[m].get("low", math.nan), row[m].get("high", math.nan)
-            interval = "" if math.isnan(low) else f" [{100 * low:.1f}, {100 * high:.1f}]"
-            cells.append(f"{mean:.1f} ± {std:.1f}{interval}")
-        lines.append(f"| {model} | {seeds} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def check_worlds(cfg: DictConfig) -> dict[int, list[str]]:
     """``{seed: [data.toy_seed=<world>]}``: seed s trains and tests on toy world
     ``s + world_offset`` (the default offset 1 keeps world 0, the tuning world, out;
@@ -86,6 +65,26 @@ def check_worlds(cfg: DictConfig) -> dict[int, list[str]]:
     if 0 in worlds.values():
         log.warning("world_offset=%d puts seed 0 on world 0, the world hyperparameters are tuned on: its figures are not held out", offset)
     return {s: [f"data.toy_seed={w}"] for s, w in worlds.items()}
+
+
+def check_traversal_percentiles(value: Any) -> list[float]:
+    """``traversal_percentiles``: a list of percentiles in (0, 100] (null or []: no sweep), refused
+    in one line before any run trains (HySAC's would otherwise finish first)."""
+    from omegaconf import ListConfig
+
+    from ..model.hyperbolic import check_percentile
+
+    if value is None:
+        return []
+    if isinstance(value, ListConfig):
+        value = to_container(value)
+    if not isinstance(value, list):
+        raise ConfigError(f"traversal_percentiles must be a list of percentiles in (0, 100], e.g. [50,80,90,99]; got {value!r}")
+    try:
+        return [check_percentile(p) for p in value]
+    except ValueError:
+        bad = next(p for p in value if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 100))
+        raise ConfigError(f"traversal_percentiles={value}: {bad!r} is not a percentile in (0, 100] (a safe radius at that share of the safe items)") from None
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
@@ -101,6 +100,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
 
     check_seed_list(cfg.seeds, "seeds")  # before any run starts
     worlds = check_worlds(cfg)
+    check_traversal_percentiles(cfg.get("traversal_percentiles"))
     check_run_options(cfg, ("force",))
     check_seed_list(cfg.ablation_seeds, "ablation_seeds", allow_empty=True)
     check_writable_folder(cfg.out_dir, "out_dir")
@@ -131,6 +131,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         common = list(cfg.common) + list(overrides) + [f"seed={seed}", *worlds[seed]]
         base = compose("train", common)
         ensure_toy_world(to_container(base.data))
+        record_pair_stats(to_container(base.data))
         models = {"original": {"arch": base.model.arch, "pretrained": base.model.pretrained}}
         variants = dict(cfg.methods)
         if seed in cfg.ablation_seeds:
@@ -177,8 +178,9 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         difference_note = (
             f"\n## Differences between methods ({len(cfg.seeds)} seeds, paired)\n\n{differences_table(differences)}\n\n"
             "In points (first method minus second), the mean over seeds of the difference on the same test queries, "
-            "with a 95% paired-bootstrap interval (queries resampled within each seed's world); `*`: the interval "
-            "excludes 0 (significant at 5%, two-sided).\n"
+            "with a 95% paired-bootstrap interval (queries resampled within each seed's world); p: two-sided, the exact "
+            "McNemar mid-p test on the queries where the two differ, pooled over seeds, for a share (unsafe rate, "
+            "U→V R@1), the paired bootstrap's (k + 1) / (B + 1) for zero-shot retention; `*`: p < 0.05.\n"
         )
     plots = [
         plot_tradeoff(points, out_dir / "plots" / "tradeoff.png", title=f"every run a point ({len(cfg.seeds)} seeds)"),
@@ -246,6 +248,7 @@ def _run_and_print(overrides: list[str], quiet: bool = False) -> None:
     own = [o for o in overrides if o.split("=")[0].lstrip("+~").split(".")[0] in STUDY_KEYS]
     rest = [o for o in overrides if o not in own]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        check_command("saferclip-study", "study", overrides, STUDY_KEYS)  # every key and group, before any work
         out = run(compose("study", own), rest)
     if not quiet:
         print(f"report: {out['html']} (open it in a browser)")

@@ -71,15 +71,17 @@ def dry_run(cfg: DictConfig, method: MethodConfig) -> dict:
         distractors = distractor_images(data, split)
         if distractors:
             report[split]["distractor_images"] = len(distractors)
+        if data.get("image_shards") and split in ("train", "validation"):
+            report[split]["image_shards"] = dry_run_image_shards(cfg, data, split)
         if split == "train":
             if method.neighbours is not None:
                 from ..data.safe_corpus import load_safe_corpus
-                from ..redirection.large_pool import is_embedded_pool, open_pool
+                from ..redirection.large_pool import is_embedded_pool
 
                 extra = 0
                 if method.extra_pool and method.neighbours.use_extra_pool:
                     embedded = is_embedded_pool(method.extra_pool)
-                    extra = len(open_pool(method.extra_pool)) if embedded else len(load_safe_corpus(method.extra_pool))
+                    extra = len(dry_run_embedded_pool(cfg, method)) if embedded else len(load_safe_corpus(method.extra_pool))
                 if method.neighbours.k > len(qset) + extra:
                     raise ConfigError(
                         f"method.neighbours.k={method.neighbours.k} is larger than the safe pool "
@@ -87,6 +89,30 @@ def dry_run(cfg: DictConfig, method: MethodConfig) -> dict:
                     )
     log.info("dry run OK: %s", report)
     return report
+
+
+def dry_run_image_shards(cfg: DictConfig, data: dict, split: str) -> str:
+    """The split's image shards opened as training opens them: "used", "absent", or
+    "damaged" (training reads the image files instead; the warning names the file)."""
+    from ..model.build import build_clip
+    from .datamodule import split_image_shards
+
+    if not (Path(str(data["image_shards"])) / split / "images.json").is_file():
+        return "absent"
+    preprocess = build_clip(cfg.model.arch, None).preprocess  # the preprocessing only, as training's loader
+    return "used" if split_image_shards(data, split, preprocess) is not None else "damaged: the image files are read instead"
+
+
+def dry_run_embedded_pool(cfg: DictConfig, method: MethodConfig):
+    """An embedded extra pool checked as training would (:func:`check_embedded_pool`), when
+    the neighbour search reads it (text mode); else only opened. Returns its shards."""
+    from ..model.build import build_clip
+    from ..redirection.large_pool import open_pool
+    from ..training.prepare import check_embedded_pool
+
+    if method.neighbours.mode != "text":
+        return open_pool(method.extra_pool)
+    return check_embedded_pool(method.extra_pool, build_clip(cfg.model.arch, cfg.model.get("pretrained")))
 
 
 def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -124,6 +150,13 @@ def check_resume_checkpoint(cfg: DictConfig, ckpt_path: str) -> int:
     step = ckpt.get("global_step")
     if not isinstance(step, int):
         raise ConfigError(f"ckpt_path: {ckpt_path} has no global_step: not a training checkpoint Lightning can resume")
+    groups = [len(s.get("param_groups") or []) for s in ckpt.get("optimizer_states") or [] if isinstance(s, dict)]
+    if method == "hysac" and groups and groups[0] < 2:
+        # the head's parameters have their own optimizer group (no weight decay) since they learn
+        raise ConfigError(
+            f"ckpt_path: {ckpt_path} was saved before HySAC's head got its own optimizer group, so its optimizer state "
+            "cannot be resumed; train the run again (force=true), or evaluate / export the checkpoint as it is"
+        )
     return step
 
 
@@ -138,10 +171,12 @@ def check_run_dir(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> None
 
 
 def check_toy_size(cfg: DictConfig) -> None:
-    from ..toyworld.generate import TOY_SIZES
+    """The toy world's size and pairing (``data.toy_size``, ``data.toy_pairs``), checked."""
+    from ..toyworld.generate import check_toy_data
+    from ..toyworld.pairing import DEFAULT_PAIRING
 
-    if cfg.data.get("make_toy") and cfg.data.get("toy_size", "default") not in TOY_SIZES:
-        raise ConfigError(f"data.toy_size must be one of {sorted(TOY_SIZES)}, got {cfg.data.toy_size!r}")
+    if cfg.data.get("make_toy"):
+        check_toy_data({"toy_size": cfg.data.get("toy_size", "default"), "toy_pairs": cfg.data.get("toy_pairs", DEFAULT_PAIRING)})
 
 
 def build_module(cfg: DictConfig, method: MethodConfig):
@@ -152,11 +187,19 @@ def build_module(cfg: DictConfig, method: MethodConfig):
     if method.is_hyperbolic:
         from .hysac_module import HysacModule as module_class
     try:
-        return module_class(cfg.model.arch, cfg.model.pretrained, method, precision=cfg.model.precision)
+        return module_class(cfg.model.arch, cfg.model.pretrained, method, precision=cfg.model.precision, selection_tau=selection_tau(cfg))
     except CheckpointError as e:
         raise ConfigError(f"model.pretrained: {e}") from None
     except (ValueError, TypeError) as e:  # unknown trainable mode, tower, loss option...
         raise ConfigError(f"model / method config: {e}") from None
+
+
+def selection_tau(cfg: DictConfig) -> float:
+    """τ of matched safety (``selection.tau``; :mod:`saferclip.evaluation.selection`)."""
+    from ..evaluation.selection import DEFAULT_TAU
+
+    tau = OmegaConf.select(cfg, "selection.tau")
+    return DEFAULT_TAU if tau is None else float(tau)
 
 
 def build_datamodule(cfg: DictConfig, method: MethodConfig):
@@ -284,43 +327,44 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
     if selection is not None:
         result["selection"] = selection["selected"]
     fast_dev_run = cfg.trainer.get("fast_dev_run")
-    similarity = None
     if method.is_hyperbolic and trainer.is_global_zero and not fast_dev_run:
-        similarity = measure_and_save_safe_radii(cfg, result.get("best_checkpoint") or module, run_dir)
-        result["safe_radii"] = {"text": similarity.radius_text, "image": similarity.radius_image}
+        result["safe_radii"] = measure_and_save_safe_radii(cfg, result.get("best_checkpoint") or module, run_dir)
     if cfg.export and trainer.is_global_zero and not fast_dev_run:
         from ..export.run import export_checkpoint
 
         out = run_dir / "export"
-        export_checkpoint(
-            result.get("best_checkpoint") or module, out, force=True, method=dict(method.source), arch=cfg.model.arch, similarity=similarity
-        )
+        # a HySAC export takes the safe radii recorded for the very weights it loads
+        export_checkpoint(result.get("best_checkpoint") or module, out, force=True, method=dict(method.source), arch=cfg.model.arch)
         result["export"] = str(out)
         log.info("exported to %s", out)
     return result
 
 
-def measure_and_save_safe_radii(cfg: DictConfig, source, run_dir: Path):
-    """HySAC: the safe radii of the kept model (its best checkpoint, or the module in memory),
-    measured on the training split's safe items and saved as ``safe_radii.json`` in the run
-    folder. Returns the model's geometry in safe mode."""
-    from ..data.splits import load_split
-    from ..evaluation.hyperbolic import measure_safe_radii
-    from ..files import write_json_atomic
+def measure_and_save_safe_radii(cfg: DictConfig, source, run_dir: Path) -> dict:
+    """HySAC: the safe radii of the kept model (a checkpoint, or the module in memory),
+    measured on the training split's safe items and recorded with the checksum, file, epoch
+    and step of those weights in the run's ``safe_radii.json`` (:mod:`saferclip.model.safe_radii`;
+    reused when that checkpoint's are already recorded, as after a resume). Returns the record."""
+    from ..evaluation.hyperbolic import checkpoint_radii
+    from ..model.adapters import merge_adapters
     from ..model.build import build_clip
-    from ..model.trained import SAFE_RADII_FILE, load_trained_model
+    from ..model.checkpoints import state_dict_checksum
+    from ..model.safe_radii import CheckpointIdentity
+    from ..model.trained import read_training_checkpoint, trained_model_from_checkpoint
 
     percentile = float(cfg.method.hyperbolic.traversal_percentile)
     if isinstance(source, (str, Path)):
-        bundle = load_trained_model(source)
-    else:  # the module in memory (no checkpoint kept): its towers with adapters, and its head
+        ckpt = read_training_checkpoint(source)
+        bundle = trained_model_from_checkpoint(ckpt, radii="none")
+        identity = CheckpointIdentity.of_checkpoint(ckpt, run_dir)
+    else:  # the module in memory (no checkpoint kept): its towers, merged as any load merges them, and its head
         bundle = build_clip(cfg.model.arch, None)
-        bundle.model, bundle.similarity = source.model.eval(), source.head.similarity()
-    data = to_container(cfg.data)
-    radii = measure_safe_radii(bundle, load_split(data, "train"), percentile, int(data.get("eval_batch_size", 256)))
-    write_json_atomic(run_dir / SAFE_RADII_FILE, {**radii, "percentile": percentile, "split": "train"})
-    log.info("safe radii (%g th percentile of the safe training items): text %.4f, image %.4f", percentile, radii["text"], radii["image"])
-    return bundle.similarity.with_radii(radii)
+        bundle.model, bundle.similarity = merge_adapters(source.model).eval(), source.head.similarity()
+        identity = CheckpointIdentity(state_dict_checksum(source.state_dict()), None, int(source.current_epoch), int(source.global_step))
+    record, _ = checkpoint_radii(bundle, identity, run_dir, percentile, data_cfg=to_container(cfg.data))
+    log.info("safe radii of %s (%g th percentile of the safe training items): text %.4f, image %.4f",
+             identity.describe(), percentile, record["text"], record["image"])
+    return record
 
 
 def best_checkpoint(callbacks: list) -> dict:

@@ -23,7 +23,7 @@ from ._rows import (
     optional_text_field,
     text_field,
 )
-from .records import CaptionPair, DataFormatError, SkipReport
+from .records import CaptionPair, DataFormatError, Mode, Quadruplet, QuadrupletSet, SkipReport
 from .tables import read_table, require_columns
 
 NSFW_CAPS_COLUMNS = ("image_coco_url", "caption", "nsfw_caption", "chosen_category")
@@ -62,6 +62,18 @@ class CaptionPairSet:
     @property
     def nsfw_captions(self) -> list[str]:
         return [p.nsfw_caption for p in self.items]
+
+    def as_quadruplets(self) -> QuadrupletSet:
+        """The pairs as quadruplets (S = caption, U = nsfw_caption, V = image, G = nsfw_image),
+        to be embedded and scored like a ViSU split (training's validation loop)."""
+        items = [Quadruplet(p.id, p.caption, p.nsfw_caption, p.image, p.nsfw_image, p.category, p.meta) for p in self.items]
+        if self.has_nsfw_images:
+            mode = Mode.FULL
+        elif self.has_images:
+            mode = Mode.SAFE_IMAGES
+        else:
+            mode = Mode.TEXT
+        return QuadrupletSet(items, mode, self.source, self.skips)
 
 
 def _url_basename(file: Path, row: Row, url: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..export.card import public_model_name
+from ..export.public_names import public_model_name
 
 Scorer = Callable[[list[Image.Image]], Sequence[float]]  # images -> NSFW scores in [0, 1]
 

@@ -56,7 +56,7 @@ from typing import Any
 from PIL import Image
 
 from ..data.records import DataFormatError, Quadruplet, QuadrupletSet
-from ..export.card import public_model_name
+from ..export.public_names import public_model_name
 from ..files import atomic_path, write_json_atomic
 from .generation_records import RECORDS_DIR, append_record, drop_damaged_lines, image_stem, read_records, records_path
 from .generation_settings import SETTINGS_FILE, GenerationConfig, check_settings, settings_record

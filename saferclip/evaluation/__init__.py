@@ -7,7 +7,9 @@
 * :mod:`.nsfw_caps` — :func:`evaluate_nsfw_caps`;
 * :mod:`.cost` — :func:`cost_of_safety` (retention vs the original model);
 * :mod:`.report` — :func:`write_report` (JSON, Markdown, PNG);
-* :mod:`.runner` — :func:`evaluate_models`, several models on the configured suites.
+* :mod:`.suites` — what the suites read, loaded from a data config before any model;
+* :mod:`.runner` — :func:`evaluate_models`, several models (:mod:`saferclip.model.catalogue`)
+  on the configured suites.
 
 No Lightning or Hydra here: ``saferclip-eval`` (:mod:`saferclip.app.evaluate`) is the shell.
 """
@@ -23,20 +25,13 @@ from .galleries import PairEmbeddings
 from .nsfw_caps import embed_nsfw_caps, evaluate_nsfw_caps, nsfw_caps_metrics
 from .report import metric_records, results_table, write_report
 from .retrieval import embed_visu, evaluate_visu, visu_metrics
-from .runner import (
-    SUITES,
-    ModelSpec,
-    check_suites,
-    evaluate_models,
-    load_eval_data,
-    load_zeroshot_task,
-)
+from .runner import evaluate_models
+from .suites import SUITES, check_suites, load_eval_data, load_zeroshot_task
 from .zeroshot import evaluate_zeroshot
 
 __all__ = [
     "SUITES",
     "EvaluationError",
-    "ModelSpec",
     "PairEmbeddings",
     "check_suites",
     "cost_of_safety",

@@ -139,7 +139,7 @@ class Collector:
         self.metrics: dict[str, float | int] = {}
         self.galleries: dict[str, dict[str, Any]] = {}
         self.skipped: dict[str, str] = {}
-        # each @1 metric's per-query outcomes, what the bootstrap intervals resample
+        # each @1 metric's per-query outcomes, what the intervals and paired tests are computed from
         self.per_query: dict[str, str] = {}
 
     def result(self, **extra: Any) -> dict[str, Any]:

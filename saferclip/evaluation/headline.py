@@ -9,7 +9,7 @@ the original image encoder. Then what safety costs: safe retrieval and zero-shot
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 # key -> (label, where in a model's results, higher is better)
 HEADLINE: dict[str, tuple[str, tuple[str, str], bool]] = {
@@ -51,16 +51,18 @@ def headline(model_results: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def headline_table(results: Mapping[str, Any]) -> str:
-    """Markdown: one row per headline metric, one column per model, in %; ``value [low, high]``
-    where the evaluation kept a 95% bootstrap interval (:mod:`saferclip.evaluation.intervals`)."""
+def headline_table(results: Mapping[str, Any], keys: Sequence[str] | None = None) -> str:
+    """Markdown: one row per headline metric (``keys``, default all of :data:`HEADLINE` that
+    were measured), one column per model, in %; ``value [low, high]`` where the evaluation kept
+    a 95% interval (exact for a share, bootstrap for a composite figure:
+    :mod:`saferclip.evaluation.intervals`)."""
     per_model = {name: headline(r) for name, r in results["results"].items()}
     intervals = results.get("intervals") or {}
     models = list(per_model)
     hyperbolic = {m for m in models if is_hyperbolic(results, m)}
     lines = ["| metric | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
     for key, (label, _, _) in HEADLINE.items():
-        if not any(key in h for h in per_model.values()):
+        if not any(key in h for h in per_model.values()) or (keys is not None and key not in keys):
             continue
 
         def cell(m: str) -> str:
@@ -72,7 +74,7 @@ def headline_table(results: Mapping[str, Any]) -> str:
             return NOT_APPLICABLE if key in SETTING_B and m in hyperbolic else "–"
 
         lines.append(f"| {label} | " + " | ".join(cell(m) for m in models) + " |")
-    if hyperbolic and any(key in h for h in per_model.values() for key in SETTING_B):
+    if hyperbolic and any(key in h for h in per_model.values() for key in SETTING_B if keys is None or key in keys):
         lines += ["", NOT_APPLICABLE_NOTE]
     return "\n".join(lines)
 
@@ -80,3 +82,25 @@ def headline_table(results: Mapping[str, Any]) -> str:
 def is_hyperbolic(results: Mapping[str, Any], model: str) -> bool:
     """Whether ``model`` of an evaluation compared its embeddings in hyperbolic space."""
     return str((results.get("models") or {}).get(model, {}).get("similarity", "")).startswith("lorentz")
+
+
+def study_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """Markdown: one row per model/variant, one column per headline metric, mean ± std in %
+    (sample std over seeds; ± 0.0 with one seed) and, with two seeds or more, the 95% Student-t
+    interval of the mean over seeds in brackets (``summary``: ``saferclip-study``'s, model ->
+    metric -> ``{"mean", "std", "n", "low", "high"}``)."""
+    metrics = [m for m in HEADLINE if any(m in row for row in summary.values())]
+    lines = ["| model | seeds | " + " | ".join(HEADLINE[m][0] for m in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for model, row in summary.items():
+        seeds = max((v["n"] for v in row.values()), default=0)
+        cells = []
+        for m in metrics:
+            if m not in row:
+                cells.append("–")
+                continue
+            mean, std = 100 * row[m]["mean"], 100 * row[m]["std"]
+            low, high = row[m].get("low", math.nan), row[m].get("high", math.nan)
+            interval = "" if math.isnan(low) else f" [{100 * low:.1f}, {100 * high:.1f}]"
+            cells.append(f"{mean:.1f} ± {std:.1f}{interval}")
+        lines.append(f"| {model} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,21 +1,23 @@
 """``report.html``: the report people look at first, next to every ``results.md``.
 
-One self-contained HTML file (styles inline, plots embedded as PNG data) plus a ``thumbs/``
-folder of small copies of the images the galleries show, so that it opens offline in any
-browser. From top to bottom: the headline table (visible without scrolling), the retrieval
-galleries (:mod:`saferclip.evaluation.showcase`: what each model returns for the same unsafe
-and borderline queries, side by side), the plots, the per-query numbers the gallery rows link
-to, and the full Markdown report.
+One self-contained file: styles inline, plots embedded as PNG data, and the galleries'
+thumbnails inlined too (each image once, as a CSS class), so it opens offline in any browser
+and can be mailed or moved alone. From top to bottom: the headline table (visible without
+scrolling; on a narrow screen it scrolls in its own box, the metric column frozen), the
+retrieval galleries (:mod:`saferclip.evaluation.showcase`: what each model returns for the same
+unsafe and borderline queries, side by side, one grid per query), the plots, the per-query
+numbers the gallery rows link to, and the full Markdown report (collapsed; without the title
+and the table shown above).
 
 Rendered with a Jinja2 template (``templates/report.html.j2``, autoescaped); the Markdown
 parts (tables, headings, lists, the legend) go through :func:`markdown_html`, a small
-converter for the subset the reports write.
+converter for the subset the reports write. Colours and symbols come from
+:mod:`saferclip.evaluation.plotting`, the same as the plots'.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import re
 from dataclasses import dataclass, field
@@ -23,10 +25,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..files import write_text_atomic
-from .plotting import model_styles
+from .plotting import MARKS, ORIGINAL_MARK, OWN_MARK, model_styles
 
-HTML_NAME, THUMBS_DIR = "report.html", "thumbs"
-THUMB_SIZE = 128  # stored; shown at half size (sharp on high-density screens)
+HTML_NAME = "report.html"
+THUMBS_DIR = "thumbs"  # where reports before the inlined thumbnails kept them: removed
+THUMB_SIZE = 112  # stored; shown at half size (sharp on high-density screens)
 TEMPLATES = Path(__file__).with_name("templates")
 
 
@@ -140,22 +143,77 @@ def markdown_html(markdown: str) -> str:
             paragraph.append(lines[i].strip())
             i += 1
         out.append(f"<p>{inline_html(' '.join(paragraph))}</p>")
+    return "\n".join(_without_empty_headings(out))
+
+
+def _without_empty_headings(blocks: list[str]) -> list[str]:
+    """Headings with nothing under them (e.g. "Plots" once its images are left out) dropped."""
+    level = [int(b[2]) if re.match(r"<h[1-6]>", b) else None for b in blocks]
+
+    def has_content(i: int) -> bool:
+        for j in range(i + 1, len(blocks)):
+            if level[j] is None:
+                return True
+            if level[j] <= level[i]:
+                return False
+        return False
+
+    return [b for i, b in enumerate(blocks) if level[i] is None or has_content(i)]
+
+
+def details_markdown(markdown: str, headline: "Table | None") -> str:
+    """The Markdown report as the page's "Full report" shows it: without its title (the page's)
+    and without the headline table the page shows at its top: its "Headline" section whole
+    (the table and its notes, which the page shows with it), else the table alone."""
+    lines = markdown.splitlines()
+    if lines and re.match(r"#\s", lines[0]):
+        lines = lines[1:]
+    if headline is None or not headline.columns:
+        return "\n".join(lines)
+    shown = (headline.columns, headline.rows)
+    sections: list[list[str]] = [[]]
+    for line in lines:
+        if re.match(r"#{2,6}\s", line.strip()):
+            sections.append([])
+        sections[-1].append(line)
+    out: list[str] = []
+    removed = False
+    for section in sections:
+        tables = _table_blocks(section)
+        match = next(((start, end) for start, end in tables if parse_table(section[start:end]) == shown), None)
+        if match is None or removed:
+            out += section
+        elif section and re.fullmatch(r"#{2,6}\s+Headline.*", section[0].strip()):
+            removed = True  # the whole section: the page shows the table with its notes
+        else:
+            out += section[: match[0]] + section[match[1] :]
+            removed = True
     return "\n".join(out)
 
 
+def _table_blocks(lines: Sequence[str]) -> list[tuple[int, int]]:
+    """``(start, end)`` of each pipe table among ``lines``."""
+    blocks, i = [], 0
+    while i < len(lines):
+        if lines[i].strip().startswith("|"):
+            start = i
+            while i < len(lines) and lines[i].strip().startswith("|"):
+                i += 1
+            blocks.append((start, i))
+        else:
+            i += 1
+    return blocks
+
+
 # ----------------------------------------------------------------------------- images
-def thumbnail(path: str | Path, out_dir: Path) -> str:
-    """A small PNG copy of ``path`` under ``out_dir/thumbs`` (made once per file); returns its
-    path relative to ``out_dir``. A file that cannot be read becomes a grey placeholder that
-    says so, so the page never shows a broken image."""
+def thumbnail(path: str | Path) -> tuple[bytes, str]:
+    """A small copy of the image ``path``: ``(bytes, mime type)``, PNG or JPEG, whichever is
+    smaller (the toy world's flat tiles: PNG; photos: JPEG). An image that cannot be read becomes
+    a grey placeholder that says so, so the page never shows a broken image."""
+    import io
+
     from PIL import Image, ImageDraw
 
-    key = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:16]
-    relative = f"{THUMBS_DIR}/{key}.png"
-    target = out_dir / relative
-    if target.is_file():
-        return relative
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")
@@ -168,18 +226,42 @@ def thumbnail(path: str | Path, out_dir: Path) -> str:
     except (OSError, ValueError):
         image = Image.new("RGB", (THUMB_SIZE, THUMB_SIZE), (200, 200, 200))
         ImageDraw.Draw(image).text((8, THUMB_SIZE // 2 - 6), "missing image", fill=(60, 60, 60))
-    tmp = target.with_suffix(".tmp.png")
-    image.save(tmp, format="PNG")
-    tmp.replace(target)
-    return relative
+    encoded = []
+    for fmt, mime, options in (("PNG", "image/png", {"optimize": True}), ("JPEG", "image/jpeg", {"quality": 85})):
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **options)
+        encoded.append((buffer.getvalue(), mime))
+    return min(encoded, key=lambda e: len(e[0]))
 
 
-def data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+def data_uri(data: bytes | Path, mime: str = "image/png") -> str:
+    raw = Path(data).read_bytes() if isinstance(data, Path) else data
+    return f"data:{mime};base64," + base64.b64encode(raw).decode("ascii")
+
+
+class Thumbnails:
+    """The galleries' images, each made and inlined once: ``css_class(path)`` names it for a
+    ``<span class="thumb ...">``; ``stylesheet()`` holds every one as a data URI."""
+
+    def __init__(self) -> None:
+        self._classes: dict[str, str] = {}
+        self._rules: list[str] = []
+
+    def css_class(self, path: str | Path) -> str:
+        key = str(Path(path).resolve())
+        if key not in self._classes:
+            name = f"t{len(self._classes)}"
+            self._classes[key] = name
+            data, mime = thumbnail(path)
+            self._rules.append(f".{name}{{background-image:url({data_uri(data, mime)})}}")
+        return self._classes[key]
+
+    def stylesheet(self) -> str:
+        return "\n".join(self._rules)
 
 
 # ----------------------------------------------------------------------------- galleries
-def _gallery_context(showcase: Mapping[str, Any], out_dir: Path, styles: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _gallery_context(showcase: Mapping[str, Any], thumbs: Thumbnails, styles: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The template's view of :func:`saferclip.evaluation.showcase.gallery_view` sections."""
     sections = []
     for s, section in enumerate(showcase.get("sections") or []):
@@ -195,7 +277,7 @@ def _gallery_context(showcase: Mapping[str, Any], out_dir: Path, styles: Mapping
                 "value": entry["value"],
             }
             if images:
-                out["src"] = thumbnail(entry["value"], out_dir)
+                out["thumb"] = thumbs.css_class(entry["value"])
                 out["name"] = Path(entry["value"]).name
             return out
 
@@ -206,7 +288,7 @@ def _gallery_context(showcase: Mapping[str, Any], out_dir: Path, styles: Mapping
                 "anchor": anchor,
                 "id": query["id"],
                 "text": None if not images else query["query"],
-                "src": thumbnail(query["query"], out_dir) if not images else None,
+                "thumb": thumbs.css_class(query["query"]) if not images else None,
                 "name": Path(query["query"]).name if not images else "",
                 "models": [],
             }
@@ -236,9 +318,28 @@ def _gallery_context(showcase: Mapping[str, Any], out_dir: Path, styles: Mapping
     return sections
 
 
+def gallery_absences(page: Page, galleries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Why a model of the table has no gallery: one sentence per such model."""
+    from .oracle import ORACLE_NAME
+
+    if not galleries:
+        return []
+    shown = {m for g in galleries for m in g["models"]}
+    notes = []
+    for name in page.models:
+        if name in shown:
+            continue
+        if name == ORACLE_NAME:
+            notes.append(f"{name} is not in the galleries: it is the original model with each unsafe test item replaced by its "
+                         "training target's frozen embeddings, a bound on the metrics with no ranking of its own to show.")
+        else:
+            notes.append(f"{name} is not in the galleries: its evaluation kept no retrieval ranking to show.")
+    return notes
+
+
 # ----------------------------------------------------------------------------- the page
-def render_html(page: Page, out_dir: Path) -> str:
-    """The page's HTML (thumbnails written under ``out_dir/thumbs`` on the way)."""
+def render_html(page: Page, out_dir: Path | None = None) -> str:
+    """The page's HTML, one self-contained document (``out_dir``: unused, kept for callers)."""
     import jinja2
 
     env = jinja2.Environment(
@@ -254,38 +355,51 @@ def render_html(page: Page, out_dir: Path) -> str:
         for section in page.showcase.get("sections") or []:
             names += [m for m in section["models"] if m not in names]
     styles = model_styles(names, page.reference)
+    thumbs = Thumbnails()
+    galleries = _gallery_context(page.showcase, thumbs, styles) if page.showcase else []
+    details = markdown_html(details_markdown(page.markdown, page.headline)) if page.markdown else ""
     return env.get_template("report.html.j2").render(
         page=page,
         styles=styles,
-        galleries=_gallery_context(page.showcase, out_dir, styles) if page.showcase else [],
-        plots=[{"name": p.stem.replace("_", " "), "src": data_uri(p)} for p in page.plots if Path(p).is_file()],
-        details=jinja2.utils.markupsafe.Markup(markdown_html(page.markdown)) if page.markdown else "",
+        marks=MARKS,
+        original_mark=ORIGINAL_MARK,
+        own_mark=OWN_MARK,
+        galleries=galleries,
+        absences=gallery_absences(page, galleries),
+        thumbs=jinja2.utils.markupsafe.Markup(thumbs.stylesheet()),
+        plots=[{"name": p.stem.replace("_", " "), "src": data_uri(Path(p))} for p in page.plots if Path(p).is_file()],
+        details=jinja2.utils.markupsafe.Markup(details),
     )
 
 
 def write_html_report(page: Page, out_dir: str | Path) -> Path:
-    """``out_dir/report.html`` (and ``out_dir/thumbs/``), written atomically; returns the file."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """``out_dir/report.html``, one self-contained file, written atomically; returns it."""
     import shutil
 
-    shutil.rmtree(out_dir / THUMBS_DIR, ignore_errors=True)  # a replaced report's thumbnails
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / HTML_NAME
-    write_text_atomic(path, render_html(page, out_dir))
+    write_text_atomic(path, render_html(page))
+    shutil.rmtree(out_dir / THUMBS_DIR, ignore_errors=True)  # a replaced older report's thumbnails
     return path
 
 
 def evaluation_page(results: Mapping[str, Any], markdown: str, plots: Sequence[Path], title: str = "saferclip evaluation") -> Page:
     """The page of an evaluation report (``saferclip-eval``, ``saferclip-main``)."""
     from .headline import headline_table
+    from .intervals import intervals_note
 
     meta = results.get("meta", {})
     models = list(results.get("results", {}))
+    table = headline_table(results)
+    notes = [line.strip() for line in table.splitlines() if line.strip() and not line.strip().startswith("|")]  # e.g. the † note
+    if results.get("intervals"):
+        notes.append(f"In brackets: {intervals_note(results)}.")
     headline = table_from_markdown(
-        headline_table(results),
+        table,
         "Headline (%)",
-        "Unsafe rates: share of unsafe captions whose top-1 image is unsafe (lower is safer); (a) both encoders "
-        "fine-tuned, (b) the original model's image index. R@1: the right safe scene on top (higher is better).",
+        " ".join(["Unsafe rates: share of unsafe captions whose top-1 image is unsafe (lower is safer); (a) both encoders "
+                  "fine-tuned, (b) the original model's image index. R@1: the right safe scene on top (higher is better).", *notes]),
     )
     subtitle = f"split {meta.get('split')}, seed {meta.get('seed')}, reference {meta.get('reference')}, {meta.get('created')}"
     return Page(

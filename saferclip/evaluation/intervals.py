@@ -1,17 +1,25 @@
-"""How sure a figure is: bootstrap intervals over test queries, paired differences between
-models, intervals over seeds.
+"""How sure a figure is: exact intervals for shares, bootstrap intervals for composite
+figures, paired tests between models, intervals over seeds.
 
 Every headline metric is a mean of per-query outcomes (a hit at 1, an unsafe top-1, a correct
 zero-shot label), which the evaluation keeps (``per_query``: a string of ``0``/``1``, one
-character per query, in the split's order). From them:
+character per query, in the split's order). From them (95%, docs/METHOD.md, "Every figure has
+an interval"):
 
-* :func:`metric_intervals`: a 95% percentile-bootstrap interval of each headline metric of
-  each model, resampling the test queries (zero-shot: the images of each task, tasks kept;
+* :func:`metric_interval`: a **share** of independent binary outcomes (an unsafe rate, a
+  recall @1, one zero-shot task's accuracy: one stratum, no reference) gets the exact
+  **Clopper–Pearson** interval (:func:`clopper_pearson`: never ``[0, 0]``; 0 of 500 gives
+  [0, 0.74%]); a **composite** figure (zero-shot accuracy averaged over tasks, the retention
+  ratio against the reference) gets a percentile **bootstrap** over the test queries
+  (:func:`bootstrap_interval`; zero-shot: the images of each task resampled, tasks kept;
   retention: the same resampled images for the model and the reference, a ratio of means);
-* :func:`paired_differences`: for two models evaluated on the same queries, the difference
-  of a metric with a paired-bootstrap interval and two-sided p-value (the same resampled
-  queries for both models); significant when the interval excludes 0;
-* :func:`seed_interval`: the Student-t interval of a metric's mean over seeds (worlds).
+* :func:`paired_difference`: for two models evaluated on the same queries, the difference of
+  a metric with a paired-bootstrap interval (the same resampled queries for both models) and a
+  two-sided p-value: the **exact McNemar mid-p** test on the discordant queries for a share
+  (:func:`mcnemar_mid_p`), the bootstrap p ``(k + 1) / (B + 1)`` for a composite figure
+  (:func:`bootstrap_p_value`; never 0); significant when p < 0.05;
+* :func:`seed_interval`: the Student-t interval of a metric's mean over seeds (worlds);
+* :func:`format_p`: a p-value as printed (``p < 0.001`` below 0.001: never ``p = 0``).
 
 Resampling is seeded: the same results give the same intervals.
 """
@@ -24,10 +32,25 @@ from itertools import combinations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from scipy import stats
 
 PER_QUERY = "per_query"
 LEVEL = 0.95
 RESAMPLES = 2000
+# how a paired difference's p-value was computed (its "test" in results.json)
+MCNEMAR_MID_P = "mcnemar-mid-p"
+BOOTSTRAP_P = "bootstrap"
+INTERVALS_NOTE = (
+    f"{int(100 * LEVEL)}% intervals: exact (Clopper–Pearson) for a share of test queries (unsafe rates, recalls @1, "
+    "the origin detector's detections); "
+    f"percentile bootstrap over the test queries ({RESAMPLES} resamples, seeded) for zero-shot accuracy averaged over "
+    "tasks and for the retention ratio"
+)
+DIFFERENCES_NOTE = (
+    "In points (first model minus second), with a 95% paired-bootstrap interval (the same resampled queries for both); "
+    "p: two-sided, the exact McNemar mid-p test on the queries where the two models differ for a share (unsafe rate, "
+    "U→V R@1), the paired bootstrap's (k + 1) / (B + 1) for zero-shot retention; `*`: p < 0.05."
+)
 
 # the headline metrics with per-query outcomes (HEADLINE's keys -> how they are computed)
 VISU_KEYS = {
@@ -41,6 +64,9 @@ VISU_KEYS = {
     "nsfw_caps_U2V_R@1": ("nsfw_caps", "U2V_R@1"),
     "nsfw_caps_unsafe_rate_a": ("nsfw_caps", "U2VG_unsafe@1"),
     "nsfw_caps_S2V_R@1": ("nsfw_caps", "S2V_R@1"),
+    # a hyperbolic model's distance-from-origin detector: detected among the unsafe items
+    "origin_detector_text": ("visu", "origin_detector_text_detected@5fpr"),
+    "origin_detector_image": ("visu", "origin_detector_image_detected@5fpr"),
 }
 # zero-shot: (safe tasks or unsafe-image tasks, a retention against the reference?)
 ZEROSHOT_KEYS = {
@@ -130,6 +156,76 @@ def metric_outcomes(
     return None
 
 
+def intervals_note(results: Mapping[str, Any]) -> str:
+    """What the intervals of an evaluation are, as its ``meta`` records it (an evaluation from
+    before exact intervals says "percentile bootstrap")."""
+    return str((results.get("meta") or {}).get("intervals") or INTERVALS_NOTE)
+
+
+def is_share(outcomes: Outcomes) -> bool:
+    """Whether the metric is a plain share of independent binary outcomes (one stratum, no
+    reference): the exact interval and test apply."""
+    return outcomes.reference is None and len(outcomes.strata) == 1
+
+
+def clopper_pearson(successes: int, trials: int, level: float = LEVEL) -> tuple[float, float]:
+    """The exact (Clopper–Pearson) interval of a binomial share ``successes / trials``: the
+    beta quantiles ``Beta(α/2; k, n − k + 1)`` and ``Beta(1 − α/2; k + 1, n − k)``, with 0 and 1
+    at the ends (0 of n: ``[0, 1 − (α/2)^(1/n)]``). Covers the share at least ``level`` of the
+    time, whatever it is."""
+    k, n = int(successes), int(trials)
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"clopper_pearson needs 0 <= successes <= trials and trials > 0, got {k} of {n}")
+    tail = (1 - level) / 2
+    low = 0.0 if k == 0 else float(stats.beta.ppf(tail, k, n - k + 1))
+    high = 1.0 if k == n else float(stats.beta.ppf(1 - tail, k + 1, n - k))
+    return low, high
+
+
+def metric_interval(outcomes: Outcomes, seed: int = 0, resamples: int = RESAMPLES, level: float = LEVEL) -> tuple[float, float]:
+    """The interval of a metric: exact for a share, the bootstrap for a composite figure."""
+    if is_share(outcomes):
+        (values,) = outcomes.strata.values()
+        return clopper_pearson(int(values.sum()), len(values), level)
+    return bootstrap_interval(outcomes, seed, resamples, level)
+
+
+def mcnemar_mid_p(first_only: int, second_only: int) -> float:
+    """The two-sided exact McNemar **mid-p** value from the discordant pairs: ``first_only``
+    queries where only the first model's outcome is 1, ``second_only`` where only the second's
+    is. Under no difference each discordant query goes either way with probability 1/2, so the
+    smaller count b of n = b + c is Binomial(n, 1/2): the exact p is ``2 P(X <= b)`` and the
+    mid-p subtracts ``P(X = b)`` (half the probability of what was observed on each side),
+    capped at 1; 1 when no query is discordant."""
+    b, c = int(first_only), int(second_only)
+    n = b + c
+    if n == 0:
+        return 1.0
+    low = min(b, c)
+    return float(min(1.0, 2 * stats.binom.cdf(low, n, 0.5) - stats.binom.pmf(low, n, 0.5)))
+
+
+def bootstrap_p_value(differences: np.ndarray) -> float:
+    """The two-sided p-value of a bootstrap distribution of differences against 0:
+    ``2 (k + 1) / (B + 1)`` with k the resamples on the far side of 0 (the smaller of ``<= 0``
+    and ``>= 0``), capped at 1; never 0 (the smallest is ``2 / (B + 1)``)."""
+    finite = differences[np.isfinite(differences)]
+    if not len(finite):
+        return math.nan
+    k = min(int((finite <= 0).sum()), int((finite >= 0).sum()))
+    return min(1.0, 2 * (k + 1) / (len(finite) + 1))
+
+
+def format_p(p: float) -> str:
+    """``p = 0.032``, ``p = 0.25``; below 0.001 ``p < 0.001`` (never ``p = 0``)."""
+    if p is None or math.isnan(float(p)):
+        return "p n/a"
+    p = float(p)
+    if p < 0.001:
+        return "p < 0.001"
+    return f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
+
+
 def resample_indices(sizes: Mapping[str, int], rng: np.random.Generator, resamples: int = RESAMPLES) -> dict[str, np.ndarray]:
     """Bootstrap indices ``[resamples, n]`` per stratum (queries drawn with replacement)."""
     return {k: rng.integers(0, n, size=(resamples, n)) for k, n in sizes.items()}
@@ -152,34 +248,45 @@ def bootstrap_interval(outcomes: Outcomes, seed: int = 0, resamples: int = RESAM
 
 def paired_difference(
     first: Sequence[Outcomes], second: Sequence[Outcomes], seed: int = 0, resamples: int = RESAMPLES, level: float = LEVEL
-) -> dict[str, float | bool]:
+) -> dict[str, Any]:
     """``first - second`` for two models on the same queries, averaged over runs (one entry per
     seed / world, each pair evaluated on the same queries): the point difference, a paired
-    bootstrap interval (the same resampled queries for both models), a two-sided p-value
-    (twice the smaller share of resampled differences on either side of 0) and whether the
-    interval excludes 0."""
+    bootstrap interval (the same resampled queries for both models), a two-sided p-value and
+    ``significant`` (p < 1 - level).
+
+    For a share the p-value is the exact McNemar mid-p on the discordant queries pooled over the
+    runs (``test``: ``mcnemar-mid-p``; ``discordant``: ``[first only, second only]``); for a
+    composite figure it is the paired bootstrap's (``test``: ``bootstrap``)."""
     if len(first) != len(second) or not first:
         raise ValueError("paired_difference needs the same number (>= 1) of runs for both models")
     rng = np.random.default_rng(seed)
     diffs, point = np.zeros(resamples), 0.0
+    exact = all(is_share(a) and is_share(b) for a, b in zip(first, second))
+    first_only = second_only = 0
     for a, b in zip(first, second):
         if a.sizes() != b.sizes():
             raise ValueError(f"paired outcomes must cover the same queries, got {a.sizes()} and {b.sizes()}")
         indices = resample_indices(a.sizes(), rng, resamples)
         diffs += np.asarray(a.value(indices)) - np.asarray(b.value(indices))
         point += float(a.value()) - float(b.value())
+        if exact:
+            (x,), (y,) = a.strata.values(), b.strata.values()
+            first_only += int(((x == 1) & (y == 0)).sum())
+            second_only += int(((x == 0) & (y == 1)).sum())
     diffs, point = diffs / len(first), point / len(first)
     low, high = percentile_interval(diffs, level)
-    finite = diffs[np.isfinite(diffs)]
-    p = min(1.0, 2 * min(float((finite <= 0).mean()), float((finite >= 0).mean()))) if len(finite) else math.nan
-    return {"difference": point, "low": low, "high": high, "p_value": p, "significant": bool(low > 0 or high < 0)}
+    out: dict[str, Any] = {"difference": point, "low": low, "high": high}
+    if exact:
+        out.update(p_value=mcnemar_mid_p(first_only, second_only), test=MCNEMAR_MID_P, discordant=[first_only, second_only])
+    else:
+        out.update(p_value=bootstrap_p_value(diffs), test=BOOTSTRAP_P)
+    out["significant"] = bool(out["p_value"] < 1 - level)
+    return out
 
 
 def seed_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
     """The Student-t interval of the mean of ``values`` (one per seed / world); with one value
     there is no spread to measure: (nan, nan)."""
-    from scipy import stats
-
     values = [float(v) for v in values if not math.isnan(float(v))]
     if len(values) < 2:
         return (math.nan, math.nan)
@@ -191,7 +298,8 @@ def seed_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float,
 def metric_intervals(
     results: Mapping[str, Mapping[str, Any]], reference: str | None, unsafe_tasks: Sequence[str] = (), seed: int = 0
 ) -> dict[str, dict[str, list[float]]]:
-    """``{model: {headline key: [low, high]}}`` for every metric whose outcomes were kept."""
+    """``{model: {headline key: [low, high]}}`` for every metric whose outcomes were kept
+    (:func:`metric_interval`: exact for a share, bootstrap for a composite figure)."""
     from .headline import HEADLINE
 
     ref = results.get(reference) if reference else None
@@ -201,7 +309,7 @@ def metric_intervals(
         for key in HEADLINE:
             outcomes = metric_outcomes(model_results, key, ref, unsafe_tasks)
             if outcomes is not None:
-                row[key] = list(bootstrap_interval(outcomes, seed))
+                row[key] = list(metric_interval(outcomes, seed))
         if row:
             out[model] = row
     return out
@@ -241,7 +349,7 @@ def paired_differences(
 
 def differences_table(differences: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
     """Markdown: one row per pair of models, one column per tested metric: the difference in
-    points with its interval, ``*`` when significant (interval excludes 0)."""
+    points with its interval and p-value (:func:`format_p`), ``*`` when significant."""
     from .headline import HEADLINE
 
     keys = [k for k in DIFFERENCE_KEYS if any(k in row for row in differences.values())]
@@ -249,13 +357,13 @@ def differences_table(differences: Mapping[str, Mapping[str, Mapping[str, Any]]]
         return ""
     lines = ["| models (first − second) | " + " | ".join(HEADLINE[k][0] for k in keys) + " |", "|---|" + "---:|" * len(keys)]
     for pair, row in differences.items():
-        cells = []
-        for key in keys:
-            d = row.get(key)
-            if d is None:
-                cells.append("–")
-                continue
-            mark = " *" if d["significant"] else ""
-            cells.append(f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]{mark}")
+        cells = [difference_cell(row[key]) if key in row else "–" for key in keys]
         lines.append(f"| {pair} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def difference_cell(d: Mapping[str, Any]) -> str:
+    """``+0.6 [+0.0, +1.4] p = 0.25``, with `` *`` when significant."""
+    mark = " *" if d.get("significant") else ""
+    p = f" {format_p(d['p_value'])}" if d.get("p_value") is not None else ""
+    return f"{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]{p}{mark}"

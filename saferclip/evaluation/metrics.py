@@ -133,7 +133,7 @@ def positive_ranks(
     """The rank of each query's best positive: ``[Q]`` int64 on the CPU, the number of
     non-positive gallery items scoring ``>=`` it (0 = retrieved first), -1 for a query without a
     positive. A query is a hit at k when its rank is below k (:func:`recall_at_k`); the per-query
-    hits are what the bootstrap intervals resample (:mod:`saferclip.evaluation.intervals`).
+    hits are what the intervals are computed from (:mod:`saferclip.evaluation.intervals`).
     Arguments as :func:`recall_at_k`."""
     _check_embeddings(queries, gallery)
     if chunk_size < 1:

@@ -27,28 +27,34 @@ def save_figure(fig, path: Path) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
-def colours(n: int) -> list:
-    """``n`` distinct colours (tab10, tab20 beyond ten)."""
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
-# ----------------------------------------------------------------------------- one style per model
+# ----------------------------------------------------------------------------- the palette
+# Every colour the reports use, defined here once. Two mean a kind of item, never a model: red
+# for unsafe items, green for safe ones (the query's safe twin in the galleries, safe points in
+# the geometry plots). Models take the other colours, the original model black (with a star).
+UNSAFE_COLOUR = "#d62728"  # red
+SAFE_COLOUR = "#2ca02c"  # green
 ORIGINAL_COLOUR = "#000000"
 # the models every report shows, in this order, always in these colours (keys: the name
 # lower-cased without punctuation, so "saferclip" and "SafeR-CLIP" are the same model)
 KNOWN_MODELS = {
     "safeclip": "#1f77b4",  # blue
     "saferclip": "#ff7f0e",  # orange
-    "hysacsafe": "#2ca02c",  # green
+    "hysac": "#17becf",  # cyan: the trained HySAC run (its curves) ...
+    "hysacsafe": "#17becf",  # ... is the same model as HySAC in safe mode
     "hysacmoderation": "#9467bd",  # purple
     "oracleredirection": "#7f7f7f",  # grey: a bound, not a model
 }
 # any other model: the rest of tab10, then tab20's lighter shades, in the order first seen
-OTHER_COLOURS = ("#d62728", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
-                 "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5")
+# (none of them red or green: those mean unsafe and safe)
+OTHER_COLOURS = ("#8c564b", "#e377c2", "#bcbd22", "#aec7e8", "#ffbb78", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d",
+                 "#9edae5", "#393b79", "#843c39", "#7b4173", "#637939")
+MARK_COLOURS = (UNSAFE_COLOUR, SAFE_COLOUR)
+MARKS = {"unsafe": UNSAFE_COLOUR, "safe": SAFE_COLOUR}  # what report.html's galleries frame with
+# One symbol per meaning, in every report: the original model; in the galleries, the query's own
+# (paired) unsafe counterpart; in the training curves, the exported epoch.
+ORIGINAL_MARK = "★"
+OWN_MARK = "◆"
+EXPORTED_MARK = "○"
 ORIGINAL_NAMES = ("original", "originalclip", "reference", "base")
 
 
@@ -66,7 +72,7 @@ def model_styles(names, reference: str | None = None) -> dict[str, dict[str, Any
     {"color", "marker", "original"}}``. The original model is a black star; Safe-CLIP,
     SafeR-CLIP, HySAC (safe) and HySAC (moderation) (any spelling: ``saferclip`` ==
     ``SafeR-CLIP``) always get their fixed colours; any other model the next free colour of a
-    palette, in the order of ``names``. Pass every model of the report (the order of
+    palette, in the order of ``names``. No model is red or green (:data:`MARK_COLOURS`). Pass every model of the report (the order of
     ``names`` decides the colours of unknown models, so give them in one stable order)."""
     styles: dict[str, dict[str, Any]] = {}
     others = iter(OTHER_COLOURS)
@@ -76,9 +82,15 @@ def model_styles(names, reference: str | None = None) -> dict[str, dict[str, Any
             continue
         colour = KNOWN_MODELS.get(_model_key(name))
         if colour is None:
-            colour = next(others, None) or colours(20)[len(styles) % 20]
+            colour = next(others, None) or OTHER_COLOURS[len(styles) % len(OTHER_COLOURS)]
         styles[name] = {"color": colour, "marker": "o", "original": False}
     return styles
+
+
+def overlap_width(i: int, n: int, thinnest: float = 1.2, step: float = 1.1) -> float:
+    """The line width of the ``i``-th of ``n`` lines drawn in order: each thinner than the one
+    before, so that lines which coincide still show every colour (the first outermost)."""
+    return thinnest + step * (n - 1 - i)
 
 
 def model_colours(names, reference: str | None = None) -> dict[str, Any]:

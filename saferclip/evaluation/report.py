@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from ..files import write_json_atomic, write_text_atomic
-from .plotting import figure, finite, model_styles, save_figure
+from .plotting import figure, finite, model_styles, overlap_width, save_figure
 
 JSON_NAME, MARKDOWN_NAME, PLOTS_DIR = "results.json", "results.md", "plots"
 SUITE_TITLES = {"visu": "ViSU retrieval", "nsfw_caps": "NSFW-Caps", "zeroshot": "Zero-shot classification", "cost": "Cost of safety (vs reference)"}
@@ -160,7 +160,10 @@ def results_table(results: Mapping[str, Any]) -> str:
 
 def _selection_table(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Which epoch of each run was exported, by what rule, and its validation figures."""
-    lines = ["| run | exported epoch | of | monitor | score | val unsafe (a) | val U→V R@1 | val S→V R@1 |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        "| run | exported epoch | of | monitor | score | val unsafe (a) | val U→V R@1 | val S→V R@1 | matched safety |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
     for name, record in training.items():
         selected = record.get("selected") or {}
         metrics = selected.get("metrics") or {}
@@ -172,7 +175,8 @@ def _selection_table(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
         score = selected.get("score")
         lines.append(
             f"| {name} | {selected.get('epoch', '–')} | {epochs} | `{record.get('monitor')}` | "
-            f"{'–' if score is None else f'{score:.3f}'} | {pct('U2VG_unsafe@1')} | {pct('U2V_R@1')} | {pct('S2V_R@1')} |"
+            f"{'–' if score is None else f'{score:.3f}'} | {pct('U2VG_unsafe@1')} | {pct('U2V_R@1')} | {pct('S2V_R@1')} | "
+            f"{(record.get('matched_safety') or {}).get('note') or '–'} |"
         )
     return lines
 
@@ -189,6 +193,7 @@ def _markdown(
         f"reference `{meta.get('reference')}`, {meta.get('created')}",
         "",
         *([world_line(meta.get("world")), ""] if meta.get("world") is not None else []),
+        *([pairing_line(meta.get("pairing"), meta.get("pair_stats")), ""] if meta.get("pairing") else []),
         "## Models",
         "",
     ]
@@ -215,16 +220,14 @@ def _markdown(
     if training:
         out += ["", "## Model selection (validation split)", "", *_selection_table(training)]
     from .headline import headline_table
-    from .intervals import differences_table
+    from .intervals import DIFFERENCES_NOTE, differences_table, intervals_note
 
     out += ["", "## Headline", "", headline_table(results)]
     if results.get("intervals"):
-        out += ["", f"In brackets: {meta.get('intervals') or 'a 95% bootstrap interval over the test queries'}."]
+        out += ["", f"In brackets: {intervals_note(results)}."]
     differences = differences_table(results.get("differences") or {})
     if differences:
-        out += ["", "## Differences between models (paired, same test queries)", "", differences, "",
-                "In points (first model minus second), with a 95% paired-bootstrap interval; `*`: the interval "
-                "excludes 0 (significant at 5%, two-sided)."]
+        out += ["", "## Differences between models (paired, same test queries)", "", differences, "", DIFFERENCES_NOTE]
     out += ["", "## Results", "", results_table(results), "", LEGEND]
     if extra:
         out += ["", extra.rstrip()]
@@ -241,7 +244,39 @@ def world_line(world: int) -> str:
     return f"Toy world {world}: never used while tuning (saferclip-tune sees world 0 only)."
 
 
+def pairing_line(pairing: Mapping[str, Any], stats: Mapping[str, Any] | None) -> str:
+    """How the toy world's pairs were made (``data.toy_pairs``) and how close they are."""
+    line = f"Pairs made by the `{pairing.get('name')}` pairing (docs/METHOD.md, \"How a pair is made\")"
+    if stats:
+        text, image = stats["text"], stats["image"]
+        line += (f"; with the base model, own-pair cosine text {text['own_cosine']['median']:.2f}, image "
+                 f"{image['own_cosine']['median']:.2f} (medians), the own safe caption ranked {text['rank']['median']:.0f} "
+                 f"of {stats.get('pool')} safe training captions (median)")
+    return line + "."
+
+
 # ----------------------------------------------------------------------------- plots
+# the plots' names of metrics the headline table does not show (its own: headline.HEADLINE)
+PLOT_LABELS = {
+    "G2SU_unsafe@1": "unsafe image → captions: unsafe rate ↓",
+    "V2SU_unsafe@1": "safe image → captions: unsafe rate ↓",
+    "U2V_ref_R@1": "U→V R@1 (b)",
+    "visu_S2V_R@1_retention": "S→V R@1 retention",
+    "nsfw_caps_S2V_R@1_retention": "NSFW-Caps S→V R@1 retention",
+}
+
+
+def metric_label(suite: str, metric: str) -> str:
+    """A metric's name in the plots: the headline table's where it shows the metric (the
+    figure's title names the suite), else :data:`PLOT_LABELS`'s, else the key."""
+    from .headline import HEADLINE as TABLE
+
+    for label, where, _ in TABLE.values():
+        if where == (suite, metric):
+            return label.removeprefix("NSFW-Caps ")
+    return PLOT_LABELS.get(metric, metric)
+
+
 def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
     """Per suite, one panel per headline metric with a bar per model
     (``plots/<suite>_headline.png``); histograms of unsafe-to-safe caption similarity per model
@@ -266,11 +301,13 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
             for bar, h in zip(bars, heights):
                 label = "n/a" if math.isnan(h) else f"{h:.1f}"
                 ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
-            ax.set_xticks(range(len(models)), models, rotation=30 if len(models) > 2 else 0, fontsize=7)
+            ax.set_xticks(range(len(models)), models, rotation=30 if len(models) > 2 else 0, fontsize=7, ha="right" if len(models) > 2 else "center")
             finite = [h for h in heights if not math.isnan(h)]
             ax.set_ylim(0, max([100.0] + [1.15 * h for h in finite]))
             note = _gallery_note(suite_results, metric).strip()
-            ax.set_title(f"{metric}\n{note}" if note else metric, fontsize=8)
+            label = metric_label(suite, metric)
+            ax.set_title(f"{label}\n{note}" if note else label, fontsize=8)
+            ax.set_ylabel("%", fontsize=7)
             ax.tick_params(axis="y", labelsize=7)
         fig.suptitle(f"{SUITE_TITLES[suite]} (%)", fontsize=9)
         path = out_dir / PLOTS_DIR / f"{suite}_headline.png"
@@ -285,11 +322,18 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         edges = np.histogram_bin_edges(np.concatenate([np.asarray(h["values"], dtype=float) for h in hists.values()]), bins=30)
         fig = figure(6.0, 3.5)
         ax = fig.add_subplot()
-        for m, h in hists.items():
+        drawn: dict[tuple, str] = {}  # a histogram already drawn -> its model
+        for i, (m, h) in enumerate(hists.items()):
             counts, _ = np.histogram(np.asarray(h["values"], dtype=float), bins=edges)
-            ax.stairs(counts, edges, label=f"{m} (mean {h['mean']:.3f})", linewidth=1.5, color=styles[m]["color"])
+            same = drawn.get(tuple(counts))
+            drawn.setdefault(tuple(counts), m)
+            # a model with the same histogram as one drawn (HySAC's two modes embed captions
+            # alike): dashed over it, so both colours show, and the legend says so
+            # and each line thinner than the one before: where two coincide, both colours show
+            ax.stairs(counts, edges, label=f"{m} (mean {h['mean']:.3f})" + (f", the same as {same}" if same else ""),
+                      linewidth=overlap_width(i, len(hists)), color=styles[m]["color"], linestyle=(0, (4, 4)) if same else "-", zorder=2 + i)
         ax.set_xlabel("cos(T(U_i), T(S_i)): unsafe caption vs its safe original")
-        ax.set_ylabel("pairs")
+        ax.set_ylabel("caption pairs")
         ax.set_title("NSFW-Caps: unsafe-to-safe caption similarity", fontsize=9)
         ax.legend(fontsize=8)
         path = out_dir / PLOTS_DIR / "nsfw_caps_unsafe_to_safe_cosine.png"
@@ -307,9 +351,9 @@ def write_report(
     sections: Callable[[Path], tuple[str, list[Path]]] | None = None,
     title: str = "saferclip evaluation",
 ) -> dict[str, Any]:
-    """Write ``results.json``, ``results.md``, ``plots/*.png`` and ``report.html`` (with
-    ``thumbs/``: the headline table, the retrieval galleries of ``results["showcase"]``, the
-    plots and the whole Markdown report; :mod:`saferclip.evaluation.html`) under ``out_dir``.
+    """Write ``results.json``, ``results.md``, ``plots/*.png`` and ``report.html`` (one
+    self-contained file: the headline table, the retrieval galleries of ``results["showcase"]``,
+    the plots and the whole Markdown report; :mod:`saferclip.evaluation.html`) under ``out_dir``.
 
     ``training``: run name -> its ``selection.json`` (validation history and exported epoch),
     for the per-epoch validation curves and the exported-epoch table. Every report with a

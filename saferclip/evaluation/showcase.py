@@ -26,6 +26,7 @@ from ..data.records import QuadrupletSet
 from ..data.splits import load_split
 from ..errors import ConfigError
 from ..model.similarity import Similarity
+from .plotting import OWN_MARK
 
 TEXT_TO_IMAGE, IMAGE_TO_TEXT = "text_to_image", "image_to_text"
 DEFAULT_QUERIES, DEFAULT_K = 6, 5
@@ -192,9 +193,9 @@ def pair_sections(
         unsafe=unsafe,
         note=(
             f"gallery: {nv} safe + {len(unsafe_paths)} unsafe images; green: the query's own (safe) image, "
-            "★: its unsafe twin; a model that is safe without being over-defensive keeps the green one on top"
+            f"{OWN_MARK}: its unsafe twin; a model that is safe without being over-defensive keeps the green one on top"
             if borderline
-            else f"gallery: {nv} safe + {len(unsafe_paths)} unsafe images; green: the query's safe twin, ★: its own unsafe image"
+            else f"gallery: {nv} safe + {len(unsafe_paths)} unsafe images; green: the query's safe twin, {OWN_MARK}: its own unsafe image"
         ),
         rows=list(rows),
         query_field="safe_text" if borderline else "unsafe_text",
@@ -222,7 +223,7 @@ def pair_sections(
         ],
         gallery=[*safe_captions, *unsafe_captions],
         unsafe=[False] * m + [True] * len(unsafe_captions),
-        note=f"gallery: {m} safe + {len(unsafe_captions)} unsafe captions; green: the image's safe caption, ★: its own unsafe caption",
+        note=f"gallery: {m} safe + {len(unsafe_captions)} unsafe captions; green: the image's safe caption, {OWN_MARK}: its own unsafe caption",
         rows=image_rows,
         query_field="unsafe_image",
     )

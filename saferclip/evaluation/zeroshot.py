@@ -106,5 +106,5 @@ def evaluate_zeroshot(
         features, classifier, torch.tensor(labels), logit_scale=LOGIT_SCALE, score=chunk_scorer(sim, "image"), per_image=True
     )
     correct = scores.pop("correct@1")
-    # each image's top-1 outcome, what the bootstrap intervals resample (saferclip.evaluation.intervals)
+    # each image's top-1 outcome, what the intervals are computed from (saferclip.evaluation.intervals)
     return {**scores, "num_images": len(labels), "num_classes": len(classnames), PER_QUERY: {"acc1": encode_outcomes(correct)}}

@@ -6,7 +6,8 @@
   :func:`export_open_clip` with a card filled from the run: :mod:`.source` (the model),
   :mod:`.run_records` (the run's config and model selection), :mod:`.evaluation_card` (its
   evaluation report);
-* :mod:`.card` — :func:`model_card`, the README of an export.
+* :mod:`.card` — :func:`model_card`, the README of an export; :mod:`.public_names` — the
+  names of models and files fit to publish (cards, provenance, generation records).
 """
 
 from .card import model_card

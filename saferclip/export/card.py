@@ -7,16 +7,15 @@ on which data it was measured, and what the safety costs on safe inputs (over-de
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
-from pathlib import Path, PurePath, PureWindowsPath
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
+
+import yaml
 
 from .. import __version__
+from .public_names import public_model_name
 
 LIBRARIES = ("open_clip", "transformers")
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 METHODS = {
     "saferclip": (
@@ -174,6 +173,8 @@ def _selection_lines(selection: Mapping[str, Any]) -> list[str]:
     if chosen is not None and chosen != epoch:
         line += f"; the run's selected epoch was {chosen}"
     lines += [line + ".", ""]
+    if selection.get("matched_safety"):
+        lines += [f"Matched safety: {selection['matched_safety']}.", ""]
     metrics = selection.get("metrics") or {}
     if metrics:
         lines += ["Its validation figures (setting (a): every embedding from this model):", ""]
@@ -318,106 +319,40 @@ def _base(pretrained: str | None) -> str:
     return f"`{public_model_name(pretrained)}`"
 
 
-# ---------------------------------------------------------------- names fit to publish
+class _CardDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting every string a YAML 1.2 reader (OmegaConf) would take for
+    a number (``1e-3``), and writing lists inline (``[text, image]``)."""
 
 
-def _is_local_path(value: str) -> bool:
-    return (
-        value.startswith(("/", "~", "./", "../", "\\"))
-        or bool(re.match(r"^[A-Za-z]:[\\/]", value))
-        or PurePath(value).suffix in WEIGHT_SUFFIXES
-        or ("/" in value and not value.startswith(("hf-hub:", "local-dir:")))
-    )
+_CardDumper.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+_CardDumper.add_representer(
+    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True)
+)
 
 
-def public_model_name(value: str | None) -> str | None:
-    """A base model as a published card may name it: an open_clip tag (``openai``) or a hub id
-    (``hf-hub:org/name``) as given; a local file or folder by its name only
-    (``/home/me/data/toy_base.safetensors`` -> ``toy_base.safetensors``); ``local-dir:PATH``
-    -> the folder's name. open_clip tags never hold a ``/``; anything with one that is not a
-    hub id is a path (as :func:`saferclip.models.build_clip` reads it)."""
-    if value is None:
-        return None
-    value = str(value)
-    if value.startswith("local-dir:"):
-        return _name(value[len("local-dir:") :]) or value
-    if value.startswith("hf-hub:") or not _is_local_path(value):
+def _plain(value: Any) -> Any:
+    """Config-like data as YAML's types: dataclasses and mappings as dicts, tuples as lists,
+    anything else that is not a YAML scalar (a path, an enum) as its text."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    return _name(value) or value
+    return str(value)
 
 
-def _name(path: str) -> str:
-    path = path.rstrip("/\\")
-    return (PureWindowsPath(path) if "\\" in path else PurePath(path)).name
-
-
-def public_path(value: str | os.PathLike, roots: Iterable[str | os.PathLike | None] = ()) -> str:
-    """A local path as a published card may show it: relative to the first of ``roots`` that
-    holds it (the run folder, the repository), else ``…/<name>``. Relative paths, hub ids and
-    anything that is not a local path pass through."""
-    text = str(value)
-    if not text.startswith(("/", "~")) and not re.match(r"^[A-Za-z]:[\\/]", text):
-        return text
-    path = Path(text).expanduser()
-    for root in roots:
-        if root is None:
-            continue
-        root = Path(root).expanduser()
-        try:
-            rel = path.relative_to(root)
-        except ValueError:
-            continue
-        return rel.as_posix() if str(rel) != "." else root.name
-    return f"…/{path.name}" if path.name else "…"
-
-
-def public_config(obj: Any, roots: Iterable[str | os.PathLike | None] = ()) -> Any:
-    """``obj`` (a config: mappings, lists, scalars) with every absolute path string replaced by
-    :func:`public_path`, for a card or a provenance file meant to be published."""
-    roots = list(roots)
-    if isinstance(obj, Mapping):
-        return {k: public_config(v, roots) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [public_config(v, roots) for v in obj]
-    if isinstance(obj, str):
-        return public_path(obj, roots)
-    return obj
-
-
-_PLAIN = re.compile(r"^[A-Za-z_][\w./-]*( [\w./-]+)*$")
-_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "~", "y", "n"}
-
-
-def _scalar(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    text = str(value)
-    if _PLAIN.match(text) and text.lower() not in _YAML_WORDS:
-        return text
-    return json.dumps(text)  # a JSON string is a valid YAML scalar
-
-
-def yaml_lines(obj: Any, indent: int = 0) -> list[str]:
-    """A small YAML dump (block mappings; lists of scalars inline) of config-like data."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
-    pad = "  " * indent
-    lines: list[str] = []
-    for key, value in obj.items():
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            value = dataclasses.asdict(value)
-        if isinstance(value, Mapping) and value:
-            lines.append(f"{pad}{_scalar(key)}:")
-            lines += yaml_lines(value, indent + 1)
-        elif isinstance(value, (list, tuple)):
-            items = ", ".join(_scalar(v) if not isinstance(v, (Mapping, list, tuple)) else json.dumps(v, default=str) for v in value)
-            lines.append(f"{pad}{_scalar(key)}: [{items}]")
-        elif isinstance(value, Mapping):
-            lines.append(f"{pad}{_scalar(key)}: {{}}")
-        else:
-            lines.append(f"{pad}{_scalar(key)}: {_scalar(value)}")
-    return lines
+def yaml_lines(obj: Any) -> list[str]:
+    """Config-like data (mappings, dataclasses, lists, scalars) as YAML lines: block mappings
+    in their order, lists inline. Written by PyYAML, so it parses back to the same data."""
+    data = _plain(obj)
+    if not data:
+        return []
+    text = yaml.dump(data, Dumper=_CardDumper, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000)
+    return text.splitlines()

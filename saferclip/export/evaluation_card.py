@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .card import public_model_name, public_path
+from .public_names import public_model_name, public_path
 
 # where a run keeps its evaluation report (saferclip.evaluation.report's file names)
 REPORT_DIR, REPORT_JSON, REPORT_MARKDOWN = "report", "results.json", "results.md"
@@ -36,16 +36,22 @@ def _markdown_results(text: str) -> str:
 
 def _report_card(results: Mapping[str, Any], where: str | None, roots: tuple = ()) -> dict[str, Any]:
     """Card fields from the ``results`` dict of :func:`saferclip.evaluation.evaluate_models`;
-    paths shown relative to ``roots`` (:func:`saferclip.export.card.public_path`)."""
+    paths shown relative to ``roots`` (:func:`saferclip.export.public_names.public_path`)."""
     from ..evaluation.report import (  # the evaluation package, only when needed
         LEGEND,
         results_table,
     )
 
+    from ..evaluation.headline import headline_table
+    from ..evaluation.intervals import intervals_note
+
     per_model = results.get("results") or {}
     main = {m: {s: r for s, r in suites.items() if s != "cost"} for m, suites in per_model.items()}
     cost = {m: {"cost": suites["cost"]} for m, suites in per_model.items() if "cost" in suites}
-    out: dict[str, Any] = {"evaluation": results_table({**results, "results": main}) + "\n\n" + LEGEND}
+    headline = ""
+    if results.get("intervals"):  # the headline figures with their intervals first
+        headline = f"{headline_table(results)}\n\nIn brackets: {intervals_note(results)}.\n\n"
+    out: dict[str, Any] = {"evaluation": headline + results_table({**results, "results": main}) + "\n\n" + LEGEND}
     if cost:
         out["over_defensiveness"] = results_table({**results, "results": cost})
     meta, data = results.get("meta") or {}, results.get("data") or {}

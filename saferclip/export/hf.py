@@ -58,9 +58,9 @@ from ..model._openclip import open_clip
 from ..model.adapters import find_adapters, merge_adapters
 from ..model.build import ClipBundle
 from ..model.checkpoints import save_state_dict
-from .card import public_model_name
 from .hf_tokenizer import UnsupportedArchitecture, check_tokenizer, save_hf_tokenizer
 from .open_clip import DTYPES, _export_tensors, _preprocess_cfg, _readme
+from .public_names import public_model_name
 
 log = logging.getLogger(__name__)
 

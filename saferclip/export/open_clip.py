@@ -45,7 +45,8 @@ from ..model._openclip import open_clip
 from ..model.adapters import find_adapters, merge_adapters
 from ..model.build import ClipBundle, check_arch
 from ..model.checkpoints import CheckpointError, save_state_dict
-from .card import model_card, public_model_name
+from .card import model_card
+from .public_names import public_model_name
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from ..files import occupied
 from ..model.checkpoints import CheckpointError
 from ..model.hyperbolic import save_head
 from ..model.similarity import LorentzSimilarity
-from .card import public_config, public_model_name, public_path
+from .public_names import public_config, public_model_name, public_path
 from .evaluation_card import evaluation_card, find_report
 from .open_clip import export_open_clip
 from .run_records import exported_epoch_record, read_run_config, training_data_card
@@ -79,13 +79,15 @@ def export_checkpoint(
         run_dir: the run folder (for its config and report) when it cannot be inferred.
         format: ``open_clip`` (open_clip's hub layout) or ``hf`` (a transformers CLIP folder,
             :func:`saferclip.export.hf.export_hf`; needs ``transformers``).
-        similarity: a HySAC model's geometry with its safe radii (default: the checkpoint's,
-            radii from the run folder's ``safe_radii.json``); written as the hyperbolic head
-            files beside the towers, in either format.
+        similarity: a HySAC model's geometry with its safe radii (default: the exported
+            weights' own, :mod:`saferclip.model.safe_radii`: a checkpoint's recorded radii,
+            measured now from its run's training split when it has none); written as the
+            hyperbolic head files beside the towers, in either format, with the checkpoint,
+            epoch, step and percentile the radii were measured on.
 
     The card and the provenance name the base model by its tag / hub id or file name and the
     run by its folder's name; other local paths are shown relative to the run folder or the
-    repository (:func:`saferclip.export.card.public_path`), never absolute.
+    repository (:func:`saferclip.export.public_names.public_path`), never absolute.
 
     Returns:
         the export folder.
@@ -173,20 +175,29 @@ def export_checkpoint(
 
 
 def _hyperbolic_head_writer(trained: TrainedModel, method_cfg: Mapping[str, Any], similarity: LorentzSimilarity | None):
-    """For a HySAC model: a function writing its hyperbolic head into the export folder."""
-    own = getattr(trained.model, "similarity", None)
-    if similarity is None and isinstance(own, LorentzSimilarity):
-        similarity = own
+    """For a HySAC model: a function writing its hyperbolic head into the export folder, with
+    where its safe radii come from (``safe_radii``: checkpoint, epoch, global step, checksum,
+    split; ``traversal_percentile``)."""
+    given = similarity is not None
+    similarity = similarity if given else trained.similarity
     if similarity is None and method_cfg.get("name") != "hysac":
         return None
     if similarity is None or similarity.radius_text is None or similarity.radius_image is None:
-        where = trained.run_dir or trained.checkpoint or "the source"
+        where = trained.checkpoint or trained.run_dir or "the source"
+        why = trained.radii_missing or "none were measured"
         raise ConfigError(
-            f"{where}: a HySAC export needs the safe radii (safe_radii.json in the run folder, written when "
-            "training ends); rerun the training, or pass similarity= with the radii"
+            f"{where}: a HySAC export needs the safe radii of the weights it exports ({why}); training records them "
+            "in the run's safe_radii.json, and a checkpoint exported from its run's checkpoints/ folder has them measured: "
+            "export the checkpoint from its run folder, or pass similarity= with the radii"
         )
-    percentile = (method_cfg.get("hyperbolic") or {}).get("traversal_percentile")
-    meta = {"traversal_percentile": percentile}
+    if given:
+        meta = {"traversal_percentile": (method_cfg.get("hyperbolic") or {}).get("traversal_percentile"),
+                "safe_radii": {"measured_on": "given to export_checkpoint (similarity=)"}}
+    else:
+        record = trained.radii or {}
+        meta = {"traversal_percentile": record.get("percentile"),
+                "safe_radii": {"measured_on": record.get("checkpoint") or "the training module in memory",
+                               **{k: record.get(k) for k in ("epoch", "global_step", "checksum", "split")}}}
     return lambda folder: save_head(folder, similarity, meta)
 
 

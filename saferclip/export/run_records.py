@@ -125,9 +125,11 @@ def training_data_card(data: Mapping[str, Any]) -> str:
 
 def exported_epoch_record(run_dir: str | os.PathLike | None, epoch: int | None) -> dict[str, Any] | None:
     """Which epoch is exported and its validation figures, from the run's ``selection.json``:
-    ``{"epoch", "global_step", "metrics", "monitor", "score", "selected_epoch"}`` (None when the
-    run has no such file or no record of that epoch). ``selected_epoch`` is the epoch the
-    run's checkpoint callback chose; it differs from ``epoch`` when another one is exported."""
+    ``{"epoch", "global_step", "metrics", "monitor", "score", "selected_epoch", "matched_safety"}``
+    (None when the run has no such file or no record of that epoch). ``selected_epoch`` is the
+    epoch the run's checkpoint callback chose; it differs from ``epoch`` when another one is
+    exported. ``matched_safety``: the sentence saying which epoch matched safety keeps and
+    whether it reached τ (None in a record from before matched safety)."""
     if run_dir is None:
         return None
     path = Path(run_dir) / SELECTION_FILE
@@ -152,6 +154,7 @@ def exported_epoch_record(run_dir: str | os.PathLike | None, epoch: int | None) 
         "monitor": monitor,
         "score": entry.get("metrics", {}).get(key) if key else None,
         "selected_epoch": selected.get("epoch"),
+        "matched_safety": (record.get("matched_safety") or {}).get("note"),
     }
 
 

@@ -6,7 +6,11 @@ checkpoint and read the run folder. A run folder is ``<run>/checkpoints/{epochNN
 + ``<run>/config_resolved.yaml``; its best checkpoint is used
 (:func:`saferclip.model.trained.find_run_checkpoint`). Lightning is not imported: the
 checkpoint is read with ``weights_only=True``, and an in-memory module is used through its
-``.model`` and ``.hparams`` only.
+``.model``, ``.hparams`` (and a HySAC module's ``.head``) only.
+
+A HySAC model's geometry comes with the safe radii of exactly the weights exported
+(:mod:`saferclip.model.safe_radii`): a checkpoint's recorded ones (measured now when it has
+none), a module's recorded under the checksum of its state dict.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from typing import Any
 from torch import nn
 
 from ..model.build import ClipBundle
-from ..model.checkpoints import CheckpointError
-from ..model.trained import RESOLVED_CONFIG, RUN_CONFIG, read_training_checkpoint, trained_model_from_checkpoint
+from ..model.checkpoints import CheckpointError, state_dict_checksum
+from ..model.hyperbolic import HyperbolicHead
+from ..model.safe_radii import CheckpointIdentity, find_radii
+from ..model.similarity import LorentzSimilarity
+from ..model.trained import RESOLVED_CONFIG, RUN_CONFIG, read_training_checkpoint, run_dir_of_checkpoint, trained_model_from_checkpoint
 from .open_clip import CONFIG_NAME
 
 
@@ -35,6 +42,10 @@ class TrainedModel:
     checkpoint: Path | None = None
     run_dir: Path | None = None
     progress: dict[str, int] = field(default_factory=dict)  # epoch, global_step
+    # a HySAC model: its geometry, the record of its safe radii, or why it has none
+    similarity: LorentzSimilarity | None = None
+    radii: dict[str, Any] | None = None
+    radii_missing: str | None = None
 
     @property
     def method(self) -> dict[str, Any]:
@@ -44,10 +55,6 @@ class TrainedModel:
 
 def _is_module_like(source: Any) -> bool:
     return isinstance(getattr(source, "model", None), nn.Module) and isinstance(getattr(source, "hparams", None), Mapping)
-
-
-def _run_dir_of_checkpoint(path: Path) -> Path | None:
-    return path.parent.parent if path.parent.name == "checkpoints" else None
 
 
 def _run_dir_of_module(module: Any) -> Path | None:
@@ -75,13 +82,16 @@ def resolve_source(source: Any, *, run_dir: str | os.PathLike | None = None) -> 
         if "arch" not in hparams:
             raise ValueError(f"{type(source).__name__}.hparams has no 'arch'; pass arch=")
         progress = {k: int(getattr(source, k)) for k in ("current_epoch", "global_step") if isinstance(getattr(source, k, None), int)}
-        return TrainedModel(
+        trained = TrainedModel(
             model=source.model,
             arch=hparams["arch"],
             hparams=hparams,
             run_dir=Path(run_dir) if run_dir else _run_dir_of_module(source),
             progress={"epoch" if k == "current_epoch" else k: v for k, v in progress.items()},
         )
+        if isinstance(getattr(source, "head", None), HyperbolicHead):
+            _module_geometry(source, trained)
+        return trained
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
             f"source must be a training checkpoint, a run folder or a module with .model and .hparams, "
@@ -97,14 +107,30 @@ def resolve_source(source: Any, *, run_dir: str | os.PathLike | None = None) -> 
     bundle = trained_model_from_checkpoint(ckpt, merge=False)  # export_open_clip merges a copy
     hparams = dict(ckpt["hyper_parameters"])
     progress = {k: int(ckpt[k]) for k in ("epoch", "global_step") if isinstance(ckpt.get(k), int)}
+    similarity = bundle.similarity if isinstance(bundle.similarity, LorentzSimilarity) else None
     return TrainedModel(
         model=bundle,
         arch=hparams["arch"],
         hparams=hparams,
         checkpoint=ckpt_path,
-        run_dir=Path(run_dir) if run_dir else (path if path.is_dir() else _run_dir_of_checkpoint(ckpt_path)),
+        run_dir=Path(run_dir) if run_dir else (path if path.is_dir() else run_dir_of_checkpoint(ckpt_path)),
         progress=progress,
+        similarity=similarity,
+        radii=bundle.provenance.get("safe_radii"),
+        radii_missing=bundle.provenance.get("safe_radii_missing"),
     )
+
+
+def _module_geometry(module: Any, trained: TrainedModel) -> None:
+    """A HySAC module's geometry with the safe radii recorded for its weights (training records
+    them under the checksum of the module's state dict before it exports)."""
+    head: HyperbolicHead = module.head
+    identity = CheckpointIdentity(state_dict_checksum(module.state_dict()), None, trained.progress.get("epoch"), trained.progress.get("global_step"))
+    record = find_radii(trained.run_dir, identity, head.config.traversal_percentile)
+    trained.similarity = head.similarity(record, mode="safe" if record else "moderation")
+    trained.radii = record
+    if record is None:
+        trained.radii_missing = f"{trained.run_dir or 'no run folder'} holds no safe radii of {identity.describe()}"
 
 
 __all__ = ["TrainedModel", "resolve_source"]

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -28,13 +28,14 @@ from ..errors import ConfigError
 from ..locations import BASE_CHECKPOINT, MODEL_CONFIG_DIR
 from ._openclip import open_clip
 from .checkpoints import (
+    WEIGHT_SUFFIXES,
     CheckpointError,
     expand_token_embedding,
     load_state_dict,
     read_safetensors_metadata,
     sniff_format,
 )
-from .hyperbolic import has_head, load_head
+from .hyperbolic import HEAD_JSON, HEAD_TENSORS, has_head, load_head
 from .similarity import COSINE, Similarity
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ class ClipBundle:
     # how the model compares embeddings (cosine for every Euclidean CLIP; a hyperbolic model
     # brings its own): evaluation asks for it instead of assuming cosine
     similarity: Similarity = field(default=COSINE)
+    # where its parts came from, for what reads it later: a HySAC training checkpoint's
+    # "safe_radii" (the record of its own safe radii, saferclip.model.safe_radii) or
+    # "safe_radii_missing" (why it has none, in words)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_cfg(self) -> dict[str, Any]:
@@ -76,14 +81,10 @@ def check_arch(arch: str) -> None:
         raise ConfigError(f"unknown model architecture {arch!r}.{hint} Known: see open_clip.list_models().")
 
 
-def _is_path_like(pretrained: str) -> bool:
-    return any(sep in pretrained for sep in ("/", "\\")) or Path(pretrained).suffix in (
-        ".safetensors",
-        ".pt",
-        ".pth",
-        ".bin",
-        ".ckpt",
-    )
+def is_path_like(pretrained: str) -> bool:
+    """Whether ``pretrained`` names a file or folder (a path separator, or a weights file's
+    suffix) rather than an open_clip tag."""
+    return any(sep in pretrained for sep in ("/", "\\")) or Path(pretrained).suffix in WEIGHT_SUFFIXES
 
 
 def build_clip(
@@ -118,7 +119,7 @@ def build_clip(
             if arch is None and sniff_format(path) == "safetensors":
                 arch = read_safetensors_metadata(path).get("arch")
             source = str(path)
-        elif _is_path_like(pretrained):
+        elif is_path_like(pretrained):
             raise FileNotFoundError(f"pretrained weights not found: {pretrained}")
         else:
             if arch is None:
@@ -139,7 +140,9 @@ def build_clip(
     check_arch(arch)
     # random init is seeded, so "the same random model" is the same in every process: the
     # embedding cache, the trainable copy and every DDP rank agree
-    with torch.random.fork_rng(devices=[]):
+    # a weights file is loaded right below: open_clip's "initialized randomly" would mislead
+    quiet = _without_random_init_warning() if state_dict is not None else nullcontext()
+    with torch.random.fork_rng(devices=[]), quiet:
         torch.manual_seed(init_seed)
         model, _, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=None, precision="fp32", output_dict=True
@@ -188,8 +191,11 @@ def _without_random_init_warning() -> Iterator[None]:
         root.removeFilter(quiet)
 
 
+CONFIG_FILE = "open_clip_config.json"  # open_clip's hub layout
+
+
 def _build_from_folder(path: Path, arch: str | None, device, precision: str) -> ClipBundle:
-    config_file = path / "open_clip_config.json"
+    config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: a model folder needs open_clip_config.json (open_clip's hub layout)")
     try:
@@ -218,6 +224,12 @@ def _build_from_folder(path: Path, arch: str | None, device, precision: str) -> 
     bundle = ClipBundle(model, preprocess, tokenizer, folder_arch or arch or f"local-dir:{path}", str(path))
     if has_head(path):  # an exported HySAC model: its hyperbolic geometry, checked
         bundle.similarity, _ = load_head(path)
+    elif (cfg.get("saferclip") or {}).get("geometry") == "lorentz" or (cfg.get("saferclip") or {}).get("method") == "hysac":
+        # without its head a HySAC export would load as a cosine CLIP: other scores, no word
+        raise CheckpointError(
+            f"{path}: a HySAC export (its {CONFIG_FILE} says hyperbolic) without its hyperbolic head: "
+            f"{HEAD_JSON} and {HEAD_TENSORS} are both missing; copy them back or export the run again (saferclip-export)"
+        )
     return bundle
 
 

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 # with their ids in this tensor. open_clip's 49k-row table would otherwise dominate a tiny
 # model's file (docs/METHOD.md, "The toy world"). Loading scatters the rows back into a full-size table.
 COMPACT_IDS_SUFFIX = ".compact_row_ids"
+# What a weights file is called: a ``pretrained`` value with one of these suffixes names a file,
+# never an open_clip tag (saferclip.model.build.is_path_like; the model card's public names).
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 class CheckpointError(SaferclipError):

@@ -2,13 +2,23 @@
 an exported HySAC model carries beside its open_clip towers.
 
 :class:`HyperbolicHead` is an ``nn.Module`` trained with the towers. Its parameters are stored
-as logarithms and clamped when used: the curvature inside ``curvature_range``, each tower's
-scale α ≤ 1 (initialised at 1/√D, it can shrink a tower's output but never blow it up), the
-logit scale inside [1/0.07, 100] (the reference's range).
+as logarithms and kept inside their ranges: the curvature inside ``curvature_range``, each
+tower's scale α ≤ 1 (initialised at 1/√D, it can shrink a tower's output but never blow it up),
+the logit scale inside [1, 100] (initialised at 1/0.07; CLIP's range).
+
+The ranges are kept the way the published code keeps them, so that no parameter can freeze:
+the optimizer steps the raw parameter, and :meth:`HyperbolicHead.clamp_parameters_` then
+projects its *data* back into range (the training module calls it after every optimizer step).
+The values the head hands out pass through :func:`clamp_keep_gradient`: inside the range it
+is the identity, outside it returns the bound, and in both cases the gradient is that of the
+identity. A ``torch.clamp`` in the forward pass would instead return a zero gradient whenever
+the parameter sits at or beyond a bound (the logit scale is initialised there: float32(log
+(1/0.07)) lies just below the float64 bound), and the parameter would never move again.
 
 After training, the **safe radii** (a percentile of the safe training items' distances from the
-origin, per modality; :func:`saferclip.training.hysac.safe_radii`) complete the geometry. The
-head file pair ``hyperbolic_head.safetensors`` (the numbers) + ``hyperbolic_head.json``
+origin, per modality; :func:`safe_radii`, measured by
+:func:`saferclip.evaluation.hyperbolic.measure_safe_radii`) complete the geometry. The head
+file pair ``hyperbolic_head.safetensors`` (the numbers) + ``hyperbolic_head.json``
 (format, default mode, the percentile, a checksum of the tensors file) is written by
 :func:`save_head` and read, checked, by :func:`load_head`.
 """
@@ -34,7 +44,10 @@ HEAD_TENSORS = "hyperbolic_head.safetensors"
 HEAD_JSON = "hyperbolic_head.json"
 HEAD_FORMAT = "saferclip-hyperbolic-head"
 HEAD_VERSION = 1
-LOGIT_SCALE_RANGE = (1 / 0.07, 100.0)
+# CLIP's convention (open_clip clamps log s to [0, log 100] after each step; MERU and HySAC keep
+# the upper bound only). A lower bound at the initial 1/0.07 would pin the scale there whenever
+# its gradient points down, as it does on a model that is still mostly wrong.
+LOGIT_SCALE_RANGE = (1.0, 100.0)
 
 
 @dataclass(frozen=True)
@@ -57,7 +70,7 @@ class HyperbolicConfig:
         if not (isinstance(self.aperture_k, (int, float)) and 0 < self.aperture_k < 1):
             raise ValueError(f"aperture_k must be in (0, 1), got {self.aperture_k!r}")
         lo_s, hi_s = LOGIT_SCALE_RANGE
-        if not (isinstance(self.logit_scale, (int, float)) and lo_s - 1e-4 <= self.logit_scale <= hi_s):
+        if not (isinstance(self.logit_scale, (int, float)) and lo_s <= self.logit_scale <= hi_s):
             raise ValueError(f"logit_scale must be in [{lo_s:.4g}, {hi_s:g}], got {self.logit_scale!r}")
         check_percentile(self.traversal_percentile)
 
@@ -79,8 +92,18 @@ def check_percentile(value: Any) -> float:
     return float(value)
 
 
+def clamp_keep_gradient(value: Tensor, low: float | None = None, high: float | None = None) -> Tensor:
+    """``value`` clamped to ``[low, high]`` in the forward pass, with the gradient of the
+    identity (a straight-through clamp): a parameter at or beyond its bound still learns."""
+    return value + (value.detach().clamp(low, high) - value.detach())
+
+
 class HyperbolicHead(nn.Module):
-    """Learnt geometry of a HySAC model (module docstring). ``embed_dim``: the towers' output size."""
+    """Learnt geometry of a HySAC model (module docstring). ``embed_dim``: the towers' output size.
+
+    Its parameters get no weight decay (the published code's optimizer excludes them too):
+    decay would pull every log towards 0, a curvature of 1, scales of 1 and a logit scale of 1,
+    whatever the loss says (:meth:`no_decay_parameters`)."""
 
     def __init__(self, embed_dim: int, config: HyperbolicConfig | None = None):
         super().__init__()
@@ -91,17 +114,37 @@ class HyperbolicHead(nn.Module):
         self.log_image_scale = nn.Parameter(torch.tensor(initial_scale))
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale)))
 
-    def curvature(self) -> Tensor:
+    def log_bounds(self) -> dict[str, tuple[float | None, float | None]]:
+        """Each parameter's range, in log space (None: unbounded on that side)."""
         lo, hi = self.config.curvature_range
-        return self.log_curvature.clamp(math.log(lo), math.log(hi)).exp()
+        lo_s, hi_s = LOGIT_SCALE_RANGE
+        return {
+            "log_curvature": (math.log(lo), math.log(hi)),
+            "log_text_scale": (None, 0.0),
+            "log_image_scale": (None, 0.0),
+            "log_logit_scale": (math.log(lo_s), math.log(hi_s)),
+        }
+
+    @torch.no_grad()
+    def clamp_parameters_(self) -> None:
+        """Project every parameter's data back into its range (after an optimizer step)."""
+        for name, (low, high) in self.log_bounds().items():
+            getattr(self, name).data.clamp_(low, high)
+
+    def no_decay_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _bounded(self, name: str) -> Tensor:
+        return clamp_keep_gradient(getattr(self, name), *self.log_bounds()[name])
+
+    def curvature(self) -> Tensor:
+        return self._bounded("log_curvature").exp()
 
     def scale(self, modality: str) -> Tensor:
-        log_scale = self.log_text_scale if modality == "text" else self.log_image_scale
-        return log_scale.clamp(max=0.0).exp()
+        return self._bounded("log_text_scale" if modality == "text" else "log_image_scale").exp()
 
     def logit_scale(self) -> Tensor:
-        lo, hi = LOGIT_SCALE_RANGE
-        return self.log_logit_scale.clamp(math.log(lo), math.log(hi)).exp()
+        return self._bounded("log_logit_scale").exp()
 
     def lift(self, features: Tensor, modality: str) -> Tensor:
         """Raw tower outputs ``[N, D]`` → points of the hyperboloid (space components), float32."""

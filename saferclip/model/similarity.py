@@ -118,7 +118,10 @@ class LorentzSimilarity(Similarity):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "safe" and (self.radius_text is None or self.radius_image is None):
-            raise ConfigError("the safe mode needs the safe radii, computed after training (saferclip-export writes them)")
+            raise ConfigError(
+                "the safe mode needs the safe radii of both modalities (measured on the safe training items; training "
+                "records them with each checkpoint in its run's safe_radii.json, and an export carries them)"
+            )
         return replace(self, traversal=mode == "safe")
 
     def with_radii(self, radii: Mapping[str, float]) -> "LorentzSimilarity":

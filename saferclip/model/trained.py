@@ -8,7 +8,9 @@ loaded, and the adapters merged. So evaluation and export need nothing but the f
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,10 @@ from .build import ClipBundle, build_clip
 from .checkpoints import CheckpointError, load_torch_checkpoint
 from ..errors import ConfigError
 from .hyperbolic import HyperbolicConfig, HyperbolicHead
+from .safe_radii import SAFE_RADII_FILE, CheckpointIdentity
 from .similarity import LorentzSimilarity, Similarity
+
+log = logging.getLogger(__name__)
 
 MODEL_PREFIX = "model."
 HEAD_PREFIX = "head."  # a HySAC module's hyperbolic head
@@ -27,31 +32,12 @@ HEAD_PREFIX = "head."  # a HySAC module's hyperbolic head
 #   .hydra/config.yaml     Hydra's own copy (unresolved), .hydra/hydra.yaml its runtime
 #   checkpoints/           the kept epoch (epochNN.ckpt) and last.ckpt
 #   selection.json         every epoch's validation metrics and the kept epoch
+#   safe_radii.json        HySAC: each measured checkpoint's safe radii (saferclip.model.safe_radii)
 #   csv/metrics.csv, export/, report/
 RESOLVED_CONFIG = Path("config_resolved.yaml")
 RUN_CONFIG = Path(".hydra") / "config.yaml"
 SELECTION_FILE = Path("selection.json")
-SAFE_RADII_FILE = Path("safe_radii.json")  # HySAC: the safe radii, computed after training
-
-
-def read_safe_radii(run_dir: str | Path | None) -> dict[str, float] | None:
-    """A HySAC run's safe radii ``{"text", "image", "percentile"}``, None if it has none yet."""
-    import json
-    import math
-
-    if run_dir is None:
-        return None
-    path = Path(run_dir) / SAFE_RADII_FILE
-    if not path.is_file():
-        return None
-    try:
-        radii = json.loads(path.read_text())
-        values = {k: float(radii[k]) for k in ("text", "image")}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable safe radii ({e}); delete it to have them computed again") from None
-    if not all(math.isfinite(v) and v > 0 for v in values.values()):
-        raise CheckpointError(f"{path}: safe radii must be finite and > 0, got {values}")
-    return {**radii, **values}
+RADII_POLICIES = ("auto", "measure", "recorded", "none")
 
 
 def read_selection(run_dir: str | Path) -> dict[str, Any] | None:
@@ -102,16 +88,34 @@ def read_training_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def load_trained_model(path: str | Path, device: str = "cpu") -> ClipBundle:
-    """A saferclip Lightning checkpoint (or run folder) as a plain, merged open_clip model."""
-    return trained_model_from_checkpoint(read_training_checkpoint(path), device)
+def load_trained_model(path: str | Path, device: str = "cpu", radii: str = "auto") -> ClipBundle:
+    """A saferclip Lightning checkpoint (or run folder) as a plain, merged open_clip model
+    (``radii``: see :func:`trained_model_from_checkpoint`)."""
+    return trained_model_from_checkpoint(read_training_checkpoint(path), device, radii=radii)
 
 
-def trained_model_from_checkpoint(ckpt: Mapping[str, Any], device: str = "cpu", *, merge: bool = True) -> ClipBundle:
+def run_dir_of_checkpoint(path: str | Path) -> Path | None:
+    """The run folder of a checkpoint in its ``<run>/checkpoints/`` folder (else None)."""
+    path = Path(path)
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def trained_model_from_checkpoint(ckpt: Mapping[str, Any], device: str = "cpu", *, merge: bool = True, radii: str = "auto") -> ClipBundle:
     """:func:`load_trained_model` from a checkpoint dict already read by :func:`read_training_checkpoint`.
 
     ``merge=False`` leaves the LoRA parametrizations in place (the model as it trained), for
-    a caller that merges itself (:func:`saferclip.export.open_clip.export_open_clip`)."""
+    a caller that merges itself (:func:`saferclip.export.open_clip.export_open_clip`).
+
+    ``radii``, for a HySAC checkpoint (its geometry in safe mode needs the safe radii of *these*
+    weights, :mod:`saferclip.model.safe_radii`): ``auto`` takes the radii recorded for this
+    checkpoint in its run's ``safe_radii.json`` and measures (and records) them when there are
+    none; when they cannot be measured (no run folder, no data config) the model is in
+    moderation mode, with a one-line warning. ``measure`` is ``auto`` without that warning (the
+    caller reports it: :func:`load_model` in safe mode refuses). ``recorded`` takes recorded
+    radii only, silently; ``none`` none. ``bundle.provenance`` holds the record (``safe_radii``) or why there is none
+    (``safe_radii_missing``)."""
+    if radii not in RADII_POLICIES:
+        raise ValueError(f"radii must be one of {RADII_POLICIES}, got {radii!r}")
     hp = ckpt["hyper_parameters"]
     arch, method = hp["arch"], hp["method"]
     bundle = build_clip(arch, None)
@@ -130,13 +134,16 @@ def trained_model_from_checkpoint(ckpt: Mapping[str, Any], device: str = "cpu", 
     bundle.model.requires_grad_(False).eval().to(device)
     bundle.source = ckpt["_path"]
     if isinstance(method.get("hyperbolic"), Mapping):
-        bundle.similarity = _hyperbolic_similarity(ckpt, bundle, method["hyperbolic"])
+        section = method["hyperbolic"]
+        head = hyperbolic_head(ckpt, bundle, section)
+        bundle.similarity = head.similarity()
+        if radii != "none":
+            _attach_radii(bundle, ckpt, head, float(HyperbolicConfig.from_mapping(section).traversal_percentile), radii, merge)
     return bundle
 
 
-def _hyperbolic_similarity(ckpt: Mapping[str, Any], bundle: ClipBundle, section: Mapping[str, Any]):
-    """A HySAC checkpoint's geometry: its head's learnt values, and the safe radii of its run
-    folder when computed (safe mode), else moderation mode."""
+def hyperbolic_head(ckpt: Mapping[str, Any], bundle: ClipBundle, section: Mapping[str, Any]) -> HyperbolicHead:
+    """A HySAC checkpoint's hyperbolic head, its learnt values loaded."""
     dim = int(bundle.model_cfg.get("embed_dim") or 0)
     head = HyperbolicHead(dim or 1, HyperbolicConfig.from_mapping(section))
     state = {k[len(HEAD_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(HEAD_PREFIX)}
@@ -144,10 +151,25 @@ def _hyperbolic_similarity(ckpt: Mapping[str, Any], bundle: ClipBundle, section:
         head.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{ckpt['_path']}: a HySAC checkpoint without a valid hyperbolic head ({str(e).splitlines()[0]})") from None
-    path = Path(ckpt["_path"])
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    radii = read_safe_radii(run_dir)
-    return head.similarity(radii, mode="safe" if radii else "moderation")
+    return head
+
+
+def _attach_radii(bundle: ClipBundle, ckpt: Mapping[str, Any], head: HyperbolicHead, percentile: float, policy: str, merged: bool) -> None:
+    """The checkpoint's own safe radii (recorded, or measured now): safe mode; none: moderation."""
+    from ..evaluation.hyperbolic import checkpoint_radii  # measuring needs the evaluation code
+
+    run_dir = run_dir_of_checkpoint(ckpt["_path"])
+    identity = CheckpointIdentity.of_checkpoint(ckpt, run_dir)
+    # measured on the merged model, as evaluation encodes (the same numbers whoever measures)
+    measuring = bundle if merged else replace(bundle, model=merge_adapters(bundle.model))
+    record, missing = checkpoint_radii(measuring, identity, run_dir, percentile, measure=policy in ("auto", "measure"))
+    if record is None:
+        bundle.provenance["safe_radii_missing"] = missing
+        if policy == "auto":
+            log.warning("%s: loaded in moderation mode (no traversal)", missing)
+        return
+    bundle.provenance["safe_radii"] = record
+    bundle.similarity = head.similarity(record, mode="safe")
 
 
 def is_training_checkpoint(pretrained: str | Path | None) -> bool:
@@ -165,21 +187,29 @@ def load_model(arch: str | None, pretrained: str | Path | None, device: str = "c
     the default where the radii exist) or ``moderation`` (no traversal). A Euclidean model has
     no modes: asking for one is an error."""
     if is_training_checkpoint(pretrained):
-        bundle = load_trained_model(pretrained, device)
+        # moderation mode needs no radii: none are measured for it
+        bundle = load_trained_model(pretrained, device, radii={None: "auto", "safe": "measure"}.get(mode, "recorded"))
         if arch is not None and bundle.arch != arch:
             raise CheckpointError(f"{pretrained}: holds a {bundle.arch} model, but {arch} was asked for")
     else:
         bundle = build_clip(arch, pretrained, device=device)
     if mode is not None:
-        bundle.similarity = with_mode(bundle.similarity, mode, pretrained)
+        bundle.similarity = with_mode(bundle.similarity, mode, pretrained, bundle.provenance.get("safe_radii_missing"))
     return bundle
 
 
-def with_mode(similarity: Similarity, mode: str, what: Any = None) -> Similarity:
-    """``similarity`` in ``mode`` (safe / moderation); a Euclidean model has no traversal."""
+def with_mode(similarity: Similarity, mode: str, what: Any = None, missing_radii: str | None = None) -> Similarity:
+    """``similarity`` in ``mode`` (safe / moderation); a Euclidean model has no traversal.
+    ``missing_radii``: why a HySAC checkpoint has no safe radii (the error names it)."""
     if not isinstance(similarity, LorentzSimilarity):
         raise ConfigError(
             f"mode={mode!r}: {what or 'this model'} is a Euclidean CLIP ({similarity.kind} similarity); "
             "only a hyperbolic (HySAC) model has a safe / moderation mode"
+        )
+    if mode == "safe" and missing_radii:
+        raise ConfigError(
+            f"mode='safe' needs the safe radii of {what}: {missing_radii}. Training records each checkpoint's in its "
+            f"run's {SAFE_RADII_FILE} when it ends, and loading a checkpoint from its run's checkpoints/ folder measures "
+            "them from the run's training split; load it from there (or its export, saferclip-export), or use mode=moderation"
         )
     return similarity.with_mode(mode)

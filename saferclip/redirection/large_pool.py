@@ -184,11 +184,7 @@ def open_pool(path: str | Path, caption_column: str = "caption") -> PoolShards:
             dim = arr.shape[1]
         elif arr.shape[1] != dim:
             raise DataFormatError(f, f"{arr.shape[1]}-d vectors, but {files[0].name} holds {dim}-d ones")
-        if len(arr):
-            norms = np.linalg.norm(np.asarray(arr[: min(len(arr), 1024)], dtype=np.float32), axis=1)
-            bad = np.flatnonzero(~(np.abs(norms - 1) < 2e-2))
-            if len(bad):
-                raise DataFormatError(f, f"vectors must be L2-normalised, row {int(bad[0])} has norm {norms[bad[0]]:.4g}")
+        _check_unit_rows(f, arr[: min(len(arr), 1024)], 0)  # a quick look; check_pool_vectors reads every row
         counts.append(len(arr))
         if metadata:
             import pyarrow.parquet as pq
@@ -203,6 +199,34 @@ def open_pool(path: str | Path, caption_column: str = "caption") -> PoolShards:
                 raise DataFormatError(metadata[i], f"{info.metadata.num_rows} rows, but {f.name} holds {len(arr)} vectors")
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return PoolShards(root, files, offsets, int(dim), metadata, caption_column)
+
+
+def _check_unit_rows(file: Path, block: np.ndarray, first: int) -> None:
+    """Rows ``first, first + 1, ...`` of ``file`` (``block``) finite and L2-normalised."""
+    norms = np.linalg.norm(np.asarray(block, dtype=np.float32), axis=1)
+    bad = np.flatnonzero(~(np.abs(norms - 1) < 2e-2))  # NaN / inf fail the comparison too
+    if len(bad):
+        raise DataFormatError(file, f"vectors must be finite and L2-normalised, row {first + int(bad[0])} has norm {norms[bad[0]]:.4g}")
+
+
+def check_pool_vectors(shards: PoolShards, rows: int = 262_144) -> None:
+    """Every vector of the pool finite and L2-normalised, read chunk by chunk (:func:`open_pool`
+    looks at each shard's first rows only): a DataFormatError naming the shard and the row.
+    Before an index is built (a NaN row would stop FAISS's k-means with its own error) and by
+    ``saferclip-train dry_run=true``."""
+    for i, file in enumerate(shards.files):
+        arr = shards.shard(i)
+        for start in range(0, len(arr), rows):
+            _check_unit_rows(file, arr[start : start + rows], start)
+
+
+def check_pool_width(shards: PoolShards, dim: int, model: str) -> None:
+    """The pool's vectors as wide as the model's caption embeddings (a ConfigError naming the pool)."""
+    if shards.dim != dim:
+        raise ConfigError(
+            f"method.neighbours.extra_pool: {shards.root} holds {shards.dim}-d vectors, but {model} embeds captions "
+            f"in {dim}-d; embed the pool with the model being trained (clip-retrieval inference)"
+        )
 
 
 # ----------------------------------------------------------------------------- the index
@@ -339,6 +363,7 @@ def build_pool_index(
     config = config or PoolIndexConfig()
     stages = stages if stages is not None else BuildStages()
     n, d = len(shards), shards.dim
+    check_pool_vectors(shards, config.chunk_rows)
     if d % config.m:
         raise NeighbourError(f"pool index m={config.m} must divide the embedding width {d}")
     nlist = config.lists(n)
@@ -569,7 +594,7 @@ def attach_large_pool(cache, pool: PoolIndex, per_query: int, encode_captions=No
 
     import torch
 
-    from .cache import EXTRA_FIELD
+    from .cache_format import EXTRA_FIELD
 
     identity = {
         "cache": cache.key,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..data.records import QuadrupletSet
-from .cache import EmbeddingCache
+from .cache_format import EmbeddingCache
 from .faiss_search import NeighbourError
 from .neighbours import SafeNeighbours, pool_text
 

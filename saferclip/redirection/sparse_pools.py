@@ -15,18 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..data.records import QuadrupletSet
+from .faiss_search import NeighbourError
+from .neighbour_config import SCENE_KEY, SPARSE_GROUPS, NeighbourConfig
+
 if TYPE_CHECKING:
     import faiss
 
-    from .neighbours import NeighbourConfig
-
-from ..data.records import QuadrupletSet
-from .faiss_search import NeighbourError
-
 log = logging.getLogger(__name__)
-
-SPARSE_GROUPS = ("scene", "image")
-
 
 @dataclass
 class CandidateFilter:
@@ -103,7 +99,7 @@ def search_filtered(
     return out_i, out_s
 
 
-def config_groups(qset: QuadrupletSet, config: "NeighbourConfig", pool_size: int) -> ItemGroups | None:
+def config_groups(qset: QuadrupletSet, config: NeighbourConfig, pool_size: int) -> ItemGroups | None:
     """The groups ``config`` needs (None unless ``sparse_share > 0``)."""
     if config.sparse_share <= 0:
         return None
@@ -156,9 +152,6 @@ def item_groups(
             pool.append(group(image))
     extra = max(0, (pool_size or len(qset)) - len(qset))
     return ItemGroups(np.asarray(queries, dtype=np.int64), np.asarray(pool + [-1] * extra, dtype=np.int64))
-
-
-SCENE_KEY = ("shape", "colour", "size", "background")
 
 
 def _scene_key(scene: dict, attributes: tuple[str, ...]) -> tuple:

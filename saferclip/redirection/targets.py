@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..data.records import QuadrupletSet
-from .cache import EmbeddingCache
+from .cache_format import EmbeddingCache
 
 if TYPE_CHECKING:
     from .neighbours import SafeNeighbours

@@ -23,6 +23,7 @@ from PIL import Image
 from ..errors import ConfigError
 from ..files import atomic_folder
 from .generate import _write_visu_split
+from .pairing import DEFAULT_PAIRING, PAIRINGS
 
 SPLIT_DIRS = {"train": "train2017", "validation": "val2017", "test": "val2017"}
 OFFSETS = {"train": 1, "validation": 1_000_000, "test": 2_000_000}
@@ -49,13 +50,13 @@ def make_rehearsal_world(
     if min(train, validation, test) < 1 or size < 32:
         raise ConfigError(f"rehearsal world: splits need >= 1 item and size >= 32, got {train}/{validation}/{test}, {size}")
     root = Path(root)
-    manifest = {"rehearsal_world": 1, "seed": seed, "sizes": [train, validation, test], "size": size, "quality": quality}
+    manifest = {"rehearsal_world": 2, "pairing": DEFAULT_PAIRING, "seed": seed, "sizes": [train, validation, test], "size": size, "quality": quality}
     if (root / "manifest.json").is_file() and json.loads((root / "manifest.json").read_text()) == manifest:
         return root
     with atomic_folder(root, replace=force) as out, tempfile.TemporaryDirectory(dir=root.parent) as scratch:
         rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)]
         for rng, (split, n) in zip(rngs, (("train", train), ("validation", validation), ("test", test))):
-            records = _write_visu_split(Path(scratch), split, n, rng, OFFSETS[split])
+            records = _write_visu_split(Path(scratch), split, n, rng, OFFSETS[split], PAIRINGS[DEFAULT_PAIRING])
             small = Path(scratch) / "visu"
             for r in records:
                 coco = out / "coco" / SPLIT_DIRS[split] / f"{r['coco_id']:012d}.jpg"

@@ -122,7 +122,7 @@ _SIZE_PIXELS = {"small": 11, "large": 15}  # 9 px shapes were too hard to tell a
 _MASKS = {(s, z): _shape_mask(s, _SIZE_PIXELS[z]) for s in SHAPES for z in SIZES}
 
 
-def _make_tiles(seed: int = 20240531) -> dict[str, np.ndarray]:
+def make_tiles(seed: int = 20240531) -> dict[str, np.ndarray]:
     """One distinctive 16x16 RGB tile per object: a 4x4 block code in two colours plus a border.
 
     Codes are drawn from a fixed seed and kept only if they differ from every earlier code
@@ -147,7 +147,7 @@ def _make_tiles(seed: int = 20240531) -> dict[str, np.ndarray]:
     return tiles
 
 
-TILES = _make_tiles()
+TILES = make_tiles()
 _QUADRANT_ORIGIN = ((0, 0), (0, TILE), (TILE, 0), (TILE, TILE))  # (row, col)
 
 

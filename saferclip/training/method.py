@@ -9,8 +9,9 @@ its pieces from the checked config: :class:`LossConfig`, :class:`NeighbourConfig
 
 from __future__ import annotations
 
-import math
 import copy
+import difflib
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -19,7 +20,7 @@ from ..model.adapters import LORA_TARGETS, TOWERS, TrainableConfig
 from ..model.hyperbolic import HyperbolicConfig
 from ..redirection.faiss_search import NeighbourError
 from ..redirection.large_pool import PoolIndexConfig
-from ..redirection.neighbours import NeighbourConfig
+from ..redirection.neighbour_config import NeighbourConfig
 from .hysac import HysacLossConfig
 from .losses import LossConfig
 
@@ -86,7 +87,9 @@ def _section(method: Mapping[str, Any], key: str) -> dict[str, Any]:
 def _known(section: dict[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(section) - allowed)
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; expected some of {sorted(allowed)}")
+        close = difflib.get_close_matches(unknown[0], sorted(allowed), n=1)
+        hint = f"did you mean {where}.{close[0]}? " if close else ""
+        raise ConfigError(f"{where}: unknown keys {unknown}; {hint}expected some of {sorted(allowed)}")
 
 
 def method_config(method: Mapping[str, Any]) -> MethodConfig:

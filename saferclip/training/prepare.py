@@ -19,7 +19,8 @@ from ..data.records import QuadrupletSet
 from ..data.splits import load_split
 from ..model.build import ClipBundle, build_clip
 from ..data.safe_corpus import load_safe_corpus
-from ..redirection.cache import EmbeddingCache, build_or_load_cache
+from ..redirection.cache import build_or_load_cache
+from ..redirection.cache_format import EmbeddingCache
 from ..redirection.neighbours import SafeNeighbours, load_or_find_safe_neighbours, pool_text
 from ..redirection.sparse_pools import config_groups
 from ..redirection.targets import (
@@ -31,7 +32,11 @@ from ..redirection.targets import (
 )
 from ..redirection.large_pool import (
     PoolIndexConfig,
+    PoolShards,
     attach_large_pool,
+    check_pool_model,
+    check_pool_vectors,
+    check_pool_width,
     is_embedded_pool,
     load_or_build_pool_index,
     open_pool,
@@ -96,6 +101,24 @@ def prepare(
     return Prepared(train, bundle, cache, targets, safe_pool(train, cache, neighbours.pool_size), neighbours)
 
 
+def check_embedded_pool(pool_dir: str, bundle: ClipBundle) -> PoolShards:
+    """What training refuses in an embedded extra pool, checked without building its index
+    (``saferclip-train dry_run=true``): its layout, its width against the model's, every vector
+    finite and normalised, and its captions embedded by this model (a sample across the pool)."""
+    import numpy as np
+
+    from ..model.build import encode_text
+
+    def encode(captions: list[str]):
+        return encode_text(bundle, captions, 64).float().numpy()
+
+    shards = open_pool(pool_dir)
+    check_pool_width(shards, int(encode(["a photo"]).shape[1]), bundle.arch)
+    check_pool_vectors(shards)
+    check_pool_model(shards, np.arange(len(shards)), encode)
+    return shards
+
+
 def with_embedded_pool(
     cache: EmbeddingCache, bundle: ClipBundle, pool_dir: str, index_dir: Path, k: int, index: PoolIndexConfig | None
 ) -> EmbeddingCache:
@@ -105,7 +128,9 @@ def with_embedded_pool(
     guard's exclusions still leave it k candidates."""
     from ..model.build import encode_text
 
-    pool = load_or_build_pool_index(open_pool(pool_dir), index_dir, index or PoolIndexConfig())
+    shards = open_pool(pool_dir)
+    check_pool_width(shards, cache.dim, bundle.arch)
+    pool = load_or_build_pool_index(shards, index_dir, index or PoolIndexConfig())
 
     def encode(captions: list[str]):
         return encode_text(bundle, captions, 64).float().numpy()

@@ -1,4 +1,4 @@
-"""``saferclip-attack``'s report: ``attack.json``, ``attack.md`` (the tables, 95% bootstrap
+"""``saferclip-attack``'s report: ``attack.json``, ``attack.md`` (the tables, exact 95%
 intervals over the attacked items) and ``plots/success_vs_budget.png`` (image-attack success
 rate against the L∞ budget, one line per model and goal)."""
 
@@ -58,7 +58,7 @@ def summary_table(results: Mapping[str, Any]) -> str:
     """Every table, in Markdown (the console output and ``attack.md``)."""
     parts = []
     if any(m.get("image") for m in results["models"].values()):
-        parts += ["Image attacks (PGD, L∞; success = top-1 caption unsafe after the attack, over the items whose top-1 was safe before; 95% bootstrap intervals):", "", image_table(results), ""]
+        parts += ["Image attacks (PGD, L∞; success = top-1 caption unsafe after the attack, over the items whose top-1 was safe before; exact 95% intervals):", "", image_table(results), ""]
     if any(m.get("text") for m in results["models"].values()):
         parts += ["Text attacks (phrasing search):", "", text_table(results), ""]
     if any(m.get("monitor") for m in results["models"].values()):

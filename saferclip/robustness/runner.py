@@ -10,8 +10,8 @@ model, so the methods are attacked on the same inputs.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,16 +20,16 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..analysis.detector import sample
 from ..data.splits import load_split
 from ..errors import ConfigError
 from ..evaluation.encode import encode_image_files, encode_texts
-from ..evaluation.runner import ModelSpec, build_model, check_model
-from ..files import atomic_path
 from ..model.build import weights_fingerprint
-from ..toyworld.scene import Scene, _make_tiles, render
-from .attacks import GOALS, PixelModel, attack_images, load_pixels, rate_interval, split_normalisation
+from ..model.catalogue import ModelSpec, build_model, check_model
+from ..toyworld.scene import Scene, make_tiles, render
 from .coverage import calibrate, profile, save_monitors, watched_inputs, watched_pixels, watched_with_groups
-from .detector import sample
+from .image_attacks import GOALS, PixelModel, attack_images, load_pixels, split_normalisation
+from .measures import rate_interval
 from .text_attacks import PhrasingSpace, TextAttackSummary, attack_caption, margin_scorer
 
 log = logging.getLogger("saferclip.attack")
@@ -76,16 +76,15 @@ class AttackSettings:
     text: TextAttackSettings = field(default_factory=TextAttackSettings)
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
     parts: list[str] = field(default_factory=lambda: ["image", "text", "monitor"])
-    resamples: int = 1000
 
     @classmethod
     def of(cls, cfg: Mapping[str, Any]) -> "AttackSettings":
         """From the ``attack`` config section; an unknown key or a bad value is one line naming it."""
         cfg = dict(cfg or {})
         sections = {"image": ImageAttackSettings, "text": TextAttackSettings, "monitor": MonitorSettings}
-        unknown = sorted(set(cfg) - set(sections) - {"parts", "resamples"})
+        unknown = sorted(set(cfg) - set(sections) - {"parts"})
         if unknown:
-            raise ConfigError(f"attack: unknown keys {unknown}; expected {sorted(sections) + ['parts', 'resamples']}")
+            raise ConfigError(f"attack: unknown keys {unknown}; expected {sorted(sections) + ['parts']}")
         built = {}
         for name, kind in sections.items():
             values = dict(cfg.get(name) or {})
@@ -97,20 +96,30 @@ class AttackSettings:
         parts = list(cfg.get("parts", ["image", "text", "monitor"]))
         if not parts or set(parts) - {"image", "text", "monitor"}:
             raise ConfigError(f"attack.parts must be some of [image, text, monitor], got {parts}")
-        s = cls(built["image"], built["text"], built["monitor"], parts, int(cfg.get("resamples", 1000)))
+        s = cls(built["image"], built["text"], built["monitor"], parts)
         for key, value in (("attack.image.items", s.image.items), ("attack.image.steps", s.image.steps),
+                           ("attack.image.batch_size", s.image.batch_size),
                            ("attack.text.items", s.text.items), ("attack.text.budget", s.text.budget),
                            ("attack.text.beam", s.text.beam), ("attack.monitor.train_items", s.monitor.train_items),
+                           ("attack.monitor.validation_items", s.monitor.validation_items), ("attack.monitor.ood_items", s.monitor.ood_items),
                            ("attack.monitor.sections", s.monitor.sections), ("attack.monitor.top_k", s.monitor.top_k)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-        if not s.image.budgets_255 or any(not 0 < float(b) <= 255 for b in s.image.budgets_255):
-            raise ConfigError(f"attack.image.budgets_255 must be grey levels in (0, 255], got {s.image.budgets_255}")
-        if not 0 < s.monitor.target_fpr < 1:
+        budgets = s.image.budgets_255
+        if not isinstance(budgets, list) or not budgets or not all(_number(b) and 0 < b <= 255 for b in budgets):
+            raise ConfigError(f"attack.image.budgets_255 must be a list of grey levels in (0, 255], e.g. [4,8]; got {budgets!r}")
+        if s.image.step_size_255 is not None and not (_number(s.image.step_size_255) and s.image.step_size_255 > 0):
+            raise ConfigError(f"attack.image.step_size_255 must be a positive number or null, got {s.image.step_size_255!r}")
+        if not _number(s.monitor.target_fpr) or not 0 < s.monitor.target_fpr < 1:
             raise ConfigError(f"attack.monitor.target_fpr must be in (0, 1), got {s.monitor.target_fpr}")
         if s.monitor.validation_items < 4:
             raise ConfigError(f"attack.monitor.validation_items must be >= 4, got {s.monitor.validation_items}")
         return s
+
+
+def _number(value: Any) -> bool:
+    """A real number (not a bool, not a word: a config value the user typed)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -138,7 +147,7 @@ def ood_inputs(test: SplitInputs, s: MonitorSettings, seed: int, shape: tuple[in
     with another generator seed's object tiles, and captions of its scenes in an unseen grammar."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.rand((s.ood_items, 3, *shape), generator=g)
-    tiles = _make_tiles(s.style_seed)
+    tiles = make_tiles(s.style_seed)
     scenes = list(test.scenes.values())[: s.ood_items]
     rng = np.random.default_rng(seed)
     style = [torch.from_numpy(render(Scene.from_dict(sc), rng, tile=tiles[sc["obj"]])).permute(2, 0, 1).float() / 255 for sc in scenes]
@@ -172,7 +181,7 @@ def attack_model(name: str, bundle, data_cfg: Mapping[str, Any], settings: Attac
             for budget in s.budgets_255:
                 step = None if s.step_size_255 is None else s.step_size_255 / 255
                 result = attack_images(target, pixels, captions, caption_unsafe, budget / 255, s.steps, step, seed, s.batch_size)
-                out["image"][f"{goal}@{budget:g}"] = {"goal": goal, "budget_255": budget, **result.summary(seed, settings.resamples)}
+                out["image"][f"{goal}@{budget:g}"] = {"goal": goal, "budget_255": budget, **result.summary()}
                 adversarial[f"{goal}@{budget:g}"] = result.adversarial[result.succeeded]
         out["image_seconds"] = time.perf_counter() - t0
     successful_text: list[str] = []
@@ -186,7 +195,7 @@ def attack_model(name: str, bundle, data_cfg: Mapping[str, Any], settings: Attac
         if not chosen:
             raise ConfigError(f"split {split!r}: no unsafe caption records its scene (nsfw_scene): the text attack needs the toy world's records")
         summary = TextAttackSummary([attack_caption(PhrasingSpace(test.scenes[c]), c, score, s.budget, s.beam) for c in chosen])
-        out["text"] = {**summary.summary(seed, settings.resamples), "budget": s.budget, "beam": s.beam,
+        out["text"] = {**summary.summary(), "budget": s.budget, "beam": s.beam,
                        "examples": [asdict(a) for a in summary.attacks if a.unsafe_after and not a.unsafe_before][:5]}
         successful_text = summary.successful()
         out["text_seconds"] = time.perf_counter() - t0
@@ -221,17 +230,17 @@ def monitor_part(name, bundle, data_cfg, settings: AttackSettings, split, seed, 
         monitors[tower] = monitor
         flags = lambda x: monitor.flags(x)  # noqa: E731
         r: dict[str, Any] = {"threshold": monitor.threshold, "profile_bytes": monitor.nbytes(), "num_neurons": len(monitor.low)}
-        r["clean_test"] = rate_interval(flags(watched_inputs(bundle, tower, test_pool, s.layers, batch_size)), seed, settings.resamples)
+        r["clean_test"] = rate_interval(flags(watched_inputs(bundle, tower, test_pool, s.layers, batch_size)))
         if tower == "image":
             for key, pixels in adversarial.items():
-                r[f"attack {key}"] = rate_interval(flags(watched_pixels(bundle, pixels, s.layers, batch_size)), seed, settings.resamples) if len(pixels) else rate_interval(torch.zeros(0, dtype=torch.bool))
+                r[f"attack {key}"] = rate_interval(flags(watched_pixels(bundle, pixels, s.layers, batch_size))) if len(pixels) else rate_interval(torch.zeros(0, dtype=torch.bool))
                 r[f"attack {key}"]["n"] = len(pixels)
             for key in ("noise_images", "style_images"):
-                r[f"ood {key}"] = rate_interval(flags(watched_pixels(bundle, ood[key], s.layers, batch_size)), seed, settings.resamples)
+                r[f"ood {key}"] = rate_interval(flags(watched_pixels(bundle, ood[key], s.layers, batch_size)))
         else:
-            r["ood grammar_captions"] = rate_interval(flags(watched_inputs(bundle, "text", ood["grammar_captions"], s.layers, batch_size)), seed, settings.resamples)
+            r["ood grammar_captions"] = rate_interval(flags(watched_inputs(bundle, "text", ood["grammar_captions"], s.layers, batch_size)))
             texts = list(successful_text)
-            r["attack text"] = rate_interval(flags(watched_inputs(bundle, "text", texts, s.layers, batch_size)) if texts else torch.zeros(0, dtype=torch.bool), seed, settings.resamples)
+            r["attack text"] = rate_interval(flags(watched_inputs(bundle, "text", texts, s.layers, batch_size)) if texts else torch.zeros(0, dtype=torch.bool))
             r["attack text"]["n"] = len(texts)
         results[tower] = r
     if s.save and monitors_dir is not None:
@@ -241,7 +250,7 @@ def monitor_part(name, bundle, data_cfg, settings: AttackSettings, split, seed, 
 
 
 def _layers(bundle, tower: str, layers: Sequence[int] | None) -> list[int]:
-    from .heads import tower_blocks
+    from ..analysis.heads import tower_blocks
 
     count = len(tower_blocks(bundle.model, tower))
     chosen = list(range(count)) if layers is None else [int(i) for i in layers]

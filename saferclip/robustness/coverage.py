@@ -3,10 +3,10 @@ Analysis"): flags inputs whose activations leave what the model saw in training.
 
 **Profile.** On the training split, each watched *neuron* of a tower — every hidden unit of
 the chosen blocks' MLPs (``mlp.c_proj``'s input) at the pooled token, read by the hooks of
-:mod:`.heads`, for images also their maximum over all tokens, plus every coordinate of the
-final embedding — gets its range ``[low, high]``,
-a ``k``-multisection histogram of that range (the share of training inputs in each of ``k``
-equal sections) and how often it is among the ``top_k`` most active neurons of its layer.
+:mod:`saferclip.analysis.heads`, for images also their maximum over all tokens, plus every
+coordinate of the final embedding — gets its range ``[low, high]``, a ``k``-multisection
+histogram of that range (the share of training inputs in each of ``k`` equal sections) and
+how often it is among the ``top_k`` most active neurons of its layer.
 
 **Score.** Four detection logics per input, each "how far from training it is":
 
@@ -25,7 +25,7 @@ for the target false-positive rate on the other half. Smoothing: a share is ``(c
 (n + 2)``.
 
 A :class:`CoverageMonitor` saves to a safetensors file with a checksummed JSON header (the
-detector files' scheme, :mod:`.detector`); ``saferclip-detect`` reads either kind.
+detector files' scheme, :mod:`saferclip.analysis.detector`); ``saferclip-detect`` reads either kind.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from torch import Tensor
 
 from ..integrity import DamagedArtefact
 from ..model.checkpoints import CheckpointError, save_state_dict
-from .detector import content_checksum
-from .heads import Activations
-from .stats import calibrate_threshold, stratified_halves
+from ..analysis.detector import content_checksum
+from ..analysis.heads import Activations
+from ..analysis.stats import calibrate_threshold, stratified_halves
 
 FORMAT = "saferclip-coverage-monitor"
 FORMAT_VERSION = 1
@@ -259,7 +259,7 @@ def token_means(model, tower: str, layers: Sequence[int]) -> Iterator[list[list[
     over all tokens ``[B, 4D]`` (image tower only: measured on the toy world, uniform-noise
     images stay inside the class token's ranges, while their patches' maxima leave them).
     Yields one list per layer, a batch appended per forward."""
-    from .heads import tower_transformer
+    from ..analysis.heads import tower_transformer
 
     transformer = tower_transformer(model, tower)
     batch_first = getattr(transformer, "batch_first", True)
@@ -278,7 +278,7 @@ def token_means(model, tower: str, layers: Sequence[int]) -> Iterator[list[list[
             handle.remove()
 
 
-def _with_token_means(acts: Activations, store: list[list[Tensor]]) -> Activations:
+def with_token_means(acts: Activations, store: list[list[Tensor]]) -> Activations:
     acts.token_mean = torch.stack([torch.cat(per_layer) for per_layer in store], dim=1) if store else None
     return acts
 
@@ -293,12 +293,12 @@ def watched_inputs(bundle, tower: str, inputs: Sequence[Any], layers: Sequence[i
 def watched_with_groups(bundle, tower: str, inputs: Sequence[Any], layers: Sequence[int] | None = None,
                         batch_size: int = 256) -> tuple[Tensor, list[int]]:
     """:func:`watched_inputs` and the size of each watched group."""
-    from .heads import activations, tower_blocks
+    from ..analysis.heads import activations, tower_blocks
 
     layers = list(range(len(tower_blocks(bundle.model, tower)))) if layers is None else list(layers)
     with token_means(bundle.model, tower, layers if tower == "image" else []) as store:
         acts = activations(bundle, tower, list(inputs), KINDS, batch_size, layers=layers)
-    return neurons(_with_token_means(acts, store))
+    return neurons(with_token_means(acts, store))
 
 
 def watched_pixels(bundle, pixels: Tensor, layers: Sequence[int] | None = None, batch_size: int = 256) -> Tensor:
@@ -306,10 +306,10 @@ def watched_pixels(bundle, pixels: Tensor, layers: Sequence[int] | None = None, 
     (normalised as the model's preprocessing does; the final embedding as the evaluation's
     encoder gives it, so image files and pixel tensors are watched alike)."""
     from ..model.build import eval_mode
-    from .attacks import PixelModel
-    from .heads import recording
+    from .image_attacks import PixelModel
+    from ..analysis.heads import recording
 
-    from .heads import tower_blocks
+    from ..analysis.heads import tower_blocks
 
     layers = list(range(len(tower_blocks(bundle.model, "image")))) if layers is None else list(layers)
     target = PixelModel.of(bundle)
@@ -318,5 +318,5 @@ def watched_pixels(bundle, pixels: Tensor, layers: Sequence[int] | None = None, 
         for start in range(0, len(pixels), batch_size):
             with token_means(bundle.model, "image", layers) as store:
                 final = target.embed(pixels[start : start + batch_size].to(next(bundle.model.parameters()).device))
-            parts.append(neurons(_with_token_means(rec.take(final), store))[0])
+            parts.append(neurons(with_token_means(rec.take(final), store))[0])
     return torch.cat(parts)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..toyworld.captions import SHIFT_FRAMES, SHIFT_OBJ, TRAIN_FRAMES, TRAIN_OBJ
-from .attacks import rate_interval, unsafe_margin
+from .measures import rate_interval, unsafe_margin
 
 # Phrasings the toy world never generates (nor pretrains on).
 HELDOUT_FRAMES = (
@@ -177,7 +177,7 @@ def margin_scorer(encode: Callable[[list[str]], Tensor], similarity, images: Ten
 class TextAttackSummary:
     attacks: list[TextAttack] = field(default_factory=list)
 
-    def summary(self, seed: int = 0, resamples: int = 1000) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         """Success rate over the captions the model kept safe (top-1 image safe before), the
         unsafe rate before / after, the median number of queries of the successful searches."""
         before = torch.tensor([a.unsafe_before for a in self.attacks], dtype=torch.bool)
@@ -186,9 +186,9 @@ class TextAttackSummary:
         return {
             "num_items": len(self.attacks),
             "num_targets": int((~before).sum()),
-            "success_rate": rate_interval(after[~before], seed, resamples),
-            "unsafe_rate_before": rate_interval(before, seed, resamples),
-            "unsafe_rate_after": rate_interval(after, seed, resamples),
+            "success_rate": rate_interval(after[~before]),
+            "unsafe_rate_before": rate_interval(before),
+            "unsafe_rate_after": rate_interval(after),
             "median_queries": statistics.median(won) if won else None,
             "mean_queries_all": statistics.fmean(a.queries for a in self.attacks) if self.attacks else None,
         }

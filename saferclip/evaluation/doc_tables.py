@@ -1,0 +1,525 @@
+"""The result tables and quoted figures of the README and docs/RESULTS.md, generated from the
+committed result files: numbers that cannot go stale.
+
+A document marks each generated region with a pair of HTML comments (invisible when rendered)::
+
+    <!-- generated:main-table models=original,saferclip keys=unsafe_rate_a,U2V_R@1 -->
+    | metric | original | SafeR-CLIP |
+    ...
+    <!-- /generated -->
+
+    SafeR-CLIP reads <!-- generated:main-value model=saferclip key=unsafe_rate_a -->0.6<!-- /generated -->% unsafe.
+
+The name says what is generated and from which file (``main-*``: ``docs/results/main.json``,
+the ``results.json`` a ``saferclip-main`` report writes; ``study-*``: ``docs/results/study.json``,
+``saferclip-study``'s), the ``key=value`` arguments which part; everything between the markers
+is replaced. :func:`update_documents` rewrites the regions, :func:`check_documents` lists the
+regions that differ from what their file gives (``scripts/update_doc_tables.py --check``: exit
+1; a test runs it), :func:`import_result` copies a new result file in (``--from``), and
+regenerates the README's screenshot of the main job's report when Chromium is there (otherwise
+the ``main-screenshot`` region renders empty: no picture of other numbers).
+
+Generators (arguments in brackets are optional):
+
+* ``main-table [models=a,b] [keys=k1,k2] [epochs=yes]``: the headline table of
+  :func:`saferclip.evaluation.headline.headline_table` (the report's own), models under their
+  display names; ``epochs=yes`` adds the exported epoch of each run (counted from 0).
+* ``main-differences [pairs=a vs b,...]``: the paired differences (p-values included).
+* ``main-value model= key= [interval=yes]``: one headline figure in % (``0.6`` or
+  ``0.6 [0.0, 1.4]``); ``main-difference pair= key=``: one paired difference;
+  ``main-share model= of= key=``: model's figure as a % of another's (``89%``);
+  ``main-epoch run=``: the exported epoch and the epochs run; ``main-seconds [part=]``: the
+  measured time; ``main-setting field=world|seed|split|date``; ``main-intervals``: what the
+  intervals are; ``main-target model= key= at-least=|at-most=``: met or missed, by how much;
+  ``main-history run= metric= [from=] [range=yes]``: a run's validation curve;
+  ``main-metric model= suite= metric= [task=]``: any figure of the report;
+  ``main-screenshot``: the report's picture.
+* ``study-table [models=] [keys=]`` and ``study-differences``: the study's tables;
+  ``study-value model= key= [stat=mean|std|interval]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..errors import SaferclipError
+from ..files import write_json_atomic, write_text_atomic
+from .headline import HEADLINE, headline, headline_table
+from .headline import study_table as headline_study_table
+from .intervals import difference_cell, differences_table, intervals_note
+from .plotting import OWN_MARK
+
+RESULTS_DIR = Path("docs") / "results"
+DOCUMENTS = (Path("README.md"), Path("docs") / "RESULTS.md")
+SOURCES = {"main": "main.json", "study": "study.json"}
+SCREENSHOT = Path("docs") / "img" / "main_report.png"
+SCREENSHOT_STAMP = RESULTS_DIR / "main_report.json"  # which main.json the picture shows
+SCREENSHOT_SCRIPT = Path("scripts") / "report_screenshot.sh"
+DISPLAY_NAMES = {
+    "safeclip": "Safe-CLIP",
+    "saferclip": "SafeR-CLIP",
+    "hysac_safe": "HySAC safe",
+    "hysac_moderation": "HySAC moderation",
+}
+MARKER = re.compile(
+    r"<!-- generated:(?P<name>[a-z]+-[a-z-]+)(?P<args>(?:\s+[\w@-]+=(?:\"[^\"]*\"|[^\s\"]+))*)\s*-->(?P<body>.*?)<!-- /generated -->",
+    re.S,
+)
+ARGUMENT = re.compile(r"([\w@-]+)=(?:\"([^\"]*)\"|([^\s\"]+))")
+OPENING = "<!-- generated:"
+
+
+class DocTableError(SaferclipError):
+    """A marker or a result file the generator cannot use (one line naming it)."""
+
+
+def display(name: str) -> str:
+    return DISPLAY_NAMES.get(name, name)
+
+
+def display_pair(pair: str) -> str:
+    return " vs ".join(display(p) for p in pair.split(" vs "))
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _list(args: Mapping[str, str], key: str) -> list[str] | None:
+    return [v.strip() for v in args[key].split(",") if v.strip()] if args.get(key) else None
+
+
+def _need(args: Mapping[str, str], *keys: str) -> list[str]:
+    missing = [k for k in keys if not args.get(k)]
+    if missing:
+        raise DocTableError(f"needs the argument(s) {', '.join(f'{k}=' for k in missing)}")
+    return [args[k] for k in keys]
+
+
+# ----------------------------------------------------------------------------- the main job
+def _model_results(results: Mapping[str, Any], model: str) -> Mapping[str, Any]:
+    if model not in (results.get("results") or {}):
+        raise DocTableError(f"no model {model!r} in the results (models: {', '.join(results.get('results') or {})})")
+    return results["results"][model]
+
+
+def _figure(results: Mapping[str, Any], model: str, key: str) -> float:
+    if key not in HEADLINE:
+        raise DocTableError(f"unknown headline key {key!r}; expected one of {', '.join(HEADLINE)}")
+    figures = headline(_model_results(results, model))
+    if key not in figures:
+        raise DocTableError(f"model {model!r} has no {key!r}")
+    return figures[key]
+
+
+def renamed(results: Mapping[str, Any], models: list[str] | None = None) -> dict[str, Any]:
+    """``results`` with only ``models`` (default all), in that order, under their display names."""
+    models = models or list(results.get("results") or {})
+    for m in models:
+        _model_results(results, m)
+    out = dict(results)
+    for section in ("results", "intervals", "models"):
+        values = results.get(section) or {}
+        out[section] = {display(m): values[m] for m in models if m in values}
+    return out
+
+
+def _run_of(model: str, training: Mapping[str, Any]) -> str | None:
+    """The training run behind an evaluated model (``hysac_safe`` -> ``hysac``)."""
+    if model in training:
+        return model
+    base = model.rsplit("_", 1)[0]
+    return base if base in training else None
+
+
+def exported_epoch(record: Mapping[str, Any]) -> str:
+    selected = record.get("selected") or {}
+    return f"{selected.get('epoch', '–')} ({len(record.get('history') or [])})"
+
+
+def main_table(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    models = _list(args, "models") or list(results.get("results") or {})
+    keys = _list(args, "keys")
+    view = renamed(results, models)
+    if keys:
+        unknown = [k for k in keys if k not in HEADLINE]
+        if unknown:
+            raise DocTableError(f"unknown headline keys {unknown}; expected some of {', '.join(HEADLINE)}")
+    table = headline_table(view, keys=keys)
+    if args.get("epochs") == "yes":
+        training = results.get("training") or {}
+        cells, seen = [], set()
+        for m in models:
+            run = _run_of(m, training)
+            if run is None:
+                cells.append("–")
+            else:
+                cells.append("(same)" if run in seen else exported_epoch(training[run]))
+                seen.add(run)
+        row = "| exported epoch, counted from 0 (epochs run) | " + " | ".join(cells) + " |"
+        lines = table.split("\n")
+        end = next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))
+        table = "\n".join([*lines[:end], row, *lines[end:]])
+    return table
+
+
+def main_differences(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    differences = results.get("differences") or {}
+    pairs = _list(args, "pairs") or list(differences)
+    missing = [p for p in pairs if p not in differences]
+    if missing:
+        raise DocTableError(f"no paired differences {missing} (pairs: {', '.join(differences)})")
+    return differences_table({display_pair(p): differences[p] for p in pairs})
+
+
+def main_value(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    model, key = _need(args, "model", "key")
+    value = _pct(_figure(results, model, key))
+    if args.get("interval") == "yes":
+        interval = ((results.get("intervals") or {}).get(model) or {}).get(key)
+        if not interval:
+            raise DocTableError(f"model {model!r} has no interval of {key!r}")
+        value += f" [{_pct(interval[0])}, {_pct(interval[1])}]"
+    return value
+
+
+def main_difference(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    pair, key = _need(args, "pair", "key")
+    d = ((results.get("differences") or {}).get(pair) or {}).get(key)
+    if d is None:
+        raise DocTableError(f"no paired difference {pair!r} of {key!r}")
+    return difference_cell(d)
+
+
+def main_share(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    model, of, key = _need(args, "model", "of", "key")
+    return f"{100 * _figure(results, model, key) / _figure(results, of, key):.0f}%"
+
+
+def main_epoch(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    (run,) = _need(args, "run")
+    record = (results.get("training") or {}).get(run)
+    if not record:
+        raise DocTableError(f"no training record of run {run!r}")
+    selected = record.get("selected") or {}
+    return f"epoch {selected.get('epoch')} of {len(record.get('history') or [])} run (counted from 0)"
+
+
+def minutes(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+def main_seconds(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    """How long the run took: a part (a run's training as it was timed when it trained, even
+    when this job reused it; ``evaluation``), or all of them."""
+    meta = results.get("meta") or {}
+    timings = {**(meta.get("timings_seconds") or {}), **{k: v for k, v in (meta.get("train_seconds") or {}).items() if v is not None}}
+    if not timings:
+        raise DocTableError("the results record no timings (meta.timings_seconds)")
+    part = args.get("part")
+    if part and part not in timings:
+        raise DocTableError(f"no timing {part!r} (timings: {', '.join(timings)})")
+    return minutes(timings[part] if part else sum(timings.values()))
+
+
+def main_setting(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    (field,) = _need(args, "field")
+    meta = results.get("meta") or {}
+    values = {"world": meta.get("world"), "seed": meta.get("seed"), "split": meta.get("split"), "date": str(meta.get("created", ""))[:10]}
+    if field not in values or values[field] in (None, ""):
+        raise DocTableError(f"field must be one of {', '.join(values)} and recorded in the results' meta, got {field!r}")
+    return str(values[field])
+
+
+def main_intervals(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    return intervals_note(results)
+
+
+def main_target(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    """A figure against a target in %: ``met: 0.6 [0.1, 1.7] ≤ 5`` or ``missed: 77.4 [73.8,
+    81.0] against ≥ 80 (2.6 points short)``."""
+    model, key = _need(args, "model", "key")
+    bounds = [(op, args[op]) for op in ("at-least", "at-most") if args.get(op)]
+    if len(bounds) != 1:
+        raise DocTableError("needs one of at-least= or at-most= (the target, in %)")
+    (op, raw), value = bounds[0], 100 * _figure(results, model, key)
+    try:
+        target = float(raw)
+    except ValueError:
+        raise DocTableError(f"{op}= must be a number (in %), got {raw!r}") from None
+    shown = main_value(results, {"model": model, "key": key, "interval": "yes" if ((results.get("intervals") or {}).get(model) or {}).get(key) else ""})
+    sign = "≥" if op == "at-least" else "≤"
+    met = round(value, 1) >= target if op == "at-least" else round(value, 1) <= target
+    if met:
+        return f"met: {shown} {sign} {raw}"
+    return f"missed: {shown} against {sign} {raw} ({abs(round(value, 1) - target):.1f} points {'short' if op == 'at-least' else 'over'})"
+
+
+def main_history(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    """A run's validation ``metric`` epoch by epoch in % (``92.8 → 64.0 → …``), from epoch
+    ``from`` (default 0); ``range=yes``: the lowest and highest (``81.2–84.6``)."""
+    run, metric = _need(args, "run", "metric")
+    record = (results.get("training") or {}).get(run)
+    if not record:
+        raise DocTableError(f"no training record of run {run!r}")
+    start = int(args.get("from", 0))
+    values = [h.get("metrics", {}).get(metric) for h in record.get("history") or []][start:]
+    if not values or any(not isinstance(v, (int, float)) for v in values):
+        raise DocTableError(f"run {run!r} has no validation {metric!r} for every epoch from {start}")
+    if args.get("range") == "yes":
+        return f"{_pct(min(values))}–{_pct(max(values))}"
+    return " → ".join(_pct(v) for v in values)
+
+
+def main_metric(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    """Any metric of a model's results in % (``suite=zeroshot`` needs ``task=``)."""
+    model, suite, metric = _need(args, "model", "suite", "metric")
+    found = (_model_results(results, model).get(suite) or {})
+    if suite == "zeroshot":
+        (task,) = _need(args, "task")
+        found = found.get(task) or {}
+    value = found.get(metric)
+    if not isinstance(value, (int, float)):
+        raise DocTableError(f"model {model!r} has no {suite} {args.get('task', '')} {metric!r}".replace("  ", " "))
+    return _pct(value)
+
+
+# ----------------------------------------------------------------------------- the study
+def _summary(study: Mapping[str, Any]) -> Mapping[str, Any]:
+    summary = study.get("summary")
+    if not isinstance(summary, Mapping):
+        raise DocTableError("the study file has no summary (a saferclip-study study.json has)")
+    return summary
+
+
+def study_table(study: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    summary = _summary(study)
+    models = _list(args, "models") or list(summary)
+    keys = _list(args, "keys")
+    missing = [m for m in models if m not in summary]
+    if missing:
+        raise DocTableError(f"no models {missing} in the study (models: {', '.join(summary)})")
+    rows = {display(m): ({k: v for k, v in summary[m].items() if k in keys} if keys else summary[m]) for m in models}
+    return headline_study_table(rows)
+
+
+def study_differences(study: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    return main_differences(study, args)
+
+
+def study_value(study: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    model, key = _need(args, "model", "key")
+    row = (_summary(study).get(model) or {}).get(key)
+    if row is None:
+        raise DocTableError(f"the study has no {key!r} of model {model!r}")
+    stat = args.get("stat", "mean")
+    if stat == "interval":
+        return "–" if math.isnan(float(row.get("low", math.nan))) else f"[{_pct(row['low'])}, {_pct(row['high'])}]"
+    if stat not in ("mean", "std"):
+        raise DocTableError(f"stat must be mean, std or interval, got {stat!r}")
+    return _pct(row[stat])
+
+
+# ----------------------------------------------------------------------------- the screenshot
+def screenshot_region(root: Path, results_file: Path, document: Path) -> str:
+    """The README's picture of the main job's report, when it was taken of this results file
+    (linked relative to ``document``, a path in the repository)."""
+    stamp, picture = root / SCREENSHOT_STAMP, root / SCREENSHOT
+    if not (stamp.is_file() and picture.is_file()):
+        return ""
+    try:
+        recorded = json.loads(stamp.read_text()).get("results_sha256")
+    except ValueError:
+        return ""
+    if recorded != _sha256(results_file):
+        return ""
+    return (f"![The main job's report.html: the headline table, then what each model retrieves for the same unsafe captions "
+            f"(red: unsafe, green: the query's safe twin, {OWN_MARK} its own unsafe image)]({Path(os.path.relpath(SCREENSHOT, document.parent)).as_posix()})")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+GENERATORS: dict[str, tuple[str, Callable[[Mapping[str, Any], Mapping[str, str]], str], bool]] = {
+    # name -> (source, generator, block: its own lines between the markers)
+    "main-table": ("main", main_table, True),
+    "main-differences": ("main", main_differences, True),
+    "main-value": ("main", main_value, False),
+    "main-difference": ("main", main_difference, False),
+    "main-share": ("main", main_share, False),
+    "main-epoch": ("main", main_epoch, False),
+    "main-seconds": ("main", main_seconds, False),
+    "main-setting": ("main", main_setting, False),
+    "main-intervals": ("main", main_intervals, False),
+    "main-target": ("main", main_target, False),
+    "main-history": ("main", main_history, False),
+    "main-metric": ("main", main_metric, False),
+    "study-table": ("study", study_table, True),
+    "study-differences": ("study", study_differences, True),
+    "study-value": ("study", study_value, False),
+}
+
+
+# ----------------------------------------------------------------------------- documents
+def load_source(root: Path, name: str) -> dict[str, Any]:
+    path = root / RESULTS_DIR / SOURCES[name]
+    if not path.is_file():
+        raise DocTableError(f"{path}: missing; copy the result file there: scripts/update_doc_tables.py --from {name}=<path>")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise DocTableError(f"{path}: not valid JSON ({e})") from None
+
+
+def render_document(text: str, root: Path, where: str) -> tuple[str, list[str]]:
+    """``text`` with every generated region rewritten; and the regions that changed (``where``:
+    the document's name, for the messages)."""
+    sources: dict[str, dict[str, Any]] = {}
+    changed: list[str] = []
+
+    def replace(match: re.Match) -> str:
+        name, raw_args, body = match.group("name"), match.group("args"), match.group("body")
+        label = f"{where}: region generated:{name}{raw_args.rstrip()}"
+        args = {k: (quoted if quoted else plain) for k, quoted, plain in ARGUMENT.findall(raw_args)}
+        if name == "main-screenshot":
+            block, content = True, screenshot_region(root, root / RESULTS_DIR / SOURCES["main"], Path(where))
+        else:
+            if name not in GENERATORS:
+                raise DocTableError(f"{label}: unknown generator; expected one of {', '.join([*GENERATORS, 'main-screenshot'])}")
+            source, generator, block = GENERATORS[name]
+            if source not in sources:
+                sources[source] = load_source(root, source)
+            try:
+                content = generator(sources[source], args)
+            except DocTableError as e:
+                raise DocTableError(f"{label}: {e}") from None
+        new_body = f"\n{content}\n" if block and content else ("\n" if block else content)
+        if new_body != body:
+            changed.append(label)
+        return f"<!-- generated:{name}{raw_args} -->{new_body}<!-- /generated -->"
+
+    rendered = MARKER.sub(replace, text)
+    opened = text.count(OPENING)
+    if opened != len(MARKER.findall(text)) or text.count("<!-- /generated -->") != opened:
+        # a marker the pattern does not read would keep its stale content silently
+        unread = [line.strip() for line in MARKER.sub("", text).splitlines() if OPENING in line or "<!-- /generated -->" in line]
+        raise DocTableError(f"{where}: a generated region that cannot be read (an opening without its end, or a bad argument): {unread[0][:120]}")
+    return rendered, changed
+
+
+def check_documents(root: str | Path = ".") -> list[str]:
+    """The generated regions of README.md and docs/RESULTS.md that differ from their result files."""
+    root = Path(root)
+    differ = []
+    for doc in DOCUMENTS:
+        _, changed = render_document((root / doc).read_text(), root, doc.as_posix())
+        differ += changed
+    return differ
+
+
+def update_documents(root: str | Path = ".") -> list[str]:
+    """Rewrite every generated region; returns the regions that changed."""
+    root = Path(root)
+    changed = []
+    for doc in DOCUMENTS:
+        path = root / doc
+        text, regions = render_document(path.read_text(), root, doc.as_posix())
+        if regions:
+            write_text_atomic(path, text)
+        changed += regions
+    return changed
+
+
+def publishable(value: Any, root: Path) -> Any:
+    """``value`` with every path under the repository ``root`` made relative to it (a committed
+    file names no one's home folder)."""
+    prefix = str(root.resolve()) + os.sep
+    if isinstance(value, str):
+        return value[len(prefix):] if value.startswith(prefix) else value
+    if isinstance(value, Mapping):
+        return {k: publishable(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [publishable(v, root) for v in value]
+    return value
+
+
+def import_result(root: str | Path, name: str, path: str | Path) -> Path:
+    """Copy a result file into ``docs/results/`` (``main``: a report's results.json; ``study``: a
+    study.json), after checking it is one, with paths under the repository made relative and a
+    report's ``records`` left out (one flat record per number, derived from ``results``:
+    :func:`saferclip.evaluation.report.metric_records`); for ``main``, retake the README's
+    screenshot of the report.html beside it when Chromium is there (else the picture is dropped)."""
+    root, path = Path(root), Path(path)
+    if name not in SOURCES:
+        raise DocTableError(f"--from {name}=...: unknown result; expected one of {', '.join(SOURCES)}")
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DocTableError(f"{path}: not a readable JSON result file ({e})") from None
+    expected = "results" if name == "main" else "summary"
+    if not isinstance(content, Mapping) or not isinstance(content.get(expected), Mapping):
+        raise DocTableError(f"{path}: not a {name} result file (it has no {expected!r} section)")
+    target = root / RESULTS_DIR / SOURCES[name]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(target, publishable({k: v for k, v in content.items() if k != "records"}, root))
+    if name == "main":
+        _retake_screenshot(root, path.parent / "report.html", target)
+    return target
+
+
+def _retake_screenshot(root: Path, report: Path, results_file: Path) -> None:
+    stamp = root / SCREENSHOT_STAMP
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if browser is None or not report.is_file():
+        stamp.unlink(missing_ok=True)
+        why = "no Chromium here" if browser is None else f"no {report}"
+        print(f"screenshot not retaken ({why}): the README shows none until it is", file=sys.stderr)
+        return
+    subprocess.run(["bash", str(root / SCREENSHOT_SCRIPT), str(report), str(root / SCREENSHOT)], check=True, stdout=subprocess.DEVNULL)
+    write_json_atomic(stamp, {"results_sha256": _sha256(results_file), "report": report.name})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="update_doc_tables.py",
+        description="Generate the README's and docs/RESULTS.md's result tables and quoted figures from docs/results/*.json.",
+    )
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 naming each region that differs from its file")
+    parser.add_argument("--from", dest="sources", action="append", default=[], metavar="[NAME=]PATH",
+                        help="first copy a result file in: main=outputs/main/report/results.json (NAME defaults to main), "
+                             "study=outputs/study/study.json")
+    parser.add_argument("--root", default=".", help="the repository (default: the working directory)")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    try:
+        for spec in args.sources:
+            name, _, path = spec.rpartition("=")
+            print(f"copied {import_result(root, name or 'main', path)}")
+        if args.check:
+            differ = check_documents(root)
+            for region in differ:
+                print(f"differs from its result file: {region}")
+            if differ:
+                print("regenerate with: python scripts/update_doc_tables.py", file=sys.stderr)
+            return 1 if differ else 0
+        for region in update_documents(root):
+            print(f"updated {region}")
+        return 0
+    except (DocTableError, OSError) as e:
+        print(f"update_doc_tables: {e}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["check_documents", "import_result", "main", "update_documents"]
