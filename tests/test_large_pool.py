@@ -182,7 +182,7 @@ def test_bad_shards_are_named(tmp_path):
     with pytest.raises(DataFormatError, match=r"text_emb_1\.npy.*8-d vectors"):
         open_pool(a)
     b = write_pool(tmp_path / "b", good * 3, 100)
-    with pytest.raises(DataFormatError, match=r"text_emb_0\.npy.*L2-normalised, row 0"):
+    with pytest.raises(DataFormatError, match=r"text_emb_0\.npy, row 0: vectors must be L2-normalised, this one has norm 3"):
         open_pool(b)
     c = write_pool(tmp_path / "c", good, 50, [f"c{i}" for i in range(100)])
     pd.DataFrame({"caption": ["x"] * 7}).to_parquet(c / "metadata" / "metadata_1.parquet")
@@ -196,20 +196,21 @@ def test_bad_shards_are_named(tmp_path):
 
 def test_every_row_is_checked_before_the_index_is_built(tmp_path):
     """open_pool looks at each shard's first 1,024 rows; a NaN or an unnormalised row past them
-    is refused by name before FAISS's k-means meets it (it would stop with its own error)."""
+    is refused by name before FAISS's k-means meets it (it would stop with its own error), and
+    check_pool_vectors (the dry run's) finds it whatever its chunk size."""
     from saferclip.redirection.large_pool import check_pool_vectors
 
     vectors = clustered(1500, 16, 4, 0)
     vectors[1300] = np.nan
     vectors[1400] *= 2
     shards = open_pool(write_pool(tmp_path / "nan", vectors, 1500, dtype=np.float32))  # the quick look passes
-    with pytest.raises(DataFormatError, match=r"text_emb_0\.npy: vectors must be finite and L2-normalised, row 1300 has norm nan"):
+    with pytest.raises(DataFormatError, match=r"text_emb_0\.npy, row 1300: non-finite values"):
         build_pool_index(shards, PoolIndexConfig(m=4))
     with pytest.raises(DataFormatError, match=r"row 1300"):
         check_pool_vectors(shards, rows=256)  # whatever the chunk size
     vectors[1300] = vectors[0]
     second = open_pool(write_pool(tmp_path / "long", vectors, 1500, dtype=np.float32))
-    with pytest.raises(DataFormatError, match=r"row 1400 has norm 2"):
+    with pytest.raises(DataFormatError, match=r"text_emb_0\.npy, row 1400: vectors must be L2-normalised, this one has norm 2"):
         check_pool_vectors(second, rows=1000)
 
 

@@ -103,15 +103,9 @@ class PoolShards:
         """Raise DataFormatError naming the shard and row of the first vector of ``vectors [n, D]``
         that is not finite or not L2-normalised; its global rows are ``first_row + arange(n)``
         or ``rows``."""
-        norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float32))
-        bad = np.flatnonzero(~(np.abs(norms - 1) < 2e-2))  # a NaN or inf anywhere in a row fails this too
-        if not len(bad):
-            return
-        j = int(bad[0])
-        file, row = self.locate(int(rows[j]) if rows is not None else int(first_row) + j)
-        if not np.isfinite(vectors[j]).all():
-            raise DataFormatError(file, "non-finite values (NaN or inf) in a pool vector", row=row)
-        raise DataFormatError(file, f"vectors must be L2-normalised, this one has norm {norms[j]:.4g}", row=row)
+        j = _first_bad_row(vectors)
+        if j is not None:
+            _refuse_row(*self.locate(int(rows[j]) if rows is not None else int(first_row) + j), vectors[j])
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """The vectors of global rows ``ids`` (any shape of ints) as float32 ``[*ids.shape, D]``."""
@@ -184,7 +178,10 @@ def open_pool(path: str | Path, caption_column: str = "caption") -> PoolShards:
             dim = arr.shape[1]
         elif arr.shape[1] != dim:
             raise DataFormatError(f, f"{arr.shape[1]}-d vectors, but {files[0].name} holds {dim}-d ones")
-        _check_unit_rows(f, arr[: min(len(arr), 1024)], 0)  # a quick look; check_pool_vectors reads every row
+        head = np.asarray(arr[: min(len(arr), 1024)], dtype=np.float32)  # a quick look; check_pool_vectors reads every row
+        j = _first_bad_row(head)
+        if j is not None:
+            _refuse_row(f, j, head[j])
         counts.append(len(arr))
         if metadata:
             import pyarrow.parquet as pq
@@ -201,23 +198,30 @@ def open_pool(path: str | Path, caption_column: str = "caption") -> PoolShards:
     return PoolShards(root, files, offsets, int(dim), metadata, caption_column)
 
 
-def _check_unit_rows(file: Path, block: np.ndarray, first: int) -> None:
-    """Rows ``first, first + 1, ...`` of ``file`` (``block``) finite and L2-normalised."""
-    norms = np.linalg.norm(np.asarray(block, dtype=np.float32), axis=1)
-    bad = np.flatnonzero(~(np.abs(norms - 1) < 2e-2))  # NaN / inf fail the comparison too
-    if len(bad):
-        raise DataFormatError(file, f"vectors must be finite and L2-normalised, row {first + int(bad[0])} has norm {norms[bad[0]]:.4g}")
+def _first_bad_row(vectors: np.ndarray) -> int | None:
+    """The index of the first row of ``vectors [n, D]`` that is not finite or not L2-normalised."""
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float32))
+    bad = np.flatnonzero(~(np.abs(norms - 1) < 2e-2))  # a NaN or inf anywhere in a row fails this too
+    return int(bad[0]) if len(bad) else None
+
+
+def _refuse_row(file: Path, row: int, vector: np.ndarray) -> None:
+    """The one error for a bad pool vector: its shard, its row within the shard, what is wrong."""
+    vector = np.asarray(vector, dtype=np.float32)
+    if not np.isfinite(vector).all():
+        raise DataFormatError(file, "non-finite values (NaN or inf) in a pool vector", row=row)
+    norm = float(np.sqrt(vector @ vector))
+    raise DataFormatError(file, f"vectors must be L2-normalised, this one has norm {norm:.4g}", row=row)
 
 
 def check_pool_vectors(shards: PoolShards, rows: int = 262_144) -> None:
     """Every vector of the pool finite and L2-normalised, read chunk by chunk (:func:`open_pool`
     looks at each shard's first rows only): a DataFormatError naming the shard and the row.
-    Before an index is built (a NaN row would stop FAISS's k-means with its own error) and by
-    ``saferclip-train dry_run=true``."""
-    for i, file in enumerate(shards.files):
-        arr = shards.shard(i)
-        for start in range(0, len(arr), rows):
-            _check_unit_rows(file, arr[start : start + rows], start)
+    ``saferclip-train dry_run=true`` runs it; :func:`build_pool_index` needs no separate pass,
+    since its training sample and every chunk it adds are checked the same way (a NaN row
+    would otherwise stop FAISS's k-means with its own error)."""
+    for _ in shards.chunks(rows, reuse=True):
+        pass
 
 
 def check_pool_width(shards: PoolShards, dim: int, model: str) -> None:
@@ -363,7 +367,6 @@ def build_pool_index(
     config = config or PoolIndexConfig()
     stages = stages if stages is not None else BuildStages()
     n, d = len(shards), shards.dim
-    check_pool_vectors(shards, config.chunk_rows)
     if d % config.m:
         raise NeighbourError(f"pool index m={config.m} must divide the embedding width {d}")
     nlist = config.lists(n)
