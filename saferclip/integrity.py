@@ -15,6 +15,9 @@ The API (no dependency beyond numpy and xxhash; importable without Lightning or 
     ``"xxh3_128:<32 hex>"`` of the file's bytes (read memory-mapped, in 64 MiB blocks).
 ``digest_bytes(data) -> str``, ``digest_array(arr) -> str``
     the same digest of a bytes-like object / of an array's C-order bytes (not its header).
+``RunningDigest()``
+    the same digest of bytes fed in order (``.update(data)``, then ``.value()``): a file
+    hashed while it is written, never read back.
 ``digest_parts(parts) -> str``
     one digest over several strings / bytes / arrays (a checksum stored inside the file
     it covers: the detector's safetensors metadata holds the digest of its header + tensors).
@@ -78,6 +81,19 @@ def digest_bytes(data) -> str:
     for start in range(0, len(view), _BLOCK):
         h.update(view[start : start + _BLOCK])
     return _format(h)
+
+
+class RunningDigest:
+    """:func:`digest_bytes` of everything passed to :meth:`update`, in order."""
+
+    def __init__(self) -> None:
+        self._h = _hasher()
+
+    def update(self, data) -> None:
+        self._h.update(data)
+
+    def value(self) -> str:
+        return _format(self._h)
 
 
 def digest_parts(parts) -> str:

@@ -10,9 +10,11 @@ holds every vector in memory.
 - :func:`open_pool` checks the layout (one-line errors naming the file) and returns a
   :class:`PoolShards` (rows across shards, chunks, captions of chosen rows).
 - :func:`build_pool_index` trains an IVF-PQ index on a sample (coarse k-means, then product
-  quantisation of the residuals; an HNSW graph over the centroids assigns vectors to lists)
-  and adds the pool chunk by chunk. In memory and on disk it costs ``m`` bytes of code plus an
-  8-byte id per vector; the float vectors stay in the shards, the re-ranking store.
+  quantisation of the residuals), assigns every vector to its list (one BLAS product with the
+  centroids per chunk) and adds the pool chunk by chunk, each chunk checked for NaNs and
+  non-unit vectors. In memory and on disk it costs ``m·nbits/8`` bytes of code (32) plus an
+  8-byte id per vector; the float vectors stay in the shards, the re-ranking store (no copy is
+  written). :class:`BuildStages` collects the seconds of each stage.
 - :class:`PoolIndex` ``.search`` takes ``candidates`` approximate hits per query from the index
   and re-ranks them by exact inner product with their vectors read from the shards.
 - :func:`pool_candidates` gives the training split's neighbour search its candidates: the
@@ -26,7 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +41,7 @@ import numpy as np
 from ..data.records import DataFormatError
 from ..errors import ConfigError
 from ..files import atomic_folder, file_lock, remove_leftovers, write_json_atomic
-from ..integrity import DamagedArtefact, digests, verify_all
+from ..integrity import DamagedArtefact, RunningDigest, digests, verify_all
 from .faiss_search import NeighbourError, load_faiss
 
 log = logging.getLogger(__name__)
@@ -69,12 +73,39 @@ class PoolShards:
         """Shard ``i`` as a read-only memory map ``[n_i, D]``."""
         return np.load(self.files[i], mmap_mode="r", allow_pickle=False)
 
-    def chunks(self, rows: int = 262_144) -> Iterator[tuple[int, np.ndarray]]:
-        """``(first row, float32 [<=rows, D])`` over the whole pool, one chunk in memory at a time."""
+    def chunks(self, rows: int = 262_144, reuse: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, float32 [<=rows, D])`` over the whole pool, one chunk in memory at a time.
+
+        Every chunk is checked (:meth:`check`): a NaN or a vector that is not unit-length
+        anywhere in the pool is a DataFormatError naming its shard and row. The shard is
+        mapped afresh for each chunk, so the pages already read leave the process's resident
+        memory (they stay in the page cache). ``reuse``: every chunk is written into the same
+        buffer (no fresh pages to fault in for each chunk), valid until the next one."""
+        buffer = np.empty((rows, self.dim), dtype=np.float32) if reuse else None
         for i in range(len(self.files)):
-            arr = self.shard(i)
-            for start in range(0, len(arr), rows):
-                yield int(self.offsets[i]) + start, np.ascontiguousarray(arr[start : start + rows], dtype=np.float32)
+            size = int(self.offsets[i + 1] - self.offsets[i])
+            for start in range(0, size, rows):
+                source = self.shard(i)[start : start + rows]
+                if buffer is None:
+                    chunk = np.ascontiguousarray(source, dtype=np.float32)
+                else:
+                    chunk = buffer[: len(source)]
+                    chunk[:] = source
+                self.check(chunk, int(self.offsets[i]) + start)
+                yield int(self.offsets[i]) + start, chunk
+
+    def locate(self, row: int) -> tuple[Path, int]:
+        """The shard file holding global row ``row`` and the row's position in it."""
+        i = int(np.searchsorted(self.offsets, row, side="right") - 1)
+        return self.files[i], int(row - self.offsets[i])
+
+    def check(self, vectors: np.ndarray, first_row: int | None = None, rows: np.ndarray | None = None) -> None:
+        """Raise DataFormatError naming the shard and row of the first vector of ``vectors [n, D]``
+        that is not finite or not L2-normalised; its global rows are ``first_row + arange(n)``
+        or ``rows``."""
+        j = _first_bad_row(vectors)
+        if j is not None:
+            _refuse_row(*self.locate(int(rows[j]) if rows is not None else int(first_row) + j), vectors[j])
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """The vectors of global rows ``ids`` (any shape of ints) as float32 ``[*ids.shape, D]``."""
@@ -85,7 +116,10 @@ class PoolShards:
         for i in np.unique(shard_of):
             sel = np.flatnonzero(shard_of == i)
             local = flat[sel] - self.offsets[i]
-            order = np.argsort(local, kind="stable")  # sorted reads from the map
+            # sorted reads through a map opened for this call: kept open, the pages it faults in
+            # (with the kernel's fault-around, most of a shard) would stay in the process's
+            # resident memory, up to the whole store; re-opening costs ~1.5x on the gather
+            order = np.argsort(local, kind="stable")
             out[sel[order]] = self.shard(int(i))[local[order]]
         return out.reshape(*ids.shape, self.dim)
 
@@ -144,7 +178,10 @@ def open_pool(path: str | Path, caption_column: str = "caption") -> PoolShards:
             dim = arr.shape[1]
         elif arr.shape[1] != dim:
             raise DataFormatError(f, f"{arr.shape[1]}-d vectors, but {files[0].name} holds {dim}-d ones")
-        _check_unit_rows(f, arr[: min(len(arr), 1024)], 0)  # a quick look; check_pool_vectors reads every row
+        head = np.asarray(arr[: min(len(arr), 1024)], dtype=np.float32)  # a quick look; check_pool_vectors reads every row
+        j = _first_bad_row(head)
+        if j is not None:
+            _refuse_row(f, j, head[j])
         counts.append(len(arr))
         if metadata:
             import pyarrow.parquet as pq
@@ -161,23 +198,30 @@ def open_pool(path: str | Path, caption_column: str = "caption") -> PoolShards:
     return PoolShards(root, files, offsets, int(dim), metadata, caption_column)
 
 
-def _check_unit_rows(file: Path, block: np.ndarray, first: int) -> None:
-    """Rows ``first, first + 1, ...`` of ``file`` (``block``) finite and L2-normalised."""
-    norms = np.linalg.norm(np.asarray(block, dtype=np.float32), axis=1)
-    bad = np.flatnonzero(~(np.abs(norms - 1) < 2e-2))  # NaN / inf fail the comparison too
-    if len(bad):
-        raise DataFormatError(file, f"vectors must be finite and L2-normalised, row {first + int(bad[0])} has norm {norms[bad[0]]:.4g}")
+def _first_bad_row(vectors: np.ndarray) -> int | None:
+    """The index of the first row of ``vectors [n, D]`` that is not finite or not L2-normalised."""
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float32))
+    bad = np.flatnonzero(~(np.abs(norms - 1) < 2e-2))  # a NaN or inf anywhere in a row fails this too
+    return int(bad[0]) if len(bad) else None
+
+
+def _refuse_row(file: Path, row: int, vector: np.ndarray) -> None:
+    """The one error for a bad pool vector: its shard, its row within the shard, what is wrong."""
+    vector = np.asarray(vector, dtype=np.float32)
+    if not np.isfinite(vector).all():
+        raise DataFormatError(file, "non-finite values (NaN or inf) in a pool vector", row=row)
+    norm = float(np.sqrt(vector @ vector))
+    raise DataFormatError(file, f"vectors must be L2-normalised, this one has norm {norm:.4g}", row=row)
 
 
 def check_pool_vectors(shards: PoolShards, rows: int = 262_144) -> None:
     """Every vector of the pool finite and L2-normalised, read chunk by chunk (:func:`open_pool`
     looks at each shard's first rows only): a DataFormatError naming the shard and the row.
-    Before an index is built (a NaN row would stop FAISS's k-means with its own error) and by
-    ``saferclip-train dry_run=true``."""
-    for i, file in enumerate(shards.files):
-        arr = shards.shard(i)
-        for start in range(0, len(arr), rows):
-            _check_unit_rows(file, arr[start : start + rows], start)
+    ``saferclip-train dry_run=true`` runs it; :func:`build_pool_index` needs no separate pass,
+    since its training sample and every chunk it adds are checked the same way (a NaN row
+    would otherwise stop FAISS's k-means with its own error)."""
+    for _ in shards.chunks(rows, reuse=True):
+        pass
 
 
 def check_pool_width(shards: PoolShards, dim: int, model: str) -> None:
@@ -190,66 +234,227 @@ def check_pool_width(shards: PoolShards, dim: int, model: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the index
+COARSE_QUANTIZERS = ("flat", "hnsw")
+
+
 @dataclass
 class PoolIndexConfig:
-    """IVF-PQ over the pool. ``nlist`` lists (default ~2·sqrt(N)); ``m`` bytes of PQ code per
-    vector (``nbits=8``); ``nprobe`` lists searched; ``candidates`` approximate hits re-ranked
-    exactly per query; k-means on ``train_size`` vectors (default 40 per list)."""
+    """IVF-PQ over the pool. ``nlist`` lists (default ~sqrt(N), :meth:`lists`); ``m``
+    sub-quantizers of ``nbits`` bits each: ``m·nbits/8`` bytes of code per vector (32). With 4
+    bits the index is searched by FAISS's fast-scan kernels (IndexIVFPQFastScan, SIMD lookups
+    in registers), and encoding compares each sub-vector with 16 code words instead of 256;
+    the re-ranking makes up for the coarser codes. ``nprobe`` lists searched; ``candidates``
+    approximate hits re-ranked exactly per query: enough to hold a query's whole cluster of
+    near-duplicates, among which no 32-byte code tells the nearest (on the benchmark's pool
+    of 10 M, ~100 vectors per sub-topic, recall@1 needed ~128 whatever the codes). Training: coarse k-means
+    (``kmeans_iterations``) on ``train_size`` vectors (default 40 per list), the PQ code words
+    (``pq_iterations``) on the residuals of up to ``pq_train_size`` of them (FAISS takes at
+    most 256 per code word). The coarse
+    quantizer (``coarse``) finds a vector's list while adding and a query's lists:
+    ``"flat"`` compares with every centroid in one BLAS product (exact); ``"hnsw"`` walks a
+    graph of ``hnsw_m`` links over the centroids (``assign_ef`` deep while adding,
+    max(64, 2·nprobe) while searching), which pays only for tens of thousands of lists: at
+    2,000-6,324 lists of 512-d vectors flat assignment measured 1.5-3x faster per vector
+    (scripts/bench_large_pool.py). Vectors are added ``chunk_rows`` at a time."""
 
     nlist: int | None = None
-    m: int = 32
-    nprobe: int = 64
-    candidates: int = 64
+    m: int = 64
+    nbits: int = 4
+    nprobe: int = 32
+    candidates: int = 128
     train_size: int | None = None
     kmeans_iterations: int = 10
-    hnsw_m: int = 32  # the graph over the centroids that assigns vectors to lists
+    pq_train_size: int = 65_536
+    pq_iterations: int = 25
+    coarse: str = "flat"
+    hnsw_m: int = 32
+    assign_ef: int = 32
     chunk_rows: int = 262_144
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("m", "nprobe", "candidates", "kmeans_iterations", "hnsw_m", "chunk_rows"):
+        for name in ("m", "nbits", "nprobe", "candidates", "kmeans_iterations", "pq_train_size", "pq_iterations",
+                     "hnsw_m", "assign_ef", "chunk_rows"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise NeighbourError(f"pool index {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.nbits not in (4, 8):
+            raise NeighbourError(f"pool index nbits must be 4 (fast-scan) or 8, got {self.nbits!r}")
+        if self.coarse not in COARSE_QUANTIZERS:
+            raise NeighbourError(f"pool index coarse must be one of {COARSE_QUANTIZERS}, got {self.coarse!r}")
 
     def lists(self, n: int) -> int:
-        nlist = self.nlist if self.nlist is not None else int(2 * n**0.5)
+        """The lists of a pool of ``n``: ``nlist``, else ~sqrt(n); at most n / 39 (FAISS's minimum
+        of 39 training points per list). Assigning every vector to its list costs ``nlist``
+        inner products each, the build's largest stage: sqrt(n) lists built a 1M pool in about
+        half the time of 2·sqrt(n) with the same recall and speed after re-ranking
+        (scripts/bench_large_pool.py)."""
+        nlist = self.nlist if self.nlist is not None else int(n**0.5)
         return int(max(1, min(nlist, n // 39)))
+
+
+# what the build's stages are called in its timings (BuildStages), in order
+BUILD_STAGES = ("sample", "coarse_training", "quantizer", "pq_training", "reading", "assignment", "encoding")
+
+
+class BuildStages(dict):
+    """Seconds spent in each stage of a build (:data:`BUILD_STAGES`, then ``writing`` when saved)."""
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+
+@contextmanager
+def faiss_threads(n: int):
+    """FAISS's OpenMP threads set to ``n`` inside the block, restored after."""
+    faiss = load_faiss()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _sample_rows(shards: PoolShards, size: int, seed: int) -> np.ndarray:
     n = len(shards)
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
-    return shards.rows(rows)
+    vectors = shards.rows(rows)
+    shards.check(vectors, rows=rows)
+    return vectors
 
 
-def build_pool_index(shards: PoolShards, config: PoolIndexConfig | None = None) -> "faiss.Index":  # noqa: F821
-    """Train and fill an IVF-PQ inner-product index over ``shards``, chunk by chunk."""
+def _coarse_quantizer(faiss, centroids: np.ndarray, config: PoolIndexConfig):
+    if config.coarse == "flat":
+        quantizer = faiss.IndexFlatIP(centroids.shape[1])
+    else:
+        quantizer = faiss.IndexHNSWFlat(centroids.shape[1], config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        quantizer.hnsw.efConstruction = 80
+        quantizer.hnsw.efSearch = config.assign_ef
+    quantizer.add(centroids)
+    return quantizer
+
+
+def set_search_depth(index, nprobe: int) -> None:
+    """``nprobe`` lists per query, and an HNSW quantizer searched deep enough to return them."""
+    faiss = load_faiss()
+    index.nprobe = nprobe
+    quantizer = faiss.downcast_index(index.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(64, 2 * nprobe)
+
+
+def build_pool_index(
+    shards: PoolShards, config: PoolIndexConfig | None = None, progress: bool | None = None, stages: BuildStages | None = None
+) -> "faiss.Index":  # noqa: F821
+    """Train and fill an IVF-PQ inner-product index over ``shards``, chunk by chunk.
+
+    FAISS runs the stages on all the threads it is given (``faiss.omp_set_num_threads``; all
+    cores unless ``OMP_NUM_THREADS`` says otherwise), the PQ training on one. No stage holds
+    more than the training sample and one chunk of float vectors; the index holds
+    ``m·nbits/8`` bytes + an 8-byte id per vector.
+    ``progress``: a bar over the vectors added (stderr, on a terminal); ``stages``: filled with
+    the seconds of each stage (:data:`BUILD_STAGES`)."""
+    from tqdm.auto import tqdm
+
+    from ..console import show_progress
+
     faiss = load_faiss()
     config = config or PoolIndexConfig()
+    stages = stages if stages is not None else BuildStages()
     n, d = len(shards), shards.dim
-    check_pool_vectors(shards, config.chunk_rows)
     if d % config.m:
         raise NeighbourError(f"pool index m={config.m} must divide the embedding width {d}")
     nlist = config.lists(n)
-    sample = _sample_rows(shards, config.train_size or max(40 * nlist, 65_536), config.seed)
-    kmeans = faiss.Kmeans(d, nlist, niter=config.kmeans_iterations, seed=config.seed, spherical=True, verbose=False)
-    kmeans.train(sample)
-    quantizer = faiss.IndexHNSWFlat(d, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    quantizer.hnsw.efConstruction = 80
-    quantizer.add(kmeans.centroids)
-    quantizer.hnsw.efSearch = max(64, config.nprobe * 2)
-    # 8 bits (256 centroids) per sub-quantizer; fewer for a pool too small to train them
-    nbits = 8 if n >= 1024 else max(1, int(np.log2(n)) - 2)
+    with stages("sample"):
+        sample = _sample_rows(shards, config.train_size or max(40 * nlist, 65_536), config.seed)
+    with stages("coarse_training"):
+        kmeans = faiss.Kmeans(d, nlist, niter=config.kmeans_iterations, seed=config.seed, spherical=True, verbose=False)
+        kmeans.train(sample)
+    with stages("quantizer"):
+        quantizer = _coarse_quantizer(faiss, kmeans.centroids, config)
+    # fewer bits for a pool too small to train 2**nbits code words per sub-quantizer
+    nbits = config.nbits if n >= 1024 else min(config.nbits, max(1, int(np.log2(n)) - 2))
     index = faiss.IndexIVFPQ(quantizer, d, nlist, config.m, nbits, faiss.METRIC_INNER_PRODUCT)
     index.own_fields = True
     quantizer.this.disown()  # the IVF index frees it
     index.cp.seed = config.seed
-    index.train(sample[: max(256 * 40, min(len(sample), 131_072))])  # PQ codebooks on residuals
-    del sample
-    for start, chunk in shards.chunks(config.chunk_rows):
-        index.add_with_ids(chunk, np.arange(start, start + len(chunk), dtype=np.int64))
-    index.nprobe = config.nprobe
+    index.pq.cp.niter = config.pq_iterations
+    index.pq.cp.seed = config.seed
+    with stages("pq_training"), faiss_threads(1):
+        # The quantizer is trained (ntotal == nlist): this trains the PQ codebooks on residuals.
+        # On one thread: m small k-means (FAISS samples 256 points per code word) are a second
+        # of work, split into thousands of tiny parallel regions, and with other processes on
+        # the cores every region waits for a descheduled thread (measured 1 s on one thread,
+        # 20-75 s on two, on the shared 2-core machine).
+        pq_sample = sample[np.random.default_rng(config.seed + 1).permutation(len(sample))[: config.pq_train_size]]
+        del sample
+        index.train(pq_sample)
+        del pq_sample
+    bar = tqdm(total=n, unit="vec", unit_scale=True, desc="safe pool index", file=sys.stderr,
+               disable=not show_progress(progress), mininterval=5)
+    chunks = shards.chunks(config.chunk_rows, reuse=True)
+    while True:
+        with stages("reading"):  # from the memory-mapped shards, checked
+            start, chunk = next(chunks, (None, None))
+        if chunk is None:
+            break
+        ids = np.arange(start, start + len(chunk), dtype=np.int64)
+        with stages("assignment"):
+            _, lists = quantizer.search(chunk, 1)
+            lists = np.ascontiguousarray(lists[:, 0])
+        with stages("encoding"):  # residuals to the list centroid, PQ codes, appended to the lists
+            # swig_ptr keeps no reference: chunk, ids and lists stay alive as locals of this frame
+            index.add_core(len(chunk), faiss.swig_ptr(chunk), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+        bar.update(len(chunk))
+    bar.close()
+    if nbits == 4:
+        with stages("encoding"):  # the same codes, packed in blocks of 32 for the fast-scan search
+            fast = faiss.IndexIVFPQFastScan(index)
+            index.own_fields = False  # the quantizer now belongs to the fast-scan index
+            fast.own_fields = True
+            del index
+            index = fast
+    set_search_depth(index, config.nprobe)
     return index
+
+
+def write_index(index, path: Path) -> tuple[str, int]:
+    """Write ``index`` to ``path``, hashing the bytes as they are written: ``(digest, size)``.
+    The digest is :func:`saferclip.integrity.digest_file`'s, with no second read of the file."""
+    faiss = load_faiss()
+    digest, size = RunningDigest(), 0
+    with open(path, "wb") as f:
+
+        def write(data: bytes) -> None:
+            nonlocal size
+            f.write(data)
+            digest.update(data)
+            size += len(data)
+
+        writer = faiss.PyCallbackIOWriter(write)
+        faiss.write_index(index, writer)
+        del writer  # flushes its buffer through ``write``
+    return digest.value(), size
+
+
+def index_bytes(index) -> int:
+    """The serialised size of ``index``, counted without holding a copy of it."""
+    faiss = load_faiss()
+    size = 0
+
+    def count(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+
+    writer = faiss.PyCallbackIOWriter(count)
+    faiss.write_index(index, writer)
+    del writer
+    return size
 
 
 class PoolIndex:
@@ -257,9 +462,9 @@ class PoolIndex:
 
     def __init__(self, index, shards: PoolShards, config: PoolIndexConfig):
         self.index, self.shards, self.config = index, shards, config
-        self.index.nprobe = config.nprobe
+        set_search_depth(self.index, config.nprobe)
 
-    def search(self, queries: np.ndarray, k: int = 1, query_chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int = 1, query_chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` of ``queries [Q, D]``: ``(ids [Q, k] int64, cosines [Q, k] float32)``, best first."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.shards.dim:
@@ -283,12 +488,18 @@ class PoolIndex:
 
     def bytes_per_vector(self) -> float:
         """The index's own size per pool vector (codes + ids + lists; centroids amortised)."""
-        faiss = load_faiss()
-        return len(faiss.serialize_index(self.index)) / max(len(self.shards), 1)
+        return index_bytes(self.index) / max(len(self.shards), 1)
 
 
-def load_or_build_pool_index(shards: PoolShards, folder: str | Path, config: PoolIndexConfig | None = None) -> PoolIndex:
-    """The pool's index saved in ``folder/<key>/`` (checksummed, atomic, one build per key)."""
+def load_or_build_pool_index(
+    shards: PoolShards,
+    folder: str | Path,
+    config: PoolIndexConfig | None = None,
+    progress: bool | None = None,
+    stages: BuildStages | None = None,
+) -> PoolIndex:
+    """The pool's index saved in ``folder/<key>/`` (checksummed, atomic, one build per key).
+    ``stages``: as :func:`build_pool_index`, plus ``writing`` (the file and its checksum)."""
     import hashlib
 
     faiss = load_faiss()
@@ -322,16 +533,19 @@ def load_or_build_pool_index(shards: PoolShards, folder: str | Path, config: Poo
         remove_leftovers(final)
         with atomic_folder(final, replace=True) as tmp:
             t0 = time.perf_counter()
-            index = build_pool_index(shards, config)
-            faiss.write_index(index, str(tmp / "ivfpq.faiss"))
+            stages = stages if stages is not None else BuildStages()
+            index = build_pool_index(shards, config, progress, stages)
+            with stages("writing"):
+                digest, _ = write_index(index, tmp / "ivfpq.faiss")
             write_json_atomic(
                 tmp / "pool_index.json",
                 {
                     **identity,
                     "key": key,
                     "count": len(shards),
-                    "checksums": digests(tmp, ["ivfpq.faiss"]),
+                    "checksums": {"ivfpq.faiss": digest},
                     "build_seconds": round(time.perf_counter() - t0, 3),
+                    "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 },
             )
