@@ -22,7 +22,7 @@ from ..errors import SaferclipError
 log = logging.getLogger("saferclip")
 
 USAGE_EXIT_CODE = 2
-README_POINTER = "docs: README.md (commands, recipes) and docs/METHOD.md (the method, metrics, data formats)"
+README_POINTER = "docs: README.md, docs/USAGE.md (commands, recipes) and docs/METHOD.md (the method, metrics, data formats)"
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -55,10 +55,14 @@ def one_line(error: BaseException) -> str:
 
 
 def report_user_error(prog: str, error: BaseException, to_log: bool = True) -> None:
-    """One line on stderr (and, with ``to_log``, in the run's log), no traceback."""
+    """One line on stderr (and, with ``to_log``, in the run's log file), no traceback. The log
+    record goes to file handlers only: the console already gets the line below, once."""
     message = one_line(error)
     if to_log:
-        log.error("%s: %s", type(error).__name__, message)
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s: %s", (type(error).__name__, message), None)
+        for handler in {*logging.getLogger().handlers, *log.handlers}:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
 
 
