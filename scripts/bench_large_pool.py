@@ -23,7 +23,8 @@ yesterday is read from disk):
 Generation runs in ``--threads`` worker processes beforehand and is timed apart. The result
 file (``--json``, written atomically after every size) holds the configuration (threads,
 versions, CPU, load average before and after each size) and every figure;
-``scripts/scale_docs.py`` turns it into the table and the plot of docs/GPU.md.
+``scripts/update_doc_tables.py --from pool=<it>`` turns it into docs/GPU.md's tables and plot
+(:mod:`saferclip.redirection.scale_summary`).
 
 The vectors are the clustered two-level Gaussian mixture on the unit sphere of
 ``saferclip/benchmarks/vectors.py`` (topics, sub-topics, items around them), queries drawn from the
@@ -31,7 +32,7 @@ same mixture: no real embedding looks like uniform noise. Figures on real CLIP e
 will differ.
 
     python scripts/bench_large_pool.py --sizes 1000000 --json /tmp/pool_1m.json
-    python scripts/bench_large_pool.py --sizes 1000000,2000000,5000000,10000000 --json docs/results/large_pool_growth.json
+    python scripts/bench_large_pool.py --sizes 1000000,2000000,5000000,10000000 --json outputs/scale/large_pool_growth.json
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ options and the order of magnitude are what this shows.
 
     python scripts/bench_neighbours.py                       # 10k, 100k, 1M (~3 GB of RAM at 1M)
     python scripts/bench_neighbours.py --sizes 10000,100000  # quicker
-    python scripts/bench_neighbours.py --sizes 100000 --compare-size 0 --approx ivf --json docs/results/ivf_100k.json
+    python scripts/bench_neighbours.py --sizes 100000 --compare-size 0 --approx ivf --json outputs/scale/ivf_100k.json
+    python scripts/update_doc_tables.py --from ivf=outputs/scale/ivf_100k.json  # into docs/results and docs/GPU.md
 """
 
 from __future__ import annotations

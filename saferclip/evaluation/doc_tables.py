@@ -1,5 +1,5 @@
-"""The result tables and quoted figures of the README and docs/RESULTS.md, generated from the
-committed result files: numbers that cannot go stale.
+"""The result tables and quoted figures of the README and the docs (:data:`DOCUMENTS`), generated
+from the committed result files: numbers that cannot go stale.
 
 A document marks each generated region with a pair of HTML comments (invisible when rendered)::
 
@@ -16,8 +16,13 @@ the ``results.json`` a ``saferclip-main`` report writes; ``study-*``: ``docs/res
 is replaced. :func:`update_documents` rewrites the regions, :func:`check_documents` lists the
 regions that differ from what their file gives (``scripts/update_doc_tables.py --check``: exit
 1; a test runs it), :func:`import_result` copies a new result file in (``--from``), and
-regenerates the README's screenshot of the main job's report when Chromium is there (otherwise
-the ``main-screenshot`` region renders empty: no picture of other numbers).
+regenerates the README's screenshot of the main job's report when Chromium is there.
+
+A picture region (:data:`PICTURES`) shows its image only when the image's stamp names the
+committed result file it was drawn from (its SHA-256), so that no picture of other numbers is
+shown: otherwise it renders empty. A picture drawn from its result file alone (``pool-plot``) is
+redrawn by :func:`update_documents` whenever its stamp names another file; the README's
+screenshot needs the report.html beside the results and Chromium, so only ``--from`` takes it.
 
 Generators (arguments in brackets are optional):
 
@@ -41,6 +46,11 @@ Generators (arguments in brackets are optional):
   the monitor's figures for docs/ROBUSTNESS.md (:mod:`saferclip.robustness.summary` lists them).
   Until that file is committed its regions say the figures are pending (:data:`PENDING`); a
   missing ``main.json`` or ``study.json`` is an error.
+* ``pool-*`` (``docs/results/large_pool_growth.json``, ``scripts/bench_large_pool.py --json``)
+  and ``ivf-speedup`` (``docs/results/ivf_100k.json``, ``scripts/bench_neighbours.py --json``):
+  docs/GPU.md's scale figures (:mod:`saferclip.redirection.scale_summary` lists them), and the
+  picture ``pool-plot``; pending, like the robustness figures, until measured
+  (``scripts/run_scale_benchmarks.sh``).
 """
 
 from __future__ import annotations
@@ -54,11 +64,15 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import SaferclipError
 from ..files import write_json_atomic, write_text_atomic
+from ..redirection.scale_summary import GENERATORS as SCALE_GENERATORS
+from ..redirection.scale_summary import GROWTH_PLOT_CAPTION, ScaleSummaryError, draw_growth_plot
+from ..redirection.scale_summary import pending as scale_pending
 from ..robustness.summary import GENERATORS as ROBUSTNESS_GENERATORS
 from ..robustness.summary import SummaryError
 from ..robustness.summary import pending as robustness_pending
@@ -68,17 +82,40 @@ from .intervals import difference_cell, differences_table, intervals_note
 from .plotting import OWN_MARK
 
 RESULTS_DIR = Path("docs") / "results"
-DOCUMENTS = (Path("README.md"), Path("docs") / "RESULTS.md", Path("docs") / "ROBUSTNESS.md")
-SOURCES = {"main": "main.json", "study": "study.json", "robustness": "robustness.json"}
-# what a result file must hold to be one (import_result's check)
-SOURCE_SECTIONS = {"main": "results", "study": "summary", "robustness": "models"}
+DOCUMENTS = (Path("README.md"), Path("docs") / "RESULTS.md", Path("docs") / "ROBUSTNESS.md", Path("docs") / "GPU.md")
+SOURCES = {"main": "main.json", "study": "study.json", "robustness": "robustness.json",
+           "pool": "large_pool_growth.json", "ivf": "ivf_100k.json"}
+# what a result file must hold to be one (import_result's check: a section of this name)
+SOURCE_SECTIONS = {"main": "results", "study": "summary", "robustness": "models", "pool": "sizes", "ivf": "runs"}
 # result files a document may quote before they are measured: while such a file is not
 # committed, each of its regions shows what ``pending(name, block)`` gives (it says the figures
 # are pending, and how to measure them) instead of failing; any other missing file is an error
-PENDING = {"robustness": robustness_pending}
+PENDING = {"robustness": robustness_pending, "pool": scale_pending, "ivf": scale_pending}
 SCREENSHOT = Path("docs") / "img" / "main_report.png"
 SCREENSHOT_STAMP = RESULTS_DIR / "main_report.json"  # which main.json the picture shows
 SCREENSHOT_SCRIPT = Path("scripts") / "report_screenshot.sh"
+GROWTH_PLOT = Path("docs") / "img" / "large_pool_growth.png"
+GROWTH_PLOT_STAMP = RESULTS_DIR / "large_pool_growth_plot.json"  # which large_pool_growth.json it was drawn from
+
+
+@dataclass(frozen=True)
+class Picture:
+    """An image a region shows when its stamp names the committed result file it was made from."""
+
+    source: str  # the result file (a key of SOURCES)
+    image: Path
+    stamp: Path
+    caption: str
+    draw: Callable[[Mapping[str, Any], Path], None] | None = None  # from the result file alone: update_documents redraws it
+
+
+PICTURES = {
+    "main-screenshot": Picture(
+        "main", SCREENSHOT, SCREENSHOT_STAMP,
+        "The main job's report.html: the headline table, then what each model retrieves for the same unsafe captions "
+        f"(red: unsafe, green: the query's safe twin, {OWN_MARK} its own unsafe image)"),
+    "pool-plot": Picture("pool", GROWTH_PLOT, GROWTH_PLOT_STAMP, GROWTH_PLOT_CAPTION, draw_growth_plot),
+}
 DISPLAY_NAMES = {
     "safeclip": "Safe-CLIP",
     "saferclip": "SafeR-CLIP",
@@ -345,21 +382,49 @@ def study_value(study: Mapping[str, Any], args: Mapping[str, str]) -> str:
     return _pct(row[stat])
 
 
-# ----------------------------------------------------------------------------- the screenshot
-def screenshot_region(root: Path, results_file: Path, document: Path) -> str:
-    """The README's picture of the main job's report, when it was taken of this results file
-    (linked relative to ``document``, a path in the repository)."""
-    stamp, picture = root / SCREENSHOT_STAMP, root / SCREENSHOT
-    if not (stamp.is_file() and picture.is_file()):
-        return ""
+# ----------------------------------------------------------------------------- pictures
+def _stamped_source(root: Path, picture: Picture) -> str | None:
+    """The SHA-256 of the result file ``picture``'s stamp says it was made from (None: no stamp)."""
     try:
-        recorded = json.loads(stamp.read_text()).get("results_sha256")
-    except ValueError:
+        return json.loads((root / picture.stamp).read_text()).get("results_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def picture_region(root: Path, name: str, document: Path) -> str:
+    """Picture ``name``, linked relative to ``document`` (a path in the repository), when it was
+    made from the committed result file; else nothing."""
+    picture = PICTURES[name]
+    source = root / RESULTS_DIR / SOURCES[picture.source]
+    if not (source.is_file() and (root / picture.image).is_file()):
         return ""
-    if recorded != _sha256(results_file):
+    if _stamped_source(root, picture) != _sha256(source):
         return ""
-    return (f"![The main job's report.html: the headline table, then what each model retrieves for the same unsafe captions "
-            f"(red: unsafe, green: the query's safe twin, {OWN_MARK} its own unsafe image)]({Path(os.path.relpath(SCREENSHOT, document.parent)).as_posix()})")
+    return f"![{picture.caption}]({Path(os.path.relpath(picture.image, document.parent)).as_posix()})"
+
+
+def redraw_pictures(root: Path) -> list[str]:
+    """Draw again each picture drawn from its result file alone whose image is missing or whose
+    stamp names another file; returns the images drawn."""
+    drawn = []
+    for picture in PICTURES.values():
+        source = root / RESULTS_DIR / SOURCES[picture.source]
+        if picture.draw is None or not source.is_file():
+            continue
+        digest = _sha256(source)
+        if (root / picture.image).is_file() and _stamped_source(root, picture) == digest:
+            continue
+        try:
+            picture.draw(json.loads(source.read_text()), root / picture.image)
+        except ValueError as e:
+            raise DocTableError(f"{source}: not valid JSON ({e})") from None
+        except ScaleSummaryError as e:
+            raise DocTableError(f"{source}: {e}") from None
+        except (KeyError, TypeError, IndexError) as e:
+            raise DocTableError(f"{source}: not a result file its picture can be drawn from ({type(e).__name__}: {e})") from None
+        write_json_atomic(root / picture.stamp, {"results_sha256": digest, "drawn_from": SOURCES[picture.source]})
+        drawn.append(picture.image.as_posix())
+    return drawn
 
 
 def _sha256(path: Path) -> str:
@@ -385,6 +450,8 @@ GENERATORS: dict[str, tuple[str, Callable[[Mapping[str, Any], Mapping[str, str]]
     "study-value": ("study", study_value, False),
     # the robustness experiments' (saferclip.robustness.summary; docs/ROBUSTNESS.md)
     **{name: ("robustness", generator, block) for name, (generator, block) in ROBUSTNESS_GENERATORS.items()},
+    # the scale benchmarks' (saferclip.redirection.scale_summary; docs/GPU.md)
+    **SCALE_GENERATORS,
 }
 
 
@@ -409,11 +476,11 @@ def render_document(text: str, root: Path, where: str) -> tuple[str, list[str]]:
         name, raw_args, body = match.group("name"), match.group("args"), match.group("body")
         label = f"{where}: region generated:{name}{raw_args.rstrip()}"
         args = {k: (quoted if quoted else plain) for k, quoted, plain in ARGUMENT.findall(raw_args)}
-        if name == "main-screenshot":
-            block, content = True, screenshot_region(root, root / RESULTS_DIR / SOURCES["main"], Path(where))
+        if name in PICTURES:
+            block, content = True, picture_region(root, name, Path(where))
         else:
             if name not in GENERATORS:
-                raise DocTableError(f"{label}: unknown generator; expected one of {', '.join([*GENERATORS, 'main-screenshot'])}")
+                raise DocTableError(f"{label}: unknown generator; expected one of {', '.join([*GENERATORS, *PICTURES])}")
             source, generator, block = GENERATORS[name]
             if source not in sources:
                 missing = source in PENDING and not (root / RESULTS_DIR / SOURCES[source]).is_file()
@@ -423,7 +490,7 @@ def render_document(text: str, root: Path, where: str) -> tuple[str, list[str]]:
             else:
                 try:
                     content = generator(sources[source], args)
-                except (DocTableError, SummaryError) as e:
+                except (DocTableError, SummaryError, ScaleSummaryError) as e:
                     raise DocTableError(f"{label}: {e}") from None
         new_body = f"\n{content}\n" if block and content else ("\n" if block else content)
         if new_body != body:
@@ -440,7 +507,8 @@ def render_document(text: str, root: Path, where: str) -> tuple[str, list[str]]:
 
 
 def check_documents(root: str | Path = ".") -> list[str]:
-    """The generated regions of README.md and docs/RESULTS.md that differ from their result files."""
+    """The generated regions of the documents that differ from their result files (a picture
+    region differs when its picture was not made from the committed file: nothing is drawn)."""
     root = Path(root)
     differ = []
     for doc in DOCUMENTS:
@@ -450,9 +518,11 @@ def check_documents(root: str | Path = ".") -> list[str]:
 
 
 def update_documents(root: str | Path = ".") -> list[str]:
-    """Rewrite every generated region; returns the regions that changed."""
+    """Redraw the pictures made from a result file alone whose stamp names another file
+    (:func:`redraw_pictures`), then rewrite every generated region; returns the images drawn
+    and the regions that changed."""
     root = Path(root)
-    changed = []
+    changed = [f"{image} (drawn from its result file)" for image in redraw_pictures(root)]
     for doc in DOCUMENTS:
         path = root / doc
         text, regions = render_document(path.read_text(), root, doc.as_posix())
@@ -477,7 +547,7 @@ def publishable(value: Any, root: Path) -> Any:
 
 def import_result(root: str | Path, name: str, path: str | Path) -> Path:
     """Copy a result file into ``docs/results/`` (``main``: a report's results.json; ``study``: a
-    study.json), after checking it is one, with paths under the repository made relative and a
+    study.json; ``pool``, ``ivf``: the scale benchmarks' ``--json``), after checking it is one, with paths under the repository made relative and a
     report's ``records`` left out (one flat record per number, derived from ``results``:
     :func:`saferclip.evaluation.report.metric_records`); for ``main``, retake the README's
     screenshot of the report.html beside it when Chromium is there (else the picture is dropped)."""
@@ -489,7 +559,7 @@ def import_result(root: str | Path, name: str, path: str | Path) -> Path:
     except (OSError, ValueError) as e:
         raise DocTableError(f"{path}: not a readable JSON result file ({e})") from None
     expected = SOURCE_SECTIONS[name]
-    if not isinstance(content, Mapping) or not isinstance(content.get(expected), Mapping):
+    if not isinstance(content, Mapping) or not isinstance(content.get(expected), (Mapping, list)):
         raise DocTableError(f"{path}: not a {name} result file (it has no {expected!r} section)")
     target = root / RESULTS_DIR / SOURCES[name]
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -514,12 +584,14 @@ def _retake_screenshot(root: Path, report: Path, results_file: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="update_doc_tables.py",
-        description="Generate the README's and docs/RESULTS.md's result tables and quoted figures from docs/results/*.json.",
+        description="Generate the documents' result tables, quoted figures and plots from docs/results/*.json "
+                    "(README.md, docs/RESULTS.md, docs/ROBUSTNESS.md, docs/GPU.md).",
     )
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 naming each region that differs from its file")
     parser.add_argument("--from", dest="sources", action="append", default=[], metavar="[NAME=]PATH",
                         help="first copy a result file in: main=outputs/main/report/results.json (NAME defaults to main), "
-                             "study=outputs/study/study.json")
+                             "study=outputs/study/study.json, pool=<bench_large_pool.py --json>, "
+                             "ivf=<bench_neighbours.py --json>")
     parser.add_argument("--root", default=".", help="the repository (default: the working directory)")
     args = parser.parse_args(argv)
     root = Path(args.root)

@@ -7,6 +7,7 @@
   its settings: :mod:`.neighbour_config`),
   :mod:`.faiss_search` — the FAISS search under them, :mod:`.sparse_pools` — realistic, sparse pools;
 * :mod:`.large_pool` — an embedded safe pool of millions (IVF-PQ with exact re-ranking);
+  :mod:`.scale_summary` — its and the IVF benchmark's figures in docs/GPU.md (generated regions);
 * :mod:`.targets` — the targets of both methods (paired or neighbours) and the curriculum;
 * :mod:`.report` — what ``saferclip-index`` prints.
 """
