@@ -40,13 +40,10 @@ def _logging_state() -> dict:
 
 
 def _restore_logging(before: dict) -> None:
-    """Loggers as they were; handlers the command added (Hydra's console and file handlers,
-    a ``basicConfig``) closed and removed; loggers it created silenced again."""
-    for lg in [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)]:
-        if id(lg) in before:
-            _, level, propagate, disabled, handlers, filters = before[id(lg)]
-        else:
-            level, propagate, disabled, handlers, filters = logging.NOTSET, True, False, [], []
+    """The loggers that existed before as they were, the handlers the command added to them
+    (Hydra's console and file handlers, a ``basicConfig``) closed and removed. (A logger first
+    made during the command, by a module it imported, keeps what that import set up.)"""
+    for lg, level, propagate, disabled, handlers, filters in before.values():
         for handler in lg.handlers:
             if handler not in handlers:
                 handler.close()
