@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In a pytest-xdist worker (scripts/test.sh runs two on a 2-core machine), torch and the
+    subprocesses the tests start use one thread each: one worker per core, never two threads
+    contending for a core (see ``one_thread``)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 QUICK_TIER_TIMEOUT = 300  # s; a test outside the slow tier that takes this long has hung

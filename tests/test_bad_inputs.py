@@ -1,9 +1,13 @@
-"""A corpus of bad inputs fed through the real console scripts, in subprocesses.
+"""A corpus of bad inputs fed through the console scripts.
 
 Every case must end with exit code 2 and one line on stderr that names the file, row, field
 or key at fault — never a traceback, never a silent acceptance. Data cases run
 ``saferclip-train dry_run=true`` (which loads every split and parses every image header),
-so they cost a process start each, not a training run.
+so they cost a command each, not a training run. The commands run inside the test's
+interpreter (tests/cli_helpers.py: the installed entry point's ``main``, its exit code and
+output), a process start being most of a case's time; the installed scripts themselves run
+in subprocesses in the ``--help`` test (every script) and in the cases that pass
+``installed=True`` (at least one error case per command that has them).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from cli_helpers import run_in_process
 from PIL import Image
 from train_helpers import installed_script, time_budget
 
@@ -33,10 +38,14 @@ def command(name: str, *args: str) -> list[str]:
 COMMAND_TIMEOUT = 100
 
 
-def run(name: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    base = dict(os.environ, WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def run(name: str, *args: str, cwd: Path, env: dict | None = None, installed: bool = False) -> subprocess.CompletedProcess:
+    """``name args...`` in ``cwd``: in this interpreter (tests/cli_helpers.py), or with
+    ``installed`` the installed console script in a subprocess."""
+    base = dict(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     base["SAFERCLIP_CACHE_DIR"] = str(cwd / "cache")
-    return subprocess.run(command(name, *args), cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    if not installed:
+        return run_in_process(name, *args, cwd=cwd, env={**base, **(env or {})})
+    return subprocess.run(command(name, *args), cwd=cwd, env={**os.environ, **base, **(env or {})}, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
@@ -106,7 +115,8 @@ VISU_CASES: dict[str, tuple[str, Callable[[Path], None], tuple[str, ...]]] = {
 def test_malformed_visu_json_is_one_line(world, case):
     split, corrupt, names = VISU_CASES[case]
     corrupt(world / "visu" / f"{split}.json")
-    assert_one_line_error(run("saferclip-train", *dry_run_args(world), cwd=world.parent), *names)
+    installed = case == "not json"  # one case through the installed script
+    assert_one_line_error(run("saferclip-train", *dry_run_args(world), cwd=world.parent, installed=installed), *names)
 
 
 IMAGE_CASES: dict[str, Callable[[Path], None]] = {
@@ -131,7 +141,7 @@ def test_bad_image_is_named_by_the_evaluation(world):
     bomb(victim)
     args = ["data.make_toy=false", f"data.root={world}", "suites=[zeroshot]", f"out_dir={world.parent / 'eval'}",
             "models.original.arch=saferclip-micro", "models.original.pretrained=null"]  # fmt: skip
-    assert_one_line_error(run("saferclip-eval", *args, cwd=world.parent), victim.name, "too large")
+    assert_one_line_error(run("saferclip-eval", *args, cwd=world.parent, installed=True), victim.name, "too large")
 
 
 def rewrite_csv(path: Path, change: Callable[[list[str]], list[str]]) -> None:
@@ -249,7 +259,7 @@ def test_a_malicious_checkpoint_is_refused_even_when_the_environment_allows_unsa
         ("saferclip-eval", ["data.make_toy=false", f"data.root={world}", "suites=[zeroshot]", f"+models.x.pretrained={evil}", "+models.x.arch=saferclip-micro"]),
         ("saferclip-export", [str(evil), str(world.parent / "exported")]),
     ):
-        assert_one_line_error(run(name, *args, cwd=world.parent, env=env), evil.name)
+        assert_one_line_error(run(name, *args, cwd=world.parent, env=env, installed=name == "saferclip-export"), evil.name)
         assert not marker.exists()
 
 
@@ -324,6 +334,10 @@ CONFIG_CASES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
 }
 
 
+# the first case of each command runs the installed script
+INSTALLED_CONFIG_CASES = {next(case for case, (n, _, _) in CONFIG_CASES.items() if n == name) for name, _, _ in CONFIG_CASES.values()}
+
+
 @pytest.mark.parametrize("case", list(CONFIG_CASES))
 def test_bad_configuration_is_one_line_before_any_work(world, case):
     name, overrides, names = CONFIG_CASES[case]
@@ -337,7 +351,7 @@ def test_bad_configuration_is_one_line_before_any_work(world, case):
         "saferclip-analyze": ["data.make_toy=false", f"data.root={world}", f"paths.output_dir={out}"],
         "saferclip-attack": ["data.make_toy=false", f"data.root={world}", f"paths.output_dir={out}"],
     }[name]
-    line = assert_one_line_error(run(name, *common, *overrides, cwd=world.parent), *names)
+    line = assert_one_line_error(run(name, *common, *overrides, cwd=world.parent, installed=case in INSTALLED_CONFIG_CASES), *names)
     assert "LexerNoViableAlt" not in line
     assert not (world.parent / "cache").exists()  # stopped before any embedding work
     assert not (out / "runs").exists()  # no training started
@@ -533,7 +547,7 @@ def test_a_damaged_detector_is_refused_by_saferclip_detect(tmp_path):
     _flip(path, back=32)
     captions = tmp_path / "captions.txt"
     captions.write_text("a red square\na knife\n")
-    assert_one_line_error(run("saferclip-detect", str(path), str(captions), cwd=tmp_path), "det.safetensors", "damaged", "checksum mismatch",
+    assert_one_line_error(run("saferclip-detect", str(path), str(captions), cwd=tmp_path, installed=True), "det.safetensors", "damaged", "checksum mismatch",
                           "saferclip-analyze")
     assert not (tmp_path / "captions.flags.csv").exists()
 
@@ -550,7 +564,8 @@ GENERATE_CASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
 def test_generate_visu_arguments_are_one_line(world, tmp_path, case):
     extra, names = GENERATE_CASES[case]
     args = [str(world / "visu_text" / "test.csv"), str(tmp_path / "gen"), "--device", "cpu", "--scorer-pretrained", "none", *extra]
-    assert_one_line_error(run("saferclip-generate-visu", *args, cwd=tmp_path), *names)
+    installed = case == "negative limit"  # one case through the installed script
+    assert_one_line_error(run("saferclip-generate-visu", *args, cwd=tmp_path, installed=installed), *names)
     assert not (tmp_path / "gen").exists()
 
 
@@ -558,7 +573,7 @@ def test_outputs_are_never_overwritten_without_force(world, tmp_path):
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    assert_one_line_error(run("saferclip-make-toy", "--small", "--out", str(other), cwd=tmp_path), "mine", "force")
+    assert_one_line_error(run("saferclip-make-toy", "--small", "--out", str(other), cwd=tmp_path, installed=True), "mine", "force")
     assert (other / "notes.txt").read_text() == "keep me"
 
 
@@ -576,7 +591,10 @@ def test_every_console_script_answers_help(tmp_path, flag):
     # one fails with its name rather than the whole test with a stack
     left = time_budget()
     for name in entry_points():
-        proc = subprocess.run([installed_script(name), flag], cwd=tmp_path, capture_output=True, text=True, timeout=left())
+        if flag == "-h":  # the short form in this interpreter; --help through every installed script
+            proc = run_in_process(name, flag, cwd=tmp_path)
+        else:
+            proc = subprocess.run([installed_script(name), flag], cwd=tmp_path, capture_output=True, text=True, timeout=left())
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, (name, output[-2000:])
         assert "usage:" in output and "Traceback" not in output, (name, output[-2000:])

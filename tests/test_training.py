@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from cli_helpers import run_in_process
 from train_helpers import (
     SHORT_RUN,
     cli_command,
@@ -417,12 +418,15 @@ def test_bad_config_fails_fast_with_one_line(tmp_path, toy_world, case):
     base = cli_overrides(tmp_path, toy_world)
     if any(o.startswith("data=") for o in overrides):  # the real-data experiment has no toy options
         base = [o for o in base if not o.startswith("data.toy_size=")]
-    proc, seconds = run_cli([*base, *overrides], cwd=tmp_path, timeout=120)
+    if case == "unknown method":  # one case in a fresh interpreter: how fast the command fails, imports included
+        proc, seconds = run_cli([*base, *overrides], cwd=tmp_path, timeout=120)
+        assert seconds < 60  # on a busy 2-core machine
+    else:  # the others in this one (tests/cli_helpers.py): a process start is most of a case's time
+        proc = run_in_process("saferclip-train", *base, *overrides, cwd=tmp_path, env=cli_env())
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "cache").exists()  # stopped before any frozen embedding work
-    assert seconds < 60  # imports included, on a busy 2-core machine
 
 
 @pytest.mark.slow
@@ -431,12 +435,12 @@ def test_weights_of_another_architecture_fail_fast(tmp_path, toy_world):
     weights = tmp_path / "micro.safetensors"
     save_state_dict(micro.model.state_dict(), weights)
     args = [*cli_overrides(tmp_path, toy_world), "model.arch=saferclip-toy", f"model.pretrained={weights}"]
-    proc, seconds = run_cli(args, cwd=tmp_path, timeout=120)
+    proc = run_in_process("saferclip-train", *args, cwd=tmp_path, env=cli_env())  # tests/cli_helpers.py
     assert proc.returncode == 2, proc.stderr[-2000:]
     error = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(error) == 1 and "weights do not fit architecture saferclip-toy" in error[0]
     assert str(weights) in error[0] and "Traceback" not in proc.stderr
-    assert not (tmp_path / "cache").exists() and seconds < 60
+    assert not (tmp_path / "cache").exists()  # stopped before any frozen embedding work
 
 
 @pytest.mark.slow
