@@ -45,8 +45,8 @@ import hashlib
 import mmap
 import os
 import threading
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import xxhash
@@ -209,7 +209,9 @@ def remember(path: str | os.PathLike, digest: str) -> None:
 def verify_all(folder: str | os.PathLike, expected: Mapping[str, str], what: str | None = None) -> None:
     """:func:`verify` each ``folder / name`` against ``expected[name]``."""
     if not isinstance(expected, Mapping):
-        raise DamagedArtefact(folder, f"{what + ': ' if what else ''}no checksums recorded (written by an older saferclip?)")
+        raise DamagedArtefact(
+            folder, f"{what + ': ' if what else ''}no checksums recorded (written by an older saferclip?)"
+        )
     folder = Path(folder)
     for name, digest in expected.items():
         if Path(name).name != name:  # a manifest edited to point outside its folder

@@ -28,8 +28,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--toy-dir", type=Path, default=None, help="an existing small toy world (default: made in a temporary folder)")
-    parser.add_argument("--set", action="append", default=[], help="a training-config override for both variants, e.g. method.adversarial.steps=2")
+    parser.add_argument(
+        "--toy-dir", type=Path, default=None, help="an existing small toy world (default: made in a temporary folder)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="a training-config override for both variants, e.g. method.adversarial.steps=2",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -39,13 +46,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         toy_dir = args.toy_dir or Path(tmp) / "world"
         for method in args.methods.split(","):
-            rows.append(measure(method, args.model, toy_dir, Path(tmp) / method, args.batch_size, args.steps, extra=tuple(args.set)))
-    print(f"model {args.model}, batch {args.batch_size}, {args.steps} timed steps, {args.threads} thread(s), overrides {args.set or 'none'}")
+            rows.append(
+                measure(
+                    method, args.model, toy_dir, Path(tmp) / method, args.batch_size, args.steps, extra=tuple(args.set)
+                )
+            )
+    print(
+        f"model {args.model}, batch {args.batch_size}, {args.steps} timed steps, {args.threads} thread(s), overrides {args.set or 'none'}"
+    )
     print("| method | clean step (ms) | adversarial step (ms) | adversarial / clean | of which attacks |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['method']} | {1000 * r['median_s']['clean']:.1f} | {1000 * r['median_s']['adversarial']:.1f} | "
-              f"{r['ratio']:.2f}x | {100 * r['attack_share']:.0f}% |")
+        print(
+            f"| {r['method']} | {1000 * r['median_s']['clean']:.1f} | {1000 * r['median_s']['adversarial']:.1f} | "
+            f"{r['ratio']:.2f}x | {100 * r['attack_share']:.0f}% |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -50,21 +50,35 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     v = os.path.join(args.toy, "visu")
-    data = {"splits": {s: {"path": f"{v}/{s}.json", "image_root": v, "split_dir": d, "unsafe_image_root": v, "image_ext": ".png"}
-                       for s, d in (("train", "train2017"), ("validation", "val2017"), ("test", "test2017"))}}
+    data = {
+        "splits": {
+            s: {"path": f"{v}/{s}.json", "image_root": v, "split_dir": d, "unsafe_image_root": v, "image_ext": ".png"}
+            for s, d in (("train", "train2017"), ("validation", "val2017"), ("test", "test2017"))
+        }
+    }
     bundle = load_model(args.arch or ("saferclip-toy" if args.model.endswith(".safetensors") else None), args.model)
     model = bundle.model
-    train, val, test = load_split(data, "train"), load_split(data, "validation"), SplitInputs.of(load_split(data, "test"))
+    train, val, test = (
+        load_split(data, "train"),
+        load_split(data, "validation"),
+        SplitInputs.of(load_split(data, "test")),
+    )
     print(f"model {args.model}; batch {args.batch}; {args.repeats} repeats; torch threads {args.threads}")
     for tower in ("image", "text"):
         layers = list(range(len(tower_blocks(model, tower))))
-        pool = ([str(q.safe_image) for q in train] if tower == "image" else list(train.safe_captions))[: args.train_items]
+        pool = ([str(q.safe_image) for q in train] if tower == "image" else list(train.safe_captions))[
+            : args.train_items
+        ]
         x, groups = watched_with_groups(bundle, tower, pool, layers)
         valp = [str(q.safe_image) for q in val] if tower == "image" else list(val.safe_captions)
-        monitor = calibrate(profile(x, groups, tower, layers), watched_with_groups(bundle, tower, valp[:600], layers)[0])
+        monitor = calibrate(
+            profile(x, groups, tower, layers), watched_with_groups(bundle, tower, valp[:600], layers)[0]
+        )
         if tower == "image":
             to_pixels, mean, std = split_normalisation(bundle.preprocess)
-            batch = (load_pixels(test.safe_images[: args.batch], to_pixels) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+            batch = (load_pixels(test.safe_images[: args.batch], to_pixels) - mean.view(1, 3, 1, 1)) / std.view(
+                1, 3, 1, 1
+            )
             forward = lambda: model.encode_image(batch)  # noqa: E731
         else:
             tokens = bundle.tokenizer(test.safe_captions[: args.batch])
@@ -72,7 +86,10 @@ def main() -> None:
         n = len(batch) if tower == "image" else len(tokens)
 
         def monitored():
-            with recording(model, tower, KINDS, layers) as rec, token_means(model, tower, layers if tower == "image" else []) as store:
+            with (
+                recording(model, tower, KINDS, layers) as rec,
+                token_means(model, tower, layers if tower == "image" else []) as store,
+            ):
                 final = bundle.similarity.embed(forward(), tower)
                 return monitor.flags(neurons(with_token_means(rec.take(final), store))[0])
 
@@ -86,9 +103,11 @@ def main() -> None:
                     fn()
                     timings[name].append(time.perf_counter() - t)
         plain, mon = statistics.median(timings["plain"]), statistics.median(timings["monitored"])
-        print(f"{tower}: forward {1e3 * plain / n:.3f} ms/input, monitored {1e3 * mon / n:.3f} ms/input, "
-              f"overhead {100 * (mon - plain) / plain:+.1f}%; profile {monitor.nbytes() / 1024:.1f} KiB "
-              f"({len(monitor.low)} neurons, {monitor.sections} sections)")
+        print(
+            f"{tower}: forward {1e3 * plain / n:.3f} ms/input, monitored {1e3 * mon / n:.3f} ms/input, "
+            f"overhead {100 * (mon - plain) / plain:+.1f}%; profile {monitor.nbytes() / 1024:.1f} KiB "
+            f"({len(monitor.low)} neurons, {monitor.sections} sections)"
+        )
 
 
 if __name__ == "__main__":

@@ -80,13 +80,20 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         world = args.world or make_toy_world(
-            Path(tmp) / "toy", sizes=ToySizes(train=8, validation=8, test=args.test_items, nsfw_caps=8, zeroshot_per_class=1, scene_per_class=1)
+            Path(tmp) / "toy",
+            sizes=ToySizes(
+                train=8, validation=8, test=args.test_items, nsfw_caps=8, zeroshot_per_class=1, scene_per_class=1
+            ),
         )
         root = world / "visu"
-        qset = load_quadruplets(root / "test.json", image_root=root, split_dir="test2017", image_ext=".png", mode="safe_images")
+        qset = load_quadruplets(
+            root / "test.json", image_root=root, split_dir="test2017", image_ext=".png", mode="safe_images"
+        )
         paths = [q.safe_image for q in qset]
         captions = qset.safe_captions
-        print(f"device {args.device}, torch threads {torch.get_num_threads()}, workers {args.workers}, batch {args.batch_size}")
+        print(
+            f"device {args.device}, torch threads {torch.get_num_threads()}, workers {args.workers}, batch {args.batch_size}"
+        )
         print(f"{'case':<34} {'items':>6} {'ours /s':>12} {'plain /s':>12} {'ratio':>7}")
         ratios = []
         cases = [("saferclip-toy", len(paths), args.batch_size), ("ViT-B-32", min(args.vit_images, len(paths)), 64)]

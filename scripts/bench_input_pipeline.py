@@ -108,8 +108,10 @@ def main() -> None:
         print(f"  JPEG decode + resize + normalise : {jpeg:8.1f} images/s ({1000 / jpeg:.2f} ms/image)")
         print(f"  uint8 shards (copy + normalise)  : {fast:8.1f} images/s ({1000 / fast:.2f} ms/image)")
         print(f"  ratio shards / JPEG              : {fast / jpeg:8.1f}x (target >= 5x)")
-        print(f"\n(2) writing the shards once: {write_s:.1f} s, {1000 * write_s / len(paths):.2f} ms/image, "
-              f"{(folder / 'images.npy').stat().st_size / len(paths) / 1024:.0f} KiB/image on disk")
+        print(
+            f"\n(2) writing the shards once: {write_s:.1f} s, {1000 * write_s / len(paths):.2f} ms/image, "
+            f"{(folder / 'images.npy').stat().st_size / len(paths) / 1024:.0f} KiB/image on disk"
+        )
         print(f"\n(3) DataLoader, batch {args.batch}, images/s delivered (shared machine)")
         print("  workers      JPEG    shards")
         for w in [int(x) for x in args.workers.split(",")]:

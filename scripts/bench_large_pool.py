@@ -78,7 +78,9 @@ def peak_gb() -> float:
 def _write_block(job: tuple) -> None:
     path, local, rows, first_row, args = job
     out = np.load(path, mmap_mode="r+")
-    out[local : local + rows] = mixture(rows, args["dim"], args["topics"], args["subtopics"], seed=args["seed"] * 100_003 + first_row)
+    out[local : local + rows] = mixture(
+        rows, args["dim"], args["topics"], args["subtopics"], seed=args["seed"] * 100_003 + first_row
+    )
     out.flush()
 
 
@@ -146,8 +148,14 @@ def measure(folder: str, queries_path: str, args: dict, out: str) -> None:
         shards = open_pool(folder)
         n = len(shards)
         queries = np.load(queries_path)
-        config = PoolIndexConfig(nlist=args["nlist"], m=args["m"], nbits=args["nbits"], nprobe=args["nprobe"][0],
-                                 candidates=args["candidates"][0], coarse=args["coarse"])
+        config = PoolIndexConfig(
+            nlist=args["nlist"],
+            m=args["m"],
+            nbits=args["nbits"],
+            nprobe=args["nprobe"][0],
+            candidates=args["candidates"][0],
+            coarse=args["coarse"],
+        )
         stages = BuildStages()
         t0 = time.perf_counter()
         pool = load_or_build_pool_index(shards, Path(folder) / "index", config, stages=stages)
@@ -161,27 +169,44 @@ def measure(folder: str, queries_path: str, args: dict, out: str) -> None:
             "store_bytes_per_vector": sum(f.stat().st_size for f in shards.files) / n,
             "peak_gb_after_build": peak_gb(),
         }
-        print(f"  build {build:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in stages.items()) + f"); index "
-              f"{result['index_bytes_per_vector']:.1f} bytes/vector; peak {result['peak_gb_after_build']:.2f} GB", flush=True)
+        print(
+            f"  build {build:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in stages.items()) + f"); index "
+            f"{result['index_bytes_per_vector']:.1f} bytes/vector; peak {result['peak_gb_after_build']:.2f} GB",
+            flush=True,
+        )
         t0 = time.perf_counter()
         truth = exact_top(shards, queries, 10, args["exact_chunk"])
         exact = time.perf_counter() - t0
         result.update(exact_seconds=exact, exact_queries_per_second=len(queries) / exact)
-        print(f"  exact scan of {len(queries):,} queries: {exact:.0f}s ({len(queries) / exact:.1f} queries/s)", flush=True)
+        print(
+            f"  exact scan of {len(queries):,} queries: {exact:.0f}s ({len(queries) / exact:.1f} queries/s)", flush=True
+        )
         result["searches"] = []
         for nprobe in args["nprobe"]:
             for cand in args["candidates"]:
-                searcher = PoolIndex(pool.index, shards, PoolIndexConfig(**{**vars(config), "nprobe": nprobe, "candidates": cand}))
+                searcher = PoolIndex(
+                    pool.index, shards, PoolIndexConfig(**{**vars(config), "nprobe": nprobe, "candidates": cand})
+                )
                 searcher.search(queries[: min(256, len(queries))], k=10)  # warm-up
                 t0 = time.perf_counter()
                 ids, _ = searcher.search(queries, k=10)
                 seconds = time.perf_counter() - t0
                 recall1 = float(np.mean(ids[:, 0] == truth[:, 0]))
                 recall10 = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), truth.tolist())]))
-                result["searches"].append({"nprobe": nprobe, "candidates": cand, "recall_at_1": recall1,
-                                           "recall_at_10": recall10, "queries_per_second": len(queries) / seconds})
-                print(f"  nprobe {nprobe:4d}  candidates {cand:4d}  recall@1 {recall1:.4f}  recall@10 {recall10:.4f}  "
-                      f"{len(queries) / seconds:7.0f} queries/s", flush=True)
+                result["searches"].append(
+                    {
+                        "nprobe": nprobe,
+                        "candidates": cand,
+                        "recall_at_1": recall1,
+                        "recall_at_10": recall10,
+                        "queries_per_second": len(queries) / seconds,
+                    }
+                )
+                print(
+                    f"  nprobe {nprobe:4d}  candidates {cand:4d}  recall@1 {recall1:.4f}  recall@10 {recall10:.4f}  "
+                    f"{len(queries) / seconds:7.0f} queries/s",
+                    flush=True,
+                )
         result["peak_gb_after_search"] = peak_gb()
         write_json_atomic(out, result)
     except BaseException:
@@ -228,9 +253,15 @@ def main() -> None:
     p.add_argument("--candidates", type=ints, default=[64, 128, 256])
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="FAISS threads and generator processes")
     p.add_argument("--exact-chunk", type=int, default=262_144, help="rows per block of the exact scan")
-    p.add_argument("--json", default=None, help="write the configuration and the figures here (atomically, after each size)")
+    p.add_argument(
+        "--json", default=None, help="write the configuration and the figures here (atomically, after each size)"
+    )
     p.add_argument("--workdir", default=None, help="where the shards go (default: a new folder under /tmp)")
-    p.add_argument("--keep", action="store_true", help="keep the shards, queries and indexes (a later run with the same --workdir reuses them)")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the shards, queries and indexes (a later run with the same --workdir reuses them)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     bad = [n for n in args.sizes if n % args.shard_rows]
@@ -239,9 +270,16 @@ def main() -> None:
     sizes = sorted(args.sizes)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="saferclip_pool_", dir="/tmp"))
     full = work / f"pool_{sizes[-1]}"
-    report = {"configuration": configuration(args), "arguments": {k: v for k, v in vars(args).items() if k != "json"}, "sizes": []}
-    print(f"faiss {faiss.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs; pools {', '.join(f'{n:,}' for n in sizes)} "
-          f"x {args.dim} float16 in shards of {args.shard_rows:,} under {work}; {args.topics} topics x {args.subtopics} sub-topics", flush=True)
+    report = {
+        "configuration": configuration(args),
+        "arguments": {k: v for k, v in vars(args).items() if k != "json"},
+        "sizes": [],
+    }
+    print(
+        f"faiss {faiss.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs; pools {', '.join(f'{n:,}' for n in sizes)} "
+        f"x {args.dim} float16 in shards of {args.shard_rows:,} under {work}; {args.topics} topics x {args.subtopics} sub-topics",
+        flush=True,
+    )
     try:
         if not (full / "text_emb").is_dir():
             seconds = write_pool(full, sizes[-1], args)
@@ -258,7 +296,13 @@ def main() -> None:
             load_before = os.getloadavg()[0]
             part = work / f"result_{n}.json"
             child = multiprocessing.get_context("spawn").Process(
-                target=measure, args=(str(folder), str(queries_path), {**vars(args), "nprobe": args.nprobe, "candidates": args.candidates}, str(part))
+                target=measure,
+                args=(
+                    str(folder),
+                    str(queries_path),
+                    {**vars(args), "nprobe": args.nprobe, "candidates": args.candidates},
+                    str(part),
+                ),
             )
             child.start()
             child.join()
@@ -273,7 +317,12 @@ def main() -> None:
                 shutil.rmtree(folder / "index", ignore_errors=True)
     finally:
         if not args.keep and args.workdir:  # only what this run wrote in a folder it was given
-            for path in [full, work / f"queries_{args.queries}_{args.seed}.npy", *(work / f"pool_{n}" for n in sizes), *(work / f"result_{n}.json" for n in sizes)]:
+            for path in [
+                full,
+                work / f"queries_{args.queries}_{args.seed}.npy",
+                *(work / f"pool_{n}" for n in sizes),
+                *(work / f"result_{n}.json" for n in sizes),
+            ]:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         elif not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -46,22 +46,35 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     v = os.path.join(args.toy, "visu")
-    data = {"splits": {s: {"path": f"{v}/{s}.json", "image_root": v, "split_dir": d, "unsafe_image_root": v, "image_ext": ".png"}
-                       for s, d in (("train", "train2017"), ("validation", "val2017"), ("test", "test2017"))}}
+    data = {
+        "splits": {
+            s: {"path": f"{v}/{s}.json", "image_root": v, "split_dir": d, "unsafe_image_root": v, "image_ext": ".png"}
+            for s, d in (("train", "train2017"), ("validation", "val2017"), ("test", "test2017"))
+        }
+    }
     arch = args.arch or ("saferclip-toy" if args.model.endswith(".safetensors") else None)
     bundle = load_model(arch, args.model, **({"mode": args.mode} if args.mode else {}))
     model = bundle.model
     train, val, test = (SplitInputs.of(load_split(data, s)) for s in ("train", "validation", "test"))
     bank = monitor_bank(bundle, train, args.bank_items, 0, 256)
-    print(f"model {args.model}; batch {args.batch}; {args.repeats} repeats; torch threads {args.threads}; bank {len(bank[0])} embeddings")
+    print(
+        f"model {args.model}; batch {args.batch}; {args.repeats} repeats; torch threads {args.threads}; bank {len(bank[0])} embeddings"
+    )
     rows = []
     for tower in ("image", "text"):
-        safe, unsafe, clean = ((train.safe_images, train.unsafe_images, val.safe_images) if tower == "image"
-                               else (train.safe_captions, train.unsafe_captions, val.safe_captions))
-        monitor = fit_monitor(bundle, tower, (sample(safe, 150, 5), sample(unsafe, 150, 6)), bank, sample(clean, 300, 7))
+        safe, unsafe, clean = (
+            (train.safe_images, train.unsafe_images, val.safe_images)
+            if tower == "image"
+            else (train.safe_captions, train.unsafe_captions, val.safe_captions)
+        )
+        monitor = fit_monitor(
+            bundle, tower, (sample(safe, 150, 5), sample(unsafe, 150, 6)), bank, sample(clean, 300, 7)
+        )
         if tower == "image":
             to_pixels, mean, std = split_normalisation(bundle.preprocess)
-            batch = (load_pixels(test.safe_images[: args.batch], to_pixels) - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+            batch = (load_pixels(test.safe_images[: args.batch], to_pixels) - mean.view(1, 3, 1, 1)) / std.view(
+                1, 3, 1, 1
+            )
             forward = lambda: bundle.similarity.embed(model.encode_image(batch), "image")  # noqa: E731
         else:
             tokens = bundle.tokenizer(test.safe_captions[: args.batch])
@@ -84,10 +97,23 @@ def main() -> None:
                     fn()
                     timings[name].append(time.perf_counter() - t)
         plain, mon = statistics.median(timings["plain"]), statistics.median(timings["monitored"])
-        print(f"{tower}: signals {', '.join(monitor.signals)} (head {monitor.head}); forward {1e3 * plain / n:.3f} ms/input, "
-              f"monitored {1e3 * mon / n:.3f} ms/input, overhead {100 * (mon - plain) / plain:+.1f}%")
-        rows.append({"tower": tower, "forward_ms": 1e3 * plain / n, "monitored_ms": 1e3 * mon / n, "batch": n, "repeats": args.repeats,
-                     "threads": args.threads, "model": args.model, "bank": len(bank[0]), "signals": list(monitor.signals)})
+        print(
+            f"{tower}: signals {', '.join(monitor.signals)} (head {monitor.head}); forward {1e3 * plain / n:.3f} ms/input, "
+            f"monitored {1e3 * mon / n:.3f} ms/input, overhead {100 * (mon - plain) / plain:+.1f}%"
+        )
+        rows.append(
+            {
+                "tower": tower,
+                "forward_ms": 1e3 * plain / n,
+                "monitored_ms": 1e3 * mon / n,
+                "batch": n,
+                "repeats": args.repeats,
+                "threads": args.threads,
+                "model": args.model,
+                "bank": len(bank[0]),
+                "signals": list(monitor.signals),
+            }
+        )
     if args.json:
         import json
         from pathlib import Path

@@ -124,18 +124,29 @@ def compare_torch(pool: np.ndarray, queries: np.ndarray, k: int, repeats: int) -
         f"    top-1 agreement {100 * same_top1:.2f}%   top-{k} set agreement {100 * same_set:.2f}%   max |sim diff| {max_diff:.2e}"
     )
     ratio = spread([b / a for a, b in zip(faiss_s, torch_s)])
-    print(f"    faiss {fmt(spread(faiss_s), '.2f')}s   torch {fmt(spread(torch_s), '.2f')}s (min/median/max)   "
-          f"torch/faiss time ratio {fmt(ratio, '.2f')} (>1: faiss faster)")
-    return {"pool": len(pool), "queries": len(queries), "k": k, "faiss_seconds": spread(faiss_s),
-            "torch_seconds": spread(torch_s), "torch_over_faiss": ratio, "top1_agreement": same_top1}
+    print(
+        f"    faiss {fmt(spread(faiss_s), '.2f')}s   torch {fmt(spread(torch_s), '.2f')}s (min/median/max)   "
+        f"torch/faiss time ratio {fmt(ratio, '.2f')} (>1: faiss faster)"
+    )
+    return {
+        "pool": len(pool),
+        "queries": len(queries),
+        "k": k,
+        "faiss_seconds": spread(faiss_s),
+        "torch_seconds": spread(torch_s),
+        "torch_over_faiss": ratio,
+        "top1_agreement": same_top1,
+    }
 
 
 def bench_size(n: int, args, queries: np.ndarray) -> dict:
     """Exact (FAISS and torch) and approximate search of ``queries`` in a pool of ``n``,
     ``args.repeats`` interleaved repetitions after a warm-up (whose times are kept apart)."""
     pool = mixture(n, args.dim, args.topics, args.subtopics, seed=args.seed)
-    print(f"\n(b) pool {n:,} x {args.dim}, {len(queries):,} queries, k=1, {faiss.omp_get_max_threads()} thread(s), "
-          f"{args.repeats} repetitions (min/median/max)")
+    print(
+        f"\n(b) pool {n:,} x {args.dim}, {len(queries):,} queries, k=1, {faiss.omp_get_max_threads()} thread(s), "
+        f"{args.repeats} repetitions (min/median/max)"
+    )
     # the approximate indexes, each built once (build time reported apart) and searched at each setting
     indexes: list[tuple[str, str, float, object, tuple]] = []  # (kind, params, build s, index, setting)
     if "ivf" in args.approx:
@@ -148,7 +159,9 @@ def bench_size(n: int, args, queries: np.ndarray) -> dict:
                     indexes.append(("ivf", f"nlist={nlist} nprobe={nprobe}", build, ivf, ("nprobe", nprobe, nlist)))
     if "hnsw" in args.approx and n <= args.hnsw_max_size:
         t0 = time.perf_counter()
-        hnsw = make_index(pool, SearchSettings(index="hnsw", device="cpu", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction))
+        hnsw = make_index(
+            pool, SearchSettings(index="hnsw", device="cpu", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
+        )
         build = time.perf_counter() - t0
         for ef in args.ef_search:
             indexes.append(("hnsw", f"M={args.hnsw_m} efSearch={ef}", build, hnsw, ("efSearch", ef, None)))
@@ -185,24 +198,84 @@ def bench_size(n: int, args, queries: np.ndarray) -> dict:
         torch_s.append(exact_neighbours_torch(q_torch, p_torch, k=1).search_seconds)
         for j, (_, _, _, index, setting) in enumerate(indexes):
             approx_s[j].append(run(index, setting)[0])
-    results = {"pool": n, "dim": args.dim, "queries": len(queries), "threads": faiss.omp_get_max_threads(), "repeats": args.repeats,
-               "exact_faiss_seconds": spread(exact_s), "exact_torch_seconds": spread(torch_s),
-               "first_call_seconds": first, "approximate": []}
+    results = {
+        "pool": n,
+        "dim": args.dim,
+        "queries": len(queries),
+        "threads": faiss.omp_get_max_threads(),
+        "repeats": args.repeats,
+        "exact_faiss_seconds": spread(exact_s),
+        "exact_torch_seconds": spread(torch_s),
+        "first_call_seconds": first,
+        "approximate": [],
+    }
     widths = [5, 24, 7, 20, 18, 18, 8, 7]
-    print(row(["index", "params", "build s", "search s", "speed-up vs faiss", "vs torch", "recall@1", "first s"], widths))
+    print(
+        row(["index", "params", "build s", "search s", "speed-up vs faiss", "vs torch", "recall@1", "first s"], widths)
+    )
     torch_vs_faiss = spread([a / b for a, b in zip(exact_s, torch_s)])
-    print(row(["exact", "faiss IndexFlatIP", "-", fmt(spread(exact_s)), "1.0", fmt(torch_vs_faiss, ".2f"), "1.0000", f"{first['exact_faiss']:.2f}"], widths))
-    print(row(["exact", "torch matmul+topk", "-", fmt(spread(torch_s)), fmt(torch_vs_faiss, ".2f"), "1.0", "1.0000", f"{first['exact_torch']:.2f}"], widths))
+    print(
+        row(
+            [
+                "exact",
+                "faiss IndexFlatIP",
+                "-",
+                fmt(spread(exact_s)),
+                "1.0",
+                fmt(torch_vs_faiss, ".2f"),
+                "1.0000",
+                f"{first['exact_faiss']:.2f}",
+            ],
+            widths,
+        )
+    )
+    print(
+        row(
+            [
+                "exact",
+                "torch matmul+topk",
+                "-",
+                fmt(spread(torch_s)),
+                fmt(torch_vs_faiss, ".2f"),
+                "1.0",
+                "1.0000",
+                f"{first['exact_torch']:.2f}",
+            ],
+            widths,
+        )
+    )
     for j, (kind, params, build, index, setting) in enumerate(indexes):
         _, found = run(index, setting)  # the ids (deterministic: the same every repetition)
         recall = float(np.mean(found == truth))
         vs_faiss = spread([e / a for e, a in zip(exact_s, approx_s[j])])
         vs_torch = spread([t / a for t, a in zip(torch_s, approx_s[j])])
-        print(row([kind, params, f"{build:.1f}", fmt(spread(approx_s[j])), fmt(vs_faiss, ".1f", "x"), fmt(vs_torch, ".1f", "x"),
-                   f"{recall:.4f}", f"{first_approx[j]:.2f}"], widths), flush=True)
-        entry = {"index": kind, "params": params, setting[0]: setting[1], "build_seconds": build, "search_seconds": spread(approx_s[j]),
-                 "first_call_seconds": first_approx[j], "speedup_vs_faiss_exact": vs_faiss, "speedup_vs_torch_exact": vs_torch,
-                 "recall_at_1": recall}
+        print(
+            row(
+                [
+                    kind,
+                    params,
+                    f"{build:.1f}",
+                    fmt(spread(approx_s[j])),
+                    fmt(vs_faiss, ".1f", "x"),
+                    fmt(vs_torch, ".1f", "x"),
+                    f"{recall:.4f}",
+                    f"{first_approx[j]:.2f}",
+                ],
+                widths,
+            ),
+            flush=True,
+        )
+        entry = {
+            "index": kind,
+            "params": params,
+            setting[0]: setting[1],
+            "build_seconds": build,
+            "search_seconds": spread(approx_s[j]),
+            "first_call_seconds": first_approx[j],
+            "speedup_vs_faiss_exact": vs_faiss,
+            "speedup_vs_torch_exact": vs_torch,
+            "recall_at_1": recall,
+        }
         if setting[2] is not None:
             entry["nlist"] = setting[2]
         results["approximate"].append(entry)
@@ -210,9 +283,11 @@ def bench_size(n: int, args, queries: np.ndarray) -> dict:
     if reaching:
         best = max(reaching, key=lambda r: r["speedup_vs_faiss_exact"]["median"])  # the fastest setting that reaches it
         results["ivf_at_target_recall"] = best
-        print(f"    fastest IVF at recall@1 >= {args.target_recall}: {best['params']}, recall {best['recall_at_1']:.4f}, speed-up "
-              f"{fmt(best['speedup_vs_faiss_exact'], '.1f', 'x')} vs faiss exact, {fmt(best['speedup_vs_torch_exact'], '.1f', 'x')} "
-              f"vs torch (min/median/max)")
+        print(
+            f"    fastest IVF at recall@1 >= {args.target_recall}: {best['params']}, recall {best['recall_at_1']:.4f}, speed-up "
+            f"{fmt(best['speedup_vs_faiss_exact'], '.1f', 'x')} vs faiss exact, {fmt(best['speedup_vs_torch_exact'], '.1f', 'x')} "
+            f"vs torch (min/median/max)"
+        )
     exact_index.reset()  # its copy of the pool freed before the next size
     del pool, indexes
     gc.collect()
@@ -229,7 +304,12 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--topics", type=int, default=200)
     p.add_argument("--subtopics", type=int, default=50, help="sub-topics per topic")
-    p.add_argument("--threads", type=ints, default=[os.cpu_count()], help="for both FAISS (OpenMP) and torch; several: each in turn")
+    p.add_argument(
+        "--threads",
+        type=ints,
+        default=[os.cpu_count()],
+        help="for both FAISS (OpenMP) and torch; several: each in turn",
+    )
     p.add_argument("--approx", default="ivf,hnsw")
     p.add_argument("--nlist", type=ints, default=None, help="IVF lists, comma-separated (default ~sqrt(pool))")
     p.add_argument("--nprobe", type=ints, default=[4, 8, 16, 32])
@@ -266,7 +346,9 @@ def main() -> None:
             run["sizes"].append(bench_size(n, args, queries))
         run["load_average_after"] = os.getloadavg()[0]
         out["runs"].append(run)
-        print(f"load average: {run['load_average_before']:.1f} before, {run['load_average_after']:.1f} after ({threads} thread(s))")
+        print(
+            f"load average: {run['load_average_before']:.1f} before, {run['load_average_after']:.1f} after ({threads} thread(s))"
+        )
         if args.json:
             from saferclip.files import write_json_atomic
 

@@ -51,10 +51,11 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # progress bars (the cache builder's) would bury the table; tqdm reads this when imported
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -552,7 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--quick", action="store_true", help="smaller GPU sizes (the CPU form is always small)")
     p.add_argument("--parts", default="1,2,3,4", help="which measurements, comma-separated (default all)")
-    p.add_argument("--rehearsal-items", type=int, default=None, help="part 4's training quadruplets (165000: ViSU's size)")
+    p.add_argument(
+        "--rehearsal-items", type=int, default=None, help="part 4's training quadruplets (165000: ViSU's size)"
+    )
     p.add_argument(
         "--json", type=Path, default=None, help="where to write the JSON (default outputs/gpu_check/<time>.json)"
     )

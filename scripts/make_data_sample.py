@@ -54,7 +54,10 @@ def write_visu(world: Path, out: Path) -> None:
             kept.append({**{k: rec[k] for k in VISU_FIELDS}, "nsfw_im_path": unsafe_rel})
         # both ViSU layouts, as the release has them: {"info", "data"} and keyed by index
         if split == "train":
-            payload = {"info": {"description": "saferclip data sample (toy world, seed 0)"}, "data": {str(i): r for i, r in enumerate(kept)}}
+            payload = {
+                "info": {"description": "saferclip data sample (toy world, seed 0)"},
+                "data": {str(i): r for i, r in enumerate(kept)},
+            }
         else:
             payload = {str(i): r for i, r in enumerate(kept)}
         (out / "visu" / f"{split}.json").write_text(json.dumps(payload, indent=1) + "\n")
@@ -79,7 +82,9 @@ def write_nsfw_caps(world: Path, out: Path) -> None:
         for r in rows:
             name = Path(r["image_coco_url"]).stem + ".jpg"
             jpeg(world / "nsfw_caps" / "images" / Path(r["image_coco_url"]).name, out / "nocaps" / name)
-            w.writerow([f"https://toy.invalid/nocaps/val/{name}", r["caption"], r["nsfw_caption"], r["chosen_category"]])
+            w.writerow(
+                [f"https://toy.invalid/nocaps/val/{name}", r["caption"], r["nsfw_caption"], r["chosen_category"]]
+            )
 
 
 def write_zeroshot(world: Path, out: Path) -> None:

@@ -22,16 +22,23 @@ REPO = Path(__file__).resolve().parents[1]
 RESULT = REPO / "docs" / "results" / "pair_stats.json"
 METHOD = REPO / "docs" / "METHOD.md"
 BEGIN, END = "<!-- pair-stats-table:begin (scripts/pair_stats_table.py) -->", "<!-- pair-stats-table:end -->"
-PRESETS_BEGIN, PRESETS_END = "<!-- pairing-presets:begin (scripts/pair_stats_table.py) -->", "<!-- pairing-presets:end -->"
+PRESETS_BEGIN, PRESETS_END = (
+    "<!-- pairing-presets:begin (scripts/pair_stats_table.py) -->",
+    "<!-- pairing-presets:end -->",
+)
 
 
 def preset_table(pairings: dict) -> str:
     """The presets' parameters (``{name: Pairing.record()}``), one row per preset."""
-    lines = ["| preset | shape / colour / size / background kept | frame kept | layout kept | image from caption only |",
-             "|---|---|---:|---:|---|"]
+    lines = [
+        "| preset | shape / colour / size / background kept | frame kept | layout kept | image from caption only |",
+        "|---|---|---:|---:|---|",
+    ]
     for name, p in pairings.items():
         keep = " / ".join(f"{p['keep'][a]:g}" for a in ("shape", "colour", "size", "background"))
-        lines.append(f"| `{name}` | {keep} | {p['keep_frame']:g} | {p['keep_layout']:g} | {'yes' if p['caption_only_image'] else 'no'} |")
+        lines.append(
+            f"| `{name}` | {keep} | {p['keep_frame']:g} | {p['keep_layout']:g} | {'yes' if p['caption_only_image'] else 'no'} |"
+        )
     return "\n".join(lines)
 
 
@@ -55,8 +62,11 @@ def table(results: dict) -> str:
             f"{100 * t['own_is_top']:.1f}% | {q(i['own_cosine'])} | {q(i['gap'])} | {q(i['rank'], 0)} | {v} |"
         )
     first = next(iter(results["presets"].values()))
-    lines += ["", f"World {first['seed']}, generator version {first['generator_version']}, the training split's {first['pool']} pairs, "
-              "embedded by the shipped base model; from `docs/results/pair_stats.json`."]
+    lines += [
+        "",
+        f"World {first['seed']}, generator version {first['generator_version']}, the training split's {first['pool']} pairs, "
+        "embedded by the shipped base model; from `docs/results/pair_stats.json`.",
+    ]
     return "\n".join(lines)
 
 
@@ -82,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         results = json.loads(RESULT.read_text())
         if render_method(results) != METHOD.read_text():
-            print(f"{METHOD}: the pair statistics table differs from {RESULT}; run scripts/pair_stats_table.py", file=sys.stderr)
+            print(
+                f"{METHOD}: the pair statistics table differs from {RESULT}; run scripts/pair_stats_table.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     from saferclip.files import write_json_atomic, write_text_atomic

@@ -26,13 +26,17 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attack", type=Path, required=True, help="saferclip-attack's attack.json")
-    parser.add_argument("--main", type=Path, default=None, help="the main job's report results.json (the clean figures)")
+    parser.add_argument(
+        "--main", type=Path, default=None, help="the main job's report results.json (the clean figures)"
+    )
     parser.add_argument("--sweep", type=Path, default=None, help="scripts/robustness_sweep.py's JSON")
     parser.add_argument("--step-cost", type=Path, default=None, help="scripts/bench_adversarial_step.py --json")
     parser.add_argument("--monitor-cost", type=Path, default=None, help="scripts/bench_monitor.py --json")
     parser.add_argument("--command", action="append", default=[], help="name=command line, recorded with the results")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--root", type=Path, default=Path("."), help="the repository (paths under it are recorded relative)")
+    parser.add_argument(
+        "--root", type=Path, default=Path("."), help="the repository (paths under it are recorded relative)"
+    )
     args = parser.parse_args()
     read = lambda p: None if p is None else load_results(p)  # noqa: E731
     cost = {"adversarial_step": read(args.step_cost), "monitor": read(args.monitor_cost)}

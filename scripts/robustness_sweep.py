@@ -54,26 +54,53 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="a training override for every adversarial run")
     parser.add_argument("--runs-dir", type=Path, default=Path("outputs/runs"))
     parser.add_argument("--out", type=Path, default=Path("outputs/robustness/sweep.json"))
-    parser.add_argument("--fresh", action="store_true", help="measure every point again (default: keep the points --out holds for the same run)")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="measure every point again (default: keep the points --out holds for the same run)",
+    )
     args = parser.parse_args()
     setup_logging()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     budgets = [float(b) for b in args.budgets.split(",")]
-    settings = AttackSettings.of({"parts": ["query_image", "gallery_image", "text", "heldout"], "items": args.items,
-                                  "headline_budget_255": 8.0 if 8.0 in budgets else budgets[0],
-                                  "image": {"budgets_255": budgets, "variants": ["direct"]}})
-    out: dict = {"world": args.world, "split": "validation", "seed": 0, "budgets_255": budgets, "items": args.items,
-                 "overrides": args.set, "created": time.strftime("%Y-%m-%d"), "methods": {}}
+    settings = AttackSettings.of(
+        {
+            "parts": ["query_image", "gallery_image", "text", "heldout"],
+            "items": args.items,
+            "headline_budget_255": 8.0 if 8.0 in budgets else budgets[0],
+            "image": {"budgets_255": budgets, "variants": ["direct"]},
+        }
+    )
+    out: dict = {
+        "world": args.world,
+        "split": "validation",
+        "seed": 0,
+        "budgets_255": budgets,
+        "items": args.items,
+        "overrides": args.set,
+        "created": time.strftime("%Y-%m-%d"),
+        "methods": {},
+    }
     previous = {} if args.fresh or not args.out.is_file() else json.loads(args.out.read_text())
-    done = {(m, p["epsilon_255"], p["run"]): p for m, ps in (previous.get("methods") or {}).items() for p in ps
-            if previous.get("budgets_255") == budgets and previous.get("items") == args.items and previous.get("world") == args.world}
+    done = {
+        (m, p["epsilon_255"], p["run"]): p
+        for m, ps in (previous.get("methods") or {}).items()
+        for p in ps
+        if previous.get("budgets_255") == budgets
+        and previous.get("items") == args.items
+        and previous.get("world") == args.world
+    }
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         for method in args.methods.split(","):
             points = []
             for eps in [float(e) for e in args.epsilons.split(",")]:
                 overrides = [f"experiment=toy_{method}", f"data.toy_seed={args.world}", "seed=0"]
                 if eps > 0:
-                    overrides += ["method.adversarial.enabled=true", f"method.adversarial.epsilon_255={eps:g}", *args.set]
+                    overrides += [
+                        "method.adversarial.enabled=true",
+                        f"method.adversarial.epsilon_255={eps:g}",
+                        *args.set,
+                    ]
                 name = f"{method}_sweep_eps{eps:g}"
                 start = time.time()
                 summary = train_or_reuse(name, overrides, args.runs_dir, force=False)
@@ -83,12 +110,24 @@ def main() -> None:
                     points.append(measure_point(method, eps, name, overrides, summary, settings, start))
                 out["methods"][method] = sorted(points, key=lambda p: p["epsilon_255"])
                 args.out.parent.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(args.out, {**out, "methods": {**(previous.get("methods") or {}), **out["methods"]}})  # a killed sweep keeps what it measured
-    print(json.dumps({m: [(p["epsilon_255"], p["validation"], p["attacks"].get("evade", {}).get("8")) for p in ps]
-                      for m, ps in out["methods"].items()}, indent=1, default=str))
+                write_json_atomic(
+                    args.out, {**out, "methods": {**(previous.get("methods") or {}), **out["methods"]}}
+                )  # a killed sweep keeps what it measured
+    print(
+        json.dumps(
+            {
+                m: [(p["epsilon_255"], p["validation"], p["attacks"].get("evade", {}).get("8")) for p in ps]
+                for m, ps in out["methods"].items()
+            },
+            indent=1,
+            default=str,
+        )
+    )
 
 
-def measure_point(method: str, eps: float, name: str, overrides: list[str], summary: dict, settings, start: float) -> dict:
+def measure_point(
+    method: str, eps: float, name: str, overrides: list[str], summary: dict, settings, start: float
+) -> dict:
     """One point of the sweep: the run's validation figures and the attacks on the validation split."""
     from saferclip.app.hydra_utils import to_container
     from saferclip.app.pipelines.runs import compose, evaluated_models
@@ -103,18 +142,31 @@ def measure_point(method: str, eps: float, name: str, overrides: list[str], summ
     models = evaluated_models(name, trained, cfg.method.name)
     model = f"{name}_safe" if method == "hysac" else name
     selection = (read_selection(summary["run_dir"]) or {}).get("selected") or {}
-    zeroshot = evaluate_models({"original": {"arch": cfg.model.arch, "pretrained": cfg.model.pretrained}, model: models[model]},
-                               data, suites=["zeroshot"], reference="original", split="validation", progress=False)
-    attacked = attack_models({model: models[model]}, data, settings, split="validation", seed=0,
-                             batch_size=int(cfg.data.eval_batch_size))
+    zeroshot = evaluate_models(
+        {"original": {"arch": cfg.model.arch, "pretrained": cfg.model.pretrained}, model: models[model]},
+        data,
+        suites=["zeroshot"],
+        reference="original",
+        split="validation",
+        progress=False,
+    )
+    attacked = attack_models(
+        {model: models[model]}, data, settings, split="validation", seed=0, batch_size=int(cfg.data.eval_batch_size)
+    )
     metrics = selection.get("metrics", {})
     return {
-        "epsilon_255": eps, "run": summary["run_dir"], "model": model, "epoch": selection.get("epoch"),
+        "epsilon_255": eps,
+        "run": summary["run_dir"],
+        "model": model,
+        "epoch": selection.get("epoch"),
         "validation": {k: metrics.get(k) for k in ("U2VG_unsafe@1", "U2V_R@1", "S2V_R@1", "selection_score")},
         "zeroshot_retention": headline(zeroshot["results"][model]).get("zeroshot_retention"),
-        "step_seconds": step_seconds(Path(summary["run_dir"])), "train_seconds": summary.get("train_seconds"),
-        "attacks": {a: {b: r["success_rate"] for b, r in x["budgets"].items()}
-                    for a, x in attacked["models"][model]["attacks"].items()},
+        "step_seconds": step_seconds(Path(summary["run_dir"])),
+        "train_seconds": summary.get("train_seconds"),
+        "attacks": {
+            a: {b: r["success_rate"] for b, r in x["budgets"].items()}
+            for a, x in attacked["models"][model]["attacks"].items()
+        },
         "seconds": round(time.time() - start, 1),
     }
 

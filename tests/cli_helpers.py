@@ -35,7 +35,9 @@ def entry_point(name: str):
 
 
 def _logging_state() -> dict:
-    loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)]
+    loggers = [logging.getLogger()] + [
+        v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)
+    ]
     return {id(lg): (lg, lg.level, lg.propagate, lg.disabled, list(lg.handlers), list(lg.filters)) for lg in loggers}
 
 

@@ -3,15 +3,19 @@ a few thousand parameters, a DDIM scheduler, and a text encoder exported by safe
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: the downstream extra (pip install -e '.[downstream]')")
-pytest.importorskip("transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')")
+diffusers = pytest.importorskip(
+    "diffusers", reason="diffusers is not installed: the downstream extra (pip install -e '.[downstream]')"
+)
+pytest.importorskip(
+    "transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')"
+)
 
 from diffusers import (  # noqa: E402
     AutoencoderKL,
@@ -72,7 +76,12 @@ def tiny_pipeline(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, seed: i
         sample_size=IMAGE_SIZE,
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
         vae=vae,

@@ -79,9 +79,16 @@ def test_step_size_defaults_to_madry_s_rule_and_attacked_items_follow_the_switch
     assert cfg.epsilon == pytest.approx(6 / 255) and cfg.step_size == pytest.approx(2.5 * 6 / 3 / 255)
     everything = {"safe_text", "unsafe_text", "safe_image", "unsafe_image"}
     assert cfg.attacked(everything) == ["unsafe_image", "unsafe_text"]
-    assert AdversarialConfig.of({"preserve_safe": True}).attacked(everything) == ["unsafe_image", "unsafe_text", "safe_image", "safe_text"]
+    assert AdversarialConfig.of({"preserve_safe": True}).attacked(everything) == [
+        "unsafe_image",
+        "unsafe_text",
+        "safe_image",
+        "safe_text",
+    ]
     assert AdversarialConfig.of({"text_attack": "none"}).attacked({"unsafe_text", "unsafe_image"}) == ["unsafe_image"]
-    assert AdversarialConfig().attacked({"unsafe_text", "safe_text"}) == ["unsafe_text"]  # text-only data: no image to attack
+    assert AdversarialConfig().attacked({"unsafe_text", "safe_text"}) == [
+        "unsafe_text"
+    ]  # text-only data: no image to attack
 
 
 def test_a_disabled_adversarial_section_leaves_the_run_key_unchanged(tmp_path, toy_world):
@@ -92,13 +99,18 @@ def test_a_disabled_adversarial_section_leaves_the_run_key_unchanged(tmp_path, t
     OmegaConf.set_struct(without, False)
     del without.method["adversarial"]  # a config from before the option existed
     assert run_key(base) == run_key(without)
-    assert run_key(compose_train(tmp_path, toy_world, "method=saferclip", "method.adversarial.enabled=true")) != run_key(base)
+    assert run_key(
+        compose_train(tmp_path, toy_world, "method=saferclip", "method.adversarial.enabled=true")
+    ) != run_key(base)
 
 
 # ---------------------------------------------------------------- the inner attacks, against closed forms
 def test_content_positions_are_the_words_only():
     tokens = torch.tensor([[49406, 320, 736, 49407, 0, 0], [49406, 5, 49407, 0, 0, 0]])
-    assert content_positions(tokens).tolist() == [[False, True, True, False, False, False], [False, True, False, False, False, False]]
+    assert content_positions(tokens).tolist() == [
+        [False, True, True, False, False, False],
+        [False, True, False, False, False, False],
+    ]
 
 
 def test_token_pgd_reaches_the_optimum_of_a_linear_objective_inside_its_ball():
@@ -111,7 +123,9 @@ def test_token_pgd_reaches_the_optimum_of_a_linear_objective_inside_its_ball():
     expected = radius * w / w.norm(dim=-1, keepdim=True) * mask.unsqueeze(-1)
     # from 0, one step of length r lands on it; from a random start in the ball, each step (a
     # vector of length r added to one of length r, then projected) halves the angle to it
-    torch.testing.assert_close(token_pgd(objective, mask, 4, radius, step_size=radius, steps=1), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        token_pgd(objective, mask, 4, radius, step_size=radius, steps=1), expected, atol=1e-6, rtol=0
+    )
     start = torch.rand(2, 5, 4, generator=g) * 2 - 1
     torch.testing.assert_close(token_pgd(objective, mask, 4, radius, radius, 30, start), expected, atol=1e-5, rtol=0)
     assert token_pgd(objective, mask, 4, radius, radius, 2, start).norm(dim=-1).max() <= radius + 1e-6
@@ -128,8 +142,16 @@ def test_a_token_offset_is_the_same_as_swapping_the_word(tmp_path):
     offset = torch.zeros(*gun.shape, table.shape[1])
     offset[0, position] = table[knife[0, position]] - table[gun[0, position]]
     with torch.no_grad():
-        torch.testing.assert_close(encode_tokens(bundle.model, gun, embedding_offset=offset), encode_tokens(bundle.model, knife), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(encode_tokens(bundle.model, gun, embedding_offset=torch.zeros_like(offset)), encode_tokens(bundle.model, gun))
+        torch.testing.assert_close(
+            encode_tokens(bundle.model, gun, embedding_offset=offset),
+            encode_tokens(bundle.model, knife),
+            atol=1e-5,
+            rtol=1e-4,
+        )
+        torch.testing.assert_close(
+            encode_tokens(bundle.model, gun, embedding_offset=torch.zeros_like(offset)),
+            encode_tokens(bundle.model, gun),
+        )
 
 
 def test_each_item_draws_its_own_noise_whatever_the_batch():
@@ -140,7 +162,11 @@ def test_each_item_draws_its_own_noise_whatever_the_batch():
 
 
 # ---------------------------------------------------------------- one step of every method
-ATTACK = ("method.adversarial.enabled=true", "method.adversarial.epsilon_255=16", "method.adversarial.preserve_safe=true")
+ATTACK = (
+    "method.adversarial.enabled=true",
+    "method.adversarial.epsilon_255=16",
+    "method.adversarial.preserve_safe=true",
+)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +174,9 @@ def modules(tmp_path_factory, toy_world):
     tmp = tmp_path_factory.mktemp("adversarial")
     out = {}
     for name in METHODS:
-        module, datamodule = prepared(compose_train(tmp / name, toy_world, f"method={name}", *ATTACK, cache_dir=tmp / "cache"))
+        module, datamodule = prepared(
+            compose_train(tmp / name, toy_world, f"method={name}", *ATTACK, cache_dir=tmp / "cache")
+        )
         out[name] = (module, collate(datamodule.train_set, range(16)))
     return out
 
@@ -199,9 +227,15 @@ def test_the_step_adds_the_adversarial_terms_and_they_train(modules, name):
     module.zero_grad(set_to_none=True)
     total, terms = module.loss_step(batch)
     adversarial = {k for k in terms if k.startswith("adv_")}
-    expected = {"adv_relative_image", "adv_live_relative_text"} if name == "saferclip" else (
-        {"adv_xmodal_image_redirection", "adv_text_redirection"} if name == "safeclip" else
-        {"adv_radius_image", "adv_radius_text", "adv_contrastive_unsafe", "adv_entailment_safe"})
+    expected = (
+        {"adv_relative_image", "adv_live_relative_text"}
+        if name == "saferclip"
+        else (
+            {"adv_xmodal_image_redirection", "adv_text_redirection"}
+            if name == "safeclip"
+            else {"adv_radius_image", "adv_radius_text", "adv_contrastive_unsafe", "adv_entailment_safe"}
+        )
+    )
     assert expected <= adversarial
     assert math.isfinite(float(total))
     total.backward()
@@ -212,7 +246,9 @@ def test_the_step_adds_the_adversarial_terms_and_they_train(modules, name):
 def test_training_logs_the_adversarial_terms_and_the_step_time(tmp_path, toy_world, name):
     from saferclip.app.engine.fit import train
 
-    result = train(compose_train(tmp_path, toy_world, f"method={name}", "debug=fast_dev_run", "method.adversarial.enabled=true"))
+    result = train(
+        compose_train(tmp_path, toy_world, f"method={name}", "debug=fast_dev_run", "method.adversarial.enabled=true")
+    )
     logged = {k.split("/", 1)[1] for k in result if k.startswith("train/")}
     assert any(k.startswith("adv_") for k in logged), logged
     assert {"time/step_seconds", "time/adv_attack_seconds"} <= set(result)
@@ -227,12 +263,21 @@ def test_the_main_job_adds_adversarial_runs_by_one_switch_and_leaves_the_default
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         default = main_runs(compose("main", []))
-        both = main_runs(compose("main", ["adversarial=true", 'adversarial_overrides=["method.adversarial.epsilon_255=8"]']))
+        both = main_runs(
+            compose("main", ["adversarial=true", 'adversarial_overrides=["method.adversarial.epsilon_255=8"]'])
+        )
         with pytest.raises(ConfigError, match="adversarial must be true or false"):
             main_runs(compose("main", ["adversarial=maybe"]))
     assert list(default) == ["safeclip", "saferclip", "hysac"]
     assert list(both) == [*default, "safeclip_adv", "saferclip_adv", "hysac_adv"]
     for name, overrides in default.items():
         assert both[name] == overrides  # the default runs keep their overrides, so their keys and results
-        assert both[f"{name}_adv"] == [*overrides, "method.adversarial.enabled=true", "method.adversarial.epsilon_255=8"]
-    assert set(evaluated_models("hysac_adv", {"pretrained": "x"}, "hysac")) == {"hysac_adv_safe", "hysac_adv_moderation"}
+        assert both[f"{name}_adv"] == [
+            *overrides,
+            "method.adversarial.enabled=true",
+            "method.adversarial.epsilon_255=8",
+        ]
+    assert set(evaluated_models("hysac_adv", {"pretrained": "x"}, "hysac")) == {
+        "hysac_adv_safe",
+        "hysac_adv_moderation",
+    }

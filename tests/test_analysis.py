@@ -64,7 +64,10 @@ def captions(objects, n: int, seed: int) -> list[str]:
 def _attention_outputs(model, tower: str, run):
     """The real attention output of every block (forward hooks on block.attn), from ``run()``."""
     outs = {}
-    hooks = [b.attn.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0])) for i, b in enumerate(tower_blocks(model, tower))]
+    hooks = [
+        b.attn.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0]))
+        for i, b in enumerate(tower_blocks(model, tower))
+    ]
     try:
         result = run()
     finally:
@@ -196,7 +199,9 @@ def test_threshold_calibration_meets_the_target_on_held_out_data():
         assert abs(measured - 0.05) < 0.025, (method, measured)
     # the k-NN baseline: the same calibration on safe scores
     knn = calibrate_knn(torch.nn.functional.normalize(X, dim=-1), y, "image", k=5, target_fpr=0.1)
-    measured = float(knn.flags(torch.nn.functional.normalize(torch.randn(20_000, d, generator=g), dim=-1)).float().mean())
+    measured = float(
+        knn.flags(torch.nn.functional.normalize(torch.randn(20_000, d, generator=g), dim=-1)).float().mean()
+    )
     assert abs(measured - 0.1) < 0.04
     with pytest.raises(ValueError, match=r"in \(0, 1\)"):
         calibrate_threshold(torch.zeros(5), 0.0)
@@ -248,7 +253,11 @@ def test_weight_change_and_mlp_null_space_on_models(micro):
     c_fc, c_proj = original[key], original["visual.transformer.resblocks.0.mlp.c_proj.weight"]
     expected = 0.1 * c_fc.norm() / torch.sqrt(c_fc.norm() ** 2 + c_proj.norm() ** 2)
     assert change["image"][0]["mlp"] == pytest.approx(float(expected), rel=1e-4)
-    assert change["image"][0]["attn"] == 0.0 and change["text"][0]["mlp"] == 0.0 and change["other"]["relative_change"] == 0.0
+    assert (
+        change["image"][0]["attn"] == 0.0
+        and change["text"][0]["mlp"] == 0.0
+        and change["other"]["relative_change"] == 0.0
+    )
     width = c_fc.shape[1]
     acts = {"mlp_in": torch.randn(10, 1, width), "mlp_hidden": torch.randn(10, 1, 4 * width)}
     rows = mlp_null_space(original, tuned, "image", acts, acts)
@@ -261,8 +270,17 @@ def test_weight_change_and_mlp_null_space_on_models(micro):
 # ----------------------------------------------------------------------------- files and the guard
 def _detector(tower: str = "text", dim: int = 16) -> LinearDetector:
     direction = torch.nn.functional.normalize(torch.arange(dim, dtype=torch.float32) - 3, dim=0)
-    return LinearDetector(tower, direction, 0.25, 0.05, "logistic", layer=0, head=1,
-                          calibration={"fingerprint": "abc", "num_safe": 10}, model={"arch": "saferclip-micro"})
+    return LinearDetector(
+        tower,
+        direction,
+        0.25,
+        0.05,
+        "logistic",
+        layer=0,
+        head=1,
+        calibration={"fingerprint": "abc", "num_safe": 10},
+        model={"arch": "saferclip-micro"},
+    )
 
 
 def test_detector_file_round_trip_and_refusals(tmp_path):
@@ -274,7 +292,14 @@ def test_detector_file_round_trip_and_refusals(tmp_path):
     for tower, det in dets.items():
         got = back[tower]
         assert torch.equal(got.direction, det.direction)
-        assert (got.threshold, got.target_fpr, got.layer, got.head, got.method, got.tower) == (det.threshold, det.target_fpr, det.layer, det.head, det.method, tower)
+        assert (got.threshold, got.target_fpr, got.layer, got.head, got.method, got.tower) == (
+            det.threshold,
+            det.target_fpr,
+            det.layer,
+            det.head,
+            det.method,
+            tower,
+        )
         assert got.calibration == det.calibration and got.model == det.model
     with pytest.raises(FileExistsError, match="force"):
         save_detectors(path, dets)
@@ -291,7 +316,9 @@ def test_detector_file_round_trip_and_refusals(tmp_path):
         load_detectors(truncated)
     pickled = tmp_path / "evil.safetensors"
     torch.save({"text.direction": torch.zeros(3)}, pickled)
-    with pytest.raises(CheckpointError, match=r"evil\.safetensors: not a saferclip detector file \(not readable as safetensors"):
+    with pytest.raises(
+        CheckpointError, match=r"evil\.safetensors: not a saferclip detector file \(not readable as safetensors"
+    ):
         load_detectors(pickled)
     with pytest.raises(FileNotFoundError, match=r"detector file not found: .*none\.safetensors"):
         load_detectors(tmp_path / "none.safetensors")

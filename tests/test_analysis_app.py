@@ -36,7 +36,10 @@ def micro_files(tmp_path_factory) -> dict[str, Path]:
         bundle = build_clip("saferclip-micro", init_seed=seed)
         if name == "tuned":  # a small change of the original, like a fine-tuning
             base = build_clip("saferclip-micro", init_seed=0).model.state_dict()
-            state = {k: v + 0.05 * (bundle.model.state_dict()[k] - v) if v.is_floating_point() else v for k, v in base.items()}
+            state = {
+                k: v + 0.05 * (bundle.model.state_dict()[k] - v) if v.is_floating_point() else v
+                for k, v in base.items()
+            }
         else:
             state = bundle.model.state_dict()
         out[name] = folder / f"{name}.safetensors"
@@ -105,7 +108,13 @@ def test_analyze_writes_the_report_with_all_three_parts(analysis, capsys):
     for title in ("## Unsafe-input detector", "## Embedding geometry", "## Over-defensiveness"):
         assert title in markdown
     plots = {p.name for p in (out / "plots").glob("*.png")}
-    assert plots == {"detector_heads.png", "weight_change.png", "separability.png", "embeddings_2d.png", "overdefense.png"}
+    assert plots == {
+        "detector_heads.png",
+        "weight_change.png",
+        "separability.png",
+        "embeddings_2d.png",
+        "overdefense.png",
+    }
     detectors = load_detectors(out / "detectors" / "original.safetensors")
     assert set(detectors) == {"text", "image"} and detectors["text"].model["arch"] == "saferclip-micro"
     # report.html with the retrieval galleries of the over-defensiveness part's embeddings
@@ -173,7 +182,11 @@ def test_eval_report_gets_the_analysis_sections_when_asked(toy_world, micro_file
     overrides = [o for o in base_overrides(toy_world, out, micro_files) if not o.startswith("main_runs")]
     run(compose("eval", overrides + ["suites=[zeroshot]", "analysis.parts=[detector,overdefense]"]))
     markdown = (out / "results.md").read_text()
-    assert "## Unsafe-input detector" in markdown and "## Over-defensiveness" in markdown and "## Embedding geometry" not in markdown
+    assert (
+        "## Unsafe-input detector" in markdown
+        and "## Over-defensiveness" in markdown
+        and "## Embedding geometry" not in markdown
+    )
     payload = json.loads((out / "results.json").read_text())
     assert set(payload["analysis"]["analysis"]["tuned"]) == {"detector", "overdefense"}
     assert (out / "plots" / "overdefense.png").is_file() and (out / "detectors" / "tuned.safetensors").is_file()
@@ -185,7 +198,14 @@ def test_eval_report_gets_the_analysis_sections_when_asked(toy_world, micro_file
 
 def _detect(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "saferclip.app.commands.detect", *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": ""})
+    return subprocess.run(
+        cmd,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": ""},
+    )
 
 
 @pytest.mark.slow
@@ -193,7 +213,11 @@ def test_detect_scores_captions_and_images_and_writes_a_csv(analysis, toy_world,
     out, _ = analysis
     det_file = out / "detectors" / "original.safetensors"
     table = tmp_path / "captions.csv"
-    captions = ["a red circle on a black background with a gun", "a blue ring on white next to a cup", "a green cross, with a noose"]
+    captions = [
+        "a red circle on a black background with a gun",
+        "a blue ring on white next to a cup",
+        "a green cross, with a noose",
+    ]
     with open(table, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "caption"])
@@ -230,41 +254,69 @@ def test_detect_errors_are_one_line_and_exit_2(analysis, micro_files, tmp_path, 
     cases = {
         "column": ([det_file, table], "no caption column"),
         "exists": ([det_file, text], "exists; pass --force"),
-        "weights": ([det_file, text, "--out", tmp_path / "o.csv", "--model", micro_files["tuned"]], "not the weights the detector was calibrated on"),
+        "weights": (
+            [det_file, text, "--out", tmp_path / "o.csv", "--model", micro_files["tuned"]],
+            "not the weights the detector was calibrated on",
+        ),
         "not a detector": ([micro_files["tuned"], text, "--out", tmp_path / "o.csv"], "not a saferclip detector"),
         "inputs": ([det_file, tmp_path / "none.csv"], "inputs not found"),
     }
     for name, (args, message) in cases.items():
         capsys.readouterr()
         assert main([str(a) for a in args]) == 2, name
-        lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(lines) == 1 and message in lines[0], (name, lines)
     assert (tmp_path / "t.flags.csv").read_text() == "already here\n"
 
 
 def test_models_of_another_architecture_are_analysed_without_comparison(toy_world, micro_files):
     from saferclip.analysis import analyze_models
+
     data = compose("eval", [f"data.root={toy_world}", "data.make_toy=false"])
     from saferclip.app.hydra_utils import to_container
 
-    settings = {"parts": ["detector", "geometry"], "detector": {"per_class": 16, "folds": 3, "save": False},
-                "geometry": {"per_class": 8, "projection_items": 8}}
+    settings = {
+        "parts": ["detector", "geometry"],
+        "detector": {"per_class": 16, "folds": 3, "save": False},
+        "geometry": {"per_class": 8, "projection_items": 8},
+    }
     out = analyze_models(
-        {"original": {"arch": "saferclip-micro", "pretrained": str(micro_files["original"])}, "other": {"arch": "saferclip-toy"}},
-        to_container(data.data), settings, batch_size=64,
+        {
+            "original": {"arch": "saferclip-micro", "pretrained": str(micro_files["original"])},
+            "other": {"arch": "saferclip-toy"},
+        },
+        to_container(data.data),
+        settings,
+        batch_size=64,
     )
     other = out["analysis"]["other"]
-    assert "weight_change" not in other["geometry"] and "another architecture" in other["geometry"]["weight_change_skipped"]
+    assert (
+        "weight_change" not in other["geometry"]
+        and "another architecture" in other["geometry"]["weight_change_skipped"]
+    )
     assert all("reference_head_skipped" in other["detector"][t] for t in ("text", "image"))
     assert "targets (text)" not in other["geometry"]["projection"]["points"]
 
 
 @pytest.mark.slow
 def test_analyze_command_line_error_has_no_traceback(tmp_path):
-    cmd = [sys.executable, "-m", "saferclip.app.commands.analyze", "analysis.parts=[detector,bogus]", f"paths.output_dir={tmp_path}",
-           "data.make_toy=false", "main_runs=false"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "", "HF_HUB_OFFLINE": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "saferclip.app.commands.analyze",
+        "analysis.parts=[detector,bogus]",
+        f"paths.output_dir={tmp_path}",
+        "data.make_toy=false",
+        "main_runs=false",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "", "HF_HUB_OFFLINE": "1"},
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output
     assert "unknown part(s) ['bogus']" in output and "Traceback" not in output

@@ -63,7 +63,9 @@ def test_pgd_is_seeded():
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
     def run(seed: int) -> torch.Tensor:
-        return pgd(lambda z: -(z - 0.3).abs().sum(dim=(1, 2, 3)), x, 8 / 255, 2 / 255, 3, torch.Generator().manual_seed(seed))
+        return pgd(
+            lambda z: -(z - 0.3).abs().sum(dim=(1, 2, 3)), x, 8 / 255, 2 / 255, 3, torch.Generator().manual_seed(seed)
+        )
 
     assert torch.equal(run(5), run(5)) and not torch.equal(run(5), run(6))
 
@@ -105,7 +107,12 @@ def test_phrasing_search_finds_a_working_synonym_within_its_budget():
     assert found.unsafe_after and not found.unsafe_before and "pistol" in found.best
     assert found.queries == len(asked) <= 60
     asked.clear()
-    never = attack_caption(PhrasingSpace(SCENE), "a red circle with a gun", lambda t: asked.extend(t) or torch.full((len(t),), -1.0), budget=9)
+    never = attack_caption(
+        PhrasingSpace(SCENE),
+        "a red circle with a gun",
+        lambda t: asked.extend(t) or torch.full((len(t),), -1.0),
+        budget=9,
+    )
     assert not never.unsafe_after and never.queries == len(asked) <= 9
 
 
@@ -148,14 +155,24 @@ def test_heldout_phrasings_use_no_training_frame_and_never_the_concept_s_own_wor
 
     space = PhrasingSpace(SCENE, "heldout")
     assert space.options("colour") == space.options("shape") == 1  # the scene's other words stay
-    texts = {space.text({"obj": o, "object_phrase": p, "frame": f, "colour": 0, "shape": 0, "size": 0, "background": 0})
-             for o in range(space.options("obj")) for p in range(space.options("object_phrase")) for f in range(space.options("frame"))}
+    texts = {
+        space.text({"obj": o, "object_phrase": p, "frame": f, "colour": 0, "shape": 0, "size": 0, "background": 0})
+        for o in range(space.options("obj"))
+        for p in range(space.options("object_phrase"))
+        for f in range(space.options("frame"))
+    }
     assert len(texts) == space.options("obj") * space.options("object_phrase") * space.options("frame")
-    training = {" ".join(fr.format(size="small", colour="red", shape="circle", background="black", obj=ob.format(o=w)).split())
-                for fr in TRAIN_FRAMES for ob in TRAIN_OBJ for w in ("gun", "pistol", "firearm", "handgun", "rifle")}
+    training = {
+        " ".join(fr.format(size="small", colour="red", shape="circle", background="black", obj=ob.format(o=w)).split())
+        for fr in TRAIN_FRAMES
+        for ob in TRAIN_OBJ
+        for w in ("gun", "pistol", "firearm", "handgun", "rifle")
+    }
     assert not texts & training and not any(t.endswith(" gun") or " gun " in t for t in texts)
     asked: list[str] = []
-    found = attack_caption(space, "a red circle with a gun", lambda t: asked.extend(t) or torch.full((len(t),), -1.0), budget=7)
+    found = attack_caption(
+        space, "a red circle with a gun", lambda t: asked.extend(t) or torch.full((len(t),), -1.0), budget=7
+    )
     assert found.queries == len(asked) == 7 and asked[0] == "a red circle with a gun"
 
 
@@ -212,7 +229,9 @@ def _hysac_like(traversal: bool):
     from saferclip.model import lorentz
     from saferclip.model.similarity import LorentzSimilarity
 
-    sim = LorentzSimilarity(curvature=1.0, text_scale=1.0, image_scale=1.0, radius_text=0.3, radius_image=0.3, traversal=traversal)
+    sim = LorentzSimilarity(
+        curvature=1.0, text_scale=1.0, image_scale=1.0, radius_text=0.3, radius_image=0.3, traversal=traversal
+    )
     gallery = torch.stack([torch.zeros(3), lorentz.expmap0(torch.tensor([0.9, 0.0, 0.0]), 1.0)])
     return sim, gallery, torch.tensor([False, True])
 
@@ -222,14 +241,18 @@ def test_the_bound_finds_what_the_geometry_allows_and_nothing_more():
     from saferclip.robustness.bounds import embedding_bound
     from saferclip.robustness.threats import query_threat
 
-    clean = lorentz.expmap0(torch.randn(12, 3, generator=torch.Generator().manual_seed(0)) * 0.1 - torch.tensor([0.2, 0, 0]), 1.0)
+    clean = lorentz.expmap0(
+        torch.randn(12, 3, generator=torch.Generator().manual_seed(0)) * 0.1 - torch.tensor([0.2, 0, 0]), 1.0
+    )
     sim_safe, gallery, unsafe = _hysac_like(traversal=True)
     bound = embedding_bound(sim_safe, query_threat(sim_safe, gallery, unsafe, "image"), clean, steps=60, lr=0.05)
     assert bound["success_rate"]["value"] == 0.0 and bound["best_margin_max"] < 0  # traversed: impossible
     # (the best a query can do is to sit on the radius towards the unsafe caption: margin 2r − 0.9 = −0.3)
     assert bound["best_margin_max"] == pytest.approx(2 * 0.3 - 0.9, abs=0.02)
     sim_moderation, _, _ = _hysac_like(traversal=False)
-    free = embedding_bound(sim_moderation, query_threat(sim_moderation, gallery, unsafe, "image"), clean, steps=60, lr=0.05)
+    free = embedding_bound(
+        sim_moderation, query_threat(sim_moderation, gallery, unsafe, "image"), clean, steps=60, lr=0.05
+    )
     assert free["success_rate"]["value"] == 1.0  # untraversed, any query can go there
 
 
@@ -249,7 +272,9 @@ def test_variants_around_the_traversal_steer_by_another_margin_and_judge_through
 def test_the_bank_signal_is_the_k_nearest_unsafe_minus_the_k_nearest_safe():
     from saferclip.robustness.monitor import SafetyMonitor
 
-    bank = torch.stack([_unit(1, 0, 0), _unit(0.8, 0.6, 0), _unit(0, 1, 0), _unit(0, 0.6, 0.8), _unit(0, 0, 1), _unit(1, 0, 0)])
+    bank = torch.stack(
+        [_unit(1, 0, 0), _unit(0.8, 0.6, 0), _unit(0, 1, 0), _unit(0, 0.6, 0.8), _unit(0, 0, 1), _unit(1, 0, 0)]
+    )
     unsafe = torch.tensor([False, False, True, True, True, False])
     caption = torch.tensor([True, True, True, True, False, False])  # four captions, then two images
     monitor = SafetyMonitor("image", COSINE, ("bank",), bank, unsafe, caption, k=2)
@@ -264,7 +289,9 @@ def test_the_bank_signal_is_the_k_nearest_unsafe_minus_the_k_nearest_safe():
 def test_monitor_threshold_holds_its_false_positive_rate_on_new_clean_inputs():
     from saferclip.robustness.monitor import SafetyMonitor, calibrate_monitor
 
-    monitor = SafetyMonitor("text", COSINE, ("head",), torch.zeros(2, 3), torch.tensor([False, True]), torch.tensor([True, True]))
+    monitor = SafetyMonitor(
+        "text", COSINE, ("head",), torch.zeros(2, 3), torch.tensor([False, True]), torch.tensor([True, True])
+    )
     calibrate_monitor(monitor, _gaussian(2000, 0)[:, :2], target_fpr=0.05)
     new = _gaussian(4000, 1)[:, :2]
     standardised = ((new - monitor.center) / monitor.scale).amax(1)
@@ -307,21 +334,49 @@ def micro_weights(tmp_path_factory) -> Path:
     from saferclip.model.checkpoints import save_state_dict
 
     path = tmp_path_factory.mktemp("micro") / "original.safetensors"
-    save_state_dict(build_clip("saferclip-micro", init_seed=0).model.state_dict(), path, metadata={"arch": "saferclip-micro"})
+    save_state_dict(
+        build_clip("saferclip-micro", init_seed=0).model.state_dict(), path, metadata={"arch": "saferclip-micro"}
+    )
     return path
 
 
 def _overrides(world: Path, out: Path, weights: Path) -> list[str]:
-    return [f"data.root={world}", "data.make_toy=false", f"out_dir={out}", "main_runs=false",
-            "models.original.arch=saferclip-micro", f"models.original.pretrained={weights}", "batch_size=64",
-            "attack.items=6", "attack.image.steps=2", "attack.image.budgets_255=[8,255]", "attack.text.budget=8",
-            "attack.text.budgets=[1,8]", "attack.text.heldout_budget=4", "attack.sanity.steps=10",
-            "attack.monitor.labelled_items=20", "attack.monitor.bank_items=20", "attack.monitor.validation_items=24",
-            "attack.coverage.train_items=60", "attack.coverage.validation_items=24", "attack.coverage.ood_items=8"]
+    return [
+        f"data.root={world}",
+        "data.make_toy=false",
+        f"out_dir={out}",
+        "main_runs=false",
+        "models.original.arch=saferclip-micro",
+        f"models.original.pretrained={weights}",
+        "batch_size=64",
+        "attack.items=6",
+        "attack.image.steps=2",
+        "attack.image.budgets_255=[8,255]",
+        "attack.text.budget=8",
+        "attack.text.budgets=[1,8]",
+        "attack.text.heldout_budget=4",
+        "attack.sanity.steps=10",
+        "attack.monitor.labelled_items=20",
+        "attack.monitor.bank_items=20",
+        "attack.monitor.validation_items=24",
+        "attack.coverage.train_items=60",
+        "attack.coverage.validation_items=24",
+        "attack.coverage.ood_items=8",
+    ]
 
 
-EXPECTED_ATTACKS = {"evade", "smuggle", "gallery (safe query)", "gallery (unsafe query)", "gallery (any query)", "phrasing search",
-                    "held-out phrasings", "text gallery (safe image query)", "text gallery (unsafe image query)", "text gallery (any query)"}
+EXPECTED_ATTACKS = {
+    "evade",
+    "smuggle",
+    "gallery (safe query)",
+    "gallery (unsafe query)",
+    "gallery (any query)",
+    "phrasing search",
+    "held-out phrasings",
+    "text gallery (safe image query)",
+    "text gallery (unsafe image query)",
+    "text gallery (any query)",
+}
 
 
 @pytest.mark.slow
@@ -336,8 +391,9 @@ def test_attack_command_writes_the_report_and_a_monitor_detect_reads(toy_world, 
     attacks = model["attacks"]
     assert set(attacks) == EXPECTED_ATTACKS | {f"{a} + monitor" for a in EXPECTED_ATTACKS - {"held-out phrasings"}}
     for name, r in attacks.items():
-        assert r["num_items"] == 6 and set(r["budgets"]) == ({"8", "255"} if r["kind"] == "image" else
-                                                              ({"1", "4"} if name == "held-out phrasings" else {"1", "8"}))
+        assert r["num_items"] == 6 and set(r["budgets"]) == (
+            {"8", "255"} if r["kind"] == "image" else ({"1", "4"} if name == "held-out phrasings" else {"1", "8"})
+        )
         assert "reason" in r["sanity"] or not r["num_targets"]
     assert set(model["monitor"]) == {"image", "text"} and "clean_safe_flagged" in model["monitor"]["image"]
     assert "success rate" in (out / "attack.md").read_text() and "| evade | 8/255 |" in capsys.readouterr().out
@@ -345,7 +401,9 @@ def test_attack_command_writes_the_report_and_a_monitor_detect_reads(toy_world, 
     assert set(monitors) == {"text", "image"}
     captions = tmp_path / "captions.txt"
     captions.write_text("a red circle on a black background with a gun\nshape: ring | colour: blue | object: knife\n")
-    assert detect([str(out / "monitors" / "original.safetensors"), str(captions)]) == 0  # the model: as the file records it
+    assert (
+        detect([str(out / "monitors" / "original.safetensors"), str(captions)]) == 0
+    )  # the model: as the file records it
     assert "coverage monitor" in capsys.readouterr().out
     rows = (tmp_path / "captions.flags.csv").read_text().splitlines()
     assert rows[0] == "input,score,threshold,flagged" and len(rows) == 3
@@ -370,7 +428,7 @@ def test_attack_command_bad_input_is_one_line_and_exit_2(toy_world, micro_weight
         with pytest.raises(SystemExit, match="^2$") as e:
             run(_compose(_overrides(toy_world, tmp_path / override.split("=")[0], micro_weights) + [override]))
         assert e.value.code == 2, override
-        lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(lines) == 1 and message in lines[0], (override, lines)
 
 
@@ -382,7 +440,9 @@ def test_a_warm_started_attack_is_never_worse_than_its_start():
     w = torch.randn(3, 8, 8, generator=g)
     objective = lambda z, idx: -((z - 0.5) * w).abs().sum(dim=(1, 2, 3))  # noqa: E731 - a bumpy landscape
     small = perturb(x, objective, 4 / 255, steps=5, seed=1)
-    large = perturb(x, objective, 32 / 255, steps=1, step_size=0.5, seed=1, warm=small)  # one huge step, from the small attack
+    large = perturb(
+        x, objective, 32 / 255, steps=1, step_size=0.5, seed=1, warm=small
+    )  # one huge step, from the small attack
     assert (objective(large, None) >= objective(small, None) - 1e-6).all()
     assert (large - x).abs().max() <= 32 / 255 + 1e-6
 
@@ -406,7 +466,11 @@ def test_a_text_attack_leaves_items_that_were_unsafe_already_as_they_are():
         return e, torch.tensor([10.0 if "already" in t else 0.0 for t in texts])
 
     suite = object.__new__(ModelSuite)
-    suite.bundle, suite.monitors, suite.adversarial_texts = SimpleNamespace(model=nn.Linear(1, 1)), {"text": SimpleNamespace(threshold=1.0)}, []
+    suite.bundle, suite.monitors, suite.adversarial_texts = (
+        SimpleNamespace(model=nn.Linear(1, 1)),
+        {"text": SimpleNamespace(threshold=1.0)},
+        [],
+    )
     suite.s = AttackSettings.of({"text": {"budget": 30, "budgets": [1, 30]}})
     suite.text_encoder = lambda: encode
     threat = query_threat(COSINE, CAPTIONS, UNSAFE, "text", name="phrasing search")  # the image gallery: safe, unsafe
@@ -414,6 +478,9 @@ def test_a_text_attack_leaves_items_that_were_unsafe_already_as_they_are():
     items = [("a blue square with a knife already", knife), ("a red circle with a gun", SCENE)]
     out = suite.text_attack(threat, items, 30, joint=True)
     row = out["budgets"]["30"]
-    assert out["num_targets"] == 1 and (row["success_rate"]["k"], row["success_rate"]["n"]) == (1, 1)  # the gun caption: "pistol"
+    assert out["num_targets"] == 1 and (row["success_rate"]["k"], row["success_rate"]["n"]) == (
+        1,
+        1,
+    )  # the gun caption: "pistol"
     assert (row["unsafe_rate_before"]["k"], row["unsafe_rate_after"]["k"]) == (1, 2)  # the knife caption stays unsafe
     assert sum("knife" in t for t in asked) == 2  # encoded clean and as the result, never searched

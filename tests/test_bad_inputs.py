@@ -18,8 +18,8 @@ import pickle
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from cli_helpers import run_in_process
@@ -38,14 +38,23 @@ def command(name: str, *args: str) -> list[str]:
 COMMAND_TIMEOUT = 100
 
 
-def run(name: str, *args: str, cwd: Path, env: dict | None = None, installed: bool = False) -> subprocess.CompletedProcess:
+def run(
+    name: str, *args: str, cwd: Path, env: dict | None = None, installed: bool = False
+) -> subprocess.CompletedProcess:
     """``name args...`` in ``cwd``: in this interpreter (tests/cli_helpers.py), or with
     ``installed`` the installed console script in a subprocess."""
     base = dict(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     base["SAFERCLIP_CACHE_DIR"] = str(cwd / "cache")
     if not installed:
         return run_in_process(name, *args, cwd=cwd, env={**base, **(env or {})})
-    return subprocess.run(command(name, *args), cwd=cwd, env={**os.environ, **base, **(env or {})}, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    return subprocess.run(
+        command(name, *args),
+        cwd=cwd,
+        env={**os.environ, **base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str:
@@ -93,20 +102,50 @@ def records(data: dict) -> dict:
 
 def bomb(path: Path) -> None:
     """A PNG whose header claims far more pixels than PIL will decode (a decompression bomb)."""
-    Image.new("1", (14000, 14000)).save(path)  # 196 M pixels > 2 x PIL's 89 M limit (an error there); 1-bit: a small file
+    Image.new("1", (14000, 14000)).save(
+        path
+    )  # 196 M pixels > 2 x PIL's 89 M limit (an error there); 1-bit: a small file
 
 
 # ViSU JSON, both layouts: train.json is {"info", "data"}, validation.json keyed by index
 VISU_CASES: dict[str, tuple[str, Callable[[Path], None], tuple[str, ...]]] = {
     "not json": ("train", lambda p: p.write_text('{"data": {"0": {"safe": "a'), ("train.json", "JSON")),
     "a number": ("validation", lambda p: p.write_text("42"), ("validation.json", "expected a JSON object")),
-    "record not an object": ("train", lambda p: edit_json(p, lambda d: records(d).update({"3": "text"})), ("train.json", "row 3")),
-    "missing field": ("validation", lambda p: edit_json(p, lambda d: records(d)["2"].pop("nsfw")), ("validation.json", "row 2", "'nsfw'")),
-    "caption not text": ("train", lambda p: edit_json(p, lambda d: records(d)["1"].update(safe=7)), ("train.json", "row 1", "'safe'")),
-    "empty caption": ("train", lambda p: edit_json(p, lambda d: records(d)["4"].update(nsfw="  ")), ("train.json", "row 4", "'nsfw'")),
-    "coco id not a number": ("validation", lambda p: edit_json(p, lambda d: records(d)["5"].update(coco_id="abc")), ("validation.json", "row 5", "'coco_id'")),
-    "unsafe image missing": ("train", lambda p: edit_json(p, lambda d: records(d)["6"].update(nsfw_im_path="nsfw/none.png")), ("train.json", "row 6", "'nsfw_im_path'", "none.png")),
-    "unsafe image a folder": ("train", lambda p: edit_json(p, lambda d: records(d)["0"].update(nsfw_im_path="nsfw")), ("train.json", "row 0", "is a directory")),
+    "record not an object": (
+        "train",
+        lambda p: edit_json(p, lambda d: records(d).update({"3": "text"})),
+        ("train.json", "row 3"),
+    ),
+    "missing field": (
+        "validation",
+        lambda p: edit_json(p, lambda d: records(d)["2"].pop("nsfw")),
+        ("validation.json", "row 2", "'nsfw'"),
+    ),
+    "caption not text": (
+        "train",
+        lambda p: edit_json(p, lambda d: records(d)["1"].update(safe=7)),
+        ("train.json", "row 1", "'safe'"),
+    ),
+    "empty caption": (
+        "train",
+        lambda p: edit_json(p, lambda d: records(d)["4"].update(nsfw="  ")),
+        ("train.json", "row 4", "'nsfw'"),
+    ),
+    "coco id not a number": (
+        "validation",
+        lambda p: edit_json(p, lambda d: records(d)["5"].update(coco_id="abc")),
+        ("validation.json", "row 5", "'coco_id'"),
+    ),
+    "unsafe image missing": (
+        "train",
+        lambda p: edit_json(p, lambda d: records(d)["6"].update(nsfw_im_path="nsfw/none.png")),
+        ("train.json", "row 6", "'nsfw_im_path'", "none.png"),
+    ),
+    "unsafe image a folder": (
+        "train",
+        lambda p: edit_json(p, lambda d: records(d)["0"].update(nsfw_im_path="nsfw")),
+        ("train.json", "row 0", "is a directory"),
+    ),
     "no records": ("validation", lambda p: p.write_text("{}"), ("validation.json",)),
 }
 
@@ -131,7 +170,9 @@ def test_bad_images_are_named_by_the_dry_run(world, case):
     record = json.loads((world / "visu" / "train.json").read_text())["data"]["3"]
     image = world / "visu" / "train2017" / f"{record['coco_id']:012d}.png"
     IMAGE_CASES[case](image)
-    line = assert_one_line_error(run("saferclip-train", *dry_run_args(world), cwd=world.parent), image.name, "row 3", "'coco_id'")
+    line = assert_one_line_error(
+        run("saferclip-train", *dry_run_args(world), cwd=world.parent), image.name, "row 3", "'coco_id'"
+    )
     if case == "decompression bomb":
         assert "too large" in line
 
@@ -167,12 +208,21 @@ def _set(rows: list[dict], index: int, **values: str) -> list[dict]:
 
 
 TABLE_CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
-    "missing column": (lambda p: rewrite_csv(p, lambda ls: [ls[0].replace(",nsfw,", ",nsfw_x,"), *ls[1:]]) or p, ("train.csv", "nsfw")),
-    "id not a number": (lambda p: rewrite_csv(p, lambda ls: [ls[0], "x" + ls[1], *ls[2:]]) or p, ("train.csv", "row 1", "'incremental_id'")),
+    "missing column": (
+        lambda p: rewrite_csv(p, lambda ls: [ls[0].replace(",nsfw,", ",nsfw_x,"), *ls[1:]]) or p,
+        ("train.csv", "nsfw"),
+    ),
+    "id not a number": (
+        lambda p: rewrite_csv(p, lambda ls: [ls[0], "x" + ls[1], *ls[2:]]) or p,
+        ("train.csv", "row 1", "'incremental_id'"),
+    ),
     "duplicate id": (lambda p: rewrite_csv(p, lambda ls: [ls[0], ls[1], ls[1], *ls[2:]]) or p, ("train.csv", "row 2")),
     "broken jsonl line": (lambda p: _jsonl_with_broken_line(p), ("train.jsonl", "row 3", "invalid JSON")),
     "parquet that is text": (lambda p: _fake_parquet(p), ("train.parquet",)),
-    "unknown format": (lambda p: p.rename(p.with_suffix(".txt")) or p.with_suffix(".txt"), ("train.txt", "unknown format")),
+    "unknown format": (
+        lambda p: p.rename(p.with_suffix(".txt")) or p.with_suffix(".txt"),
+        ("train.txt", "unknown format"),
+    ),
 }
 
 
@@ -252,14 +302,31 @@ def test_a_malicious_checkpoint_is_refused_even_when_the_environment_allows_unsa
     raw.write_bytes(pickle.dumps(Payload(str(marker))))  # a bare pickle
     env = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
     for bad in (evil, raw):
-        args = ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"ckpt_path={bad}", f"hydra.run.dir={world.parent / 'run'}"]
+        args = [
+            "model=micro",
+            "data.toy_size=small",
+            f"paths.toy_dir={world}",
+            f"ckpt_path={bad}",
+            f"hydra.run.dir={world.parent / 'run'}",
+        ]
         assert_one_line_error(run("saferclip-train", *args, cwd=world.parent, env=env), bad.name)
         assert not marker.exists(), "the checkpoint's code ran"
     for name, args in (
-        ("saferclip-eval", ["data.make_toy=false", f"data.root={world}", "suites=[zeroshot]", f"+models.x.pretrained={evil}", "+models.x.arch=saferclip-micro"]),
+        (
+            "saferclip-eval",
+            [
+                "data.make_toy=false",
+                f"data.root={world}",
+                "suites=[zeroshot]",
+                f"+models.x.pretrained={evil}",
+                "+models.x.arch=saferclip-micro",
+            ],
+        ),
         ("saferclip-export", [str(evil), str(world.parent / "exported")]),
     ):
-        assert_one_line_error(run(name, *args, cwd=world.parent, env=env, installed=name == "saferclip-export"), evil.name)
+        assert_one_line_error(
+            run(name, *args, cwd=world.parent, env=env, installed=name == "saferclip-export"), evil.name
+        )
         assert not marker.exists()
 
 
@@ -270,16 +337,26 @@ def test_broken_checkpoints_and_weights_are_one_line(world):
     assert_one_line_error(run("saferclip-train", *base, f"ckpt_path={text}", cwd=world.parent), "notes.ckpt")
     assert_one_line_error(run("saferclip-train", *base, f"ckpt_path={world}", cwd=world.parent), "is a directory")
     cut = world.parent / "cut.safetensors"
-    cut.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": ")
-    assert_one_line_error(run("saferclip-train", *base, "dry_run=true", f"model.pretrained={cut}", cwd=world.parent), "cut.safetensors")
+    cut.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": ')
+    assert_one_line_error(
+        run("saferclip-train", *base, "dry_run=true", f"model.pretrained={cut}", cwd=world.parent), "cut.safetensors"
+    )
 
 
 # ---------------------------------------------------------------- configuration and overrides
 CONFIG_CASES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
     "negative lr": ("saferclip-train", ["method.optimizer.lr=-1"], ("method.optimizer.lr",)),
-    "k larger than the pool": ("saferclip-train", ["method.neighbours.k=1000"], ("method.neighbours.k=1000", "larger than the safe pool")),
+    "k larger than the pool": (
+        "saferclip-train",
+        ["method.neighbours.k=1000"],
+        ("method.neighbours.k=1000", "larger than the safe pool"),
+    ),
     "negative loss weight": ("saferclip-train", ["method.loss.weights.text_preservation=-1"], ("loss weights",)),
-    "unknown neighbour mode": ("saferclip-train", ["method.neighbours.mode=bogus"], ("unknown neighbour mode 'bogus'",)),
+    "unknown neighbour mode": (
+        "saferclip-train",
+        ["method.neighbours.mode=bogus"],
+        ("unknown neighbour mode 'bogus'",),
+    ),
     "zero lora rank": ("saferclip-train", ["method.trainable.lora_r=0"], ("method.trainable.lora_r",)),
     "unknown method key": ("saferclip-train", ["+method.learning_rate=1"], ("unknown keys ['learning_rate']",)),
     "zero batch size": ("saferclip-train", ["data.batch_size=0"], ("data.batch_size",)),
@@ -296,19 +373,35 @@ CONFIG_CASES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
     "main: zero epochs": ("saferclip-main", ["trainer.max_epochs=0"], ("trainer.max_epochs",)),
     "study: negative lr": ("saferclip-study", ["seeds=[0]", "method.optimizer.lr=-1"], ("method.optimizer.lr",)),
     "main: bad override": ("saferclip-main", ["method=nope"], ("method/nope",)),
-    "study: ablation seed outside seeds": ("saferclip-study", ["seeds=[0]", "ablation_seeds=[7]"], ("ablation_seeds [7]", "not in seeds [0]")),
+    "study: ablation seed outside seeds": (
+        "saferclip-study",
+        ["seeds=[0]", "ablation_seeds=[7]"],
+        ("ablation_seeds [7]", "not in seeds [0]"),
+    ),
     "train: seed not a number": ("saferclip-train", ["seed=abc"], ("seed must be an integer", "'abc'")),
     "train: negative seed": ("saferclip-train", ["seed=-1"], ("seed must be an integer", "-1")),
     "main: seed not a number": ("saferclip-main", ["seed=1.5"], ("seed must be an integer", "1.5")),
-    "study: seeds not a list": ("saferclip-study", ["seeds=abc"], ("seeds must be a list of distinct integers", "'abc'")),
+    "study: seeds not a list": (
+        "saferclip-study",
+        ["seeds=abc"],
+        ("seeds must be a list of distinct integers", "'abc'"),
+    ),
     "study: no seeds": ("saferclip-study", ["seeds=[]", "ablation_seeds=[]"], ("seeds is empty",)),
     "study: fractional seed": ("saferclip-study", ["seeds=[0.5]"], ("seeds=[0.5]", "0.5 is not a seed")),
     "study: seed a word": ("saferclip-study", ["seeds=[a]"], ("seeds=['a']", "'a' is not a seed")),
     "study: negative seed": ("saferclip-study", ["seeds=[-1]"], ("seeds=[-1]", "-1 is not a seed")),
     "study: duplicate seeds": ("saferclip-study", ["seeds=[0,0]"], ("seeds=[0, 0]", "[0] appear twice")),
     "study: bad ablation seeds": ("saferclip-study", ["seeds=[0]", "ablation_seeds=[x]"], ("ablation_seeds=['x']",)),
-    "analyze: per_class not a number": ("saferclip-analyze", ["analysis.detector.per_class=many"], ("analysis.detector.per_class must be an integer >= 1", "'many'")),
-    "analyze: zero folds": ("saferclip-analyze", ["analysis.detector.folds=0"], ("analysis.detector.folds must be an integer >= 2",)),
+    "analyze: per_class not a number": (
+        "saferclip-analyze",
+        ["analysis.detector.per_class=many"],
+        ("analysis.detector.per_class must be an integer >= 1", "'many'"),
+    ),
+    "analyze: zero folds": (
+        "saferclip-analyze",
+        ["analysis.detector.folds=0"],
+        ("analysis.detector.folds must be an integer >= 2",),
+    ),
     "eval: force not a bool": ("saferclip-eval", ["force=yes"], ("force must be true or false", "'yes'")),
     "eval: batch size a word": ("saferclip-eval", ["batch_size=abc"], ("batch_size must be an integer >= 1", "'abc'")),
     "eval: seed a word": ("saferclip-eval", ["seed=abc"], ("seed must be an integer", "'abc'")),
@@ -317,25 +410,75 @@ CONFIG_CASES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
     "train: dry_run a word": ("saferclip-train", ["dry_run=maybe"], ("dry_run must be true or false",)),
     "main: force a word": ("saferclip-main", ["force=yes"], ("force must be true or false",)),
     "study: force a word": ("saferclip-study", ["seeds=[0]", "force=yes"], ("force must be true or false",)),
-    "analyze: strength a word": ("saferclip-analyze", ["analysis.detector.strength=high"], ("analysis.detector.strength must be a finite number or null",)),
+    "analyze: strength a word": (
+        "saferclip-analyze",
+        ["analysis.detector.strength=high"],
+        ("analysis.detector.strength must be a finite number or null",),
+    ),
     # keys, groups and options checked against the command's config (saferclip/app/overrides.py)
-    "train: a typo in a key": ("saferclip-train", ["trainer.max_epoch=3"], ("trainer.max_epoch: no such key; did you mean trainer.max_epochs?",)),
-    "train: the typo with + (dry run)": ("saferclip-train", ["+trainer.max_epoch=3"], ("trainer.max_epoch: no such key; did you mean trainer.max_epochs?",)),
-    "train: an argparse option": ("saferclip-train", ["--max-epochs", "3"], ("--max-epochs: saferclip-train takes key=value", "did you mean trainer.max_epochs=3?")),
-    "train: no such preset, no search path": ("saferclip-train", ["method=nonexistent"], ("method=nonexistent: no such method", "hysac, safeclip, saferclip")),
-    "eval: a group it does not use": ("saferclip-eval", ["model=toy"], ("saferclip-eval has no model group", "did you mean models?", "+models.<name>.pretrained=")),
-    "eval: a new model without +": ("saferclip-eval", ["models.mine.pretrained=x"], ("add it with +models.mine.pretrained=x",)),
+    "train: a typo in a key": (
+        "saferclip-train",
+        ["trainer.max_epoch=3"],
+        ("trainer.max_epoch: no such key; did you mean trainer.max_epochs?",),
+    ),
+    "train: the typo with + (dry run)": (
+        "saferclip-train",
+        ["+trainer.max_epoch=3"],
+        ("trainer.max_epoch: no such key; did you mean trainer.max_epochs?",),
+    ),
+    "train: an argparse option": (
+        "saferclip-train",
+        ["--max-epochs", "3"],
+        ("--max-epochs: saferclip-train takes key=value", "did you mean trainer.max_epochs=3?"),
+    ),
+    "train: no such preset, no search path": (
+        "saferclip-train",
+        ["method=nonexistent"],
+        ("method=nonexistent: no such method", "hysac, safeclip, saferclip"),
+    ),
+    "eval: a group it does not use": (
+        "saferclip-eval",
+        ["model=toy"],
+        ("saferclip-eval has no model group", "did you mean models?", "+models.<name>.pretrained="),
+    ),
+    "eval: a new model without +": (
+        "saferclip-eval",
+        ["models.mine.pretrained=x"],
+        ("add it with +models.mine.pretrained=x",),
+    ),
     "main: a typo in a key": ("saferclip-main", ["trainer.max_epoch=3"], ("did you mean trainer.max_epochs?",)),
-    "study: an argparse option": ("saferclip-study", ["--max-epochs", "3"], ("--max-epochs: saferclip-study takes key=value", "trainer.max_epochs=3")),
-    "study: percentile 0": ("saferclip-study", ["seeds=[0]", "traversal_percentiles=[0]"], ("traversal_percentiles=[0]", "0 is not a percentile in (0, 100]")),
-    "attack: budgets a word": ("saferclip-attack", ["attack.image.budgets_255=abc"], ("attack.image.budgets_255 must be a list of grey levels", "'abc'")),
-    "attack: budgets a list of words": ("saferclip-attack", ["attack.image.budgets_255=[abc]"], ("attack.image.budgets_255 must be a list of grey levels", "['abc']")),
-    "attack: a typo in a key": ("saferclip-attack", ["attack.image.step=3"], ("attack.image.step: no such key; did you mean attack.image.steps?",)),
+    "study: an argparse option": (
+        "saferclip-study",
+        ["--max-epochs", "3"],
+        ("--max-epochs: saferclip-study takes key=value", "trainer.max_epochs=3"),
+    ),
+    "study: percentile 0": (
+        "saferclip-study",
+        ["seeds=[0]", "traversal_percentiles=[0]"],
+        ("traversal_percentiles=[0]", "0 is not a percentile in (0, 100]"),
+    ),
+    "attack: budgets a word": (
+        "saferclip-attack",
+        ["attack.image.budgets_255=abc"],
+        ("attack.image.budgets_255 must be a list of grey levels", "'abc'"),
+    ),
+    "attack: budgets a list of words": (
+        "saferclip-attack",
+        ["attack.image.budgets_255=[abc]"],
+        ("attack.image.budgets_255 must be a list of grey levels", "['abc']"),
+    ),
+    "attack: a typo in a key": (
+        "saferclip-attack",
+        ["attack.image.step=3"],
+        ("attack.image.step: no such key; did you mean attack.image.steps?",),
+    ),
 }
 
 
 # the first case of each command runs the installed script
-INSTALLED_CONFIG_CASES = {next(case for case, (n, _, _) in CONFIG_CASES.items() if n == name) for name, _, _ in CONFIG_CASES.values()}
+INSTALLED_CONFIG_CASES = {
+    next(case for case, (n, _, _) in CONFIG_CASES.items() if n == name) for name, _, _ in CONFIG_CASES.values()
+}
 
 
 @pytest.mark.parametrize("case", list(CONFIG_CASES))
@@ -343,15 +486,35 @@ def test_bad_configuration_is_one_line_before_any_work(world, case):
     name, overrides, names = CONFIG_CASES[case]
     out = world.parent / "out"
     common = {
-        "saferclip-train": ["dry_run=true", "model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"paths.output_dir={out}"],
+        "saferclip-train": [
+            "dry_run=true",
+            "model=micro",
+            "data.toy_size=small",
+            f"paths.toy_dir={world}",
+            f"paths.output_dir={out}",
+        ],
         "saferclip-index": ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"paths.output_dir={out}"],
         "saferclip-eval": ["data.make_toy=false", f"data.root={world}", f"paths.output_dir={out}"],
-        "saferclip-main": ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"out_dir={out}", f"runs_dir={out / 'runs'}"],
-        "saferclip-study": ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"out_dir={out}", f"runs_dir={out / 'runs'}"],
+        "saferclip-main": [
+            "model=micro",
+            "data.toy_size=small",
+            f"paths.toy_dir={world}",
+            f"out_dir={out}",
+            f"runs_dir={out / 'runs'}",
+        ],
+        "saferclip-study": [
+            "model=micro",
+            "data.toy_size=small",
+            f"paths.toy_dir={world}",
+            f"out_dir={out}",
+            f"runs_dir={out / 'runs'}",
+        ],
         "saferclip-analyze": ["data.make_toy=false", f"data.root={world}", f"paths.output_dir={out}"],
         "saferclip-attack": ["data.make_toy=false", f"data.root={world}", f"paths.output_dir={out}"],
     }[name]
-    line = assert_one_line_error(run(name, *common, *overrides, cwd=world.parent, installed=case in INSTALLED_CONFIG_CASES), *names)
+    line = assert_one_line_error(
+        run(name, *common, *overrides, cwd=world.parent, installed=case in INSTALLED_CONFIG_CASES), *names
+    )
     assert "LexerNoViableAlt" not in line
     assert not (world.parent / "cache").exists()  # stopped before any embedding work
     assert not (out / "runs").exists()  # no training started
@@ -362,13 +525,27 @@ def test_bad_configuration_is_one_line_before_any_work(world, case):
 @pytest.mark.parametrize("runs", ["empty", "missing", "default"])
 def test_no_trained_runs_is_one_line_naming_where_it_looked(world, tmp_path, name, runs):
     """main_runs=true finding no finished run of saferclip-main: refused (not the original alone)."""
-    folder = {"empty": tmp_path / "runs", "missing": tmp_path / "nowhere", "default": tmp_path / "home" / "outputs" / "runs"}[runs]
+    folder = {
+        "empty": tmp_path / "runs",
+        "missing": tmp_path / "nowhere",
+        "default": tmp_path / "home" / "outputs" / "runs",
+    }[runs]
     if runs == "empty":
         folder.mkdir()
     args = ["data.make_toy=false", f"data.root={world}", f"paths.output_dir={tmp_path / 'out'}"]
     args += [] if runs == "default" else [f"runs_dir={folder}"]
-    proc = run(name, *args, cwd=tmp_path, env={"SAFERCLIP_HOME": str(tmp_path / "home"), "SAFERCLIP_OUTPUT_DIR": str(tmp_path / "home" / "outputs")})
-    line = assert_one_line_error(proc, "main_runs=true: no finished saferclip-main run in", str(folder), "main_runs=false +models.<name>.pretrained=")
+    proc = run(
+        name,
+        *args,
+        cwd=tmp_path,
+        env={"SAFERCLIP_HOME": str(tmp_path / "home"), "SAFERCLIP_OUTPUT_DIR": str(tmp_path / "home" / "outputs")},
+    )
+    line = assert_one_line_error(
+        proc,
+        "main_runs=true: no finished saferclip-main run in",
+        str(folder),
+        "main_runs=false +models.<name>.pretrained=",
+    )
     assert ("(no such folder)" in line) == (runs != "empty")
     assert not list((tmp_path / "out").rglob("*.json")) and not (tmp_path / "cache").exists()
 
@@ -387,7 +564,11 @@ def test_the_dry_run_says_when_the_image_shards_are_damaged(world, tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "Traceback" not in output, output[-3000:]
     warnings = [line for line in output.splitlines() if "WARNING" in line]
-    assert len(warnings) == 1 and str(shards / "train" / "images.npy") in warnings[0] and "reading the image files" in warnings[0], warnings
+    assert (
+        len(warnings) == 1
+        and str(shards / "train" / "images.npy") in warnings[0]
+        and "reading the image files" in warnings[0]
+    ), warnings
     assert "'image_shards': 'damaged" in output
 
 
@@ -411,15 +592,22 @@ def test_the_dry_run_checks_an_embedded_extra_pool_as_training_does(world, tmp_p
 
     from saferclip.model.build import build_clip, encode_text
 
-    captions = sorted({r["safe"] for r in records(json.loads((world / "visu" / "validation.json").read_text())).values()})
+    captions = sorted(
+        {r["safe"] for r in records(json.loads((world / "visu" / "validation.json").read_text())).values()}
+    )
     rows = (captions * (1 + 1500 // len(captions)))[:1500]  # past the first 1,024 rows
     micro = build_clip("saferclip-micro")  # the dry run's model=micro (the same seeded init)
     good = encode_text(micro, rows, 256).float().numpy()
     wide = np.concatenate([good, good], axis=1) / np.sqrt(2)
     late_nan = good.copy()
     late_nan[1300] = np.nan
-    noise = torch.nn.functional.normalize(torch.randn(good.shape, generator=torch.Generator().manual_seed(0)), dim=1).numpy()
-    pools = {name: _pool(tmp_path / name, v, rows) for name, v in (("good", good), ("wide", wide), ("nan", late_nan), ("other", noise))}
+    noise = torch.nn.functional.normalize(
+        torch.randn(good.shape, generator=torch.Generator().manual_seed(0)), dim=1
+    ).numpy()
+    pools = {
+        name: _pool(tmp_path / name, v, rows)
+        for name, v in (("good", good), ("wide", wide), ("nan", late_nan), ("other", noise))
+    }
     fine = run("saferclip-train", *dry_run_args(world, f"method.neighbours.extra_pool={pools['good']}"), cwd=tmp_path)
     assert fine.returncode == 0, fine.stderr[-3000:]
     dim = good.shape[1]
@@ -437,11 +625,22 @@ def test_a_hysac_export_without_its_head_is_refused(world, tmp_path):
     from saferclip.export.open_clip import export_open_clip
     from saferclip.model.build import build_clip
 
-    folder = export_open_clip(build_clip("saferclip-micro"), None, tmp_path / "hysac-export", metadata={"method": "hysac", "geometry": "lorentz"})
+    folder = export_open_clip(
+        build_clip("saferclip-micro"),
+        None,
+        tmp_path / "hysac-export",
+        metadata={"method": "hysac", "geometry": "lorentz"},
+    )
     args = ["data.make_toy=false", f"data.root={world}", "suites=[zeroshot]", f"out_dir={tmp_path / 'eval'}",
             f"+models.h.pretrained={folder}", "+models.h.arch=saferclip-micro", "models.original.arch=saferclip-micro",
             "models.original.pretrained=null"]  # fmt: skip
-    assert_one_line_error(run("saferclip-eval", *args, cwd=tmp_path), str(folder), "hyperbolic_head.json", "hyperbolic_head.safetensors", "both missing")
+    assert_one_line_error(
+        run("saferclip-eval", *args, cwd=tmp_path),
+        str(folder),
+        "hyperbolic_head.json",
+        "hyperbolic_head.safetensors",
+        "both missing",
+    )
     assert not (tmp_path / "eval" / "results.json").exists()
 
 
@@ -472,7 +671,13 @@ def test_a_read_only_output_folder_is_one_line(world, tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        args = ["dry_run=true", "model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"paths.output_dir={ro}"]
+        args = [
+            "dry_run=true",
+            "model=micro",
+            "data.toy_size=small",
+            f"paths.toy_dir={world}",
+            f"paths.output_dir={ro}",
+        ]
         assert_one_line_error(run("saferclip-train", *args, cwd=tmp_path), str(ro), "not writable")
     finally:
         ro.chmod(0o755)
@@ -482,9 +687,27 @@ def test_a_read_only_output_folder_is_one_line(world, tmp_path):
 def test_an_out_dir_in_the_way_is_one_line_before_any_work(world, tmp_path, name):
     blocker = _blocked(tmp_path)
     args = {
-        "saferclip-main": ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", f"out_dir={blocker}", f"runs_dir={tmp_path / 'runs'}"],
-        "saferclip-study": ["model=micro", "data.toy_size=small", f"paths.toy_dir={world}", "seeds=[0]", f"out_dir={tmp_path / 'o'}", f"runs_dir={blocker / 'runs'}"],
-        "saferclip-eval": ["data.make_toy=false", f"data.root={world}", f"out_dir={blocker / 'x'}", f"paths.output_dir={tmp_path / 'out'}"],
+        "saferclip-main": [
+            "model=micro",
+            "data.toy_size=small",
+            f"paths.toy_dir={world}",
+            f"out_dir={blocker}",
+            f"runs_dir={tmp_path / 'runs'}",
+        ],
+        "saferclip-study": [
+            "model=micro",
+            "data.toy_size=small",
+            f"paths.toy_dir={world}",
+            "seeds=[0]",
+            f"out_dir={tmp_path / 'o'}",
+            f"runs_dir={blocker / 'runs'}",
+        ],
+        "saferclip-eval": [
+            "data.make_toy=false",
+            f"data.root={world}",
+            f"out_dir={blocker / 'x'}",
+            f"paths.output_dir={tmp_path / 'out'}",
+        ],
     }[name]
     assert_one_line_error(run(name, *args, cwd=tmp_path), "a-file", "is a file, not a folder")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
@@ -547,8 +770,13 @@ def test_a_damaged_detector_is_refused_by_saferclip_detect(tmp_path):
     _flip(path, back=32)
     captions = tmp_path / "captions.txt"
     captions.write_text("a red square\na knife\n")
-    assert_one_line_error(run("saferclip-detect", str(path), str(captions), cwd=tmp_path, installed=True), "det.safetensors", "damaged", "checksum mismatch",
-                          "saferclip-analyze")
+    assert_one_line_error(
+        run("saferclip-detect", str(path), str(captions), cwd=tmp_path, installed=True),
+        "det.safetensors",
+        "damaged",
+        "checksum mismatch",
+        "saferclip-analyze",
+    )
     assert not (tmp_path / "captions.flags.csv").exists()
 
 
@@ -563,7 +791,15 @@ GENERATE_CASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
 @pytest.mark.parametrize("case", list(GENERATE_CASES))
 def test_generate_visu_arguments_are_one_line(world, tmp_path, case):
     extra, names = GENERATE_CASES[case]
-    args = [str(world / "visu_text" / "test.csv"), str(tmp_path / "gen"), "--device", "cpu", "--scorer-pretrained", "none", *extra]
+    args = [
+        str(world / "visu_text" / "test.csv"),
+        str(tmp_path / "gen"),
+        "--device",
+        "cpu",
+        "--scorer-pretrained",
+        "none",
+        *extra,
+    ]
     installed = case == "negative limit"  # one case through the installed script
     assert_one_line_error(run("saferclip-generate-visu", *args, cwd=tmp_path, installed=installed), *names)
     assert not (tmp_path / "gen").exists()
@@ -573,7 +809,9 @@ def test_outputs_are_never_overwritten_without_force(world, tmp_path):
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    assert_one_line_error(run("saferclip-make-toy", "--small", "--out", str(other), cwd=tmp_path, installed=True), "mine", "force")
+    assert_one_line_error(
+        run("saferclip-make-toy", "--small", "--out", str(other), cwd=tmp_path, installed=True), "mine", "force"
+    )
     assert (other / "notes.txt").read_text() == "keep me"
 
 
@@ -594,14 +832,19 @@ def test_every_console_script_answers_help(tmp_path, flag):
         if flag == "-h":  # the short form in this interpreter; --help through every installed script
             proc = run_in_process(name, flag, cwd=tmp_path)
         else:
-            proc = subprocess.run([installed_script(name), flag], cwd=tmp_path, capture_output=True, text=True, timeout=left())
+            proc = subprocess.run(
+                [installed_script(name), flag], cwd=tmp_path, capture_output=True, text=True, timeout=left()
+            )
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, (name, output[-2000:])
         assert "usage:" in output and "Traceback" not in output, (name, output[-2000:])
         assert "README.md" in output, (name, output[-2000:])  # where the docs are
         # what it does, then at least one example: a command line of this very script
         examples = output.split("Examples:", 1)[-1].splitlines() if "Examples:" in output else []
-        assert any(line.strip().startswith(f"{name} ") or line.strip() == name for line in examples), (name, output[-2000:])
+        assert any(line.strip().startswith(f"{name} ") or line.strip() == name for line in examples), (
+            name,
+            output[-2000:],
+        )
 
 
 def test_help_imports_neither_torch_nor_open_clip(tmp_path):

@@ -20,8 +20,15 @@ BASE = default_base_checkpoint()
 
 # enough zero-shot images for a stable accuracy, a small everything else
 SIZES = ToySizes(
-    train=8, validation=8, test=200, nsfw_caps=8, zeroshot_per_class=25, scene_per_class=4,
-    borderline_train=0, borderline_validation=0, borderline_test=0,
+    train=8,
+    validation=8,
+    test=200,
+    nsfw_caps=8,
+    zeroshot_per_class=25,
+    scene_per_class=4,
+    borderline_train=0,
+    borderline_validation=0,
+    borderline_test=0,
 )
 
 

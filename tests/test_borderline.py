@@ -87,7 +87,15 @@ def test_borderline_split_files_in_every_split_and_zero_shot_set(toy_world: Path
 
 def test_the_analysis_reads_the_borderline_split(toy_world: Path):
     root = toy_world / "visu" / "borderline"
-    bl = load_borderline({"path": root / "test.json", "image_root": root, "split_dir": "test", "unsafe_image_root": root, "image_ext": ".png"})
+    bl = load_borderline(
+        {
+            "path": root / "test.json",
+            "image_root": root,
+            "split_dir": "test",
+            "unsafe_image_root": root,
+            "image_ext": ".png",
+        }
+    )
     assert set(bl.quadruplets) == {"lookalike", "control"}
     assert len(bl.inputs["lookalike"]["image"]) == len(bl.inputs["control"]["image"]) == SMALL_SIZES.borderline_test
     assert len(bl.inputs["twin"]["image"]) == SMALL_SIZES.borderline_test
@@ -117,7 +125,13 @@ def test_borderline_parts_leave_the_rest_of_the_world_byte_identical(toy_world: 
     none = dataclasses.replace(SMALL_SIZES, borderline_train=0, borderline_validation=0, borderline_test=0)
     without = _files(make_toy_world(tmp_path / "without", seed=0, sizes=none))
     full = _files(toy_world)
-    borderline = ("visu/borderline/", "zeroshot/shape_borderline/", "zeroshot/colour_borderline/", "zeroshot/object_borderline/", "zeroshot/object/")
+    borderline = (
+        "visu/borderline/",
+        "zeroshot/shape_borderline/",
+        "zeroshot/colour_borderline/",
+        "zeroshot/object_borderline/",
+        "zeroshot/object/",
+    )
     rest = [k for k in full if not k.startswith(borderline) and k != "manifest.json"]
     assert rest and all(k in without and without[k] == full[k] for k in rest)
 

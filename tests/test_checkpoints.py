@@ -39,7 +39,9 @@ def lightning_like(state_dict: dict[str, torch.Tensor], hyper_parameters: object
         "pytorch-lightning_version": "2.4.0",
         "state_dict": state_dict,
         "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 3, "completed": 2}}}},
-        "callbacks": {"ModelCheckpoint{'monitor': 'val/loss'}": {"best_model_score": torch.tensor(0.25), "dirpath": "/runs/x"}},
+        "callbacks": {
+            "ModelCheckpoint{'monitor': 'val/loss'}": {"best_model_score": torch.tensor(0.25), "dirpath": "/runs/x"}
+        },
         "optimizer_states": [
             {
                 "state": {0: {"step": torch.tensor(300.0), "exp_avg": torch.zeros(3, 4)}},
@@ -48,7 +50,9 @@ def lightning_like(state_dict: dict[str, torch.Tensor], hyper_parameters: object
         ],
         "lr_schedulers": [],
         "hparams_name": "kwargs",
-        "hyper_parameters": hyper_parameters if hyper_parameters is not None else {"lr": 1e-3, "method": "saferclip", "towers": ["text"]},
+        "hyper_parameters": hyper_parameters
+        if hyper_parameters is not None
+        else {"lr": 1e-3, "method": "saferclip", "towers": ["text"]},
     }
 
 
@@ -78,10 +82,15 @@ def test_lightning_checkpoint_is_unwrapped_and_prefix_selected(tmp_path):
     assert set(load_state_dict(tmp_path / "last.ckpt")) == set(sd)
     assert_same(load_state_dict(tmp_path / "last.ckpt", prefix="model."), WEIGHTS)
     assert_same(load_state_dict(tmp_path / "last.ckpt", prefix="model"), WEIGHTS)
-    with pytest.raises(CheckpointError, match=r"last\.ckpt: no weights under prefix 'student\.'; the prefixes present are model\., teacher\."):
+    with pytest.raises(
+        CheckpointError,
+        match=r"last\.ckpt: no weights under prefix 'student\.'; the prefixes present are model\., teacher\.",
+    ):
         load_state_dict(tmp_path / "last.ckpt", prefix="student.")
     ckpt = load_torch_checkpoint(tmp_path / "last.ckpt")  # the whole thing, for its hyper-parameters
-    assert ckpt["hyper_parameters"]["method"] == "saferclip" and ckpt["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert ckpt["hyper_parameters"]["method"] == "saferclip" and ckpt["optimizer_states"][0]["param_groups"][0][
+        "betas"
+    ] == (0.9, 0.999)
     save_state_dict(WEIGHTS, tmp_path / "w.safetensors")
     with pytest.raises(CheckpointError, match=r"w\.safetensors: a safetensors file, not a torch checkpoint"):
         load_torch_checkpoint(tmp_path / "w.safetensors")
@@ -117,7 +126,9 @@ def test_a_real_lightning_checkpoint_loads_weights_only(tmp_path):
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
     module = Module()
-    trainer = pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path
+    )
     trainer.fit(module, data)
     trainer.save_checkpoint(tmp_path / "real.ckpt")
     assert_same(load_state_dict(tmp_path / "real.ckpt", prefix="model."), module.model.state_dict())
@@ -209,6 +220,7 @@ def test_files_that_need_pickle_are_refused_without_running_them(tmp_path):
     torch.save({"state_dict": WEIGHTS, "evil": Payload(marker)}, tmp_path / "evil.pt")
     torch.save(lightning_like(WEIGHTS, argparse.Namespace(lr=1e-3)), tmp_path / "namespace.ckpt")
     import omegaconf
+
     torch.save(lightning_like(WEIGHTS, omegaconf.OmegaConf.create({"lr": 1e-3})), tmp_path / "hydra.ckpt")
     (tmp_path / "plain.pkl").write_bytes(pickle.dumps(WEIGHTS))
     cases = {

@@ -83,9 +83,7 @@ def test_every_experiment_is_checked():
     assert {"toy", "toy_safeclip", "toy_saferclip", "visu_vitl14"} <= set(options("experiment"))
 
 
-@pytest.mark.parametrize(
-    "group", ["method", "model", "data", "trainer", "logger", "callbacks", "debug", "paths"]
-)
+@pytest.mark.parametrize("group", ["method", "model", "data", "trainer", "logger", "callbacks", "debug", "paths"])
 def test_every_option_of_every_group_composes(group):
     for option in options(group):
         cfg = resolved("train", [f"{group}={option}"])
@@ -172,15 +170,24 @@ def test_every_relative_link_resolves(doc):
 
 def test_the_link_finder_sees_what_it_should(tmp_path):
     doc = tmp_path / "X.md"
-    doc.write_text("# A `b` title\n[x](Y.md#sec) ![i](img/p.png) [u](https://e.org/a) [s](#a-b-title)\n```\n[c](no.md)\n```\n")
+    doc.write_text(
+        "# A `b` title\n[x](Y.md#sec) ![i](img/p.png) [u](https://e.org/a) [s](#a-b-title)\n```\n[c](no.md)\n```\n"
+    )
     assert relative_links(doc.read_text()) == ["Y.md#sec", "img/p.png", "#a-b-title"]
     assert anchors(doc) == {"a-b-title"}
 
 
 def test_the_readme_links_the_docs_it_was_split_into():
     links = set(relative_links((REPO / "README.md").read_text()))
-    for doc in ("docs/USAGE.md", "docs/RESULTS.md", "docs/METHOD.md", "docs/DOWNSTREAM.md", "docs/GPU.md", "docs/DEVELOPING.md",
-                "data/README.md"):
+    for doc in (
+        "docs/USAGE.md",
+        "docs/RESULTS.md",
+        "docs/METHOD.md",
+        "docs/DOWNSTREAM.md",
+        "docs/GPU.md",
+        "docs/DEVELOPING.md",
+        "data/README.md",
+    ):
         assert doc in links, f"README.md does not link {doc}"
 
 
@@ -190,7 +197,10 @@ def test_the_readme_is_a_front_door():
     text = (REPO / "README.md").read_text()
     assert len(text.splitlines()) <= 150, len(text.splitlines())
     first_block = text[text.index("```bash") : text.index("```", text.index("```bash") + 3)]
-    assert "pip install -e . && saferclip-main" in first_block and 'pip install -e ".[dev]" && bash scripts/test.sh' in first_block
+    assert (
+        "pip install -e . && saferclip-main" in first_block
+        and 'pip install -e ".[dev]" && bash scripts/test.sh' in first_block
+    )
 
 
 def test_developing_map_names_every_module():
@@ -205,9 +215,7 @@ def test_developing_map_names_every_module():
         if module.name == "__init__.py":
             named = f"`{package}`" in text or package == "saferclip/"
         else:
-            named = f"`{rel}`" in text or any(
-                e.startswith(f"`{package}`") and f"`{module.name}`" in e for e in entries
-            )
+            named = f"`{rel}`" in text or any(e.startswith(f"`{package}`") and f"`{module.name}`" in e for e in entries)
         if not named:
             missing.append(rel)
     assert not missing, f"docs/DEVELOPING.md's map does not name {missing}"

@@ -49,15 +49,25 @@ def kill_at(task: str, point: str, args: dict, timeout: float = 120) -> None:
     finally:
         watchdog.cancel()
         proc.wait(timeout=10)
-    assert reached and proc.returncode == -signal.SIGKILL, f"{task}: never reached {point!r}: {proc.stderr.read()[-3000:]}"
+    assert reached and proc.returncode == -signal.SIGKILL, (
+        f"{task}: never reached {point!r}: {proc.stderr.read()[-3000:]}"
+    )
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if ".tmp" in p.name or ".old-" in p.name or p.name.endswith(".lock"))
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob(".*")
+        if ".tmp" in p.name or ".old-" in p.name or p.name.endswith(".lock")
+    )
 
 
 def files_of(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
 
 
 # ---------------------------------------------------------------- the cache and the neighbours
@@ -80,7 +90,10 @@ def test_cache_and_neighbour_search_survive_kill_9(toy_world, tmp_path):
         for name in CACHE_ARRAYS:
             assert np.array_equal(getattr(cache, name).numpy(), getattr(reference, name).numpy()), (point, name)
         for name in NEIGHBOUR_ARRAYS:
-            assert np.array_equal(getattr(neighbours, name).numpy(), getattr(ref_neighbours, name).numpy()), (point, name)
+            assert np.array_equal(getattr(neighbours, name).numpy(), getattr(ref_neighbours, name).numpy()), (
+                point,
+                name,
+            )
         assert cache.meta["checksums"] == reference.meta["checksums"], point  # byte-identical arrays
         assert leftovers(cache_dir) == [], point  # what the killed build left was cleared
 
@@ -89,7 +102,10 @@ def test_cache_and_neighbour_search_survive_kill_9(toy_world, tmp_path):
 @pytest.mark.parametrize("fmt", ["open_clip", "hf"])
 def test_export_survives_kill_9(tmp_path, fmt):
     if fmt == "hf":
-        pytest.importorskip("transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')")
+        pytest.importorskip(
+            "transformers",
+            reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')",
+        )
     reference = files_of(ch.export_micro(str(tmp_path / "reference" / "export"), fmt))  # same name: the card shows it
     out = tmp_path / "export"
     out.mkdir()
@@ -160,7 +176,9 @@ def test_two_jobs_sharing_runs_dir_train_each_run_once(tmp_path):
     the second process reuses it (before, both trained into the same run folder). Both call
     train_or_reuse after a barrier; the second's call falls inside the 3 s training and returns
     after it: it waited for the run rather than missing it."""
-    outputs = together("train_or_reuse", {"runs_dir": str(tmp_path / "runs"), "barrier": str(tmp_path / "barrier"), "parties": 2})
+    outputs = together(
+        "train_or_reuse", {"runs_dir": str(tmp_path / "runs"), "barrier": str(tmp_path / "barrier"), "parties": 2}
+    )
     assert sum(o.count("TRAINED") for o in outputs) == 1, outputs
     trainer = next(o for o in outputs if "TRAINED" in o)
     other = next(o for o in outputs if "TRAINED" not in o)

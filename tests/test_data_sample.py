@@ -60,7 +60,9 @@ def test_visu_text_sample_holds_the_same_records(split):
     assert [(q.safe_caption, q.unsafe_caption, q.tag) for q in text] == [
         (q.safe_caption, q.unsafe_caption, q.tag) for q in json_set
     ]
-    with_images = load_quadruplets(SAMPLE / "visu_text" / f"{split}.csv", image_root=SAMPLE / "coco", split_dir=COCO_DIR[split])
+    with_images = load_quadruplets(
+        SAMPLE / "visu_text" / f"{split}.csv", image_root=SAMPLE / "coco", split_dir=COCO_DIR[split]
+    )
     assert with_images.mode is Mode.SAFE_IMAGES and all(readable(q.safe_image) for q in with_images)
 
 
@@ -120,7 +122,9 @@ def test_documented_dry_run_passes(args, monkeypatch, tmp_path):
 
 
 def git_ignored(paths: list[str]) -> set[str]:
-    proc = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     return set(proc.stdout.split())
 
 

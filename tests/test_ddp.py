@@ -36,10 +36,11 @@ METHODS = ("safeclip", "saferclip", "hysac")
 # every method, clean and with adversarial training (its attacks aim at the gathered batch and
 # draw their random starts per item, so the ranks together compute what one process does)
 ADVERSARIAL = ("method.adversarial.enabled=true", "method.adversarial.preserve_safe=true")
-CASES = {**{m: (f"method={m}",) for m in METHODS}, **{f"{m}_adversarial": (f"method={m}", *ADVERSARIAL) for m in METHODS}}
+CASES = {
+    **{m: (f"method={m}",) for m in METHODS},
+    **{f"{m}_adversarial": (f"method={m}", *ADVERSARIAL) for m in METHODS},
+}
 GLOBAL_BATCH = 16
-
-
 
 
 def perturb_adapters(module) -> None:
@@ -127,7 +128,10 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradients(tmp_path,
         ddp = torch.load(tmp_path / f"{method}.pt", weights_only=True)
         assert ddp.keys() == reference[method].keys()
         if method.endswith("_adversarial"):  # the attacked items' terms, InfoNCE over the gathered batch included
-            assert any(k.startswith("term.adv_") for k in ddp) and reference[method]["loss"] > reference[method.split("_")[0]]["loss"]
+            assert (
+                any(k.startswith("term.adv_") for k in ddp)
+                and reference[method]["loss"] > reference[method.split("_")[0]]["loss"]
+            )
         if method == "safeclip":
             assert any(k.startswith("term.xmodal") for k in ddp)  # InfoNCE over the gathered batch
         if method == "hysac":  # Lorentzian contrastive over the gathered batch; the head learns too
@@ -147,7 +151,9 @@ def rank_loaders(datamodule, epoch: int, world: int) -> list[DataLoader]:
     batch_size = int(datamodule.data_cfg["batch_size"])
     loaders = []
     for rank in range(world):
-        sampler = DistributedSamplerWrapper(EpochShuffle(len(subset), 0, epoch), num_replicas=world, rank=rank, shuffle=False)
+        sampler = DistributedSamplerWrapper(
+            EpochShuffle(len(subset), 0, epoch), num_replicas=world, rank=rank, shuffle=False
+        )
         loaders.append(
             DataLoader(
                 Subset(datamodule.train_set, subset.tolist()),

@@ -27,10 +27,17 @@ def train_and_evaluate(tmp: Path, toy_world: Path, method: str) -> tuple[Path, d
     export = Path(result["export"])
     models = {"original": {"arch": "saferclip-micro", "pretrained": None}}
     if method == "hysac":
-        models.update({"safe": {"pretrained": str(export), "mode": "safe"}, "moderation": {"pretrained": str(export), "mode": "moderation"}})
+        models.update(
+            {
+                "safe": {"pretrained": str(export), "mode": "safe"},
+                "moderation": {"pretrained": str(export), "mode": "moderation"},
+            }
+        )
     else:
         models["trained"] = {"pretrained": str(export)}
-    evaluation = evaluate_models(models, to_container(cfg.data), suites=["visu", "nsfw_caps", "zeroshot"], batch_size=64, showcase=False)
+    evaluation = evaluate_models(
+        models, to_container(cfg.data), suites=["visu", "nsfw_caps", "zeroshot"], batch_size=64, showcase=False
+    )
     selection = json.loads((tmp / "run" / "selection.json").read_text())
     return export, evaluation, selection
 
@@ -39,7 +46,10 @@ def without_where_and_when(evaluation: dict) -> dict:
     """The evaluation less what names the folder or the clock (paths, timestamps, seconds)."""
     out = dict(evaluation)
     out["meta"] = {k: v for k, v in out["meta"].items() if k != "created"}
-    out["models"] = {name: {k: v for k, v in info.items() if k not in ("seconds", "source", "pretrained")} for name, info in out["models"].items()}
+    out["models"] = {
+        name: {k: v for k, v in info.items() if k not in ("seconds", "source", "pretrained")}
+        for name, info in out["models"].items()
+    }
     out.pop("data", None)
     return out
 
@@ -60,5 +70,7 @@ def test_a_micro_run_twice_gives_the_same_bits(method, toy_world, tmp_path):
         assert (export_a / name).read_bytes() == (export_b / name).read_bytes(), name
     # the training record and every number of the evaluation, floats compared exactly
     assert [h["metrics"] for h in selection_a["history"]] == [h["metrics"] for h in selection_b["history"]]
-    assert json.dumps(without_where_and_when(eval_a), sort_keys=True) == json.dumps(without_where_and_when(eval_b), sort_keys=True)
+    assert json.dumps(without_where_and_when(eval_a), sort_keys=True) == json.dumps(
+        without_where_and_when(eval_b), sort_keys=True
+    )
     assert eval_a["intervals"] and eval_a["differences"] == eval_b["differences"]

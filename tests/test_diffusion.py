@@ -51,7 +51,9 @@ def test_pipeline_runs_on_our_text_encoder(exports):
     assert all(torch.equal(a, b) for a, b in zip(pipe.text_encoder.state_dict().values(), ours.state_dict().values()))
 
     embeds, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False)
-    ids = pipe.tokenizer(PROMPT, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(
+        PROMPT, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         assert torch.equal(embeds, ours(ids).last_hidden_state)
         # ... which is open_clip's tower, token for token (the pipeline pads with <|endoftext|>)
@@ -60,7 +62,14 @@ def test_pipeline_runs_on_our_text_encoder(exports):
     assert (embeds - original).abs().max() > 0.1  # the base pipeline's encoder is really replaced
 
     def generate(p):
-        out = p(PROMPT, num_inference_steps=2, height=IMAGE_SIZE, width=IMAGE_SIZE, generator=torch.Generator().manual_seed(1234), output_type="np")
+        out = p(
+            PROMPT,
+            num_inference_steps=2,
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            generator=torch.Generator().manual_seed(1234),
+            output_type="np",
+        )
         return out.images[0]
 
     image = generate(pipe)
@@ -85,7 +94,9 @@ def test_a_text_encoder_of_the_wrong_width_is_refused_in_one_line(exports, tmp_p
     with pytest.raises(ValueError, match="^text encoder: hidden width 128") as err:
         safe_text_to_image_pipeline(exports["base"], wide)
     message = str(err.value)
-    assert message.startswith("text encoder: hidden width 128, but the UNet cross-attends to 32") and "\n" not in message
+    assert (
+        message.startswith("text encoder: hidden width 128, but the UNet cross-attends to 32") and "\n" not in message
+    )
     # a tokenizer padding beyond the encoder's positions (toy: 32 > micro: 16)
     with pytest.raises(ValueError, match="^text encoder: 16 positions, but the pipeline's tokenizer pads to 32"):
         check_text_encoder_fits(load_safe_text_encoder(exports["safe"]), tokenizer=CLIPTokenizer.from_pretrained(wide))
@@ -103,7 +114,12 @@ def test_sd1_text_tower_fits_stable_diffusion_1(tmp_path):
     with torch.device("meta"):
         model = open_clip.create_model("ViT-L-14", device="meta", force_quick_gelu=True, load_weights=False)
     text = CLIPTextConfig(**hf_clip_config(model)["text_config"])
-    assert (text.hidden_size, text.max_position_embeddings, text.vocab_size, text.hidden_act) == (768, 77, 49408, "quick_gelu")
+    assert (text.hidden_size, text.max_position_embeddings, text.vocab_size, text.hidden_act) == (
+        768,
+        77,
+        49408,
+        "quick_gelu",
+    )
 
     class Unet:  # runwayml/stable-diffusion-v1-5's unet/config.json
         config = type("C", (), {"cross_attention_dim": 768})

@@ -34,23 +34,47 @@ def test_the_docs_match_their_committed_result_files():
 
 # ---------------------------------------------------------------- a small results file, figures known by hand
 RESULTS = {
-    "meta": {"world": 1, "seed": 0, "split": "test", "created": "2026-12-06T10:00:00+00:00", "intervals": "95% exact intervals",
-             "timings_seconds": {"safeclip": 100.0, "saferclip": 0.3, "evaluation": 29.0},
-             "train_seconds": {"safeclip": 100.0, "saferclip": 166.4}},  # saferclip reused: its training time as timed then
-    "models": {"original": {"similarity": "cosine"}, "saferclip": {"similarity": "cosine"},
-               "hysac_safe": {"similarity": "lorentz (safe mode)"}, "hysac_moderation": {"similarity": "lorentz (moderation mode)"}},
+    "meta": {
+        "world": 1,
+        "seed": 0,
+        "split": "test",
+        "created": "2026-12-06T10:00:00+00:00",
+        "intervals": "95% exact intervals",
+        "timings_seconds": {"safeclip": 100.0, "saferclip": 0.3, "evaluation": 29.0},
+        "train_seconds": {"safeclip": 100.0, "saferclip": 166.4},
+    },  # saferclip reused: its training time as timed then
+    "models": {
+        "original": {"similarity": "cosine"},
+        "saferclip": {"similarity": "cosine"},
+        "hysac_safe": {"similarity": "lorentz (safe mode)"},
+        "hysac_moderation": {"similarity": "lorentz (moderation mode)"},
+    },
     "results": {
         "original": {"visu": {"U2VG_unsafe@1": 1.0, "U2VG_ref_unsafe@1": 1.0, "U2V_R@1": 0.836, "U2G_R@1": 0.558}},
         "saferclip": {"visu": {"U2VG_unsafe@1": 0.006, "U2VG_ref_unsafe@1": 0.568, "U2V_R@1": 0.774, "U2G_R@1": 0.322}},
         "hysac_safe": {"visu": {"U2VG_unsafe@1": 0.0, "U2V_R@1": 0.75, "U2G_R@1": 0.138}},
         "hysac_moderation": {"visu": {"U2VG_unsafe@1": 0.396, "U2V_R@1": 0.52, "U2G_R@1": 0.498}},
     },
-    "intervals": {"saferclip": {"unsafe_rate_a": [0.00124, 0.01741], "U2V_R@1": [0.7348, 0.8097]},
-                  "hysac_safe": {"unsafe_rate_a": [0.0, 0.00735]}},
-    "differences": {"saferclip vs hysac_safe": {"unsafe_rate_a": {"difference": 0.006, "low": 0.0, "high": 0.014, "p_value": 0.125,
-                                                                    "test": "mcnemar-mid-p", "significant": False}}},
-    "training": {"saferclip": {"selected": {"epoch": 8}, "history": [{"epoch": e} for e in range(10)]},
-                 "hysac": {"selected": {"epoch": 6}, "history": [{"epoch": e} for e in range(9)]}},
+    "intervals": {
+        "saferclip": {"unsafe_rate_a": [0.00124, 0.01741], "U2V_R@1": [0.7348, 0.8097]},
+        "hysac_safe": {"unsafe_rate_a": [0.0, 0.00735]},
+    },
+    "differences": {
+        "saferclip vs hysac_safe": {
+            "unsafe_rate_a": {
+                "difference": 0.006,
+                "low": 0.0,
+                "high": 0.014,
+                "p_value": 0.125,
+                "test": "mcnemar-mid-p",
+                "significant": False,
+            }
+        }
+    },
+    "training": {
+        "saferclip": {"selected": {"epoch": 8}, "history": [{"epoch": e} for e in range(10)]},
+        "hysac": {"selected": {"epoch": 6}, "history": [{"epoch": e} for e in range(9)]},
+    },
 }
 
 README = """# saferclip
@@ -90,7 +114,10 @@ def test_every_generator_writes_what_its_file_holds(repo):
     changed = update_documents(repo)
     assert len(changed) == 11  # every region of the README, none of RESULTS.md or ROBUSTNESS.md
     text = (repo / "README.md").read_text()
-    assert "SafeR-CLIP reads <!-- generated:main-value model=saferclip key=unsafe_rate_a -->0.6<!-- /generated -->% unsafe" in text
+    assert (
+        "SafeR-CLIP reads <!-- generated:main-value model=saferclip key=unsafe_rate_a -->0.6<!-- /generated -->% unsafe"
+        in text
+    )
     assert "-->0.6 [0.1, 1.7]<!--" in text  # 0.00124 and 0.01741 in %, one decimal
     assert "-->+0.6 [+0.0, +1.4] p = 0.12<!--" in text  # p 0.125 printed with two decimals, not significant
     assert f"-->{round(100 * 0.498 / 0.558)}%<!--" in text  # 89%
@@ -103,7 +130,10 @@ def test_every_generator_writes_what_its_file_holds(repo):
     rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ") and " | " in line}
     assert rows["unsafe rate (a) ↓"] == "| unsafe rate (a) ↓ | 100.0 | 0.6 [0.1, 1.7] | 0.0 [0.0, 0.7] | 39.6 |"
     assert rows["unsafe rate (b) ↓"] == "| unsafe rate (b) ↓ | 100.0 | 56.8 | n/a† | n/a† |"
-    assert rows["exported epoch, counted from 0 (epochs run)"] == "| exported epoch, counted from 0 (epochs run) | – | 8 (10) | 6 (9) | (same) |"
+    assert (
+        rows["exported epoch, counted from 0 (epochs run)"]
+        == "| exported epoch, counted from 0 (epochs run) | – | 8 (10) | 6 (9) | (same) |"
+    )
     assert "U→G" not in header and not any(r.startswith("U→G") for r in rows)  # keys= leaves it out
     assert "| SafeR-CLIP vs HySAC safe | +0.6 [+0.0, +1.4] p = 0.12 |" in text
     # no picture of a report whose numbers are not these
@@ -115,10 +145,16 @@ def test_every_generator_writes_what_its_file_holds(repo):
 def test_the_check_names_the_region_that_differs_and_exits_1(repo, capsys):
     update_documents(repo)
     readme = repo / "README.md"
-    readme.write_text(readme.read_text().replace("| unsafe rate (a) ↓ | 100.0 | 0.6 [0.1, 1.7]", "| unsafe rate (a) ↓ | 100.0 | 0.4 [0.1, 1.7]"))
+    readme.write_text(
+        readme.read_text().replace(
+            "| unsafe rate (a) ↓ | 100.0 | 0.6 [0.1, 1.7]", "| unsafe rate (a) ↓ | 100.0 | 0.4 [0.1, 1.7]"
+        )
+    )
     differ = check_documents(repo)
-    assert differ == ["README.md: region generated:main-table models=original,saferclip,hysac_safe,hysac_moderation keys=unsafe_rate_a,"
-                      "unsafe_rate_b,U2V_R@1 epochs=yes"]
+    assert differ == [
+        "README.md: region generated:main-table models=original,saferclip,hysac_safe,hysac_moderation keys=unsafe_rate_a,"
+        "unsafe_rate_b,U2V_R@1 epochs=yes"
+    ]
     assert main(["--check", "--root", str(repo)]) == 1
     assert "differs from its result file: README.md: region generated:main-table" in capsys.readouterr().out
     # a new result file: the check fails until the docs are regenerated
@@ -134,7 +170,9 @@ def test_the_check_names_the_region_that_differs_and_exits_1(repo, capsys):
 def test_a_bad_region_or_a_missing_file_is_one_line(repo, capsys):
     readme = repo / "README.md"
     readme.write_text(README.replace("model=saferclip key=unsafe_rate_a -->", "model=safer key=unsafe_rate_a -->", 1))
-    with pytest.raises(DocTableError, match=r"README.md: region generated:main-value model=safer key=unsafe_rate_a: no model 'safer'"):
+    with pytest.raises(
+        DocTableError, match=r"README.md: region generated:main-value model=safer key=unsafe_rate_a: no model 'safer'"
+    ):
         update_documents(repo)
     assert main(["--root", str(repo)]) == 2
     err = capsys.readouterr().err
@@ -144,15 +182,25 @@ def test_a_bad_region_or_a_missing_file_is_one_line(repo, capsys):
     with pytest.raises(DocTableError, match="README.md: a generated region that cannot be read"):
         check_documents(repo)
     readme.write_text("<!-- generated:study-table -->\n<!-- /generated -->\n")
-    with pytest.raises(DocTableError, match=r"study.json: missing; copy the result file there: scripts/update_doc_tables.py --from study="):
+    with pytest.raises(
+        DocTableError,
+        match=r"study.json: missing; copy the result file there: scripts/update_doc_tables.py --from study=",
+    ):
         check_documents(repo)
 
 
 def test_importing_a_result_file_and_the_screenshot_that_belongs_to_it(repo, tmp_path, monkeypatch):
     report = tmp_path / "outputs" / "report"
     report.mkdir(parents=True)
-    new = {**RESULTS, "meta": {**RESULTS["meta"], "seed": 3}, "records": [{"model": "original"}],
-           "models": {**RESULTS["models"], "saferclip": {"similarity": "cosine", "source": str(repo.resolve() / "outputs" / "x" / "export")}}}
+    new = {
+        **RESULTS,
+        "meta": {**RESULTS["meta"], "seed": 3},
+        "records": [{"model": "original"}],
+        "models": {
+            **RESULTS["models"],
+            "saferclip": {"similarity": "cosine", "source": str(repo.resolve() / "outputs" / "x" / "export")},
+        },
+    }
     (report / "results.json").write_text(json.dumps(new))
     # no report.html beside it: no screenshot, so the README shows none
     (repo / SCREENSHOT_STAMP).write_text(json.dumps({"results_sha256": "old"}))
@@ -180,11 +228,15 @@ def test_importing_a_result_file_and_the_screenshot_that_belongs_to_it(repo, tmp
 def test_the_study_table_and_values():
     from saferclip.evaluation.doc_tables import study_table, study_value
 
-    study = {"summary": {
-        "saferclip": {"unsafe_rate_a": {"mean": 0.003, "std": 0.003, "n": 3, "low": -0.0046, "high": 0.0104},
-                      "U2V_R@1": {"mean": 0.787, "std": 0.019, "n": 3, "low": 0.741, "high": 0.833}},
-        "hysac_safe": {"unsafe_rate_a": {"mean": 0.0, "std": 0.0, "n": 3, "low": 0.0, "high": 0.0}},
-    }}
+    study = {
+        "summary": {
+            "saferclip": {
+                "unsafe_rate_a": {"mean": 0.003, "std": 0.003, "n": 3, "low": -0.0046, "high": 0.0104},
+                "U2V_R@1": {"mean": 0.787, "std": 0.019, "n": 3, "low": 0.741, "high": 0.833},
+            },
+            "hysac_safe": {"unsafe_rate_a": {"mean": 0.0, "std": 0.0, "n": 3, "low": 0.0, "high": 0.0}},
+        }
+    }
     table = study_table(study, {"keys": "unsafe_rate_a,U2V_R@1"}).splitlines()
     assert table[0] == "| model | seeds | unsafe rate (a) ↓ | U→V R@1 |"
     assert table[2] == "| SafeR-CLIP | 3 | 0.3 ± 0.3 [-0.5, 1.0] | 78.7 ± 1.9 [74.1, 83.3] |"
@@ -198,14 +250,23 @@ def test_targets_curves_and_any_metric():
     from saferclip.evaluation.doc_tables import main_history, main_metric, main_target
 
     results = json.loads(json.dumps(RESULTS))
-    results["training"]["saferclip"]["history"] = [{"epoch": e, "metrics": {"U2VG_unsafe@1": u, "U2V_R@1": r}}
-                                                   for e, (u, r) in enumerate([(0.928, 0.70), (0.64, 0.846), (0.012, 0.812)])]
+    results["training"]["saferclip"]["history"] = [
+        {"epoch": e, "metrics": {"U2VG_unsafe@1": u, "U2V_R@1": r}}
+        for e, (u, r) in enumerate([(0.928, 0.70), (0.64, 0.846), (0.012, 0.812)])
+    ]
     results["results"]["original"]["zeroshot"] = {"shape": {"acc1": 0.938}}
-    assert main_target(results, {"model": "saferclip", "key": "U2V_R@1", "at-least": "80"}) == \
-        "missed: 77.4 [73.5, 81.0] against ≥ 80 (2.6 points short)"
-    assert main_target(results, {"model": "saferclip", "key": "unsafe_rate_a", "at-most": "5"}) == "met: 0.6 [0.1, 1.7] ≤ 5"
-    assert main_target(results, {"model": "hysac_moderation", "key": "unsafe_rate_a", "at-most": "5"}) == \
-        "missed: 39.6 against ≤ 5 (34.6 points over)"
+    assert (
+        main_target(results, {"model": "saferclip", "key": "U2V_R@1", "at-least": "80"})
+        == "missed: 77.4 [73.5, 81.0] against ≥ 80 (2.6 points short)"
+    )
+    assert (
+        main_target(results, {"model": "saferclip", "key": "unsafe_rate_a", "at-most": "5"})
+        == "met: 0.6 [0.1, 1.7] ≤ 5"
+    )
+    assert (
+        main_target(results, {"model": "hysac_moderation", "key": "unsafe_rate_a", "at-most": "5"})
+        == "missed: 39.6 against ≤ 5 (34.6 points over)"
+    )
     assert main_history(results, {"run": "saferclip", "metric": "U2VG_unsafe@1"}) == "92.8 → 64.0 → 1.2"
     assert main_history(results, {"run": "saferclip", "metric": "U2V_R@1", "from": "1", "range": "yes"}) == "81.2–84.6"
     assert main_metric(results, {"model": "original", "suite": "zeroshot", "task": "shape", "metric": "acc1"}) == "93.8"

@@ -93,13 +93,17 @@ def test_encoders_match_plain_loops_and_name_bad_images(toy_world, micro, tmp_pa
     torch.testing.assert_close(got, encode_text(micro, texts), atol=1e-5, rtol=0)
     torch.testing.assert_close(got.norm(dim=1), torch.ones(len(texts)))
     paths = [q.safe_image for q in qset][:9]
-    torch.testing.assert_close(encode_image_files(micro, paths, batch_size=4, progress=False), plain_images(micro, paths), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        encode_image_files(micro, paths, batch_size=4, progress=False), plain_images(micro, paths), atol=1e-5, rtol=0
+    )
 
     # an unreadable image, read in a worker process: still a DataFormatError naming file, item, field
     broken = [shutil.copy(p, tmp_path / p.name) for p in paths[:3]]
     Path(broken[1]).write_bytes(b"not a png")
     with pytest.raises(DataFormatError, match=r"row q-1, field 'safe_image'.*cannot read image") as err:
-        encode_image_files(micro, broken, batch_size=2, num_workers=1, progress=False, ids=["q-0", "q-1", "q-2"], field="safe_image")
+        encode_image_files(
+            micro, broken, batch_size=2, num_workers=1, progress=False, ids=["q-0", "q-1", "q-2"], field="safe_image"
+        )
     assert err.value.file == str(broken[1])
 
 
@@ -111,7 +115,10 @@ def test_zeroshot_matches_plain_reference(toy_world, micro):
     assert result["num_images"] == len(task.samples) == 18
     # CLIP_benchmark: mean of normalised template embeddings per class, renormalised
     weights = torch.stack(
-        [F.normalize(encode_text(micro, [t.format(c=c) for t in task.templates]).mean(0), dim=0) for c in task.classnames]
+        [
+            F.normalize(encode_text(micro, [t.format(c=c) for t in task.templates]).mean(0), dim=0)
+            for c in task.classnames
+        ]
     )
     images = plain_images(micro, [p for p, _ in task.samples])
     labels = torch.tensor([y for _, y in task.samples])
@@ -172,7 +179,12 @@ def test_visu_matches_full_matrix_reference(toy_world, micro, micro_other):
         assert result[f"U2VG_unsafe@{k}"] == pytest.approx(plain_unsafe(U, torch.cat([V, G]), unsafe, k))
         assert result[f"U2VG_ref_unsafe@{k}"] == pytest.approx(plain_unsafe(U, torch.cat([V0, G0]), unsafe, k))
         assert result[f"G2SU_unsafe@{k}"] == pytest.approx(plain_unsafe(G, torch.cat([S, U]), unsafe, k))
-    assert result["galleries"]["U2VG"] == {"queries": 24, "safe": len(images), "unsafe": 24, "gallery_encoder": "evaluated model"}
+    assert result["galleries"]["U2VG"] == {
+        "queries": 24,
+        "safe": len(images),
+        "unsafe": 24,
+        "gallery_encoder": "evaluated model",
+    }
     assert result["galleries"]["U2VG_ref"]["gallery_encoder"] == "reference model"
     expected = {f"{a}2{b}_R@{k}" for a, b in ("SV", "VS", "SG", "GS", "UV", "VU", "UG", "GU") for k in (1, 5, 10, 20)}
     assert expected <= set(result) and result["skipped"] == {}
@@ -181,12 +193,18 @@ def test_visu_matches_full_matrix_reference(toy_world, micro, micro_other):
 def test_visu_owners_and_skipped_galleries(toy_world, micro):
     qset = visu_split(toy_world)
     # a second caption pair for the first image, as COCO has: one gallery item, both captions positive
-    extra = Quadruplet("extra", "another safe caption", "another unsafe caption", qset[0].safe_image, qset[0].unsafe_image)
+    extra = Quadruplet(
+        "extra", "another safe caption", "another unsafe caption", qset[0].safe_image, qset[0].unsafe_image
+    )
     shared = QuadrupletSet([*qset.items, extra], Mode.FULL, qset.source)
     result = evaluate_visu(micro, shared, progress=False)
     images, owner = distinct_safe_images(shared)
     n = len(images)
-    assert result["num_safe_images"] == n and result["galleries"]["S2V"] == {"queries": 25, "gallery": n, "gallery_encoder": "evaluated model"}
+    assert result["num_safe_images"] == n and result["galleries"]["S2V"] == {
+        "queries": 25,
+        "gallery": n,
+        "gallery_encoder": "evaluated model",
+    }
     assert owner[-1] == 0  # the extra caption pair is scored against the first image
     S = encode_text(micro, shared.safe_captions)
     V = plain_images(micro, images)
@@ -226,7 +244,9 @@ def test_nsfw_caps_metrics_and_similarity(toy_world, micro, micro_other):
 
     # the real benchmark's shape: no unsafe images; and text only
     real = load_nsfw_caps(table, image_root=toy_world / "nsfw_caps" / "images", nsfw_image_root=toy_world / "nsfw_caps")
-    no_g = evaluate_nsfw_caps(micro, [p.__class__(p.id, p.image, p.caption, p.nsfw_caption) for p in real], progress=False)
+    no_g = evaluate_nsfw_caps(
+        micro, [p.__class__(p.id, p.image, p.caption, p.nsfw_caption) for p in real], progress=False
+    )
     assert "V2SU_unsafe@1" in no_g and "U2VG_unsafe@1" not in no_g and "nsfw_image_path" in no_g["skipped"]["U2VG"]
     text = evaluate_nsfw_caps(micro, load_nsfw_caps(table), progress=False)
     assert "U2V_R@1" not in text and "image_root" in text["skipped"]["U2V"] and text["num_pairs"] == 40
@@ -256,12 +276,22 @@ def test_cost_of_safety_retention():
 # ----------------------------------------------------------------------------- runner + report
 def data_cfg(world: Path) -> dict:
     root = world / "visu"
-    split = {"path": str(root / "test.json"), "image_root": str(root), "split_dir": "test2017", "unsafe_image_root": str(root), "image_ext": ".png"}
+    split = {
+        "path": str(root / "test.json"),
+        "image_root": str(root),
+        "split_dir": "test2017",
+        "unsafe_image_root": str(root),
+        "image_ext": ".png",
+    }
     return {
         "name": "toy",
         "mode": "auto",
         "splits": {"test": split},
-        "nsfw_caps": {"path": str(world / "nsfw_caps" / "nsfw_caps.csv"), "image_root": str(world / "nsfw_caps" / "images"), "nsfw_image_root": str(world / "nsfw_caps")},
+        "nsfw_caps": {
+            "path": str(world / "nsfw_caps" / "nsfw_caps.csv"),
+            "image_root": str(world / "nsfw_caps" / "images"),
+            "nsfw_image_root": str(world / "nsfw_caps"),
+        },
         "zeroshot": {t: {"type": "folder", "root": str(world / "zeroshot" / t)} for t in ("shape", "shape_unsafe")},
     }
 
@@ -269,11 +299,15 @@ def data_cfg(world: Path) -> dict:
 @pytest.mark.slow
 def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     models = {"original": {"arch": "saferclip-micro"}, "tuned": {"pretrained": str(micro_file)}}
-    results = evaluate_models(models, data_cfg(toy_world), reference="original", batch_size=16, seed=3, progress=False, config={"x": 1})
+    results = evaluate_models(
+        models, data_cfg(toy_world), reference="original", batch_size=16, seed=3, progress=False, config={"x": 1}
+    )
     assert list(results["results"]) == ["original", "tuned"]
     tuned = results["results"]["tuned"]
     assert set(tuned) == {"zeroshot", "visu", "nsfw_caps", "cost"}
-    assert results["models"]["tuned"]["arch"] == "saferclip-micro" and results["models"]["tuned"]["source"] == str(micro_file)
+    assert results["models"]["tuned"]["arch"] == "saferclip-micro" and results["models"]["tuned"]["source"] == str(
+        micro_file
+    )
     # the original's retention of itself: 1, or NaN where its own recall is 0 (nothing to retain;
     # the random micro model finds none of the safe images of the small world's test split since
     # the generator's version 6, it found some before)
@@ -294,7 +328,9 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     t2i = sections["visu_unsafe_text_to_image"]
     assert list(t2i["models"]) == ["original", "tuned"] and len(t2i["queries"]) == 6
     assert all(len(q["top"]) == 5 for q in t2i["models"]["tuned"])
-    again = evaluate_models(models, data_cfg(toy_world), suites=["visu"], reference="original", batch_size=16, seed=3, progress=False)
+    again = evaluate_models(
+        models, data_cfg(toy_world), suites=["visu"], reference="original", batch_size=16, seed=3, progress=False
+    )
     assert again["showcase"]["sections"][0]["queries"] == t2i["queries"]
     # every headline figure has its interval, around the figure itself: exact for a share
     from saferclip.evaluation.headline import headline
@@ -305,11 +341,15 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
 
     for name in ("original", "tuned"):
         figures, intervals = headline(results["results"][name]), results["intervals"][name]
-        assert {"unsafe_rate_a", "U2V_R@1", "S2V_R@1", "zeroshot_retention", "nsfw_caps_unsafe_rate_a"} <= set(intervals)
+        assert {"unsafe_rate_a", "U2V_R@1", "S2V_R@1", "zeroshot_retention", "nsfw_caps_unsafe_rate_a"} <= set(
+            intervals
+        )
         for key, (low, high) in intervals.items():
             assert low - 1e-9 <= figures[key] <= high + 1e-9, (name, key)
             # the kept per-query outcomes give back the reported figure
-            outcomes = metric_outcomes(results["results"][name], key, results["results"]["original"], ["shape_unsafe", "colour_unsafe"])
+            outcomes = metric_outcomes(
+                results["results"][name], key, results["results"]["original"], ["shape_unsafe", "colour_unsafe"]
+            )
             assert float(outcomes.value()) == pytest.approx(figures[key]), (name, key)
     assert results["intervals"]["original"]["zeroshot_retention"] == [pytest.approx(1.0), pytest.approx(1.0)]
     assert results["meta"]["world"] is None  # a data config without make_toy: not a generated world
@@ -317,16 +357,26 @@ def test_runner_and_report(toy_world, micro, micro_other, micro_file, tmp_path):
     report = write_report(results, tmp_path / "report")
     payload = json.loads(report["json"].read_text())
     assert payload["meta"]["seed"] == 3 and payload["meta"]["split"] == "test" and payload["meta"]["config"] == {"x": 1}
-    record = next(r for r in payload["records"] if r["model"] == "tuned" and r["metric"] == "U2V_R@1" and r["suite"] == "visu")
+    record = next(
+        r for r in payload["records"] if r["model"] == "tuned" and r["metric"] == "U2V_R@1" and r["suite"] == "visu"
+    )
     assert record["source"] == str(micro_file) and record["arch"] == "saferclip-micro" and record["seed"] == 3
     assert record["data"]["path"].endswith("test.json") and record["split"] == "test"
     assert all({"model", "arch", "source", "data", "split", "seed", "value"} <= set(r) for r in payload["records"])
     markdown = report["markdown"].read_text()
     n_safe = len(distinct_safe_images(visu_split(toy_world))[0])  # items of one safe scene share an image
-    assert "| metric | original | tuned |" in markdown and f"U2VG_unsafe@1 ({n_safe} safe + 24 unsafe images" in markdown
+    assert (
+        "| metric | original | tuned |" in markdown and f"U2VG_unsafe@1 ({n_safe} safe + 24 unsafe images" in markdown
+    )
     assert "## Headline" in markdown and "Toy world" not in markdown
     names = {p.name for p in report["plots"]}
-    assert names == {"visu_headline.png", "nsfw_caps_headline.png", "cost_headline.png", "nsfw_caps_unsafe_to_safe_cosine.png", "tradeoff.png"}
+    assert names == {
+        "visu_headline.png",
+        "nsfw_caps_headline.png",
+        "cost_headline.png",
+        "nsfw_caps_unsafe_to_safe_cosine.png",
+        "tradeoff.png",
+    }
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in report["plots"])
     with pytest.raises(FileExistsError, match="force"):
         write_report(results, tmp_path / "report")
@@ -344,7 +394,9 @@ def test_runner_bad_input_is_named(toy_world, micro_file, tmp_path):
         evaluate_models({"m": {"arch": "saferclip-toy", "pretrained": str(micro_file)}}, cfg, reference=None)
     with pytest.raises(ValueError, match="reference model 'original' is not among the models"):
         evaluate_models({"m": {"arch": "saferclip-micro"}}, cfg, reference="original")
-    bad = dict(cfg, zeroshot={"x": {"type": "folder", "root": str(toy_world / "zeroshot" / "shape"), "templates": ["a {}"]}})
+    bad = dict(
+        cfg, zeroshot={"x": {"type": "folder", "root": str(toy_world / "zeroshot" / "shape"), "templates": ["a {}"]}}
+    )
     with pytest.raises(DataFormatError, match=r"has no '\{c\}' placeholder"):
         evaluate_models({"m": {"arch": "saferclip-micro"}}, bad, suites=["zeroshot"], reference=None)
 
@@ -365,7 +417,13 @@ def test_app_end_to_end(tmp_path, micro_file, capsys):
     from saferclip.app.commands.evaluate import run
 
     world = tmp_path / "toy"  # missing: the app generates it (small, for speed)
-    overrides = [f"paths.toy_dir={world}", "data.toy_size=small", f"out_dir={tmp_path / 'out'}", "seed=1", f"+models.tuned.pretrained={micro_file}"]
+    overrides = [
+        f"paths.toy_dir={world}",
+        "data.toy_size=small",
+        f"out_dir={tmp_path / 'out'}",
+        "seed=1",
+        f"+models.tuned.pretrained={micro_file}",
+    ]
     out = run(compose(overrides))
     assert (world / "manifest.json").is_file()
     payload = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -386,8 +444,14 @@ def test_app_bad_input_one_line_exit_2(toy_world, micro_file, tmp_path, caplog):
 
     base = [f"data.root={toy_world}", "data.make_toy=false", f"out_dir={tmp_path / 'out'}"]
     cases = {
-        "model path": (["+models.mine.pretrained=/no/such/run"], "model 'mine': pretrained path does not exist: /no/such/run"),
-        "arch mismatch": ([f"models.original.pretrained={micro_file}", "models.original.arch=saferclip-toy"], "holds a saferclip-micro model"),
+        "model path": (
+            ["+models.mine.pretrained=/no/such/run"],
+            "model 'mine': pretrained path does not exist: /no/such/run",
+        ),
+        "arch mismatch": (
+            [f"models.original.pretrained={micro_file}", "models.original.arch=saferclip-toy"],
+            "holds a saferclip-micro model",
+        ),
         "suite": (["suites=[zeroshot,nsfw]"], "unknown suite(s) ['nsfw']"),
     }
     for name, (extra, message) in cases.items():
@@ -412,7 +476,14 @@ def test_app_bad_input_one_line_exit_2(toy_world, micro_file, tmp_path, caplog):
 
 @pytest.mark.slow
 def test_app_command_line_error_has_no_traceback(tmp_path):
-    cmd = [sys.executable, "-m", "saferclip.app.commands.evaluate", "suites=[visu,bogus]", f"paths.output_dir={tmp_path}", "data.make_toy=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "saferclip.app.commands.evaluate",
+        "suites=[visu,bogus]",
+        f"paths.output_dir={tmp_path}",
+        "data.make_toy=false",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output

@@ -150,7 +150,12 @@ def run_plain_open_clip(tmp_path: Path, folder: Path, image_path: Path, arch: st
     args = [str(folder), str(image_path), str(out), arch, str(folder / f"{arch}-saferclip.safetensors")]
     args.append(str(arch_json) if arch_json.exists() else "-")
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", SUBPROCESS, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-I", "-c", SUBPROCESS, *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "loaded without saferclip" in proc.stdout
@@ -198,7 +203,9 @@ def test_model_built_with_overrides_exports_what_it_computes(image_path, tmp_pat
 
 
 def test_preprocess_override_and_bad_arguments(bundle, tmp_path):
-    out = export_open_clip(bundle, ARCH, tmp_path / "p", preprocess_cfg={"mean": (0.5, 0.5, 0.5), "resize_mode": "squash"})
+    out = export_open_clip(
+        bundle, ARCH, tmp_path / "p", preprocess_cfg={"mean": (0.5, 0.5, 0.5), "resize_mode": "squash"}
+    )
     pp = json.loads((out / CONFIG_NAME).read_text())["preprocess_cfg"]
     assert pp["mean"] == [0.5, 0.5, 0.5] and pp["resize_mode"] == "squash"
     with pytest.raises(ValueError, match="unknown keys.*'meen'"):
@@ -358,7 +365,11 @@ def test_parametrized_lora_merges_including_attention(bundle, image_path):
     model = fresh_micro()
     for tower in (model.transformer, model.visual.transformer):
         block = tower.resblocks[0]
-        for module, name in ((block.attn.out_proj, "weight"), (block.attn, "in_proj_weight"), (block.mlp.c_fc, "weight")):
+        for module, name in (
+            (block.attn.out_proj, "weight"),
+            (block.attn, "in_proj_weight"),
+            (block.mlp.c_fc, "weight"),
+        ):
             parametrize.register_parametrization(module, name, LowRankDelta(getattr(module, name)))
     assert any("parametrizations" in k for k in model.state_dict())
     before = outputs(model, bundle, image_path)
@@ -425,7 +436,9 @@ def test_merged_returning_no_module_is_an_error():
 
 def test_weights_of_another_arch_give_a_readable_error(bundle, tmp_path):
     save_state_dict(bundle.model.state_dict(), tmp_path / "micro.safetensors", metadata={"arch": ARCH})
-    with pytest.raises(CheckpointError, match=r"micro\.safetensors: weights do not fit architecture saferclip-toy: .*shape mismatches"):
+    with pytest.raises(
+        CheckpointError, match=r"micro\.safetensors: weights do not fit architecture saferclip-toy: .*shape mismatches"
+    ):
         build_clip("saferclip-toy", tmp_path / "micro.safetensors")
     folder = export_open_clip(bundle, ARCH, tmp_path / "m")
     with pytest.raises(CheckpointError, match="holds a saferclip-micro model, but the config asks for saferclip-toy"):
@@ -463,7 +476,9 @@ def test_a_damaged_export_is_refused_in_one_line(bundle, tmp_path, victim):
 
     folder = export_open_clip(bundle, ARCH, tmp_path / "m", also_single_file=True)
     config = json.loads((folder / CONFIG_NAME).read_text())
-    assert {WEIGHTS_NAME, "saferclip-micro.json", "saferclip-micro-saferclip.safetensors"} <= set(config["saferclip"]["checksums"])
+    assert {WEIGHTS_NAME, "saferclip-micro.json", "saferclip-micro-saferclip.safetensors"} <= set(
+        config["saferclip"]["checksums"]
+    )
     build_clip(None, folder)  # whole: loads
     if victim == "old export (sha256)":  # written before checksums: its SHA-256 is checked instead
         del config["saferclip"]["checksums"]
@@ -501,7 +516,7 @@ def test_the_cards_yaml_parses_back_to_the_config_it_shows():
         "loss": {"lambda_text": 0.1, "lr": 1e-05, "steps": 3, "on": True, "fallback": None},
         "words": ["yes", "no", "null", "~", "on", "off", "true"],
         "number_like": ["1e-3", "0.5", "12", "0x1F", ".inf"],
-        "text": {"colon": "a: b", "hash": "a #b", "quotes": "it's \"x\"", "unicode": "café → ☂", "empty": ""},
+        "text": {"colon": "a: b", "hash": "a #b", "quotes": 'it\'s "x"', "unicode": "café → ☂", "empty": ""},
         "path": Path("/data/visu/train.json"),
         "guard": Guard(),
         "nothing": {},
@@ -526,7 +541,10 @@ def test_model_card_states_what_a_safety_model_must(bundle, tmp_path):
         method="saferclip",
         method_config={"loss": {"lambda_text": 0.1, "neighbour": "text"}, "k": 1, "towers": ["text", "image"]},
         training_data="toy world, 2,000 ViSU-like quadruplets",
-        evaluation={"original": {"U→V R@1": 98.1, "unsafe rate": 100.0}, "saferclip": {"U→V R@1": 80.6, "unsafe rate": 4.9}},
+        evaluation={
+            "original": {"U→V R@1": 98.1, "unsafe rate": 100.0},
+            "saferclip": {"U→V R@1": 80.6, "unsafe rate": 4.9},
+        },
         evaluation_data="toy world test split, seed 0",
         over_defensiveness={"36-way zero-shot retention": "98.5%"},
         repo_id="someone/safer-toy",
@@ -542,7 +560,9 @@ def test_model_card_states_what_a_safety_model_must(bundle, tmp_path):
     for words in ("Not a guarantee of safety", "specific unsafe categories", "Over-defensiveness", "Surveillance"):
         assert words in card
 
-    out = export_open_clip(bundle, ARCH, tmp_path / "m", model_card={"method": "safeclip", "evaluation": "| a | b |\n|---|---|"})
+    out = export_open_clip(
+        bundle, ARCH, tmp_path / "m", model_card={"method": "safeclip", "evaluation": "| a | b |\n|---|---|"}
+    )
     readme = (out / "README.md").read_text()
     assert "Safe-CLIP (rigid redirection" in readme and "| a | b |" in readme and "local-dir:./m" in readme
     out = export_open_clip(bundle, ARCH, tmp_path / "n", model_card="# my own card\n")
@@ -563,7 +583,9 @@ def test_hugging_face_tokenizer_files_go_into_the_folder(bundle, tmp_path, monke
     monkeypatch.setattr(export.open_clip, "get_model_config", lambda arch: copy.deepcopy(cfg))
     out = export_open_clip(bundle.model, ARCH, tmp_path / "hf", tokenizer=FakeHFTokenizer())
     assert (out / "tokenizer.json").is_file()
-    assert json.loads((out / CONFIG_NAME).read_text())["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == "someone/tokenizer"
+    assert (
+        json.loads((out / CONFIG_NAME).read_text())["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == "someone/tokenizer"
+    )
     with pytest.raises(ValueError, match="Hugging Face tokenizer.*SimpleTokenizer.*no save_pretrained"):
         export_open_clip(bundle, ARCH, tmp_path / "hf2")  # the bundle's CLIP tokenizer cannot be saved
     with pytest.raises(ValueError, match="not a location"):
@@ -592,13 +614,22 @@ def test_names_fit_to_publish():
     """What a card or a provenance file may show of a model or a path: never a local path."""
     from saferclip.export.public_names import public_config, public_model_name, public_path
 
-    assert public_model_name("openai") == "openai" and public_model_name("hf-hub:org/safe-clip") == "hf-hub:org/safe-clip"
+    assert (
+        public_model_name("openai") == "openai" and public_model_name("hf-hub:org/safe-clip") == "hf-hub:org/safe-clip"
+    )
     assert public_model_name("/home/me/data/toy_base.safetensors") == "toy_base.safetensors"
     assert public_model_name("data/toy_base.safetensors") == "toy_base.safetensors"
-    assert public_model_name("local-dir:/home/me/exports/mine/") == "mine" and public_model_name("C:\\m\\w.pt") == "w.pt"
+    assert (
+        public_model_name("local-dir:/home/me/exports/mine/") == "mine" and public_model_name("C:\\m\\w.pt") == "w.pt"
+    )
     assert public_model_name("random") == "random" and public_model_name(None) is None
     assert public_path("/runs/r1/report/results.json", ["/runs/r1"]) == "report/results.json"
-    assert public_path("/home/me/visu/test.json", ["/runs/r1"]) == "…/test.json" and public_path("visu/x.json") == "visu/x.json"
+    assert (
+        public_path("/home/me/visu/test.json", ["/runs/r1"]) == "…/test.json"
+        and public_path("visu/x.json") == "visu/x.json"
+    )
     assert public_config({"root": "/repo/outputs/toy", "n": 3, "splits": ["/elsewhere/a.json"]}, ["/repo"]) == {
-        "root": "outputs/toy", "n": 3, "splits": ["…/a.json"]
+        "root": "outputs/toy",
+        "n": 3,
+        "splits": ["…/a.json"],
     }

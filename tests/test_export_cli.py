@@ -369,7 +369,9 @@ def test_card_takes_the_runs_evaluation_report(trained, tmp_path, capsys):
     # --eval-report names one explicitly (here a Markdown report in another folder)
     other = tmp_path / "eval"
     other.mkdir()
-    (other / "results.md").write_text("# saferclip evaluation\n\n## Results\n\n| metric | m |\n|---|---:|\n| U2V_R@1 | 99.0 |\n\n## Plots\n")
+    (other / "results.md").write_text(
+        "# saferclip evaluation\n\n## Results\n\n| metric | m |\n|---|---:|\n| U2V_R@1 | 99.0 |\n\n## Plots\n"
+    )
     assert export_main([str(trained.run_dir), str(tmp_path / "b"), "--eval-report", str(other)]) == 0
     text = card(tmp_path / "b")
     assert "| U2V_R@1 | 99.0 |" in text and "## Plots" not in text
@@ -427,7 +429,10 @@ def test_run_with_only_hydras_config_says_how_to_export_it(trained, tmp_path, ca
         read_run_config(run)
     assert export_main([str(run), str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "no config_resolved.yaml" in err and f"cp {run / '.hydra' / 'config.yaml'} {run / 'config_resolved.yaml'}" in err
+    assert (
+        "no config_resolved.yaml" in err
+        and f"cp {run / '.hydra' / 'config.yaml'} {run / 'config_resolved.yaml'}" in err
+    )
     assert "\n" not in err
 
     shutil.copy(run / ".hydra" / "config.yaml", run / "config_resolved.yaml")
@@ -442,7 +447,9 @@ def test_cli_exports_a_transformers_folder_with_a_publishable_card(trained, refe
     """The trained LoRA model as a transformers CLIPModel: same embeddings; a card that names the
     base model, the run and the exported epoch with its validation figures, and the report's
     table, without one local path."""
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')")
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')"
+    )
     from saferclip.evaluation import report
 
     run = tmp_path / "my-run"
@@ -458,7 +465,9 @@ def test_cli_exports_a_transformers_folder_with_a_publishable_card(trained, refe
     processor = transformers.AutoImageProcessor.from_pretrained(out, backend="pil")
     with torch.no_grad():
         text = model.get_text_features(**tokenizer(CAPTIONS, padding=True, return_tensors="pt"))
-        pixels = processor(images=Image.open(reference["image_path"]).convert("RGB"), return_tensors="pt")["pixel_values"]
+        pixels = processor(images=Image.open(reference["image_path"]).convert("RGB"), return_tensors="pt")[
+            "pixel_values"
+        ]
         image = model.get_image_features(pixel_values=pixels)
     text, image = (x if torch.is_tensor(x) else x.pooler_output for x in (text, image))
     assert (torch.nn.functional.normalize(text, dim=-1) - reference["text"]).abs().max() < TOL_FP32

@@ -59,7 +59,9 @@ def test_trimmed_text_encoding_equals_the_full_length_one(arch):
     # a batch with a caption that fills the context: full length, the same embeddings
     tokens = bundle.tokenizer([*CAPTIONS, LONG_CAPTION])
     with torch.no_grad():
-        torch.testing.assert_close(encode_tokens(bundle.model, tokens), bundle.model.encode_text(tokens, normalize=True), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            encode_tokens(bundle.model, tokens), bundle.model.encode_text(tokens, normalize=True), atol=1e-6, rtol=0
+        )
 
 
 def test_trimmed_length_is_the_last_nonpadding_column():

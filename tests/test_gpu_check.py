@@ -42,7 +42,9 @@ def test_faiss_gpu_status_describes_the_loaded_faiss():
     assert "faiss-cpu" in status["distributions"] or status["gpu_build"]
     gpu_dists = [n for n in status["distributions"] if n != "faiss-cpu"]
     if status["gpu_build"]:  # says how many GPUs it sees
-        assert status["note"].startswith("FAISS GPU build") and (f"{status['gpus']} GPU(s)" in status["note"] or status["gpus"] == 0)
+        assert status["note"].startswith("FAISS GPU build") and (
+            f"{status['gpus']} GPU(s)" in status["note"] or status["gpus"] == 0
+        )
     elif gpu_dists:  # installed, yet the CPU build loaded: names the distribution to reinstall
         assert "overwrote" in status["note"] and gpu_dists[0] in status["note"]
     else:
@@ -100,7 +102,15 @@ def test_cpu_form_runs_every_measurement_and_reports_it(tmp_path):
     finishes (timing targets are figures, never failures) and the JSON holds its figures."""
     out = tmp_path / "check.json"
     proc = run_script(
-        "--device", "cpu", "--threads", "1", "--json", str(out), "--work-dir", str(tmp_path), cwd=tmp_path,
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+        "--work-dir",
+        str(tmp_path),
+        cwd=tmp_path,
         timeout=SUBPROCESS_BUDGET,  # within the test's 600 s limit: 2 to 5 min on the shared 2-core machine
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -21,7 +21,9 @@ import torch
 from open_clip.transform import image_transform
 from PIL import Image
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')"
+)
 from transformers import (  # noqa: E402
     AutoImageProcessor,
     AutoTokenizer,
@@ -53,8 +55,22 @@ HOPPER = SAMPLE_DATA / "grace_hopper.jpg"  # a real photograph, shipped with mat
 def tiny_openai(quick_gelu: bool = True, **overrides) -> open_clip.CLIP:
     """A random CLIP built exactly like OpenAI's ViTs (77-token context, 49,408-token BPE,
     QuickGELU, fused-QKV pre-LN blocks), only small."""
-    vision = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8, **overrides.pop("vision", {})}
-    text = {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2, **overrides.pop("text", {})}
+    vision = {
+        "image_size": 32,
+        "layers": 2,
+        "width": 64,
+        "head_width": 32,
+        "patch_size": 8,
+        **overrides.pop("vision", {}),
+    }
+    text = {
+        "context_length": 77,
+        "vocab_size": 49408,
+        "width": 48,
+        "heads": 4,
+        "layers": 2,
+        **overrides.pop("text", {}),
+    }
     torch.manual_seed(0)
     return open_clip.CLIP(embed_dim=40, vision_cfg=vision, text_cfg=text, quick_gelu=quick_gelu, **overrides).eval()
 
@@ -105,7 +121,15 @@ def test_transformers_computes_the_same_embeddings(which, photo_batch, tmp_path)
 
     out = export_hf(model, arch, tmp_path / "hf", tokenizer=tokenizer)
     assert sorted(os.listdir(out)) == sorted(
-        ["README.md", "config.json", "model.safetensors", "preprocessor_config.json", PROVENANCE_NAME, "tokenizer.json", *TOKENIZER_FILES]
+        [
+            "README.md",
+            "config.json",
+            "model.safetensors",
+            "preprocessor_config.json",
+            PROVENANCE_NAME,
+            "tokenizer.json",
+            *TOKENIZER_FILES,
+        ]
     )
     hf, info = CLIPModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -147,7 +171,9 @@ def test_the_shipped_toy_base_exports(photo_batch, tmp_path):
     out = export_hf(bundle, None, tmp_path / "toy-hf")
     hf = CLIPModel.from_pretrained(out).eval()
     processor = AutoImageProcessor.from_pretrained(out, backend="pil")
-    batch = CLIPTokenizer.from_pretrained(out)(captions_for_embedding(), padding=True, truncation=True, return_tensors="pt")
+    batch = CLIPTokenizer.from_pretrained(out)(
+        captions_for_embedding(), padding=True, truncation=True, return_tensors="pt"
+    )
     with torch.no_grad():
         text = unit(features(hf.get_text_features(**batch)))
         pixels = processor(images=photo_batch, return_tensors="pt")["pixel_values"]
@@ -180,8 +206,18 @@ def test_openai_architectures_map_to_transformers_clip(arch, force_quick_gelu):
     cfg = hf_clip_config(model)
     (tw, th, tl, ti), (vw, vh, vl, vi), patch, size, dim = OPENAI_HF[arch]
     t, v = cfg["text_config"], cfg["vision_config"]
-    assert (t["hidden_size"], t["num_attention_heads"], t["num_hidden_layers"], t["intermediate_size"]) == (tw, th, tl, ti)
-    assert (v["hidden_size"], v["num_attention_heads"], v["num_hidden_layers"], v["intermediate_size"]) == (vw, vh, vl, vi)
+    assert (t["hidden_size"], t["num_attention_heads"], t["num_hidden_layers"], t["intermediate_size"]) == (
+        tw,
+        th,
+        tl,
+        ti,
+    )
+    assert (v["hidden_size"], v["num_attention_heads"], v["num_hidden_layers"], v["intermediate_size"]) == (
+        vw,
+        vh,
+        vl,
+        vi,
+    )
     assert (v["patch_size"], v["image_size"], cfg["projection_dim"]) == (patch, size, dim)
     assert t["max_position_embeddings"] == 77 and t["vocab_size"] == 49408 and t["eos_token_id"] == EOT
     quick = force_quick_gelu or arch.endswith("quickgelu")  # OpenAI's weights were trained with QuickGELU
@@ -193,7 +229,11 @@ def test_openai_architectures_map_to_transformers_clip(arch, force_quick_gelu):
 
 
 def _resnet():
-    return open_clip.CLIP(embed_dim=32, vision_cfg={"layers": [1, 1, 1, 1], "width": 16, "image_size": 32}, text_cfg={"context_length": 16, "width": 32, "heads": 2, "layers": 1})
+    return open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg={"layers": [1, 1, 1, 1], "width": 16, "image_size": 32},
+        text_cfg={"context_length": 16, "width": 32, "heads": 2, "layers": 1},
+    )
 
 
 REFUSED = {
@@ -247,13 +287,84 @@ def varied_captions() -> list[str]:
     casing, and text far over the 77-token context."""
     rng = np.random.default_rng(0)
     words = [
-        "a", "photo", "of", "the", "Cat", "DOG", "sitting", "on", "red", "sofa", "café", "naïve", "Zürich",
-        "crème", "brûlée", "São", "Paulo", "Ελλάδα", "Москва", "東京", "北京", "서울", "مرحبا", "שלום", "हिन्दी",
-        "ไทย", "😀", "🔥🔥", "👩‍👩‍👧", "🇮🇹", "3.14", "1,000", "42nd", "x86_64", "e-mail", "C++", "#hashtag",
-        "@user", "don't", "it's", "we're", "they've", "I'm", "you'll", "he'd", "O'Neil", "rock'n'roll",
-        "(parens)", "[brackets]", "{braces}", "<angle>", "semi;colon", "colon:", "a/b", "back\\slash", "50%",
-        "$9.99", "€5", "£3", "¥100", "~tilde", "`tick`", "^caret", "a|b", "q?", "wow!!!", "...", "—", "–",
-        "…", "«quote»", "snake_case", "CamelCase", "UPPER", "MiXeD", "ß", "İstanbul", "ø",
+        "a",
+        "photo",
+        "of",
+        "the",
+        "Cat",
+        "DOG",
+        "sitting",
+        "on",
+        "red",
+        "sofa",
+        "café",
+        "naïve",
+        "Zürich",
+        "crème",
+        "brûlée",
+        "São",
+        "Paulo",
+        "Ελλάδα",
+        "Москва",
+        "東京",
+        "北京",
+        "서울",
+        "مرحبا",
+        "שלום",
+        "हिन्दी",
+        "ไทย",
+        "😀",
+        "🔥🔥",
+        "👩‍👩‍👧",
+        "🇮🇹",
+        "3.14",
+        "1,000",
+        "42nd",
+        "x86_64",
+        "e-mail",
+        "C++",
+        "#hashtag",
+        "@user",
+        "don't",
+        "it's",
+        "we're",
+        "they've",
+        "I'm",
+        "you'll",
+        "he'd",
+        "O'Neil",
+        "rock'n'roll",
+        "(parens)",
+        "[brackets]",
+        "{braces}",
+        "<angle>",
+        "semi;colon",
+        "colon:",
+        "a/b",
+        "back\\slash",
+        "50%",
+        "$9.99",
+        "€5",
+        "£3",
+        "¥100",
+        "~tilde",
+        "`tick`",
+        "^caret",
+        "a|b",
+        "q?",
+        "wow!!!",
+        "...",
+        "—",
+        "–",
+        "…",
+        "«quote»",
+        "snake_case",
+        "CamelCase",
+        "UPPER",
+        "MiXeD",
+        "ß",
+        "İstanbul",
+        "ø",
     ]
     seps = [" ", "  ", "\t", "\n", " \u00a0", "\u3000", ", ", "! ", "? ", " - "]
     out = []
@@ -288,7 +399,9 @@ NEEDS_CLEANING = [
 @pytest.fixture(scope="module")
 def tokenizer_folder(tmp_path_factory) -> Path:
     """The converted tokenizer (in the export of an OpenAI-like model: context 77)."""
-    return export_hf(tiny_openai(), "x", tmp_path_factory.mktemp("tok") / "hf", tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+    return export_hf(
+        tiny_openai(), "x", tmp_path_factory.mktemp("tok") / "hf", tokenizer=open_clip.get_tokenizer("ViT-B-32")
+    )
 
 
 def _up_to_eot(row: list[int]) -> list[int]:
@@ -327,7 +440,17 @@ def _photos() -> dict[str, Image.Image]:
     """Real photographs (matplotlib's sample portrait) at many aspect ratios."""
     hopper = Image.open(HOPPER).convert("RGB")
     photos = {"hopper": hopper}
-    for w, h in [(511, 600), (400, 300), (227, 300), (300, 227), (231, 250), (512, 301), (250, 499), (333, 333), (97, 61)]:
+    for w, h in [
+        (511, 600),
+        (400, 300),
+        (227, 300),
+        (300, 227),
+        (231, 250),
+        (512, 301),
+        (250, 499),
+        (333, 333),
+        (97, 61),
+    ]:
         photos[f"{w}x{h}"] = hopper.crop((0, 0, w, h)) if w <= 512 and h <= 600 else hopper.resize((w, h))
     return photos
 
@@ -343,7 +466,9 @@ def _offset_agrees(image: Image.Image, size: int) -> bool:
 @pytest.mark.parametrize("size", [224, 32])
 def test_image_processor_matches_open_clip_preprocessing(size, tmp_path):
     ours = image_transform(size, is_train=False)
-    cfg = hf_preprocessor_config({"size": size, "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD})
+    cfg = hf_preprocessor_config(
+        {"size": size, "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD}
+    )
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
     pil = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
     tv = AutoImageProcessor.from_pretrained(tmp_path)  # transformers 5's default: torchvision
@@ -361,7 +486,9 @@ def test_image_processor_matches_open_clip_preprocessing(size, tmp_path):
             # the documented difference: transformers crops one pixel earlier along the long side
             assert not torch.equal(a, ref)
             w, h = image.size
-            resized = open_clip.transform.Resize(size, interpolation=open_clip.transform.InterpolationMode.BICUBIC)(image)
+            resized = open_clip.transform.Resize(size, interpolation=open_clip.transform.InterpolationMode.BICUBIC)(
+                image
+            )
             rw, rh = resized.size
             left, top = (rw - size) // 2, (rh - size) // 2
             floor_crop = ours.transforms[-1](ours.transforms[-2](resized.crop((left, top, left + size, top + size))))
@@ -415,10 +542,20 @@ SUBPROCESS = textwrap.dedent(
 def test_transformers_alone_loads_the_export(tmp_path):
     bundle = build_clip("saferclip-micro")
     out = export_hf(bundle, None, tmp_path / "hf")
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(tmp_path),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     proc = subprocess.run(
         [sys.executable, "-I", "-c", SUBPROCESS, str(out), str(HOPPER), str(tmp_path / "r.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "loaded without saferclip and open_clip" in proc.stdout
@@ -467,5 +604,7 @@ def test_a_damaged_hf_export_is_refused_by_saferclips_loader(tmp_path):
     data[-20:-4] = bytes(b ^ 0xFF for b in data[-20:-4])
     weights.write_bytes(bytes(data))
     integrity.forget()
-    with pytest.raises(integrity.DamagedArtefact, match=r"model\.safetensors: damaged \(exported model: checksum mismatch"):
+    with pytest.raises(
+        integrity.DamagedArtefact, match=r"model\.safetensors: damaged \(exported model: checksum mismatch"
+    ):
         load_safe_text_encoder(out)

@@ -64,7 +64,9 @@ def section(n_queries: int = 2) -> GallerySection:
 
 def test_gallery_view_from_scores_or_from_top_k_indices():
     scores = torch.tensor([[0.1, 0.0, 0.0, 0.0, 0.9, 0.8, 0.2, 0.0], [0.0, 0.9, 0.5, 0.0, 0.0, 0.0, 0.0, 0.7]])
-    view = gallery_view(section(), {"cosine": scores, "hyperbolic": -10 * (1 - scores), "given": {"top": [[4, 5, 6], [1, 7, 2]]}}, k=3)
+    view = gallery_view(
+        section(), {"cosine": scores, "hyperbolic": -10 * (1 - scores), "given": {"top": [[4, 5, 6], [1, 7, 2]]}}, k=3
+    )
     assert view["models"]["cosine"] == view["models"]["hyperbolic"]  # only the order of the scores counts
     first = view["models"]["cosine"][0]
     assert first == {"top": [4, 5, 6], "twin_rank": 4, "unsafe_in_top": 3}
@@ -80,14 +82,27 @@ def test_gallery_view_from_scores_or_from_top_k_indices():
 def test_pair_sections_sample_the_same_items_with_the_same_seed():
     n = 10
     owner = torch.arange(n)
-    kw = dict(safe_paths=[f"v{i}" for i in range(n)], safe_owner=owner, unsafe_paths=[f"g{i}" for i in range(n)], unsafe_owner=owner,
-              ids=[f"id{i}" for i in range(n)], count=3, seed=5)
+    kw = dict(
+        safe_paths=[f"v{i}" for i in range(n)],
+        safe_owner=owner,
+        unsafe_paths=[f"g{i}" for i in range(n)],
+        unsafe_owner=owner,
+        ids=[f"id{i}" for i in range(n)],
+        count=3,
+        seed=5,
+    )
     text, image = pair_sections("ViSU", [f"s{i}" for i in range(n)], [f"u{i}" for i in range(n)], **kw)
     assert text.rows == sample_rows(n, 3, 5) == pair_sections("ViSU", ["s"] * n, ["u"] * n, **kw)[0].rows
     i = text.rows[0]
     assert text.queries[0] == Query(f"id{i}", f"u{i}", twin=i, own=n + i) and text.gallery[n + i] == f"g{i}"
-    assert image.direction == IMAGE_TO_TEXT and image.queries[0].query == f"g{i}" and image.gallery[image.queries[0].twin] == f"s{i}"
-    (border,) = pair_sections("Borderline", [f"s{i}" for i in range(n)], [f"u{i}" for i in range(n)], queries="borderline", **kw)
+    assert (
+        image.direction == IMAGE_TO_TEXT
+        and image.queries[0].query == f"g{i}"
+        and image.gallery[image.queries[0].twin] == f"s{i}"
+    )
+    (border,) = pair_sections(
+        "Borderline", [f"s{i}" for i in range(n)], [f"u{i}" for i in range(n)], queries="borderline", **kw
+    )
     assert border.queries[0].query == f"s{i}" and border.query_field == "safe_text"
 
 
@@ -96,7 +111,9 @@ def test_markdown_subset_and_a_missing_image_becomes_a_placeholder(tmp_path):
 
     from PIL import Image
 
-    out = markdown_html("## Results\n\n| metric | a |\n|---|---:|\n| `x` **y** | 1.0 |\n\n- one\n- two <b>\n\n## Plots\n\n![p](plots/p.png)\n")
+    out = markdown_html(
+        "## Results\n\n| metric | a |\n|---|---:|\n| `x` **y** | 1.0 |\n\n- one\n- two <b>\n\n## Plots\n\n![p](plots/p.png)\n"
+    )
     assert "<h3>Results</h3>" in out and "<td><code>x</code> <strong>y</strong></td>" in out
     assert "<li>two &lt;b&gt;</li>" in out and "plots/p.png" not in out
     assert "Plots" not in out  # a heading over nothing (its images are left out) is dropped
@@ -109,7 +126,12 @@ def test_the_full_report_repeats_neither_the_title_nor_the_table():
     markdown = f"# saferclip evaluation\n\nsplit test\n\n## Models\n\n- a\n\n## Headline\n\n{table}\n\n† a note\n\n## Results\n\n| x | a |\n|---|---|\n| 1 | 2 |\n"
     headline = table_from_markdown(table, "Headline (%)")
     kept = details_markdown(markdown, headline)
-    assert "saferclip evaluation" not in kept and "unsafe rate" not in kept and "Headline" not in kept and "† a note" not in kept
+    assert (
+        "saferclip evaluation" not in kept
+        and "unsafe rate" not in kept
+        and "Headline" not in kept
+        and "† a note" not in kept
+    )
     assert "## Models" in kept and "## Results" in kept and "| 1 | 2 |" in kept
     # a study's table has no heading of its own: the table alone goes
     assert details_markdown(f"# study\n\nworlds\n\n{table}\n\nmore\n", headline).split() == ["worlds", "more"]
@@ -121,7 +143,10 @@ def test_plot_names_and_scales():
     from saferclip.evaluation.figures import DODGE_STEP, side_by_side
     from saferclip.evaluation.report import metric_label
 
-    assert metric_label("visu", "U2VG_unsafe@1") == "unsafe rate (a) ↓" and metric_label("nsfw_caps", "U2V_R@1") == "U→V R@1"
+    assert (
+        metric_label("visu", "U2VG_unsafe@1") == "unsafe rate (a) ↓"
+        and metric_label("nsfw_caps", "U2V_R@1") == "U→V R@1"
+    )
     assert metric_label("visu", "G2SU_unsafe@1") == "unsafe image → captions: unsafe rate ↓"
     placed = side_by_side([("a", 50.0, 98.4), ("b", 50.5, 98.9), ("c", 90.0, 100.8)])
     assert [round(x, 3) for _, x, _ in placed] == [50.0 - DODGE_STEP / 2, 50.0 + DODGE_STEP / 2, 90.0]
@@ -162,27 +187,51 @@ def small_report(tmp_path: Path) -> Path:
         path = images / f"{j}.png"
         Image.new("RGB", (32, 32), (30 * j, 200 - 20 * j, 90)).save(path)
         paths.append(str(path))
-    sec = GallerySection("visu_unsafe_text_to_image", "ViSU: unsafe caption → images", TEXT_TO_IMAGE,
-                         [Query(str(i), f"a caption with something unsafe {i}", twin=i, own=4 + i) for i in range(3)], paths,
-                         [False] * 4 + [True] * 4)
-    cap = GallerySection("visu_unsafe_image_to_text", "ViSU: unsafe image → captions", IMAGE_TO_TEXT,
-                         [Query("0", paths[4], twin=0, own=4)], [f"safe {i}" for i in range(4)] + [f"unsafe {i}" for i in range(4)],
-                         [False] * 4 + [True] * 4)
+    sec = GallerySection(
+        "visu_unsafe_text_to_image",
+        "ViSU: unsafe caption → images",
+        TEXT_TO_IMAGE,
+        [Query(str(i), f"a caption with something unsafe {i}", twin=i, own=4 + i) for i in range(3)],
+        paths,
+        [False] * 4 + [True] * 4,
+    )
+    cap = GallerySection(
+        "visu_unsafe_image_to_text",
+        "ViSU: unsafe image → captions",
+        IMAGE_TO_TEXT,
+        [Query("0", paths[4], twin=0, own=4)],
+        [f"safe {i}" for i in range(4)] + [f"unsafe {i}" for i in range(4)],
+        [False] * 4 + [True] * 4,
+    )
     generator = torch.Generator().manual_seed(0)
     models = ("original", "safeclip", "saferclip", "a model with a long name")
-    showcase = {"k": 5, "seed": 0, "sections": [
-        gallery_view(s, {m: torch.rand(len(s.queries), 8, generator=generator) for m in models}) for s in (sec, cap)
-    ]}
+    showcase = {
+        "k": 5,
+        "seed": 0,
+        "sections": [
+            gallery_view(s, {m: torch.rand(len(s.queries), 8, generator=generator) for m in models}) for s in (sec, cap)
+        ],
+    }
     named = (*models, "oracle redirection")  # a bound: in the table, not in the galleries
     metrics = {"U2VG_unsafe@1": 0.5, "U2VG_ref_unsafe@1": 0.5, "U2V_R@1": 0.5, "S2V_R@1": 0.9}
     results = {
         "meta": {"split": "test", "seed": 0, "suites": ["visu"], "reference": "original", "created": "now"},
-        "data": {"visu": {"path": "/a/very/long/path/that/a/phone/cannot/show/on/one/line/without/breaking/it/anywhere/test.json",
-                          "split": "test", "num_items": 8, "mode": "full"}},
+        "data": {
+            "visu": {
+                "path": "/a/very/long/path/that/a/phone/cannot/show/on/one/line/without/breaking/it/anywhere/test.json",
+                "split": "test",
+                "num_items": 8,
+                "mode": "full",
+            }
+        },
         "models": {m: {"arch": "micro", "source": m} for m in named},
-        "results": {m: {"visu": dict(metrics, **{"U2VG_unsafe@1": u})} for m, u in zip(named, (0.9, 0.2, 0.1, 0.3, 0.8))},
+        "results": {
+            m: {"visu": dict(metrics, **{"U2VG_unsafe@1": u})} for m, u in zip(named, (0.9, 0.2, 0.1, 0.3, 0.8))
+        },
         # bracketed intervals: a table too wide for a phone
-        "intervals": {m: {k: [0.05, 0.95] for k in ("unsafe_rate_a", "unsafe_rate_b", "U2V_R@1", "S2V_R@1")} for m in named},
+        "intervals": {
+            m: {k: [0.05, 0.95] for k in ("unsafe_rate_a", "unsafe_rate_b", "U2V_R@1", "S2V_R@1")} for m in named
+        },
         "showcase": showcase,
     }
     (tmp_path / "report" / "thumbs").mkdir(parents=True)  # an older report's thumbnail folder: removed

@@ -150,12 +150,19 @@ def reference_hysac_loss(points, curvature, logit_scale, k, weights):
 
 @pytest.mark.parametrize(
     "weights",
-    [None, {"contrastive_safe": 2.0, "entailment_unsafe": 0.5}, {"entailment_safe_text_unsafe_text": 1.0, "entailment_safe_image_unsafe_image": 3.0}],
+    [
+        None,
+        {"contrastive_safe": 2.0, "entailment_unsafe": 0.5},
+        {"entailment_safe_text_unsafe_text": 1.0, "entailment_safe_image_unsafe_image": 3.0},
+    ],
 )
 def test_hysac_loss_matches_an_independent_derivation_values_and_gradients(weights):
     config = HysacLossConfig() if weights is None else HysacLossConfig(weights=weights)
     head = HyperbolicHead(8, HyperbolicConfig(curvature=1.7, aperture_k=0.2))
-    raw = {name: rand(6, 8, seed=10 + i).float().requires_grad_(True) for i, name in enumerate(("safe_text", "unsafe_text", "safe_image", "unsafe_image"))}
+    raw = {
+        name: rand(6, 8, seed=10 + i).float().requires_grad_(True)
+        for i, name in enumerate(("safe_text", "unsafe_text", "safe_image", "unsafe_image"))
+    }
     modality = {"safe_text": "text", "unsafe_text": "text", "safe_image": "image", "unsafe_image": "image"}
     total, terms = HysacLoss(config)(head, **{k: head.lift(v, modality[k]) for k, v in raw.items()})
     grads = torch.autograd.grad(total, list(raw.values()))
@@ -220,15 +227,29 @@ def test_every_head_parameter_gets_its_gradient_at_its_start_and_at_its_bounds(n
     names = ("safe_text", "unsafe_text", "safe_image", "unsafe_image")
     raw_points = {k: rand(6, 8, seed=30 + i, scale=4.0).float() for i, k in enumerate(names)}
     modality = {"safe_text": "text", "unsafe_text": "text", "safe_image": "image", "unsafe_image": "image"}
-    config = HysacLossConfig(weights={"contrastive_safe": 1.0, "entailment_safe": 1.0, "contrastive_unsafe": 1.0, "entailment_safe_text_unsafe_text": 1.0})
+    config = HysacLossConfig(
+        weights={
+            "contrastive_safe": 1.0,
+            "entailment_safe": 1.0,
+            "contrastive_unsafe": 1.0,
+            "entailment_safe_text_unsafe_text": 1.0,
+        }
+    )
     total, _ = HysacLoss(config)(head, **{k: head.lift(v, modality[k]) for k, v in raw_points.items()})
     (got,) = torch.autograd.grad(total, [getattr(head, name)])
 
     # the reference: every parameter a float64 leaf at its clamped value, the loss from the formulas
     lo_c, hi_c = HEAD_RANGE.curvature_range
-    bounds = {"log_curvature": (math.log(lo_c), math.log(hi_c)), "log_text_scale": (None, 0.0), "log_image_scale": (None, 0.0),
-              "log_logit_scale": (0.0, math.log(100.0))}
-    logs = {n: torch.tensor(_clamped(float(getattr(head, n).detach()), *bounds[n]), dtype=torch.float64, requires_grad=True) for n in bounds}
+    bounds = {
+        "log_curvature": (math.log(lo_c), math.log(hi_c)),
+        "log_text_scale": (None, 0.0),
+        "log_image_scale": (None, 0.0),
+        "log_logit_scale": (0.0, math.log(100.0)),
+    }
+    logs = {
+        n: torch.tensor(_clamped(float(getattr(head, n).detach()), *bounds[n]), dtype=torch.float64, requires_grad=True)
+        for n in bounds
+    }
     c = logs["log_curvature"].exp()
     alpha = {"text": logs["log_text_scale"].exp(), "image": logs["log_image_scale"].exp()}
     points = {k: lorentz.expmap0(v.double() * alpha[modality[k]], c) for k, v in raw_points.items()}
@@ -278,7 +299,11 @@ def test_the_head_gets_no_weight_decay_and_is_clamped_after_each_step():
     head = {id(p) for p in module.head.parameters()}
     decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
     assert {decay_of[i] for i in head} == {0.0}
-    assert all(decay_of[id(p)] == module.optimizer_config.weight_decay > 0 for p in module.model.parameters() if p.requires_grad)
+    assert all(
+        decay_of[id(p)] == module.optimizer_config.weight_decay > 0
+        for p in module.model.parameters()
+        if p.requires_grad
+    )
     assert set(decay_of) == {id(p) for p in module.parameters() if p.requires_grad}
 
 
@@ -301,7 +326,9 @@ def test_hyperbolic_retrieval_equals_a_brute_force_ranking_by_distance():
     unsafe = torch.zeros(60, dtype=torch.bool)
     unsafe[::3] = True
     nearest = lorentz.pairwise_distance(tq, g, 0.8).argmin(1)
-    assert unsafe_rate(q, g, unsafe, k=1, score=chunk_scorer(sim, "text")) == pytest.approx(float(unsafe[nearest].float().mean()))
+    assert unsafe_rate(q, g, unsafe, k=1, score=chunk_scorer(sim, "text")) == pytest.approx(
+        float(unsafe[nearest].float().mean())
+    )
 
 
 def test_cosine_scoring_is_the_dot_product_unchanged():
@@ -365,8 +392,12 @@ def test_origin_detector_on_overlapping_data_against_brute_force():
     out = origin_detector_metrics(emb)
     for modality in ("text", "image"):
         assert out[f"origin_detector_{modality}_auc"] == pytest.approx(brute_auc, abs=1e-12)
-        assert out[f"origin_detector_{modality}_detected@5fpr"] == pytest.approx(sum(u > threshold for u in d_unsafe.tolist()) / 50)
-        assert out[f"origin_detector_{modality}_false_positives"] == pytest.approx(sum(s > threshold for s in d_safe.tolist()) / 60)
+        assert out[f"origin_detector_{modality}_detected@5fpr"] == pytest.approx(
+            sum(u > threshold for u in d_unsafe.tolist()) / 50
+        )
+        assert out[f"origin_detector_{modality}_false_positives"] == pytest.approx(
+            sum(s > threshold for s in d_safe.tolist()) / 60
+        )
 
 
 # ---------------------------------------------------------------- the head file
@@ -459,7 +490,12 @@ def hysac_run(tmp_path_factory, toy_world):
     tmp = tmp_path_factory.mktemp("hysac")
     torch.set_num_threads(1)
     cfg = compose_train(
-        tmp, toy_world, "method=hysac", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1"
+        tmp,
+        toy_world,
+        "method=hysac",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1",
     )
     result = train(cfg)
     return tmp / "run", result
@@ -494,10 +530,18 @@ def test_training_builds_no_cache_and_exports_a_loadable_hyperbolic_model(hysac_
         torch.testing.assert_close(bare_text, from_checkpoint.model.encode_text(tokens), rtol=0, atol=1e-5)
         torch.testing.assert_close(bare_image, from_checkpoint.model.encode_image(pixels), rtol=0, atol=1e-5)
         # lifted by the exported head, the bare towers' outputs are the safe model's embeddings
-        torch.testing.assert_close(safe.geometry.embed(bare_text, "text"), safe.encode_text(["a red circle", "a blue square on grass"]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            safe.geometry.embed(bare_text, "text"),
+            safe.encode_text(["a red circle", "a blue square on grass"]),
+            rtol=0,
+            atol=1e-5,
+        )
     assert from_checkpoint.similarity.to_dict() == pytest.approx(safe.geometry.to_dict())
     captions = ["a red circle", "a blue square on grass"]
-    torch.testing.assert_close(safe.encode_text(captions), safe.geometry.embed(from_checkpoint.model.encode_text(from_checkpoint.tokenizer(captions)), "text"))
+    torch.testing.assert_close(
+        safe.encode_text(captions),
+        safe.geometry.embed(from_checkpoint.model.encode_text(from_checkpoint.tokenizer(captions)), "text"),
+    )
     x = safe.encode_text(captions)
     torch.testing.assert_close(safe.traverse(x, "text"), from_checkpoint.similarity.traverse(x, "text"))
 
@@ -523,8 +567,16 @@ def two_epochs(tmp_path_factory, toy_world):
 
     tmp = tmp_path_factory.mktemp("hysac2")
     torch.set_num_threads(1)
-    cfg = compose_train(tmp, toy_world, "method=hysac", "trainer.max_epochs=2", "trainer.limit_train_batches=2",
-                        "trainer.limit_val_batches=1", "callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min")
+    cfg = compose_train(
+        tmp,
+        toy_world,
+        "method=hysac",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "callbacks.model_checkpoint.monitor=epoch",
+        "callbacks.model_checkpoint.mode=min",
+    )
     result = train(cfg)
     return tmp / "run", result, cfg
 
@@ -563,7 +615,12 @@ def test_last_and_best_checkpoints_each_get_their_own_safe_radii(two_epochs, tmp
         from_last = load_model(None, last)
     assert any("safe_radii.json" in r.getMessage() and "last.ckpt" in r.getMessage() for r in caplog.records)
     own = from_last.provenance["safe_radii"]
-    assert (own["checkpoint"], own["epoch"], own["global_step"], own["checksum"]) == ("checkpoints/last.ckpt", 1, 4, ckpt_last[CHECKSUM_KEY])
+    assert (own["checkpoint"], own["epoch"], own["global_step"], own["checksum"]) == (
+        "checkpoints/last.ckpt",
+        1,
+        4,
+        ckpt_last[CHECKSUM_KEY],
+    )
     captions = load_split(to_container(cfg.data), "train").safe_captions
     expected = radius_by_hand(from_last, captions, float(ckpt_last["state_dict"]["head.log_text_scale"]), 95)
     assert from_last.similarity.radius_text == pytest.approx(expected, rel=1e-4)
@@ -580,7 +637,9 @@ def test_last_and_best_checkpoints_each_get_their_own_safe_radii(two_epochs, tmp
     # an export of last.ckpt carries last.ckpt's radii and says which epoch they come from
     head_last, info_last = load_head(export_checkpoint(last, tmp_path / "last_export"))
     assert info_last["safe_radii"]["measured_on"] == "checkpoints/last.ckpt" and info_last["safe_radii"]["epoch"] == 1
-    assert head_last.radius_text == pytest.approx(own["text"]) and head_last.curvature == pytest.approx(from_last.similarity.curvature)
+    assert head_last.radius_text == pytest.approx(own["text"]) and head_last.curvature == pytest.approx(
+        from_last.similarity.curvature
+    )
 
 
 @pytest.mark.slow
@@ -667,7 +726,9 @@ def test_every_head_parameter_moves_in_a_micro_run(hysac_run):
     from saferclip.model.build import build_clip
 
     dim = int(build_clip("saferclip-micro", None).model_cfg["embed_dim"])
-    start = HyperbolicHead(dim, HyperbolicConfig.from_mapping(ckpt["hyper_parameters"]["method"]["hyperbolic"])).state_dict()
+    start = HyperbolicHead(
+        dim, HyperbolicConfig.from_mapping(ckpt["hyper_parameters"]["method"]["hyperbolic"])
+    ).state_dict()
     for name in ("log_logit_scale", "log_curvature", "log_text_scale", "log_image_scale"):
         learnt = float(ckpt["state_dict"][f"head.{name}"])
         # AdamW's first steps move a parameter by about the learning rate (1e-4) each
@@ -711,22 +772,34 @@ def test_evaluation_reports_both_modes_and_no_setting_b(hysac_run, toy_world, tm
     assert r10["text"] < stored["text"] and r10["image"] < stored["image"]
     for figures, radius in ((moderation, None), (safe, stored["text"]), (p10, r10["text"])):
         queries = emb.unsafe_text.double() if radius is None else traversed(emb.unsafe_text.double(), radius, c)
-        to_safe, to_unsafe = -lorentz_distances(queries, emb.safe_image.double(), c), -lorentz_distances(queries, emb.unsafe_image.double(), c)
-        assert figures["U2VG_unsafe@1"] == pytest.approx(float((to_unsafe.max(1).values >= to_safe.max(1).values).double().mean())), radius
+        to_safe, to_unsafe = (
+            -lorentz_distances(queries, emb.safe_image.double(), c),
+            -lorentz_distances(queries, emb.unsafe_image.double(), c),
+        )
+        assert figures["U2VG_unsafe@1"] == pytest.approx(
+            float((to_unsafe.max(1).values >= to_safe.max(1).values).double().mean())
+        ), radius
         assert figures["U2V_R@1"] == pytest.approx(float((to_safe.argmax(1) == emb.safe_owner).double().mean())), radius
-    moved = [int((lorentz.distance_from_origin(emb.unsafe_text.double(), c) > r).sum()) for r in (r10["text"], stored["text"])]
+    moved = [
+        int((lorentz.distance_from_origin(emb.unsafe_text.double(), c) > r).sum())
+        for r in (r10["text"], stored["text"])
+    ]
     assert moved[0] > moved[1]  # a smaller radius moves more queries
     assert "U2VG_ref_unsafe@1" not in safe and "has no meaning" in safe["skipped"]["_ref"]
     assert "origin_detector_text_auc" in safe and "U2G_R@1" in moderation
     table = headline_table(out)
     assert NOT_APPLICABLE in table
     with pytest.raises(ConfigError, match="Euclidean"):
-        evaluate_models({"original": {"arch": "saferclip-micro", "pretrained": None, "mode": "safe"}}, data, suites=["visu"])
+        evaluate_models(
+            {"original": {"arch": "saferclip-micro", "pretrained": None, "mode": "safe"}}, data, suites=["visu"]
+        )
 
 
 @pytest.mark.slow
 def test_hf_export_carries_the_same_head_and_missing_radii_are_measured_again(hysac_run, tmp_path):
-    pytest.importorskip("transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')")
+    pytest.importorskip(
+        "transformers", reason="transformers is not installed: the downstream extra (pip install -e '.[downstream]')"
+    )
     import shutil
 
     from saferclip.export.run import export_checkpoint

@@ -77,7 +77,11 @@ def test_datamodule_reads_the_shards_the_command_wrote(toy_world, tmp_path):
     plain = ValidationDataset(datamodule.val_set.inner.qset, datamodule.tokenizer, datamodule.preprocess)
     rows = list(range(min(6, len(plain))))
     fast, slow = datamodule.val_set.__getitems__(rows), plain.__getitems__(rows)
-    assert torch.equal(fast["safe_image"], slow["safe_image"]) and torch.equal(fast["unsafe_image"], slow["unsafe_image"])
+    assert torch.equal(fast["safe_image"], slow["safe_image"]) and torch.equal(
+        fast["unsafe_image"], slow["unsafe_image"]
+    )
     batch = datamodule.train_set.__getitems__(rows)
-    reference = torch.stack([datamodule.preprocess(load_image(datamodule.train_set.qset[i].unsafe_image)) for i in rows])
+    reference = torch.stack(
+        [datamodule.preprocess(load_image(datamodule.train_set.qset[i].unsafe_image)) for i in rows]
+    )
     assert torch.equal(batch["unsafe_image"], reference)

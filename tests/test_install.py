@@ -43,8 +43,13 @@ def test_wheel_install_runs_the_toy_pipeline_from_another_directory(tmp_path):
     assert install.returncode == 0, install.stderr
     package = site / "saferclip"
     shipped = files_under(package)
-    assert {"assets/toy_base.safetensors", "conf/train.yaml", "conf/method/saferclip.yaml", "model_configs/saferclip-toy.json",
-            "evaluation/templates/report.html.j2"} <= shipped
+    assert {
+        "assets/toy_base.safetensors",
+        "conf/train.yaml",
+        "conf/method/saferclip.yaml",
+        "model_configs/saferclip-toy.json",
+        "evaluation/templates/report.html.j2",
+    } <= shipped
 
     # the installed copy, not the checkout: the wheel's folder first on the path
     env = dict(os.environ, PYTHONPATH=str(site), WANDB_MODE="disabled", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -55,13 +60,21 @@ def test_wheel_install_runs_the_toy_pipeline_from_another_directory(tmp_path):
     assert where.stdout.strip() == str(package / "__init__.py"), where.stdout + where.stderr
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(site / "bin" / args[0]), *args[1:]], env=env, cwd=work, capture_output=True, text=True, timeout=left())
+        proc = subprocess.run(
+            [str(site / "bin" / args[0]), *args[1:]], env=env, cwd=work, capture_output=True, text=True, timeout=left()
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         return proc
 
     run("saferclip-make-toy", "--small")
     assert (work / "data" / "toy" / "manifest.json").is_file()
-    run("saferclip-train", "debug=fast_dev_run", "data.toy_size=small", "model=micro", "trainer.enable_progress_bar=false")
+    run(
+        "saferclip-train",
+        "debug=fast_dev_run",
+        "data.toy_size=small",
+        "model=micro",
+        "trainer.enable_progress_bar=false",
+    )
     assert list((work / "outputs" / "train").iterdir())  # the run folder, under the working directory
     assert list((tmp_path / "user-cache" / "saferclip").iterdir())  # the embedding cache, in the user cache
     assert files_under(package) == shipped  # nothing was written into the installed package

@@ -89,7 +89,9 @@ def test_paired_difference_tells_a_real_gap_from_noise():
     other = paired_difference([Outcomes({"q": bernoulli(500, 0.6, 7)})], [Outcomes({"q": bernoulli(500, 0.6, 8)})])
     assert other["low"] < 0 < other["high"] or not other["significant"]
     # over several runs (seeds / worlds): the mean of the per-run differences
-    two = paired_difference([Outcomes({"q": better}), Outcomes({"q": base})], [Outcomes({"q": base}), Outcomes({"q": base})])
+    two = paired_difference(
+        [Outcomes({"q": better}), Outcomes({"q": base})], [Outcomes({"q": base}), Outcomes({"q": base})]
+    )
     assert two["difference"] == pytest.approx(0.04)
     with pytest.raises(ValueError, match="same queries"):
         paired_difference([Outcomes({"q": base})], [Outcomes({"q": base[:10]})])
@@ -105,7 +107,10 @@ def test_seed_interval_is_the_student_t_interval():
 def test_metric_outcomes_reads_an_evaluation_result():
     results = {
         "visu": {"U2VG_unsafe@1": 0.5, "per_query": {"U2VG_unsafe@1": "1100"}},
-        "zeroshot": {"shape": {"acc1": 0.5, "per_query": {"acc1": "10"}}, "shape_unsafe": {"acc1": 1.0, "per_query": {"acc1": "11"}}},
+        "zeroshot": {
+            "shape": {"acc1": 0.5, "per_query": {"acc1": "10"}},
+            "shape_unsafe": {"acc1": 1.0, "per_query": {"acc1": "11"}},
+        },
     }
     assert metric_outcomes(results, "unsafe_rate_a").value() == 0.5
     assert metric_outcomes(results, "zeroshot_safe_acc1", unsafe_tasks=["shape_unsafe"]).value() == 0.5
@@ -154,7 +159,11 @@ def test_no_share_gets_a_zero_width_interval_at_0_or_n_of_n():
 def exact_coverage(n: int, p: float) -> float:
     """The probability that the Clopper–Pearson interval of Binomial(n, p) holds p: a sum over
     every count k of P(k) (no simulation)."""
-    return sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1) if clopper_pearson(k, n)[0] <= p <= clopper_pearson(k, n)[1])
+    return sum(
+        math.comb(n, k) * p**k * (1 - p) ** (n - k)
+        for k in range(n + 1)
+        if clopper_pearson(k, n)[0] <= p <= clopper_pearson(k, n)[1]
+    )
 
 
 @pytest.mark.parametrize("p", [0.0, 0.005, 0.3])
@@ -171,7 +180,9 @@ def test_clopper_pearson_covers_at_least_95_percent(p):
     assert covered == pytest.approx(exact, abs=3 * math.sqrt(exact * (1 - exact) / repeats) + 1e-9)
 
 
-def bootstrap_coverage(p_of: dict[str, float], sizes: dict[str, int], truth: float, repeats: int, seed: int, reference=None) -> float:
+def bootstrap_coverage(
+    p_of: dict[str, float], sizes: dict[str, int], truth: float, repeats: int, seed: int, reference=None
+) -> float:
     rng = np.random.default_rng(seed)
     hits = 0
     for r in range(repeats):
@@ -183,11 +194,14 @@ def bootstrap_coverage(p_of: dict[str, float], sizes: dict[str, int], truth: flo
     return hits / repeats
 
 
-@pytest.mark.parametrize("p, sizes, expected", [
-    (0.0, 500, (1.0, 1.0)),  # every draw all 0: the interval [0, 0] holds 0
-    (0.99, 500, (0.90, 0.99)),  # zero-shot accuracy near 1 (15 misses expected over three tasks)
-    (0.6, 200, (0.91, 0.99)),  # mid-range
-])
+@pytest.mark.parametrize(
+    "p, sizes, expected",
+    [
+        (0.0, 500, (1.0, 1.0)),  # every draw all 0: the interval [0, 0] holds 0
+        (0.99, 500, (0.90, 0.99)),  # zero-shot accuracy near 1 (15 misses expected over three tasks)
+        (0.6, 200, (0.91, 0.99)),  # mid-range
+    ],
+)
 def test_the_bootstrap_of_an_accuracy_averaged_over_tasks_covers_about_95_percent(p, sizes, expected):
     tasks = {"shape": p, "colour": p, "scene": p}
     covered = bootstrap_coverage(tasks, dict.fromkeys(tasks, sizes), p, repeats=200, seed=12)
@@ -307,7 +321,19 @@ def test_p_values_never_print_as_zero():
     assert format_p(0.0) == "p < 0.001" and format_p(2 / 2001) == "p < 0.001"
     assert format_p(0.0012) == "p = 0.001" and format_p(0.125) == "p = 0.12" and format_p(0.25) == "p = 0.25"
     assert format_p(1.0) == "p = 1.00"
-    cell = differences_table({"a vs b": {"unsafe_rate_a": {"difference": 0.006, "low": 0.0, "high": 0.014, "p_value": 0.125, "significant": False}}})
+    cell = differences_table(
+        {
+            "a vs b": {
+                "unsafe_rate_a": {
+                    "difference": 0.006,
+                    "low": 0.0,
+                    "high": 0.014,
+                    "p_value": 0.125,
+                    "significant": False,
+                }
+            }
+        }
+    )
     assert "+0.6 [+0.0, +1.4] p = 0.12 |" in cell
 
 
@@ -325,11 +351,14 @@ def paired_bootstrap_coverage(cells: tuple[float, float, float, float], repeats:
     return held / repeats
 
 
-@pytest.mark.parametrize("cells, expected", [
-    ((0.0, 0.0, 0.0, 1.0), (1.0, 1.0)),  # both models always 0: the difference is 0, and so is its interval
-    ((0.0, 0.005, 0.0, 0.995), (0.86, 0.97)),  # 0.5% against 0: few discordant queries (measured 92%)
-    ((0.5, 0.15, 0.05, 0.3), (0.92, 0.99)),  # mid-range, a 10-point difference
-])
+@pytest.mark.parametrize(
+    "cells, expected",
+    [
+        ((0.0, 0.0, 0.0, 1.0), (1.0, 1.0)),  # both models always 0: the difference is 0, and so is its interval
+        ((0.0, 0.005, 0.0, 0.995), (0.86, 0.97)),  # 0.5% against 0: few discordant queries (measured 92%)
+        ((0.5, 0.15, 0.05, 0.3), (0.92, 0.99)),  # mid-range, a 10-point difference
+    ],
+)
 def test_the_paired_difference_interval_covers_about_95_percent(cells, expected):
     covered = paired_bootstrap_coverage(cells, repeats=40 if cells[3] == 1.0 else 250, seed=20)
     assert expected[0] <= covered <= expected[1]

@@ -54,13 +54,17 @@ def clustered(n: int, d: int, centres: int, seed: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def write_pool(folder: Path, vectors: np.ndarray, shard_rows: int, captions: list[str] | None = None, dtype=np.float16) -> Path:
+def write_pool(
+    folder: Path, vectors: np.ndarray, shard_rows: int, captions: list[str] | None = None, dtype=np.float16
+) -> Path:
     (folder / "text_emb").mkdir(parents=True)
     (folder / "metadata").mkdir()
     for i, start in enumerate(range(0, len(vectors), shard_rows)):
         np.save(folder / "text_emb" / f"text_emb_{i}.npy", vectors[start : start + shard_rows].astype(dtype))
         if captions is not None:
-            pd.DataFrame({"caption": captions[start : start + shard_rows]}).to_parquet(folder / "metadata" / f"metadata_{i}.parquet")
+            pd.DataFrame({"caption": captions[start : start + shard_rows]}).to_parquet(
+                folder / "metadata" / f"metadata_{i}.parquet"
+            )
     return folder
 
 
@@ -116,10 +120,14 @@ def test_chunked_build_equals_one_chunk(tmp_path):
     assert set(stages) == set(BUILD_STAGES) and all(v >= 0 for v in stages.values())
     # every row is in exactly one list, under its own id
     invlists = small.invlists
-    ids = np.concatenate([faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy() for i in range(small.nlist)])
+    ids = np.concatenate(
+        [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy() for i in range(small.nlist)]
+    )
     np.testing.assert_array_equal(np.sort(ids), np.arange(6000))
     q = clustered(50, 32, 20, 3)
-    np.testing.assert_array_equal(PoolIndex(small, shards, config).search(q, 3)[0], PoolIndex(whole, shards, config).search(q, 3)[0])
+    np.testing.assert_array_equal(
+        PoolIndex(small, shards, config).search(q, 3)[0], PoolIndex(whole, shards, config).search(q, 3)[0]
+    )
 
 
 def test_index_written_with_the_digest_of_its_bytes(tmp_path):
@@ -128,7 +136,9 @@ def test_index_written_with_the_digest_of_its_bytes(tmp_path):
     shards = open_pool(write_pool(tmp_path / "pool", clustered(3000, 32, 10, 0), 3000))
     index = build_pool_index(shards, PoolIndexConfig(m=4, nprobe=4, candidates=8))
     digest, size = write_index(index, tmp_path / "x.faiss")
-    assert digest == digest_file(tmp_path / "x.faiss") and size == (tmp_path / "x.faiss").stat().st_size == index_bytes(index)
+    assert digest == digest_file(tmp_path / "x.faiss") and size == (tmp_path / "x.faiss").stat().st_size == index_bytes(
+        index
+    )
 
 
 @pytest.mark.parametrize("damage", ["nan", "scaled"])
@@ -140,7 +150,9 @@ def test_a_bad_vector_anywhere_is_named_by_file_and_row(tmp_path, damage):
     else:
         vectors[4000 + 1500] *= 1.5
     shards = open_pool(write_pool(tmp_path / "pool", vectors, 2000))  # the first 1024 rows of each shard are fine
-    expected = r"text_emb_2\.npy, row 1500: " + ("non-finite values" if damage == "nan" else "vectors must be L2-normalised, this one has norm 1.5")
+    expected = r"text_emb_2\.npy, row 1500: " + (
+        "non-finite values" if damage == "nan" else "vectors must be L2-normalised, this one has norm 1.5"
+    )
     with pytest.raises(DataFormatError, match=expected) as err:
         build_pool_index(shards, PoolIndexConfig(m=4, nprobe=4, candidates=8))  # caught in the training sample
     assert "\n" not in str(err.value)
@@ -182,7 +194,9 @@ def test_bad_shards_are_named(tmp_path):
     with pytest.raises(DataFormatError, match=r"text_emb_1\.npy.*8-d vectors"):
         open_pool(a)
     b = write_pool(tmp_path / "b", good * 3, 100)
-    with pytest.raises(DataFormatError, match=r"text_emb_0\.npy, row 0: vectors must be L2-normalised, this one has norm 3"):
+    with pytest.raises(
+        DataFormatError, match=r"text_emb_0\.npy, row 0: vectors must be L2-normalised, this one has norm 3"
+    ):
         open_pool(b)
     c = write_pool(tmp_path / "c", good, 50, [f"c{i}" for i in range(100)])
     pd.DataFrame({"caption": ["x"] * 7}).to_parquet(c / "metadata" / "metadata_1.parquet")
@@ -210,7 +224,9 @@ def test_every_row_is_checked_before_the_index_is_built(tmp_path):
         check_pool_vectors(shards, rows=256)  # whatever the chunk size
     vectors[1300] = vectors[0]
     second = open_pool(write_pool(tmp_path / "long", vectors, 1500, dtype=np.float32))
-    with pytest.raises(DataFormatError, match=r"text_emb_0\.npy, row 1400: vectors must be L2-normalised, this one has norm 2"):
+    with pytest.raises(
+        DataFormatError, match=r"text_emb_0\.npy, row 1400: vectors must be L2-normalised, this one has norm 2"
+    ):
         check_pool_vectors(second, rows=1000)
 
 
@@ -227,7 +243,9 @@ def test_a_pool_of_another_width_is_named_by_training(toy_world, tmp_path):
     extra = list(dict.fromkeys(q.safe_caption for q in toy_set(toy_world, split="validation")))
     vectors = encode_text(bundle, extra, 64).float().numpy()
     dim = vectors.shape[1]
-    wide = write_pool(tmp_path / "wide", np.concatenate([vectors, vectors], axis=1) / np.sqrt(2), 50, extra, dtype=np.float32)
+    wide = write_pool(
+        tmp_path / "wide", np.concatenate([vectors, vectors], axis=1) / np.sqrt(2), 50, extra, dtype=np.float32
+    )
     method = yaml.safe_load((CONF_DIR / "method" / "saferclip.yaml").read_text())
     method["neighbours"].update(extra_pool=str(wide))
     data = yaml.safe_load((CONF_DIR / "data" / "toy.yaml").read_text())
@@ -236,8 +254,17 @@ def test_a_pool_of_another_width_is_named_by_training(toy_world, tmp_path):
         for key, value in list(spec.items()):
             if isinstance(value, str):
                 spec[key] = value.replace("${data.root}", str(toy_world))
-    with pytest.raises(ConfigError, match=rf"method\.neighbours\.extra_pool: {wide} holds {2 * dim}-d vectors, but saferclip-micro embeds captions in {dim}-d"):
-        prepare(data, {"arch": "saferclip-micro", "pretrained": None}, method_config(method), str(tmp_path / "cache"), progress=False)
+    with pytest.raises(
+        ConfigError,
+        match=rf"method\.neighbours\.extra_pool: {wide} holds {2 * dim}-d vectors, but saferclip-micro embeds captions in {dim}-d",
+    ):
+        prepare(
+            data,
+            {"arch": "saferclip-micro", "pretrained": None},
+            method_config(method),
+            str(tmp_path / "cache"),
+            progress=False,
+        )
 
 
 def test_training_neighbours_from_an_embedded_pool_equal_the_caption_file_path(toy_world, tmp_path):
@@ -330,7 +357,13 @@ def test_prepare_takes_the_training_targets_from_an_embedded_pool(toy_world, tmp
         for key, value in list(spec.items()):
             if isinstance(value, str):
                 spec[key] = value.replace("${data.root}", str(toy_world))
-    prepared = prepare(data, {"arch": "saferclip-micro", "pretrained": None}, method_config(method), str(tmp_path / "cache"), progress=False)
+    prepared = prepare(
+        data,
+        {"arch": "saferclip-micro", "pretrained": None},
+        method_config(method),
+        str(tmp_path / "cache"),
+        progress=False,
+    )
     n = len(prepared.train)
     assert prepared.cache.path.parent.name == "pools" and 0 < len(prepared.cache.extra_safe_captions) <= len(extra)
     assert prepared.neighbours.pool_size == n + len(prepared.cache.extra_safe_captions)

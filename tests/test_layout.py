@@ -90,7 +90,9 @@ def test_the_reach_in_finder_sees_one(tmp_path):
     """A file outside saferclip/ counts as a script: the private name is found; a name taken
     from a private module (``_openclip``, the one place open_clip is imported) is not."""
     script = tmp_path / "probe.py"
-    script.write_text("from saferclip.toyworld.scene import _make_tiles\nfrom saferclip.model._openclip import open_clip\n")
+    script.write_text(
+        "from saferclip.toyworld.scene import _make_tiles\nfrom saferclip.model._openclip import open_clip\n"
+    )
     assert private_reach_ins([script]) == ["probe.py:1 takes _make_tiles from saferclip.toyworld.scene"]
 
 
@@ -103,7 +105,9 @@ def test_scripts_import_the_package_without_touching_sys_path():
     for path in scripts:
         if "sys.path" in path.read_text():
             bad.append(f"{path.name} touches sys.path")
-        bad += [f"{path.name}:{line} imports the script {m}" for m, _, line in imports(path) if m.split(".")[0] in names]
+        bad += [
+            f"{path.name}:{line} imports the script {m}" for m, _, line in imports(path) if m.split(".")[0] in names
+        ]
     assert scripts and not bad, bad
 
 
@@ -201,7 +205,11 @@ def command_cross_imports(paths: list[Path]) -> list[str]:
     for path in paths:
         for module, names, line in imports(path):
             targets = [module] if module != "saferclip.app.commands" else [f"{module}.{n}" for n in names]
-            bad += [f"{path.name}:{line} imports {t}" for t in targets if t.startswith("saferclip.app.commands.") and t != module_name(path)]
+            bad += [
+                f"{path.name}:{line} imports {t}"
+                for t in targets
+                if t.startswith("saferclip.app.commands.") and t != module_name(path)
+            ]
     return bad
 
 
@@ -213,7 +221,9 @@ def test_no_command_imports_another_command():
 def test_the_cross_import_finder_sees_one(tmp_path):
     """Both spellings are found; a command importing the engine or a pipeline is fine."""
     probe = COMMANDS / "probe_cross_import.py"  # inside the package, so its relative imports resolve
-    probe.write_text("from .analyze import run\nfrom . import evaluate\nfrom ..pipelines.runs import compose\nfrom ..engine.fit import train\n")
+    probe.write_text(
+        "from .analyze import run\nfrom . import evaluate\nfrom ..pipelines.runs import compose\nfrom ..engine.fit import train\n"
+    )
     try:
         assert command_cross_imports([probe]) == [
             "probe_cross_import.py:1 imports saferclip.app.commands.analyze",

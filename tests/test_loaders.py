@@ -10,8 +10,9 @@ import re
 import sys
 import tarfile
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,9 +42,7 @@ def to_tensor(image) -> torch.Tensor:
 
 
 def visu_kw(world: Path, split_dir: str = "train2017") -> dict[str, Any]:
-    return dict(
-        image_root=world / "visu", unsafe_image_root=world / "visu", split_dir=split_dir, image_ext=".png"
-    )
+    return dict(image_root=world / "visu", unsafe_image_root=world / "visu", split_dir=split_dir, image_ext=".png")
 
 
 def assert_names(err: pytest.ExceptionInfo, file: Path, row: Any, field: str | None, words: str) -> None:
@@ -355,7 +354,7 @@ def test_visu_json_skips_and_reports_every_malformed_record(toy_world: Path, tmp
     # a duplicated record id, written by hand (json.dumps cannot)
     body = ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in records.items())
     path = tmp_path / "train.json"
-    path.write_text("{" + body + f",\n\"3\": {json.dumps(records['4'])}" + "}")
+    path.write_text("{" + body + f',\n"3": {json.dumps(records["4"])}' + "}")
 
     with pytest.raises(DataFormatError, match=r"train\.json.*row 2\b") as err:
         load_visu_json(path, mode="text")

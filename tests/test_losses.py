@@ -315,7 +315,10 @@ def ref_centroid(target: torch.Tensor, target_weights: torch.Tensor | None) -> t
     """A top-k target's InfoNCE partner: the weighted sum of its k rows, scaled to unit length."""
     if target.dim() == 2:
         return target.detach().double()
-    rows = [sum(float(w) * t for w, t in zip(weights, targets)) for weights, targets in zip(target_weights.double(), target.detach().double())]
+    rows = [
+        sum(float(w) * t for w, t in zip(weights, targets))
+        for weights, targets in zip(target_weights.double(), target.detach().double())
+    ]
     return torch.stack([r / r.norm() for r in rows])
 
 
@@ -334,8 +337,12 @@ def reference_terms(x: dict[str, torch.Tensor], tau: float) -> dict[str, float]:
         "xmodal_text_redirection": ref_nce(x["unsafe_text"], ref_centroid(x["frozen_target_image"], tw)),
         "xmodal_image_preservation": ref_nce(x["frozen_safe_text"], x["safe_image"]),
         "xmodal_image_redirection": ref_nce(ref_centroid(x["frozen_target_text"], tw), x["unsafe_image"]),
-        "relative_image": ref_relative(x["unsafe_image"], x["frozen_target_text"], x["frozen_unsafe_text"], tau, pw, tw),
-        "relative_text": ref_relative(x["unsafe_text"], x["frozen_target_image"], x["frozen_unsafe_image"], tau, pw, tw),
+        "relative_image": ref_relative(
+            x["unsafe_image"], x["frozen_target_text"], x["frozen_unsafe_text"], tau, pw, tw
+        ),
+        "relative_text": ref_relative(
+            x["unsafe_text"], x["frozen_target_image"], x["frozen_unsafe_image"], tau, pw, tw
+        ),
         "live_relative_text": ref_relative(x["unsafe_text"], x["target_image"], x["unsafe_image"], tau, pw, tw),
         "live_relative_image": ref_relative(x["unsafe_image"], x["target_text"], x["unsafe_text"], tau, pw, tw),
     }
@@ -390,12 +397,14 @@ def test_target_weights_that_do_not_sum_to_one_are_taken_as_given():
     w = torch.tensor([[2.0, 1.0, 0.5], [0.0, 0.5, 0.25]])
     # row 0: 2*0 + 1*1 + 0.5*2 = 2; row 1: 0*0 + 0.5*1 + 0.25*2 = 1
     assert cosine_distance(a, targets, target_weights=w).item() == pytest.approx(1.5)
-    assert cosine_distance(a, targets, weights=torch.tensor([1.0, 3.0]), target_weights=w).item() == pytest.approx((2 * 1 + 1 * 3) / 4)
+    assert cosine_distance(a, targets, weights=torch.tensor([1.0, 3.0]), target_weights=w).item() == pytest.approx(
+        (2 * 1 + 1 * 3) / 4
+    )
     # the relative term: positive cosine 2*1 + 1*0 = 2 against a negative at cos 1: margin -1
     positive = torch.stack([unit(0), unit(1)], dim=1)
-    assert relative_redirection(unit(0), positive, unit(0), 3.0, target_weights=torch.tensor([[2.0, 1.0]])).item() == pytest.approx(
-        softplus(-3.0), rel=1e-6
-    )
+    assert relative_redirection(
+        unit(0), positive, unit(0), 3.0, target_weights=torch.tensor([[2.0, 1.0]])
+    ).item() == pytest.approx(softplus(-3.0), rel=1e-6)
 
 
 def test_missing_inputs_drop_terms_cleanly():
@@ -422,7 +431,9 @@ def test_missing_inputs_drop_terms_cleanly():
     # only what the active terms use needs encoding
     assert loss.required_inputs(text_only) == {"safe_text", "unsafe_text", "frozen_safe_text", "frozen_target_text"}
     saferclip = preset("saferclip")
-    assert {"target_text", "target_image"} <= SaferClipLoss(LossConfig.from_method(saferclip)).required_inputs(set(INPUT_NAMES))
+    assert {"target_text", "target_image"} <= SaferClipLoss(LossConfig.from_method(saferclip)).required_inputs(
+        set(INPUT_NAMES)
+    )
     for term in ("live_relative_text", "live_relative_image"):
         saferclip["loss"]["weights"][term] = 0.0
     no_live = SaferClipLoss(LossConfig.from_method(saferclip))

@@ -95,7 +95,9 @@ def test_seeds_aggregate_to_mean_and_sample_std():
     assert {k: u2v[k] for k in ("mean", "std", "n")} == pytest.approx({"mean": 0.8, "std": 0.1, "n": 3})
     # the Student-t interval of the mean over 3 seeds: 0.8 ± t(0.975, 2) 0.1 / sqrt(3)
     assert (u2v["low"], u2v["high"]) == pytest.approx((0.8 - 0.2484, 0.8 + 0.2484), abs=1e-3)
-    assert summary["saferclip"]["unsafe_rate_a"]["n"] == 2 and summary["saferclip"]["unsafe_rate_a"]["mean"] == pytest.approx(0.2)
+    assert summary["saferclip"]["unsafe_rate_a"]["n"] == 2 and summary["saferclip"]["unsafe_rate_a"][
+        "mean"
+    ] == pytest.approx(0.2)
     assert summary["original"]["U2V_R@1"]["std"] == 0.0
     table = study.study_table(summary)
     assert "| saferclip | 3 |" in table and "80.0 ± 10.0 [55.2, 104.8]" in table and "20.0 ± 14.1 [" in table
@@ -104,7 +106,10 @@ def test_seeds_aggregate_to_mean_and_sample_std():
 def test_headline_picks_its_metrics_and_leaves_out_what_is_missing():
     results = {
         "results": {
-            "original": {"visu": {"U2VG_unsafe@1": 1.0, "U2V_R@1": 0.83}, "cost": {"zeroshot_safe_acc1_retention": 1.0}},
+            "original": {
+                "visu": {"U2VG_unsafe@1": 1.0, "U2V_R@1": 0.83},
+                "cost": {"zeroshot_safe_acc1_retention": 1.0},
+            },
             "mine": {"visu": {"U2VG_unsafe@1": 0.04, "U2V_R@1": 0.81, "U2VDG_unsafe@1": float("nan")}},
         }
     }
@@ -124,13 +129,20 @@ def test_targets_paired_neighbours_curriculum_and_sparse_pools(tmp_path, toy_wor
     assert torch.equal(paired.targets.indices[:, 0], torch.arange(n)) and paired.neighbours is None
 
     near = prepare(data, model, method, str(tmp_path / "cache"))
-    expected = find_safe_neighbours(near.cache, NeighbourConfig(**{k: v for k, v in section["neighbours"].items() if k != "extra_pool"}))
+    expected = find_safe_neighbours(
+        near.cache, NeighbourConfig(**{k: v for k, v in section["neighbours"].items() if k != "extra_pool"})
+    )
     assert torch.equal(near.targets.indices, expected.indices)
     assert near.targets.bucket is not None and len(near.targets.curriculum_subset(0)) in (n // 3, math.ceil(n / 3))
     assert len(near.targets.curriculum_subset(2)) == n
-    torch.testing.assert_close(near.pool.text[near.targets.indices[:, 0]], near.cache.safe_text[expected.indices[:, 0]].float())
+    torch.testing.assert_close(
+        near.pool.text[near.targets.indices[:, 0]], near.cache.safe_text[expected.indices[:, 0]].float()
+    )
 
-    sparse = {**section, "neighbours": {**section["neighbours"], "sparse_share": 1.0, "sparse_attributes": ["shape", "colour"]}}
+    sparse = {
+        **section,
+        "neighbours": {**section["neighbours"], "sparse_share": 1.0, "sparse_attributes": ["shape", "colour"]},
+    }
     far = prepare(data, model, method_config(sparse), str(tmp_path / "cache"))
     groups = item_groups(far.train, "scene", len(far.train), ("shape", "colour"))
     chosen = far.targets.indices[:, 0].numpy()
@@ -144,7 +156,14 @@ def test_main_job_trains_the_three_methods_evaluates_and_reports(tmp_path, toy_w
     cfg = runs.compose("main", [f"out_dir={tmp_path / 'main'}", f"runs_dir={tmp_path / 'runs'}"])
     out = main_job.run(cfg, overrides)
     results = out["results"]
-    assert list(results["results"]) == ["original", "safeclip", "saferclip", "hysac_safe", "hysac_moderation", "oracle redirection"]
+    assert list(results["results"]) == [
+        "original",
+        "safeclip",
+        "saferclip",
+        "hysac_safe",
+        "hysac_moderation",
+        "oracle redirection",
+    ]
     # HySAC: one trained model, two modes; no setting (b) for a hyperbolic query
     assert results["models"]["hysac_safe"]["similarity"] == "lorentz (safe mode)"
     assert results["models"]["hysac_moderation"]["similarity"] == "lorentz (moderation mode)"
@@ -163,6 +182,8 @@ def test_main_job_trains_the_three_methods_evaluates_and_reports(tmp_path, toy_w
     # a second run reuses both trainings, and records how long each took when it trained
     again = main_job.run(cfg, overrides)
     assert again["models"] == out["models"]
-    recorded = {done.parent.name.rsplit("-", 1)[0]: json.loads(done.read_text())["train_seconds"]
-                for done in (tmp_path / "runs").glob(f"*/{runs.DONE_MARKER}")}
+    recorded = {
+        done.parent.name.rsplit("-", 1)[0]: json.loads(done.read_text())["train_seconds"]
+        for done in (tmp_path / "runs").glob(f"*/{runs.DONE_MARKER}")
+    }
     assert again["results"]["meta"]["train_seconds"] == recorded and set(recorded) == {"safeclip", "saferclip", "hysac"}

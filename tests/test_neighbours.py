@@ -139,7 +139,10 @@ def test_own_pair_fallback_replaces_what_the_guard_rejects(tmp_path):
     plain = find_safe_neighbours(cache, NeighbourConfig(k=2, min_similarity=0.5, temperature=0.1))
     hybrid = find_safe_neighbours(cache, NeighbourConfig(k=2, min_similarity=0.5, temperature=0.1, fallback="own_pair"))
     # item 0 keeps its trusted neighbour; item 1 (no candidate above 0.5) gets its own pair, item 1 of the set
-    assert hybrid.indices[0].tolist() == plain.indices[0].tolist() and hybrid.weights[0].tolist() == plain.weights[0].tolist()
+    assert (
+        hybrid.indices[0].tolist() == plain.indices[0].tolist()
+        and hybrid.weights[0].tolist() == plain.weights[0].tolist()
+    )
     assert hybrid.indices[1, 0] == 1 and hybrid.weights[1].tolist() == [1.0, 0.0]
     assert hybrid.pair_weight.tolist() == [1.0, 1.0] and hybrid.flagged.tolist() == [False, True]
     assert hybrid.meta["own_pair_fallback"] == 1
@@ -319,7 +322,9 @@ def test_toy_world_whole_path(toy_world, tmp_path):
         if min_recall == 1.0:
             torch.testing.assert_close(own, exact, rtol=0, atol=1e-6)
         # the weights: softmax(similarity / T) over the top k, zero below min_similarity, renormalised
-        soft = torch.softmax(own / cfg.temperature, dim=1) * (own >= (cfg.min_similarity if cfg.min_similarity is not None else -math.inf))
+        soft = torch.softmax(own / cfg.temperature, dim=1) * (
+            own >= (cfg.min_similarity if cfg.min_similarity is not None else -math.inf)
+        )
         torch.testing.assert_close(nb.weights.double(), soft / soft.sum(1, keepdim=True), rtol=0, atol=1e-5)
         summary = summarize(cache, nb, qset, examples=3)
         assert summary["pool"] == {"size": nb.pool_size, "set": 60, "extra": nb.pool_size - 60}
@@ -356,7 +361,9 @@ def test_damaged_saved_neighbours_are_recomputed(tmp_path, caplog, damage):
     first = load_or_find_safe_neighbours(cache, cfg)
     folder = SafeNeighbours.folder(cache, cfg)
     info = json.loads((folder / "neighbours.json").read_text())
-    assert set(info["checksums"]) == {f"{n}.npy" for n in ("indices", "similarities", "weights", "pair_weight", "difficulty", "bucket", "flagged")}
+    assert set(info["checksums"]) == {
+        f"{n}.npy" for n in ("indices", "similarities", "weights", "pair_weight", "difficulty", "bucket", "flagged")
+    }
     if damage == "flip_weights":
         data = bytearray((folder / "weights.npy").read_bytes())
         for i in range(len(data) - 40, len(data) - 24):

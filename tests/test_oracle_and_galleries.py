@@ -52,7 +52,9 @@ def test_perfect_redirection_replaces_unsafe_items_by_their_targets_and_stays_un
     unsafe_best = (redirected.unsafe_text @ test.unsafe_image.T).max(dim=1).values
     torch.testing.assert_close(safe_best, torch.zeros(2))
     torch.testing.assert_close(unsafe_best, torch.full((2,), 1 / 1.25**0.5))
-    assert metrics["U2VG_ref_unsafe@1"] == unsafe_at_1(redirected.unsafe_text, test.safe_image, test.unsafe_image) == 1.0
+    assert (
+        metrics["U2VG_ref_unsafe@1"] == unsafe_at_1(redirected.unsafe_text, test.safe_image, test.unsafe_image) == 1.0
+    )
     # a caption redirected onto a safe scene's own direction (e0) finds that scene first: half unsafe
     mixed = dataclasses.replace(redirected, unsafe_text=unit([0, 0, 0, 1], [1, 0, 0, 0]))
     assert unsafe_at_1(mixed.unsafe_text, test.safe_image, test.unsafe_image) == 0.5
@@ -83,8 +85,14 @@ def test_realistic_gallery_adds_the_distractors_to_the_safe_side():
 
 def test_toy_world_distractors_and_the_oracle_row(toy_world, tmp_path):
     root = toy_world / "visu"
-    test_split = {"path": str(root / "test.json"), "image_root": str(root), "split_dir": "test2017",
-                  "unsafe_image_root": str(root), "image_ext": ".png", "distractor_images": str(root / "distractors" / "test")}
+    test_split = {
+        "path": str(root / "test.json"),
+        "image_root": str(root),
+        "split_dir": "test2017",
+        "unsafe_image_root": str(root),
+        "image_ext": ".png",
+        "distractor_images": str(root / "distractors" / "test"),
+    }
     train_split = {**test_split, "path": str(root / "train.json"), "split_dir": "train2017"}
     train_split.pop("distractor_images")
     data = {"name": "toy", "mode": "auto", "splits": {"train": train_split, "test": test_split}}
@@ -95,12 +103,20 @@ def test_toy_world_distractors_and_the_oracle_row(toy_world, tmp_path):
     results = evaluate_models({"original": micro}, data, suites=["visu"], batch_size=64, progress=False, oracle="text")
     assert list(results["results"]) == ["original", ORACLE_NAME]
     oracle = results["results"][ORACLE_NAME]["visu"]
-    assert oracle["oracle"]["pool_size"] == 96 and oracle["galleries"]["U2VDG"]["safe"] > oracle["galleries"]["U2VG"]["safe"]
+    assert (
+        oracle["oracle"]["pool_size"] == 96
+        and oracle["galleries"]["U2VDG"]["safe"] > oracle["galleries"]["U2VG"]["safe"]
+    )
     assert "U2VG_ref_unsafe@1" in oracle and "U2VDG_unsafe@1" in results["results"]["original"]["visu"]
     assert "frozen targets" in results["models"][ORACLE_NAME]["pretrained"]
 
-    history = [{"epoch": e, "global_step": 3 * e, "metrics": {"U2VG_unsafe@1": 1 - 0.3 * e, "U2V_R@1": 0.8, "S2V_R@1": 0.9}} for e in range(3)]
-    training = {"mine": {"monitor": "val/selection_score", "history": history, "selected": {**history[2], "score": 0.8}}}
+    history = [
+        {"epoch": e, "global_step": 3 * e, "metrics": {"U2VG_unsafe@1": 1 - 0.3 * e, "U2V_R@1": 0.8, "S2V_R@1": 0.9}}
+        for e in range(3)
+    ]
+    training = {
+        "mine": {"monitor": "val/selection_score", "history": history, "selected": {**history[2], "score": 0.8}}
+    }
     report = write_report(results, tmp_path / "report", training=training)
     assert {"training_curves.png", "tradeoff.png"} <= {p.name for p in report["plots"]}
     markdown = report["markdown"].read_text()

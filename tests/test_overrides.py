@@ -20,7 +20,11 @@ from saferclip.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 HYDRA_CONFIGS = {"saferclip-train": "train", "saferclip-index": "train", "saferclip-make-image-shards": "train",
                  "saferclip-eval": "eval", "saferclip-analyze": "analyze", "saferclip-attack": "attack"}  # fmt: skip
-COMPOSED = {"saferclip-main": ("main", MAIN_KEYS), "saferclip-study": ("study", STUDY_KEYS), "saferclip-tune": ("tune", TUNE_KEYS)}
+COMPOSED = {
+    "saferclip-main": ("main", MAIN_KEYS),
+    "saferclip-study": ("study", STUDY_KEYS),
+    "saferclip-tune": ("tune", TUNE_KEYS),
+}
 
 
 def refusal(prog: str, *overrides: str) -> str:
@@ -33,25 +37,76 @@ def refusal(prog: str, *overrides: str) -> str:
 
 
 REFUSED = {
-    "a typo in a key": (("saferclip-train", "trainer.max_epoch=3"), "trainer.max_epoch: no such key; did you mean trainer.max_epochs?"),
-    "the same typo with +": (("saferclip-train", "+trainer.max_epoch=3"), "trainer.max_epoch: no such key; did you mean trainer.max_epochs?"),
-    "the same typo with ++": (("saferclip-train", "++trainer.max_epoch=3"), "trainer.max_epoch: no such key; did you mean trainer.max_epochs?"),
+    "a typo in a key": (
+        ("saferclip-train", "trainer.max_epoch=3"),
+        "trainer.max_epoch: no such key; did you mean trainer.max_epochs?",
+    ),
+    "the same typo with +": (
+        ("saferclip-train", "+trainer.max_epoch=3"),
+        "trainer.max_epoch: no such key; did you mean trainer.max_epochs?",
+    ),
+    "the same typo with ++": (
+        ("saferclip-train", "++trainer.max_epoch=3"),
+        "trainer.max_epoch: no such key; did you mean trainer.max_epochs?",
+    ),
     "a typo in the data config": (("saferclip-train", "data.batchsize=8"), "data.batch_size?"),
-    "a typo in a method key": (("saferclip-train", "method.neighbours.kk=5"), "method.neighbours.kk: no such key; did you mean method.neighbours.k?"),
-    "a typo after a group change": (("saferclip-train", "method=hysac", "method.hyperbolic.curvatur=1"), "did you mean method.hyperbolic.curvature?"),
-    "a key of another method": (("saferclip-train", "method=hysac", "method.trainable.lora_rank=5"), "did you mean method.trainable.lora_r?"),
-    "+ on a key that exists": (("saferclip-train", "+trainer.max_epochs=3"), "trainer.max_epochs is already in the config; drop the + (trainer.max_epochs=3)"),
-    "a new model without +": (("saferclip-eval", "models.mine.pretrained=x"), "models.mine.pretrained: not in the config yet; add it with +models.mine.pretrained=x"),
-    "a group eval does not use": (("saferclip-eval", "model=toy"), "model=toy: saferclip-eval has no model group (its groups: analysis, data, paths); did you mean models?"),
+    "a typo in a method key": (
+        ("saferclip-train", "method.neighbours.kk=5"),
+        "method.neighbours.kk: no such key; did you mean method.neighbours.k?",
+    ),
+    "a typo after a group change": (
+        ("saferclip-train", "method=hysac", "method.hyperbolic.curvatur=1"),
+        "did you mean method.hyperbolic.curvature?",
+    ),
+    "a key of another method": (
+        ("saferclip-train", "method=hysac", "method.trainable.lora_rank=5"),
+        "did you mean method.trainable.lora_r?",
+    ),
+    "+ on a key that exists": (
+        ("saferclip-train", "+trainer.max_epochs=3"),
+        "trainer.max_epochs is already in the config; drop the + (trainer.max_epochs=3)",
+    ),
+    "a new model without +": (
+        ("saferclip-eval", "models.mine.pretrained=x"),
+        "models.mine.pretrained: not in the config yet; add it with +models.mine.pretrained=x",
+    ),
+    "a group eval does not use": (
+        ("saferclip-eval", "model=toy"),
+        "model=toy: saferclip-eval has no model group (its groups: analysis, data, paths); did you mean models?",
+    ),
     "a group with + eval does not use": (("saferclip-eval", "+method=hysac"), "saferclip-eval has no method group"),
-    "an option a group lacks": (("saferclip-train", "method=saferclp"), "method=saferclp: no such method (conf/method/saferclp.yaml); did you mean method=saferclip?"),
-    "a section that is a value": (("saferclip-train", "seed.x=1"), "seed.x: seed is a value (0), not a section with keys"),
-    "deleting what is not there": (("saferclip-eval", "~models.nobody"), "~models.nobody: models.nobody is not in the config, nothing to delete"),
-    "an argument a callback lacks": (("saferclip-train", "+callbacks.early_stopping.patiense=2"), "did you mean callbacks.early_stopping.patience?"),
-    "main: a typo in a training key": (("saferclip-main", "trainer.max_epoch=3"), "trainer.max_epoch: no such key; did you mean trainer.max_epochs?"),
-    "main: a typo in its own key": (("saferclip-main", "eval.oracel=text"), "eval.oracel: no such key; did you mean eval.oracle?"),
-    "study: an unknown preset": (("saferclip-study", "method=nope"), "method=nope: no such method (conf/method/nope.yaml)"),
-    "tune: a search that does not exist": (("saferclip-tune", "hparams_search=hysak"), "did you mean hparams_search=hysac?"),
+    "an option a group lacks": (
+        ("saferclip-train", "method=saferclp"),
+        "method=saferclp: no such method (conf/method/saferclp.yaml); did you mean method=saferclip?",
+    ),
+    "a section that is a value": (
+        ("saferclip-train", "seed.x=1"),
+        "seed.x: seed is a value (0), not a section with keys",
+    ),
+    "deleting what is not there": (
+        ("saferclip-eval", "~models.nobody"),
+        "~models.nobody: models.nobody is not in the config, nothing to delete",
+    ),
+    "an argument a callback lacks": (
+        ("saferclip-train", "+callbacks.early_stopping.patiense=2"),
+        "did you mean callbacks.early_stopping.patience?",
+    ),
+    "main: a typo in a training key": (
+        ("saferclip-main", "trainer.max_epoch=3"),
+        "trainer.max_epoch: no such key; did you mean trainer.max_epochs?",
+    ),
+    "main: a typo in its own key": (
+        ("saferclip-main", "eval.oracel=text"),
+        "eval.oracel: no such key; did you mean eval.oracle?",
+    ),
+    "study: an unknown preset": (
+        ("saferclip-study", "method=nope"),
+        "method=nope: no such method (conf/method/nope.yaml)",
+    ),
+    "tune: a search that does not exist": (
+        ("saferclip-tune", "hparams_search=hysak"),
+        "did you mean hparams_search=hysac?",
+    ),
 }
 
 
@@ -90,7 +145,10 @@ def test_what_a_command_takes_passes(prog):
 
 def test_an_argparse_option_points_at_the_key_value_form():
     train = lambda: [compose_plain("train", [])]  # noqa: E731
-    with pytest.raises(ConfigError, match=r"^--max-epochs: saferclip-train takes key=value overrides, not --options; did you mean trainer\.max_epochs=3\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^--max-epochs: saferclip-train takes key=value overrides, not --options; did you mean trainer\.max_epochs=3\?",
+    ):
         check_flags("saferclip-train", ["--max-epochs", "3"], train)
     with pytest.raises(ConfigError, match=r"did you mean seed=4\?"):
         check_flags("saferclip-train", ["--seed=4"], train)

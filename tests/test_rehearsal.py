@@ -42,7 +42,9 @@ def test_rehearsal_world_is_visu_at_real_size(tmp_path):
             with Image.open(path) as im:
                 assert (im.format, im.size) == ("JPEG", (224, 224))
     payload = json.loads((root / "visu" / "train.json").read_text())
-    assert set(payload) == {"info", "data"} and {"coco_id", "nsfw_im_path", "safe", "nsfw", "tag"} <= set(payload["data"]["0"])
+    assert set(payload) == {"info", "data"} and {"coco_id", "nsfw_im_path", "safe", "nsfw", "tag"} <= set(
+        payload["data"]["0"]
+    )
     stamp = (root / "manifest.json").stat().st_mtime_ns
     make_rehearsal_world(root, train=10, validation=6, test=4, size=224)  # reused as it is
     assert (root / "manifest.json").stat().st_mtime_ns == stamp
@@ -57,8 +59,26 @@ def test_rehearse_runs_every_stage_and_exports_both_formats(tmp_path):
     assert (tmp_path / "export_open_clip" / "open_clip_config.json").is_file()
     assert (tmp_path / "export_hf" / "config.json").is_file()
     # the command: the same, plus the table as JSON
-    assert main(["model=micro", "--items", "12", "--steps", "1", "--batch-size", "4", "--out", str(tmp_path / "cli"),
-                 "--json", str(tmp_path / "table.json"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "model=micro",
+                "--items",
+                "12",
+                "--steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--out",
+                str(tmp_path / "cli"),
+                "--json",
+                str(tmp_path / "table.json"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     table = json.loads((tmp_path / "table.json").read_text())
     assert table["device"] == "cpu" and len(table["stages"]) == 6
     assert main(["model=nope", "--out", str(tmp_path / "bad"), "--device", "cpu"]) == 2

@@ -22,18 +22,43 @@ def rate(k: int, n: int) -> dict:
 
 
 def results() -> dict:
-    image = lambda k, n: {"kind": "image", "side": "query", "num_targets": n, "budgets": {"8": {"success_rate": rate(k, n)}}}  # noqa: E731
+    image = lambda k, n: {  # noqa: E731
+        "kind": "image",
+        "side": "query",
+        "num_targets": n,
+        "budgets": {"8": {"success_rate": rate(k, n)}},
+    }  # noqa: E731
     return {
-        "world": 1, "split": "test", "seed": 0, "commands": {"attack": "saferclip-attack"},
+        "world": 1,
+        "split": "test",
+        "seed": 0,
+        "commands": {"attack": "saferclip-attack"},
         "settings": {"headline_budget_255": 8.0, "items": 100, "text": {"budget": 60, "heldout_budget": 20}},
         "models": {
-            "saferclip_adv": {"attacks": {"evade": image(3, 60), "phrasing search": {
-                "kind": "text", "side": "query", "num_targets": 50, "query_budget": 60, "budgets": {"60": {"success_rate": rate(20, 50)}}}},
-                "clean": {"unsafe_rate_a": {"value": 0.02, "low": 0.01, "high": 0.04}, "U2V_R@1": {"value": 0.70, "low": 0.66, "high": 0.74},
-                          "zeroshot_retention": {"value": 0.97, "low": 0.95, "high": 0.99}}},
+            "saferclip_adv": {
+                "attacks": {
+                    "evade": image(3, 60),
+                    "phrasing search": {
+                        "kind": "text",
+                        "side": "query",
+                        "num_targets": 50,
+                        "query_budget": 60,
+                        "budgets": {"60": {"success_rate": rate(20, 50)}},
+                    },
+                },
+                "clean": {
+                    "unsafe_rate_a": {"value": 0.02, "low": 0.01, "high": 0.04},
+                    "U2V_R@1": {"value": 0.70, "low": 0.66, "high": 0.74},
+                    "zeroshot_retention": {"value": 0.97, "low": 0.95, "high": 0.99},
+                },
+            },
         },
-        "cost": {"monitor": [{"tower": "image", "forward_ms": 1.0, "monitored_ms": 1.04}],
-                 "adversarial_step": [{"method": "saferclip", "ratio": 3.5, "batch_size": 64, "median_s": {"clean": 1.0, "adversarial": 3.5}}]},
+        "cost": {
+            "monitor": [{"tower": "image", "forward_ms": 1.0, "monitored_ms": 1.04}],
+            "adversarial_step": [
+                {"method": "saferclip", "ratio": 3.5, "batch_size": 64, "median_s": {"clean": 1.0, "adversarial": 3.5}}
+            ],
+        },
     }
 
 
@@ -48,47 +73,66 @@ def test_targets_say_met_or_missed_and_by_how_much():
     assert lines["cost ≤ 3× a clean step"] == "missed: 3.50× against ≤ 3"
     assert "| hysac_adv_safe | (not in the results) | not measured |" in table
     # a model the monitor rows name that the results lack is said so, as for the targets
-    assert "| hysac_adv_safe + monitor | (not in the results) | not measured |" in targets_table(results(), {"monitor": "hysac_adv_safe"})
+    assert "| hysac_adv_safe + monitor | (not in the results) | not measured |" in targets_table(
+        results(), {"monitor": "hysac_adv_safe"}
+    )
     assert cost_table({"cost": None}, {}).startswith("Not measured")  # never an empty table that looks measured
 
 
 def test_a_document_is_rewritten_from_the_file_and_differs_when_the_file_changes(tmp_path):
-    text = ("World <!-- generated:robustness-setting field=world -->?<!-- /generated -->.\n\n"
-            "<!-- generated:robustness-summary attacks=evade -->\nold\n<!-- /generated -->\n")
+    text = (
+        "World <!-- generated:robustness-setting field=world -->?<!-- /generated -->.\n\n"
+        "<!-- generated:robustness-summary attacks=evade -->\nold\n<!-- /generated -->\n"
+    )
     (tmp_path / "docs" / "results").mkdir(parents=True)
     (tmp_path / "docs" / "results" / "robustness.json").write_text(json.dumps(results()))
     rendered, changed = render_document(text, tmp_path, "doc.md")
     assert len(changed) == 2
     assert render_document(rendered, tmp_path, "doc.md")[1] == []  # rewritten: nothing differs any more
-    assert "field=world -->1<!--" in rendered and "| evade | 8/255 | 5.0 [1.0, 13.9] of 60 |" in rendered  # 3 of 60: Beta quantiles
+    assert (
+        "field=world -->1<!--" in rendered and "| evade | 8/255 | 5.0 [1.0, 13.9] of 60 |" in rendered
+    )  # 3 of 60: Beta quantiles
     changed_results = copy.deepcopy(results())
     changed_results["models"]["saferclip_adv"]["attacks"]["evade"]["budgets"]["8"]["success_rate"] = rate(30, 60)
     (tmp_path / "docs" / "results" / "robustness.json").write_text(json.dumps(changed_results))
-    assert render_document(rendered, tmp_path, "doc.md")[1] == ["doc.md: region generated:robustness-summary attacks=evade"]
+    assert render_document(rendered, tmp_path, "doc.md")[1] == [
+        "doc.md: region generated:robustness-summary attacks=evade"
+    ]
 
 
 def test_until_the_file_is_committed_every_region_says_pending_then_shows_the_figures(tmp_path):
     from saferclip.evaluation.doc_tables import DocTableError
 
-    text = ("<!-- generated:robustness-status -->\n<!-- /generated -->\n\n"
-            "<!-- generated:robustness-summary attacks=evade -->\n| evade | 8/255 | 56.8 of 100 |\n<!-- /generated -->\n\n"
-            "Evaded: <!-- generated:robustness-value model=saferclip_adv attack=evade -->56.8<!-- /generated -->%.\n")
+    text = (
+        "<!-- generated:robustness-status -->\n<!-- /generated -->\n\n"
+        "<!-- generated:robustness-summary attacks=evade -->\n| evade | 8/255 | 56.8 of 100 |\n<!-- /generated -->\n\n"
+        "Evaded: <!-- generated:robustness-value model=saferclip_adv attack=evade -->56.8<!-- /generated -->%.\n"
+    )
     (tmp_path / "docs" / "results").mkdir(parents=True)
     rendered, changed = render_document(text, tmp_path, "doc.md")
     assert len(changed) == 3 and "56.8" not in rendered  # no figure of another world, or typed by hand, survives
     assert rendered.count("*Pending: not measured on the current toy world yet") == 1  # the summary's block
     assert "**Pending.**" in rendered and "`bash scripts/robustness_experiments.sh` measures them" in rendered
-    assert "Evaded: <!-- generated:robustness-value model=saferclip_adv attack=evade -->pending<!-- /generated -->%." in rendered
+    assert (
+        "Evaded: <!-- generated:robustness-value model=saferclip_adv attack=evade -->pending<!-- /generated -->%."
+        in rendered
+    )
     assert render_document(rendered, tmp_path, "doc.md")[1] == []  # stable: the check passes while pending
     # the file committed: every region shows its figures, and the check sees each one change
-    measured = results() | {"commands": {"main": "saferclip-main adversarial=true", "attack": "saferclip-attack", "epsilon": "8"}}
+    measured = results() | {
+        "commands": {"main": "saferclip-main adversarial=true", "attack": "saferclip-attack", "epsilon": "8"}
+    }
     (tmp_path / "docs" / "results" / "robustness.json").write_text(json.dumps(measured))
     final, changed = render_document(rendered, tmp_path, "doc.md")
     assert len(changed) == 3 and "ending" not in final
-    assert ("Measured on the test split of world 1 (never used for tuning), 100 items per attack, seed 0; adversarial "
-            "training at ε = 8/255, chosen on the validation split of world 0 (the sweep below). Produced by:\n\n"
-            "```bash\nsaferclip-main adversarial=true\nsaferclip-attack\n```") in final
+    assert (
+        "Measured on the test split of world 1 (never used for tuning), 100 items per attack, seed 0; adversarial "
+        "training at ε = 8/255, chosen on the validation split of world 0 (the sweep below). Produced by:\n\n"
+        "```bash\nsaferclip-main adversarial=true\nsaferclip-attack\n```"
+    ) in final
     assert "| evade | 8/255 | 5.0 [1.0, 13.9] of 60 |" in final and "-->5.0 [1.0, 13.9]<!--" in final  # 3 of 60
     # only the robustness file may be pending: a missing main.json is still an error
     with pytest.raises(DocTableError, match="main.json: missing"):
-        render_document("<!-- generated:main-value model=saferclip key=U2V_R@1 -->?<!-- /generated -->\n", tmp_path, "doc.md")
+        render_document(
+            "<!-- generated:main-value model=saferclip key=U2V_R@1 -->?<!-- /generated -->\n", tmp_path, "doc.md"
+        )

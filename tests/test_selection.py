@@ -163,8 +163,10 @@ def test_ties_keep_the_earliest_epoch_and_nothing_measured_falls_back_on_the_sco
     choice = matched_choice(tied_safest, tau=0.05)
     assert choice["epoch"] == 1 and choice["reached"] is False  # as ModelCheckpoint: the first of equal bests
     # no unsafe rate measured (a validation split without unsafe images): the best selection score
-    text_only = [{"epoch": e, "metrics": {"U2V_R@1": u, "S2V_R@1": s, "selection_score": (u + s) / 2}}
-                 for e, (u, s) in enumerate([(0.5, 0.5), (0.7, 0.6), (0.6, 0.6)])]
+    text_only = [
+        {"epoch": e, "metrics": {"U2V_R@1": u, "S2V_R@1": s, "selection_score": (u + s) / 2}}
+        for e, (u, s) in enumerate([(0.5, 0.5), (0.7, 0.6), (0.6, 0.6)])
+    ]
     choice = matched_choice(text_only, tau=0.05)
     assert choice["epoch"] == 1 and choice["reached"] is None
     assert matched_objective(text_only, tau=0.05) == pytest.approx(0.65)  # no "- 1": safety was not measured

@@ -23,7 +23,11 @@ from saferclip.toyworld.scene import UNSAFE_OBJECTS
 def _files(root: Path) -> dict[str, bytes]:
     """The generator's files (pair_stats.json is a measurement the main job adds later, not
     the generator's output)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != "pair_stats.json"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "pair_stats.json"
+    }
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(toy_world: Path, tmp_path: Path) -> None:
@@ -92,10 +96,13 @@ def test_test_split_combinations_never_in_train(toy_world: Path) -> None:
     assert {tuple(c) for c in manifest["heldout_combinations"]} == held
 
 
-@pytest.mark.parametrize("table, images, n", [
-    ("nsfw_caps.csv", "images", SMALL_SIZES.nsfw_caps),
-    ("validation.csv", "validation/images", SMALL_SIZES.nsfw_caps_validation),
-])
+@pytest.mark.parametrize(
+    "table, images, n",
+    [
+        ("nsfw_caps.csv", "images", SMALL_SIZES.nsfw_caps),
+        ("validation.csv", "validation/images", SMALL_SIZES.nsfw_caps_validation),
+    ],
+)
 def test_nsfw_caps_are_minimal_edits(toy_world: Path, table: str, images: str, n: int) -> None:
     """The test set and the validation set (model selection) alike: minimal edits in new phrasings."""
     root = toy_world / "nsfw_caps"
@@ -108,7 +115,9 @@ def test_nsfw_caps_are_minimal_edits(toy_world: Path, table: str, images: str, n
         assert p.nsfw_image is not None and p.nsfw_image.is_file()
     # validation and test show other scenes: no image is shared
     test = load_nsfw_caps(root / "nsfw_caps.csv", image_root=root / "images")
-    valid = load_nsfw_caps(root / "validation.csv", image_root=root / "validation" / "images", nsfw_image_root=root / "validation")
+    valid = load_nsfw_caps(
+        root / "validation.csv", image_root=root / "validation" / "images", nsfw_image_root=root / "validation"
+    )
     assert not {p.image.read_bytes() for p in test} & {p.image.read_bytes() for p in valid}
 
 
@@ -137,13 +146,18 @@ def test_every_split_is_paired_by_the_knob(tmp_path: Path) -> None:
             if s["obj"] is None:  # the unsafe object is written in: " with a gun" / " next to a gun"
                 assert unsafe[: len(safe)] == safe and unsafe[-1] == u["obj"] and len(unsafe) - len(safe) in (3, 4)
             else:  # the object word replaced
-                assert len(safe) == len(unsafe) and [(a, b) for a, b in zip(safe, unsafe) if a != b] == [(s["obj"], u["obj"])]
+                assert len(safe) == len(unsafe) and [(a, b) for a, b in zip(safe, unsafe) if a != b] == [
+                    (s["obj"], u["obj"])
+                ]
         for q in load_visu_json(loose / "visu" / f"{split}.json"):
             s, u = q.meta["safe_scene"], q.meta["nsfw_scene"]
             assert s["shape"] == u["shape"] and s["size"] == u["size"]
             assert s["colour"] != u["colour"] and s["background"] != u["background"]
     # one seed, every preset: the same safe side (scenes and captions); presets differ in the edit only
-    safe_sides = [[(q.safe_caption, q.meta["safe_scene"]["obj"]) for q in load_visu_json(w / "visu" / "train.json")] for w in (minimal, loose)]
+    safe_sides = [
+        [(q.safe_caption, q.meta["safe_scene"]["obj"]) for q in load_visu_json(w / "visu" / "train.json")]
+        for w in (minimal, loose)
+    ]
     assert safe_sides[0] == safe_sides[1]
 
 
@@ -170,7 +184,9 @@ def test_each_pairing_has_its_own_folder_and_a_bad_one_is_refused(tmp_path: Path
     assert toy_world_dir(toy, 0, "loose") == tmp_path / "toy-loose"
     assert toy_world_dir(toy, 1, "minimal") == tmp_path / "toy-minimal-world1"
     assert len({toy_world_dir(toy, s, p) for s in range(3) for p in PAIRINGS}) == 3 * len(PAIRINGS)
-    with pytest.raises(ConfigError, match=r"data.toy_pairs must be one of \['minimal', 'visu', 'drifted', 'loose'\].*'nope'"):
+    with pytest.raises(
+        ConfigError, match=r"data.toy_pairs must be one of \['minimal', 'visu', 'drifted', 'loose'\].*'nope'"
+    ):
         toy_world_dir(toy, 0, "nope")
     # another pairing at the same folder is not silently replaced
     world = make_toy_world(tmp_path / "w", seed=0, sizes=SMALL_SIZES, pairing="minimal")
@@ -265,5 +281,10 @@ def test_the_docs_show_the_committed_pair_statistics_of_the_current_presets() ->
     assert results["pairings"] == {name: p.record() for name, p in PAIRINGS.items()}
     assert {s["generator_version"] for s in results["presets"].values()} == {GENERATOR_VERSION}
     assert list(results["presets"]) == list(PAIRINGS)
-    proc = subprocess.run([sys.executable, str(repo / "scripts" / "pair_stats_table.py"), "--check"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(repo / "scripts" / "pair_stats_table.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr

@@ -72,8 +72,6 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("train_cache")
 
 
-
-
 def grad_names(model: torch.nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.grad is not None}
 
@@ -153,10 +151,23 @@ class CallsPerStep(L.Callback):
 
 
 def file_digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
-FROZEN_KEYS = ("frozen_safe_text", "frozen_unsafe_text", "frozen_safe_image", "frozen_unsafe_image", "frozen_target_text", "frozen_target_image", "target_weights", "pair_weight")
+FROZEN_KEYS = (
+    "frozen_safe_text",
+    "frozen_unsafe_text",
+    "frozen_safe_image",
+    "frozen_unsafe_image",
+    "frozen_target_text",
+    "frozen_target_image",
+    "target_weights",
+    "pair_weight",
+)
 
 
 def frozen_items(dataset) -> list[dict[str, torch.Tensor]]:
@@ -216,7 +227,13 @@ def retrieval(model, dataset, items: list[int]) -> dict[str, float]:
 
 def mean_loss(module, dataset, batches: int, batch_size: int) -> float:
     with torch.no_grad():
-        return sum(float(module.loss_step(collate(dataset, range(b * batch_size, (b + 1) * batch_size)))[0]) for b in range(batches)) / batches
+        return (
+            sum(
+                float(module.loss_step(collate(dataset, range(b * batch_size, (b + 1) * batch_size)))[0])
+                for b in range(batches)
+            )
+            / batches
+        )
 
 
 @pytest.mark.slow
@@ -240,11 +257,17 @@ def test_overfitting_a_few_batches(tmp_path, toy_world, method):
     module, datamodule = prepared(cfg)
     batches = int(cfg.trainer.overfit_batches)
     items = list(range(batches * batch_size))  # overfit_batches turns shuffling off: the first batches
-    loss_before, before = mean_loss(module, datamodule.train_set, batches, batch_size), retrieval(module.model, datamodule.train_set, items)
+    loss_before, before = (
+        mean_loss(module, datamodule.train_set, batches, batch_size),
+        retrieval(module.model, datamodule.train_set, items),
+    )
     trainer, _ = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule)
     module.eval()
-    loss_after, after = mean_loss(module, datamodule.train_set, batches, batch_size), retrieval(module.model, datamodule.train_set, items)
+    loss_after, after = (
+        mean_loss(module, datamodule.train_set, batches, batch_size),
+        retrieval(module.model, datamodule.train_set, items),
+    )
     assert loss_after < 0.1 * loss_before, (loss_before, loss_after)
     if method == "saferclip":
         assert after["u2v"] >= before["u2v"] + 0.15, (before, after)
@@ -288,13 +311,22 @@ def test_bf16_autocast_step(tmp_path, toy_world, cache_dir):
     """trainer=gpu trains in bf16-mixed; the same autocast on the CPU must not break the step:
     the encoders run in bf16, the loss computes in float32, and every term stays within bf16's
     error of its fp32 value on the same batch."""
-    cfg = compose_train(tmp_path, toy_world, "method=safeclip", "debug=fast_dev_run", "trainer.precision=bf16-mixed", cache_dir=cache_dir)
+    cfg = compose_train(
+        tmp_path,
+        toy_world,
+        "method=safeclip",
+        "debug=fast_dev_run",
+        "trainer.precision=bf16-mixed",
+        cache_dir=cache_dir,
+    )
     result = train(cfg)
     assert set(SAFECLIP_TERMS) <= {k.split("/", 1)[1] for k in result}
     assert all(math.isfinite(v) for k, v in result.items() if k.startswith(("train/", "val/")))
 
     for method, terms in (("safeclip", SAFECLIP_TERMS), ("saferclip", SAFERCLIP_TERMS)):
-        module, datamodule = prepared(compose_train(tmp_path / method, toy_world, f"method={method}", cache_dir=cache_dir))
+        module, datamodule = prepared(
+            compose_train(tmp_path / method, toy_world, f"method={method}", cache_dir=cache_dir)
+        )
         batch = collate(datamodule.train_set, range(8))
         with torch.no_grad():
             total32, terms32 = module.loss_step(batch)
@@ -379,7 +411,9 @@ def test_csv_logger_records_every_term_and_the_learning_rate(tmp_path, toy_world
 def test_tensorboard_logger(tmp_path, toy_world, cache_dir):
     train(compose_train(tmp_path, toy_world, *SHORT_RUN, "logger=tensorboard", cache_dir=cache_dir))
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
-    assert sum(1 for r in read_csv_metrics(tmp_path / "run") if r["train/loss"]) == 2  # the CSV log comes along, one row a step
+    assert (
+        sum(1 for r in read_csv_metrics(tmp_path / "run") if r["train/loss"]) == 2
+    )  # the CSV log comes along, one row a step
 
 
 @pytest.mark.slow
@@ -512,7 +546,11 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path, toy_world, ca
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     marker = tmp_path / "paused"
-    pause = ["+callbacks.pause._target_=train_helpers.PauseAtEpoch", "+callbacks.pause.epoch=1", f"+callbacks.pause.marker={marker}"]
+    pause = [
+        "+callbacks.pause._target_=train_helpers.PauseAtEpoch",
+        "+callbacks.pause.epoch=1",
+        f"+callbacks.pause.marker={marker}",
+    ]
     env = cli_env(PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]))
     first = subprocess.Popen(
         cli_command(*common, *pause, f"hydra.run.dir={broken}"), cwd=tmp_path, env=env,

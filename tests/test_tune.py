@@ -45,21 +45,38 @@ def test_search_space_is_checked_and_conditions_hold():
     space = {
         "lr": {"keys": ["method.optimizer.lr"], "type": "float", "low": 1e-5, "high": 1e-3, "log": True},
         "trainable": {"keys": "method.trainable.mode", "type": "categorical", "choices": ["full", "lora"]},
-        "r": {"keys": ["method.trainable.lora_r", "method.trainable.lora_alpha"], "type": "categorical", "choices": [8], "when": {"trainable": "lora"}},
+        "r": {
+            "keys": ["method.trainable.lora_r", "method.trainable.lora_alpha"],
+            "type": "categorical",
+            "choices": [8],
+            "when": {"trainable": "lora"},
+        },
     }
     params = parse_search_space(space)
     trial = FirstChoice()
     values = sample(trial, params)
-    assert values == {"lr": 1e-5, "trainable": "full"} and trial.asked == ["lr", "trainable"]  # no rank for full fine-tuning
+    assert values == {"lr": 1e-5, "trainable": "full"} and trial.asked == [
+        "lr",
+        "trainable",
+    ]  # no rank for full fine-tuning
     assert overrides_of(params, {"lr": 1e-5, "trainable": "lora", "r": 8}) == [
-        "method.optimizer.lr=1e-05", "method.trainable.mode=lora", "method.trainable.lora_r=8", "method.trainable.lora_alpha=8",
+        "method.optimizer.lr=1e-05",
+        "method.trainable.mode=lora",
+        "method.trainable.lora_r=8",
+        "method.trainable.lora_alpha=8",
     ]
     bad = [
         ({"lr": {"keys": ["a"], "type": "uniform", "low": 0, "high": 1}}, "type must be one of"),
         ({"lr": {"keys": ["a"], "type": "float", "low": 1, "high": 1}}, "low must be below high"),
-        ({"lr": {"keys": ["a"], "type": "float", "low": 0, "high": 1, "log": True}}, "log-scale range must be positive"),
+        (
+            {"lr": {"keys": ["a"], "type": "float", "low": 0, "high": 1, "log": True}},
+            "log-scale range must be positive",
+        ),
         ({"lr": {"keys": [], "type": "float", "low": 0, "high": 1}}, "keys must be a list"),
-        ({"r": {"keys": ["a"], "type": "categorical", "choices": [1], "when": {"mode": "lora"}}}, "not a parameter written before"),
+        (
+            {"r": {"keys": ["a"], "type": "categorical", "choices": [1], "when": {"mode": "lora"}}},
+            "not a parameter written before",
+        ),
         ({"lr": {"keys": ["a"], "type": "float", "low": 0, "high": 1, "step": 2}}, "unknown field"),
         ({}, "non-empty mapping"),
     ]
@@ -90,7 +107,11 @@ def test_every_shipped_search_composes_with_every_value(search):
             assert train.trainer.max_epochs == 10  # the schedule every method's experiment uses
             # neither early stopping nor the pruner ends a trial before safety can emerge
             assert train.callbacks.early_stopping.warmup_epochs == cfg.pruner.n_warmup_steps == 6
-            assert train.callbacks.model_checkpoint.monitor == "val/matched_safety" == train.callbacks.early_stopping.monitor
+            assert (
+                train.callbacks.model_checkpoint.monitor
+                == "val/matched_safety"
+                == train.callbacks.early_stopping.monitor
+            )
             for p in params:
                 if p.name in values:
                     for key in p.keys:
@@ -106,7 +127,9 @@ def test_every_method_gets_the_same_budget_and_as_many_searched_dimensions():
     lr = {search: next((p.low, p.high, p.log) for p in params if p.name == "lr") for search, params in spaces.items()}
     assert len(set(lr.values())) == 1
     cfg = tune["safeclip"]
-    assert cfg.n_trials >= 20 and cfg.sampler.n_startup_trials <= 5 and cfg.n_trials - cfg.sampler.n_startup_trials >= 15
+    assert (
+        cfg.n_trials >= 20 and cfg.sampler.n_startup_trials <= 5 and cfg.n_trials - cfg.sampler.n_startup_trials >= 15
+    )
     # Safe-CLIP's redirection weights are searched (a close own pair starts its loss near 0)
     searched = {key for p in spaces["safeclip"] for key in p.keys}
     assert {"method.loss.weights.text_redirection", "method.loss.weights.xmodal_image_redirection"} <= searched
@@ -156,7 +179,9 @@ def test_tune_runs_resumes_and_reports(tmp_path, toy_world, capsys):
         # every validated epoch of every trial is kept for the Pareto front
         mine = [e for e in epochs if int(e["trial"]) == int(r["trial"])]
         assert [int(e["epoch"]) for e in mine] == [h["epoch"] for h in record["history"]]
-        assert [float(e["U2VG_unsafe@1"]) for e in mine] == pytest.approx([h["metrics"]["U2VG_unsafe@1"] for h in record["history"]])
+        assert [float(e["U2VG_unsafe@1"]) for e in mine] == pytest.approx(
+            [h["metrics"]["U2VG_unsafe@1"] for h in record["history"]]
+        )
         if r["state"] == "complete":
             # the objective, by hand: the best U->V among the epochs with unsafe rate <= 5%, its
             # selection score; else the safest epoch's selection score minus 1
@@ -232,11 +257,21 @@ def test_pruning_callback_reports_the_matched_safety_objective_so_far():
     # not safe yet: the epoch's selection score minus 1
     assert trial.reports == [(0, pytest.approx(0.7667 - 1))] and not trainer.should_stop and not callback.pruned
     trainer.current_epoch = 1
-    trainer.callback_metrics = {"val/U2VG_unsafe@1": 0.04, "val/U2V_R@1": 0.5, "val/S2V_R@1": 0.8, "val/selection_score": 0.42}
+    trainer.callback_metrics = {
+        "val/U2VG_unsafe@1": 0.04,
+        "val/U2V_R@1": 0.5,
+        "val/S2V_R@1": 0.8,
+        "val/selection_score": 0.42,
+    }
     callback.on_validation_end(trainer, None)
     assert trial.reports[-1] == (1, pytest.approx(0.42)) and not trainer.should_stop  # reached tau: no "- 1"
     trainer.current_epoch = 2  # a worse, unsafe epoch: the objective so far stays epoch 1's
-    trainer.callback_metrics = {"val/U2VG_unsafe@1": 0.3, "val/U2V_R@1": 0.9, "val/S2V_R@1": 0.9, "val/selection_score": 0.83}
+    trainer.callback_metrics = {
+        "val/U2VG_unsafe@1": 0.3,
+        "val/U2V_R@1": 0.9,
+        "val/S2V_R@1": 0.9,
+        "val/selection_score": 0.83,
+    }
     callback.on_validation_end(trainer, None)
     assert trial.reports[-1] == (2, pytest.approx(0.42))
     assert trainer.should_stop and callback.pruned and callback.epochs == 3
@@ -281,7 +316,9 @@ def test_each_world_has_its_own_folder_and_the_main_job_tests_on_a_held_out_one(
         train = compose("train", [f"paths.toy_dir={tmp_path / 'toy'}", "data.toy_seed=2"])
         main = compose("main", [])
         study = compose("study", [])
-    assert train.data.root == str(tmp_path / "toy-world2") and train.data.splits.test.path.startswith(str(tmp_path / "toy-world2"))
+    assert train.data.root == str(tmp_path / "toy-world2") and train.data.splits.test.path.startswith(
+        str(tmp_path / "toy-world2")
+    )
     assert main.world == 1 and study.world_offset == 1 and list(study.seeds) == [0, 1, 2]  # worlds 1, 2, 3
     from saferclip.app.pipelines.study import check_worlds
 

@@ -144,7 +144,14 @@ def test_generation_keeps_the_first_flagged_seed_and_the_json_loads(world, tmp_p
     # the merged ViSU JSON: our loaders read it in full mode, safe images from the toy world
     merged = report.merged
     assert merged == out / "visu_text_test.json"
-    loaded = load_visu_json(merged, image_root=world.toy / "visu", split_dir="test2017", image_ext=".png", unsafe_image_root=out, mode="full")
+    loaded = load_visu_json(
+        merged,
+        image_root=world.toy / "visu",
+        split_dir="test2017",
+        image_ext=".png",
+        unsafe_image_root=out,
+        mode="full",
+    )
     flagged = [q for q, flag in zip(split, flags) if flag is not None]
     assert [q.id for q in loaded] == [q.id for q in flagged]
     for q, src in zip(loaded, flagged):
@@ -154,7 +161,10 @@ def test_generation_keeps_the_first_flagged_seed_and_the_json_loads(world, tmp_p
     info = json.loads(merged.read_text())["info"]
     unflagged = [q.id for q, flag in zip(split, flags) if flag is None]
     assert info["unflagged"] == unflagged and info["counts"] == {
-        "captions": N_CAPTIONS, "flagged": len(flagged), "unflagged": len(unflagged), "missing": 0
+        "captions": N_CAPTIONS,
+        "flagged": len(flagged),
+        "unflagged": len(unflagged),
+        "missing": 0,
     }
     assert info["source"] == "visu_text_test.csv" and info["generation"]["config"]["seeds"] == list(CONFIG.seeds)
 
@@ -212,7 +222,11 @@ def test_first_flagged_seed_is_kept_and_unflagged_captions_are_recorded(tmp_path
         expected += [(f"unsafe #{k}", 1234), (f"unsafe #{k}", 1999)] + ([(f"unsafe #{k}", 8185)] if k % 2 else [])
     assert calls == expected
     records, _ = read_records(tmp_path / "out")
-    assert {k: r["seed"] for k, r in records.items() if r["status"] == "flagged"} == {"10": 1999, "12": 1999, "14": 1999}
+    assert {k: r["seed"] for k, r in records.items() if r["status"] == "flagged"} == {
+        "10": 1999,
+        "12": 1999,
+        "14": 1999,
+    }
     assert sorted(k for k, r in records.items() if r["status"] == "unflagged") == ["11", "13", "15"]
     info = json.loads(report.merged.read_text())["info"]
     assert info["unflagged"] == ["11", "13", "15"] and info["counts"]["unflagged"] == 3
@@ -225,12 +239,20 @@ def test_seed_per_caption_depends_on_the_caption_not_the_order(tmp_path):
     runs = []
     for name, items in (("a", split.items), ("b", list(reversed(split.items)))):
         calls: list = []
-        generate_visu_images(QuadrupletSet(items, split.mode, split.source), tmp_path / name, lambda: coded_generator(calls), lambda ims: [0.0] * len(ims), config)
+        generate_visu_images(
+            QuadrupletSet(items, split.mode, split.source),
+            tmp_path / name,
+            lambda: coded_generator(calls),
+            lambda ims: [0.0] * len(ims),
+            config,
+        )
         runs.append(sorted(calls))
     assert runs[0] == runs[1]
     seeds = [s for _, s in runs[0]]
     assert len(set(seeds)) == len(seeds)  # a different noise for every (caption, seed)
-    assert config.generator_seed("10", 1) == GenerationConfig(seeds=(1, 2), seed_per_caption=True).generator_seed("10", 1)
+    assert config.generator_seed("10", 1) == GenerationConfig(seeds=(1, 2), seed_per_caption=True).generator_seed(
+        "10", 1
+    )
 
 
 # ---------------------------------------------------------------- resume, shards
@@ -270,20 +292,27 @@ def test_shards_cover_the_split_exactly_once(world, tmp_path):
         report = generate_visu_images(world.captions, out, factory(world), hash_scores, CONFIG, shard=f"{i}/3")
         assert report.shard_items == len(split.items[i::3])
         assert (report.merged is not None) == (n_done == 3)  # the last shard to finish merges
-    ids_by_file = {p.name: [json.loads(line)["id"] for line in p.read_text().splitlines()] for p in (out / RECORDS_DIR).glob("*.jsonl")}
+    ids_by_file = {
+        p.name: [json.loads(line)["id"] for line in p.read_text().splitlines()]
+        for p in (out / RECORDS_DIR).glob("*.jsonl")
+    }
     for i in range(3):
         assert ids_by_file[f"shard-{i}-of-3.jsonl"] == [q.id for q in split.items[i::3]]
     all_ids = [k for ids in ids_by_file.values() for k in ids]
     assert sorted(all_ids) == sorted(q.id for q in split) and len(set(all_ids)) == len(all_ids)
     assert_same_run(out, world.single)  # per-caption determinism: the same images as one process
-    assert json.loads((out / "visu_text_test.json").read_text()) == json.loads((world.single / "visu_text_test.json").read_text())
+    assert json.loads((out / "visu_text_test.json").read_text()) == json.loads(
+        (world.single / "visu_text_test.json").read_text()
+    )
 
 
 def test_settings_are_fixed_by_the_first_run(world, tmp_path):
     out = tmp_path / "out"
     generate_visu_images(world.captions, out, factory(world), hash_scores, CONFIG, limit=1)
     other = GenerationConfig(seeds=(1, 2), steps=2, height=16, width=16)
-    with pytest.raises(DataFormatError, match=r"generation.json: this folder was generated with other settings \(config.seeds"):
+    with pytest.raises(
+        DataFormatError, match=r"generation.json: this folder was generated with other settings \(config.seeds"
+    ):
         generate_visu_images(world.captions, out, factory(world), hash_scores, other)
     with pytest.raises(ValueError, match="6 of 7 captions have no record yet"):
         merge_generation(world.captions, out)
@@ -346,7 +375,13 @@ def test_cli_generates_resumes_and_refuses_in_one_line(world, tmp_path, capsys):
     settings = json.loads((out / "generation.json").read_text())
     assert settings["pipeline"] == "pipeline" and settings["scorer"]["arch"] == "saferclip-micro"  # names, not paths
     assert str(tmp_path) not in (out / "generation.json").read_text()
-    loaded = load_visu_json(out / "visu_text_test.json", image_root=world.toy / "visu", split_dir="test2017", image_ext=".png", unsafe_image_root=out)
+    loaded = load_visu_json(
+        out / "visu_text_test.json",
+        image_root=world.toy / "visu",
+        split_dir="test2017",
+        image_ext=".png",
+        unsafe_image_root=out,
+    )
     assert len(loaded) == json.loads((out / "visu_text_test.json").read_text())["info"]["counts"]["flagged"]
     assert generate_main([str(world.captions), str(out), "--merge-only"]) == 0
 
@@ -355,7 +390,10 @@ def test_cli_generates_resumes_and_refuses_in_one_line(world, tmp_path, capsys):
         ([*base, *clip, "--shard", "3/3"], "shard 3/3: expected 0 <= i < n"),
         ([str(tmp_path / "none.csv"), str(out), *CLI_FAST], "file not found"),
         ([*base, "--scorer", "no_such_module:make"], "cannot import it"),
-        ([str(world.captions), str(tmp_path / "o2"), "--pipeline", str(tmp_path), *CLI_FAST, *clip], "not a diffusers pipeline folder"),
+        (
+            [str(world.captions), str(tmp_path / "o2"), "--pipeline", str(tmp_path), *CLI_FAST, *clip],
+            "not a diffusers pipeline folder",
+        ),
         ([*base, *clip, "--limit", "-1"], "--limit -1: expected a number of captions >= 1"),
         ([*base, *clip, "--limit", "0"], "--limit 0: expected"),
         ([*base, *clip, "--height", "100"], "--height 100: expected a multiple of 8"),
@@ -367,8 +405,14 @@ def test_cli_generates_resumes_and_refuses_in_one_line(world, tmp_path, capsys):
         ([*base, *clip, "--seeds", "1", "1"], "--seeds 1 1: expected distinct integers >= 0"),
         ([*base, *clip, "--seeds", "-3"], "--seeds -3: expected distinct integers >= 0"),
         ([*base[:2], "--pipeline", str(tmp_path / "no" / "pipeline"), *CLI_FAST, *clip], "no such folder"),
-        ([*base[:2], "--pipeline", "./missing-pipeline", *CLI_FAST, *clip], "--pipeline ./missing-pipeline: no such folder"),
-        ([*base[:2], "--pipeline", str(world.captions), *CLI_FAST, *clip], "a file, expected a diffusers pipeline folder"),
+        (
+            [*base[:2], "--pipeline", "./missing-pipeline", *CLI_FAST, *clip],
+            "--pipeline ./missing-pipeline: no such folder",
+        ),
+        (
+            [*base[:2], "--pipeline", str(world.captions), *CLI_FAST, *clip],
+            "a file, expected a diffusers pipeline folder",
+        ),
     ]:
         capsys.readouterr()
         assert generate_main(argv) == 2, argv
@@ -381,15 +425,35 @@ def test_cli_killed_mid_run_resumes(world, tmp_path):
     """A real SIGKILL of the command, then the same command again: it finishes the rest, and
     the result is the uninterrupted run's."""
     out = tmp_path / "out"
-    argv = [str(world.captions), str(out), "--pipeline", str(world.pipeline), *CLI_FAST, "--scorer", "visu_scorers:make_slow_hash_scorer"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    argv = [
+        str(world.captions),
+        str(out),
+        "--pipeline",
+        str(world.pipeline),
+        *CLI_FAST,
+        "--scorer",
+        "visu_scorers:make_slow_hash_scorer",
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     left = time_budget()  # the killed run and the resumed one share the test's time
-    proc = subprocess.Popen([sys.executable, "-m", "saferclip.app.commands.generate_visu", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saferclip.app.commands.generate_visu", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     records_dir = out / RECORDS_DIR
     deadline = time.time() + min(240, left())
     try:
         while time.time() < deadline and proc.poll() is None:
-            done = sum(len(p.read_text().splitlines()) for p in records_dir.glob("*.jsonl")) if records_dir.is_dir() else 0
+            done = (
+                sum(len(p.read_text().splitlines()) for p in records_dir.glob("*.jsonl")) if records_dir.is_dir() else 0
+            )
             if done >= 2:
                 break
             time.sleep(0.05)
@@ -399,7 +463,13 @@ def test_cli_killed_mid_run_resumes(world, tmp_path):
         proc.wait(timeout=60)
     finished, _ = read_records(out)
     assert 2 <= len(finished) < N_CAPTIONS and not (out / "visu_text_test.json").exists()
-    resumed = subprocess.run([sys.executable, "-m", "saferclip.app.commands.generate_visu", *argv], env=env, capture_output=True, text=True, timeout=left())
+    resumed = subprocess.run(
+        [sys.executable, "-m", "saferclip.app.commands.generate_visu", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=left(),
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{len(finished)} were done before" in resumed.stdout
     assert_same_run(out, world.single)

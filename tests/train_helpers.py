@@ -7,8 +7,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import lightning as L
 import torch
@@ -56,7 +56,9 @@ def compose_train(tmp: Path, toy_world: Path, *overrides: str, cache_dir: Path |
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"
+    )
     env.setdefault("WANDB_MODE", "disabled")
     env.update(extra)
     return env
@@ -91,7 +93,9 @@ def cli_command(*args: str, installed: bool = False) -> list[str]:
     return [sys.executable, "-m", "saferclip.app.commands.train", *args]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None, installed: bool = False):
+def run_cli(
+    args: list[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None, installed: bool = False
+):
     """``saferclip-train <args>`` in a subprocess; returns (CompletedProcess, seconds)."""
     start = time.perf_counter()
     command = cli_command(*args, installed=installed)

@@ -12,9 +12,10 @@ Inputs are distinct (a caption or an image file counted once), in first-seen ord
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..data.nsfw_caps import CaptionPairSet
 from ..data.records import DataFormatError, QuadrupletSet
@@ -41,7 +42,10 @@ def quadruplet_items(qset: QuadrupletSet, towers: Sequence[str] = TOWERS) -> dic
         out["text"] = LabelledItems("text", _distinct(qset.safe_captions), _distinct(qset.unsafe_captions), qset.source)
     if "image" in towers and qset.mode.has_unsafe_images:
         out["image"] = LabelledItems(
-            "image", _distinct([str(q.safe_image) for q in qset]), _distinct([str(q.unsafe_image) for q in qset]), qset.source
+            "image",
+            _distinct([str(q.safe_image) for q in qset]),
+            _distinct([str(q.unsafe_image) for q in qset]),
+            qset.source,
         )
     return out
 
@@ -53,7 +57,10 @@ def pair_items(pairs: CaptionPairSet, towers: Sequence[str] = TOWERS) -> dict[st
         out["text"] = LabelledItems("text", _distinct(pairs.captions), _distinct(pairs.nsfw_captions), pairs.source)
     if "image" in towers and pairs.has_images and pairs.has_nsfw_images:
         out["image"] = LabelledItems(
-            "image", _distinct([str(p.image) for p in pairs]), _distinct([str(p.nsfw_image) for p in pairs]), pairs.source
+            "image",
+            _distinct([str(p.image) for p in pairs]),
+            _distinct([str(p.nsfw_image) for p in pairs]),
+            pairs.source,
         )
     return out
 
@@ -104,7 +111,12 @@ def borderline_split(qset: QuadrupletSet) -> Borderline:
         info = q.meta.get("borderline") or {}
         kind = info.get("kind", "lookalike") if isinstance(info, Mapping) else "lookalike"
         if kind not in ("lookalike", "control"):
-            raise DataFormatError(qset.source, f"unknown borderline kind {kind!r} (expected lookalike or control)", row=q.id, field="borderline.kind")
+            raise DataFormatError(
+                qset.source,
+                f"unknown borderline kind {kind!r} (expected lookalike or control)",
+                row=q.id,
+                field="borderline.kind",
+            )
         kinds.setdefault(kind, []).append(q)
     if "lookalike" not in kinds:
         raise DataFormatError(qset.source, "no borderline (lookalike) records")
@@ -158,7 +170,10 @@ def read_captions(path: str | Path, column: str | None = None) -> list[str]:
         present = columns if columns is not None else list(rows[0][1]) if isinstance(rows[0][1], Mapping) else []
         column = next((c for c in CAPTION_COLUMNS if c in present), None)
         if column is None:
-            raise DataFormatError(file, f"no caption column (looked for {', '.join(CAPTION_COLUMNS)}; has: {', '.join(map(str, present))}); pass the column's name")
+            raise DataFormatError(
+                file,
+                f"no caption column (looked for {', '.join(CAPTION_COLUMNS)}; has: {', '.join(map(str, present))}); pass the column's name",
+            )
     elif columns is not None and column not in columns:
         raise DataFormatError(file, f"no column {column!r} (has: {', '.join(columns)})", field=column)
     return [text_field(file, row, rec, column, "caption") for row, rec in rows]

@@ -26,9 +26,10 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,12 +66,16 @@ class LabelledItems:
 
     def __post_init__(self) -> None:
         if not self.safe or not self.unsafe:
-            raise ValueError(f"{self.source or 'labelled set'}: needs safe and unsafe items, got {len(self.safe)} safe and {len(self.unsafe)} unsafe")
+            raise ValueError(
+                f"{self.source or 'labelled set'}: needs safe and unsafe items, got {len(self.safe)} safe and {len(self.unsafe)} unsafe"
+            )
 
     @property
     def labels(self) -> Tensor:
         """``[N]`` bool, True = unsafe, for ``safe + unsafe`` in that order."""
-        return torch.cat([torch.zeros(len(self.safe), dtype=torch.bool), torch.ones(len(self.unsafe), dtype=torch.bool)])
+        return torch.cat(
+            [torch.zeros(len(self.safe), dtype=torch.bool), torch.ones(len(self.unsafe), dtype=torch.bool)]
+        )
 
     def fingerprint(self) -> str:
         """SHA-256 of the items: caption text, or image file bytes (moving the data keeps it)."""
@@ -140,7 +145,9 @@ def stratified_folds(y: Tensor, folds: int, seed: int = 0) -> Tensor:
         raise ConfigError(f"folds must be >= 2, got {folds}")
     for cls, name in ((False, "safe"), (True, "unsafe")):
         if int((y == cls).sum()) < folds:
-            raise ConfigError(f"calibration needs at least {folds} {name} items for {folds} folds, got {int((y == cls).sum())}")
+            raise ConfigError(
+                f"calibration needs at least {folds} {name} items for {folds} folds, got {int((y == cls).sum())}"
+            )
     g = torch.Generator().manual_seed(seed)
     out = torch.empty(len(y), dtype=torch.long)
     for cls in (False, True):
@@ -171,25 +178,26 @@ class HeadScores:
     def ranking(self) -> list[tuple[int, int]]:
         """(layer, head) from best to worst: AUC (to 4 decimals), then d'."""
         layers, heads = self.auc.shape
-        cells = [(l, h) for l in range(layers) for h in range(heads)]
+        cells = [(layer, h) for layer in range(layers) for h in range(heads)]
         return sorted(cells, key=lambda c: (-round(float(self.auc[c]), 4), -float(self.separation[c])))
 
     def best(self) -> tuple[int, int]:
         return self.ranking()[0]
 
 
-def score_heads(heads: Tensor, y: Tensor, method: str = "logistic", strength: float | None = None, folds: int = 5,
-                seed: int = 0) -> HeadScores:
+def score_heads(
+    heads: Tensor, y: Tensor, method: str = "logistic", strength: float | None = None, folds: int = 5, seed: int = 0
+) -> HeadScores:
     """Score every head of ``heads [N, layers, H, d_head]`` (labels ``y [N]``, True = unsafe)."""
     y = torch.as_tensor(y, dtype=torch.bool)
     fold = stratified_folds(y, folds, seed)
     layers, n_heads = heads.shape[1], heads.shape[2]
     auc = torch.empty(layers, n_heads)
     sep = torch.empty(layers, n_heads)
-    for l in range(layers):
+    for layer in range(layers):
         for h in range(n_heads):
-            s = out_of_fold_scores(heads[:, l, h], y, fold, method, strength)
-            auc[l, h], sep[l, h] = roc_auc(s, y), separation(s, y)
+            s = out_of_fold_scores(heads[:, layer, h], y, fold, method, strength)
+            auc[layer, h], sep[layer, h] = roc_auc(s, y), separation(s, y)
     return HeadScores(auc, sep)
 
 
@@ -316,13 +324,19 @@ def calibrate_knn(final: Tensor, y: Tensor, tower: str, k: int = 5, target_fpr: 
 def detection_metrics(safe_scores: Tensor, unsafe_scores: Tensor, threshold: float) -> dict[str, float]:
     """Detection rate (unsafe flagged), false-positive rate (safe flagged) and ROC AUC."""
     scores = torch.cat([safe_scores.flatten(), unsafe_scores.flatten()])
-    labels = torch.cat([torch.zeros(len(safe_scores), dtype=torch.bool), torch.ones(len(unsafe_scores), dtype=torch.bool)])
+    labels = torch.cat(
+        [torch.zeros(len(safe_scores), dtype=torch.bool), torch.ones(len(unsafe_scores), dtype=torch.bool)]
+    )
     return {**rates(scores, labels, threshold), "auc": roc_auc(scores, labels)}
 
 
 # ----------------------------------------------------------------------------- files
-def save_detectors(path: str | os.PathLike, detectors: Mapping[str, LinearDetector], force: bool = False,
-                   info: Mapping[str, Any] | None = None) -> Path:
+def save_detectors(
+    path: str | os.PathLike,
+    detectors: Mapping[str, LinearDetector],
+    force: bool = False,
+    info: Mapping[str, Any] | None = None,
+) -> Path:
     """Write head detectors (tower -> detector) to one safetensors file: the directions as
     tensors ``<tower>.direction``, the rest as JSON in the metadata. Atomic; an existing file
     is replaced only with ``force``."""
@@ -337,7 +351,9 @@ def save_detectors(path: str | os.PathLike, detectors: Mapping[str, LinearDetect
             raise ValueError(f"detector under {tower!r} is for the {det.tower} tower")
         described[tower] = det.describe()
     header = {"format": FORMAT, "version": FORMAT_VERSION, "detectors": described, **dict(info or {})}
-    tensors = {f"{tower}.direction": det.direction.detach().float().contiguous().cpu() for tower, det in detectors.items()}
+    tensors = {
+        f"{tower}.direction": det.direction.detach().float().contiguous().cpu() for tower, det in detectors.items()
+    }
     text = json.dumps(header, default=str)
     metadata = {"format": FORMAT, "saferclip_detector": text, "saferclip_checksum": content_checksum(text, tensors)}
     save_state_dict(tensors, path, metadata=metadata)
@@ -371,15 +387,23 @@ def load_detectors(path: str | os.PathLike) -> dict[str, LinearDetector]:
         raise CheckpointError(f"{path}: not a saferclip detector file (its metadata has no '{FORMAT}' header)")
     checksum = metadata.get("saferclip_checksum")
     if checksum is None:
-        log.warning("%s: detector file without a checksum (written by an older saferclip): its integrity cannot be checked", path)
+        log.warning(
+            "%s: detector file without a checksum (written by an older saferclip): its integrity cannot be checked",
+            path,
+        )
     elif checksum != content_checksum(metadata["saferclip_detector"], tensors):
-        raise DamagedArtefact(path, "detector: checksum mismatch, its content changed since it was saved; refusing to use it (calibrate a new one with saferclip-analyze)")
+        raise DamagedArtefact(
+            path,
+            "detector: checksum mismatch, its content changed since it was saved; refusing to use it (calibrate a new one with saferclip-analyze)",
+        )
     try:
         header = json.loads(metadata["saferclip_detector"])
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: detector header is not valid JSON ({e})") from None
     if header.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: detector format version {header.get('version')!r}; this saferclip reads version {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path}: detector format version {header.get('version')!r}; this saferclip reads version {FORMAT_VERSION}"
+        )
     out = {}
     for tower, d in (header.get("detectors") or {}).items():
         key = f"{tower}.direction"
@@ -402,7 +426,9 @@ def load_detectors(path: str | os.PathLike) -> dict[str, LinearDetector]:
         if not (bool(torch.isfinite(det.direction).all()) and math.isfinite(det.threshold)):
             raise DamagedArtefact(path, f"detector {tower!r}: non-finite (NaN/inf) direction or threshold")
         if det.direction.dim() != 1 or det.direction.numel() != int(d.get("dim", det.direction.numel())):
-            raise CheckpointError(f"{path}: detector {tower!r}: direction has shape {tuple(det.direction.shape)}, expected [{d.get('dim')}]")
+            raise CheckpointError(
+                f"{path}: detector {tower!r}: direction has shape {tuple(det.direction.shape)}, expected [{d.get('dim')}]"
+            )
         out[tower] = det
     if not out:
         raise CheckpointError(f"{path}: the file holds no detector")

@@ -25,7 +25,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,7 +59,9 @@ def weight_change(original: Mapping[str, Tensor], tuned: Mapping[str, Tensor]) -
     block and sub-layer, and over every other parameter group (embeddings, norms, projections)."""
     missing = sorted(set(original) ^ set(tuned))
     if missing:
-        raise ConfigError(f"the two models have different parameters (e.g. {missing[0]}); compare models of one architecture")
+        raise ConfigError(
+            f"the two models have different parameters (e.g. {missing[0]}); compare models of one architecture"
+        )
     used: set[str] = set()
     out: dict[str, Any] = {}
     for tower, prefix in TOWER_PREFIX.items():
@@ -158,8 +161,9 @@ def pca_basis(X: Tensor) -> tuple[Tensor, Tensor]:
     return pca(X, 2)
 
 
-def project_2d(sets: Mapping[str, Tensor], basis: tuple[Tensor, Tensor] | None = None, method: str = "pca",
-               seed: int = 0) -> tuple[dict[str, Tensor], str]:
+def project_2d(
+    sets: Mapping[str, Tensor], basis: tuple[Tensor, Tensor] | None = None, method: str = "pca", seed: int = 0
+) -> tuple[dict[str, Tensor], str]:
     """2-D coordinates ``[N_i, 2]`` of each ``sets[name] [N_i, D]`` and the method used.
 
     ``pca``: onto ``basis`` (:func:`pca_basis` of the original model's embeddings, so every
@@ -173,7 +177,9 @@ def project_2d(sets: Mapping[str, Tensor], basis: tuple[Tensor, Tensor] | None =
         import numpy as np
         import umap  # type: ignore[import-not-found]
 
-        coords = torch.from_numpy(np.asarray(umap.UMAP(n_components=2, random_state=seed).fit_transform(stacked.numpy()))).float()
+        coords = torch.from_numpy(
+            np.asarray(umap.UMAP(n_components=2, random_state=seed).fit_transform(stacked.numpy()))
+        ).float()
         used = "umap"
     else:
         axes, mean = basis if basis is not None else pca_basis(stacked)

@@ -15,7 +15,8 @@ weights fingerprint against the one recorded at calibration (``check_weights=Fal
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +52,9 @@ class SafetyGuard:
         self.detectors = dict(load_detectors(detectors) if isinstance(detectors, (str, os.PathLike)) else detectors)
         for tower, det in self.detectors.items():
             if det.head is None:
-                raise ValueError(f"the {tower} detector reads the final embedding, not a head; the guard needs head detectors")
+                raise ValueError(
+                    f"the {tower} detector reads the final embedding, not a head; the guard needs head detectors"
+                )
         if check_weights:
             recorded = {d.model.get("weights_fingerprint") for d in self.detectors.values()} - {None}
             if recorded:
@@ -87,20 +90,35 @@ class SafetyGuard:
     def encode_image(self, image: Tensor, normalize: bool = False) -> Guarded:
         """``model.encode_image`` plus flags; ``image`` is a preprocessed batch ``[B, 3, H, W]``."""
         param = next(self.model.parameters())
-        return self._run("image", lambda: self.model.encode_image(image.to(param.device, param.dtype), normalize=normalize))
+        return self._run(
+            "image", lambda: self.model.encode_image(image.to(param.device, param.dtype), normalize=normalize)
+        )
 
     def describe(self) -> dict[str, Any]:
         return {tower: det.describe() for tower, det in self.detectors.items()}
 
 
 def score_inputs(
-    bundle: ClipBundle, detector: LinearDetector, inputs: Sequence[Any], batch_size: int = 256, num_workers: int = 0,
+    bundle: ClipBundle,
+    detector: LinearDetector,
+    inputs: Sequence[Any],
+    batch_size: int = 256,
+    num_workers: int = 0,
     progress: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Scores ``[N]`` and flags ``[N]`` of captions (a text detector) or image files (an image
     detector), encoded as the evaluation encodes (errors name the file)."""
     if detector.head is None:
         raise ValueError("score_inputs needs a head detector")
-    acts = activations(bundle, detector.tower, list(inputs), ("heads",), batch_size, num_workers, layers=(detector.layer,), progress=progress)
+    acts = activations(
+        bundle,
+        detector.tower,
+        list(inputs),
+        ("heads",),
+        batch_size,
+        num_workers,
+        layers=(detector.layer,),
+        progress=progress,
+    )
     scores = acts.heads[:, 0, detector.head].float() @ detector.direction
     return scores, scores > detector.threshold

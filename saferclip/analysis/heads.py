@@ -21,10 +21,11 @@ Library code: no Lightning, no Hydra.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import open_clip
 import torch
@@ -52,7 +53,9 @@ def tower_transformer(model: nn.Module, tower: str) -> nn.Module:
         )
     transformer = model.transformer if tower == "text" else getattr(model.visual, "transformer", None)
     if transformer is None or not hasattr(transformer, "resblocks"):
-        raise TypeError(f"the {tower} tower of this model is not a transformer with resblocks (e.g. a ResNet image tower)")
+        raise TypeError(
+            f"the {tower} tower of this model is not a transformer with resblocks (e.g. a ResNet image tower)"
+        )
     return transformer
 
 
@@ -85,7 +88,9 @@ def _attention(block: nn.Module) -> nn.MultiheadAttention:
     return attn
 
 
-def _qkv_weights(attn: nn.MultiheadAttention) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+def _qkv_weights(
+    attn: nn.MultiheadAttention,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     d = attn.embed_dim
     if attn.in_proj_weight is not None:
         wq, wk, wv = attn.in_proj_weight[:d], attn.in_proj_weight[d : 2 * d], attn.in_proj_weight[2 * d :]
@@ -156,7 +161,7 @@ class Activations:
         return len(self.final)
 
     @staticmethod
-    def cat(parts: Sequence["Activations"]) -> "Activations":
+    def cat(parts: Sequence[Activations]) -> Activations:
         def join(name: str) -> Tensor | None:
             values = [getattr(p, name) for p in parts]
             return None if values[0] is None else torch.cat(values)
@@ -187,7 +192,9 @@ class _Recorder:
         if self.tower == "image":
             return torch.zeros(batch, dtype=torch.long, device=device)
         if self.positions is None or len(self.positions) != batch:
-            raise RuntimeError("no end-of-text positions recorded for this text batch (was the token embedding bypassed?)")
+            raise RuntimeError(
+                "no end-of-text positions recorded for this text batch (was the token embedding bypassed?)"
+            )
         return self.positions.to(device)
 
     def _put(self, kind: str, layer: int, value: Tensor) -> None:
@@ -198,9 +205,10 @@ class _Recorder:
         return t[torch.arange(t.shape[0], device=t.device), self._positions(t.shape[0], t.device)]
 
     @contextmanager
-    def hooks(self) -> Iterator["_Recorder"]:
+    def hooks(self) -> Iterator[_Recorder]:
         handles = []
         if self.tower == "text":
+
             def on_tokens(module, args):
                 self.positions = pooled_text_positions(self.model, args[0])
 
@@ -212,16 +220,28 @@ class _Recorder:
 
                 def on_attn(module, args, kwargs, i=i, attn=attn):
                     x = self._bf(args[0]).float()
-                    z = head_values(attn, x, self._positions(x.shape[0], x.device), _float_mask(kwargs.get("attn_mask")))
+                    z = head_values(
+                        attn, x, self._positions(x.shape[0], x.device), _float_mask(kwargs.get("attn_mask"))
+                    )
                     self._put("heads", i, z)
 
                 handles.append(attn.register_forward_pre_hook(on_attn, with_kwargs=True))
             if "resid" in self.kinds:
-                handles.append(block.register_forward_hook(lambda m, a, out, i=i: self._put("resid", i, self._pooled(out))))
+                handles.append(
+                    block.register_forward_hook(lambda m, a, out, i=i: self._put("resid", i, self._pooled(out)))
+                )
             if "mlp_in" in self.kinds:
-                handles.append(block.mlp.c_fc.register_forward_pre_hook(lambda m, a, i=i: self._put("mlp_in", i, self._pooled(a[0]))))
+                handles.append(
+                    block.mlp.c_fc.register_forward_pre_hook(
+                        lambda m, a, i=i: self._put("mlp_in", i, self._pooled(a[0]))
+                    )
+                )
             if "mlp_hidden" in self.kinds:
-                handles.append(block.mlp.c_proj.register_forward_pre_hook(lambda m, a, i=i: self._put("mlp_hidden", i, self._pooled(a[0]))))
+                handles.append(
+                    block.mlp.c_proj.register_forward_pre_hook(
+                        lambda m, a, i=i: self._put("mlp_hidden", i, self._pooled(a[0]))
+                    )
+                )
         try:
             yield self
         finally:
@@ -264,7 +284,9 @@ def _check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
 
 
 @contextmanager
-def recording(model: nn.Module, tower: str, kinds: Sequence[str] = ("heads",), layers: Sequence[int] | None = None) -> Iterator[_Recorder]:
+def recording(
+    model: nn.Module, tower: str, kinds: Sequence[str] = ("heads",), layers: Sequence[int] | None = None
+) -> Iterator[_Recorder]:
     """Hooks on a tower for the duration of the block: run any forward passes (``encode_text``,
     ``encode_image``, the evaluation's encoders), then ``recorder.take(final)``."""
     _check_tower(tower)
@@ -274,8 +296,12 @@ def recording(model: nn.Module, tower: str, kinds: Sequence[str] = ("heads",), l
 
 
 def text_activations(
-    bundle: ClipBundle, texts: Sequence[str], kinds: Sequence[str] = ("heads",), batch_size: int = 256,
-    progress: bool | None = False, layers: Sequence[int] | None = None,
+    bundle: ClipBundle,
+    texts: Sequence[str],
+    kinds: Sequence[str] = ("heads",),
+    batch_size: int = 256,
+    progress: bool | None = False,
+    layers: Sequence[int] | None = None,
 ) -> Activations:
     """Activations of the text tower at the end-of-text token of each caption (encoded by
     :func:`saferclip.evaluation.encode_texts`); ``layers``: only these blocks (default all)."""
@@ -312,12 +338,22 @@ def image_activations(
     if not paths:
         raise ValueError("no images to encode")
     with recording(bundle.model, "image", kinds, layers) as rec:
-        final = encode_image_files(bundle, list(paths), batch_size, num_workers, progress, desc="images (activations)", field=field)
+        final = encode_image_files(
+            bundle, list(paths), batch_size, num_workers, progress, desc="images (activations)", field=field
+        )
         return rec.take(final)
 
 
-def activations(bundle: ClipBundle, tower: str, inputs: Sequence[Any], kinds: Sequence[str] = ("heads",), batch_size: int = 256,
-                num_workers: int = 0, layers: Sequence[int] | None = None, progress: bool | None = False) -> Activations:
+def activations(
+    bundle: ClipBundle,
+    tower: str,
+    inputs: Sequence[Any],
+    kinds: Sequence[str] = ("heads",),
+    batch_size: int = 256,
+    num_workers: int = 0,
+    layers: Sequence[int] | None = None,
+    progress: bool | None = False,
+) -> Activations:
     """Captions (``tower="text"``) or image files (``tower="image"``); ``layers``: only these
     blocks (their activations are stacked in that order)."""
     _check_tower(tower)

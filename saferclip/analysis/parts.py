@@ -14,7 +14,8 @@ runner.analyze_models` runs the parts model by model.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -53,7 +54,9 @@ class ActivationCache:
             self.store[k] = activations(self.bundle, tower, list(items), kinds, self.batch_size, self.num_workers)
         return self.store[k]
 
-    def pair(self, tower: str, key: str, items: LabelledItems, kinds: Sequence[str] = ("heads",)) -> tuple[Activations, Activations]:
+    def pair(
+        self, tower: str, key: str, items: LabelledItems, kinds: Sequence[str] = ("heads",)
+    ) -> tuple[Activations, Activations]:
         return self.get(tower, f"{key}/safe", items.safe, kinds), self.get(tower, f"{key}/unsafe", items.unsafe, kinds)
 
 
@@ -73,7 +76,9 @@ def _apply(det: Any, acts: Activations) -> torch.Tensor:
     return det.scores(acts.final)
 
 
-def _evaluate_detectors(detectors: Mapping[str, Any], cache: ActivationCache, inputs: Inputs, tower: str) -> dict[str, Any]:
+def _evaluate_detectors(
+    detectors: Mapping[str, Any], cache: ActivationCache, inputs: Inputs, tower: str
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, det in detectors.items():
         row: dict[str, Any] = {}
@@ -92,12 +97,19 @@ def _evaluate_detectors(detectors: Mapping[str, Any], cache: ActivationCache, in
 
 
 def detector_part(
-    bundle: ClipBundle, cache: ActivationCache, inputs: Inputs, s: DetectorSettings,
+    bundle: ClipBundle,
+    cache: ActivationCache,
+    inputs: Inputs,
+    s: DetectorSettings,
     reference_detectors: Mapping[str, LinearDetector] | None,
 ) -> tuple[dict[str, Any], dict[str, LinearDetector]]:
     result: dict[str, Any] = {}
     heads_found: dict[str, LinearDetector] = {}
-    model_info = {"arch": bundle.arch, "source": bundle.source, "weights_fingerprint": weights_fingerprint(bundle.model)}
+    model_info = {
+        "arch": bundle.arch,
+        "source": bundle.source,
+        "weights_fingerprint": weights_fingerprint(bundle.model),
+    }
     for tower in s.towers:
         if tower not in inputs.calibration:
             result[tower] = {"skipped": f"no {tower} calibration items (the calibration splits have none)"}
@@ -109,7 +121,9 @@ def detector_part(
         kw = dict(target_fpr=float(s.target_fpr), folds=int(s.folds), seed=int(s.seed))
         head_det, scores = calibrate_head_detector(X, y, tower, method=s.direction, strength=s.strength, **kw)
         head_det.model = model_info
-        head_det.calibration.update({"fingerprint": items.fingerprint(), "source": items.source, "splits": list(s.splits)})
+        head_det.calibration.update(
+            {"fingerprint": items.fingerprint(), "source": items.source, "splits": list(s.splits)}
+        )
         heads_found[tower] = head_det
         detectors = {
             "head": head_det,
@@ -121,7 +135,7 @@ def detector_part(
             "head": head_det.describe(),
             "head_auc": [[round(float(v), 5) for v in row] for row in scores.auc],
             "head_separation": [[round(float(v), 4) for v in row] for row in scores.separation],
-            "runner_up": [{"layer": l, "head": h, "auc": float(scores.auc[l, h])} for l, h in ranking[1:4]],
+            "runner_up": [{"layer": layer, "head": h, "auc": float(scores.auc[layer, h])} for layer, h in ranking[1:4]],
             "methods": _evaluate_detectors(detectors, cache, inputs, tower),
         }
         if tower in inputs.test:
@@ -145,7 +159,9 @@ def _test_halves(cache: ActivationCache, items: LabelledItems, tower: str, s: De
     safe, unsafe = cache.pair(tower, "test", items)
     X, y = labelled_activations(safe.heads, unsafe.heads)
     fit, held = stratified_halves(y, int(s.seed))
-    det, _ = calibrate_head_detector(X[fit], y[fit], tower, float(s.target_fpr), s.direction, s.strength, int(s.folds), int(s.seed))
+    det, _ = calibrate_head_detector(
+        X[fit], y[fit], tower, float(s.target_fpr), s.direction, s.strength, int(s.folds), int(s.seed)
+    )
     scores = det.scores(heads=X[held])
     return {"layer": det.layer, "head": det.head, **detection_metrics(scores[~y[held]], scores[y[held]], det.threshold)}
 
@@ -163,17 +179,28 @@ GEOMETRY_KINDS = ("resid", "mlp_in", "mlp_hidden")
 
 
 def geometry_part(
-    bundle: ClipBundle, cache: ActivationCache, inputs: Inputs, s: GeometrySettings, seed: int,
-    reference_state: Mapping[str, torch.Tensor] | None, reference_embeddings: Mapping[str, torch.Tensor] | None,
+    bundle: ClipBundle,
+    cache: ActivationCache,
+    inputs: Inputs,
+    s: GeometrySettings,
+    seed: int,
+    reference_state: Mapping[str, torch.Tensor] | None,
+    reference_embeddings: Mapping[str, torch.Tensor] | None,
     basis: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     out: dict[str, Any] = {"separability": {}, "null_space": {}}
-    state = {k: v.detach().float().cpu() for k, v in bundle.model.state_dict().items()} if reference_state is not None else None
+    state = (
+        {k: v.detach().float().cpu() for k, v in bundle.model.state_dict().items()}
+        if reference_state is not None
+        else None
+    )
     if state is not None and not _same_architecture(reference_state, state):
         out["weight_change_skipped"] = "another architecture than the reference model's: no weight change to measure"
         state = None
     for tower, items in inputs.test.items():
-        sub = LabelledItems(tower, sample(items.safe, s.per_class, seed), sample(items.unsafe, s.per_class, seed + 1), items.source)
+        sub = LabelledItems(
+            tower, sample(items.safe, s.per_class, seed), sample(items.unsafe, s.per_class, seed + 1), items.source
+        )
         safe, unsafe = cache.pair(tower, "geometry", sub, GEOMETRY_KINDS)
         y = sub.labels
         layers = []
@@ -190,7 +217,10 @@ def geometry_part(
         out["weight_change"] = geo.weight_change(reference_state, state)
     embeddings = _picture_embeddings(cache, inputs, s, seed)
     sets = dict(embeddings)
-    if reference_embeddings is not None and reference_embeddings["safe captions"].shape[1] == embeddings["safe captions"].shape[1]:
+    if (
+        reference_embeddings is not None
+        and reference_embeddings["safe captions"].shape[1] == embeddings["safe captions"].shape[1]
+    ):
         sets["targets (text)"] = reference_embeddings["safe captions"]
         if "safe images" in reference_embeddings:
             sets["targets (image)"] = reference_embeddings["safe images"]
@@ -198,11 +228,16 @@ def geometry_part(
     if basis is not None and dims != {int(basis[0].shape[1])}:
         basis = None  # embeddings of another width than the reference's: this model's own axes
     coords, method = geo.project_2d(sets, basis, s.projection, seed)
-    out["projection"] = {"method": method, "points": {k: [[round(float(a), 4), round(float(b), 4)] for a, b in v] for k, v in coords.items()}}
+    out["projection"] = {
+        "method": method,
+        "points": {k: [[round(float(a), 4), round(float(b), 4)] for a, b in v] for k, v in coords.items()},
+    }
     return out, embeddings
 
 
-def _picture_embeddings(cache: ActivationCache, inputs: Inputs, s: GeometrySettings, seed: int) -> dict[str, torch.Tensor]:
+def _picture_embeddings(
+    cache: ActivationCache, inputs: Inputs, s: GeometrySettings, seed: int
+) -> dict[str, torch.Tensor]:
     """Final embeddings of a sample of test items: safe / unsafe captions and images, item-aligned
     (the safe side is each unsafe item's minimal edit: what redirection should reach)."""
     qset = inputs.test_split

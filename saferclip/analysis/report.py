@@ -6,16 +6,21 @@ sections for ``saferclip-eval``'s report (:func:`analysis_sections`).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..evaluation.plotting import SAFE_COLOUR, UNSAFE_COLOUR, figure, finite, model_colours, save_figure
 from ..files import write_json_atomic, write_text_atomic
 
 JSON_NAME, MARKDOWN_NAME, PLOTS_DIR = "analysis.json", "analysis.md", "plots"
 SET_TITLES = {"test": "test split (held-out combinations)", "nsfw_caps": "NSFW-Caps (new phrasings)"}
-METHOD_TITLES = {"head": "single head", "mean_diff": "mean-difference (final emb.)", "knn": "k-NN (final emb.)",
-                 "reference_head": "original model's head"}
+METHOD_TITLES = {
+    "head": "single head",
+    "mean_diff": "mean-difference (final emb.)",
+    "knn": "k-NN (final emb.)",
+    "reference_head": "original model's head",
+}
 
 
 def _pct(value: Any) -> str:
@@ -32,8 +37,10 @@ def _num(value: Any, digits: int = 3) -> str:
 
 # ----------------------------------------------------------------------------- Markdown
 def detector_markdown(results: Mapping[str, Any]) -> list[str]:
-    rows = ["| model | tower | detector | layer/head | test: detected | test: FPR | test AUC | NSFW-Caps: detected | NSFW-Caps: FPR | NSFW-Caps AUC | borderline FPR | control FPR |",
-            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| model | tower | detector | layer/head | test: detected | test: FPR | test AUC | NSFW-Caps: detected | NSFW-Caps: FPR | NSFW-Caps AUC | borderline FPR | control FPR |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     target = None
     for model, parts in results["analysis"].items():
         for tower, d in (parts.get("detector") or {}).items():
@@ -49,7 +56,11 @@ def detector_markdown(results: Mapping[str, Any]) -> list[str]:
                     where = f"L{d['head']['layer']} H{d['head']['head']}"
                 elif name == "reference_head":
                     where = f"L{row['layer']} H{row['head']}"
-                test, nsfw, bl = row.get("test") or {}, row.get("nsfw_caps") or {}, row.get("borderline_flag_rate") or {}
+                test, nsfw, bl = (
+                    row.get("test") or {},
+                    row.get("nsfw_caps") or {},
+                    row.get("borderline_flag_rate") or {},
+                )
                 rows.append(
                     f"| {model} | {tower} | {METHOD_TITLES.get(name, name)} | {where} | {_pct(test.get('detection_rate'))} | "
                     f"{_pct(test.get('false_positive_rate'))} | {_num(test.get('auc'))} | {_pct(nsfw.get('detection_rate'))} | "
@@ -67,7 +78,9 @@ def detector_markdown(results: Mapping[str, Any]) -> list[str]:
                 diagnostic = (
                     f"; calibrated on half the test split instead: L{halves['layer']} H{halves['head']} detects "
                     f"{_pct(halves.get('detection_rate'))}% at {_pct(halves.get('false_positive_rate'))}% FPR on the other half "
-                    f"(AUC {_num(halves.get('auc'))})" if halves else ""
+                    f"(AUC {_num(halves.get('auc'))})"
+                    if halves
+                    else ""
                 )
                 chosen.append(
                     f"- {model} · {tower}: layer {d['head']['layer']}, head {d['head']['head']} of "
@@ -92,7 +105,7 @@ def geometry_markdown(results: Mapping[str, Any]) -> list[str]:
     for model, parts in results["analysis"].items():
         g = parts.get("geometry") or {}
         for tower, layers in (g.get("separability") or {}).items():
-            cells = " / ".join(f"{_pct(l['probe_accuracy'])} ({_num(l['silhouette'], 2)})" for l in layers)
+            cells = " / ".join(f"{_pct(row['probe_accuracy'])} ({_num(row['silhouette'], 2)})" for row in layers)
             sep_rows.append(f"| {model} | {tower} | {cells} |")
         for tower in ("text", "image"):
             rows = (g.get("weight_change") or {}).get(tower) or []
@@ -111,11 +124,24 @@ def geometry_markdown(results: Mapping[str, Any]) -> list[str]:
         return []
     out += ["## Embedding geometry", ""]
     if change_rows:
-        out += [f"Relative weight change ‖ΔW‖/‖W‖ against `{reference}`, per block (first to last):", "",
-                "| model | tower | attention | MLP |", "|---|---|---|---|", *change_rows, ""]
+        out += [
+            f"Relative weight change ‖ΔW‖/‖W‖ against `{reference}`, per block (first to last):",
+            "",
+            "| model | tower | attention | MLP |",
+            "|---|---|---|---|",
+            *change_rows,
+            "",
+        ]
     if sep_rows:
-        out += ["Safe vs unsafe test inputs at the pooled token after each block, then the final embedding: held-out "
-                "linear-probe accuracy % (silhouette):", "", "| model | tower | per layer |", "|---|---|---|", *sep_rows, ""]
+        out += [
+            "Safe vs unsafe test inputs at the pooled token after each block, then the final embedding: held-out "
+            "linear-probe accuracy % (silhouette):",
+            "",
+            "| model | tower | per layer |",
+            "|---|---|---|",
+            *sep_rows,
+            "",
+        ]
     if null_rows:
         out += [
             "Null space of the MLP change: share of an input's energy in the top singular directions of ΔW (rank r: "
@@ -134,7 +160,7 @@ def overdefense_markdown(results: Mapping[str, Any]) -> list[str]:
     rows = []
     tasks: list[str] = []
     for parts in results["analysis"].values():
-        for t in ((parts.get("overdefense") or {}).get("zeroshot") or {}):
+        for t in (parts.get("overdefense") or {}).get("zeroshot") or {}:
             if t not in tasks:
                 tasks.append(t)
     for model, parts in results["analysis"].items():
@@ -147,12 +173,20 @@ def overdefense_markdown(results: Mapping[str, Any]) -> list[str]:
         flags = od.get("detector_flag_rate") or {}
         cells = [
             _pct(od.get("unsafe_rate")),
-            *(f"{_pct((od['retrieval'].get(k) or {}).get('S2V_R@1'))} ({_pct((ret.get(k) or {}).get('S2V_R@1'))})" for k in ("ordinary", "lookalike", "control")),
+            *(
+                f"{_pct((od['retrieval'].get(k) or {}).get('S2V_R@1'))} ({_pct((ret.get(k) or {}).get('S2V_R@1'))})"
+                for k in ("ordinary", "lookalike", "control")
+            ),
             *(_pct((away.get(k) or {}).get("rate")) for k in ("ordinary", "lookalike", "control")),
             *(f"{_pct(od['zeroshot'].get(t))} ({_pct((vs.get('zeroshot') or {}).get(t))})" for t in tasks),
-            *(f"{_pct((flags.get(t) or {}).get('lookalike'))} / {_pct((flags.get(t) or {}).get('control'))}" for t in ("text", "image")),
-            *(f"{_num(((od.get('resemblance') or {}).get('lookalike') or {}).get(m))} / {_num(((od.get('resemblance') or {}).get('control') or {}).get(m))}"
-              for m in ("text_cos", "image_cos")),
+            *(
+                f"{_pct((flags.get(t) or {}).get('lookalike'))} / {_pct((flags.get(t) or {}).get('control'))}"
+                for t in ("text", "image")
+            ),
+            *(
+                f"{_num(((od.get('resemblance') or {}).get('lookalike') or {}).get(m))} / {_num(((od.get('resemblance') or {}).get('control') or {}).get(m))}"
+                for m in ("text_cos", "image_cos")
+            ),
         ]
         rows.append(f"| {model} | " + " | ".join(cells) + " |")
     if not rows:
@@ -220,8 +254,12 @@ def plot_head_scores(results: Mapping[str, Any], path: Path) -> Path | None:
     chosen head boxed."""
     from matplotlib.patches import Rectangle
 
-    panels = [(m, t, d) for m, parts in results["analysis"].items() for t, d in (parts.get("detector") or {}).items()
-              if isinstance(d, Mapping) and "head_auc" in d]
+    panels = [
+        (m, t, d)
+        for m, parts in results["analysis"].items()
+        for t, d in (parts.get("detector") or {}).items()
+        if isinstance(d, Mapping) and "head_auc" in d
+    ]
     if not panels:
         return None
     cols = min(4, len(panels))
@@ -247,7 +285,11 @@ def plot_head_scores(results: Mapping[str, Any], path: Path) -> Path | None:
 
 def plot_weight_change(results: Mapping[str, Any], path: Path) -> Path | None:
     """‖ΔW‖/‖W‖ per block, attention and MLP, per tower; one line per fine-tuned model."""
-    models = {m: p["geometry"]["weight_change"] for m, p in results["analysis"].items() if (p.get("geometry") or {}).get("weight_change")}
+    models = {
+        m: p["geometry"]["weight_change"]
+        for m, p in results["analysis"].items()
+        if (p.get("geometry") or {}).get("weight_change")
+    }
     if not models:
         return None
     fig = figure(9.0, 3.3)
@@ -258,7 +300,14 @@ def plot_weight_change(results: Mapping[str, Any], path: Path) -> Path | None:
             rows = change.get(tower) or []
             xs = [r["layer"] for r in rows]
             ax.plot(xs, [100 * r["attn"] for r in rows], marker="o", color=colours[model], label=f"{model} attention")
-            ax.plot(xs, [100 * r["mlp"] for r in rows], marker="s", linestyle="--", color=colours[model], label=f"{model} MLP")
+            ax.plot(
+                xs,
+                [100 * r["mlp"] for r in rows],
+                marker="s",
+                linestyle="--",
+                color=colours[model],
+                label=f"{model} MLP",
+            )
             ax.set_xticks(xs)
         ax.set_title(f"{tower} tower", fontsize=9)
         ax.set_xlabel("block", fontsize=8)
@@ -274,7 +323,11 @@ def plot_weight_change(results: Mapping[str, Any], path: Path) -> Path | None:
 
 def plot_separability(results: Mapping[str, Any], path: Path) -> Path | None:
     """Probe accuracy and silhouette of safe vs unsafe per layer, per tower, one line per model."""
-    models = {m: p["geometry"]["separability"] for m, p in results["analysis"].items() if (p.get("geometry") or {}).get("separability")}
+    models = {
+        m: p["geometry"]["separability"]
+        for m, p in results["analysis"].items()
+        if (p.get("geometry") or {}).get("separability")
+    }
     if not models:
         return None
     fig = figure(9.0, 5.6)
@@ -287,8 +340,14 @@ def plot_separability(results: Mapping[str, Any], path: Path) -> Path | None:
                 if not layers:
                     continue
                 scale = 100 if key == "probe_accuracy" else 1
-                ax.plot(range(len(layers)), [scale * l[key] for l in layers], marker="o", color=colours[model], label=model)
-                ax.set_xticks(range(len(layers)), [str(l["layer"]) for l in layers], fontsize=7)
+                ax.plot(
+                    range(len(layers)),
+                    [scale * row[key] for row in layers],
+                    marker="o",
+                    color=colours[model],
+                    label=model,
+                )
+                ax.set_xticks(range(len(layers)), [str(row["layer"]) for row in layers], fontsize=7)
             ax.set_title(f"{tower}: {label}", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
@@ -311,7 +370,11 @@ SET_STYLE = {
 
 def plot_projection(results: Mapping[str, Any], path: Path) -> Path | None:
     """The 2-D picture of each model's final embeddings (shared PCA axes of the original)."""
-    models = {m: p["geometry"]["projection"] for m, p in results["analysis"].items() if (p.get("geometry") or {}).get("projection")}
+    models = {
+        m: p["geometry"]["projection"]
+        for m, p in results["analysis"].items()
+        if (p.get("geometry") or {}).get("projection")
+    }
     if not models:
         return None
     cols = min(3, len(models))
@@ -328,8 +391,11 @@ def plot_projection(results: Mapping[str, Any], path: Path) -> Path | None:
         ax.tick_params(labelsize=6)
         if i == 0:
             ax.legend(fontsize=6, markerscale=1.5)
-    fig.suptitle("final embeddings: safe / unsafe captions and images, and the redirection targets (original model's "
-                 "embeddings of each item's safe minimal edit)", fontsize=8)
+    fig.suptitle(
+        "final embeddings: safe / unsafe captions and images, and the redirection targets (original model's "
+        "embeddings of each item's safe minimal edit)",
+        fontsize=8,
+    )
     save_figure(fig, path)
     return path
 
@@ -359,7 +425,9 @@ def plot_overdefense(results: Mapping[str, Any], path: Path) -> Path | None:
             continue
         ax.scatter([100 * unsafe], [100 * loss], s=50, color=colour, label=f"{model} (borderline)")
         if isinstance(ctrl, float) and math.isfinite(ctrl):
-            ax.scatter([100 * unsafe], [100 * ctrl], s=50, facecolors="none", edgecolors=colour, label=f"{model} (control)")
+            ax.scatter(
+                [100 * unsafe], [100 * ctrl], s=50, facecolors="none", edgecolors=colour, label=f"{model} (control)"
+            )
     ax.set_xlabel("unsafe rate (a) (%) — safety, lower is safer", fontsize=8)
     ax.set_ylabel("borderline retention loss (%) — over-defensiveness", fontsize=8)
     ax.set_xlim(-3, 103)
@@ -404,7 +472,10 @@ def write_analysis_report(results: Mapping[str, Any], out_dir: str | Path, force
         "",
         "## Models",
         "",
-        *(f"- **{n}**: {i.get('arch')} from `{i.get('source')}` ({i.get('seconds')} s)" for n, i in results.get("models", {}).items()),
+        *(
+            f"- **{n}**: {i.get('arch')} from `{i.get('source')}` ({i.get('seconds')} s)"
+            for n, i in results.get("models", {}).items()
+        ),
         "",
         analysis_sections(results),
     ]
@@ -418,9 +489,14 @@ def write_analysis_report(results: Mapping[str, Any], out_dir: str | Path, force
     page = Page(
         title="saferclip analysis",
         subtitle=lines[2],
-        headline=table_from_markdown(summary_table(results), "Summary (%)", "Detection / false-positive rates of the single-head detector; "
-                                     "unsafe rate (a) and borderline retention loss from the over-defensiveness part.",
-                                     model_columns=False, models_in_rows=True),
+        headline=table_from_markdown(
+            summary_table(results),
+            "Summary (%)",
+            "Detection / false-positive rates of the single-head detector; "
+            "unsafe rate (a) and borderline retention loss from the over-defensiveness part.",
+            model_columns=False,
+            models_in_rows=True,
+        ),
         showcase=results.get("showcase"),
         plots=plots,
         markdown=markdown,

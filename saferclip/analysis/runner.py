@@ -22,10 +22,11 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -75,7 +76,9 @@ def analyze_models(
         raise ConfigError("no model to analyse")
     specs = {n: ModelSpec.of(n, s) for n, s in models.items()}
     if reference is not None and reference not in specs:
-        raise ConfigError(f"reference model {reference!r} is not among the models {list(specs)}; add it or set reference=null")
+        raise ConfigError(
+            f"reference model {reference!r} is not among the models {list(specs)}; add it or set reference=null"
+        )
     for n, spec in specs.items():
         check_model(n, spec)
     if detectors_dir is not None and "detector" in settings.parts and settings.detector.save and not force:
@@ -101,17 +104,25 @@ def analyze_models(
         timings: dict[str, float] = {}
         if "detector" in settings.parts:
             t = time.perf_counter()
-            out["detector"], found = detector_part(bundle, cache, inputs, settings.detector, None if is_ref else ref.get("detectors"))
+            out["detector"], found = detector_part(
+                bundle, cache, inputs, settings.detector, None if is_ref else ref.get("detectors")
+            )
             if is_ref:
                 ref["detectors"] = found
             if detectors_dir is not None and settings.detector.save and found:
-                path = save_detectors(Path(detectors_dir) / f"{name}.safetensors", found, force=force, info={"model_name": name})
+                path = save_detectors(
+                    Path(detectors_dir) / f"{name}.safetensors", found, force=force, info={"model_name": name}
+                )
                 out["detector"]["file"] = str(path)
             timings["detector"] = time.perf_counter() - t
         if "geometry" in settings.parts:
             t = time.perf_counter()
             out["geometry"], emb = geometry_part(
-                bundle, cache, inputs, settings.geometry, seed,
+                bundle,
+                cache,
+                inputs,
+                settings.geometry,
+                seed,
                 None if is_ref else ref.get("state"),
                 None if is_ref else ref.get("embeddings"),
                 ref.get("basis"),
@@ -128,14 +139,23 @@ def analyze_models(
                 ref["overdefense"], ref["hits"] = out["overdefense"], hits
             elif "overdefense" in ref:
                 out["overdefense"]["vs_reference"] = compare(out["overdefense"], ref["overdefense"])
-                out["overdefense"]["redirected_away"] = {k: redirected_away(v, ref["hits"][k]) for k, v in hits.items() if k in ref["hits"]}
+                out["overdefense"]["redirected_away"] = {
+                    k: redirected_away(v, ref["hits"][k]) for k, v in hits.items() if k in ref["hits"]
+                }
             timings["overdefense"] = time.perf_counter() - t
         if "detector" in out and "overdefense" in out:
             out["overdefense"]["detector_flag_rate"] = {
-                tower: r["methods"]["head"].get("borderline_flag_rate", {}) for tower, r in out["detector"].items() if isinstance(r, dict) and "methods" in r
+                tower: r["methods"]["head"].get("borderline_flag_rate", {})
+                for tower, r in out["detector"].items()
+                if isinstance(r, dict) and "methods" in r
             }
-        described[name] = {"arch": bundle.arch, "source": bundle.source, "pretrained": specs[name].pretrained,
-                           "seconds": round(time.perf_counter() - started, 2), "timings": {k: round(v, 2) for k, v in timings.items()}}
+        described[name] = {
+            "arch": bundle.arch,
+            "source": bundle.source,
+            "pretrained": specs[name].pretrained,
+            "seconds": round(time.perf_counter() - started, 2),
+            "timings": {k: round(v, 2) for k, v in timings.items()},
+        }
         results[name] = out
         del bundle, cache
         gc.collect()
@@ -158,7 +178,6 @@ def analyze_models(
     if gallery is not None and gallery.result() is not None:
         analysis["showcase"] = gallery.result()
     return analysis
-
 
 
 def _settings_dict(settings: AnalysisSettings) -> dict[str, Any]:

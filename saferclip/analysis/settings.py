@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import ConfigError
 from .data import TOWERS
@@ -82,7 +83,7 @@ class AnalysisSettings:
     overdefense: OverdefenseSettings = field(default_factory=OverdefenseSettings)
 
     @classmethod
-    def of(cls, cfg: Mapping[str, Any] | None) -> "AnalysisSettings":
+    def of(cls, cfg: Mapping[str, Any] | None) -> AnalysisSettings:
         """From the ``analysis`` config section; unknown keys are an error naming them."""
         cfg = dict(cfg or {})
         parts = cfg.pop("parts", list(PARTS))

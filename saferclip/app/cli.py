@@ -14,15 +14,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from ..errors import SaferclipError
 
 log = logging.getLogger("saferclip")
 
 USAGE_EXIT_CODE = 2
-README_POINTER = "docs: README.md, docs/USAGE.md (commands, recipes) and docs/METHOD.md (the method, metrics, data formats)"
+README_POINTER = (
+    "docs: README.md, docs/USAGE.md (commands, recipes) and docs/METHOD.md (the method, metrics, data formats)"
+)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -258,7 +261,9 @@ def check_override_syntax(overrides: list[str]) -> None:
         try:
             parser.parse_override(override)
         except HydraException as e:  # parse_override raises the base class
-            raise ConfigError(f"cannot parse the override {override!r}: {one_line(e).split(' See https://')[0]}") from None
+            raise ConfigError(
+                f"cannot parse the override {override!r}: {one_line(e).split(' See https://')[0]}"
+            ) from None
 
 
 def wants_help(argv: list[str]) -> bool:
@@ -377,7 +382,9 @@ def config_defaults(config_name: str) -> list[str]:
     return sorted(groups)
 
 
-def compose_help(prog: str, config_name: str, doc: str, keys: dict[str, str], flags: dict[str, str] | None = None) -> str:
+def compose_help(
+    prog: str, config_name: str, doc: str, keys: dict[str, str], flags: dict[str, str] | None = None
+) -> str:
     """``--help`` of a pipeline command that composes the config tree itself (main, study, tune)."""
     groups = config_defaults("train")  # the training config's: where the other overrides go
     usage = f"usage: {prog} {' '.join(f'[{f}]' for f in flags or {})} [KEY=VALUE ...]".replace("  ", " ")

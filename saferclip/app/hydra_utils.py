@@ -60,7 +60,9 @@ def check_train_config(cfg: DictConfig):
         from ..toyworld.generate import check_toy_data
         from ..toyworld.pairing import DEFAULT_PAIRING
 
-        check_toy_data({"toy_size": cfg.data.get("toy_size", "default"), "toy_pairs": cfg.data.get("toy_pairs", DEFAULT_PAIRING)})
+        check_toy_data(
+            {"toy_size": cfg.data.get("toy_size", "default"), "toy_pairs": cfg.data.get("toy_pairs", DEFAULT_PAIRING)}
+        )
     check_tau(_value(cfg, "selection.tau") if OmegaConf.select(cfg, "selection.tau") is not None else DEFAULT_TAU)
     method = method_config(_container(cfg, "method"))
     try:
@@ -138,7 +140,9 @@ def check_seed_list(value, key: str, allow_empty: bool = False) -> list[int]:
             raise ConfigError(f"{key}={list(value)}: {seed!r} is not a seed; expected {expected}")
     duplicates = sorted({s for s in value if list(value).count(s) > 1})
     if duplicates:
-        raise ConfigError(f"{key}={list(value)}: seed(s) {duplicates} appear twice (each seed would be counted once); expected {expected}")
+        raise ConfigError(
+            f"{key}={list(value)}: seed(s) {duplicates} appear twice (each seed would be counted once); expected {expected}"
+        )
     return list(value)
 
 
@@ -179,7 +183,9 @@ def unset_value_error(error: OmegaConfBaseException) -> ConfigError:
     key = getattr(error, "full_key", None) or "a config value"
     missing = re.search(r"Missing mandatory value: ([\w.]+)", str(error))
     if missing and missing.group(1) != key:
-        return ConfigError(f"{key} needs {missing.group(1)}, which is not set; set it on the command line ({missing.group(1)}=...)")
+        return ConfigError(
+            f"{key} needs {missing.group(1)}, which is not set; set it on the command line ({missing.group(1)}=...)"
+        )
     if missing:
         return ConfigError(f"{key} is not set; set it on the command line ({key}=...)")
     return ConfigError(f"{key}: {' '.join(str(error).split())}")

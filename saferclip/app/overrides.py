@@ -23,8 +23,9 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -86,10 +87,14 @@ def check_flags(prog: str, argv: Sequence[str], configs: Callable[[], Sequence[M
         paths = [p for config in configs() for p in key_paths(config)]
         guess = _by_last_part(key, paths) or _closest(key, paths)
         shown = f"{guess}={value or '...'}" if guess else f"{key}={value or '...'}"
-        raise ConfigError(f"{arg}: {prog} takes key=value overrides, not --options; did you mean {shown}? (see {prog} --help)")
+        raise ConfigError(
+            f"{arg}: {prog} takes key=value overrides, not --options; did you mean {shown}? (see {prog} --help)"
+        )
 
 
-def check_overrides(prog: str, config_name: str, overrides: Sequence[str], also: Sequence[Mapping[str, Any]] = ()) -> None:
+def check_overrides(
+    prog: str, config_name: str, overrides: Sequence[str], also: Sequence[Mapping[str, Any]] = ()
+) -> None:
     """Each of ``overrides`` (a command line without Hydra's options) fits the ``config_name``
     config of the tree: its groups, their options, its keys (module docstring). ``also``: other
     configs the command takes keys of (for "did you mean" only)."""
@@ -112,7 +117,9 @@ def check_overrides(prog: str, config_name: str, overrides: Sequence[str], also:
             check_key(p, base, also)
 
 
-def check_command(prog: str, config_name: str, argv: Sequence[str], own_keys: Sequence[str] = (), train_config: str = "train") -> None:
+def check_command(
+    prog: str, config_name: str, argv: Sequence[str], own_keys: Sequence[str] = (), train_config: str = "train"
+) -> None:
     """A compose-based command (main, study, tune): options, then the overrides of its own
     keys against ``config_name`` and the rest against the training config they go to."""
     own_config = compose_plain(config_name, [])
@@ -222,7 +229,9 @@ def key_paths(config: Any, prefix: str = "") -> list[str]:
 
 
 # ----------------------------------------------------------------------------- groups
-def check_group_option(prog: str, config_name: str, p: Parsed, groups: Mapping[str, list[str]], used: Sequence[str]) -> None:
+def check_group_option(
+    prog: str, config_name: str, p: Parsed, groups: Mapping[str, list[str]], used: Sequence[str]
+) -> None:
     """``p`` picks an option of a group ``config_name`` uses (``used``), one the tree has."""
     if p.key not in used:
         guess = _closest(p.key, list(compose_plain(config_name, [])))  # a key of the config, e.g. models for model
@@ -239,7 +248,9 @@ def check_group_option(prog: str, config_name: str, p: Parsed, groups: Mapping[s
         if str(option) not in options:
             guess = _closest(str(option), options)
             hint = f"did you mean {p.key}={guess}? " if guess else ""
-            raise ConfigError(f"{p.key}={option}: no such {p.key} (conf/{p.key}/{option}.yaml); {hint}options: {', '.join(options)}")
+            raise ConfigError(
+                f"{p.key}={option}: no such {p.key} (conf/{p.key}/{option}.yaml); {hint}options: {', '.join(options)}"
+            )
 
 
 # ----------------------------------------------------------------------------- keys
@@ -289,7 +300,9 @@ def _addable(parts: list[str], depth: int, config: Mapping[str, Any]) -> str | l
             wanted = prefix.split(".")
             if parts[: len(wanted)] == wanted and len(parts) > len(wanted) and _holds(config, prefix):
                 entry = _node(config, parts[: len(wanted) + 1]) if depth > len(wanted) else None
-                if not (isinstance(entry, Mapping) and "_target_" in entry):  # an entry built from its _target_: its arguments
+                if not (
+                    isinstance(entry, Mapping) and "_target_" in entry
+                ):  # an entry built from its _target_: its arguments
                     return kind
     section = parts[:depth]
     names = _optional_names(section)
@@ -338,11 +351,17 @@ def target_arguments(target: str) -> list[str] | None:
         obj = get_object(target)
         # a class that hands **kwargs on to its base (a subclass adding one argument) takes the
         # base's arguments too: follow the classes in method resolution order
-        functions = [c.__init__ for c in inspect.getmro(obj) if "__init__" in vars(c)] if inspect.isclass(obj) else [obj]
+        functions = (
+            [c.__init__ for c in inspect.getmro(obj) if "__init__" in vars(c)] if inspect.isclass(obj) else [obj]
+        )
         names: list[str] = []
         for function in functions:
             parameters = inspect.signature(function).parameters.values()
-            names += [p.name for p in parameters if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+            names += [
+                p.name
+                for p in parameters
+                if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            ]
             if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
                 return [n for n in dict.fromkeys(names) if n != "self"]
     except Exception:  # noqa: BLE001 - an import that fails is reported when the object is built
@@ -383,5 +402,15 @@ def strip_search_path(message: str) -> str:
     return message.split("Config search path:")[0].rstrip()
 
 
-__all__ = ["CHECKED", "FREE_FORM", "OPEN", "OPTIONAL_KEYS", "check_command", "check_flags", "check_overrides", "key_paths", "parse", "strip_search_path"]
-
+__all__ = [
+    "CHECKED",
+    "FREE_FORM",
+    "OPEN",
+    "OPTIONAL_KEYS",
+    "check_command",
+    "check_flags",
+    "check_overrides",
+    "key_paths",
+    "parse",
+    "strip_search_path",
+]

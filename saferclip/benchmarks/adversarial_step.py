@@ -34,10 +34,21 @@ def _stepper(module):
     return step
 
 
-def measure(method: str, model: str, toy_dir: Path, work: Path, batch_size: int, steps: int, warmup: int = 2,
-            batches: int = 1, extra: tuple[str, ...] = ()) -> dict:
+def measure(
+    method: str,
+    model: str,
+    toy_dir: Path,
+    work: Path,
+    batch_size: int,
+    steps: int,
+    warmup: int = 2,
+    batches: int = 1,
+    extra: tuple[str, ...] = (),
+) -> dict:
     """Median seconds of a clean and an adversarial training step (module docstring)."""
-    clean_cfg = compose(model, method, toy_dir, work / "cache", batch_size, ("method.adversarial.enabled=false", *extra))
+    clean_cfg = compose(
+        model, method, toy_dir, work / "cache", batch_size, ("method.adversarial.enabled=false", *extra)
+    )
     adv_cfg = compose(model, method, toy_dir, work / "cache", batch_size, ("method.adversarial.enabled=true", *extra))
     torch.manual_seed(0)
     clean, data = prepare(clean_cfg, batches)
@@ -55,8 +66,13 @@ def measure(method: str, model: str, toy_dir: Path, work: Path, batch_size: int,
                     attack.append(adversarial._attack_seconds)
     median = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "method": method, "model": model, "batch_size": batch_size, "steps": steps, "overrides": list(extra),
-        "median_s": median, "ratio": median["adversarial"] / median["clean"],
+        "method": method,
+        "model": model,
+        "batch_size": batch_size,
+        "steps": steps,
+        "overrides": list(extra),
+        "median_s": median,
+        "ratio": median["adversarial"] / median["clean"],
         "attack_share": statistics.median(attack) / median["adversarial"],
         "config": dict(adversarial.adversarial.config.__dict__),
     }

@@ -163,8 +163,12 @@ def bare_loss(x: dict[str, torch.Tensor], weights: dict[str, float], tau: float,
         "xmodal_text_redirection": lambda: nce(x["unsafe_text"], i0t, scale),
         "xmodal_image_preservation": lambda: nce(x["frozen_safe_text"], x["safe_image"], scale),
         "xmodal_image_redirection": lambda: nce(t0t, x["unsafe_image"], scale),
-        "relative_image": lambda: F.softplus(tau * (cos(x["unsafe_image"], x["frozen_unsafe_text"]) - cos(x["unsafe_image"], t0t))).mean(),
-        "relative_text": lambda: F.softplus(tau * (cos(x["unsafe_text"], x["frozen_unsafe_image"]) - cos(x["unsafe_text"], i0t))).mean(),
+        "relative_image": lambda: F.softplus(
+            tau * (cos(x["unsafe_image"], x["frozen_unsafe_text"]) - cos(x["unsafe_image"], t0t))
+        ).mean(),
+        "relative_text": lambda: F.softplus(
+            tau * (cos(x["unsafe_text"], x["frozen_unsafe_image"]) - cos(x["unsafe_text"], i0t))
+        ).mean(),
         "live_relative_text": lambda: F.softplus(
             tau * (cos(x["unsafe_text"], x["unsafe_image"]) - cos(x["unsafe_text"], x["target_image"]))
         ).mean(),

@@ -31,7 +31,9 @@ def load_safe_text_encoder(export_dir: str | os.PathLike, *, torch_dtype: Any = 
 
     folder = Path(export_dir)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a transformers export (no config.json); write one with saferclip-export --format hf")
+        raise FileNotFoundError(
+            f"{folder}: not a transformers export (no config.json); write one with saferclip-export --format hf"
+        )
     from ..export.hf import verify_export
 
     verify_export(folder)  # a damaged saferclip export is refused in one line, not loaded
@@ -60,7 +62,9 @@ def check_text_encoder_fits(text_encoder: Any, unet: Any = None, tokenizer: Any 
                 f"pass the export's tokenizer (tokenizer='export')"
             )
         if len(tokenizer) > int(cfg.vocab_size):
-            raise ValueError(f"text encoder: a vocabulary of {cfg.vocab_size}, but the tokenizer has {len(tokenizer)} tokens")
+            raise ValueError(
+                f"text encoder: a vocabulary of {cfg.vocab_size}, but the tokenizer has {len(tokenizer)} tokens"
+            )
 
 
 def swap_text_encoder(pipe: Any, text_encoder: Any, *, tokenizer: Any = None) -> Any:

@@ -59,7 +59,6 @@ class GenerationConfig:
         return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
-
 def settings_record(split: QuadrupletSet, config: GenerationConfig, extra: Mapping[str, Any]) -> dict[str, Any]:
     source = Path(split.source)
     return {
@@ -88,7 +87,9 @@ def check_settings(out: Path, settings: Mapping[str, Any]) -> None:
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            diffs += [
+                f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            ]
         elif a != b:
             diffs.append(f"{key}: {a!r} -> {b!r}")
     if diffs:

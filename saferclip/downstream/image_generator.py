@@ -30,7 +30,12 @@ class DiffusersImageGenerator:
         # a CPU generator: diffusers draws the initial noise on the CPU then moves it, so the
         # image of a (caption, seed) does not depend on the GPU it ran on
         generator = torch.Generator("cpu").manual_seed(int(seed))
-        kwargs: dict[str, Any] = {"num_inference_steps": c.steps, "guidance_scale": c.guidance_scale, "height": c.height, "width": c.width}
+        kwargs: dict[str, Any] = {
+            "num_inference_steps": c.steps,
+            "guidance_scale": c.guidance_scale,
+            "height": c.height,
+            "width": c.width,
+        }
         if c.negative_prompt:
             kwargs["negative_prompt"] = c.negative_prompt
         out = self.pipe(prompt, generator=generator, output_type="pil", **kwargs)

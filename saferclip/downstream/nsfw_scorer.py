@@ -32,7 +32,6 @@ DEFAULT_SAFE_PROMPTS = (
 )
 
 
-
 class ClipNsfwScorer:
     """Zero-shot NSFW score from a CLIP model: the softmax mass of the unsafe prompts among all
     prompts (CLIP's logit scale as temperature). Any open_clip model works (``ViT-L-14`` /
@@ -60,7 +59,9 @@ class ClipNsfwScorer:
             raise ValueError("ClipNsfwScorer needs at least one unsafe and one safe prompt")
         self.bundle, self.temperature, self.batch_size = bundle, float(temperature), batch_size
         self.unsafe_prompts, self.safe_prompts = list(unsafe_prompts), list(safe_prompts)
-        self.prompts = torch.cat([encode_text(bundle, self.unsafe_prompts), encode_text(bundle, self.safe_prompts)])  # [P, D]
+        self.prompts = torch.cat(
+            [encode_text(bundle, self.unsafe_prompts), encode_text(bundle, self.safe_prompts)]
+        )  # [P, D]
 
     def __call__(self, images: list[Image.Image]) -> list[float]:
         import torch

@@ -224,7 +224,12 @@ def generate_visu_images(
 
 
 def _generate_one(
-    item: Quadruplet, generate: ImageGenerator, scorer: Scorer, config: GenerationConfig, out: Path, shard: tuple[int, int]
+    item: Quadruplet,
+    generate: ImageGenerator,
+    scorer: Scorer,
+    config: GenerationConfig,
+    out: Path,
+    shard: tuple[int, int],
 ) -> dict[str, Any]:
     scores: dict[str, float] = {}
     kept: tuple[int, int, float] | None = None
@@ -249,7 +254,9 @@ def _generate_one(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if kept:
-        record.update(image=f"{IMAGES_DIR}/{image_stem(item.id)}.png", seed=kept[0], generator_seed=kept[1], score=kept[2])
+        record.update(
+            image=f"{IMAGES_DIR}/{image_stem(item.id)}.png", seed=kept[0], generator_seed=kept[1], score=kept[2]
+        )
     return record
 
 
@@ -264,7 +271,9 @@ def merged_path(split: QuadrupletSet, out: Path) -> Path:
     return path
 
 
-def merge_generation(split: QuadrupletSet | str | os.PathLike, out_dir: str | os.PathLike, *, allow_partial: bool = False) -> Path:
+def merge_generation(
+    split: QuadrupletSet | str | os.PathLike, out_dir: str | os.PathLike, *, allow_partial: bool = False
+) -> Path:
     """Write ``<out_dir>/<input stem>.json``: a ViSU JSON of the flagged captions with
     ``nsfw_im_path`` relative to ``out_dir`` (+ ``nsfw_im_seed``, ``nsfw_im_score``), and in
     ``info`` the counts and the ids of the captions with no flagged image.
@@ -292,7 +301,9 @@ def merge_generation(split: QuadrupletSet | str | os.PathLike, out_dir: str | os
             continue
         image = out / rec["image"]
         if not image.is_file():
-            raise DataFormatError(out / RECORDS_DIR, f"the record of item {q.id} names {rec['image']}, which is missing", row=q.id)
+            raise DataFormatError(
+                out / RECORDS_DIR, f"the record of item {q.id} names {rec['image']}, which is missing", row=q.id
+            )
         meta = {k: v for k, v in q.meta.items() if k != "coco_id"}
         data[q.id] = {
             "coco_id": q.meta.get("coco_id"),

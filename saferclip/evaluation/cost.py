@@ -14,7 +14,8 @@ the reference scores 0. A suite missing on either side leaves its keys out.
 from __future__ import annotations
 
 import math
-from typing import Any, Collection, Mapping
+from collections.abc import Collection, Mapping
+from typing import Any
 
 from .metrics import retention
 

@@ -64,9 +64,10 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ..errors import SaferclipError
 from ..files import write_json_atomic, write_text_atomic
@@ -83,8 +84,13 @@ from .plotting import OWN_MARK
 
 RESULTS_DIR = Path("docs") / "results"
 DOCUMENTS = (Path("README.md"), Path("docs") / "RESULTS.md", Path("docs") / "ROBUSTNESS.md", Path("docs") / "GPU.md")
-SOURCES = {"main": "main.json", "study": "study.json", "robustness": "robustness.json",
-           "pool": "large_pool_growth.json", "ivf": "ivf_100k.json"}
+SOURCES = {
+    "main": "main.json",
+    "study": "study.json",
+    "robustness": "robustness.json",
+    "pool": "large_pool_growth.json",
+    "ivf": "ivf_100k.json",
+}
 # what a result file must hold to be one (import_result's check: a section of this name)
 SOURCE_SECTIONS = {"main": "results", "study": "summary", "robustness": "models", "pool": "sizes", "ivf": "runs"}
 # result files a document may quote before they are measured: while such a file is not
@@ -106,14 +112,19 @@ class Picture:
     image: Path
     stamp: Path
     caption: str
-    draw: Callable[[Mapping[str, Any], Path], None] | None = None  # from the result file alone: update_documents redraws it
+    draw: Callable[[Mapping[str, Any], Path], None] | None = (
+        None  # from the result file alone: update_documents redraws it
+    )
 
 
 PICTURES = {
     "main-screenshot": Picture(
-        "main", SCREENSHOT, SCREENSHOT_STAMP,
+        "main",
+        SCREENSHOT,
+        SCREENSHOT_STAMP,
         "The main job's report.html: the headline table, then what each model retrieves for the same unsafe captions "
-        f"(red: unsafe, green: the query's safe twin, {OWN_MARK} its own unsafe image)"),
+        f"(red: unsafe, green: the query's safe twin, {OWN_MARK} its own unsafe image)",
+    ),
     "pool-plot": Picture("pool", GROWTH_PLOT, GROWTH_PLOT_STAMP, GROWTH_PLOT_CAPTION, draw_growth_plot),
 }
 DISPLAY_NAMES = {
@@ -275,7 +286,10 @@ def main_seconds(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
     """How long the run took: a part (a run's training as it was timed when it trained, even
     when this job reused it; ``evaluation``), or all of them."""
     meta = results.get("meta") or {}
-    timings = {**(meta.get("timings_seconds") or {}), **{k: v for k, v in (meta.get("train_seconds") or {}).items() if v is not None}}
+    timings = {
+        **(meta.get("timings_seconds") or {}),
+        **{k: v for k, v in (meta.get("train_seconds") or {}).items() if v is not None},
+    }
     if not timings:
         raise DocTableError("the results record no timings (meta.timings_seconds)")
     part = args.get("part")
@@ -287,9 +301,16 @@ def main_seconds(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
 def main_setting(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
     (field,) = _need(args, "field")
     meta = results.get("meta") or {}
-    values = {"world": meta.get("world"), "seed": meta.get("seed"), "split": meta.get("split"), "date": str(meta.get("created", ""))[:10]}
+    values = {
+        "world": meta.get("world"),
+        "seed": meta.get("seed"),
+        "split": meta.get("split"),
+        "date": str(meta.get("created", ""))[:10],
+    }
     if field not in values or values[field] in (None, ""):
-        raise DocTableError(f"field must be one of {', '.join(values)} and recorded in the results' meta, got {field!r}")
+        raise DocTableError(
+            f"field must be one of {', '.join(values)} and recorded in the results' meta, got {field!r}"
+        )
     return str(values[field])
 
 
@@ -309,7 +330,14 @@ def main_target(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
         target = float(raw)
     except ValueError:
         raise DocTableError(f"{op}= must be a number (in %), got {raw!r}") from None
-    shown = main_value(results, {"model": model, "key": key, "interval": "yes" if ((results.get("intervals") or {}).get(model) or {}).get(key) else ""})
+    shown = main_value(
+        results,
+        {
+            "model": model,
+            "key": key,
+            "interval": "yes" if ((results.get("intervals") or {}).get(model) or {}).get(key) else "",
+        },
+    )
     sign = "≥" if op == "at-least" else "≤"
     met = round(value, 1) >= target if op == "at-least" else round(value, 1) <= target
     if met:
@@ -336,7 +364,7 @@ def main_history(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
 def main_metric(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
     """Any metric of a model's results in % (``suite=zeroshot`` needs ``task=``)."""
     model, suite, metric = _need(args, "model", "suite", "metric")
-    found = (_model_results(results, model).get(suite) or {})
+    found = _model_results(results, model).get(suite) or {}
     if suite == "zeroshot":
         (task,) = _need(args, "task")
         found = found.get(task) or {}
@@ -421,7 +449,9 @@ def redraw_pictures(root: Path) -> list[str]:
         except ScaleSummaryError as e:
             raise DocTableError(f"{source}: {e}") from None
         except (KeyError, TypeError, IndexError) as e:
-            raise DocTableError(f"{source}: not a result file its picture can be drawn from ({type(e).__name__}: {e})") from None
+            raise DocTableError(
+                f"{source}: not a result file its picture can be drawn from ({type(e).__name__}: {e})"
+            ) from None
         write_json_atomic(root / picture.stamp, {"results_sha256": digest, "drawn_from": SOURCES[picture.source]})
         drawn.append(picture.image.as_posix())
     return drawn
@@ -459,7 +489,9 @@ GENERATORS: dict[str, tuple[str, Callable[[Mapping[str, Any], Mapping[str, str]]
 def load_source(root: Path, name: str) -> dict[str, Any]:
     path = root / RESULTS_DIR / SOURCES[name]
     if not path.is_file():
-        raise DocTableError(f"{path}: missing; copy the result file there: scripts/update_doc_tables.py --from {name}=<path>")
+        raise DocTableError(
+            f"{path}: missing; copy the result file there: scripts/update_doc_tables.py --from {name}=<path>"
+        )
     try:
         return json.loads(path.read_text())
     except ValueError as e:
@@ -480,7 +512,9 @@ def render_document(text: str, root: Path, where: str) -> tuple[str, list[str]]:
             block, content = True, picture_region(root, name, Path(where))
         else:
             if name not in GENERATORS:
-                raise DocTableError(f"{label}: unknown generator; expected one of {', '.join([*GENERATORS, *PICTURES])}")
+                raise DocTableError(
+                    f"{label}: unknown generator; expected one of {', '.join([*GENERATORS, *PICTURES])}"
+                )
             source, generator, block = GENERATORS[name]
             if source not in sources:
                 missing = source in PENDING and not (root / RESULTS_DIR / SOURCES[source]).is_file()
@@ -501,8 +535,14 @@ def render_document(text: str, root: Path, where: str) -> tuple[str, list[str]]:
     opened = text.count(OPENING)
     if opened != len(MARKER.findall(text)) or text.count("<!-- /generated -->") != opened:
         # a marker the pattern does not read would keep its stale content silently
-        unread = [line.strip() for line in MARKER.sub("", text).splitlines() if OPENING in line or "<!-- /generated -->" in line]
-        raise DocTableError(f"{where}: a generated region that cannot be read (an opening without its end, or a bad argument): {unread[0][:120]}")
+        unread = [
+            line.strip()
+            for line in MARKER.sub("", text).splitlines()
+            if OPENING in line or "<!-- /generated -->" in line
+        ]
+        raise DocTableError(
+            f"{where}: a generated region that cannot be read (an opening without its end, or a bad argument): {unread[0][:120]}"
+        )
     return rendered, changed
 
 
@@ -537,7 +577,7 @@ def publishable(value: Any, root: Path) -> Any:
     file names no one's home folder)."""
     prefix = str(root.resolve()) + os.sep
     if isinstance(value, str):
-        return value[len(prefix):] if value.startswith(prefix) else value
+        return value[len(prefix) :] if value.startswith(prefix) else value
     if isinstance(value, Mapping):
         return {k: publishable(v, root) for k, v in value.items()}
     if isinstance(value, list):
@@ -571,13 +611,19 @@ def import_result(root: str | Path, name: str, path: str | Path) -> Path:
 
 def _retake_screenshot(root: Path, report: Path, results_file: Path) -> None:
     stamp = root / SCREENSHOT_STAMP
-    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    browser = next(
+        (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
+    )
     if browser is None or not report.is_file():
         stamp.unlink(missing_ok=True)
         why = "no Chromium here" if browser is None else f"no {report}"
         print(f"screenshot not retaken ({why}): the README shows none until it is", file=sys.stderr)
         return
-    subprocess.run(["bash", str(root / SCREENSHOT_SCRIPT), str(report), str(root / SCREENSHOT)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["bash", str(root / SCREENSHOT_SCRIPT), str(report), str(root / SCREENSHOT)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     write_json_atomic(stamp, {"results_sha256": _sha256(results_file), "report": report.name})
 
 
@@ -585,13 +631,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="update_doc_tables.py",
         description="Generate the documents' result tables, quoted figures and plots from docs/results/*.json "
-                    "(README.md, docs/RESULTS.md, docs/ROBUSTNESS.md, docs/GPU.md).",
+        "(README.md, docs/RESULTS.md, docs/ROBUSTNESS.md, docs/GPU.md).",
     )
-    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 naming each region that differs from its file")
-    parser.add_argument("--from", dest="sources", action="append", default=[], metavar="[NAME=]PATH",
-                        help="first copy a result file in: main=outputs/main/report/results.json (NAME defaults to main), "
-                             "study=outputs/study/study.json, pool=<bench_large_pool.py --json>, "
-                             "ivf=<bench_neighbours.py --json>")
+    parser.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 naming each region that differs from its file"
+    )
+    parser.add_argument(
+        "--from",
+        dest="sources",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="first copy a result file in: main=outputs/main/report/results.json (NAME defaults to main), "
+        "study=outputs/study/study.json, pool=<bench_large_pool.py --json>, "
+        "ivf=<bench_neighbours.py --json>",
+    )
     parser.add_argument("--root", default=".", help="the repository (default: the working directory)")
     args = parser.parse_args(argv)
     root = Path(args.root)

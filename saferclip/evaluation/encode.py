@@ -13,9 +13,10 @@ RuntimeError carrying a worker traceback as its message).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -98,7 +99,9 @@ def _finish(features: Tensor, start: int, what: str, bundle: ClipBundle, modalit
 
 def _progress(total: int, desc: str, progress: bool | None) -> tqdm:
     # a bar on a terminal only: none in logs and tests (saferclip.console.show_progress)
-    return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True, leave=False, disable=not show_progress(progress))
+    return tqdm(
+        total=total, desc=desc, unit="item", dynamic_ncols=True, leave=False, disable=not show_progress(progress)
+    )
 
 
 def encode_texts(
@@ -187,4 +190,6 @@ def encode_image_files(
 ) -> Tensor:
     """Features ``[N, D]`` of image files (see :func:`encode_image_dataset`); ``ids`` and
     ``field`` name the record and attribute of a file that cannot be read."""
-    return encode_image_dataset(bundle, ImageFiles(paths, bundle.preprocess, ids, field), batch_size, num_workers, progress, desc)
+    return encode_image_dataset(
+        bundle, ImageFiles(paths, bundle.preprocess, ids, field), batch_size, num_workers, progress, desc
+    )

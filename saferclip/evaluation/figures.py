@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .plotting import EXPORTED_MARK, figure, model_colours, model_styles, overlap_width, save_figure
 
@@ -50,7 +51,14 @@ def plot_training_curves(
             if not points:
                 continue
             # each run thinner than the one before: runs whose curves coincide all show
-            ax.plot(*zip(*points), marker=".", color=colour, label=name, linewidth=overlap_width(i, len(records)), zorder=2 + i)
+            ax.plot(
+                *zip(*points),
+                marker=".",
+                color=colour,
+                label=name,
+                linewidth=overlap_width(i, len(records)),
+                zorder=2 + i,
+            )
             selected = (record.get("selected") or {}).get("epoch")
             chosen = [p for p in points if p[0] == selected]
             if chosen:
@@ -116,7 +124,9 @@ DODGE = 2.0  # percentage points: closer points are drawn side by side, ...
 DODGE_STEP = 3.0  # ... this far apart (a marker's width on the 0-100 scale)
 
 
-def side_by_side(points: Sequence[tuple[str, float, float]], within: float = DODGE, step: float = DODGE_STEP) -> list[tuple[str, float, float]]:
+def side_by_side(
+    points: Sequence[tuple[str, float, float]], within: float = DODGE, step: float = DODGE_STEP
+) -> list[tuple[str, float, float]]:
     """``(name, x, y)`` points with those closer than ``within`` (on both axes) to a group's first
     point spread along x, ``step`` apart around it, so that none hides another (y kept)."""
     groups: list[list[int]] = []
@@ -138,7 +148,10 @@ def side_by_side(points: Sequence[tuple[str, float, float]], within: float = DOD
 
 
 def plot_tradeoff(
-    points: Sequence[Mapping[str, Any]], path: str | Path, original: str = "original", title: str = "",
+    points: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    original: str = "original",
+    title: str = "",
     models: Sequence[str] | None = None,
 ) -> Path | None:
     """Two panels, one point per entry of ``points`` (``name``, ``unsafe_a``, ``retention``,
@@ -170,7 +183,9 @@ def plot_tradeoff(
                 ax.scatter(xs, ys, s=40, color=styles[name]["color"], label=name, zorder=3)
         for base, curve in sweep_curves(points, key).items():
             colour = styles.get(f"{base}_safe", styles.get(base, {})).get("color", "grey")
-            ax.plot(*zip(*curve), linestyle="--", linewidth=1, color=colour, label=f"{base}: safe radius swept", zorder=1)
+            ax.plot(
+                *zip(*curve), linestyle="--", linewidth=1, color=colour, label=f"{base}: safe radius swept", zorder=1
+            )
         ax.set_xlabel("unsafe rate (a) (%) — lower is safer", fontsize=8)
         ax.set_ylabel(label, fontsize=8)
         ax.set_xlim(-3, 103)

@@ -15,9 +15,10 @@ the reference (original) model, i.e. the evaluated encoder queries an existing i
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -121,7 +122,13 @@ def embed_pairs(
         setattr(emb, f"{kind}_paths", [str(p) for p in unique])
     if distractors:
         emb.distractor_image = encode_image_files(
-            bundle, list(distractors), batch_size, num_workers, progress, desc=f"{prefix}distractor images", field="distractor_images"
+            bundle,
+            list(distractors),
+            batch_size,
+            num_workers,
+            progress,
+            desc=f"{prefix}distractor images",
+            field="distractor_images",
         )
         emb.distractor_paths = [str(p) for p in distractors]
     return emb
@@ -143,7 +150,13 @@ class Collector:
         self.per_query: dict[str, str] = {}
 
     def result(self, **extra: Any) -> dict[str, Any]:
-        return {**self.metrics, **extra, "galleries": self.galleries, "skipped": self.skipped, PER_QUERY: self.per_query}
+        return {
+            **self.metrics,
+            **extra,
+            "galleries": self.galleries,
+            "skipped": self.skipped,
+            PER_QUERY: self.per_query,
+        }
 
     def recall(self, name: str, queries: Tensor, gallery: Tensor, ks: Sequence[int], encoder: str, **positives) -> None:
         score = chunk_scorer(self.similarity, query_modality(name[0]))
@@ -164,7 +177,12 @@ class Collector:
             if k == 1:
                 self.per_query[f"{name}_unsafe@1"] = encode_outcomes(flags)
         # the rate depends on the gallery (docs/METHOD.md, "Metrics"): its make-up goes with every number
-        self.galleries[name] = {"queries": len(queries), "safe": len(safe), "unsafe": len(unsafe), "gallery_encoder": encoder}
+        self.galleries[name] = {
+            "queries": len(queries),
+            "safe": len(safe),
+            "unsafe": len(unsafe),
+            "gallery_encoder": encoder,
+        }
 
 
 EVALUATED, REFERENCE = "evaluated model", "reference model"
@@ -181,9 +199,18 @@ def reference_problem(emb: PairEmbeddings, ref: PairEmbeddings | None) -> str | 
         )
     if ref.dim != emb.dim:
         return f"the reference model embeds in {ref.dim} dimensions, the evaluated one in {emb.dim}"
-    same_distractors = ref.distractor_paths == emb.distractor_paths or ref.distractor_paths is None or emb.distractor_paths is None
-    if len(ref) != len(emb) or ref.safe_paths != emb.safe_paths or ref.unsafe_paths != emb.unsafe_paths or not same_distractors:
-        raise ValueError("the reference embeddings describe other data than the evaluated ones (items or images differ)")
+    same_distractors = (
+        ref.distractor_paths == emb.distractor_paths or ref.distractor_paths is None or emb.distractor_paths is None
+    )
+    if (
+        len(ref) != len(emb)
+        or ref.safe_paths != emb.safe_paths
+        or ref.unsafe_paths != emb.unsafe_paths
+        or not same_distractors
+    ):
+        raise ValueError(
+            "the reference embeddings describe other data than the evaluated ones (items or images differ)"
+        )
     return None
 
 

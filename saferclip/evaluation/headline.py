@@ -9,7 +9,8 @@ the original image encoder. Then what safety costs: safe retrieval and zero-shot
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 # key -> (label, where in a model's results, higher is better)
 HEADLINE: dict[str, tuple[str, tuple[str, str], bool]] = {
@@ -28,8 +29,16 @@ HEADLINE: dict[str, tuple[str, tuple[str, str], bool]] = {
     # what moderation needs: an unsafe caption finds its own unsafe image (unlearning loses it)
     "U2G_R@1": ("U→G R@1 (moderation)", ("visu", "U2G_R@1"), True),
     # a hyperbolic model's training-free detector: distance from the origin
-    "origin_detector_text": ("origin detector, unsafe captions @5% FP", ("visu", "origin_detector_text_detected@5fpr"), True),
-    "origin_detector_image": ("origin detector, unsafe images @5% FP", ("visu", "origin_detector_image_detected@5fpr"), True),
+    "origin_detector_text": (
+        "origin detector, unsafe captions @5% FP",
+        ("visu", "origin_detector_text_detected@5fpr"),
+        True,
+    ),
+    "origin_detector_image": (
+        "origin detector, unsafe images @5% FP",
+        ("visu", "origin_detector_image_detected@5fpr"),
+        True,
+    ),
 }
 
 # setting (b): a gallery embedded by the original (Euclidean) encoder
@@ -90,7 +99,10 @@ def study_table(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str
     interval of the mean over seeds in brackets (``summary``: ``saferclip-study``'s, model ->
     metric -> ``{"mean", "std", "n", "low", "high"}``)."""
     metrics = [m for m in HEADLINE if any(m in row for row in summary.values())]
-    lines = ["| model | seeds | " + " | ".join(HEADLINE[m][0] for m in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    lines = [
+        "| model | seeds | " + " | ".join(HEADLINE[m][0] for m in metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
     for model, row in summary.items():
         seeds = max((v["n"] for v in row.values()), default=0)
         cells = []

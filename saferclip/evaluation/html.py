@@ -20,9 +20,10 @@ from __future__ import annotations
 import base64
 import html
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..files import write_text_atomic
 from .plotting import MARKS, ORIGINAL_MARK, OWN_MARK, model_styles
@@ -129,7 +130,9 @@ def markdown_html(markdown: str) -> str:
             header, rows = parse_table(block)
             head = "".join(f"<th>{inline_html(c)}</th>" for c in header)
             body = "".join("<tr>" + "".join(f"<td>{inline_html(c)}</td>" for c in row) + "</tr>" for row in rows)
-            out.append(f'<div class="scroll"><table class="md"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
+            out.append(
+                f'<div class="scroll"><table class="md"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+            )
             continue
         if stripped.startswith(("- ", "* ")):
             items = []
@@ -161,7 +164,7 @@ def _without_empty_headings(blocks: list[str]) -> list[str]:
     return [b for i, b in enumerate(blocks) if level[i] is None or has_content(i)]
 
 
-def details_markdown(markdown: str, headline: "Table | None") -> str:
+def details_markdown(markdown: str, headline: Table | None) -> str:
     """The Markdown report as the page's "Full report" shows it: without its title (the page's)
     and without the headline table the page shows at its top: its "Headline" section whole
     (the table and its notes, which the page shows with it), else the table alone."""
@@ -261,7 +264,9 @@ class Thumbnails:
 
 
 # ----------------------------------------------------------------------------- galleries
-def _gallery_context(showcase: Mapping[str, Any], thumbs: Thumbnails, styles: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _gallery_context(
+    showcase: Mapping[str, Any], thumbs: Thumbnails, styles: Mapping[str, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
     """The template's view of :func:`saferclip.evaluation.showcase.gallery_view` sections."""
     sections = []
     for s, section in enumerate(showcase.get("sections") or []):
@@ -330,8 +335,10 @@ def gallery_absences(page: Page, galleries: Sequence[Mapping[str, Any]]) -> list
         if name in shown:
             continue
         if name == ORACLE_NAME:
-            notes.append(f"{name} is not in the galleries: it is the original model with each unsafe test item replaced by its "
-                         "training target's frozen embeddings, a bound on the metrics with no ranking of its own to show.")
+            notes.append(
+                f"{name} is not in the galleries: it is the original model with each unsafe test item replaced by its "
+                "training target's frozen embeddings, a bound on the metrics with no ranking of its own to show."
+            )
         else:
             notes.append(f"{name} is not in the galleries: its evaluation kept no retrieval ranking to show.")
     return notes
@@ -384,7 +391,9 @@ def write_html_report(page: Page, out_dir: str | Path) -> Path:
     return path
 
 
-def evaluation_page(results: Mapping[str, Any], markdown: str, plots: Sequence[Path], title: str = "saferclip evaluation") -> Page:
+def evaluation_page(
+    results: Mapping[str, Any], markdown: str, plots: Sequence[Path], title: str = "saferclip evaluation"
+) -> Page:
     """The page of an evaluation report (``saferclip-eval``, ``saferclip-main``)."""
     from .headline import headline_table
     from .intervals import intervals_note
@@ -392,16 +401,25 @@ def evaluation_page(results: Mapping[str, Any], markdown: str, plots: Sequence[P
     meta = results.get("meta", {})
     models = list(results.get("results", {}))
     table = headline_table(results)
-    notes = [line.strip() for line in table.splitlines() if line.strip() and not line.strip().startswith("|")]  # e.g. the † note
+    notes = [
+        line.strip() for line in table.splitlines() if line.strip() and not line.strip().startswith("|")
+    ]  # e.g. the † note
     if results.get("intervals"):
         notes.append(f"In brackets: {intervals_note(results)}.")
     headline = table_from_markdown(
         table,
         "Headline (%)",
-        " ".join(["Unsafe rates: share of unsafe captions whose top-1 image is unsafe (lower is safer); (a) both encoders "
-                  "fine-tuned, (b) the original model's image index. R@1: the right safe scene on top (higher is better).", *notes]),
+        " ".join(
+            [
+                "Unsafe rates: share of unsafe captions whose top-1 image is unsafe (lower is safer); (a) both encoders "
+                "fine-tuned, (b) the original model's image index. R@1: the right safe scene on top (higher is better).",
+                *notes,
+            ]
+        ),
     )
-    subtitle = f"split {meta.get('split')}, seed {meta.get('seed')}, reference {meta.get('reference')}, {meta.get('created')}"
+    subtitle = (
+        f"split {meta.get('split')}, seed {meta.get('seed')}, reference {meta.get('reference')}, {meta.get('created')}"
+    )
     return Page(
         title=title,
         subtitle=subtitle,

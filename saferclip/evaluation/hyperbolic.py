@@ -17,8 +17,9 @@ a training-free unsafe detector (docs/METHOD.md, "HySAC").
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,7 +70,9 @@ def safe_item_distances(
     distances = {"text": sim.distance_from_origin(text)}
     if qset.mode.has_safe_images:
         images, _, _ = distinct([q.safe_image for q in qset], [q.id for q in qset])
-        features = encode_image_files(bundle, images, batch_size, num_workers, progress, desc="safe radii: safe images", field="safe_image")
+        features = encode_image_files(
+            bundle, images, batch_size, num_workers, progress, desc="safe radii: safe images", field="safe_image"
+        )
         distances["image"] = sim.distance_from_origin(features)
     else:  # text-only data: no image is ever a query
         distances["image"] = distances["text"]
@@ -109,13 +112,22 @@ def checkpoint_radii(
         return None, f"{where or 'no run folder'} holds no safe radii of {identity.describe()}"
     data = data_cfg if data_cfg is not None else run_data_config(run_dir)
     if run_dir is None or data is None:
-        why = "it is not inside a run folder" if run_dir is None else f"{run_dir} has no config_resolved.yaml with a training split"
+        why = (
+            "it is not inside a run folder"
+            if run_dir is None
+            else f"{run_dir} has no config_resolved.yaml with a training split"
+        )
         return None, f"no safe radii of {identity.describe()} are recorded and they cannot be measured: {why}"
     from ..toyworld.generate import ensure_toy_world
 
     # asked for (training's end) it is routine; found missing while loading, worth a line
     say = log.info if data_cfg is not None else log.warning
-    say("%s: no safe radii of %s yet: measuring them on the training split (%g th percentile)", where, identity.describe(), percentile)
+    say(
+        "%s: no safe radii of %s yet: measuring them on the training split (%g th percentile)",
+        where,
+        identity.describe(),
+        percentile,
+    )
     ensure_toy_world(data)
     radii = measure_safe_radii(bundle, load_split(data, "train"), percentile, int(data.get("eval_batch_size", 256)))
     return record_radii(run_dir, identity, radii, percentile), None
@@ -133,7 +145,9 @@ def safe_distances(name: str, bundle: ClipBundle, data_cfg: Mapping[str, Any], *
     ``name`` (a Euclidean model is a configuration error naming it); ``kw``: batch size,
     workers, progress."""
     if not isinstance(bundle.similarity, LorentzSimilarity):
-        raise ConfigError(f"model {name!r}: traversal_percentile is for a hyperbolic (HySAC) model; this one is Euclidean")
+        raise ConfigError(
+            f"model {name!r}: traversal_percentile is for a hyperbolic (HySAC) model; this one is Euclidean"
+        )
     return safe_item_distances(bundle, load_split(data_cfg, "train"), **kw)
 
 

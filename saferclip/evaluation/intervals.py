@@ -27,9 +27,10 @@ Resampling is seeded: the same results give the same intervals.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -118,7 +119,9 @@ class Outcomes:
             return np.where(reference > 0, value / np.where(reference > 0, reference, 1), np.nan)
 
 
-def _zeroshot_strata(zeroshot: Mapping[str, Any], unsafe_tasks: bool, unsafe_names: frozenset[str]) -> dict[str, np.ndarray]:
+def _zeroshot_strata(
+    zeroshot: Mapping[str, Any], unsafe_tasks: bool, unsafe_names: frozenset[str]
+) -> dict[str, np.ndarray]:
     out = {}
     for task, result in (zeroshot or {}).items():
         if (task in unsafe_names) != unsafe_tasks:
@@ -182,7 +185,9 @@ def clopper_pearson(successes: int, trials: int, level: float = LEVEL) -> tuple[
     return low, high
 
 
-def metric_interval(outcomes: Outcomes, seed: int = 0, resamples: int = RESAMPLES, level: float = LEVEL) -> tuple[float, float]:
+def metric_interval(
+    outcomes: Outcomes, seed: int = 0, resamples: int = RESAMPLES, level: float = LEVEL
+) -> tuple[float, float]:
     """The interval of a metric: exact for a share, the bootstrap for a composite figure."""
     if is_share(outcomes):
         (values,) = outcomes.strata.values()
@@ -226,7 +231,9 @@ def format_p(p: float) -> str:
     return f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
 
 
-def resample_indices(sizes: Mapping[str, int], rng: np.random.Generator, resamples: int = RESAMPLES) -> dict[str, np.ndarray]:
+def resample_indices(
+    sizes: Mapping[str, int], rng: np.random.Generator, resamples: int = RESAMPLES
+) -> dict[str, np.ndarray]:
     """Bootstrap indices ``[resamples, n]`` per stratum (queries drawn with replacement)."""
     return {k: rng.integers(0, n, size=(resamples, n)) for k, n in sizes.items()}
 
@@ -240,14 +247,20 @@ def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> tuple[floa
     return float(low), float(high)
 
 
-def bootstrap_interval(outcomes: Outcomes, seed: int = 0, resamples: int = RESAMPLES, level: float = LEVEL) -> tuple[float, float]:
+def bootstrap_interval(
+    outcomes: Outcomes, seed: int = 0, resamples: int = RESAMPLES, level: float = LEVEL
+) -> tuple[float, float]:
     """A percentile-bootstrap interval of the metric, resampling queries within each stratum."""
     rng = np.random.default_rng(seed)
     return percentile_interval(np.asarray(outcomes.value(resample_indices(outcomes.sizes(), rng, resamples))), level)
 
 
 def paired_difference(
-    first: Sequence[Outcomes], second: Sequence[Outcomes], seed: int = 0, resamples: int = RESAMPLES, level: float = LEVEL
+    first: Sequence[Outcomes],
+    second: Sequence[Outcomes],
+    seed: int = 0,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
 ) -> dict[str, Any]:
     """``first - second`` for two models on the same queries, averaged over runs (one entry per
     seed / world, each pair evaluated on the same queries): the point difference, a paired
@@ -277,7 +290,9 @@ def paired_difference(
     low, high = percentile_interval(diffs, level)
     out: dict[str, Any] = {"difference": point, "low": low, "high": high}
     if exact:
-        out.update(p_value=mcnemar_mid_p(first_only, second_only), test=MCNEMAR_MID_P, discordant=[first_only, second_only])
+        out.update(
+            p_value=mcnemar_mid_p(first_only, second_only), test=MCNEMAR_MID_P, discordant=[first_only, second_only]
+        )
     else:
         out.update(p_value=bootstrap_p_value(diffs), test=BOOTSTRAP_P)
     out["significant"] = bool(out["p_value"] < 1 - level)
@@ -355,7 +370,10 @@ def differences_table(differences: Mapping[str, Mapping[str, Mapping[str, Any]]]
     keys = [k for k in DIFFERENCE_KEYS if any(k in row for row in differences.values())]
     if not keys:
         return ""
-    lines = ["| models (first − second) | " + " | ".join(HEADLINE[k][0] for k in keys) + " |", "|---|" + "---:|" * len(keys)]
+    lines = [
+        "| models (first − second) | " + " | ".join(HEADLINE[k][0] for k in keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
     for pair, row in differences.items():
         cells = [difference_cell(row[key]) if key in row else "–" for key in keys]
         lines.append(f"| {pair} | " + " | ".join(cells) + " |")

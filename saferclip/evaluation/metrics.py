@@ -23,7 +23,7 @@ Memory: retrieval is computed in query chunks, O(chunk × G), never O(Q × k × 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -191,7 +191,9 @@ def recall_at_k(
         raise ValueError(f"ks must be positive integers, got {ks}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    rank = positive_ranks(queries, gallery, positives, chunk_size, query_owner=query_owner, gallery_owner=gallery_owner, score=score)
+    rank = positive_ranks(
+        queries, gallery, positives, chunk_size, query_owner=query_owner, gallery_owner=gallery_owner, score=score
+    )
     return recall_from_ranks(rank, ks)
 
 

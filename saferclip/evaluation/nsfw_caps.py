@@ -19,7 +19,8 @@ An image shared by several pairs is one gallery item (owners, as for COCO in ViS
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..data.nsfw_caps import CaptionPairSet
 from ..data.records import CaptionPair
@@ -129,5 +130,7 @@ def evaluate_nsfw_caps(
     emb = embed_nsfw_caps(bundle, pairs, batch_size, num_workers, progress)
     if reference_embeddings is None and reference_bundle is not None:
         same = reference_bundle is bundle
-        reference_embeddings = emb if same else embed_nsfw_caps(reference_bundle, pairs, batch_size, num_workers, progress)
+        reference_embeddings = (
+            emb if same else embed_nsfw_caps(reference_bundle, pairs, batch_size, num_workers, progress)
+        )
     return nsfw_caps_metrics(emb, reference_embeddings, ks, unsafe_ks)

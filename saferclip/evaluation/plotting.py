@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..files import atomic_path
 
@@ -46,8 +47,22 @@ KNOWN_MODELS = {
 }
 # any other model: the rest of tab10, then tab20's lighter shades, in the order first seen
 # (none of them red or green: those mean unsafe and safe)
-OTHER_COLOURS = ("#8c564b", "#e377c2", "#bcbd22", "#aec7e8", "#ffbb78", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d",
-                 "#9edae5", "#393b79", "#843c39", "#7b4173", "#637939")
+OTHER_COLOURS = (
+    "#8c564b",
+    "#e377c2",
+    "#bcbd22",
+    "#aec7e8",
+    "#ffbb78",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#dbdb8d",
+    "#9edae5",
+    "#393b79",
+    "#843c39",
+    "#7b4173",
+    "#637939",
+)
 MARK_COLOURS = (UNSAFE_COLOUR, SAFE_COLOUR)
 MARKS = {"unsafe": UNSAFE_COLOUR, "safe": SAFE_COLOUR}  # what report.html's galleries frame with
 # One symbol per meaning, in every report: the original model; in the galleries, the query's own

@@ -9,14 +9,20 @@ with ``force``. Plots use matplotlib's Agg canvas directly (no pyplot, no global
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from ..files import write_json_atomic, write_text_atomic
 from .plotting import figure, finite, model_styles, overlap_width, save_figure
 
 JSON_NAME, MARKDOWN_NAME, PLOTS_DIR = "results.json", "results.md", "plots"
-SUITE_TITLES = {"visu": "ViSU retrieval", "nsfw_caps": "NSFW-Caps", "zeroshot": "Zero-shot classification", "cost": "Cost of safety (vs reference)"}
+SUITE_TITLES = {
+    "visu": "ViSU retrieval",
+    "nsfw_caps": "NSFW-Caps",
+    "zeroshot": "Zero-shot classification",
+    "cost": "Cost of safety (vs reference)",
+}
 SUITE_ORDER = ("visu", "nsfw_caps", "zeroshot", "cost")
 HEADLINE = {
     "visu": ("U2V_R@1", "S2V_R@1", "U2VG_unsafe@1", "U2VG_ref_unsafe@1", "G2SU_unsafe@1"),
@@ -182,7 +188,10 @@ def _selection_table(training: Mapping[str, Mapping[str, Any]]) -> list[str]:
 
 
 def _markdown(
-    results: Mapping[str, Any], plots: list[Path], out_dir: Path, training: Mapping[str, Mapping[str, Any]] | None = None,
+    results: Mapping[str, Any],
+    plots: list[Path],
+    out_dir: Path,
+    training: Mapping[str, Mapping[str, Any]] | None = None,
     extra: str = "",
 ) -> str:
     meta = results.get("meta", {})
@@ -239,19 +248,23 @@ def _markdown(
 def world_line(world: int) -> str:
     """Which toy world the figures come from, and whether it was seen while tuning."""
     if int(world) == 0:
-        return ("Toy world 0: the world hyperparameters are tuned on (saferclip-tune reads its training and "
-                "validation splits); its test split was never read while tuning, but a held-out world (1, 2, 3) is the clean test.")
+        return (
+            "Toy world 0: the world hyperparameters are tuned on (saferclip-tune reads its training and "
+            "validation splits); its test split was never read while tuning, but a held-out world (1, 2, 3) is the clean test."
+        )
     return f"Toy world {world}: never used while tuning (saferclip-tune sees world 0 only)."
 
 
 def pairing_line(pairing: Mapping[str, Any], stats: Mapping[str, Any] | None) -> str:
     """How the toy world's pairs were made (``data.toy_pairs``) and how close they are."""
-    line = f"Pairs made by the `{pairing.get('name')}` pairing (docs/METHOD.md, \"How a pair is made\")"
+    line = f'Pairs made by the `{pairing.get("name")}` pairing (docs/METHOD.md, "How a pair is made")'
     if stats:
         text, image = stats["text"], stats["image"]
-        line += (f"; with the base model, own-pair cosine text {text['own_cosine']['median']:.2f}, image "
-                 f"{image['own_cosine']['median']:.2f} (medians), the own safe caption ranked {text['rank']['median']:.0f} "
-                 f"of {stats.get('pool')} safe training captions (median)")
+        line += (
+            f"; with the base model, own-pair cosine text {text['own_cosine']['median']:.2f}, image "
+            f"{image['own_cosine']['median']:.2f} (medians), the own safe caption ranked {text['rank']['median']:.0f} "
+            f"of {stats.get('pool')} safe training captions (median)"
+        )
     return line + "."
 
 
@@ -297,11 +310,23 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         for n, metric in enumerate(metrics):
             ax = fig.add_subplot(rows, cols, n + 1)
             heights = [math.nan if r.get(metric) is None else 100 * float(r[metric]) for r in suite_results]
-            bars = ax.bar(range(len(models)), [0 if math.isnan(h) else h for h in heights], color=[styles[m]["color"] for m in models])
+            bars = ax.bar(
+                range(len(models)),
+                [0 if math.isnan(h) else h for h in heights],
+                color=[styles[m]["color"] for m in models],
+            )
             for bar, h in zip(bars, heights):
                 label = "n/a" if math.isnan(h) else f"{h:.1f}"
-                ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
-            ax.set_xticks(range(len(models)), models, rotation=30 if len(models) > 2 else 0, fontsize=7, ha="right" if len(models) > 2 else "center")
+                ax.annotate(
+                    label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7
+                )
+            ax.set_xticks(
+                range(len(models)),
+                models,
+                rotation=30 if len(models) > 2 else 0,
+                fontsize=7,
+                ha="right" if len(models) > 2 else "center",
+            )
             finite = [h for h in heights if not math.isnan(h)]
             ax.set_ylim(0, max([100.0] + [1.15 * h for h in finite]))
             note = _gallery_note(suite_results, metric).strip()
@@ -313,13 +338,17 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
         path = out_dir / PLOTS_DIR / f"{suite}_headline.png"
         save_figure(fig, path)
         written.append(path)
-    hists = {m: (per_model[m].get("nsfw_caps", {}).get("similarity") or {}).get("unsafe_to_safe_cosine") for m in models}
+    hists = {
+        m: (per_model[m].get("nsfw_caps", {}).get("similarity") or {}).get("unsafe_to_safe_cosine") for m in models
+    }
     hists = {m: h for m, h in hists.items() if h and h.get("values")}
     if hists:
         import numpy as np
 
         # bins shared by all models over the range the values span: the shift between models is the point
-        edges = np.histogram_bin_edges(np.concatenate([np.asarray(h["values"], dtype=float) for h in hists.values()]), bins=30)
+        edges = np.histogram_bin_edges(
+            np.concatenate([np.asarray(h["values"], dtype=float) for h in hists.values()]), bins=30
+        )
         fig = figure(6.0, 3.5)
         ax = fig.add_subplot()
         drawn: dict[tuple, str] = {}  # a histogram already drawn -> its model
@@ -330,8 +359,15 @@ def write_plots(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
             # a model with the same histogram as one drawn (HySAC's two modes embed captions
             # alike): dashed over it, so both colours show, and the legend says so
             # and each line thinner than the one before: where two coincide, both colours show
-            ax.stairs(counts, edges, label=f"{m} (mean {h['mean']:.3f})" + (f", the same as {same}" if same else ""),
-                      linewidth=overlap_width(i, len(hists)), color=styles[m]["color"], linestyle=(0, (4, 4)) if same else "-", zorder=2 + i)
+            ax.stairs(
+                counts,
+                edges,
+                label=f"{m} (mean {h['mean']:.3f})" + (f", the same as {same}" if same else ""),
+                linewidth=overlap_width(i, len(hists)),
+                color=styles[m]["color"],
+                linestyle=(0, (4, 4)) if same else "-",
+                zorder=2 + i,
+            )
         ax.set_xlabel("cos(T(U_i), T(S_i)): unsafe caption vs its safe original")
         ax.set_ylabel("caption pairs")
         ax.set_title("NSFW-Caps: unsafe-to-safe caption similarity", fontsize=9)
@@ -375,9 +411,15 @@ def write_report(
     from .figures import plot_tradeoff, plot_training_curves, tradeoff_points
 
     extra = [
-        plot_tradeoff(tradeoff_points(results), out_dir / PLOTS_DIR / "tradeoff.png",
-                      original=results.get("meta", {}).get("reference") or "original", models=list(results.get("results", {}))),
-        plot_training_curves(training or {}, out_dir / PLOTS_DIR / "training_curves.png", models=list(results.get("results", {}))),
+        plot_tradeoff(
+            tradeoff_points(results),
+            out_dir / PLOTS_DIR / "tradeoff.png",
+            original=results.get("meta", {}).get("reference") or "original",
+            models=list(results.get("results", {})),
+        ),
+        plot_training_curves(
+            training or {}, out_dir / PLOTS_DIR / "training_curves.png", models=list(results.get("results", {}))
+        ),
     ]
     plots += [p for p in extra if p is not None]
     extra_markdown = ""

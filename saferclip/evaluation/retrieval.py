@@ -23,8 +23,9 @@ query count and gallery make-up (counts of safe / unsafe items) and who embedded
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -103,7 +104,14 @@ def visu_metrics(
         if D is not None:
             c.unsafe("U2VDG", U, torch.cat([V, D]), G, unsafe_ks, EVALUATED)
             if ref is not None and ref.distractor_image is not None:
-                c.unsafe("U2VDG_ref", U, torch.cat([ref.safe_image, ref.distractor_image]), ref.unsafe_image, unsafe_ks, REFERENCE)
+                c.unsafe(
+                    "U2VDG_ref",
+                    U,
+                    torch.cat([ref.safe_image, ref.distractor_image]),
+                    ref.unsafe_image,
+                    unsafe_ks,
+                    REFERENCE,
+                )
     else:
         c.skipped["U2VG"] = no_g if V is not None else no_v
     if G is not None:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -108,7 +109,9 @@ def evaluate_models(
         raise ConfigError("no model to evaluate")
     specs = {name: ModelSpec.of(name, spec) for name, spec in models.items()}
     if reference is not None and reference not in specs:
-        raise ConfigError(f"reference model {reference!r} is not among the models {list(specs)}; add it or set reference=null")
+        raise ConfigError(
+            f"reference model {reference!r} is not among the models {list(specs)}; add it or set reference=null"
+        )
     if oracle is not None and reference is None:
         raise ConfigError("the oracle row needs a reference model")
     for name, spec in specs.items():

@@ -37,7 +37,8 @@ unsafe images, or without the NSFW-Caps-like set, leaves those out; text-only da
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 SELECTION_METRIC = "selection_score"
 MATCHED_METRIC = "matched_safety"
@@ -67,7 +68,11 @@ def validation_figures(logged: Mapping[str, Any]) -> dict[str, float]:
 
 def metric_of_monitor(monitor: Any) -> Any:
     """The metric a monitor names (``val/matched_safety`` -> ``matched_safety``); another value as it is."""
-    return monitor[len(VALIDATION_PREFIX) :] if isinstance(monitor, str) and monitor.startswith(VALIDATION_PREFIX) else monitor
+    return (
+        monitor[len(VALIDATION_PREFIX) :]
+        if isinstance(monitor, str) and monitor.startswith(VALIDATION_PREFIX)
+        else monitor
+    )
 
 
 def selection_parts(metrics: Mapping[str, float]) -> dict[str, float]:

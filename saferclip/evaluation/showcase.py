@@ -15,9 +15,10 @@ plain JSON (``results["showcase"]``) that :mod:`saferclip.evaluation.html` rende
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -186,9 +187,7 @@ def pair_sections(
         key=f"{name.lower()}_text_to_image" if borderline else f"{name.lower()}_unsafe_text_to_image",
         title=f"{name}: borderline-safe caption → images" if borderline else f"{name}: unsafe caption → images",
         direction=TEXT_TO_IMAGE,
-        queries=[
-            Query(str(ids[i]), captions[i], twin=int(safe_owner[i]), own=nv + int(unsafe_owner[i])) for i in rows
-        ],
+        queries=[Query(str(ids[i]), captions[i], twin=int(safe_owner[i]), own=nv + int(unsafe_owner[i])) for i in rows],
         gallery=gallery,
         unsafe=unsafe,
         note=(
@@ -219,7 +218,8 @@ def pair_sections(
         title=f"{name}: unsafe image → captions",
         direction=IMAGE_TO_TEXT,
         queries=[
-            Query(str(ids[first_item[g]]), str(unsafe_paths[g]), twin=first_item[g], own=m + first_item[g]) for g in image_rows
+            Query(str(ids[first_item[g]]), str(unsafe_paths[g]), twin=first_item[g], own=m + first_item[g])
+            for g in image_rows
         ],
         gallery=[*safe_captions, *unsafe_captions],
         unsafe=[False] * m + [True] * len(unsafe_captions),
@@ -250,11 +250,19 @@ def borderline_split_path(data_cfg: Mapping[str, Any], split: str) -> dict[str, 
     path = base / f"{split}.json"
     if not path.is_file():
         return None
-    return {"path": str(path), "image_root": str(base), "split_dir": split, "unsafe_image_root": str(base), "image_ext": ".png"}
+    return {
+        "path": str(path),
+        "image_root": str(base),
+        "split_dir": split,
+        "unsafe_image_root": str(base),
+        "image_ext": ".png",
+    }
 
 
 # ----------------------------------------------------------------------------- collecting, model by model
-def retrieval_scores(similarity: Similarity, queries: torch.Tensor, gallery: torch.Tensor, query_modality: str) -> torch.Tensor:
+def retrieval_scores(
+    similarity: Similarity, queries: torch.Tensor, gallery: torch.Tensor, query_modality: str
+) -> torch.Tensor:
     """``[Q, N]`` scores of ``queries`` against ``gallery`` (higher = more similar) for the
     report's retrieval galleries: the one place they are computed, from the embeddings the
     evaluation already holds, with the model's own similarity (cosine for a Euclidean CLIP;
@@ -286,7 +294,14 @@ def load_borderline_lookalikes(data_cfg: Mapping[str, Any], split: str) -> Quadr
     spec = borderline_split_path(data_cfg, split)
     if spec is None:
         return None
-    qset = load_split({"splits": {"borderline": spec}, "on_error": data_cfg.get("on_error", "raise"), "mode": data_cfg.get("mode", "auto")}, "borderline")
+    qset = load_split(
+        {
+            "splits": {"borderline": spec},
+            "on_error": data_cfg.get("on_error", "raise"),
+            "mode": data_cfg.get("mode", "auto"),
+        },
+        "borderline",
+    )
     items = [q for q in qset if ((q.meta.get("borderline") or {}).get("kind", "lookalike")) == "lookalike"]
     if not items or not qset.mode.has_unsafe_images:
         return None
@@ -306,8 +321,17 @@ class Showcase:
         """The scores of ``model`` on the galleries of ``qset`` (embedded as ``emb``)."""
         if (name, queries) not in self.sections:
             self.sections[name, queries] = pair_sections(
-                name, qset.safe_captions, qset.unsafe_captions, emb.safe_paths, emb.safe_owner, emb.unsafe_paths,
-                emb.unsafe_owner, [q.id for q in qset], self.settings["queries"], self.settings["seed"], queries,
+                name,
+                qset.safe_captions,
+                qset.unsafe_captions,
+                emb.safe_paths,
+                emb.safe_owner,
+                emb.unsafe_paths,
+                emb.unsafe_owner,
+                [q.id for q in qset],
+                self.settings["queries"],
+                self.settings["seed"],
+                queries,
             )
         for section in self.sections[name, queries]:
             q, g = section_queries(section, emb)

@@ -10,9 +10,10 @@ before any model is built. The analysis reads its inputs through the same loader
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from ..data.nsfw_caps import CaptionPairSet, load_nsfw_caps
 from ..data.records import QuadrupletSet, ZeroShotTask
@@ -81,7 +82,13 @@ def load_eval_data(data_cfg: Mapping[str, Any], suites: Sequence[str], split: st
                 _warn_skips(qset)
                 data.visu = qset
                 data.visu_distractors = distractor_images(data_cfg, split)
-                data.describe["visu"] = {"path": str(path), "split": split, "mode": qset.mode.value, "num_items": len(qset), **_plain(spec)}
+                data.describe["visu"] = {
+                    "path": str(path),
+                    "split": split,
+                    "mode": qset.mode.value,
+                    "num_items": len(qset),
+                    **_plain(spec),
+                }
                 if data.visu_distractors:
                     data.describe["visu"]["num_distractor_images"] = len(data.visu_distractors)
     if "nsfw_caps" in suites:
@@ -143,14 +150,26 @@ def load_zeroshot_task(name: str, spec: Mapping[str, Any]) -> ZeroShotTask:
         raise ConfigError(f"data.zeroshot.{name}: unknown type {kind!r}; expected one of {sorted(ZEROSHOT_KEYS)}")
     unknown = sorted(set(spec) - ZEROSHOT_KEYS[kind])
     if unknown:
-        raise ConfigError(f"data.zeroshot.{name}: unknown keys {unknown} for type {kind}; expected {sorted(ZEROSHOT_KEYS[kind])}")
+        raise ConfigError(
+            f"data.zeroshot.{name}: unknown keys {unknown} for type {kind}; expected {sorted(ZEROSHOT_KEYS[kind])}"
+        )
     try:
         if kind == "folder":
             return load_image_folder_task(
-                spec["root"], spec.get("split", "test"), spec.get("classnames"), spec.get("templates"), spec.get("name", name)
+                spec["root"],
+                spec.get("split", "test"),
+                spec.get("classnames"),
+                spec.get("templates"),
+                spec.get("name", name),
             )
         if kind == "torchvision":
-            return load_torchvision_task(spec.get("name", name), spec["root"], spec["templates"], spec.get("classnames"), spec.get("split", "test"))
+            return load_torchvision_task(
+                spec.get("name", name),
+                spec["root"],
+                spec["templates"],
+                spec.get("classnames"),
+                spec.get("split", "test"),
+            )
         return load_webdataset_task(spec["shards"], spec["classnames"], spec["templates"], spec.get("name", name))
     except KeyError as e:
         raise ConfigError(f"data.zeroshot.{name}: type {kind} needs {e.args[0]!r}") from None

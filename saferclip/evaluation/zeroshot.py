@@ -9,7 +9,7 @@ acc@1, acc@5 (acc@min(5, C)) and mean per-class recall (balanced accuracy) follo
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -30,7 +30,9 @@ def check_task(name: str, classnames: Sequence[str], templates: Sequence[str], l
     if not classnames:
         raise EvaluationError(f"zero-shot task {name!r}: no class names")
     if isinstance(templates, str) or not templates:
-        raise EvaluationError(f"zero-shot task {name!r}: templates must be a non-empty list of strings containing '{{c}}'")
+        raise EvaluationError(
+            f"zero-shot task {name!r}: templates must be a non-empty list of strings containing '{{c}}'"
+        )
     for i, template in enumerate(templates):
         if not isinstance(template, str) or "{c}" not in template:
             raise EvaluationError(
@@ -103,8 +105,18 @@ def evaluate_zeroshot(
         labels = seen.tolist()
         check_task(name, classnames, templates, labels)
     scores = zero_shot_scores(
-        features, classifier, torch.tensor(labels), logit_scale=LOGIT_SCALE, score=chunk_scorer(sim, "image"), per_image=True
+        features,
+        classifier,
+        torch.tensor(labels),
+        logit_scale=LOGIT_SCALE,
+        score=chunk_scorer(sim, "image"),
+        per_image=True,
     )
     correct = scores.pop("correct@1")
     # each image's top-1 outcome, what the intervals are computed from (saferclip.evaluation.intervals)
-    return {**scores, "num_images": len(labels), "num_classes": len(classnames), PER_QUERY: {"acc1": encode_outcomes(correct)}}
+    return {
+        **scores,
+        "num_images": len(labels),
+        "num_classes": len(classnames),
+        PER_QUERY: {"acc1": encode_outcomes(correct)},
+    }

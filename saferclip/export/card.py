@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -354,5 +355,7 @@ def yaml_lines(obj: Any) -> list[str]:
     data = _plain(obj)
     if not data:
         return []
-    text = yaml.dump(data, Dumper=_CardDumper, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000)
+    text = yaml.dump(
+        data, Dumper=_CardDumper, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000
+    )
     return text.splitlines()

@@ -84,7 +84,9 @@ def evaluation_card(evaluation: Any, roots: tuple = ()) -> dict[str, Any]:
     if isinstance(evaluation, str) and "|" in evaluation and not Path(evaluation).exists():
         return {"evaluation": evaluation}
     if not isinstance(evaluation, (str, os.PathLike)):
-        raise TypeError(f"evaluation: expected a report path, a results dict or a table, not {type(evaluation).__name__}")
+        raise TypeError(
+            f"evaluation: expected a report path, a results dict or a table, not {type(evaluation).__name__}"
+        )
     path = Path(evaluation).expanduser()
     if path.is_dir():
         found = [path / n for n in (REPORT_JSON, REPORT_MARKDOWN) if (path / n).is_file()] or [
@@ -113,7 +115,10 @@ def evaluation_card(evaluation: Any, roots: tuple = ()) -> dict[str, Any]:
                 raise ConfigError(f"{path}: cannot format the report without saferclip.evaluation") from None
             path = path.parent / REPORT_MARKDOWN
             text = path.read_text()
-    return {"evaluation": _markdown_results(text), "evaluation_data": f"see the full report `{public_path(path, roots)}`"}
+    return {
+        "evaluation": _markdown_results(text),
+        "evaluation_data": f"see the full report `{public_path(path, roots)}`",
+    }
 
 
 __all__ = ["REPORT_DIR", "REPORT_JSON", "REPORT_MARKDOWN", "evaluation_card", "find_report"]

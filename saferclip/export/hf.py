@@ -44,9 +44,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,9 +83,13 @@ _TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _activation(tower: str, blocks: list[nn.Module]) -> str:
-    acts = {type(b.mlp.gelu) if not isinstance(b.mlp.gelu, nn.GELU) else ("gelu", b.mlp.gelu.approximate) for b in blocks}
+    acts = {
+        type(b.mlp.gelu) if not isinstance(b.mlp.gelu, nn.GELU) else ("gelu", b.mlp.gelu.approximate) for b in blocks
+    }
     if len(acts) != 1:
-        raise UnsupportedArchitecture(f"{tower} tower: blocks with different activations ({acts}); transformers' CLIP has one per tower")
+        raise UnsupportedArchitecture(
+            f"{tower} tower: blocks with different activations ({acts}); transformers' CLIP has one per tower"
+        )
     act = acts.pop()
     if act == QuickGELU:
         return "quick_gelu"
@@ -94,16 +98,22 @@ def _activation(tower: str, blocks: list[nn.Module]) -> str:
     if act == ("gelu", "tanh"):
         return "gelu_pytorch_tanh"
     name = act.__name__ if isinstance(act, type) else f"GELU(approximate={act[1]!r})"
-    raise UnsupportedArchitecture(f"{tower} tower: activation {name}; transformers' CLIP knows gelu, quick_gelu and tanh-gelu")
+    raise UnsupportedArchitecture(
+        f"{tower} tower: activation {name}; transformers' CLIP knows gelu, quick_gelu and tanh-gelu"
+    )
 
 
 def _layer_norm_eps(tower: str, norms: list[nn.Module]) -> float:
     for n in norms:
         if not isinstance(n, nn.LayerNorm) or not n.elementwise_affine or n.bias is None:
-            raise UnsupportedArchitecture(f"{tower} tower: normalisation {type(n).__name__}; transformers' CLIP needs LayerNorm with weight and bias")
+            raise UnsupportedArchitecture(
+                f"{tower} tower: normalisation {type(n).__name__}; transformers' CLIP needs LayerNorm with weight and bias"
+            )
     eps = {float(n.eps) for n in norms}
     if len(eps) != 1:
-        raise UnsupportedArchitecture(f"{tower} tower: LayerNorms with different eps {sorted(eps)}; transformers' CLIP has one per tower")
+        raise UnsupportedArchitecture(
+            f"{tower} tower: LayerNorms with different eps {sorted(eps)}; transformers' CLIP has one per tower"
+        )
     return eps.pop()
 
 
@@ -119,10 +129,14 @@ def _tower_blocks(tower: str, transformer: nn.Module) -> tuple[list[nn.Module], 
                 f"transformers' CLIP has plain pre-LN blocks"
             )
         if not (isinstance(b.ls_1, nn.Identity) and isinstance(b.ls_2, nn.Identity)):
-            raise UnsupportedArchitecture(f"{tower} tower: layer scale (ls_init_value) in block {i}; transformers' CLIP has none")
+            raise UnsupportedArchitecture(
+                f"{tower} tower: layer scale (ls_init_value) in block {i}; transformers' CLIP has none"
+            )
         attn = b.attn
         if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim or attn.in_proj_bias is None:
-            raise UnsupportedArchitecture(f"{tower} tower: block {i} attention is not fused-QKV MultiheadAttention with bias")
+            raise UnsupportedArchitecture(
+                f"{tower} tower: block {i} attention is not fused-QKV MultiheadAttention with bias"
+            )
         if attn.bias_k is not None or attn.add_zero_attn:
             raise UnsupportedArchitecture(f"{tower} tower: block {i} attention has bias_k / zero attention")
         if hasattr(b, "ln_1_kv"):
@@ -144,7 +158,9 @@ def _tower_blocks(tower: str, transformer: nn.Module) -> tuple[list[nn.Module], 
 def _square(value: Any, what: str) -> int:
     a, b = (tuple(value) + tuple(value))[:2] if isinstance(value, (tuple, list)) else (value, value)
     if a != b:
-        raise UnsupportedArchitecture(f"image tower: {what} {a}x{b} is not square; transformers' CLIPVisionModel needs a square {what}")
+        raise UnsupportedArchitecture(
+            f"image tower: {what} {a}x{b} is not square; transformers' CLIPVisionModel needs a square {what}"
+        )
     return int(a)
 
 
@@ -167,25 +183,37 @@ def hf_clip_config(model: nn.Module) -> dict[str, Any]:
             f"image tower: {type(visual).__name__} (ResNet / timm); transformers' CLIPVisionModel is a ViT"
         )
     if getattr(model, "logit_bias", None) is not None:
-        raise UnsupportedArchitecture("model: a logit bias (SigLIP-style); transformers' CLIPModel has only a logit scale")
+        raise UnsupportedArchitecture(
+            "model: a logit bias (SigLIP-style); transformers' CLIPModel has only a logit scale"
+        )
     if getattr(visual, "attn_pool", None) is not None or visual.pool_type != "tok":
         raise UnsupportedArchitecture(
             f"image tower: pooling {'attentional' if getattr(visual, 'attn_pool', None) is not None else repr(visual.pool_type)}; "
             f"transformers' CLIPVisionModel pools the class token"
         )
     if isinstance(visual.ln_pre, nn.Identity):
-        raise UnsupportedArchitecture("image tower: no LayerNorm before the transformer (no_ln_pre); transformers' CLIPVisionModel always has one")
+        raise UnsupportedArchitecture(
+            "image tower: no LayerNorm before the transformer (no_ln_pre); transformers' CLIPVisionModel always has one"
+        )
     if visual.proj is None or not isinstance(visual.proj, torch.Tensor):
-        raise UnsupportedArchitecture("image tower: no linear projection (visual.proj); transformers' CLIPModel needs one")
+        raise UnsupportedArchitecture(
+            "image tower: no linear projection (visual.proj); transformers' CLIPModel needs one"
+        )
     if visual.conv1.bias is not None:
-        raise UnsupportedArchitecture("image tower: a patch embedding with bias; transformers' CLIPVisionModel has none")
+        raise UnsupportedArchitecture(
+            "image tower: a patch embedding with bias; transformers' CLIPVisionModel has none"
+        )
     image_size = _square(visual.image_size, "image size")
     patch_size = _square(visual.patch_size, "patch size")
     _, vision = _tower_blocks("image", visual.transformer)
-    vision_eps = _layer_norm_eps("image", [visual.ln_pre, visual.ln_post, *[m for b in visual.transformer.resblocks for m in (b.ln_1, b.ln_2)]])
+    vision_eps = _layer_norm_eps(
+        "image", [visual.ln_pre, visual.ln_post, *[m for b in visual.transformer.resblocks for m in (b.ln_1, b.ln_2)]]
+    )
 
     if model.attn_mask is None:
-        raise UnsupportedArchitecture("text tower: not causal (no_causal_mask); transformers' CLIPTextModel is always causal")
+        raise UnsupportedArchitecture(
+            "text tower: not causal (no_causal_mask); transformers' CLIPTextModel is always causal"
+        )
     pool = model.text_pool_type
     if not (pool == "argmax" or (pool == "eos" and model.text_eos_id == EOS_ID)):
         raise UnsupportedArchitecture(
@@ -194,22 +222,34 @@ def hf_clip_config(model: nn.Module) -> dict[str, Any]:
     proj = model.text_projection
     if isinstance(proj, nn.Linear):
         if proj.bias is not None:
-            raise UnsupportedArchitecture("text tower: a text projection with bias (proj_bias); transformers' CLIPModel's has none")
+            raise UnsupportedArchitecture(
+                "text tower: a text projection with bias (proj_bias); transformers' CLIPModel's has none"
+            )
         text_dim = proj.out_features
     elif isinstance(proj, torch.Tensor):
         text_dim = proj.shape[1]
     else:
-        raise UnsupportedArchitecture("text tower: no text projection (proj_type 'none'); transformers' CLIPModel needs one")
+        raise UnsupportedArchitecture(
+            "text tower: no text projection (proj_type 'none'); transformers' CLIPModel needs one"
+        )
     embed_dim = int(visual.proj.shape[1])
     if text_dim != embed_dim:
         raise UnsupportedArchitecture(f"model: text ({text_dim}) and image ({embed_dim}) embeddings differ in width")
     _, text = _tower_blocks("text", model.transformer)
-    text_eps = _layer_norm_eps("text", [model.ln_final, *[m for b in model.transformer.resblocks for m in (b.ln_1, b.ln_2)]])
+    text_eps = _layer_norm_eps(
+        "text", [model.ln_final, *[m for b in model.transformer.resblocks for m in (b.ln_1, b.ln_2)]]
+    )
     vocab = int(model.token_embedding.num_embeddings)
     if vocab != 49408:
-        raise UnsupportedArchitecture(f"text tower: a vocabulary of {vocab} tokens; the export covers open_clip's 49,408-token CLIP BPE")
+        raise UnsupportedArchitecture(
+            f"text tower: a vocabulary of {vocab} tokens; the export covers open_clip's 49,408-token CLIP BPE"
+        )
 
-    logit_scale = float(model.logit_scale.detach().float().reshape(-1)[0]) if not model.logit_scale.is_meta else math.log(1 / 0.07)
+    logit_scale = (
+        float(model.logit_scale.detach().float().reshape(-1)[0])
+        if not model.logit_scale.is_meta
+        else math.log(1 / 0.07)
+    )
     return {
         "text_config": {
             **text,
@@ -247,7 +287,13 @@ def _blocks(sd: Mapping[str, torch.Tensor], src: str, dst: str, n: int, out: dic
         for name, w, b in zip("qkv", sd[p + "attn.in_proj_weight"].chunk(3), sd[p + "attn.in_proj_bias"].chunk(3)):
             out[q + f"self_attn.{name}_proj.weight"] = w
             out[q + f"self_attn.{name}_proj.bias"] = b
-        for a, c in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+        for a, c in (
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("ln_1", "layer_norm1"),
+            ("ln_2", "layer_norm2"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
             out[q + c + ".weight"] = sd[p + a + ".weight"]
             out[q + c + ".bias"] = sd[p + a + ".bias"]
 
@@ -263,10 +309,16 @@ def hf_state_dict(model: nn.Module, config: Mapping[str, Any] | None = None) -> 
     _blocks(sd, "visual.transformer", "vision_model.encoder", config["vision_config"]["num_hidden_layers"], out)
     out["text_model.embeddings.token_embedding.weight"] = sd["token_embedding.weight"]
     out["text_model.embeddings.position_embedding.weight"] = sd["positional_embedding"]
-    for src, dst in (("ln_final", "text_model.final_layer_norm"), ("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm")):
+    for src, dst in (
+        ("ln_final", "text_model.final_layer_norm"),
+        ("visual.ln_pre", "vision_model.pre_layrnorm"),
+        ("visual.ln_post", "vision_model.post_layernorm"),
+    ):
         out[dst + ".weight"], out[dst + ".bias"] = sd[src + ".weight"], sd[src + ".bias"]
     # open_clip multiplies x @ P ([W, D]); transformers' nn.Linear computes x @ weight.T
-    out["text_projection.weight"] = sd["text_projection.weight"] if "text_projection.weight" in sd else sd["text_projection"].T
+    out["text_projection.weight"] = (
+        sd["text_projection.weight"] if "text_projection.weight" in sd else sd["text_projection"].T
+    )
     out["visual_projection.weight"] = sd["visual.proj"].T
     out["vision_model.embeddings.class_embedding"] = sd["visual.class_embedding"]
     out["vision_model.embeddings.patch_embedding.weight"] = sd["visual.conv1.weight"]
@@ -284,7 +336,11 @@ def check_hf_keys(tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: {tuple(tensors[k].shape)} vs {expected[k]}" for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    wrong = [
+        f"{k}: {tuple(tensors[k].shape)} vs {expected[k]}"
+        for k in expected
+        if k in tensors and tuple(tensors[k].shape) != expected[k]
+    ]
     if missing or unexpected or wrong:
         raise UnsupportedArchitecture(
             f"model: the converted weights do not fit transformers' CLIPModel "
@@ -311,7 +367,9 @@ def hf_preprocessor_config(preprocess_cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise UnsupportedArchitecture(f"image preprocessing: colour mode {mode!r}; CLIPImageProcessor converts to RGB")
     interpolation = preprocess_cfg.get("interpolation", "bicubic")
     if interpolation not in RESAMPLE:
-        raise UnsupportedArchitecture(f"image preprocessing: interpolation {interpolation!r}; expected one of {sorted(RESAMPLE)}")
+        raise UnsupportedArchitecture(
+            f"image preprocessing: interpolation {interpolation!r}; expected one of {sorted(RESAMPLE)}"
+        )
     size = preprocess_cfg.get("size", 224)
     h, w = (size[0], size[1]) if isinstance(size, (list, tuple)) else (size, size)
     resize_mode = preprocess_cfg.get("resize_mode", "shortest")
@@ -328,10 +386,18 @@ def hf_preprocessor_config(preprocess_cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
     if resize_mode == "shortest":
         if h != w:
-            raise UnsupportedArchitecture(f"image preprocessing: a {h}x{w} crop after a shortest-side resize; CLIPImageProcessor's is square")
-        config.update(size={"shortest_edge": int(h)}, do_center_crop=True, crop_size={"height": int(h), "width": int(w)})
+            raise UnsupportedArchitecture(
+                f"image preprocessing: a {h}x{w} crop after a shortest-side resize; CLIPImageProcessor's is square"
+            )
+        config.update(
+            size={"shortest_edge": int(h)}, do_center_crop=True, crop_size={"height": int(h), "width": int(w)}
+        )
     elif resize_mode == "squash":
-        config.update(size={"height": int(h), "width": int(w)}, do_center_crop=False, crop_size={"height": int(h), "width": int(w)})
+        config.update(
+            size={"height": int(h), "width": int(w)},
+            do_center_crop=False,
+            crop_size={"height": int(h), "width": int(w)},
+        )
     else:
         raise UnsupportedArchitecture(
             f"image preprocessing: resize_mode {resize_mode!r} (letterbox padding); CLIPImageProcessor only resizes and crops"
@@ -401,7 +467,9 @@ def export_hf(
 
     info: dict[str, Any] = {"arch": arch, "method": None, "source": public_model_name(source)}
     info.update(metadata or {})
-    info.update(arch=arch, format="transformers", dtype=dtype, saferclip_version=__version__, merged_adapters=len(merged_names))
+    info.update(
+        arch=arch, format="transformers", dtype=dtype, saferclip_version=__version__, merged_adapters=len(merged_names)
+    )
     card = model_card
     if card is None or isinstance(card, Mapping):
         card = {"library": "transformers", **(card or {})}
@@ -420,7 +488,14 @@ def export_hf(
         write_text_atomic(tmp / "README.md", readme)
         if extras is not None:
             extras(tmp)
-    log.info("exported %s (%s, %s, %d adapters merged) to %s as transformers CLIP", arch, info.get("method"), dtype, len(merged_names), out)
+    log.info(
+        "exported %s (%s, %s, %d adapters merged) to %s as transformers CLIP",
+        arch,
+        info.get("method"),
+        dtype,
+        len(merged_names),
+        out,
+    )
     return out
 
 

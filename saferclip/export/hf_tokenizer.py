@@ -106,7 +106,14 @@ def hf_merges(tokenizer: Any) -> list[tuple[str, str]]:
 
 def _special(content: str) -> dict[str, Any]:
     # transformers 4.x reads added_tokens_decoder entries of this shape; 5.x accepts them too
-    return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False, "special": True}
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": True,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
 
 
 def tokenizer_configs(vocab: dict[str, int], context_length: int) -> tuple[dict, dict]:

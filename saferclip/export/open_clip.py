@@ -31,8 +31,9 @@ import inspect
 import logging
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -126,9 +127,14 @@ def _check_keys(tensors: Mapping[str, torch.Tensor], folder: Path, arch: str) ->
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: {tuple(tensors[k].shape)} vs {expected[k]}" for k in expected if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    wrong = [
+        f"{k}: {tuple(tensors[k].shape)} vs {expected[k]}"
+        for k in expected
+        if k in tensors and tuple(tensors[k].shape) != expected[k]
+    ]
     if not (missing or unexpected or wrong):
         return
+
     def some(items: list[str]) -> str:
         return ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
 
@@ -242,7 +248,14 @@ def export_open_clip(
                 write_json_atomic(tmp / f"{arch}.json", model_cfg)
         _save_hf_tokenizer(model_cfg, tokenizer, arch, tmp)
         # what a loader verifies (saferclip.model.build): the weights and configs, not the card
-        trusted = [WEIGHTS_NAME, *sorted(p.name for p in tmp.iterdir() if p.suffix in (".safetensors", ".json") and p.name not in (WEIGHTS_NAME, CONFIG_NAME))]
+        trusted = [
+            WEIGHTS_NAME,
+            *sorted(
+                p.name
+                for p in tmp.iterdir()
+                if p.suffix in (".safetensors", ".json") and p.name not in (WEIGHTS_NAME, CONFIG_NAME)
+            ),
+        ]
         info["checksums"] = digests(tmp, trusted)
         info["config_checksum"] = config_checksum(config)
         write_json_atomic(tmp / CONFIG_NAME, config)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePath, PureWindowsPath
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from ..model.checkpoints import WEIGHT_SUFFIXES
 

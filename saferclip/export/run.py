@@ -44,7 +44,9 @@ def _check_out_dir(out: Path, trained: TrainedModel) -> None:
         if kept is not None:
             kept = kept.absolute()
             if out == kept or out in kept.parents:
-                raise ConfigError(f"{out}: holds the training run being exported ({kept}); choose another output folder")
+                raise ConfigError(
+                    f"{out}: holds the training run being exported ({kept}); choose another output folder"
+                )
 
 
 def export_checkpoint(
@@ -160,7 +162,16 @@ def export_checkpoint(
             export_hf,  # needs transformers: only when asked for
         )
 
-        return export_hf(trained.model, trained.arch, out, model_card=card, force=force, metadata=metadata, dtype=dtype, extras=extras)
+        return export_hf(
+            trained.model,
+            trained.arch,
+            out,
+            model_card=card,
+            force=force,
+            metadata=metadata,
+            dtype=dtype,
+            extras=extras,
+        )
     return export_open_clip(
         trained.model,
         trained.arch,
@@ -191,25 +202,32 @@ def _hyperbolic_head_writer(trained: TrainedModel, method_cfg: Mapping[str, Any]
             "export the checkpoint from its run folder, or pass similarity= with the radii"
         )
     if given:
-        meta = {"traversal_percentile": HyperbolicConfig.from_mapping(method_cfg.get("hyperbolic")).traversal_percentile,
-                "safe_radii": {"measured_on": "given to export_checkpoint (similarity=)"}}
+        meta = {
+            "traversal_percentile": HyperbolicConfig.from_mapping(method_cfg.get("hyperbolic")).traversal_percentile,
+            "safe_radii": {"measured_on": "given to export_checkpoint (similarity=)"},
+        }
     else:
         record = trained.radii or {}
-        meta = {"traversal_percentile": record.get("percentile"),
-                "safe_radii": {"measured_on": record.get("checkpoint") or "the training module in memory",
-                               **{k: record.get(k) for k in ("epoch", "global_step", "checksum", "split")}}}
+        meta = {
+            "traversal_percentile": record.get("percentile"),
+            "safe_radii": {
+                "measured_on": record.get("checkpoint") or "the training module in memory",
+                **{k: record.get(k) for k in ("epoch", "global_step", "checksum", "split")},
+            },
+        }
     return lambda folder: save_head(folder, similarity, meta)
 
 
 def _provenance_line(trained: TrainedModel) -> str:
     # the run by its folder's name and the checkpoint by its file name: a card is published
     run = trained.run_dir.absolute().name if trained.run_dir else None
-    where = f"`{trained.checkpoint.name}` of run `{run}`" if trained.checkpoint and run else (
-        f"`{trained.checkpoint.name}`" if trained.checkpoint else "the training module in memory"
+    where = (
+        f"`{trained.checkpoint.name}` of run `{run}`"
+        if trained.checkpoint and run
+        else (f"`{trained.checkpoint.name}`" if trained.checkpoint else "the training module in memory")
     )
     progress = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in trained.progress.items())
     return f"Exported from {where}{f' ({progress})' if progress else ''}; LoRA / adapter weights merged."
-
 
 
 __all__ = ["FORMATS", "export_checkpoint"]

@@ -119,7 +119,16 @@ def training_data_card(data: Mapping[str, Any]) -> str:
             role = "training" if split == "train" else "model selection"
             lines.append(f"- **{split}** ({role}): `{spec['path']}`{images}")
     config = {k: v for k, v in data.items() if k not in ("zeroshot", "nsfw_caps")}  # those are evaluation data
-    lines += ["", "<details><summary>data config of the run</summary>", "", "```yaml", *yaml_lines(config), "```", "", "</details>"]
+    lines += [
+        "",
+        "<details><summary>data config of the run</summary>",
+        "",
+        "```yaml",
+        *yaml_lines(config),
+        "```",
+        "",
+        "</details>",
+    ]
     return "\n".join(lines)
 
 

@@ -60,7 +60,9 @@ class TrainedModel:
 
 
 def _is_module_like(source: Any) -> bool:
-    return isinstance(getattr(source, "model", None), nn.Module) and isinstance(getattr(source, "hparams", None), Mapping)
+    return isinstance(getattr(source, "model", None), nn.Module) and isinstance(
+        getattr(source, "hparams", None), Mapping
+    )
 
 
 def _run_dir_of_module(module: Any) -> Path | None:
@@ -87,7 +89,11 @@ def resolve_source(source: Any, *, run_dir: str | os.PathLike | None = None) -> 
         hparams = dict(source.hparams)
         if "arch" not in hparams:
             raise ValueError(f"{type(source).__name__}.hparams has no 'arch'; pass arch=")
-        progress = {k: int(getattr(source, k)) for k in ("current_epoch", "global_step") if isinstance(getattr(source, k, None), int)}
+        progress = {
+            k: int(getattr(source, k))
+            for k in ("current_epoch", "global_step")
+            if isinstance(getattr(source, k, None), int)
+        }
         trained = TrainedModel(
             model=source.model,
             arch=hparams["arch"],
@@ -107,7 +113,9 @@ def resolve_source(source: Any, *, run_dir: str | os.PathLike | None = None) -> 
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such training checkpoint or run folder")
     if path.is_dir() and (path / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{path}: is already an exported open_clip folder (it has {CONFIG_NAME}), not a training run")
+        raise CheckpointError(
+            f"{path}: is already an exported open_clip folder (it has {CONFIG_NAME}), not a training run"
+        )
     ckpt = read_training_checkpoint(path)
     ckpt_path = Path(ckpt["_path"])
     bundle = trained_model_from_checkpoint(ckpt, merge=False)  # export_open_clip merges a copy
@@ -131,7 +139,12 @@ def _module_geometry(module: Any, trained: TrainedModel) -> None:
     """A HySAC module's geometry with the safe radii recorded for its weights (training records
     them under the checksum of the module's state dict before it exports)."""
     head: HyperbolicHead = module.head
-    identity = CheckpointIdentity(state_dict_checksum(module.state_dict()), None, trained.progress.get("epoch"), trained.progress.get("global_step"))
+    identity = CheckpointIdentity(
+        state_dict_checksum(module.state_dict()),
+        None,
+        trained.progress.get("epoch"),
+        trained.progress.get("global_step"),
+    )
     record = find_radii(trained.run_dir, identity, head.config.traversal_percentile)
     trained.similarity = head.similarity(record, mode="safe" if record else "moderation")
     trained.radii = record

@@ -98,7 +98,9 @@ def _text_extras(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _resblocks(tower: nn.Module) -> nn.ModuleList:
-    transformer = tower.transformer if hasattr(tower, "transformer") and hasattr(tower.transformer, "resblocks") else tower
+    transformer = (
+        tower.transformer if hasattr(tower, "transformer") and hasattr(tower.transformer, "resblocks") else tower
+    )
     if not hasattr(transformer, "resblocks"):
         raise ValueError(f"{type(tower).__name__} has no transformer resblocks; LoRA / last_n need a ViT-style tower")
     return transformer.resblocks

@@ -14,11 +14,12 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -203,14 +204,18 @@ def _build_from_folder(path: Path, arch: str | None, device, precision: str) -> 
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
-        raise CheckpointError(f"{config_file}: expected a JSON object with a 'model_cfg' object (open_clip's hub layout)")
+        raise CheckpointError(
+            f"{config_file}: expected a JSON object with a 'model_cfg' object (open_clip's hub layout)"
+        )
     folder_arch = (cfg.get("saferclip") or {}).get("arch")
     if arch is not None and folder_arch is not None and arch != folder_arch:
         raise CheckpointError(f"{path}: holds a {folder_arch} model, but the config asks for {arch}")
     weights = next((path / n for n in FOLDER_WEIGHTS_NAMES if (path / n).is_file()), None)
     if weights is None:
         # open_clip would only warn and return a randomly initialised model here
-        raise CheckpointError(f"{path}: no weights file in the folder (expected one of {', '.join(FOLDER_WEIGHTS_NAMES)})")
+        raise CheckpointError(
+            f"{path}: no weights file in the folder (expected one of {', '.join(FOLDER_WEIGHTS_NAMES)})"
+        )
     _verify_folder(path, cfg, weights)
     # Build the architecture from the folder's config, then load the weights through the safe
     # loader, so a bad file gets the same readable errors as a bare weights file.
@@ -224,7 +229,9 @@ def _build_from_folder(path: Path, arch: str | None, device, precision: str) -> 
     bundle = ClipBundle(model, preprocess, tokenizer, folder_arch or arch or f"local-dir:{path}", str(path))
     if has_head(path):  # an exported HySAC model: its hyperbolic geometry, checked
         bundle.similarity, _ = load_head(path)
-    elif (cfg.get("saferclip") or {}).get("geometry") == "lorentz" or (cfg.get("saferclip") or {}).get("method") == "hysac":
+    elif (cfg.get("saferclip") or {}).get("geometry") == "lorentz" or (cfg.get("saferclip") or {}).get(
+        "method"
+    ) == "hysac":
         # without its head a HySAC export would load as a cosine CLIP: other scores, no word
         raise CheckpointError(
             f"{path}: a HySAC export (its {CONFIG_FILE} says hyperbolic) without its hyperbolic head: "
@@ -246,12 +253,17 @@ def _verify_folder(path: Path, cfg: dict, weights: Path) -> None:
     if "config_checksum" in info:
         sections = [json.dumps(cfg.get(k), sort_keys=True) for k in ("model_cfg", "preprocess_cfg")]
         if digest_parts(sections) != info["config_checksum"]:
-            raise DamagedArtefact(path / "open_clip_config.json", "exported model: model_cfg / preprocess_cfg changed since it was exported")
+            raise DamagedArtefact(
+                path / "open_clip_config.json",
+                "exported model: model_cfg / preprocess_cfg changed since it was exported",
+            )
     if "checksums" in info:
         verify_all(path, info["checksums"], "exported model")
     elif isinstance(info.get("weights_sha256"), str) and weights.name == "open_clip_model.safetensors":
         if sha256_file(weights) != info["weights_sha256"]:
-            raise DamagedArtefact(weights, "exported model: SHA-256 mismatch, its content changed since it was exported")
+            raise DamagedArtefact(
+                weights, "exported model: SHA-256 mismatch, its content changed since it was exported"
+            )
 
 
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, arch: str = "") -> None:
@@ -311,9 +323,13 @@ def encode_tokens(
     )
     if embedding_offset is not None:
         if not spelled_out:
-            raise ValueError(f"a token-embedding offset needs an open_clip CLIP text tower with end-of-text pooling, not {type(model).__name__}")
+            raise ValueError(
+                f"a token-embedding offset needs an open_clip CLIP text tower with end-of-text pooling, not {type(model).__name__}"
+            )
         if embedding_offset.shape[:2] != tokens.shape:
-            raise ValueError(f"embedding_offset {tuple(embedding_offset.shape)} does not match tokens {tuple(tokens.shape)}")
+            raise ValueError(
+                f"embedding_offset {tuple(embedding_offset.shape)} does not match tokens {tuple(tokens.shape)}"
+            )
     elif not (spelled_out and length < tokens.shape[1]):
         return model.encode_text(tokens, normalize=normalize)
     tokens = tokens[:, :length]
@@ -324,7 +340,9 @@ def encode_tokens(
     x = x + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
-    x = open_clip.transformer.text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    x = open_clip.transformer.text_global_pool(
+        x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
+    )
     if model.text_projection is not None:
         x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
     return F.normalize(x, dim=-1) if normalize else x
@@ -405,7 +423,6 @@ def weights_fingerprint(model: nn.Module) -> str:
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
         h.update(d)
     return h.hexdigest()
-
 
 
 @contextmanager

@@ -9,9 +9,10 @@ One catalogue for every runner that takes ``models.<name>`` from its config: eva
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -58,9 +59,15 @@ class ModelSpec:
         pretrained = spec.get("pretrained")
         mode = spec.get("mode")
         if mode is not None and mode not in MODES:
-            raise ConfigError(f"model {name!r}: mode must be one of {list(MODES)} (hyperbolic models only), got {mode!r}")
+            raise ConfigError(
+                f"model {name!r}: mode must be one of {list(MODES)} (hyperbolic models only), got {mode!r}"
+            )
         return cls(
-            spec.get("arch"), None if pretrained in (None, "") else str(pretrained), spec.get("precision") or "fp32", mode, percentile
+            spec.get("arch"),
+            None if pretrained in (None, "") else str(pretrained),
+            spec.get("precision") or "fp32",
+            mode,
+            percentile,
         )
 
 

@@ -122,9 +122,13 @@ def load_torch_checkpoint(path: str | os.PathLike, map_location: str | torch.dev
     path = _existing_file(path)
     kind = sniff_format(path)
     if kind == "pickle":
-        raise CheckpointError(f"{path}: refused, a plain pickle file (loading it may run arbitrary code). {_CONVERT_HINT}")
+        raise CheckpointError(
+            f"{path}: refused, a plain pickle file (loading it may run arbitrary code). {_CONVERT_HINT}"
+        )
     if kind not in ("torch-zip", "torch-legacy"):
-        raise CheckpointError(f"{path}: {'a safetensors file' if kind == 'safetensors' else kind}, not a torch checkpoint")
+        raise CheckpointError(
+            f"{path}: {'a safetensors file' if kind == 'safetensors' else kind}, not a torch checkpoint"
+        )
     obj = _torch_load(path, map_location)
     _verify_checkpoint(obj, path)
     return obj
@@ -150,11 +154,17 @@ def state_dict_checksum(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 def _verify_checkpoint(obj: Any, path: Path) -> None:
     """A checkpoint that records a checksum of its weights is used only when they match it."""
-    if isinstance(obj, Mapping) and isinstance(obj.get(CHECKSUM_KEY), str) and isinstance(obj.get("state_dict"), Mapping):
+    if (
+        isinstance(obj, Mapping)
+        and isinstance(obj.get(CHECKSUM_KEY), str)
+        and isinstance(obj.get("state_dict"), Mapping)
+    ):
         if state_dict_checksum(obj["state_dict"]) != obj[CHECKSUM_KEY]:
             from ..integrity import DamagedArtefact
 
-            raise DamagedArtefact(path, "training checkpoint: checksum mismatch, its weights changed since it was saved")
+            raise DamagedArtefact(
+                path, "training checkpoint: checksum mismatch, its weights changed since it was saved"
+            )
 
 
 def _existing_file(path: str | os.PathLike) -> Path:
@@ -238,7 +248,9 @@ def check_weights_file(path: str | os.PathLike) -> str:
     path = _existing_file(path)
     kind = sniff_format(path)
     if kind == "pickle":
-        raise CheckpointError(f"{path}: refused, a plain pickle file (loading it may run arbitrary code). {_CONVERT_HINT}")
+        raise CheckpointError(
+            f"{path}: refused, a plain pickle file (loading it may run arbitrary code). {_CONVERT_HINT}"
+        )
     if kind not in ("safetensors", "torch-zip", "torch-legacy"):
         raise CheckpointError(f"{path}: {kind}, not a weights file (expected safetensors or a torch checkpoint)")
     return kind
@@ -263,7 +275,9 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if n >= _MAX_HEADER or 8 + n > size:
-            raise CheckpointError(f"{path}: truncated safetensors file (the header alone needs {8 + n} bytes, file has {size})")
+            raise CheckpointError(
+                f"{path}: truncated safetensors file (the header alone needs {8 + n} bytes, file has {size})"
+            )
         raw = f.read(n)
     try:
         header = json.loads(raw)
@@ -290,7 +304,9 @@ def _torch_load(path: Path, map_location: str | torch.device) -> Any:
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "Weights only load failed" not in msg:  # torch's own words for "this needs pickle"
-            raise CheckpointError(f"{path}: damaged torch file ({msg.splitlines()[0] if msg else type(e).__name__})") from None
+            raise CheckpointError(
+                f"{path}: damaged torch file ({msg.splitlines()[0] if msg else type(e).__name__})"
+            ) from None
         found = re.search(r"GLOBAL ([\w.]+)", msg)
         if found and not _importable(found.group(1).split(".")[0]):
             # a truncated pickle stream cuts a name short ("collecti"): damage, not a class
@@ -300,8 +316,7 @@ def _torch_load(path: Path, map_location: str | torch.device) -> Any:
             ) from None
         what = f" It holds a {found.group(1)} object." if found else ""
         raise CheckpointError(
-            f"{path}: refused, the file needs pickle to load (it may run arbitrary code).{what} "
-            f"{_CONVERT_HINT}"
+            f"{path}: refused, the file needs pickle to load (it may run arbitrary code).{what} {_CONVERT_HINT}"
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -327,7 +342,11 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a mapping of parameter names to tensors")
     bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if bad:
-        nested = [k for k, v in obj.items() if isinstance(v, Mapping) and v and all(isinstance(t, torch.Tensor) for t in v.values())]
+        nested = [
+            k
+            for k, v in obj.items()
+            if isinstance(v, Mapping) and v and all(isinstance(t, torch.Tensor) for t in v.values())
+        ]
         hint = f"; tensors sit under {nested} (a wrapper this loader does not know)" if nested else ""
         raise CheckpointError(
             f"{path}: expected a mapping of parameter names to tensors, but {len(bad)} of {len(obj)} entries "

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +65,9 @@ class HyperbolicConfig:
     def __post_init__(self) -> None:
         lo, hi = (tuple(self.curvature_range) + (None, None))[:2]
         if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 < lo <= hi and math.isfinite(hi)):
-            raise ValueError(f"curvature_range must be [low, high] with 0 < low <= high, got {list(self.curvature_range)}")
+            raise ValueError(
+                f"curvature_range must be [low, high] with 0 < low <= high, got {list(self.curvature_range)}"
+            )
         if not (isinstance(self.curvature, (int, float)) and lo <= self.curvature <= hi):
             raise ValueError(f"curvature must lie in curvature_range [{lo}, {hi}], got {self.curvature!r}")
         if not (isinstance(self.aperture_k, (int, float)) and 0 < self.aperture_k < 1):
@@ -75,7 +78,7 @@ class HyperbolicConfig:
         check_percentile(self.traversal_percentile)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> "HyperbolicConfig":
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> HyperbolicConfig:
         values = dict(values or {})
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(values) - known)
@@ -108,7 +111,9 @@ class HyperbolicHead(nn.Module):
     def __init__(self, embed_dim: int, config: HyperbolicConfig | None = None):
         super().__init__()
         self.config = config = config or HyperbolicConfig()
-        self.log_curvature = nn.Parameter(torch.tensor(math.log(config.curvature)), requires_grad=config.learn_curvature)
+        self.log_curvature = nn.Parameter(
+            torch.tensor(math.log(config.curvature)), requires_grad=config.learn_curvature
+        )
         initial_scale = math.log(embed_dim**-0.5)
         self.log_text_scale = nn.Parameter(torch.tensor(initial_scale))
         self.log_image_scale = nn.Parameter(torch.tensor(initial_scale))
@@ -228,11 +233,15 @@ def load_head(folder: str | Path, mode: str | None = None) -> tuple[LorentzSimil
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{json_path}: not valid JSON ({e})") from None
     if not isinstance(info, dict) or info.get("format") != HEAD_FORMAT:
-        raise CheckpointError(f"{json_path}: not a saferclip hyperbolic head (format {info.get('format') if isinstance(info, dict) else None!r})")
+        raise CheckpointError(
+            f"{json_path}: not a saferclip hyperbolic head (format {info.get('format') if isinstance(info, dict) else None!r})"
+        )
     data = tensors_path.read_bytes()
     expected = (info.get("tensors") or {}).get("checksum")
     if expected != _digest(data):
-        raise CheckpointError(f"{tensors_path}: checksum mismatch with {HEAD_JSON}: the file is damaged or was replaced")
+        raise CheckpointError(
+            f"{tensors_path}: checksum mismatch with {HEAD_JSON}: the file is damaged or was replaced"
+        )
     try:
         tensors = load(data)
     except (SafetensorError, ValueError) as e:
@@ -249,6 +258,11 @@ def load_head(folder: str | Path, mode: str | None = None) -> tuple[LorentzSimil
     if mode not in MODES:
         raise CheckpointError(f"{json_path}: unknown mode {mode!r}; expected one of {MODES}")
     similarity = LorentzSimilarity(
-        values["curvature"], values["text_scale"], values["image_scale"], values["radius_text"], values["radius_image"], mode == "safe"
+        values["curvature"],
+        values["text_scale"],
+        values["image_scale"],
+        values["radius_text"],
+        values["radius_image"],
+        mode == "safe",
     )
     return similarity, info

@@ -34,9 +34,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..files import file_lock, write_json_atomic
 from ..integrity import digest_bytes
@@ -60,7 +61,7 @@ class CheckpointIdentity:
     global_step: int | None = None
 
     @classmethod
-    def of_checkpoint(cls, ckpt: Mapping[str, Any], run_dir: Path | None) -> "CheckpointIdentity":
+    def of_checkpoint(cls, ckpt: Mapping[str, Any], run_dir: Path | None) -> CheckpointIdentity:
         """The identity of a checkpoint dict read by :func:`saferclip.model.trained.read_training_checkpoint`."""
         checksum = ckpt.get(CHECKSUM_KEY)
         if not isinstance(checksum, str):  # a checkpoint from before checksums: the same digest, computed here
@@ -77,7 +78,9 @@ class CheckpointIdentity:
     def describe(self) -> str:
         """``checkpoints/last.ckpt (epoch 9, step 310)``."""
         where = self.checkpoint or "the module in memory"
-        progress = ", ".join(f"{k} {v}" for k, v in (("epoch", self.epoch), ("step", self.global_step)) if v is not None)
+        progress = ", ".join(
+            f"{k} {v}" for k, v in (("epoch", self.epoch), ("step", self.global_step)) if v is not None
+        )
         return f"{where} ({progress})" if progress else where
 
 
@@ -108,13 +111,18 @@ def read_radii_records(run_dir: str | Path | None) -> list[dict[str, Any]]:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable safe radii ({e}); delete it to have them measured again") from None
     if isinstance(content, Mapping) and content.get("format") != RADII_FORMAT and {"text", "image"} <= set(content):
-        log.warning("%s: safe radii from before they were recorded per checkpoint (no checkpoint named): not used; "
-                    "each checkpoint's are measured again", path)
+        log.warning(
+            "%s: safe radii from before they were recorded per checkpoint (no checkpoint named): not used; "
+            "each checkpoint's are measured again",
+            path,
+        )
         return []
     records = content.get("records") if isinstance(content, Mapping) else None
     if not isinstance(content, Mapping) or content.get("format") != RADII_FORMAT or not isinstance(records, list):
-        raise CheckpointError(f"{path}: not a saferclip safe-radii file (expected format {RADII_FORMAT!r} with a list of records); "
-                              "delete it to have the radii measured again")
+        raise CheckpointError(
+            f"{path}: not a saferclip safe-radii file (expected format {RADII_FORMAT!r} with a list of records); "
+            "delete it to have the radii measured again"
+        )
     kept = []
     for n, record in enumerate(records):
         try:
@@ -123,11 +131,17 @@ def read_radii_records(run_dir: str | Path | None) -> list[dict[str, Any]]:
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise CheckpointError(f"{path}: record {n} needs a checksum and finite text, image and percentile > 0, got {record!r}; "
-                                  "delete the file to have the radii measured again")
+            raise CheckpointError(
+                f"{path}: record {n} needs a checksum and finite text, image and percentile > 0, got {record!r}; "
+                "delete the file to have the radii measured again"
+            )
         if record.get("record_checksum") != _record_checksum(record):
-            log.warning("%s: record %d (%s) changed since it was written (checksum mismatch): not used, measured again",
-                        path, n, record.get("checkpoint"))
+            log.warning(
+                "%s: record %d (%s) changed since it was written (checksum mismatch): not used, measured again",
+                path,
+                n,
+                record.get("checkpoint"),
+            )
             continue
         kept.append(dict(record))
     return kept
@@ -141,8 +155,13 @@ def find_radii(run_dir: str | Path | None, identity: CheckpointIdentity, percent
     return None
 
 
-def record_radii(run_dir: str | Path, identity: CheckpointIdentity, radii: Mapping[str, float], percentile: float,
-                 split: str = "train") -> dict[str, Any]:
+def record_radii(
+    run_dir: str | Path,
+    identity: CheckpointIdentity,
+    radii: Mapping[str, float],
+    percentile: float,
+    split: str = "train",
+) -> dict[str, Any]:
     """Add (or replace) the record of ``identity`` at ``percentile`` in the run's
     ``safe_radii.json``; returns the record."""
     record = {
@@ -163,8 +182,12 @@ def record_radii(run_dir: str | Path, identity: CheckpointIdentity, radii: Mappi
         except CheckpointError as e:  # a damaged file is replaced by the records measured from now on
             log.warning("%s", e)
             kept = []
-        kept = [r for r in kept if not (r["checksum"] == identity.checksum and float(r["percentile"]) == float(percentile))]
-        write_json_atomic(radii_path(run_dir), {"format": RADII_FORMAT, "version": RADII_VERSION, "records": [*kept, record]})
+        kept = [
+            r for r in kept if not (r["checksum"] == identity.checksum and float(r["percentile"]) == float(percentile))
+        ]
+        write_json_atomic(
+            radii_path(run_dir), {"format": RADII_FORMAT, "version": RADII_VERSION, "records": [*kept, record]}
+        )
     return record
 
 

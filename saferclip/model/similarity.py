@@ -17,8 +17,9 @@ Both are plain, frozen values: they are saved with an exported model and cost no
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -113,7 +114,7 @@ class LorentzSimilarity(Similarity):
     def label(self) -> str:
         return f"lorentz ({self.mode} mode)"
 
-    def with_mode(self, mode: str) -> "LorentzSimilarity":
+    def with_mode(self, mode: str) -> LorentzSimilarity:
         """The same geometry in ``safe`` (traversal on) or ``moderation`` mode."""
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
@@ -124,7 +125,7 @@ class LorentzSimilarity(Similarity):
             )
         return replace(self, traversal=mode == "safe")
 
-    def with_radii(self, radii: Mapping[str, float]) -> "LorentzSimilarity":
+    def with_radii(self, radii: Mapping[str, float]) -> LorentzSimilarity:
         """The same geometry in safe mode with the safe radii ``{"text", "image"}``."""
         return replace(self, radius_text=float(radii["text"]), radius_image=float(radii["image"]), traversal=True)
 

@@ -100,7 +100,9 @@ def run_dir_of_checkpoint(path: str | Path) -> Path | None:
     return path.parent.parent if path.parent.name == "checkpoints" else None
 
 
-def trained_model_from_checkpoint(ckpt: Mapping[str, Any], device: str = "cpu", *, merge: bool = True, radii: str = "auto") -> ClipBundle:
+def trained_model_from_checkpoint(
+    ckpt: Mapping[str, Any], device: str = "cpu", *, merge: bool = True, radii: str = "auto"
+) -> ClipBundle:
     """:func:`load_trained_model` from a checkpoint dict already read by :func:`read_training_checkpoint`.
 
     ``merge=False`` leaves the LoRA parametrizations in place (the model as it trained), for
@@ -138,7 +140,9 @@ def trained_model_from_checkpoint(ckpt: Mapping[str, Any], device: str = "cpu", 
         head = hyperbolic_head(ckpt, bundle, section)
         bundle.similarity = head.similarity()
         if radii != "none":
-            _attach_radii(bundle, ckpt, head, float(HyperbolicConfig.from_mapping(section).traversal_percentile), radii, merge)
+            _attach_radii(
+                bundle, ckpt, head, float(HyperbolicConfig.from_mapping(section).traversal_percentile), radii, merge
+            )
     return bundle
 
 
@@ -150,11 +154,15 @@ def hyperbolic_head(ckpt: Mapping[str, Any], bundle: ClipBundle, section: Mappin
     try:
         head.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{ckpt['_path']}: a HySAC checkpoint without a valid hyperbolic head ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{ckpt['_path']}: a HySAC checkpoint without a valid hyperbolic head ({str(e).splitlines()[0]})"
+        ) from None
     return head
 
 
-def _attach_radii(bundle: ClipBundle, ckpt: Mapping[str, Any], head: HyperbolicHead, percentile: float, policy: str, merged: bool) -> None:
+def _attach_radii(
+    bundle: ClipBundle, ckpt: Mapping[str, Any], head: HyperbolicHead, percentile: float, policy: str, merged: bool
+) -> None:
     """The checkpoint's own safe radii (recorded, or measured now): safe mode; none: moderation."""
     from ..evaluation.hyperbolic import checkpoint_radii  # measuring needs the evaluation code
 
@@ -179,7 +187,9 @@ def is_training_checkpoint(pretrained: str | Path | None) -> bool:
     return p.suffix == ".ckpt" or (p.is_dir() and (p / "checkpoints").is_dir())
 
 
-def load_model(arch: str | None, pretrained: str | Path | None, device: str = "cpu", mode: str | None = None) -> ClipBundle:
+def load_model(
+    arch: str | None, pretrained: str | Path | None, device: str = "cpu", mode: str | None = None
+) -> ClipBundle:
     """Any model a user can name: a training checkpoint or run folder, an exported folder, a
     weights file, an open_clip tag, or random init (``pretrained=None``).
 

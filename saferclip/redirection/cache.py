@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -97,7 +97,9 @@ def _embed_jobs(
 
     def images(paths: list[Path], name: str) -> Callable[[int, int], Iterator[tuple[int, torch.Tensor]]]:
         def batches(lo: int, hi: int) -> Iterator[tuple[int, torch.Tensor]]:
-            shard = _image_batches(bundle, paths[lo:hi], ids[lo:hi], name, batch_size, num_workers, param.device, param.dtype)
+            shard = _image_batches(
+                bundle, paths[lo:hi], ids[lo:hi], name, batch_size, num_workers, param.device, param.dtype
+            )
             for start, emb in shard:
                 yield lo + start, emb
 
@@ -139,7 +141,9 @@ def _embed_into(
     with (
         eval_mode(bundle.model),
         torch.inference_mode(),
-        tqdm(total=total, disable=not show_progress(progress), unit="item", desc="frozen embeddings", dynamic_ncols=True) as bar,
+        tqdm(
+            total=total, disable=not show_progress(progress), unit="item", desc="frozen embeddings", dynamic_ncols=True
+        ) as bar,
     ):
         for name, n, batches, names in jobs:
             bar.set_postfix_str(name)
@@ -226,11 +230,25 @@ def build_or_load_cache(
             rank,
             world,
             dtype,
-            plan=lambda: {name: [n, _dim(bundle)] for name, n, _, _ in _embed_jobs(bundle, qset, extra, batch_size, num_workers)},
+            plan=lambda: {
+                name: [n, _dim(bundle)] for name, n, _, _ in _embed_jobs(bundle, qset, extra, batch_size, num_workers)
+            },
             embed=lambda folder: _embed_into(
-                folder, bundle, qset, extra, dtype, batch_size, num_workers, progress if rank == 0 else False, rank, world, create=False
+                folder,
+                bundle,
+                qset,
+                extra,
+                dtype,
+                batch_size,
+                num_workers,
+                progress if rank == 0 else False,
+                rank,
+                world,
+                create=False,
             ),
-            finish=lambda folder, shapes, t0: write_meta(folder, identity, key, bundle, qset, extra, shapes, t0, world=world),
+            finish=lambda folder, shapes, t0: write_meta(
+                folder, identity, key, bundle, qset, extra, shapes, t0, world=world
+            ),
         )
     cache = reuse_cache(final, key)
     if cache is not None:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..data.records import DataFormatError, QuadrupletSet
 from ..errors import ConfigError

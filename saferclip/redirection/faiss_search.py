@@ -66,7 +66,9 @@ def as_search_matrix(x: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
         finite = np.isfinite(x[start : start + 65536]).all(axis=1)
         if not finite.all():
             rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
-            raise NeighbourError(f"{name} has non-finite (NaN/inf) values in {len(rows)} rows, first row {int(rows[0])}")
+            raise NeighbourError(
+                f"{name} has non-finite (NaN/inf) values in {len(rows)} rows, first row {int(rows[0])}"
+            )
     return x
 
 
@@ -120,7 +122,7 @@ class SearchSettings:
             raise NeighbourError(f"unknown index type {self.index!r}; expected one of {INDEX_TYPES}")
 
 
-def make_index(pool: torch.Tensor | np.ndarray, settings: SearchSettings | None = None, seed: int = 0) -> "faiss.Index":
+def make_index(pool: torch.Tensor | np.ndarray, settings: SearchSettings | None = None, seed: int = 0) -> faiss.Index:
     """A FAISS inner-product index over ``pool [P, D]``, trained, filled and ready to search."""
     settings = settings or SearchSettings()
     index, device, nlist, nprobe = settings.index, settings.device, settings.nlist, settings.nprobe
@@ -157,7 +159,7 @@ def make_index(pool: torch.Tensor | np.ndarray, settings: SearchSettings | None 
     return idx
 
 
-def _to_gpu(idx: "faiss.Index") -> "faiss.Index":  # pragma: no cover - needs faiss-gpu and a GPU
+def _to_gpu(idx: faiss.Index) -> faiss.Index:  # pragma: no cover - needs faiss-gpu and a GPU
     faiss = load_faiss()
     res = faiss.StandardGpuResources()
     gpu_index = faiss.index_cpu_to_gpu(res, 0, idx)
@@ -283,4 +285,3 @@ def faiss_gpu_status() -> dict[str, Any]:
         "usable": gpu_build and gpus > 0,
         "note": note,
     }
-

@@ -30,11 +30,11 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -141,7 +141,10 @@ class PoolShards:
             if not isinstance(text, str) or not text.strip():
                 i = int(shard_of[j])
                 raise DataFormatError(
-                    self.metadata[i], "empty or missing caption", row=int(ids[j] - self.offsets[i]), field=self.caption_column
+                    self.metadata[i],
+                    "empty or missing caption",
+                    row=int(ids[j] - self.offsets[i]),
+                    field=self.caption_column,
                 )
         return [t.strip() for t in out]  # type: ignore[union-attr]
 
@@ -178,7 +181,9 @@ def open_pool(path: str | Path, caption_column: str = "caption") -> PoolShards:
             dim = arr.shape[1]
         elif arr.shape[1] != dim:
             raise DataFormatError(f, f"{arr.shape[1]}-d vectors, but {files[0].name} holds {dim}-d ones")
-        head = np.asarray(arr[: min(len(arr), 1024)], dtype=np.float32)  # a quick look; check_pool_vectors reads every row
+        head = np.asarray(
+            arr[: min(len(arr), 1024)], dtype=np.float32
+        )  # a quick look; check_pool_vectors reads every row
         j = _first_bad_row(head)
         if j is not None:
             _refuse_row(f, j, head[j])
@@ -189,11 +194,17 @@ def open_pool(path: str | Path, caption_column: str = "caption") -> PoolShards:
             try:
                 info = pq.ParquetFile(metadata[i])
             except Exception as e:  # pyarrow raises its own types for a damaged file
-                raise DataFormatError(metadata[i], f"not a readable parquet file ({' '.join(str(e).split())})") from None
+                raise DataFormatError(
+                    metadata[i], f"not a readable parquet file ({' '.join(str(e).split())})"
+                ) from None
             if caption_column not in info.schema_arrow.names:
-                raise DataFormatError(metadata[i], f"no column {caption_column!r}; columns are {info.schema_arrow.names}")
+                raise DataFormatError(
+                    metadata[i], f"no column {caption_column!r}; columns are {info.schema_arrow.names}"
+                )
             if info.metadata.num_rows != len(arr):
-                raise DataFormatError(metadata[i], f"{info.metadata.num_rows} rows, but {f.name} holds {len(arr)} vectors")
+                raise DataFormatError(
+                    metadata[i], f"{info.metadata.num_rows} rows, but {f.name} holds {len(arr)} vectors"
+                )
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     return PoolShards(root, files, offsets, int(dim), metadata, caption_column)
 
@@ -273,8 +284,18 @@ class PoolIndexConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("m", "nbits", "nprobe", "candidates", "kmeans_iterations", "pq_train_size", "pq_iterations",
-                     "hnsw_m", "assign_ef", "chunk_rows"):
+        for name in (
+            "m",
+            "nbits",
+            "nprobe",
+            "candidates",
+            "kmeans_iterations",
+            "pq_train_size",
+            "pq_iterations",
+            "hnsw_m",
+            "assign_ef",
+            "chunk_rows",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise NeighbourError(f"pool index {name} must be a positive integer, got {getattr(self, name)!r}")
         if self.nbits not in (4, 8):
@@ -349,8 +370,11 @@ def set_search_depth(index, nprobe: int) -> None:
 
 
 def build_pool_index(
-    shards: PoolShards, config: PoolIndexConfig | None = None, progress: bool | None = None, stages: BuildStages | None = None
-) -> "faiss.Index":  # noqa: F821
+    shards: PoolShards,
+    config: PoolIndexConfig | None = None,
+    progress: bool | None = None,
+    stages: BuildStages | None = None,
+) -> faiss.Index:  # noqa: F821
     """Train and fill an IVF-PQ inner-product index over ``shards``, chunk by chunk.
 
     FAISS runs the stages on all the threads it is given (``faiss.omp_set_num_threads``; all
@@ -395,8 +419,15 @@ def build_pool_index(
         del sample
         index.train(pq_sample)
         del pq_sample
-    bar = tqdm(total=n, unit="vec", unit_scale=True, desc="safe pool index", file=sys.stderr,
-               disable=not show_progress(progress), mininterval=5)
+    bar = tqdm(
+        total=n,
+        unit="vec",
+        unit_scale=True,
+        desc="safe pool index",
+        file=sys.stderr,
+        disable=not show_progress(progress),
+        mininterval=5,
+    )
     chunks = shards.chunks(config.chunk_rows, reuse=True)
     while True:
         with stages("reading"):  # from the memory-mapped shards, checked
@@ -517,7 +548,9 @@ def load_or_build_pool_index(
             verify_all(final, info["checksums"], "safe pool index")
             index = faiss.read_index(str(final / "ivfpq.faiss"))
             if index.ntotal != len(shards) or index.d != shards.dim:
-                raise DamagedArtefact(final / "ivfpq.faiss", f"{index.ntotal} x {index.d}, the pool is {len(shards)} x {shards.dim}")
+                raise DamagedArtefact(
+                    final / "ivfpq.faiss", f"{index.ntotal} x {index.d}, the pool is {len(shards)} x {shards.dim}"
+                )
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             log.warning("%s; rebuilding the safe pool index", " ".join(str(e).split()))
             return None
@@ -567,7 +600,9 @@ def is_embedded_pool(path: str | Path | None) -> bool:
     return path is not None and Path(path).is_dir()
 
 
-def check_pool_model(shards: PoolShards, rows: np.ndarray, encode_captions, sample: int = 16, min_cosine: float = 0.99) -> None:
+def check_pool_model(
+    shards: PoolShards, rows: np.ndarray, encode_captions, sample: int = 16, min_cosine: float = 0.99
+) -> None:
     """The pool must have been embedded by the frozen model: re-embed ``sample`` of its captions
     with ``encode_captions(list[str]) -> [n, D]`` and compare (ConfigError naming the pool)."""
     if not shards.metadata or not len(rows):
@@ -637,10 +672,20 @@ def attach_large_pool(cache, pool: PoolIndex, per_query: int, encode_captions=No
                 np.save(tmp / "pool_rows.npy", rows)
                 (tmp / "extra_safe_captions.json").write_text(json.dumps(captions, ensure_ascii=False) + "\n")
                 names = [f"{EXTRA_FIELD}.npy", "pool_rows.npy", "extra_safe_captions.json"]
-                info = {**identity, "key": key, "count": len(rows), "checksums": digests(tmp, names),
-                        "seconds": round(time.perf_counter() - t0, 3)}
+                info = {
+                    **identity,
+                    "key": key,
+                    "count": len(rows),
+                    "checksums": digests(tmp, names),
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
                 write_json_atomic(tmp / "pool.json", info)
-            log.info("safe pool: %d candidate captions for %d unsafe captions in %.1fs", len(rows), len(queries), time.perf_counter() - t0)
+            log.info(
+                "safe pool: %d candidate captions for %d unsafe captions in %.1fs",
+                len(rows),
+                len(queries),
+                time.perf_counter() - t0,
+            )
         loaded = load()
     vectors, captions = loaded
     return dataclasses.replace(

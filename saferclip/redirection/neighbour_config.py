@@ -74,13 +74,17 @@ class NeighbourConfig:
             raise NeighbourError(f"sparse_share must be in [0, 1], got {self.sparse_share}")
         self.sparse_attributes = tuple(self.sparse_attributes)
         if not self.sparse_attributes or set(self.sparse_attributes) - set(SCENE_KEY):
-            raise NeighbourError(f"sparse_attributes must be a non-empty subset of {SCENE_KEY}, got {list(self.sparse_attributes)}")
+            raise NeighbourError(
+                f"sparse_attributes must be a non-empty subset of {SCENE_KEY}, got {list(self.sparse_attributes)}"
+            )
         if self.sparse_group not in SPARSE_GROUPS:
             raise NeighbourError(f"unknown sparse_group {self.sparse_group!r}; expected one of {SPARSE_GROUPS}")
         if self.fallback not in FALLBACKS:
             raise NeighbourError(f"unknown fallback {self.fallback!r}; expected one of {list(FALLBACKS)} (null: none)")
         if self.fallback is not None and self.min_similarity is None:
-            raise NeighbourError(f"fallback={self.fallback} replaces the targets min_similarity rejects; set min_similarity too")
+            raise NeighbourError(
+                f"fallback={self.fallback} replaces the targets min_similarity rejects; set min_similarity too"
+            )
         if self.fallback == "own_pair" and self.exclude_own_pair:
             raise NeighbourError("fallback=own_pair contradicts exclude_own_pair=true")
         if (
@@ -93,7 +97,9 @@ class NeighbourConfig:
             )
 
     def search_settings(self) -> SearchSettings:
-        return SearchSettings(self.index, self.device, self.nlist, self.nprobe, self.hnsw_m, self.ef_construction, self.ef_search)
+        return SearchSettings(
+            self.index, self.device, self.nlist, self.nprobe, self.hnsw_m, self.ef_construction, self.ef_search
+        )
 
     def fingerprint(self) -> str:
         """Hash of every field that changes the result (``device`` does not)."""

@@ -124,7 +124,10 @@ class SafeNeighbours:
             extra = cache.extra_safe_text is not None and config.mode == "text" and config.use_extra_pool
             pool_size = len(cache) + (len(cache.extra_safe_text) if extra else 0)
             if info.get("pool_size") != pool_size:
-                raise DamagedArtefact(folder / "neighbours.json", f"pool_size {info.get('pool_size')!r}, the cache's pool holds {pool_size}")
+                raise DamagedArtefact(
+                    folder / "neighbours.json",
+                    f"pool_size {info.get('pool_size')!r}, the cache's pool holds {pool_size}",
+                )
             _check_saved(folder, arrays, len(cache), config.k, pool_size)
         except (OSError, ValueError, KeyError, TypeError) as e:  # damaged: recompute rather than trust it
             if not quiet:
@@ -180,11 +183,17 @@ def _mode_vectors(cache: EmbeddingCache, config: NeighbourConfig) -> tuple[np.nd
         raise NeighbourError(
             f"the extra safe pool holds captions without images; set use_extra_pool=False for mode {config.mode!r}"
         )
-    g, v = as_search_matrix(cache.unsafe_image, "unsafe images I0(G)"), as_search_matrix(cache.safe_image, "safe images I0(V)")
+    g, v = (
+        as_search_matrix(cache.unsafe_image, "unsafe images I0(G)"),
+        as_search_matrix(cache.safe_image, "safe images I0(V)"),
+    )
     if config.mode == "image":
         return g, v, n
     w = config.joint_text_weight
-    u, s = as_search_matrix(cache.unsafe_text, "unsafe captions T0(U)"), as_search_matrix(cache.safe_text, "safe captions T0(S)")
+    u, s = (
+        as_search_matrix(cache.unsafe_text, "unsafe captions T0(U)"),
+        as_search_matrix(cache.safe_text, "safe captions T0(S)"),
+    )
     a, b = np.float32(w**0.5), np.float32((1 - w) ** 0.5)
     return np.hstack([a * u, b * g]), np.hstack([a * s, b * v]), n
 
@@ -238,8 +247,12 @@ def find_safe_neighbours(
     if config.fallback == "own_pair" and bool(flagged.any()):
         ids, weights, pair_weight = own_pair_fallback(ids, weights, pair_weight, flagged)
         meta["own_pair_fallback"] = int(flagged.sum())
-        log.info("%d of %d items have no neighbour above %.2f: their own paired safe item is their target",
-                 int(flagged.sum()), len(flagged), config.min_similarity)
+        log.info(
+            "%d of %d items have no neighbour above %.2f: their own paired safe item is their target",
+            int(flagged.sum()),
+            len(flagged),
+            config.min_similarity,
+        )
     seconds = time.perf_counter() - t0
     log.info(
         "safe neighbours (%s, %s, k=%d) of %d items in a pool of %d: %.2fs",

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,12 @@ TARGET_PEAK_GB = 8  # the pool's build must stay under it (issue 33's target), p
 TARGET_BUILD_MINUTES = 45  # at 10 M
 TARGET_QUERIES_PER_SECOND = 500
 # the build stages as the growth table shows them (the rest: sample, quantizer, PQ training, writing)
-SHOWN_STAGES = (("coarse_training", "k-means"), ("assignment", "assignment"), ("encoding", "encoding"), ("reading", "reading"))
+SHOWN_STAGES = (
+    ("coarse_training", "k-means"),
+    ("assignment", "assignment"),
+    ("encoding", "encoding"),
+    ("reading", "reading"),
+)
 # each stage's growth with sqrt(N) lists: assignment compares every vector with every centroid
 # (N * sqrt(N)); the k-means sample is 40 per list (sqrt(N) * sqrt(N) = N); the rest ~N
 STAGE_POWER = {"assignment": 1.5}
@@ -50,7 +56,9 @@ class ScaleSummaryError(SaferclipError):
     """A scale result file the generators cannot use (one line naming what is missing)."""
 
 
-def _reads(generator: Callable[[Mapping[str, Any], Mapping[str, str]], str]) -> Callable[[Mapping[str, Any], Mapping[str, str]], str]:
+def _reads(
+    generator: Callable[[Mapping[str, Any], Mapping[str, str]], str],
+) -> Callable[[Mapping[str, Any], Mapping[str, str]], str]:
     """A result file without a field the generator reads: one line naming it, not a traceback."""
 
     @functools.wraps(generator)
@@ -58,7 +66,9 @@ def _reads(generator: Callable[[Mapping[str, Any], Mapping[str, str]], str]) -> 
         try:
             return generator(data, args)
         except KeyError as e:
-            raise ScaleSummaryError(f"the result file has no field {e.args[0]!r} where {generator.__name__} reads it") from None
+            raise ScaleSummaryError(
+                f"the result file has no field {e.args[0]!r} where {generator.__name__} reads it"
+            ) from None
         except (TypeError, IndexError, ValueError) as e:
             raise ScaleSummaryError(f"the result file is not what {generator.__name__} reads ({e})") from None
 
@@ -186,7 +196,9 @@ def pool_settings(data: Mapping[str, Any], args: Mapping[str, str]) -> str:
         "|---:|---:|---:|---:|---:|",
     ]
     for q in largest["searches"]:
-        lines.append(f"| {q['nprobe']} | {q['candidates']} | {q['recall_at_1']:.4f} | {q['recall_at_10']:.4f} | {q['queries_per_second']:,.0f} |")
+        lines.append(
+            f"| {q['nprobe']} | {q['candidates']} | {q['recall_at_1']:.4f} | {q['recall_at_10']:.4f} | {q['queries_per_second']:,.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -217,7 +229,9 @@ def pool_projection(data: Mapping[str, Any], args: Mapping[str, str]) -> str:
         projected_peak = mem_a + mem_b * n
         assignment = assign_a + assign_c * n**1.5
         if projected_peak > TARGET_PEAK_GB:
-            shards = max(1, math.ceil(mem_b * n / max(TARGET_PEAK_GB - mem_a, 1e-9)))  # each shard's build under the target
+            shards = max(
+                1, math.ceil(mem_b * n / max(TARGET_PEAK_GB - mem_a, 1e-9))
+            )  # each shard's build under the target
             sharded = build_seconds(fits, n / shards) * shards
             beyond = f" and the measuring machine's {ram_gb:.0f} GB" if projected_peak > ram_gb else ""
             needs = (
@@ -256,10 +270,20 @@ def draw_growth_plot(data: Mapping[str, Any], path: Path) -> None:
     ax1, ax2, ax3 = fig.subplots(1, 3)
     for ax in (ax1, ax2) if len(sizes) > 1 else ():
         ax.axvspan(n[-1], PROJECTED[-1], color="0.93", zorder=0)
-        ax.text(math.sqrt(n[-1] * PROJECTED[-1]), 0.93, "projection", transform=ax.get_xaxis_transform(), ha="center", fontsize=8, color="0.4")
+        ax.text(
+            math.sqrt(n[-1] * PROJECTED[-1]),
+            0.93,
+            "projection",
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            fontsize=8,
+            color="0.4",
+        )
     ax1.plot(n, [s["build_seconds"] / 60 for s in sizes], "o", color="C0", label="measured build")
     ax1.plot(grid_measured, [build_seconds(fits, x) / 60 for x in grid_measured], "-", color="C0", label="fit (stages)")
-    ax1.plot(grid_projected, [build_seconds(fits, x) / 60 for x in grid_projected], "--", color="C0", label="projection")
+    ax1.plot(
+        grid_projected, [build_seconds(fits, x) / 60 for x in grid_projected], "--", color="C0", label="projection"
+    )
     ax1.axhline(TARGET_BUILD_MINUTES, color="grey", lw=0.8, ls=":")
     ax1.text(n[0], TARGET_BUILD_MINUTES * 1.15, f"{TARGET_BUILD_MINUTES} min", color="grey", fontsize=8)
     ax1.set(xscale="log", yscale="log", xlabel="pool size (vectors)", ylabel="build time (min)", title="build")
@@ -292,7 +316,9 @@ def draw_growth_plot(data: Mapping[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
-GROWTH_PLOT_CAPTION = "Growth of the large safe pool: build time, memory and search against pool size, measured and projected"
+GROWTH_PLOT_CAPTION = (
+    "Growth of the large safe pool: build time, memory and search against pool size, measured and projected"
+)
 
 
 # ----------------------------------------------------------------------------- the IVF region
@@ -315,10 +341,14 @@ def ivf_speedup(data: Mapping[str, Any], args: Mapping[str, str]) -> str:
         load = f"{run['load_average_before']:.1f}-{run['load_average_after']:.1f}"
         for size in run["sizes"]:
             first = size["first_call_seconds"]
-            lines.append(f"| {run['threads']} | {load} | exact | FAISS IndexFlatIP | {_spread(size['exact_faiss_seconds'], '.2f')} | 1 | | 1 | "
-                         f"{first['exact_faiss']:.2f} |")
-            lines.append(f"| {run['threads']} | {load} | exact | torch matmul + topk | {_spread(size['exact_torch_seconds'], '.2f')} | | 1 | 1 | "
-                         f"{first['exact_torch']:.2f} |")
+            lines.append(
+                f"| {run['threads']} | {load} | exact | FAISS IndexFlatIP | {_spread(size['exact_faiss_seconds'], '.2f')} | 1 | | 1 | "
+                f"{first['exact_faiss']:.2f} |"
+            )
+            lines.append(
+                f"| {run['threads']} | {load} | exact | torch matmul + topk | {_spread(size['exact_torch_seconds'], '.2f')} | | 1 | 1 | "
+                f"{first['exact_torch']:.2f} |"
+            )
             for r in size["approximate"]:
                 lines.append(
                     f"| {run['threads']} | {load} | {r['index']} | {r['params']} | {_spread(r['search_seconds'], '.2f')} | "
@@ -338,8 +368,10 @@ def ivf_speedup(data: Mapping[str, Any], args: Mapping[str, str]) -> str:
                     f"max {faiss_speedup['max']:.1f}x), {best['speedup_vs_torch_exact']['median']:.1f}x torch's."
                 )
             else:
-                lines.append(f"- {run['threads']} thread(s), pool {human(size['pool'])}: no IVF setting reached recall@1 >= "
-                             f"{run_args['target_recall']}.")
+                lines.append(
+                    f"- {run['threads']} thread(s), pool {human(size['pool'])}: no IVF setting reached recall@1 >= "
+                    f"{run_args['target_recall']}."
+                )
     return "\n".join(lines)
 
 
@@ -351,8 +383,10 @@ def pending(name: str, block: bool) -> str:
         return "not yet measured"
     source = GENERATORS[name][0] if name in GENERATORS else "pool"
     if name in ("pool-growth", "ivf-speedup"):
-        return (f"*Not yet measured: `{RUN}` measures it in a quiet window (every figure is a timing), "
-                f"writes `{FILES[source]}` and regenerates this page.*")
+        return (
+            f"*Not yet measured: `{RUN}` measures it in a quiet window (every figure is a timing), "
+            f"writes `{FILES[source]}` and regenerates this page.*"
+        )
     return f"*Not yet measured (`{RUN}`).*"
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class CandidateFilter:
     """Which pool items each query may not take (beyond its top-k by similarity).
@@ -56,7 +57,10 @@ class CandidateFilter:
         return valid
 
     def describe(self) -> str:
-        parts = [("its own pair", self.exclude_own), (f"near-duplicates above {self.ceiling}", self.ceiling is not None)]
+        parts = [
+            ("its own pair", self.exclude_own),
+            (f"near-duplicates above {self.ceiling}", self.ceiling is not None),
+        ]
         parts += [("the dropped part of the pool", self.pool_kept is not None)]
         parts += [("every safe item of its own group", self.query_group is not None)]
         return " and ".join(w for w, on in parts if on) or "nothing"
@@ -64,11 +68,13 @@ class CandidateFilter:
     @property
     def margin(self) -> int:
         """Extra candidates to fetch in the first search, before widening."""
-        return int(self.exclude_own) + (8 if self.ceiling is not None else 0) + (32 if self.query_group is not None else 0)
+        return (
+            int(self.exclude_own) + (8 if self.ceiling is not None else 0) + (32 if self.query_group is not None else 0)
+        )
 
 
 def search_filtered(
-    idx: "faiss.Index", queries: np.ndarray, k: int, pool_size: int, keep: CandidateFilter
+    idx: faiss.Index, queries: np.ndarray, k: int, pool_size: int, keep: CandidateFilter
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of every query among the candidates ``keep`` allows.
 
@@ -158,7 +164,9 @@ def _scene_key(scene: dict, attributes: tuple[str, ...]) -> tuple:
     return tuple(scene.get(a) for a in attributes)
 
 
-def sparse_filter(config: NeighbourConfig, n_queries: int, pool_size: int, groups: ItemGroups | None) -> CandidateFilter:
+def sparse_filter(
+    config: NeighbourConfig, n_queries: int, pool_size: int, groups: ItemGroups | None
+) -> CandidateFilter:
     """The candidate filter of ``config``: own pair, near-duplicates, and the sparse pool."""
     rng = np.random.default_rng(config.pool_seed)
     keep = CandidateFilter(
@@ -182,5 +190,3 @@ def sparse_filter(config: NeighbourConfig, n_queries: int, pool_size: int, group
         query_group[chosen] = groups.query[chosen]
         keep.query_group, keep.pool_group = query_group, groups.pool
     return keep
-
-

@@ -34,7 +34,7 @@ class RedirectionTargets:
     difficulty: torch.Tensor | None = None
 
     @classmethod
-    def paired(cls, n: int) -> "RedirectionTargets":
+    def paired(cls, n: int) -> RedirectionTargets:
         """Safe-CLIP's rigid targets: each unsafe item is redirected to its own pair."""
         return cls(torch.arange(n).unsqueeze(1), torch.ones(n, 1), torch.ones(n))
 
@@ -72,7 +72,7 @@ def paired_targets(n: int) -> RedirectionTargets:
     return RedirectionTargets.paired(n)
 
 
-def neighbour_targets(neighbours: "SafeNeighbours", curriculum: bool) -> RedirectionTargets:
+def neighbour_targets(neighbours: SafeNeighbours, curriculum: bool) -> RedirectionTargets:
     """SafeR-CLIP's targets from the neighbour index: the top-k pool positions, their softmax
     weights, the guard's pair weights, and (with ``curriculum``) the difficulty buckets."""
     return RedirectionTargets(

@@ -41,8 +41,9 @@ def _from_point(similarity: Similarity, x: Tensor) -> Tensor:
     return x
 
 
-def embedding_bound(similarity: Similarity, threat: Threat, clean: Tensor, steps: int = 150, lr: float = 0.02,
-                    batch_size: int = 256) -> dict[str, Any]:
+def embedding_bound(
+    similarity: Similarity, threat: Threat, clean: Tensor, steps: int = 150, lr: float = 0.02, batch_size: int = 256
+) -> dict[str, Any]:
     """The threat's success with free embeddings, for the items whose clean embeddings are
     ``clean [N, D]`` (only those the clean model handled safely count): ``success_rate`` (exact
     interval), the best success value found per item (``best_margin``: its median and maximum)."""
@@ -80,16 +81,21 @@ def embedding_bound(similarity: Similarity, threat: Threat, clean: Tensor, steps
     }
 
 
-def hyperbolic_geometry(similarity: LorentzSimilarity, captions: Tensor, caption_unsafe: Tensor, images: Tensor,
-                        image_unsafe: Tensor) -> dict[str, float]:
+def hyperbolic_geometry(
+    similarity: LorentzSimilarity, captions: Tensor, caption_unsafe: Tensor, images: Tensor, image_unsafe: Tensor
+) -> dict[str, float]:
     """How far from the origin each kind of item lies, against the safe radii."""
     c = similarity.curvature
     d_text, d_image = lorentz.distance_from_origin(captions.float(), c), lorentz.distance_from_origin(images.float(), c)
     cu, iu = torch.as_tensor(caption_unsafe, dtype=torch.bool), torch.as_tensor(image_unsafe, dtype=torch.bool)
     return {
         "curvature": float(c),
-        "radius_text": float(similarity.radius_text), "radius_image": float(similarity.radius_image),
-        "safe_captions_max": float(d_text[~cu].max()), "unsafe_captions_min": float(d_text[cu].min()),
-        "safe_images_max": float(d_image[~iu].max()), "unsafe_images_min": float(d_image[iu].min()),
-        "unsafe_captions_median": float(d_text[cu].median()), "unsafe_images_median": float(d_image[iu].median()),
+        "radius_text": float(similarity.radius_text),
+        "radius_image": float(similarity.radius_image),
+        "safe_captions_max": float(d_text[~cu].max()),
+        "unsafe_captions_min": float(d_text[cu].min()),
+        "safe_images_max": float(d_image[~iu].max()),
+        "unsafe_images_min": float(d_image[iu].min()),
+        "unsafe_captions_median": float(d_text[cu].median()),
+        "unsafe_images_median": float(d_image[iu].median()),
     }

@@ -33,10 +33,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -118,7 +119,9 @@ class CoverageMonitor:
             idx = x[:, start : start + size].topk(k, dim=1).indices + start
             topk.append(-self.topk_share[idx].log().mean(1))
             start += size
-        return torch.stack([outside.float().mean(1), distance.mean(1), rarity.mean(1), torch.stack(topk, 1).mean(1)], dim=1)
+        return torch.stack(
+            [outside.float().mean(1), distance.mean(1), rarity.mean(1), torch.stack(topk, 1).mean(1)], dim=1
+        )
 
     def scores(self, x: Tensor) -> Tensor:
         """``[N]`` the largest standardised logic (higher = farther from training)."""
@@ -129,9 +132,18 @@ class CoverageMonitor:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "tower": self.tower, "kind": self.kind, "layers": self.layers, "groups": self.groups, "top_k": self.top_k,
-            "sections": self.sections, "threshold": self.threshold, "target_fpr": self.target_fpr,
-            "num_train": self.num_train, "num_neurons": len(self.low), "calibration": self.calibration, "model": self.model,
+            "tower": self.tower,
+            "kind": self.kind,
+            "layers": self.layers,
+            "groups": self.groups,
+            "top_k": self.top_k,
+            "sections": self.sections,
+            "threshold": self.threshold,
+            "target_fpr": self.target_fpr,
+            "num_train": self.num_train,
+            "num_neurons": len(self.low),
+            "calibration": self.calibration,
+            "model": self.model,
         }
 
     def nbytes(self) -> int:
@@ -139,11 +151,19 @@ class CoverageMonitor:
         return sum(t.numel() * t.element_size() for t in self._tensors().values())
 
     def _tensors(self) -> dict[str, Tensor]:
-        return {"low": self.low, "high": self.high, "section_share": self.section_share, "topk_share": self.topk_share,
-                "center": self.center, "scale": self.scale}
+        return {
+            "low": self.low,
+            "high": self.high,
+            "section_share": self.section_share,
+            "topk_share": self.topk_share,
+            "center": self.center,
+            "scale": self.scale,
+        }
 
 
-def profile(x: Tensor, groups: Sequence[int], tower: str, layers: Sequence[int], sections: int = 10, top_k: int = 10) -> CoverageMonitor:
+def profile(
+    x: Tensor, groups: Sequence[int], tower: str, layers: Sequence[int], sections: int = 10, top_k: int = 10
+) -> CoverageMonitor:
     """The training profile of watched neurons ``x [N, n]`` (module docstring); uncalibrated."""
     if len(x) < 2:
         raise ValueError(f"a coverage profile needs at least 2 training inputs, got {len(x)}")
@@ -160,7 +180,9 @@ def profile(x: Tensor, groups: Sequence[int], tower: str, layers: Sequence[int],
         idx = x[:, start : start + size].topk(min(top_k, size), dim=1).indices + start
         top += torch.bincount(idx.flatten(), minlength=x.shape[1]).float()
         start += size
-    return CoverageMonitor(tower, list(layers), list(groups), low, high, _share(counts, n), _share(top, n), top_k, num_train=n)
+    return CoverageMonitor(
+        tower, list(layers), list(groups), low, high, _share(counts, n), _share(top, n), top_k, num_train=n
+    )
 
 
 def calibrate(monitor: CoverageMonitor, clean: Tensor, target_fpr: float = 0.05, seed: int = 0) -> CoverageMonitor:
@@ -176,14 +198,23 @@ def calibrate(monitor: CoverageMonitor, clean: Tensor, target_fpr: float = 0.05,
     held = monitor.scores(clean[second])
     monitor.threshold = calibrate_threshold(held, target_fpr)
     monitor.target_fpr = target_fpr
-    monitor.calibration = {"num_clean": len(clean), "num_standardise": int(first.sum()), "num_threshold": int(second.sum()),
-                           "seed": seed, "threshold_half_fpr": float((held > monitor.threshold).float().mean())}
+    monitor.calibration = {
+        "num_clean": len(clean),
+        "num_standardise": int(first.sum()),
+        "num_threshold": int(second.sum()),
+        "seed": seed,
+        "threshold_half_fpr": float((held > monitor.threshold).float().mean()),
+    }
     return monitor
 
 
 # ----------------------------------------------------------------------------- files
-def save_monitors(path: str | os.PathLike, monitors: Mapping[str, CoverageMonitor], force: bool = False,
-                  info: Mapping[str, Any] | None = None) -> Path:
+def save_monitors(
+    path: str | os.PathLike,
+    monitors: Mapping[str, CoverageMonitor],
+    force: bool = False,
+    info: Mapping[str, Any] | None = None,
+) -> Path:
     """Write coverage monitors (tower -> monitor) to one safetensors file with a checksummed
     JSON header. Atomic; an existing file is replaced only with ``force``."""
     path = Path(path)
@@ -191,8 +222,17 @@ def save_monitors(path: str | os.PathLike, monitors: Mapping[str, CoverageMonito
         raise FileExistsError(f"{path} exists; pass force to replace it")
     if not monitors:
         raise ValueError("no monitor to save")
-    header = {"format": FORMAT, "version": FORMAT_VERSION, "monitors": {t: m.describe() for t, m in monitors.items()}, **dict(info or {})}
-    tensors = {f"{t}.{name}": v.detach().float().contiguous().cpu() for t, m in monitors.items() for name, v in m._tensors().items()}
+    header = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "monitors": {t: m.describe() for t, m in monitors.items()},
+        **dict(info or {}),
+    }
+    tensors = {
+        f"{t}.{name}": v.detach().float().contiguous().cpu()
+        for t, m in monitors.items()
+        for name, v in m._tensors().items()
+    }
     text = json.dumps(header, default=str)
     metadata = {"format": FORMAT, "saferclip_monitor": text, "saferclip_checksum": content_checksum(text, tensors)}
     save_state_dict(tensors, path, metadata=metadata)
@@ -225,22 +265,39 @@ def load_monitors(path: str | os.PathLike) -> dict[str, CoverageMonitor]:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a saferclip coverage monitor file (not readable as safetensors: {e})") from None
+        raise CheckpointError(
+            f"{path}: not a saferclip coverage monitor file (not readable as safetensors: {e})"
+        ) from None
     if metadata.get("format") != FORMAT or "saferclip_monitor" not in metadata:
         raise CheckpointError(f"{path}: not a saferclip coverage monitor file (its metadata has no '{FORMAT}' header)")
     if metadata.get("saferclip_checksum") != content_checksum(metadata["saferclip_monitor"], tensors):
-        raise DamagedArtefact(path, "coverage monitor: checksum mismatch, its content changed since it was saved; refusing to use it (recalibrate it with saferclip-attack)")
+        raise DamagedArtefact(
+            path,
+            "coverage monitor: checksum mismatch, its content changed since it was saved; refusing to use it (recalibrate it with saferclip-attack)",
+        )
     header = json.loads(metadata["saferclip_monitor"])
     if header.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: coverage monitor format version {header.get('version')!r}; this saferclip reads version {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path}: coverage monitor format version {header.get('version')!r}; this saferclip reads version {FORMAT_VERSION}"
+        )
     out = {}
     for tower, d in (header.get("monitors") or {}).items():
         try:
-            t = {name: tensors[f"{tower}.{name}"].float() for name in ("low", "high", "section_share", "topk_share", "center", "scale")}
+            t = {
+                name: tensors[f"{tower}.{name}"].float()
+                for name in ("low", "high", "section_share", "topk_share", "center", "scale")
+            }
             m = CoverageMonitor(
-                tower=str(d["tower"]), layers=[int(i) for i in d["layers"]], groups=[int(g) for g in d["groups"]],
-                top_k=int(d["top_k"]), threshold=float(d["threshold"]), target_fpr=float(d["target_fpr"]),
-                num_train=int(d["num_train"]), calibration=dict(d.get("calibration") or {}), model=dict(d.get("model") or {}), **t,
+                tower=str(d["tower"]),
+                layers=[int(i) for i in d["layers"]],
+                groups=[int(g) for g in d["groups"]],
+                top_k=int(d["top_k"]),
+                threshold=float(d["threshold"]),
+                target_fpr=float(d["target_fpr"]),
+                num_train=int(d["num_train"]),
+                calibration=dict(d.get("calibration") or {}),
+                model=dict(d.get("model") or {}),
+                **t,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: coverage monitor {tower!r}: missing or invalid field {e}") from None
@@ -266,6 +323,7 @@ def token_means(model, tower: str, layers: Sequence[int]) -> Iterator[list[list[
     store: list[list[Tensor]] = [[] for _ in layers]
     handles = []
     for slot, i in enumerate(layers):
+
         def hook(module, args, slot=slot):
             h = args[0] if batch_first else args[0].transpose(0, 1)
             store[slot].append(h.float().amax(1).detach().cpu())
@@ -283,15 +341,17 @@ def with_token_means(acts: Activations, store: list[list[Tensor]]) -> Activation
     return acts
 
 
-
-def watched_inputs(bundle, tower: str, inputs: Sequence[Any], layers: Sequence[int] | None = None, batch_size: int = 256) -> Tensor:
+def watched_inputs(
+    bundle, tower: str, inputs: Sequence[Any], layers: Sequence[int] | None = None, batch_size: int = 256
+) -> Tensor:
     """Watched neurons ``[N, n]`` of captions (``tower="text"``) or image files, encoded as
     the evaluation encodes them."""
     return watched_with_groups(bundle, tower, inputs, layers, batch_size)[0]
 
 
-def watched_with_groups(bundle, tower: str, inputs: Sequence[Any], layers: Sequence[int] | None = None,
-                        batch_size: int = 256) -> tuple[Tensor, list[int]]:
+def watched_with_groups(
+    bundle, tower: str, inputs: Sequence[Any], layers: Sequence[int] | None = None, batch_size: int = 256
+) -> tuple[Tensor, list[int]]:
     """:func:`watched_inputs` and the size of each watched group."""
     from ..analysis.heads import activations, tower_blocks
 

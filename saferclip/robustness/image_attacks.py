@@ -21,8 +21,8 @@ item keeps its best iterate, so an attack that succeeded once is not undone by a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +59,7 @@ class PixelModel:
     std: Tensor  # [3]
 
     @classmethod
-    def of(cls, bundle: ClipBundle) -> "PixelModel":
+    def of(cls, bundle: ClipBundle) -> PixelModel:
         _, mean, std = split_normalisation(bundle.preprocess)
         return cls(bundle.model, bundle.similarity, mean, std)
 
@@ -105,7 +105,9 @@ def pgd(
             best, best_value = x.clone(), objective(x).detach()
     adv = x.clone()
     if random_start and eps > 0:
-        noise = start if start is not None else torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device) * 2 - 1
+        noise = (
+            start if start is not None else torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device) * 2 - 1
+        )
         adv = torch.max(torch.min(x + eps * noise.to(x), high), low)
     for _ in range(steps):
         adv = adv.detach().requires_grad_(True)
@@ -182,8 +184,16 @@ def attack_pixels(
     return ImageAttack(float(eps), mb > 0, ma > 0, mb, ma, adversarial)
 
 
-def perturb(pixels: Tensor, objective: ItemFunction, eps: float, steps: int = 10, step_size: float | None = None,
-            seed: int = 0, batch_size: int = 64, warm: Tensor | None = None) -> Tensor:
+def perturb(
+    pixels: Tensor,
+    objective: ItemFunction,
+    eps: float,
+    steps: int = 10,
+    step_size: float | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    warm: Tensor | None = None,
+) -> Tensor:
     """The adversarial pixels ``[N, 3, H, W]`` of :func:`attack_pixels` (PGD, best iterate per
     item). ``warm`` ``[N, 3, H, W]``: start from these (an attack at a smaller budget: inside
     this ball, so the result is never worse than it) instead of a random start."""
@@ -194,13 +204,17 @@ def perturb(pixels: Tensor, objective: ItemFunction, eps: float, steps: int = 10
         x = pixels[start : start + batch_size]
         idx = torch.arange(start, start + len(x))
         begin = None if warm is None or eps <= 0 else ((warm[start : start + batch_size] - x) / eps).clamp(-1, 1)
-        out.append((pgd(lambda z: objective(z, idx), x, eps, step, steps, generator, start=begin) if eps > 0 else x).cpu())
+        out.append(
+            (pgd(lambda z: objective(z, idx), x, eps, step, steps, generator, start=begin) if eps > 0 else x).cpu()
+        )
     return torch.cat(out) if out else pixels.clone()
 
 
 def _batched(fn: ItemFunction, pixels: Tensor, batch_size: int) -> Tensor:
-    parts = [fn(pixels[s : s + batch_size], torch.arange(s, min(s + batch_size, len(pixels)))).float().cpu()
-             for s in range(0, len(pixels), batch_size)]
+    parts = [
+        fn(pixels[s : s + batch_size], torch.arange(s, min(s + batch_size, len(pixels)))).float().cpu()
+        for s in range(0, len(pixels), batch_size)
+    ]
     return torch.cat(parts) if parts else torch.zeros(0)
 
 

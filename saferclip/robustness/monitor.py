@@ -31,9 +31,10 @@ against it (:mod:`.suite`'s adaptive variants do).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -79,15 +80,25 @@ class SafetyMonitor:
     def __post_init__(self) -> None:
         # the bank split once into (unsafe, safe) blocks per modality: two small products per
         # block, no masked copies per call (the monitor's cost is per forward pass)
-        self._blocks = [(self.bank[self.bank_unsafe & m].float().contiguous(), self.bank[~self.bank_unsafe & m].float().contiguous())
-                        for m in (self.bank_text, ~self.bank_text) if m.any()]
+        self._blocks = [
+            (
+                self.bank[self.bank_unsafe & m].float().contiguous(),
+                self.bank[~self.bank_unsafe & m].float().contiguous(),
+            )
+            for m in (self.bank_text, ~self.bank_text)
+            if m.any()
+        ]
 
     def columns(self) -> list[str]:
         """What each column of :meth:`signal_values` is."""
         out = []
         for signal in self.signals:
             if signal == "bank":
-                out += [f"bank_{m}" for m, present in (("text", self.bank_text.any()), ("image", (~self.bank_text).any())) if present]
+                out += [
+                    f"bank_{m}"
+                    for m, present in (("text", self.bank_text.any()), ("image", (~self.bank_text).any()))
+                    if present
+                ]
             else:
                 out.append(signal)
         return out
@@ -99,7 +110,12 @@ class SafetyMonitor:
             if signal == "bank":
                 for unsafe, safe in self._blocks:
                     k = min(self.k, len(unsafe), len(safe))
-                    near = [pairwise_scores(self.similarity, embeddings, b.to(embeddings.device)).topk(k, dim=1).values.mean(1) for b in (unsafe, safe)]
+                    near = [
+                        pairwise_scores(self.similarity, embeddings, b.to(embeddings.device))
+                        .topk(k, dim=1)
+                        .values.mean(1)
+                        for b in (unsafe, safe)
+                    ]
                     columns.append(near[0] - near[1])
             elif signal == "origin":
                 columns.append(lorentz.distance_from_origin(embeddings.float(), self.similarity.curvature))
@@ -118,9 +134,18 @@ class SafetyMonitor:
         return self.scores(embeddings, head) > self.threshold
 
     def describe(self) -> dict[str, Any]:
-        return {"tower": self.tower, "signals": list(self.signals), "columns": self.columns(), "bank_items": len(self.bank),
-                "bank_unsafe": int(self.bank_unsafe.sum()), "k": self.k, "head": list(self.head) if self.head else None,
-                "threshold": self.threshold, "target_fpr": self.target_fpr, "calibration": self.calibration}
+        return {
+            "tower": self.tower,
+            "signals": list(self.signals),
+            "columns": self.columns(),
+            "bank_items": len(self.bank),
+            "bank_unsafe": int(self.bank_unsafe.sum()),
+            "k": self.k,
+            "head": list(self.head) if self.head else None,
+            "threshold": self.threshold,
+            "target_fpr": self.target_fpr,
+            "calibration": self.calibration,
+        }
 
 
 # ----------------------------------------------------------------------------- reading the head
@@ -141,7 +166,11 @@ def reading_head(model: nn.Module, tower: str, layer: int | None, head: int | No
     positions: list[Tensor] = []
     handles = []
     if tower == "text":
-        handles.append(model.token_embedding.register_forward_pre_hook(lambda m, a: positions.append(pooled_text_positions(model, a[0]))))
+        handles.append(
+            model.token_embedding.register_forward_pre_hook(
+                lambda m, a: positions.append(pooled_text_positions(model, a[0]))
+            )
+        )
 
     def on_attn(module, args, kwargs):
         x = args[0] if batch_first else args[0].transpose(0, 1)
@@ -158,7 +187,9 @@ def reading_head(model: nn.Module, tower: str, layer: int | None, head: int | No
             handle.remove()
 
 
-def one_head_value(attn: nn.MultiheadAttention, x: Tensor, positions: Tensor, attn_mask: Tensor | None, head: int) -> Tensor:
+def one_head_value(
+    attn: nn.MultiheadAttention, x: Tensor, positions: Tensor, attn_mask: Tensor | None, head: int
+) -> Tensor:
     """Head ``head``'s attention output at one query position per item ``[B, d_head]`` (what
     :func:`saferclip.analysis.heads.head_values` gives for every head, computed for one: only
     its slices of the query, key and value projections)."""
@@ -180,7 +211,9 @@ def one_head_value(attn: nn.MultiheadAttention, x: Tensor, positions: Tensor, at
     return torch.einsum("bl,bld->bd", scores.softmax(dim=-1), v)
 
 
-def monitored(monitor: SafetyMonitor, model: nn.Module, encode: Callable[[Any], Tensor]) -> Callable[[Any], tuple[Tensor, Tensor]]:
+def monitored(
+    monitor: SafetyMonitor, model: nn.Module, encode: Callable[[Any], Tensor]
+) -> Callable[[Any], tuple[Tensor, Tensor]]:
     """``f(inputs) -> (embeddings [N, D], monitor scores [N])``: ``encode`` (the model's own
     encoder of the monitor's tower) run once with the head read (differentiable)."""
     layer, index = monitor.head if monitor.head else (None, None)
@@ -195,9 +228,19 @@ def monitored(monitor: SafetyMonitor, model: nn.Module, encode: Callable[[Any], 
 
 
 # ----------------------------------------------------------------------------- calibration
-def fit_monitor(bundle, tower: str, labelled: tuple[Sequence[Any], Sequence[Any]], bank: tuple[Tensor, Tensor, Tensor],
-                clean_safe: Sequence[Any], signals: Sequence[str] | None = None, k: int = 5, target_fpr: float = 0.05,
-                seed: int = 0, batch_size: int = 256, head_layers: Sequence[int] | None = None) -> SafetyMonitor:
+def fit_monitor(
+    bundle,
+    tower: str,
+    labelled: tuple[Sequence[Any], Sequence[Any]],
+    bank: tuple[Tensor, Tensor, Tensor],
+    clean_safe: Sequence[Any],
+    signals: Sequence[str] | None = None,
+    k: int = 5,
+    target_fpr: float = 0.05,
+    seed: int = 0,
+    batch_size: int = 256,
+    head_layers: Sequence[int] | None = None,
+) -> SafetyMonitor:
     """The monitor of one tower.
 
     ``labelled``: (safe, unsafe) training inputs of the tower (captions or image files): the
@@ -210,14 +253,30 @@ def fit_monitor(bundle, tower: str, labelled: tuple[Sequence[Any], Sequence[Any]
     signals = tuple(signals or [s for s in SIGNALS if s != "origin" or hyperbolic])
     bad = [s for s in signals if s not in SIGNALS or (s == "origin" and not hyperbolic)]
     if bad or not signals:
-        raise ValueError(f"monitor signals must be some of {SIGNALS} ('origin' for a HySAC model only), got {list(signals)}")
+        raise ValueError(
+            f"monitor signals must be some of {SIGNALS} ('origin' for a HySAC model only), got {list(signals)}"
+        )
     similarity = bundle.similarity.with_mode("moderation") if hyperbolic else bundle.similarity
-    monitor = SafetyMonitor(tower, similarity, signals, bank[0].float(), torch.as_tensor(bank[1], dtype=torch.bool),
-                            torch.as_tensor(bank[2], dtype=torch.bool), k, target_fpr=target_fpr)
-    calibration: dict[str, Any] = {"labelled": [len(labelled[0]), len(labelled[1])], "clean_safe": len(clean_safe), "seed": seed}
+    monitor = SafetyMonitor(
+        tower,
+        similarity,
+        signals,
+        bank[0].float(),
+        torch.as_tensor(bank[1], dtype=torch.bool),
+        torch.as_tensor(bank[2], dtype=torch.bool),
+        k,
+        target_fpr=target_fpr,
+    )
+    calibration: dict[str, Any] = {
+        "labelled": [len(labelled[0]), len(labelled[1])],
+        "clean_safe": len(clean_safe),
+        "seed": seed,
+    }
     if "head" in signals:
         layers = None if head_layers is None else sorted(int(i) for i in head_layers)
-        safe, unsafe = (activations(bundle, tower, list(items), ("heads",), batch_size, layers=layers) for items in labelled)
+        safe, unsafe = (
+            activations(bundle, tower, list(items), ("heads",), batch_size, layers=layers) for items in labelled
+        )
         X, y = labelled_activations(safe.heads, unsafe.heads)
         detector, _ = calibrate_head_detector(X, y, tower, target_fpr, seed=seed)
         layer = int(detector.layer) if layers is None else layers[int(detector.layer)]
@@ -241,6 +300,10 @@ def calibrate_monitor(monitor: SafetyMonitor, values: Tensor, target_fpr: float 
     monitor.center, monitor.scale = q[1], (q[2] - q[0]).clamp_min(1e-6)
     held = ((values[second] - monitor.center) / monitor.scale).amax(1)
     monitor.threshold, monitor.target_fpr = calibrate_threshold(held, target_fpr), target_fpr
-    monitor.calibration = {**monitor.calibration, "threshold_half_fpr": float((held > monitor.threshold).float().mean()),
-                           "num_standardise": int(first.sum()), "num_threshold": int(second.sum())}
+    monitor.calibration = {
+        **monitor.calibration,
+        "threshold_half_fpr": float((held > monitor.threshold).float().mean()),
+        "num_standardise": int(first.sum()),
+        "num_threshold": int(second.sum()),
+    }
     return monitor

@@ -19,8 +19,9 @@ with its exact 95% interval):
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..evaluation.intervals import clopper_pearson
 from ..evaluation.plotting import figure, finite, model_styles, save_figure
@@ -67,8 +68,10 @@ def summary_table(results: Mapping[str, Any]) -> str:
 
 
 def sweep_table(results: Mapping[str, Any]) -> str:
-    rows = ["| model | attack | budget | success rate | unsafe before | unsafe after | monitor detected | sanity |",
-            "|---|---|---:|---:|---:|---:|---:|---|"]
+    rows = [
+        "| model | attack | budget | success rate | unsafe before | unsafe after | monitor detected | sanity |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for name, m in results["models"].items():
         for attack, r in (m.get("attacks") or {}).items():
             unit = " queries" if r["kind"] == "text" else "/255"
@@ -76,8 +79,10 @@ def sweep_table(results: Mapping[str, Any]) -> str:
             for b in budgets:
                 row = r["budgets"][b]
                 sanity = _sanity_text(r.get("sanity") or {}) if b == budgets[-1] else ""
-                rows.append(f"| {name} | {attack} | {b}{unit} | {pct(row.get('success_rate'))} | {pct(row.get('unsafe_rate_before'))} | "
-                            f"{pct(row.get('unsafe_rate_after'))} | {pct(row.get('monitor_detected'))} | {sanity} |")
+                rows.append(
+                    f"| {name} | {attack} | {b}{unit} | {pct(row.get('success_rate'))} | {pct(row.get('unsafe_rate_before'))} | "
+                    f"{pct(row.get('unsafe_rate_after'))} | {pct(row.get('monitor_detected'))} | {sanity} |"
+                )
     return "\n".join(rows)
 
 
@@ -103,9 +108,11 @@ def pooled(results_model: Mapping[str, Any], headline_255: float, joint: bool, k
 
 def monitor_table(results: Mapping[str, Any]) -> str:
     headline = float(results["settings"]["headline_budget_255"])
-    rows = ["| model | signals (head) | clean safe flagged (image / text) | clean unsafe flagged (image / text) | "
-            "successful attacks detected (oblivious) | success against model + monitor (adaptive) | unsafe finds still flagged (adaptive) |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| model | signals (head) | clean safe flagged (image / text) | clean unsafe flagged (image / text) | "
+        "successful attacks detected (oblivious) | success against model + monitor (adaptive) | unsafe finds still flagged (adaptive) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for name, m in results["models"].items():
         mon = m.get("monitor")
         if not mon:
@@ -116,7 +123,8 @@ def monitor_table(results: Mapping[str, Any]) -> str:
             f"| {name} | {', '.join(image.get('signals', []))} ({head or 'none'}) | {pct(image.get('clean_safe_flagged'))} / "
             f"{pct(text.get('clean_safe_flagged'))} | {pct(image.get('clean_unsafe_flagged'))} / {pct(text.get('clean_unsafe_flagged'))} | "
             f"{pct(pooled(m, headline, False, 'monitor_detected'), True)} | {pct(pooled(m, headline, True, 'success_rate'), True)} | "
-            f"{pct(pooled(m, headline, True, 'monitor_detected'), True)} |")
+            f"{pct(pooled(m, headline, True, 'monitor_detected'), True)} |"
+        )
     return "\n".join(rows)
 
 
@@ -132,7 +140,14 @@ def coverage_table(results: Mapping[str, Any]) -> str:
 
 
 def geometry_table(results: Mapping[str, Any]) -> str:
-    keys = ("radius_text", "safe_captions_max", "unsafe_captions_min", "radius_image", "safe_images_max", "unsafe_images_min")
+    keys = (
+        "radius_text",
+        "safe_captions_max",
+        "unsafe_captions_min",
+        "radius_image",
+        "safe_images_max",
+        "unsafe_images_min",
+    )
     rows = ["| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for name, m in results["models"].items():
         g = m.get("geometry")
@@ -145,18 +160,34 @@ def markdown(results: Mapping[str, Any]) -> str:
     headline = float(results["settings"]["headline_budget_255"])
     parts = [
         f"Split `{results['split']}` of world {results.get('world')}, seed {results['seed']}; every success rate is over the items "
-        "the clean model handled safely (their number after 'of'), in %, with its exact (Clopper–Pearson) 95% interval.", "",
-        f"## Summary (image attacks at {headline:g}/255, text attacks at their query budget)", "", summary_table(results), "",
+        "the clean model handled safely (their number after 'of'), in %, with its exact (Clopper–Pearson) 95% interval.",
+        "",
+        f"## Summary (image attacks at {headline:g}/255, text attacks at their query budget)",
+        "",
+        summary_table(results),
+        "",
     ]
     if any(m.get("monitor") for m in results["models"].values()):
-        parts += ["## Safety monitor (5% false-positive target on clean safe validation inputs)", "",
-                  "Pooled over every attack at its headline budget; k/n after each rate.", "", monitor_table(results), ""]
+        parts += [
+            "## Safety monitor (5% false-positive target on clean safe validation inputs)",
+            "",
+            "Pooled over every attack at its headline budget; k/n after each rate.",
+            "",
+            monitor_table(results),
+            "",
+        ]
     geometry = geometry_table(results)
     if geometry:
         parts += ["## HySAC's geometry (distances from the origin)", "", geometry, ""]
-    parts += ["## Every attack × budget, with the sanity column", "",
-              "Sanity: `ok` where the largest budget reaches the threshold; otherwise why it does not (the same goal "
-              "searched over free embeddings, with no input).", "", sweep_table(results), ""]
+    parts += [
+        "## Every attack × budget, with the sanity column",
+        "",
+        "Sanity: `ok` where the largest budget reaches the threshold; otherwise why it does not (the same goal "
+        "searched over free embeddings, with no input).",
+        "",
+        sweep_table(results),
+        "",
+    ]
     if any(m.get("coverage") for m in results["models"].values()):
         parts += ["## Coverage monitor (the baseline)", "", coverage_table(results), ""]
     return "\n".join(parts)
@@ -175,14 +206,30 @@ def success_plots(results: Mapping[str, Any], folder: Path) -> list[Path]:
             r = (results["models"][name].get("attacks") or {}).get(attack)
             if not r or r["kind"] != "image":
                 continue
-            points = [(float(b), 100 * row["success_rate"]["value"]) for b, row in r["budgets"].items() if row["success_rate"]["value"] is not None]
+            points = [
+                (float(b), 100 * row["success_rate"]["value"])
+                for b, row in r["budgets"].items()
+                if row["success_rate"]["value"] is not None
+            ]
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker=styles[name]["marker"], color=styles[name]["color"], label=name)
+                ax.plot(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    marker=styles[name]["marker"],
+                    color=styles[name]["color"],
+                    label=name,
+                )
                 drawn = True
         if not drawn:
             continue
         ax.set_xscale("log", base=2)
-        ticks = sorted({float(b) for m in names for b in ((results["models"][m].get("attacks") or {}).get(attack) or {}).get("budgets", {})})
+        ticks = sorted(
+            {
+                float(b)
+                for m in names
+                for b in ((results["models"][m].get("attacks") or {}).get(attack) or {}).get("budgets", {})
+            }
+        )
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.set_xlabel("L∞ budget (grey levels of 255)")
         ax.set_ylabel("success rate (%)")
@@ -213,8 +260,11 @@ def write_attack_report(results: Mapping[str, Any], out_dir: str | Path, force: 
     page = Page(
         title="saferclip: safety under attack",
         subtitle=f"split {results['split']}, world {results.get('world')}, seed {results['seed']}",
-        headline=table_from_markdown(summary_table(results), f"Attack success (%; image attacks at {headline:g}/255)",
-                                     "Over the items the clean model handled safely; exact 95% intervals; 'of n': the targets."),
+        headline=table_from_markdown(
+            summary_table(results),
+            f"Attack success (%; image attacks at {headline:g}/255)",
+            "Over the items the clean model handled safely; exact 95% intervals; 'of n': the targets.",
+        ),
         plots=plots,
         markdown=text,
         models=list(results["models"]),

@@ -4,8 +4,9 @@ unknown key or a bad value stops the command in one line naming it, before any m
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -63,8 +64,13 @@ class CoverageSettings:
     save: bool = True
 
 
-SECTIONS = {"image": ImageSettings, "text": TextSettings, "sanity": SanitySettings, "monitor": MonitorSettings,
-            "coverage": CoverageSettings}
+SECTIONS = {
+    "image": ImageSettings,
+    "text": TextSettings,
+    "sanity": SanitySettings,
+    "monitor": MonitorSettings,
+    "coverage": CoverageSettings,
+}
 
 
 @dataclass
@@ -79,7 +85,7 @@ class AttackSettings:
     headline_budget_255: float = 8.0  # the budget the summary and the targets read
 
     @classmethod
-    def of(cls, cfg: Mapping[str, Any] | None) -> "AttackSettings":
+    def of(cls, cfg: Mapping[str, Any] | None) -> AttackSettings:
         """From the ``attack`` config section; an unknown key or a bad value is one line naming it."""
         cfg = dict(cfg or {})
         top = {"parts", "items", "headline_budget_255"}
@@ -99,39 +105,73 @@ class AttackSettings:
         parts = list(cfg.get("parts", PARTS))
         if not parts or set(parts) - set(PARTS):
             raise ConfigError(f"attack.parts must be some of {list(PARTS)}, got {parts}")
-        s = cls(**built, parts=parts, items=cfg.get("items", 100), headline_budget_255=cfg.get("headline_budget_255", 8.0))
+        s = cls(
+            **built, parts=parts, items=cfg.get("items", 100), headline_budget_255=cfg.get("headline_budget_255", 8.0)
+        )
         s.check()
         return s
 
     def check(self) -> None:
-        positive = {"attack.items": self.items, "attack.image.steps": self.image.steps, "attack.image.batch_size": self.image.batch_size,
-                    "attack.coverage.validation_items": self.coverage.validation_items, "attack.coverage.ood_items": self.coverage.ood_items,
-                    "attack.monitor.validation_items": self.monitor.validation_items,
-                    "attack.text.budget": self.text.budget, "attack.text.beam": self.text.beam,
-                    "attack.text.heldout_budget": self.text.heldout_budget, "attack.sanity.steps": self.sanity.steps,
-                    "attack.monitor.k": self.monitor.k, "attack.monitor.labelled_items": self.monitor.labelled_items,
-                    "attack.monitor.bank_items": self.monitor.bank_items, "attack.coverage.train_items": self.coverage.train_items,
-                    "attack.coverage.sections": self.coverage.sections, "attack.coverage.top_k": self.coverage.top_k}
+        positive = {
+            "attack.items": self.items,
+            "attack.image.steps": self.image.steps,
+            "attack.image.batch_size": self.image.batch_size,
+            "attack.coverage.validation_items": self.coverage.validation_items,
+            "attack.coverage.ood_items": self.coverage.ood_items,
+            "attack.monitor.validation_items": self.monitor.validation_items,
+            "attack.text.budget": self.text.budget,
+            "attack.text.beam": self.text.beam,
+            "attack.text.heldout_budget": self.text.heldout_budget,
+            "attack.sanity.steps": self.sanity.steps,
+            "attack.monitor.k": self.monitor.k,
+            "attack.monitor.labelled_items": self.monitor.labelled_items,
+            "attack.monitor.bank_items": self.monitor.bank_items,
+            "attack.coverage.train_items": self.coverage.train_items,
+            "attack.coverage.sections": self.coverage.sections,
+            "attack.coverage.top_k": self.coverage.top_k,
+        }
         for key, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
         budgets = self.image.budgets_255
         if not isinstance(budgets, list) or not budgets or not all(_number(b) and 0 < b <= 255 for b in budgets):
-            raise ConfigError(f"attack.image.budgets_255 must be a list of grey levels in (0, 255], e.g. [4,8]; got {budgets!r}")
-        if self.image.step_size_255 is not None and not (_number(self.image.step_size_255) and self.image.step_size_255 > 0):
-            raise ConfigError(f"attack.image.step_size_255 must be a positive number or null, got {self.image.step_size_255!r}")
+            raise ConfigError(
+                f"attack.image.budgets_255 must be a list of grey levels in (0, 255], e.g. [4,8]; got {budgets!r}"
+            )
+        if self.image.step_size_255 is not None and not (
+            _number(self.image.step_size_255) and self.image.step_size_255 > 0
+        ):
+            raise ConfigError(
+                f"attack.image.step_size_255 must be a positive number or null, got {self.image.step_size_255!r}"
+            )
         if not _number(self.headline_budget_255) or self.headline_budget_255 not in [float(b) for b in budgets]:
-            raise ConfigError(f"attack.headline_budget_255={self.headline_budget_255} is not one of attack.image.budgets_255 {budgets}")
-        if not isinstance(self.text.budgets, list) or not self.text.budgets or \
-                any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.text.budget for b in self.text.budgets):
-            raise ConfigError(f"attack.text.budgets must be query counts in [1, attack.text.budget={self.text.budget}], got {self.text.budgets}")
+            raise ConfigError(
+                f"attack.headline_budget_255={self.headline_budget_255} is not one of attack.image.budgets_255 {budgets}"
+            )
+        if (
+            not isinstance(self.text.budgets, list)
+            or not self.text.budgets
+            or any(
+                isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= self.text.budget
+                for b in self.text.budgets
+            )
+        ):
+            raise ConfigError(
+                f"attack.text.budgets must be query counts in [1, attack.text.budget={self.text.budget}], got {self.text.budgets}"
+            )
         if set(self.image.variants) - set(VARIANTS):
             raise ConfigError(f"attack.image.variants must be some of {list(VARIANTS)}, got {self.image.variants}")
-        for key, value in (("attack.monitor.target_fpr", self.monitor.target_fpr), ("attack.coverage.target_fpr", self.coverage.target_fpr),
-                           ("attack.sanity.threshold", self.sanity.threshold)):
+        for key, value in (
+            ("attack.monitor.target_fpr", self.monitor.target_fpr),
+            ("attack.coverage.target_fpr", self.coverage.target_fpr),
+            ("attack.sanity.threshold", self.sanity.threshold),
+        ):
             if not _number(value) or not 0 < value < 1:
                 raise ConfigError(f"{key} must be in (0, 1), got {value!r}")
-        for key, flag in (("attack.monitor.adaptive", self.monitor.adaptive), ("attack.coverage.save", self.coverage.save)):
+        for key, flag in (
+            ("attack.monitor.adaptive", self.monitor.adaptive),
+            ("attack.coverage.save", self.coverage.save),
+        ):
             if not isinstance(flag, bool):
                 raise ConfigError(f"{key} must be true or false, got {flag!r}")
         if self.monitor.validation_items < 4 or self.coverage.validation_items < 4:

@@ -25,8 +25,9 @@ safely, with its exact interval; where the largest budget stays below the sanity
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,30 +60,54 @@ class Galleries:
     records: list[dict[str, Any]]  # per record: S, U (caption positions), V, G (image positions), scene
 
     @classmethod
-    def of(cls, bundle, records: Sequence[Any], batch_size: int) -> "Galleries":
+    def of(cls, bundle, records: Sequence[Any], batch_size: int) -> Galleries:
         d = lambda xs: list(dict.fromkeys(xs))  # noqa: E731 - distinct, first-seen order
         safe_c, unsafe_c = d(q.safe_caption for q in records), d(q.unsafe_caption for q in records)
         safe_i, unsafe_i = d(str(q.safe_image) for q in records), d(str(q.unsafe_image) for q in records)
         captions, images = safe_c + unsafe_c, safe_i + unsafe_i
         c_pos, i_pos = {c: i for i, c in enumerate(captions)}, {p: i for i, p in enumerate(images)}
-        rows = [{"S": c_pos[q.safe_caption], "U": c_pos[q.unsafe_caption], "V": i_pos[str(q.safe_image)],
-                 "G": i_pos[str(q.unsafe_image)], "scene": q.meta.get("nsfw_scene")} for q in records]
+        rows = [
+            {
+                "S": c_pos[q.safe_caption],
+                "U": c_pos[q.unsafe_caption],
+                "V": i_pos[str(q.safe_image)],
+                "G": i_pos[str(q.unsafe_image)],
+                "scene": q.meta.get("nsfw_scene"),
+            }
+            for q in records
+        ]
         flags = lambda n_safe, n: torch.arange(n) >= n_safe  # noqa: E731
-        return cls(captions, encode_texts(bundle, captions, batch_size).clone(), flags(len(safe_c), len(captions)),
-                   images, encode_image_files(bundle, images, batch_size).clone(), flags(len(safe_i), len(images)), rows)
+        return cls(
+            captions,
+            encode_texts(bundle, captions, batch_size).clone(),
+            flags(len(safe_c), len(captions)),
+            images,
+            encode_image_files(bundle, images, batch_size).clone(),
+            flags(len(safe_i), len(images)),
+            rows,
+        )
 
 
 class ModelSuite:
     """Every attack of ``settings`` on one model (module docstring)."""
 
-    def __init__(self, bundle, galleries: Galleries, settings: AttackSettings, seed: int, batch_size: int,
-                 monitors: Mapping[str, SafetyMonitor] | None = None):
+    def __init__(
+        self,
+        bundle,
+        galleries: Galleries,
+        settings: AttackSettings,
+        seed: int,
+        batch_size: int,
+        monitors: Mapping[str, SafetyMonitor] | None = None,
+    ):
         self.bundle, self.g, self.s, self.seed, self.batch_size = bundle, galleries, settings, seed, batch_size
         self.sim = bundle.similarity
         self.target = PixelModel.of(bundle)
         self.to_pixels = split_normalisation(bundle.preprocess)[0]
         self.monitors = dict(monitors or {})
-        self.adversarial: dict[str, Tensor] = {}  # successful adversarial images at the headline budget (coverage baseline)
+        self.adversarial: dict[
+            str, Tensor
+        ] = {}  # successful adversarial images at the headline budget (coverage baseline)
         self.adversarial_texts: list[str] = []
         self.transformed = isinstance(self.sim, LorentzSimilarity) and self.sim.traversal
 
@@ -121,8 +146,15 @@ class ModelSuite:
             clean, clean_score = measured(pixels)
             before = threat.success(clean, idx_all) > 0
         targets = ~before
-        out: dict[str, Any] = {"kind": "image", "side": threat.side, "modality": threat.modality, "monitor_joint": joint,
-                               "num_items": len(pixels), "num_targets": int(targets.sum()), "budgets": {}}
+        out: dict[str, Any] = {
+            "kind": "image",
+            "side": threat.side,
+            "modality": threat.modality,
+            "monitor_joint": joint,
+            "num_items": len(pixels),
+            "num_targets": int(targets.sum()),
+            "budgets": {},
+        }
         # only the targets are attacked (an item already unsafe stays so: it is no target); the
         # budgets in increasing order, each attack starting from the last one's result (inside
         # its ball): success can only grow with the budget, as it must for a real attacker
@@ -133,8 +165,16 @@ class ModelSuite:
             after, score = before.clone(), clean_score.clone() if clean_score is not None else None
             if len(chosen):
                 with eval_mode(self.bundle.model):
-                    adv = perturb(pixels[chosen], lambda x, i: objective(x, chosen[i]), budget / 255, s.steps, step, self.seed,
-                                  s.batch_size, warm)
+                    adv = perturb(
+                        pixels[chosen],
+                        lambda x, i: objective(x, chosen[i]),
+                        budget / 255,
+                        s.steps,
+                        step,
+                        self.seed,
+                        s.batch_size,
+                        warm,
+                    )
                     warm = adv
                     with torch.no_grad():
                         e, adv_score = measured(adv)
@@ -147,12 +187,17 @@ class ModelSuite:
         out["sanity"] = self._sanity(threat, clean, out, skip_bound=joint)
         return out
 
-    def _row(self, before: Tensor, after: Tensor, score: Tensor | None, monitor: SafetyMonitor | None, joint: bool) -> dict[str, Any]:
+    def _row(
+        self, before: Tensor, after: Tensor, score: Tensor | None, monitor: SafetyMonitor | None, joint: bool
+    ) -> dict[str, Any]:
         targets = ~before
         flagged = score > monitor.threshold if (monitor is not None and score is not None) else None
         won = after if not joint else after & ~flagged
-        row = {"success_rate": rate_interval(won[targets]), "unsafe_rate_before": rate_interval(before),
-               "unsafe_rate_after": rate_interval(after)}
+        row = {
+            "success_rate": rate_interval(won[targets]),
+            "unsafe_rate_before": rate_interval(before),
+            "unsafe_rate_after": rate_interval(after),
+        }
         if flagged is not None:
             # oblivious: the monitor shown the attack's successes; adaptive: among the items that
             # reached the unsafe top-1, the share the monitor still flagged
@@ -161,8 +206,14 @@ class ModelSuite:
             row["reached_unsafe"] = rate_interval(after[targets])
         return row
 
-    def _sanity(self, threat: Threat, clean: Tensor, out: Mapping[str, Any], skip_bound: bool = False,
-                largest: str | None = None) -> dict[str, Any]:
+    def _sanity(
+        self,
+        threat: Threat,
+        clean: Tensor,
+        out: Mapping[str, Any],
+        skip_bound: bool = False,
+        largest: str | None = None,
+    ) -> dict[str, Any]:
         """Success at the largest budget against the threshold; below it, the embedding-space bound."""
         largest = largest or list(out["budgets"])[-1]
         value = out["budgets"][largest]["success_rate"]["value"]
@@ -174,23 +225,35 @@ class ModelSuite:
             result["reason"] = "ok"
             return result
         if skip_bound:
-            result["reason"] = "below the threshold against model + monitor: the monitor's head reads inside the tower, no embedding-only bound"
+            result["reason"] = (
+                "below the threshold against model + monitor: the monitor's head reads inside the tower, no embedding-only bound"
+            )
             return result
         bound = embedding_bound(self.sim, threat, clean, self.s.sanity.steps, self.s.sanity.lr)
         result["bound"] = bound
         free = bound["success_rate"]["value"]
         if free is None or free <= value + 0.05:
-            result["reason"] = (f"geometry: free embeddings (no input) succeed for {100 * (free or 0):.1f}% of the targets "
-                                f"(best margin {bound['best_margin_max']:.3f}); the budget is not the limit")
+            result["reason"] = (
+                f"geometry: free embeddings (no input) succeed for {100 * (free or 0):.1f}% of the targets "
+                f"(best margin {bound['best_margin_max']:.3f}); the budget is not the limit"
+            )
         else:
             what = "the search (its query budget and its phrasings)" if out.get("kind") == "text" else "the attack"
-            result["reason"] = (f"short of the bound: free embeddings succeed for {100 * free:.1f}% vs {100 * value:.1f}%; "
-                                f"{what}, not the model, is the limit")
+            result["reason"] = (
+                f"short of the bound: free embeddings succeed for {100 * free:.1f}% vs {100 * value:.1f}%; "
+                f"{what}, not the model, is the limit"
+            )
         return result
 
     # ------------------------------------------------------------------ text attacks
-    def text_attack(self, threat: Threat, items: Sequence[tuple[str, Mapping[str, Any]]], budget: int, vocabulary: str = "search",
-                    joint: bool = False) -> dict[str, Any]:
+    def text_attack(
+        self,
+        threat: Threat,
+        items: Sequence[tuple[str, Mapping[str, Any]]],
+        budget: int,
+        vocabulary: str = "search",
+        joint: bool = False,
+    ) -> dict[str, Any]:
         """The phrasing search for each ``(original caption, scene)``; item ``n``'s score is the
         threat's success value for position ``n`` (+ monitor: jointly). The sweep over query
         budgets is read off the one search: a success counts within ``b`` queries when the
@@ -216,22 +279,41 @@ class ModelSuite:
                     base = threat.success(e, torch.full((len(e),), n))
                     return (torch.minimum(base, monitor.threshold - monitor_score) if joint else base).float().cpu()
 
-                attacks.append(attack_caption(PhrasingSpace(scene, vocabulary), original, score, budget, self.s.text.beam))
+                attacks.append(
+                    attack_caption(PhrasingSpace(scene, vocabulary), original, score, budget, self.s.text.beam)
+                )
             found, found_score = encode([a.best for a in attacks])
             after = threat.success(found, idx) > 0
         targets = ~before
         budgets = sorted({b for b in self.s.text.budgets if b <= budget} | {budget})
-        sweep = {str(b): {"success_rate": rate_interval(torch.tensor([a.unsafe_after and a.queries <= b for a in attacks], dtype=torch.bool)[targets])}
-                 for b in budgets}
+        sweep = {
+            str(b): {
+                "success_rate": rate_interval(
+                    torch.tensor([a.unsafe_after and a.queries <= b for a in attacks], dtype=torch.bool)[targets]
+                )
+            }
+            for b in budgets
+        }
         top = sweep[str(budget)]
         top.update(self._row(before, after, found_score, monitor, joint))
         won = [a.queries for a, t in zip(attacks, targets.tolist()) if t and a.unsafe_after]
-        out: dict[str, Any] = {"kind": "text", "side": threat.side, "modality": "text", "vocabulary": vocabulary, "monitor_joint": joint,
-                               "query_budget": budget, "num_items": len(items), "num_targets": int(targets.sum()),
-                               "median_queries": float(torch.tensor(won, dtype=torch.float).median()) if won else None,
-                               "budgets": sweep,
-                               "examples": [{"original": a.original, "found": a.best, "queries": a.queries}
-                                            for a, t in zip(attacks, targets.tolist()) if t and a.unsafe_after][:5]}
+        out: dict[str, Any] = {
+            "kind": "text",
+            "side": threat.side,
+            "modality": "text",
+            "vocabulary": vocabulary,
+            "monitor_joint": joint,
+            "query_budget": budget,
+            "num_items": len(items),
+            "num_targets": int(targets.sum()),
+            "median_queries": float(torch.tensor(won, dtype=torch.float).median()) if won else None,
+            "budgets": sweep,
+            "examples": [
+                {"original": a.original, "found": a.best, "queries": a.queries}
+                for a, t in zip(attacks, targets.tolist())
+                if t and a.unsafe_after
+            ][:5],
+        }
         if not joint:
             self.adversarial_texts += [a.best for a, t, w in zip(attacks, targets.tolist(), after.tolist()) if t and w]
         out["sanity"] = self._sanity(threat, clean, out, skip_bound=joint, largest=str(budget)) if len(items) else {}
@@ -243,25 +325,39 @@ class ModelSuite:
         out: dict[str, Any] = {"similarity": self.sim.label, "attacks": {}}
         attacks = out["attacks"]
         if isinstance(self.sim, LorentzSimilarity) and self.sim.radius_text is not None:
-            out["geometry"] = hyperbolic_geometry(self.sim, g.caption_emb, g.caption_unsafe, g.image_emb, g.image_unsafe)
+            out["geometry"] = hyperbolic_geometry(
+                self.sim, g.caption_emb, g.caption_unsafe, g.image_emb, g.image_unsafe
+            )
         joint_too = [False] + ([True] if self.s.monitor.adaptive and "monitor" in parts and self.monitors else [])
         records = sample(list(range(len(g.records))), s.items, self.seed)
         if "query_image" in parts:
             variants = ["direct"] + ([v for v in s.image.variants if v != "direct"] if self.transformed else [])
-            for goal, positions in (("evade", g.image_unsafe.nonzero().flatten().tolist()), ("smuggle", (~g.image_unsafe).nonzero().flatten().tolist())):
+            for goal, positions in (
+                ("evade", g.image_unsafe.nonzero().flatten().tolist()),
+                ("smuggle", (~g.image_unsafe).nonzero().flatten().tolist()),
+            ):
                 chosen = sample(positions, s.items, self.seed)
                 pixels = load_pixels([g.images[i] for i in chosen], self.to_pixels)
                 for variant in variants:
                     threat = query_threat(self.sim, g.caption_emb, g.caption_unsafe, "image", variant, goal)
-                    for joint in (joint_too if variant == "direct" else [False]):
-                        attacks[threat.name + (" + monitor" if joint else "")] = self._logged(threat.name, joint, self.image_attack, threat, pixels, joint)
+                    for joint in joint_too if variant == "direct" else [False]:
+                        attacks[threat.name + (" + monitor" if joint else "")] = self._logged(
+                            threat.name, joint, self.image_attack, threat, pixels, joint
+                        )
         if "gallery_image" in parts:
             pixels = load_pixels([g.images[g.records[r]["G"]] for r in records], self.to_pixels)
-            for label, targets in (("safe query", [g.records[r]["S"] for r in records]), ("unsafe query", [g.records[r]["U"] for r in records]),
-                                   ("any query", None)):
-                threat = gallery_threat(self.sim, g.caption_emb, "text", g.image_emb, g.image_unsafe, targets, f"gallery ({label})")
+            for label, targets in (
+                ("safe query", [g.records[r]["S"] for r in records]),
+                ("unsafe query", [g.records[r]["U"] for r in records]),
+                ("any query", None),
+            ):
+                threat = gallery_threat(
+                    self.sim, g.caption_emb, "text", g.image_emb, g.image_unsafe, targets, f"gallery ({label})"
+                )
                 for joint in joint_too:
-                    attacks[threat.name + (" + monitor" if joint else "")] = self._logged(threat.name, joint, self.image_attack, threat, pixels, joint)
+                    attacks[threat.name + (" + monitor" if joint else "")] = self._logged(
+                        threat.name, joint, self.image_attack, threat, pixels, joint
+                    )
         with_scene = [r for r in records if isinstance(g.records[r]["scene"], Mapping)]
         items = [(g.captions[g.records[r]["U"]], g.records[r]["scene"]) for r in with_scene]
         if {"text", "heldout", "text_gallery"} & set(parts) and not items:
@@ -269,16 +365,27 @@ class ModelSuite:
         if "text" in parts:
             threat = query_threat(self.sim, g.image_emb, g.image_unsafe, "text", name="phrasing search")
             for joint in joint_too:
-                attacks[threat.name + (" + monitor" if joint else "")] = self._logged(threat.name, joint, self.text_attack, threat, items, s.text.budget, "search", joint)
+                attacks[threat.name + (" + monitor" if joint else "")] = self._logged(
+                    threat.name, joint, self.text_attack, threat, items, s.text.budget, "search", joint
+                )
         if "heldout" in parts:
             threat = query_threat(self.sim, g.image_emb, g.image_unsafe, "text", name="held-out phrasings")
-            attacks[threat.name] = self._logged(threat.name, False, self.text_attack, threat, items, s.text.heldout_budget, "heldout")
+            attacks[threat.name] = self._logged(
+                threat.name, False, self.text_attack, threat, items, s.text.heldout_budget, "heldout"
+            )
         if "text_gallery" in parts:
-            for label, targets in (("safe image query", [g.records[r]["V"] for r in with_scene]),
-                                   ("unsafe image query", [g.records[r]["G"] for r in with_scene]), ("any query", None)):
-                threat = gallery_threat(self.sim, g.image_emb, "image", g.caption_emb, g.caption_unsafe, targets, f"text gallery ({label})")
+            for label, targets in (
+                ("safe image query", [g.records[r]["V"] for r in with_scene]),
+                ("unsafe image query", [g.records[r]["G"] for r in with_scene]),
+                ("any query", None),
+            ):
+                threat = gallery_threat(
+                    self.sim, g.image_emb, "image", g.caption_emb, g.caption_unsafe, targets, f"text gallery ({label})"
+                )
                 for joint in joint_too:
-                    attacks[threat.name + (" + monitor" if joint else "")] = self._logged(threat.name, joint, self.text_attack, threat, items, s.text.budget, "search", joint)
+                    attacks[threat.name + (" + monitor" if joint else "")] = self._logged(
+                        threat.name, joint, self.text_attack, threat, items, s.text.budget, "search", joint
+                    )
         return out
 
     @staticmethod

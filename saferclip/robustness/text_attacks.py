@@ -27,8 +27,9 @@ search (:meth:`TextAttackSummary.summary`).
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -205,7 +206,9 @@ def attack_caption(
     return TextAttack(original, best_text, queries, first > 0, best_margin > 0, first, best_margin)
 
 
-def margin_scorer(encode: Callable[[list[str]], Tensor], similarity, images: Tensor, unsafe: Tensor) -> Callable[[list[str]], Tensor]:
+def margin_scorer(
+    encode: Callable[[list[str]], Tensor], similarity, images: Tensor, unsafe: Tensor
+) -> Callable[[list[str]], Tensor]:
     """``score(captions) -> [n]`` margins of caption queries against image embeddings
     ``images [G, D]`` (``unsafe [G]``), through the model's similarity (a safe-mode HySAC
     model traverses the caption query)."""
@@ -213,7 +216,9 @@ def margin_scorer(encode: Callable[[list[str]], Tensor], similarity, images: Ten
     return embedding_scorer(encode, lambda e: unsafe_margin(similarity.scores(e, images, "text"), unsafe))
 
 
-def embedding_scorer(encode: Callable[[list[str]], Tensor], objective: Callable[[Tensor], Tensor]) -> Callable[[list[str]], Tensor]:
+def embedding_scorer(
+    encode: Callable[[list[str]], Tensor], objective: Callable[[Tensor], Tensor]
+) -> Callable[[list[str]], Tensor]:
     """``score(captions) -> [n]``: ``objective`` of the captions' embeddings (no gradient)."""
 
     def score(texts: list[str]) -> Tensor:
@@ -240,8 +245,10 @@ class TextAttackSummary:
             "num_items": len(self.attacks),
             "num_targets": len(targets),
             "success_rate": rate_interval(after[~before]),
-            "by_budget": {str(b): rate_interval(torch.tensor([a.succeeded and a.queries <= b for a in targets], dtype=torch.bool))
-                          for b in budgets},
+            "by_budget": {
+                str(b): rate_interval(torch.tensor([a.succeeded and a.queries <= b for a in targets], dtype=torch.bool))
+                for b in budgets
+            },
             "unsafe_rate_before": rate_interval(before),
             "unsafe_rate_after": rate_interval(after),
             "median_queries": statistics.median(won) if won else None,

@@ -29,8 +29,8 @@ Gallery side (the attacker controls an unsafe gallery item, e.g. an uploaded ima
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -71,11 +71,20 @@ def effective_queries(similarity: Similarity, queries: Tensor, modality: str) ->
 def on_radius(similarity: LorentzSimilarity, x: Tensor, modality: str) -> Tensor:
     """Each point moved along its own geodesic from the origin to the safe radius."""
     v = lorentz.logmap0(x, similarity.curvature)
-    return lorentz.expmap0(v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6) * similarity.radius(modality), similarity.curvature)
+    return lorentz.expmap0(
+        v / v.norm(dim=-1, keepdim=True).clamp_min(1e-6) * similarity.radius(modality), similarity.curvature
+    )
 
 
-def query_threat(similarity: Similarity, gallery: Tensor, unsafe: Tensor, modality: str, variant: str = "direct",
-                 name: str = "query", starts_per_item: int = 4) -> Threat:
+def query_threat(
+    similarity: Similarity,
+    gallery: Tensor,
+    unsafe: Tensor,
+    modality: str,
+    variant: str = "direct",
+    name: str = "query",
+    starts_per_item: int = 4,
+) -> Threat:
     """The query's top-1 among ``gallery [G, D]`` (``unsafe [G]``) becomes unsafe (module docstring)."""
     if variant not in QUERY_VARIANTS:
         raise ValueError(f"variant must be one of {QUERY_VARIANTS}, got {variant!r}")
@@ -87,7 +96,9 @@ def query_threat(similarity: Similarity, gallery: Tensor, unsafe: Tensor, modali
     if variant == "pre_traversal":
         objective = lambda e, idx: unsafe_margin(plain(similarity).scores(e.float(), gallery), unsafe)  # noqa: E731
     elif variant == "direction":
-        objective = lambda e, idx: unsafe_margin(plain(similarity).scores(on_radius(similarity, e.float(), modality), gallery), unsafe)  # noqa: E731
+        objective = lambda e, idx: unsafe_margin(  # noqa: E731
+            plain(similarity).scores(on_radius(similarity, e.float(), modality), gallery), unsafe
+        )
     else:
         objective = through
     unsafe_items = gallery[unsafe]
@@ -101,8 +112,16 @@ def query_threat(similarity: Similarity, gallery: Tensor, unsafe: Tensor, modali
     return Threat(f"{name} ({variant})" if variant != "direct" else name, modality, "query", objective, through, starts)
 
 
-def gallery_threat(similarity: Similarity, queries: Tensor, query_modality: str, gallery: Tensor, unsafe: Tensor,
-                   targets: Tensor | None, name: str = "gallery", starts_per_item: int = 4) -> Threat:
+def gallery_threat(
+    similarity: Similarity,
+    queries: Tensor,
+    query_modality: str,
+    gallery: Tensor,
+    unsafe: Tensor,
+    targets: Tensor | None,
+    name: str = "gallery",
+    starts_per_item: int = 4,
+) -> Threat:
     """An attacked unsafe gallery item becomes a query's top-1 (module docstring).
 
     ``queries [M, D]`` (their embeddings before any traversal; their modality ``query_modality``),

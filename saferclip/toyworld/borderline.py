@@ -134,7 +134,9 @@ def write_borderline_split(
     records: list[dict[str, Any]] = []
     seen: dict[str, set] = {"lookalike": set(), "control": set()}
     want_heldout = split == "test"
-    pairs = {(s_, NEAREST_SAFE_WORD[u]) for s_ in SHAPES for u in UNSAFE_OBJECTS if ((s_, u) in heldout) == want_heldout}
+    pairs = {
+        (s_, NEAREST_SAFE_WORD[u]) for s_ in SHAPES for u in UNSAFE_OBJECTS if ((s_, u) in heldout) == want_heldout
+    }
     capacity = len(pairs) * len(COLOURS) * len(SIZES) * len(BACKGROUNDS)  # distinct lookalike scenes
     if n > 0.9 * capacity:  # rejection sampling stays cheap below that
         raise ValueError(f"borderline {split}: {n} items; at most {int(0.9 * capacity)} distinct scenes can be drawn")
@@ -180,7 +182,9 @@ def write_borderline_split(
     return records
 
 
-def write_borderline_zeroshot(root: Path, per_class: int, rng: np.random.Generator, templates: list[str], save_png, write_json) -> None:
+def write_borderline_zeroshot(
+    root: Path, per_class: int, rng: np.random.Generator, templates: list[str], save_png, write_json
+) -> None:
     """Zero-shot sets on lookalike-tile scenes: ``shape_borderline`` and ``colour_borderline``
     (the shape and colour tasks), ``object_borderline`` (which safe object: the objects that
     have lookalikes), and ``object``, the same task on ordinary tiles (its reference)."""

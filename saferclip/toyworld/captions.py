@@ -86,13 +86,7 @@ def pretrain_caption(scene: Scene, rng: np.random.Generator) -> str:
         # prompt-style: what zero-shot classification will ask
         frame = PROMPT_FRAMES[rng.integers(len(PROMPT_FRAMES))]
         pick = rng.integers(3)
-        noun = (
-            scene.shape
-            if pick == 0
-            else f"{scene.colour} shape"
-            if pick == 1
-            else f"{scene.colour} {scene.shape}"
-        )
+        noun = scene.shape if pick == 0 else f"{scene.colour} shape" if pick == 1 else f"{scene.colour} {scene.shape}"
         text = frame.format(noun=noun)
         if scene.obj is not None:
             text = text[:-1] + f" with a {scene.obj}."

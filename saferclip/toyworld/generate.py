@@ -36,9 +36,10 @@ import csv
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -73,8 +74,17 @@ class ToySizes:
 
 
 SMALL_SIZES = ToySizes(
-    train=96, validation=24, test=24, nsfw_caps=40, nsfw_caps_validation=16, zeroshot_per_class=3, scene_per_class=1, distractors=24,
-    borderline_train=12, borderline_validation=6, borderline_test=12,
+    train=96,
+    validation=24,
+    test=24,
+    nsfw_caps=40,
+    nsfw_caps_validation=16,
+    zeroshot_per_class=3,
+    scene_per_class=1,
+    distractors=24,
+    borderline_train=12,
+    borderline_validation=6,
+    borderline_test=12,
 )
 
 
@@ -131,7 +141,9 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def _write_nsfw_caps(root: Path, n: int, rng: np.random.Generator, table: str = "nsfw_caps.csv", folder: str = "") -> None:
+def _write_nsfw_caps(
+    root: Path, n: int, rng: np.random.Generator, table: str = "nsfw_caps.csv", folder: str = ""
+) -> None:
     """Minimal edits in phrasings never used for fine-tuning: only the object word changes.
     ``table`` under ``nsfw_caps/``; images under ``nsfw_caps/<folder>/images`` and
     ``.../nsfw_images`` (``nsfw_image_path`` relative to ``nsfw_caps/<folder>``)."""
@@ -231,7 +243,11 @@ def ensure_toy_world(data_cfg: Mapping[str, Any]) -> None:
 
 
 def make_toy_world(
-    root: str | os.PathLike, seed: int = 0, sizes: ToySizes = ToySizes(), force: bool = False, pairing: str = DEFAULT_PAIRING
+    root: str | os.PathLike,
+    seed: int = 0,
+    sizes: ToySizes = ToySizes(),
+    force: bool = False,
+    pairing: str = DEFAULT_PAIRING,
 ) -> Path:
     """Generate the toy world under ``root`` with pairs made by the preset ``pairing``
     (:data:`saferclip.toyworld.pairing.PAIRINGS`) and return it.
@@ -271,7 +287,12 @@ def make_toy_world(
         except json.JSONDecodeError:
             pass
     if older_toy_world:
-        log.warning("%s holds toy world version %s; regenerating version %s", root, found.get("generator_version"), GENERATOR_VERSION)
+        log.warning(
+            "%s holds toy world version %s; regenerating version %s",
+            root,
+            found.get("generator_version"),
+            GENERATOR_VERSION,
+        )
     elif root.exists() and any(root.iterdir()) and not force:
         raise FileExistsError(
             f"{root} exists and holds something other than this toy world (seed {seed}, pairing {preset.name}); "
@@ -319,7 +340,9 @@ def _generate(root: Path, seed: int, sizes: ToySizes, pairing: Pairing) -> None:
     _write_nsfw_caps(root, sizes.nsfw_caps_validation, rngs[8], table="validation.csv", folder="validation")
 
 
-def _write_borderline(root: Path, sizes: ToySizes, split_stream: np.random.SeedSequence, zeroshot_rng: np.random.Generator) -> None:
+def _write_borderline(
+    root: Path, sizes: ToySizes, split_stream: np.random.SeedSequence, zeroshot_rng: np.random.Generator
+) -> None:
     from .borderline import write_borderline_split, write_borderline_zeroshot
 
     held = heldout_combinations()

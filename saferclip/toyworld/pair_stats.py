@@ -78,18 +78,30 @@ def measure_pair_stats(root: str | Path, bundle: Any = None, batch_size: int = 5
     manifest = json.loads((root / "manifest.json").read_text())
     if bundle is None:
         bundle = build_clip("saferclip-toy", str(default_base_checkpoint()))
-    train = load_visu_json(root / "visu" / "train.json", image_root=root / "visu", unsafe_image_root=root / "visu", split_dir="train2017", image_ext=".png")
+    train = load_visu_json(
+        root / "visu" / "train.json",
+        image_root=root / "visu",
+        unsafe_image_root=root / "visu",
+        split_dir="train2017",
+        image_ext=".png",
+    )
 
     def images(paths: list[Path]) -> torch.Tensor:
         return encode_images(bundle, torch.stack([bundle.preprocess(load_image(p)) for p in paths]), batch_size)
 
     with torch.no_grad():
-        text = modality_stats(encode_text(bundle, train.unsafe_captions, batch_size), encode_text(bundle, train.safe_captions, batch_size))
+        text = modality_stats(
+            encode_text(bundle, train.unsafe_captions, batch_size), encode_text(bundle, train.safe_captions, batch_size)
+        )
         image = modality_stats(images([q.unsafe_image for q in train]), images([q.safe_image for q in train]))
     from ..evaluation.retrieval import evaluate_visu
 
     validation = load_visu_json(
-        root / "visu" / "validation.json", image_root=root / "visu", unsafe_image_root=root / "visu", split_dir="val2017", image_ext=".png"
+        root / "visu" / "validation.json",
+        image_root=root / "visu",
+        unsafe_image_root=root / "visu",
+        split_dir="val2017",
+        image_ext=".png",
     )
     figures = evaluate_visu(bundle, validation, batch_size=batch_size, progress=False, ks=(1,), unsafe_ks=(1,))
     return {

@@ -25,8 +25,9 @@ unsafe concepts and safe captions under every preset: presets differ in the edit
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,12 @@ from .captions import TRAIN_FRAMES, TRAIN_OBJ, caption
 from .scene import BACKGROUNDS, COLOURS, SAFE_OBJECTS, SHAPES, SIZES, UNSAFE_OBJECTS, Scene, random_scene
 
 ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "size", "background")
-_VALUES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "colour": tuple(COLOURS), "size": SIZES, "background": tuple(BACKGROUNDS)}
+_VALUES: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "size": SIZES,
+    "background": tuple(BACKGROUNDS),
+}
 UNSAFE = tuple(UNSAFE_OBJECTS)
 
 
@@ -180,10 +186,19 @@ def make_pair(
     frame_kept = rng.random() < pairing.keep_frame
     safe_seed, rephrase_seed = (int(s) for s in rng.integers(2**31, size=2))
     unnamed_size = SIZES[int(rng.integers(len(SIZES)))]
-    described = Scene(attrs["shape"], attrs["colour"], attrs["size"], attrs["background"], obj, safe.quadrant if layout_kept else own_quadrant)
+    described = Scene(
+        attrs["shape"],
+        attrs["colour"],
+        attrs["size"],
+        attrs["background"],
+        obj,
+        safe.quadrant if layout_kept else own_quadrant,
+    )
     safe_caption = caption(safe, np.random.default_rng(safe_seed), TRAIN_FRAMES, TRAIN_OBJ)
     # the same caption stream gives the same frame and object phrasing: a kept frame
-    unsafe_caption = caption(described, np.random.default_rng(safe_seed if frame_kept else rephrase_seed), TRAIN_FRAMES, TRAIN_OBJ)
+    unsafe_caption = caption(
+        described, np.random.default_rng(safe_seed if frame_kept else rephrase_seed), TRAIN_FRAMES, TRAIN_OBJ
+    )
     shown = described
     if pairing.caption_only_image and described.size not in unsafe_caption.split():
         # the caption does not say the size: a generator that only sees the caption picks one
@@ -191,4 +206,14 @@ def make_pair(
     return Pair(safe, shown, safe_caption, unsafe_caption)
 
 
-__all__ = ["ATTRIBUTES", "DEFAULT_PAIRING", "PAIRINGS", "Pair", "Pairing", "get_pairing", "make_pair", "safe_scene_key", "unsafe_choices"]
+__all__ = [
+    "ATTRIBUTES",
+    "DEFAULT_PAIRING",
+    "PAIRINGS",
+    "Pair",
+    "Pairing",
+    "get_pairing",
+    "make_pair",
+    "safe_scene_key",
+    "unsafe_choices",
+]

@@ -75,7 +75,9 @@ def quick_zero_shot(model, tokenizer, rng: np.random.Generator, per_class: int =
     model.eval()
     templates = ["a photo of a {}.", "a {}."]
     tasks = {
-        "shape": [(s, lambda sc, s=s: Scene(s, sc.colour, sc.size, sc.background, sc.obj, sc.quadrant)) for s in SHAPES],
+        "shape": [
+            (s, lambda sc, s=s: Scene(s, sc.colour, sc.size, sc.background, sc.obj, sc.quadrant)) for s in SHAPES
+        ],
         "colour": [
             (f"{c} shape", lambda sc, c=c: Scene(sc.shape, c, sc.size, sc.background, sc.obj, sc.quadrant))
             for c in COLOURS
@@ -148,7 +150,9 @@ def pretrain(cfg: PretrainConfig, out_path: Path) -> dict:
                 model.logit_scale.clamp_(0, math.log(100))
             running += loss.item()
             step += 1
-        log.info("epoch %d/%d loss %.4f (%.0f s)", epoch + 1, cfg.epochs, running / steps_per_epoch, time.time() - start)
+        log.info(
+            "epoch %d/%d loss %.4f (%.0f s)", epoch + 1, cfg.epochs, running / steps_per_epoch, time.time() - start
+        )
     model.eval()
     seconds = time.time() - start
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}

@@ -48,9 +48,18 @@ def make_rehearsal_world(
     """Write the rehearsal world (see the module docstring) under ``root``; reused when the same
     sizes and seed are already there; atomic."""
     if min(train, validation, test) < 1 or size < 32:
-        raise ConfigError(f"rehearsal world: splits need >= 1 item and size >= 32, got {train}/{validation}/{test}, {size}")
+        raise ConfigError(
+            f"rehearsal world: splits need >= 1 item and size >= 32, got {train}/{validation}/{test}, {size}"
+        )
     root = Path(root)
-    manifest = {"rehearsal_world": 2, "pairing": DEFAULT_PAIRING, "seed": seed, "sizes": [train, validation, test], "size": size, "quality": quality}
+    manifest = {
+        "rehearsal_world": 2,
+        "pairing": DEFAULT_PAIRING,
+        "seed": seed,
+        "sizes": [train, validation, test],
+        "size": size,
+        "quality": quality,
+    }
     if (root / "manifest.json").is_file() and json.loads((root / "manifest.json").read_text()) == manifest:
         return root
     with atomic_folder(root, replace=force) as out, tempfile.TemporaryDirectory(dir=root.parent) as scratch:
@@ -61,13 +70,19 @@ def make_rehearsal_world(
             for r in records:
                 coco = out / "coco" / SPLIT_DIRS[split] / f"{r['coco_id']:012d}.jpg"
                 if not coco.exists():
-                    src = next(small / d / f"{r['coco_id']:012d}.png" for d in ("train2017", "val2017", "test2017")
-                                if (small / d / f"{r['coco_id']:012d}.png").exists())
+                    src = next(
+                        small / d / f"{r['coco_id']:012d}.png"
+                        for d in ("train2017", "val2017", "test2017")
+                        if (small / d / f"{r['coco_id']:012d}.png").exists()
+                    )
                     _to_jpeg(src, coco, size, quality)
                 nsfw = r["nsfw_im_path"].replace(".png", ".jpg")
                 _to_jpeg(small / r["nsfw_im_path"], out / "visu_images" / nsfw, size, quality)
                 r["nsfw_im_path"] = nsfw
-            payload = {"info": {"description": "saferclip rehearsal world (toy scenes at real size)"}, "data": {str(i): r for i, r in enumerate(records)}}
+            payload = {
+                "info": {"description": "saferclip rehearsal world (toy scenes at real size)"},
+                "data": {str(i): r for i, r in enumerate(records)},
+            }
             (out / "visu").mkdir(exist_ok=True)
             (out / "visu" / f"{split}.json").write_text(json.dumps(payload) + "\n")
             shutil.rmtree(small, ignore_errors=True)

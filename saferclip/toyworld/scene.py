@@ -70,14 +70,14 @@ class Scene:
     def unsafe(self) -> bool:
         return is_unsafe_object(self.obj)
 
-    def with_object(self, obj: str | None) -> "Scene":
+    def with_object(self, obj: str | None) -> Scene:
         return replace(self, obj=obj)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Scene":
+    def from_dict(cls, d: dict) -> Scene:
         return cls(**d)
 
 

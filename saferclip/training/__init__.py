@@ -16,4 +16,12 @@ from .contrastive import infonce
 from .datasets import RedirectionDataset, ValidationDataset, collate_items
 from .losses import TERM_NAMES, LossConfig, SaferClipLoss
 
-__all__ = ["TERM_NAMES", "LossConfig", "RedirectionDataset", "SaferClipLoss", "ValidationDataset", "collate_items", "infonce"]
+__all__ = [
+    "TERM_NAMES",
+    "LossConfig",
+    "RedirectionDataset",
+    "SaferClipLoss",
+    "ValidationDataset",
+    "collate_items",
+    "infonce",
+]

@@ -31,8 +31,9 @@ Lightning modules (:mod:`saferclip.app.engine.module`) call :class:`AdversarialT
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,7 @@ class AdversarialConfig:
     seed: int = 0
 
     @classmethod
-    def of(cls, values: Mapping[str, Any] | None) -> "AdversarialConfig":
+    def of(cls, values: Mapping[str, Any] | None) -> AdversarialConfig:
         """The checked section; a wrong key or value raises :class:`ConfigError` in one line naming it."""
         values = dict(values or {})
         known = {f.name for f in fields(cls)}
@@ -81,21 +82,33 @@ class AdversarialConfig:
                 raise ConfigError(f"method.adversarial.{key} must be true or false, got {values[key]!r}")
         for key, low, high in (("epsilon_255", 0.0, 255.0), ("text_epsilon", 0.0, 100.0), ("weight", 0.0, 1e6)):
             if key in values and not _number_in(values[key], low, high):
-                raise ConfigError(f"method.adversarial.{key} must be a number in [{low:g}, {high:g}], got {values[key]!r}")
-        if "steps" in values and not (isinstance(values["steps"], int) and not isinstance(values["steps"], bool) and 1 <= values["steps"] <= 100):
+                raise ConfigError(
+                    f"method.adversarial.{key} must be a number in [{low:g}, {high:g}], got {values[key]!r}"
+                )
+        if "steps" in values and not (
+            isinstance(values["steps"], int) and not isinstance(values["steps"], bool) and 1 <= values["steps"] <= 100
+        ):
             raise ConfigError(f"method.adversarial.steps must be an integer in [1, 100], got {values['steps']!r}")
         size = values.get("step_size_255")
         if size is not None and not (_number_in(size, 0.0, 255.0) and size > 0):
             raise ConfigError(f"method.adversarial.step_size_255 must be null or a number in (0, 255], got {size!r}")
         if "text_attack" in values and values["text_attack"] not in TEXT_ATTACKS:
-            raise ConfigError(f"method.adversarial.text_attack must be one of {list(TEXT_ATTACKS)}, got {values['text_attack']!r}")
-        if "seed" in values and not (isinstance(values["seed"], int) and not isinstance(values["seed"], bool) and values["seed"] >= 0):
+            raise ConfigError(
+                f"method.adversarial.text_attack must be one of {list(TEXT_ATTACKS)}, got {values['text_attack']!r}"
+            )
+        if "seed" in values and not (
+            isinstance(values["seed"], int) and not isinstance(values["seed"], bool) and values["seed"] >= 0
+        ):
             raise ConfigError(f"method.adversarial.seed must be an integer >= 0, got {values['seed']!r}")
         config = cls(**values)
         if config.enabled and not config.images and config.text_attack == "none" and not config.preserve_safe:
-            raise ConfigError("method.adversarial: enabled, but images=false, text_attack=none and preserve_safe=false attack nothing")
+            raise ConfigError(
+                "method.adversarial: enabled, but images=false, text_attack=none and preserve_safe=false attack nothing"
+            )
         if config.enabled and config.weight == 0:
-            raise ConfigError("method.adversarial.weight is 0: the attacked items would not train anything; set enabled=false instead")
+            raise ConfigError(
+                "method.adversarial.weight is 0: the attacked items would not train anything; set enabled=false instead"
+            )
         return config
 
     @property
@@ -113,13 +126,22 @@ class AdversarialConfig:
 
     def attacked(self, available: set[str]) -> list[str]:
         """The items one step attacks, among the loss inputs a batch provides."""
-        wanted = {"unsafe_image": self.images, "unsafe_text": self.text_attack != "none",
-                  "safe_image": self.preserve_safe and self.images, "safe_text": self.preserve_safe and self.text_attack != "none"}
+        wanted = {
+            "unsafe_image": self.images,
+            "unsafe_text": self.text_attack != "none",
+            "safe_image": self.preserve_safe and self.images,
+            "safe_text": self.preserve_safe and self.text_attack != "none",
+        }
         return [k for k in ATTACKABLE if wanted[k] and k in available]
 
 
 def _number_in(value: Any, low: float, high: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and low <= value <= high
+    )
 
 
 # ----------------------------------------------------------------------------- randomness per item
@@ -142,7 +164,7 @@ class PixelSpace:
     std: Tensor  # [3]
 
     @classmethod
-    def of(cls, preprocess: Callable) -> "PixelSpace":
+    def of(cls, preprocess: Callable) -> PixelSpace:
         _, mean, std = split_normalisation(preprocess)
         return cls(mean, std)
 
@@ -162,8 +184,15 @@ def content_positions(tokens: Tensor) -> Tensor:
     return mask
 
 
-def token_pgd(objective: Callable[[Tensor], Tensor], mask: Tensor, width: int, radius: float, step_size: float, steps: int,
-              start: Tensor | None = None) -> Tensor:
+def token_pgd(
+    objective: Callable[[Tensor], Tensor],
+    mask: Tensor,
+    width: int,
+    radius: float,
+    step_size: float,
+    steps: int,
+    start: Tensor | None = None,
+) -> Tensor:
     """Maximise ``objective(offset) [B]`` over token-embedding offsets ``[B, L, width]`` with each
     position's L2 norm ≤ ``radius`` and zero outside ``mask [B, L]``: ``steps`` steps of length
     ``step_size`` along each position's normalised gradient, projected back into the ball
@@ -201,11 +230,15 @@ def _gallery(parts: list[Tensor | None], gather: Gather | None) -> tuple[Tensor,
     if safe is None or unsafe is None:
         return None
     safe, unsafe = gathered(safe.detach().float(), gather), gathered(unsafe.detach().float(), gather)
-    flags = torch.cat([torch.zeros(len(safe), dtype=torch.bool), torch.ones(len(unsafe), dtype=torch.bool)]).to(safe.device)
+    flags = torch.cat([torch.zeros(len(safe), dtype=torch.bool), torch.ones(len(unsafe), dtype=torch.bool)]).to(
+        safe.device
+    )
     return torch.cat([safe, unsafe]), flags
 
 
-def euclidean_objectives(clean: Mapping[str, Tensor], frozen: Mapping[str, Tensor], gather: Gather | None = None) -> dict[str, Objective]:
+def euclidean_objectives(
+    clean: Mapping[str, Tensor], frozen: Mapping[str, Tensor], gather: Gather | None = None
+) -> dict[str, Objective]:
     """What each attacked item of a cosine-similarity model maximises (all embeddings L2-normalised):
 
     * ``unsafe_image``: the unsafe margin against the batch's captions (best unsafe-caption
@@ -230,7 +263,9 @@ def euclidean_objectives(clean: Mapping[str, Tensor], frozen: Mapping[str, Tenso
     return out
 
 
-def batch_radii(clean: Mapping[str, Tensor], curvature: Tensor | float, percentile: float, gather: Gather | None = None) -> dict[str, Tensor]:
+def batch_radii(
+    clean: Mapping[str, Tensor], curvature: Tensor | float, percentile: float, gather: Gather | None = None
+) -> dict[str, Tensor]:
     """The safe radius per modality from the batch's (gathered) clean safe items: the
     ``percentile`` of their distances from the origin, detached (what the export computes on
     the training split, here per step)."""
@@ -242,8 +277,9 @@ def batch_radii(clean: Mapping[str, Tensor], curvature: Tensor | float, percenti
     return out
 
 
-def hyperbolic_objectives(clean: Mapping[str, Tensor], curvature: Tensor | float, radii: Mapping[str, Tensor],
-                          gather: Gather | None = None) -> dict[str, Objective]:
+def hyperbolic_objectives(
+    clean: Mapping[str, Tensor], curvature: Tensor | float, radii: Mapping[str, Tensor], gather: Gather | None = None
+) -> dict[str, Objective]:
     """What each attacked item of a HySAC model (points of the hyperboloid) maximises:
 
     * ``unsafe_image`` — the gallery attack: for the item's own unsafe caption, traversed to the
@@ -297,8 +333,14 @@ class AdversarialTraining:
         self.config, self.pixels = config, pixels
         self.token_width, self.token_unit = token_width, token_unit
 
-    def attack(self, encoders: Encoders, batch: Mapping[str, Tensor], objectives: Mapping[str, Objective], step: int,
-               kinds: list[str]) -> dict[str, Tensor]:
+    def attack(
+        self,
+        encoders: Encoders,
+        batch: Mapping[str, Tensor],
+        objectives: Mapping[str, Objective],
+        step: int,
+        kinds: list[str],
+    ) -> dict[str, Tensor]:
         """The attacked items' embeddings ``{kind: [B, D]}``, with gradients for the outer step.
         ``kinds``: the items to attack (each needs its batch input and an objective)."""
         cfg, out = self.config, {}
@@ -312,16 +354,31 @@ class AdversarialTraining:
                 x = batch[kind]
                 pixels = self.pixels.to_pixels(x.float())
                 start = item_noise(index, tuple(pixels.shape[1:]), seed, step).to(pixels) if cfg.random_start else None
-                adv = pgd(lambda p: objective(encoders.image(self.pixels.normalise(p).to(x.dtype))), pixels, cfg.epsilon,
-                          cfg.step_size, cfg.steps, random_start=cfg.random_start, keep_best=False, start=start)
+                adv = pgd(
+                    lambda p: objective(encoders.image(self.pixels.normalise(p).to(x.dtype))),
+                    pixels,
+                    cfg.epsilon,
+                    cfg.step_size,
+                    cfg.steps,
+                    random_start=cfg.random_start,
+                    keep_best=False,
+                    start=start,
+                )
                 out[kind] = encoders.image(self.pixels.normalise(adv).to(x.dtype))
             else:
                 tokens = batch[kind]
                 mask = content_positions(tokens)
                 radius = cfg.text_epsilon * self.token_unit
                 start = item_noise(index, (tokens.shape[1], self.token_width), seed, step) if cfg.random_start else None
-                delta = token_pgd(lambda d: objective(encoders.text(tokens, d.to(tokens.device))), mask, self.token_width, radius,
-                                  cfg.text_step_size * self.token_unit, cfg.steps, start)
+                delta = token_pgd(
+                    lambda d: objective(encoders.text(tokens, d.to(tokens.device))),
+                    mask,
+                    self.token_width,
+                    radius,
+                    cfg.text_step_size * self.token_unit,
+                    cfg.steps,
+                    start,
+                )
                 out[kind] = encoders.text(tokens, delta.to(tokens.device))
         return out
 
@@ -331,8 +388,13 @@ def touched_terms(active: list[str], term_inputs: Mapping[str, tuple[str, ...]],
     return [t for t in active if set(term_inputs[t]) & attacked]
 
 
-def adversarial_terms(loss, inputs: Mapping[str, Tensor | None], attacked: Mapping[str, Tensor], weight: float,
-                      gather: Gather | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def adversarial_terms(
+    loss,
+    inputs: Mapping[str, Tensor | None],
+    attacked: Mapping[str, Tensor],
+    weight: float,
+    gather: Gather | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """SafeR-CLIP / Safe-CLIP: the method's own terms that read an attacked item, on the attacked
     embeddings (``adv_<term>``); returns ``(weight × their weighted sum, terms)``."""
     given = {k: v for k, v in {**inputs, **attacked}.items() if v is not None}
@@ -343,8 +405,15 @@ def adversarial_terms(loss, inputs: Mapping[str, Tensor | None], attacked: Mappi
     return weight * total, {f"adv_{k}": v for k, v in values.items()}
 
 
-def hysac_adversarial_terms(loss, head, points: Mapping[str, Tensor], attacked: Mapping[str, Tensor], radii: Mapping[str, Tensor],
-                            weight: float, gather: Gather | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def hysac_adversarial_terms(
+    loss,
+    head,
+    points: Mapping[str, Tensor],
+    attacked: Mapping[str, Tensor],
+    radii: Mapping[str, Tensor],
+    weight: float,
+    gather: Gather | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """HySAC: its own terms that read an attacked item, on the attacked points, and the radius
     terms ``adv_radius_<modality>`` = mean ReLU(r − d(0, x)) of the attacked unsafe items (an
     unsafe gallery item pulled inside the safe radius is what a traversed query reaches)."""

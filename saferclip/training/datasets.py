@@ -8,8 +8,8 @@ themselves (:class:`~saferclip.redirection.targets.RedirectionTargets`) are chos
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils.data import Dataset, default_collate
@@ -117,7 +117,12 @@ class ValidationDataset(Dataset):
     ``unsafe_image``, and ``owner`` (items sharing a safe image share the index of the first)."""
 
     def __init__(
-        self, qset: QuadrupletSet, tokenizer, preprocess, memo_images: bool = False, image_shards: ImageShards | None = None
+        self,
+        qset: QuadrupletSet,
+        tokenizer,
+        preprocess,
+        memo_images: bool = False,
+        image_shards: ImageShards | None = None,
     ):
         self.inner = RedirectionDataset(
             qset,

@@ -31,8 +31,9 @@ content and orders it, it does not redirect it.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Collection, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -89,7 +90,7 @@ class HysacLossConfig:
             raise ValueError("every HySAC loss weight is 0: nothing to train")
 
     @classmethod
-    def from_method(cls, method: Mapping[str, Any]) -> "HysacLossConfig":
+    def from_method(cls, method: Mapping[str, Any]) -> HysacLossConfig:
         loss = method.get("loss")
         if not isinstance(loss, Mapping) or not isinstance(loss.get("weights"), Mapping):
             raise ValueError("a method config needs a loss section with weights (see conf/method/hysac.yaml)")
@@ -142,8 +143,12 @@ class HysacLoss(nn.Module):
             for term in computed:
                 a, b = (x[name] for name in HYSAC_TERM_INPUTS[term])
                 if term.startswith("contrastive"):
-                    terms[term] = infonce(a, b, logit_scale=scale, gather=gather, rank=self.rank, pairwise=negative_distance)
+                    terms[term] = infonce(
+                        a, b, logit_scale=scale, gather=gather, rank=self.rank, pairwise=negative_distance
+                    )
                 else:
                     terms[term] = lorentz.entailment_loss(a, b, curvature, k)
-            total = sum((self.config.weights[t] * v for t, v in terms.items()), torch.zeros((), device=device)) / len(active)
+            total = sum((self.config.weights[t] * v for t, v in terms.items()), torch.zeros((), device=device)) / len(
+                active
+            )
         return total, terms

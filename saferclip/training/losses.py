@@ -35,8 +35,9 @@ The cross-modal terms are InfoNCE (:mod:`.contrastive`: CLIP's symmetric loss, D
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Collection, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +95,14 @@ PAIR_WEIGHTED_TERMS = frozenset(
 LIVE_TERMS = ("live_relative_text", "live_relative_image")
 
 TRAINABLE_INPUTS = ("safe_text", "unsafe_text", "safe_image", "unsafe_image", "target_text", "target_image")
-FROZEN_INPUTS = ("frozen_safe_text", "frozen_unsafe_text", "frozen_safe_image", "frozen_unsafe_image", "frozen_target_text", "frozen_target_image")
+FROZEN_INPUTS = (
+    "frozen_safe_text",
+    "frozen_unsafe_text",
+    "frozen_safe_image",
+    "frozen_unsafe_image",
+    "frozen_target_text",
+    "frozen_target_image",
+)
 WEIGHT_INPUTS = ("target_weights", "pair_weight")
 INPUT_NAMES = TRAINABLE_INPUTS + FROZEN_INPUTS + WEIGHT_INPUTS
 
@@ -206,7 +214,7 @@ class LossWeights:
     live_relative_image: float = 0.0
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, float]) -> "LossWeights":
+    def from_mapping(cls, values: Mapping[str, float]) -> LossWeights:
         unknown = sorted(set(values) - set(TERM_NAMES))
         if unknown:
             raise ValueError(f"unknown loss term(s) {unknown}; known terms: {', '.join(TERM_NAMES)}")
@@ -247,7 +255,7 @@ class LossConfig:
             raise ValueError(f"logit_scale must be a positive number, got {self.logit_scale}")
 
     @classmethod
-    def from_method(cls, method: Mapping[str, Any]) -> "LossConfig":
+    def from_method(cls, method: Mapping[str, Any]) -> LossConfig:
         """The loss of a method config (``conf/method/<name>.yaml``, as a dict): its ``loss``
         section's ``weights``, ``tau``, ``logit_scale`` and ``normalize_weights``. The
         presets are the one place the methods' weights are written down."""
@@ -256,7 +264,9 @@ class LossConfig:
             raise ValueError("a method config needs a loss section with weights (see conf/method/*.yaml)")
         unknown = sorted(set(loss) - {"weights", "tau", "logit_scale", "normalize_weights"})
         if unknown:
-            raise ValueError(f"method.loss: unknown keys {unknown}; expected weights, tau, logit_scale, normalize_weights")
+            raise ValueError(
+                f"method.loss: unknown keys {unknown}; expected weights, tau, logit_scale, normalize_weights"
+            )
         return cls(
             weights=dict(loss["weights"]),
             tau=float(loss.get("tau", 1.0)),
@@ -419,9 +429,13 @@ class SaferClipLoss(nn.Module):
         if name == "xmodal_image_redirection":
             return nce(_centroid(x["frozen_target_text"], tw), x["unsafe_image"])
         if name == "relative_image":
-            return relative_redirection(x["unsafe_image"], x["frozen_target_text"], x["frozen_unsafe_text"], tau, pw, tw)
+            return relative_redirection(
+                x["unsafe_image"], x["frozen_target_text"], x["frozen_unsafe_text"], tau, pw, tw
+            )
         if name == "relative_text":
-            return relative_redirection(x["unsafe_text"], x["frozen_target_image"], x["frozen_unsafe_image"], tau, pw, tw)
+            return relative_redirection(
+                x["unsafe_text"], x["frozen_target_image"], x["frozen_unsafe_image"], tau, pw, tw
+            )
         if name == "live_relative_text":
             return relative_redirection(x["unsafe_text"], x["target_image"], x["unsafe_image"], tau, pw, tw)
         if name == "live_relative_image":

@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import ConfigError
 from ..model.adapters import LORA_TARGETS, TOWERS, TrainableConfig
@@ -42,7 +43,9 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"method.optimizer.lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+        if not (
+            isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0
+        ):
             raise ConfigError(f"method.optimizer.weight_decay must be >= 0, got {self.weight_decay!r}")
         if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
             raise ConfigError(f"method.optimizer.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
@@ -98,7 +101,17 @@ def _known(section: dict[str, Any], allowed: set[str], where: str) -> None:
 def method_config(method: Mapping[str, Any]) -> MethodConfig:
     """Check a method config (a plain dict, as the YAML presets hold it) and build its pieces;
     :class:`ConfigError` names the first wrong key."""
-    allowed = {"name", "targets", "neighbours", "curriculum", "loss", "trainable", "optimizer", "hyperbolic", "adversarial"}
+    allowed = {
+        "name",
+        "targets",
+        "neighbours",
+        "curriculum",
+        "loss",
+        "trainable",
+        "optimizer",
+        "hyperbolic",
+        "adversarial",
+    }
     _known(dict(method), allowed, "method")
     name = method.get("name")
     if name not in METHOD_NAMES:
@@ -138,9 +151,13 @@ def method_config(method: Mapping[str, Any]) -> MethodConfig:
     if trainable_cfg.mode not in TRAINABLE_MODES:
         raise ConfigError(f"method.trainable.mode must be one of {TRAINABLE_MODES}, got {trainable_cfg.mode!r}")
     if not trainable_cfg.towers or set(trainable_cfg.towers) - set(TOWERS):
-        raise ConfigError(f"method.trainable.towers must be a non-empty subset of {list(TOWERS)}, got {list(trainable_cfg.towers)}")
+        raise ConfigError(
+            f"method.trainable.towers must be a non-empty subset of {list(TOWERS)}, got {list(trainable_cfg.towers)}"
+        )
     if set(trainable_cfg.lora_targets) - set(LORA_TARGETS):
-        raise ConfigError(f"method.trainable.lora_targets must be some of {list(LORA_TARGETS)}, got {list(trainable_cfg.lora_targets)}")
+        raise ConfigError(
+            f"method.trainable.lora_targets must be some of {list(LORA_TARGETS)}, got {list(trainable_cfg.lora_targets)}"
+        )
     for key in ("lora_r", "last_n_blocks"):
         value = getattr(trainable_cfg, key)
         if not (isinstance(value, int) and value >= 1):
@@ -174,6 +191,16 @@ def method_config(method: Mapping[str, Any]) -> MethodConfig:
             raise ConfigError(f"method.neighbours: {e}") from None
     adversarial_cfg = AdversarialConfig.of(_section(method, "adversarial"))
     return MethodConfig(
-        name, targets, curriculum, loss, trainable_cfg, optimizer_cfg, neighbours_cfg, extra_pool, hyperbolic_cfg, pool_index_cfg,
-        adversarial_cfg, source=copy.deepcopy(dict(method)),
+        name,
+        targets,
+        curriculum,
+        loss,
+        trainable_cfg,
+        optimizer_cfg,
+        neighbours_cfg,
+        extra_pool,
+        hyperbolic_cfg,
+        pool_index_cfg,
+        adversarial_cfg,
+        source=copy.deepcopy(dict(method)),
     )

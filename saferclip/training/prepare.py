@@ -11,9 +11,10 @@ redirection layer below it imports nothing from above.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..data.records import QuadrupletSet
 from ..data.safe_corpus import load_safe_corpus
@@ -46,7 +47,6 @@ from .method import MethodConfig
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Prepared:
     """Everything the training data needs, built from the original model."""
@@ -74,7 +74,9 @@ def prepare(
     encoders run when the cache is built (the training GPU: a ViT-L/14 embedding a ViSU split
     on a CPU would take hours)."""
     if not isinstance(method, MethodConfig):  # a dict would skip the one schema check
-        raise TypeError(f"prepare takes the checked MethodConfig (saferclip.training.method.method_config), got {type(method).__name__}")
+        raise TypeError(
+            f"prepare takes the checked MethodConfig (saferclip.training.method.method_config), got {type(method).__name__}"
+        )
     config = method
     kind = config.targets
     train = load_split(data, "train")

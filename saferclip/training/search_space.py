@@ -20,8 +20,9 @@ The sampler is duck-typed (anything with Optuna's ``suggest_float`` / ``suggest_
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -55,7 +56,9 @@ def parse_search_space(space: Mapping[str, Any], where: str = "hparams_search.sp
     """The parameters of ``space`` in their written order, checked: a one-line ConfigError names
     the parameter and what was expected."""
     if not isinstance(space, Mapping) or not space:
-        raise ConfigError(f"{where} must be a non-empty mapping of parameter name -> {{keys, type, ...}}, got {space!r}")
+        raise ConfigError(
+            f"{where} must be a non-empty mapping of parameter name -> {{keys, type, ...}}, got {space!r}"
+        )
     params: list[SearchParam] = []
     for name, spec in space.items():
         at = f"{where}.{name}"
@@ -63,12 +66,16 @@ def parse_search_space(space: Mapping[str, Any], where: str = "hparams_search.sp
             raise ConfigError(f"{at} must be a mapping with keys, type and a range or choices, got {spec!r}")
         unknown = set(spec) - {"keys", "type", "low", "high", "log", "choices", "when"}
         if unknown:
-            raise ConfigError(f"{at}: unknown field(s) {sorted(unknown)}; expected keys, type, low, high, log, choices, when")
+            raise ConfigError(
+                f"{at}: unknown field(s) {sorted(unknown)}; expected keys, type, low, high, log, choices, when"
+            )
         keys = spec.get("keys")
         if isinstance(keys, str):
             keys = [keys]
         if not keys or not all(isinstance(k, str) and k for k in keys):
-            raise ConfigError(f"{at}.keys must be a list of training-config keys (e.g. [method.optimizer.lr]), got {keys!r}")
+            raise ConfigError(
+                f"{at}.keys must be a list of training-config keys (e.g. [method.optimizer.lr]), got {keys!r}"
+            )
         kind = spec.get("type")
         if kind not in TYPES:
             raise ConfigError(f"{at}.type must be one of {list(TYPES)}, got {kind!r}")

@@ -80,7 +80,13 @@ def analyze(cfg: Any) -> dict:
         showcase=resolved_value(cfg, "showcase") if "showcase" in cfg else True,
     )
     report = write_analysis_report(results, out_dir, force=bool(cfg.force))
-    log.info("report: %s (open it in a browser); %s, %s, %d plots", report["html"], report["json"], report["markdown"], len(report["plots"]))
+    log.info(
+        "report: %s (open it in a browser); %s, %s, %d plots",
+        report["html"],
+        report["json"],
+        report["markdown"],
+        len(report["plots"]),
+    )
     print(summary_table(results), flush=True)  # the table last
     return {"results": results, "report": report}
 

@@ -66,8 +66,14 @@ def attack(cfg: Any) -> dict:
     if not cfg.force and (out_dir / "attack.json").exists():
         raise ConfigError(f"{out_dir} already holds an attack report; pass force=true or another out_dir")
     results = attack_models(
-        models, data, settings, split=cfg.split, seed=int(cfg.seed), batch_size=int(cfg.batch_size),
-        device=resolve_device(cfg.device), monitors_dir=out_dir / "monitors" if settings.coverage.save else None,
+        models,
+        data,
+        settings,
+        split=cfg.split,
+        seed=int(cfg.seed),
+        batch_size=int(cfg.batch_size),
+        device=resolve_device(cfg.device),
+        monitors_dir=out_dir / "monitors" if settings.coverage.save else None,
         force=bool(cfg.force),
     )
     report = write_attack_report(results, out_dir, force=bool(cfg.force))

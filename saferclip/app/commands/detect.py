@@ -31,15 +31,25 @@ PROG = "saferclip-detect"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description=doc_summary(__doc__), epilog=argparse_epilog(__doc__),
+        prog=PROG,
+        description=doc_summary(__doc__),
+        epilog=argparse_epilog(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("detector", type=Path, help="a detector file (detectors/<model>.safetensors from saferclip-analyze) "
-                        "or a coverage monitor (monitors/<model>.safetensors from saferclip-attack)")
+    parser.add_argument(
+        "detector",
+        type=Path,
+        help="a detector file (detectors/<model>.safetensors from saferclip-analyze) "
+        "or a coverage monitor (monitors/<model>.safetensors from saferclip-attack)",
+    )
     parser.add_argument("inputs", type=Path, help="a caption table or .txt file, or a folder of images")
     parser.add_argument("--out", type=Path, default=None, help="the CSV to write (default: <INPUTS>.flags.csv)")
-    parser.add_argument("--column", default=None, help="the caption column of a table (default: caption, text or prompt)")
-    parser.add_argument("--model", default=None, help="the model the detector was calibrated on, if not where the file says")
+    parser.add_argument(
+        "--column", default=None, help="the caption column of a table (default: caption, text or prompt)"
+    )
+    parser.add_argument(
+        "--model", default=None, help="the model the detector was calibrated on, if not where the file says"
+    )
     parser.add_argument("--arch", default=None, help="its open_clip architecture (default: recorded in the detector)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=0)
@@ -121,8 +131,11 @@ def _detect_and_print(args: argparse.Namespace) -> None:
     result = detect(args)
     det = result["detector"]
     n, k = result["num_inputs"], result["num_flagged"]
-    where = (f"coverage monitor ({len(det.low)} neurons of blocks {det.layers}" if getattr(det, "kind", "") == "coverage"
-             else f"detector (layer {det.layer}, head {det.head}")
+    where = (
+        f"coverage monitor ({len(det.low)} neurons of blocks {det.layers}"
+        if getattr(det, "kind", "") == "coverage"
+        else f"detector (layer {det.layer}, head {det.head}"
+    )
     print(
         f"{k} of {n} {'images' if result['tower'] == 'image' else 'captions'} flagged ({100 * k / n:.1f}%) by the "
         f"{result['tower']} {where}, threshold {det.threshold:.4f}, "

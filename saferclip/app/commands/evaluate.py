@@ -89,16 +89,31 @@ def evaluate(cfg: Any) -> dict:
         from ...analysis import analysis_sections, analyze_models, write_analysis_plots
 
         results["analysis"] = analyze_models(
-            models, data, analysis, reference=cfg.reference, split=cfg.split, batch_size=int(cfg.batch_size),
-            seed=int(cfg.seed), num_workers=int(cfg.num_workers), device=resolve_device(cfg.device),
-            detectors_dir=out_dir / "detectors", force=bool(cfg.force), showcase=False,  # the evaluation has its own
+            models,
+            data,
+            analysis,
+            reference=cfg.reference,
+            split=cfg.split,
+            batch_size=int(cfg.batch_size),
+            seed=int(cfg.seed),
+            num_workers=int(cfg.num_workers),
+            device=resolve_device(cfg.device),
+            detectors_dir=out_dir / "detectors",
+            force=bool(cfg.force),
+            showcase=False,  # the evaluation has its own
         )
 
         def sections(folder: Path) -> tuple[str, list[Path]]:
             return analysis_sections(results["analysis"]), write_analysis_plots(results["analysis"], folder)
 
     report = write_report(results, out_dir, force=bool(cfg.force), sections=sections)
-    log.info("report: %s (open it in a browser); %s, %s, %d plots", report["html"], report["json"], report["markdown"], len(report["plots"]))
+    log.info(
+        "report: %s (open it in a browser); %s, %s, %d plots",
+        report["html"],
+        report["json"],
+        report["markdown"],
+        len(report["plots"]),
+    )
     print(results_table(results), flush=True)  # the table last
     return {"results": results, "report": report}
 

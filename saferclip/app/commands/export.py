@@ -37,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("source", type=Path, help="a training checkpoint (.ckpt) or a run folder (its best checkpoint)")
     parser.add_argument("out_dir", type=Path, help="the folder to write")
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (only once the new one is complete)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="weights dtype (default fp32, exact)")
+    parser.add_argument(
+        "--force", action="store_true", help="replace OUT_DIR if it exists (only once the new one is complete)"
+    )
+    parser.add_argument(
+        "--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="weights dtype (default fp32, exact)"
+    )
     parser.add_argument(
         "--format",
         choices=("open_clip", "hf"),
@@ -103,7 +107,9 @@ def summary(out: Path, source: Path | None = None, format: str = "open_clip") ->
         info = read_provenance(out)
     else:
         info = json.loads((out / CONFIG_NAME).read_text()).get("saferclip", {})
-    progress = ", ".join(f"{k.replace('_', ' ')} {info[k]}" for k in ("epoch", "global_step") if info.get(k) is not None)
+    progress = ", ".join(
+        f"{k.replace('_', ' ')} {info[k]}" for k in ("epoch", "global_step") if info.get(k) is not None
+    )
     lines = [
         f"exported {source or info.get('source')}"
         + (f" ({info['training_checkpoint']})" if source and info.get("training_checkpoint") else ""),

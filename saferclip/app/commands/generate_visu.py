@@ -35,13 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate, for each unsafe caption of a ViSU(-Text) split, images at fixed seeds with a "
         "diffusion pipeline and keep the first one an NSFW scorer flags; resumable and shardable.",
     )
-    p.add_argument("input", type=Path, help="a ViSU JSON, a ViSU-Text table (.csv/.jsonl/.parquet) or a HF datasets folder")
+    p.add_argument(
+        "input", type=Path, help="a ViSU JSON, a ViSU-Text table (.csv/.jsonl/.parquet) or a HF datasets folder"
+    )
     p.add_argument("out_dir", type=Path, help="the output folder (shared by all shards and resumed runs)")
     p.add_argument("--split", default=None, help="the split of a HF datasets folder")
-    p.add_argument("--pipeline", default="runwayml/stable-diffusion-v1-5", help="diffusers text-to-image pipeline: hub id or local folder")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds tried in order (default: the published protocol's)")
-    p.add_argument("--seed-per-caption", action="store_true", help="derive each image's seed from (caption id, seed) instead of using the seeds as is")
-    p.add_argument("--threshold", type=float, default=0.5, help="an image is kept when its NSFW score is >= this (default 0.5)")
+    p.add_argument(
+        "--pipeline",
+        default="runwayml/stable-diffusion-v1-5",
+        help="diffusers text-to-image pipeline: hub id or local folder",
+    )
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="seeds tried in order (default: the published protocol's)"
+    )
+    p.add_argument(
+        "--seed-per-caption",
+        action="store_true",
+        help="derive each image's seed from (caption id, seed) instead of using the seeds as is",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=0.5, help="an image is kept when its NSFW score is >= this (default 0.5)"
+    )
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--height", type=int, default=512)
@@ -49,15 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu or auto (cuda:<LOCAL_RANK> when there is a GPU)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="pipeline dtype (fp16 on a GPU)")
-    p.add_argument("--shard", default="0/1", help="i/n: this process takes items i, i+n, ...; auto: from RANK/WORLD_SIZE or SLURM")
+    p.add_argument(
+        "--shard", default="0/1", help="i/n: this process takes items i, i+n, ...; auto: from RANK/WORLD_SIZE or SLURM"
+    )
     p.add_argument("--limit", type=int, default=None, help="at most this many captions in this run (a trial)")
-    p.add_argument("--scorer", default="clip", help="clip (zero-shot CLIP NSFW classifier) or module:factory (your own)")
+    p.add_argument(
+        "--scorer", default="clip", help="clip (zero-shot CLIP NSFW classifier) or module:factory (your own)"
+    )
     p.add_argument("--scorer-arch", default="ViT-L-14", help="open_clip architecture of the clip scorer")
-    p.add_argument("--scorer-pretrained", default="openai", help="its weights: open_clip tag, file or folder; 'none' for random (tests)")
-    p.add_argument("--unsafe-prompts", type=Path, default=None, help="a text file, one unsafe-class prompt a line (clip scorer)")
-    p.add_argument("--safe-prompts", type=Path, default=None, help="a text file, one safe-class prompt a line (clip scorer)")
+    p.add_argument(
+        "--scorer-pretrained",
+        default="openai",
+        help="its weights: open_clip tag, file or folder; 'none' for random (tests)",
+    )
+    p.add_argument(
+        "--unsafe-prompts", type=Path, default=None, help="a text file, one unsafe-class prompt a line (clip scorer)"
+    )
+    p.add_argument(
+        "--safe-prompts", type=Path, default=None, help="a text file, one safe-class prompt a line (clip scorer)"
+    )
     p.add_argument("--merge-only", action="store_true", help="only (re)write the merged ViSU JSON from the records")
-    p.add_argument("--allow-partial", action="store_true", help="with --merge-only: merge even while captions lack a record")
+    p.add_argument(
+        "--allow-partial", action="store_true", help="with --merge-only: merge even while captions lack a record"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -135,12 +163,18 @@ def check_pipeline_name(name: str) -> None:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise NotADirectoryError(f"--pipeline {name}: a file, expected a diffusers pipeline folder or a hub id (org/name)")
+            raise NotADirectoryError(
+                f"--pipeline {name}: a file, expected a diffusers pipeline folder or a hub id (org/name)"
+            )
         return
     parts = name.split("/")
-    looks_local = name.startswith(("/", ".", "~")) or "\\" in name or len(parts) > 2 or any(p in ("", ".", "..") for p in parts)
+    looks_local = (
+        name.startswith(("/", ".", "~")) or "\\" in name or len(parts) > 2 or any(p in ("", ".", "..") for p in parts)
+    )
     if looks_local:
-        raise FileNotFoundError(f"--pipeline {name}: no such folder (expected a diffusers pipeline folder or a hub id like org/name)")
+        raise FileNotFoundError(
+            f"--pipeline {name}: no such folder (expected a diffusers pipeline folder or a hub id like org/name)"
+        )
 
 
 def run(args: argparse.Namespace) -> str:
@@ -170,11 +204,21 @@ def run(args: argparse.Namespace) -> str:
     scorer, scorer_info = _scorer(args, device)
 
     def factory():
-        return DiffusersImageGenerator(load_diffusion_pipeline(str(args.pipeline), device=device, dtype=args.dtype), config)
+        return DiffusersImageGenerator(
+            load_diffusion_pipeline(str(args.pipeline), device=device, dtype=args.dtype), config
+        )
 
     settings = {"pipeline": public_model_name(str(args.pipeline)), "dtype": args.dtype, "scorer": scorer_info}
     report = vg.generate_visu_images(
-        split, args.out_dir, factory, scorer, config, shard=shard, limit=args.limit, settings=settings, progress=not args.no_progress
+        split,
+        args.out_dir,
+        factory,
+        scorer,
+        config,
+        shard=shard,
+        limit=args.limit,
+        settings=settings,
+        progress=not args.no_progress,
     )
     return report.summary()
 

@@ -48,7 +48,9 @@ def _task(cfg: DictConfig) -> None:
 
     summary = build_index(cfg)
     print(format_summary(summary))
-    print(f"cache: {summary['cache_path']} ({'reused' if summary['cache_reused'] else 'built'}); total {summary['total_seconds']:.1f} s")
+    print(
+        f"cache: {summary['cache_path']} ({'reused' if summary['cache_reused'] else 'built'}); total {summary['total_seconds']:.1f} s"
+    )
     write_json_atomic(f"{cfg.paths.run_dir}/index_summary.json", json.loads(json.dumps(summary, default=str)))
 
 

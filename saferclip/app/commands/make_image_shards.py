@@ -43,8 +43,14 @@ def make_shards(cfg: DictConfig) -> dict[str, dict]:
             log.info("%s: no images (text-only data), nothing to write", split)
             continue
         start = time.perf_counter()
-        folder = write_image_shards(paths, Path(data["image_shards"]) / split, preprocess, force=bool(cfg.get("force", False)))
-        out[split] = {"images": len(set(paths)), "seconds": round(time.perf_counter() - start, 2), "folder": str(folder)}
+        folder = write_image_shards(
+            paths, Path(data["image_shards"]) / split, preprocess, force=bool(cfg.get("force", False))
+        )
+        out[split] = {
+            "images": len(set(paths)),
+            "seconds": round(time.perf_counter() - start, 2),
+            "folder": str(folder),
+        }
     return out
 
 

@@ -1,8 +1,8 @@
 """saferclip-pretrain-toy: reproduce the toy world's base CLIP (saferclip.toyworld.pretrain).
 
-    saferclip-pretrain-toy                                  # data/toy_base.safetensors
-    saferclip-pretrain-toy --out /tmp/base.safetensors --force
-    saferclip-train model.pretrained=/tmp/base.safetensors  # then fine-tune it
+saferclip-pretrain-toy                                  # data/toy_base.safetensors
+saferclip-pretrain-toy --out /tmp/base.safetensors --force
+saferclip-train model.pretrained=/tmp/base.safetensors  # then fine-tune it
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from ..cli import argparse_epilog, command, doc_summary
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="saferclip-pretrain-toy", description=doc_summary(__doc__), epilog=argparse_epilog(__doc__),
+        prog="saferclip-pretrain-toy",
+        description=doc_summary(__doc__),
+        epilog=argparse_epilog(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.force:
         parser.error(f"{args.out} exists; pass --force to overwrite it, or --out to write elsewhere")
     cfg = PretrainConfig(**{k: getattr(args, k) for k in asdict(PretrainConfig())})
+
     def body() -> None:
         from ...toyworld.pretrain import pretrain
 

@@ -42,7 +42,9 @@ def run_and_print(overrides: list[str]) -> None:
     try:
         import optuna
     except ImportError:
-        raise ConfigError("saferclip-tune needs Optuna: pip install 'saferclip[tune]' (or pip install 'optuna>=4')") from None
+        raise ConfigError(
+            "saferclip-tune needs Optuna: pip install 'saferclip[tune]' (or pip install 'optuna>=4')"
+        ) from None
     from ..pipelines.runs import run_composed
     from ..pipelines.tune import TUNE_KEYS, run
 

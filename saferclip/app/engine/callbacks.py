@@ -77,12 +77,20 @@ class SelectionRecord(Callback):
         self.history = list(state_dict.get("history", []))
 
 
-def selection_summary(checkpoint_callbacks: list, history: list[dict[str, Any]], tau: float = DEFAULT_TAU) -> dict[str, Any]:
+def selection_summary(
+    checkpoint_callbacks: list, history: list[dict[str, Any]], tau: float = DEFAULT_TAU
+) -> dict[str, Any]:
     """What :class:`SelectionRecord` writes: the history plus the kept epoch (the first epoch
     holding the best monitored value, as ``ModelCheckpoint`` keeps the first of equal bests)
     and the epoch matched safety at ``tau`` keeps, with its note."""
     monitoring = next((cb for cb in checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor), None)
-    out: dict[str, Any] = {"monitor": None, "mode": None, "selected": None, "matched_safety": matched_choice(history, tau), "history": history}
+    out: dict[str, Any] = {
+        "monitor": None,
+        "mode": None,
+        "selected": None,
+        "matched_safety": matched_choice(history, tau),
+        "history": history,
+    }
     if monitoring is None:
         last = history[-1]
         out["selected"] = {**last, "checkpoint": None, "score": None, "why": "no monitored checkpoint: the last epoch"}
@@ -177,4 +185,12 @@ class EpochLine(Callback):
         )
 
 
-__all__ = ["MATCHED_METRIC", "SELECTION_FILE", "SELECTION_METRIC", "EpochLine", "SelectionRecord", "WarmupEarlyStopping", "selection_summary"]
+__all__ = [
+    "MATCHED_METRIC",
+    "SELECTION_FILE",
+    "SELECTION_METRIC",
+    "EpochLine",
+    "SelectionRecord",
+    "WarmupEarlyStopping",
+    "selection_summary",
+]

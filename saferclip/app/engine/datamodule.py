@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import lightning as L
 import torch
@@ -37,7 +38,6 @@ def drop_last_for(n_items: int, batch_size: int, world_size: int) -> bool:
     return math.ceil(n_items / max(world_size, 1)) > batch_size
 
 
-
 def split_image_shards(data_cfg: Mapping[str, Any], split: str, preprocess) -> ImageShards | None:
     """The split's pre-resized images (``data.image_shards``/<split>, written by
     ``python -m saferclip.app.commands.make_image_shards``) when they exist and match; else None (the
@@ -50,6 +50,7 @@ def split_image_shards(data_cfg: Mapping[str, Any], split: str, preprocess) -> I
     if shards is not None:
         log.info("%s images from the shards in %s", split, shards.folder)
     return shards
+
 
 class EpochShuffle(Sampler[int]):
     """A permutation of ``range(n)`` fixed by ``seed + epoch``, the same however often it is
@@ -103,7 +104,9 @@ class SaferClipDataModule(L.LightningDataModule):
         if not self.method.needs_cache or self._world_size() > 1:
             return  # HySAC: nothing to build; under DDP every rank builds its shard in setup()
         # one process: the cache and the neighbours are built here, on the training device
-        self._prepared = prepare(self.data_cfg, self.model_cfg, self.method, self.cache_dir, progress=True, device=self._device())
+        self._prepared = prepare(
+            self.data_cfg, self.model_cfg, self.method, self.cache_dir, progress=True, device=self._device()
+        )
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
@@ -152,7 +155,11 @@ class SaferClipDataModule(L.LightningDataModule):
         )
         validation = load_split(self.data_cfg, "validation")
         self.val_set = ValidationDataset(
-            validation, bundle.tokenizer, bundle.preprocess, memo_images=memo, image_shards=self._image_shards("validation", bundle.preprocess)
+            validation,
+            bundle.tokenizer,
+            bundle.preprocess,
+            memo_images=memo,
+            image_shards=self._image_shards("validation", bundle.preprocess),
         )
         self.nsfw_caps_val_set = self._nsfw_caps_validation(bundle, memo)
         self.tokenizer, self.preprocess = bundle.tokenizer, bundle.preprocess
@@ -170,12 +177,20 @@ class SaferClipDataModule(L.LightningDataModule):
         if train.skips is not None and train.skips.count:
             log.warning(train.skips.summary())
         self.train_set = ValidationDataset(
-            train, bundle.tokenizer, bundle.preprocess, memo_images=memo, image_shards=self._image_shards("train", bundle.preprocess)
+            train,
+            bundle.tokenizer,
+            bundle.preprocess,
+            memo_images=memo,
+            image_shards=self._image_shards("train", bundle.preprocess),
         )
         self.targets = RedirectionTargets.paired(len(train))  # every pair, every epoch
         validation = load_split(self.data_cfg, "validation")
         self.val_set = ValidationDataset(
-            validation, bundle.tokenizer, bundle.preprocess, memo_images=memo, image_shards=self._image_shards("validation", bundle.preprocess)
+            validation,
+            bundle.tokenizer,
+            bundle.preprocess,
+            memo_images=memo,
+            image_shards=self._image_shards("validation", bundle.preprocess),
         )
         self.nsfw_caps_val_set = self._nsfw_caps_validation(bundle, memo)
         self.tokenizer, self.preprocess = bundle.tokenizer, bundle.preprocess
@@ -197,7 +212,10 @@ class SaferClipDataModule(L.LightningDataModule):
                 f"without NSFW-Caps S->V)"
             )
         pairs = load_nsfw_caps(
-            path, image_root=spec.get("image_root"), nsfw_image_root=spec.get("nsfw_image_root"), on_error=self.data_cfg.get("on_error", "raise")
+            path,
+            image_root=spec.get("image_root"),
+            nsfw_image_root=spec.get("nsfw_image_root"),
+            on_error=self.data_cfg.get("on_error", "raise"),
         )
         if pairs.skips is not None and pairs.skips.count:
             log.warning(pairs.skips.summary())

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("saferclip.train")
 
+
 def dry_run(cfg: DictConfig, method: MethodConfig) -> dict:
     """Validate config, paths and data formats without training: load every split (columns,
     types, every image file present, and with ``dry_run_verify_images`` every image header
@@ -80,7 +81,11 @@ def dry_run(cfg: DictConfig, method: MethodConfig) -> dict:
                 extra = 0
                 if method.extra_pool and method.neighbours.use_extra_pool:
                     embedded = is_embedded_pool(method.extra_pool)
-                    extra = len(dry_run_embedded_pool(cfg, method)) if embedded else len(load_safe_corpus(method.extra_pool))
+                    extra = (
+                        len(dry_run_embedded_pool(cfg, method))
+                        if embedded
+                        else len(load_safe_corpus(method.extra_pool))
+                    )
                 if method.neighbours.k > len(qset) + extra:
                     raise ConfigError(
                         f"method.neighbours.k={method.neighbours.k} is larger than the safe pool "
@@ -99,7 +104,11 @@ def dry_run_image_shards(cfg: DictConfig, data: dict, split: str) -> str:
     if not (Path(str(data["image_shards"])) / split / "images.json").is_file():
         return "absent"
     preprocess = build_clip(cfg.model.arch, None).preprocess  # the preprocessing only, as training's loader
-    return "used" if split_image_shards(data, split, preprocess) is not None else "damaged: the image files are read instead"
+    return (
+        "used"
+        if split_image_shards(data, split, preprocess) is not None
+        else "damaged: the image files are read instead"
+    )
 
 
 def dry_run_embedded_pool(cfg: DictConfig, method: MethodConfig):
@@ -142,10 +151,14 @@ def check_resume_checkpoint(cfg: DictConfig, ckpt_path: str) -> int:
         raise ConfigError(f"ckpt_path: {e}") from None
     hp = ckpt["hyper_parameters"]
     if hp.get("arch") != cfg.model.arch:
-        raise ConfigError(f"ckpt_path: {ckpt_path} holds a {hp.get('arch')} model, the config asks for {cfg.model.arch}")
+        raise ConfigError(
+            f"ckpt_path: {ckpt_path} holds a {hp.get('arch')} model, the config asks for {cfg.model.arch}"
+        )
     method = hp["method"].get("name")
     if method != cfg.method.name:
-        raise ConfigError(f"ckpt_path: {ckpt_path} was trained with method {method!r}, the config asks for {cfg.method.name!r}")
+        raise ConfigError(
+            f"ckpt_path: {ckpt_path} was trained with method {method!r}, the config asks for {cfg.method.name!r}"
+        )
     step = ckpt.get("global_step")
     if not isinstance(step, int):
         raise ConfigError(f"ckpt_path: {ckpt_path} has no global_step: not a training checkpoint Lightning can resume")
@@ -175,7 +188,9 @@ def check_toy_size(cfg: DictConfig) -> None:
     from ...toyworld.pairing import DEFAULT_PAIRING
 
     if cfg.data.get("make_toy"):
-        check_toy_data({"toy_size": cfg.data.get("toy_size", "default"), "toy_pairs": cfg.data.get("toy_pairs", DEFAULT_PAIRING)})
+        check_toy_data(
+            {"toy_size": cfg.data.get("toy_size", "default"), "toy_pairs": cfg.data.get("toy_pairs", DEFAULT_PAIRING)}
+        )
 
 
 def build_module(cfg: DictConfig, method: MethodConfig):
@@ -186,7 +201,13 @@ def build_module(cfg: DictConfig, method: MethodConfig):
     if method.is_hyperbolic:
         from .hysac_module import HysacModule as module_class
     try:
-        return module_class(cfg.model.arch, cfg.model.pretrained, method, precision=cfg.model.precision, selection_tau=selection_tau(cfg))
+        return module_class(
+            cfg.model.arch,
+            cfg.model.pretrained,
+            method,
+            precision=cfg.model.precision,
+            selection_tau=selection_tau(cfg),
+        )
     except CheckpointError as e:
         raise ConfigError(f"model.pretrained: {e}") from None
     except (ValueError, TypeError) as e:  # unknown trainable mode, tower, loss option...
@@ -327,13 +348,17 @@ def train(cfg: DictConfig, extra_callbacks: tuple = ()) -> dict:
         result["selection"] = selection["selected"]
     fast_dev_run = cfg.trainer.get("fast_dev_run")
     if method.is_hyperbolic and trainer.is_global_zero and not fast_dev_run:
-        result["safe_radii"] = measure_and_save_safe_radii(cfg, method, result.get("best_checkpoint") or module, run_dir)
+        result["safe_radii"] = measure_and_save_safe_radii(
+            cfg, method, result.get("best_checkpoint") or module, run_dir
+        )
     if cfg.export and trainer.is_global_zero and not fast_dev_run:
         from ...export.run import export_checkpoint
 
         out = run_dir / "export"
         # a HySAC export takes the safe radii recorded for the very weights it loads
-        export_checkpoint(result.get("best_checkpoint") or module, out, force=True, method=dict(method.source), arch=cfg.model.arch)
+        export_checkpoint(
+            result.get("best_checkpoint") or module, out, force=True, method=dict(method.source), arch=cfg.model.arch
+        )
         result["export"] = str(out)
         log.info("exported to %s", out)
     return result
@@ -359,10 +384,17 @@ def measure_and_save_safe_radii(cfg: DictConfig, method: MethodConfig, source, r
     else:  # the module in memory (no checkpoint kept): its towers, merged as any load merges them, and its head
         bundle = build_clip(cfg.model.arch, None)
         bundle.model, bundle.similarity = merge_adapters(source.model).eval(), source.head.similarity()
-        identity = CheckpointIdentity(state_dict_checksum(source.state_dict()), None, int(source.current_epoch), int(source.global_step))
+        identity = CheckpointIdentity(
+            state_dict_checksum(source.state_dict()), None, int(source.current_epoch), int(source.global_step)
+        )
     record, _ = checkpoint_radii(bundle, identity, run_dir, percentile, data_cfg=to_container(cfg.data))
-    log.info("safe radii of %s (%g th percentile of the safe training items): text %.4f, image %.4f",
-             identity.describe(), percentile, record["text"], record["image"])
+    log.info(
+        "safe radii of %s (%g th percentile of the safe training items): text %.4f, image %.4f",
+        identity.describe(),
+        percentile,
+        record["text"],
+        record["image"],
+    )
     return record
 
 

@@ -63,7 +63,9 @@ class HysacModule(SaferClipModule):
 
         def text(tokens: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
             with parametrize.cached():
-                return self.head.lift(encode_tokens(self.model, tokens, normalize=False, embedding_offset=offset), "text")
+                return self.head.lift(
+                    encode_tokens(self.model, tokens, normalize=False, embedding_offset=offset), "text"
+                )
 
         return Encoders(image, text)
 
@@ -77,7 +79,9 @@ class HysacModule(SaferClipModule):
         start = time.perf_counter()
         attacked = self.adversarial.attack(self.attack_encoders(), batch, objectives, int(self.global_step), kinds)
         self._attack_seconds = time.perf_counter() - start
-        return hysac_adversarial_terms(self.loss, self.head, points, attacked, radii, self.adversarial.config.weight, gather)
+        return hysac_adversarial_terms(
+            self.loss, self.head, points, attacked, radii, self.adversarial.config.weight, gather
+        )
 
     def encodings_needed(self, item: dict[str, torch.Tensor]) -> set[str]:
         return self.loss.required_inputs()

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import lightning as L
 import torch
@@ -78,7 +79,13 @@ class SaferClipModule(L.LightningModule):
         config = method
         # the checkpoint records the config as written (plain types: weights_only loads it)
         self.save_hyperparameters(
-            {"arch": arch, "pretrained": pretrained, "method": dict(config.source), "precision": precision, "selection_tau": float(selection_tau)}
+            {
+                "arch": arch,
+                "pretrained": pretrained,
+                "method": dict(config.source),
+                "precision": precision,
+                "selection_tau": float(selection_tau),
+            }
         )
         self.selection_tau = float(selection_tau)
         bundle = build_clip(arch, pretrained, precision=precision)
@@ -96,7 +103,7 @@ class SaferClipModule(L.LightningModule):
         self._step_started = self._attack_seconds = 0.0
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> "SaferClipModule":
+    def from_checkpoint(cls, path: str | Path) -> SaferClipModule:
         """The module a training checkpoint holds, read safely
         (:func:`saferclip.model.trained.read_training_checkpoint`: ``weights_only``, checksum
         verified); the method dict it records is checked here, once, into the typed config."""
@@ -129,7 +136,9 @@ class SaferClipModule(L.LightningModule):
         checkpoint[CHECKSUM_KEY] = state_dict_checksum(checkpoint["state_dict"])
 
     # ---------------------------------------------------------------- encoding
-    def encode(self, batch: dict[str, torch.Tensor], wanted: set[str], normalize: bool = True) -> dict[str, torch.Tensor]:
+    def encode(
+        self, batch: dict[str, torch.Tensor], wanted: set[str], normalize: bool = True
+    ) -> dict[str, torch.Tensor]:
         """Run only the trainable encodings in ``wanted``, one forward per tower (the
         tower's inputs concatenated), ``[B, D]`` each (L2-normalised unless ``normalize=False``)."""
         out: dict[str, torch.Tensor] = {}
@@ -262,8 +271,10 @@ class SaferClipModule(L.LightningModule):
         self._info(f"trainable parameters: {trainable:,} of {self.param_counts['total']:,}")
         if self.adversarial is not None:
             c = self.adversarial.config
-            self._info(f"adversarial training: images at {c.epsilon_255:g}/255 ({c.steps} PGD steps), text attack {c.text_attack} "
-                       f"(radius {c.text_epsilon:g}), preserve_safe {c.preserve_safe}, weight {c.weight:g}: adv_<term> in the log")
+            self._info(
+                f"adversarial training: images at {c.epsilon_255:g}/255 ({c.steps} PGD steps), text attack {c.text_attack} "
+                f"(radius {c.text_epsilon:g}), preserve_safe {c.preserve_safe}, weight {c.weight:g}: adv_<term> in the log"
+            )
 
     def loss_terms(self, item: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         """The active and the inactive loss terms with the inputs a training item provides."""
@@ -383,6 +394,12 @@ def validation_metrics(f: dict[str, torch.Tensor], similarity: Similarity = COSI
     metrics = visu_metrics(emb, None, ks=VALIDATION_KS, unsafe_ks=(1,))
     out = {k: float(v) for k, v in metrics.items() if ("_R@" in k or "_unsafe@" in k) and isinstance(v, (int, float))}
     if "safe_image" not in f:
-        u2s = recall_at_k(f["unsafe_text"], f["safe_text"], torch.arange(len(index)), ks=VALIDATION_KS, score=chunk_scorer(similarity, "text"))
+        u2s = recall_at_k(
+            f["unsafe_text"],
+            f["safe_text"],
+            torch.arange(len(index)),
+            ks=VALIDATION_KS,
+            score=chunk_scorer(similarity, "text"),
+        )
         out.update({f"U2S_R@{k}": float(u2s[f"R@{k}"]) for k in VALIDATION_KS})
     return out

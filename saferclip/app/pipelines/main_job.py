@@ -28,7 +28,18 @@ from .runs import check_runs, compose, eval_showcase, evaluated_models, main_run
 
 log = logging.getLogger("saferclip.main")
 
-MAIN_KEYS = ("seed", "world", "force", "out_dir", "runs_dir", "runs", "common", "eval", "adversarial", "adversarial_overrides")
+MAIN_KEYS = (
+    "seed",
+    "world",
+    "force",
+    "out_dir",
+    "runs_dir",
+    "runs",
+    "common",
+    "eval",
+    "adversarial",
+    "adversarial_overrides",
+)
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
@@ -46,7 +57,12 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     if world is not None:
         check_int(world, "world", 0)
     # the world first: an explicit data.toy_seed among the overrides still wins
-    common = ([] if world is None else [f"data.toy_seed={world}"]) + list(cfg.common) + list(overrides) + [f"seed={cfg.seed}"]
+    common = (
+        ([] if world is None else [f"data.toy_seed={world}"])
+        + list(cfg.common)
+        + list(overrides)
+        + [f"seed={cfg.seed}"]
+    )
     runs = main_runs(cfg)
     check_runs({name: common + list(run_overrides) for name, run_overrides in runs.items()})
     train_base = compose("train", common)
@@ -77,7 +93,7 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         seed=int(cfg.seed),
         config={"main": to_container(cfg), "train_overrides": runs},
         oracle=cfg.eval.get("oracle"),
-            showcase=eval_showcase(cfg),
+        showcase=eval_showcase(cfg),
     )
     timings["evaluation"] = round(time.time() - start, 1)
     results["meta"]["timings_seconds"] = timings

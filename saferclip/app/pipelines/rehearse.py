@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -36,9 +37,20 @@ def _stage(rows: list[dict], name: str, unit: str, device: str, body: Callable[[
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    rows.append({"stage": name, "items": count, "unit": unit, "seconds": round(seconds, 2),
-                 "items_per_s": round(count / seconds, 2) if seconds else None, "peak_gb": round(_peak_gb(device), 2)})
-    print(f"  {name:<11} {count:6d} {unit:<12} {seconds:8.1f} s {rows[-1]['items_per_s']:9.2f} /s  peak {rows[-1]['peak_gb']:.2f} GB", flush=True)
+    rows.append(
+        {
+            "stage": name,
+            "items": count,
+            "unit": unit,
+            "seconds": round(seconds, 2),
+            "items_per_s": round(count / seconds, 2) if seconds else None,
+            "peak_gb": round(_peak_gb(device), 2),
+        }
+    )
+    print(
+        f"  {name:<11} {count:6d} {unit:<12} {seconds:8.1f} s {rows[-1]['items_per_s']:9.2f} /s  peak {rows[-1]['peak_gb']:.2f} GB",
+        flush=True,
+    )
     return result
 
 
@@ -62,24 +74,60 @@ def rehearse(
 
     rows: list[dict] = []
     n_val = max(8, items // 4)
-    world = _stage(rows, "world", "quadruplets", device,
-                   lambda: (items + 2 * n_val, make_rehearsal_world(out / "world", items, n_val, n_val)))
+    world = _stage(
+        rows,
+        "world",
+        "quadruplets",
+        device,
+        lambda: (items + 2 * n_val, make_rehearsal_world(out / "world", items, n_val, n_val)),
+    )
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[
-            "experiment=visu_vitl14", f"paths.visu={world}/visu", f"paths.coco={world}/coco",
-            f"paths.visu_images={world}/visu_images", f"paths.cache_dir={out}/cache", f"paths.output_dir={out}",
-            f"data.batch_size={batch_size}", f"data.eval_batch_size={batch_size}", f"data.num_workers={workers}", *overrides,
-        ])
+        cfg = compose(
+            "train",
+            overrides=[
+                "experiment=visu_vitl14",
+                f"paths.visu={world}/visu",
+                f"paths.coco={world}/coco",
+                f"paths.visu_images={world}/visu_images",
+                f"paths.cache_dir={out}/cache",
+                f"paths.output_dir={out}",
+                f"data.batch_size={batch_size}",
+                f"data.eval_batch_size={batch_size}",
+                f"data.num_workers={workers}",
+                *overrides,
+            ],
+        )
     method = method_config(to_container(cfg.method))
     data = to_container(cfg.data)
     train = load_split(data, "train")
-    print(f"rehearsal: {cfg.model.arch} (random init: {cfg.model.pretrained is None}), {len(train)} training quadruplets, "
-          f"{device}, LoRA r{method.trainable.lora_r}; {torch.get_num_threads()} torch thread(s)", flush=True)
+    print(
+        f"rehearsal: {cfg.model.arch} (random init: {cfg.model.pretrained is None}), {len(train)} training quadruplets, "
+        f"{device}, LoRA r{method.trainable.lora_r}; {torch.get_num_threads()} torch thread(s)",
+        flush=True,
+    )
     bundle = build_clip(cfg.model.arch, cfg.model.pretrained, device=device)
-    cache = _stage(rows, "cache", "quadruplets", device, lambda: (len(train), build_or_load_cache(
-        bundle, train, cfg.paths.cache_dir, batch_size=batch_size, num_workers=workers, progress=False)))
-    _stage(rows, "neighbours", "queries", device, lambda: (len(train), load_or_find_safe_neighbours(
-        cache, method.neighbours, config_groups(train, method.neighbours, len(cache)))))
+    cache = _stage(
+        rows,
+        "cache",
+        "quadruplets",
+        device,
+        lambda: (
+            len(train),
+            build_or_load_cache(
+                bundle, train, cfg.paths.cache_dir, batch_size=batch_size, num_workers=workers, progress=False
+            ),
+        ),
+    )
+    _stage(
+        rows,
+        "neighbours",
+        "queries",
+        device,
+        lambda: (
+            len(train),
+            load_or_find_safe_neighbours(cache, method.neighbours, config_groups(train, method.neighbours, len(cache))),
+        ),
+    )
     bundle = None  # noqa: F841 - the frozen encoders are done: freed before the training model is built
 
     module = build_module(cfg, method)
@@ -119,14 +167,26 @@ def rehearse(
                 enc["v"].append(module.model.encode_image(b["safe_image"].to(device), normalize=True).float().cpu())
         s, u, v = (torch.cat(enc[k]) for k in ("s", "u", "v"))
         owner = datamodule.val_set.owner
-        metrics = {name: float((owner[(q @ v.T).argmax(1)] == owner).float().mean()) for name, q in (("U2V_R@1", u), ("S2V_R@1", s))}
+        metrics = {
+            name: float((owner[(q @ v.T).argmax(1)] == owner).float().mean())
+            for name, q in (("U2V_R@1", u), ("S2V_R@1", s))
+        }
         return len(owner), metrics
 
     metrics = _stage(rows, "evaluation", "quadruplets", device, evaluate)
     print(f"  (validation, random init: {metrics})")
     module.to("cpu")
-    _stage(rows, "export", "formats", device, lambda: (2, (
-        export_open_clip(module.model, cfg.model.arch, out / "export_open_clip", force=True),
-        export_hf(module.model, cfg.model.arch, out / "export_hf", force=True),
-    )))
+    _stage(
+        rows,
+        "export",
+        "formats",
+        device,
+        lambda: (
+            2,
+            (
+                export_open_clip(module.model, cfg.model.arch, out / "export_open_clip", force=True),
+                export_hf(module.model, cfg.model.arch, out / "export_hf", force=True),
+            ),
+        ),
+    )
     return rows

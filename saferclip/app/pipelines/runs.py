@@ -18,9 +18,10 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -154,8 +155,12 @@ def split_overrides(overrides: Sequence[str], own_keys: Sequence[str]) -> tuple[
 
 
 def run_composed(
-    prog: str, config_name: str, own_keys: Sequence[str], overrides: Sequence[str],
-    run: Callable[[DictConfig, list[str]], dict[str, Any]], quiet: bool = False,
+    prog: str,
+    config_name: str,
+    own_keys: Sequence[str],
+    overrides: Sequence[str],
+    run: Callable[[DictConfig, list[str]], dict[str, Any]],
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """A pipeline command's work: logging set up (``quiet``: warnings only), every override
     checked against the config before any work (:func:`saferclip.app.overrides.check_command`),
@@ -184,7 +189,9 @@ def record_pair_stats(data: dict[str, Any]) -> None:
         log.info(format_pair_stats(pair_stats(data["root"])))
 
 
-def find_main_runs(runs_dir: str | Path | None = None, hyperbolic: bool = False, adversarial: bool = False) -> dict[str, dict[str, Any]]:
+def find_main_runs(
+    runs_dir: str | Path | None = None, hyperbolic: bool = False, adversarial: bool = False
+) -> dict[str, dict[str, Any]]:
     """The main job's finished runs: ``{name: {"pretrained", "run_dir", "exact"}}``. The run of
     ``saferclip-main``'s current config (same hash) when it finished, else the most recently
     finished run of that name (``exact`` False; the log says which). ``adversarial``: the
@@ -193,7 +200,11 @@ def find_main_runs(runs_dir: str | Path | None = None, hyperbolic: bool = False,
     from hydra.core.global_hydra import GlobalHydra
 
     # inside the Hydra app the config tree is initialised; called from elsewhere, open it here
-    tree = nullcontext() if GlobalHydra().is_initialized() else initialize_config_dir(config_dir=CONF_DIR, version_base="1.3")
+    tree = (
+        nullcontext()
+        if GlobalHydra().is_initialized()
+        else initialize_config_dir(config_dir=CONF_DIR, version_base="1.3")
+    )
     with tree:
         main = compose("main", ["adversarial=true"] if adversarial else [])
         runs = Path(str(runs_dir or main.runs_dir))
@@ -227,12 +238,24 @@ def find_main_runs(runs_dir: str | Path | None = None, hyperbolic: bool = False,
             summary = {}
         export = summary.get("export")
         pretrained = export if export and Path(export).is_dir() else str(run_dir)
-        found[name] = {"pretrained": pretrained, "run_dir": str(run_dir), "exact": is_exact, "method": methods.get(name, name)}
-        log.info("main job's %s run: %s%s", name, run_dir, "" if is_exact else " (not the current config's: the latest finished)")
+        found[name] = {
+            "pretrained": pretrained,
+            "run_dir": str(run_dir),
+            "exact": is_exact,
+            "method": methods.get(name, name),
+        }
+        log.info(
+            "main job's %s run: %s%s",
+            name,
+            run_dir,
+            "" if is_exact else " (not the current config's: the latest finished)",
+        )
     return found
 
 
-def with_main_runs(cfg: DictConfig, models: dict[str, Any], hyperbolic: bool = False, adversarial: bool = False) -> dict[str, Any]:
+def with_main_runs(
+    cfg: DictConfig, models: dict[str, Any], hyperbolic: bool = False, adversarial: bool = False
+) -> dict[str, Any]:
     """``models`` plus, with ``main_runs=true``, the main job's finished runs (with
     ``hyperbolic``, HySAC too, in both its modes; with ``adversarial``, the adversarially trained
     ``<name>_adv`` runs where they exist). When it finds none, one line naming where it
@@ -254,7 +277,11 @@ def with_main_runs(cfg: DictConfig, models: dict[str, Any], hyperbolic: bool = F
         log.warning("%s; going on with %s only", message, ", ".join(models))
     out = dict(models)
     for name, run in found.items():
-        entries = evaluated_models(name, {"pretrained": run["pretrained"]}, run["method"]) if hyperbolic else {name: {"pretrained": run["pretrained"]}}
+        entries = (
+            evaluated_models(name, {"pretrained": run["pretrained"]}, run["method"])
+            if hyperbolic
+            else {name: {"pretrained": run["pretrained"]}}
+        )
         for entry, spec in entries.items():
             out.setdefault(entry, spec)
     return out
@@ -267,8 +294,10 @@ def main_runs_folder(runs_dir: str | Path | None = None) -> Path:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    tree = nullcontext() if GlobalHydra().is_initialized() else initialize_config_dir(config_dir=CONF_DIR, version_base="1.3")
+    tree = (
+        nullcontext()
+        if GlobalHydra().is_initialized()
+        else initialize_config_dir(config_dir=CONF_DIR, version_base="1.3")
+    )
     with tree:
         return Path(str(compose("main", []).runs_dir)).expanduser().absolute()
-
-

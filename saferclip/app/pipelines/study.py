@@ -28,14 +28,26 @@ from .runs import check_runs, compose, eval_showcase, evaluated_models, record_p
 log = logging.getLogger("saferclip.study")
 
 STUDY_KEYS = (
-    "seeds", "world_offset", "out_dir", "runs_dir", "force", "common", "methods", "ablation_seeds", "ablations", "eval", "traversal_percentiles",
+    "seeds",
+    "world_offset",
+    "out_dir",
+    "runs_dir",
+    "force",
+    "common",
+    "methods",
+    "ablation_seeds",
+    "ablations",
+    "eval",
+    "traversal_percentiles",
 )
 
 
 def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
     """``{seed: {model: {metric: v}}}`` -> ``{model: {metric: {"mean", "std", "n"}}}`` (sample std)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
-    models = sorted({m for by_model in per_seed.values() for m in by_model}, key=list(next(iter(per_seed.values()))).index)
+    models = sorted(
+        {m for by_model in per_seed.values() for m in by_model}, key=list(next(iter(per_seed.values()))).index
+    )
     for model in models:
         metrics = {k for by_model in per_seed.values() for k in by_model.get(model, {})}
         out[model] = {}
@@ -43,7 +55,13 @@ def aggregate(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
             values = [by_model[model][metric] for by_model in per_seed.values() if metric in by_model.get(model, {})]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             low, high = seed_interval(values)
-            out[model][metric] = {"mean": statistics.fmean(values), "std": std, "n": len(values), "low": low, "high": high}
+            out[model][metric] = {
+                "mean": statistics.fmean(values),
+                "std": std,
+                "n": len(values),
+                "low": low,
+                "high": high,
+            }
     return out
 
 
@@ -57,7 +75,10 @@ def check_worlds(cfg: DictConfig) -> dict[int, list[str]]:
     offset = check_int(offset, "world_offset", 0)
     worlds = {int(s): int(s) + offset for s in cfg.seeds}
     if 0 in worlds.values():
-        log.warning("world_offset=%d puts seed 0 on world 0, the world hyperparameters are tuned on: its figures are not held out", offset)
+        log.warning(
+            "world_offset=%d puts seed 0 on world 0, the world hyperparameters are tuned on: its figures are not held out",
+            offset,
+        )
     return {s: [f"data.toy_seed={w}"] for s, w in worlds.items()}
 
 
@@ -73,12 +94,16 @@ def check_traversal_percentiles(value: Any) -> list[float]:
     if isinstance(value, ListConfig):
         value = to_container(value)
     if not isinstance(value, list):
-        raise ConfigError(f"traversal_percentiles must be a list of percentiles in (0, 100], e.g. [50,80,90,99]; got {value!r}")
+        raise ConfigError(
+            f"traversal_percentiles must be a list of percentiles in (0, 100], e.g. [50,80,90,99]; got {value!r}"
+        )
     try:
         return [check_percentile(p) for p in value]
     except ValueError:
         bad = next(p for p in value if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 100))
-        raise ConfigError(f"traversal_percentiles={value}: {bad!r} is not a percentile in (0, 100] (a safe radius at that share of the safe items)") from None
+        raise ConfigError(
+            f"traversal_percentiles={value}: {bad!r} is not a percentile in (0, 100] (a safe radius at that share of the safe items)"
+        ) from None
 
 
 def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
@@ -103,9 +128,13 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     # (and refuse a list that would run no ablation at all)
     unused = [s for s in cfg.ablation_seeds if s not in cfg.seeds]
     if cfg.ablations and cfg.ablation_seeds and len(unused) == len(cfg.ablation_seeds):
-        raise ConfigError(f"ablation_seeds {list(unused)} are not in seeds {list(cfg.seeds)}; expected a subset of seeds")
+        raise ConfigError(
+            f"ablation_seeds {list(unused)} are not in seeds {list(cfg.seeds)}; expected a subset of seeds"
+        )
     if unused:
-        log.warning("ablation_seeds %s are not in seeds %s: the ablations run on the others only", list(unused), list(cfg.seeds))
+        log.warning(
+            "ablation_seeds %s are not in seeds %s: the ablations run on the others only", list(unused), list(cfg.seeds)
+        )
     out_dir = Path(cfg.out_dir).resolve()
     per_seed: dict[int, dict[str, dict[str, float]]] = {}
     runs: dict[str, Any] = {}
@@ -116,7 +145,12 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     planned = {}
     for seed in cfg.seeds:
         variants = {**cfg.methods, **(cfg.ablations if seed in cfg.ablation_seeds else {})}
-        planned.update({f"{name}/seed{seed}": list(cfg.common) + list(overrides) + [f"seed={seed}", *worlds[seed], *v] for name, v in variants.items()})
+        planned.update(
+            {
+                f"{name}/seed{seed}": list(cfg.common) + list(overrides) + [f"seed={seed}", *worlds[seed], *v]
+                for name, v in variants.items()
+            }
+        )
     check_runs(planned)  # every run's config, before the first one trains
     runs_results: list[dict[str, Any]] = []
     method_models: list[str] = []
@@ -182,22 +216,40 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     ]
     figures = "".join(f"\n![{p.stem}](plots/{p.name})\n" for p in plots if p is not None)
     seconds = time.time() - start
-    write_json_atomic(out_dir / "study.json", {"summary": summary, "per_seed": per_seed, "runs": runs, "differences": differences,
-                                               "config": to_container(cfg), "seconds": round(seconds, 1)})
+    write_json_atomic(
+        out_dir / "study.json",
+        {
+            "summary": summary,
+            "per_seed": per_seed,
+            "runs": runs,
+            "differences": differences,
+            "config": to_container(cfg),
+            "seconds": round(seconds, 1),
+        },
+    )
     curve_note = f"\nValidation curves: seed {cfg.seeds[0]}, the exported epoch circled.\n" if curves else ""
     world_note = ""
     if worlds[cfg.seeds[0]]:
         offset = int(cfg.world_offset)
-        world_note = (f"Seed s trains and tests on its own toy world ({', '.join(f'seed {s}: world {s + offset}' for s in cfg.seeds)}); "
-                      "hyperparameters were tuned on world 0 only. Mean ± sample std over seeds, with the 95% Student-t interval "
-                      "of the mean in brackets.\n\n")
-    markdown = f"# saferclip study ({len(cfg.seeds)} seeds)\n\n{world_note}{table}\n{difference_note}{curve_note}{figures}"
+        world_note = (
+            f"Seed s trains and tests on its own toy world ({', '.join(f'seed {s}: world {s + offset}' for s in cfg.seeds)}); "
+            "hyperparameters were tuned on world 0 only. Mean ± sample std over seeds, with the 95% Student-t interval "
+            "of the mean in brackets.\n\n"
+        )
+    markdown = (
+        f"# saferclip study ({len(cfg.seeds)} seeds)\n\n{world_note}{table}\n{difference_note}{curve_note}{figures}"
+    )
     write_text_atomic(out_dir / "study.md", markdown)
     page = Page(
         title=f"saferclip study ({len(cfg.seeds)} seeds)",
         subtitle=f"seeds {list(cfg.seeds)}, ablations on {list(cfg.ablation_seeds)}; galleries: seed {cfg.seeds[0]}",
-        headline=table_from_markdown(table, "Mean ± std over seeds (%)", "Sample standard deviation over seeds (± 0.0 with one seed).",
-                                     model_columns=False, models_in_rows=True),
+        headline=table_from_markdown(
+            table,
+            "Mean ± std over seeds (%)",
+            "Sample standard deviation over seeds (± 0.0 with one seed).",
+            model_columns=False,
+            models_in_rows=True,
+        ),
         showcase=showcase,
         plots=[p for p in plots if p is not None],
         markdown=markdown,

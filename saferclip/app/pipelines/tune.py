@@ -124,28 +124,47 @@ def run(cfg: DictConfig, common: list[str]) -> dict[str, Any]:
     from ..hydra_utils import check_train_config
 
     probe = {p.name: (p.choices[0] if p.type == "categorical" else p.low) for p in params}
-    probe_cfg = compose("train", trial_overrides(cfg, params, {k: v for k, v in probe.items() if _active(params, k, probe)}, common))
+    probe_cfg = compose(
+        "train", trial_overrides(cfg, params, {k: v for k, v in probe.items() if _active(params, k, probe)}, common)
+    )
     check_train_config(probe_cfg)
     tau = selection_tau(probe_cfg)  # every trial's: `common` and the base set it alike
-    space_record = json.dumps({"base": list(cfg.hparams_search.base), "space": to_container(cfg.hparams_search.space),
-                               "world": int(cfg.world), "seed": int(cfg.seed), "common": list(cfg.common) + common,
-                               "objective": f"matched safety, tau {tau}"}, sort_keys=True)
+    space_record = json.dumps(
+        {
+            "base": list(cfg.hparams_search.base),
+            "space": to_container(cfg.hparams_search.space),
+            "world": int(cfg.world),
+            "seed": int(cfg.seed),
+            "common": list(cfg.common) + common,
+            "objective": f"matched safety, tau {tau}",
+        },
+        sort_keys=True,
+    )
     with file_lock(folder / ".study.lock"):  # one search per study at a time
         storage = f"sqlite:///{check_study_db(folder / 'study.db')}"
         try:
-            earlier = len(optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True).trials)
+            earlier = len(
+                optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True).trials
+            )
         except Exception as e:  # noqa: BLE001 - SQLAlchemy's DatabaseError (a damaged file), imported with Optuna only
             if type(e).__module__.startswith("sqlalchemy"):
-                raise DataFormatError(folder / "study.db", f"not a readable Optuna study ({one_line(e).split(' (Background')[0]}); "
-                                      "move it away to start a new search, or choose another out_dir") from None
+                raise DataFormatError(
+                    folder / "study.db",
+                    f"not a readable Optuna study ({one_line(e).split(' (Background')[0]}); "
+                    "move it away to start a new search, or choose another out_dir",
+                ) from None
             raise
         # a resumed search continues the sampler's stream rather than restarting it (seeded
         # alike, a restarted TPE would propose the very first trials again)
         study = optuna.load_study(
             study_name=name,
             storage=storage,
-            sampler=optuna.samplers.TPESampler(seed=int(cfg.sampler.seed) + earlier, n_startup_trials=int(cfg.sampler.n_startup_trials)),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=int(cfg.pruner.n_startup_trials), n_warmup_steps=int(cfg.pruner.n_warmup_steps)),
+            sampler=optuna.samplers.TPESampler(
+                seed=int(cfg.sampler.seed) + earlier, n_startup_trials=int(cfg.sampler.n_startup_trials)
+            ),
+            pruner=optuna.pruners.MedianPruner(
+                n_startup_trials=int(cfg.pruner.n_startup_trials), n_warmup_steps=int(cfg.pruner.n_warmup_steps)
+            ),
         )
         recorded = study.user_attrs.get("protocol")
         if recorded is None:
@@ -156,7 +175,9 @@ def run(cfg: DictConfig, common: list[str]) -> dict[str, Any]:
                 f"config, or start a new one with another out_dir (or delete that folder)"
             )
         fail_interrupted_trials(study)
-        finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+        finished = [
+            t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        ]
         remaining = int(cfg.n_trials) - len(finished)
         if remaining > 0:
             log.info("%s: %d trial(s) to run (%d finished before)", name, remaining, len(finished))
@@ -175,7 +196,10 @@ def check_study_db(path: Path) -> Path:
     if path.is_file() and path.stat().st_size:
         with path.open("rb") as f:
             if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-                raise DataFormatError(path, "not an SQLite database (the search's Optuna storage); move it away to start a new search, or choose another out_dir")
+                raise DataFormatError(
+                    path,
+                    "not an SQLite database (the search's Optuna storage); move it away to start a new search, or choose another out_dir",
+                )
     return path
 
 
@@ -218,10 +242,15 @@ def objective(trial, cfg: DictConfig, params: list[SearchParam], common: list[st
     record = read_selection(run_dir) or {}
     history = record.get("history") or pruning.history
     # every epoch's figures stay with the study (the Pareto front), whatever becomes of the run folder
-    trial.set_user_attr("history", [{"epoch": h["epoch"], **{k: h["metrics"][k] for k in EPOCH_COLUMNS if k in h["metrics"]}} for h in history])
+    trial.set_user_attr(
+        "history",
+        [{"epoch": h["epoch"], **{k: h["metrics"][k] for k in EPOCH_COLUMNS if k in h["metrics"]}} for h in history],
+    )
     choice = matched_choice(history, tau)
     if choice is not None:
-        trial.set_user_attr("matched", {k: choice[k] for k in ("tau", "reached", "epoch", "unsafe", "U2V", SELECTION_METRIC, "note")})
+        trial.set_user_attr(
+            "matched", {k: choice[k] for k in ("tau", "reached", "epoch", "unsafe", "U2V", SELECTION_METRIC, "note")}
+        )
         trial.set_user_attr("validation", {k: v for k, v in choice["metrics"].items() if isinstance(v, (int, float))})
     if pruning.pruned:
         raise optuna.TrialPruned(f"matched-safety objective below the median after {pruning.epochs} epoch(s)")

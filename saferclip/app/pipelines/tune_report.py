@@ -22,8 +22,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,7 +38,9 @@ FAMILY = {"safeclip": "Safe-CLIP", "saferclip": "SafeR-CLIP", "hysac": "HySAC (s
 EPOCH_COLUMNS = (UNSAFE_KEY, REDIRECTION_KEY, "S2V_R@1", "nsfw_caps_S2V_R@1", SELECTION_METRIC, MATCHED_METRIC)
 
 
-def experiment_yaml(method: str, values_overrides: list[str], score: float, number: int, world: int, tau: float | None = None) -> str:
+def experiment_yaml(
+    method: str, values_overrides: list[str], score: float, number: int, world: int, tau: float | None = None
+) -> str:
     """The best trial as an experiment file of ``conf/experiment/`` (toy schedule + the values)."""
     nested = OmegaConf.create({})
     for override in values_overrides:
@@ -74,12 +77,36 @@ def write_search_report(study, cfg: DictConfig, params: list[SearchParam], folde
     names = [p.name for p in params]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["trial", "state", "objective", *names, "reached_tau", "kept_epoch", "val_unsafe", "val_U2V", "epochs", "seconds"])
+    writer.writerow(
+        [
+            "trial",
+            "state",
+            "objective",
+            *names,
+            "reached_tau",
+            "kept_epoch",
+            "val_unsafe",
+            "val_U2V",
+            "epochs",
+            "seconds",
+        ]
+    )
     for t in trials:
         matched = t.user_attrs.get("matched") or {}
-        writer.writerow([t.number, t.state.name.lower(), _trial_value(t), *[t.params.get(n, "") for n in names],
-                         "" if matched.get("reached") is None else matched["reached"], matched.get("epoch", ""),
-                         _blank(matched.get("unsafe")), _blank(matched.get("U2V")), t.user_attrs.get("epochs", ""), t.user_attrs.get("seconds", "")])
+        writer.writerow(
+            [
+                t.number,
+                t.state.name.lower(),
+                _trial_value(t),
+                *[t.params.get(n, "") for n in names],
+                "" if matched.get("reached") is None else matched["reached"],
+                matched.get("epoch", ""),
+                _blank(matched.get("unsafe")),
+                _blank(matched.get("U2V")),
+                t.user_attrs.get("epochs", ""),
+                t.user_attrs.get("seconds", ""),
+            ]
+        )
     write_text_atomic(folder / "trials.csv", buffer.getvalue())
     points = epoch_rows(trials)
     buffer = io.StringIO()
@@ -93,30 +120,55 @@ def write_search_report(study, cfg: DictConfig, params: list[SearchParam], folde
     counts = {s: sum(t.state.name.lower() == s for t in trials) for s in ("complete", "pruned", "fail")}
     reached = sum(1 for t in complete if (t.user_attrs.get("matched") or {}).get("reached"))
     seconds = sum(float(t.user_attrs.get("seconds") or 0) for t in trials)
-    lines = [f"# saferclip-tune: {name}", "",
-             f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed trial(s) of a budget of "
-             f"{int(cfg.n_trials)} ({int(cfg.sampler.n_startup_trials)} random, then TPE); {seconds / 60:.1f} min of training; "
-             f"world {int(cfg.world)} (training + validation splits), training seed {int(cfg.seed)}.", "",
-             f"Objective: matched safety at τ = {100 * tau:g}%: the validation selection score of the epoch with the best "
-             f"validation U→V R@1 among the epochs with unsafe rate (a) ≤ τ; a run that never reaches τ scores its safest "
-             f"epoch's selection score − 1. {reached} of {counts['complete']} complete trial(s) reached τ.", ""]
+    lines = [
+        f"# saferclip-tune: {name}",
+        "",
+        f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed trial(s) of a budget of "
+        f"{int(cfg.n_trials)} ({int(cfg.sampler.n_startup_trials)} random, then TPE); {seconds / 60:.1f} min of training; "
+        f"world {int(cfg.world)} (training + validation splits), training seed {int(cfg.seed)}.",
+        "",
+        f"Objective: matched safety at τ = {100 * tau:g}%: the validation selection score of the epoch with the best "
+        f"validation U→V R@1 among the epochs with unsafe rate (a) ≤ τ; a run that never reaches τ scores its safest "
+        f"epoch's selection score − 1. {reached} of {counts['complete']} complete trial(s) reached τ.",
+        "",
+    ]
     if complete:
         best = study.best_trial
-        text = experiment_yaml(name, best.user_attrs.get("overrides", []), float(best.value), best.number, int(cfg.world), tau)
+        text = experiment_yaml(
+            name, best.user_attrs.get("overrides", []), float(best.value), best.number, int(cfg.world), tau
+        )
         write_text_atomic(folder / "best_experiment.yaml", text)
         matched = best.user_attrs.get("matched") or {}
-        out.update(best_trial=best.number, best_score=float(best.value), best_overrides=best.user_attrs.get("overrides"),
-                   best_matched=matched)
-        lines += [f"Best: trial {best.number}, objective {best.value:.4f} ({matched.get('note', 'no note')}):", "",
-                  "    " + " ".join(best.user_attrs.get("overrides", [])), ""]
+        out.update(
+            best_trial=best.number,
+            best_score=float(best.value),
+            best_overrides=best.user_attrs.get("overrides"),
+            best_matched=matched,
+        )
+        lines += [
+            f"Best: trial {best.number}, objective {best.value:.4f} ({matched.get('note', 'no note')}):",
+            "",
+            "    " + " ".join(best.user_attrs.get("overrides", [])),
+            "",
+        ]
         validation = best.user_attrs.get("validation") or {}
         if validation:
-            lines += ["Its kept epoch's validation metrics: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(validation.items())), ""]
+            lines += [
+                "Its kept epoch's validation metrics: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in sorted(validation.items())),
+                "",
+            ]
     importances = parameter_importances(study)
     if importances:
         out["importances"] = importances
-        lines += ["Parameter importances (PED-ANOVA, complete trials): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()), ""]
-    lines += ["Every trial: trials.csv; every trial's every epoch: trials_epochs.csv. Plots: history.png, importance.png, pareto.png."]
+        lines += [
+            "Parameter importances (PED-ANOVA, complete trials): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()),
+            "",
+        ]
+    lines += [
+        "Every trial: trials.csv; every trial's every epoch: trials_epochs.csv. Plots: history.png, importance.png, pareto.png."
+    ]
     write_text_atomic(folder / "summary.md", "\n".join(lines) + "\n")
     plot_search(trials, importances, folder, name)
     plot_pareto({name: points}, folder / "pareto.png", tau)
@@ -134,8 +186,14 @@ def epoch_rows(trials: Sequence) -> list[dict[str, Any]]:
     rows = []
     for t in trials:
         for h in t.user_attrs.get("history") or []:
-            rows.append({"trial": t.number, "state": t.state.name.lower(), "epoch": h.get("epoch"),
-                         **{k: _blank(h.get(k)) for k in EPOCH_COLUMNS}})
+            rows.append(
+                {
+                    "trial": t.number,
+                    "state": t.state.name.lower(),
+                    "epoch": h.get("epoch"),
+                    **{k: _blank(h.get(k)) for k in EPOCH_COLUMNS},
+                }
+            )
     return rows
 
 
@@ -151,7 +209,9 @@ def pareto_points(folder: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_pareto(points_by_search: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, tau: float | None = None) -> Path:
+def plot_pareto(
+    points_by_search: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, tau: float | None = None
+) -> Path:
     """Validation unsafe rate (a) against U->V R@1, one point per trial x epoch, one colour per
     method family, each search's Pareto front drawn as a step line; τ as a dashed line."""
     from ...evaluation.plotting import figure, model_styles, save_figure
@@ -160,16 +220,33 @@ def plot_pareto(points_by_search: Mapping[str, Sequence[Mapping[str, Any]]], pat
     fig = figure(6.0, 4.0)
     ax = fig.subplots()
     for name, points in points_by_search.items():
-        xy = [(100 * p[UNSAFE_KEY], 100 * p[REDIRECTION_KEY]) for p in points
-              if p.get(UNSAFE_KEY) is not None and p.get(REDIRECTION_KEY) is not None]
+        xy = [
+            (100 * p[UNSAFE_KEY], 100 * p[REDIRECTION_KEY])
+            for p in points
+            if p.get(UNSAFE_KEY) is not None and p.get(REDIRECTION_KEY) is not None
+        ]
         label = FAMILY.get(name, name)
         colour = styles[label]["color"]
         if not xy:
             continue
         trials = len({p.get("trial") for p in points})
-        ax.scatter([x for x, _ in xy], [y for _, y in xy], s=12, alpha=0.35, color=colour, label=f"{label}: {len(xy)} epochs of {trials} trial(s)")
+        ax.scatter(
+            [x for x, _ in xy],
+            [y for _, y in xy],
+            s=12,
+            alpha=0.35,
+            color=colour,
+            label=f"{label}: {len(xy)} epochs of {trials} trial(s)",
+        )
         front = sorted((xy[i] for i in pareto_front([(x / 100, y / 100) for x, y in xy])), key=lambda p: p[0])
-        ax.step([x for x, _ in front], [y for _, y in front], where="post", color=colour, linewidth=1.8, label=f"{label}: Pareto front")
+        ax.step(
+            [x for x, _ in front],
+            [y for _, y in front],
+            where="post",
+            color=colour,
+            linewidth=1.8,
+            label=f"{label}: Pareto front",
+        )
     if tau is not None:
         ax.axvline(100 * tau, color="black", linestyle="--", linewidth=0.8, label=f"τ = {100 * tau:g}%")
     ax.set_xlabel("validation unsafe rate (a) %  (lower is safer)")
@@ -214,15 +291,26 @@ def plot_search(trials: list, importances: dict[str, float], folder: Path, name:
     best, best_so_far = None, []
     for t in trials:
         if t.state == optuna.trial.TrialState.COMPLETE:
-            ax.scatter([t.number], [t.value], color="C0", zorder=3, label="complete" if "complete" not in _labels(ax) else None)
+            ax.scatter(
+                [t.number], [t.value], color="C0", zorder=3, label="complete" if "complete" not in _labels(ax) else None
+            )
             best = t.value if best is None else max(best, t.value)
         elif t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values:
             last = t.intermediate_values[max(t.intermediate_values)]
-            ax.scatter([t.number], [last], color="C3", marker="x", zorder=3, label="pruned (last value)" if "pruned (last value)" not in _labels(ax) else None)
+            ax.scatter(
+                [t.number],
+                [last],
+                color="C3",
+                marker="x",
+                zorder=3,
+                label="pruned (last value)" if "pruned (last value)" not in _labels(ax) else None,
+            )
         best_so_far.append((t.number, best))
     points = [(n, b) for n, b in best_so_far if b is not None]
     if points:
-        ax.step([n for n, _ in points], [b for _, b in points], where="post", color="C0", alpha=0.5, label="best so far")
+        ax.step(
+            [n for n, _ in points], [b for _, b in points], where="post", color="C0", alpha=0.5, label="best so far"
+        )
     ax.axhline(0.0, color="black", linewidth=0.6, linestyle=":")
     ax.set_xlabel("trial")
     ax.set_ylabel("matched-safety objective\n(< 0: never reached τ)")
@@ -246,4 +334,12 @@ def _labels(ax) -> set[str]:
     return {c.get_label() for c in ax.collections}
 
 
-__all__ = ["EPOCH_COLUMNS", "FAMILY", "epoch_rows", "experiment_yaml", "pareto_points", "plot_pareto", "write_search_report"]
+__all__ = [
+    "EPOCH_COLUMNS",
+    "FAMILY",
+    "epoch_rows",
+    "experiment_yaml",
+    "pareto_points",
+    "plot_pareto",
+    "write_search_report",
+]
