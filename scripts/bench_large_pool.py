@@ -64,8 +64,8 @@ from saferclip.redirection.large_pool import (  # noqa: E402
     PoolIndexConfig,
     index_bytes,
     load_or_build_pool_index,
-    open_pool,
 )
+from saferclip.redirection.pool_shards import open_pool  # noqa: E402
 
 BLOCK = 250_000  # rows drawn per generator call (and per seed)
 

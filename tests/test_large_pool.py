@@ -27,11 +27,11 @@ from saferclip.redirection.large_pool import (
     build_pool_index,
     index_bytes,
     load_or_build_pool_index,
-    open_pool,
     write_index,
 )
 from saferclip.redirection.neighbour_config import NeighbourConfig
 from saferclip.redirection.neighbours import find_safe_neighbours, pool_text
+from saferclip.redirection.pool_shards import open_pool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -212,7 +212,7 @@ def test_every_row_is_checked_before_the_index_is_built(tmp_path):
     """open_pool looks at each shard's first 1,024 rows; a NaN or an unnormalised row past them
     is refused by name before FAISS's k-means meets it (it would stop with its own error), and
     check_pool_vectors (the dry run's) finds it whatever its chunk size."""
-    from saferclip.redirection.large_pool import check_pool_vectors
+    from saferclip.redirection.pool_shards import check_pool_vectors
 
     vectors = clustered(1500, 16, 4, 0)
     vectors[1300] = np.nan

@@ -24,16 +24,13 @@ from ..redirection.cache import build_or_load_cache
 from ..redirection.cache_format import EmbeddingCache
 from ..redirection.large_pool import (
     PoolIndexConfig,
-    PoolShards,
     attach_large_pool,
     check_pool_model,
-    check_pool_vectors,
-    check_pool_width,
     is_embedded_pool,
     load_or_build_pool_index,
-    open_pool,
 )
 from ..redirection.neighbours import SafeNeighbours, load_or_find_safe_neighbours, pool_text
+from ..redirection.pool_shards import PoolShards, check_pool_vectors, check_pool_width, open_pool
 from ..redirection.sparse_pools import config_groups
 from ..redirection.targets import (
     RedirectionTargets,

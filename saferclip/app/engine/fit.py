@@ -115,7 +115,7 @@ def dry_run_embedded_pool(cfg: DictConfig, method: MethodConfig):
     """An embedded extra pool checked as training would (:func:`check_embedded_pool`), when
     the neighbour search reads it (text mode); else only opened. Returns its shards."""
     from ...model.build import build_clip
-    from ...redirection.large_pool import open_pool
+    from ...redirection.pool_shards import open_pool
     from ...training.prepare import check_embedded_pool
 
     if method.neighbours.mode != "text":
