@@ -58,14 +58,10 @@ def one_line(error: BaseException) -> str:
 
 
 def report_user_error(prog: str, error: BaseException, to_log: bool = True) -> None:
-    """One line on stderr (and, with ``to_log``, in the run's log file), no traceback. The log
-    record goes to file handlers only: the console already gets the line below, once."""
+    """One line on stderr (and, with ``to_log``, in the run's log), no traceback."""
     message = one_line(error)
     if to_log:
-        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s: %s", (type(error).__name__, message), None)
-        for handler in {*logging.getLogger().handlers, *log.handlers}:
-            if isinstance(handler, logging.FileHandler):
-                handler.handle(record)
+        log.error("%s: %s", type(error).__name__, message)
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
 
 

@@ -1,8 +1,12 @@
 """saferclip-make-toy: write the toy world in the real data formats (docs/METHOD.md, "The toy world").
 
-saferclip-make-toy                        # data/toy: the world the training config reads
-saferclip-make-toy --seed 2 --out /tmp/world2
-saferclip-make-toy --small --no-stats     # a few dozen items per split, for tests
+    saferclip-make-toy                        # data/toy: the world the training config reads
+    saferclip-make-toy --seed 2 --out /tmp/world2
+    saferclip-make-toy --pairs loose          # another pairing level, in data/toy-loose
+    saferclip-make-toy --small --no-stats     # a few dozen items per split, for tests
+
+It also measures and saves the pair statistics (own-pair and nearest-safe cosines) with the
+shipped base model, unless --no-stats.
 """
 
 from __future__ import annotations

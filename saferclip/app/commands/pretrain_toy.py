@@ -1,8 +1,11 @@
 """saferclip-pretrain-toy: reproduce the toy world's base CLIP (saferclip.toyworld.pretrain).
 
-saferclip-pretrain-toy                                  # data/toy_base.safetensors
-saferclip-pretrain-toy --out /tmp/base.safetensors --force
-saferclip-train model.pretrained=/tmp/base.safetensors  # then fine-tune it
+    saferclip-pretrain-toy                                  # data/toy_base.safetensors
+    saferclip-pretrain-toy --out /tmp/base.safetensors --force
+    saferclip-train model.pretrained=/tmp/base.safetensors  # then fine-tune it
+
+The settings (epochs, pairs, batch, learning rate) are its options; the shipped base model was
+made with the defaults.
 """
 
 from __future__ import annotations
