@@ -75,6 +75,19 @@ def exit_on_user_error(prog: str, to_log: bool = True) -> Iterator[None]:
         raise SystemExit(USAGE_EXIT_CODE) from None
 
 
+def announce_report(command_log: logging.Logger, report: dict, table: str) -> None:
+    """Where a command's report went (on the command's logger), then its table on stdout, last,
+    so it ends the output."""
+    command_log.info(
+        "report: %s (open it in a browser); %s, %s, %d plots",
+        report["html"],
+        report["json"],
+        report["markdown"],
+        len(report["plots"]),
+    )
+    print(table, flush=True)
+
+
 def prefer_fast_openblas() -> None:
     """Pick OpenBLAS's AVX-512 kernels for FAISS on CPUs its bundled OpenBLAS does not know.
 

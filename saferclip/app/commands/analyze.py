@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..cli import exit_on_user_error, hydra_command
+from ..cli import announce_report, exit_on_user_error, hydra_command
 from ..hydra_utils import ConfigError, config_dump, resolve_device, resolved_value
 
 log = logging.getLogger("saferclip.analyze")
@@ -80,14 +80,7 @@ def analyze(cfg: Any) -> dict:
         showcase=resolved_value(cfg, "showcase") if "showcase" in cfg else True,
     )
     report = write_analysis_report(results, out_dir, force=bool(cfg.force))
-    log.info(
-        "report: %s (open it in a browser); %s, %s, %d plots",
-        report["html"],
-        report["json"],
-        report["markdown"],
-        len(report["plots"]),
-    )
-    print(summary_table(results), flush=True)  # the table last
+    announce_report(log, report, summary_table(results))
     return {"results": results, "report": report}
 
 

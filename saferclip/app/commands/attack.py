@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..cli import check_writable_folder, exit_on_user_error, hydra_command
+from ..cli import announce_report, check_writable_folder, exit_on_user_error, hydra_command
 from ..hydra_utils import ConfigError, resolve_device, resolved_value
 
 log = logging.getLogger("saferclip.attack")
@@ -77,8 +77,7 @@ def attack(cfg: Any) -> dict:
         force=bool(cfg.force),
     )
     report = write_attack_report(results, out_dir, force=bool(cfg.force))
-    log.info("report: %s, %s, %s, %d plots", report["html"], report["json"], report["markdown"], len(report["plots"]))
-    print(summary_table(results), flush=True)  # the table last
+    announce_report(log, report, summary_table(results))
     return {"results": results, "report": report}
 
 

@@ -28,7 +28,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..cli import exit_on_user_error, hydra_command
+from ..cli import announce_report, exit_on_user_error, hydra_command
 from ..hydra_utils import ConfigError, check_run_options, config_dump, resolve_device, resolved_value
 
 log = logging.getLogger("saferclip.eval")
@@ -107,14 +107,7 @@ def evaluate(cfg: Any) -> dict:
             return analysis_sections(results["analysis"]), write_analysis_plots(results["analysis"], folder)
 
     report = write_report(results, out_dir, force=bool(cfg.force), sections=sections)
-    log.info(
-        "report: %s (open it in a browser); %s, %s, %d plots",
-        report["html"],
-        report["json"],
-        report["markdown"],
-        len(report["plots"]),
-    )
-    print(results_table(results), flush=True)  # the table last
+    announce_report(log, report, results_table(results))
     return {"results": results, "report": report}
 
 
