@@ -4,6 +4,7 @@ differences between the methods.
     saferclip-study                          # conf/study.yaml: 3 seeds x (Safe-CLIP, SafeR-CLIP, HySAC) + ablations
     saferclip-study seeds=[0,1] ablation_seeds=[0,1]
     saferclip-study --quiet                  # print only the final table
+    saferclip-study misalignment.enabled=true  # the methods on four pairings of the toy world
 
 The pipeline is :mod:`saferclip.app.pipelines.study`; it reuses the main job's runs (same
 config, same run folder) and vice versa.
@@ -28,6 +29,7 @@ STUDY_HELP = {
     "out_dir": "where study.md / study.json and the plots go (outputs/study)",
     "runs_dir": "where training runs go, shared with saferclip-main (outputs/runs)",
     "common": "overrides of the training config for every run",
+    "misalignment": "enabled=true: the misalignment study instead (methods x seeds x misalignment.pairings)",
     "eval": "suites, split, the oracle row and report.html's galleries (eval.showcase) of the evaluation",
 }
 
@@ -48,7 +50,7 @@ def run_and_print(overrides: list[str], quiet: bool = False) -> None:
     out = run_composed(PROG, "study", STUDY_KEYS, overrides, run, quiet)
     if not quiet:
         print(f"report: {out['html']} (open it in a browser)")
-        print(f"{out['out_dir']}/study.md ({out['seconds']:.0f} s)")
+        print(f"{out['markdown']} ({out['seconds']:.0f} s)")
         print()
     print(out["table"], flush=True)  # the table last
 

@@ -22,7 +22,7 @@ from ...evaluation.headline import headline, study_table
 from ...evaluation.intervals import differences_table, paired_differences, seed_interval
 from ...model.trained import read_selection
 from ..cli import check_writable_folder
-from ..hydra_utils import check_int, check_run_options, check_seed_list, to_container
+from ..hydra_utils import check_bool, check_int, check_run_options, check_seed_list, to_container
 from .runs import check_runs, compose, eval_showcase, evaluated_models, record_pair_stats, train_or_reuse
 
 log = logging.getLogger("saferclip.study")
@@ -39,6 +39,7 @@ STUDY_KEYS = (
     "ablations",
     "eval",
     "traversal_percentiles",
+    "misalignment",
 )
 
 
@@ -119,11 +120,17 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
 
     check_seed_list(cfg.seeds, "seeds")  # before any run starts
     worlds = check_worlds(cfg)
-    check_traversal_percentiles(cfg.get("traversal_percentiles"))
     check_run_options(cfg, ("force",))
+    check_writable_folder(cfg.runs_dir, "runs_dir")
+    misalignment = cfg.get("misalignment") or {}
+    check_bool(misalignment.get("enabled", False), "misalignment.enabled")
+    if misalignment.get("enabled", False):
+        from .misalignment import run_misalignment
+
+        return run_misalignment(cfg, overrides, worlds)
+    check_traversal_percentiles(cfg.get("traversal_percentiles"))
     check_seed_list(cfg.ablation_seeds, "ablation_seeds", allow_empty=True)
     check_writable_folder(cfg.out_dir, "out_dir")
-    check_writable_folder(cfg.runs_dir, "runs_dir")
     # ablations run on the seeds in both lists; one outside `seeds` trains nothing, so say so
     # (and refuse a list that would run no ablation at all)
     unused = [s for s in cfg.ablation_seeds if s not in cfg.seeds]
@@ -257,4 +264,11 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         reference="original",
     )
     html = write_html_report(page, out_dir)
-    return {"table": table, "summary": summary, "out_dir": str(out_dir), "html": str(html), "seconds": seconds}
+    return {
+        "table": table,
+        "summary": summary,
+        "out_dir": str(out_dir),
+        "markdown": str(out_dir / "study.md"),
+        "html": str(html),
+        "seconds": seconds,
+    }

@@ -1,0 +1,103 @@
+"""The misalignment study (saferclip-study misalignment.enabled=true): the methods trained and
+tested on several pairings of the toy world, figures against the pairs' own-pair cosine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hydra import initialize_config_dir
+
+from saferclip.app.hydra_utils import CONF_DIR
+from saferclip.app.pipelines import misalignment, study
+from saferclip.app.pipelines.runs import compose
+from saferclip.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (["visu"], "two or more"),
+        ("visu", "two or more"),
+        (["visu", "tight"], "['tight'] are not pairings"),
+        (["visu", "loose", "visu"], "appears twice"),
+    ],
+)
+def test_a_bad_pairing_list_is_refused_in_one_line(value, expected):
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        misalignment.check_pairings(value)
+
+
+def level(text_cos: float, per_seed: dict, matched: dict) -> dict:
+    return {"own_pair_cosine": {"text": text_cos, "image": text_cos / 2}, "per_seed": per_seed, "matched": matched}
+
+
+def test_summary_counts_the_seeds_that_reached_tau_and_leaves_moderation_out():
+    levels = {
+        "minimal": level(
+            0.9,
+            {0: {"m": {"U2V_R@1": 0.8, "unsafe_rate_a": 0.0}}, 1: {"m": {"U2V_R@1": 0.6, "unsafe_rate_a": 0.1}}},
+            {0: {"m": {"reached": True}}, 1: {"m": {"reached": False}}},
+        ),
+        "loose": level(
+            0.2,
+            {0: {"m": {"U2V_R@1": 0.3}, "h_moderation": {"U2V_R@1": 0.5}}},
+            {0: {"m": {"reached": True}, "h_moderation": None}},
+        ),
+    }
+    summary = misalignment.summarise(levels)
+    assert summary["minimal"]["m"]["U2V_R@1"]["mean"] == pytest.approx(0.7)
+    assert summary["minimal"]["m"]["U2V_R@1"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert summary["minimal"]["m"]["reached"] == 1 and summary["minimal"]["m"]["seeds"] == 2
+    assert summary["loose"]["h_moderation"]["reached"] is None  # no τ for moderation
+    table = misalignment.misalignment_table(levels, summary, 0.05)
+    assert "| minimal | 0.90 / 0.45 | m | 70.0 ± 14.1 |" in table and "1 of 2" in table
+    assert "seeds at ≤ 5% unsafe" in table
+
+
+def test_the_study_trains_every_method_on_every_pairing_and_plots_them(tmp_path):
+    train = [
+        "model=micro",
+        f"paths.toy_dir={tmp_path / 'toy'}",
+        "data.toy_size=small",
+        "data.batch_size=8",
+        "data.eval_batch_size=64",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=2",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+    ]
+    own = [
+        "seeds=[0]",
+        "world_offset=null",
+        f"out_dir={tmp_path / 'study'}",
+        f"runs_dir={tmp_path / 'runs'}",
+        "misalignment.enabled=true",
+        "misalignment.pairings=[minimal,loose]",
+        "eval.suites=[visu,nsfw_caps]",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        out = study.run(compose("study", own), train)
+    folder = tmp_path / "study" / "misalignment"
+    payload = json.loads((folder / "misalignment.json").read_text())
+    assert payload["pairings"] == ["minimal", "loose"]
+    levels = payload["levels"]
+    # each pairing its own world; a minimal edit keeps a pair closer than a random same-shape item
+    assert (tmp_path / "toy-minimal").is_dir() and (tmp_path / "toy-loose").is_dir()
+    assert levels["minimal"]["own_pair_cosine"]["text"] > levels["loose"]["own_pair_cosine"]["text"] + 0.2
+    models = {"original", "safeclip", "saferclip", "hysac_safe", "hysac_moderation"}
+    for pairing in ("minimal", "loose"):
+        assert set(levels[pairing]["per_seed"]["0"]) == models
+        assert {"U2V_R@1", "unsafe_rate_a", "nsfw_caps_S2V_R@1"} <= set(levels[pairing]["per_seed"]["0"]["saferclip"])
+        matched = levels[pairing]["matched"]["0"]
+        assert matched["hysac_moderation"] is None and matched["saferclip"]["reached"] in (True, False)
+        # the trained runs differ by pairing: six runs, six folders
+    assert len({r["run_dir"] for r in payload["runs"].values()}) == 6
+    assert (folder / "plots" / "misalignment.png").stat().st_size > 10_000
+    assert (folder / "per_level" / "loose" / "seed0.json").is_file()
+    markdown = (folder / "misalignment.md").read_text()
+    assert "| minimal |" in markdown and "| loose |" in markdown and "misalignment.png" in markdown
+    assert out["html"].endswith("report.html") and out["markdown"] == str(folder / "misalignment.md")
