@@ -73,7 +73,14 @@ RESULTS = {
     },
     "training": {
         "saferclip": {"selected": {"epoch": 8}, "history": [{"epoch": e} for e in range(10)]},
-        "hysac": {"selected": {"epoch": 6}, "history": [{"epoch": e} for e in range(9)]},
+        "hysac": {
+            "selected": {"epoch": 6},
+            "history": [{"epoch": e} for e in range(9)],
+            "matched_safety": {
+                "reached": False,
+                "note": "never reached τ = 5%; safest: 12.4% unsafe at U→V 31.0 (epoch 6)",
+            },
+        },
     },
 }
 
@@ -83,7 +90,7 @@ Kept as written. SafeR-CLIP reads <!-- generated:main-value model=saferclip key=
 (<!-- generated:main-value model=saferclip key=unsafe_rate_a interval=yes -->?<!-- /generated -->), a difference of
 <!-- generated:main-difference pair="saferclip vs hysac_safe" key=unsafe_rate_a -->?<!-- /generated --> to HySAC;
 moderation keeps <!-- generated:main-share model=hysac_moderation of=original key=U2G_R@1 -->?<!-- /generated --> of U→G;
-<!-- generated:main-epoch run=hysac -->?<!-- /generated -->; world <!-- generated:main-setting field=world -->?<!-- /generated -->,
+<!-- generated:main-epoch run=hysac -->?<!-- /generated -->; HySAC <!-- generated:main-matched run=hysac -->?<!-- /generated -->; world <!-- generated:main-setting field=world -->?<!-- /generated -->,
 <!-- generated:main-seconds -->?<!-- /generated --> in all, SafeR-CLIP <!-- generated:main-seconds part=saferclip -->?<!-- /generated -->.
 
 <!-- generated:main-table models=original,saferclip,hysac_safe,hysac_moderation keys=unsafe_rate_a,unsafe_rate_b,U2V_R@1 epochs=yes -->
@@ -112,7 +119,7 @@ def repo(tmp_path: Path) -> Path:
 
 def test_every_generator_writes_what_its_file_holds(repo):
     changed = update_documents(repo)
-    assert len(changed) == 11  # every region of the README, none of RESULTS.md or ROBUSTNESS.md
+    assert len(changed) == 12  # every region of the README, none of RESULTS.md or ROBUSTNESS.md
     text = (repo / "README.md").read_text()
     assert (
         "SafeR-CLIP reads <!-- generated:main-value model=saferclip key=unsafe_rate_a -->0.6<!-- /generated -->% unsafe"
@@ -122,6 +129,7 @@ def test_every_generator_writes_what_its_file_holds(repo):
     assert "-->+0.6 [+0.0, +1.4] p = 0.12<!--" in text  # p 0.125 printed with two decimals, not significant
     assert f"-->{round(100 * 0.498 / 0.558)}%<!--" in text  # 89%
     assert "-->epoch 6 of 9 run (counted from 0)<!--" in text
+    assert "HySAC <!-- generated:main-matched run=hysac -->never reached τ = 5%; safest: 12.4% unsafe" in text
     assert "world <!-- generated:main-setting field=world -->1<!--" in text
     assert "-->4 min 55 s<!--" in text and "-->2 min 46 s<!--" in text  # 100 + 166.4 + 29 = 295 s; 166 s
     lines = text.splitlines()

@@ -277,6 +277,19 @@ def main_epoch(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
     return f"epoch {selected.get('epoch')} of {len(record.get('history') or [])} run (counted from 0)"
 
 
+def main_matched(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    """What matched safety kept for a run, as its training recorded it: ``reached τ = 5%: 0.2%
+    unsafe at U→V 23.0 (epoch 9)`` or ``never reached τ = 5%; safest: …`` (validation split)."""
+    (run,) = _need(args, "run")
+    record = (results.get("training") or {}).get(run)
+    if not record:
+        raise DocTableError(f"no training record of run {run!r}")
+    matched = record.get("matched_safety") or {}
+    if not matched.get("note"):
+        raise DocTableError(f"run {run!r} records no matched-safety choice (training.{run}.matched_safety)")
+    return str(matched["note"])
+
+
 def minutes(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
@@ -469,6 +482,7 @@ GENERATORS: dict[str, tuple[str, Callable[[Mapping[str, Any], Mapping[str, str]]
     "main-difference": ("main", main_difference, False),
     "main-share": ("main", main_share, False),
     "main-epoch": ("main", main_epoch, False),
+    "main-matched": ("main", main_matched, False),
     "main-seconds": ("main", main_seconds, False),
     "main-setting": ("main", main_setting, False),
     "main-intervals": ("main", main_intervals, False),
