@@ -9,9 +9,11 @@ import pytest
 from hydra import initialize_config_dir
 
 from saferclip.app.hydra_utils import CONF_DIR
-from saferclip.app.pipelines import misalignment, study
+from saferclip.app.pipelines import study
 from saferclip.app.pipelines.runs import compose
 from saferclip.errors import ConfigError
+from saferclip.evaluation.doc_tables import RESULTS_DIR, import_result, update_documents
+from saferclip.evaluation.misalignment import check_pairings, misalignment_table, summarise
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
@@ -27,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests
 )
 def test_a_bad_pairing_list_is_refused_in_one_line(value, expected):
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("]", r"\]")):
-        misalignment.check_pairings(value)
+        check_pairings(value)
 
 
 def level(text_cos: float, per_seed: dict, matched: dict) -> dict:
@@ -47,12 +49,12 @@ def test_summary_counts_the_seeds_that_reached_tau_and_leaves_moderation_out():
             {0: {"m": {"reached": True}, "h_moderation": None}},
         ),
     }
-    summary = misalignment.summarise(levels)
+    summary = summarise(levels)
     assert summary["minimal"]["m"]["U2V_R@1"]["mean"] == pytest.approx(0.7)
     assert summary["minimal"]["m"]["U2V_R@1"]["std"] == pytest.approx(0.1414, abs=1e-4)
     assert summary["minimal"]["m"]["reached"] == 1 and summary["minimal"]["m"]["seeds"] == 2
     assert summary["loose"]["h_moderation"]["reached"] is None  # no τ for moderation
-    table = misalignment.misalignment_table(levels, summary, 0.05)
+    table = misalignment_table(levels, summary, 0.05)
     assert "| minimal | 0.90 / 0.45 | m | 70.0 ± 14.1 |" in table and "1 of 2" in table
     assert "seeds at ≤ 5% unsafe" in table
 
@@ -101,3 +103,19 @@ def test_the_study_trains_every_method_on_every_pairing_and_plots_them(tmp_path)
     markdown = (folder / "misalignment.md").read_text()
     assert "| minimal |" in markdown and "| loose |" in markdown and "misalignment.png" in markdown
     assert out["html"].endswith("report.html") and out["markdown"] == str(folder / "misalignment.md")
+
+    # docs/RESULTS.md shows the committed file's table and plot
+    repo = tmp_path / "repo"
+    (repo / RESULTS_DIR).mkdir(parents=True)
+    for name in ("README.md", "docs/ROBUSTNESS.md", "docs/GPU.md"):
+        (repo / name).write_text("# none\n")
+    (repo / "docs" / "RESULTS.md").write_text(
+        "<!-- generated:misalignment-table -->\n<!-- /generated -->\n<!-- generated:misalignment-plot -->\n<!-- /generated -->\n"
+    )
+    update_documents(repo)
+    assert "*Not yet measured" in (repo / "docs" / "RESULTS.md").read_text()
+    import_result(repo, "misalignment", folder / "misalignment.json")
+    update_documents(repo)
+    results = (repo / "docs" / "RESULTS.md").read_text()
+    assert "| loose | " in results and "](img/misalignment.png)" in results
+    assert (repo / "docs" / "img" / "misalignment.png").is_file()

@@ -226,6 +226,15 @@ def test_tune_runs_resumes_and_reports(tmp_path, toy_world, capsys):
     assert study.trials[-1].params != study.trials[0].params
     assert states.count(optuna.trial.TrialState.FAIL) == 1
     assert sum(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states) == 4
+    # search.json: all of it, as the docs read it (the failed trial counted apart, not in the budget)
+    record = json.loads((folder / "search.json").read_text())
+    assert record["counts"]["fail"] == 1 and record["counts"]["complete"] + record["counts"]["pruned"] == 4
+    assert record["budget"] == 4 and record["random_trials"] + record["tpe_trials"] == 4
+    assert record["best"]["number"] == study.best_trial.number and record["best"]["value"] == pytest.approx(
+        study.best_value
+    )
+    assert len(record["epochs"]) == len(list(csv.DictReader((folder / "trials_epochs.csv").open())))
+    assert record["reached"] == sum(1 for t in record["trials"] if t["state"] == "complete" and t["matched"]["reached"])
 
     # another space or protocol in the same folder: refused in one line, nothing overwritten
     assert tune.main(tune_args(tmp_path, toy_world, "n_trials=5", "seed=1")) == 2

@@ -51,6 +51,11 @@ Generators (arguments in brackets are optional):
   docs/GPU.md's scale figures (:mod:`saferclip.redirection.scale_summary` lists them), and the
   picture ``pool-plot``; pending, like the robustness figures, until measured
   (``scripts/run_scale_benchmarks.sh``).
+* ``searches-table`` and ``searches-best method=`` (``docs/results/searches.json``,
+  ``scripts/search_results.py``: the three ``saferclip-tune`` searches) and the picture
+  ``searches-pareto``; ``misalignment-table`` (``docs/results/misalignment.json``,
+  ``saferclip-study misalignment.enabled=true``) and the picture ``misalignment-plot``; both
+  pending until measured.
 """
 
 from __future__ import annotations
@@ -80,7 +85,12 @@ from ..robustness.summary import pending as robustness_pending
 from .headline import HEADLINE, headline, headline_table
 from .headline import study_table as headline_study_table
 from .intervals import difference_cell, differences_table, intervals_note
+from .misalignment import MISALIGNMENT_CAPTION, MisalignmentSummaryError, draw_misalignment, misalignment_region
+from .misalignment import pending as misalignment_pending
 from .plotting import OWN_MARK
+from .searches import GENERATORS as SEARCH_GENERATORS
+from .searches import PARETO_CAPTION, SearchSummaryError, draw_pareto_fronts
+from .searches import pending as searches_pending
 
 RESULTS_DIR = Path("docs") / "results"
 DOCUMENTS = (Path("README.md"), Path("docs") / "RESULTS.md", Path("docs") / "ROBUSTNESS.md", Path("docs") / "GPU.md")
@@ -90,18 +100,38 @@ SOURCES = {
     "robustness": "robustness.json",
     "pool": "large_pool_growth.json",
     "ivf": "ivf_100k.json",
+    "searches": "searches.json",
+    "misalignment": "misalignment.json",
 }
 # what a result file must hold to be one (import_result's check: a section of this name)
-SOURCE_SECTIONS = {"main": "results", "study": "summary", "robustness": "models", "pool": "sizes", "ivf": "runs"}
+SOURCE_SECTIONS = {
+    "main": "results",
+    "study": "summary",
+    "robustness": "models",
+    "pool": "sizes",
+    "ivf": "runs",
+    "searches": "searches",
+    "misalignment": "levels",
+}
 # result files a document may quote before they are measured: while such a file is not
 # committed, each of its regions shows what ``pending(name, block)`` gives (it says the figures
 # are pending, and how to measure them) instead of failing; any other missing file is an error
-PENDING = {"robustness": robustness_pending, "pool": scale_pending, "ivf": scale_pending}
+PENDING = {
+    "robustness": robustness_pending,
+    "pool": scale_pending,
+    "ivf": scale_pending,
+    "searches": searches_pending,
+    "misalignment": misalignment_pending,
+}
 SCREENSHOT = Path("docs") / "img" / "main_report.png"
 SCREENSHOT_STAMP = RESULTS_DIR / "main_report.json"  # which main.json the picture shows
 SCREENSHOT_SCRIPT = Path("scripts") / "report_screenshot.sh"
 GROWTH_PLOT = Path("docs") / "img" / "large_pool_growth.png"
 GROWTH_PLOT_STAMP = RESULTS_DIR / "large_pool_growth_plot.json"  # which large_pool_growth.json it was drawn from
+PARETO_PLOT = Path("docs") / "img" / "search_pareto.png"
+PARETO_PLOT_STAMP = RESULTS_DIR / "search_pareto_plot.json"
+MISALIGNMENT_PLOT = Path("docs") / "img" / "misalignment.png"
+MISALIGNMENT_PLOT_STAMP = RESULTS_DIR / "misalignment_plot.json"
 
 
 @dataclass(frozen=True)
@@ -126,6 +156,10 @@ PICTURES = {
         f"(red: unsafe, green: the query's safe twin, {OWN_MARK} its own unsafe image)",
     ),
     "pool-plot": Picture("pool", GROWTH_PLOT, GROWTH_PLOT_STAMP, GROWTH_PLOT_CAPTION, draw_growth_plot),
+    "searches-pareto": Picture("searches", PARETO_PLOT, PARETO_PLOT_STAMP, PARETO_CAPTION, draw_pareto_fronts),
+    "misalignment-plot": Picture(
+        "misalignment", MISALIGNMENT_PLOT, MISALIGNMENT_PLOT_STAMP, MISALIGNMENT_CAPTION, draw_misalignment
+    ),
 }
 DISPLAY_NAMES = {
     "safeclip": "Safe-CLIP",
@@ -459,7 +493,7 @@ def redraw_pictures(root: Path) -> list[str]:
             picture.draw(json.loads(source.read_text()), root / picture.image)
         except ValueError as e:
             raise DocTableError(f"{source}: not valid JSON ({e})") from None
-        except ScaleSummaryError as e:
+        except (ScaleSummaryError, SearchSummaryError, MisalignmentSummaryError) as e:
             raise DocTableError(f"{source}: {e}") from None
         except (KeyError, TypeError, IndexError) as e:
             raise DocTableError(
@@ -496,6 +530,9 @@ GENERATORS: dict[str, tuple[str, Callable[[Mapping[str, Any], Mapping[str, str]]
     **{name: ("robustness", generator, block) for name, (generator, block) in ROBUSTNESS_GENERATORS.items()},
     # the scale benchmarks' (saferclip.redirection.scale_summary; docs/GPU.md)
     **SCALE_GENERATORS,
+    # the hyperparameter searches' (saferclip.evaluation.searches) and the misalignment study's
+    **{name: ("searches", generator, block) for name, (generator, block) in SEARCH_GENERATORS.items()},
+    "misalignment-table": ("misalignment", misalignment_region, True),
 }
 
 
@@ -538,7 +575,13 @@ def render_document(text: str, root: Path, where: str) -> tuple[str, list[str]]:
             else:
                 try:
                     content = generator(sources[source], args)
-                except (DocTableError, SummaryError, ScaleSummaryError) as e:
+                except (
+                    DocTableError,
+                    SummaryError,
+                    ScaleSummaryError,
+                    SearchSummaryError,
+                    MisalignmentSummaryError,
+                ) as e:
                     raise DocTableError(f"{label}: {e}") from None
         new_body = f"\n{content}\n" if block and content else ("\n" if block else content)
         if new_body != body:

@@ -26,178 +26,32 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from ...errors import ConfigError
 from ...evaluation.headline import headline
+from ...evaluation.misalignment import (
+    HYSAC_MODERATION_SUFFIX,
+    check_pairings,
+    misalignment_table,
+    own_pair_cosine,
+    plot_misalignment,
+    summarise,
+)
 from ...model.trained import read_selection
 from ..hydra_utils import to_container
 from .runs import check_runs, compose, evaluated_models, train_or_reuse
 
 log = logging.getLogger("saferclip.study")
 
-# (headline key, label) of the plot's panels and the table's columns
-PANELS: tuple[tuple[str, str], ...] = (
-    ("U2V_R@1", "U→V R@1 (%)"),
-    ("zeroshot_retention", "zero-shot retention (%)"),
-    ("nsfw_caps_S2V_R@1", "NSFW-Caps S→V R@1 (%)"),
-    ("unsafe_rate_a", "unsafe rate (a) (%) ↓"),
-)
-# the model whose figures stand for a method: HySAC by its safe mode (its moderation mode is
-# meant to find unsafe content: its row is in the table, not on the plot)
-HYSAC_MODERATION_SUFFIX = "_moderation"
-
-
-def check_pairings(value: Any) -> list[str]:
-    """``misalignment.pairings``: two or more distinct pairing presets (refused in one line,
-    before any run trains)."""
-    from omegaconf import ListConfig
-
-    from ...toyworld.pairing import PAIRINGS
-
-    if isinstance(value, ListConfig):
-        value = to_container(value)
-    if not isinstance(value, list) or len(value) < 2:
-        raise ConfigError(
-            f"misalignment.pairings must list two or more pairings of {sorted(PAIRINGS)}, e.g. "
-            f"[minimal,visu,drifted,loose]; got {value!r}"
-        )
-    unknown = [p for p in value if p not in PAIRINGS]
-    if unknown:
-        raise ConfigError(f"misalignment.pairings: {unknown} are not pairings; expected some of {sorted(PAIRINGS)}")
-    if len(set(value)) != len(value):
-        raise ConfigError(f"misalignment.pairings={value}: a pairing appears twice")
-    return list(value)
-
-
-def own_pair_cosine(stats: Mapping[str, Any]) -> dict[str, float]:
-    """The median own-pair cosine of a world's training pairs, per modality."""
-    return {m: float(stats[m]["own_cosine"]["median"]) for m in ("text", "image")}
-
 
 def matched_record(run_dir: str | Path | None) -> dict[str, Any] | None:
     """What matched safety kept for a run (``selection.json``'s ``matched_safety``), if recorded."""
     record = read_selection(run_dir) if run_dir else None
     return (record or {}).get("matched_safety")
-
-
-def summarise(levels: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{pairing: {model: {key: {"mean", "std", "n"}, "reached": k, "seeds": n}}}`` from the
-    levels' ``per_seed`` figures and matched-safety records (sample std; 0 with one seed)."""
-    import statistics
-
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for pairing, level in levels.items():
-        per_seed = level["per_seed"]
-        models = list(dict.fromkeys(m for by_model in per_seed.values() for m in by_model))
-        out[pairing] = {}
-        for model in models:
-            row: dict[str, Any] = {}
-            for key, _ in PANELS:
-                values = [by_model[model][key] for by_model in per_seed.values() if key in by_model.get(model, {})]
-                if values:
-                    row[key] = {
-                        "mean": statistics.fmean(values),
-                        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                        "n": len(values),
-                    }
-            matched = [(level["matched"].get(seed) or {}).get(model) for seed in per_seed]
-            known = [m for m in matched if m and m.get("reached") is not None]
-            row["seeds"] = len(per_seed)
-            row["reached"] = sum(1 for m in known if m["reached"]) if known else None
-            out[pairing][model] = row
-    return out
-
-
-def misalignment_table(levels: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any], tau: float) -> str:
-    """Markdown: one row per pairing level and model, its own-pair cosine, the panels' figures
-    (mean ± std over seeds, %) and how many seeds reached τ."""
-    lines = [
-        "| pairing | own-pair cos (text / image) | model | "
-        + " | ".join(label.replace(" (%)", "") for _, label in PANELS)
-        + f" | seeds at ≤ {100 * tau:g}% unsafe |",
-        "|---|---|---|" + "---:|" * len(PANELS) + "---:|",
-    ]
-    for pairing, by_model in summary.items():
-        cos = levels[pairing]["own_pair_cosine"]
-        for model, row in by_model.items():
-            cells = [f"{100 * row[k]['mean']:.1f} ± {100 * row[k]['std']:.1f}" if k in row else "–" for k, _ in PANELS]
-            reached = "–" if row["reached"] is None else f"{row['reached']} of {row['seeds']}"
-            lines.append(
-                f"| {pairing} | {cos['text']:.2f} / {cos['image']:.2f} | {model} | "
-                + " | ".join(cells)
-                + f" | {reached} |"
-            )
-    return "\n".join(lines)
-
-
-def plot_misalignment(
-    levels: Mapping[str, Mapping[str, Any]],
-    summary: Mapping[str, Any],
-    path: str | Path,
-    models: Sequence[str] | None = None,
-    tau: float = 0.05,
-) -> Path | None:
-    """One panel per :data:`PANELS` figure against the levels' median text own-pair cosine: a
-    line per model (``models``, default every one but HySAC's moderation mode), mean ± std over
-    seeds, a hollow marker where some seed never reached τ."""
-    from ...evaluation.plotting import figure, model_styles, save_figure
-
-    pairings = sorted(summary, key=lambda p: levels[p]["own_pair_cosine"]["text"])
-    names = list(models or dict.fromkeys(m for p in pairings for m in summary[p]))
-    names = [m for m in names if not m.endswith(HYSAC_MODERATION_SUFFIX)]
-    if not pairings or not names:
-        return None
-    panels = [(k, label) for k, label in PANELS if any(k in summary[p].get(m, {}) for p in pairings for m in names)]
-    if not panels:
-        return None
-    styles = model_styles(names, reference="original")
-    fig = figure(2.8 * len(panels), 3.4)
-    for col, (key, label) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), col + 1)
-        for name in names:
-            rows = [(levels[p]["own_pair_cosine"]["text"], summary[p].get(name)) for p in pairings]
-            rows = [(x, r) for x, r in rows if r and key in r]
-            if not rows:
-                continue
-            xs = [x for x, _ in rows]
-            ys = [100 * r[key]["mean"] for _, r in rows]
-            errs = [100 * r[key]["std"] for _, r in rows]
-            style = styles[name]
-            marker = "*" if style["original"] else "o"
-            ax.errorbar(xs, ys, yerr=errs, color=style["color"], marker=None, linewidth=1.2, capsize=2, label=name)
-            for x, y, (_, r) in zip(xs, ys, rows):
-                hollow = r.get("reached") is not None and r["reached"] < r["seeds"]
-                ax.scatter(
-                    [x],
-                    [y],
-                    marker=marker,
-                    s=60 if style["original"] else 30,
-                    facecolors="white" if hollow else style["color"],
-                    edgecolors=style["color"],
-                    zorder=3,
-                )
-        for p in pairings:
-            ax.axvline(levels[p]["own_pair_cosine"]["text"], color="grey", linewidth=0.5, alpha=0.4)
-        ax.set_xlabel("own-pair cosine, text (training pairs, median)", fontsize=7)
-        ax.set_ylabel(label, fontsize=8)
-        ax.set_ylim(-3, 103)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        if col == 0:
-            ax.legend(fontsize=6, loc="best")
-    fig.suptitle(
-        f"the same methods as training pairs drift apart ({', '.join(pairings)}; right = closer pairs); "
-        f"hollow: some seed never reached τ = {100 * tau:g}% unsafe",
-        fontsize=8,
-    )
-    path = Path(path)
-    save_figure(fig, path)
-    return path
 
 
 def run_misalignment(cfg: DictConfig, overrides: list[str], worlds: Mapping[int, list[str]]) -> dict[str, Any]:

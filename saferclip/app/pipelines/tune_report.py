@@ -7,13 +7,14 @@ Under ``<out_dir>/<method>/``:
   unsafe rate and U->V, epochs run, seconds;
 * ``trials_epochs.csv``: one row per trial x validated epoch: the validation figures of
   :data:`EPOCH_COLUMNS` (the Pareto front's points; pruned trials included);
-* ``best_experiment.yaml``, ``summary.md``, ``history.png``, ``importance.png``;
+* ``best_experiment.yaml``, ``summary.md``, ``search.json`` (:func:`saferclip.evaluation.searches.search_record`: all of the above), ``history.png``, ``importance.png``;
 * ``pareto.png``: validation unsafe rate (a) against U->V R@1 over every trial x epoch, the
   Pareto front (no point both safer and better at redirection) drawn, in the method family's
   colour (:func:`saferclip.evaluation.plotting.model_styles`). :func:`plot_pareto` draws several
   searches in one plot, e.g. all three methods for a report::
 
-      from saferclip.app.pipelines.tune_report import pareto_points, plot_pareto
+      from saferclip.app.pipelines.tune_report import pareto_points
+      from saferclip.evaluation.searches import plot_pareto
       plot_pareto({m: pareto_points(f"outputs/tune/{m}") for m in ("safeclip", "saferclip", "hysac")}, "pareto.png")
 """
 
@@ -22,20 +23,16 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ...evaluation.selection import MATCHED_METRIC, REDIRECTION_KEY, SELECTION_METRIC, UNSAFE_KEY, pareto_front
+from ...evaluation.searches import EPOCH_COLUMNS, SEARCH_FILE, plot_pareto, search_record
 from ...training.search_space import SearchParam
 
 log = logging.getLogger("saferclip.tune")
-
-# the search's name -> the model name its colour comes from (HySAC validates in its safe mode)
-FAMILY = {"safeclip": "Safe-CLIP", "saferclip": "SafeR-CLIP", "hysac": "HySAC (safe)"}
-EPOCH_COLUMNS = (UNSAFE_KEY, REDIRECTION_KEY, "S2V_R@1", "nsfw_caps_S2V_R@1", SELECTION_METRIC, MATCHED_METRIC)
 
 
 def experiment_yaml(
@@ -70,7 +67,7 @@ def _trial_value(t) -> Any:
 def write_search_report(study, cfg: DictConfig, params: list[SearchParam], folder: Path, tau: float) -> dict[str, Any]:
     import optuna
 
-    from ...files import write_text_atomic
+    from ...files import write_json_atomic, write_text_atomic
 
     name = str(cfg.hparams_search.name)
     trials = [t for t in study.trials if t.state != optuna.trial.TrialState.RUNNING]
@@ -167,9 +164,32 @@ def write_search_report(study, cfg: DictConfig, params: list[SearchParam], folde
             "",
         ]
     lines += [
-        "Every trial: trials.csv; every trial's every epoch: trials_epochs.csv. Plots: history.png, importance.png, pareto.png."
+        "Every trial: trials.csv; every trial's every epoch: trials_epochs.csv; all of it: search.json. "
+        "Plots: history.png, importance.png, pareto.png."
     ]
     write_text_atomic(folder / "summary.md", "\n".join(lines) + "\n")
+    record = search_record(
+        name,
+        trial_dicts(trials),
+        budget=int(cfg.n_trials),
+        random_trials=int(cfg.sampler.n_startup_trials),
+        tau=tau,
+        world=int(cfg.world),
+        seed=int(cfg.seed),
+        importances=importances,
+        best=(
+            {
+                "number": out["best_trial"],
+                "value": out["best_score"],
+                "overrides": out["best_overrides"],
+                "matched": out["best_matched"],
+                "validation": study.best_trial.user_attrs.get("validation") or {},
+            }
+            if "best_trial" in out
+            else None
+        ),
+    )
+    write_json_atomic(folder / SEARCH_FILE, record)
     plot_search(trials, importances, folder, name)
     plot_pareto({name: points}, folder / "pareto.png", tau)
     out["summary"] = str(folder / "summary.md")
@@ -178,6 +198,28 @@ def write_search_report(study, cfg: DictConfig, params: list[SearchParam], folde
 
 def _blank(value: Any) -> Any:
     return "" if value is None else value
+
+
+def trial_dicts(trials: Sequence) -> list[dict[str, Any]]:
+    """Optuna's finished trials as the plain dicts :func:`saferclip.evaluation.searches.search_record` takes."""
+    out = []
+    for t in trials:
+        value = _trial_value(t)
+        out.append(
+            {
+                "number": t.number,
+                "state": t.state.name.lower(),
+                "value": None if value == "" else float(value),
+                "params": dict(t.params),
+                "matched": t.user_attrs.get("matched"),
+                "seconds": t.user_attrs.get("seconds"),
+                "epochs": t.user_attrs.get("epochs"),
+                "start": t.datetime_start.isoformat() if t.datetime_start else None,
+                "end": t.datetime_complete.isoformat() if t.datetime_complete else None,
+                "history": t.user_attrs.get("history") or [],
+            }
+        )
+    return out
 
 
 def epoch_rows(trials: Sequence) -> list[dict[str, Any]]:
@@ -207,58 +249,6 @@ def pareto_points(folder: str | Path) -> list[dict[str, Any]]:
         for k in EPOCH_COLUMNS:
             r[k] = float(r[k]) if r.get(k) not in (None, "") else None
     return rows
-
-
-def plot_pareto(
-    points_by_search: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, tau: float | None = None
-) -> Path:
-    """Validation unsafe rate (a) against U->V R@1, one point per trial x epoch, one colour per
-    method family, each search's Pareto front drawn as a step line; τ as a dashed line."""
-    from ...evaluation.plotting import figure, model_styles, save_figure
-
-    styles = model_styles([FAMILY.get(n, n) for n in points_by_search])
-    fig = figure(6.0, 4.0)
-    ax = fig.subplots()
-    for name, points in points_by_search.items():
-        xy = [
-            (100 * p[UNSAFE_KEY], 100 * p[REDIRECTION_KEY])
-            for p in points
-            if p.get(UNSAFE_KEY) is not None and p.get(REDIRECTION_KEY) is not None
-        ]
-        label = FAMILY.get(name, name)
-        colour = styles[label]["color"]
-        if not xy:
-            continue
-        trials = len({p.get("trial") for p in points})
-        ax.scatter(
-            [x for x, _ in xy],
-            [y for _, y in xy],
-            s=12,
-            alpha=0.35,
-            color=colour,
-            label=f"{label}: {len(xy)} epochs of {trials} trial(s)",
-        )
-        front = sorted((xy[i] for i in pareto_front([(x / 100, y / 100) for x, y in xy])), key=lambda p: p[0])
-        ax.step(
-            [x for x, _ in front],
-            [y for _, y in front],
-            where="post",
-            color=colour,
-            linewidth=1.8,
-            label=f"{label}: Pareto front",
-        )
-    if tau is not None:
-        ax.axvline(100 * tau, color="black", linestyle="--", linewidth=0.8, label=f"τ = {100 * tau:g}%")
-    ax.set_xlabel("validation unsafe rate (a) %  (lower is safer)")
-    ax.set_ylabel("validation U→V R@1 %")
-    ax.set_xlim(-2, 102)
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("every trial × epoch of the search")
-    path = Path(path)
-    save_figure(fig, path)
-    return path
 
 
 def parameter_importances(study) -> dict[str, float]:
@@ -334,12 +324,4 @@ def _labels(ax) -> set[str]:
     return {c.get_label() for c in ax.collections}
 
 
-__all__ = [
-    "EPOCH_COLUMNS",
-    "FAMILY",
-    "epoch_rows",
-    "experiment_yaml",
-    "pareto_points",
-    "plot_pareto",
-    "write_search_report",
-]
+__all__ = ["EPOCH_COLUMNS", "epoch_rows", "experiment_yaml", "pareto_points", "trial_dicts", "write_search_report"]

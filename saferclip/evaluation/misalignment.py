@@ -1,0 +1,208 @@
+"""The misalignment study's figures (``saferclip-study misalignment.enabled=true``,
+:mod:`saferclip.app.pipelines.misalignment`): per pairing level of the toy world and per
+method, the test figures over seeds, how many seeds reached τ, the table and the plot against
+the pairs' own-pair cosine. Pure functions of the study's ``misalignment.json`` (``levels`` and
+``summary``), so that docs/RESULTS.md draws the same table and plot from the committed file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+# (headline key, label) of the plot's panels and the table's columns
+PANELS: tuple[tuple[str, str], ...] = (
+    ("U2V_R@1", "U→V R@1 (%)"),
+    ("zeroshot_retention", "zero-shot retention (%)"),
+    ("nsfw_caps_S2V_R@1", "NSFW-Caps S→V R@1 (%)"),
+    ("unsafe_rate_a", "unsafe rate (a) (%) ↓"),
+)
+# the model whose figures stand for a method: HySAC by its safe mode (its moderation mode is
+# meant to find unsafe content: its row is in the table, not on the plot)
+HYSAC_MODERATION_SUFFIX = "_moderation"
+
+
+def check_pairings(value: Any) -> list[str]:
+    """``misalignment.pairings``: two or more distinct pairing presets (refused in one line,
+    before any run trains)."""
+    from ..toyworld.pairing import PAIRINGS
+
+    if hasattr(value, "__len__") and not isinstance(value, (str, list)):  # an OmegaConf ListConfig
+        value = list(value)
+    if not isinstance(value, list) or len(value) < 2:
+        raise ConfigError(
+            f"misalignment.pairings must list two or more pairings of {sorted(PAIRINGS)}, e.g. "
+            f"[minimal,visu,drifted,loose]; got {value!r}"
+        )
+    unknown = [p for p in value if p not in PAIRINGS]
+    if unknown:
+        raise ConfigError(f"misalignment.pairings: {unknown} are not pairings; expected some of {sorted(PAIRINGS)}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"misalignment.pairings={value}: a pairing appears twice")
+    return list(value)
+
+
+def own_pair_cosine(stats: Mapping[str, Any]) -> dict[str, float]:
+    """The median own-pair cosine of a world's training pairs, per modality."""
+    return {m: float(stats[m]["own_cosine"]["median"]) for m in ("text", "image")}
+
+
+def summarise(levels: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{pairing: {model: {key: {"mean", "std", "n"}, "reached": k, "seeds": n}}}`` from the
+    levels' ``per_seed`` figures and matched-safety records (sample std; 0 with one seed)."""
+    import statistics
+
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for pairing, level in levels.items():
+        per_seed = level["per_seed"]
+        models = list(dict.fromkeys(m for by_model in per_seed.values() for m in by_model))
+        out[pairing] = {}
+        for model in models:
+            row: dict[str, Any] = {}
+            for key, _ in PANELS:
+                values = [by_model[model][key] for by_model in per_seed.values() if key in by_model.get(model, {})]
+                if values:
+                    row[key] = {
+                        "mean": statistics.fmean(values),
+                        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                        "n": len(values),
+                    }
+            matched = [(level["matched"].get(seed) or {}).get(model) for seed in per_seed]
+            known = [m for m in matched if m and m.get("reached") is not None]
+            row["seeds"] = len(per_seed)
+            row["reached"] = sum(1 for m in known if m["reached"]) if known else None
+            out[pairing][model] = row
+    return out
+
+
+def misalignment_table(levels: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any], tau: float) -> str:
+    """Markdown: one row per pairing level and model, its own-pair cosine, the panels' figures
+    (mean ± std over seeds, %) and how many seeds reached τ."""
+    lines = [
+        "| pairing | own-pair cos (text / image) | model | "
+        + " | ".join(label.replace(" (%)", "") for _, label in PANELS)
+        + f" | seeds at ≤ {100 * tau:g}% unsafe |",
+        "|---|---|---|" + "---:|" * len(PANELS) + "---:|",
+    ]
+    for pairing, by_model in summary.items():
+        cos = levels[pairing]["own_pair_cosine"]
+        for model, row in by_model.items():
+            cells = [f"{100 * row[k]['mean']:.1f} ± {100 * row[k]['std']:.1f}" if k in row else "–" for k, _ in PANELS]
+            reached = "–" if row["reached"] is None else f"{row['reached']} of {row['seeds']}"
+            lines.append(
+                f"| {pairing} | {cos['text']:.2f} / {cos['image']:.2f} | {model} | "
+                + " | ".join(cells)
+                + f" | {reached} |"
+            )
+    return "\n".join(lines)
+
+
+def plot_misalignment(
+    levels: Mapping[str, Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    path: str | Path,
+    models: Sequence[str] | None = None,
+    tau: float = 0.05,
+) -> Path | None:
+    """One panel per :data:`PANELS` figure against the levels' median text own-pair cosine: a
+    line per model (``models``, default every one but HySAC's moderation mode), mean ± std over
+    seeds, a hollow marker where some seed never reached τ."""
+    from .plotting import figure, model_styles, save_figure
+
+    pairings = sorted(summary, key=lambda p: levels[p]["own_pair_cosine"]["text"])
+    names = list(models or dict.fromkeys(m for p in pairings for m in summary[p]))
+    names = [m for m in names if not m.endswith(HYSAC_MODERATION_SUFFIX)]
+    if not pairings or not names:
+        return None
+    panels = [(k, label) for k, label in PANELS if any(k in summary[p].get(m, {}) for p in pairings for m in names)]
+    if not panels:
+        return None
+    styles = model_styles(names, reference="original")
+    fig = figure(2.8 * len(panels), 3.4)
+    for col, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), col + 1)
+        for name in names:
+            rows = [(levels[p]["own_pair_cosine"]["text"], summary[p].get(name)) for p in pairings]
+            rows = [(x, r) for x, r in rows if r and key in r]
+            if not rows:
+                continue
+            xs = [x for x, _ in rows]
+            ys = [100 * r[key]["mean"] for _, r in rows]
+            errs = [100 * r[key]["std"] for _, r in rows]
+            style = styles[name]
+            marker = "*" if style["original"] else "o"
+            ax.errorbar(xs, ys, yerr=errs, color=style["color"], marker=None, linewidth=1.2, capsize=2, label=name)
+            for x, y, (_, r) in zip(xs, ys, rows):
+                hollow = r.get("reached") is not None and r["reached"] < r["seeds"]
+                ax.scatter(
+                    [x],
+                    [y],
+                    marker=marker,
+                    s=60 if style["original"] else 30,
+                    facecolors="white" if hollow else style["color"],
+                    edgecolors=style["color"],
+                    zorder=3,
+                )
+        for p in pairings:
+            ax.axvline(levels[p]["own_pair_cosine"]["text"], color="grey", linewidth=0.5, alpha=0.4)
+        ax.set_xlabel("own-pair cosine, text (training pairs, median)", fontsize=7)
+        ax.set_ylabel(label, fontsize=8)
+        ax.set_ylim(-3, 103)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if col == 0:
+            ax.legend(fontsize=6, loc="best")
+    fig.suptitle(
+        f"the same methods as training pairs drift apart ({', '.join(pairings)}; right = closer pairs); "
+        f"hollow: some seed never reached τ = {100 * tau:g}% unsafe",
+        fontsize=8,
+    )
+    path = Path(path)
+    save_figure(fig, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- docs
+class MisalignmentSummaryError(ValueError):
+    """A misalignment.json the docs cannot use (one line naming what is wrong)."""
+
+
+MISALIGNMENT_CAPTION = (
+    "The misalignment study: each method's test figures against the training pairs' own-pair cosine, "
+    "mean ± std over seeds, hollow where some seed never reached τ"
+)
+
+
+def _levels_and_summary(data: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any], float]:
+    levels, summary = data.get("levels"), data.get("summary")
+    if not isinstance(levels, Mapping) or not isinstance(summary, Mapping) or not levels:
+        raise MisalignmentSummaryError("no levels or summary (expected saferclip-study's misalignment.json)")
+    missing = [p for p in summary if p not in levels]
+    if missing:
+        raise MisalignmentSummaryError(f"summary names pairings {missing} that have no level")
+    return levels, summary, float(data.get("tau", 0.05))
+
+
+def misalignment_region(data: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    """docs' ``misalignment-table``: :func:`misalignment_table` of the committed file."""
+    levels, summary, tau = _levels_and_summary(data)
+    return misalignment_table(levels, summary, tau)
+
+
+def draw_misalignment(data: Mapping[str, Any], path: Path) -> None:
+    levels, summary, tau = _levels_and_summary(data)
+    plot_misalignment(levels, summary, path, tau=tau)
+
+
+def pending(name: str, block: bool) -> str:
+    """What a region shows until ``docs/results/misalignment.json`` is committed."""
+    if not block:
+        return "not yet measured"
+    return (
+        "*Not yet measured: it runs after the searches set the experiment configs "
+        "(`saferclip-study misalignment.enabled=true`, then "
+        "`python scripts/update_doc_tables.py --from misalignment=outputs/study/misalignment/misalignment.json`).*"
+    )
