@@ -13,6 +13,7 @@ from hydra import initialize_config_dir
 from saferclip.app.hydra_utils import CONF_DIR, to_container
 from saferclip.app.pipelines import main_job, runs, study
 from saferclip.evaluation.headline import HEADLINE, headline, headline_table
+from saferclip.evaluation.searches import search_record
 from saferclip.redirection.neighbour_config import NeighbourConfig
 from saferclip.redirection.neighbours import find_safe_neighbours
 from saferclip.redirection.sparse_pools import item_groups
@@ -153,7 +154,31 @@ def test_targets_paired_neighbours_curriculum_and_sparse_pools(tmp_path, toy_wor
 @pytest.mark.slow
 def test_main_job_trains_the_three_methods_evaluates_and_reports(tmp_path, toy_world, hydra_tree):
     overrides = train_overrides(tmp_path, toy_world)
-    cfg = runs.compose("main", [f"out_dir={tmp_path / 'main'}", f"runs_dir={tmp_path / 'runs'}"])
+    # a search record beside it: the report says how the settings were chosen
+    search = search_record(
+        "saferclip",
+        [
+            {
+                "number": 0,
+                "state": "complete",
+                "value": 0.8,
+                "matched": {"reached": True, "note": "reached τ = 5%: 1.0% unsafe at U→V 30.0 (epoch 7)"},
+                "seconds": 100,
+                "history": [{"epoch": 0, "U2VG_unsafe@1": 0.01, "U2V_R@1": 0.3}],
+            }
+        ],
+        budget=1,
+        random_trials=1,
+        tau=0.05,
+        world=0,
+        seed=0,
+        best={"number": 0, "value": 0.8, "overrides": ["method.optimizer.lr=1e-4"], "matched": {"note": "kept"}},
+    )
+    (tmp_path / "tune" / "saferclip").mkdir(parents=True)
+    (tmp_path / "tune" / "saferclip" / "search.json").write_text(json.dumps(search))
+    cfg = runs.compose(
+        "main", [f"out_dir={tmp_path / 'main'}", f"runs_dir={tmp_path / 'runs'}", f"searches_dir={tmp_path / 'tune'}"]
+    )
     out = main_job.run(cfg, overrides)
     results = out["results"]
     assert list(results["results"]) == [
@@ -172,7 +197,10 @@ def test_main_job_trains_the_three_methods_evaluates_and_reports(tmp_path, toy_w
     report = tmp_path / "main" / "report"
     markdown = (report / "results.md").read_text()
     assert "## Model selection" in markdown and "| saferclip |" in markdown
-    assert {"training_curves.png", "tradeoff.png"} <= {p.name for p in (report / "plots").iterdir()}
+    assert {"training_curves.png", "tradeoff.png", "search_pareto.png"} <= {
+        p.name for p in (report / "plots").iterdir()
+    }
+    assert "## How the settings were chosen: the searches" in markdown and "| SafeR-CLIP | 1 / 0 / 0 (1) |" in markdown
     page = (report / "report.html").read_text()
     assert out["report"]["html"] == report / "report.html" and "ViSU: unsafe caption → images" in page
     assert "Borderline: borderline-safe caption → images" in page  # the toy world's borderline split

@@ -31,6 +31,7 @@ MAIN_HELP = {
     "eval": "suites, split, the oracle row and report.html's galleries (eval.showcase) of the evaluation",
     "adversarial": "true adds an adversarially trained <name>_adv run per method (method.adversarial on)",
     "adversarial_overrides": "the <name>_adv runs' extra training overrides (the adversarial settings)",
+    "searches_dir": "saferclip-tune's out_dir: the report adds the searches and their Pareto fronts (null: never)",
 }
 
 

@@ -39,6 +39,7 @@ MAIN_KEYS = (
     "eval",
     "adversarial",
     "adversarial_overrides",
+    "searches_dir",
 )
 
 
@@ -98,5 +99,41 @@ def run(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     timings["evaluation"] = round(time.time() - start, 1)
     results["meta"]["timings_seconds"] = timings
     results["meta"]["train_seconds"] = train_seconds
-    report = write_report(results, out_dir / "report", force=True, training={k: v for k, v in training.items() if v})
+    report = write_report(
+        results,
+        out_dir / "report",
+        force=True,
+        training={k: v for k, v in training.items() if v},
+        sections=lambda folder: searches_section(cfg.get("searches_dir"), folder),
+    )
     return {"results": results, "report": report, "models": models, "timings": timings}
+
+
+def searches_section(searches_dir: str | None, report_dir: Path) -> tuple[str, list[Path]]:
+    """The report's "How the settings were chosen": the searches found under ``searches_dir``
+    (``<method>/search.json``, as ``saferclip-tune`` writes them), their table and every method's
+    Pareto front in one plot (validation unsafe rate against U→V over every trial × epoch);
+    nothing when there is no search there."""
+    import json
+
+    from ...evaluation.searches import SEARCH_FILE, draw_pareto_fronts, searches_table
+
+    if not searches_dir:
+        return "", []
+    found = {}
+    for path in sorted(Path(searches_dir).glob(f"*/{SEARCH_FILE}")):
+        try:
+            found[path.parent.name] = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable (%s); the report leaves this search out", path, e)
+    if not found:
+        return "", []
+    data = {"searches": found}
+    plot = report_dir / "plots" / "search_pareto.png"
+    draw_pareto_fronts(data, plot)
+    markdown = (
+        "\n## How the settings were chosen: the searches\n\n"
+        f"From `{searches_dir}` (`saferclip-tune`, world 0's validation split only; the test split never read).\n\n"
+        f"{searches_table(data, {})}\n\nEvery trial × epoch of each search and its Pareto front: plots/search_pareto.png.\n"
+    )
+    return markdown, [plot]
