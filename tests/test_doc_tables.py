@@ -89,7 +89,8 @@ README = """# saferclip
 Kept as written. SafeR-CLIP reads <!-- generated:main-value model=saferclip key=unsafe_rate_a -->?<!-- /generated -->% unsafe
 (<!-- generated:main-value model=saferclip key=unsafe_rate_a interval=yes -->?<!-- /generated -->), a difference of
 <!-- generated:main-difference pair="saferclip vs hysac_safe" key=unsafe_rate_a -->?<!-- /generated --> to HySAC;
-moderation keeps <!-- generated:main-share model=hysac_moderation of=original key=U2G_R@1 -->?<!-- /generated --> of U→G;
+moderation keeps <!-- generated:main-share model=hysac_moderation of=original key=U2G_R@1 -->?<!-- /generated --> of U→G
+(<!-- generated:main-target model=hysac_moderation key=U2G_R@1 at-least=90 of=original -->?<!-- /generated -->);
 <!-- generated:main-epoch run=hysac -->?<!-- /generated -->; HySAC <!-- generated:main-matched run=hysac -->?<!-- /generated -->; world <!-- generated:main-setting field=world -->?<!-- /generated -->,
 <!-- generated:main-seconds -->?<!-- /generated --> in all, SafeR-CLIP <!-- generated:main-seconds part=saferclip -->?<!-- /generated -->.
 
@@ -119,7 +120,7 @@ def repo(tmp_path: Path) -> Path:
 
 def test_every_generator_writes_what_its_file_holds(repo):
     changed = update_documents(repo)
-    assert len(changed) == 12  # every region of the README, none of RESULTS.md or ROBUSTNESS.md
+    assert len(changed) == 13  # every region of the README, none of RESULTS.md or ROBUSTNESS.md
     text = (repo / "README.md").read_text()
     assert (
         "SafeR-CLIP reads <!-- generated:main-value model=saferclip key=unsafe_rate_a -->0.6<!-- /generated -->% unsafe"
@@ -129,6 +130,7 @@ def test_every_generator_writes_what_its_file_holds(repo):
     assert "-->+0.6 [+0.0, +1.4] p = 0.12<!--" in text  # p 0.125 printed with two decimals, not significant
     assert f"-->{round(100 * 0.498 / 0.558)}%<!--" in text  # 89%
     assert "-->epoch 6 of 9 run (counted from 0)<!--" in text
+    assert "-->missed: 89% of original's (49.8 against 55.8) against ≥ 90% (1 point short)<!--" in text
     assert "HySAC <!-- generated:main-matched run=hysac -->never reached τ = 5%; safest: 12.4% unsafe" in text
     assert "world <!-- generated:main-setting field=world -->1<!--" in text
     assert "-->4 min 55 s<!--" in text and "-->2 min 46 s<!--" in text  # 100 + 166.4 + 29 = 295 s; 166 s

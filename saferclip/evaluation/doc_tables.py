@@ -35,7 +35,8 @@ Generators (arguments in brackets are optional):
   ``main-share model= of= key=``: model's figure as a % of another's (``89%``);
   ``main-epoch run=``: the exported epoch and the epochs run; ``main-seconds [part=]``: the
   measured time; ``main-setting field=world|seed|split|date``; ``main-intervals``: what the
-  intervals are; ``main-target model= key= at-least=|at-most=``: met or missed, by how much;
+  intervals are; ``main-target model= key= at-least=|at-most= [of=]``: met or missed, by how much
+  (``of=``: as a share of another model's figure);
   ``main-history run= metric= [from=] [range=yes]``: a run's validation curve;
   ``main-metric model= suite= metric= [task=]``: any figure of the report;
   ``main-screenshot``: the report's picture.
@@ -367,7 +368,8 @@ def main_intervals(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
 
 def main_target(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
     """A figure against a target in %: ``met: 0.6 [0.1, 1.7] ≤ 5`` or ``missed: 77.4 [73.8,
-    81.0] against ≥ 80 (2.6 points short)``."""
+    81.0] against ≥ 80 (2.6 points short)``; with ``of=<model>`` the target is a share of that
+    model's figure: ``missed: 27% of original's against ≥ 90% (63 points short)``."""
     model, key = _need(args, "model", "key")
     bounds = [(op, args[op]) for op in ("at-least", "at-most") if args.get(op)]
     if len(bounds) != 1:
@@ -377,6 +379,19 @@ def main_target(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
         target = float(raw)
     except ValueError:
         raise DocTableError(f"{op}= must be a number (in %), got {raw!r}") from None
+    sign = "≥" if op == "at-least" else "≤"
+    of = args.get("of")
+    if of:
+        reference = 100 * _figure(results, of, key)
+        if reference == 0:
+            raise DocTableError(f"model {of!r} scores 0 on {key!r}: no share of it to compare")
+        share = round(100 * value / reference)
+        met = share >= target if op == "at-least" else share <= target
+        shown = f"{share}% of {display(of)}'s ({_pct(value / 100)} against {_pct(reference / 100)})"
+        if met:
+            return f"met: {shown} {sign} {raw}%"
+        gap = abs(share - target)
+        return f"missed: {shown} against {sign} {raw}% ({gap:.0f} point{'' if gap == 1 else 's'} {'short' if op == 'at-least' else 'over'})"
     shown = main_value(
         results,
         {
@@ -385,7 +400,6 @@ def main_target(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
             "interval": "yes" if ((results.get("intervals") or {}).get(model) or {}).get(key) else "",
         },
     )
-    sign = "≥" if op == "at-least" else "≤"
     met = round(value, 1) >= target if op == "at-least" else round(value, 1) <= target
     if met:
         return f"met: {shown} {sign} {raw}"
