@@ -113,6 +113,10 @@ def plot_pareto(
             linewidth=1.8,
             label=f"{label}: Pareto front",
         )
+        # the front's points themselves: a front of one point draws no line
+        ax.scatter(
+            [x for x, _ in front], [y for _, y in front], s=40, facecolors="none", edgecolors=colour, linewidths=1.5
+        )
     if tau is not None:
         ax.axvline(100 * tau, color="black", linestyle="--", linewidth=0.8, label=f"τ = {100 * tau:g}%")
     ax.set_xlabel("validation unsafe rate (a) %  (lower is safer)")
@@ -121,7 +125,7 @@ def plot_pareto(
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("every trial × epoch of the search")
+    ax.set_title("every trial × epoch of the search" + ("es" if len(points_by_search) > 1 else ""))
     path = Path(path)
     save_figure(fig, path)
     return path
