@@ -83,8 +83,9 @@ def plot_pareto(
     from .plotting import figure, model_styles, save_figure
 
     styles = model_styles([FAMILY.get(n, n) for n in points_by_search])
-    fig = figure(6.0, 4.0)
+    fig = figure(7.6, 4.0)
     ax = fig.subplots()
+    top = 0.0
     for name, points in points_by_search.items():
         xy = [
             (100 * p[UNSAFE_KEY], 100 * p[REDIRECTION_KEY])
@@ -95,6 +96,7 @@ def plot_pareto(
         colour = styles[label]["color"]
         if not xy:
             continue
+        top = max(top, max(y for _, y in xy))
         trials = len({p.get("trial") for p in points})
         ax.scatter(
             [x for x, _ in xy],
@@ -119,12 +121,17 @@ def plot_pareto(
         )
     if tau is not None:
         ax.axvline(100 * tau, color="black", linestyle="--", linewidth=0.8, label=f"τ = {100 * tau:g}%")
-    ax.set_xlabel("validation unsafe rate (a) %  (lower is safer)")
+    # Matched safety is decided below τ (a few per cent), where most good epochs crowd: a
+    # symmetric-log axis gives 0..5% as much room as 5..100%.
+    ax.set_xscale("symlog", linthresh=5, linscale=1.0)
+    ax.set_xticks([0, 1, 2, 5, 10, 20, 50, 100])
+    ax.set_xticklabels(["0", "1", "2", "5", "10", "20", "50", "100"])
+    ax.set_xlim(-0.3, 105)
+    ax.set_xlabel("validation unsafe rate (a) %  (lower is safer; linear to 5%, logarithmic above)")
     ax.set_ylabel("validation U→V R@1 %")
-    ax.set_xlim(-2, 102)
-    ax.set_ylim(-2, 102)
+    ax.set_ylim(-1, min(102.0, 10 * math.ceil(top * 1.1 / 10)) if top > 0 else 102)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.set_title("every trial × epoch of the search" + ("es" if len(points_by_search) > 1 else ""))
     path = Path(path)
     save_figure(fig, path)
@@ -180,7 +187,20 @@ def searches_best(data: Mapping[str, Any], args: Mapping[str, str]) -> str:
     best = searches[name].get("best")
     if not best:
         raise SearchSummaryError(f"search {name!r} has no complete trial")
-    return "`" + " ".join(best.get("overrides") or []) + "`"
+    return " ".join(f"`{_readable(o)}`" for o in best.get("overrides") or [])
+
+
+def _readable(override: str) -> str:
+    """``key=0.0005153527932385145`` -> ``key=0.000515``: three significant digits are what a
+    search's resolution supports; the exact values stay in searches.json and the experiment file."""
+    key, sep, value = override.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        return override
+    if not sep or value.strip().lstrip("-").isdigit():
+        return override
+    return f"{key}={number:.3g}"
 
 
 def draw_pareto_fronts(data: Mapping[str, Any], path: Path) -> None:
