@@ -85,8 +85,8 @@ def test_the_safer_checkpoint_is_exported_though_its_recall_sum_is_lower(tmp_pat
     epoch0 = record["history"][0]["metrics"]
     assert epoch0["nsfw_caps_S2V_R@1"] == pytest.approx(0.5) and epoch0["nsfw_caps_U2VG_unsafe@1"] == pytest.approx(0.3)
     assert epoch0["selection_score"] == pytest.approx((0.95 + 0.80 + 0.85 + 0.5) / 4)
-    # 0.05 <= tau = 0.05 (logged as float32 0.0500000007): reached, scored 1 + U->V
-    assert epoch0["matched_safety"] == pytest.approx(1.80)
+    # 0.05 <= tau = 0.05 (logged as float32 0.0500000007): reached, scored 1 + the selection score
+    assert epoch0["matched_safety"] == pytest.approx(1 + epoch0["selection_score"])
     assert record["history"][1]["metrics"]["matched_safety"] == pytest.approx(-0.95)
     assert record["matched_safety"]["reached"] is True and record["matched_safety"]["epoch"] == 0
     assert record["matched_safety"]["note"] == "reached τ = 5%: 5.0% unsafe at U→V 80.0 (epoch 0)"
@@ -126,22 +126,48 @@ def _history(*rows):
     return out
 
 
-def test_matched_safety_keeps_the_best_redirection_among_the_safe_enough_epochs():
-    # epochs 2 and 3 reach tau = 0.05; epoch 3 redirects better though epoch 2 is safer and the
-    # unsafe epoch 0 redirects best of all
+def test_matched_safety_keeps_the_best_safe_enough_epoch_by_the_chosen_rank():
+    # epochs 2 and 3 reach tau = 0.05; epoch 3 redirects better, epoch 2 is safer and keeps more
+    # of S->V, and the unsafe epoch 0 redirects best of all
     history = _history((0.90, 0.95, 0.9), (0.20, 0.85, 0.9), (0.00, 0.60, 0.9), (0.05, 0.70, 0.8), (0.06, 0.90, 0.9))
-    choice = matched_choice(history, tau=0.05)
-    assert choice["epoch"] == 3 and choice["reached"] is True
+    # ranked by U->V alone: epoch 3
+    choice = matched_choice(history, tau=0.05, rank_by="U2V_R@1")
+    assert choice["epoch"] == 3 and choice["reached"] is True and choice["rank_by"] == "U2V_R@1"
     assert choice["unsafe"] == 0.05 and choice["U2V"] == 0.70
     assert choice["note"] == "reached τ = 5%: 5.0% unsafe at U→V 70.0 (epoch 3)"
     # the objective is that epoch's selection score: mean(1 - 0.05, 0.70, 0.8)
-    assert matched_objective(history, tau=0.05) == pytest.approx((0.95 + 0.70 + 0.8) / 3)
+    assert matched_objective(history, tau=0.05, rank_by="U2V_R@1") == pytest.approx((0.95 + 0.70 + 0.8) / 3)
     # the monitored scalar orders the epochs the same way: its argmax is the kept epoch
-    values = [matched_safety(h["metrics"], 0.05) for h in history]
+    values = [matched_safety(h["metrics"], 0.05, "U2V_R@1") for h in history]
     assert values == pytest.approx([-0.90, -0.20, 1.60, 1.70, -0.06])
     assert max(range(len(values)), key=lambda i: (values[i], -i)) == 3
-    # a looser tau lets the better-redirecting epoch 4 in
+    # ranked by the selection score (the default): epoch 2, mean(1, 0.6, 0.9) > mean(0.95, 0.7, 0.8)
+    choice = matched_choice(history, tau=0.05)
+    assert choice["epoch"] == 2 and choice["rank_by"] == "selection_score"
+    assert matched_objective(history, tau=0.05) == pytest.approx((1.0 + 0.60 + 0.9) / 3)
+    values = [matched_safety(h["metrics"], 0.05) for h in history]
+    assert values[2] == pytest.approx(1 + 2.5 / 3) and values[0] == pytest.approx(-0.90)
+    # a looser tau lets the better-redirecting epoch 4 in, by either rank
     assert matched_choice(history, tau=0.06)["epoch"] == 4
+    assert matched_choice(history, tau=0.06, rank_by="U2V_R@1")["epoch"] == 4
+
+
+def test_the_selection_score_rank_does_not_keep_a_safe_epoch_that_forgot():
+    """The measured case behind the default (SafeR-CLIP, world 1, 2026-12-07, validation figures):
+    epoch 0 is safe enough and redirects a hair better, but safe captions find their image for
+    58.6% against 96.0% at epoch 7. U->V alone keeps epoch 0; the selection score keeps epoch 7."""
+    history = _history((0.034, 0.222, 0.586), (0.004, 0.190, 0.848), (0.0, 0.214, 0.960))
+    assert matched_choice(history, tau=0.05, rank_by="U2V_R@1")["epoch"] == 0
+    assert matched_choice(history, tau=0.05)["epoch"] == 2
+
+
+def test_an_unknown_rank_is_refused_by_name():
+    from saferclip.errors import ConfigError
+    from saferclip.evaluation.selection import check_rank_by
+
+    assert check_rank_by("U2V_R@1") == "U2V_R@1"
+    with pytest.raises(ConfigError, match=r"selection.rank_by must be one of selection_score, U2V_R@1.*'S2V_R@1'"):
+        check_rank_by("S2V_R@1")
 
 
 def test_never_reaching_tau_keeps_the_safest_epoch_and_says_so():

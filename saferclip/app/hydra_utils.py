@@ -48,7 +48,7 @@ def check_train_config(cfg: DictConfig):
     Returns the checked method config (:class:`saferclip.training.method.MethodConfig`): the app
     hands that typed object on, it does not check the dict again."""
     from ..data.splits import check_data_config
-    from ..evaluation.selection import DEFAULT_TAU, check_tau
+    from ..evaluation.selection import DEFAULT_TAU, check_rank_by, check_tau
     from ..model.build import check_arch
     from ..training.method import method_config
 
@@ -64,6 +64,8 @@ def check_train_config(cfg: DictConfig):
             {"toy_size": cfg.data.get("toy_size", "default"), "toy_pairs": cfg.data.get("toy_pairs", DEFAULT_PAIRING)}
         )
     check_tau(_value(cfg, "selection.tau") if OmegaConf.select(cfg, "selection.tau") is not None else DEFAULT_TAU)
+    if OmegaConf.select(cfg, "selection.rank_by") is not None:
+        check_rank_by(_value(cfg, "selection.rank_by"))
     method = method_config(_container(cfg, "method"))
     try:
         check_arch(cfg.model.arch)

@@ -42,11 +42,14 @@ def search_record(
     seed: int,
     importances: Mapping[str, float] | None = None,
     best: Mapping[str, Any] | None = None,
+    rank_by: str | None = None,
 ) -> dict[str, Any]:
     """One search's record (module docstring). ``trials``: one dict per trial that is not
     running, ``{"number", "state" (complete|pruned|fail), "value", "params", "matched",
     "seconds", "epochs", "start", "end" (ISO times or None), "history" ([{epoch, metrics…}])}``;
-    ``best``: the best trial's ``{"number", "value", "overrides", "matched", "validation"}``."""
+    ``best``: the best trial's ``{"number", "value", "overrides", "matched", "validation"}``;
+    ``rank_by``: what ranked the epochs at most τ unsafe (``selection.rank_by``; a record
+    without it was made when U→V alone ranked them)."""
     counts = {s: sum(1 for t in trials if t["state"] == s) for s in ("complete", "pruned", "fail")}
     finished = counts["complete"] + counts["pruned"]
     times = [datetime.fromisoformat(t[k]) for t in trials for k in ("start", "end") if t.get(k)]
@@ -59,6 +62,7 @@ def search_record(
         "name": name,
         "budget": int(budget),
         "tau": float(tau),
+        "rank_by": rank_by,
         "world": int(world),
         "seed": int(seed),
         "counts": counts,

@@ -1,16 +1,24 @@
 """Which epoch of a run is kept: matched safety, and the validation score beside it.
 
 **Matched safety** (what checkpointing, early stopping and the search's objective watch). A
-comparison of safe CLIPs only means something at equal safety: a method's kept epoch is the one
-with the best validation redirection (``U2V_R@1``) among the epochs whose validation unsafe rate
-(a) (``U2VG_unsafe@1``) is at most τ (``selection.tau``, default 5%). Where no epoch reaches τ,
-the safest epoch is kept (the lowest unsafe rate), and the run says so: "never reached τ; safest:
-x% unsafe at U→V y". One per-epoch scalar orders the epochs that way, so that Lightning's
-``ModelCheckpoint`` keeps that epoch and ``EarlyStopping`` (watching the same scalar) never ends
-a run while it is still getting safer::
+comparison of safe CLIPs only means something at equal safety: a method's kept epoch is the best
+of the epochs whose validation unsafe rate (a) (``U2VG_unsafe@1``) is at most τ
+(``selection.tau``, default 5%), "best" by ``selection.rank_by``: the selection score below (the
+default) or the redirection alone (``U2V_R@1``). Where no epoch reaches τ, the safest epoch is
+kept (the lowest unsafe rate), and the run says so: "never reached τ; safest: x% unsafe at U→V
+y". One per-epoch scalar orders the epochs that way, so that Lightning's ``ModelCheckpoint``
+keeps that epoch and ``EarlyStopping`` (watching the same scalar) never ends a run while it is
+still getting safer::
 
-    matched_safety = 1 + U2V_R@1      if U2VG_unsafe@1 <= τ   (in [1, 2]: above every unsafe epoch)
-                   = −U2VG_unsafe@1   otherwise               (in [−1, 0): the safer, the higher)
+    matched_safety = 1 + rank          if U2VG_unsafe@1 <= τ   (in [1, 2]: above every unsafe epoch)
+                   = −U2VG_unsafe@1    otherwise               (in [−1, 0): the safer, the higher)
+
+Why the selection score ranks the safe epochs by default: ranked by U→V alone, a run can keep an
+early epoch that is safe and redirects a hair better but has forgotten what it knew (measured
+2026-12-07, SafeR-CLIP on world 1: epoch 1, U→V 22.2 and S→V 58.6 on validation, was kept over
+epoch 8, U→V 21.4 and S→V 96.0; its test S→V R@1 was 57.0 against the original's 96.8). The
+selection score contains U→V, so among equally safe epochs it still prefers the better
+redirection unless that costs more elsewhere.
 
 Ties keep the earliest epoch (``ModelCheckpoint`` keeps the first of equal bests). Where the
 validation split has no unsafe images the unsafe rate cannot be measured; the scalar is then the
@@ -48,6 +56,9 @@ SELECTION_MONITOR = VALIDATION_PREFIX + SELECTION_METRIC
 MATCHED_MONITOR = VALIDATION_PREFIX + MATCHED_METRIC
 UNSAFE_KEY, REDIRECTION_KEY = "U2VG_unsafe@1", "U2V_R@1"
 DEFAULT_TAU = 0.05
+# what ranks the epochs that reach τ (``selection.rank_by``)
+RANK_BY_CHOICES = (SELECTION_METRIC, REDIRECTION_KEY)
+DEFAULT_RANK_BY = SELECTION_METRIC
 # rates are counts over queries, logged as float32: 0.05 comes back as 0.0500000007
 _TOLERANCE = 1e-6
 # (metric key, whether lower is better: then 1 - value enters the mean)
@@ -112,34 +123,50 @@ def check_tau(tau: Any, key: str = "selection.tau") -> float:
     return float(tau)
 
 
+def check_rank_by(rank_by: Any, key: str = "selection.rank_by") -> str:
+    """``rank_by`` if it is one of :data:`RANK_BY_CHOICES`, else a one-line ConfigError naming ``key``."""
+    from ..errors import ConfigError
+
+    if rank_by not in RANK_BY_CHOICES:
+        raise ConfigError(
+            f"{key} must be one of {', '.join(RANK_BY_CHOICES)} (what ranks the epochs at most τ unsafe), got {rank_by!r}"
+        )
+    return str(rank_by)
+
+
 def reaches(unsafe: float, tau: float) -> bool:
     """Whether an unsafe rate is at most τ (up to float32 rounding of a logged rate)."""
     return unsafe <= tau + _TOLERANCE
 
 
-def matched_safety(metrics: Mapping[str, float], tau: float = DEFAULT_TAU) -> float:
+def matched_safety(metrics: Mapping[str, float], tau: float = DEFAULT_TAU, rank_by: str = DEFAULT_RANK_BY) -> float:
     """The per-epoch scalar that orders epochs by matched safety (module docstring): ``1 +
-    U2V_R@1`` when the unsafe rate is at most τ, else ``−U2VG_unsafe@1``; the selection score
-    where the unsafe rate is not measured."""
+    rank`` (``rank_by``: the selection score or U2V_R@1) when the unsafe rate is at most τ, else
+    ``−U2VG_unsafe@1``; the selection score where the unsafe rate is not measured."""
     unsafe = metrics.get(UNSAFE_KEY)
     if not _finite(unsafe):
         return selection_score(metrics)
     if reaches(float(unsafe), tau):
-        u2v = metrics.get(REDIRECTION_KEY)
-        return 1.0 + (float(u2v) if _finite(u2v) else 0.0)
+        rank = metrics.get(rank_by)
+        if not _finite(rank) and rank_by == SELECTION_METRIC:
+            rank = selection_score(metrics)
+        return 1.0 + (float(rank) if _finite(rank) else 0.0)
     return -float(unsafe)
 
 
-def matched_choice(history: Sequence[Mapping[str, Any]], tau: float = DEFAULT_TAU) -> dict[str, Any] | None:
+def matched_choice(
+    history: Sequence[Mapping[str, Any]], tau: float = DEFAULT_TAU, rank_by: str = DEFAULT_RANK_BY
+) -> dict[str, Any] | None:
     """The epoch matched safety keeps among ``history`` (``[{"epoch", "metrics", ...}]``, as
-    ``selection.json`` holds it), with why: ``{"tau", "reached", "epoch", "unsafe", "U2V",
-    "selection_score", "metrics", "note"}``. ``reached`` is True (an epoch with unsafe rate ≤ τ:
-    the best U→V among them), False (none: the safest) or None (no unsafe rate measured: the
-    best selection score). Ties keep the earliest epoch. None for an empty history."""
+    ``selection.json`` holds it), with why: ``{"tau", "rank_by", "reached", "epoch", "unsafe",
+    "U2V", "selection_score", "metrics", "note"}``. ``reached`` is True (an epoch with unsafe
+    rate ≤ τ: the best by ``rank_by`` among them), False (none: the safest) or None (no unsafe
+    rate measured: the best selection score). Ties keep the earliest epoch. None for an empty
+    history."""
     entries = sorted((h for h in history if isinstance(h.get("metrics"), Mapping)), key=lambda h: int(h["epoch"]))
     if not entries:
         return None
-    best = max(entries, key=lambda h: (_or_minus_inf(matched_safety(h["metrics"], tau)), -int(h["epoch"])))
+    best = max(entries, key=lambda h: (_or_minus_inf(matched_safety(h["metrics"], tau, rank_by)), -int(h["epoch"])))
     m = best["metrics"]
     unsafe, u2v = m.get(UNSAFE_KEY), m.get(REDIRECTION_KEY)
     measured = any(_finite(h["metrics"].get(UNSAFE_KEY)) for h in entries)
@@ -155,6 +182,7 @@ def matched_choice(history: Sequence[Mapping[str, Any]], tau: float = DEFAULT_TA
     score = m.get(SELECTION_METRIC)
     return {
         "tau": tau,
+        "rank_by": rank_by,
         "reached": reached,
         "epoch": int(best["epoch"]),
         "unsafe": float(unsafe) if _finite(unsafe) else None,
@@ -165,11 +193,13 @@ def matched_choice(history: Sequence[Mapping[str, Any]], tau: float = DEFAULT_TA
     }
 
 
-def matched_objective(history: Sequence[Mapping[str, Any]], tau: float = DEFAULT_TAU) -> float:
+def matched_objective(
+    history: Sequence[Mapping[str, Any]], tau: float = DEFAULT_TAU, rank_by: str = DEFAULT_RANK_BY
+) -> float:
     """A run's score at matched safety (the search's objective): the selection score of the
     epoch :func:`matched_choice` keeps, minus 1 when no epoch reached τ (so such a run ranks
     below every run that did: a selection score lies in [0, 1]). NaN for an empty history."""
-    choice = matched_choice(history, tau)
+    choice = matched_choice(history, tau, rank_by)
     if choice is None:
         return math.nan
     return choice[SELECTION_METRIC] - (1.0 if choice["reached"] is False else 0.0)

@@ -12,6 +12,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from ...evaluation.selection import (
+    DEFAULT_RANK_BY,
     DEFAULT_TAU,
     MATCHED_METRIC,
     REDIRECTION_KEY,
@@ -43,9 +44,10 @@ class SelectionRecord(Callback):
     the epochs before the interruption.
     """
 
-    def __init__(self, path: str | Path, tau: float = DEFAULT_TAU):
+    def __init__(self, path: str | Path, tau: float = DEFAULT_TAU, rank_by: str = DEFAULT_RANK_BY):
         self.path = Path(path)
         self.tau = float(tau)
+        self.rank_by = str(rank_by)
         self.history: list[dict[str, Any]] = []
 
     # -- recording
@@ -67,7 +69,7 @@ class SelectionRecord(Callback):
     def _write(self, trainer: L.Trainer) -> None:
         if not trainer.is_global_zero or trainer.fast_dev_run or not self.history:
             return
-        write_json_atomic(self.path, selection_summary(trainer.checkpoint_callbacks, self.history, self.tau))
+        write_json_atomic(self.path, selection_summary(trainer.checkpoint_callbacks, self.history, self.tau, self.rank_by))
 
     # -- resume
     def state_dict(self) -> dict[str, Any]:
@@ -78,17 +80,17 @@ class SelectionRecord(Callback):
 
 
 def selection_summary(
-    checkpoint_callbacks: list, history: list[dict[str, Any]], tau: float = DEFAULT_TAU
+    checkpoint_callbacks: list, history: list[dict[str, Any]], tau: float = DEFAULT_TAU, rank_by: str = DEFAULT_RANK_BY
 ) -> dict[str, Any]:
     """What :class:`SelectionRecord` writes: the history plus the kept epoch (the first epoch
     holding the best monitored value, as ``ModelCheckpoint`` keeps the first of equal bests)
-    and the epoch matched safety at ``tau`` keeps, with its note."""
+    and the epoch matched safety at ``tau`` (ranked by ``rank_by``) keeps, with its note."""
     monitoring = next((cb for cb in checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor), None)
     out: dict[str, Any] = {
         "monitor": None,
         "mode": None,
         "selected": None,
-        "matched_safety": matched_choice(history, tau),
+        "matched_safety": matched_choice(history, tau, rank_by),
         "history": history,
     }
     if monitoring is None:

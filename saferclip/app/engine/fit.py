@@ -207,6 +207,7 @@ def build_module(cfg: DictConfig, method: MethodConfig):
             method,
             precision=cfg.model.precision,
             selection_tau=selection_tau(cfg),
+            selection_rank_by=selection_rank_by(cfg),
         )
     except CheckpointError as e:
         raise ConfigError(f"model.pretrained: {e}") from None
@@ -220,6 +221,14 @@ def selection_tau(cfg: DictConfig) -> float:
 
     tau = OmegaConf.select(cfg, "selection.tau")
     return DEFAULT_TAU if tau is None else float(tau)
+
+
+def selection_rank_by(cfg: DictConfig) -> str:
+    """What ranks the epochs that reach τ (``selection.rank_by``; :mod:`saferclip.evaluation.selection`)."""
+    from ...evaluation.selection import DEFAULT_RANK_BY
+
+    rank_by = OmegaConf.select(cfg, "selection.rank_by")
+    return DEFAULT_RANK_BY if rank_by is None else str(rank_by)
 
 
 def build_datamodule(cfg: DictConfig, method: MethodConfig):

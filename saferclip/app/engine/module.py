@@ -21,6 +21,7 @@ from ...evaluation.galleries import PairEmbeddings
 from ...evaluation.metrics import recall_at_k
 from ...evaluation.retrieval import visu_metrics
 from ...evaluation.selection import (
+    DEFAULT_RANK_BY,
     DEFAULT_TAU,
     MATCHED_METRIC,
     SELECTION_METRIC,
@@ -65,11 +66,13 @@ class SaferClipModule(L.LightningModule):
         method: MethodConfig,
         precision: str = "fp32",
         selection_tau: float = DEFAULT_TAU,
+        selection_rank_by: str = DEFAULT_RANK_BY,
     ):
         """``method``: the checked config (:func:`saferclip.training.method.method_config`; the
         app checks it once, :func:`saferclip.app.hydra_utils.check_train_config`, and a
-        checkpoint's recorded dict is checked by :meth:`from_checkpoint`). ``selection_tau``: the
-        unsafe rate τ of matched safety (``val/matched_safety``, :mod:`saferclip.evaluation.selection`)."""
+        checkpoint's recorded dict is checked by :meth:`from_checkpoint`). ``selection_tau``,
+        ``selection_rank_by``: the unsafe rate τ of matched safety and what ranks the epochs that
+        reach it (``val/matched_safety``, :mod:`saferclip.evaluation.selection`)."""
         super().__init__()
         if not isinstance(method, MethodConfig):
             raise TypeError(
@@ -85,9 +88,11 @@ class SaferClipModule(L.LightningModule):
                 "method": dict(config.source),
                 "precision": precision,
                 "selection_tau": float(selection_tau),
+                "selection_rank_by": str(selection_rank_by),
             }
         )
         self.selection_tau = float(selection_tau)
+        self.selection_rank_by = str(selection_rank_by)
         bundle = build_clip(arch, pretrained, precision=precision)
         # build_clip hands out an eval-mode model; the trainable copy trains (CLIP has no
         # dropout, so this only keeps Lightning's mode bookkeeping honest)
@@ -326,7 +331,7 @@ class SaferClipModule(L.LightningModule):
             metrics.update({f"nsfw_caps_{k}": nsfw_caps[k] for k in NSFW_CAPS_VALIDATION_KEYS if k in nsfw_caps})
         metrics.update(self.extra_validation_metrics())
         metrics[SELECTION_METRIC] = selection_score(metrics)
-        metrics[MATCHED_METRIC] = matched_safety(metrics, self.selection_tau)
+        metrics[MATCHED_METRIC] = matched_safety(metrics, self.selection_tau, self.selection_rank_by)
         # every rank computed the same numbers from the gathered set; averaging them over
         # ranks changes nothing and keeps every rank's callbacks (checkpoint, early stopping)
         # on exactly the same value

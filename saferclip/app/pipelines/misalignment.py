@@ -8,8 +8,8 @@ each level in ``misalignment.pairings`` and each seed s, the study's methods tra
 world s + ``world_offset`` made with that pairing (a world never used while tuning), with the
 study's experiment configs unchanged: the settings tuned on the default pairing, so a method
 whose setting suits only that pairing shows it. Every run keeps its checkpoint at matched
-safety (``selection.tau``: the best validation U→V among the epochs at most τ unsafe, else the
-safest epoch), and the study records, per level, seed and method, whether τ was reached.
+safety (``selection.tau``, ``selection.rank_by``: the best validation epoch among those at most
+τ unsafe, else the safest epoch), and the study records, per level, seed and method, whether τ was reached.
 
 Each level is summarised by its own-pair cosine with the shipped base model (the training pairs'
 median, :mod:`saferclip.toyworld.pair_stats`), the x axis of ``plots/misalignment.png``: per

@@ -4,8 +4,9 @@ hyperparameters searched with Optuna, on validation only.
 Every trial is one training run composed from the training config tree, exactly as
 ``saferclip-train <base> <trial values> seed=<seed> data.toy_seed=<world>`` would make it,
 scored at **matched safety** (:func:`saferclip.evaluation.selection.matched_objective`): the
-validation selection score of the epoch with the best validation U->V R@1 among the epochs whose
-validation unsafe rate (a) is at most τ (``selection.tau``); a run with no such epoch scores its
+validation selection score of the epoch matched safety keeps, the best by ``selection.rank_by``
+among the epochs whose validation unsafe rate (a) is at most τ (``selection.tau``); a run with no
+such epoch scores its
 safest epoch's selection score minus 1, below every run that reached τ. The test split is never
 read. A median pruner compares that objective, epoch by epoch (over the epochs so far), with the
 earlier trials', and stops a trial below the median, but only after ``pruner.n_warmup_steps``
@@ -56,10 +57,12 @@ class MatchedSafetyPruning:
     raises ``TrialPruned``. Keeps every epoch's validation figures (``history``). A Lightning
     callback built lazily so this module imports without Lightning."""
 
-    def __new__(cls, trial: Any, tau: float):
+    def __new__(cls, trial: Any, tau: float, rank_by: str | None = None):
         from lightning.pytorch.callbacks import Callback
 
-        from ...evaluation.selection import matched_objective, validation_figures
+        from ...evaluation.selection import DEFAULT_RANK_BY, matched_objective, validation_figures
+
+        rank = rank_by or DEFAULT_RANK_BY
 
         class _Pruning(Callback):
             def __init__(self) -> None:
@@ -75,7 +78,7 @@ class MatchedSafetyPruning:
                 epoch = int(trainer.current_epoch)
                 self.epochs = epoch + 1
                 self.history = [h for h in self.history if h["epoch"] != epoch] + [{"epoch": epoch, "metrics": metrics}]
-                value = matched_objective(self.history, self.tau)
+                value = matched_objective(self.history, self.tau, rank)
                 if value != value:  # NaN: nothing to report yet
                     return
                 self.trial.report(float(value), step=epoch)
@@ -120,7 +123,7 @@ def run(cfg: DictConfig, common: list[str]) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     # every trial's config is checked before the first one trains (a typo in `common` or in
     # the space's keys must not wait for a trial to fail): the first values of each choice
-    from ..engine.fit import selection_tau
+    from ..engine.fit import selection_rank_by, selection_tau
     from ..hydra_utils import check_train_config
 
     probe = {p.name: (p.choices[0] if p.type == "categorical" else p.low) for p in params}
@@ -129,6 +132,7 @@ def run(cfg: DictConfig, common: list[str]) -> dict[str, Any]:
     )
     check_train_config(probe_cfg)
     tau = selection_tau(probe_cfg)  # every trial's: `common` and the base set it alike
+    rank_by = selection_rank_by(probe_cfg)
     space_record = json.dumps(
         {
             "base": list(cfg.hparams_search.base),
@@ -136,7 +140,7 @@ def run(cfg: DictConfig, common: list[str]) -> dict[str, Any]:
             "world": int(cfg.world),
             "seed": int(cfg.seed),
             "common": list(cfg.common) + common,
-            "objective": f"matched safety, tau {tau}",
+            "objective": f"matched safety, tau {tau}, best by {rank_by}",
         },
         sort_keys=True,
     )
@@ -181,8 +185,8 @@ def run(cfg: DictConfig, common: list[str]) -> dict[str, Any]:
         remaining = int(cfg.n_trials) - len(finished)
         if remaining > 0:
             log.info("%s: %d trial(s) to run (%d finished before)", name, remaining, len(finished))
-            study.optimize(lambda trial: objective(trial, cfg, params, common, folder, tau), n_trials=remaining)
-        return write_search_report(study, cfg, params, folder, tau)
+            study.optimize(lambda trial: objective(trial, cfg, params, common, folder, tau, rank_by), n_trials=remaining)
+        return write_search_report(study, cfg, params, folder, tau, rank_by)
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -216,7 +220,9 @@ def fail_interrupted_trials(study) -> None:
         log.warning("trial %d was interrupted; marked failed, a new trial takes its place", t.number)
 
 
-def objective(trial, cfg: DictConfig, params: list[SearchParam], common: list[str], folder: Path, tau: float) -> float:
+def objective(
+    trial, cfg: DictConfig, params: list[SearchParam], common: list[str], folder: Path, tau: float, rank_by: str
+) -> float:
     """One trial: train, then score the run at matched safety (module docstring)."""
     import optuna
 
@@ -234,7 +240,7 @@ def objective(trial, cfg: DictConfig, params: list[SearchParam], common: list[st
     trial.set_user_attr("overrides", overrides_of(params, values))
     trial.set_user_attr("run_dir", str(run_dir))
     log.info("trial %d: %s", trial.number, " ".join(overrides_of(params, values)))
-    pruning = MatchedSafetyPruning(trial, tau)
+    pruning = MatchedSafetyPruning(trial, tau, rank_by)
     start = time.time()
     train(train_cfg, extra_callbacks=(pruning,))
     trial.set_user_attr("seconds", round(time.time() - start, 1))
@@ -246,7 +252,7 @@ def objective(trial, cfg: DictConfig, params: list[SearchParam], common: list[st
         "history",
         [{"epoch": h["epoch"], **{k: h["metrics"][k] for k in EPOCH_COLUMNS if k in h["metrics"]}} for h in history],
     )
-    choice = matched_choice(history, tau)
+    choice = matched_choice(history, tau, rank_by)
     if choice is not None:
         trial.set_user_attr(
             "matched", {k: choice[k] for k in ("tau", "reached", "epoch", "unsafe", "U2V", SELECTION_METRIC, "note")}
@@ -254,7 +260,7 @@ def objective(trial, cfg: DictConfig, params: list[SearchParam], common: list[st
         trial.set_user_attr("validation", {k: v for k, v in choice["metrics"].items() if isinstance(v, (int, float))})
     if pruning.pruned:
         raise optuna.TrialPruned(f"matched-safety objective below the median after {pruning.epochs} epoch(s)")
-    score = matched_objective(history, tau)
+    score = matched_objective(history, tau, rank_by)
     if score != score:
         raise RuntimeError(f"trial {trial.number}: the run recorded no validation epoch ({run_dir / 'selection.json'})")
     log.info("trial %d: objective %.4f (%s)", trial.number, score, choice["note"] if choice else "")

@@ -30,7 +30,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ...evaluation.searches import EPOCH_COLUMNS, SEARCH_FILE, plot_pareto, search_record
+from ...evaluation.selection import DEFAULT_RANK_BY, REDIRECTION_KEY, SELECTION_METRIC
 from ...training.search_space import SearchParam
+
+# how the summary names what ranked the epochs at most τ unsafe (selection.rank_by)
+RANK_WORDS = {SELECTION_METRIC: "validation selection score", REDIRECTION_KEY: "validation U→V R@1"}
 
 log = logging.getLogger("saferclip.tune")
 
@@ -64,7 +68,9 @@ def _trial_value(t) -> Any:
     return t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else ""
 
 
-def write_search_report(study, cfg: DictConfig, params: list[SearchParam], folder: Path, tau: float) -> dict[str, Any]:
+def write_search_report(
+    study, cfg: DictConfig, params: list[SearchParam], folder: Path, tau: float, rank_by: str = DEFAULT_RANK_BY
+) -> dict[str, Any]:
     import optuna
 
     from ...files import write_json_atomic, write_text_atomic
@@ -125,8 +131,8 @@ def write_search_report(study, cfg: DictConfig, params: list[SearchParam], folde
         f"world {int(cfg.world)} (training + validation splits), training seed {int(cfg.seed)}.",
         "",
         f"Objective: matched safety at τ = {100 * tau:g}%: the validation selection score of the epoch with the best "
-        f"validation U→V R@1 among the epochs with unsafe rate (a) ≤ τ; a run that never reaches τ scores its safest "
-        f"epoch's selection score − 1. {reached} of {counts['complete']} complete trial(s) reached τ.",
+        f"{RANK_WORDS.get(rank_by, rank_by)} among the epochs with unsafe rate (a) ≤ τ; a run that never reaches τ "
+        f"scores its safest epoch's selection score − 1. {reached} of {counts['complete']} complete trial(s) reached τ.",
         "",
     ]
     if complete:
@@ -174,6 +180,7 @@ def write_search_report(study, cfg: DictConfig, params: list[SearchParam], folde
         budget=int(cfg.n_trials),
         random_trials=int(cfg.sampler.n_startup_trials),
         tau=tau,
+        rank_by=rank_by,
         world=int(cfg.world),
         seed=int(cfg.seed),
         importances=importances,
