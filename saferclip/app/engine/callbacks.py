@@ -69,7 +69,9 @@ class SelectionRecord(Callback):
     def _write(self, trainer: L.Trainer) -> None:
         if not trainer.is_global_zero or trainer.fast_dev_run or not self.history:
             return
-        write_json_atomic(self.path, selection_summary(trainer.checkpoint_callbacks, self.history, self.tau, self.rank_by))
+        write_json_atomic(
+            self.path, selection_summary(trainer.checkpoint_callbacks, self.history, self.tau, self.rank_by)
+        )
 
     # -- resume
     def state_dict(self) -> dict[str, Any]:

@@ -185,7 +185,9 @@ def run(cfg: DictConfig, common: list[str]) -> dict[str, Any]:
         remaining = int(cfg.n_trials) - len(finished)
         if remaining > 0:
             log.info("%s: %d trial(s) to run (%d finished before)", name, remaining, len(finished))
-            study.optimize(lambda trial: objective(trial, cfg, params, common, folder, tau, rank_by), n_trials=remaining)
+            study.optimize(
+                lambda trial: objective(trial, cfg, params, common, folder, tau, rank_by), n_trials=remaining
+            )
         return write_search_report(study, cfg, params, folder, tau, rank_by)
 
 
