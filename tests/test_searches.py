@@ -97,6 +97,17 @@ def test_docs_say_pending_until_the_file_comes_then_show_table_and_plot(tmp_path
         "](img/search_pareto.png)" in done and (tmp_path / "docs" / "img" / "search_pareto.png").stat().st_size > 5000
     )
     assert check_documents(tmp_path) == []
+    # drawn once: a second update leaves the image alone, but one whose stamp names older
+    # drawing code is drawn again (the plot follows its code, not only its data)
+    image = tmp_path / "docs" / "img" / "search_pareto.png"
+    stamp = tmp_path / "docs" / "results" / "search_pareto_plot.json"
+    assert len(json.loads(stamp.read_text())["drawn_by_sha256"]) == 64
+    image.write_bytes(b"not redrawn")
+    update_documents(tmp_path)
+    assert image.read_bytes() == b"not redrawn"
+    stamp.write_text(json.dumps({**json.loads(stamp.read_text()), "drawn_by_sha256": "older code"}))
+    update_documents(tmp_path)
+    assert image.read_bytes().startswith(b"\x89PNG")
     # a file that is not a searches record is refused by name
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"levels": {}}))

@@ -492,16 +492,38 @@ def picture_region(root: Path, name: str, document: Path) -> str:
     return f"![{picture.caption}]({Path(os.path.relpath(picture.image, document.parent)).as_posix()})"
 
 
+def _drawing_code(picture: Picture) -> str | None:
+    """The SHA-256 of the module that draws ``picture`` (None where it cannot be read): a picture
+    drawn by older code is drawn again, as a table is regenerated when its data changes."""
+    import inspect
+
+    try:
+        return _sha256(Path(inspect.getsourcefile(picture.draw)))
+    except (TypeError, OSError):
+        return None
+
+
+def _stamped_code(root: Path, picture: Picture) -> str | None:
+    try:
+        return json.loads((root / picture.stamp).read_text()).get("drawn_by_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def redraw_pictures(root: Path) -> list[str]:
-    """Draw again each picture drawn from its result file alone whose image is missing or whose
-    stamp names another file; returns the images drawn."""
+    """Draw again each picture drawn from its result file alone whose image is missing, whose
+    stamp names another file or whose drawing code changed since; returns the images drawn."""
     drawn = []
     for picture in PICTURES.values():
         source = root / RESULTS_DIR / SOURCES[picture.source]
         if picture.draw is None or not source.is_file():
             continue
-        digest = _sha256(source)
-        if (root / picture.image).is_file() and _stamped_source(root, picture) == digest:
+        digest, code = _sha256(source), _drawing_code(picture)
+        if (
+            (root / picture.image).is_file()
+            and _stamped_source(root, picture) == digest
+            and (code is None or _stamped_code(root, picture) == code)
+        ):
             continue
         try:
             picture.draw(json.loads(source.read_text()), root / picture.image)
@@ -513,7 +535,10 @@ def redraw_pictures(root: Path) -> list[str]:
             raise DocTableError(
                 f"{source}: not a result file its picture can be drawn from ({type(e).__name__}: {e})"
             ) from None
-        write_json_atomic(root / picture.stamp, {"results_sha256": digest, "drawn_from": SOURCES[picture.source]})
+        write_json_atomic(
+            root / picture.stamp,
+            {"results_sha256": digest, "drawn_from": SOURCES[picture.source], "drawn_by_sha256": code},
+        )
         drawn.append(picture.image.as_posix())
     return drawn
 
