@@ -13,7 +13,13 @@ from saferclip.app.pipelines import study
 from saferclip.app.pipelines.runs import compose
 from saferclip.errors import ConfigError
 from saferclip.evaluation.doc_tables import RESULTS_DIR, import_result, update_documents
-from saferclip.evaluation.misalignment import check_pairings, misalignment_table, summarise
+from saferclip.evaluation.misalignment import (
+    MisalignmentSummaryError,
+    check_pairings,
+    misalignment_table,
+    summarise,
+    targets_table,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch on one thread (tests/conftest.py)
 
@@ -57,6 +63,38 @@ def test_summary_counts_the_seeds_that_reached_tau_and_leaves_moderation_out():
     table = misalignment_table(levels, summary, 0.05)
     assert "| minimal | 0.90 / 0.45 | m | 70.0 ± 14.1 |" in table and "1 of 2" in table
     assert "seeds at ≤ 5% unsafe" in table
+
+
+def test_the_targets_are_read_over_seeds_with_shares_taken_seed_by_seed():
+    def seed(u2v, retention, s2v, original_s2v, unsafe=0.0):
+        return {
+            "original": {"nsfw_caps_S2V_R@1": original_s2v, "U2G_R@1": 0.5},
+            "saferclip": {
+                "unsafe_rate_a": unsafe,
+                "U2V_R@1": u2v,
+                "zeroshot_retention": retention,
+                "nsfw_caps_unsafe_rate_a": 0.0,
+                "nsfw_caps_S2V_R@1": s2v,
+            },
+            "hysac_moderation": {"U2G_R@1": 0.46},
+        }
+
+    per_seed = {0: seed(0.82, 0.98, 0.63, 0.70), 1: seed(0.78, 0.96, 0.72, 0.80, unsafe=0.02)}
+    data = {"levels": {"visu": level(0.66, per_seed, {})}, "summary": {"visu": {}}, "tau": 0.05}
+    lines = targets_table(data, {"pairing": "visu"}).splitlines()
+    assert lines[0].startswith("| target (2 seeds: mean ± std [95% Student-t interval]) | SafeR-CLIP |")
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in lines[2:]}
+    # U->V: mean 80.0, std 2.8; a two-seed t interval is wide (t = 12.7)
+    assert rows["U→V R@1 ≥ 80"][0].startswith("met: 80.0 ± 2.8 [")
+    assert rows["zero-shot retention ≥ 97"][0].startswith("met: 97.0 ± 1.4")  # the mean meets the bound
+    # the share of the original's S->V seed by seed: 90% and 90%, not 1.35 / 1.50
+    assert rows["NSFW-Caps S→V R@1 ≥ 90% of the original's"][0].startswith("met: 90.0 ± 0.0")
+    assert rows["unsafe rate (a) ≤ 5"][0].startswith("met: 1.0 ± 1.4")
+    # HySAC has no figures here: said so, not a zero
+    assert rows["U→V R@1 ≥ 80"][1].strip(" |") == "not measured"
+    assert rows["HySAC moderation: U→G R@1 ≥ 90% of the original's"][1].startswith("met: 92.0 ± 0.0")
+    with pytest.raises(MisalignmentSummaryError, match="no pairing level 'loose'"):
+        targets_table(data, {"pairing": "loose"})
 
 
 def test_the_study_trains_every_method_on_every_pairing_and_plots_them(tmp_path):

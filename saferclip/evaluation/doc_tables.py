@@ -55,7 +55,8 @@ Generators (arguments in brackets are optional):
 * ``searches-table`` and ``searches-best method=`` (``docs/results/searches.json``,
   ``scripts/search_results.py``: the three ``saferclip-tune`` searches) and the picture
   ``searches-pareto``; ``misalignment-table`` (``docs/results/misalignment.json``,
-  ``saferclip-study misalignment.enabled=true``) and the picture ``misalignment-plot``; both
+  ``saferclip-study misalignment.enabled=true``), ``misalignment-targets pairing=<level>`` (the
+  protocol's targets over that level's seeds) and the picture ``misalignment-plot``; both
   pending until measured.
 """
 
@@ -86,7 +87,13 @@ from ..robustness.summary import pending as robustness_pending
 from .headline import HEADLINE, headline, headline_table
 from .headline import study_table as headline_study_table
 from .intervals import difference_cell, differences_table, intervals_note
-from .misalignment import MISALIGNMENT_CAPTION, MisalignmentSummaryError, draw_misalignment, misalignment_region
+from .misalignment import (
+    MISALIGNMENT_CAPTION,
+    MisalignmentSummaryError,
+    draw_misalignment,
+    misalignment_region,
+    targets_table,
+)
 from .misalignment import pending as misalignment_pending
 from .plotting import OWN_MARK
 from .searches import GENERATORS as SEARCH_GENERATORS
@@ -572,6 +579,7 @@ GENERATORS: dict[str, tuple[str, Callable[[Mapping[str, Any], Mapping[str, str]]
     # the hyperparameter searches' (saferclip.evaluation.searches) and the misalignment study's
     **{name: ("searches", generator, block) for name, (generator, block) in SEARCH_GENERATORS.items()},
     "misalignment-table": ("misalignment", misalignment_region, True),
+    "misalignment-targets": ("misalignment", targets_table, True),
 }
 
 
