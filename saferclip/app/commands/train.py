@@ -26,6 +26,8 @@ OPTIONS = {
     "model=NAME": "the CLIP to fine-tune (conf/model/; model.pretrained=<weights>)",
     "data=NAME": "toy (default), visu or visu_text, with paths.visu=... paths.coco=...",
     "trainer.max_epochs=N": "epochs; trainer=gpu / ddp for a GPU or several",
+    "selection.tau=X": "the unsafe rate a kept epoch may have (matched safety; default 0.05)",
+    "selection.rank_by=KEY": "what ranks the epochs at most tau unsafe: selection_score (default) or U2V_R@1",
     "ckpt_path=last": "resume the run in hydra.run.dir",
     "dry_run=true": "check config, paths and data formats; train nothing",
     "force=true": "train over a folder that holds checkpoints",
