@@ -229,6 +229,18 @@ def test_importing_a_result_file_and_the_screenshot_that_belongs_to_it(repo, tmp
     (repo / SCREENSHOT_STAMP).write_text(json.dumps({"results_sha256": digest}))
     update_documents(repo)
     assert "](docs/img/main_report.png)" in (repo / "README.md").read_text()  # linked from where the README is
+    # the report's plots the docs show come with it, stamped with the same file; a plot the
+    # report lacks is dropped
+    (repo / "docs" / "RESULTS.md").write_text(
+        "# Results\n\n<!-- generated:main-curves -->\n<!-- /generated -->\n"
+        "<!-- generated:main-tradeoff -->\n![stale](img/main_tradeoff.png)\n<!-- /generated -->\n"
+    )
+    (report / "plots").mkdir()
+    (report / "plots" / "training_curves.png").write_bytes(b"curves of this run")
+    assert main(["--from", str(report / "results.json"), "--root", str(repo)]) == 0
+    assert (repo / "docs" / "img" / "main_training_curves.png").read_bytes() == b"curves of this run"
+    results_md = (repo / "docs" / "RESULTS.md").read_text()
+    assert "](img/main_training_curves.png)" in results_md and "main_tradeoff.png" not in results_md
     # a study file given as the main result is refused in one line
     (report / "study.json").write_text(json.dumps({"summary": {}}))
     with pytest.raises(DocTableError, match="not a main result file"):

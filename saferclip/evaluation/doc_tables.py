@@ -134,6 +134,21 @@ PENDING = {
 SCREENSHOT = Path("docs") / "img" / "main_report.png"
 SCREENSHOT_STAMP = RESULTS_DIR / "main_report.json"  # which main.json the picture shows
 SCREENSHOT_SCRIPT = Path("scripts") / "report_screenshot.sh"
+# the main report's plots shown in docs/RESULTS.md: (file under the report's plots/, image, stamp, caption)
+MAIN_REPORT_PLOTS = {
+    "main-curves": (
+        "training_curves.png",
+        Path("docs") / "img" / "main_training_curves.png",
+        RESULTS_DIR / "main_training_curves.json",
+        "validation curves of the main job's runs, epoch by epoch",
+    ),
+    "main-tradeoff": (
+        "tradeoff.png",
+        Path("docs") / "img" / "main_tradeoff.png",
+        RESULTS_DIR / "main_tradeoff.json",
+        "safety against what it costs, main job",
+    ),
+}
 GROWTH_PLOT = Path("docs") / "img" / "large_pool_growth.png"
 GROWTH_PLOT_STAMP = RESULTS_DIR / "large_pool_growth_plot.json"  # which large_pool_growth.json it was drawn from
 PARETO_PLOT = Path("docs") / "img" / "search_pareto.png"
@@ -163,6 +178,7 @@ PICTURES = {
         "The main job's report.html: the headline table, then what each model retrieves for the same unsafe captions "
         f"(red: unsafe, green: the query's safe twin, {OWN_MARK} its own unsafe image)",
     ),
+    **{name: Picture("main", image, stamp, caption) for name, (_, image, stamp, caption) in MAIN_REPORT_PLOTS.items()},
     "pool-plot": Picture("pool", GROWTH_PLOT, GROWTH_PLOT_STAMP, GROWTH_PLOT_CAPTION, draw_growth_plot),
     "searches-pareto": Picture("searches", PARETO_PLOT, PARETO_PLOT_STAMP, PARETO_CAPTION, draw_pareto_fronts),
     "misalignment-plot": Picture(
@@ -710,7 +726,23 @@ def import_result(root: str | Path, name: str, path: str | Path) -> Path:
     write_json_atomic(target, publishable({k: v for k, v in content.items() if k != "records"}, root))
     if name == "main":
         _retake_screenshot(root, path.parent / "report.html", target)
+        _copy_report_plots(root, path.parent / "plots", target)
     return target
+
+
+def _copy_report_plots(root: Path, plots: Path, results_file: Path) -> None:
+    """The main report's plots that docs/RESULTS.md shows, copied from the report beside the
+    imported results.json and stamped with it (a plot the report lacks is dropped, and said so)."""
+    from ..files import atomic_path
+
+    for file, image, stamp, _ in MAIN_REPORT_PLOTS.values():
+        if not (plots / file).is_file():
+            (root / stamp).unlink(missing_ok=True)
+            print(f"{image} not copied (no {plots / file}): the docs show none until it is", file=sys.stderr)
+            continue
+        with atomic_path(root / image) as tmp:
+            tmp.write_bytes((plots / file).read_bytes())
+        write_json_atomic(root / stamp, {"results_sha256": _sha256(results_file), "report_plot": file})
 
 
 def _retake_screenshot(root: Path, report: Path, results_file: Path) -> None:
