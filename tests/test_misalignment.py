@@ -82,7 +82,7 @@ def test_the_targets_are_read_over_seeds_with_shares_taken_seed_by_seed():
     per_seed = {0: seed(0.82, 0.98, 0.63, 0.70), 1: seed(0.78, 0.96, 0.72, 0.80, unsafe=0.02)}
     data = {"levels": {"visu": level(0.66, per_seed, {})}, "summary": {"visu": {}}, "tau": 0.05}
     lines = targets_table(data, {"pairing": "visu"}).splitlines()
-    assert lines[0].startswith("| target (2 seeds: mean ± std [95% Student-t interval]) | SafeR-CLIP |")
+    assert lines[0].startswith("| target (2 seeds: mean ± std [95% interval]) | SafeR-CLIP |")
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in lines[2:]}
     # U->V: mean 80.0, std 2.8; a two-seed t interval is wide (t = 12.7)
     assert rows["U→V R@1 ≥ 80"][0].startswith("met: 80.0 ± 2.8 [")
@@ -95,6 +95,15 @@ def test_the_targets_are_read_over_seeds_with_shares_taken_seed_by_seed():
     assert rows["HySAC moderation: U→G R@1 ≥ 90% of the original's"][1].startswith("met: 92.0 ± 0.0")
     with pytest.raises(MisalignmentSummaryError, match="no pairing level 'loose'"):
         targets_table(data, {"pairing": "loose"})
+    # with each seed's number of test queries, a rate's interval is exact over the pooled count:
+    # 0 + 10 of 500 + 500 unsafe; and a rate of 0 everywhere gets a real upper bound, not [0, 0]
+    data["levels"]["visu"]["queries"] = {s: {"unsafe_rate_a": 500, "nsfw_caps_unsafe_rate_a": 1000} for s in (0, 1)}
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:]
+        for line in targets_table(data, {"pairing": "visu"}).splitlines()[2:]
+    }
+    assert rows["unsafe rate (a) ≤ 5"][0].startswith("met: 1.0 ± 1.4 [0.5, 1.8] ≤ 5")
+    assert rows["NSFW-Caps unsafe rate (a) ≤ 2"][0].startswith("met: 0.0 ± 0.0 [0.0, 0.2] ≤ 2")
 
 
 def test_the_study_trains_every_method_on_every_pairing_and_plots_them(tmp_path):

@@ -39,6 +39,7 @@ from ...evaluation.misalignment import (
     misalignment_table,
     own_pair_cosine,
     plot_misalignment,
+    query_counts,
     summarise,
 )
 from ...model.trained import read_selection
@@ -87,7 +88,7 @@ def run_misalignment(cfg: DictConfig, overrides: list[str], worlds: Mapping[int,
     runs: dict[str, Any] = {}
     tau = None
     for pairing in pairings:
-        level: dict[str, Any] = {"per_seed": {}, "matched": {}, "pair_stats": {}}
+        level: dict[str, Any] = {"per_seed": {}, "matched": {}, "pair_stats": {}, "queries": {}}
         for seed in cfg.seeds:
             common = [*cfg.common, *overrides, f"seed={seed}", *worlds[seed], f"data.toy_pairs={pairing}"]
             base = compose("train", common)
@@ -125,6 +126,7 @@ def run_misalignment(cfg: DictConfig, overrides: list[str], worlds: Mapping[int,
             )
             write_json_atomic(out_dir / "per_level" / pairing / f"seed{seed}.json", results)
             level["per_seed"][int(seed)] = {m: headline(r) for m, r in results["results"].items()}
+            level["queries"][int(seed)] = query_counts(results)
             level["matched"][int(seed)] = matched
         cosines = [own_pair_cosine(s) for s in level["pair_stats"].values()]
         level["own_pair_cosine"] = {m: sum(c[m] for c in cosines) / len(cosines) for m in ("text", "image")}
@@ -145,6 +147,7 @@ def run_misalignment(cfg: DictConfig, overrides: list[str], worlds: Mapping[int,
                 "pair_stats": {str(s): v for s, v in lv["pair_stats"].items()},
                 "per_seed": {str(s): v for s, v in lv["per_seed"].items()},
                 "matched": {str(s): v for s, v in lv["matched"].items()},
+                "queries": {str(s): v for s, v in lv["queries"].items()},
             }
             for p, lv in levels.items()
         },
