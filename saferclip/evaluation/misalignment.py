@@ -192,7 +192,7 @@ def misalignment_region(data: Mapping[str, Any], args: Mapping[str, str]) -> str
     return misalignment_table(levels, summary, tau)
 
 
-# The targets of the comparison protocol (docs/METHOD.md, "Targets"), read over seeds on one
+# The targets of the comparison protocol (docs/METHOD.md, "The targets"), read over seeds on one
 # pairing level: (label, headline key, "at-least" | "at-most", bound in %, reference model or
 # None). A target with a reference is a share of that model's figure, seed by seed.
 TARGETS: tuple[tuple[str, str, str, float, str | None], ...] = (
