@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from saferclip.evaluation.doc_tables import RESULTS_DIR, check_documents, import_result, update_documents
-from saferclip.evaluation.searches import SearchSummaryError, search_record, searches_best, searches_table
+from saferclip.evaluation.searches import (
+    SearchSummaryError,
+    search_record,
+    searches_best,
+    searches_front,
+    searches_table,
+)
 
 
 def trial(number, state, reached=None, unsafe=(0.5, 0.02), start=0, minutes=3):
@@ -70,6 +76,12 @@ def test_the_table_and_best_setting():
     )
     with pytest.raises(SearchSummaryError, match="no search 'safeclip'"):
         searches_best(data, {"method": "safeclip"})
+    # the front at tau: the best U->V of any trial x epoch at most 5% unsafe (epoch 1 of the
+    # trials that got to 2%, the first of equals; trial 2's epochs, 90% and 40% unsafe, are out)
+    assert searches_front(data, {"method": "saferclip"}) == "U→V 21.0 at 2.0% unsafe (trial 0, epoch 1)"
+    never = record()
+    never["epochs"] = [p for p in never["epochs"] if p["U2VG_unsafe@1"] > 0.05]
+    assert searches_front({"searches": {"saferclip": never}}, {"method": "saferclip"}) == "no epoch reached τ = 5%"
 
 
 def test_docs_say_pending_until_the_file_comes_then_show_table_and_plot(tmp_path: Path):
