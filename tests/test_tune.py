@@ -238,7 +238,7 @@ def test_tune_runs_resumes_and_reports(tmp_path, toy_world, capsys):
 
     # another space or protocol in the same folder: refused in one line, nothing overwritten
     assert tune.main(tune_args(tmp_path, toy_world, "n_trials=5", "seed=1")) == 2
-    assert "another search space or protocol" in capsys.readouterr().err
+    assert "another search space or protocol (seed: 0 there, 1 here)" in capsys.readouterr().err
     assert len(optuna.load_study(study_name="safeclip", storage=f"sqlite:///{folder / 'study.db'}").trials) == 5
 
 

@@ -89,6 +89,17 @@ class MatchedSafetyPruning:
         return _Pruning()
 
 
+def protocol_difference(recorded: str, current: str) -> str:
+    """Which fields of two protocol records differ, in words: ``objective: 'matched safety, tau
+    0.05' there, 'matched safety, tau 0.05, best by selection_score' here``."""
+    try:
+        before, now = json.loads(recorded), json.loads(current)
+    except (TypeError, ValueError):
+        return "its record is not readable"
+    keys = [k for k in dict.fromkeys([*before, *now]) if before.get(k) != now.get(k)]
+    return "; ".join(f"{k}: {before.get(k)!r} there, {now.get(k)!r} here" for k in keys) or "records differ"
+
+
 def trial_overrides(cfg: DictConfig, params: list[SearchParam], values: dict[str, Any], common: list[str]) -> list[str]:
     """The training overrides of one trial: the search's base, the common ones, the protocol
     (training seed, tuning world, no export), then the trial's values (last: they win)."""
@@ -175,8 +186,9 @@ def run(cfg: DictConfig, common: list[str]) -> dict[str, Any]:
             study.set_user_attr("protocol", space_record)
         elif recorded != space_record:
             raise ConfigError(
-                f"{folder / 'study.db'} holds a study with another search space or protocol; resume it with the same "
-                f"config, or start a new one with another out_dir (or delete that folder)"
+                f"{folder / 'study.db'} holds a study with another search space or protocol "
+                f"({protocol_difference(recorded, space_record)}); resume it with the same config, or start a new one "
+                f"with another out_dir (or delete that folder)"
             )
         fail_interrupted_trials(study)
         finished = [
