@@ -495,10 +495,11 @@ def study_value(study: Mapping[str, Any], args: Mapping[str, str]) -> str:
 
 
 # ----------------------------------------------------------------------------- pictures
-def _stamped_source(root: Path, picture: Picture) -> str | None:
-    """The SHA-256 of the result file ``picture``'s stamp says it was made from (None: no stamp)."""
+def _stamped(root: Path, picture: Picture, field: str = "results_sha256") -> str | None:
+    """A field of ``picture``'s stamp (None: no stamp): by default the SHA-256 of the result file
+    it was made from; ``drawn_by_sha256``, that of the code that drew it."""
     try:
-        return json.loads((root / picture.stamp).read_text()).get("results_sha256")
+        return json.loads((root / picture.stamp).read_text()).get(field)
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -510,7 +511,7 @@ def picture_region(root: Path, name: str, document: Path) -> str:
     source = root / RESULTS_DIR / SOURCES[picture.source]
     if not (source.is_file() and (root / picture.image).is_file()):
         return ""
-    if _stamped_source(root, picture) != _sha256(source):
+    if _stamped(root, picture) != _sha256(source):
         return ""
     return f"![{picture.caption}]({Path(os.path.relpath(picture.image, document.parent)).as_posix()})"
 
@@ -526,13 +527,6 @@ def _drawing_code(picture: Picture) -> str | None:
         return None
 
 
-def _stamped_code(root: Path, picture: Picture) -> str | None:
-    try:
-        return json.loads((root / picture.stamp).read_text()).get("drawn_by_sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def redraw_pictures(root: Path) -> list[str]:
     """Draw again each picture drawn from its result file alone whose image is missing, whose
     stamp names another file or whose drawing code changed since; returns the images drawn."""
@@ -544,8 +538,8 @@ def redraw_pictures(root: Path) -> list[str]:
         digest, code = _sha256(source), _drawing_code(picture)
         if (
             (root / picture.image).is_file()
-            and _stamped_source(root, picture) == digest
-            and (code is None or _stamped_code(root, picture) == code)
+            and _stamped(root, picture) == digest
+            and (code is None or _stamped(root, picture, "drawn_by_sha256") == code)
         ):
             continue
         try:
