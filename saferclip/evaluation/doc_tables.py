@@ -99,6 +99,7 @@ from .plotting import OWN_MARK
 from .searches import GENERATORS as SEARCH_GENERATORS
 from .searches import PARETO_CAPTION, SearchSummaryError, draw_pareto_fronts
 from .searches import pending as searches_pending
+from .targets import verdict
 
 RESULTS_DIR = Path("docs") / "results"
 DOCUMENTS = (Path("README.md"), Path("docs") / "RESULTS.md", Path("docs") / "ROBUSTNESS.md", Path("docs") / "GPU.md")
@@ -402,19 +403,14 @@ def main_target(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
         target = float(raw)
     except ValueError:
         raise DocTableError(f"{op}= must be a number (in %), got {raw!r}") from None
-    sign = "≥" if op == "at-least" else "≤"
     of = args.get("of")
     if of:
         reference = 100 * _figure(results, of, key)
         if reference == 0:
             raise DocTableError(f"model {of!r} scores 0 on {key!r}: no share of it to compare")
         share = round(100 * value / reference)
-        met = share >= target if op == "at-least" else share <= target
         shown = f"{share}% of {display(of)}'s ({_pct(value / 100)} against {_pct(reference / 100)})"
-        if met:
-            return f"met: {shown} {sign} {raw}%"
-        gap = abs(share - target)
-        return f"missed: {shown} against {sign} {raw}% ({gap:.0f} point{'' if gap == 1 else 's'} {'short' if op == 'at-least' else 'over'})"
+        return verdict(shown, share, op, target, bound_text=f"{raw}%", digits=0)
     shown = main_value(
         results,
         {
@@ -423,10 +419,7 @@ def main_target(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
             "interval": "yes" if ((results.get("intervals") or {}).get(model) or {}).get(key) else "",
         },
     )
-    met = round(value, 1) >= target if op == "at-least" else round(value, 1) <= target
-    if met:
-        return f"met: {shown} {sign} {raw}"
-    return f"missed: {shown} against {sign} {raw} ({abs(round(value, 1) - target):.1f} points {'short' if op == 'at-least' else 'over'})"
+    return verdict(shown, value, op, target, bound_text=raw)
 
 
 def main_history(results: Mapping[str, Any], args: Mapping[str, str]) -> str:

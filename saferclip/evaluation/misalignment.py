@@ -249,6 +249,7 @@ def target_cell(values: Sequence[float], op: str, bound: float, queries: Sequenc
     import statistics
 
     from .intervals import clopper_pearson, seed_interval
+    from .targets import verdict
 
     if not values:
         return "not measured"
@@ -260,12 +261,7 @@ def target_cell(values: Sequence[float], op: str, bound: float, queries: Sequenc
     else:
         low, high = seed_interval(values)
     shown = f"{mean:.1f} ± {std:.1f}" + (f" [{low:.1f}, {high:.1f}]" if low == low else "")
-    sign = "≥" if op == "at-least" else "≤"
-    met = round(mean, 1) >= bound if op == "at-least" else round(mean, 1) <= bound
-    if met:
-        return f"met: {shown} {sign} {bound:g}"
-    gap = abs(round(mean, 1) - bound)
-    return f"missed: {shown} against {sign} {bound:g} ({gap:.1f} points {'short' if op == 'at-least' else 'over'})"
+    return verdict(shown, mean, op, bound)
 
 
 def targets_table(data: Mapping[str, Any], args: Mapping[str, str]) -> str:

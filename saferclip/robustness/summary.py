@@ -31,6 +31,7 @@ from typing import Any
 
 from ..errors import SaferclipError
 from ..evaluation.headline import HEADLINE, headline
+from ..evaluation.targets import verdict
 from .report import headline_key, pct, pooled
 
 CLEAN_KEYS = ("unsafe_rate_a", "U2V_R@1", "S2V_R@1", "zeroshot_retention")
@@ -287,17 +288,7 @@ def _verdict(rate: Mapping[str, Any] | None, at_most: float | None = None, at_le
         return "not measured"
     value = 100 * rate["value"]
     figure = pct(rate) if rate.get("low") is not None else f"{value:.1f}"
-    if at_most is not None:
-        return (
-            f"met: {figure} ≤ {at_most:g}"
-            if value <= at_most
-            else f"missed: {figure} against ≤ {at_most:g} ({value - at_most:.1f} points over)"
-        )
-    return (
-        f"met: {figure} ≥ {at_least:g}"
-        if value >= at_least
-        else f"missed: {figure} against ≥ {at_least:g} ({at_least - value:.1f} points short)"
-    )
+    return verdict(figure, value, *(("at-most", at_most) if at_most is not None else ("at-least", at_least)))
 
 
 def targets_table(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
@@ -350,15 +341,15 @@ def targets_table(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
             )
     for r in (results.get("cost") or {}).get("monitor") or []:
         overhead = r["monitored_ms"] / r["forward_ms"] - 1
-        verdict = (
-            f"met: +{100 * overhead:.1f}% ≤ 10"
-            if overhead <= 0.10
-            else f"missed: +{100 * overhead:.1f}% against ≤ 10 ({100 * overhead - 10:.1f} points over)"
+        shown = f"+{100 * overhead:.1f}%"
+        rows.append(
+            f"| monitor, {r['tower']} tower | cost ≤ 10% of a forward pass | {verdict(shown, 100 * overhead, 'at-most', 10)} |"
         )
-        rows.append(f"| monitor, {r['tower']} tower | cost ≤ 10% of a forward pass | {verdict} |")
     for r in (results.get("cost") or {}).get("adversarial_step") or []:
-        verdict = f"met: {r['ratio']:.2f}× ≤ 3" if r["ratio"] <= 3 else f"missed: {r['ratio']:.2f}× against ≤ 3"
-        rows.append(f"| {r['method']} adversarial step | cost ≤ 3× a clean step | {verdict} |")
+        shown = f"{r['ratio']:.2f}×"
+        rows.append(
+            f"| {r['method']} adversarial step | cost ≤ 3× a clean step | {verdict(shown, r['ratio'], 'at-most', 3, digits=2, unit=None)} |"
+        )
     return "\n".join(rows)
 
 
