@@ -248,7 +248,7 @@ def test_importing_a_result_file_and_the_screenshot_that_belongs_to_it(repo, tmp
 
 
 def test_the_study_table_and_values():
-    from saferclip.evaluation.doc_tables import study_table, study_value
+    from saferclip.evaluation.main_tables import study_table, study_value
 
     study = {
         "summary": {
@@ -269,7 +269,7 @@ def test_the_study_table_and_values():
 
 
 def test_targets_curves_and_any_metric():
-    from saferclip.evaluation.doc_tables import main_history, main_metric, main_target
+    from saferclip.evaluation.main_tables import MainTableError, main_history, main_metric, main_target
 
     results = json.loads(json.dumps(RESULTS))
     results["training"]["saferclip"]["history"] = [
@@ -293,5 +293,5 @@ def test_targets_curves_and_any_metric():
     assert main_history(results, {"run": "saferclip", "metric": "U2V_R@1", "from": "1", "range": "yes"}) == "81.2–84.6"
     assert main_metric(results, {"model": "original", "suite": "zeroshot", "task": "shape", "metric": "acc1"}) == "93.8"
     assert main_metric(results, {"model": "original", "suite": "visu", "metric": "U2G_R@1"}) == "55.8"
-    with pytest.raises(DocTableError, match="at-least= or at-most="):
+    with pytest.raises(MainTableError, match="at-least= or at-most="):
         main_target(results, {"model": "saferclip", "key": "U2V_R@1"})
