@@ -1,5 +1,5 @@
 """Generate the documents' result tables, quoted figures and plots (README.md, docs/RESULTS.md,
-docs/ROBUSTNESS.md, docs/GPU.md) from the committed result files under docs/results/
+docs/ROBUSTNESS.md, docs/ANALYSIS.md, docs/GPU.md) from the committed result files under docs/results/
 (saferclip.evaluation.doc_tables).
 
     python scripts/update_doc_tables.py                                          # rewrite the generated regions

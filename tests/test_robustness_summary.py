@@ -136,3 +136,39 @@ def test_until_the_file_is_committed_every_region_says_pending_then_shows_the_fi
         render_document(
             "<!-- generated:main-value model=saferclip key=U2V_R@1 -->?<!-- /generated -->\n", tmp_path, "doc.md"
         )
+
+
+def test_the_sweep_is_drawn_from_the_file_and_shown_only_when_drawn_from_it(tmp_path):
+    """The curve over ε (docs/img/robustness_sweep.png): drawn from the committed file's sweep,
+    shown by its region only while its stamp names that file."""
+    from saferclip.evaluation.doc_tables import ROBUSTNESS_SWEEP_PLOT, render_document, update_documents
+    from saferclip.robustness.summary import SummaryError, draw_sweep
+
+    point = lambda eps, evade, u2v: {  # noqa: E731
+        "epsilon_255": eps,
+        "epoch": 5,
+        "validation": {"U2VG_unsafe@1": 0.0, "U2V_R@1": u2v, "S2V_R@1": 0.9},
+        "zeroshot_retention": 0.97,
+        "attacks": {"evade": {"4": rate(1, 50), "8": rate(evade, 50)}, "phrasing search": {"60": rate(0, 40)}},
+    }
+    measured = results() | {
+        "sweep": {"methods": {"saferclip": [point(0, 21, 0.24), point(4, 5, 0.22)], "hysac": []}},
+        "commands": {"epsilon": "4"},
+    }
+    with pytest.raises(SummaryError, match="no sweep to draw"):
+        draw_sweep(results(), tmp_path / "none.png")
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "robustness.json").write_text(json.dumps(measured))
+    region = "<!-- generated:robustness-sweep-plot -->\n<!-- /generated -->\n"
+    assert render_document(region, tmp_path, "docs/ANALYSIS.md")[1] == []  # not drawn yet: nothing shown
+    for doc in ("README.md", "docs/RESULTS.md", "docs/ROBUSTNESS.md", "docs/ANALYSIS.md", "docs/GPU.md"):
+        (tmp_path / doc).write_text(region if doc == "docs/ANALYSIS.md" else "")
+    changed = update_documents(tmp_path)
+    assert f"{ROBUSTNESS_SWEEP_PLOT.as_posix()} (drawn from its result file)" in changed
+    assert (tmp_path / ROBUSTNESS_SWEEP_PLOT).read_bytes()[:4] == b"\x89PNG"
+    assert "](img/robustness_sweep.png)" in (tmp_path / "docs" / "ANALYSIS.md").read_text()
+    # another measurement: the old picture is not shown as this one's, it is drawn again
+    measured["sweep"]["methods"]["saferclip"][1] = point(4, 2, 0.22)
+    (tmp_path / "docs" / "results" / "robustness.json").write_text(json.dumps(measured))
+    assert render_document((tmp_path / "docs" / "ANALYSIS.md").read_text(), tmp_path, "docs/ANALYSIS.md")[1]
+    assert f"{ROBUSTNESS_SWEEP_PLOT.as_posix()} (drawn from its result file)" in update_documents(tmp_path)

@@ -83,7 +83,7 @@ from ..redirection.scale_summary import GENERATORS as SCALE_GENERATORS
 from ..redirection.scale_summary import GROWTH_PLOT_CAPTION, ScaleSummaryError, draw_growth_plot
 from ..redirection.scale_summary import pending as scale_pending
 from ..robustness.summary import GENERATORS as ROBUSTNESS_GENERATORS
-from ..robustness.summary import SummaryError
+from ..robustness.summary import SWEEP_CAPTION, SummaryError, draw_sweep
 from ..robustness.summary import pending as robustness_pending
 from .main_tables import GENERATORS as MAIN_GENERATORS
 from .main_tables import MainTableError
@@ -101,7 +101,13 @@ from .searches import PARETO_CAPTION, SearchSummaryError, draw_pareto_fronts
 from .searches import pending as searches_pending
 
 RESULTS_DIR = Path("docs") / "results"
-DOCUMENTS = (Path("README.md"), Path("docs") / "RESULTS.md", Path("docs") / "ROBUSTNESS.md", Path("docs") / "GPU.md")
+DOCUMENTS = (
+    Path("README.md"),
+    Path("docs") / "RESULTS.md",
+    Path("docs") / "ROBUSTNESS.md",
+    Path("docs") / "ANALYSIS.md",
+    Path("docs") / "GPU.md",
+)
 SOURCES = {
     "main": "main.json",
     "study": "study.json",
@@ -155,6 +161,8 @@ PARETO_PLOT = Path("docs") / "img" / "search_pareto.png"
 PARETO_PLOT_STAMP = RESULTS_DIR / "search_pareto_plot.json"
 MISALIGNMENT_PLOT = Path("docs") / "img" / "misalignment.png"
 MISALIGNMENT_PLOT_STAMP = RESULTS_DIR / "misalignment_plot.json"
+ROBUSTNESS_SWEEP_PLOT = Path("docs") / "img" / "robustness_sweep.png"
+ROBUSTNESS_SWEEP_PLOT_STAMP = RESULTS_DIR / "robustness_sweep_plot.json"
 
 
 @dataclass(frozen=True)
@@ -183,6 +191,9 @@ PICTURES = {
     "searches-pareto": Picture("searches", PARETO_PLOT, PARETO_PLOT_STAMP, PARETO_CAPTION, draw_pareto_fronts),
     "misalignment-plot": Picture(
         "misalignment", MISALIGNMENT_PLOT, MISALIGNMENT_PLOT_STAMP, MISALIGNMENT_CAPTION, draw_misalignment
+    ),
+    "robustness-sweep-plot": Picture(
+        "robustness", ROBUSTNESS_SWEEP_PLOT, ROBUSTNESS_SWEEP_PLOT_STAMP, SWEEP_CAPTION, draw_sweep
     ),
 }
 MARKER = re.compile(
@@ -249,7 +260,7 @@ def redraw_pictures(root: Path) -> list[str]:
             picture.draw(json.loads(source.read_text()), root / picture.image)
         except ValueError as e:
             raise DocTableError(f"{source}: not valid JSON ({e})") from None
-        except (ScaleSummaryError, SearchSummaryError, MisalignmentSummaryError) as e:
+        except (ScaleSummaryError, SearchSummaryError, MisalignmentSummaryError, SummaryError) as e:
             raise DocTableError(f"{source}: {e}") from None
         except (KeyError, TypeError, IndexError) as e:
             raise DocTableError(
@@ -450,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="update_doc_tables.py",
         description="Generate the documents' result tables, quoted figures and plots from docs/results/*.json "
-        "(README.md, docs/RESULTS.md, docs/ROBUSTNESS.md, docs/GPU.md).",
+        "(README.md, docs/RESULTS.md, docs/ROBUSTNESS.md, docs/ANALYSIS.md, docs/GPU.md).",
     )
     parser.add_argument(
         "--check", action="store_true", help="change nothing; exit 1 naming each region that differs from its file"

@@ -199,6 +199,13 @@ def geometry_table(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
 SWEEP_ATTACKS = ("evade", "gallery (unsafe query)", "phrasing search", "held-out phrasings")
 
 
+def _sweep_rate(point: Mapping[str, Any], attack: str) -> Mapping[str, Any] | None:
+    """The rate the sweep table shows for ``attack`` at one ε: at 8/255 for an image attack, at
+    the largest query budget measured for a text one."""
+    budgets = point["attacks"].get(attack) or {}
+    return budgets.get("8") or (budgets[list(budgets)[-1]] if budgets else None)
+
+
 def sweep_table(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
     sweep = results.get("sweep")
     if not sweep:
@@ -213,11 +220,7 @@ def sweep_table(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
         for p in points:
             v = p["validation"]
             cell = lambda x: "–" if x is None else f"{100 * x:.1f}"  # noqa: E731
-            attacks = []
-            for a in SWEEP_ATTACKS:
-                budgets = p["attacks"].get(a) or {}
-                rate = budgets.get("8") or (budgets[list(budgets)[-1]] if budgets else None)
-                attacks.append(pct(rate))
+            attacks = [pct(_sweep_rate(p, a)) for a in SWEEP_ATTACKS]
             step = "–" if p.get("step_seconds") is None else f"{p['step_seconds']:.2f}"
             rows.append(
                 f"| {method} | {p['epsilon_255']:g} | {p.get('epoch')} | {cell(v.get('U2VG_unsafe@1'))} | {cell(v.get('U2V_R@1'))} | "
@@ -226,6 +229,72 @@ def sweep_table(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
                 + f" | {step} |"
             )
     return "\n".join(rows)
+
+
+SWEEP_CLEAN = (("U2V_R@1", "U→V R@1"), ("S2V_R@1", "S→V R@1"), ("zeroshot_retention", "zero-shot retention"))
+SWEEP_CAPTION = (
+    "Robustness against clean retrieval over the adversarial training budget ε (world 0, validation split): "
+    "attack success solid with its exact 95% interval shaded, clean figures dashed, the chosen ε dotted"
+)
+
+
+def draw_sweep(results: Mapping[str, Any], path: Path) -> None:
+    """docs/img/robustness_sweep.png: one panel per swept method, x the training budget ε; the
+    success of each attack of the sweep table (solid, its interval shaded) and the clean
+    validation figures (dashed) that robustness trades against."""
+    from ..evaluation.plotting import OTHER_COLOURS, figure, save_figure
+
+    sweep = results.get("sweep") or {}
+    methods = {m: pts for m, pts in (sweep.get("methods") or {}).items() if pts}
+    if not methods:
+        raise SummaryError("the result file has no sweep to draw (scripts/robustness_sweep.py)")
+    chosen = (results.get("commands") or {}).get("epsilon")
+    fig = figure(5.2 * len(methods), 3.9)
+    axes = fig.subplots(1, len(methods), squeeze=False, sharey=True)[0]
+    colours = dict(zip(SWEEP_ATTACKS, OTHER_COLOURS))
+    # dark colours for the clean figures: no model's colour, and neither red nor green
+    clean_colours = dict(zip((k for k, _ in SWEEP_CLEAN), ("#393b79", "#7b4173", "#000000")))
+    for ax, (method, points) in zip(axes, methods.items()):
+        points = sorted(points, key=lambda p: p["epsilon_255"])
+        eps = [p["epsilon_255"] for p in points]
+        for attack in SWEEP_ATTACKS:
+            rates = [_sweep_rate(p, attack) for p in points]
+            if not any(r and r.get("value") is not None for r in rates):
+                continue
+            xs = [e for e, r in zip(eps, rates) if r and r.get("value") is not None]
+            kept = [r for r in rates if r and r.get("value") is not None]
+            ax.plot(xs, [100 * r["value"] for r in kept], "o-", color=colours[attack], label=attack)
+            if all(r.get("low") is not None for r in kept):
+                ax.fill_between(
+                    xs,
+                    [100 * r["low"] for r in kept],
+                    [100 * r["high"] for r in kept],
+                    color=colours[attack],
+                    alpha=0.12,
+                )
+        for key, label in SWEEP_CLEAN:
+            values = [
+                (p.get(key) if key == "zeroshot_retention" else (p.get("validation") or {}).get(key)) for p in points
+            ]
+            kept = [(e, v) for e, v in zip(eps, values) if isinstance(v, (int, float))]
+            if kept:
+                ax.plot(
+                    [e for e, _ in kept],
+                    [100 * v for _, v in kept],
+                    "s--",
+                    color=clean_colours[key],
+                    label=f"clean {label}",
+                )
+        if chosen is not None:
+            ax.axvline(float(chosen), color="#7f7f7f", linestyle=":", linewidth=1.2, label=f"chosen ε = {chosen}/255")
+        ax.set_title(method)
+        ax.set_xlabel("adversarial training budget ε (/255)")
+        ax.set_xticks(eps)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("%")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    save_figure(fig, Path(path))
 
 
 def cost_table(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
