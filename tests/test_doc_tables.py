@@ -115,6 +115,7 @@ def repo(tmp_path: Path) -> Path:
     (tmp_path / "docs" / "RESULTS.md").write_text("# Results\n\nNo generated region here.\n")
     (tmp_path / "docs" / "ROBUSTNESS.md").write_text("# Robustness\n\nNo generated region here either.\n")
     (tmp_path / "docs" / "GPU.md").write_text("# GPU\n\nNone here.\n")
+    (tmp_path / "docs" / "ANALYSIS.md").write_text("# Analysis\n\nNor here.\n")
     return tmp_path
 
 

@@ -154,7 +154,7 @@ def test_the_study_trains_every_method_on_every_pairing_and_plots_them(tmp_path)
     # docs/RESULTS.md shows the committed file's table and plot
     repo = tmp_path / "repo"
     (repo / RESULTS_DIR).mkdir(parents=True)
-    for name in ("README.md", "docs/ROBUSTNESS.md", "docs/GPU.md"):
+    for name in ("README.md", "docs/ROBUSTNESS.md", "docs/ANALYSIS.md", "docs/GPU.md"):
         (repo / name).write_text("# none\n")
     (repo / "docs" / "RESULTS.md").write_text(
         "<!-- generated:misalignment-table -->\n<!-- /generated -->\n<!-- generated:misalignment-plot -->\n<!-- /generated -->\n"

@@ -161,7 +161,7 @@ Kept as written too.
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     (tmp_path / "docs").mkdir()
-    for name in ("README.md", "docs/RESULTS.md", "docs/ROBUSTNESS.md"):
+    for name in ("README.md", "docs/RESULTS.md", "docs/ROBUSTNESS.md", "docs/ANALYSIS.md"):
         (tmp_path / name).write_text("# no generated region\n")
     (tmp_path / "docs" / "GPU.md").write_text(GPU)
     return tmp_path

@@ -91,7 +91,7 @@ def test_docs_say_pending_until_the_file_comes_then_show_table_and_plot(tmp_path
         "SafeR-CLIP: <!-- generated:searches-best method=saferclip -->?<!-- /generated -->\n\n"
         "<!-- generated:searches-pareto -->\n<!-- /generated -->\n"
     )
-    for name in ("README.md", "docs/RESULTS.md", "docs/ROBUSTNESS.md", "docs/GPU.md"):
+    for name in ("README.md", "docs/RESULTS.md", "docs/ROBUSTNESS.md", "docs/ANALYSIS.md", "docs/GPU.md"):
         (tmp_path / name).write_text(text if name == "docs/RESULTS.md" else "# none\n")
     update_documents(tmp_path)
     pending = (tmp_path / "docs" / "RESULTS.md").read_text()
