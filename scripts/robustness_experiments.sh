@@ -33,6 +33,8 @@ fi
 echo "adversarial training budget: $EPSILON/255"
 
 MAIN="saferclip-main adversarial=true adversarial_overrides=[\"method.adversarial.epsilon_255=$EPSILON\"]"
+# the same command as a shell reads it (recorded with the results, so it can be pasted as it is)
+MAIN_SHOWN="saferclip-main adversarial=true 'adversarial_overrides=[\"method.adversarial.epsilon_255=$EPSILON\"]'"
 ATTACK="saferclip-attack data.toy_seed=1 out_dir=$OUT/attack force=true"
 $MAIN --quiet > "$OUT/main_table.md"
 $ATTACK > "$OUT/attack_table.md"
@@ -40,5 +42,5 @@ python scripts/bench_adversarial_step.py --steps 10 --json "$OUT/step_cost.json"
 python scripts/bench_monitor.py --toy data/toy-world1 --json "$OUT/monitor_cost.json"
 python scripts/robustness_results.py --attack "$OUT/attack/attack.json" --main outputs/main/report/results.json \
   --sweep "$OUT/sweep.json" --step-cost "$OUT/step_cost.json" --monitor-cost "$OUT/monitor_cost.json" \
-  --command "sweep=$SWEEP" --command "main=$MAIN" --command "attack=$ATTACK" --command "epsilon=$EPSILON"
+  --command "sweep=$SWEEP" --command "main=$MAIN_SHOWN" --command "attack=$ATTACK" --command "epsilon=$EPSILON"
 python scripts/update_doc_tables.py
