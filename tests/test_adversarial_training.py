@@ -259,7 +259,7 @@ def test_the_main_job_adds_adversarial_runs_by_one_switch_and_leaves_the_default
     from hydra import initialize_config_dir
 
     from saferclip.app.hydra_utils import CONF_DIR
-    from saferclip.app.pipelines.runs import compose, evaluated_models, main_runs
+    from saferclip.app.pipelines.runs import check_runs, compose, evaluated_models, main_runs
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         default = main_runs(compose("main", []))
@@ -268,6 +268,16 @@ def test_the_main_job_adds_adversarial_runs_by_one_switch_and_leaves_the_default
         )
         with pytest.raises(ConfigError, match="adversarial must be true or false"):
             main_runs(compose("main", ["adversarial=maybe"]))
+        # a typo inside the list is named as a command line's would be, with its run
+        typo = main_runs(
+            compose("main", ["adversarial=true", 'adversarial_overrides=["method.adversarial.epsilon=8"]'])
+        )
+        with pytest.raises(
+            ConfigError,
+            match=r"run 'safeclip_adv': method.adversarial.epsilon: no such key; did you mean method.adversarial.epsilon_255\?",
+        ):
+            check_runs(typo)
+        check_runs(both)  # the right key passes
     assert list(default) == ["safeclip", "saferclip", "hysac"]
     assert list(both) == [*default, "safeclip_adv", "saferclip_adv", "hysac_adv"]
     for name, overrides in default.items():

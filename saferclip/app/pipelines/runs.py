@@ -58,11 +58,17 @@ def run_key(train_cfg: DictConfig) -> str:
 
 def check_runs(runs: dict[str, list[str]]) -> None:
     """Compose and check every run's training config before any run starts: a wrong
-    override of the last run must not wait for the first one to finish training."""
+    override of the last run must not wait for the first one to finish training. Each
+    override is checked as a command line's is first (a run's overrides also come from lists
+    in the pipeline's config, ``runs``, ``common``, ``adversarial_overrides``, which no command
+    line check sees): ``run 'x_adv': method.adversarial.epsilon: no such key; did you mean
+    method.adversarial.epsilon_255?``, not Hydra's advice to append the key."""
     from ..hydra_utils import check_train_config
+    from ..overrides import check_overrides
 
     for name, overrides in runs.items():
         try:
+            check_overrides("saferclip", "train", overrides)
             check_train_config(compose("train", overrides))
         except ConfigError as e:
             raise ConfigError(f"run {name!r}: {e}") from None
