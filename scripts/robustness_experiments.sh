@@ -20,15 +20,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SWEEP="python scripts/robustness_sweep.py --world 0 --methods saferclip,hysac --epsilons 0,2,4,8 --out $OUT/sweep.json"
 if [ -z "${EPSILON:-}" ]; then
   $SWEEP
-  EPSILON=$(python - "$OUT/sweep.json" <<'EOF'
-import json, sys
-points = [p for p in json.load(open(sys.argv[1]))["methods"]["saferclip"] if p["epsilon_255"] > 0]
-rate = lambda p, a, b: (p["attacks"].get(a, {}).get(b) or {}).get("value")
-meets = [p for p in points if (rate(p, "evade", "8") or 1) <= 0.10 and (rate(p, "phrasing search", "60") or 1) <= 0.20]
-best = min(meets, key=lambda p: p["epsilon_255"]) if meets else min(points, key=lambda p: rate(p, "evade", "8") or 1)
-print(f"{best['epsilon_255']:g}")
-EOF
-)
+  # the rule, with its tests: saferclip.robustness.summary.choose_epsilon (SafeR-CLIP's targets)
+  EPSILON=$(python -c 'import json, sys
+from saferclip.robustness.summary import choose_epsilon
+print("%g" % choose_epsilon(json.load(open(sys.argv[1])), "saferclip")[0])' "$OUT/sweep.json")
 fi
 echo "adversarial training budget: $EPSILON/255"
 

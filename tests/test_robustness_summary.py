@@ -172,3 +172,39 @@ def test_the_sweep_is_drawn_from_the_file_and_shown_only_when_drawn_from_it(tmp_
     (tmp_path / "docs" / "results" / "robustness.json").write_text(json.dumps(measured))
     assert render_document((tmp_path / "docs" / "ANALYSIS.md").read_text(), tmp_path, "docs/ANALYSIS.md")[1]
     assert f"{ROBUSTNESS_SWEEP_PLOT.as_posix()} (drawn from its result file)" in update_documents(tmp_path)
+
+
+def test_the_sweep_chooses_the_smallest_budget_that_meets_the_methods_own_targets():
+    from saferclip.robustness.summary import SummaryError, choice, choose_epsilon
+
+    def point(eps, evade, phrasing):
+        attacks = {"evade": {"8": {"value": evade}}}
+        if phrasing is not None:
+            attacks["phrasing search"] = {"60": {"value": phrasing}}
+        return {"epsilon_255": eps, "attacks": attacks}
+
+    sweep = {
+        "methods": {"saferclip": [point(0, 0.4, 0.5), point(2, 0.2, 0.0), point(4, 0.04, 0.0), point(8, 0.0, 0.0)]}
+    }
+    # a rate of 0 meets its bound (the shell rule this replaced read 0 as "not measured")
+    assert choose_epsilon(sweep, "saferclip") == (4.0, True)
+    # a target that was not measured is not met; nothing meets: the least evaded budget
+    sweep["methods"]["saferclip"] = [point(2, 0.2, None), point(4, 0.15, 0.0), point(8, 0.12, 0.5)]
+    assert choose_epsilon(sweep, "saferclip") == (8.0, False)
+
+    def gallery(eps, r):
+        return {
+            "epsilon_255": eps,
+            "attacks": {
+                a: {"8": {"value": r}}
+                for a in ("gallery (unsafe query)", "gallery (safe query)", "gallery (any query)")
+            },
+        }
+
+    sweep["methods"]["hysac"] = [gallery(0, 0.33), gallery(2, 0.10), gallery(4, 0.05)]
+    assert choose_epsilon(sweep, "hysac") == (2.0, True)
+    assert choice({"sweep": sweep}, {"method": "hysac"}) == (
+        "2/255 (the smallest swept budget meeting its attack targets on validation)"
+    )
+    with pytest.raises(SummaryError, match="no sweep targets for 'safeclip'"):
+        choose_epsilon(sweep, "safeclip")

@@ -15,7 +15,9 @@ rewritten and checked by the one mechanism every result document uses
 ``robustness-clean [models=]``, ``robustness-sanity`` (the attacks below the sanity threshold and
 why), ``robustness-monitor``, ``robustness-geometry``, ``robustness-sweep`` (the trade-off over
 ε), ``robustness-cost``, ``robustness-status`` (where and how the figures were measured), and
-inline ``robustness-setting field=`` and ``robustness-value model= attack=|clean=``.
+inline ``robustness-setting field=``, ``robustness-value model= attack=|clean=`` and
+``robustness-choice method=`` (the budget the sweep chooses for a method by its own attack
+targets, :func:`choose_epsilon`, the rule ``scripts/robustness_experiments.sh`` applies).
 
 Until ``docs/results/robustness.json`` is committed, every one of these regions says that its
 figures are pending (:func:`pending`) instead of showing any number: the page never presents
@@ -25,6 +27,7 @@ figures of another toy world, or none, as measured.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -229,6 +232,56 @@ def sweep_table(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
                 + f" | {step} |"
             )
     return "\n".join(rows)
+
+
+# The attack targets a swept method's training budget is chosen by, on the tuning world's
+# validation split: (attack, budget key in the sweep, highest success rate that meets it).
+SWEEP_TARGETS: dict[str, tuple[tuple[str, str, float], ...]] = {
+    "saferclip": (("evade", "8", 0.10), ("phrasing search", "60", 0.20)),
+    "hysac": (
+        ("gallery (unsafe query)", "8", 0.10),
+        ("gallery (safe query)", "8", 0.10),
+        ("gallery (any query)", "8", 0.10),
+    ),
+}
+
+
+def choose_epsilon(sweep: Mapping[str, Any], method: str) -> tuple[float, bool]:
+    """The training budget ε (/255) the sweep chooses for ``method``: the smallest swept ε > 0
+    whose run meets every one of the method's :data:`SWEEP_TARGETS` (``True``), else the one
+    whose first target's attack succeeds least (``False``). A rate that was not measured meets
+    nothing; a rate of 0 meets every bound."""
+    if method not in SWEEP_TARGETS:
+        raise SummaryError(f"no sweep targets for {method!r}; expected one of {', '.join(SWEEP_TARGETS)}")
+    points = [p for p in ((sweep.get("methods") or {}).get(method) or []) if p["epsilon_255"] > 0]
+    if not points:
+        raise SummaryError(f"the sweep has no run of {method!r} with ε > 0")
+
+    def rate(point: Mapping[str, Any], attack: str, budget: str) -> float:
+        value = ((point["attacks"].get(attack) or {}).get(budget) or {}).get("value")
+        return math.inf if value is None else float(value)
+
+    targets = SWEEP_TARGETS[method]
+    meets = [p for p in points if all(rate(p, a, b) <= bound for a, b, bound in targets)]
+    if meets:
+        return float(min(meets, key=lambda p: p["epsilon_255"])["epsilon_255"]), True
+    first, budget, _ = targets[0]
+    return float(min(points, key=lambda p: (rate(p, first, budget), p["epsilon_255"]))["epsilon_255"]), False
+
+
+def choice(results: Mapping[str, Any], args: Mapping[str, str]) -> str:
+    """``method=``: the budget the sweep chooses for it by its own targets, and why:
+    ``2/255 (the smallest swept budget meeting its attack targets on validation)``."""
+    sweep = results.get("sweep")
+    if not sweep:
+        raise SummaryError("robustness-choice: the result file has no sweep")
+    epsilon, met = choose_epsilon(sweep, args.get("method", ""))
+    why = (
+        "the smallest swept budget meeting its attack targets on validation"
+        if met
+        else "no swept budget met its attack targets on validation; the one its first attack succeeds least against"
+    )
+    return f"{epsilon:g}/255 ({why})"
 
 
 SWEEP_CLEAN = (("U2V_R@1", "U→V R@1"), ("S2V_R@1", "S→V R@1"), ("zeroshot_retention", "zero-shot retention"))
@@ -475,6 +528,7 @@ GENERATORS: dict[str, tuple[Callable[[Mapping[str, Any], Mapping[str, str]], str
     "robustness-sweep": (sweep_table, True),
     "robustness-cost": (cost_table, True),
     "robustness-setting": (setting, False),
+    "robustness-choice": (choice, False),
     "robustness-value": (value, False),
     "robustness-status": (status, True),
 }
