@@ -14,3 +14,7 @@ class SaferclipError(ValueError):
 
 class ConfigError(SaferclipError):
     """A configuration that cannot work, caught before any long work starts."""
+
+
+class SummaryError(SaferclipError):
+    """A result file or a document's marker a docs generator cannot use (one line naming it)."""

@@ -20,9 +20,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SWEEP="python scripts/robustness_sweep.py --world 0 --methods saferclip,hysac --epsilons 0,2,4,8 --out $OUT/sweep.json"
 if [ -z "${EPSILON:-}" ]; then
   $SWEEP
-  # the rule, with its tests: saferclip.robustness.summary.choose_epsilon (SafeR-CLIP's targets)
+  # the rule, with its tests: saferclip.robustness.sweep_summary.choose_epsilon (SafeR-CLIP's targets)
   EPSILON=$(python -c 'import json, sys
-from saferclip.robustness.summary import choose_epsilon
+from saferclip.robustness.sweep_summary import choose_epsilon
 print("%g" % choose_epsilon(json.load(open(sys.argv[1])), "saferclip")[0])' "$OUT/sweep.json")
 fi
 echo "adversarial training budget: $EPSILON/255"

@@ -142,7 +142,8 @@ def test_the_sweep_is_drawn_from_the_file_and_shown_only_when_drawn_from_it(tmp_
     """The curve over ε (docs/img/robustness_sweep.png): drawn from the committed file's sweep,
     shown by its region only while its stamp names that file."""
     from saferclip.evaluation.doc_tables import ROBUSTNESS_SWEEP_PLOT, render_document, update_documents
-    from saferclip.robustness.summary import SummaryError, draw_sweep
+    from saferclip.robustness.summary import SummaryError
+    from saferclip.robustness.sweep_summary import draw_sweep
 
     point = lambda eps, evade, u2v: {  # noqa: E731
         "epsilon_255": eps,
@@ -175,7 +176,8 @@ def test_the_sweep_is_drawn_from_the_file_and_shown_only_when_drawn_from_it(tmp_
 
 
 def test_the_sweep_chooses_the_smallest_budget_that_meets_the_methods_own_targets():
-    from saferclip.robustness.summary import SummaryError, choice, choose_epsilon
+    from saferclip.robustness.summary import SummaryError
+    from saferclip.robustness.sweep_summary import choice, choose_epsilon
 
     def point(eps, evade, phrasing):
         attacks = {"evade": {"8": {"value": evade}}}

@@ -83,8 +83,9 @@ from ..redirection.scale_summary import GENERATORS as SCALE_GENERATORS
 from ..redirection.scale_summary import GROWTH_PLOT_CAPTION, ScaleSummaryError, draw_growth_plot
 from ..redirection.scale_summary import pending as scale_pending
 from ..robustness.summary import GENERATORS as ROBUSTNESS_GENERATORS
-from ..robustness.summary import SWEEP_CAPTION, SummaryError, draw_sweep
+from ..robustness.summary import SummaryError
 from ..robustness.summary import pending as robustness_pending
+from ..robustness.sweep_summary import SWEEP_CAPTION, draw_sweep
 from .main_tables import GENERATORS as MAIN_GENERATORS
 from .main_tables import MainTableError
 from .misalignment import (
