@@ -20,6 +20,7 @@ RESULTS = Path("docs") / "results" / "robustness.json"
 
 
 def main() -> int:
+    from saferclip.errors import SummaryError
     from saferclip.evaluation.doc_tables import publishable
     from saferclip.files import write_json_atomic
     from saferclip.robustness.summary import collect, load_results
@@ -38,10 +39,23 @@ def main() -> int:
         "--root", type=Path, default=Path("."), help="the repository (paths under it are recorded relative)"
     )
     args = parser.parse_args()
+    bad = [c for c in args.command if "=" not in c]
+    if bad:
+        parser.error(f"--command {bad[0]!r}: expected name=command line")
     read = lambda p: None if p is None else load_results(p)  # noqa: E731
-    cost = {"adversarial_step": read(args.step_cost), "monitor": read(args.monitor_cost)}
-    commands = dict(c.split("=", 1) for c in args.command)
-    results = collect(load_results(args.attack), read(args.main), read(args.sweep), cost, commands)
+    try:
+        cost = {"adversarial_step": read(args.step_cost), "monitor": read(args.monitor_cost)}
+        commands = dict(c.split("=", 1) for c in args.command)
+        results = collect(load_results(args.attack), read(args.main), read(args.sweep), cost, commands)
+    except SummaryError as e:
+        print(f"robustness_results.py: {e}", file=sys.stderr)
+        return 2
+    except (KeyError, TypeError, AttributeError) as e:
+        print(
+            f"robustness_results.py: {args.attack}: not a saferclip-attack attack.json ({type(e).__name__}: {e})",
+            file=sys.stderr,
+        )
+        return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, publishable(results, args.root))
     print(f"wrote {args.out}; now: python scripts/update_doc_tables.py")

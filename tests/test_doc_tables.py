@@ -296,3 +296,12 @@ def test_targets_curves_and_any_metric():
     assert main_metric(results, {"model": "original", "suite": "visu", "metric": "U2G_R@1"}) == "55.8"
     with pytest.raises(MainTableError, match="at-least= or at-most="):
         main_target(results, {"model": "saferclip", "key": "U2V_R@1"})
+
+
+def test_a_wrong_root_is_refused_before_anything_is_copied_into_it(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(RESULTS))
+    elsewhere = tmp_path / "not-the-repo"
+    assert main(["--from", f"main={results}", "--root", str(elsewhere)]) == 2
+    assert "not the repository (no README.md" in capsys.readouterr().err
+    assert not elsewhere.exists()

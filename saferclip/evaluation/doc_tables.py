@@ -480,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".", help="the repository (default: the working directory)")
     args = parser.parse_args(argv)
     root = Path(args.root)
+    missing = [doc.as_posix() for doc in DOCUMENTS if not (root / doc).is_file()]
+    if missing:  # before anything is copied in: a wrong --root must not get a docs/results/ of its own
+        print(f"update_doc_tables: {root}: not the repository (no {', '.join(missing)})", file=sys.stderr)
+        return 2
     try:
         for spec in args.sources:
             name, _, path = spec.rpartition("=")
